@@ -1,0 +1,85 @@
+"""Argument checks shared by the public API.
+
+Every check runs before any heavy work and raises ``TypeError`` (wrong kind of
+object) or ``ValueError`` (right kind, wrong value) with a message that names the
+argument and states what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def check_tokens(x: object, name: str = "X", *, rank: int = 3, dim: int | None = None) -> Tensor:
+    """Check a floating token tensor of shape ``[B, N, D]`` (rank 3) or ``[N, D]`` (rank 2)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point()):
+        raise TypeError(f"{name} must be a floating-point tensor (float32/float16/bfloat16), got dtype {x.dtype}")
+    shape = "[B, N, D]" if rank == 3 else "[N, D]"
+    if x.dim() != rank:
+        raise ValueError(f"{name} must have shape {shape} (rank {rank}), got shape {tuple(x.shape)}")
+    if x.shape[-2] == 0:
+        raise ValueError(f"{name} must hold at least one token (N >= 1), got shape {tuple(x.shape)}")
+    if x.shape[-1] == 0 or (rank == 3 and x.shape[0] == 0):
+        raise ValueError(f"{name} must have non-empty batch and embedding dimensions, got shape {tuple(x.shape)}")
+    if dim is not None and x.shape[-1] != dim:
+        raise ValueError(
+            f"{name} must have embedding dimension D={dim} (the module's embedding_dim), got D={x.shape[-1]}"
+        )
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return x
+
+
+def check_num_tokens(k: object, n: int, name: str = "K") -> int:
+    """Check a token count ``1 <= K <= N`` given as a Python or 0-d integer tensor."""
+    if isinstance(k, Tensor):
+        if k.dim() != 0 or k.is_floating_point() or k.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer, got tensor of shape {tuple(k.shape)} and dtype {k.dtype}")
+        k = int(k.item())
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"{name} must be an integer number of tokens, got {type(k).__name__} {k!r}")
+    k = int(k)
+    if not 1 <= k <= n:
+        raise ValueError(f"{name} must satisfy 1 <= {name} <= N={n}, got {name}={k}")
+    return k
+
+
+def check_real(value: object, name: str, *, low: float, high: float, low_open: bool, high_open: bool) -> float:
+    """Check a real number in an interval; ``*_open`` excludes that end."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    lo_ok = v > low if low_open else v >= low
+    hi_ok = v < high if high_open else v <= high
+    if not (math.isfinite(v) and lo_ok and hi_ok):
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value!r}")
+    return v
+
+
+def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """Check an integer ``>= minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if int(value) < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_scores(s: object, name: str, batch: int, n: int) -> Tensor:
+    """Check per-token scores of shape ``[B, N]`` with finite floating values."""
+    if not isinstance(s, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape [B, N], got {type(s).__name__}")
+    if not s.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {s.dtype}")
+    if tuple(s.shape) != (batch, n):
+        raise ValueError(f"{name} must have shape [B, N] = [{batch}, {n}], got {tuple(s.shape)}")
+    if not bool(torch.isfinite(s).all()):
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return s

