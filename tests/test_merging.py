@@ -86,8 +86,13 @@ def test_similar_tokens_are_grouped_together():
 
 def test_causal_spans_cut_at_weakest_links():
     # Tokens change direction twice: with no saliency the two cuts fall exactly there.
-    x = torch.cat([torch.tensor([1.0, 0, 0]).expand(4, 3), torch.tensor([0, 1.0, 0]).expand(3, 3),
-                   torch.tensor([0, 0, 1.0]).expand(5, 3)])[None]
+    x = torch.cat(
+        [
+            torch.tensor([1.0, 0, 0]).expand(4, 3),
+            torch.tensor([0, 1.0, 0]).expand(3, 3),
+            torch.tensor([0, 0, 1.0]).expand(5, 3),
+        ]
+    )[None]
     assignment = contiguous_spans(x, torch.zeros(1, 12), 3, saliency_weight=0.0)
     assert assignment[0].tolist() == [0] * 4 + [1] * 3 + [2] * 5
 

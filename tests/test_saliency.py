@@ -1,3 +1,4 @@
+import itertools
 import math
 
 import pytest
@@ -49,7 +50,7 @@ def test_x_only_layers_are_genuinely_different():
     x = torch.randn(2, 40, 32)
     per_layer = list(est._multiscale_entropies(x))
     assert len(per_layer) == 5
-    for a, b in zip(per_layer, per_layer[1:], strict=False):
+    for a, b in itertools.pairwise(per_layer):
         assert not torch.allclose(a, b)
     s = est(x)
     assert s.shape == (2, 40) and s.min() >= 0 and s.max() <= 1

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 pytest.importorskip("sklearn")
-from quickmerge.baselines.reference import reference_quickmerge  # noqa: E402
+from quickmerge.baselines.reference import reference_quickmerge
 
 
 def test_reference_runs_and_returns_k_tokens():

