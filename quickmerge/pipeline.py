@@ -65,7 +65,7 @@ class QuickMergePP(nn.Module):
         causal: bool = False,
         kmeans_iters: int = 2,
         saliency_weight: float = 1.0,
-        prior_dim: int = 128,
+        prior_dim: int = 64,
         prior_layers: int = 2,
         prior_heads: int = 4,
         salient: Salient = "low_entropy",

@@ -42,7 +42,7 @@ class CausalPrior(nn.Module):
     autoregressive model for :func:`quickmerge.quickmerge_inference`.
     """
 
-    def __init__(self, embedding_dim: int, hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 4) -> None:
+    def __init__(self, embedding_dim: int, hidden_dim: int = 64, num_layers: int = 2, num_heads: int = 4) -> None:
         super().__init__()
         check_positive_int(embedding_dim, "embedding_dim")
         check_positive_int(hidden_dim, "hidden_dim")
@@ -81,7 +81,7 @@ class BidirectionalARAlignment(nn.Module):
         hidden_dim, num_layers, num_heads: size of each causal prior.
     """
 
-    def __init__(self, embedding_dim: int, hidden_dim: int = 128, num_layers: int = 2, num_heads: int = 4) -> None:
+    def __init__(self, embedding_dim: int, hidden_dim: int = 64, num_layers: int = 2, num_heads: int = 4) -> None:
         super().__init__()
         self.embedding_dim = check_positive_int(embedding_dim, "embedding_dim")
         self.forward_prior = CausalPrior(embedding_dim, hidden_dim, num_layers, num_heads)

@@ -202,7 +202,7 @@ class EntropyAwareSaliency(nn.Module):
         *,
         head_dim: int = 64,
         min_landmarks: int = 16,
-        max_landmarks: int = 256,
+        max_landmarks: int = 128,
         salient: Salient = "low_entropy",
         seed: int = 0,
     ) -> None:
@@ -263,10 +263,8 @@ class EntropyAwareSaliency(nn.Module):
                 continue
             keys = feats if m == n else F.adaptive_avg_pool1d(feats.transpose(1, 2), m).transpose(1, 2)
             keys = F.normalize(keys, dim=-1)
-            inv_temp = torch.exp(-self.log_temperature[layer])
+            queries = feats * torch.exp(-self.log_temperature[layer])  # temperature folded into the queries
             rows = max(1, _CHUNK_ELEMENTS // max(1, b * m))
-            ent = [
-                _row_entropy(torch.matmul(feats[:, i : i + rows], keys.transpose(1, 2)) * inv_temp)
-                for i in range(0, n, rows)
-            ]
+            keys_t = keys.transpose(1, 2)
+            ent = [_row_entropy(torch.matmul(queries[:, i : i + rows], keys_t)) for i in range(0, n, rows)]
             yield torch.cat(ent, dim=1) / math.log(m)

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One-command set-up and entry point for quickmerge on a fresh Debian/Ubuntu machine.
+#
+#   ./run.sh demo [args]   the main job: QuickMerge++ on a real model and real text
+#   ./run.sh test [args]   ruff + the test suite
+#   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
+#
+# Creates .venv in the repository root on first use (and again when pyproject.toml or
+# constraints.txt change), installing system packages with apt-get when Python's venv
+# module is missing.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=.venv
+STAMP="$VENV/.quickmerge-installed"
+
+need_system_python() {
+    command -v python3 >/dev/null 2>&1 && python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
+}
+
+setup() {
+    if ! need_system_python; then
+        echo "[run.sh] installing python3, venv and pip with apt-get" >&2
+        local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+        $sudo apt-get update -q
+        $sudo apt-get install -y -q python3 python3-venv python3-pip
+    fi
+    local want
+    want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+    if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+        return
+    fi
+    echo "[run.sh] creating $VENV and installing quickmerge[test] (first run only)" >&2
+    [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    # torch first, pinned: a CPU build where one is available, instead of a multi-GB CUDA one.
+    "$VENV/bin/python" -m pip install -q -c constraints.txt torch
+    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+    echo "$want" > "$STAMP"
+}
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+setup
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+case "$cmd" in
+    demo) exec "$VENV/bin/python" example.py "$@" ;;
+    test) "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest "$@" ;;
+    bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
+    *) echo "usage: ./run.sh {demo|test|bench} [args]" >&2; exit 2 ;;
+esac
