@@ -1,0 +1,1 @@
+"""Evaluation harnesses: data windows, methods, metrics, reports."""

@@ -1,0 +1,285 @@
+"""QuickMerge++ KV-cache merging for Hugging Face causal LMs (transformers 5.x).
+
+``QuickMergePress`` is used like a kvpress press::
+
+    with QuickMergePress(compression_ratio=0.5)(model):
+        model(context_ids, past_key_values=cache)            # prefill: the cache is merged
+    model(next_ids, past_key_values=cache, position_ids=...)  # decode on the merged cache
+
+(decoding inside the ``with`` block also works and then needs no position ids).
+
+During prefill, a forward hook on each attention layer (registered per call and removed
+afterwards) recomputes the attention of the last ``window`` queries against all keys from
+the layer's own projections, so SDPA stays usable; scores each key by the attention it
+receives from that window, each query weighted by how focused it is (1 - normalised
+entropy, the QuickMerge++ saliency); and merges each KV head's cache into contiguous,
+ordered spans (the core's causal mode), one merged entry per span with the mass-weighted
+mean of its keys and values. Every merged entry remembers its span size; while the press
+is active a forward pre-hook adds ``log(size)`` to its attention logits (proportional
+attention) through the additive attention mask, and positions of new tokens continue from
+the original length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._optional import require
+from .._validation import check_real
+from ..merging import cluster_by_similarity, contiguous_spans, group_sum
+
+SUPPORTED_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+)
+
+
+def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules of a causal LM's decoder layers; raises if there are none."""
+    base = getattr(model, "model", model)
+    base = getattr(base, "language_model", base)
+    layers = getattr(base, "layers", None)
+    attns = [getattr(layer, "self_attn", None) for layer in (layers or [])]
+    if not attns or any(a is None or not hasattr(a, "k_proj") for a in attns):
+        raise TypeError(
+            f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    return attns
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", model)
+    return getattr(base, "language_model", base)
+
+
+def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+    """Post-RoPE queries ``[B, H, w, d]`` of the given hidden states, from the layer's own projection."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    b, w, _ = hidden_states.shape
+    q = module.q_proj(hidden_states).view(b, w, -1, module.head_dim).transpose(1, 2)
+    if hasattr(module, "q_norm"):
+        q = module.q_norm(q)
+    cos, sin = position_embeddings
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -w:], sin[:, -w:])
+    return q
+
+
+@dataclass
+class QuickMergePress:
+    """Merge (rather than evict) KV-cache entries during prefill.
+
+    Args:
+        compression_ratio: share of KV entries removed, in [0, 1); kept = int(L * (1 - ratio)),
+            as kvpress computes it.
+        window: observation window, the last ``window`` prompt tokens whose queries score the keys.
+            Their own entries are never merged.
+        salient: how window queries are weighted: ``"low_entropy"`` (focused queries count more),
+            ``"high_entropy"``, or ``"uniform"``.
+        epsilon: merge mass of non-selected entries, in (0, 1].
+        saliency_weight: how strongly span boundaries are drawn around salient entries.
+        proportional: add log(span size) to merged entries' attention logits.
+    After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
+    what was done.
+    """
+
+    compression_ratio: float = 0.5
+    window: int = 64
+    salient: Literal["low_entropy", "high_entropy", "uniform"] = "low_entropy"
+    epsilon: float = 0.1
+    saliency_weight: float = 1.0
+    proportional: bool = True
+    mode: Literal["clusters", "spans"] = "clusters"
+    kmeans_iters: int = 0
+    bias: Literal["size", "mass"] = "size"
+    kernel_size: int = 5
+    original_length: int | None = field(default=None, init=False)
+    compressed_length: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        check_real(self.compression_ratio, "compression_ratio", low=0.0, high=1.0, low_open=False, high_open=True)
+        check_real(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=False)
+        check_real(self.saliency_weight, "saliency_weight", low=0.0, high=math.inf, low_open=False, high_open=True)
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
+        if self.salient not in ("low_entropy", "high_entropy", "uniform"):
+            raise ValueError(f"salient must be 'low_entropy', 'high_entropy' or 'uniform', got {self.salient!r}")
+
+    @property
+    def achieved_ratio(self) -> float | None:
+        """Share of entries actually removed by the last prefill (None before any)."""
+        if not self.original_length:
+            return None
+        return 1.0 - self.compressed_length / self.original_length
+
+    # ---- scoring and merging -------------------------------------------------------------
+    def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict) -> Tensor:
+        """Saliency ``[B, Hkv, L]`` of each cached entry, in [0, 1] per head."""
+        b, hkv, length, _ = keys.shape
+        w = min(self.window, length)
+        q = window_queries(module, hidden_states[:, -w:], kwargs["position_embeddings"])
+        h = q.shape[1]
+        groups = h // hkv
+        k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling
+        q_pos = torch.arange(length - w, length, device=keys.device)
+        allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        probs = logits.softmax(dim=-1)  # [B, H, w, L]
+        if self.salient == "uniform":
+            weight = torch.ones(b, h, w, device=keys.device)
+        else:
+            ent = -torch.special.xlogy(probs, probs).sum(-1) / (q_pos + 1).clamp_min(2).log()
+            weight = 1.0 - ent if self.salient == "low_entropy" else ent
+        received = (weight[..., None] * probs).sum(dim=2)  # [B, H, L]
+        if self.kernel_size > 1:  # neighbours of salient tokens carry their local context
+            pad = self.kernel_size // 2
+            received = F.avg_pool1d(received, self.kernel_size, stride=1, padding=pad, count_include_pad=False)
+        received = received.view(b, hkv, groups, length).mean(dim=2)
+        received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
+        # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
+        ranks = received.argsort(dim=-1).argsort(dim=-1)
+        return (ranks + 1).float() / length
+
+    def merge(self, keys: Tensor, values: Tensor, saliency: Tensor, kept: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` contiguous spans per head.
+
+        Returns merged keys, values ``[B, Hkv, kept, d]`` and span sizes ``[B, Hkv, kept]``.
+        """
+        b, hkv, length, d = keys.shape
+        flat_k = keys.reshape(b * hkv, length, d)
+        flat_v = values.reshape(b * hkv, length, values.shape[-1])
+        s = saliency.reshape(b * hkv, length)
+        top = s.topk(kept, dim=-1).indices
+        mask = torch.zeros_like(s).scatter_(1, top, 1.0)
+        mass = (mask * s.clamp_min(self.epsilon) + (1 - mask) * self.epsilon)[..., None]
+        if self.mode == "spans":
+            assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
+        else:
+            assignment = cluster_by_similarity(flat_k, mass[..., 0], top.sort(dim=-1).values, self.kmeans_iters)
+        total = group_sum(mass, assignment, kept)
+        merged_k = (group_sum(mass * flat_k.float(), assignment, kept) / total).to(keys.dtype)
+        merged_v = (group_sum(mass * flat_v.float(), assignment, kept) / total).to(values.dtype)
+        if self.bias == "size":
+            sizes = group_sum(torch.ones_like(mass), assignment, kept)[..., 0]
+        else:  # total mass relative to the group's heaviest member
+            heaviest = torch.zeros_like(total[..., 0]).scatter_reduce(1, assignment, mass[..., 0], "amax")
+            sizes = total[..., 0] / heaviest
+        return (
+            merged_k.view(b, hkv, kept, d),
+            merged_v.view(b, hkv, kept, values.shape[-1]),
+            sizes.view(b, hkv, kept),
+        )
+
+    # ---- hooks ---------------------------------------------------------------------------
+    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = kwargs.get("past_key_values")
+        q_len = hidden_states.shape[1]
+        cache_position = kwargs.get("cache_position")
+        if cache is None or cache_position is None or int(cache_position[-1]) + 1 != q_len:
+            return output  # not a prefill: leave the cache alone
+        layer = cache.layers[module.layer_idx]
+        keys, values = layer.keys, layer.values
+        length = keys.shape[2]
+        kept = max(1, int(length * (1 - self.compression_ratio)))
+        if kept >= length:
+            module._quickmerge_log_sizes = None
+            self._record(length, length)
+            return output
+        with torch.no_grad():
+            saliency = self.score(module, hidden_states, keys, kwargs)
+            layer.keys, layer.values, sizes = self.merge(keys, values, saliency, kept)
+        module._quickmerge_log_sizes = sizes.log() if self.proportional else None
+        self._record(length, kept)
+        return output
+
+    def _record(self, original: int, compressed: int) -> None:
+        self.original_length, self.compressed_length = original, compressed
+
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        log_sizes = getattr(module, "_quickmerge_log_sizes", None)
+        if log_sizes is None:
+            return None
+        hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            return None
+        b, q_len = hidden_states.shape[:2]
+        past = cache.layers[module.layer_idx].keys.shape[2]
+        kv_len = past + q_len
+        merged = log_sizes.shape[-1]
+        heads = module.config.num_attention_heads
+        bias = torch.zeros(b, heads, 1, kv_len, dtype=torch.float32, device=hidden_states.device)
+        bias[..., :merged] = log_sizes.repeat_interleave(heads // log_sizes.shape[1], dim=1)[:, :, None]
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            allowed = torch.arange(kv_len, device=bias.device)[None, :] <= (past + torch.arange(q_len, device=bias.device))[:, None]
+            mask = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))[None, None]
+        else:
+            mask = mask[..., :kv_len]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+        kwargs["attention_mask"] = (mask.float() + bias).to(hidden_states.dtype)
+        return args, kwargs
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.original_length or self.original_length == self.compressed_length:
+            return None
+        if kwargs.get("position_ids") is not None:
+            return None  # the caller placed the tokens itself
+        cache = kwargs.get("past_key_values")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        q_len = (ids if ids is not None else embeds).shape[1]
+        if cache is None or cache.get_seq_length() == 0:
+            return None
+        seen = cache.get_seq_length()
+        offset = self.original_length - self.compressed_length
+        start = seen + offset
+        kwargs["position_ids"] = torch.arange(start, start + q_len, device=cache.layers[0].keys.device)[None]
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] > seen + q_len:
+            if not bool(mask.all()):
+                raise ValueError("QuickMergePress supports batches of equal-length, unpadded sequences only")
+            kwargs["attention_mask"] = mask[:, -(seen + q_len) :]
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[None]:
+        """Patch ``model`` (this instance only) for the duration of the ``with`` block."""
+        attns = decoder_attention_layers(model)
+        if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
+            import warnings
+
+            warnings.warn(
+                f"QuickMergePress is untested on {type(model).__name__}; tested: {', '.join(SUPPORTED_ARCHITECTURES)}",
+                stacklevel=3,
+            )
+        self.original_length = self.compressed_length = None
+        handles = [_base_model(model).register_forward_pre_hook(self._before_model, with_kwargs=True)]
+        for attn in attns:
+            handles.append(attn.register_forward_hook(self._after_attention, with_kwargs=True))
+            handles.append(attn.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for attn in attns:
+                attn.__dict__.pop("_quickmerge_log_sizes", None)
+
+
+def require_transformers() -> Any:
+    return require("transformers", "text", "Compressing a Hugging Face causal LM's cache")

