@@ -21,6 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--text", default=None, help="text to compress (default: a Wikipedia article's opening)")
     demo.add_argument("--keep", type=_keep_ratio, default=0.25, help="share of tokens to keep, in (0, 1]")
     demo.add_argument("--json", default=None, help="also write the reported figures to this JSON file")
+    evaluate = sub.add_parser("eval", help="run an evaluation protocol")
+    protocols = evaluate.add_subparsers(dest="protocol", required=True)
+    from .eval.text_cli import add_arguments as add_text_arguments
+
+    add_text_arguments(protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context"))
     return parser
 
 
@@ -33,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(figures, handle, indent=2)
+    elif args.command == "eval" and args.protocol == "text":
+        from .eval.text_cli import run as run_text
+
+        run_text(args)
     return 0
 
 

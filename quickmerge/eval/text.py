@@ -103,3 +103,100 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
             decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
     return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": 1 - kept / context}
+
+
+NO_COMPRESSION = Method("none", lambda r: None)
+
+
+def run_text_eval(
+    model: Any,
+    examples: list[TextExample],
+    methods: list[Method],
+    ratios: list[float],
+    context: int,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score every (example, method, ratio) and summarise; examples are the outer loop."""
+    from .stats import bootstrap_ppl, bootstrap_ratio
+
+    runs: list[tuple[Method, float | None]] = [(NO_COMPRESSION, None)]
+    runs += [(m, r) for r in ratios for m in methods]
+    per_run: dict[tuple[str, float | None], list[dict[str, float]]] = {(m.name, r): [] for m, r in runs}
+    bar = _progress(len(examples) * len(runs), progress)
+    for example in examples:
+        for method, ratio in runs:
+            press = None if ratio is None else method.make(ratio)
+            per_run[(method.name, ratio)].append(score_example(model, example, context, press, method))
+            bar.update(1)
+    bar.close()
+    base = [r["nll"] for r in per_run[("none", None)]]
+    summary = []
+    for (name, ratio), rows in per_run.items():
+        nll = [r["nll"] for r in rows]
+        ppl, low, high = bootstrap_ppl(nll)
+        rel, rel_low, rel_high = bootstrap_ratio(nll, base)
+        summary.append(
+            {
+                "method": name,
+                "compression_ratio": ratio,
+                "perplexity": ppl,
+                "perplexity_ci95": [low, high],
+                "ratio_to_uncompressed": rel,
+                "ratio_to_uncompressed_ci95": [rel_low, rel_high],
+                "achieved_ratio": sum(r["achieved_ratio"] for r in rows) / len(rows),
+                "prefill_s_median": _median([r["prefill_s"] for r in rows]),
+                "decode_s_median": _median([r["decode_s"] for r in rows]),
+                "nll_per_example": nll,
+            }
+        )
+    return {"examples": [e.title for e in examples], "summary": summary}
+
+
+def _median(values: list[float]) -> float:
+    return float(torch.tensor(values).median())
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, desc="scoring", unit="run")
+
+
+def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:
+    """Perplexity relative to no compression vs compression ratio, one line per method, 95% CIs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    rows = [r for r in results["summary"] if r["compression_ratio"] is not None]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
+        x = [r["compression_ratio"] for r in mine]
+        y = [r["ratio_to_uncompressed"] for r in mine]
+        err = [[v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
+               [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)]]
+        style = {"linewidth": 2.5, "color": "black"} if name == "quickmerge" else {"linewidth": 1, "alpha": 0.8}
+        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("compression ratio (share of context KV entries removed)")
+    ax.set_ylabel("continuation perplexity / uncompressed (log)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

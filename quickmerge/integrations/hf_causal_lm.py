@@ -95,9 +95,9 @@ class QuickMergePress:
     """
 
     compression_ratio: float = 0.5
-    window: int = 64
+    window: int = 16
     salient: Literal["low_entropy", "high_entropy", "uniform"] = "low_entropy"
-    epsilon: float = 0.1
+    epsilon: float = 0.03
     saliency_weight: float = 1.0
     proportional: bool = True
     mode: Literal["clusters", "spans"] = "clusters"
@@ -235,6 +235,12 @@ class QuickMergePress:
         return args, kwargs
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(
+                "QuickMergePress supports batches of equal-length, unpadded sequences only; "
+                "got an attention_mask with padding"
+            )
         if not self.original_length or self.original_length == self.compressed_length:
             return None
         if kwargs.get("position_ids") is not None:
@@ -249,11 +255,8 @@ class QuickMergePress:
         offset = self.original_length - self.compressed_length
         start = seen + offset
         kwargs["position_ids"] = torch.arange(start, start + q_len, device=cache.layers[0].keys.device)[None]
-        mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and mask.shape[1] > seen + q_len:
-            if not bool(mask.all()):
-                raise ValueError("QuickMergePress supports batches of equal-length, unpadded sequences only")
-            kwargs["attention_mask"] = mask[:, -(seen + q_len) :]
+            kwargs["attention_mask"] = mask[:, -(seen + q_len) :]  # from input space to cache space
         return args, kwargs
 
     @contextlib.contextmanager

@@ -1,0 +1,70 @@
+"""``quickmerge eval text``: the text protocol end to end, JSON and PNG out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .text_methods import KVPRESS, OURS
+
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
+    parser.add_argument("--examples", type=int, default=40, help="number of Wikipedia windows")
+    parser.add_argument("--context", type=int, default=1024, help="context tokens C")
+    parser.add_argument("--continuation", type=int, default=64, help="scored continuation tokens T")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="compression ratios")
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=OURS + KVPRESS, help="default: all that are installed"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--out", default="results/text", help="output prefix (.json and .png are added)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..integrations.pretrained import load_causal_lm, needs_bos
+    from .text import plot_text_eval, run_text_eval, wikipedia_windows
+    from .text_methods import build_method, default_methods
+
+    if args.examples < 2:
+        raise SystemExit("--examples must be at least 2 (bootstrap intervals need several examples)")
+    if not all(0.0 < r < 1.0 for r in args.ratios):
+        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    if args.context < 1 or args.continuation < 1:
+        raise SystemExit("--context and --continuation must be positive")
+    methods = [build_method(n) for n in (args.methods or default_methods())]  # fails fast on a missing extra
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm(args.model)
+    examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=needs_bos(args.model))
+    results = run_text_eval(model, examples, methods, args.ratios, args.context)
+    results["config"] = {**vars(args), "torch": torch.__version__, "platform": platform.platform()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot_text_eval(results, str(out.with_suffix(".png")), f"{args.model}: {args.examples} Wikipedia windows")
+    print(format_table(results))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """Markdown table: perplexity and ratio to uncompressed with 95% intervals, per ratio and method."""
+    lines = [
+        "| ratio | method | perplexity [95% CI] | vs uncompressed [95% CI] | achieved | prefill s | decode s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(results["summary"], key=lambda r: (r["compression_ratio"] or 0, r["ratio_to_uncompressed"]))
+    for r in rows:
+        lo, hi = r["perplexity_ci95"]
+        rlo, rhi = r["ratio_to_uncompressed_ci95"]
+        ratio = "0" if r["compression_ratio"] is None else f"{r['compression_ratio']:g}"
+        lines.append(
+            f"| {ratio} | {r['method']} | {r['perplexity']:.3f} [{lo:.2f}, {hi:.2f}] | "
+            f"{r['ratio_to_uncompressed']:.4f} [{rlo:.4f}, {rhi:.4f}] | {r['achieved_ratio']:.3f} | "
+            f"{r['prefill_s_median']:.3f} | {r['decode_s_median']:.3f} |"
+        )
+    return "\n".join(lines)

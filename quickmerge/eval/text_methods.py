@@ -1,0 +1,61 @@
+"""The methods ``quickmerge eval text`` compares: ours, in-framework baselines, and kvpress's presses."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ..integrations.hf_causal_lm import QuickMergePress
+from ..integrations.kv_baselines import RandomEvictionPress, ToMeKVPress
+from .text import Method
+
+OURS = ["quickmerge", "quickmerge-uniform", "quickmerge-high-entropy", "tome-kv", "random"]
+KVPRESS = [
+    "kvpress-knorm",
+    "kvpress-snapkv",
+    "kvpress-expected-attention",
+    "kvpress-streaming-llm",
+    "kvpress-tova",
+    "kvpress-observed-attention",
+    "kvpress-keydiff",
+    "kvpress-merging-snapkv",
+]
+
+
+def kvpress_available() -> bool:
+    return importlib.util.find_spec("kvpress") is not None
+
+
+def build_method(name: str) -> Method:
+    """The :class:`Method` of a name in ``OURS + KVPRESS``."""
+    if name == "quickmerge":
+        return Method(name, lambda r: QuickMergePress(compression_ratio=r), decode_inside=True)
+    if name == "quickmerge-uniform":  # ablation: window queries weighted equally
+        return Method(name, lambda r: QuickMergePress(compression_ratio=r, salient="uniform"), decode_inside=True)
+    if name == "quickmerge-high-entropy":  # ablation: broad-attention queries weighted more
+        return Method(name, lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"), decode_inside=True)
+    if name == "tome-kv":
+        return Method(name, lambda r: ToMeKVPress(compression_ratio=r), decode_inside=True)
+    if name == "random":
+        return Method(name, lambda r: RandomEvictionPress(compression_ratio=r), decode_inside=True)
+    if name not in KVPRESS:
+        raise ValueError(f"unknown method {name!r}; choose from {', '.join(OURS + KVPRESS)}")
+    if not kvpress_available():
+        raise ImportError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
+    import kvpress
+
+    presses = {
+        "kvpress-knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
+        "kvpress-snapkv": lambda r: kvpress.SnapKVPress(compression_ratio=r),
+        "kvpress-expected-attention": lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r),
+        "kvpress-streaming-llm": lambda r: kvpress.StreamingLLMPress(compression_ratio=r),
+        "kvpress-tova": lambda r: kvpress.TOVAPress(compression_ratio=r),
+        "kvpress-observed-attention": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
+        "kvpress-keydiff": lambda r: kvpress.KeyDiffPress(compression_ratio=r),
+        "kvpress-merging-snapkv": lambda r: kvpress.MergingPress(press=kvpress.SnapKVPress(compression_ratio=r)),
+    }
+    return Method(name, presses[name], eager=name == "kvpress-observed-attention")
+
+
+def default_methods() -> list[str]:
+    """Every method that can run here: ours always, kvpress's when it is installed."""
+    return OURS + (KVPRESS if kvpress_available() else [])
