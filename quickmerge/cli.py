@@ -14,27 +14,44 @@ def _keep_ratio(text: str) -> float:
     return value
 
 
+def _compression_ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"--ratio must lie in (0, 1), got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quickmerge", description="QuickMerge++ token merging for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="merge a real encoder's tokens of real text and report what merged")
-    demo.add_argument("--text", default=None, help="text to compress (default: a Wikipedia article's opening)")
-    demo.add_argument("--keep", type=_keep_ratio, default=0.25, help="share of tokens to keep, in (0, 1]")
+    demo = sub.add_parser("demo", help="a real causal LM answering from a QuickMerge++-compressed context")
+    demo.add_argument("--ratio", type=_compression_ratio, default=0.5, help="share of KV entries removed, in (0, 1)")
+    demo.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
+    demo.add_argument("--html", default="results/demo_text.html", help="where to write the token rendering")
     demo.add_argument("--json", default=None, help="also write the reported figures to this JSON file")
+    encoder = sub.add_parser("demo-encoder", help="merge a real encoder's tokens of real text and show what merged")
+    encoder.add_argument("--text", default=None, help="text to compress (default: a Wikipedia article's opening)")
+    encoder.add_argument("--keep", type=_keep_ratio, default=0.25, help="share of tokens to keep, in (0, 1]")
     evaluate = sub.add_parser("eval", help="run an evaluation protocol")
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     from .eval.text_cli import add_arguments as add_text_arguments
 
-    add_text_arguments(protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context"))
+    add_text_arguments(
+        protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context")
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from .demo import run
+    if args.command == "demo-encoder":
+        from .demo import run as run_encoder
 
-        figures = run(args.text, args.keep)
+        run_encoder(args.text, args.keep)
+    elif args.command == "demo":
+        from .demo_text import run
+
+        figures = run(args.ratio, args.model, args.html)
         if args.json:
             with open(args.json, "w") as handle:
                 json.dump(figures, handle, indent=2)

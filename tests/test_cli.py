@@ -4,9 +4,16 @@ from quickmerge.cli import build_parser
 
 
 def test_demo_arguments_are_validated():
-    args = build_parser().parse_args(["demo", "--keep", "0.5"])
-    assert args.command == "demo" and args.keep == 0.5
+    args = build_parser().parse_args(["demo-encoder", "--keep", "0.5"])
+    assert args.command == "demo-encoder" and args.keep == 0.5
     with pytest.raises(SystemExit):
-        build_parser().parse_args(["demo", "--keep", "1.5"])
+        build_parser().parse_args(["demo-encoder", "--keep", "1.5"])
+    assert build_parser().parse_args(["demo", "--ratio", "0.25"]).ratio == 0.25
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--ratio", "1"])
+    args = build_parser().parse_args(["eval", "text", "--examples", "3", "--methods", "quickmerge"])
+    assert args.protocol == "text" and args.examples == 3 and args.methods == ["quickmerge"]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "text", "--methods", "no-such-method"])
     with pytest.raises(SystemExit):
         build_parser().parse_args([])

@@ -17,7 +17,9 @@ def bootstrap_ppl(nll: list[float], *, samples: int = 2000, seed: int = 0) -> tu
     return math.exp(float(x.mean())), low, high
 
 
-def bootstrap_ratio(nll: list[float], base: list[float], *, samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_ratio(
+    nll: list[float], base: list[float], *, samples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
     """Paired ratio ``ppl / ppl_base`` over the same examples, with its 95% bootstrap interval."""
     diff = torch.tensor(nll, dtype=torch.float64) - torch.tensor(base, dtype=torch.float64)
     gen = torch.Generator().manual_seed(seed)

@@ -188,8 +188,10 @@ def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:
         mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
         x = [r["compression_ratio"] for r in mine]
         y = [r["ratio_to_uncompressed"] for r in mine]
-        err = [[v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
-               [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)]]
+        err = [
+            [v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
+            [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)],
+        ]
         style = {"linewidth": 2.5, "color": "black"} if name == "quickmerge" else {"linewidth": 1, "alpha": 0.8}
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, **style)
     ax.set_yscale("log")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import importlib.util
 
 from ..integrations.hf_causal_lm import QuickMergePress
+from ..integrations.hf_input_merge import QuickMergeInputPress
 from ..integrations.kv_baselines import RandomEvictionPress, ToMeKVPress
 from .text import Method
 
-OURS = ["quickmerge", "quickmerge-uniform", "quickmerge-high-entropy", "tome-kv", "random"]
+OURS = ["quickmerge", "quickmerge-input", "quickmerge-uniform", "quickmerge-high-entropy", "tome-kv", "random"]
 KVPRESS = [
     "kvpress-knorm",
     "kvpress-snapkv",
@@ -29,6 +30,8 @@ def build_method(name: str) -> Method:
     """The :class:`Method` of a name in ``OURS + KVPRESS``."""
     if name == "quickmerge":
         return Method(name, lambda r: QuickMergePress(compression_ratio=r), decode_inside=True)
+    if name == "quickmerge-input":
+        return Method(name, lambda r: QuickMergeInputPress(compression_ratio=r), decode_inside=True)
     if name == "quickmerge-uniform":  # ablation: window queries weighted equally
         return Method(name, lambda r: QuickMergePress(compression_ratio=r, salient="uniform"), decode_inside=True)
     if name == "quickmerge-high-entropy":  # ablation: broad-attention queries weighted more

@@ -91,7 +91,7 @@ class QuickMergePress:
         saliency_weight: how strongly span boundaries are drawn around salient entries.
         proportional: add log(span size) to merged entries' attention logits.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
-    what was done.
+    what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
 
     compression_ratio: float = 0.5
@@ -106,6 +106,8 @@ class QuickMergePress:
     kernel_size: int = 5
     original_length: int | None = field(default=None, init=False)
     compressed_length: int | None = field(default=None, init=False)
+    kept_share: Tensor | None = field(default=None, init=False, repr=False)
+    layers_merged: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_real(self.compression_ratio, "compression_ratio", low=0.0, high=1.0, low_open=False, high_open=True)
@@ -122,6 +124,10 @@ class QuickMergePress:
         if not self.original_length:
             return None
         return 1.0 - self.compressed_length / self.original_length
+
+    def seed_share(self) -> Tensor | None:
+        """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
+        return None if self.kept_share is None else self.kept_share / self.layers_merged
 
     # ---- scoring and merging -------------------------------------------------------------
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict) -> Tensor:
@@ -163,6 +169,9 @@ class QuickMergePress:
         s = saliency.reshape(b * hkv, length)
         top = s.topk(kept, dim=-1).indices
         mask = torch.zeros_like(s).scatter_(1, top, 1.0)
+        kept_share = mask.view(b, hkv, length).mean(dim=1)  # [B, L]: share of heads keeping each entry as a seed
+        self.kept_share = kept_share if self.kept_share is None else self.kept_share + kept_share
+        self.layers_merged += 1
         mass = (mask * s.clamp_min(self.epsilon) + (1 - mask) * self.epsilon)[..., None]
         if self.mode == "spans":
             assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
@@ -225,7 +234,10 @@ class QuickMergePress:
         bias[..., :merged] = log_sizes.repeat_interleave(heads // log_sizes.shape[1], dim=1)[:, :, None]
         mask = kwargs.get("attention_mask")
         if mask is None:
-            allowed = torch.arange(kv_len, device=bias.device)[None, :] <= (past + torch.arange(q_len, device=bias.device))[:, None]
+            allowed = (
+                torch.arange(kv_len, device=bias.device)[None, :]
+                <= (past + torch.arange(q_len, device=bias.device))[:, None]
+            )
             mask = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))[None, None]
         else:
             mask = mask[..., :kv_len]
@@ -271,6 +283,7 @@ class QuickMergePress:
                 stacklevel=3,
             )
         self.original_length = self.compressed_length = None
+        self.kept_share, self.layers_merged = None, 0
         handles = [_base_model(model).register_forward_pre_hook(self._before_model, with_kwargs=True)]
         for attn in attns:
             handles.append(attn.register_forward_hook(self._after_attention, with_kwargs=True))

@@ -20,7 +20,7 @@ from .hf_causal_lm import QuickMergePress
 class ToMeKVPress(QuickMergePress):
     """Bipartite soft matching on keys down to the kept count, per KV head."""
 
-    def score(self, module, hidden_states, keys, kwargs) -> Tensor:  # noqa: ANN001
+    def score(self, module, hidden_states, keys, kwargs) -> Tensor:
         return torch.zeros(keys.shape[:3], device=keys.device)
 
     def merge(self, keys: Tensor, values: Tensor, saliency: Tensor, kept: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -38,7 +38,7 @@ class RandomEvictionPress(QuickMergePress):
     seed: int = 0
     proportional: bool = False
 
-    def score(self, module, hidden_states, keys, kwargs) -> Tensor:  # noqa: ANN001
+    def score(self, module, hidden_states, keys, kwargs) -> Tensor:
         gen = torch.Generator().manual_seed(self.seed + int(module.layer_idx))
         return torch.rand(keys.shape[:3], generator=gen).to(keys.device)
 

