@@ -204,13 +204,18 @@ class QuickMergePress:
         length = keys.shape[2]
         kept = max(1, int(length * (1 - self.compression_ratio)))
         if kept >= length:
-            module._quickmerge_log_sizes = None
+            module._quickmerge_bias = None
             self._record(length, length)
             return output
         with torch.no_grad():
             saliency = self.score(module, hidden_states, keys, kwargs)
             layer.keys, layer.values, sizes = self.merge(keys, values, saliency, kept)
-        module._quickmerge_log_sizes = sizes.log() if self.proportional else None
+        if self.proportional:
+            heads = module.config.num_attention_heads
+            log_sizes = sizes.log().float().repeat_interleave(heads // sizes.shape[1], dim=1)
+            module._quickmerge_bias = log_sizes[:, :, None, :]
+        else:
+            module._quickmerge_bias = None
         self._record(length, kept)
         return output
 
@@ -218,32 +223,27 @@ class QuickMergePress:
         self.original_length, self.compressed_length = original, compressed
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        log_sizes = getattr(module, "_quickmerge_log_sizes", None)
-        if log_sizes is None:
+        bias = getattr(module, "_quickmerge_bias", None)  # [B, H, 1, K]: log sizes of the merged entries
+        cache = kwargs.get("past_key_values")
+        if bias is None or cache is None:
             return None
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            return None
-        b, q_len = hidden_states.shape[:2]
+        q_len = hidden_states.shape[1]
         past = cache.layers[module.layer_idx].keys.shape[2]
         kv_len = past + q_len
-        merged = log_sizes.shape[-1]
-        heads = module.config.num_attention_heads
-        bias = torch.zeros(b, heads, 1, kv_len, dtype=torch.float32, device=hidden_states.device)
-        bias[..., :merged] = log_sizes.repeat_interleave(heads // log_sizes.shape[1], dim=1)[:, :, None]
+        bias = F.pad(bias, (0, kv_len - bias.shape[-1])).to(hidden_states.dtype)
         mask = kwargs.get("attention_mask")
-        if mask is None:
+        if mask is None and q_len > 1:
             allowed = (
                 torch.arange(kv_len, device=bias.device)[None, :]
                 <= (past + torch.arange(q_len, device=bias.device))[:, None]
             )
             mask = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))[None, None]
-        else:
+        elif mask is not None:
             mask = mask[..., :kv_len]
             if mask.dtype == torch.bool:
                 mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-        kwargs["attention_mask"] = (mask.float() + bias).to(hidden_states.dtype)
+        kwargs["attention_mask"] = bias if mask is None else mask.to(bias.dtype) + bias
         return args, kwargs
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -294,7 +294,7 @@ class QuickMergePress:
             for handle in handles:
                 handle.remove()
             for attn in attns:
-                attn.__dict__.pop("_quickmerge_log_sizes", None)
+                attn.__dict__.pop("_quickmerge_bias", None)
 
 
 def require_transformers() -> Any:

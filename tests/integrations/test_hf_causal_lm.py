@@ -64,7 +64,7 @@ def test_ratio_zero_reproduces_the_unpatched_model_and_exit_restores_it(kind, at
     with torch.no_grad():
         after = model(torch.cat([ids, cont], 1)).logits[:, 30:]
     assert torch.equal(after, reference)  # hooks and per-layer state are gone
-    assert all(not hasattr(layer.self_attn, "_quickmerge_log_sizes") for layer in model.model.layers)
+    assert all(not hasattr(layer.self_attn, "_quickmerge_bias") for layer in model.model.layers)
 
 
 @pytest.mark.parametrize("kind,attn", MODELS)
