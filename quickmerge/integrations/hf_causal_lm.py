@@ -41,6 +41,7 @@ SUPPORTED_ARCHITECTURES = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Gemma3ForCausalLM",
 )
 
 
@@ -108,6 +109,7 @@ class QuickMergePress:
     compressed_length: int | None = field(default=None, init=False)
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
+    _decoded: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         check_real(self.compression_ratio, "compression_ratio", low=0.0, high=1.0, low_open=False, high_open=True)
@@ -199,6 +201,8 @@ class QuickMergePress:
         cache_position = kwargs.get("cache_position")
         if cache is None or cache_position is None or int(cache_position[-1]) + 1 != q_len:
             return output  # not a prefill: leave the cache alone
+        if getattr(module, "is_sliding", False):
+            return output  # sliding-window layers (Gemma 3) already bound their cache
         layer = cache.layers[module.layer_idx]
         keys, values = layer.keys, layer.values
         length = keys.shape[2]
@@ -210,12 +214,10 @@ class QuickMergePress:
         with torch.no_grad():
             saliency = self.score(module, hidden_states, keys, kwargs)
             layer.keys, layer.values, sizes = self.merge(keys, values, saliency, kept)
-        if self.proportional:
-            heads = module.config.num_attention_heads
-            log_sizes = sizes.log().float().repeat_interleave(heads // sizes.shape[1], dim=1)
-            module._quickmerge_bias = log_sizes[:, :, None, :]
-        else:
-            module._quickmerge_bias = None
+        heads = module.config.num_attention_heads
+        log_sizes = sizes.log().float() if self.proportional else torch.zeros_like(sizes, dtype=torch.float32)
+        # The mask is rebuilt for this layer's shorter cache even without proportional attention.
+        module._quickmerge_bias = log_sizes.repeat_interleave(heads // sizes.shape[1], dim=1)[:, :, None, :]
         self._record(length, kept)
         return output
 
@@ -232,18 +234,14 @@ class QuickMergePress:
         past = cache.layers[module.layer_idx].keys.shape[2]
         kv_len = past + q_len
         bias = F.pad(bias, (0, kv_len - bias.shape[-1])).to(hidden_states.dtype)
-        mask = kwargs.get("attention_mask")
-        if mask is None and q_len > 1:
+        if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
             allowed = (
                 torch.arange(kv_len, device=bias.device)[None, :]
                 <= (past + torch.arange(q_len, device=bias.device))[:, None]
             )
-            mask = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))[None, None]
-        elif mask is not None:
-            mask = mask[..., :kv_len]
-            if mask.dtype == torch.bool:
-                mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
-        kwargs["attention_mask"] = bias if mask is None else mask.to(bias.dtype) + bias
+            causal = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))
+            bias = bias + causal.to(bias.dtype)
+        kwargs["attention_mask"] = bias
         return args, kwargs
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -253,22 +251,18 @@ class QuickMergePress:
                 "QuickMergePress supports batches of equal-length, unpadded sequences only; "
                 "got an attention_mask with padding"
             )
-        if not self.original_length or self.original_length == self.compressed_length:
-            return None
-        if kwargs.get("position_ids") is not None:
-            return None  # the caller placed the tokens itself
-        cache = kwargs.get("past_key_values")
         ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        q_len = (ids if ids is not None else embeds).shape[1]
-        if cache is None or cache.get_seq_length() == 0:
+        q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
+        if not self.original_length:
+            return None  # the prefill itself
+        start = self.original_length + self._decoded
+        self._decoded += q_len
+        if self.original_length == self.compressed_length:
             return None
-        seen = cache.get_seq_length()
-        offset = self.original_length - self.compressed_length
-        start = seen + offset
-        kwargs["position_ids"] = torch.arange(start, start + q_len, device=cache.layers[0].keys.device)[None]
-        if mask is not None and mask.dim() == 2 and mask.shape[1] > seen + q_len:
-            kwargs["attention_mask"] = mask[:, -(seen + q_len) :]  # from input space to cache space
+        if kwargs.get("position_ids") is None:  # else the caller placed the tokens itself
+            kwargs["position_ids"] = torch.arange(
+                start, start + q_len, device=(ids if ids is not None else kwargs["inputs_embeds"]).device
+            )[None]
         return args, kwargs
 
     @contextlib.contextmanager
@@ -283,7 +277,7 @@ class QuickMergePress:
                 stacklevel=3,
             )
         self.original_length = self.compressed_length = None
-        self.kept_share, self.layers_merged = None, 0
+        self.kept_share, self.layers_merged, self._decoded = None, 0, 0
         handles = [_base_model(model).register_forward_pre_hook(self._before_model, with_kwargs=True)]
         for attn in attns:
             handles.append(attn.register_forward_hook(self._after_attention, with_kwargs=True))

@@ -149,3 +149,33 @@ def test_input_mode_errors():
         QuickMergeInputPress(layer=1)(_tiny("llama", "sdpa")),
     ):
         pass
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation(attn)
+    ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    logits, _ = _prefill_then_score(model, QuickMergePress(compression_ratio=0.0), ids, cont)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    press = QuickMergePress(compression_ratio=0.5, window=4)
+    logits, cache = _prefill_then_score(model, press, ids, cont)
+    assert cache.layers[1].keys.shape[2] == 15 + 6  # the global layer holds the merged prompt + new tokens
+    assert press.achieved_ratio == pytest.approx(0.5) and torch.isfinite(logits).all()
+    # Without positions, tokens decoded inside the press are placed after the original prompt.
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        implicit = model(cont, past_key_values=cache).logits
+    assert torch.allclose(implicit, logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
