@@ -102,7 +102,9 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
             logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
             decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
-    return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": 1 - kept / context}
+    achieved = getattr(press, "achieved_ratio", None)  # presses that know it (input-side merging)
+    achieved = 1 - kept / context if achieved is None else achieved
+    return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": achieved}
 
 
 NO_COMPRESSION = Method("none", lambda r: None)
