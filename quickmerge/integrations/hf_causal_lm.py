@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from .._optional import require
 from .._validation import check_real
-from ..merging import cluster_by_similarity, contiguous_spans, group_sum
+from ..merging import cluster_by_similarity, contiguous_spans, group_sum, merge_mass
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -57,6 +57,13 @@ def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return attns
+
+
+def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[1, 1, q, past + q]``: every cached entry visible, new tokens causal among themselves."""
+    kv_len = past + q_len
+    allowed = torch.arange(kv_len, device=device)[None, :] <= (past + torch.arange(q_len, device=device))[:, None]
+    return torch.zeros(q_len, kv_len, device=device).masked_fill(~allowed, float("-inf")).to(dtype)[None, None]
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -174,7 +181,7 @@ class QuickMergePress:
         kept_share = mask.view(b, hkv, length).mean(dim=1)  # [B, L]: share of heads keeping each entry as a seed
         self.kept_share = kept_share if self.kept_share is None else self.kept_share + kept_share
         self.layers_merged += 1
-        mass = (mask * s.clamp_min(self.epsilon) + (1 - mask) * self.epsilon)[..., None]
+        mass = merge_mass(mask, s, self.epsilon)[..., None]
         if self.mode == "spans":
             assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
         elif self.kmeans_iters > 0:
@@ -253,12 +260,7 @@ class QuickMergePress:
         kv_len = past + q_len
         bias = F.pad(bias, (0, kv_len - bias.shape[-1])).to(hidden_states.dtype)
         if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
-            allowed = (
-                torch.arange(kv_len, device=bias.device)[None, :]
-                <= (past + torch.arange(q_len, device=bias.device))[:, None]
-            )
-            causal = torch.zeros(q_len, kv_len, device=bias.device).masked_fill(~allowed, float("-inf"))
-            bias = bias + causal.to(bias.dtype)
+            bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)
         kwargs["attention_mask"] = bias
         return args, kwargs
 

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_real
-from ..merging import contiguous_spans, group_sum
-from .hf_causal_lm import QuickMergePress, _base_model, decoder_attention_layers
+from ..merging import contiguous_spans, group_sum, merge_mass
+from .hf_causal_lm import QuickMergePress, _base_model, cache_causal_mask, decoder_attention_layers
 
 
 @dataclass
@@ -81,7 +81,7 @@ class QuickMergeInputPress:
             assignment = contiguous_spans(hidden, saliency, kept, self.saliency_weight)
             top = saliency.topk(kept, dim=-1).indices
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
-            mass = (mask * saliency.clamp_min(self.epsilon) + (1 - mask) * self.epsilon)[..., None]
+            mass = merge_mass(mask, saliency, self.epsilon)[..., None]
             pos = torch.arange(n, device=hidden.device).expand(b, n)
             last = torch.zeros(b, kept, dtype=torch.long, device=hidden.device).scatter_reduce(
                 1, assignment, pos, "amax"
@@ -105,13 +105,7 @@ class QuickMergeInputPress:
             cos, sin = cos.expand(positions.shape[0], -1, -1), sin.expand(positions.shape[0], -1, -1)
             index = positions[..., None].expand(-1, -1, cos.shape[-1])
             kwargs["position_embeddings"] = (cos.gather(1, index), sin.gather(1, index))
-        kv_len = past + q_len
-        allowed = (
-            torch.arange(kv_len, device=hidden.device)[None, :]
-            <= (past + torch.arange(q_len, device=hidden.device))[:, None]
-        )
-        mask = torch.zeros(q_len, kv_len, device=hidden.device).masked_fill(~allowed, float("-inf"))
-        kwargs["attention_mask"] = mask[None, None].to(hidden.dtype)
+        kwargs["attention_mask"] = cache_causal_mask(past, q_len, hidden.device, hidden.dtype)
         return args, kwargs
 
     @contextlib.contextmanager
