@@ -178,29 +178,52 @@ def _progress(total: int, enabled: bool) -> Any:
 
 
 def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:
-    """Perplexity relative to no compression vs compression ratio, one line per method, 95% CIs."""
+    """Perplexity relative to no compression vs compression ratio, one line per method, 95% CIs.
+
+    Left: every method (log scale). Right: the same, zoomed on the methods within 30% of
+    uncompressed at every ratio, where the competitive ones sit.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
     rows = [r for r in results["summary"] if r["compression_ratio"] is not None]
-    for name in dict.fromkeys(r["method"] for r in rows):
-        mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
-        x = [r["compression_ratio"] for r in mine]
-        y = [r["ratio_to_uncompressed"] for r in mine]
-        err = [
-            [v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
-            [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)],
-        ]
-        style = {"linewidth": 2.5, "color": "black"} if name == "quickmerge" else {"linewidth": 1, "alpha": 0.8}
-        ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, **style)
-    ax.set_yscale("log")
-    ax.set_xlabel("compression ratio (share of context KV entries removed)")
-    ax.set_ylabel("continuation perplexity / uncompressed (log)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    colours = plt.get_cmap("tab20")(range(len(names)))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for zoomed, ax in zip((False, True), axes, strict=True):
+        for colour, name in zip(colours, names, strict=True):
+            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
+            y = [r["ratio_to_uncompressed"] for r in mine]
+            if zoomed and max(y) > 1.3:
+                continue
+            x = [r["compression_ratio"] for r in mine]
+            err = [
+                [v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
+                [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)],
+            ]
+            ours = name == "quickmerge"
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker="o",
+                capsize=3,
+                label=name,
+                color="black" if ours else colour,
+                linewidth=2.5 if ours else 1,
+                alpha=1 if ours else 0.85,
+                zorder=3 if ours else 2,
+            )
+        ax.set_xlabel("compression ratio (share of context KV entries removed)")
+        ax.grid(alpha=0.3)
+        if zoomed:
+            ax.set_title("zoom: methods within 30% of uncompressed")
+        else:
+            ax.set_yscale("log")
+            ax.set_ylabel("continuation perplexity / uncompressed")
+            ax.set_title(title)
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
