@@ -256,6 +256,8 @@ class QuickMergePress:
             return None
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         q_len = hidden_states.shape[1]
+        if q_len == 1 and not self.proportional and kwargs.get("attention_mask") is None:
+            return None  # one new token sees the whole cache: keep SDPA's mask-free path
         past = cache.layers[module.layer_idx].keys.shape[2]
         kv_len = past + q_len
         bias = F.pad(bias, (0, kv_len - bias.shape[-1])).to(hidden_states.dtype)
