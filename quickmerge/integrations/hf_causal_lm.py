@@ -12,9 +12,10 @@ During prefill, a forward hook on each attention layer (registered per call and 
 afterwards) recomputes the attention of the last ``window`` queries against all keys from
 the layer's own projections, so SDPA stays usable; scores each key by the attention it
 receives from that window, each query weighted by how focused it is (1 - normalised
-entropy, the QuickMerge++ saliency); and merges each KV head's cache into contiguous,
-ordered spans (the core's causal mode), one merged entry per span with the mass-weighted
-mean of its keys and values. Every merged entry remembers its span size; while the press
+entropy, the QuickMerge++ saliency); and, per KV head, lets the top-scored entries seed
+groups that every other entry joins by cosine similarity of keys (the cache has no order
+to keep; ``mode="spans"`` merges contiguous spans instead), one merged entry per group
+with the mass-weighted mean of its keys and values. Every merged entry remembers its group size; while the press
 is active a forward pre-hook adds ``log(size)`` to its attention logits (proportional
 attention) through the additive attention mask, and positions of new tokens continue from
 the original length.
@@ -32,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._optional import require
 from .._validation import check_real
 from ..merging import cluster_by_similarity, contiguous_spans, group_sum, merge_mass
 
@@ -92,12 +92,18 @@ class QuickMergePress:
         compression_ratio: share of KV entries removed, in [0, 1); kept = int(L * (1 - ratio)),
             as kvpress computes it.
         window: observation window, the last ``window`` prompt tokens whose queries score the keys.
-            Their own entries are never merged.
+            Their own entries always seed a group.
         salient: how window queries are weighted: ``"low_entropy"`` (focused queries count more),
             ``"high_entropy"``, or ``"uniform"``.
         epsilon: merge mass of non-selected entries, in (0, 1].
-        saliency_weight: how strongly span boundaries are drawn around salient entries.
-        proportional: add log(span size) to merged entries' attention logits.
+        saliency_weight: ``mode="spans"`` only: how strongly span boundaries are drawn around
+            salient entries.
+        proportional: add log(group size) to merged entries' attention logits while the press is active.
+        mode: ``"clusters"`` (entries join their most similar seed) or ``"spans"`` (contiguous spans).
+        kmeans_iters: centre updates after the seed assignment (clusters mode; 0 = pure seeding).
+        bias: what proportional attention counts: ``"size"`` (members) or ``"mass"`` (total merge
+            mass relative to the heaviest member).
+        kernel_size: width of the average pooling that spreads each score to its neighbours.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
     what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
@@ -126,6 +132,14 @@ class QuickMergePress:
             raise ValueError(f"window must be an integer >= 1, got {self.window!r}")
         if self.salient not in ("low_entropy", "high_entropy", "uniform"):
             raise ValueError(f"salient must be 'low_entropy', 'high_entropy' or 'uniform', got {self.salient!r}")
+        if self.mode not in ("clusters", "spans"):
+            raise ValueError(f"mode must be 'clusters' or 'spans', got {self.mode!r}")
+        if self.bias not in ("size", "mass"):
+            raise ValueError(f"bias must be 'size' or 'mass', got {self.bias!r}")
+        for name in ("kernel_size", "kmeans_iters"):
+            value, low = getattr(self, name), 1 if name == "kernel_size" else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
     @property
     def achieved_ratio(self) -> float | None:
@@ -168,9 +182,10 @@ class QuickMergePress:
         return (ranks + 1).float() / length
 
     def merge(self, keys: Tensor, values: Tensor, saliency: Tensor, kept: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` contiguous spans per head.
+        """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` groups per head (see ``mode``).
 
-        Returns merged keys, values ``[B, Hkv, kept, d]`` and span sizes ``[B, Hkv, kept]``.
+        Returns merged keys, values ``[B, Hkv, kept, d]`` and group sizes ``[B, Hkv, kept]``
+        (or relative masses, with ``bias="mass"``).
         """
         b, hkv, length, d = keys.shape
         flat_k = keys.reshape(b * hkv, length, d)
@@ -311,7 +326,3 @@ class QuickMergePress:
                 handle.remove()
             for attn in attns:
                 attn.__dict__.pop("_quickmerge_bias", None)
-
-
-def require_transformers() -> Any:
-    return require("transformers", "text", "Compressing a Hugging Face causal LM's cache")

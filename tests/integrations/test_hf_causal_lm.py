@@ -179,3 +179,18 @@ def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
     assert torch.allclose(implicit, logits, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "rows"}, "mode"),
+        ({"bias": "none"}, "bias"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kmeans_iters": -1}, "kmeans_iters"),
+        ({"epsilon": 0.0}, "epsilon"),
+    ],
+)
+def test_press_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuickMergePress(**kwargs)
