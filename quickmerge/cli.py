@@ -39,6 +39,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_arguments(
         protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context")
     )
+    from .eval.vision_cli import add_arguments as add_vision_arguments
+
+    add_vision_arguments(protocols.add_parser("vision", help="top-1 vs throughput of the Fashion-MNIST ViT"))
+    show = sub.add_parser("visualize", help="draw which patches merged into which token (PNG)")
+    show.add_argument("--r", type=int, default=24, help="tokens merged per block")
+    show.add_argument("--images", type=int, default=4, help="Fashion-MNIST test images to show")
+    show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
+    show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    show.add_argument("--out", default="results/visualize.png")
+    train = sub.add_parser("train", help="train a reference model")
+    targets = train.add_subparsers(dest="target", required=True)
+    vision = targets.add_parser("vision", help="the Fashion-MNIST ViT shipped in quickmerge/assets")
+    vision.add_argument("--epochs", type=int, default=3)
+    vision.add_argument("--out", default=None, help="output directory (default: the package's asset directory)")
+    vision.add_argument("--threads", type=int, default=2)
     return parser
 
 
@@ -59,6 +74,30 @@ def main(argv: list[str] | None = None) -> int:
         from .eval.text_cli import run as run_text
 
         run_text(args)
+    elif args.command == "eval" and args.protocol == "vision":
+        from .eval.vision_cli import run as run_vision
+
+        run_vision(args)
+    elif args.command == "visualize":
+        if not 1 <= args.images <= 10_000 or args.r < 0:
+            raise SystemExit("--images must be in [1, 10000] and --r >= 0")
+        from .data.fashion_mnist import load_fashion_mnist
+        from .vision.reference_model import load_fashion_vit
+        from .vision.visualize import load_photos, visualize
+
+        model = load_fashion_vit(args.checkpoint)
+        images, labels = load_fashion_mnist("test")
+        photos = None if args.no_photos else load_photos()
+        path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos)
+        print(f"wrote {path}")
+    elif args.command == "train":
+        import torch
+
+        from .vision.reference_model import ASSET_DIR
+        from .vision.train import train as train_vision
+
+        torch.set_num_threads(args.threads)
+        train_vision(args.out or ASSET_DIR, epochs=args.epochs)
     return 0
 
 

@@ -17,3 +17,17 @@ def test_demo_arguments_are_validated():
         build_parser().parse_args(["eval", "text", "--methods", "no-such-method"])
     with pytest.raises(SystemExit):
         build_parser().parse_args([])
+
+
+def test_vision_arguments_are_validated(capsys):
+    from quickmerge.cli import main
+
+    args = build_parser().parse_args(["eval", "vision", "--methods", "tome", "quickmerge", "--r", "8", "16"])
+    assert args.protocol == "vision" and args.methods == ["tome", "quickmerge"] and args.r == [8, 16]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "vision", "--methods", "magic"])
+    with pytest.raises(SystemExit, match="--images"):
+        main(["eval", "vision", "--images", "0"])
+    with pytest.raises(SystemExit, match="--images"):
+        main(["visualize", "--images", "0"])
+    assert build_parser().parse_args(["train", "vision", "--epochs", "1"]).epochs == 1

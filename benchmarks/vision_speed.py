@@ -1,0 +1,77 @@
+"""Merge-step cost inside a ViT block at 196 patch tokens (issue 4 target: <= 15% of a block).
+
+Times, alternately in one run (medians): the reference ViT's first block forward on real
+Fashion-MNIST embeddings (batch 256, 197 tokens), the merge step alone (handle.merge:
+saliency, grouping, weighted means, size/source bookkeeping) for each method at r=16, and
+the whole patched block (attention on 197 tokens, merge, MLP on 181).
+
+    python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+
+import torch
+
+from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.vision import patch
+from quickmerge.vision.reference_model import load_fashion_vit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = load_fashion_vit()
+    images, _ = load_fashion_mnist("test")
+    with torch.inference_mode():
+        x = model.norm_pre(model._pos_embed(model.patch_embed(normalize(images[: args.batch]))))
+        block = copy.deepcopy(model.blocks[0])  # unpatched copy, timed as is
+        results = {}
+        for method in ("quickmerge", "tome", "random", "pool"):
+            handle = patch(model, r=args.r, method=method)
+            blk = model.blocks[0]
+            handle.begin(x)
+            attn_in = blk.norm1(x)
+            residual = x + blk.ls1(blk.attn(attn_in))  # records q and k through the hooks
+            q, k, scale = handle._pass.q, handle._pass.k, handle._pass.scale
+            block_t, merge_t, patched_t = [], [], []
+            for _ in range(args.repeats + 2):
+                t0 = time.perf_counter()
+                block(x)
+                t1 = time.perf_counter()
+                handle.record_qk(q, k, scale)
+                out = handle.merge(0, residual)
+                t2 = time.perf_counter()
+                blk(x)  # the whole patched block: attention on N tokens, merge, MLP on N - r
+                t3 = time.perf_counter()
+                block_t.append(t1 - t0)
+                merge_t.append(t2 - t1)
+                patched_t.append(t3 - t2)
+            assert out is not None and out.shape[1] == x.shape[1] - args.r
+            handle.remove()
+            b, m, p = (statistics.median(t[2:]) for t in (block_t, merge_t, patched_t))
+            results[method] = {"block_s": b, "merge_s": m, "merge_share_of_block": m / b, "patched_block_s": p,
+                               "patched_block_over_block": p / b}
+            print(f"{method:10s} block {1e3 * b:7.2f} ms  merge {1e3 * m:6.2f} ms = {100 * m / b:5.1f}% of a block;"
+                  f"  patched block (r={args.r}) {1e3 * p:7.2f} ms = {p / b:.3f}x")
+    info = {"tokens": x.shape[1], "batch": args.batch, "r": args.r, "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "platform": platform.platform(), "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(info, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

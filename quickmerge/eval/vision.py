@@ -1,0 +1,150 @@
+"""The image protocol: top-1 on the whole Fashion-MNIST test set vs throughput, per merging setting.
+
+For each (method, r): accuracy over every test image, images/s of the patched model and of
+the unpatched one timed alternately on the same batch in the same run (their ratio is the
+speed-up that counts), and the mean number of tokens entering a block.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._optional import require
+from ..data.fashion_mnist import normalize
+from ..vision.patch import patch
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
+def evaluate_setting(
+    model: nn.Module,
+    reference: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    method: str | None,
+    r: Any,
+    batch_size: int,
+    timing_rounds: int,
+    settings: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Accuracy, speed-up and mean tokens of one setting (``method=None``: unpatched).
+
+    ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
+    same batch, so drifts in machine speed hit both alike.
+    """
+    handle = patch(model, r=r, method=method, **(settings or {})) if method is not None else None
+    try:
+        correct, tokens = 0, []
+        for i in range(0, len(images), batch_size):
+            logits = model(normalize(images[i : i + batch_size]))
+            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+            if handle is not None:
+                tokens.append(handle.mean_tokens)
+        batch = normalize(images[:batch_size])
+        ours, base = [], []
+        for _ in range(timing_rounds):
+            ours.append(_timed(lambda: model(batch)))
+            base.append(_timed(lambda: reference(batch)))
+    finally:
+        if handle is not None:
+            handle.remove()
+    if handle is None:
+        with patch(model, r=0) as counter:  # r=0: the unpatched model's computation, counted
+            model(batch[:1])
+            tokens = [counter.mean_tokens]
+    t_ours, t_base = statistics.median(ours), statistics.median(base)
+    return {
+        "method": method or "none",
+        "r": list(r) if isinstance(r, tuple) else r,
+        "settings": settings or {},
+        "accuracy": correct / len(images),
+        "images": len(images),
+        "images_per_s": batch.shape[0] / t_ours,
+        "unpatched_images_per_s": batch.shape[0] / t_base,
+        "speedup": t_base / t_ours,
+        "mean_tokens_per_layer": statistics.fmean(tokens) if tokens else None,
+    }
+
+
+def run_vision_eval(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    sweep: Iterable[tuple[str, Any, dict[str, Any]]],
+    *,
+    batch_size: int = 256,
+    timing_rounds: int = 5,
+) -> list[dict[str, Any]]:
+    """Unpatched first, then every (method, r, settings) of ``sweep``; a progress bar over settings."""
+    tqdm = require("tqdm", "progress", "The evaluation progress bar").tqdm
+    jobs = [(None, 0, {}), *sweep]
+    reference = copy.deepcopy(model).eval()
+    rows = []
+    bar = tqdm(jobs, desc="vision eval", unit="setting")
+    for method, r, settings in bar:
+        bar.set_postfix(method=method or "none", r=str(r))
+        rows.append(evaluate_setting(model, reference, images, labels, method=method, r=r, batch_size=batch_size,
+                                     timing_rounds=timing_rounds, settings=settings))
+    return rows
+
+
+def accuracy_at(rows: Sequence[dict[str, Any]], speedup: float) -> float | None:
+    """A method's accuracy at ``speedup``, linearly interpolated between its own measured settings."""
+    pts = sorted((row["speedup"], row["accuracy"]) for row in rows)
+    if not pts or not pts[0][0] <= speedup <= pts[-1][0]:
+        return None
+    for (s0, a0), (s1, a1) in itertools.pairwise(pts):
+        if s0 <= speedup <= s1:
+            return a0 if s1 == s0 else a0 + (a1 - a0) * (speedup - s0) / (s1 - s0)
+    return pts[-1][1]
+
+
+def compare_at_tome_speeds(rows: Sequence[dict[str, Any]], method: str = "quickmerge") -> list[dict[str, Any]]:
+    """For each ToMe-style point: ``method``'s interpolated accuracy at the same speed-up."""
+    ours = [r for r in rows if r["method"] == method]
+    out = []
+    for row in (r for r in rows if r["method"] == "tome"):
+        acc = accuracy_at(ours, row["speedup"])
+        out.append({"r": row["r"], "speedup": row["speedup"], "tome_accuracy": row["accuracy"],
+                    f"{method}_accuracy": acc, "difference": None if acc is None else acc - row["accuracy"]})
+    return out
+
+
+def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
+    """Top-1 vs speed-up over the unpatched model, one line per method."""
+    plt = require("matplotlib.pyplot", "plot", "The vision plot")
+    base = next(r for r in rows if r["method"] == "none")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"quickmerge": ("C3", "o"), "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
+    for method in [m for m in styles if any(r["method"] == m for r in rows)]:
+        pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
+        colour, marker = styles[method]
+        label = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}.get(method, method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label)
+    ax.axhline(100 * base["accuracy"], color="k", lw=0.8, ls="--", label=f"unpatched {100 * base['accuracy']:.2f}%")
+    ax.axhline(100 * base["accuracy"] - 1.0, color="k", lw=0.6, ls=":", label="unpatched - 1 pt")
+    ax.axvline(1.8, color="k", lw=0.6, ls=":")
+    lo = min(100 * r["accuracy"] for r in rows)
+    ax.set_ylim(max(lo - 2, 100 * base["accuracy"] - 25), 100 * base["accuracy"] + 1)
+    ax.set_xlabel("throughput / unpatched throughput (same run)")
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

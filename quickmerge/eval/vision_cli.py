@@ -1,0 +1,71 @@
+"""``quickmerge eval vision``: the image protocol end to end, JSON and PNG out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..vision.token_merge import METHODS
+
+DEFAULT_R = (8, 12, 16, 20, 24, 28, 32, 36, 40)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="merging methods to sweep")
+    parser.add_argument("--r", type=int, nargs="+", default=list(DEFAULT_R), help="tokens merged per block")
+    parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--timing-rounds", type=int, default=5, help="alternating timings per setting")
+    parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    parser.add_argument("--out", default="results/vision", help="output prefix (.json and .png are added)")
+
+
+def build_sweep(methods: list[str], rs: list[int]) -> list[tuple[str, Any, dict[str, Any]]]:
+    return [(m, r, {}) for m in methods for r in rs]
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..data.fashion_mnist import load_fashion_mnist
+    from ..vision.reference_model import load_fashion_vit
+    from .vision import compare_at_tome_speeds, plot_vision_eval, run_vision_eval
+
+    if not 1 <= args.images <= 10_000:
+        raise SystemExit(f"--images must be in [1, 10000], got {args.images}")
+    if min(args.r) < 1 or args.batch_size < 1 or args.timing_rounds < 1:
+        raise SystemExit("--r, --batch-size and --timing-rounds must be positive")
+    torch.set_num_threads(args.threads)
+    model = load_fashion_vit(args.checkpoint)
+    images, labels = load_fashion_mnist("test")
+    images, labels = images[: args.images], labels[: args.images]
+    rows = run_vision_eval(model, images, labels, build_sweep(args.methods, args.r),
+                           batch_size=args.batch_size, timing_rounds=args.timing_rounds)
+    results = {
+        "rows": rows,
+        "quickmerge_vs_tome": compare_at_tome_speeds(rows),
+        "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                   "platform": platform.platform()},
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    plot_vision_eval(rows, str(out.with_suffix(".png")), f"Fashion-MNIST ViT, {len(images)} test images")
+    print(format_table(rows))
+    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    """Markdown table of every setting."""
+    lines = ["| method | r | top-1 % | speed-up | images/s | unpatched images/s | mean tokens |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['method']} | {row['r']} | {100 * row['accuracy']:.2f} | {row['speedup']:.2f}x | "
+                     f"{row['images_per_s']:.0f} | {row['unpatched_images_per_s']:.0f} | "
+                     f"{row['mean_tokens_per_layer']:.1f} |")
+    return "\n".join(lines)

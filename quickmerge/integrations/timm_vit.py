@@ -1,0 +1,114 @@
+"""timm ``VisionTransformer`` adapter for :func:`quickmerge.patch` (timm 1.0.x).
+
+timm's ``Block.forward`` is ``x = x + drop_path1(ls1(attn(norm1(x))))`` then
+``x = x + drop_path2(ls2(mlp(norm2(x))))``. Hooks sit between those pieces, so LayerScale,
+qk-norm and fused SDPA are the model's own code:
+
+- ``attn`` pre-hook: passes log(size) as ``attn_mask`` (proportional attention);
+- ``attn.q_norm`` / ``attn.k_norm`` hooks: capture queries and keys ``[B, H, N, hd]``;
+- ``norm2`` pre-hook: merges the residual stream, so norm2 and the MLP run on fewer tokens;
+- ``drop_path2`` hook: takes the MLP branch (already on the merged tokens) and hands the
+  block a zero, because the block's residual add still holds the unmerged stream;
+- block hook: returns merged residual + branch, the block's output on fewer tokens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+TESTED_CLASSES = ("VisionTransformer",)
+_REQUIRED = ("norm1", "attn", "norm2", "mlp", "drop_path2")
+
+
+def matches(model: nn.Module) -> bool:
+    return any(c.__module__ == "timm.models.vision_transformer" and c.__name__ == "VisionTransformer"
+               for c in type(model).__mro__)
+
+
+def num_prefix_tokens(model: nn.Module) -> int:
+    return int(getattr(model, "num_prefix_tokens", 1))
+
+
+def blocks(model: nn.Module) -> list[nn.Module]:
+    found = [b for b in model.blocks if all(hasattr(b, a) for a in _REQUIRED)
+             and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm")]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no timm Block with attn.q_norm/k_norm, norm2, mlp, drop_path2 "
+                        "to patch (parallel or post-norm blocks are not supported)")
+    if len(found) != len(model.blocks):
+        raise TypeError(f"only {len(found)} of {len(model.blocks)} blocks have the structure quickmerge hooks into")
+    return found
+
+
+def attach(model: nn.Module, found: list[nn.Module], handle: Any) -> list[Any]:
+    hooks = []
+    for i, block in enumerate(found):
+        hooks += _attach_block(block, i, handle)
+    return hooks
+
+
+def restore(model: nn.Module, handle: Any) -> None:
+    """Nothing beyond removing the hooks."""
+
+
+def _attach_block(block: nn.Module, layer: int, handle: Any) -> list[Any]:
+    attn = block.attn
+    merged_here: dict[str, bool] = {"yes": False}
+
+    def block_pre(_m: nn.Module, args: tuple) -> None:
+        if layer == 0:
+            handle.begin(args[0])
+        handle.enter_block(args[0])
+        merged_here["yes"] = False
+
+    def attn_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        bias = handle.attention_bias(args[0])
+        if bias is None:
+            return None
+        if kwargs.get("attn_mask") is not None:
+            raise ValueError("quickmerge's proportional attention cannot be combined with a user attn_mask")
+        return args, {**kwargs, "attn_mask": bias}
+
+    def q_hook(_m: nn.Module, _args: tuple, q: Any) -> None:
+        handle.record_qk(q=q, scale=float(attn.scale))
+
+    def k_hook(_m: nn.Module, _args: tuple, k: Any) -> None:
+        handle.record_qk(k=k)
+
+    def norm2_pre(_m: nn.Module, args: tuple) -> tuple | None:
+        merged = handle.merge(layer, args[0])
+        if merged is None:
+            return None
+        handle._pass.merged = merged
+        merged_here["yes"] = True
+        return (merged,)
+
+    def branch_hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
+        if not merged_here["yes"]:
+            return None
+        handle._pass.branch = out
+        return out.new_zeros(())
+
+    def block_hook(_m: nn.Module, _args: tuple, _out: Any) -> Any:
+        result = None
+        if merged_here["yes"]:
+            st = handle._pass
+            result = st.merged + st.branch
+            st.merged = st.branch = None
+            merged_here["yes"] = False
+        if layer == handle.num_layers - 1:
+            handle.end()
+        return result
+
+    return [
+        block.register_forward_pre_hook(block_pre),
+        attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
+        attn.q_norm.register_forward_hook(q_hook),
+        attn.k_norm.register_forward_hook(k_hook),
+        block.norm2.register_forward_pre_hook(norm2_pre),
+        block.drop_path2.register_forward_hook(branch_hook),
+        block.register_forward_hook(block_hook),
+    ]
+

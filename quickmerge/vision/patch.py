@@ -1,0 +1,326 @@
+"""``quickmerge.patch(model)``: token merging inside a vision transformer's blocks, per instance.
+
+    handle = quickmerge.patch(model, r=16)       # ToMe's knob: tokens merged per block
+    handle.r = 8; handle.ratio = 0.5             # change at any time
+    quickmerge.unpatch(model)                    # or: with quickmerge.patch(model, r=16): ...
+
+The model's classes are never changed: an adapter (one per model family, in
+``quickmerge.integrations``) registers forward hooks between the block's own pieces. In
+every block, after attention and before the MLP, ``r`` tokens are merged away; the class
+and register tokens are never merged; each token's size (original patches it stands for)
+is tracked and, with ``prop_attn``, added as ``log(size)`` to the attention logits through
+the attention's additive mask, so fused SDPA keeps working.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .schedule import r_for_ratio, validate_r
+from .token_merge import (
+    METHODS,
+    SALIENCY_SOURCES,
+    attention_saliency,
+    merge_weighted,
+    pool_assign,
+    quickmerge_assign,
+    quickmerge_bipartite_assign,
+    random_assign,
+    rank01,
+    tome_assign,
+)
+
+_HANDLE_ATTR = "_quickmerge_handle"
+
+
+@dataclass
+class _Pass:
+    """What one forward pass carries from block to block."""
+
+    size: Tensor | None = None  # [B, N] original patches per token (None: all ones)
+    origin: Tensor | None = None  # [B, N0] current token of each original token (-1: dropped)
+    q: Tensor | None = None
+    k: Tensor | None = None
+    scale: float = 1.0
+    merged: Tensor | None = None  # the merged residual of the current block
+    branch: Tensor | None = None
+
+
+class MergeHandle:
+    """Settings and per-pass state of a patched model. Returned by :func:`patch`.
+
+    Attributes that may be changed at any time: ``r``, ``ratio``, ``method``, ``prop_attn``,
+    ``trace_source``. After a forward pass: ``tokens_per_layer`` (tokens entering each
+    block), ``mean_tokens``, and with ``trace_source`` the ``source`` map ``[B, N0]``
+    (final token of each input token, -1 if dropped) and ``sizes`` ``[B, N]``.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Any, num_layers: int, num_prefix_tokens: int) -> None:
+        self.model, self.adapter = model, adapter
+        self.num_layers, self.num_prefix_tokens = num_layers, num_prefix_tokens
+        self._r: Any = 0
+        self._ratio: float | None = None
+        self.method = "quickmerge"
+        self.saliency = "cls"
+        self.saliency_weight = 0.5
+        self.matching = "bipartite"
+        self.epsilon = 1.0
+        self.prop_attn = True
+        self.trace_source = False
+        self.generator = torch.Generator().manual_seed(0)
+        self.tokens_per_layer: list[int] = []
+        self.source: Tensor | None = None
+        self.sizes: Tensor | None = None
+        self._pass = _Pass()
+        self._hooks: list[Any] = []
+
+    # settings -----------------------------------------------------------------------
+    @property
+    def r(self) -> Any:
+        """Tokens merged per block: int, per-layer list or (r, inflect). Setting it clears ``ratio``."""
+        return self._r
+
+    @r.setter
+    def r(self, value: Any) -> None:
+        validate_r(value, self.num_layers)
+        self._r, self._ratio = value, None
+
+    @property
+    def ratio(self) -> float | None:
+        """Fraction of mergeable tokens left after the last block; overrides ``r`` when set."""
+        return self._ratio
+
+    @ratio.setter
+    def ratio(self, value: float | None) -> None:
+        if value is not None:
+            r_for_ratio(value, 2, self.num_layers)  # validates
+        self._ratio = value
+
+    def configure(self, **settings: Any) -> MergeHandle:
+        """Set several settings at once, validating each; returns self."""
+        for name, value in settings.items():
+            if name in ("r", "ratio"):
+                setattr(self, name, value)
+            elif name == "method":
+                if value not in METHODS:
+                    raise ValueError(f"method must be one of {METHODS}, got {value!r}")
+                self.method = value
+            elif name == "saliency":
+                if value not in SALIENCY_SOURCES:
+                    raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {value!r}")
+                self.saliency = value
+            elif name == "matching":
+                if value not in ("greedy", "bipartite"):
+                    raise ValueError(f"matching must be 'greedy' or 'bipartite', got {value!r}")
+                self.matching = value
+            elif name == "saliency_weight":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+                    raise ValueError(f"saliency_weight must be a number >= 0, got {value!r}")
+                self.saliency_weight = float(value)
+            elif name == "epsilon":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
+                    raise ValueError(f"epsilon (merge-mass floor) must be in (0, 1], got {value!r}")
+                self.epsilon = float(value)
+            elif name in ("prop_attn", "trace_source"):
+                if not isinstance(value, bool):
+                    raise TypeError(f"{name} must be a bool, got {value!r}")
+                setattr(self, name, value)
+            elif name == "seed":
+                self.generator.manual_seed(int(value))
+            else:
+                raise TypeError(f"unknown setting {name!r}")
+        return self
+
+    def schedule(self, num_tokens: int) -> list[int]:
+        """Requested r per block for inputs of ``num_tokens`` tokens (before per-layer caps)."""
+        if self._ratio is not None:
+            return r_for_ratio(self._ratio, num_tokens - self.num_prefix_tokens, self.num_layers)
+        return validate_r(self._r, self.num_layers)
+
+    @property
+    def mean_tokens(self) -> float:
+        """Mean number of tokens entering a block in the last forward pass."""
+        return sum(self.tokens_per_layer) / max(1, len(self.tokens_per_layer))
+
+    # called by adapters -----------------------------------------------------------------
+    def begin(self, x: Tensor) -> None:
+        """Start of a forward pass (first block's input ``[B, N, C]``)."""
+        b, n, _ = x.shape
+        self._schedule = self.schedule(n)
+        self.tokens_per_layer = []
+        origin = torch.arange(n, device=x.device).expand(b, n) if self.trace_source else None
+        self._pass = _Pass(origin=origin)
+        self.source, self.sizes = None, None
+
+    def enter_block(self, x: Tensor) -> None:
+        self.tokens_per_layer.append(x.shape[1])
+
+    def attention_bias(self, x: Tensor) -> Tensor | None:
+        """Additive mask ``[B, 1, 1, N]`` = log(size) for proportional attention, or None."""
+        if not self.prop_attn or self._pass.size is None:
+            return None
+        return self._pass.size.log()[:, None, None, :].to(x.dtype)
+
+    def record_qk(self, q: Tensor | None = None, k: Tensor | None = None, scale: float | None = None) -> None:
+        """Queries/keys ``[B, H, N, hd]`` of the current block's attention."""
+        if q is not None:
+            self._pass.q = q
+        if k is not None:
+            self._pass.k = k
+        if scale is not None:
+            self._pass.scale = scale
+
+    def merge(self, layer: int, x: Tensor) -> Tensor | None:
+        """Merge the residual stream ``x [B, N, C]`` after attention; None when nothing merges."""
+        p, st = self.num_prefix_tokens, self._pass
+        b, n, _ = x.shape
+        m = n - p
+        r = self._schedule[layer] if layer < len(self._schedule) else 0
+        bipartite = self.method == "tome" or (self.method == "quickmerge" and self.matching == "bipartite")
+        r = min(r, m // 2 if bipartite else m - 1)
+        if r <= 0:
+            st.q = st.k = None
+            return None
+        size = st.size if st.size is not None else x.new_ones(b, n, dtype=torch.float32)
+        weight = size[:, p:]
+        if self.method in ("quickmerge", "tome"):
+            if st.k is None:
+                raise RuntimeError("the attention's keys were not captured; the adapter's hooks did not run")
+            metric = st.k.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
+        if self.method == "quickmerge":
+            log_size = size.log() if self.prop_attn and st.size is not None else None
+            source = self.saliency if p > 0 else "queries"  # no class token to ask
+            sal = attention_saliency(st.q, st.k, st.scale, log_size, source)[:, p:]
+            if self.matching == "bipartite":
+                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight)
+            else:
+                dst = quickmerge_assign(metric, sal, r, self.saliency_weight)
+            if self.epsilon < 1.0:
+                weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
+        elif self.method == "tome":
+            dst = tome_assign(metric, r)
+        elif self.method == "random":
+            dst = random_assign(b, m, r, x.device, self.generator)
+        else:
+            dst = pool_assign(b, m, r, x.device)
+        k_new = m - r
+        merged, new_size = merge_weighted(x[:, p:], weight, size[:, p:], dst, k_new)
+        st.size = torch.cat([size[:, :p], new_size], dim=1)
+        if st.origin is not None:
+            full = torch.cat([torch.arange(p, device=x.device).expand(b, p), torch.where(dst >= 0, dst + p, -1)], 1)
+            st.origin = torch.where(st.origin >= 0, full.gather(1, st.origin.clamp_min(0)), -1)
+        st.q = st.k = None
+        return torch.cat([x[:, :p], merged], dim=1)
+
+    def end(self) -> None:
+        """End of a forward pass: publish source map and sizes, drop references."""
+        if self.trace_source:
+            self.source = self._pass.origin
+            self.sizes = self._pass.size
+        self._pass = _Pass()
+
+    # lifetime -------------------------------------------------------------------------------
+    def remove(self) -> None:
+        """Remove every hook and restore the model (same as :func:`unpatch`)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self.adapter.restore(self.model, self)
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
+
+    def __enter__(self) -> MergeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        how = f"ratio={self._ratio}" if self._ratio is not None else f"r={self._r!r}"
+        return (f"MergeHandle({type(self.model).__name__}, {how}, method={self.method!r}, "
+                f"layers={self.num_layers}, prefix_tokens={self.num_prefix_tokens})")
+
+
+def _adapters() -> list[Any]:
+    from ..integrations import hf_vit, timm_vit
+
+    return [timm_vit, hf_vit]
+
+
+def patch(
+    model: nn.Module,
+    r: Any = 0,
+    *,
+    ratio: float | None = None,
+    method: str = "quickmerge",
+    prop_attn: bool = True,
+    trace_source: bool = False,
+    saliency: str = "cls",
+    saliency_weight: float = 0.5,
+    matching: str = "bipartite",
+    epsilon: float = 1.0,
+    seed: int = 0,
+) -> MergeHandle:
+    """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
+
+    Args:
+        model: a timm ``VisionTransformer`` or a Hugging Face ``ViTModel`` /
+            ``ViTForImageClassification`` (other subclasses work with a warning).
+        r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``.
+        ratio: alternatively, the fraction of patch tokens left after the last block.
+        method: ``"quickmerge"`` (default), ``"tome"``, ``"random"`` (drop) or ``"pool"``.
+        prop_attn: add log(size) to attention logits (proportional attention).
+        trace_source: record which input token ended in which output token (``handle.source``).
+        saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
+            ``"queries"`` (16 queries spread over the image).
+        saliency_weight: how strongly saliency protects a token from being merged away.
+        matching: ``"bipartite"`` (default: ToMe's alternating sets, each token's best-match
+            score lowered by its saliency) or ``"greedy"`` (the r most redundant tokens join
+            their nearest kept token; measured slightly worse, BENCHMARKS.md).
+        epsilon: merge-mass floor in (0, 1]; 1 gives size-weighted means (ToMe's), smaller
+            values weight each token by ``size * (eps + (1 - eps) * saliency rank)``.
+        seed: seed of the random method's generator.
+    Raises:
+        TypeError if the model is of no supported family or already patched; ValueError on bad settings.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        raise TypeError(f"{type(model).__name__} is already patched; call quickmerge.unpatch(model) first")
+    adapter = next((a for a in _adapters() if a.matches(model)), None)
+    if adapter is None:
+        raise TypeError(
+            f"quickmerge.patch supports timm VisionTransformer and Hugging Face ViTModel / "
+            f"ViTForImageClassification; got {type(model).__module__}.{type(model).__name__}"
+        )
+    if type(model).__name__ not in adapter.TESTED_CLASSES:
+        warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.TESTED_CLASSES}; "
+                      "check its outputs with r=0 against the unpatched model", stacklevel=2)
+    blocks = adapter.blocks(model)
+    handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
+    handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source, saliency=saliency,
+                     saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, seed=seed)
+    if ratio is not None:
+        handle.ratio = ratio
+    handle._hooks = adapter.attach(model, blocks, handle)
+    setattr(model, _HANDLE_ATTR, handle)
+    return handle
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`; raises ValueError if the model is not patched."""
+    handle = getattr(model, _HANDLE_ATTR, None)
+    if handle is None:
+        raise ValueError(f"{type(model).__name__} is not patched by quickmerge")
+    handle.remove()
+
+
+def get_handle(model: nn.Module) -> MergeHandle | None:
+    """The handle of a patched model, or None."""
+    return getattr(model, _HANDLE_ATTR, None)
+

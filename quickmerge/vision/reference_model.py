@@ -1,0 +1,54 @@
+"""The reference vision model: a small timm ViT trained on Fashion-MNIST, shipped with the package.
+
+28x28 grey images, 2x2 patches: 196 patch tokens + 1 class token, 6 blocks. The weights
+(safetensors), their config, the data checksums and the training log live in
+``quickmerge/assets/fashion_vit/``; ``quickmerge train vision`` reproduces them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._optional import require
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fashion_vit"
+
+# Keyword arguments of timm.models.vision_transformer.VisionTransformer.
+DEFAULT_CONFIG: dict[str, Any] = {
+    "img_size": 28,
+    "patch_size": 2,
+    "in_chans": 1,
+    "num_classes": 10,
+    "embed_dim": 128,
+    "depth": 6,
+    "num_heads": 4,
+    "mlp_ratio": 2.0,
+}
+
+
+def build_vit(config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A randomly initialised timm ``VisionTransformer`` with ``config`` (default: the reference one)."""
+    vt = require("timm.models.vision_transformer", "vision", "The reference ViT")
+    return vt.VisionTransformer(**(config or DEFAULT_CONFIG))
+
+
+def load_fashion_vit(directory: str | Path | None = None) -> torch.nn.Module:
+    """The trained reference ViT in eval mode, loaded with ``safetensors`` (no pickle)."""
+    st = require("safetensors.torch", "vision", "Loading the reference ViT")
+    base = Path(directory) if directory is not None else ASSET_DIR
+    weights, config_file = base / "model.safetensors", base / "config.json"
+    if not weights.is_file() or not config_file.is_file():
+        raise FileNotFoundError(
+            f"no trained ViT in {base} (expected model.safetensors and config.json); "
+            "train one with `quickmerge train vision`"
+        )
+    config = json.loads(config_file.read_text())["model"]
+    model = build_vit(config)
+    missing, unexpected = model.load_state_dict(st.load_file(str(weights)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
+    return model.eval()

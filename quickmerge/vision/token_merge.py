@@ -1,0 +1,136 @@
+"""Token reduction inside a vision transformer block: saliency, which tokens go where, the merge.
+
+Every method maps the n mergeable tokens of a layer (class and register tokens excluded)
+to ``n - r`` groups and returns ``dst [B, n]``, the group of each token, or ``-1`` for a
+token that is dropped. Groups are numbered in the order the kept tokens take.
+
+- ``quickmerge``: entropy-aware saliency from the attention the class token gives each
+  token (heads weighted by focus); a token's removal score is its redundancy (cosine
+  similarity of its key to its best match) minus ``saliency_weight`` times its saliency
+  rank; the r highest-scoring tokens join their most similar kept token (K-hot selection +
+  clustering to the kept count); merged values are weighted by size times merge mass.
+  Matches are searched ToMe's way (alternating sets, ``bipartite``, the default) or over
+  all tokens (``greedy``, with mutual nearest pairs never both removed).
+- ``tome``: ToMe's bipartite soft matching (alternate tokens, r best edges).
+- ``random``: drop r tokens chosen uniformly at random.
+- ``pool``: average n tokens in n - r contiguous runs of the current order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..baselines.tome import bipartite_round
+
+METHODS = ("quickmerge", "tome", "random", "pool")
+SALIENCY_SOURCES = ("cls", "queries")
+
+
+def attention_saliency(
+    q: Tensor, k: Tensor, scale: float, log_size: Tensor | None, source: str = "cls", num_queries: int = 16
+) -> Tensor:
+    """Entropy-weighted attention received by each key, ``[B, N]`` summing to 1 per image.
+
+    Args:
+        q, k: ``[B, H, N, hd]`` queries and keys of the layer (after any qk-norm).
+        scale: the attention's logit scale. log_size: ``[B, N]`` proportional-attention bias or None.
+        source: ``"cls"`` uses the class token's query only; ``"queries"`` uses ``num_queries``
+            queries spread evenly over the sequence (recomputed, so fused attention stays usable).
+    Each (head, query) distribution is weighted by ``1 - H/log N`` (H its entropy), so focused
+    heads and queries count more than diffuse ones.
+    """
+    n = k.shape[2]
+    if source == "cls":
+        qs = q[:, :, :1]
+    elif source == "queries":
+        qs = q[:, :, torch.linspace(0, n - 1, min(num_queries, n), device=q.device).long()]
+    else:
+        raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")
+    logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * scale  # [B, H, M, N]
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :].float()
+    logp = logits.log_softmax(dim=-1)
+    p = logp.exp()
+    entropy = -(p * logp).sum(-1, keepdim=True) / math.log(max(n, 2))  # [B, H, M, 1] in [0, 1]
+    weight = (1.0 - entropy).clamp_min(1e-6)
+    return (weight * p).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+
+
+def rank01(scores: Tensor) -> Tensor:
+    """Rank of each entry within its row scaled to [0, 1] (0 = smallest), ``[B, n]``."""
+    n = scores.shape[-1]
+    return scores.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / max(n - 1, 1)
+
+
+def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float) -> Tensor:
+    """Bipartite variant: ToMe's alternating sets, each edge score lowered by the source's saliency rank."""
+    return bipartite_round(metric, r, penalty=saliency_weight * rank01(saliency))
+
+
+def quickmerge_assign(
+    metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, *, return_removed: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
+    """QuickMerge++ grouping: ``dst [B, n]`` into ``n - r`` groups (kept tokens in order).
+
+    With ``return_removed``, also the indices ``[B, r]`` of the tokens merged into others.
+    """
+    b, n, _ = metric.shape
+    mn = F.normalize(metric.float(), dim=-1)
+    sim = torch.matmul(mn, mn.transpose(1, 2))
+    sim.diagonal(dim1=1, dim2=2).fill_(-2.0)
+    redundancy, nearest = sim.max(dim=-1)
+    removal = redundancy - saliency_weight * rank01(saliency)
+    # of two tokens that are each other's nearest, only the one more worth removing may go
+    partner = removal.gather(1, nearest)
+    index = torch.arange(n, device=metric.device)
+    mutual = nearest.gather(1, nearest) == index
+    partner_goes = (partner > removal) | ((partner == removal) & (nearest > index))  # ties: the later one goes
+    removal = removal.masked_fill(mutual & partner_goes, float("-inf"))
+    removed = removal.topk(r, dim=-1).indices  # [B, r]
+    is_removed = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, removed, True)
+    group_of_kept = (~is_removed).long().cumsum(dim=1) - 1  # rank among kept tokens
+    # each removed token joins its most similar kept token
+    to_kept = sim.gather(1, removed[..., None].expand(b, r, n)).masked_fill(is_removed[:, None, :], -3.0)
+    target = to_kept.argmax(dim=-1)  # [B, r] index of a kept token
+    dst = group_of_kept.scatter(1, removed, group_of_kept.gather(1, target))
+    return (dst, removed) if return_removed else dst
+
+
+def tome_assign(metric: Tensor, r: int) -> Tensor:
+    """ToMe's bipartite soft matching; ``r`` is capped at half the tokens by the caller."""
+    return bipartite_round(metric, r)
+
+
+def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """Drop r random tokens: ``dst`` is the rank among kept tokens, -1 for dropped ones."""
+    noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
+    dropped = noise.to(device).topk(r, dim=-1).indices
+    keep = torch.ones(b, n, dtype=torch.bool, device=device).scatter_(1, dropped, False)
+    return torch.where(keep, keep.long().cumsum(dim=1) - 1, torch.full_like(dropped[:, :1], -1).expand(b, n))
+
+
+def pool_assign(b: int, n: int, r: int, device: torch.device) -> Tensor:
+    """n tokens into n - r contiguous runs of (nearly) equal length."""
+    return (torch.arange(n, device=device) * (n - r) // n).expand(b, n)
+
+
+def merge_weighted(x: Tensor, weight: Tensor, size: Tensor, dst: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Weighted means of ``x [B, n, C]`` in ``k`` groups given ``dst [B, n]`` (-1 = dropped).
+
+    Returns ``merged [B, k, C]`` (in x's dtype, accumulated in fp32) and the groups' total
+    sizes ``[B, k]`` (fp32).
+    """
+    b, n, c = x.shape
+    keep = dst >= 0
+    w = (weight * keep).float()
+    flat = (dst.clamp_min(0) + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)
+    sums = torch.zeros(b * k, c, dtype=torch.float32, device=x.device).index_add_(
+        0, flat, (x.float() * w[..., None]).reshape(b * n, c))
+    wsum = torch.zeros(b * k, dtype=torch.float32, device=x.device).index_add_(0, flat, w.reshape(-1))
+    sizes = torch.zeros(b * k, dtype=torch.float32, device=x.device).index_add_(
+        0, flat, (size.float() * keep).reshape(-1))
+    return (sums / wsum[:, None]).view(b, k, c).to(x.dtype), sizes.view(b, k)

@@ -1,0 +1,40 @@
+import pytest
+import torch
+
+from quickmerge.eval.vision import accuracy_at, compare_at_tome_speeds, evaluate_setting, run_vision_eval
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+
+
+def test_accuracy_at_interpolates_within_the_measured_range():
+    rows = [{"speedup": 1.0, "accuracy": 0.9}, {"speedup": 2.0, "accuracy": 0.7}, {"speedup": 1.5, "accuracy": 0.85}]
+    assert accuracy_at(rows, 1.25) == pytest.approx(0.875)
+    assert accuracy_at(rows, 1.75) == pytest.approx(0.775)
+    assert accuracy_at(rows, 2.5) is None and accuracy_at(rows, 0.5) is None
+
+
+def test_compare_at_tome_speeds():
+    rows = [
+        {"method": "tome", "r": 8, "speedup": 1.2, "accuracy": 0.80},
+        {"method": "quickmerge", "r": 8, "speedup": 1.0, "accuracy": 0.86},
+        {"method": "quickmerge", "r": 16, "speedup": 1.4, "accuracy": 0.82},
+    ]
+    (row,) = compare_at_tome_speeds(rows)
+    assert row["quickmerge_accuracy"] == pytest.approx(0.84) and row["difference"] == pytest.approx(0.04)
+
+
+def test_evaluate_setting_counts_correct_predictions_and_tokens():
+    model = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+                                       num_heads=2).eval()
+    images = torch.randint(0, 256, (20, 1, 28, 28), dtype=torch.uint8)
+    from quickmerge.data.fashion_mnist import normalize
+
+    labels = model(normalize(images)).argmax(-1)  # the unpatched model is right on every image
+    labels[:5] = (labels[:5] + 1) % 10  # ... except these five
+    rows = run_vision_eval(model, images, labels, [("tome", 10, {})], batch_size=8, timing_rounds=1)
+    assert rows[0]["method"] == "none" and rows[0]["accuracy"] == pytest.approx(0.75)
+    assert rows[0]["mean_tokens_per_layer"] == 50
+    assert rows[1]["mean_tokens_per_layer"] == pytest.approx(45) and rows[1]["speedup"] > 0
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    row = evaluate_setting(model, model, images, labels, method="pool", r=20, batch_size=20, timing_rounds=1)
+    assert row["r"] == 20 and 0.0 <= row["accuracy"] <= 1.0

@@ -1,0 +1,63 @@
+"""quickmerge.patch on Hugging Face ViTModel / ViTForImageClassification (eager and sdpa)."""
+
+import pytest
+import torch
+
+import quickmerge
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny(cls_name: str, impl: str) -> torch.nn.Module:
+    config = transformers.ViTConfig(image_size=16, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=64, num_labels=5, attn_implementation=impl)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def output(model, x):
+    out = model(pixel_values=x)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification"])
+def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
+    model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
+    ref = output(model, x)
+    handle = quickmerge.patch(model, r=0)
+    assert model.config._attn_implementation == "quickmerge_vit"
+    assert torch.allclose(output(model, x), ref, atol=1e-5, rtol=0)
+    handle.r = 12
+    merged = output(model, x)
+    assert handle.tokens_per_layer == [65, 53, 41]
+    if cls_name == "ViTModel":
+        assert merged.shape[1] == 29
+    assert not torch.allclose(merged if cls_name != "ViTModel" else merged[:, 0], ref if cls_name != "ViTModel"
+                              else ref[:, 0], atol=1e-5)
+    quickmerge.unpatch(model)
+    assert model.config._attn_implementation == impl
+    assert torch.equal(output(model, x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_proportional_attention_makes_merging_duplicates_exact(impl):
+    model = tiny("ViTForImageClassification", impl)
+    with torch.no_grad():
+        model.vit.embeddings.position_embeddings.zero_()
+    x = torch.full((2, 1, 16, 16), -0.4)
+    ref = output(model, x)
+    with quickmerge.patch(model, r=20, method="pool") as handle:
+        assert torch.allclose(output(model, x), ref, atol=1e-5)
+        handle.prop_attn = False
+        assert not torch.allclose(output(model, x), ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
+def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
+    model = tiny("ViTForImageClassification", "sdpa")
+    with quickmerge.patch(model, ratio=0.25, method=method, trace_source=True) as handle:
+        logits = output(model, torch.randn(3, 1, 16, 16))
+        assert torch.isfinite(logits).all()
+        assert (handle.source[:, 0] == 0).all() and (handle.source[:, 1:] != 0).all()  # [CLS] alone
+        assert handle.source.max() == 16  # 64 patches -> 16 kept, plus [CLS]

@@ -1,0 +1,132 @@
+"""quickmerge.patch on timm VisionTransformer: exactness, restore, token counts, proportional attention."""
+
+import pytest
+import torch
+
+import quickmerge
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+
+CONFIGS = {
+    "plain": {},
+    "layerscale_qknorm": {"init_values": 0.1, "qk_norm": True},
+    "registers": {"reg_tokens": 2},
+    "no_class_token_avgpool": {"class_token": False, "global_pool": "avg"},
+}
+
+
+def tiny_vit(fused: bool, **extra) -> torch.nn.Module:
+    model = timm_vit.VisionTransformer(img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=32, depth=3,
+                                       num_heads=4, mlp_ratio=2.0, **extra).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+    return model
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_r0_is_exact_and_unpatch_restores(name, fused):
+    model, x = tiny_vit(fused, **CONFIGS[name]), torch.randn(2, 1, 16, 16)
+    ref = model(x)
+    handle = quickmerge.patch(model, r=0)
+    assert torch.allclose(model(x), ref, atol=1e-5, rtol=0)
+    handle.configure(ratio=1.0)
+    assert torch.allclose(model(x), ref, atol=1e-5, rtol=0)
+    handle.r = 10
+    merged = model(x)
+    assert not torch.allclose(merged, ref, atol=1e-5)
+    quickmerge.unpatch(model)
+    assert torch.equal(model(x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
+def test_tokens_per_layer_follow_the_schedule_and_prefix_tokens_stay(method):
+    model, x = tiny_vit(True, reg_tokens=2), torch.randn(3, 1, 16, 16)
+    with quickmerge.patch(model, r=[10, 5, 30], method=method, trace_source=True) as handle:
+        model(x)
+        p = handle.num_prefix_tokens
+        assert p == 3
+        assert handle.tokens_per_layer == [67, 57, 52]
+        final = 52 - (24 if method in ("tome", "quickmerge") else 30)  # bipartite: at most half of 49
+        source = handle.source
+        assert torch.equal(source[:, :p], torch.arange(p).expand(3, p))  # prefix tokens stay in place
+        kept = source[:, p:]
+        assert kept.max() == final - 1 and (kept[kept >= 0] >= p).all()  # no patch joined a prefix token
+        if method == "random":
+            assert ((kept == -1).sum(1) == 64 - (final - p)).all()
+            assert torch.allclose(handle.sizes[:, p:].sum(1), torch.full((3,), float(final - p)))
+        else:
+            assert (kept >= 0).all() and torch.allclose(handle.sizes.sum(1), torch.full((3,), 67.0))
+
+
+def test_quickmerge_without_saliency_is_tome_and_with_saliency_differs():
+    model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
+    with quickmerge.patch(model, r=12, method="tome"):
+        tome = model(x)
+    with quickmerge.patch(model, r=12, saliency_weight=0.0):
+        assert torch.allclose(model(x), tome, atol=1e-6)
+    with quickmerge.patch(model, r=12, saliency_weight=1.0):
+        assert not torch.allclose(model(x), tome, atol=1e-4)
+    with quickmerge.patch(model, r=12, matching="greedy", trace_source=True) as handle:
+        model(x)
+        assert handle.tokens_per_layer == [65, 53, 41]
+
+
+def test_proportional_attention_makes_merging_duplicates_exact():
+    # zero position embeddings and a constant image: all patch tokens are identical at every layer,
+    # so merging them changes nothing -- if the merged token's attention is scaled by its size.
+    model = tiny_vit(True)
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    x = torch.full((2, 1, 16, 16), 0.3)
+    ref = model(x)
+    with quickmerge.patch(model, r=20, method="pool") as handle:
+        assert torch.allclose(model(x), ref, atol=1e-5)
+        handle.prop_attn = False
+        assert not torch.allclose(model(x), ref, atol=1e-3)
+
+
+def test_half_precision_runs():
+    model = tiny_vit(True).to(torch.bfloat16)
+    with quickmerge.patch(model, r=8):
+        y = model(torch.randn(2, 1, 16, 16, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+
+
+def test_gradients_flow_through_merging():
+    model = tiny_vit(True).train()
+    x = torch.randn(2, 1, 16, 16, requires_grad=True)
+    with quickmerge.patch(model, r=10):
+        model(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_errors():
+    model = tiny_vit(True)
+    with pytest.raises(TypeError, match="supports"):
+        quickmerge.patch(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="not patched"):
+        quickmerge.unpatch(model)
+    with pytest.raises(ValueError, match="method"):
+        quickmerge.patch(model, method="nope")
+    assert quickmerge.vision.get_handle(model) is None, "a failed patch left hooks behind"
+    with pytest.raises(ValueError, match="r"):
+        quickmerge.patch(model, r=[1, 2])
+    handle = quickmerge.patch(model, r=4)
+    with pytest.raises(TypeError, match="already patched"):
+        quickmerge.patch(model)
+    with pytest.raises(ValueError, match="ratio"):
+        handle.ratio = 1.5
+    with pytest.raises(ValueError, match="attn_mask"):
+        model.forward_features(torch.randn(1, 1, 16, 16), attn_mask=torch.zeros(1, 1, 65, 65))
+    handle.remove()
+
+
+def test_unsupported_subclass_warns():
+    class MyViT(timm_vit.VisionTransformer):
+        pass
+
+    model = MyViT(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2)
+    with pytest.warns(UserWarning, match="not among the tested"):
+        quickmerge.patch(model, r=2).remove()

@@ -1,0 +1,54 @@
+"""The shipped Fashion-MNIST ViT: loads safely, matches its recorded accuracy, survives merging."""
+
+import json
+
+import pytest
+import torch
+
+from quickmerge.data import fashion_mnist as fm
+from quickmerge.vision.reference_model import ASSET_DIR, load_fashion_vit
+
+pytest.importorskip("timm")
+needs_data = pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                                reason="dataset-fashion-mnist absent")
+
+
+def test_checkpoint_ships_with_config_checksums_and_log():
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    assert set(config["data_sha256"]) == {n for f in fm.FILES.values() for n in f[:2]}
+    assert (ASSET_DIR / "train_log.json").is_file()
+    assert (ASSET_DIR / "model.safetensors").stat().st_size < 8 * 2**20
+    model = load_fashion_vit()
+    assert model.patch_embed.num_patches == 196 and not model.training
+
+
+def test_missing_checkpoint_says_how_to_train(tmp_path):
+    with pytest.raises(FileNotFoundError, match="quickmerge train vision"):
+        load_fashion_vit(tmp_path)
+
+
+@needs_data
+def test_data_matches_the_checksums_the_model_was_trained_on():
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    assert fm.checksums() == config["data_sha256"]
+
+
+@needs_data
+@torch.inference_mode()
+def test_accuracy_matches_the_record_and_merging_keeps_it():
+    import quickmerge
+
+    config = json.loads((ASSET_DIR / "config.json").read_text())
+    model = load_fashion_vit()
+    images, labels = fm.load_fashion_mnist("test")
+    images, labels = images[:1000], labels[:1000]
+
+    def top1() -> float:
+        return float((model(fm.normalize(images)).argmax(-1) == labels).float().mean())
+
+    plain = top1()
+    assert abs(plain - config["test_accuracy"]) < 0.03, (plain, config["test_accuracy"])
+    with quickmerge.patch(model, r=16) as handle:
+        merged = top1()
+        assert handle.tokens_per_layer[-1] == 197 - 5 * 16
+    assert merged > plain - 0.015, (plain, merged)

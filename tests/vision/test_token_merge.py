@@ -1,0 +1,123 @@
+import torch
+import torch.nn.functional as F
+
+from quickmerge.vision.token_merge import (
+    attention_saliency,
+    merge_weighted,
+    pool_assign,
+    quickmerge_assign,
+    quickmerge_bipartite_assign,
+    random_assign,
+    rank01,
+)
+
+
+def test_quickmerge_assign_keeps_one_token_per_group_and_joins_the_nearest():
+    b, n, r = 3, 40, 15
+    metric, sal = torch.randn(b, n, 8), torch.rand(b, n)
+    dst, removed = quickmerge_assign(metric, sal, r, saliency_weight=0.5, return_removed=True)
+    assert dst.shape == (b, n) and dst.min() == 0 and dst.max() == n - r - 1
+    mn = F.normalize(metric, dim=-1)
+    for i in range(b):
+        assert (torch.bincount(dst[i], minlength=n - r) >= 1).all()
+        # removed: the r highest redundancy - weight * saliency rank, computed naively here, where of
+        # two mutually nearest tokens only the one with the higher score may be removed
+        sim = mn[i] @ mn[i].T
+        nearest = [max((u for u in range(n) if u != t), key=lambda u, t=t: float(sim[t, u])) for t in range(n)]
+        score = [float(sim[t, nearest[t]]) - 0.5 * float((sal[i] < sal[i, t]).sum()) / (n - 1) for t in range(n)]
+        allowed = [t for t in range(n) if not (nearest[nearest[t]] == t and (score[nearest[t]], nearest[t]) > (score[t], t))]
+        assert set(removed[i].tolist()) == set(sorted(allowed, key=lambda t: -score[t])[:r])
+        kept = torch.tensor(sorted(set(range(n)) - set(removed[i].tolist())))
+        assert torch.equal(dst[i, kept], torch.arange(n - r))  # kept tokens numbered in order
+        for t in removed[i]:
+            assert dst[i, t] == (mn[i, t] @ mn[i, kept].T).argmax()  # joined its most similar kept token
+
+
+def test_salient_tokens_are_not_merged_away_when_saliency_dominates():
+    b, n, r = 2, 30, 7
+    metric = torch.randn(b, n, 8)
+    sal = torch.rand(b, n)
+    _, removed = quickmerge_assign(metric, sal, r, saliency_weight=100.0, return_removed=True)
+    top = sal.topk(n - 2 * r, dim=-1).indices  # mutual-pair protection can push at most r further down
+    for i in range(b):
+        assert set(removed[i].tolist()).isdisjoint(set(top[i].tolist())), "a top-saliency token was merged away"
+
+
+def test_of_two_duplicates_only_one_is_merged_away():
+    metric = torch.eye(8)[None].clone()
+    metric[0, 5] = metric[0, 2]  # tokens 2 and 5 are identical: both maximally redundant
+    dst, removed = quickmerge_assign(metric, torch.rand(1, 8), 2, saliency_weight=0.0, return_removed=True)
+    assert len({2, 5} & set(removed[0].tolist())) == 1 and dst[0, 2] == dst[0, 5]
+
+
+def test_without_saliency_the_most_redundant_tokens_merge():
+    # two exact duplicates and otherwise orthogonal tokens: the duplicate pair merges first
+    metric = torch.eye(6)[None].repeat(1, 1, 1)
+    metric[0, 4] = metric[0, 1]
+    dst = quickmerge_assign(metric, torch.rand(1, 6), 1, saliency_weight=0.0)
+    assert dst[0, 1] == dst[0, 4]
+    assert len(dst[0].unique()) == 5
+
+
+def test_bipartite_variant_is_tome_at_zero_weight_and_protects_salient_sources():
+    from quickmerge.baselines.tome import bipartite_round
+
+    metric, sal = torch.randn(3, 40, 8), torch.rand(3, 40)
+    assert torch.equal(quickmerge_bipartite_assign(metric, sal, 12, 0.0), bipartite_round(metric, 12))
+    dst = quickmerge_bipartite_assign(metric, sal, 12, 100.0)
+    for i in range(3):
+        merged_away = [t for t in range(0, 40, 2) if (dst[i] == dst[i, t]).sum() > 1 and dst[i, t] >= 20 - 12]
+        # the 12 merged sources (set A = even positions) are A's 12 least salient tokens
+        least = set(sorted(range(0, 40, 2), key=lambda t: float(sal[i, t]))[:12])
+        assert set(merged_away) == least
+
+
+def test_merge_weighted_matches_a_loop_and_tracks_sizes():
+    b, n, c, k = 2, 12, 5, 4
+    x, w, size = torch.randn(b, n, c), torch.rand(b, n) + 0.1, torch.randint(1, 4, (b, n)).float()
+    dst = torch.randint(0, k, (b, n))
+    dst[:, :k] = torch.arange(k)
+    dst[0, -1] = -1  # dropped
+    merged, sizes = merge_weighted(x, w, size, dst, k)
+    for i in range(b):
+        for g in range(k):
+            m = dst[i] == g
+            want = (w[i, m, None] * x[i, m]).sum(0) / w[i, m].sum()
+            assert torch.allclose(merged[i, g], want, atol=1e-6)
+            assert sizes[i, g] == size[i, m].sum()
+
+
+def test_merge_weighted_keeps_half_precision():
+    x = torch.randn(2, 10, 4, dtype=torch.bfloat16)
+    merged, sizes = merge_weighted(x, torch.ones(2, 10), torch.ones(2, 10), pool_assign(2, 10, 3, x.device), 7)
+    assert merged.dtype == torch.bfloat16 and sizes.dtype == torch.float32 and torch.isfinite(merged.float()).all()
+
+
+def test_random_and_pool_assign():
+    g = torch.Generator().manual_seed(0)
+    dst = random_assign(4, 20, 7, torch.device("cpu"), g)
+    assert ((dst == -1).sum(1) == 7).all()
+    assert all(torch.equal(row[row >= 0], torch.arange(13)) for row in dst)
+    pool = pool_assign(1, 10, 4, torch.device("cpu"))[0]
+    assert (pool.diff() >= 0).all() and pool.max() == 5 and len(pool.unique()) == 6
+
+
+def test_attention_saliency_sums_to_one_and_finds_the_attended_key():
+    b, h, n, d = 2, 3, 20, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d) * 0.1
+    k[:, :, 7] = q[:, :, 0] * 5  # the class token's query points at key 7
+    for source in ("cls", "queries"):
+        s = attention_saliency(q, k, d**-0.5, None, source)
+        assert s.shape == (b, n) and torch.allclose(s.sum(-1), torch.ones(b), atol=1e-5)
+    assert (attention_saliency(q, k, d**-0.5, None, "cls").argmax(-1) == 7).all()
+
+
+def test_attention_saliency_proportional_bias_raises_a_big_token():
+    q, k = torch.zeros(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    size = torch.tensor([[1.0, 1.0, 8.0, 1.0, 1.0]])
+    s = attention_saliency(q, k, 1.0, size.log(), "cls")
+    assert s.argmax() == 2 and torch.allclose(s[0, 2], torch.tensor(8 / 12), atol=1e-5)
+
+
+def test_rank01():
+    assert torch.equal(rank01(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.0, 0.0, 0.5]]))
