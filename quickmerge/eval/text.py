@@ -77,6 +77,38 @@ def _attn_implementation(model: Any, name: str) -> Iterator[None]:
             model.set_attn_implementation(before)
 
 
+@contextlib.contextmanager
+def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
+    """Give layers whose cache a press shortened more than others a mask of their own length.
+
+    transformers builds one mask per layer type from the cache's lengths; when a press
+    compressed only some layers of a type-mixed model (kvpress on Gemma 3's global layers),
+    the shortened layers need "every cached entry visible, new tokens causal" at their own
+    length. Models whose layers all have the same length are left untouched.
+    """
+    from ..integrations.hf_causal_lm import cache_causal_mask, decoder_attention_layers
+
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    if len(set(lengths)) <= 1:
+        yield
+        return
+
+    def before(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        past = cache.layers[module.layer_idx].keys.shape[2]
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if past >= max(lengths):
+            return None
+        kwargs["attention_mask"] = cache_causal_mask(past, hidden.shape[1], hidden.device, hidden.dtype)
+        return args, kwargs
+
+    handles = [a.register_forward_pre_hook(before, with_kwargs=True) for a in decoder_attention_layers(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.no_grad()
 def score_example(model: Any, example: TextExample, context: int, press: Any, method: Method) -> dict[str, float]:
     """NLL per continuation token, wall times and the achieved ratio for one example."""
@@ -91,16 +123,17 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
             start = time.perf_counter()
             model.model(input_ids=ctx, past_key_values=cache)
             prefill = time.perf_counter() - start
-            kept = cache.get_seq_length()
+            kept = min(layer.keys.shape[2] for layer in cache.layers)  # the compressed layers (Gemma: global)
             positions = torch.arange(context, context + cont.shape[1])[None]
             if method.decode_inside:
                 start = time.perf_counter()
                 logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
                 decode = time.perf_counter() - start
         if not method.decode_inside:
-            start = time.perf_counter()
-            logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
-            decode = time.perf_counter() - start
+            with _masks_for_shortened_layers(model, cache):
+                start = time.perf_counter()
+                logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
+                decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
     achieved = getattr(press, "achieved_ratio", None)  # presses that know it (input-side merging)
     achieved = 1 - kept / context if achieved is None else achieved

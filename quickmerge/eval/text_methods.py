@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 from typing import Any
 
 from ..integrations.hf_causal_lm import QuickMergePress
@@ -58,7 +60,34 @@ def build_method(name: str) -> Method:
         "kvpress-merging-snapkv": lambda r: kvpress.MergingPress(press=kvpress.SnapKVPress(compression_ratio=r)),
     }
     make = presses[name]
-    return Method(name, lambda r: global_layers_only(make(r)), eager=name == "kvpress-observed-attention")
+    return Method(name, lambda r: global_rope_default(global_layers_only(make(r))),
+                  eager=name == "kvpress-observed-attention")
+
+
+def global_rope_default(press: Any) -> Any:
+    """Let kvpress call Gemma 3's rotary embedding without a layer type (ExpectedAttention).
+
+    kvpress 0.5.5 calls ``rotary_emb(x, position_ids)``; Gemma 3's per-layer-type rotary
+    embedding in transformers 5 then looks up ``None_inv_freq`` and fails. While the press
+    is active, the global layers' RoPE (the only layers compressed) answers for ``None``.
+    """
+
+    @contextlib.contextmanager
+    def apply(model: Any) -> Iterator[None]:
+        added = []
+        for module in model.modules():
+            if hasattr(module, "full_attention_inv_freq") and not hasattr(module, "None_inv_freq"):
+                module.None_inv_freq = module.full_attention_inv_freq
+                module.None_attention_scaling = module.full_attention_attention_scaling
+                added.append(module)
+        try:
+            with press(model):
+                yield
+        finally:
+            for module in added:
+                del module.None_inv_freq, module.None_attention_scaling
+
+    return apply
 
 
 def global_layers_only(press: Any) -> Any:

@@ -125,26 +125,33 @@ def compare_at_tome_speeds(rows: Sequence[dict[str, Any]], method: str = "quickm
 
 
 def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
-    """Top-1 vs speed-up over the unpatched model, one line per method."""
+    """Top-1 vs speed-up over the unpatched model, one line per method; right: QuickMerge++ vs ToMe zoomed."""
     plt = require("matplotlib.pyplot", "plot", "The vision plot")
-    base = next(r for r in rows if r["method"] == "none")
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    base = 100 * next(r for r in rows if r["method"] == "none")["accuracy"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"quickmerge": ("C3", "o"), "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
-    for method in [m for m in styles if any(r["method"] == m for r in rows)]:
-        pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
-        colour, marker = styles[method]
-        label = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}.get(method, method)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour, label=label)
-    ax.axhline(100 * base["accuracy"], color="k", lw=0.8, ls="--", label=f"unpatched {100 * base['accuracy']:.2f}%")
-    ax.axhline(100 * base["accuracy"] - 1.0, color="k", lw=0.6, ls=":", label="unpatched - 1 pt")
-    ax.axvline(1.8, color="k", lw=0.6, ls=":")
-    lo = min(100 * r["accuracy"] for r in rows)
-    ax.set_ylim(max(lo - 2, 100 * base["accuracy"] - 25), 100 * base["accuracy"] + 1)
-    ax.set_xlabel("throughput / unpatched throughput (same run)")
-    ax.set_ylabel("top-1 accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    names = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}
+    for ax, methods in zip(axes, (list(styles), ["quickmerge", "tome"]), strict=True):
+        shown = [r for r in rows if r["method"] in methods]
+        for method in [m for m in methods if any(r["method"] == m for r in rows)]:
+            pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
+            colour, marker = styles[method]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
+                    label=names.get(method, method))
+            if len(methods) == 2:
+                for x, y, r in pts:
+                    ax.annotate(f"r={r}", (x, y), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points")
+        ax.axhline(base, color="k", lw=0.8, ls="--", label=f"unpatched {base:.2f}%")
+        ax.axhline(base - 1.0, color="k", lw=0.6, ls=":", label="unpatched - 1 pt")
+        ax.axvline(1.8, color="k", lw=0.6, ls=":")
+        lo = min([100 * r["accuracy"] for r in shown] or [base - 1])
+        ax.set_ylim(max(lo - 0.5, base - 25), base + 0.5)
+        ax.set_xlabel("throughput / unpatched throughput (same run)")
+        ax.set_ylabel("top-1 accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title(title)
+    axes[1].set_title("QuickMerge++ vs ToMe-style (zoom)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

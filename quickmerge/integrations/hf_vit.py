@@ -1,14 +1,19 @@
-"""Hugging Face ``ViTModel`` / ``ViTForImageClassification`` adapter for :func:`quickmerge.patch`.
+"""Hugging Face ViT and DINOv2 adapter for :func:`quickmerge.patch`.
 
 ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``, adds the residual, then
-``output(intermediate(layernorm_after(h)), h)``. Hooks between those pieces:
+``output(intermediate(layernorm_after(h)), h)``; ``Dinov2Layer`` runs
+``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
+``drop_path(layer_scale2(mlp(norm2(h)))) + h``. Hooks between those pieces:
 
 - the attention goes through a registered attention function (transformers'
   ``AttentionInterface``) that wraps the model's own one (eager or sdpa): it captures
   queries and keys and adds log(size) as the additive mask (proportional attention);
   the model's config is switched to it while patched and switched back by ``unpatch``;
-- ``layernorm_after`` pre-hook: merges the residual stream ``h``;
-- ``output`` pre-hook: swaps in the merged residual for its residual argument.
+- ViT: ``layernorm_after`` pre-hook merges the residual stream ``h``; ``output`` pre-hook
+  swaps in the merged residual for its residual argument;
+- DINOv2: ``norm2`` pre-hook merges ``h``; ``layer_scale2`` hook takes the MLP branch and
+  hands the layer a zero (its residual add still holds the unmerged ``h``); the layer hook
+  returns merged ``h`` + branch.
 """
 
 from __future__ import annotations
@@ -18,31 +23,43 @@ from typing import Any
 
 from torch import Tensor, nn
 
-TESTED_CLASSES = ("ViTModel", "ViTForImageClassification")
+TESTED_CLASSES = ("ViTModel", "ViTForImageClassification", "Dinov2Model")
+_FAMILIES = {
+    "transformers.models.vit.modeling_vit": "ViTPreTrainedModel",
+    "transformers.models.dinov2.modeling_dinov2": "Dinov2PreTrainedModel",
+}
 ATTENTION_NAME = "quickmerge_vit"
 _STATE_ATTR = "_quickmerge_attention"
 
 
 def matches(model: nn.Module) -> bool:
-    return any(c.__module__ == "transformers.models.vit.modeling_vit" and c.__name__ == "ViTPreTrainedModel"
-               for c in type(model).__mro__)
+    return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
 
 
 def num_prefix_tokens(model: nn.Module) -> int:
-    return 1  # the [CLS] token; ViT has no register tokens
+    return 1  # the [CLS] token; neither family has register tokens
 
 
 def _vit(model: nn.Module) -> nn.Module:
-    return model.vit if hasattr(model, "vit") else model
+    for name in ("vit", "dinov2"):
+        if hasattr(model, name):
+            return getattr(model, name)
+    return model
+
+
+def _is_vit_layer(layer: nn.Module) -> bool:
+    return all(hasattr(layer, a) for a in ("layernorm_after", "output", "attention"))
+
+
+def _is_dinov2_layer(layer: nn.Module) -> bool:
+    return all(hasattr(layer, a) for a in ("norm2", "mlp", "layer_scale2", "attention"))
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     encoder = getattr(_vit(model), "encoder", None)
     layers = list(getattr(encoder, "layer", []))
-    needed = ("layernorm_after", "output", "attention")
-    if not layers or not all(all(hasattr(layer, a) for a in needed) for layer in layers):
-        raise TypeError(f"{type(model).__name__} has no ViT encoder layers (layernorm_after, attention, output) "
-                        "to patch")
+    if not layers or not all(_is_vit_layer(x) or _is_dinov2_layer(x) for x in layers):
+        raise TypeError(f"{type(model).__name__} has no ViT or DINOv2 encoder layers to patch")
     return layers
 
 
@@ -82,7 +99,7 @@ def attach(model: nn.Module, found: list[nn.Module], handle: Any) -> list[Any]:
     hooks = []
     for i, layer in enumerate(found):
         setattr(layer.attention.attention, _STATE_ATTR, (handle, inner))
-        hooks += _attach_layer(layer, i, handle)
+        hooks += _attach_layer(layer, i, handle) if _is_vit_layer(layer) else _attach_dinov2_layer(layer, i, handle)
     config._attn_implementation_internal = ATTENTION_NAME
     return hooks
 
@@ -124,5 +141,44 @@ def _attach_layer(layer: nn.Module, index: int, handle: Any) -> list[Any]:
         layer.register_forward_pre_hook(layer_pre),
         layer.layernorm_after.register_forward_pre_hook(norm_pre),
         layer.output.register_forward_pre_hook(output_pre),
+        layer.register_forward_hook(layer_hook),
+    ]
+
+
+def _attach_dinov2_layer(layer: nn.Module, index: int, handle: Any) -> list[Any]:
+    state: dict[str, Tensor | None] = {"residual": None, "branch": None}
+
+    def layer_pre(_m: nn.Module, args: tuple) -> None:
+        if index == 0:
+            handle.begin(args[0])
+        handle.enter_block(args[0])
+        state["residual"] = state["branch"] = None
+
+    def norm_pre(_m: nn.Module, args: tuple) -> tuple | None:
+        out = handle.merge(index, args[0])
+        if out is None:
+            return None
+        state["residual"] = out
+        return (out,)
+
+    def branch_hook(_m: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
+        if state["residual"] is None:
+            return None
+        state["branch"] = out
+        return out.new_zeros(())
+
+    def layer_hook(_m: nn.Module, _args: tuple, _out: Any) -> Tensor | None:
+        result = None
+        if state["residual"] is not None:
+            result = state["residual"] + state["branch"]
+            state["residual"] = state["branch"] = None
+        if index == handle.num_layers - 1:
+            handle.end()
+        return result
+
+    return [
+        layer.register_forward_pre_hook(layer_pre),
+        layer.norm2.register_forward_pre_hook(norm_pre),
+        layer.layer_scale2.register_forward_hook(branch_hook),
         layer.register_forward_hook(layer_hook),
     ]

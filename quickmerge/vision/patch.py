@@ -191,11 +191,12 @@ class MergeHandle:
         if self.method in ("quickmerge", "tome"):
             if st.k is None:
                 raise RuntimeError("the attention's keys were not captured; the adapter's hooks did not run")
-            metric = st.k.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
+            keys = st.k.contiguous()  # a strided view of qkv; one copy makes the reductions below ~3x faster
+            metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if p > 0 else "queries"  # no class token to ask
-            sal = attention_saliency(st.q, st.k, st.scale, log_size, source)[:, p:]
+            sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
             if self.matching == "bipartite":
                 dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight)
             else:
@@ -270,7 +271,8 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer`` or a Hugging Face ``ViTModel`` /
-            ``ViTForImageClassification`` (other subclasses work with a warning).
+            ``ViTForImageClassification`` / ``Dinov2Model`` (other subclasses of these
+            families work with a warning).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``.
         ratio: alternatively, the fraction of patch tokens left after the last block.
         method: ``"quickmerge"`` (default), ``"tome"``, ``"random"`` (drop) or ``"pool"``.
@@ -296,7 +298,7 @@ def patch(
     if adapter is None:
         raise TypeError(
             f"quickmerge.patch supports timm VisionTransformer and Hugging Face ViTModel / "
-            f"ViTForImageClassification; got {type(model).__module__}.{type(model).__name__}"
+            f"ViTForImageClassification / Dinov2Model; got {type(model).__module__}.{type(model).__name__}"
         )
     if type(model).__name__ not in adapter.TESTED_CLASSES:
         warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.TESTED_CLASSES}; "

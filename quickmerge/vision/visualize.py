@@ -111,7 +111,7 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
     for ax in axes.flat:
         ax.axis("off")
     fig.suptitle(f"Which patches merged into which token after 6 blocks (r={r} per block)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(shown)))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -9,9 +9,18 @@ transformers = pytest.importorskip("transformers")
 
 
 def tiny(cls_name: str, impl: str) -> torch.nn.Module:
-    config = transformers.ViTConfig(image_size=16, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=64, num_labels=5, attn_implementation=impl)
+    common = dict(image_size=16, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=3,
+                  num_attention_heads=4, num_labels=5, attn_implementation=impl)
+    if cls_name.startswith("Dinov2"):
+        config = transformers.Dinov2Config(**common, mlp_ratio=2, layerscale_value=0.5)
+    else:
+        config = transformers.ViTConfig(**common, intermediate_size=64)
     return getattr(transformers, cls_name)(config).eval()
+
+
+def position_embeddings(model) -> torch.Tensor:
+    base = next((getattr(model, n) for n in ("vit", "dinov2") if hasattr(model, n)), model)
+    return base.embeddings.position_embeddings
 
 
 def output(model, x):
@@ -20,7 +29,7 @@ def output(model, x):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification"])
+@pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification", "Dinov2Model"])
 def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
     model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
     ref = output(model, x)
@@ -30,10 +39,12 @@ def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
     handle.r = 12
     merged = output(model, x)
     assert handle.tokens_per_layer == [65, 53, 41]
-    if cls_name == "ViTModel":
+    if cls_name != "ViTForImageClassification":
         assert merged.shape[1] == 29
-    assert not torch.allclose(merged if cls_name != "ViTModel" else merged[:, 0], ref if cls_name != "ViTModel"
-                              else ref[:, 0], atol=1e-5)
+        merged, ref_cls = merged[:, 0], ref[:, 0]
+    else:
+        ref_cls = ref
+    assert not torch.allclose(merged, ref_cls, atol=1e-5)
     quickmerge.unpatch(model)
     assert model.config._attn_implementation == impl
     assert torch.equal(output(model, x), ref)
@@ -41,16 +52,17 @@ def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-def test_proportional_attention_makes_merging_duplicates_exact(impl):
-    model = tiny("ViTForImageClassification", impl)
+@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "Dinov2Model"])
+def test_proportional_attention_makes_merging_duplicates_exact(cls_name, impl):
+    model = tiny(cls_name, impl)
     with torch.no_grad():
-        model.vit.embeddings.position_embeddings.zero_()
+        position_embeddings(model).zero_()
     x = torch.full((2, 1, 16, 16), -0.4)
-    ref = output(model, x)
+    ref = output(model, x)[:, :1]  # logits, or the [CLS] state
     with quickmerge.patch(model, r=20, method="pool") as handle:
-        assert torch.allclose(output(model, x), ref, atol=1e-5)
+        assert torch.allclose(output(model, x)[:, :1], ref, atol=1e-5)
         handle.prop_attn = False
-        assert not torch.allclose(output(model, x), ref, atol=1e-3)
+        assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-3)
 
 
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])

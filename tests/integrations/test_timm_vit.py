@@ -130,3 +130,11 @@ def test_unsupported_subclass_warns():
     model = MyViT(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2)
     with pytest.warns(UserWarning, match="not among the tested"):
         quickmerge.patch(model, r=2).remove()
+
+
+def test_nothing_to_patch_raises():
+    model = timm_vit.VisionTransformer(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=0,
+                                       num_heads=2)
+    with pytest.raises(TypeError, match="no timm Block"):
+        quickmerge.patch(model, r=2)
+    assert quickmerge.vision.get_handle(model) is None

@@ -25,7 +25,8 @@ def test_quickmerge_assign_keeps_one_token_per_group_and_joins_the_nearest():
         sim = mn[i] @ mn[i].T
         nearest = [max((u for u in range(n) if u != t), key=lambda u, t=t: float(sim[t, u])) for t in range(n)]
         score = [float(sim[t, nearest[t]]) - 0.5 * float((sal[i] < sal[i, t]).sum()) / (n - 1) for t in range(n)]
-        allowed = [t for t in range(n) if not (nearest[nearest[t]] == t and (score[nearest[t]], nearest[t]) > (score[t], t))]
+        partner_goes = [nearest[nearest[t]] == t and (score[nearest[t]], nearest[t]) > (score[t], t) for t in range(n)]
+        allowed = [t for t in range(n) if not partner_goes[t]]
         assert set(removed[i].tolist()) == set(sorted(allowed, key=lambda t: -score[t])[:r])
         kept = torch.tensor(sorted(set(range(n)) - set(removed[i].tolist())))
         assert torch.equal(dst[i, kept], torch.arange(n - r))  # kept tokens numbered in order
