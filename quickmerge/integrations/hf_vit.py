@@ -23,6 +23,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from ..vision.block_hooks import residual_merge_hooks
+
 TESTED_CLASSES = ("ViTModel", "ViTForImageClassification", "Dinov2Model")
 _FAMILIES = {
     "transformers.models.vit.modeling_vit": "ViTPreTrainedModel",
@@ -146,39 +148,4 @@ def _attach_layer(layer: nn.Module, index: int, handle: Any) -> list[Any]:
 
 
 def _attach_dinov2_layer(layer: nn.Module, index: int, handle: Any) -> list[Any]:
-    state: dict[str, Tensor | None] = {"residual": None, "branch": None}
-
-    def layer_pre(_m: nn.Module, args: tuple) -> None:
-        if index == 0:
-            handle.begin(args[0])
-        handle.enter_block(args[0])
-        state["residual"] = state["branch"] = None
-
-    def norm_pre(_m: nn.Module, args: tuple) -> tuple | None:
-        out = handle.merge(index, args[0])
-        if out is None:
-            return None
-        state["residual"] = out
-        return (out,)
-
-    def branch_hook(_m: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
-        if state["residual"] is None:
-            return None
-        state["branch"] = out
-        return out.new_zeros(())
-
-    def layer_hook(_m: nn.Module, _args: tuple, _out: Any) -> Tensor | None:
-        result = None
-        if state["residual"] is not None:
-            result = state["residual"] + state["branch"]
-            state["residual"] = state["branch"] = None
-        if index == handle.num_layers - 1:
-            handle.end()
-        return result
-
-    return [
-        layer.register_forward_pre_hook(layer_pre),
-        layer.norm2.register_forward_pre_hook(norm_pre),
-        layer.layer_scale2.register_forward_hook(branch_hook),
-        layer.register_forward_hook(layer_hook),
-    ]
+    return residual_merge_hooks(layer, index, handle, layer.norm2, layer.layer_scale2)

@@ -6,10 +6,8 @@ qk-norm and fused SDPA are the model's own code:
 
 - ``attn`` pre-hook: passes log(size) as ``attn_mask`` (proportional attention);
 - ``attn.q_norm`` / ``attn.k_norm`` hooks: capture queries and keys ``[B, H, N, hd]``;
-- ``norm2`` pre-hook: merges the residual stream, so norm2 and the MLP run on fewer tokens;
-- ``drop_path2`` hook: takes the MLP branch (already on the merged tokens) and hands the
-  block a zero, because the block's residual add still holds the unmerged stream;
-- block hook: returns merged residual + branch, the block's output on fewer tokens.
+- ``norm2``, ``drop_path2`` and the block: the residual merge of ``vision/block_hooks.py``
+  (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
 """
 
 from __future__ import annotations
@@ -17,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from torch import nn
+
+from ..vision.block_hooks import residual_merge_hooks
 
 TESTED_CLASSES = ("VisionTransformer",)
 _REQUIRED = ("norm1", "attn", "norm2", "mlp", "drop_path2")
@@ -55,13 +55,6 @@ def restore(model: nn.Module, handle: Any) -> None:
 
 def _attach_block(block: nn.Module, layer: int, handle: Any) -> list[Any]:
     attn = block.attn
-    merged_here: dict[str, bool] = {"yes": False}
-
-    def block_pre(_m: nn.Module, args: tuple) -> None:
-        if layer == 0:
-            handle.begin(args[0])
-        handle.enter_block(args[0])
-        merged_here["yes"] = False
 
     def attn_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         bias = handle.attention_bias(args[0])
@@ -77,38 +70,9 @@ def _attach_block(block: nn.Module, layer: int, handle: Any) -> list[Any]:
     def k_hook(_m: nn.Module, _args: tuple, k: Any) -> None:
         handle.record_qk(k=k)
 
-    def norm2_pre(_m: nn.Module, args: tuple) -> tuple | None:
-        merged = handle.merge(layer, args[0])
-        if merged is None:
-            return None
-        handle._pass.merged = merged
-        merged_here["yes"] = True
-        return (merged,)
-
-    def branch_hook(_m: nn.Module, _args: tuple, out: Any) -> Any:
-        if not merged_here["yes"]:
-            return None
-        handle._pass.branch = out
-        return out.new_zeros(())
-
-    def block_hook(_m: nn.Module, _args: tuple, _out: Any) -> Any:
-        result = None
-        if merged_here["yes"]:
-            st = handle._pass
-            result = st.merged + st.branch
-            st.merged = st.branch = None
-            merged_here["yes"] = False
-        if layer == handle.num_layers - 1:
-            handle.end()
-        return result
-
     return [
-        block.register_forward_pre_hook(block_pre),
         attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
         attn.q_norm.register_forward_hook(q_hook),
         attn.k_norm.register_forward_hook(k_hook),
-        block.norm2.register_forward_pre_hook(norm2_pre),
-        block.drop_path2.register_forward_hook(branch_hook),
-        block.register_forward_hook(block_hook),
+        *residual_merge_hooks(block, layer, handle, block.norm2, block.drop_path2),
     ]
-

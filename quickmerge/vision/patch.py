@@ -47,8 +47,6 @@ class _Pass:
     q: Tensor | None = None
     k: Tensor | None = None
     scale: float = 1.0
-    merged: Tensor | None = None  # the merged residual of the current block
-    branch: Tensor | None = None
 
 
 class MergeHandle:

@@ -7,17 +7,22 @@ pytest.importorskip("kvpress")
 from quickmerge.eval.text_methods import build_method  # noqa: E402
 
 
-@pytest.mark.parametrize("name", ["kvpress-knorm", "kvpress-expected-attention"])
-def test_kvpress_presses_leave_gemma3_sliding_layers_alone(name):
-    torch.manual_seed(0)
+def tiny_gemma3():
+    """Sliding, global, sliding: kvpress should compress only the middle layer."""
     config = transformers.Gemma3TextConfig(
         vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, head_dim=16, sliding_window=64,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"],
     )
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("name", ["kvpress-knorm", "kvpress-expected-attention"])
+def test_kvpress_presses_leave_gemma3_sliding_layers_alone(name):
+    torch.manual_seed(0)
+    model = tiny_gemma3()
     press = build_method(name).make(0.5)
-    cache = transformers.DynamicCache(config=config)
+    cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
         model(torch.randint(0, 97, (1, 40)), past_key_values=cache)
     lengths = [layer.keys.shape[2] for layer in cache.layers]
@@ -29,12 +34,7 @@ def test_scoring_after_a_global_layers_press_is_causal_and_runs():
     from quickmerge.eval.text import _masks_for_shortened_layers
 
     torch.manual_seed(0)
-    config = transformers.Gemma3TextConfig(
-        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, head_dim=16, sliding_window=64,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-    )
-    model = transformers.Gemma3ForCausalLM(config).eval()
+    model = tiny_gemma3()
     ctx, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 8))
     changed = cont.clone()
     changed[0, -1] = (changed[0, -1] + 1) % 97
