@@ -205,8 +205,10 @@ class MergeHandle:
             dst = tome_assign(metric, r)
         elif self.method == "random":
             dst = random_assign(b, m, r, x.device, self.generator)
-        else:
+        elif self.method == "pool":
             dst = pool_assign(b, m, r, x.device)
+        else:  # set as a plain attribute, past configure()'s check
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         k_new = m - r
         merged, new_size = merge_weighted(x[:, p:], weight, size[:, p:], dst, k_new)
         st.size = torch.cat([size[:, :p], new_size], dim=1)

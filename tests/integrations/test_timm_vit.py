@@ -138,3 +138,11 @@ def test_nothing_to_patch_raises():
     with pytest.raises(TypeError, match="no timm Block"):
         quickmerge.patch(model, r=2)
     assert quickmerge.vision.get_handle(model) is None
+
+
+def test_a_method_set_past_validation_raises_at_merge():
+    model = tiny_vit(True)
+    with quickmerge.patch(model, r=4) as handle:
+        handle.method = "nope"
+        with pytest.raises(ValueError, match="method"):
+            model(torch.randn(1, 1, 16, 16))
