@@ -1,9 +1,10 @@
 """Choose QuickMerge++'s vision defaults on the 5,000 held-out training images (never the test set).
 
-    python benchmarks/exploration/vision_tuning.py [--r 24 32] [--images 5000] [--grid 1|2] [--out ...]
+    python benchmarks/exploration/vision_tuning.py [--r 24 32] [--images 5000] [--grid 0|1|2] [--out ...]
 
-The first round of this session ran an earlier grid (greedy matching with saliency weights
-0-1, "queries" saliency, merge-mass epsilon 0.5/0.1); its figures are in BENCHMARKS.md.
+Grid 0 is the first round (greedy matching, the default at the time), run before two mutually
+nearest tokens were kept from both being removed: rerunning it now gives the greedy
+rows with that rule. Grid 1 compares greedy and bipartite matching, grid 2 the last choices.
 """
 
 import argparse
@@ -16,10 +17,17 @@ from quickmerge.vision import patch
 from quickmerge.vision.reference_model import load_fashion_vit
 from quickmerge.vision.train import split_train_heldout
 
+GRID0 = [
+    ("tome", {}),
+    *[("quickmerge", {"saliency_weight": w, "matching": "greedy"}) for w in (0.0, 0.25, 0.5, 1.0)],
+    ("quickmerge", {"saliency_weight": 0.5, "matching": "greedy", "saliency": "queries"}),
+    ("quickmerge", {"saliency_weight": 0.5, "matching": "greedy", "epsilon": 0.5}),
+    ("quickmerge", {"saliency_weight": 0.5, "matching": "greedy", "epsilon": 0.1}),
+]
 GRID = [
     ("tome", {}),
-    ("quickmerge", {"saliency_weight": 0.0}),
-    ("quickmerge", {"saliency_weight": 0.25}),
+    ("quickmerge", {"saliency_weight": 0.0, "matching": "greedy"}),
+    ("quickmerge", {"saliency_weight": 0.25, "matching": "greedy"}),
     ("quickmerge", {"saliency_weight": 0.1, "matching": "bipartite"}),
     ("quickmerge", {"saliency_weight": 0.25, "matching": "bipartite"}),
     ("quickmerge", {"saliency_weight": 0.5, "matching": "bipartite"}),
@@ -46,7 +54,7 @@ def main():
     ap.add_argument("--r", type=int, nargs="+", default=[24, 32])
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--out", default="results/vision_tuning.json")
-    ap.add_argument("--grid", type=int, default=1, choices=[1, 2])
+    ap.add_argument("--grid", type=int, default=1, choices=[0, 1, 2])
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = load_fashion_vit()
@@ -55,7 +63,7 @@ def main():
     rows = [{"method": "none", "accuracy": accuracy(model, images, labels, r=0)}]
     print(rows[0])
     for r in args.r:
-        for method, extra in GRID if args.grid == 1 else GRID2:
+        for method, extra in (GRID0, GRID, GRID2)[args.grid]:
             row = {"method": method, "r": r, **extra, "accuracy": accuracy(model, images, labels, r=r, method=method, **extra)}
             print(row, flush=True)
             rows.append(row)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._optional import require
-from ..data.fashion_mnist import CLASSES, MEAN, STD
+from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
 from .patch import patch
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
@@ -86,7 +86,7 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
     """
     plt = require("matplotlib.pyplot", "plot", "quickmerge visualize")
     grid = 28 // int(model.patch_embed.patch_size[0])
-    inputs = [((img.float() / 255.0 - MEAN) / STD) for img in fashion]
+    inputs = list(normalize(fashion))
     shown = [np.repeat(F.interpolate(img[None].float() / 255.0, scale_factor=12, mode="nearest")[0, 0, ..., None]
                        .numpy(), 3, axis=-1) for img in fashion]
     titles = [f"{CLASSES[int(y)]}" for y in labels]
