@@ -1,4 +1,4 @@
-"""QuickMerge++ on real text: run ``python example.py`` (see ``quickmerge/demo.py`` for the steps).
+"""QuickMerge++ on real text: run ``python example.py`` (steps: ``quickmerge/demos/encoder_token_groups.py``).
 
 A real sentence encoder (all-MiniLM-L6-v2) encodes real Wikipedia text; the
 entropy of its attention maps across its layers gives token saliency;
@@ -8,7 +8,7 @@ which words were merged together and the ratio achieved.
 
 import argparse
 
-from quickmerge.demo import run
+from quickmerge.demos.encoder_token_groups import run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -104,8 +104,8 @@ def peak_memory_gb(shape: tuple[int, int, int, int]) -> dict[str, float]:
 def fidelity(num_windows: int = 40, window: int = 254) -> dict[str, dict[str, float]]:
     """Relative reconstruction errors on real MiniLM states of Wikipedia windows at K = N/4."""
     from quickmerge.data import wikipedia_articles
-    from quickmerge.demo import relative_error
-    from quickmerge.integrations.hf_encoder import encode, load_encoder
+    from quickmerge.demos.encoder_token_groups import relative_error
+    from quickmerge.pretrained.encoder import encode, load_encoder
 
     model, tok = load_encoder()
     variants = {

@@ -23,9 +23,8 @@ import torch
 from transformers import DynamicCache
 
 from quickmerge.data import wikipedia_articles
-from quickmerge.integrations.hf_causal_lm import QuickMergePress
-from quickmerge.integrations.hf_input_merge import QuickMergeInputPress
-from quickmerge.integrations.pretrained import load_causal_lm
+from quickmerge.pretrained.causal_lm import load_causal_lm
+from quickmerge.text import QuickMergeInputPress, QuickMergePress
 
 
 def long_ids(tokenizer, length: int) -> torch.Tensor:

@@ -20,8 +20,8 @@ import time
 import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
-from quickmerge.vision.reference_model import load_fashion_vit
 
 
 def main() -> None:

@@ -1,9 +1,15 @@
 """quickmerge: QuickMerge++ token merging for transformers (text, vision, video).
 
-Public API (the QuickMerge++ specification):
+The QuickMerge++ specification's API:
     QuickMergePP, EntropyAwareSaliency, DifferentiableTokenMerging,
     BidirectionalARAlignment, NormBasedFidelityConstraint, quickmerge_inference.
-Vision transformers: quickmerge.patch(model, r=16) / quickmerge.unpatch(model).
+Causal LMs (Hugging Face transformers), used like kvpress presses (``with press(model):``):
+    QuickMergePress (merges the KV cache), QuickMergeInputPress (merges the prompt's hidden
+    states after one decoder layer), ToMeKVPress and RandomEvictionPress (baselines), and
+    KVPress, the base a new press subclasses.
+Vision transformers (timm, Hugging Face), used like ToMe:
+    handle = quickmerge.patch(model, r=16); quickmerge.unpatch(model).
+Optional dependencies (transformers, timm, kvpress, ...) are imported only when used.
 """
 
 from .budget import adaptive_tokens, tokens_for_budget
@@ -12,6 +18,7 @@ from .merging import DifferentiableTokenMerging, MergeResult
 from .pipeline import QuickMergeOutput, QuickMergePP, quickmerge_inference
 from .prior import BidirectionalARAlignment, CausalPrior
 from .saliency import EntropyAwareSaliency, attention_entropy, qk_attention_entropy, saliency_from_attentions
+from .text import KVPress, QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .vision import MergeHandle, patch, unpatch
 
 __version__ = "0.1.0"
@@ -21,11 +28,16 @@ __all__ = [
     "CausalPrior",
     "DifferentiableTokenMerging",
     "EntropyAwareSaliency",
+    "KVPress",
     "MergeHandle",
     "MergeResult",
     "NormBasedFidelityConstraint",
+    "QuickMergeInputPress",
     "QuickMergeOutput",
     "QuickMergePP",
+    "QuickMergePress",
+    "RandomEvictionPress",
+    "ToMeKVPress",
     "adaptive_tokens",
     "attention_entropy",
     "patch",

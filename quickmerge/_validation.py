@@ -89,3 +89,10 @@ def check_scores(s: object, name: str, batch: int, n: int) -> Tensor:
     if not _all_finite(s):
         raise ValueError(f"{name} contains NaN or infinite values")
     return s
+
+
+def check_choice(value: object, name: str, choices: tuple[str, ...]) -> str:
+    """Check that ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+    return value  # type: ignore[return-value]

@@ -60,11 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "demo-encoder":
-        from .demo import run as run_encoder
+        from .demos.encoder_token_groups import run as run_encoder
 
         run_encoder(args.text, args.keep)
     elif args.command == "demo":
-        from .demo_text import run
+        from .demos.merged_kv_cache import run
 
         figures = run(args.ratio, args.model, args.html)
         if args.json:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise SystemExit("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
-        from .vision.reference_model import load_fashion_vit
+        from .pretrained.fashion_vit import load_fashion_vit
         from .vision.visualize import load_photos, visualize
 
         model = load_fashion_vit(args.checkpoint)
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         import torch
 
-        from .vision.reference_model import ASSET_DIR
+        from .pretrained.fashion_vit import ASSET_DIR
         from .vision.train import train as train_vision
 
         torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
+from .primitives import group_sum, weighted_mean
 from .selection import select_tokens
 
 # Elements of the [B, rows, K] similarity block materialised at once.
@@ -29,13 +30,6 @@ def merge_mass(mask: Tensor, saliency: Tensor, epsilon: float) -> Tensor:
     background one, so every group has positive mass.
     """
     return mask * saliency.float().clamp_min(epsilon) + (1.0 - mask) * epsilon
-
-
-def group_sum(values: Tensor, assignment: Tensor, k: int) -> Tensor:
-    """Sum ``[B, N, C]`` values into ``[B, K, C]`` groups (``index_add`` over the flattened batch)."""
-    b, n, c = values.shape
-    flat = (assignment + torch.arange(b, device=assignment.device)[:, None] * k).reshape(-1)
-    return values.new_zeros(b * k, c).index_add(0, flat, values.reshape(b * n, c)).view(b, k, c)
 
 
 def _nearest_centre(xn: Tensor, centres: Tensor) -> Tensor:
@@ -166,15 +160,12 @@ def merge_groups(x: Tensor, mass: Tensor, assignment: Tensor, k: int, mask: Tens
         x: ``[B, N, D]``; mass: ``[B, N]`` positive; assignment: ``[B, N]`` in [0, K).
     """
     b, n, _ = x.shape
-    acc = torch.promote_types(x.dtype, torch.float32)
-    m = mass.to(acc)
-    sums = group_sum(m[..., None] * x.to(acc), assignment, k)
-    group_mass = group_sum(m[..., None], assignment, k)[..., 0]
-    merged = (sums / group_mass[..., None]).to(x.dtype)
+    merged, group_mass = weighted_mean(x, mass, assignment, k)
+    m = mass.to(group_mass.dtype)
     pos = torch.arange(n, device=x.device).expand(b, n)
     with torch.no_grad():
         sizes = torch.zeros(b, k, dtype=torch.long, device=x.device).scatter_add_(1, assignment, torch.ones_like(pos))
-        positions = torch.zeros(b, k, dtype=acc, device=x.device).scatter_add_(1, assignment, m * pos) / group_mass
+        positions = torch.zeros(b, k, dtype=m.dtype, device=x.device).scatter_add_(1, assignment, m * pos) / group_mass
         first = torch.full((b, k), n, dtype=torch.long, device=x.device).scatter_reduce(1, assignment, pos, "amin")
         last = torch.zeros(b, k, dtype=torch.long, device=x.device).scatter_reduce(1, assignment, pos, "amax")
     return MergeResult(

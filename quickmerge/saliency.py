@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._validation import check_positive_int, check_tokens
+from .primitives import normalize_entropy, normalized_entropy
 
 Salient = Literal["high_entropy", "low_entropy"]
 
@@ -61,12 +62,6 @@ def _row_entropy(logits: Tensor, allowed: Tensor | None = None) -> Tensor:
     return total.log() - (e * z).sum(dim=-1) / total
 
 
-def _normalise_by_support(entropy: Tensor, support: Tensor) -> Tensor:
-    """Divide entropy by log(support); rows that can attend to one key only get 0."""
-    log_support = support.to(entropy.dtype).log()
-    return torch.where(support > 1, entropy / log_support.clamp_min(1e-12), torch.zeros_like(entropy))
-
-
 def attention_entropy(probs: Tensor) -> Tensor:
     """Normalised row entropy of one layer's attention probabilities.
 
@@ -84,9 +79,7 @@ def attention_entropy(probs: Tensor) -> Tensor:
     out = []
     for start in range(0, n, rows):
         p = probs[:, :, start : start + rows].float()
-        ent = -torch.special.xlogy(p, p).sum(dim=-1)
-        support = (p > 0).sum(dim=-1)
-        out.append(_normalise_by_support(ent, support).mean(dim=1))
+        out.append(normalized_entropy(p, (p > 0).sum(dim=-1)).mean(dim=1))
     return torch.cat(out, dim=1)
 
 
@@ -135,7 +128,7 @@ def qk_attention_entropy(
         else:
             ent = _row_entropy(logits)
             support = torch.full_like(ent, m, dtype=torch.long)
-        out.append(_normalise_by_support(ent, support).mean(dim=1))
+        out.append(normalize_entropy(ent, support).mean(dim=1))
     return torch.cat(out, dim=1)
 
 

@@ -11,8 +11,8 @@ import torch
 sys.path.insert(0, "benchmarks")  # text_speed helpers
 from text_speed import decode_steps, long_ids, prefill
 
-from quickmerge.integrations.hf_causal_lm import QuickMergePress
-from quickmerge.integrations.pretrained import load_causal_lm
+from quickmerge.text import QuickMergePress
+from quickmerge.pretrained.causal_lm import load_causal_lm
 
 torch.set_num_threads(2)
 model, tok = load_causal_lm()

@@ -11,8 +11,8 @@ import torch
 from quickmerge import QuickMergePP
 from quickmerge.baselines import tome_merge, uniform_pool
 from quickmerge.data import wikipedia_articles
-from quickmerge.demo import relative_error
-from quickmerge.integrations.hf_encoder import encode, load_encoder
+from quickmerge.demos.encoder_token_groups import relative_error
+from quickmerge.pretrained.encoder import encode, load_encoder
 from quickmerge.merging import merge_mass
 
 torch.set_num_threads(2)

@@ -4,9 +4,9 @@ Usage: python benchmarks/exploration/kmeans_iters_sweep.py
 """
 import torch, statistics
 from quickmerge import QuickMergePP
-from quickmerge.integrations.hf_encoder import load_encoder, encode
+from quickmerge.pretrained.encoder import load_encoder, encode
 from quickmerge.data import wikipedia_articles
-from quickmerge.demo import relative_error
+from quickmerge.demos.encoder_token_groups import relative_error
 torch.set_num_threads(2)
 model, tok = load_encoder()
 res={}

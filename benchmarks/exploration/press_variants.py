@@ -17,8 +17,8 @@ import torch
 torch.set_num_threads(2)
 
 from quickmerge.eval.text import Method, score_example, wikipedia_windows
-from quickmerge.integrations.hf_causal_lm import QuickMergePress
-from quickmerge.integrations.pretrained import load_causal_lm
+from quickmerge.text import QuickMergePress
+from quickmerge.pretrained.causal_lm import load_causal_lm
 
 model, tok = load_causal_lm()
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 8

@@ -14,7 +14,7 @@ import torch
 
 from quickmerge.data.fashion_mnist import normalize
 from quickmerge.vision import patch
-from quickmerge.vision.reference_model import load_fashion_vit
+from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision.train import split_train_heldout
 
 GRID0 = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..merging import group_sum
+from ..primitives import weighted_mean
 
 
 def uniform_pool(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -17,9 +17,8 @@ def uniform_pool(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     if not 1 <= k <= n:
         raise ValueError(f"k must satisfy 1 <= k <= N={n}, got {k}")
     assignment = (torch.arange(n, device=x.device) * k // n).expand(b, n)
-    ones = torch.ones(b, n, 1, dtype=x.dtype, device=x.device)
-    sizes = group_sum(ones, assignment, k)
-    return group_sum(x, assignment, k) / sizes, assignment, sizes[..., 0].long()
+    merged, sizes = weighted_mean(x, torch.ones(b, n, device=x.device), assignment, k)
+    return merged, assignment, sizes.long()
 
 
 def random_drop(x: Tensor, k: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..merging import group_sum
+from ..primitives import weighted_mean
 
 
 def bipartite_round(
@@ -71,15 +71,14 @@ def tome_merge(
         raise ValueError(f"k must satisfy 1 <= k <= N={n}, got {k}")
     metric = x if metric is None else metric
     assignment = torch.arange(n, device=x.device).expand(b, n)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    sizes = torch.ones(b, n, 1, dtype=acc, device=x.device)
-    sums, feats, t = x.to(acc), metric.to(acc), n
+    sizes = torch.ones(b, n, device=x.device)
+    means, feats, t = x, metric, n
     while t > k:
         r = min(t - k, (t + 1) // 2)
-        new_index = bipartite_round(feats / sizes, r, protect_first=protect_first)
+        new_index = bipartite_round(feats, r, protect_first=protect_first)
         t -= r
-        sums = group_sum(sums, new_index, t)
-        feats = group_sum(feats, new_index, t)
-        sizes = group_sum(sizes, new_index, t)
+        # ToMe's merge: each group's value is the size-weighted mean of what it absorbs
+        means, _ = weighted_mean(means, sizes, new_index, t)
+        feats, sizes = weighted_mean(feats, sizes, new_index, t)
         assignment = new_index.gather(1, assignment)
-    return (sums / sizes).to(x.dtype), assignment, sizes[..., 0].round().long()
+    return means, assignment, sizes.round().long()

@@ -86,7 +86,7 @@ def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
     the shortened layers need "every cached entry visible, new tokens causal" at their own
     length. Models whose layers all have the same length are left untouched.
     """
-    from ..integrations.hf_causal_lm import cache_causal_mask, decoder_attention_layers
+    from ..text.decoder import cache_causal_mask, decoder_attention_layers
 
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     if len(set(lengths)) <= 1:

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 
 import torch
 
@@ -26,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..integrations.pretrained import load_causal_lm, needs_bos
+    from ..pretrained.causal_lm import load_causal_lm, needs_bos
+    from .report import write_report
     from .text import plot_text_eval, run_text_eval, wikipedia_windows
     from .text_methods import build_method, default_methods
 
@@ -42,12 +41,10 @@ def run(args: argparse.Namespace) -> dict:
     examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=needs_bos(args.model))
     results = run_text_eval(model, examples, methods, args.ratios, args.context)
     results["config"] = {**vars(args), "torch": torch.__version__, "platform": platform.platform()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot_text_eval(results, str(out.with_suffix(".png")), f"{args.model}: {args.examples} Wikipedia windows")
+    title = f"{args.model}: {args.examples} Wikipedia windows"
+    paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
 

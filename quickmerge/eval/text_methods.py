@@ -7,9 +7,7 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
-from ..integrations.hf_causal_lm import QuickMergePress
-from ..integrations.hf_input_merge import QuickMergeInputPress
-from ..integrations.kv_baselines import RandomEvictionPress, ToMeKVPress
+from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
 
 OURS = ["quickmerge", "quickmerge-input", "quickmerge-uniform", "quickmerge-high-entropy", "tome-kv", "random"]

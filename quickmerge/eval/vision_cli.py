@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,7 +30,8 @@ def build_sweep(methods: list[str], rs: list[int]) -> list[tuple[str, Any, dict[
 
 def run(args: argparse.Namespace) -> dict:
     from ..data.fashion_mnist import load_fashion_mnist
-    from ..vision.reference_model import load_fashion_vit
+    from ..pretrained.fashion_vit import load_fashion_vit
+    from .report import write_report
     from .vision import compare_at_tome_speeds, plot_vision_eval, run_vision_eval
 
     if not 1 <= args.images <= 10_000:
@@ -51,12 +50,10 @@ def run(args: argparse.Namespace) -> dict:
         "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "platform": platform.platform()},
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    plot_vision_eval(rows, str(out.with_suffix(".png")), f"Fashion-MNIST ViT, {len(images)} test images")
+    title = f"Fashion-MNIST ViT, {len(images)} test images"
+    paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))
     print(format_table(rows))
-    print(f"\nwrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
 

@@ -1,4 +1,4 @@
-"""Token merging inside vision transformers: ``patch``/``unpatch``, the reference ViT, its training."""
+"""Token merging inside vision transformers: ``patch``/``unpatch``, per-block merging, schedules, adapters."""
 
 from .patch import MergeHandle, get_handle, patch, unpatch
 

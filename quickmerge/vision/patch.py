@@ -4,8 +4,8 @@
     handle.r = 8; handle.ratio = 0.5             # change at any time
     quickmerge.unpatch(model)                    # or: with quickmerge.patch(model, r=16): ...
 
-The model's classes are never changed: an adapter (one per model family, in
-``quickmerge.integrations``) registers forward hooks between the block's own pieces. In
+The model's classes are never changed: an adapter (one per model family, registered in
+:mod:`quickmerge.vision.adapters`) registers forward hooks between the block's own pieces. In
 every block, after attention and before the MLP, ``r`` tokens are merged away; the class
 and register tokens are never merged; each token's size (original patches it stands for)
 is tracked and, with ``prop_attn``, added as ``log(size)`` to the attention logits through
@@ -21,17 +21,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..primitives import group_sum, rank01, weighted_mean
+from .adapters import VisionAdapter, find_adapter, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
     SALIENCY_SOURCES,
     attention_saliency,
-    merge_weighted,
     pool_assign,
     quickmerge_assign,
     quickmerge_bipartite_assign,
     random_assign,
-    rank01,
     tome_assign,
 )
 
@@ -58,7 +58,7 @@ class MergeHandle:
     (final token of each input token, -1 if dropped) and ``sizes`` ``[B, N]``.
     """
 
-    def __init__(self, model: nn.Module, adapter: Any, num_layers: int, num_prefix_tokens: int) -> None:
+    def __init__(self, model: nn.Module, adapter: VisionAdapter, num_layers: int, num_prefix_tokens: int) -> None:
         self.model, self.adapter = model, adapter
         self.num_layers, self.num_prefix_tokens = num_layers, num_prefix_tokens
         self._r: Any = 0
@@ -210,7 +210,9 @@ class MergeHandle:
         else:  # set as a plain attribute, past configure()'s check
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         k_new = m - r
-        merged, new_size = merge_weighted(x[:, p:], weight, size[:, p:], dst, k_new)
+        merged, _ = weighted_mean(x[:, p:], weight, dst, k_new)
+        kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them
+        new_size = group_sum(kept_size, dst.clamp_min(0), k_new)[..., 0]
         st.size = torch.cat([size[:, :p], new_size], dim=1)
         if st.origin is not None:
             full = torch.cat([torch.arange(p, device=x.device).expand(b, p), torch.where(dst >= 0, dst + p, -1)], 1)
@@ -231,7 +233,6 @@ class MergeHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self.adapter.restore(self.model, self)
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
 
@@ -245,12 +246,6 @@ class MergeHandle:
         how = f"ratio={self._ratio}" if self._ratio is not None else f"r={self._r!r}"
         return (f"MergeHandle({type(self.model).__name__}, {how}, method={self.method!r}, "
                 f"layers={self.num_layers}, prefix_tokens={self.num_prefix_tokens})")
-
-
-def _adapters() -> list[Any]:
-    from ..integrations import hf_vit, timm_vit
-
-    return [timm_vit, hf_vit]
 
 
 def patch(
@@ -294,14 +289,14 @@ def patch(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _HANDLE_ATTR, None) is not None:
         raise TypeError(f"{type(model).__name__} is already patched; call quickmerge.unpatch(model) first")
-    adapter = next((a for a in _adapters() if a.matches(model)), None)
+    adapter = find_adapter(model)
     if adapter is None:
         raise TypeError(
-            f"quickmerge.patch supports timm VisionTransformer and Hugging Face ViTModel / "
-            f"ViTForImageClassification / Dinov2Model; got {type(model).__module__}.{type(model).__name__}"
+            f"quickmerge.patch supports {supported_families()}; "
+            f"got {type(model).__module__}.{type(model).__name__}"
         )
-    if type(model).__name__ not in adapter.TESTED_CLASSES:
-        warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.TESTED_CLASSES}; "
+    if type(model).__name__ not in adapter.tested_classes:
+        warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.tested_classes}; "
                       "check its outputs with r=0 against the unpatched model", stacklevel=2)
     blocks = adapter.blocks(model)
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))

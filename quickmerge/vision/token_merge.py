@@ -18,13 +18,12 @@ token that is dropped. Groups are numbered in the order the kept tokens take.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..baselines.tome import bipartite_round
+from ..primitives import attention_received, focus, rank01
 
 METHODS = ("quickmerge", "tome", "random", "pool")
 SALIENCY_SOURCES = ("cls", "queries")
@@ -53,17 +52,10 @@ def attention_saliency(
     logits = torch.matmul(qs.float(), k.float().transpose(-1, -2)) * scale  # [B, H, M, N]
     if log_size is not None:
         logits = logits + log_size[:, None, None, :].float()
-    logp = logits.log_softmax(dim=-1)
-    p = logp.exp()
-    entropy = -(p * logp).sum(-1, keepdim=True) / math.log(max(n, 2))  # [B, H, M, 1] in [0, 1]
-    weight = (1.0 - entropy).clamp_min(1e-6)
-    return (weight * p).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
-
-
-def rank01(scores: Tensor) -> Tensor:
-    """Rank of each entry within its row scaled to [0, 1] (0 = smallest), ``[B, n]``."""
-    n = scores.shape[-1]
-    return scores.argsort(dim=-1).argsort(dim=-1).to(torch.float32) / max(n - 1, 1)
+    p = logits.softmax(dim=-1)
+    weight = focus(p, n).clamp_min(1e-6)  # [B, H, M]
+    received = attention_received(p.flatten(1, 2), weight.flatten(1, 2))  # [B, N]
+    return received / weight.sum(dim=(1, 2))[:, None]
 
 
 def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float) -> Tensor:
@@ -116,21 +108,3 @@ def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch
 def pool_assign(b: int, n: int, r: int, device: torch.device) -> Tensor:
     """n tokens into n - r contiguous runs of (nearly) equal length."""
     return (torch.arange(n, device=device) * (n - r) // n).expand(b, n)
-
-
-def merge_weighted(x: Tensor, weight: Tensor, size: Tensor, dst: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Weighted means of ``x [B, n, C]`` in ``k`` groups given ``dst [B, n]`` (-1 = dropped).
-
-    Returns ``merged [B, k, C]`` (in x's dtype, accumulated in fp32) and the groups' total
-    sizes ``[B, k]`` (fp32).
-    """
-    b, n, c = x.shape
-    keep = dst >= 0
-    w = (weight * keep).float()
-    flat = (dst.clamp_min(0) + torch.arange(b, device=x.device)[:, None] * k).reshape(-1)
-    sums = torch.zeros(b * k, c, dtype=torch.float32, device=x.device).index_add_(
-        0, flat, (x.float() * w[..., None]).reshape(b * n, c))
-    wsum = torch.zeros(b * k, dtype=torch.float32, device=x.device).index_add_(0, flat, w.reshape(-1))
-    sizes = torch.zeros(b * k, dtype=torch.float32, device=x.device).index_add_(
-        0, flat, (size.float() * keep).reshape(-1))
-    return (sums / wsum[:, None]).view(b, k, c).to(x.dtype), sizes.view(b, k)

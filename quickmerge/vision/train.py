@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .._optional import require
 from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
-from .reference_model import ASSET_DIR, DEFAULT_CONFIG, build_vit
+from ..pretrained.fashion_vit import ASSET_DIR, DEFAULT_CONFIG, build_vit
 
 HELD_OUT = 5_000
 

@@ -3,12 +3,10 @@ import torch.nn.functional as F
 
 from quickmerge.vision.token_merge import (
     attention_saliency,
-    merge_weighted,
     pool_assign,
     quickmerge_assign,
     quickmerge_bipartite_assign,
     random_assign,
-    rank01,
 )
 
 
@@ -73,27 +71,6 @@ def test_bipartite_variant_is_tome_at_zero_weight_and_protects_salient_sources()
         assert set(merged_away) == least
 
 
-def test_merge_weighted_matches_a_loop_and_tracks_sizes():
-    b, n, c, k = 2, 12, 5, 4
-    x, w, size = torch.randn(b, n, c), torch.rand(b, n) + 0.1, torch.randint(1, 4, (b, n)).float()
-    dst = torch.randint(0, k, (b, n))
-    dst[:, :k] = torch.arange(k)
-    dst[0, -1] = -1  # dropped
-    merged, sizes = merge_weighted(x, w, size, dst, k)
-    for i in range(b):
-        for g in range(k):
-            m = dst[i] == g
-            want = (w[i, m, None] * x[i, m]).sum(0) / w[i, m].sum()
-            assert torch.allclose(merged[i, g], want, atol=1e-6)
-            assert sizes[i, g] == size[i, m].sum()
-
-
-def test_merge_weighted_keeps_half_precision():
-    x = torch.randn(2, 10, 4, dtype=torch.bfloat16)
-    merged, sizes = merge_weighted(x, torch.ones(2, 10), torch.ones(2, 10), pool_assign(2, 10, 3, x.device), 7)
-    assert merged.dtype == torch.bfloat16 and sizes.dtype == torch.float32 and torch.isfinite(merged.float()).all()
-
-
 def test_random_and_pool_assign():
     g = torch.Generator().manual_seed(0)
     dst = random_assign(4, 20, 7, torch.device("cpu"), g)
@@ -118,7 +95,3 @@ def test_attention_saliency_proportional_bias_raises_a_big_token():
     size = torch.tensor([[1.0, 1.0, 8.0, 1.0, 1.0]])
     s = attention_saliency(q, k, 1.0, size.log(), "cls")
     assert s.argmax() == 2 and torch.allclose(s[0, 2], torch.tensor(8 / 12), atol=1e-5)
-
-
-def test_rank01():
-    assert torch.equal(rank01(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.0, 0.0, 0.5]]))

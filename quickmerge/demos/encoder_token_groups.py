@@ -1,4 +1,4 @@
-"""The main job for now: QuickMerge++ on a real encoder's states and attention.
+"""Demo: which words of real text QuickMerge++ merges together, on a real encoder (``quickmerge demo-encoder``).
 
 Encodes real Wikipedia text with all-MiniLM-L6-v2, computes saliency from the
 entropy of its real attention maps across its 6 layers, compresses the token
@@ -13,11 +13,11 @@ import textwrap
 
 import torch
 
-from .baselines import tome_merge, uniform_pool
-from .data import wikipedia_articles
-from .integrations.hf_encoder import encode, load_encoder, word_pieces_to_text
-from .merging import MergeResult, merge_mass
-from .pipeline import QuickMergePP
+from ..baselines import tome_merge, uniform_pool
+from ..data import wikipedia_articles
+from ..merging import MergeResult, merge_mass
+from ..pipeline import QuickMergePP
+from ..pretrained.encoder import encode, load_encoder, word_pieces_to_text
 
 
 def demo_text(max_tokens: int = 120) -> str:

@@ -5,8 +5,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from quickmerge.integrations.hf_causal_lm import QuickMergePress  # noqa: E402
-from quickmerge.integrations.kv_baselines import RandomEvictionPress, ToMeKVPress  # noqa: E402
+from quickmerge.text import (  # noqa: E402
+    QuickMergePress,
+    RandomEvictionPress,
+    ToMeKVPress,
+)
 
 COMMON = dict(
     vocab_size=97,
@@ -72,7 +75,7 @@ def test_ratio_zero_reproduces_the_unpatched_model_and_exit_restores_it(kind, at
 def test_compression_keeps_the_requested_share(kind, attn, press_cls):
     model = _tiny(kind, attn)
     ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 5))
-    press = press_cls(compression_ratio=0.5, window=8)
+    press = press_cls(compression_ratio=0.5, **({"window": 8} if press_cls is QuickMergePress else {}))
     logits, cache = _prefill_then_score(model, press, ids, cont)
     assert press.original_length == 40 and press.compressed_length == 20
     assert press.achieved_ratio == pytest.approx(0.5)
@@ -123,7 +126,7 @@ def test_errors():
 
 @pytest.mark.parametrize("kind,attn", MODELS)
 def test_input_mode_exact_at_ratio_zero_and_shrinks_upper_layers(kind, attn):
-    from quickmerge.integrations.hf_input_merge import QuickMergeInputPress
+    from quickmerge.text import QuickMergeInputPress
 
     model = _tiny(kind, attn)
     ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
@@ -140,7 +143,7 @@ def test_input_mode_exact_at_ratio_zero_and_shrinks_upper_layers(kind, attn):
 
 
 def test_input_mode_errors():
-    from quickmerge.integrations.hf_input_merge import QuickMergeInputPress
+    from quickmerge.text import QuickMergeInputPress
 
     with pytest.raises(ValueError, match="layer"):
         QuickMergeInputPress(layer=-1)
@@ -194,3 +197,11 @@ def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
 def test_press_option_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         QuickMergePress(**kwargs)
+
+
+@pytest.mark.parametrize("press_cls", [ToMeKVPress, RandomEvictionPress])
+def test_baselines_carry_only_their_own_options(press_cls):
+    with pytest.raises(TypeError, match="window"):
+        press_cls(compression_ratio=0.5, window=8)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        press_cls(compression_ratio=1.5)

@@ -3,7 +3,7 @@ import pytest
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("tokenizers")
 
-from quickmerge.integrations.gguf_tokenizer import BYTE, CONTROL, NORMAL, bpe_merges, tokenizer_from_gguf  # noqa: E402
+from quickmerge.pretrained.gguf_tokenizer import BYTE, CONTROL, NORMAL, bpe_merges, tokenizer_from_gguf  # noqa: E402
 
 PIECES = ["<pad>", "<eos>", "<bos>", "<unk>", "<0x21>", "▁", "a", "b", "c", "ab", "▁ab", "abc", "bc", "▁c"]
 SCORES = [0.0, 0.0, 0.0, 0.0, 0.0, -100.0, -101.0, -102.0, -103.0, -1.0, -2.0, -3.0, -50.0, -4.0]

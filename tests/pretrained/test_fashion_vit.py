@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quickmerge.data import fashion_mnist as fm
-from quickmerge.vision.reference_model import ASSET_DIR, load_fashion_vit
+from quickmerge.pretrained.fashion_vit import ASSET_DIR, load_fashion_vit
 
 pytest.importorskip("timm")
 needs_data = pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),

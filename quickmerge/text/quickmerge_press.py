@@ -1,0 +1,144 @@
+"""``QuickMergePress``: QuickMerge++ merging (rather than evicting) a causal LM's KV cache.
+
+Used like a kvpress press::
+
+    with QuickMergePress(compression_ratio=0.5)(model):
+        model(context_ids, past_key_values=cache)            # prefill: the cache is merged
+        model(next_ids, past_key_values=cache)               # decode: proportional attention
+
+Each layer's entries are scored by the attention they receive from the prompt's last
+``window`` queries, each query weighted by how focused it is (QuickMerge++'s entropy
+saliency, :func:`~quickmerge.text.scoring.window_saliency`). Per KV head the top entries
+seed groups that every other entry joins by cosine similarity of keys (the cache has no
+order to keep; ``mode="spans"`` merges contiguous spans instead); each group becomes one
+entry holding the mass-weighted mean of its keys and values and remembers its size, which
+the base press turns into proportional attention.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._validation import check_choice, check_positive_int, check_real
+from ..merging import cluster_by_similarity, contiguous_spans, merge_mass
+from ..primitives import group_sum, weighted_mean
+from .kv_press import Compressed, KVPress
+from .scoring import SALIENT, Salient, window_saliency
+
+
+@dataclass
+class QuickMergePress(KVPress):
+    """Merge (rather than evict) KV-cache entries during prefill.
+
+    Args:
+        compression_ratio: share of KV entries removed, in [0, 1); kept = int(L * (1 - ratio)),
+            as kvpress computes it.
+        window: observation window, the last ``window`` prompt tokens whose queries score the keys.
+            Their own entries always seed a group.
+        salient: how window queries are weighted: ``"low_entropy"`` (focused queries count more),
+            ``"high_entropy"``, or ``"uniform"``.
+        epsilon: merge mass of non-selected entries, in (0, 1].
+        saliency_weight: ``mode="spans"`` only: how strongly span boundaries are drawn around
+            salient entries.
+        proportional: add log(group size) to merged entries' attention logits while the press is active.
+        mode: ``"clusters"`` (entries join their most similar seed) or ``"spans"`` (contiguous spans).
+        kmeans_iters: centre updates after the seed assignment (clusters mode; 0 = pure seeding).
+        bias: what proportional attention counts: ``"size"`` (members) or ``"mass"`` (total merge
+            mass relative to the heaviest member).
+        kernel_size: width of the average pooling that spreads each score to its neighbours.
+    After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
+    what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
+    """
+
+    window: int = 16
+    salient: Salient = "low_entropy"
+    epsilon: float = 0.03
+    saliency_weight: float = 1.0
+    proportional: bool = True
+    mode: Literal["clusters", "spans"] = "clusters"
+    kmeans_iters: int = 0
+    bias: Literal["size", "mass"] = "size"
+    kernel_size: int = 5
+    kept_share: Tensor | None = field(default=None, init=False, repr=False)
+    layers_merged: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_real(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=False)
+        check_real(self.saliency_weight, "saliency_weight", low=0.0, high=math.inf, low_open=False, high_open=True)
+        check_positive_int(self.window, "window")
+        check_positive_int(self.kernel_size, "kernel_size")
+        check_positive_int(self.kmeans_iters, "kmeans_iters", minimum=0)
+        check_choice(self.salient, "salient", SALIENT)
+        check_choice(self.mode, "mode", ("clusters", "spans"))
+        check_choice(self.bias, "bias", ("size", "mass"))
+
+    def seed_share(self) -> Tensor | None:
+        """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
+        return None if self.kept_share is None else self.kept_share / self.layers_merged
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.kept_share, self.layers_merged = None, 0
+
+    def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
+        """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""
+        return window_saliency(
+            module, hidden_states, keys, kwargs, window=self.window, salient=self.salient, kernel_size=self.kernel_size
+        )
+
+    def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
+        """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` groups per head (see ``mode``)."""
+        b, hkv, length, d = keys.shape
+        flat_k = keys.reshape(b * hkv, length, d)
+        flat_v = values.reshape(b * hkv, length, values.shape[-1])
+        s = scores.reshape(b * hkv, length)
+        top = s.topk(kept, dim=-1).indices
+        mask = torch.zeros_like(s).scatter_(1, top, 1.0)
+        kept_share = mask.view(b, hkv, length).mean(dim=1)  # [B, L]: share of heads keeping each entry as a seed
+        self.kept_share = kept_share if self.kept_share is None else self.kept_share + kept_share
+        self.layers_merged += 1
+        mass = merge_mass(mask, s, self.epsilon)
+        if self.mode == "spans":
+            assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
+        elif self.kmeans_iters > 0:
+            assignment = cluster_by_similarity(flat_k, mass, top.sort(dim=-1).values, self.kmeans_iters)
+        else:
+            assignment = assign_to_seeds(flat_k, mask.bool(), top.sort(dim=-1).values)
+        merged_k, total = weighted_mean(flat_k, mass, assignment, kept)
+        merged_v, _ = weighted_mean(flat_v, mass, assignment, kept)
+        sizes = None
+        if self.proportional and self.bias == "size":
+            sizes = group_sum(torch.ones_like(mass)[..., None], assignment, kept)[..., 0]
+        elif self.proportional:  # total mass relative to the group's heaviest member
+            heaviest = torch.zeros_like(total).scatter_reduce(1, assignment, mass, "amax")
+            sizes = total / heaviest
+        return Compressed(
+            merged_k.view(b, hkv, kept, d),
+            merged_v.view(b, hkv, kept, values.shape[-1]),
+            None if sizes is None else sizes.view(b, hkv, kept),
+        )
+
+
+def assign_to_seeds(keys: Tensor, is_seed: Tensor, seeds: Tensor) -> Tensor:
+    """Group ``[R, L]`` of each entry: seeds their own, the others their most cosine-similar seed.
+
+    Args:
+        keys: ``[R, L, d]``; is_seed: ``[R, L]`` bool; seeds: ``[R, K]`` seed indices in order.
+    Only the L - K non-seed rows are compared with the K seeds (half the work of a full assignment).
+    """
+    rows, length, d = keys.shape
+    kept = seeds.shape[1]
+    unit = F.normalize(keys.float(), dim=-1)
+    others = (~is_seed).nonzero()[:, 1].view(rows, length - kept)
+    centres = unit.gather(1, seeds[..., None].expand(-1, -1, d))
+    nearest = torch.matmul(unit.gather(1, others[..., None].expand(-1, -1, d)), centres.transpose(1, 2)).argmax(-1)
+    assignment = torch.empty(rows, length, dtype=torch.long, device=keys.device)
+    assignment.scatter_(1, seeds, torch.arange(kept, device=keys.device).expand(rows, kept))
+    return assignment.scatter_(1, others, nearest)

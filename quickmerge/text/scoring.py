@@ -1,0 +1,78 @@
+"""How a press scores cached entries: the attention they receive from the prompt's last queries.
+
+The last ``window`` prompt tokens' queries are recomputed from the layer's own projection
+(SnapKV's observation window, so fused attention stays usable) and their attention over
+the whole prompt is taken; each query counts by how focused it is (QuickMerge++'s entropy
+saliency), and each entry's score is the attention it receives.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..primitives import attention_received, normalized_entropy
+from .decoder import window_queries
+
+Salient = Literal["low_entropy", "high_entropy", "uniform"]
+SALIENT = ("low_entropy", "high_entropy", "uniform")
+
+
+def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Tensor:
+    """Attention ``[B, H, w, L]`` (float32) of the last ``w = min(window, L)`` prompt tokens.
+
+    ``keys [B, Hkv, L, d]`` are the layer's cached keys. Query ``i`` of the window sits at
+    position ``L - w + i`` and sees keys up to it (causal).
+    """
+    length, hkv = keys.shape[2], keys.shape[1]
+    w = min(window, length)
+    q = window_queries(module, hidden_states[:, -w:], kwargs["position_embeddings"])
+    groups = q.shape[1] // hkv
+    k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
+    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling
+    q_pos = torch.arange(length - w, length, device=keys.device)
+    allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
+    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
+def query_weights(probs: Tensor, salient: Salient) -> Tensor:
+    """Weight ``[B, H, w]`` of each window query: its focus (``low_entropy``), breadth, or 1."""
+    b, h, w, length = probs.shape
+    if salient == "uniform":
+        return torch.ones(b, h, w, device=probs.device)
+    support = torch.arange(length - w, length, device=probs.device) + 1  # keys each query may see
+    entropy = normalized_entropy(probs, support)
+    return 1.0 - entropy if salient == "low_entropy" else entropy
+
+
+def window_saliency(
+    module: nn.Module,
+    hidden_states: Tensor,
+    keys: Tensor,
+    kwargs: dict,
+    *,
+    window: int,
+    salient: Salient = "low_entropy",
+    kernel_size: int = 5,
+) -> Tensor:
+    """Saliency ``[B, Hkv, L]`` of each cached entry: its quantile rank in (0, 1] per KV head.
+
+    The attention each entry receives from the window (queries weighted by ``salient``),
+    spread to its neighbours by an average pool of width ``kernel_size``, averaged over the
+    query heads of each KV head. The window's own entries rank highest (they are kept).
+    """
+    b, hkv, length, _ = keys.shape
+    probs = window_attention(module, hidden_states, keys, kwargs, window)
+    w = probs.shape[2]
+    received = attention_received(probs, query_weights(probs, salient))  # [B, H, L]
+    if kernel_size > 1:  # neighbours of salient tokens carry their local context
+        pad = kernel_size // 2
+        received = F.avg_pool1d(received, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    received = received.view(b, hkv, -1, length).mean(dim=2)
+    received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
+    # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
+    ranks = received.argsort(dim=-1).argsort(dim=-1)
+    return (ranks + 1).float() / length

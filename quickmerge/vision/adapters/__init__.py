@@ -1,0 +1,48 @@
+"""Model families that :func:`quickmerge.patch` supports: the adapter registry.
+
+An adapter (see :class:`VisionAdapter` in :mod:`.protocol`) knows one family's blocks and
+where to hook them. ``patch`` asks the adapters of :data:`REGISTRY` in order; the first
+whose ``matches(model)`` is true patches it. Adding a family is one module with one
+adapter class, registered here (or at run time with :func:`register_adapter`).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .hf_vit import HFViTAdapter
+from .protocol import BlockMerger, Removable, VisionAdapter
+from .timm_vit import TimmViTAdapter
+
+REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter()]
+
+
+def register_adapter(adapter: VisionAdapter) -> None:
+    """Add ``adapter`` in front of the registry (it is asked first)."""
+    for attr in ("name", "tested_classes", "matches", "num_prefix_tokens", "blocks", "attach"):
+        if not hasattr(adapter, attr):
+            raise TypeError(f"a vision adapter needs {attr!r} (see quickmerge.vision.adapters.VisionAdapter)")
+    REGISTRY.insert(0, adapter)
+
+
+def find_adapter(model: nn.Module) -> VisionAdapter | None:
+    """The first registered adapter that matches ``model``, or None."""
+    return next((adapter for adapter in REGISTRY if adapter.matches(model)), None)
+
+
+def supported_families() -> str:
+    """The registered families and their tested classes, for error messages."""
+    return "; ".join(f"{a.name} ({', '.join(a.tested_classes)})" for a in REGISTRY)
+
+
+__all__ = [
+    "REGISTRY",
+    "BlockMerger",
+    "HFViTAdapter",
+    "Removable",
+    "TimmViTAdapter",
+    "VisionAdapter",
+    "find_adapter",
+    "register_adapter",
+    "supported_families",
+]

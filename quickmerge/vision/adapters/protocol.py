@@ -1,0 +1,75 @@
+"""The two interfaces between :func:`quickmerge.patch` and a model family's adapter.
+
+``patch(model)`` walks the registry (``quickmerge.vision.adapters``) for the first
+:class:`VisionAdapter` whose ``matches(model)`` is true, asks it for the blocks, and
+calls ``attach`` with a :class:`BlockMerger` (the patch's handle). The adapter's hooks
+call the merger at fixed points of every block's forward pass:
+
+1. ``begin(x)`` at the start of the first block, ``enter_block(x)`` at each block's start;
+2. ``attention_bias(x)`` for the additive mask of the block's attention (proportional
+   attention), and ``record_qk(q, k, scale)`` with the attention's queries and keys;
+3. ``merge(layer, x)`` on the residual stream after attention, before the MLP (it returns
+   the merged stream, or None when nothing merges); the block must then carry on with it;
+4. ``end()`` after the last block.
+
+Hooks go between the model's own pieces (never a copied forward, never a class swap) and
+are removed by calling ``remove()`` on what ``attach`` returned.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from torch import Tensor, nn
+
+
+class Removable(Protocol):
+    """A hook handle, or anything else that undoes one change to the model."""
+
+    def remove(self) -> None: ...
+
+
+class BlockMerger(Protocol):
+    """What a patched model's handle offers its adapter's hooks (see the module docstring)."""
+
+    num_layers: int
+
+    def begin(self, x: Tensor) -> None: ...
+
+    def enter_block(self, x: Tensor) -> None: ...
+
+    def attention_bias(self, x: Tensor) -> Tensor | None: ...
+
+    def record_qk(self, q: Tensor | None = None, k: Tensor | None = None, scale: float | None = None) -> None: ...
+
+    def merge(self, layer: int, x: Tensor) -> Tensor | None: ...
+
+    def end(self) -> None: ...
+
+
+class VisionAdapter(Protocol):
+    """One model family's way into :func:`quickmerge.patch`.
+
+    Attributes:
+        name: the family, as error messages show it (``"timm VisionTransformer"``).
+        tested_classes: class names tested exactly; other matching subclasses get a warning.
+    """
+
+    name: str
+    tested_classes: tuple[str, ...]
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (by class, without importing the family's library)."""
+        ...
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        """Tokens at the front that are never merged (class and register tokens)."""
+        ...
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        """The transformer blocks to hook, in order; raises TypeError if their structure is not supported."""
+        ...
+
+    def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
+        """Register the hooks; returns everything to ``remove()`` to restore the model exactly."""
+        ...

@@ -1,0 +1,77 @@
+"""timm ``VisionTransformer`` adapter (timm 1.0.x).
+
+timm's ``Block.forward`` is ``x = x + drop_path1(ls1(attn(norm1(x))))`` then
+``x = x + drop_path2(ls2(mlp(norm2(x))))``. Hooks sit between those pieces, so LayerScale,
+qk-norm and fused SDPA are the model's own code:
+
+- ``attn`` pre-hook: passes log(size) as ``attn_mask`` (proportional attention);
+- ``attn.q_norm`` / ``attn.k_norm`` hooks: capture queries and keys ``[B, H, N, hd]``;
+- ``norm2``, ``drop_path2`` and the block: the residual merge of :mod:`.residual`
+  (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .protocol import BlockMerger, Removable
+from .residual import residual_merge_hooks
+
+_REQUIRED = ("norm1", "attn", "norm2", "mlp", "drop_path2")
+
+
+class TimmViTAdapter:
+    """timm ``VisionTransformer`` and its subclasses (class and register tokens kept)."""
+
+    name = "timm VisionTransformer"
+    tested_classes = ("VisionTransformer",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(c.__module__ == "timm.models.vision_transformer" and c.__name__ == "VisionTransformer"
+                   for c in type(model).__mro__)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return int(getattr(model, "num_prefix_tokens", 1))
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        found = [b for b in model.blocks if all(hasattr(b, a) for a in _REQUIRED)
+                 and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm")]
+        if not found:
+            raise TypeError(f"{type(model).__name__} has no timm Block with attn.q_norm/k_norm, norm2, mlp, "
+                            "drop_path2 to patch (parallel or post-norm blocks are not supported)")
+        if len(found) != len(model.blocks):
+            raise TypeError(f"only {len(found)} of {len(model.blocks)} blocks have the structure quickmerge hooks into")
+        return found
+
+    def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
+        hooks: list[Removable] = []
+        for i, block in enumerate(blocks):
+            hooks += _attach_block(block, i, merger)
+        return hooks
+
+
+def _attach_block(block: nn.Module, layer: int, merger: BlockMerger) -> list[Removable]:
+    attn = block.attn
+
+    def attn_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        bias = merger.attention_bias(args[0])
+        if bias is None:
+            return None
+        if kwargs.get("attn_mask") is not None:
+            raise ValueError("quickmerge's proportional attention cannot be combined with a user attn_mask")
+        return args, {**kwargs, "attn_mask": bias}
+
+    def q_hook(_m: nn.Module, _args: tuple, q: Any) -> None:
+        merger.record_qk(q=q, scale=float(attn.scale))
+
+    def k_hook(_m: nn.Module, _args: tuple, k: Any) -> None:
+        merger.record_qk(k=k)
+
+    return [
+        attn.register_forward_pre_hook(attn_pre, with_kwargs=True),
+        attn.q_norm.register_forward_hook(q_hook),
+        attn.k_norm.register_forward_hook(k_hook),
+        *residual_merge_hooks(block, layer, merger, block.norm2, block.drop_path2),
+    ]

@@ -1,0 +1,55 @@
+import pytest
+import torch
+
+from quickmerge.primitives import (
+    attention_received,
+    focus,
+    group_sum,
+    normalized_entropy,
+    rank01,
+    weighted_mean,
+)
+
+
+def test_weighted_mean_matches_a_loop_and_skips_dropped_tokens():
+    b, n, c, k = 2, 12, 5, 4
+    x, w = torch.randn(b, n, c), torch.rand(b, n) + 0.1
+    dst = torch.randint(0, k, (b, n))
+    dst[:, :k] = torch.arange(k)
+    dst[0, -1] = -1  # dropped
+    merged, total = weighted_mean(x, w, dst, k)
+    for i in range(b):
+        for g in range(k):
+            m = dst[i] == g
+            want = (w[i, m, None] * x[i, m]).sum(0) / w[i, m].sum()
+            assert torch.allclose(merged[i, g], want, atol=1e-6)
+            assert torch.allclose(total[i, g], w[i, m].sum())
+    assert torch.allclose(total.sum(), w.sum() - w[0, -1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_weighted_mean_keeps_the_dtype_and_accumulates_in_at_least_float32(dtype):
+    x = torch.full((1, 4096, 2), 1.001, dtype=dtype)
+    merged, total = weighted_mean(x, torch.ones(1, 4096), torch.zeros(1, 4096, dtype=torch.long), 1)
+    assert merged.dtype == dtype and total.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.allclose(merged.double(), x[:, :1].double(), rtol=1e-3)  # a half-precision sum of 4096 would not
+
+
+def test_group_sum_adds_into_groups():
+    values = torch.arange(6.0).view(1, 6, 1)
+    out = group_sum(values, torch.tensor([[0, 1, 0, 2, 2, 1]]), 3)
+    assert out.flatten().tolist() == [2.0, 6.0, 7.0]
+
+
+def test_entropy_focus_and_received_attention():
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
+    assert torch.allclose(normalized_entropy(probs, 4), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(focus(probs, 4), torch.tensor([1.0, 0.0]))
+    assert normalized_entropy(torch.tensor([1.0]), 1) == 0  # a single visible key: no uncertainty
+    # the focused query's key gets its full weight, the uniform one's spreads
+    assert torch.allclose(attention_received(probs, focus(probs, 4)), torch.tensor([1.0, 0.0, 0.0, 0.0]))
+    assert torch.allclose(attention_received(probs, torch.ones(2)), torch.tensor([1.25, 0.25, 0.25, 0.25]))
+
+
+def test_rank01():
+    assert torch.equal(rank01(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.0, 0.0, 0.5]]))

@@ -1,0 +1,69 @@
+"""The adapter registry: a new model family is one adapter class, registered in one place."""
+
+import pytest
+import torch
+from torch import nn
+
+import quickmerge
+from quickmerge.vision import adapters
+from quickmerge.vision.adapters import TimmViTAdapter, find_adapter, register_adapter
+
+timm_vit = pytest.importorskip("timm.models.vision_transformer")
+
+
+class WrappedViT(nn.Module):
+    """A family quickmerge does not know: a timm ViT inside someone else's module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = timm_vit.VisionTransformer(img_size=16, patch_size=2, in_chans=1, num_classes=5,
+                                                   embed_dim=32, depth=3, num_heads=4).eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+
+class WrappedViTAdapter:
+    name = "wrapped timm ViT"
+    tested_classes = ("WrappedViT",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, WrappedViT)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return TimmViTAdapter().num_prefix_tokens(model.backbone)
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        return TimmViTAdapter().blocks(model.backbone)
+
+    def attach(self, model, blocks, merger):
+        return TimmViTAdapter().attach(model.backbone, blocks, merger)
+
+
+@pytest.fixture
+def registered():
+    before = list(adapters.REGISTRY)
+    register_adapter(WrappedViTAdapter())
+    yield
+    adapters.REGISTRY[:] = before
+
+
+def test_an_unknown_family_raises_and_names_the_supported_ones():
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        quickmerge.patch(WrappedViT())
+
+
+def test_a_registered_adapter_patches_its_family(registered):
+    model, x = WrappedViT(), torch.randn(2, 1, 16, 16)
+    ref = model(x)
+    assert isinstance(find_adapter(model), WrappedViTAdapter)
+    with quickmerge.patch(model, r=8) as handle:
+        model(x)
+        assert handle.tokens_per_layer == [65, 57, 49]
+    assert torch.equal(model(x), ref)
+
+
+def test_register_checks_the_protocol():
+    with pytest.raises(TypeError, match="attach"):
+        register_adapter(type("Half", (), {"name": "x", "tested_classes": (), "matches": None,
+                                           "num_prefix_tokens": None, "blocks": None})())
