@@ -27,6 +27,9 @@ class ToMeKVPress(KVPress):
 
     proportional: bool = True
 
+    def adds_bias(self) -> bool:
+        return self.proportional
+
     def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         b, hkv, length, d = keys.shape
         flat = torch.cat([keys, values], dim=-1).reshape(b * hkv, length, -1)

@@ -58,14 +58,15 @@ def hidden_states_arg(args: tuple, kwargs: dict) -> Tensor:
     return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
 
-def is_prefill(kwargs: dict, q_len: int) -> bool:
-    """Whether a call with these kwargs fills an empty cache with ``q_len`` prompt tokens."""
-    cache_position = kwargs.get("cache_position")
-    return (
-        kwargs.get("past_key_values") is not None
-        and cache_position is not None
-        and int(cache_position[-1]) + 1 == q_len
-    )
+def sliding_window_of(attention: nn.Module) -> int | None:
+    """The sliding window of a decoder attention module, or None for full attention.
+
+    Qwen2/Qwen3/Gemma 3 set ``sliding_window`` per layer on the module; Mistral applies
+    ``config.sliding_window`` to every layer.
+    """
+    if hasattr(attention, "sliding_window"):
+        return attention.sliding_window or None
+    return getattr(getattr(attention, "config", None), "sliding_window", None) or None
 
 
 def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -75,9 +76,12 @@ def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.
     return torch.zeros(q_len, kv_len, device=device).masked_fill(~allowed, float("-inf")).to(dtype)[None, None]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotary position embedding of ``x [B, H, n, d]`` with ``cos``/``sin`` ``[1 or B, n, d]``
+    (the rotate-half convention of Llama, Qwen, Mistral and Gemma)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
 def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
@@ -91,5 +95,4 @@ def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)
     cos, sin = position_embeddings
-    cos, sin = cos[:, -w:].unsqueeze(1), sin[:, -w:].unsqueeze(1)
-    return q * cos + _rotate_half(q) * sin
+    return apply_rope(q, cos[:, -w:], sin[:, -w:])

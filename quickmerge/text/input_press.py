@@ -4,8 +4,12 @@
 runs layers 0..l on all N prompt tokens, then merges the hidden states into K = N - int(N * ratio)
 contiguous, ordered spans (the core's causal mode), so layers l+1.. run on K tokens. A merged
 token sits at the position of its span's last token; later tokens keep their true positions.
-Decoding must stay inside the ``with`` block: the upper layers' attention masks are rebuilt
-for their shorter caches.
+
+The upper layers' attention masks are built from those positions (causal, and within the
+layer's window for sliding-window layers: Gemma 3's local layers, Mistral's
+``sliding_window``), at prefill and for every token decoded inside the ``with`` block. Their
+cache layers remember the positions of their entries; decoding several tokens at once
+outside the press, which would need those masks, raises. Batches must be unpadded.
 """
 
 from __future__ import annotations
@@ -20,9 +24,20 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..merging import contiguous_spans, merge_mass
 from ..primitives import weighted_mean
-from .decoder import cache_causal_mask, hidden_states_arg, is_prefill
+from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
+from .decoder import apply_rope, base_model, hidden_states_arg, sliding_window_of
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
+
+
+def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[B, 1, q, kv]``: query at position p sees keys at positions ``<= p``
+    (and ``> p - window`` for a sliding window). ``q_pos [B, q]``, ``k_pos [B, kv]``."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]
+    allowed = diff >= 0
+    if window is not None:
+        allowed &= diff < window
+    return torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device).masked_fill(~allowed, float("-inf"))[:, None]
 
 
 @dataclass
@@ -50,38 +65,71 @@ class QuickMergeInputPress(Press):
         check_real(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=False)
         check_real(self.saliency_weight, "saliency_weight", low=0.0, high=math.inf, low_open=False, high_open=True)
         check_choice(self.salient, "salient", SALIENT)
-        self._positions: Tensor | None = None
+        self._prompt_length: int | None = None  # set while a prefill pass runs
+        self._positions: Tensor | None = None  # [B, K] positions of the merged prompt, during that pass
 
-    def _reset(self) -> None:
-        super()._reset()
-        self._positions = None
+    def _new_prompt(self) -> None:
+        super()._new_prompt()
+        self._prompt_length, self._positions = None, None
 
     def _release(self) -> None:
-        self._positions = None
+        self._prompt_length, self._positions = None, None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         if self.layer >= len(layers) - 1:
             raise ValueError(f"layer must be below the last decoder layer ({len(layers) - 1}), got {self.layer}")
-        handles = [layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True)]
+        base = base_model(model)
+        handles = [
+            base.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            base.register_forward_hook(self._after_model, with_kwargs=True),
+            layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True),
+        ]
         for block in layers[self.layer + 1 :]:
             handles.append(block.register_forward_pre_hook(self._before_upper, with_kwargs=True))
+            handles.append(block.register_forward_hook(self._after_upper, with_kwargs=True))
         return handles
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(
+                "QuickMergeInputPress supports batches of equal-length, unpadded sequences only; "
+                "got an attention_mask with padding"
+            )
+        implementation = getattr(module.config, "_attn_implementation", None)
+        if implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                "QuickMergeInputPress gives its upper layers masks of their own (merged positions) as additive "
+                f"float masks, which attention implementation {implementation!r} does not take; use "
+                "model.set_attn_implementation('sdpa') (or 'eager')"
+            )
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
+        cache = cache_arg(kwargs)
+        new_prompt = cache is None or cache.get_seq_length() == 0
+        if new_prompt:
+            self._new_prompt()
+            self._prompt_length = q_len
 
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden_in = hidden_states_arg(args, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         b, n, _ = hidden.shape
-        if not is_prefill(kwargs, n):
-            return None
+        if self._prompt_length != n:
+            return None  # decoding, or a pass that is not a fresh prompt
         kept = self.kept(n)
         self._record(n, kept)
         if kept >= n:
-            self._positions = None
+            self._prompt_length = None
             return None
         attn = block.self_attn
+        cache = cache_arg(kwargs)
         with torch.no_grad():
             normed = block.input_layernorm(hidden_in)
-            keys = kwargs["past_key_values"].layers[attn.layer_idx].keys
+            # the layer's keys: as cached by the attention, or recomputed (no cache, or a sliding layer's
+            # cache that kept only its window)
+            cached = cache.layers[attn.layer_idx] if cache is not None else None
+            keys = cached.keys if physical_length(cached) == n else _layer_keys(attn, normed, kwargs)
             saliency = window_saliency(attn, normed, keys, kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
             assignment = contiguous_spans(hidden, saliency, kept, self.saliency_weight)
@@ -97,17 +145,51 @@ class QuickMergeInputPress(Press):
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
     def _before_upper(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        positions = self._positions
-        if positions is None:
-            return None
         hidden = hidden_states_arg(args, kwargs)
-        cache = kwargs.get("past_key_values")
-        q_len = hidden.shape[1]
-        past = cache.get_seq_length(block.self_attn.layer_idx) if cache is not None else 0
-        if past == 0 and q_len == positions.shape[1]:
+        window = sliding_window_of(block.self_attn)
+        cache = cache_arg(kwargs)
+        index = block.self_attn.layer_idx
+        layer = cache.layers[index] if cache is not None and index < len(cache.layers) else None  # lazily made
+        if self._positions is not None:  # the prefill: the merged prompt itself
+            positions = self._positions
+            if layer is not None:
+                check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             cos, sin = kwargs["position_embeddings"]  # [1 or B, N, d]
             cos, sin = cos.expand(positions.shape[0], -1, -1), sin.expand(positions.shape[0], -1, -1)
             index = positions[..., None].expand(-1, -1, cos.shape[-1])
             kwargs["position_embeddings"] = (cos.gather(1, index), sin.gather(1, index))
-        kwargs["attention_mask"] = cache_causal_mask(past, q_len, hidden.device, hidden.dtype)
-        return args, kwargs
+            kwargs["attention_mask"] = position_mask(positions, positions, window, hidden.dtype)
+            return args, kwargs
+        if getattr(layer, "needs_press", False):  # decoding on a cache this press merged
+            new = kwargs["position_ids"].expand(hidden.shape[0], -1).to(layer.positions.device)
+            keys = torch.cat([layer.positions, new], dim=1)
+            kwargs["attention_mask"] = position_mask(new, keys, window, hidden.dtype)
+            layer._press_call, layer._new_positions = True, new
+            return args, kwargs
+        return None
+
+    def _after_upper(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = cache_arg(kwargs)
+        if cache is None:
+            return
+        index = block.self_attn.layer_idx
+        layer = cache.layers[index]
+        if self._positions is not None:  # the prefill: remember where the entries sit
+            merged = merged_layer(layer, layer.keys, layer.values, physical_length(layer))
+            merged.positions = self._positions[:, -physical_length(layer) :]
+            merged.needs_press, merged.window = True, sliding_window_of(block.self_attn)
+            cache.layers[index] = merged
+        elif getattr(layer, "needs_press", False):
+            layer.positions = torch.cat([layer.positions, layer._new_positions], dim=1)[:, -physical_length(layer) :]
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self._positions, self._prompt_length = None, None
+
+
+def _layer_keys(attn: nn.Module, normed: Tensor, kwargs: dict) -> Tensor:
+    """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer run without a cache."""
+    b, n, _ = normed.shape
+    keys = attn.k_proj(normed).view(b, n, -1, attn.head_dim).transpose(1, 2)
+    if hasattr(attn, "k_norm"):
+        keys = attn.k_norm(keys)
+    return apply_rope(keys, *kwargs["position_embeddings"])

@@ -4,13 +4,20 @@ A press subclass says only *what* to keep: :meth:`KVPress.score` rates each cach
 :meth:`KVPress.merge` turns the prompt's keys and values into the kept ones (default:
 keep the top-scored entries, i.e. eviction). Everything else lives here:
 
-- prefill: a forward hook on each attention layer (transformers 5.x) reads the layer's
-  freshly filled cache, calls ``score`` and ``merge`` and writes the shorter cache back;
-  sliding-window layers (Gemma 3's local layers) are left alone;
+- prefill (a forward pass that fills an empty cache): a forward hook on each attention
+  layer reads the layer's freshly filled ``DynamicLayer``, calls ``score`` and ``merge``
+  and replaces it by a merged layer (:mod:`quickmerge.text.cache`) that keeps positions and
+  masks right for every later call, inside the press or not. Sliding-window layers
+  (Gemma 3's local layers, Mistral with ``sliding_window``) are left alone, as kvpress does.
+  Every prefill starts afresh: several prompts in one ``with`` block each behave like a
+  fresh press.
 - merged entries: each remembers how many entries it stands for; while the press is
   active, a pre-hook gives the attention ``log(size)`` on those entries' logits
-  (proportional attention) through its additive mask, rebuilt for the shorter cache;
-- positions: tokens decoded inside the ``with`` block continue from the original length.
+  (proportional attention) through its additive mask.
+- refusal: a prefill that should have compressed and did not (no cache reached the
+  attention layers, every layer slides, an unknown transformers calling convention) raises;
+  so do caches that cannot be shortened in place and attention implementations that would
+  drop the proportional-attention bias.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .decoder import base_model, cache_causal_mask, hidden_states_arg, is_prefill
+from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
+from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
 from .press import Press
 
 
@@ -36,6 +44,18 @@ class Compressed(NamedTuple):
 
 
 @dataclass
+class _Prefill:
+    """What one prefill pass did, to tell afterwards whether it compressed what it should have."""
+
+    length: int
+    compressed: int = 0
+    sliding: int = 0
+    attention_calls: int = 0
+    cache_seen: bool = False
+    kwarg_names: tuple[str, ...] = ()
+
+
+@dataclass
 class KVPress(Press):
     """Compress each attention layer's KV cache during prefill (see the module docstring).
 
@@ -43,9 +63,8 @@ class KVPress(Press):
     dataclass fields.
     """
 
-    _bias: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
-    _flat: set[int] = field(default_factory=set, init=False, repr=False)
-    _decoded: int = field(default=0, init=False, repr=False)
+    _prefill: _Prefill | None = field(default=None, init=False, repr=False)
+    _full_layers: list[int] = field(default_factory=list, init=False, repr=False)
 
     # ---- what a press says --------------------------------------------------------------
     def score(
@@ -64,69 +83,31 @@ class KVPress(Press):
         values = values.gather(2, index.expand(-1, -1, -1, values.shape[-1]))
         return Compressed(keys, values, None)
 
+    def adds_bias(self) -> bool:
+        """Whether merged entries get ``log(size)`` on their logits (needs an additive float mask)."""
+        return False
+
     # ---- hooks ---------------------------------------------------------------------------
     def _reset(self) -> None:
         super()._reset()
-        self._bias, self._flat, self._decoded = {}, set(), 0
+        self._prefill = None
 
     def _release(self) -> None:
-        self._bias, self._flat = {}, set()
+        self._prefill = None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
-        handles = [base_model(model).register_forward_pre_hook(self._before_model, with_kwargs=True)]
+        self._full_layers = [i for i, layer in enumerate(layers) if sliding_window_of(layer.self_attn) is None]
+        base = base_model(model)
+        handles = [
+            base.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            base.register_forward_hook(self._after_model, with_kwargs=True),
+        ]
         for layer in layers:
             handles.append(layer.self_attn.register_forward_hook(self._after_attention, with_kwargs=True))
             handles.append(layer.self_attn.register_forward_pre_hook(self._before_attention, with_kwargs=True))
         return handles
 
-    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden_states = hidden_states_arg(args, kwargs)
-        if not is_prefill(kwargs, hidden_states.shape[1]):
-            return output  # not a prefill: leave the cache alone
-        if getattr(module, "is_sliding", False):
-            return output  # sliding-window layers (Gemma 3) already bound their cache
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
-        keys, values = layer.keys, layer.values
-        length = keys.shape[2]
-        kept = self.kept(length)
-        if kept >= length:
-            self._bias.pop(module.layer_idx, None)
-            self._record(length, length)
-            return output
-        with torch.no_grad():
-            scores = self.score(module, hidden_states, keys, values, kwargs)
-            layer.keys, layer.values, sizes = self.merge(keys, values, scores, kept)
-        heads = module.config.num_attention_heads
-        hkv = layer.keys.shape[1]
-        if sizes is None:  # kept entries stand for themselves: no bias
-            log_sizes = torch.zeros(keys.shape[0], hkv, kept, device=keys.device)
-            self._flat.add(module.layer_idx)
-        else:
-            log_sizes = sizes.log().float()
-            self._flat.discard(module.layer_idx)
-        # The mask is rebuilt for this layer's shorter cache even without proportional attention.
-        self._bias[module.layer_idx] = log_sizes.repeat_interleave(heads // hkv, dim=1)[:, :, None, :]
-        self._record(length, kept)
-        return output
-
-    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        bias = self._bias.get(module.layer_idx)  # [B, H, 1, K]: log sizes of the merged entries
-        cache = kwargs.get("past_key_values")
-        if bias is None or cache is None:
-            return None
-        hidden_states = hidden_states_arg(args, kwargs)
-        q_len = hidden_states.shape[1]
-        if q_len == 1 and module.layer_idx in self._flat and kwargs.get("attention_mask") is None:
-            return None  # no bias and one new token that sees the whole cache: keep SDPA's mask-free path
-        past = cache.layers[module.layer_idx].keys.shape[2]
-        kv_len = past + q_len
-        bias = F.pad(bias, (0, kv_len - bias.shape[-1])).to(hidden_states.dtype)
-        if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
-            bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)
-        kwargs["attention_mask"] = bias
-        return args, kwargs
-
-    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() == 2 and not bool(mask.all()):
             raise ValueError(
@@ -135,14 +116,103 @@ class KVPress(Press):
             )
         ids = kwargs.get("input_ids", args[0] if args else None)
         q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
-        if not self.original_length:
-            return None  # the prefill itself
-        start = self.original_length + self._decoded
-        self._decoded += q_len
-        if self.original_length == self.compressed_length:
+        cache = cache_arg(kwargs)
+        new_prompt = cache is None or cache.get_seq_length() == 0
+        self._prefill = _Prefill(q_len) if new_prompt else None
+        if new_prompt:
+            self._check_attention(module)
+            if cache is not None:
+                check_cache(cache, type(self).__name__)
+            for index in self._full_layers:  # caches made with all their layers are checked before any work
+                if cache is not None and index < len(cache.layers):
+                    check_compressible(cache, cache.layers[index], type(self).__name__)
+            self._new_prompt()
+
+    def _check_attention(self, base: nn.Module) -> None:
+        implementation = getattr(base.config, "_attn_implementation", None)
+        if self.adds_bias() and implementation not in ("eager", "sdpa"):
+            raise ValueError(
+                f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
+                f"additive float mask, which attention implementation {implementation!r} does not take; use "
+                "model.set_attn_implementation('sdpa') (or 'eager'), or turn proportional attention off "
+                "(proportional=False)"
+            )
+
+    def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        call = self._prefill
+        if call is None:
+            return output  # decoding: the cache is already compressed
+        call.attention_calls += 1
+        call.kwarg_names = tuple(kwargs)
+        cache = cache_arg(kwargs)
+        if cache is None:
+            return output
+        call.cache_seen = True
+        layer = cache.layers[module.layer_idx]
+        if sliding_window_of(module) is not None:
+            call.sliding += 1
+            # Sliding layers bound their own cache and are left alone. A cache made without the model's
+            # config does not know they slide; say so, or transformers would size the full-attention
+            # layers' masks from this (longer) layer.
+            layer.is_sliding = True
+            return output
+        check_compressible(cache, layer, type(self).__name__)
+        hidden_states = hidden_states_arg(args, kwargs)
+        length = physical_length(layer)
+        if length != hidden_states.shape[1] or is_merged(layer):
+            return output  # the cache held entries before this call: not a prefill of this layer
+        kept = self.kept(length)
+        self._record(length, kept)
+        if kept >= length:
+            return output
+        with torch.no_grad():
+            scores = self.score(module, hidden_states, layer.keys, layer.values, kwargs)
+            keys, values, sizes = self.merge(layer.keys, layer.values, scores, kept)
+        merged = merged_layer(layer, keys, values, length)
+        if sizes is not None:
+            heads = module.config.num_attention_heads
+            merged.log_sizes = sizes.log().float().repeat_interleave(heads // keys.shape[1], dim=1)[:, :, None, :]
+        cache.layers[module.layer_idx] = merged
+        call.compressed += 1
+        return output
+
+    def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call, self._prefill = self._prefill, None
+        if call is None or call.compressed or self.kept(call.length) >= call.length:
+            return
+        import transformers
+
+        who = type(self).__name__
+        if call.sliding and call.sliding == call.attention_calls:
+            raise RuntimeError(
+                f"{who} compressed nothing: every attention layer of this model uses sliding-window attention "
+                f"(sliding_window={module.config.sliding_window}), whose cache is bounded already, and {who} "
+                "compresses full-attention layers only. If your prompts and generations stay under the window, "
+                "load the model with config.sliding_window=None."
+            )
+        if not call.cache_seen:
+            raise RuntimeError(
+                f"{who} compressed nothing: no KV cache reached the attention layers in this forward pass "
+                f"(they received the arguments {list(call.kwarg_names)} under transformers "
+                f"{transformers.__version__}). Call the model with use_cache=True or past_key_values=DynamicCache()."
+            )
+        raise RuntimeError(
+            f"{who} compressed nothing in a prefill of {call.length} tokens (transformers {transformers.__version__})"
+        )
+
+    def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        cache = cache_arg(kwargs)
+        if cache is None or module.layer_idx >= len(cache.layers):
             return None
-        if kwargs.get("position_ids") is None:  # else the caller placed the tokens itself
-            kwargs["position_ids"] = torch.arange(
-                start, start + q_len, device=(ids if ids is not None else kwargs["inputs_embeds"]).device
-            )[None]
+        layer = cache.layers[module.layer_idx]
+        bias = getattr(layer, "log_sizes", None)  # [B, H, 1, K]: log sizes of the merged entries
+        if bias is None:
+            return None  # nothing merged here: the model's own masks are right (see cache.py)
+        hidden_states = hidden_states_arg(args, kwargs)
+        q_len = hidden_states.shape[1]
+        past = physical_length(layer)
+        bias = F.pad(bias, (0, past + q_len - bias.shape[-1])).to(hidden_states.dtype)
+        if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
+            bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)
+        kwargs["attention_mask"] = bias
         return args, kwargs

@@ -49,6 +49,10 @@ class Press:
 
     def _reset(self) -> None:
         """Forget everything about earlier calls (start of a ``with`` block)."""
+        self._new_prompt()
+
+    def _new_prompt(self) -> None:
+        """A prefill of a new prompt starts: forget what was reported about the previous one."""
         self.original_length = self.compressed_length = None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:

@@ -83,9 +83,12 @@ class QuickMergePress(KVPress):
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
         return None if self.kept_share is None else self.kept_share / self.layers_merged
 
-    def _reset(self) -> None:
-        super()._reset()
+    def _new_prompt(self) -> None:
+        super()._new_prompt()
         self.kept_share, self.layers_merged = None, 0
+
+    def adds_bias(self) -> bool:
+        return self.proportional
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""

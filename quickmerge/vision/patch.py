@@ -14,6 +14,7 @@ the attention's additive mask, so fused SDPA keeps working.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_choice, check_positive_int, check_real
 from ..primitives import group_sum, rank01, weighted_mean
 from .adapters import VisionAdapter, find_adapter, supported_families
 from .schedule import r_for_ratio, validate_r
@@ -36,6 +38,33 @@ from .token_merge import (
 )
 
 _HANDLE_ATTR = "_quickmerge_handle"
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> Any:
+    return lambda value: check_choice(value, name, choices)
+
+
+def _flag(name: str) -> Any:
+    def check(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+        return value
+
+    return check
+
+
+# Every setting of a handle, validated whenever it is assigned (``handle.method = "tome"``).
+_SETTINGS: dict[str, Any] = {
+    "method": _choice("method", METHODS),
+    "saliency": _choice("saliency", SALIENCY_SOURCES),
+    "matching": _choice("matching", ("bipartite", "greedy")),
+    "saliency_weight": lambda v: check_real(v, "saliency_weight", low=0.0, high=math.inf, low_open=False,
+                                            high_open=True),
+    "epsilon": lambda v: check_real(v, "epsilon (merge-mass floor)", low=0.0, high=1.0, low_open=True,
+                                    high_open=False),
+    "prop_attn": _flag("prop_attn"),
+    "trace_source": _flag("trace_source"),
+}
 
 
 @dataclass
@@ -61,6 +90,7 @@ class MergeHandle:
     def __init__(self, model: nn.Module, adapter: VisionAdapter, num_layers: int, num_prefix_tokens: int) -> None:
         self.model, self.adapter = model, adapter
         self.num_layers, self.num_prefix_tokens = num_layers, num_prefix_tokens
+        self.has_class_token = adapter.has_class_token(model)
         self._r: Any = 0
         self._ratio: float | None = None
         self.method = "quickmerge"
@@ -99,39 +129,19 @@ class MergeHandle:
             r_for_ratio(value, 2, self.num_layers)  # validates
         self._ratio = value
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        check = _SETTINGS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
     def configure(self, **settings: Any) -> MergeHandle:
-        """Set several settings at once, validating each; returns self."""
+        """Set several settings at once (each validated as on assignment); returns self."""
         for name, value in settings.items():
-            if name in ("r", "ratio"):
+            if name == "seed":
+                self.generator.manual_seed(check_positive_int(value, "seed", minimum=0))
+            elif name in ("r", "ratio") or name in _SETTINGS:
                 setattr(self, name, value)
-            elif name == "method":
-                if value not in METHODS:
-                    raise ValueError(f"method must be one of {METHODS}, got {value!r}")
-                self.method = value
-            elif name == "saliency":
-                if value not in SALIENCY_SOURCES:
-                    raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {value!r}")
-                self.saliency = value
-            elif name == "matching":
-                if value not in ("greedy", "bipartite"):
-                    raise ValueError(f"matching must be 'greedy' or 'bipartite', got {value!r}")
-                self.matching = value
-            elif name == "saliency_weight":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                    raise ValueError(f"saliency_weight must be a number >= 0, got {value!r}")
-                self.saliency_weight = float(value)
-            elif name == "epsilon":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value <= 1:
-                    raise ValueError(f"epsilon (merge-mass floor) must be in (0, 1], got {value!r}")
-                self.epsilon = float(value)
-            elif name in ("prop_attn", "trace_source"):
-                if not isinstance(value, bool):
-                    raise TypeError(f"{name} must be a bool, got {value!r}")
-                setattr(self, name, value)
-            elif name == "seed":
-                self.generator.manual_seed(int(value))
             else:
-                raise TypeError(f"unknown setting {name!r}")
+                raise TypeError(f"unknown setting {name!r}; settings: r, ratio, seed, {', '.join(_SETTINGS)}")
         return self
 
     def schedule(self, num_tokens: int) -> list[int]:
@@ -148,6 +158,12 @@ class MergeHandle:
     # called by adapters -----------------------------------------------------------------
     def begin(self, x: Tensor) -> None:
         """Start of a forward pass (first block's input ``[B, N, C]``)."""
+        if torch.is_grad_enabled() and self.adapter.gradient_checkpointing(self.model):
+            raise RuntimeError(
+                "quickmerge.patch does not support gradient checkpointing: recomputing a block in the backward "
+                "pass would merge its tokens a second time. Turn it off (timm: model.set_grad_checkpointing(False); "
+                "Hugging Face: model.gradient_checkpointing_disable()) or run without gradients."
+            )
         b, n, _ = x.shape
         self._schedule = self.schedule(n)
         self.tokens_per_layer = []
@@ -193,7 +209,7 @@ class MergeHandle:
             metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
             log_size = size.log() if self.prop_attn and st.size is not None else None
-            source = self.saliency if p > 0 else "queries"  # no class token to ask
+            source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
             if self.matching == "bipartite":
                 dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight)
@@ -207,8 +223,8 @@ class MergeHandle:
             dst = random_assign(b, m, r, x.device, self.generator)
         elif self.method == "pool":
             dst = pool_assign(b, m, r, x.device)
-        else:  # set as a plain attribute, past configure()'s check
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        else:
+            raise AssertionError(self.method)  # unreachable: validated on assignment
         k_new = m - r
         merged, _ = weighted_mean(x[:, p:], weight, dst, k_new)
         kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them

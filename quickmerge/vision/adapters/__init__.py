@@ -19,7 +19,8 @@ REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter()]
 
 def register_adapter(adapter: VisionAdapter) -> None:
     """Add ``adapter`` in front of the registry (it is asked first)."""
-    for attr in ("name", "tested_classes", "matches", "num_prefix_tokens", "blocks", "attach"):
+    for attr in ("name", "tested_classes", "matches", "num_prefix_tokens", "has_class_token",
+                 "gradient_checkpointing", "blocks", "attach"):
         if not hasattr(adapter, attr):
             raise TypeError(f"a vision adapter needs {attr!r} (see quickmerge.vision.adapters.VisionAdapter)")
     REGISTRY.insert(0, adapter)

@@ -1,7 +1,10 @@
-"""Hugging Face ViT and DINOv2 adapter.
+"""Hugging Face ViT and DINOv2 adapter (transformers 5.x, both layer layouts).
 
-``ViTLayer.forward`` runs ``attention(layernorm_before(x))``, adds the residual, then
-``output(intermediate(layernorm_after(h)), h)``; ``Dinov2Layer`` runs
+Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``
+(``attention.attention`` holding the projections), adds the residual, then
+``output(intermediate(layernorm_after(h)), h)``; from 5.2x on it runs
+``h = dropout(attention(layernorm_before(x))) + x`` then ``dropout(mlp(layernorm_after(h))) + h``
+and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 ``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
 ``drop_path(layer_scale2(mlp(norm2(h)))) + h``. Hooks between those pieces:
 
@@ -9,9 +12,11 @@
   ``AttentionInterface``) that wraps the model's own one (eager or sdpa): it captures
   queries and keys and adds log(size) as the additive mask (proportional attention);
   the model's config is switched to it while patched and switched back on removal;
-- ViT: ``layernorm_after`` pre-hook merges the residual stream ``h``; ``output`` pre-hook
-  swaps in the merged residual for its residual argument;
-- DINOv2: the residual merge of :mod:`.residual` (``norm2`` and ``layer_scale2``).
+- old ViT layout: ``layernorm_after`` pre-hook merges the residual stream ``h``; ``output``
+  pre-hook swaps in the merged residual for its residual argument;
+- new ViT layout and DINOv2: the residual merge of :mod:`.residual` (``layernorm_after`` /
+  ``norm2`` where the stream is merged, the branch's last module: ``dropout`` /
+  ``layer_scale2``).
 """
 
 from __future__ import annotations
@@ -44,10 +49,16 @@ class HFViTAdapter:
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1  # the [CLS] token; neither family has register tokens
 
+    def has_class_token(self, model: nn.Module) -> bool:
+        return True
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        encoder = getattr(_vit(model), "encoder", None)
-        layers = list(getattr(encoder, "layer", []))
-        if not layers or not all(_is_vit_layer(x) or _is_dinov2_layer(x) for x in layers):
+        base = _vit(model)
+        layers = list(getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "layers", None) or [])
+        if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
             raise TypeError(f"{type(model).__name__} has no ViT or DINOv2 encoder layers to patch")
         return layers
 
@@ -61,17 +72,19 @@ class HFViTAdapter:
         if original == ATTENTION_NAME:
             raise TypeError("this model's config already uses quickmerge's attention "
                             "(was it copied from a patched model?)")
+        attentions = [_attention_module(layer) for layer in blocks]
         if original == "eager":
-            inner = sys.modules[type(blocks[0].attention.attention).__module__].eager_attention_forward
+            inner = sys.modules[type(attentions[0]).__module__].eager_attention_forward
         else:
             inner = ALL_ATTENTION_FUNCTIONS[original]
         hooks: list[Removable] = []
-        for i, layer in enumerate(blocks):
-            setattr(layer.attention.attention, _STATE_ATTR, (merger, inner))
-            hooks += _attach_vit_layer(layer, i, merger) if _is_vit_layer(layer) else residual_merge_hooks(
-                layer, i, merger, layer.norm2, layer.layer_scale2)
+        for i, (layer, attention) in enumerate(zip(blocks, attentions, strict=True)):
+            setattr(attention, _STATE_ATTR, (merger, inner))
+            parts = _residual_parts(layer)
+            hooks += _attach_vit_layer(layer, i, merger) if parts is None else residual_merge_hooks(
+                layer, i, merger, *parts)
         config._attn_implementation_internal = ATTENTION_NAME
-        return [*hooks, _RestoreAttention(config, original, [layer.attention.attention for layer in blocks])]
+        return [*hooks, _RestoreAttention(config, original, attentions)]
 
 
 class _RestoreAttention:
@@ -94,12 +107,27 @@ def _vit(model: nn.Module) -> nn.Module:
     return model
 
 
-def _is_vit_layer(layer: nn.Module) -> bool:
+def _attention_module(layer: nn.Module) -> nn.Module:
+    """The module that calls the attention function (``attention.attention`` in the older layout)."""
+    inner = getattr(layer.attention, "attention", None)
+    return inner if isinstance(inner, nn.Module) else layer.attention
+
+
+def _has_output_module(layer: nn.Module) -> bool:
+    """The older ViT layout: the residual is added inside ``layer.output``."""
     return all(hasattr(layer, a) for a in ("layernorm_after", "output", "attention"))
 
 
-def _is_dinov2_layer(layer: nn.Module) -> bool:
-    return all(hasattr(layer, a) for a in ("norm2", "mlp", "layer_scale2", "attention"))
+def _residual_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """``(norm, branch_end)`` of a layer that adds its MLP branch itself (DINOv2, newer ViT), else None."""
+    if all(hasattr(layer, a) for a in ("norm2", "mlp", "layer_scale2", "attention")):
+        return layer.norm2, layer.layer_scale2
+    if all(hasattr(layer, a) for a in ("layernorm_after", "mlp", "dropout", "attention")) and not hasattr(
+        layer, "output"
+    ):
+        # dropout also follows the attention, but only its call after the MLP finds a merged stream
+        return layer.layernorm_after, layer.dropout
+    return None
 
 
 def _merged_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

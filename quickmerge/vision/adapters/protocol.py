@@ -66,6 +66,14 @@ class VisionAdapter(Protocol):
         """Tokens at the front that are never merged (class and register tokens)."""
         ...
 
+    def has_class_token(self, model: nn.Module) -> bool:
+        """Whether the first prefix token is a class token (whose query QuickMerge++ asks for saliency)."""
+        ...
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        """Whether the model recomputes its blocks in the backward pass (a patched model refuses to train so)."""
+        ...
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         """The transformer blocks to hook, in order; raises TypeError if their structure is not supported."""
         ...

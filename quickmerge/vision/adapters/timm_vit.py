@@ -35,6 +35,12 @@ class TimmViTAdapter:
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return int(getattr(model, "num_prefix_tokens", 1))
 
+    def has_class_token(self, model: nn.Module) -> bool:
+        return getattr(model, "cls_token", None) is not None  # timm puts it first, before register tokens
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return bool(getattr(model, "grad_checkpointing", False))
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         found = [b for b in model.blocks if all(hasattr(b, a) for a in _REQUIRED)
                  and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm")]

@@ -73,3 +73,15 @@ def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
         assert torch.isfinite(logits).all()
         assert (handle.source[:, 0] == 0).all() and (handle.source[:, 1:] != 0).all()  # [CLS] alone
         assert handle.source.max() == 16  # 64 patches -> 16 kept, plus [CLS]
+
+
+@pytest.mark.parametrize("cls_name", ["ViTModel", "Dinov2Model"])
+def test_gradient_checkpointing_refuses_to_train(cls_name):
+    model = tiny(cls_name, "sdpa")
+    model.gradient_checkpointing_enable()
+    with quickmerge.patch(model, r=8):
+        with torch.no_grad():
+            assert torch.isfinite(output(model, torch.randn(2, 1, 16, 16))).all()
+        model.train()
+        with pytest.raises(RuntimeError, match="gradient checkpointing"):
+            output(model, torch.randn(2, 1, 16, 16)).sum().backward()

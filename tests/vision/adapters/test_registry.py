@@ -33,6 +33,12 @@ class WrappedViTAdapter:
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return TimmViTAdapter().num_prefix_tokens(model.backbone)
 
+    def has_class_token(self, model: nn.Module) -> bool:
+        return TimmViTAdapter().has_class_token(model.backbone)
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return TimmViTAdapter().gradient_checkpointing(model.backbone)
+
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         return TimmViTAdapter().blocks(model.backbone)
 
@@ -66,4 +72,5 @@ def test_a_registered_adapter_patches_its_family(registered):
 def test_register_checks_the_protocol():
     with pytest.raises(TypeError, match="attach"):
         register_adapter(type("Half", (), {"name": "x", "tested_classes": (), "matches": None,
-                                           "num_prefix_tokens": None, "blocks": None})())
+                                           "num_prefix_tokens": None, "has_class_token": None,
+                                           "gradient_checkpointing": None, "blocks": None})())

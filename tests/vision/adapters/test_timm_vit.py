@@ -140,9 +140,57 @@ def test_nothing_to_patch_raises():
     assert quickmerge.vision.get_handle(model) is None
 
 
-def test_a_method_set_past_validation_raises_at_merge():
+@pytest.mark.parametrize(
+    "name,value,error",
+    [
+        ("method", "nope", ValueError),
+        ("saliency", "everything", ValueError),
+        ("matching", "hungarian", ValueError),
+        ("saliency_weight", -1.0, ValueError),
+        ("saliency_weight", "0.5", TypeError),
+        ("epsilon", 0.0, ValueError),
+        ("epsilon", 1.5, ValueError),
+        ("prop_attn", 1, TypeError),
+        ("trace_source", "yes", TypeError),
+    ],
+)
+def test_every_setting_is_validated_when_assigned(name, value, error):
     model = tiny_vit(True)
     with quickmerge.patch(model, r=4) as handle:
-        handle.method = "nope"
-        with pytest.raises(ValueError, match="method"):
-            model(torch.randn(1, 1, 16, 16))
+        before = getattr(handle, name)
+        with pytest.raises(error, match=name.split("_")[0]):
+            setattr(handle, name, value)
+        assert getattr(handle, name) == before  # nothing half-set
+        with pytest.raises(error):
+            handle.configure(**{name: value})
+        with pytest.raises(TypeError, match="unknown setting"):
+            handle.configure(colour="red")
+
+
+def test_register_tokens_without_class_token_do_not_stand_in_for_one():
+    """The first register token's query is not a class token: saliency comes from spread queries instead."""
+    model, x = tiny_vit(True, reg_tokens=2, class_token=False, global_pool="avg"), torch.randn(2, 1, 16, 16)
+    with quickmerge.patch(model, r=10, saliency="cls") as handle:
+        assert not handle.has_class_token and handle.num_prefix_tokens == 2
+        asked_cls = model(x)
+    with quickmerge.patch(model, r=10, saliency="queries"):
+        asked_queries = model(x)
+    assert torch.equal(asked_cls, asked_queries)
+    with quickmerge.patch(tiny_vit(True, reg_tokens=2), r=10) as handle:
+        assert handle.has_class_token
+
+
+def test_gradient_checkpointing_refuses_to_train_but_infers():
+    model, x = tiny_vit(True), torch.randn(2, 1, 16, 16)
+    reference = quickmerge.patch(model, r=8)
+    with torch.no_grad():
+        expected = model(x)
+    reference.remove()
+    model.set_grad_checkpointing(True)
+    with quickmerge.patch(model, r=8):
+        with torch.no_grad():
+            assert torch.allclose(model(x), expected, atol=1e-6)
+        model.train()
+        with pytest.raises(RuntimeError, match="gradient checkpointing"):
+            model(x).sum().backward()
+    model.eval()

@@ -1,0 +1,147 @@
+"""The compressed cache: what a press leaves behind in a Hugging Face ``DynamicCache``.
+
+A press replaces each layer it compressed by a :func:`merged_layer` (a ``DynamicLayer``
+subclass, holding the kept entries) that remembers what it stands for:
+
+- ``offset``: prompt tokens minus entries kept. The layer reports its *logical* length
+  (entries + offset) as its sequence length and places its entries at positions
+  ``offset ..`` in the masks transformers builds, so new tokens get the right positions and
+  causal masks with or without the press, in every transformers release (5.2 builds masks
+  from ``cache_position``, 5.24 from the layers' query offsets).
+- ``log_sizes``: ``[B, H, 1, K]`` log of the number of prompt entries each kept entry
+  stands for (None: one each). The press adds it to the attention logits while active
+  (proportional attention); decoding outside the press runs without it.
+- ``positions``: ``[B, K]`` the position each entry sits at (input-side merging, whose
+  upper layers need masks built by position; decoding such a cache needs the press).
+
+Only the plain ``DynamicLayer`` of a ``DynamicCache`` can be compressed; other cache layers
+(static, quantized, offloaded) raise :class:`UnsupportedCacheError`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DYNAMIC = ("DynamicLayer",)
+DYNAMIC_OR_SLIDING = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+class UnsupportedCacheError(TypeError):
+    """The cache handed to a press cannot be compressed in place."""
+
+
+def cache_arg(kwargs: dict) -> Any:
+    """The cache an attention or decoder layer was called with (``cache=`` since transformers
+    5.2x, ``past_key_values=`` before), or None."""
+    cache = kwargs.get("cache")
+    return kwargs.get("past_key_values") if cache is None else cache
+
+
+def check_cache(cache: Any, who: str) -> None:
+    """Raise :class:`UnsupportedCacheError` for caches whose layers cannot be rewritten in place (offloaded)."""
+    if getattr(cache, "offloading", False):
+        raise UnsupportedCacheError(
+            f"{who} cannot compress an offloaded cache (DynamicCache(offloading=True)); use a plain DynamicCache()"
+        )
+
+
+def check_compressible(cache: Any, layer: Any, who: str, allowed: tuple[str, ...] = DYNAMIC) -> None:
+    """Raise :class:`UnsupportedCacheError` unless ``layer`` of ``cache`` is one of the ``allowed``
+    dynamic layer classes (or was merged already) and the cache is resident."""
+    check_cache(cache, who)
+    name = type(layer).__name__
+    if name not in allowed and not is_merged(layer):
+        raise UnsupportedCacheError(
+            f"{who} compresses the layers of a DynamicCache in place; this cache ({type(cache).__name__}) has "
+            f"{name} layers, which it cannot shorten (static, quantized and offloaded caches are not "
+            "supported). Pass past_key_values=DynamicCache() or let the model create its default cache."
+        )
+
+
+def is_merged(layer: Any) -> bool:
+    """Whether ``layer`` was compressed by a press."""
+    return getattr(layer, "_quickmerge_merged", False)
+
+
+def physical_length(layer: Any) -> int:
+    """Entries a cache layer holds (its keys' length), whatever length it reports."""
+    keys = getattr(layer, "keys", None) if layer is not None else None
+    return 0 if keys is None or keys.dim() < 2 else keys.shape[-2]
+
+
+@functools.cache
+def _merged_layer_type(base: type) -> type:
+    class MergedLayer(base):
+        """A ``DynamicLayer`` holding a compressed prompt (see :mod:`quickmerge.text.cache`)."""
+
+        _quickmerge_merged = True
+        offset: int = 0
+        log_sizes: Tensor | None = None
+        positions: Tensor | None = None
+        needs_press: bool = False  # decoding needs the press's masks (several tokens, or a sliding window)
+        window: int | None = None  # the attention's sliding window, whatever the cache layer's class says
+        _press_call: bool = False  # set by the press just before each call that it handles
+
+        def get_seq_length(self) -> int:
+            entries = physical_length(self)
+            return entries + self.offset if entries else 0
+
+        def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
+            q_len = query if isinstance(query, int) else int(query.shape[0])
+            return physical_length(self) + q_len, self.offset
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+            handled, self._press_call = self._press_call, False
+            if self.needs_press and not handled and (key_states.shape[-2] > 1 or self.window is not None):
+                raise RuntimeError(
+                    "this cache was compressed by QuickMergeInputPress, whose upper layers need the press's "
+                    "attention masks (merged positions, sliding windows): decode inside `with press(model):` "
+                    "(outside it, only one token per call on models without sliding-window layers)"
+                )
+            return super().update(key_states, value_states, *args, **kwargs)
+
+        def crop(self, *args: Any, **kwargs: Any) -> None:
+            raise NotImplementedError("a cache compressed by quickmerge cannot be cropped (its entries are merged)")
+
+        def reset(self) -> None:
+            super().reset()
+            self.offset, self.log_sizes, self.positions = 0, None, None
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            super().reorder_cache(beam_idx)
+            self._index_batch(beam_idx)
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            super().batch_select_indices(indices)
+            self._index_batch(indices)
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            super().batch_repeat_interleave(repeats)
+            self.log_sizes = None if self.log_sizes is None else self.log_sizes.repeat_interleave(repeats, dim=0)
+            self.positions = None if self.positions is None else self.positions.repeat_interleave(repeats, dim=0)
+
+        def _index_batch(self, index: Tensor) -> None:
+            if self.log_sizes is not None:
+                self.log_sizes = self.log_sizes[index.to(self.log_sizes.device)]
+            if self.positions is not None:
+                self.positions = self.positions[index.to(self.positions.device)]
+
+    return MergedLayer
+
+
+def merged_layer(layer: Any, keys: Tensor, values: Tensor, prompt_length: int) -> Any:
+    """A merged layer holding ``keys``/``values`` ``[B, Hkv, K, d]`` for a prompt of ``prompt_length``
+    tokens, carrying ``layer``'s other state (device, dtype, ...)."""
+    kind = _merged_layer_type(type(layer).__mro__[1] if is_merged(layer) else type(layer))
+    merged = kind.__new__(kind)
+    merged.__dict__.update(layer.__dict__)
+    merged.keys, merged.values = keys, values
+    merged.offset = prompt_length - keys.shape[-2]
+    merged.log_sizes = merged.positions = None
+    merged.needs_press = merged._press_call = False
+    merged.window = None
+    return merged

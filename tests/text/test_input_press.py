@@ -1,0 +1,173 @@
+"""QuickMergeInputPress on tiny random-weight causal LMs: exactness, a hand-run reference with sliding
+windows, several prompts per press, and refusals."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.text import QuickMergeInputPress  # noqa: E402
+from tests.text.tiny import tiny  # noqa: E402
+
+MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "gemma3") for a in ("eager", "sdpa")]
+
+
+def _run(model, press, ids, cont, cache=None, inside=True):
+    cache = transformers.DynamicCache() if cache is None else cache
+    with torch.no_grad():
+        with press(model):
+            model(ids, past_key_values=cache)
+            if inside:
+                return model(cont, past_key_values=cache).logits, cache
+        return model(cont, past_key_values=cache).logits, cache
+
+
+@pytest.mark.parametrize("kind,attn", MODELS)
+def test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, attn):
+    model = tiny(kind, attn, layers=3)
+    ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    logits, _ = _run(model, QuickMergeInputPress(0.0, layer=0), ids, cont)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    press = QuickMergeInputPress(0.5, layer=0, window=4)
+    logits, cache = _run(model, press, ids, cont)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [36, 21, 21]
+    assert press.achieved_ratio == pytest.approx(0.5) and torch.isfinite(logits).all()
+    with torch.no_grad():
+        assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ---- a reference run by hand ---------------------------------------------------------------------------
+
+
+def _window(model, i):
+    attn = model.model.layers[i].self_attn
+    window = getattr(attn, "sliding_window", model.config.sliding_window if hasattr(model.config, "sliding_window")
+                     and not hasattr(attn, "sliding_window") else None)
+    return window
+
+
+def _brute_mask(q_pos, k_pos, window):
+    mask = torch.full((len(q_pos), len(k_pos)), float("-inf"))
+    for a, p in enumerate(q_pos):
+        for b, k in enumerate(k_pos):
+            if k <= p and (window is None or p - k < window):
+                mask[a, b] = 0.0
+    return mask[None, None]
+
+
+def _rope(model, i, h, positions):
+    rotary = model.model.rotary_emb
+    if isinstance(model, transformers.Gemma3ForCausalLM):
+        return rotary(h, positions[None], model.config.layer_types[i])
+    return rotary(h, positions[None])
+
+
+@torch.no_grad()
+def _by_hand(model, ids, merged, merged_pos, layer, cont, windows=True):
+    """Layers called one by one; every mask built from positions by brute force; the merged prompt
+    (taken from the press) enters layer+1 at its positions. Returns the normed states of ``cont``."""
+    n, layers = ids.shape[1], model.model.layers
+    cache = transformers.DynamicCache()
+    kv_pos = {}
+    h, pos = model.model.embed_tokens(ids), torch.arange(n)
+    for i, block in enumerate(layers):
+        if i == layer + 1:
+            h, pos = merged, merged_pos
+        kv_pos[i] = pos.tolist()
+        window = _window(model, i) if windows else None
+        h = block(h, attention_mask=_brute_mask(pos.tolist(), kv_pos[i], window), position_ids=pos[None],
+                  past_key_values=cache, use_cache=True, position_embeddings=_rope(model, i, h, pos))
+        h = h[0] if isinstance(h, tuple) else h
+    new = torch.arange(n, n + cont.shape[1])
+    h = model.model.embed_tokens(cont)
+    for i, block in enumerate(layers):
+        kv_pos[i] += new.tolist()
+        window = _window(model, i) if windows else None
+        h = block(h, attention_mask=_brute_mask(new.tolist(), kv_pos[i], window), position_ids=new[None],
+                  past_key_values=cache, use_cache=True, position_embeddings=_rope(model, i, h, new))
+        h = h[0] if isinstance(h, tuple) else h
+    return model.model.norm(h)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma3"])
+@pytest.mark.parametrize("with_config", [True, False], ids=["cache-with-config", "plain-cache"])
+def test_prefill_and_decoding_equal_a_reference_run_by_hand(kind, with_config):
+    """Upper layers see the merged prompt at its positions, causally and within their sliding windows."""
+    model = tiny(kind, "sdpa", layers=3, sliding_window=8 if kind != "llama" else None)
+    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 5))
+    press = QuickMergeInputPress(0.5, layer=0, window=4)
+    captured = {}
+
+    def capture(_m, _a, _k, out):
+        captured["merged"] = (out[0] if isinstance(out, tuple) else out).clone()
+        captured["positions"] = press._positions[0].clone()
+
+    cache = transformers.DynamicCache(config=model.config) if with_config else transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        handle = model.model.layers[0].register_forward_hook(capture, with_kwargs=True)
+        model.model(ids, past_key_values=cache)
+        handle.remove()
+        ours = model.model(cont, past_key_values=cache).last_hidden_state
+    reference = _by_hand(model, ids, captured["merged"], captured["positions"], 0, cont)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    if kind != "llama":  # the windows matter here: full causal masks would give other states
+        full = _by_hand(model, ids, captured["merged"], captured["positions"], 0, cont, windows=False)
+        assert not torch.allclose(full, reference, atol=1e-4)
+
+
+def test_a_second_prompt_behaves_like_a_fresh_press():
+    model = tiny("gemma3", layers=3)
+    first, second, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 26)), torch.randint(0, 97, (1, 4))
+    press = QuickMergeInputPress(0.5, layer=0)
+    with torch.no_grad(), press(model):
+        model(first, past_key_values=transformers.DynamicCache())
+        cache = transformers.DynamicCache()
+        model(second, past_key_values=cache)
+        reused = model(cont, past_key_values=cache).logits
+    fresh, _ = _run(model, QuickMergeInputPress(0.5, layer=0), second, cont)
+    assert torch.equal(reused, fresh) and press.original_length == 26
+
+
+def test_generate_inside_equals_a_greedy_loop_and_outside_refuses_several_tokens():
+    model = tiny("mistral", layers=3, sliding_window=8)
+    ids = torch.randint(0, 97, (1, 30))
+    press = QuickMergeInputPress(0.5, layer=0)
+    with press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
+        cache, tokens = transformers.DynamicCache(), ids
+        with torch.no_grad():
+            logits = model(ids, past_key_values=cache).logits
+            for _ in range(5):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, nxt], 1)
+                logits = model(nxt, past_key_values=cache).logits
+    assert torch.equal(out, tokens)
+    for tokens in (3, 1):  # sliding upper layers need the press's masks even for one token
+        with torch.no_grad(), pytest.raises(RuntimeError, match="decode inside `with press"):
+            model(torch.randint(0, 97, (1, tokens)), past_key_values=cache)
+
+
+def test_one_token_at_a_time_outside_works_on_full_attention_layers():
+    model = tiny("llama", layers=3)
+    ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 1))
+    inside, _ = _run(model, QuickMergeInputPress(0.5, layer=0), ids, cont)
+    outside, cache = _run(model, QuickMergeInputPress(0.5, layer=0), ids, cont, inside=False)
+    assert torch.allclose(inside, outside, atol=1e-5)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="QuickMergeInputPress"):
+        model(torch.randint(0, 97, (1, 2)), past_key_values=cache)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="layer"):
+        QuickMergeInputPress(layer=-1)
+    with pytest.raises(ValueError, match="below the last decoder layer"), QuickMergeInputPress(layer=1)(tiny("llama")):
+        pass
+    model = tiny("llama", layers=3)
+    ids = torch.randint(0, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"), QuickMergeInputPress(0.5, layer=0)(model):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)

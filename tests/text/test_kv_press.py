@@ -1,0 +1,330 @@
+"""The KV presses on tiny random-weight causal LMs: exactness, restoration, shapes, positions and masks
+against independent references, several prompts per press, and loud refusals."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.text import (  # noqa: E402
+    QuickMergePress,
+    RandomEvictionPress,
+    ToMeKVPress,
+)
+from tests.text.tiny import COMMON, duplicated_cache, one_at_a_time, tiny  # noqa: E402
+
+
+def _tiny(kind: str, attn: str):
+    return tiny(kind, attn)
+
+
+MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3") for a in ("eager", "sdpa")]
+
+
+def _prefill_then_score(model, press, ids, cont, inside=True):
+    cache = transformers.DynamicCache()
+    positions = torch.arange(ids.shape[1], ids.shape[1] + cont.shape[1])[None].expand(ids.shape[0], -1)
+    with torch.no_grad():
+        if press is None:
+            model(ids, past_key_values=cache)
+            return model(cont, past_key_values=cache, position_ids=positions).logits, cache
+        with press(model):
+            model(ids, past_key_values=cache)
+            if inside:
+                return model(cont, past_key_values=cache, position_ids=positions).logits, cache
+        return model(cont, past_key_values=cache, position_ids=positions).logits, cache
+
+
+@pytest.mark.parametrize("kind,attn", MODELS)
+def test_ratio_zero_reproduces_the_unpatched_model_and_exit_restores_it(kind, attn):
+    model = _tiny(kind, attn)
+    ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    logits, cache = _prefill_then_score(model, QuickMergePress(compression_ratio=0.0), ids, cont)
+    assert cache.get_seq_length() == 36
+    assert torch.allclose(logits, reference, atol=1e-5)
+    press = QuickMergePress(compression_ratio=0.5, window=4)
+    _prefill_then_score(model, press, ids, cont)
+    with torch.no_grad():
+        after = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    assert torch.equal(after, reference)  # hooks and per-layer state are gone
+    assert all(not hasattr(layer.self_attn, "_quickmerge_bias") for layer in model.model.layers)
+
+
+@pytest.mark.parametrize("kind,attn", MODELS)
+@pytest.mark.parametrize("press_cls", [QuickMergePress, ToMeKVPress, RandomEvictionPress])
+def test_compression_keeps_the_requested_share(kind, attn, press_cls):
+    model = _tiny(kind, attn)
+    ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 5))
+    press = press_cls(compression_ratio=0.5, **({"window": 8} if press_cls is QuickMergePress else {}))
+    logits, cache = _prefill_then_score(model, press, ids, cont)
+    assert press.original_length == 40 and press.compressed_length == 20
+    assert press.achieved_ratio == pytest.approx(0.5)
+    assert [layer.keys.shape[2] for layer in cache.layers] == [20 + 5] * 2  # entries held
+    assert cache.get_seq_length() == 40 + 5  # positions seen: new tokens continue from the prompt
+    assert logits.shape == (2, 5, 97) and torch.isfinite(logits).all()
+
+
+def test_proportional_attention_changes_decoding_and_positions_continue():
+    model = _tiny("llama", "sdpa")
+    ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 5))
+    with_bias, _ = _prefill_then_score(model, QuickMergePress(0.5, window=4), ids, cont)
+    without, _ = _prefill_then_score(model, QuickMergePress(0.5, window=4, proportional=False), ids, cont)
+    assert not torch.allclose(with_bias, without)
+    # Inside the context, positions of new tokens continue from the original length by themselves.
+    press = QuickMergePress(0.5, window=4)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        implicit = model(cont, past_key_values=cache).logits
+    assert torch.allclose(implicit, with_bias, atol=1e-5)
+
+
+def test_generate_inside_the_press():
+    model = _tiny("llama", "sdpa")
+    ids = torch.randint(0, 97, (2, 32))
+    press = QuickMergePress(0.5, window=4)
+    with press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert out.shape == (2, 36) and press.achieved_ratio == pytest.approx(0.5)
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="compression_ratio"):
+        QuickMergePress(compression_ratio=1.0)
+    with pytest.raises(ValueError, match="window"):
+        QuickMergePress(window=0)
+    with pytest.raises(ValueError, match="salient"):
+        QuickMergePress(salient="middle")
+    with pytest.raises(TypeError, match="no decoder layers"), QuickMergePress()(torch.nn.Linear(2, 2)):
+        pass
+    model = _tiny("llama", "sdpa")
+    ids = torch.randint(0, 97, (2, 20))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"), QuickMergePress(0.5, window=4)(model):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        **{**COMMON, "num_hidden_layers": 3},
+        head_dim=16,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+    )
+    model = transformers.Gemma3ForCausalLM(config).eval()
+    model.set_attn_implementation(attn)
+    ids, cont = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 30:]
+    logits, _ = _prefill_then_score(model, QuickMergePress(compression_ratio=0.0), ids, cont)
+    assert torch.allclose(logits, reference, atol=1e-5)
+    press = QuickMergePress(compression_ratio=0.5, window=4)
+    logits, cache = _prefill_then_score(model, press, ids, cont)
+    assert cache.layers[1].keys.shape[2] == 15 + 6  # the global layer holds the merged prompt + new tokens
+    assert press.achieved_ratio == pytest.approx(0.5) and torch.isfinite(logits).all()
+    # Without positions, tokens decoded inside the press are placed after the original prompt.
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        implicit = model(cont, past_key_values=cache).logits
+    assert torch.allclose(implicit, logits, atol=1e-5)
+    with torch.no_grad():
+        assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"mode": "rows"}, "mode"),
+        ({"bias": "none"}, "bias"),
+        ({"kernel_size": 0}, "kernel_size"),
+        ({"kmeans_iters": -1}, "kmeans_iters"),
+        ({"epsilon": 0.0}, "epsilon"),
+    ],
+)
+def test_press_option_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        QuickMergePress(**kwargs)
+
+
+@pytest.mark.parametrize("press_cls", [ToMeKVPress, RandomEvictionPress])
+def test_baselines_carry_only_their_own_options(press_cls):
+    with pytest.raises(TypeError, match="window"):
+        press_cls(compression_ratio=0.5, window=8)
+    with pytest.raises(ValueError, match="compression_ratio"):
+        press_cls(compression_ratio=1.5)
+
+
+# ---- positions, masks and proportional attention against independent references -----------------
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("press_cls", [QuickMergePress, ToMeKVPress])
+def test_decoding_inside_equals_an_unpatched_model_on_the_duplicated_cache(kind, attn, press_cls):
+    """Proportional attention = each merged entry repeated size times; positions continue from the prompt."""
+    model = tiny(kind, attn)
+    ids, cont = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 5))
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press_cls(compression_ratio=0.5)(model):
+        model(ids, past_key_values=cache)
+        reference_cache = duplicated_cache(cache)
+        merged = model(cont, past_key_values=cache).logits  # no position_ids: the cache knows them
+    with torch.no_grad():
+        reference = model(cont, past_key_values=reference_cache).logits
+    assert torch.allclose(merged, reference, atol=1e-5), (merged - reference).abs().max()
+    # and the oracle is not trivial: without proportional attention the logits differ
+    if press_cls is QuickMergePress:
+        cache = transformers.DynamicCache()
+        with torch.no_grad(), QuickMergePress(0.5, proportional=False)(model):
+            model(ids, past_key_values=cache)
+            plain = model(cont, past_key_values=cache).logits
+        assert not torch.allclose(plain, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("inside", [True, False], ids=["inside", "outside"])
+@pytest.mark.parametrize("press_cls", [QuickMergePress, RandomEvictionPress])
+def test_several_tokens_in_one_call_equal_one_at_a_time(kind, inside, press_cls):
+    """New tokens never see later new tokens, inside or outside the press, whichever layers were shortened
+    (Gemma 3: only the global ones)."""
+    model = tiny(kind, "sdpa")
+    ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 6))
+    press = press_cls(compression_ratio=0.5)
+    results = []
+    for at_once in (True, False):
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            with press(model):
+                model(ids, past_key_values=cache)
+                if inside:
+                    results.append(model(cont, past_key_values=cache).logits if at_once
+                                   else one_at_a_time(model, cont, cache))
+            if not inside:
+                results.append(model(cont, past_key_values=cache).logits if at_once
+                               else one_at_a_time(model, cont, cache))
+    assert torch.allclose(results[0], results[1], atol=1e-5), (results[0] - results[1]).abs().max()
+
+
+def test_positions_continue_from_the_prompt_without_the_press():
+    model = tiny("llama")
+    ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 4))
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        with RandomEvictionPress(0.5)(model):
+            model(ids, past_key_values=cache)
+        implicit = model(cont, past_key_values=cache).logits
+        cache_copy = cache  # same entries; now with explicit positions
+    assert cache.get_seq_length() == 34 and cache.layers[0].keys.shape[2] == 15 + 4
+    del cache_copy
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        with RandomEvictionPress(0.5)(model):
+            model(ids, past_key_values=cache)
+        explicit = model(cont, past_key_values=cache, position_ids=torch.arange(30, 34)[None]).logits
+    assert torch.allclose(implicit, explicit, atol=1e-6)
+
+
+# ---- several prompts in one `with` block -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("press_cls", [QuickMergePress, ToMeKVPress, RandomEvictionPress])
+def test_a_second_prompt_in_the_same_block_behaves_like_a_fresh_press(press_cls):
+    model = tiny("llama")
+    first, second = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 24))
+    cont = torch.randint(0, 97, (2, 5))
+    press = press_cls(compression_ratio=0.5)
+    with torch.no_grad(), press(model):
+        model(first, past_key_values=transformers.DynamicCache())
+        model(cont, past_key_values=transformers.DynamicCache())  # a stray call on another cache
+        cache = transformers.DynamicCache()
+        model(second, past_key_values=cache)
+        reused = model(cont, past_key_values=cache).logits
+        lengths = (press.original_length, press.compressed_length)
+    fresh_press = press_cls(compression_ratio=0.5)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), fresh_press(model):
+        model(second, past_key_values=cache)
+        fresh = model(cont, past_key_values=cache).logits
+    assert torch.equal(reused, fresh) and lengths == (24, 12)
+
+
+def test_generate_loop_over_prompts_equals_fresh_presses():
+    model = tiny("gemma3")
+    prompts = [torch.randint(0, 97, (1, n)) for n in (30, 18, 25)]
+    press = QuickMergePress(0.5, window=4)
+    with press(model):
+        looped = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=5, do_sample=False)
+                  for p in prompts]
+    for p, out in zip(prompts, looped, strict=True):
+        with QuickMergePress(0.5, window=4)(model):
+            fresh = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=5, do_sample=False)
+        assert torch.equal(out, fresh)
+
+
+def test_generate_inside_equals_a_greedy_loop_inside():
+    model = tiny("gemma3")
+    ids = torch.randint(0, 97, (2, 30))
+    press = QuickMergePress(0.5, window=4)
+    with press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        cache, tokens = transformers.DynamicCache(), ids
+        with torch.no_grad():
+            logits = model(ids, past_key_values=cache).logits
+            for _ in range(6):
+                nxt = logits[:, -1].argmax(-1, keepdim=True)
+                tokens = torch.cat([tokens, nxt], 1)
+                logits = model(nxt, past_key_values=cache).logits
+    assert torch.equal(out, tokens)
+
+
+# ---- refusals ---------------------------------------------------------------------------------------
+
+
+def test_caches_that_cannot_be_shortened_in_place_raise():
+    from quickmerge.text.cache import UnsupportedCacheError
+
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 20))
+    static = transformers.StaticCache(config=model.config, max_cache_len=64)
+    with pytest.raises(UnsupportedCacheError, match="StaticLayer"), QuickMergePress(0.5)(model), torch.no_grad():
+        model(ids, past_key_values=static)
+    offloaded = transformers.DynamicCache()
+    offloaded.offloading = True  # DynamicCache(offloading=True) itself needs a GPU
+    with pytest.raises(UnsupportedCacheError, match="offload"), QuickMergePress(0.5)(model), torch.no_grad():
+        model(ids, past_key_values=offloaded)
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
+def test_attention_without_float_masks_refuses_proportional_attention(implementation):
+    model = tiny("llama")
+    model.config._attn_implementation_internal = implementation  # the check runs before any attention
+    with pytest.raises(ValueError, match=implementation), QuickMergePress(0.5)(model), torch.no_grad():
+        model(torch.randint(0, 97, (1, 20)), past_key_values=transformers.DynamicCache())
+
+
+def test_every_layer_sliding_raises_instead_of_compressing_nothing():
+    model = tiny("mistral", sliding_window=16)
+    with pytest.raises(RuntimeError, match="sliding-window"), QuickMergePress(0.5)(model), torch.no_grad():
+        model(torch.randint(0, 97, (1, 30)), past_key_values=transformers.DynamicCache())
+
+
+def test_a_prefill_without_cache_raises():
+    model = tiny("llama")
+    with pytest.raises(RuntimeError, match="no KV cache"), QuickMergePress(0.5)(model), torch.no_grad():
+        model(torch.randint(0, 97, (1, 30)), use_cache=False)
+    # nothing to compress is fine: a one-token prompt at ratio 0.5 keeps its token
+    with QuickMergePress(0.5)(model), torch.no_grad():
+        model(torch.randint(0, 97, (1, 1)), past_key_values=transformers.DynamicCache())
+
+
+def test_hooks_are_removed_when_the_block_raises():
+    model = tiny("llama")
+    with pytest.raises(RuntimeError), QuickMergePress(0.5)(model), torch.no_grad():
+        model(torch.randint(0, 97, (1, 30)), use_cache=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
