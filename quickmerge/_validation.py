@@ -2,20 +2,59 @@
 
 Every check runs before any heavy work and raises ``TypeError`` (wrong kind of
 object) or ``ValueError`` (right kind, wrong value) with a message that names the
-argument and states what was expected.
+argument and states what was expected. Checks of tensor *values* (finite, non-negative)
+are gathered in a :class:`ValueChecks` and read back together, so a public call costs
+at most one host-device synchronisation for its argument checks.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 import torch
 from torch import Tensor
 
 
-def check_tokens(x: object, name: str = "X", *, rank: int = 3, dim: int | None = None) -> Tensor:
-    """Check a floating token tensor of shape ``[B, N, D]`` (rank 3) or ``[N, D]`` (rank 2)."""
+class ValueChecks:
+    """Conditions on tensor values, computed on the tensors' device and read back with one sync."""
+
+    def __init__(self) -> None:
+        self._conditions: list[Tensor] = []
+        self._messages: list[str] = []
+
+    def require(self, condition: Tensor, message: str) -> None:
+        """Fail with ``ValueError(message)`` unless the 0-d bool ``condition`` holds."""
+        self._conditions.append(condition.reshape(()))
+        self._messages.append(message)
+
+    def finite(self, x: Tensor, name: str) -> None:
+        # min/max propagate NaN and expose +-inf: one cheap reduction instead of an isfinite copy.
+        low, high = torch.aminmax(x.detach())
+        self.require(torch.isfinite(low) & torch.isfinite(high), f"{name} contains NaN or infinite values")
+
+    def nonnegative(self, x: Tensor, name: str) -> None:
+        self.require(x.detach().min() >= 0, f"{name} must be non-negative")
+
+    def resolve(self) -> None:
+        """Read every condition back at once (one host-device sync); raise the first that failed."""
+        if not self._conditions:
+            return
+        held = torch.stack([c.to(self._conditions[0].device) for c in self._conditions]).tolist()
+        self._conditions, messages, self._messages = [], self._messages, []
+        for ok, message in zip(held, messages, strict=True):
+            if not ok:
+                raise ValueError(message)
+
+
+def check_tokens(
+    x: object, name: str = "X", *, rank: int = 3, dim: int | None = None, checks: ValueChecks | None = None
+) -> Tensor:
+    """Check a floating token tensor of shape ``[B, N, D]`` (rank 3) or ``[N, D]`` (rank 2).
+
+    Its values are checked (finite) in ``checks`` if given, else at once.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not (x.is_floating_point()):
@@ -31,15 +70,16 @@ def check_tokens(x: object, name: str = "X", *, rank: int = 3, dim: int | None =
         raise ValueError(
             f"{name} must have embedding dimension D={dim} (the module's embedding_dim), got D={x.shape[-1]}"
         )
-    if not _all_finite(x):
-        raise ValueError(f"{name} contains NaN or infinite values")
+    _value_checks(checks, lambda c: c.finite(x, name))
     return x
 
 
-def _all_finite(x: Tensor) -> bool:
-    # min/max propagate NaN and expose +-inf: one cheap reduction instead of an isfinite copy.
-    low, high = torch.aminmax(x.detach())
-    return bool(torch.isfinite(low) & torch.isfinite(high))
+def _value_checks(checks: ValueChecks | None, add: Any) -> None:
+    """Add value checks to ``checks``, or run them now when no collection is given."""
+    own = ValueChecks() if checks is None else checks
+    add(own)
+    if checks is None:
+        own.resolve()
 
 
 def check_num_tokens(k: object, n: int, name: str = "K") -> int:
@@ -78,16 +118,23 @@ def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
     return int(value)
 
 
-def check_scores(s: object, name: str, batch: int, n: int) -> Tensor:
-    """Check per-token scores of shape ``[B, N]`` with finite floating values."""
+def check_scores(
+    s: object, name: str, batch: int, n: int, *, nonnegative: bool = False, checks: ValueChecks | None = None
+) -> Tensor:
+    """Check per-token scores of shape ``[B, N]`` with finite (and optionally non-negative) floating values."""
     if not isinstance(s, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape [B, N], got {type(s).__name__}")
     if not s.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {s.dtype}")
     if tuple(s.shape) != (batch, n):
         raise ValueError(f"{name} must have shape [B, N] = [{batch}, {n}], got {tuple(s.shape)}")
-    if not _all_finite(s):
-        raise ValueError(f"{name} contains NaN or infinite values")
+
+    def add(c: ValueChecks) -> None:
+        c.finite(s, name)
+        if nonnegative:
+            c.nonnegative(s, name)
+
+    _value_checks(checks, add)
     return s
 
 

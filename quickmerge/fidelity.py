@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_real, check_tokens
+from ._validation import ValueChecks, check_real, check_tokens
 
 
 class NormBasedFidelityConstraint(nn.Module):
@@ -32,8 +32,14 @@ class NormBasedFidelityConstraint(nn.Module):
 
     def retention(self, X: Tensor, merged_tokens: Tensor, sizes: Tensor | None = None) -> Tensor:
         """Retention ratio rho ``[B]`` of ``merged_tokens [B, K, D]`` relative to ``X [B, N, D]``."""
-        check_tokens(X, "X")
-        check_tokens(merged_tokens, "merged_tokens", dim=X.shape[-1])
+        checks = ValueChecks()
+        check_tokens(X, "X", checks=checks)
+        check_tokens(merged_tokens, "merged_tokens", dim=X.shape[-1], checks=checks)
+        checks.resolve()
+        return self.unchecked_retention(X, merged_tokens, sizes)
+
+    def unchecked_retention(self, X: Tensor, merged_tokens: Tensor, sizes: Tensor | None = None) -> Tensor:
+        """:meth:`retention` without checking the tensors' values (for callers that checked them)."""
         b, n, _ = X.shape
         k = merged_tokens.shape[1]
         if merged_tokens.shape[0] != b:
@@ -51,6 +57,10 @@ class NormBasedFidelityConstraint(nn.Module):
     def compute_fidelity_loss(self, X: Tensor, merged_tokens: Tensor, sizes: Tensor | None = None) -> Tensor:
         """``mean_b relu(gamma - rho_b)``, a scalar tensor carrying gradients."""
         return torch.relu(self.gamma - self.retention(X, merged_tokens, sizes)).mean()
+
+    def unchecked_loss(self, X: Tensor, merged_tokens: Tensor, sizes: Tensor | None = None) -> Tensor:
+        """:meth:`compute_fidelity_loss` for tensors the caller checked."""
+        return torch.relu(self.gamma - self.unchecked_retention(X, merged_tokens, sizes)).mean()
 
     forward = compute_fidelity_loss
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._validation import check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
+from ._validation import ValueChecks, check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
 from .primitives import group_sum, weighted_mean
 from .selection import select_tokens
 
@@ -239,12 +239,17 @@ class DifferentiableTokenMerging(torch.nn.Module):
         self.generator = generator
 
     def forward(self, X: Tensor, saliency_scores: Tensor, K: int) -> MergeResult:
-        check_tokens(X, "X")
+        checks = ValueChecks()
+        check_tokens(X, "X", checks=checks)
         b, n, _ = X.shape
         k = check_num_tokens(K, n)
-        check_scores(saliency_scores, "saliency_scores", b, n)
-        if bool((saliency_scores < 0).any()):
-            raise ValueError("saliency_scores must be non-negative")
+        check_scores(saliency_scores, "saliency_scores", b, n, nonnegative=True, checks=checks)
+        checks.resolve()
+        return self.merge(X, saliency_scores, k)
+
+    def merge(self, X: Tensor, saliency_scores: Tensor, k: int) -> MergeResult:
+        """:meth:`forward` without argument checks (for callers that checked them)."""
+        n = X.shape[1]
         if k == n:
             return identity_result(X)
         mask, seeds = select_tokens(

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._validation import check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
+from ._validation import ValueChecks, check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
 from .budget import adaptive_tokens, tokens_for_budget
 from .fidelity import NormBasedFidelityConstraint
 from .merging import DifferentiableTokenMerging, MergeResult
@@ -89,16 +89,23 @@ class QuickMergePP(nn.Module):
         saliency: Tensor | None = None,
     ) -> tuple[MergeResult, Tensor]:
         """Saliency and merge without losses: ``(MergeResult, saliency [B, N])``."""
-        check_tokens(X, "X", dim=self.embedding_dim)
+        checks = ValueChecks()
+        check_tokens(X, "X", dim=self.embedding_dim, checks=checks)
         b, n, _ = X.shape
         k = check_num_tokens(K, n)
         if saliency is not None and attentions is not None:
             raise ValueError("pass either attentions or saliency, not both")
+        if saliency is not None:
+            check_scores(saliency, "saliency", b, n, nonnegative=True, checks=checks)
+        checks.resolve()
+        return self._compress(X, k, attentions, saliency)
+
+    def _compress(
+        self, X: Tensor, k: int, attentions: Iterable[Tensor] | None, saliency: Tensor | None
+    ) -> tuple[MergeResult, Tensor]:
         if saliency is None:
-            saliency = self.saliency(X, attentions)
-        else:
-            check_scores(saliency, "saliency", b, n)
-        return self.merger(X, saliency, k), saliency
+            saliency = self.saliency.estimate(X, attentions)
+        return self.merger.merge(X, saliency, k), saliency
 
     def forward(
         self,
@@ -110,8 +117,8 @@ class QuickMergePP(nn.Module):
     ) -> QuickMergeOutput:
         result, s = self.compress(X, K, attentions=attentions, saliency=saliency)
         merged = result.merged
-        l_fwd, l_bwd = self.ar_alignment.directional_losses(merged)
-        fidelity = self.fidelity.compute_fidelity_loss(X, merged, result.sizes)
+        l_fwd, l_bwd = self.ar_alignment.losses(merged)
+        fidelity = self.fidelity.unchecked_loss(X, merged, result.sizes)
         ar = l_fwd + l_bwd
         losses = {
             "ar_forward": l_fwd,
@@ -187,10 +194,12 @@ def quickmerge_inference(
     try:
         with torch.no_grad():
             if saliency is None:
-                saliency = quickmerge.saliency(X, attentions)
+                saliency = quickmerge.saliency.estimate(X, attentions)
+            else:
+                check_scores(saliency, "saliency", 1, n, nonnegative=True)
             if adaptive:
                 k = int(adaptive_tokens(saliency, entropy_budget)[0])
-            result, _ = quickmerge.compress(X, k, saliency=saliency)
+            result = quickmerge.merger.merge(X, saliency, check_num_tokens(k, n))
             predictions = _call_ar_model(ar_model, result.merged)
     finally:
         quickmerge.train(was_training)

@@ -58,8 +58,11 @@ class CausalPrior(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        check_tokens(tokens, "tokens", dim=self.embedding_dim)
+    def forward(self, tokens: Tensor, *, validate: bool = True) -> Tensor:
+        """Prediction ``[B, K, D]`` for each position of ``tokens [B, K, D]`` from tokens up to it
+        (``validate=False``: the caller checked ``tokens``)."""
+        if validate:
+            check_tokens(tokens, "tokens", dim=self.embedding_dim)
         dtype = self.inp.weight.dtype
         h = self.inp(tokens.to(dtype))
         for block in self.blocks:
@@ -90,8 +93,12 @@ class BidirectionalARAlignment(nn.Module):
     def directional_losses(self, merged_tokens: Tensor) -> tuple[Tensor, Tensor]:
         """``(L_forward, L_backward)``, scalar tensors that carry gradients."""
         check_tokens(merged_tokens, "merged_tokens", dim=self.embedding_dim)
-        fwd_pred = self.forward_prior(merged_tokens)
-        bwd_pred = self.backward_prior(merged_tokens.flip(1)).flip(1)
+        return self.losses(merged_tokens)
+
+    def losses(self, merged_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`directional_losses` without checking ``merged_tokens`` (for callers that checked it)."""
+        fwd_pred = self.forward_prior(merged_tokens, validate=False)
+        bwd_pred = self.backward_prior(merged_tokens.flip(1), validate=False).flip(1)
         if merged_tokens.shape[1] < 2:
             # Nothing to predict; zero losses that stay attached to the graph.
             zero = (fwd_pred.float().sum() + bwd_pred.float().sum()) * 0.0

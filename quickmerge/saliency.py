@@ -227,6 +227,18 @@ class EntropyAwareSaliency(nn.Module):
     ) -> Tensor:
         """Saliency ``[B, N]`` in [0, 1] for tokens ``X`` ``[B, N, D]``."""
         check_tokens(X, "X", dim=self.embedding_dim)
+        return self.estimate(X, attentions, queries=queries, keys=keys, causal=causal)
+
+    def estimate(
+        self,
+        X: Tensor,
+        attentions: Iterable[Tensor] | None = None,
+        *,
+        queries: Iterable[Tensor] | None = None,
+        keys: Iterable[Tensor] | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        """:meth:`forward` without checking ``X`` (for callers that checked it)."""
         if attentions is not None:
             return self.from_attentions(attentions, expected=X.shape[:2])
         if (queries is None) != (keys is None):

@@ -37,6 +37,9 @@ def relaxed_topk_mask(logits: Tensor, k: int, temperature: float) -> Tensor:
     n = z.shape[-1]
     if k >= n:
         return torch.ones_like(z)
+    # Centred at the K-th largest score, the scores near the threshold are small numbers, which
+    # float32 resolves finely whatever their magnitude (19999.998 - 20000 is exact).
+    z = z - z.detach().topk(k, dim=-1).values[..., -1:]
     with torch.no_grad():
         lo = z.amin(dim=-1, keepdim=True) - 40.0 * temperature
         hi = z.amax(dim=-1, keepdim=True) + 40.0 * temperature
@@ -46,10 +49,11 @@ def relaxed_topk_mask(logits: Tensor, k: int, temperature: float) -> Tensor:
             lo = torch.where(too_many, mid, lo)
             hi = torch.where(too_many, hi, mid)
         t = 0.5 * (lo + hi)
-        # One Newton step polishes the sum to float precision.
+        # One Newton step polishes the sum to float precision; it may not leave the bracket, where a
+        # flat stretch of the sum (widely gapped scores) would send it far off.
         sig = torch.sigmoid((z - t) / temperature)
         slope = (sig * (1 - sig)).sum(dim=-1, keepdim=True) / temperature
-        t = t + (sig.sum(dim=-1, keepdim=True) - k) / slope.clamp_min(1e-12)
+        t = torch.minimum(torch.maximum(t + (sig.sum(dim=-1, keepdim=True) - k) / slope.clamp_min(1e-12), lo), hi)
         sig = torch.sigmoid((z - t) / temperature)
         weight = sig * (1 - sig)
         weight = weight / weight.sum(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,4 +1,7 @@
+import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from quickmerge.selection import relaxed_topk_mask, select_tokens
 
@@ -37,3 +40,32 @@ def test_training_selection_samples_by_saliency():
         _, seeds = select_tokens(s, 1, temperature=0.1, floor=0.01, training=True, generator=gen)
         counts[seeds[0, 0]] += 1
     assert counts[:2].sum() > 190  # sampled in proportion to saliency: ~99%
+
+
+ADVERSARIAL = [
+    # widely gapped scores: flat stretches of the sum around the threshold, large magnitudes
+    ([20000.0, 10000.0, 20000.0, 30000.0, 19999.998046875, 20000.0, 20000.001953125, 30000.0, 20000.0], 6, 0.0017),
+    ([0.0, 0.0, 0.0, 1000.0, 1000.0, 2000.0], 2, 0.1),
+    ([0.0, 1e5, 2e5], 2, 0.0015),
+    ([-30.0, -30.0, 30.0, 30.0, 30.0], 3, 0.05),
+    ([0.0] * 5 + [40.0] * 5, 5, 1.0),
+]
+
+
+@pytest.mark.parametrize("scores,k,temperature", ADVERSARIAL)
+def test_relaxed_mask_sums_to_k_on_widely_gapped_scores(scores, k, temperature):
+    mask = relaxed_topk_mask(torch.tensor([scores]), k, temperature)
+    assert torch.isfinite(mask).all() and abs(float(mask.sum()) - k) < 1e-3
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    levels=st.lists(st.integers(0, 3), min_size=2, max_size=12),
+    scale=st.sampled_from([1.0, 10.0, 1e3, 1e5]),
+    temperature=st.floats(1e-3, 10.0),
+    data=st.data(),
+)
+def test_relaxed_mask_sums_to_k_for_any_gaps(levels, scale, temperature, data):
+    k = data.draw(st.integers(1, len(levels) - 1))
+    mask = relaxed_topk_mask(torch.tensor([levels], dtype=torch.float32) * scale, k, temperature)
+    assert torch.isfinite(mask).all() and abs(float(mask.sum()) - k) < 1e-3

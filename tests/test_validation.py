@@ -1,5 +1,7 @@
 """Every kind of bad input raises a clear error naming the argument, before heavy work."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -125,3 +127,63 @@ def test_errors_come_before_heavy_work(monkeypatch):
     with pytest.raises(ValueError):
         QM(X, 11)
     assert calls == []
+
+
+@contextlib.contextmanager
+def host_reads():
+    """Count reads of tensor values back to the host (each one a device sync on a GPU)."""
+    count = {"n": 0}
+    names = ("__bool__", "item", "tolist", "__int__", "__float__", "__index__")
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(fn):
+        def wrapper(*args, **kwargs):
+            count["n"] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(torch.Tensor, name, counting(fn))
+    try:
+        yield count
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+
+
+def _public_calls():
+    from quickmerge import (
+        BidirectionalARAlignment,
+        DifferentiableTokenMerging,
+        EntropyAwareSaliency,
+        NormBasedFidelityConstraint,
+        QuickMergePP,
+    )
+
+    x, s = torch.randn(2, 40, 16), torch.rand(2, 40)
+    return {
+        "DifferentiableTokenMerging": lambda: DifferentiableTokenMerging().eval()(x, s, 10),
+        "DifferentiableTokenMerging causal, training": lambda: DifferentiableTokenMerging(causal=True)(x, s, 10),
+        "QuickMergePP forward": lambda: QuickMergePP(16, num_layers=3).eval()(x, 10),
+        "QuickMergePP forward with saliency": lambda: QuickMergePP(16).eval()(x, 10, saliency=s),
+        "QuickMergePP compress": lambda: QuickMergePP(16).eval().compress(x, 10),
+        "EntropyAwareSaliency": lambda: EntropyAwareSaliency(16, 3)(x),
+        "NormBasedFidelityConstraint": lambda: NormBasedFidelityConstraint()(x, x[:, :10]),
+        "BidirectionalARAlignment": lambda: BidirectionalARAlignment(16).compute_alignment_loss(x[:, :10]),
+    }
+
+
+@pytest.mark.parametrize("name", list(_public_calls()))
+def test_argument_checks_cost_at_most_one_host_read_per_public_call(name):
+    call = _public_calls()[name]
+    with host_reads() as count:
+        call()
+    assert count["n"] <= 1, f"{name} read tensor values back {count['n']} times"
+
+
+def test_host_read_counter_counts():
+    with host_reads() as count:
+        bool(torch.ones(()) > 0)
+        torch.ones(2).tolist()
+    assert count["n"] == 2
