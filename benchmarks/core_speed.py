@@ -1,6 +1,6 @@
 """Speed and fidelity of the core merge, measured side by side in one process.
 
-Usage:  python benchmarks/core_speed.py [--repeats 5] [--out results/core]
+Usage:  python benchmarks/core_speed.py [--repeats 7] [--out results/core_speed]
 
 Times, on 2 threads and interleaved (each repeat runs every method once), at
 (B, N, D, K) = (2, 100, 512, 20), (8, 1024, 768, 256), (1, 4096, 768, 1024),
@@ -13,7 +13,8 @@ Times, on 2 threads and interleaved (each repeat runs every method once), at
   (d)  QuickMerge++'s merge step alone (selection + clustering + means) given saliency.
 Peak memory of (a) at the largest shape is measured in a fresh subprocess.
 Fidelity: relative reconstruction error after unmerging real MiniLM token
-states of 40 Wikipedia windows at K = N/4, plain and mass-weighted.
+states of 40 Wikipedia windows at K = N/4, weighted uniformly, by QuickMerge++'s merge
+mass, and by the attention each token receives in the last layer (neutral: chosen by no method).
 Writes ``<out>.json`` and ``<out>.png`` and prints markdown tables.
 """
 
@@ -123,6 +124,8 @@ def fidelity(num_windows: int = 40, window: int = 254) -> dict[str, dict[str, fl
         with torch.no_grad():
             ref, s = variants["quickmerge"].compress(x, k, attentions=enc.attentions)
             mass = merge_mass(ref.mask, s, variants["quickmerge"].merger.epsilon)
+            # a neutral weight, chosen by no method: the attention each token receives in the model's last layer
+            received = enc.attentions[-1].mean(dim=1).sum(dim=1)  # [1, N]
             recon = {}
             for name, qm in variants.items():
                 attn = None if name == "quickmerge_x_only" else enc.attentions
@@ -131,9 +134,15 @@ def fidelity(num_windows: int = 40, window: int = 254) -> dict[str, dict[str, fl
             merged, assignment, _ = fn(x, k)
             recon[name] = merged.gather(1, assignment[..., None].expand(-1, -1, x.shape[-1]))
         for name, approx in recon.items():
-            errors.setdefault(name, []).append((relative_error(x, approx), relative_error(x, approx, mass)))
+            errors.setdefault(name, []).append(
+                (relative_error(x, approx), relative_error(x, approx, mass), relative_error(x, approx, received))
+            )
     return {
-        name: {"error": statistics.mean(e for e, _ in v), "mass_weighted_error": statistics.mean(m for _, m in v)}
+        name: {
+            "error": statistics.mean(e[0] for e in v),
+            "mass_weighted_error": statistics.mean(e[1] for e in v),
+            "attention_weighted_error": statistics.mean(e[2] for e in v),
+        }
         for name, v in errors.items()
     }
 
@@ -163,7 +172,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default="results/core_speed")
     parser.add_argument("--skip-fidelity", action="store_true")
     args = parser.parse_args()
@@ -203,9 +212,10 @@ def main() -> None:
         f"({pm['rss_before_call_gb']:.2f} GB before the call)"
     )
     if "fidelity" in results:
-        print("\n| method | error | mass-weighted error |\n|---|---|---|")
+        print("\n| method | uniform weights | QuickMerge++ mass | last-layer attention received |\n|---|---|---|---|")
         for name, v in results["fidelity"].items():
-            print(f"| {name} | {v['error']:.3f} | {v['mass_weighted_error']:.3f} |")
+            errors = (v["error"], v["mass_weighted_error"], v["attention_weighted_error"])
+            print(f"| {name} | " + " | ".join(f"{e:.3f}" for e in errors) + " |")
 
 
 if __name__ == "__main__":

@@ -50,15 +50,36 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--out", default="results/visualize.png")
     train = sub.add_parser("train", help="train a reference model")
     targets = train.add_subparsers(dest="target", required=True)
-    vision = targets.add_parser("vision", help="the Fashion-MNIST ViT shipped in quickmerge/assets")
-    vision.add_argument("--epochs", type=int, default=3)
-    vision.add_argument("--out", default=None, help="output directory (default: the package's asset directory)")
-    vision.add_argument("--threads", type=int, default=2)
+    vision = targets.add_parser("vision", help="the reference Fashion-MNIST ViT (as shipped in quickmerge/assets)")
+    from .vision.train import DEFAULT_OUT, Recipe
+
+    defaults = Recipe()
+    vision.add_argument("--epochs", type=int, default=defaults.epochs)
+    vision.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (all processes)")
+    vision.add_argument("--lr", type=float, default=defaults.lr)
+    vision.add_argument("--ema", type=float, default=defaults.ema_decay, help="EMA decay of the weights (0: none)")
+    vision.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (the shipped model is replaced "
+                        "only when asked: --out quickmerge/assets/fashion_vit)")
+    vision.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    vision.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; what is missing (an extra, data, a model package) or refused (a journal
+    written under other settings) is reported in one line, with exit status 2."""
     args = build_parser().parse_args(argv)
+    from .errors import MissingDataError, MissingExtraError
+    from .eval.journal import ConfigMismatchError
+
+    try:
+        return _run(args)
+    except (MissingExtraError, MissingDataError, ConfigMismatchError) as err:
+        print(f"quickmerge: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "demo-encoder":
         from .demos.encoder_token_groups import run as run_encoder
 
@@ -93,11 +114,18 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "train":
         import torch
 
-        from .pretrained.fashion_vit import ASSET_DIR
+        from . import distributed
+        from .pretrained.fashion_vit import REFERENCE_CONFIG
+        from .vision.train import Recipe
         from .vision.train import train as train_vision
 
         torch.set_num_threads(args.threads)
-        train_vision(args.out or ASSET_DIR, epochs=args.epochs)
+        recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema)
+        ctx = distributed.setup()
+        try:
+            train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh)
+        finally:
+            ctx.close()
     return 0
 
 

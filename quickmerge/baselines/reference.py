@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import MissingExtraError
+
 
 def reference_quickmerge(
     X: Tensor, K: int, num_layers: int = 12, temperature: float = 0.1, epsilon: float = 0.01
@@ -23,7 +25,7 @@ def reference_quickmerge(
     try:
         from sklearn.cluster import AgglomerativeClustering
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the reference baseline needs scikit-learn: pip install 'quickmerge[bench]'") from err
+        raise MissingExtraError("the reference baseline needs scikit-learn: pip install 'quickmerge[bench]'") from err
     b, _, d = X.shape
     entropies = []
     for _ in range(num_layers):

@@ -2,8 +2,8 @@
 
 Tokens alternate into sets A and B; each A token finds its most cosine-similar
 B token; the r most similar A tokens are merged into their partners by
-size-weighted averaging. One round removes at most ceil(T/2) tokens, so
-:func:`tome_merge` runs rounds until K tokens remain.
+size-weighted averaging. One round removes at most ceil(T/2) tokens (fewer with
+``max_round_share``), so :func:`tome_merge` runs rounds until K tokens remain.
 """
 
 from __future__ import annotations
@@ -59,9 +59,16 @@ def tome_merge(
     metric: Tensor | None = None,
     *,
     protect_first: bool = False,
+    max_round_share: float = 0.5,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Merge ``x [B, N, D]`` down to ``k`` tokens by repeated bipartite rounds.
 
+    Args:
+        protect_first: token 0 is never merged away (a class token, an attention sink).
+        max_round_share: at most this share of the current tokens is merged in one round.
+            0.5 is ToMe's (every A token may go: one round halves the tokens, merging each
+            even token whatever its best match); smaller shares keep only the best edges
+            of each round.
     Returns:
         ``merged [B, K, D]`` (size-weighted means), ``assignment [B, N]`` (group of
         each input token) and ``sizes [B, K]``.
@@ -73,8 +80,11 @@ def tome_merge(
     assignment = torch.arange(n, device=x.device).expand(b, n)
     sizes = torch.ones(b, n, device=x.device)
     means, feats, t = x, metric, n
+    if not 0.0 < max_round_share <= 0.5:
+        raise ValueError(f"max_round_share must lie in (0, 0.5], got {max_round_share}")
     while t > k:
-        r = min(t - k, (t + 1) // 2)
+        cap = (t + 1) // 2 - (1 if protect_first else 0)  # the A tokens that may be merged away
+        r = min(t - k, cap, max(1, int(max_round_share * t)))
         new_index = bipartite_round(feats, r, protect_first=protect_first)
         t -= r
         # ToMe's merge: each group's value is the size-weighted mean of what it absorbs

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import bz2
+import contextlib
 import functools
 import importlib.util
 import os
 import re
 from dataclasses import dataclass
 
-from .._optional import require
+from .._cache import cache_dir, write_text_atomic
+from ..errors import MissingDataError, MissingExtraError
 
 _DUMP = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
@@ -24,10 +26,12 @@ class Article:
 
 def dump_path() -> str:
     """Path of the bz2 XML dump inside the installed gensim package."""
-    require("gensim", "text", "Loading Wikipedia text")
-    path = os.path.join(os.path.dirname(importlib.util.find_spec("gensim").origin), "test", "test_data", _DUMP)
+    spec = importlib.util.find_spec("gensim")  # found, not imported: the cached text needs no gensim
+    if spec is None or spec.origin is None:
+        raise MissingExtraError("Loading Wikipedia text needs the 'gensim' package: pip install 'quickmerge[text]'")
+    path = os.path.join(os.path.dirname(spec.origin), "test", "test_data", _DUMP)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"gensim is installed but its Wikipedia dump is missing: {path}")
+        raise MissingDataError(f"gensim is installed but its Wikipedia dump is missing: {path}")
     return path
 
 
@@ -42,10 +46,29 @@ def clean_wikitext(raw: str) -> str:
 
 @functools.lru_cache(maxsize=2)
 def _load(min_words: int) -> tuple[Article, ...]:
+    """The articles, parsed once per dump and kept as JSON under the quickmerge cache directory."""
+    import hashlib
+    import json
+
+    dump = dump_path()
+    stat = os.stat(dump)
+    key = hashlib.sha256(f"{dump}|{stat.st_size}|{stat.st_mtime_ns}|{min_words}|v1".encode()).hexdigest()[:16]
+    cached = cache_dir() / "wikipedia" / f"{key}.json"
+    try:
+        return tuple(Article(**a) for a in json.loads(cached.read_text()))
+    except (OSError, ValueError, TypeError):
+        pass  # absent or unreadable: parse the dump again
+    articles = _parse(dump, min_words)
+    with contextlib.suppress(OSError):  # a read-only cache only costs the parse next time
+        write_text_atomic(cached, json.dumps([a.__dict__ for a in articles]))
+    return articles
+
+
+def _parse(dump: str, min_words: int) -> tuple[Article, ...]:
     from gensim.corpora.wikicorpus import extract_pages
 
     articles = []
-    with bz2.open(dump_path()) as handle:
+    with bz2.open(dump) as handle:
         for title, raw, _ in extract_pages(handle):
             if raw.lstrip().lower().startswith("#redirect"):
                 continue

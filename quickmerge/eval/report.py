@@ -7,6 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .._cache import write_text_atomic
+
 
 def write_report(results: dict[str, Any], out: str | Path, plot: Callable[[str], None]) -> tuple[Path, Path]:
     """Write ``results`` to ``<out>.json`` and ``plot(path)`` to ``<out>.png``; returns both paths.
@@ -16,8 +18,6 @@ def write_report(results: dict[str, Any], out: str | Path, plot: Callable[[str],
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out.with_suffix(".json"), out.with_suffix(".png")
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(json_path)
+    write_text_atomic(json_path, json.dumps(results, indent=2))
     plot(str(png_path))
     return json_path, png_path

@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data import wikipedia_articles
+from ..distributed import Context
+from .journal import Journal
 
 
 @dataclass
@@ -114,7 +116,7 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
     """NLL per continuation token, wall times and the achieved ratio for one example."""
     from transformers import DynamicCache
 
-    ids = example.ids[None]
+    ids = example.ids[None].to(next(model.parameters()).device)
     ctx, cont, target = ids[:, :context], ids[:, context:-1], ids[:, context + 1 :]
     cache = DynamicCache()
     manager = press(model) if press is not None else contextlib.nullcontext()
@@ -124,7 +126,7 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
             model.model(input_ids=ctx, past_key_values=cache)
             prefill = time.perf_counter() - start
             kept = min(layer.keys.shape[2] for layer in cache.layers)  # the compressed layers (Gemma: global)
-            positions = torch.arange(context, context + cont.shape[1])[None]
+            positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
             if method.decode_inside:
                 start = time.perf_counter()
                 logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
@@ -143,6 +145,10 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
 NO_COMPRESSION = Method("none", lambda r: None)
 
 
+def _key(index: int, example: TextExample, method: str, ratio: float | None) -> str:
+    return f"{index}|{example.title}|{method}|{ratio}"
+
+
 def run_text_eval(
     model: Any,
     examples: list[TextExample],
@@ -151,20 +157,48 @@ def run_text_eval(
     context: int,
     *,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Score every (example, method, ratio) and summarise; examples are the outer loop."""
-    from .stats import bootstrap_ppl, bootstrap_ratio
+    journal: Journal | None = None,
+    ctx: Context | None = None,
+) -> dict[str, Any] | None:
+    """Score every (example, method, ratio) and summarise; examples are the outer loop.
 
+    With a ``journal``, each finished row is on disk at once and rows already there are not
+    computed again. Under ``torch.distributed`` (``ctx``), examples are shared out by rank and
+    the rows gathered on rank 0, which returns the summary (the other ranks return None).
+    """
+    ctx = ctx or Context()
     runs: list[tuple[Method, float | None]] = [(NO_COMPRESSION, None)]
     runs += [(m, r) for r in ratios for m in methods]
-    per_run: dict[tuple[str, float | None], list[dict[str, float]]] = {(m.name, r): [] for m, r in runs}
-    bar = _progress(len(examples) * len(runs), progress)
-    for example in examples:
-        for method, ratio in runs:
-            press = None if ratio is None else method.make(ratio)
-            per_run[(method.name, ratio)].append(score_example(model, example, context, press, method))
-            bar.update(1)
+    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
+    if journal is not None and not ctx.main:
+        journal.open()
+    items = [(i, run) for i in range(len(examples)) for run in runs]
+    todo = [(i, run) for i, run in items if _key(i, examples[i], run[0].name, run[1]) not in done]
+    mine = [item for item in todo if item[0] % ctx.world == ctx.rank]
+    bar = _progress(len(items), progress and ctx.main, initial=len(items) - len(todo))
+    new: dict[str, dict[str, float]] = {}
+    for i, (method, ratio) in mine:
+        press = None if ratio is None else method.make(ratio)
+        row = score_example(model, examples[i], context, press, method)
+        key = _key(i, examples[i], method.name, ratio)
+        new[key] = row
+        if journal is not None:
+            journal.add(key, row)
+        bar.update(ctx.world)
     bar.close()
+    gathered = ctx.gather(new)
+    if gathered is None:
+        return None
+    for part in gathered:
+        done.update(part)
+    per_run = {(m.name, r): [done[_key(i, e, m.name, r)] for i, e in enumerate(examples)] for m, r in runs}
+    return summarise(examples, per_run)
+
+
+def summarise(examples: list[TextExample], per_run: dict[tuple[str, float | None], list[dict[str, float]]]) -> dict:
+    """Perplexities, paired ratios to no compression with bootstrap intervals, medians of the timings."""
+    from .stats import bootstrap_ppl, bootstrap_ratio
+
     base = [r["nll"] for r in per_run[("none", None)]]
     summary = []
     for (name, ratio), rows in per_run.items():
@@ -200,14 +234,14 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool) -> Any:
+def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     if not enabled:
         return _NoBar()
     try:
         from tqdm import tqdm
     except ImportError:
         return _NoBar()
-    return tqdm(total=total, desc="scoring", unit="run")
+    return tqdm(total=total, initial=initial, desc="scoring", unit="run")
 
 
 def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:

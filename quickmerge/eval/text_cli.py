@@ -7,6 +7,9 @@ import platform
 
 import torch
 
+from .. import distributed
+from .journal import Journal, code_fingerprint
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .text_methods import KVPRESS, OURS
@@ -19,8 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", nargs="+", default=None, choices=OURS + KVPRESS, help="default: all that are installed"
     )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
     parser.add_argument("--out", default="results/text", help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -37,15 +41,33 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit("--context and --continuation must be positive")
     methods = [build_method(n) for n in (args.methods or default_methods())]  # fails fast on a missing extra
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_causal_lm(args.model)
-    examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=needs_bos(args.model))
-    results = run_text_eval(model, examples, methods, args.ratios, args.context)
-    results["config"] = {**vars(args), "torch": torch.__version__, "platform": platform.platform()}
+    ctx = distributed.setup()
+    try:
+        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        model, tokenizer = load_causal_lm(args.model)
+        model.to(ctx.device)
+        bos = needs_bos(args.model)
+        examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
+        results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx)
+    finally:
+        ctx.close()
+    if results is None:
+        return {}  # not rank 0: rank 0 writes the results
+    results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
+                         "platform": platform.platform()}
     title = f"{args.model}: {args.examples} Wikipedia windows"
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def journal_config(args: argparse.Namespace) -> dict:
+    """What every row depends on: rows computed under other settings are never mixed in."""
+    import transformers
+
+    return {"protocol": "text", "model": args.model, "context": args.context, "continuation": args.continuation,
+            "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint()}
 
 
 def format_table(results: dict) -> str:

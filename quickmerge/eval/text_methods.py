@@ -7,6 +7,7 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
+from ..errors import MissingExtraError
 from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
 
@@ -44,7 +45,7 @@ def build_method(name: str) -> Method:
     if name not in KVPRESS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(OURS + KVPRESS)}")
     if not kvpress_available():
-        raise ImportError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
+        raise MissingExtraError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
     import kvpress
 
     presses = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import statistics
 import time
 from collections.abc import Iterable, Sequence
@@ -19,7 +20,9 @@ from torch import nn
 
 from .._optional import require
 from ..data.fashion_mnist import normalize
+from ..distributed import Context
 from ..vision.patch import patch
+from .journal import Journal
 
 
 def _timed(fn: Any) -> float:
@@ -40,32 +43,42 @@ def evaluate_setting(
     batch_size: int,
     timing_rounds: int,
     settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    ctx: Context | None = None,
+) -> dict[str, Any] | None:
     """Accuracy, speed-up and mean tokens of one setting (``method=None``: unpatched).
 
     ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
-    same batch, so drifts in machine speed hit both alike.
+    same batch, so drifts in machine speed hit both alike. Under ``torch.distributed`` the
+    batches are shared out by rank and the counts summed; rank 0 alone times (the others
+    wait, so they do not slow it down) and returns the row, the others return None.
     """
+    ctx = ctx or Context()
+    device = next(model.parameters()).device
     handle = patch(model, r=r, method=method, **(settings or {})) if method is not None else None
     try:
-        correct, tokens = 0, []
-        for i in range(0, len(images), batch_size):
-            logits = model(normalize(images[i : i + batch_size]))
-            correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
-            if handle is not None:
-                tokens.append(handle.mean_tokens)
-        batch = normalize(images[:batch_size])
+        correct = tokens = batches = 0
+        for i in ctx.shard(range(0, len(images), batch_size)):
+            logits = model(normalize(images[i : i + batch_size].to(device)))
+            correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
+            tokens += handle.mean_tokens if handle is not None else 0
+            batches += 1
+        correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
+        batch = normalize(images[:batch_size].to(device))
         ours, base = [], []
-        for _ in range(timing_rounds):
-            ours.append(_timed(lambda: model(batch)))
-            base.append(_timed(lambda: reference(batch)))
+        if ctx.main:
+            for _ in range(timing_rounds):
+                ours.append(_timed(lambda: model(batch)))
+                base.append(_timed(lambda: reference(batch)))
+        ctx.barrier()
     finally:
         if handle is not None:
             handle.remove()
+    if not ctx.main:
+        return None
     if handle is None:
         with patch(model, r=0) as counter:  # r=0: the unpatched model's computation, counted
             model(batch[:1])
-            tokens = [counter.mean_tokens]
+            tokens, batches = counter.mean_tokens, 1
     t_ours, t_base = statistics.median(ours), statistics.median(base)
     return {
         "method": method or "none",
@@ -76,7 +89,7 @@ def evaluate_setting(
         "images_per_s": batch.shape[0] / t_ours,
         "unpatched_images_per_s": batch.shape[0] / t_base,
         "speedup": t_base / t_ours,
-        "mean_tokens_per_layer": statistics.fmean(tokens) if tokens else None,
+        "mean_tokens_per_layer": tokens / batches,
     }
 
 
@@ -88,18 +101,33 @@ def run_vision_eval(
     *,
     batch_size: int = 256,
     timing_rounds: int = 5,
-) -> list[dict[str, Any]]:
-    """Unpatched first, then every (method, r, settings) of ``sweep``; a progress bar over settings."""
+    journal: Journal | None = None,
+    ctx: Context | None = None,
+) -> list[dict[str, Any]] | None:
+    """Unpatched first, then every (method, r, settings) of ``sweep``; a progress bar over settings.
+
+    With a ``journal``, each finished setting is on disk at once and settings already there are
+    not run again. Returns the rows on rank 0, None on the other ranks.
+    """
     tqdm = require("tqdm", "progress", "The evaluation progress bar").tqdm
+    ctx = ctx or Context()
     jobs = [(None, 0, {}), *sweep]
+    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
     reference = copy.deepcopy(model).eval()
     rows = []
-    bar = tqdm(jobs, desc="vision eval", unit="setting")
+    bar = tqdm(jobs, desc="vision eval", unit="setting", disable=not ctx.main)
     for method, r, settings in bar:
+        key = json.dumps([method or "none", list(r) if isinstance(r, tuple) else r, settings], sort_keys=True)
+        if key in done:
+            rows.append(done[key])
+            continue
         bar.set_postfix(method=method or "none", r=str(r))
-        rows.append(evaluate_setting(model, reference, images, labels, method=method, r=r, batch_size=batch_size,
-                                     timing_rounds=timing_rounds, settings=settings))
-    return rows
+        row = evaluate_setting(model, reference, images, labels, method=method, r=r, batch_size=batch_size,
+                               timing_rounds=timing_rounds, settings=settings, ctx=ctx)
+        if row is not None and journal is not None:
+            journal.add(key, row)
+        rows.append(row)
+    return rows if ctx.main else None
 
 
 def accuracy_at(rows: Sequence[dict[str, Any]], speedup: float) -> float | None:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from .. import distributed
 from ..vision.token_merge import METHODS
+from .journal import Journal, code_fingerprint
 
 DEFAULT_R = (8, 12, 16, 20, 24, 28, 32, 36, 40)
 
@@ -22,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timing-rounds", type=int, default=5, help="alternating timings per setting")
     parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
     parser.add_argument("--out", default="results/vision", help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
 
 def build_sweep(methods: list[str], rs: list[int]) -> list[tuple[str, Any, dict[str, Any]]]:
@@ -39,22 +43,41 @@ def run(args: argparse.Namespace) -> dict:
     if min(args.r) < 1 or args.batch_size < 1 or args.timing_rounds < 1:
         raise SystemExit("--r, --batch-size and --timing-rounds must be positive")
     torch.set_num_threads(args.threads)
-    model = load_fashion_vit(args.checkpoint)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
-    rows = run_vision_eval(model, images, labels, build_sweep(args.methods, args.r),
-                           batch_size=args.batch_size, timing_rounds=args.timing_rounds)
+    model = load_fashion_vit(args.checkpoint)
+    ctx = distributed.setup()
+    try:
+        model.to(ctx.device)
+        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        rows = run_vision_eval(model, images, labels, build_sweep(args.methods, args.r), batch_size=args.batch_size,
+                               timing_rounds=args.timing_rounds, journal=journal, ctx=ctx)
+    finally:
+        ctx.close()
+    if rows is None:
+        return {}  # not rank 0: rank 0 writes the results
     results = {
         "rows": rows,
         "quickmerge_vs_tome": compare_at_tome_speeds(rows),
-        "config": {**vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                   "platform": platform.platform()},
+        "config": {**vars(args), "processes": ctx.world, "torch": torch.__version__,
+                   "threads": torch.get_num_threads(), "platform": platform.platform()},
     }
     title = f"Fashion-MNIST ViT, {len(images)} test images"
     paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))
     print(format_table(rows))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def journal_config(args: argparse.Namespace) -> dict:
+    """What every row depends on: rows computed under other settings are never mixed in."""
+    from ..data.fashion_mnist import sha256
+    from ..pretrained.fashion_vit import ASSET_DIR
+
+    weights = Path(args.checkpoint or ASSET_DIR) / "model.safetensors"
+    return {"protocol": "vision", "weights": sha256(weights) if weights.is_file() else str(weights),
+            "images": args.images, "batch_size": args.batch_size, "timing_rounds": args.timing_rounds,
+            "threads": args.threads, "torch": torch.__version__, "code": code_fingerprint()}
 
 
 def format_table(rows: list[dict]) -> str:

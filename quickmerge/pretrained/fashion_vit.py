@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from .._optional import require
+from ..errors import MissingDataError
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "fashion_vit"
 
@@ -30,10 +32,45 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+# The configuration of the shipped reference model (``quickmerge train vision`` trains it).
+REFERENCE_CONFIG: dict[str, Any] = dict(DEFAULT_CONFIG)
+
+
 def build_vit(config: dict[str, Any] | None = None) -> torch.nn.Module:
-    """A randomly initialised timm ``VisionTransformer`` with ``config`` (default: the reference one)."""
+    """A randomly initialised timm ``VisionTransformer`` with ``config`` (default: the reference one).
+
+    ``config`` holds ``VisionTransformer``'s keyword arguments, plus optionally
+    ``conv_stem: [c1, c2, ...]``: 3x3 convolutions (GELU between) before the patch projection,
+    as in "Early convolutions help transformers see better" (Xiao et al., 2021). The token
+    grid is unchanged (196 patch tokens for 28x28 images and 2x2 patches).
+    """
     vt = require("timm.models.vision_transformer", "vision", "The reference ViT")
-    return vt.VisionTransformer(**(config or DEFAULT_CONFIG))
+    kwargs = dict(config or DEFAULT_CONFIG)
+    stem = kwargs.pop("conv_stem", None)
+    if stem:
+        kwargs["embed_layer"] = functools.partial(_conv_stem_patch_embed(), stem_channels=tuple(stem))
+    return vt.VisionTransformer(**kwargs)
+
+
+@functools.cache
+def _conv_stem_patch_embed() -> type:
+    from timm.layers import PatchEmbed
+
+    class ConvStemPatchEmbed(PatchEmbed):
+        """timm's ``PatchEmbed`` whose projection is preceded by 3x3 convolutions at full resolution."""
+
+        def __init__(self, *args: Any, stem_channels: tuple[int, ...] = (32, 64), **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            layers: list[torch.nn.Module] = []
+            channels = kwargs.get("in_chans", 3)
+            for width in stem_channels:
+                layers += [torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.GELU()]
+                channels = width
+            patch = self.patch_size
+            layers.append(torch.nn.Conv2d(channels, self.proj.out_channels, patch, stride=patch))
+            self.proj = torch.nn.Sequential(*layers)
+
+    return ConvStemPatchEmbed
 
 
 def load_fashion_vit(directory: str | Path | None = None) -> torch.nn.Module:
@@ -42,7 +79,7 @@ def load_fashion_vit(directory: str | Path | None = None) -> torch.nn.Module:
     base = Path(directory) if directory is not None else ASSET_DIR
     weights, config_file = base / "model.safetensors", base / "config.json"
     if not weights.is_file() or not config_file.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"no trained ViT in {base} (expected model.safetensors and config.json); "
             "train one with `quickmerge train vision`"
         )

@@ -23,9 +23,13 @@ class ToMeKVPress(KVPress):
     Args:
         compression_ratio: share of KV entries removed, in [0, 1).
         proportional: add log(group size) to merged entries' attention logits.
+        max_round_share: share of the entries merged in one round (ToMe's 0.5 merges every even
+            entry in a single round at ratio 0.5; 0.25, the default, keeps each round's best half
+            of the matches). The first entry (the attention sink) is never merged away.
     """
 
     proportional: bool = True
+    max_round_share: float = 0.25
 
     def adds_bias(self) -> bool:
         return self.proportional
@@ -33,7 +37,8 @@ class ToMeKVPress(KVPress):
     def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         b, hkv, length, d = keys.shape
         flat = torch.cat([keys, values], dim=-1).reshape(b * hkv, length, -1)
-        merged, _, sizes = tome_merge(flat, kept, metric=keys.reshape(b * hkv, length, d))
+        merged, _, sizes = tome_merge(flat, kept, metric=keys.reshape(b * hkv, length, d), protect_first=True,
+                                      max_round_share=self.max_round_share)
         merged = merged.view(b, hkv, kept, -1)
         sizes = sizes.view(b, hkv, kept).float() if self.proportional else None
         return Compressed(merged[..., :d], merged[..., d:], sizes)

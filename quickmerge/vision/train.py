@@ -1,28 +1,61 @@
 """Train the reference Fashion-MNIST ViT (``quickmerge train vision``).
 
 55,000 training images (the last 5,000 of the training split are held out for choosing
-merging settings, never the test set), AdamW with warm-up and cosine decay, label
-smoothing, random flips and 2-pixel shifts, bf16 autocast on CPU where supported.
-Writes ``model.safetensors``, ``config.json`` (model config, data checksums, held-out and
-test accuracy) and ``train_log.json`` (loss per 100 steps, accuracy per epoch).
+merging settings, never the test set); AdamW with warm-up and cosine decay, label
+smoothing, random flips and per-image shifts of up to 2 pixels, an exponential moving
+average of the weights (EMA). Writes ``model.safetensors``, ``config.json`` (model config,
+data checksums, recipe, held-out and test accuracy) and ``train_log.json`` (loss per 100
+steps, accuracy per epoch) to ``out_dir`` (default ``results/fashion_vit``: the shipped
+checkpoint is only replaced when asked, ``--out quickmerge/assets/fashion_vit``).
+
+Runs unchanged under ``torchrun`` / ``accelerate launch``: every rank draws the same global
+batch and trains on its slice, ``DistributedDataParallel`` averages the gradients, so the
+update is the one of the global batch. A ``checkpoint.pt`` written after every epoch lets
+the same command resume after a kill (``--fresh`` starts over).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from .._cache import write_text_atomic
 from .._optional import require
 from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
-from ..pretrained.fashion_vit import ASSET_DIR, DEFAULT_CONFIG, build_vit
+from ..distributed import Context
+from ..pretrained.fashion_vit import DEFAULT_CONFIG, build_vit
 
 HELD_OUT = 5_000
+DEFAULT_OUT = Path("results") / "fashion_vit"
+
+
+@dataclass
+class Recipe:
+    """How to train. ``batch_size`` is the global batch (split over the ranks)."""
+
+    epochs: int = 3
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 300
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0: no EMA
+    max_shift: int = 2
+    bf16: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1, lr > 0 and ema_decay in [0, 1), got {self}")
 
 
 def split_train_heldout() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -31,105 +64,159 @@ def split_train_heldout() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torc
     return (images[:-HELD_OUT], labels[:-HELD_OUT]), (images[-HELD_OUT:], labels[-HELD_OUT:])
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips and shifts of up to 2 pixels, ``[B, 1, 28, 28]`` float."""
-    b = images.shape[0]
+def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2) -> torch.Tensor:
+    """Random horizontal flips and per-image shifts of up to ``max_shift`` pixels, ``[B, 1, H, W]`` float."""
+    b, _, h, w = images.shape
     flip = torch.rand(b, generator=generator) < 0.5
     images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-    padded = F.pad(images, (2, 2, 2, 2), value=float(images.min()))
-    dx, dy = torch.randint(0, 5, (2,), generator=generator).tolist()  # one shift per batch: cheap
-    return padded[..., dy : dy + 28, dx : dx + 28]
+    if max_shift == 0:
+        return images
+    s = max_shift
+    padded = F.pad(images, (s, s, s, s), value=float(images.min()))
+    dy, dx = torch.randint(0, 2 * s + 1, (2, b), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None].expand(b, h, w)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :].expand(b, h, w)
+    return padded[torch.arange(b)[:, None, None], 0, rows, cols][:, None]
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy in [0, 1] of ``model`` on uint8 ``images [N, 1, 28, 28]``."""
+    was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for i in range(0, len(images), batch_size):
-        logits = model(normalize(images[i : i + batch_size]))
-        correct += int((logits.argmax(-1) == labels[i : i + batch_size]).sum())
+        logits = model(normalize(images[i : i + batch_size].to(device)))
+        correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
+    model.train(was_training)
     return correct / len(images)
 
 
-def train(
-    out_dir: str | Path = ASSET_DIR,
-    *,
-    epochs: int = 3,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    weight_decay: float = 0.05,
-    warmup_steps: int = 300,
-    seed: int = 0,
-    bf16: bool = True,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Train, evaluate and save the reference ViT; returns the summary written to config.json."""
-    if epochs < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"epochs and batch_size must be >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
-    st = require("safetensors.torch", "vision", "Saving the reference ViT")
-    tqdm = require("tqdm", "progress", "The training progress bar").tqdm
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    config = dict(config or DEFAULT_CONFIG)
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    (tr_x, tr_y), (ho_x, ho_y) = split_train_heldout()
-    model = build_vit(config)
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     def decays(name: str, p: torch.Tensor) -> bool:  # weight matrices only; not norms, biases, embeddings
-        return p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name
+        return p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name and "reg_token" not in name
 
-    groups = [
+    return [
         {"params": [p for n, p in model.named_parameters() if decays(n, p)], "weight_decay": weight_decay},
         {"params": [p for n, p in model.named_parameters() if not decays(n, p)], "weight_decay": 0.0},
     ]
-    opt = torch.optim.AdamW(groups, lr=lr)
-    steps_per_epoch = len(tr_x) // batch_size
-    total = epochs * steps_per_epoch
+
+
+def train(
+    out_dir: str | Path = DEFAULT_OUT,
+    *,
+    recipe: Recipe | None = None,
+    config: dict[str, Any] | None = None,
+    ctx: Context | None = None,
+    fresh: bool = False,
+    data: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    test: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any] | None:
+    """Train, evaluate and save the reference ViT; returns the summary written to config.json (rank 0).
+
+    ``data`` ((train x, y), (held-out x, y)) and ``test`` default to Fashion-MNIST's splits.
+    """
+    recipe = recipe or Recipe()
+    ctx = ctx or Context()
+    if recipe.batch_size % ctx.world:
+        raise ValueError(f"batch_size ({recipe.batch_size}) must be divisible by the number of processes ({ctx.world})")
+    st = require("safetensors.torch", "vision", "Saving the reference ViT")
+    tqdm = require("tqdm", "progress", "The training progress bar").tqdm
+    out = Path(out_dir)
+    config = dict(config or DEFAULT_CONFIG)
+    (tr_x, tr_y), (ho_x, ho_y) = data if data is not None else split_train_heldout()
+    torch.manual_seed(recipe.seed)
+    model = build_vit(config).to(ctx.device)
+    ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
+    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    steps_per_epoch = len(tr_x) // recipe.batch_size
+    total = recipe.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
+        opt, lambda s: min(1.0, (s + 1) / recipe.warmup_steps) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / total)))
     )
+    gen = torch.Generator().manual_seed(recipe.seed)
     log: dict[str, Any] = {"loss_per_100_steps": [], "epochs": []}
-    start, step, running = time.perf_counter(), 0, 0.0
-    for epoch in range(epochs):
+    checkpoint = out / "checkpoint.pt"
+    identity = {"recipe": asdict(recipe), "model": config, "train_images": len(tr_x)}
+    start_epoch, elapsed = 0, 0.0
+    if checkpoint.exists() and not fresh:
+        state = torch.load(checkpoint, map_location=ctx.device, weights_only=False)
+        if state["identity"] != identity:
+            raise ValueError(f"{checkpoint} was written by another training configuration; rerun with --fresh")
+        model.load_state_dict(state["model"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        gen.set_state(state["gen"])
+        start_epoch, log, elapsed = state["epoch"], state["log"], state["elapsed"]
+        if ctx.main:
+            print(f"resuming {out} after epoch {start_epoch}")
+    net = model
+    if ctx.world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+    started, running = time.perf_counter() - elapsed, 0.0
+    for epoch in range(start_epoch, recipe.epochs):
         model.train()
         order = torch.randperm(len(tr_x), generator=gen)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}", unit="step")
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", disable=not ctx.main)
         for i in bar:
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            x = augment(normalize(tr_x[idx]), gen)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = F.cross_entropy(model(x), tr_y[idx], label_smoothing=0.1)
+            idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            x = augment(normalize(tr_x[idx]), gen, recipe.max_shift)[ctx.rank :: ctx.world].to(ctx.device)
+            y = tr_y[idx][ctx.rank :: ctx.world].to(ctx.device)
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
+                loss = F.cross_entropy(net(x), y, label_smoothing=recipe.label_smoothing)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            step += 1
+            if ema is not None:
+                with torch.no_grad():
+                    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+                        e.lerp_(p, 1.0 - recipe.ema_decay)
             running += float(loss)
+            step = epoch * steps_per_epoch + i + 1
             if step % 100 == 0:
                 log["loss_per_100_steps"].append(round(running / 100, 4))
                 bar.set_postfix(loss=f"{running / 100:.3f}")
                 running = 0.0
-        held = accuracy(model, ho_x, ho_y)
-        seconds = round(time.perf_counter() - start, 1)
-        log["epochs"].append({"epoch": epoch + 1, "heldout_accuracy": held, "seconds": seconds})
-        print(f"epoch {epoch + 1}: held-out accuracy {held:.4f}")
-    te_x, te_y = load_fashion_mnist("test")
+        record = {"epoch": epoch + 1, "heldout_accuracy": accuracy(model, ho_x, ho_y),
+                  "seconds": round(time.perf_counter() - started, 1)}
+        if ema is not None:
+            record["heldout_accuracy_ema"] = accuracy(ema, ho_x, ho_y)
+        log["epochs"].append(record)
+        if ctx.main:
+            print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "epoch"))
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"identity": identity, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
+                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                        "epoch": epoch + 1, "log": log, "elapsed": time.perf_counter() - started}, tmp)
+            tmp.replace(checkpoint)
+        ctx.barrier()
+    if not ctx.main:
+        return None
+    # Ship the EMA weights when they are better on the held-out images (never the test set).
+    use_ema = ema is not None and accuracy(ema, ho_x, ho_y) >= accuracy(model, ho_x, ho_y)
+    final = ema if use_ema else model
+    te_x, te_y = test if test is not None else load_fashion_mnist("test")
     summary = {
         "model": config,
         "architecture": "timm.models.vision_transformer.VisionTransformer",
-        "training": {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-                     "warmup_steps": warmup_steps, "seed": seed, "bf16_autocast": bf16,
-                     "train_images": len(tr_x), "heldout_images": len(ho_x),
-                     "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
-                     "torch": torch.__version__},
-        "data_sha256": checksums(),
-        "heldout_accuracy": accuracy(model, ho_x, ho_y),
-        "test_accuracy": accuracy(model, te_x, te_y),
+        "training": {**asdict(recipe), "train_images": len(tr_x), "heldout_images": len(ho_x),
+                     "processes": ctx.world, "threads": torch.get_num_threads(), "weights": "ema" if use_ema else "raw",
+                     "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__},
+        "data_sha256": checksums() if data is None else None,
+        "heldout_accuracy": accuracy(final, ho_x, ho_y),
+        "test_accuracy": accuracy(final, te_x, te_y),
     }
-    st.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()}
+    st.save_file(state_dict, str(out / "model.safetensors"))
+    write_text_atomic(out / "config.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "train_log.json", json.dumps(log, indent=2) + "\n")
+    checkpoint.unlink(missing_ok=True)
     print(f"test accuracy {summary['test_accuracy']:.4f}; saved to {out}")
     return summary

@@ -19,6 +19,7 @@ from torch import nn
 
 from .._optional import require
 from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
+from ..errors import MissingExtraError
 from .patch import patch
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
@@ -28,7 +29,9 @@ def load_photos(names: tuple[str, ...] = PHOTOS, size: int = 336) -> list[np.nda
     """Centre-cropped square RGB photos ``[size, size, 3]`` in [0, 1] from scikit-image's data folder."""
     spec = importlib.util.find_spec("skimage")
     if spec is None or spec.origin is None:
-        raise ImportError("the photos ship with scikit-image, which is not installed: pip install 'quickmerge[vision]'")
+        raise MissingExtraError(
+            "the photos ship with scikit-image, which is not installed: pip install 'quickmerge[vision]'"
+        )
     plt = require("matplotlib.pyplot", "plot", "Reading the photos")
     base = Path(spec.origin).parent / "data"
     photos = []

@@ -24,3 +24,24 @@ def test_round_merges_most_similar_pairs_and_protects_first():
     assert idx[0, 0] != idx[0, 1]
     with pytest.raises(ValueError, match="r must be at most"):
         bipartite_round(x, 3)
+
+
+@pytest.mark.parametrize("share", [0.5, 0.25, 0.1])
+def test_capped_rounds_protect_the_first_token_and_reach_k(share):
+    x = torch.randn(3, 64, 8, dtype=torch.float64)
+    merged, assignment, sizes = tome_merge(x, 32, protect_first=True, max_round_share=share)
+    assert merged.shape == (3, 32, 8) and torch.equal(sizes.sum(-1), torch.full((3,), 64))
+    assert (assignment[:, 0] == 0).all() and (sizes[:, 0] == 1).all()  # token 0 alone in group 0
+    assert torch.allclose(merged, naive_group_means(x, torch.ones(3, 64), assignment, 32), atol=1e-9)
+    with pytest.raises(ValueError, match="max_round_share"):
+        tome_merge(x, 32, max_round_share=0.9)
+
+
+def test_at_half_a_single_uncapped_round_merges_every_even_token():
+    """Why the KV baseline caps its rounds: ToMe's one round at 50% has no choice to make."""
+    x = torch.randn(1, 16, 4, dtype=torch.float64)
+    _, assignment, _ = tome_merge(x, 8)
+    evens_alone = [(assignment[0] == assignment[0, i]).sum() == 1 for i in range(0, 16, 2)]
+    assert not any(evens_alone)
+    _, capped, _ = tome_merge(x, 8, protect_first=True, max_round_share=0.25)
+    assert (capped[0] == capped[0, 0]).sum() == 1

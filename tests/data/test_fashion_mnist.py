@@ -19,15 +19,17 @@ def test_reads_idx_files_and_checks_counts(tmp_path, monkeypatch):
     write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
     monkeypatch.setenv(fm.ENV_VAR, str(tmp_path))
-    x, y = fm.load_fashion_mnist("test")
+    x, y = fm.load_fashion_mnist("test", verify=False)
     assert x.shape == (10_000, 1, 28, 28) and x.dtype == torch.uint8 and torch.equal(x[:, 0], images)
     assert y.dtype == torch.int64 and torch.equal(y, labels.long())
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:5])
     with pytest.raises(ValueError, match="expected 10000"):
-        fm.load_fashion_mnist("test")
+        fm.load_fashion_mnist("test", verify=False)
     write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels[:, None])  # wrong rank: magic says 2-d
     with pytest.raises(ValueError, match="idx file"):
-        fm.load_fashion_mnist("test")
+        fm.load_fashion_mnist("test", verify=False)
+    with pytest.raises(ValueError, match="not the original Fashion-MNIST"):
+        fm.load_fashion_mnist("test")  # synthetic files fail the checksum
 
 
 def test_missing_files_name_the_debian_package(tmp_path):
@@ -47,3 +49,8 @@ def test_normalize_uses_training_statistics():
 def test_real_test_split_is_balanced():
     _, y = fm.load_fashion_mnist("test")
     assert torch.equal(torch.bincount(y), torch.full((10,), 1000))
+
+
+@pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
+def test_installed_files_match_the_published_sums():
+    assert fm.checksums() == fm.SHA256

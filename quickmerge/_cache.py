@@ -1,0 +1,71 @@
+"""Where quickmerge keeps what it derives once (converted models, parsed text), and how it writes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """``$QUICKMERGE_CACHE``, or ``~/.cache/quickmerge``."""
+    root = os.environ.get("QUICKMERGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quickmerge")
+    return Path(root)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it: readers see all of it or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+MANIFEST = "quickmerge-manifest.json"
+
+
+def built_dir(path: Path, build: Callable[[Path], None], what: str, version: str) -> Path:
+    """``path``, built by ``build(tmp)`` into a temporary directory and renamed into place once.
+
+    A manifest of the files' sizes is written last; a directory without it, with other sizes
+    (a build killed half-way, a truncated file) or of another ``version`` is built again after
+    a one-line message.
+    """
+    if _intact(path, version):
+        return path
+    if path.exists():
+        discard(path, what, "is incomplete, damaged or from another quickmerge release")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if not _intact(path, version):  # not another process that finished the same build first
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def discard(path: Path, what: str, reason: str) -> None:
+    """Say in one line that ``what`` at ``path`` is unusable and will be rebuilt, and remove it."""
+    print(f"quickmerge: {what} in {path} {reason}; building it again", file=sys.stderr)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _intact(path: Path, version: str) -> bool:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    if manifest.get("version") != version:
+        return False
+    files = manifest.get("files", {})
+    return bool(files) and all((path / name).is_file() and (path / name).stat().st_size == size
+                               for name, size in files.items())

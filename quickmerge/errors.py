@@ -1,0 +1,11 @@
+"""Errors the ``quickmerge`` command reports as one line (what is missing and how to get it)."""
+
+from __future__ import annotations
+
+
+class MissingExtraError(ImportError):
+    """An optional dependency is not installed; the message names the pip extra that provides it."""
+
+
+class MissingDataError(FileNotFoundError):
+    """A data set or model file is not where it should be; the message says how to install it."""

@@ -1,0 +1,31 @@
+"""A tiny causal LM saved to disk (random weights, a byte-level tokenizer), for running the
+evaluation commands end to end in seconds."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def save_tiny_lm(path) -> str:
+    transformers = pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    import torch
+
+    chars = {chr(c): c for c in range(256)}
+    byte_level = tokenizers.Tokenizer(tokenizers.models.WordLevel(chars, unk_token="?"))
+    byte_level.pre_tokenizer = tokenizers.pre_tokenizers.Split(tokenizers.Regex("."), behavior="isolated")
+    byte_level.normalizer = tokenizers.normalizers.Replace(tokenizers.Regex("[^\\x00-\\xff]"), "?")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=byte_level, unk_token="?", bos_token="\x01",
+                                                     eos_token="\x02")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> str:
+    return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

@@ -1,0 +1,96 @@
+"""Long evaluations lose nothing: killed mid-run, the same command resumes without recomputing a
+finished row and ends with the JSON an uninterrupted run writes; other settings are refused;
+two processes under torch.distributed give the same rows as one."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("gensim")
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMINGS = ("prefill_s", "decode_s", "prefill_s_median", "decode_s_median")
+
+
+def _command(model_dir: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "quickmerge", "eval", "text", "--model", model_dir, "--examples", "12",
+            "--context", "96", "--continuation", "8", "--ratios", "0.5", "--methods", "quickmerge", "random",
+            "--threads", "1", "--out", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+
+
+def _journal_lines(out: Path) -> list[dict]:
+    lines = []
+    for path in sorted(Path(str(out) + ".journal").glob("rank*.jsonl")):
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(json.JSONDecodeError):
+                lines.append(json.loads(line))
+    return lines
+
+
+def _without_timings(results: dict) -> dict:
+    summary = [{k: v for k, v in row.items() if k not in TIMINGS} for row in results["summary"]]
+    return {"examples": results["examples"], "summary": summary}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_lm_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, uninterrupted, tmp_path, sig):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_command(tiny_lm_dir, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_journal_lines(out)) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    before = {entry["key"]: entry["row"] for entry in _journal_lines(out)}
+    assert 4 <= len(before) < 36, "the run was not interrupted mid-way"
+    assert not out.with_suffix(".json").exists()
+    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    after = _journal_lines(out)
+    keys = [entry["key"] for entry in after]
+    assert len(keys) == len(set(keys)) == 36, "a finished row was computed again (or one is missing)"
+    assert all({e["key"]: e["row"] for e in after}[k] == row for k, row in before.items())
+    resumed = json.loads(out.with_suffix(".json").read_text())
+    assert _without_timings(resumed) == _without_timings(uninterrupted)
+
+
+def test_other_settings_are_refused_until_fresh(tiny_lm_dir, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    changed = [a if a != "96" else "64" for a in _command(tiny_lm_dir, out)]  # --context 64
+    result = subprocess.run(changed, cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert result.returncode == 2 and "--fresh" in result.stderr and "Traceback" not in result.stderr
+    subprocess.run([*changed, "--fresh"], check=True, cwd=ROOT, env=_env(), capture_output=True)
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["context"] == 64
+
+
+def test_two_processes_under_torchrun_give_the_rows_of_one(tiny_lm_dir, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    command = _command(tiny_lm_dir, out)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                *command[2:]]
+    result = subprocess.run(torchrun, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in Path(str(out) + ".journal").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
+    both = json.loads(out.with_suffix(".json").read_text())
+    assert both["config"]["processes"] == 2
+    assert _without_timings(both) == _without_timings(uninterrupted)

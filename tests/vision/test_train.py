@@ -1,0 +1,83 @@
+"""Training: augmentation, the same update on one process and on two (DistributedDataParallel, the
+same global batch), resumption after an interrupted epoch, and the shipped checkpoint left alone."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+st = pytest.importorskip("safetensors.torch")
+
+from quickmerge.vision.train import DEFAULT_OUT, Recipe, augment, train  # noqa: E402
+from tests.vision.ddp_train import CONFIG, synthetic  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_augment_flips_and_shifts_each_image_on_its_own():
+    x = torch.arange(2 * 28 * 28, dtype=torch.float32).view(2, 1, 28, 28)
+    out = augment(x, torch.Generator().manual_seed(3), max_shift=2)
+    assert out.shape == x.shape
+    for i in range(2):  # each output is its image (maybe flipped) shifted by at most 2 pixels
+        candidates = [x[i], x[i].flip(-1)]
+        assert any(torch.equal(out[i, 0, 2:-2, 2:-2], c[0, 2 + dy : 26 + dy, 2 + dx : 26 + dx])
+                   for c in candidates for dy in range(-2, 3) for dx in range(-2, 3))
+    flipped_only = augment(x, torch.Generator().manual_seed(3), 0)
+    assert all(torch.equal(flipped_only[i], x[i]) or torch.equal(flipped_only[i], x[i].flip(-1)) for i in range(2))
+
+
+def test_two_processes_make_the_update_of_one(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "tests/vision/ddp_train.py", str(one)], check=True, cwd=ROOT, env=env,
+                   capture_output=True)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "tests/vision/ddp_train.py", str(two)], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    a, b = st.load_file(str(one / "model.safetensors")), st.load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max() for k in a)
+    assert json.loads((two / "config.json").read_text())["training"]["processes"] == 2
+
+
+def test_an_interrupted_training_resumes_where_it_stopped(tmp_path, monkeypatch):
+    from quickmerge.vision import train as train_module
+
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    full = train(tmp_path / "full", recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data,
+                 test=test)
+    # the same run, interrupted in its second epoch (before that epoch's checkpoint), then run again
+    part, calls, real_accuracy = tmp_path / "part", [], train_module.accuracy
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_accuracy(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "accuracy", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(part, recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data, test=test)
+    monkeypatch.setattr(train_module, "accuracy", real_accuracy)
+    assert (part / "checkpoint.pt").exists() and not (part / "model.safetensors").exists()
+    resumed = train(part, recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data, test=test)
+    a, b = st.load_file(str(tmp_path / "full" / "model.safetensors")), st.load_file(str(part / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test_accuracy"] == full["test_accuracy"] and not (part / "checkpoint.pt").exists()
+    torch.save({"identity": {"recipe": "another"}}, part / "checkpoint.pt")
+    with pytest.raises(ValueError, match="--fresh"):
+        train(part, recipe=Recipe(epochs=2, batch_size=16), config=CONFIG, data=data, test=test)
+
+
+def test_the_shipped_checkpoint_is_not_the_default_output():
+    from quickmerge.cli import build_parser
+    from quickmerge.pretrained.fashion_vit import ASSET_DIR
+
+    assert Path(build_parser().parse_args(["train", "vision"]).out) == DEFAULT_OUT
+    assert DEFAULT_OUT.resolve() != ASSET_DIR.resolve()
