@@ -1,12 +1,15 @@
-"""Wall-time ratios of QuickMerge++ on a real causal LM, measured side by side in one process.
+"""Wall-time ratios and memory of QuickMerge++ on a real causal LM, measured side by side.
 
 Usage:  python benchmarks/text_speed.py [--repeats 5] [--out results/text_speed.json]
 
 On SmolLM2-135M (2 threads), real Wikipedia text:
-  1. prefill of C=1024 tokens with no press vs QuickMergePress(0.5): the press's overhead;
-  2. one decode step (one new token) on the full cache vs the 50%-merged cache, at contexts
-     1024 and 4096 (median over 32 steps, repeated);
-  3. prefill of C=2048 tokens with no press vs input-side merging (QuickMergeInputPress(0.5)).
+  1. prefill of C=1024 and C=4096 tokens with no press vs QuickMergePress(0.5): the overhead;
+  2. one decode step (one new token) on the full cache vs the 50%-merged cache with and
+     without proportional attention, at C=1024, 4096 and 8128 (SmolLM2's 8192 positions
+     minus the decoded tokens); median over 32 steps, repeated;
+  3. peak resident memory of a process that loads the model and prefills C=4096 tokens,
+     with no press vs QuickMergePress(0.5) (each in a fresh subprocess);
+  4. prefill of C=2048 tokens with no press vs input-side merging (QuickMergeInputPress(0.5)).
 Methods are interleaved within each repeat; medians are reported with their ratios.
 """
 
@@ -16,6 +19,8 @@ import argparse
 import contextlib
 import json
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,13 +31,17 @@ from quickmerge.data import wikipedia_articles
 from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergeInputPress, QuickMergePress
 
+DECODE_STEPS = 32
+
 
 def long_ids(tokenizer, length: int) -> torch.Tensor:
-    for article in wikipedia_articles():
-        ids = tokenizer(article.text, add_special_tokens=False)["input_ids"]
-        if len(ids) >= length + 64:
-            return torch.tensor(ids[: length + 64])[None]
-    raise ValueError(f"no article holds {length + 64} tokens")
+    """``length`` tokens of running Wikipedia text (articles joined when one is too short)."""
+    ids: list[int] = []
+    for article in sorted(wikipedia_articles(), key=lambda a: -len(a.text)):
+        ids += tokenizer(article.text + "\n\n", add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            return torch.tensor(ids[:length])[None]
+    raise ValueError(f"the Wikipedia dump holds fewer than {length} tokens")
 
 
 @torch.no_grad()
@@ -47,15 +56,36 @@ def prefill(model, ids, press) -> tuple[float, DynamicCache, contextlib.ExitStac
 
 
 @torch.no_grad()
-def decode_steps(model, cache, first_position: int, tokens: torch.Tensor) -> float:
-    """Median seconds of single-token decode steps continuing at ``first_position``."""
+def decode_steps(model, cache, tokens: torch.Tensor) -> float:
+    """Median seconds of single-token decode steps (positions continue from the cache)."""
     times = []
     for i in range(tokens.shape[1]):
-        pos = torch.tensor([[first_position + i]])
         start = time.perf_counter()
-        model(input_ids=tokens[:, i : i + 1], past_key_values=cache, position_ids=pos)
+        model(input_ids=tokens[:, i : i + 1], past_key_values=cache)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+PRESSES = {
+    "none": lambda: None,
+    "quickmerge": lambda: QuickMergePress(compression_ratio=0.5),
+    "quickmerge_no_proportional": lambda: QuickMergePress(compression_ratio=0.5, proportional=False),
+}
+
+
+def peak_memory(context: int, press: str) -> float:
+    """Peak RSS (GB) of a fresh process that loads SmolLM2 and prefills ``context`` tokens under ``press``."""
+    code = (
+        "import sys, torch; sys.path.insert(0, '.'); from benchmarks.text_speed import *\n"
+        f"torch.set_num_threads(2); model, tok = load_causal_lm(); ids = long_ids(tok, {context})\n"
+        "before = [l for l in open('/proc/self/status') if l.startswith('VmRSS')][0].split()[1]\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        f"seconds, cache, stack = prefill(model, ids, PRESSES[{press!r}]()); stack.close()\n"
+        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print(before, peak)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    return int(out[-1]) / 1024**2
 
 
 def main() -> None:
@@ -65,31 +95,42 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tok = load_causal_lm()
-    results: dict[str, dict] = {}
-
-    ids = long_ids(tok, 1024)[:, :1024]
-    rows = {"none": [], "quickmerge": []}
-    for _ in range(args.repeats):
-        for name, press in [("none", None), ("quickmerge", QuickMergePress(compression_ratio=0.5))]:
-            seconds, _, stack = prefill(model, ids, press)
-            stack.close()
-            rows[name].append(seconds)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    results["prefill_overhead_1024"] = {**med, "overhead": med["quickmerge"] / med["none"] - 1}
+    results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
 
     for context in (1024, 4096):
-        full = long_ids(tok, context)
-        ids, cont = full[:, :context], full[:, context : context + 32]
+        ids = long_ids(tok, context)
         rows = {"none": [], "quickmerge": []}
-        for _ in range(max(1, args.repeats // 2)):
-            for name, press in [("none", None), ("quickmerge", QuickMergePress(compression_ratio=0.5))]:
-                _, cache, stack = prefill(model, ids, press)
-                with stack:
-                    rows[name].append(decode_steps(model, cache, context, cont))
+        for _ in range(args.repeats):
+            for name in rows:
+                seconds, _, stack = prefill(model, ids, PRESSES[name]())
+                stack.close()
+                rows[name].append(seconds)
         med = {k: statistics.median(v) for k, v in rows.items()}
-        results[f"decode_step_{context}"] = {**med, "ratio_merged_to_full": med["quickmerge"] / med["none"]}
+        results[f"prefill_{context}"] = {**med, "overhead": med["quickmerge"] / med["none"] - 1}
+        print(results[f"prefill_{context}"], flush=True)
 
-    ids = long_ids(tok, 2048)[:, :2048]
+    for context in (1024, 4096, 8192 - DECODE_STEPS - 32):
+        full = long_ids(tok, context + DECODE_STEPS)
+        ids, cont = full[:, :context], full[:, context:]
+        rows = {name: [] for name in PRESSES}
+        for _ in range(max(1, args.repeats // 2)):
+            for name in PRESSES:
+                _, cache, stack = prefill(model, ids, PRESSES[name]())
+                with stack:
+                    rows[name].append(decode_steps(model, cache, cont))
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        results[f"decode_step_{context}"] = {
+            **med,
+            "speedup_merged": med["none"] / med["quickmerge"],
+            "speedup_merged_no_proportional": med["none"] / med["quickmerge_no_proportional"],
+            "proportional_share_of_step": med["quickmerge"] / med["quickmerge_no_proportional"] - 1,
+        }
+        print(results[f"decode_step_{context}"], flush=True)
+
+    results["peak_memory_gb_4096"] = {name: peak_memory(4096, name) for name in ("none", "quickmerge")}
+    print(results["peak_memory_gb_4096"], flush=True)
+
+    ids = long_ids(tok, 2048)
     rows = {"none": [], "quickmerge_input": []}
     for _ in range(args.repeats):
         for name, press in [("none", None), ("quickmerge_input", QuickMergeInputPress(compression_ratio=0.5))]:

@@ -59,12 +59,15 @@ class Method:
     ``decode_inside``: keep the method active while the continuation is scored (needed by
     presses that act at decode time); kvpress presses act at prefill only.
     ``eager``: the method needs eager attention (it reads attention weights).
+    ``masks``: the method hides entries inside attention instead of removing them (kvpress's
+    AdaKV family): the cache keeps its length, so it saves no memory.
     """
 
     name: str
     make: Callable[[float], Callable[[Any], contextlib.AbstractContextManager]]
     decode_inside: bool = False
     eager: bool = False
+    masks: bool = False
 
 
 @contextlib.contextmanager
@@ -112,7 +115,9 @@ def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
 
 
 @torch.no_grad()
-def score_example(model: Any, example: TextExample, context: int, press: Any, method: Method) -> dict[str, float]:
+def score_example(
+    model: Any, example: TextExample, context: int, press: Any, method: Method, ratio: float | None = None
+) -> dict[str, float]:
     """NLL per continuation token, wall times and the achieved ratio for one example."""
     from transformers import DynamicCache
 
@@ -134,12 +139,20 @@ def score_example(model: Any, example: TextExample, context: int, press: Any, me
         if not method.decode_inside:
             with _masks_for_shortened_layers(model, cache):
                 start = time.perf_counter()
-                logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
+                if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
+                    logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,
+                                              position_ids=positions[:, t : t + 1]).logits
+                                        for t in range(cont.shape[1])], dim=1)
+                else:
+                    logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
                 decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
-    achieved = getattr(press, "achieved_ratio", None)  # presses that know it (input-side merging)
-    achieved = 1 - kept / context if achieved is None else achieved
-    return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": achieved}
+    memory_saved = 1 - kept / context  # of the compressed layers' entries
+    achieved = getattr(press, "achieved_ratio", None)  # presses that know it (ours)
+    if achieved is None:
+        achieved = ratio if method.masks else memory_saved
+    return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": achieved,
+            "memory_saved": memory_saved}
 
 
 NO_COMPRESSION = Method("none", lambda r: None)
@@ -179,7 +192,7 @@ def run_text_eval(
     new: dict[str, dict[str, float]] = {}
     for i, (method, ratio) in mine:
         press = None if ratio is None else method.make(ratio)
-        row = score_example(model, examples[i], context, press, method)
+        row = score_example(model, examples[i], context, press, method, ratio)
         key = _key(i, examples[i], method.name, ratio)
         new[key] = row
         if journal is not None:
@@ -214,6 +227,7 @@ def summarise(examples: list[TextExample], per_run: dict[tuple[str, float | None
                 "ratio_to_uncompressed": rel,
                 "ratio_to_uncompressed_ci95": [rel_low, rel_high],
                 "achieved_ratio": sum(r["achieved_ratio"] for r in rows) / len(rows),
+                "memory_saved": sum(r.get("memory_saved", r["achieved_ratio"]) for r in rows) / len(rows),
                 "prefill_s_median": _median([r["prefill_s"] for r in rows]),
                 "decode_s_median": _median([r["decode_s"] for r in rows]),
                 "nll_per_example": nll,

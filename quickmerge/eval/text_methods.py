@@ -11,16 +11,73 @@ from ..errors import MissingExtraError
 from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
 
-OURS = ["quickmerge", "quickmerge-input", "quickmerge-uniform", "quickmerge-high-entropy", "tome-kv", "random"]
+# Our presses: the method, its ablations (each QuickMerge++ ingredient on and off), baselines.
+OURS_PRESSES: dict[str, Any] = {
+    "quickmerge": lambda r: QuickMergePress(compression_ratio=r),
+    "quickmerge-budget": lambda r: QuickMergePress(compression_ratio=r, budget="entropy"),
+    "quickmerge-align": lambda r: QuickMergePress(compression_ratio=r, align=True),
+    "quickmerge-budget-align": lambda r: QuickMergePress(compression_ratio=r, budget="entropy", align=True),
+    "quickmerge-uniform": lambda r: QuickMergePress(compression_ratio=r, salient="uniform"),
+    "quickmerge-high-entropy": lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"),
+    "quickmerge-no-proportional": lambda r: QuickMergePress(compression_ratio=r, proportional=False),
+    "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r),
+    "tome-kv": lambda r: ToMeKVPress(compression_ratio=r),
+    "random": lambda r: RandomEvictionPress(compression_ratio=r),
+}
+OURS = list(OURS_PRESSES)
+
+
+def _kvpress_presses() -> dict[str, tuple[Any, bool]]:
+    """kvpress 0.5.5's presses that run offline on these models: ``name -> (make(ratio), masks)``.
+
+    ``masks``: the press (AdaKV and its relatives) hides evicted keys inside attention instead of
+    removing them, so the cache keeps its length and no memory is saved.
+    """
+    import kvpress as kp
+
+    def ada(make: Any) -> tuple[Any, bool]:
+        return make, True
+
+    return {
+        "kvpress-knorm": (lambda r: kp.KnormPress(compression_ratio=r), False),
+        "kvpress-snapkv": (lambda r: kp.SnapKVPress(compression_ratio=r), False),
+        "kvpress-expected-attention": (lambda r: kp.ExpectedAttentionPress(compression_ratio=r), False),
+        "kvpress-streaming-llm": (lambda r: kp.StreamingLLMPress(compression_ratio=r), False),
+        "kvpress-tova": (lambda r: kp.TOVAPress(compression_ratio=r), False),
+        "kvpress-observed-attention": (lambda r: kp.ObservedAttentionPress(compression_ratio=r), False),
+        "kvpress-keydiff": (lambda r: kp.KeyDiffPress(compression_ratio=r), False),
+        "kvpress-lagkv": (lambda r: kp.LagKVPress(compression_ratio=r), False),
+        "kvpress-cur": (lambda r: kp.CURPress(compression_ratio=r), False),
+        "kvpress-leverage": (lambda r: kp.LeverageScorePress(compression_ratio=r), False),
+        "kvpress-compactor": (lambda r: kp.CompactorPress(compression_ratio=r), False),
+        "kvpress-cap": (lambda r: kp.CapPress(compression_ratio=r), False),
+        "kvpress-pyramidkv": (lambda r: kp.PyramidKVPress(compression_ratio=r), False),
+        "kvpress-kvzip": ada(lambda r: kp.KVzipPress(compression_ratio=r)),  # head-wise: masks like AdaKV
+        "kvpress-chunkkv-snapkv": (lambda r: kp.ChunkKVPress(press=kp.SnapKVPress(compression_ratio=r)), False),
+        "kvpress-merging-snapkv": (lambda r: kp.MergingPress(press=kp.SnapKVPress(compression_ratio=r)), False),
+        "kvpress-merging-expected-attention": (
+            lambda r: kp.MergingPress(press=kp.ExpectedAttentionPress(compression_ratio=r)), False),
+        "kvpress-merging-knorm": (lambda r: kp.MergingPress(press=kp.KnormPress(compression_ratio=r)), False),
+        "kvpress-merging-tova": (lambda r: kp.MergingPress(press=kp.TOVAPress(compression_ratio=r)), False),
+        # kvpress's leaderboard setting of "expected_attention": head-wise adaptive budgets
+        "kvpress-adakv-expected-attention": ada(
+            lambda r: kp.AdaKVPress(kp.ExpectedAttentionPress(compression_ratio=r, epsilon=1e-2))),
+        "kvpress-adakv-expected-attention-eps0": ada(
+            lambda r: kp.AdaKVPress(kp.ExpectedAttentionPress(compression_ratio=r))),
+        "kvpress-adakv-snapkv": ada(lambda r: kp.AdaKVPress(kp.SnapKVPress(compression_ratio=r))),
+        "kvpress-critical-adakv-expected-attention": ada(lambda r: kp.CriticalAdaKVPress(
+            kp.ExpectedAttentionPress(compression_ratio=r, epsilon=1e-2, use_vnorm=False))),
+        "kvpress-critical-adakv-snapkv": ada(lambda r: kp.CriticalAdaKVPress(kp.SnapKVPress(compression_ratio=r))),
+    }
+
+
 KVPRESS = [
-    "kvpress-knorm",
-    "kvpress-snapkv",
-    "kvpress-expected-attention",
-    "kvpress-streaming-llm",
-    "kvpress-tova",
-    "kvpress-observed-attention",
-    "kvpress-keydiff",
-    "kvpress-merging-snapkv",
+    "kvpress-knorm", "kvpress-snapkv", "kvpress-expected-attention", "kvpress-streaming-llm", "kvpress-tova",
+    "kvpress-observed-attention", "kvpress-keydiff", "kvpress-lagkv", "kvpress-cur", "kvpress-leverage",
+    "kvpress-compactor", "kvpress-cap", "kvpress-pyramidkv", "kvpress-kvzip", "kvpress-chunkkv-snapkv",
+    "kvpress-merging-snapkv", "kvpress-merging-expected-attention", "kvpress-merging-knorm", "kvpress-merging-tova",
+    "kvpress-adakv-expected-attention", "kvpress-adakv-expected-attention-eps0", "kvpress-adakv-snapkv",
+    "kvpress-critical-adakv-expected-attention", "kvpress-critical-adakv-snapkv",
 ]
 
 
@@ -30,37 +87,15 @@ def kvpress_available() -> bool:
 
 def build_method(name: str) -> Method:
     """The :class:`Method` of a name in ``OURS + KVPRESS``."""
-    if name == "quickmerge":
-        return Method(name, lambda r: QuickMergePress(compression_ratio=r), decode_inside=True)
-    if name == "quickmerge-input":
-        return Method(name, lambda r: QuickMergeInputPress(compression_ratio=r), decode_inside=True)
-    if name == "quickmerge-uniform":  # ablation: window queries weighted equally
-        return Method(name, lambda r: QuickMergePress(compression_ratio=r, salient="uniform"), decode_inside=True)
-    if name == "quickmerge-high-entropy":  # ablation: broad-attention queries weighted more
-        return Method(name, lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"), decode_inside=True)
-    if name == "tome-kv":
-        return Method(name, lambda r: ToMeKVPress(compression_ratio=r), decode_inside=True)
-    if name == "random":
-        return Method(name, lambda r: RandomEvictionPress(compression_ratio=r), decode_inside=True)
+    if name in OURS_PRESSES:
+        return Method(name, OURS_PRESSES[name], decode_inside=True)
     if name not in KVPRESS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(OURS + KVPRESS)}")
     if not kvpress_available():
         raise MissingExtraError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
-    import kvpress
-
-    presses = {
-        "kvpress-knorm": lambda r: kvpress.KnormPress(compression_ratio=r),
-        "kvpress-snapkv": lambda r: kvpress.SnapKVPress(compression_ratio=r),
-        "kvpress-expected-attention": lambda r: kvpress.ExpectedAttentionPress(compression_ratio=r),
-        "kvpress-streaming-llm": lambda r: kvpress.StreamingLLMPress(compression_ratio=r),
-        "kvpress-tova": lambda r: kvpress.TOVAPress(compression_ratio=r),
-        "kvpress-observed-attention": lambda r: kvpress.ObservedAttentionPress(compression_ratio=r),
-        "kvpress-keydiff": lambda r: kvpress.KeyDiffPress(compression_ratio=r),
-        "kvpress-merging-snapkv": lambda r: kvpress.MergingPress(press=kvpress.SnapKVPress(compression_ratio=r)),
-    }
-    make = presses[name]
+    make, masks = _kvpress_presses()[name]
     return Method(name, lambda r: global_rope_default(global_layers_only(make(r))),
-                  eager=name == "kvpress-observed-attention")
+                  eager=name == "kvpress-observed-attention", masks=masks)
 
 
 def global_rope_default(press: Any) -> Any:

@@ -58,6 +58,8 @@ def evaluate_setting(
     try:
         correct = tokens = batches = 0
         for i in ctx.shard(range(0, len(images), batch_size)):
+            if handle is not None:
+                handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
             logits = model(normalize(images[i : i + batch_size].to(device)))
             correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
             tokens += handle.mean_tokens if handle is not None else 0

@@ -18,7 +18,9 @@ DEFAULT_R = (8, 12, 16, 20, 24, 28, 32, 36, 40)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="merging methods to sweep")
-    parser.add_argument("--r", type=int, nargs="+", default=list(DEFAULT_R), help="tokens merged per block")
+    parser.add_argument("--r-values", "--r", dest="r", type=int, nargs="+", default=list(DEFAULT_R),
+                        help="values of r (tokens merged per block) to sweep; under torchrun spell it --r-values "
+                             "(torchrun reads --r as one of its own options)")
     parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")

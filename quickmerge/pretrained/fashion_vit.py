@@ -32,8 +32,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-# The configuration of the shipped reference model (``quickmerge train vision`` trains it).
-REFERENCE_CONFIG: dict[str, Any] = dict(DEFAULT_CONFIG)
+# The configuration of the reference model ``quickmerge train vision`` trains: the same ViT with a
+# convolutional stem before the 2x2 patch projection (196 patch tokens + class token, 6 blocks).
+REFERENCE_CONFIG: dict[str, Any] = {**DEFAULT_CONFIG, "conv_stem": [32, 64]}
 
 
 def build_vit(config: dict[str, Any] | None = None) -> torch.nn.Module:

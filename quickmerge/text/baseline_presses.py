@@ -34,7 +34,7 @@ class ToMeKVPress(KVPress):
     def adds_bias(self) -> bool:
         return self.proportional
 
-    def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
+    def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         b, hkv, length, d = keys.shape
         flat = torch.cat([keys, values], dim=-1).reshape(b * hkv, length, -1)
         merged, _, sizes = tome_merge(flat, kept, metric=keys.reshape(b * hkv, length, d), protect_first=True,

@@ -2,7 +2,9 @@
 
 A press subclass says only *what* to keep: :meth:`KVPress.score` rates each cached entry,
 :meth:`KVPress.merge` turns the prompt's keys and values into the kept ones (default:
-keep the top-scored entries, i.e. eviction). Everything else lives here:
+keep the top-scored entries, i.e. eviction), and optionally :meth:`KVPress.layer_budgets`
+shares the kept entries out over the layers once every layer was scored. Everything else
+lives here:
 
 - prefill (a forward pass that fills an empty cache): a forward hook on each attention
   layer reads the layer's freshly filled ``DynamicLayer``, calls ``score`` and ``merge``
@@ -53,6 +55,7 @@ class _Prefill:
     attention_calls: int = 0
     cache_seen: bool = False
     kwarg_names: tuple[str, ...] = ()
+    pending: dict[int, tuple[Any, Any, Any, int]] = field(default_factory=dict)  # layers awaiting their budget
 
 
 @dataclass
@@ -73,9 +76,9 @@ class KVPress(Press):
         """Score ``[B, Hkv, L]`` of each cached entry (higher = more worth keeping), or None."""
         return None
 
-    def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
-        """``[B, Hkv, L, d]`` keys and values -> ``kept`` entries per head. Default: keep the
-        top-scored entries in their order (eviction)."""
+    def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
+        """``[B, Hkv, L, d]`` keys and values of ``module``'s layer -> ``kept`` entries per head.
+        Default: keep the top-scored entries in their order (eviction)."""
         if scores is None:
             raise NotImplementedError(f"{type(self).__name__} must override score() or merge()")
         index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values[..., None]
@@ -87,6 +90,19 @@ class KVPress(Press):
         """Whether merged entries get ``log(size)`` on their logits (needs an additive float mask)."""
         return False
 
+    def defers(self) -> bool:
+        """Whether this press shares its budget over the layers once every layer was scored
+        (:meth:`layer_budgets`); the default compresses each layer as soon as it is scored.
+
+        A deferring press keeps the whole cache until the end of the prefill (as an uncompressed
+        prefill does) and must keep ``sum(kept(L))`` entries in all, so it is compared with
+        others at equal memory.
+        """
+        return False
+
+    def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:
+        """Entries each layer keeps, ``{layer: kept}``, given each layer's prompt length."""
+        return {i: self.kept(length) for i, length in lengths.items()}
     # ---- hooks ---------------------------------------------------------------------------
     def _reset(self) -> None:
         super()._reset()
@@ -162,22 +178,36 @@ class KVPress(Press):
         if length != hidden_states.shape[1] or is_merged(layer):
             return output  # the cache held entries before this call: not a prefill of this layer
         kept = self.kept(length)
-        self._record(length, kept)
         if kept >= length:
+            self._record(length, length)
             return output
         with torch.no_grad():
             scores = self.score(module, hidden_states, layer.keys, layer.values, kwargs)
-            keys, values, sizes = self.merge(layer.keys, layer.values, scores, kept)
+        if self.defers():
+            call.pending[module.layer_idx] = (module, cache, scores, length)
+        else:
+            self._compress(module, cache, scores, length, kept)
+        call.compressed += 1
+        return output
+
+    def _compress(self, module: nn.Module, cache: Any, scores: Tensor | None, length: int, kept: int) -> None:
+        layer = cache.layers[module.layer_idx]
+        with torch.no_grad():
+            keys, values, sizes = self.merge(module, layer.keys, layer.values, scores, kept)
         merged = merged_layer(layer, keys, values, length)
         if sizes is not None:
             heads = module.config.num_attention_heads
             merged.log_sizes = sizes.log().float().repeat_interleave(heads // keys.shape[1], dim=1)[:, :, None, :]
         cache.layers[module.layer_idx] = merged
-        call.compressed += 1
-        return output
+        self._record(length, kept)
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._prefill = self._prefill, None
+        if call is not None and call.pending:
+            budgets = self.layer_budgets({i: entry[3] for i, entry in call.pending.items()})
+            for index, (attn, cache, scores, length) in call.pending.items():
+                self._compress(attn, cache, scores, length, budgets[index])
+            call.pending.clear()
         if call is None or call.compressed or self.kept(call.length) >= call.length:
             return
         import transformers

@@ -29,6 +29,7 @@ class Press:
     compression_ratio: float = 0.5
     original_length: int | None = field(default=None, init=False)
     compressed_length: int | None = field(default=None, init=False)
+    _entries: tuple[int, int] = field(default=(0, 0), init=False, repr=False)  # (before, after) over layers
 
     def __post_init__(self) -> None:
         check_real(self.compression_ratio, "compression_ratio", low=0.0, high=1.0, low_open=False, high_open=True)
@@ -39,13 +40,17 @@ class Press:
 
     @property
     def achieved_ratio(self) -> float | None:
-        """Share of entries actually removed by the last prefill (None before any)."""
-        if not self.original_length:
-            return None
-        return 1.0 - self.compressed_length / self.original_length
+        """Share of entries actually removed by the last prefill, over the layers it compressed
+        (None before any)."""
+        before, after = self._entries
+        return None if not before else 1.0 - after / before
 
     def _record(self, original: int, compressed: int) -> None:
-        self.original_length, self.compressed_length = original, compressed
+        """One layer (or the input) of ``original`` entries now holds ``compressed``."""
+        before, after = self._entries
+        self._entries = (before + original, after + compressed)
+        self.original_length = original
+        self.compressed_length = round(self._entries[1] * original / self._entries[0])  # mean over layers
 
     def _reset(self) -> None:
         """Forget everything about earlier calls (start of a ``with`` block)."""
@@ -54,6 +59,7 @@ class Press:
     def _new_prompt(self) -> None:
         """A prefill of a new prompt starts: forget what was reported about the previous one."""
         self.original_length = self.compressed_length = None
+        self._entries = (0, 0)
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         """Register this press's hooks on ``model``'s decoder ``layers``; returns their handles."""

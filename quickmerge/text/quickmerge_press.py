@@ -26,10 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
+from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass
 from ..primitives import group_sum, weighted_mean
+from .alignment import fit_keys, fit_values, read_weights
 from .kv_press import Compressed, KVPress
-from .scoring import SALIENT, Salient, window_saliency
+from .scoring import SALIENT, Salient, Window, observe, saliency, spread
 
 
 @dataclass
@@ -52,6 +54,16 @@ class QuickMergePress(KVPress):
         bias: what proportional attention counts: ``"size"`` (members) or ``"mass"`` (total merge
             mass relative to the heaviest member).
         kernel_size: width of the average pooling that spreads each score to its neighbours.
+        budget: ``"uniform"`` (every layer keeps ``int(L * (1 - ratio))``) or ``"entropy"``
+            (QuickMerge++'s entropy-based budget across layers: each layer's share grows with the
+            number of entries its window queries effectively attend to, ``exp(entropy)``, to the
+            power ``budget_power``, above a floor of ``budget_floor`` times the uniform share; the
+            total kept is the uniform total, so memory is equal; the cache stays whole until the
+            end of the prefill).
+        align: fit the merged keys and values to what the window's queries read from the full
+            cache (:mod:`quickmerge.text.alignment`): keys keep each group's log-sum-exp, values
+            weigh members by the attention they receive (plus ``align_floor``).
+        align_ridge: regularisation of the key fit, relative to the queries' energy.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
     what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
@@ -65,8 +77,15 @@ class QuickMergePress(KVPress):
     kmeans_iters: int = 0
     bias: Literal["size", "mass"] = "size"
     kernel_size: int = 5
+    budget: Literal["uniform", "entropy"] = "uniform"
+    budget_floor: float = 0.2
+    budget_power: float = 1.0
+    align: bool = False
+    align_ridge: float = 0.1
+    align_floor: float = 0.5
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
+    _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -78,6 +97,11 @@ class QuickMergePress(KVPress):
         check_choice(self.salient, "salient", SALIENT)
         check_choice(self.mode, "mode", ("clusters", "spans"))
         check_choice(self.bias, "bias", ("size", "mass"))
+        check_choice(self.budget, "budget", ("uniform", "entropy"))
+        check_real(self.budget_floor, "budget_floor", low=0.0, high=1.0, low_open=False, high_open=False)
+        check_real(self.budget_power, "budget_power", low=0.0, high=math.inf, low_open=False, high_open=True)
+        check_real(self.align_ridge, "align_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
+        check_real(self.align_floor, "align_floor", low=0.0, high=math.inf, low_open=False, high_open=True)
 
     def seed_share(self) -> Tensor | None:
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
@@ -85,18 +109,34 @@ class QuickMergePress(KVPress):
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
-        self.kept_share, self.layers_merged = None, 0
+        self.kept_share, self.layers_merged, self._windows = None, 0, {}
+
+    def _release(self) -> None:
+        super()._release()
+        self._windows = {}
 
     def adds_bias(self) -> bool:
         return self.proportional
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""
-        return window_saliency(
-            module, hidden_states, keys, kwargs, window=self.window, salient=self.salient, kernel_size=self.kernel_size
-        )
+        win = observe(module, hidden_states, keys, kwargs, self.window)
+        if self.budget == "entropy" or self.align:
+            self._windows[module.layer_idx] = win
+        return saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
 
-    def merge(self, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
+    def defers(self) -> bool:
+        return self.budget == "entropy"
+
+    def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:
+        layers = sorted(lengths)
+        uniform = [self.kept(lengths[i]) for i in layers]
+        weights = [spread(self._windows[i]) ** self.budget_power for i in layers]
+        floor = [max(1, int(self.budget_floor * u)) for u in uniform]
+        kept = allocate(sum(uniform), weights, [lengths[i] for i in layers], floor)
+        return dict(zip(layers, kept, strict=True))
+
+    def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` groups per head (see ``mode``)."""
         b, hkv, length, d = keys.shape
         flat_k = keys.reshape(b * hkv, length, d)
@@ -116,6 +156,13 @@ class QuickMergePress(KVPress):
             assignment = assign_to_seeds(flat_k, mask.bool(), top.sort(dim=-1).values)
         merged_k, total = weighted_mean(flat_k, mass, assignment, kept)
         merged_v, _ = weighted_mean(flat_v, mass, assignment, kept)
+        if self.align:
+            win = self._windows[module.layer_idx]
+            counts = group_sum(torch.ones_like(mass)[..., None], assignment, kept)[..., 0]
+            queries = win.queries.reshape(b * hkv, -1, d)  # [R, G*w, d]: the query heads that read each KV head
+            merged_k = fit_keys(flat_k, assignment, merged_k, counts, queries, win.scaling, self.align_ridge)
+            weights = read_weights(flat_k, queries, win.scaling, self.align_floor)
+            merged_v = fit_values(flat_v, assignment, kept, weights)
         sizes = None
         if self.proportional and self.bias == "size":
             sizes = group_sum(torch.ones_like(mass)[..., None], assignment, kept)[..., 0]

@@ -1,13 +1,18 @@
-"""How a press scores cached entries: the attention they receive from the prompt's last queries.
+"""How a press observes a layer: the prompt's last queries and the attention they pay.
 
 The last ``window`` prompt tokens' queries are recomputed from the layer's own projection
 (SnapKV's observation window, so fused attention stays usable) and their attention over
-the whole prompt is taken; each query counts by how focused it is (QuickMerge++'s entropy
-saliency), and each entry's score is the attention it receives.
+the whole prompt is taken. From that :class:`Window`:
+
+- :func:`saliency`: each entry's score, the attention it receives, each query counted by
+  how focused it is (QuickMerge++'s entropy saliency);
+- :func:`spread`: how many entries the layer's queries effectively attend to (the
+  perplexity of their attention), which sets the layer's share of a cache budget.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -21,21 +26,44 @@ Salient = Literal["low_entropy", "high_entropy", "uniform"]
 SALIENT = ("low_entropy", "high_entropy", "uniform")
 
 
-def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Tensor:
-    """Attention ``[B, H, w, L]`` (float32) of the last ``w = min(window, L)`` prompt tokens.
+@dataclass
+class Window:
+    """The observation window of one layer.
 
-    ``keys [B, Hkv, L, d]`` are the layer's cached keys. Query ``i`` of the window sits at
-    position ``L - w + i`` and sees keys up to it (causal).
+    Attributes:
+        queries: ``[B, H, w, d]`` post-RoPE queries of the last ``w`` prompt tokens (float32).
+        probs: ``[B, H, w, L]`` their causal attention over the prompt's ``L`` cached keys.
+        scaling: the attention's logit scale.
+    """
+
+    queries: Tensor
+    probs: Tensor
+    scaling: float
+
+    @property
+    def size(self) -> int:
+        return self.probs.shape[2]
+
+
+def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Window:
+    """The :class:`Window` of the last ``w = min(window, L)`` prompt tokens over ``keys [B, Hkv, L, d]``.
+
+    Query ``i`` of the window sits at position ``L - w + i`` and sees keys up to it (causal).
     """
     length, hkv = keys.shape[2], keys.shape[1]
     w = min(window, length)
-    q = window_queries(module, hidden_states[:, -w:], kwargs["position_embeddings"])
+    q = window_queries(module, hidden_states[:, -w:], kwargs["position_embeddings"]).float()
     groups = q.shape[1] // hkv
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * module.scaling
+    logits = torch.matmul(q, k.float().transpose(-1, -2)) * module.scaling
     q_pos = torch.arange(length - w, length, device=keys.device)
     allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
-    return logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return Window(q, logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1), float(module.scaling))
+
+
+def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Tensor:
+    """Attention ``[B, H, w, L]`` (float32) of the last ``w = min(window, L)`` prompt tokens."""
+    return observe(module, hidden_states, keys, kwargs, window).probs
 
 
 def query_weights(probs: Tensor, salient: Salient) -> Tensor:
@@ -48,6 +76,33 @@ def query_weights(probs: Tensor, salient: Salient) -> Tensor:
     return 1.0 - entropy if salient == "low_entropy" else entropy
 
 
+def saliency(win: Window, hkv: int, *, salient: Salient = "low_entropy", kernel_size: int = 5) -> Tensor:
+    """Saliency ``[B, Hkv, L]`` of each cached entry: its quantile rank in (0, 1] per KV head.
+
+    The attention each entry receives from the window (queries weighted by ``salient``),
+    spread to its neighbours by an average pool of width ``kernel_size``, averaged over the
+    query heads of each KV head. The window's own entries rank highest (they are kept).
+    """
+    probs = win.probs
+    b, _, w, length = probs.shape
+    received = attention_received(probs, query_weights(probs, salient))  # [B, H, L]
+    if kernel_size > 1:  # neighbours of salient tokens carry their local context
+        pad = kernel_size // 2
+        received = F.avg_pool1d(received, kernel_size, stride=1, padding=pad, count_include_pad=False)
+    received = received.view(b, hkv, -1, length).mean(dim=2)
+    received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
+    # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
+    ranks = received.argsort(dim=-1).argsort(dim=-1)
+    return (ranks + 1).float() / length
+
+
+def spread(win: Window) -> float:
+    """Entries the window's queries effectively attend to: ``exp(entropy)`` of each query's
+    attention, averaged over queries, heads and the batch."""
+    entropy = -torch.special.xlogy(win.probs, win.probs).sum(dim=-1)  # [B, H, w], nats
+    return float(entropy.exp().mean())
+
+
 def window_saliency(
     module: nn.Module,
     hidden_states: Tensor,
@@ -58,21 +113,6 @@ def window_saliency(
     salient: Salient = "low_entropy",
     kernel_size: int = 5,
 ) -> Tensor:
-    """Saliency ``[B, Hkv, L]`` of each cached entry: its quantile rank in (0, 1] per KV head.
-
-    The attention each entry receives from the window (queries weighted by ``salient``),
-    spread to its neighbours by an average pool of width ``kernel_size``, averaged over the
-    query heads of each KV head. The window's own entries rank highest (they are kept).
-    """
-    b, hkv, length, _ = keys.shape
-    probs = window_attention(module, hidden_states, keys, kwargs, window)
-    w = probs.shape[2]
-    received = attention_received(probs, query_weights(probs, salient))  # [B, H, L]
-    if kernel_size > 1:  # neighbours of salient tokens carry their local context
-        pad = kernel_size // 2
-        received = F.avg_pool1d(received, kernel_size, stride=1, padding=pad, count_include_pad=False)
-    received = received.view(b, hkv, -1, length).mean(dim=2)
-    received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
-    # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
-    ranks = received.argsort(dim=-1).argsort(dim=-1)
-    return (ranks + 1).float() / length
+    """:func:`saliency` of the window :func:`observe` sees: ``[B, Hkv, L]``."""
+    win = observe(module, hidden_states, keys, kwargs, window)
+    return saliency(win, keys.shape[1], salient=salient, kernel_size=kernel_size)

@@ -328,3 +328,23 @@ def test_hooks_are_removed_when_the_block_raises():
     with pytest.raises(RuntimeError), QuickMergePress(0.5)(model), torch.no_grad():
         model(torch.randint(0, 97, (1, 30)), use_cache=False)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("options", [{"budget": "entropy"}, {"align": True}, {"budget": "entropy", "align": True}])
+def test_entropy_budgets_and_alignment_keep_the_total_and_decode_exactly(options):
+    model = tiny("llama", layers=4)
+    with torch.no_grad():  # layer 0's queries attend sharply: few entries carry its attention
+        model.model.layers[0].self_attn.q_proj.weight.mul_(30.0)
+    ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 5))
+    press = QuickMergePress(0.5, window=8, **options)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        reference_cache = duplicated_cache(cache)
+        merged = model(cont, past_key_values=cache).logits
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert sum(lengths) == 4 * (20 + 5) and press.achieved_ratio == pytest.approx(0.5)
+    if "budget" in options:  # the focused layer gives entries to the diffuse ones
+        assert lengths[0] < min(lengths[1:])
+    with torch.no_grad():
+        assert torch.allclose(merged, model(cont, past_key_values=reference_cache).logits, atol=1e-4)

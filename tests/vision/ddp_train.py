@@ -21,6 +21,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     ctx = distributed.setup()
     data = (synthetic(0), synthetic(1))
-    recipe = Recipe(epochs=2, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9)
+    recipe = Recipe(epochs=2, batch_size=16, lr=1e-3, warmup_steps=2, ema_decay=0.9, teacher_epochs=0)
     train(sys.argv[1], recipe=recipe, config=CONFIG, ctx=ctx, data=data, test=synthetic(2), fresh=True)
     ctx.close()

@@ -50,8 +50,8 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path, monkeypatch)
     from quickmerge.vision import train as train_module
 
     data, test = (synthetic(0), synthetic(1)), synthetic(2)
-    full = train(tmp_path / "full", recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data,
-                 test=test)
+    recipe = Recipe(epochs=2, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
+    full = train(tmp_path / "full", recipe=recipe, config=CONFIG, data=data, test=test)
     # the same run, interrupted in its second epoch (before that epoch's checkpoint), then run again
     part, calls, real_accuracy = tmp_path / "part", [], train_module.accuracy
 
@@ -63,16 +63,16 @@ def test_an_interrupted_training_resumes_where_it_stopped(tmp_path, monkeypatch)
 
     monkeypatch.setattr(train_module, "accuracy", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        train(part, recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data, test=test)
+        train(part, recipe=recipe, config=CONFIG, data=data, test=test)
     monkeypatch.setattr(train_module, "accuracy", real_accuracy)
     assert (part / "checkpoint.pt").exists() and not (part / "model.safetensors").exists()
-    resumed = train(part, recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2), config=CONFIG, data=data, test=test)
+    resumed = train(part, recipe=recipe, config=CONFIG, data=data, test=test)
     a, b = st.load_file(str(tmp_path / "full" / "model.safetensors")), st.load_file(str(part / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test_accuracy"] == full["test_accuracy"] and not (part / "checkpoint.pt").exists()
     torch.save({"identity": {"recipe": "another"}}, part / "checkpoint.pt")
     with pytest.raises(ValueError, match="--fresh"):
-        train(part, recipe=Recipe(epochs=2, batch_size=16), config=CONFIG, data=data, test=test)
+        train(part, recipe=Recipe(epochs=2, batch_size=16, teacher_epochs=0), config=CONFIG, data=data, test=test)
 
 
 def test_the_shipped_checkpoint_is_not_the_default_output():
@@ -81,3 +81,17 @@ def test_the_shipped_checkpoint_is_not_the_default_output():
 
     assert Path(build_parser().parse_args(["train", "vision"]).out) == DEFAULT_OUT
     assert DEFAULT_OUT.resolve() != ASSET_DIR.resolve()
+
+
+def test_distillation_trains_a_teacher_and_keeps_it_in_the_checkpoint(tmp_path, monkeypatch):
+    from quickmerge.vision import train as train_module
+
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=1, distill_weight=0.5)
+    taught = []
+    real = train_module.train_teacher
+    monkeypatch.setattr(train_module, "train_teacher", lambda *a, **k: taught.append(1) or real(*a, batch_size=16, **k))
+    summary = train(tmp_path / "distilled", recipe=recipe, config=CONFIG, data=data, test=test)
+    assert taught == [1] and summary["training"]["teacher_epochs"] == 1
+    log = json.loads((tmp_path / "distilled" / "train_log.json").read_text())
+    assert 0.0 <= log["teacher_heldout_accuracy"] <= 1.0

@@ -1,0 +1,76 @@
+"""``quickmerge eval vision`` loses nothing when killed and gives one process's rows under torchrun."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+st = pytest.importorskip("safetensors.torch")
+from quickmerge.data import fashion_mnist  # noqa: E402
+
+if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+    pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = {"img_size": 28, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 3,
+          "num_heads": 2, "mlp_ratio": 2.0}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from quickmerge.pretrained.fashion_vit import build_vit
+
+    path = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    st.save_file(build_vit(CONFIG).state_dict(), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model": CONFIG}))
+    return path
+
+
+def _command(checkpoint, out, *extra):
+    return [sys.executable, "-m", "quickmerge", "eval", "vision", "--checkpoint", str(checkpoint), "--images", "512",
+            "--batch-size", "64", "--r-values", "4", "8", "16", "--methods", "quickmerge", "tome", "random",
+            "--timing-rounds", "1", "--threads", "1", "--out", str(out), *extra]
+
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+MEASURED = ("images_per_s", "unpatched_images_per_s", "speedup")
+
+
+def _rows(path):
+    return [{k: v for k, v in row.items() if k not in MEASURED} for row in json.loads(path.read_text())["rows"]]
+
+
+def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(checkpoint, tmp_path):
+    full = tmp_path / "full"
+    subprocess.run(_command(checkpoint, full), check=True, cwd=ROOT, env=ENV, capture_output=True)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_command(checkpoint, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    journal = Path(str(out) + ".journal") / "rank0.jsonl"
+    deadline = time.time() + 120
+    while (not journal.exists() or len(journal.read_text().splitlines()) < 3) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = len(journal.read_text().splitlines())
+    assert 3 <= finished < 10 and not out.with_suffix(".json").exists()
+    subprocess.run(_command(checkpoint, out), check=True, cwd=ROOT, env=ENV, capture_output=True)
+    keys = [json.loads(line)["key"] for line in journal.read_text().splitlines() if line.strip()]
+    assert len(keys) == len(set(keys)) == 10  # none twice: the resumed run skipped the finished settings
+    assert _rows(out.with_suffix(".json")) == _rows(full.with_suffix(".json"))
+
+    two = tmp_path / "two"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", *_command(checkpoint, two)[2:]], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _rows(two.with_suffix(".json")) == _rows(full.with_suffix(".json"))
