@@ -84,9 +84,12 @@ def tome_merge(
         raise ValueError(f"max_round_share must lie in (0, 0.5], got {max_round_share}")
     while t > k:
         cap = (t + 1) // 2 - (1 if protect_first else 0)  # the A tokens that may be merged away
-        r = min(t - k, cap, max(1, int(max_round_share * t)))
-        new_index = bipartite_round(feats, r, protect_first=protect_first)
-        t -= r
+        if cap == 0:  # t == 2 with token 0 protected and k == 1: token 1 joins token 0
+            new_index, t = torch.zeros(b, t, dtype=torch.long, device=x.device), 1
+        else:
+            r = min(t - k, cap, max(1, int(max_round_share * t)))
+            new_index = bipartite_round(feats, r, protect_first=protect_first)
+            t -= r
         # ToMe's merge: each group's value is the size-weighted mean of what it absorbs
         means, _ = weighted_mean(means, sizes, new_index, t)
         feats, sizes = weighted_mean(feats, sizes, new_index, t)

@@ -5,12 +5,14 @@
 - :class:`QuickMergePress`: QuickMerge++ merging of the KV cache (the method).
 - :class:`ToMeKVPress`, :class:`RandomEvictionPress`: baselines in the same framework.
 - :class:`QuickMergeInputPress`: merges the prompt's hidden states after one decoder layer.
+- :func:`for_kvpress_pipeline`: a press that kvpress's pipeline keeps active while decoding.
 """
 
 from .baseline_presses import RandomEvictionPress, ToMeKVPress
 from .decoder import SUPPORTED_ARCHITECTURES
 from .input_press import QuickMergeInputPress
 from .kv_press import Compressed, KVPress
+from .kvpress_pipeline import for_kvpress_pipeline
 from .press import Press
 from .quickmerge_press import QuickMergePress
 
@@ -23,4 +25,5 @@ __all__ = [
     "QuickMergePress",
     "RandomEvictionPress",
     "ToMeKVPress",
+    "for_kvpress_pipeline",
 ]

@@ -103,11 +103,8 @@ class KVPress(Press):
     def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:
         """Entries each layer keeps, ``{layer: kept}``, given each layer's prompt length."""
         return {i: self.kept(length) for i, length in lengths.items()}
-    # ---- hooks ---------------------------------------------------------------------------
-    def _reset(self) -> None:
-        super()._reset()
-        self._prefill = None
 
+    # ---- hooks ---------------------------------------------------------------------------
     def _release(self) -> None:
         self._prefill = None
 

@@ -21,9 +21,10 @@ class Press:
         compression_ratio: share of the prompt's entries (tokens) removed, in [0, 1);
             kept = ``int(L * (1 - ratio))``, as kvpress computes it.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
-    what was done. Subclasses register their hooks in :meth:`_hooks` and drop any per-call
-    state in :meth:`_reset`; hooks are registered on this model instance when the ``with``
-    block starts and removed when it ends.
+    what was done, until the next prefill (entering the press again to decode keeps them).
+    Subclasses register their hooks in :meth:`_hooks`, reset per-prompt state in
+    :meth:`_new_prompt` and drop references in :meth:`_release`; hooks are registered on
+    this model instance when the ``with`` block starts and removed when it ends.
     """
 
     compression_ratio: float = 0.5
@@ -52,10 +53,6 @@ class Press:
         self.original_length = original
         self.compressed_length = round(self._entries[1] * original / self._entries[0])  # mean over layers
 
-    def _reset(self) -> None:
-        """Forget everything about earlier calls (start of a ``with`` block)."""
-        self._new_prompt()
-
     def _new_prompt(self) -> None:
         """A prefill of a new prompt starts: forget what was reported about the previous one."""
         self.original_length = self.compressed_length = None
@@ -70,7 +67,6 @@ class Press:
         """Patch ``model`` (this instance only) for the duration of the ``with`` block."""
         layers = decoder_layers(model)
         warn_if_untested(model, type(self).__name__)
-        self._reset()
         handles = self._hooks(model, layers)
         try:
             yield

@@ -45,3 +45,13 @@ def test_at_half_a_single_uncapped_round_merges_every_even_token():
     assert not any(evens_alone)
     _, capped, _ = tome_merge(x, 8, protect_first=True, max_round_share=0.25)
     assert (capped[0] == capped[0, 0]).sum() == 1
+
+
+@pytest.mark.parametrize("n,k", [(2, 1), (3, 1), (4, 1), (3, 2), (5, 2)])
+def test_tiny_inputs_with_a_protected_first_token_terminate_at_k(n, k):
+    """A protected token 0 leaves no A token to merge at t=2: the last round joins token 1 to it."""
+    x = torch.randn(2, n, 4, dtype=torch.float64)
+    merged, assignment, sizes = tome_merge(x, k, protect_first=True, max_round_share=0.25)
+    assert merged.shape == (2, k, 4) and torch.equal(sizes.sum(-1), torch.full((2,), n))
+    assert (assignment[:, 0] == 0).all()
+    assert torch.allclose(merged, naive_group_means(x, torch.ones(2, n), assignment, k), atol=1e-9)

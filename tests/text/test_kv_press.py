@@ -348,3 +348,34 @@ def test_entropy_budgets_and_alignment_keep_the_total_and_decode_exactly(options
         assert lengths[0] < min(lengths[1:])
     with torch.no_grad():
         assert torch.allclose(merged, model(cont, past_key_values=reference_cache).logits, atol=1e-4)
+
+
+def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
+    pytest.importorskip("kvpress")
+    import kvpress  # noqa: F401  (registers the pipeline)
+
+    from quickmerge.text import for_kvpress_pipeline
+    from tests.eval.conftest import save_tiny_lm
+
+    path = save_tiny_lm(tmp_path / "lm")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
+    context, question = "The quick brown fox jumps over the lazy dog. " * 4, " Which animal jumps?"
+    press = QuickMergePress(0.5, window=8)
+    piped = pipe(context, question=question, press=for_kvpress_pipeline(press), max_new_tokens=8)["answer"]
+    assert press.achieved_ratio == pytest.approx(0.5, abs=0.02)
+    # the same greedy decoding by hand, inside the press (proportional attention on), on the pipeline's
+    # inputs (without a chat template: BOS + context, then question + newline)
+    ids = tokenizer(tokenizer.bos_token + context, return_tensors="pt", add_special_tokens=False).input_ids
+    q = tokenizer(question + "\n", return_tensors="pt", add_special_tokens=False).input_ids
+    cache, out = transformers.DynamicCache(), []
+    with torch.no_grad(), QuickMergePress(0.5, window=8)(model):
+        model.model(ids, past_key_values=cache)
+        logits = model(q, past_key_values=cache).logits
+        for _ in range(8):
+            out.append(int(logits[0, -1].argmax()))
+            logits = model(torch.tensor([[out[-1]]]), past_key_values=cache).logits
+    assert piped == tokenizer.decode(out, skip_special_tokens=True)
+    with pytest.raises(TypeError, match="quickmerge press"):
+        for_kvpress_pipeline("not a press")
