@@ -26,8 +26,22 @@ def _command(model_dir: str, out: Path, *extra: str) -> list[str]:
             "--threads", "1", "--out", str(out), *extra]
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+def _env(slow_rows: Path | None = None) -> dict:
+    path = str(ROOT) if slow_rows is None else f"{slow_rows}{os.pathsep}{ROOT}"
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, "TQDM_DISABLE": "1"}
+
+
+# A tiny model writes a row in milliseconds: under load the whole run could end before the signal
+# lands. This sitecustomize (test-only) makes each journal write take 0.2 s in the run to be killed.
+SLOW_ROWS = """
+import time
+from quickmerge.eval import journal
+_add = journal.Journal.add
+def add(self, key, row):
+    _add(self, key, row)
+    time.sleep(0.2)
+journal.Journal.add = add
+"""
 
 
 def _journal_lines(out: Path) -> list[dict]:
@@ -54,7 +68,10 @@ def uninterrupted(tiny_lm_dir, tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
 def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, uninterrupted, tmp_path, sig):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_command(tiny_lm_dir, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(SLOW_ROWS)
+    proc = subprocess.Popen(_command(tiny_lm_dir, out), cwd=ROOT, env=_env(slow), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while len(_journal_lines(out)) < 4 and proc.poll() is None and time.time() < deadline:
