@@ -24,6 +24,7 @@ lives here:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import grouped_sdpa, is_sdpa
 from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
 from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
 from .press import Press
@@ -141,9 +143,13 @@ class KVPress(Press):
                     check_compressible(cache, cache.layers[index], type(self).__name__)
             self._new_prompt()
 
+    def _attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        # proportional attention is a float mask: keep SDPA's grouped-query path (see attention.py)
+        return grouped_sdpa(model) if self.adds_bias() else contextlib.nullcontext()
+
     def _check_attention(self, base: nn.Module) -> None:
         implementation = getattr(base.config, "_attn_implementation", None)
-        if self.adds_bias() and implementation not in ("eager", "sdpa"):
+        if self.adds_bias() and implementation != "eager" and not is_sdpa(implementation):
             raise ValueError(
                 f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
                 f"additive float mask, which attention implementation {implementation!r} does not take; use "

@@ -69,11 +69,16 @@ class Press:
         warn_if_untested(model, type(self).__name__)
         handles = self._hooks(model, layers)
         try:
-            yield
+            with self._attention(model):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
             self._release()
+
+    def _attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """A context that adapts ``model``'s attention implementation while the press is active."""
+        return contextlib.nullcontext()
 
     def _release(self) -> None:
         """Drop references to tensors of the last call (end of a ``with`` block)."""

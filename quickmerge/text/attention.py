@@ -1,0 +1,82 @@
+"""SDPA that keeps grouped-query attention when a press adds a float mask.
+
+Proportional attention reaches the attention logits as an additive float mask. Given any
+mask, transformers' ``sdpa`` path repeats every key and value head up to the query heads
+(``repeat_kv``) before calling ``scaled_dot_product_attention``: on SmolLM2 (9 query, 3 KV
+heads) that copies the whole cache three times per layer and per decoded token, which made
+a decode step on the 50%-merged cache slower than on the full one. On the CPU, PyTorch's
+fused kernel takes a float mask *and* ``enable_gqa`` together, so no copy is needed.
+
+While a press that adds a bias is active on an ``sdpa`` model, :func:`grouped_sdpa` makes the
+model's attention (and mask) implementation ``"quickmerge_sdpa"``: this function for CPU
+tensors with a float mask and grouped heads, transformers' own ``sdpa`` for everything else
+(GPU tensors included, where PyTorch's GQA-with-mask path falls back to its math kernel).
+The previous implementation is restored on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NAME = "quickmerge_sdpa"
+
+
+def _sdpa_keeping_groups(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """``query [B, H, q, D]``, ``key``/``value [B, Hkv, k, D]`` -> ``([B, q, H, D], None)``."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    grouped = query.shape[1] != key.shape[1]
+    if (attention_mask is None or attention_mask.dtype == torch.bool or not grouped
+            or query.device.type != "cpu" or kwargs.get("s_aux") is not None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask[..., : key.shape[-2]],
+                                         dropout_p=dropout, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, _sdpa_keeping_groups)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextlib.contextmanager
+def grouped_sdpa(model: nn.Module) -> Iterator[None]:
+    """Within the block, ``model`` (an ``sdpa`` model) attends through :func:`_sdpa_keeping_groups`."""
+    config = model.config
+    before = getattr(config, "_attn_implementation", None)
+    if before != "sdpa":
+        yield
+        return
+    _register()
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
+def is_sdpa(implementation: str | None) -> bool:
+    """Whether an attention implementation name is SDPA (transformers' or ours)."""
+    return implementation in ("sdpa", NAME)
