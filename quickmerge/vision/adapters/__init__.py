@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_vit import TimmViTAdapter
 
-REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter()]
+REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter(), HFCLIPAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -39,6 +40,7 @@ def supported_families() -> str:
 __all__ = [
     "REGISTRY",
     "BlockMerger",
+    "HFCLIPAdapter",
     "HFViTAdapter",
     "Removable",
     "TimmViTAdapter",

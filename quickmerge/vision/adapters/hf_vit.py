@@ -22,6 +22,7 @@ and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor, nn
@@ -63,28 +64,40 @@ class HFViTAdapter:
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
-        from transformers import AttentionInterface
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        return attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
+                                           blocks, merger, parts=_residual_parts)
 
-        AttentionInterface.register(ATTENTION_NAME, _merged_attention)
-        config = _vit(model).config
-        original = config._attn_implementation
-        if original == ATTENTION_NAME:
-            raise TypeError("this model's config already uses quickmerge's attention "
-                            "(was it copied from a patched model?)")
-        attentions = [_attention_module(layer) for layer in blocks]
-        if original == "eager":
-            inner = sys.modules[type(attentions[0]).__module__].eager_attention_forward
-        else:
-            inner = ALL_ATTENTION_FUNCTIONS[original]
-        hooks: list[Removable] = []
-        for i, (layer, attention) in enumerate(zip(blocks, attentions, strict=True)):
-            setattr(attention, _STATE_ATTR, (merger, inner))
-            parts = _residual_parts(layer)
-            hooks += _attach_vit_layer(layer, i, merger) if parts is None else residual_merge_hooks(
-                layer, i, merger, *parts)
-        config._attn_implementation_internal = ATTENTION_NAME
-        return [*hooks, _RestoreAttention(config, original, attentions)]
+
+def attach_attention_and_layers(
+    config: Any,
+    attentions: list[nn.Module],
+    blocks: list[nn.Module],
+    merger: BlockMerger,
+    parts: Callable[[nn.Module], tuple[nn.Module, nn.Module] | None],
+) -> list[Removable]:
+    """Route ``attentions`` through :func:`_merged_attention` and hook each block's residual merge:
+    :func:`.residual.residual_merge_hooks` with ``parts(block) = (norm, branch_end)``, or the older
+    ViT layout's hooks where ``parts`` gives None."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    AttentionInterface.register(ATTENTION_NAME, _merged_attention)
+    original = config._attn_implementation
+    if original == ATTENTION_NAME:
+        raise TypeError("this model's config already uses quickmerge's attention "
+                        "(was it copied from a patched model?)")
+    if original == "eager":
+        inner = sys.modules[type(attentions[0]).__module__].eager_attention_forward
+    else:
+        inner = ALL_ATTENTION_FUNCTIONS[original]
+    hooks: list[Removable] = []
+    for i, (layer, attention) in enumerate(zip(blocks, attentions, strict=True)):
+        setattr(attention, _STATE_ATTR, (merger, inner))
+        found = parts(layer)
+        hooks += _attach_vit_layer(layer, i, merger) if found is None else residual_merge_hooks(
+            layer, i, merger, *found)
+    config._attn_implementation_internal = ATTENTION_NAME
+    return [*hooks, _RestoreAttention(config, original, attentions)]
 
 
 class _RestoreAttention:

@@ -1,0 +1,82 @@
+"""quickmerge.patch on Hugging Face CLIP and SigLIP vision towers (tiny random configs, eager and sdpa)."""
+
+import pytest
+import torch
+
+import quickmerge
+from quickmerge.vision.adapters.hf_clip import tower
+
+transformers = pytest.importorskip("transformers")
+
+CLASSES = ["CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel"]
+
+
+def tiny(cls_name: str, impl: str) -> torch.nn.Module:
+    common = dict(image_size=16, patch_size=2, num_channels=3, hidden_size=32, intermediate_size=64,
+                  num_hidden_layers=3, num_attention_heads=4, attn_implementation=impl)
+    config = (transformers.SiglipVisionConfig if cls_name.startswith("Siglip") else transformers.CLIPVisionConfig)(
+        **common)
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+def output(model, x) -> torch.Tensor:
+    out = model(pixel_values=x)
+    return out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
+    model, x = tiny(cls_name, impl), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref, states = output(model, x), model(pixel_values=x).last_hidden_state
+        handle = quickmerge.patch(model, r=0)
+        assert model.config._attn_implementation == "quickmerge_vit"
+        assert torch.allclose(output(model, x), ref, atol=1e-5, rtol=0)
+        handle.r = 12
+        prefix = 1 if cls_name.startswith("CLIP") else 0  # CLIP's class token; SigLIP has none
+        merged = model(pixel_values=x).last_hidden_state
+        assert handle.tokens_per_layer == [64 + prefix, 52 + prefix, 40 + prefix]
+        assert merged.shape[1] == 28 + prefix and states.shape[1] == 64 + prefix
+        assert not torch.allclose(output(model, x), ref, atol=1e-5)
+    quickmerge.unpatch(model)
+    assert model.config._attn_implementation == impl
+    with torch.no_grad():
+        assert torch.equal(output(model, x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("cls_name", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_proportional_attention_makes_merging_duplicates_exact(cls_name):
+    """Identical patches merged with their sizes leave every remaining token's state unchanged."""
+    model = tiny(cls_name, "sdpa")
+    with torch.no_grad():
+        tower(model).embeddings.position_embedding.weight.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        ref = model(pixel_values=x).last_hidden_state
+        with quickmerge.patch(model, r=20, method="pool") as handle:
+            merged = model(pixel_values=x).last_hidden_state
+            assert torch.allclose(merged, ref[:, : merged.shape[1]], atol=1e-5)
+            handle.prop_attn = False
+            unweighted = model(pixel_values=x).last_hidden_state
+            if cls_name.startswith("CLIP"):  # the class token attends to a different mix without sizes
+                assert not torch.allclose(unweighted[:, :1], ref[:, :1], atol=1e-3)
+
+
+def test_class_tokens_and_saliency_follow_the_family():
+    clip, siglip = tiny("CLIPVisionModel", "sdpa"), tiny("SiglipVisionModel", "sdpa")
+    x = torch.randn(2, 3, 16, 16)
+    for model, alone in ((clip, True), (siglip, False)):
+        with torch.no_grad(), quickmerge.patch(model, ratio=0.25, method="quickmerge", trace_source=True) as handle:
+            assert torch.isfinite(model(pixel_values=x).pooler_output).all()
+            assert bool((handle.source[:, 0] == 0).all() and (handle.source[:, 1:] != 0).all()) == alone
+
+
+def test_gradient_checkpointing_refuses_to_train():
+    model = tiny("CLIPVisionModel", "sdpa")
+    model.gradient_checkpointing_enable()
+    with quickmerge.patch(model, r=8):
+        model.train()
+        with pytest.raises(RuntimeError, match="gradient checkpointing"):
+            output(model, torch.randn(2, 3, 16, 16)).sum().backward()
