@@ -1,6 +1,6 @@
 """Wall-time ratios and memory of QuickMerge++ on a real causal LM, measured side by side.
 
-Usage:  python benchmarks/text_speed.py [--repeats 5] [--out results/text_speed.json]
+Usage:  python benchmarks/text_speed.py [--repeats 5] [--out results/text_speed.json] [--parts ...] [--contexts ...]
 
 On SmolLM2-135M (2 threads), real Wikipedia text:
   1. prefill of C=1024 and C=4096 tokens with no press vs QuickMergePress(0.5): the overhead;
@@ -32,6 +32,7 @@ from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergeInputPress, QuickMergePress
 
 DECODE_STEPS = 32
+PARTS = ("prefill", "decode", "memory", "input")
 
 
 def long_ids(tokenizer, length: int) -> torch.Tensor:
@@ -92,12 +93,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default="results/text_speed.json")
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS), help="which measurements")
+    parser.add_argument("--contexts", nargs="+", type=int, default=[1024, 4096, 8192 - DECODE_STEPS - 32],
+                        help="contexts of the decode-step measurement")
     args = parser.parse_args()
     torch.set_num_threads(2)
     model, tok = load_causal_lm()
     results: dict[str, dict] = {"machine": {"threads": torch.get_num_threads(), "torch": torch.__version__}}
 
-    for context in (1024, 4096):
+    for context in (1024, 4096) if "prefill" in args.parts else ():
         ids = long_ids(tok, context)
         rows = {"none": [], "quickmerge": []}
         for _ in range(args.repeats):
@@ -109,7 +113,7 @@ def main() -> None:
         results[f"prefill_{context}"] = {**med, "overhead": med["quickmerge"] / med["none"] - 1}
         print(results[f"prefill_{context}"], flush=True)
 
-    for context in (1024, 4096, 8192 - DECODE_STEPS - 32):
+    for context in args.contexts if "decode" in args.parts else ():
         full = long_ids(tok, context + DECODE_STEPS)
         ids, cont = full[:, :context], full[:, context:]
         rows = {name: [] for name in PRESSES}
@@ -127,18 +131,20 @@ def main() -> None:
         }
         print(results[f"decode_step_{context}"], flush=True)
 
-    results["peak_memory_gb_4096"] = {name: peak_memory(4096, name) for name in ("none", "quickmerge")}
-    print(results["peak_memory_gb_4096"], flush=True)
+    if "memory" in args.parts:
+        results["peak_memory_gb_4096"] = {name: peak_memory(4096, name) for name in ("none", "quickmerge")}
+        print(results["peak_memory_gb_4096"], flush=True)
 
-    ids = long_ids(tok, 2048)
-    rows = {"none": [], "quickmerge_input": []}
-    for _ in range(args.repeats):
-        for name, press in [("none", None), ("quickmerge_input", QuickMergeInputPress(compression_ratio=0.5))]:
-            seconds, _, stack = prefill(model, ids, press)
-            stack.close()
-            rows[name].append(seconds)
-    med = {k: statistics.median(v) for k, v in rows.items()}
-    results["input_mode_prefill_2048"] = {**med, "speedup": med["none"] / med["quickmerge_input"]}
+    if "input" in args.parts:
+        ids = long_ids(tok, 2048)
+        rows = {"none": [], "quickmerge_input": []}
+        for _ in range(args.repeats):
+            for name, press in [("none", None), ("quickmerge_input", QuickMergeInputPress(compression_ratio=0.5))]:
+                seconds, _, stack = prefill(model, ids, press)
+                stack.close()
+                rows[name].append(seconds)
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        results["input_mode_prefill_2048"] = {**med, "speedup": med["none"] / med["quickmerge_input"]}
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,8 +71,9 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, unin
     slow = tmp_path / "slow"
     slow.mkdir()
     (slow / "sitecustomize.py").write_text(SLOW_ROWS)
+    # a shell's background job (how CI may run us) inherits SIGINT ignored; the run gets the default back
     proc = subprocess.Popen(_command(tiny_lm_dir, out), cwd=ROOT, env=_env(slow), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(_journal_lines(out)) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
