@@ -35,6 +35,8 @@ def _pipeline_press_type() -> type:
             return self.press(model)
 
         def __getattr__(self, name: str) -> Any:  # achieved_ratio, seed_share(), ...
+            if "press" not in self.__dict__:  # during copy/unpickling: a plain AttributeError
+                raise AttributeError(name)
             return getattr(self.__dict__["press"], name)
 
     return QuickMergePipelinePress
