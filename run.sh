@@ -19,6 +19,7 @@ VENV=.venv
 NEWEST=.venv-newest
 STAMP="$VENV/.quickmerge-installed"
 FASHION=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+CLIPS=/usr/share/doc/opencv-doc/examples/data
 
 usage() {
     echo "usage: ./run.sh {demo|test|bench|eval text|eval vision|visualize|train vision} [args]" >&2
@@ -61,7 +62,12 @@ need_python() {
 }
 
 need_fashion_mnist() {  # the vision commands and the tests read Fashion-MNIST
-    case "$cmd" in test|visualize|train) return 0 ;; eval) [ "${1:-}" = "vision" ] ;; *) return 1 ;; esac
+    case "$cmd" in test|visualize|train) return 0 ;; eval) [ "${1:-}" != "text" ] ;; *) return 1 ;; esac
+}
+
+need_clips() {  # the video model trains and is evaluated on opencv-doc's clips
+    case "$cmd" in test) return 0 ;; train|eval) [ "${1:-}" = "ar-video" ] || [ "${1:-}" = "video" ] ;;
+        visualize) [ "${1:-}" = "video-ar" ] ;; *) return 1 ;; esac
 }
 
 setup_system() {
@@ -73,6 +79,13 @@ setup_system() {
             say "or set QUICKMERGE_FASHION_MNIST to a directory holding the four original idx .gz files"
             [ "$cmd" = "test" ] || exit 1
             say "continuing: the tests that need Fashion-MNIST will be skipped"
+        }
+    fi
+    if need_clips "$@" && [ -z "${QUICKMERGE_VIDEO_DIR:-}" ] && [ ! -f "$CLIPS/vtest.avi" ]; then
+        apt_install "the opencv-doc video clips" opencv-doc || {
+            say "or set QUICKMERGE_VIDEO_DIR to a directory holding vtest.avi and Megamind.avi"
+            [ "$cmd" = "test" ] || exit 1
+            say "continuing: the tests that need the clips will be skipped"
         }
     fi
 }

@@ -21,6 +21,9 @@ def _compression_ratio(text: str) -> float:
     return value
 
 
+FINETUNE_LR = 3e-4  # merge-aware fine-tuning starts from a trained model: a tenth of the training rate
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quickmerge", description="QuickMerge++ token merging for transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -42,26 +45,73 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.vision_cli import add_arguments as add_vision_arguments
 
     add_vision_arguments(protocols.add_parser("vision", help="top-1 vs throughput of the Fashion-MNIST ViT"))
+    from .eval.passkey_cli import add_arguments as add_passkey_arguments
+
+    add_passkey_arguments(protocols.add_parser(
+        "passkey", help="exact-match retrieval of a passkey stated once in a compressed long context"))
+    from .eval.generative_cli import add_arguments as add_generative_arguments
+
+    add_generative_arguments(protocols.add_parser(
+        "image", help="bits per token of the AR image model completing test images from a compressed top"), "image")
+    add_generative_arguments(protocols.add_parser(
+        "video", help="bits per token of the AR video model's next frame given compressed previous ones"), "video")
     show = sub.add_parser("visualize", help="draw which patches merged into which token (PNG)")
     show.add_argument("--r", type=int, default=24, help="tokens merged per block")
     show.add_argument("--images", type=int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
     show.add_argument("--out", default="results/visualize.png")
+    shows = show.add_subparsers(dest="target", required=False, metavar="{image-ar,video-ar}",
+                                help="instead of the ViT's merges: completions of the AR image / video model")
+    for modality in ("image", "video"):
+        ar_show = shows.add_parser(f"{modality}-ar", help=f"the AR {modality} model's completions, full context vs "
+                                   "QuickMerge++ and the best kvpress press at each ratio (PNG)")
+        ar_show.add_argument("--model", default=modality, help="model directory (default: the shipped one)")
+        ar_show.add_argument("--examples", type=int, default=6, help="held-out examples to draw")
+        ar_show.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+        ar_show.add_argument("--results", default=f"results/{modality}.json",
+                             help="eval JSON naming the best kvpress press per ratio (else ExpectedAttention)")
+        ar_show.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        if modality == "video":
+            ar_show.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out windows)")
+        ar_show.add_argument("--out", default=f"docs/img/{modality}_ar_completions.png")
     train = sub.add_parser("train", help="train a reference model")
     targets = train.add_subparsers(dest="target", required=True)
     vision = targets.add_parser("vision", help="the reference Fashion-MNIST ViT (as shipped in quickmerge/assets)")
     from .vision.train import DEFAULT_OUT, Recipe
 
     defaults = Recipe()
-    vision.add_argument("--epochs", type=int, default=defaults.epochs)
+    vision.add_argument("--epochs", type=int, default=None, help=f"default {defaults.epochs}; 1 with --finetune")
     vision.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (all processes)")
-    vision.add_argument("--lr", type=float, default=defaults.lr)
+    vision.add_argument("--lr", type=float, default=None, help=f"default {defaults.lr}; {FINETUNE_LR} with --finetune")
+    vision.add_argument("--finetune", default=None, metavar="CKPT",
+                        help="merge-aware fine-tuning of the checkpoint directory CKPT (e.g. quickmerge/assets/"
+                        "fashion_vit) with merging in every block")
+    vision.add_argument("--method", choices=["quickmerge", "tome"], default="quickmerge",
+                        help="--finetune: QuickMerge++ (differentiable merge) or ToMe-style matching")
+    vision.add_argument("--r", type=int, default=None, help="--finetune: tokens merged per block")
+    vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
+    vision.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
+                        help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")
     vision.add_argument("--ema", type=float, default=defaults.ema_decay, help="EMA decay of the weights (0: none)")
     vision.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (the shipped model is replaced "
                         "only when asked: --out quickmerge/assets/fashion_vit)")
     vision.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
     vision.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
+    from .ar.train import DEFAULT_OUT as AR_OUT
+    from .ar.train import ARRecipe
+
+    ar_defaults = ARRecipe()
+    for modality, what in (("image", "Fashion-MNIST images, completed from their top rows"),
+                           ("video", "opencv-doc clips and Moving Fashion-MNIST, next frame from three")):
+        ar = targets.add_parser(f"ar-{modality}", help=f"the autoregressive {modality} model ({what})")
+        ar.add_argument("--steps", type=int, default=ar_defaults.steps)
+        ar.add_argument("--batch-size", type=int, default=ar_defaults.batch_size, help="global batch of sequences")
+        ar.add_argument("--lr", type=float, default=ar_defaults.lr)
+        ar.add_argument("--out", default=str(AR_OUT[modality]), help="output directory (the shipped model is "
+                        f"replaced only when asked: --out quickmerge/assets/ar_{modality})")
+        ar.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+        ar.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
     return parser
 
 
@@ -99,6 +149,24 @@ def _run(args: argparse.Namespace) -> int:
         from .eval.vision_cli import run as run_vision
 
         run_vision(args)
+    elif args.command == "eval" and args.protocol == "passkey":
+        from .eval.passkey_cli import run as run_passkey
+
+        run_passkey(args)
+    elif args.command == "eval":
+        from .eval.generative_cli import run as run_generative
+
+        run_generative(args, args.protocol)
+    elif args.command == "visualize" and args.target is not None:
+        from .eval.completions import run as draw_completions
+
+        if not 1 <= args.examples <= 64 or not all(0 < r < 1 for r in args.ratios):
+            raise SystemExit("--examples must be in [1, 64] and --ratios in (0, 1)")
+        modality = args.target.removesuffix("-ar")
+        path = draw_completions(modality, model_dir=args.model, count=args.examples, ratios=args.ratios,
+                                results=args.results, out=args.out, sample=args.sample,
+                                video=getattr(args, "video", None))
+        print(f"wrote {path}")
     elif args.command == "visualize":
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise SystemExit("--images must be in [1, 10000] and --r >= 0")
@@ -120,10 +188,27 @@ def _run(args: argparse.Namespace) -> int:
         from .vision.train import train as train_vision
 
         torch.set_num_threads(args.threads)
-        recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema)
         ctx = distributed.setup()
         try:
-            train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh)
+            if args.target == "vision":
+                finetune = None
+                if args.finetune is not None:
+                    from .vision.train import FineTune
+
+                    try:
+                        finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature)
+                    except ValueError as err:
+                        raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
+                recipe = Recipe(epochs=args.epochs or (1 if finetune else Recipe.epochs),
+                                lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
+                                ema_decay=args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs)
+                train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,
+                             finetune=finetune)
+            else:
+                from .ar.train import ARRecipe, train_ar
+
+                ar_recipe = ARRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+                train_ar(args.target.removeprefix("ar-"), args.out, recipe=ar_recipe, ctx=ctx, fresh=args.fresh)
         finally:
             ctx.close()
     return 0

@@ -66,7 +66,9 @@ def cluster_by_similarity(x: Tensor, mass: Tensor, seeds: Tensor, iters: int = 2
     return assignment
 
 
-def contiguous_spans(x: Tensor, saliency: Tensor, k: int, saliency_weight: float = 1.0) -> Tensor:
+def contiguous_spans(
+    x: Tensor, saliency: Tensor, k: int, saliency_weight: float = 1.0, cut_first: Tensor | None = None
+) -> Tensor:
     """Order-preserving grouping into K contiguous spans, cut at the K - 1 weakest links.
 
     Link i joins tokens i and i + 1 with strength
@@ -77,6 +79,8 @@ def contiguous_spans(x: Tensor, saliency: Tensor, k: int, saliency_weight: float
 
     Args:
         x: ``[B, N, D]`` tokens; saliency: ``[B, N]`` in [0, 1]; k: number of spans.
+        cut_first: ``[N - 1]`` bool, links cut before any other (boundaries between frames'
+            locations in time-major order), as far as k allows.
     Returns:
         ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1.
     """
@@ -88,9 +92,47 @@ def contiguous_spans(x: Tensor, saliency: Tensor, k: int, saliency_weight: float
         link = (xn[:, :-1] * xn[:, 1:]).sum(dim=-1).float()
         s = saliency.detach().float()
         link = link - saliency_weight * torch.maximum(s[:, :-1], s[:, 1:])
+        if cut_first is not None:
+            link = link - (2.0 + saliency_weight) * cut_first.to(link.device, link.dtype)  # below any other link
         cuts = link.topk(k - 1, dim=-1, largest=False).indices
         starts = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter_(1, cuts + 1, 1)
     return starts.cumsum(dim=1)
+
+
+def time_major_order(length: int, period: int, offset: int = 0, device: torch.device | None = None) -> Tensor:
+    """Permutation ``[L]`` that lists a video's tokens location by location, each through time.
+
+    Token ``i >= offset`` sits at location ``(i - offset) % period`` of frame ``(i - offset) // period``;
+    the order is location 0 in frames 0, 1, ..., then location 1, ...; the first ``offset``
+    tokens (a BOS, a prompt) come first, in order. Contiguous spans in this order are runs of
+    one location across consecutive frames: :func:`contiguous_spans` on ``x[:, order]`` merges
+    along time.
+    """
+    return torch.argsort(frame_location(length, period, offset, device) * length + torch.arange(length, device=device))
+
+
+def frame_location(length: int, period: int, offset: int = 0, device: torch.device | None = None) -> Tensor:
+    """Location ``[L]`` of each token within its frame (-1 before ``offset``); see :func:`time_major_order`."""
+    check_positive_int(period, "period")
+    check_positive_int(offset, "offset", minimum=0)
+    index = torch.arange(length, device=device)
+    return torch.where(index < offset, -1, (index - offset) % period)
+
+
+def spans_along_time(x: Tensor, saliency: Tensor, k: int, period: int, offset: int = 0,
+                     saliency_weight: float = 1.0) -> Tensor:
+    """Group ``[B, N]`` of each token of a video sequence: contiguous spans in time-major order.
+
+    Spans break first between locations, so with ``k`` above the number of locations each
+    group holds one location across consecutive frames; below it, neighbouring locations
+    (in raster order) join too.
+    """
+    n = x.shape[1]
+    order = time_major_order(n, period, offset, x.device)
+    location = frame_location(n, period, offset, x.device)[order]
+    boundaries = location[1:] != location[:-1]
+    spans = contiguous_spans(x[:, order], saliency[:, order], k, saliency_weight, cut_first=boundaries)
+    return torch.empty_like(spans).scatter_(1, order.expand_as(spans), spans)
 
 
 def most_salient_member(saliency: Tensor, assignment: Tensor, k: int) -> Tensor:

@@ -127,3 +127,29 @@ def test_unmerge_broadcasts_group_values_back():
     for i in range(20):
         assert torch.equal(back[0, i], result.merged[0, result.assignment[0, i]])
     assert result.ratio == pytest.approx(4 / 20) and result.num_tokens == 4
+
+
+def test_time_major_order_lists_each_location_through_time():
+    from quickmerge.merging import time_major_order
+
+    order = time_major_order(1 + 3 * 4, period=4, offset=1)  # a BOS, then 3 frames of 4 tokens
+    assert order.tolist() == [0, 1, 5, 9, 2, 6, 10, 3, 7, 11, 4, 8, 12]
+    assert torch.equal(time_major_order(6, period=6), torch.arange(6))  # one frame: unchanged
+    with pytest.raises(ValueError, match="period"):
+        time_major_order(6, period=0)
+
+
+def test_spans_along_time_break_between_locations_first():
+    from quickmerge.merging import frame_location, spans_along_time
+
+    x, s = torch.randn(2, 1 + 3 * 6, 4), torch.rand(2, 19)
+    location = frame_location(19, 6, 1)
+    groups = spans_along_time(x, s, 7, period=6, offset=1)  # 7 = BOS + 6 locations: exactly one group each
+    for b in range(2):
+        assert all(location[groups[b] == g].unique().numel() == 1 for g in range(7))
+        assert groups[b].unique().numel() == 7
+    few = spans_along_time(x, s, 4, period=6, offset=1)  # fewer groups than locations: neighbours join
+    assert all(few[b].unique().numel() == 4 for b in range(2))
+    for b in range(2):  # a group never splits one location's run through time
+        for loc in range(6):
+            assert few[b][location == loc].unique().numel() == 1

@@ -155,16 +155,55 @@ def score_example(
             "memory_saved": memory_saved}
 
 
+@torch.no_grad()
+def generate_continuation(
+    model: Any, example: TextExample, context: int, steps: int, press: Any, method: Method,
+    *, sample: bool = False, generator: torch.Generator | None = None,
+) -> Tensor:
+    """``steps`` tokens ``[steps]`` generated after the context compressed by ``press``.
+
+    The layout of :func:`score_example`: the first ``context`` ids are prefilled under the
+    press, the next id is given, then each generated token is fed back one at a time
+    (greedy, or sampled from the softmax with ``sample``).
+    """
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    ids = example.ids[None].to(device)
+    cache = DynamicCache()
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    out: list[int] = []
+
+    def decode() -> None:
+        token = ids[:, context : context + 1]
+        for t in range(steps):
+            position = torch.tensor([[context + t]], device=device)
+            logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits[0, -1].float()
+            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator) if sample else logits.argmax(-1, True)
+            out.append(int(nxt))
+            token = nxt.view(1, 1)
+
+    with _attn_implementation(model, "eager") if method.eager else contextlib.nullcontext():
+        with manager:
+            model.model(input_ids=ids[:, :context], past_key_values=cache)
+            if method.decode_inside:
+                decode()
+        if not method.decode_inside:
+            with _masks_for_shortened_layers(model, cache):
+                decode()
+    return torch.tensor(out)
+
+
 NO_COMPRESSION = Method("none", lambda r: None)
 
 
-def _key(index: int, example: TextExample, method: str, ratio: float | None) -> str:
+def _key(index: int, example: Any, method: str, ratio: float | None) -> str:
     return f"{index}|{example.title}|{method}|{ratio}"
 
 
 def run_text_eval(
     model: Any,
-    examples: list[TextExample],
+    examples: list[Any],
     methods: list[Method],
     ratios: list[float],
     context: int,
@@ -172,8 +211,13 @@ def run_text_eval(
     progress: bool = True,
     journal: Journal | None = None,
     ctx: Context | None = None,
+    scorer: Callable[[Any, Any, Method, float | None], dict[str, Any]] | None = None,
+    summary: Callable[[list[Any], dict[tuple[str, float | None], list[dict[str, Any]]]], dict] | None = None,
 ) -> dict[str, Any] | None:
     """Score every (example, method, ratio) and summarise; examples are the outer loop.
+
+    ``scorer(example, press, method, ratio) -> row`` and ``summary(examples, rows per run)``
+    replace :func:`score_example` and :func:`summarise` for other tasks (retrieval).
 
     With a ``journal``, each finished row is on disk at once and rows already there are not
     computed again. Under ``torch.distributed`` (``ctx``), examples are shared out by rank and
@@ -192,7 +236,10 @@ def run_text_eval(
     new: dict[str, dict[str, float]] = {}
     for i, (method, ratio) in mine:
         press = None if ratio is None else method.make(ratio)
-        row = score_example(model, examples[i], context, press, method, ratio)
+        if scorer is None:
+            row = score_example(model, examples[i], context, press, method, ratio)
+        else:
+            row = scorer(examples[i], press, method, ratio)
         key = _key(i, examples[i], method.name, ratio)
         new[key] = row
         if journal is not None:
@@ -205,7 +252,7 @@ def run_text_eval(
     for part in gathered:
         done.update(part)
     per_run = {(m.name, r): [done[_key(i, e, m.name, r)] for i, e in enumerate(examples)] for m, r in runs}
-    return summarise(examples, per_run)
+    return (summary or summarise)(examples, per_run)
 
 
 def summarise(examples: list[TextExample], per_run: dict[tuple[str, float | None], list[dict[str, float]]]) -> dict:

@@ -16,6 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
     parser.add_argument("--examples", type=int, default=40, help="number of Wikipedia windows")
+    parser.add_argument("--task", choices=["wikipedia", "repeated"], default="wikipedia",
+                        help="wikipedia: an article's next tokens; repeated: a passage that already appeared "
+                        "at a random depth of the context (copying needed)")
     parser.add_argument("--context", type=int, default=1024, help="context tokens C")
     parser.add_argument("--continuation", type=int, default=64, help="scored continuation tokens T")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="compression ratios")
@@ -47,7 +50,12 @@ def run(args: argparse.Namespace) -> dict:
         model, tokenizer = load_causal_lm(args.model)
         model.to(ctx.device)
         bos = needs_bos(args.model)
-        examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
+        if args.task == "repeated":
+            from .retrieval import repeated_passage_windows
+
+            examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
+        else:
+            examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
         results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx)
     finally:
         ctx.close()
@@ -55,7 +63,8 @@ def run(args: argparse.Namespace) -> dict:
         return {}  # not rank 0: rank 0 writes the results
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
-    title = f"{args.model}: {args.examples} Wikipedia windows"
+    title = f"{args.model}: {args.examples} " + ("windows, continuation repeated from the context"
+                                                 if args.task == "repeated" else "Wikipedia windows")
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
@@ -66,7 +75,8 @@ def journal_config(args: argparse.Namespace) -> dict:
     """What every row depends on: rows computed under other settings are never mixed in."""
     import transformers
 
-    return {"protocol": "text", "model": args.model, "context": args.context, "continuation": args.continuation,
+    return {"protocol": "text", "task": args.task, "model": args.model, "context": args.context,
+            "continuation": args.continuation,
             "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint()}
 
 

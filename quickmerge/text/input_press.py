@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
-from ..merging import contiguous_spans, merge_mass
+from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
 from .decoder import apply_rope, base_model, hidden_states_arg, sliding_window_of
@@ -50,6 +50,11 @@ class QuickMergeInputPress(Press):
         window, epsilon, saliency_weight, salient: as in :class:`~quickmerge.QuickMergePress`;
             saliency is the attention layer ``layer`` pays from its last ``window`` queries,
             averaged over heads.
+        time_period: video: tokens per frame; spans then run along time over one location in
+            consecutive frames (a static background becomes one token, as video-token pruning
+            before a language model does); a merged token still sits at its last member's
+            position, and the merged prompt stays ordered by position.
+        time_offset: tokens before the first frame (a BOS), kept out of the frame grid.
     """
 
     layer: int = 4
@@ -57,6 +62,8 @@ class QuickMergeInputPress(Press):
     epsilon: float = 0.03
     saliency_weight: float = 1.0
     salient: Salient = "low_entropy"
+    time_period: int | None = None
+    time_offset: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -65,6 +72,9 @@ class QuickMergeInputPress(Press):
         check_real(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=False)
         check_real(self.saliency_weight, "saliency_weight", low=0.0, high=math.inf, low_open=False, high_open=True)
         check_choice(self.salient, "salient", SALIENT)
+        if self.time_period is not None:
+            check_positive_int(self.time_period, "time_period")
+        check_positive_int(self.time_offset, "time_offset", minimum=0)
         self._prompt_length: int | None = None  # set while a prefill pass runs
         self._positions: Tensor | None = None  # [B, K] positions of the merged prompt, during that pass
 
@@ -132,7 +142,7 @@ class QuickMergeInputPress(Press):
             keys = cached.keys if physical_length(cached) == n else _layer_keys(attn, normed, kwargs)
             saliency = window_saliency(attn, normed, keys, kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
-            assignment = contiguous_spans(hidden, saliency, kept, self.saliency_weight)
+            assignment = self._spans(hidden, saliency, kept)
             top = saliency.topk(kept, dim=-1).indices
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
             mass = merge_mass(mask, saliency, self.epsilon)
@@ -140,9 +150,19 @@ class QuickMergeInputPress(Press):
             last = torch.zeros(b, kept, dtype=torch.long, device=hidden.device).scatter_reduce(
                 1, assignment, pos, "amax"
             )
+            if self.time_period is not None:  # groups in order of their positions, as the contiguous spans are
+                last, rank = last.sort(dim=-1)
+                assignment = torch.empty_like(rank).scatter_(1, rank, torch.arange(kept, device=rank.device)
+                                                             .expand_as(rank)).gather(1, assignment)
         merged, _ = weighted_mean(hidden, mass, assignment, kept)
         self._positions = last
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+    def _spans(self, hidden: Tensor, saliency: Tensor, kept: int) -> Tensor:
+        """Group ``[B, N]`` of each prompt token: contiguous spans, or spans along time (``time_period``)."""
+        if self.time_period is None:
+            return contiguous_spans(hidden, saliency, kept, self.saliency_weight)
+        return spans_along_time(hidden, saliency, kept, self.time_period, self.time_offset, self.saliency_weight)
 
     def _before_upper(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden = hidden_states_arg(args, kwargs)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
 from ..budget import allocate
-from ..merging import cluster_by_similarity, contiguous_spans, merge_mass
+from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
 from .kv_press import Compressed, KVPress
@@ -50,6 +50,10 @@ class QuickMergePress(KVPress):
             salient entries.
         proportional: add log(group size) to merged entries' attention logits while the press is active.
         mode: ``"clusters"`` (entries join their most similar seed) or ``"spans"`` (contiguous spans).
+        time_period: video, ``mode="spans"`` only: tokens per frame; spans then run along time, over
+            the same location in consecutive frames (:func:`~quickmerge.merging.time_major_order`),
+            so a static background merges across frames and moving parts stay apart.
+        time_offset: tokens before the first frame (a BOS), kept out of the frame grid.
         kmeans_iters: centre updates after the seed assignment (clusters mode; 0 = pure seeding).
         bias: what proportional attention counts: ``"size"`` (members) or ``"mass"`` (total merge
             mass relative to the heaviest member).
@@ -74,6 +78,8 @@ class QuickMergePress(KVPress):
     saliency_weight: float = 1.0
     proportional: bool = True
     mode: Literal["clusters", "spans"] = "clusters"
+    time_period: int | None = None
+    time_offset: int = 0
     kmeans_iters: int = 0
     bias: Literal["size", "mass"] = "size"
     kernel_size: int = 5
@@ -97,6 +103,11 @@ class QuickMergePress(KVPress):
         check_choice(self.salient, "salient", SALIENT)
         check_choice(self.mode, "mode", ("clusters", "spans"))
         check_choice(self.bias, "bias", ("size", "mass"))
+        if self.time_period is not None:
+            check_positive_int(self.time_period, "time_period")
+            if self.mode != "spans":
+                raise ValueError(f"time_period merges spans along time: it needs mode='spans', got mode={self.mode!r}")
+        check_positive_int(self.time_offset, "time_offset", minimum=0)
         check_choice(self.budget, "budget", ("uniform", "entropy"))
         check_real(self.budget_floor, "budget_floor", low=0.0, high=1.0, low_open=False, high_open=False)
         check_real(self.budget_power, "budget_power", low=0.0, high=math.inf, low_open=False, high_open=True)
@@ -148,7 +159,9 @@ class QuickMergePress(KVPress):
         self.kept_share = kept_share if self.kept_share is None else self.kept_share + kept_share
         self.layers_merged += 1
         mass = merge_mass(mask, s, self.epsilon)
-        if self.mode == "spans":
+        if self.mode == "spans" and self.time_period is not None:
+            assignment = spans_along_time(flat_k, s, kept, self.time_period, self.time_offset, self.saliency_weight)
+        elif self.mode == "spans":
             assignment = contiguous_spans(flat_k, s, kept, self.saliency_weight)
         elif self.kmeans_iters > 0:
             assignment = cluster_by_similarity(flat_k, mass, top.sort(dim=-1).values, self.kmeans_iters)

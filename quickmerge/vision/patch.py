@@ -34,6 +34,7 @@ from .token_merge import (
     quickmerge_assign,
     quickmerge_bipartite_assign,
     random_assign,
+    relaxed_bipartite_merge,
     tome_assign,
 )
 
@@ -62,6 +63,8 @@ _SETTINGS: dict[str, Any] = {
                                             high_open=True),
     "epsilon": lambda v: check_real(v, "epsilon (merge-mass floor)", low=0.0, high=1.0, low_open=True,
                                     high_open=False),
+    "temperature": lambda v: v if v is None else check_real(v, "temperature", low=0.0, high=math.inf,
+                                                            low_open=True, high_open=True),
     "prop_attn": _flag("prop_attn"),
     "trace_source": _flag("trace_source"),
 }
@@ -98,6 +101,7 @@ class MergeHandle:
         self.saliency_weight = 0.5
         self.matching = "bipartite"
         self.epsilon = 1.0
+        self.temperature: float | None = None
         self.prop_attn = True
         self.trace_source = False
         self.generator = torch.Generator().manual_seed(0)
@@ -211,12 +215,18 @@ class MergeHandle:
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
+            if self.epsilon < 1.0:
+                weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
+            if self.temperature is not None and self.matching == "bipartite" and self.model.training \
+                    and torch.is_grad_enabled():
+                penalty = self.saliency_weight * rank01(sal)
+                merged, dst = relaxed_bipartite_merge(x[:, p:], weight, metric, penalty, r, self.temperature,
+                                                      self.generator)
+                return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
                 dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight)
             else:
                 dst = quickmerge_assign(metric, sal, r, self.saliency_weight)
-            if self.epsilon < 1.0:
-                weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
         elif self.method == "tome":
             dst = tome_assign(metric, r)
         elif self.method == "random":
@@ -225,8 +235,14 @@ class MergeHandle:
             dst = pool_assign(b, m, r, x.device)
         else:
             raise AssertionError(self.method)  # unreachable: validated on assignment
-        k_new = m - r
-        merged, _ = weighted_mean(x[:, p:], weight, dst, k_new)
+        merged, _ = weighted_mean(x[:, p:], weight, dst, m - r)
+        return self._finish(x, merged, dst, size, r)
+
+    def _finish(self, x: Tensor, merged: Tensor, dst: Tensor, size: Tensor, r: int) -> Tensor:
+        """Track sizes and sources of the merge ``dst`` and return the new residual stream."""
+        p, st = self.num_prefix_tokens, self._pass
+        b, n, _ = x.shape
+        k_new = n - p - r
         kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them
         new_size = group_sum(kept_size, dst.clamp_min(0), k_new)[..., 0]
         st.size = torch.cat([size[:, :p], new_size], dim=1)
@@ -276,6 +292,7 @@ def patch(
     saliency_weight: float = 0.5,
     matching: str = "bipartite",
     epsilon: float = 1.0,
+    temperature: float | None = None,
     seed: int = 0,
 ) -> MergeHandle:
     """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
@@ -297,7 +314,12 @@ def patch(
             their nearest kept token; measured slightly worse, BENCHMARKS.md).
         epsilon: merge-mass floor in (0, 1]; 1 gives size-weighted means (ToMe's), smaller
             values weight each token by ``size * (eps + (1 - eps) * saliency rank)``.
-        seed: seed of the random method's generator.
+        temperature: QuickMerge++'s differentiable merge for merge-aware training: while the
+            model is in training mode with gradients on, the bipartite merge samples its merges
+            with Gumbel noise of this scale and passes gradients through the relaxed K-hot
+            removal mask (:func:`~quickmerge.vision.token_merge.relaxed_bipartite_merge`);
+            evaluation stays hard and noise-free. None (default): always hard.
+        seed: seed of the random method's (and the Gumbel noise's) generator.
     Raises:
         TypeError if the model is of no supported family or already patched; ValueError on bad settings.
     """
@@ -317,7 +339,8 @@ def patch(
     blocks = adapter.blocks(model)
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source, saliency=saliency,
-                     saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, seed=seed)
+                     saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, temperature=temperature,
+                     seed=seed)
     if ratio is not None:
         handle.ratio = ratio
     handle._hooks = adapter.attach(model, blocks, handle)

@@ -108,3 +108,53 @@ def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch
 def pool_assign(b: int, n: int, r: int, device: torch.device) -> Tensor:
     """n tokens into n - r contiguous runs of (nearly) equal length."""
     return (torch.arange(n, device=device) * (n - r) // n).expand(b, n)
+
+
+def relaxed_bipartite_merge(
+    x: Tensor, weight: Tensor, metric: Tensor, penalty: Tensor, r: int, temperature: float,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """QuickMerge++'s bipartite merge for training: hard in the forward pass, relaxed in the backward.
+
+    Of the alternate (A) tokens, the r whose best match in the other set (B), less ``penalty``,
+    plus Gumbel noise of scale ``temperature`` scores highest merge into that match (the hard
+    forward pass, numerically the :func:`quickmerge_bipartite_assign` merge for that noise).
+    Each A token enters its match's weighted mean with weight ``rho * w`` where ``rho`` is the
+    straight-through relaxed K-hot removal mask (:func:`~quickmerge.selection.relaxed_topk_mask`,
+    sums to r): 1 or 0 in value, its gradient the relaxed mask's, so the similarity of keys
+    that decides the merges is trained through.
+
+    Args:
+        x: ``[B, m, C]`` tokens; weight: ``[B, m]`` positive (sizes x merge masses);
+        metric: ``[B, m, c]`` keys; penalty: ``[B, m]`` subtracted from match scores.
+    Returns:
+        merged tokens ``[B, m - r, C]`` (kept A tokens in order, then B) and ``dst [B, m]``.
+    """
+    from ..selection import gumbel_noise, relaxed_topk_mask
+
+    b, m, _ = x.shape
+    mn = F.normalize(metric.float(), dim=-1)
+    a, bset = mn[:, ::2], mn[:, 1::2]
+    ta, tb = a.shape[1], bset.shape[1]
+    best, match = torch.matmul(a, bset.transpose(1, 2)).max(dim=-1)  # [B, ta]
+    score = best - penalty[:, ::2].float() + temperature * gumbel_noise(best.shape, like=best, generator=generator)
+    soft = relaxed_topk_mask(score, r, temperature)
+    removed = score.detach().topk(r, dim=-1).indices
+    hard = torch.zeros_like(soft).scatter_(1, removed, 1.0)
+    rho = hard + soft - soft.detach()  # [B, ta]
+    # dst as bipartite_round builds it: kept A tokens first, in order, then B
+    keep = (1.0 - hard).bool()
+    kept = ta - r
+    rank = keep.long().cumsum(dim=1) - 1
+    dst_a = torch.where(keep, rank, kept + match)
+    dst = torch.empty(b, m, dtype=torch.long, device=x.device)
+    dst[:, ::2] = dst_a
+    dst[:, 1::2] = kept + torch.arange(tb, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xa, xb = x[:, ::2].to(acc), x[:, 1::2].to(acc)
+    wa, wb = weight[:, ::2].to(acc) * rho, weight[:, 1::2].to(acc)
+    num = (xb * wb[..., None]).scatter_add(1, match[..., None].expand(-1, -1, x.shape[-1]), xa * wa[..., None])
+    den = wb.scatter_add(1, match, wa)
+    merged_b = num / den[..., None]
+    kept_a = xa[keep].view(b, kept, x.shape[-1])  # every row keeps exactly ta - r A tokens
+    return torch.cat([kept_a, merged_b], dim=1).to(x.dtype), dst

@@ -62,6 +62,50 @@ class Recipe:
             raise ValueError(f"epochs and batch_size must be >= 1, lr > 0 and ema_decay in [0, 1), got {self}")
 
 
+@dataclass
+class FineTune:
+    """Merge-aware fine-tuning (``--finetune``): start from a trained checkpoint, merge inside every block.
+
+    ``method``: "quickmerge" trains through the differentiable merge (Gumbel noise and relaxed
+    K-hot removal mask, temperature annealed geometrically from ``temperature_start`` to
+    ``temperature_end``; hard merges at evaluation); "tome" through ToMe's hard matching
+    (gradients through the weighted means only, as ToMe's paper trains). ``r`` tokens merged per
+    block, or ``ratio`` of the patch tokens left after the last block.
+    """
+
+    checkpoint: str
+    method: str = "quickmerge"
+    r: int | None = None
+    ratio: float | None = None
+    temperature_start: float = 1.0
+    temperature_end: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.method not in ("quickmerge", "tome"):
+            raise ValueError(f"finetune method must be 'quickmerge' or 'tome', got {self.method!r}")
+        if (self.r is None) == (self.ratio is None):
+            raise ValueError(f"give exactly one of r and ratio for merge-aware fine-tuning, got r={self.r}, "
+                             f"ratio={self.ratio}")
+        if not 0 < self.temperature_end <= self.temperature_start:
+            raise ValueError("need 0 < temperature_end <= temperature_start, got "
+                             f"{self.temperature_end}, {self.temperature_start}")
+
+    def temperature(self, step: int, total: int) -> float:
+        """Geometric annealing from ``temperature_start`` (step 0) to ``temperature_end`` (last step)."""
+        share = min(1.0, step / max(1, total - 1))
+        return self.temperature_start * (self.temperature_end / self.temperature_start) ** share
+
+    def patch(self, model: nn.Module, *, train: bool) -> Any:
+        """Patch ``model`` with this merging (the differentiable path only for the trained copy)."""
+        from .patch import patch
+
+        handle = patch(model, r=self.r or 0, method=self.method,
+                       temperature=self.temperature_start if train and self.method == "quickmerge" else None)
+        if self.ratio is not None:
+            handle.ratio = self.ratio
+        return handle
+
+
 def split_train_heldout() -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """(train images, labels) and (held-out images, labels): the last 5,000 training images are held out."""
     images, labels = load_fashion_mnist("train")
@@ -157,10 +201,13 @@ def train(
     fresh: bool = False,
     data: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
+    finetune: FineTune | None = None,
 ) -> dict[str, Any] | None:
     """Train, evaluate and save the reference ViT; returns the summary written to config.json (rank 0).
 
     ``data`` ((train x, y), (held-out x, y)) and ``test`` default to Fashion-MNIST's splits.
+    ``finetune``: fine-tune a trained checkpoint with merging in every block instead (its
+    accuracies are then those of the merged model; the teacher is not used).
     """
     recipe = recipe or Recipe()
     ctx = ctx or Context()
@@ -172,8 +219,19 @@ def train(
     config = dict(config or DEFAULT_CONFIG)
     (tr_x, tr_y), (ho_x, ho_y) = data if data is not None else split_train_heldout()
     torch.manual_seed(recipe.seed)
-    model = build_vit(config).to(ctx.device)
+    if finetune is not None:
+        from ..pretrained.fashion_vit import load_fashion_vit
+
+        if recipe.teacher_epochs:
+            raise ValueError("merge-aware fine-tuning uses no teacher: set teacher_epochs=0")
+        config = json.loads((Path(finetune.checkpoint) / "config.json").read_text())["model"]
+        model = load_fashion_vit(finetune.checkpoint).train().to(ctx.device)
+    else:
+        model = build_vit(config).to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
+    handle = finetune.patch(model, train=True) if finetune is not None else None
+    if finetune is not None and ema is not None:
+        finetune.patch(ema, train=False)
     opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
     steps_per_epoch = len(tr_x) // recipe.batch_size
     total = recipe.epochs * steps_per_epoch
@@ -184,6 +242,8 @@ def train(
     log: dict[str, Any] = {"loss_per_100_steps": [], "epochs": []}
     checkpoint = out / "checkpoint.pt"
     identity = {"recipe": asdict(recipe), "model": config, "train_images": len(tr_x)}
+    if finetune is not None:
+        identity["finetune"] = asdict(finetune)
     start_epoch, elapsed = 0, 0.0
     if checkpoint.exists() and not fresh:
         state = torch.load(checkpoint, map_location=ctx.device, weights_only=False)
@@ -219,6 +279,8 @@ def train(
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{recipe.epochs}", unit="step", disable=not ctx.main)
         for i in bar:
             idx = order[i * recipe.batch_size : (i + 1) * recipe.batch_size]
+            if handle is not None and handle.temperature is not None:
+                handle.temperature = finetune.temperature(epoch * steps_per_epoch + i, total)
             x = augment(normalize(tr_x[idx]), gen, recipe.max_shift)[ctx.rank :: ctx.world].to(ctx.device)
             y = tr_y[idx][ctx.rank :: ctx.world].to(ctx.device)
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
@@ -268,6 +330,7 @@ def train(
     summary = {
         "model": config,
         "architecture": "timm.models.vision_transformer.VisionTransformer",
+        "finetune": asdict(finetune) if finetune is not None else None,
         "training": {**asdict(recipe), "train_images": len(tr_x), "heldout_images": len(ho_x),
                      "processes": ctx.world, "threads": torch.get_num_threads(), "weights": "ema" if use_ema else "raw",
                      "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__},

@@ -92,13 +92,15 @@ def _by_hand(model, ids, merged, merged_pos, layer, cont, windows=True):
     return model.model.norm(h)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "gemma3"])
+@pytest.mark.parametrize("kind,time_period", [("llama", None), ("mistral", None), ("gemma3", None), ("llama", 13),
+                                              ("mistral", 13)])
 @pytest.mark.parametrize("with_config", [True, False], ids=["cache-with-config", "plain-cache"])
-def test_prefill_and_decoding_equal_a_reference_run_by_hand(kind, with_config):
-    """Upper layers see the merged prompt at its positions, causally and within their sliding windows."""
+def test_prefill_and_decoding_equal_a_reference_run_by_hand(kind, time_period, with_config):
+    """Upper layers see the merged prompt at its positions, causally and within their sliding windows
+    (``time_period``: spans along time, the merged prompt still ordered by position)."""
     model = tiny(kind, "sdpa", layers=3, sliding_window=8 if kind != "llama" else None)
     ids, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 5))
-    press = QuickMergeInputPress(0.5, layer=0, window=4)
+    press = QuickMergeInputPress(0.5, layer=0, window=4, time_period=time_period, time_offset=1)
     captured = {}
 
     def capture(_m, _a, _k, out):
@@ -113,6 +115,7 @@ def test_prefill_and_decoding_equal_a_reference_run_by_hand(kind, with_config):
         ours = model.model(cont, past_key_values=cache).last_hidden_state
     reference = _by_hand(model, ids, captured["merged"], captured["positions"], 0, cont)
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    assert (captured["positions"].diff() > 0).all() and int(captured["positions"][-1]) == 39
     if kind != "llama":  # the windows matter here: full causal masks would give other states
         full = _by_hand(model, ids, captured["merged"], captured["positions"], 0, cont, windows=False)
         assert not torch.allclose(full, reference, atol=1e-4)
@@ -171,3 +174,16 @@ def test_errors():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="unpadded"), QuickMergeInputPress(0.5, layer=0)(model):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_time_spans_keep_one_location_per_group():
+    press = QuickMergeInputPress(0.5, layer=0, time_period=5, time_offset=1)
+    hidden = torch.randn(2, 1 + 4 * 5, 8)
+    groups = press._spans(hidden, torch.rand(2, 21), 10)
+    location = torch.cat([torch.tensor([-1]), torch.arange(20) % 5])
+    for b in range(2):
+        assert sorted(groups[b].unique().tolist()) == list(range(10))
+        for g in range(10):
+            assert location[groups[b] == g].unique().numel() == 1
+    with pytest.raises(ValueError, match="time_period"):
+        QuickMergeInputPress(0.5, time_period=0)

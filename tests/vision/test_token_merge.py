@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,44 @@ def test_attention_saliency_proportional_bias_raises_a_big_token():
     size = torch.tensor([[1.0, 1.0, 8.0, 1.0, 1.0]])
     s = attention_saliency(q, k, 1.0, size.log(), "cls")
     assert s.argmax() == 2 and torch.allclose(s[0, 2], torch.tensor(8 / 12), atol=1e-5)
+
+
+def test_relaxed_bipartite_merge_is_the_hard_merge_forward_and_trains_the_keys():
+    from quickmerge.primitives import rank01, weighted_mean
+    from quickmerge.vision.token_merge import quickmerge_bipartite_assign, relaxed_bipartite_merge
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 8, generator=gen, requires_grad=True)
+    metric = torch.randn(3, 20, 4, generator=gen, requires_grad=True)
+    weight = torch.rand(3, 20, generator=gen) + 0.5
+    sal = torch.rand(3, 20, generator=gen)
+    merged, dst = relaxed_bipartite_merge(x, weight, metric, 0.5 * rank01(sal), 6, 1e-6)
+    hard_dst = quickmerge_bipartite_assign(metric.detach(), sal, 6, 0.5)
+    assert torch.equal(dst, hard_dst)  # no noise to speak of: the same merges
+    hard, _ = weighted_mean(x, weight, hard_dst, 14)
+    assert torch.allclose(merged, hard, atol=1e-5)
+    merged, _ = relaxed_bipartite_merge(x, weight, metric, 0.5 * rank01(sal), 6, 0.5,
+                                        torch.Generator().manual_seed(1))
+    merged.square().sum().backward()
+    assert metric.grad is not None and metric.grad.abs().sum() > 0  # the keys get a gradient through rho
+    assert x.grad.abs().sum() > 0
+
+
+def test_temperature_trains_through_the_relaxed_merge_only_in_training():
+    import quickmerge
+    from tests.vision.adapters.test_timm_vit import tiny_vit
+
+    vit = tiny_vit(fused=True)
+    x = torch.randn(2, 1, 16, 16)
+    with quickmerge.patch(vit, r=4, temperature=0.5) as handle:
+        vit.eval()
+        with torch.no_grad():
+            plain = vit(x)
+        assert torch.allclose(vit(x), plain, atol=1e-5)  # eval: the hard merge, gradients or not
+        vit.train()
+        out = vit(x)
+        out.sum().backward()
+        assert handle.tokens_per_layer[-1] < handle.tokens_per_layer[0]
+    vit.train(False)
+    with pytest.raises(ValueError, match="temperature"):
+        quickmerge.patch(vit, r=4, temperature=0.0)

@@ -95,3 +95,44 @@ def test_distillation_trains_a_teacher_and_keeps_it_in_the_checkpoint(tmp_path, 
     assert taught == [1] and summary["training"]["teacher_epochs"] == 1
     log = json.loads((tmp_path / "distilled" / "train_log.json").read_text())
     assert 0.0 <= log["teacher_heldout_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("method", ["quickmerge", "tome"])
+def test_merge_aware_finetuning_merges_while_training_and_anneals(tmp_path, monkeypatch, method):
+    import importlib
+
+    from quickmerge.vision import train as train_module
+
+    patch_module = importlib.import_module("quickmerge.vision.patch")  # the package exports a function of that name
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    base = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
+    train(tmp_path / "base", recipe=base, config=CONFIG, data=data, test=test)
+    seen = []  # (training?, temperature, tokens left) of every merge
+    real_finish = patch_module.MergeHandle._finish
+
+    def spy(handle, *args):
+        out = real_finish(handle, *args)
+        seen.append((handle.model.training, handle.temperature, out.shape[1]))
+        return out
+
+    monkeypatch.setattr(patch_module.MergeHandle, "_finish", spy)
+    finetune = train_module.FineTune(str(tmp_path / "base"), method, r=8, temperature_start=1.0, temperature_end=0.1)
+    summary = train(tmp_path / "ft", recipe=Recipe(epochs=2, batch_size=16, warmup_steps=2, teacher_epochs=0,
+                                                   ema_decay=0.0), config=CONFIG, data=data, test=test,
+                    finetune=finetune)
+    training = [s for s in seen if s[0]]
+    assert len(training) == 2 * 96 // 16 and all(tokens == 50 - 8 for _, _, tokens in training)  # 1 block, r=8
+    temperatures = [t for _, t, _ in training]
+    if method == "quickmerge":
+        assert temperatures[0] == pytest.approx(1.0) and temperatures[-1] == pytest.approx(0.1)
+        assert temperatures == sorted(temperatures, reverse=True)
+    else:
+        assert set(temperatures) == {None}
+    assert any(not s[0] for s in seen)  # evaluated merged, too
+    assert summary["finetune"]["method"] == method and summary["finetune"]["r"] == 8
+    # the saved weights are a plain ViT: they load and run unpatched
+    from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+    assert load_fashion_vit(tmp_path / "ft")(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
+    with pytest.raises(ValueError, match="exactly one of r and ratio"):
+        train_module.FineTune(str(tmp_path / "base"), method)

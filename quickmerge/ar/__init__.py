@@ -1,0 +1,1 @@
+"""Autoregressive image and video models trained here: tokenizer, sequence formats, model, trainer."""

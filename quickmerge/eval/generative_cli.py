@@ -1,0 +1,128 @@
+"""``quickmerge eval image`` / ``eval video``: likelihood of a continuation given a compressed context.
+
+Same harness, methods, journal and summary schema as ``eval text``; rows also carry
+``bits_per_token`` (mean continuation NLL in bits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from .. import distributed
+from .journal import Journal, code_fingerprint
+
+
+def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
+    from .text_methods import KVPRESS, OURS
+
+    parser.add_argument("--model", default=modality, help=f"directory of a trained model (default: the shipped "
+                        f"ar_{modality} model)")
+    parser.add_argument("--examples", type=int, default=40, help="held-out " + ("test images" if modality == "image"
+                        else "4-frame windows"))
+    if modality == "video":
+        parser.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out frames of the "
+                            "training clips and held-out Moving Fashion-MNIST)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="compression ratios")
+    extra = VIDEO_METHODS if modality == "video" else []
+    parser.add_argument(
+        "--methods", nargs="+", default=None, choices=OURS + extra + KVPRESS, help="default: all that are installed"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    parser.add_argument("--out", default=f"results/{modality}", help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+
+
+# Video-aware variants of ours, built for the model's frame size: spans along time over one
+# location in consecutive frames, in the KV cache or on the prompt's hidden states.
+VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-time"]
+INPUT_LAYER = 0  # the AR models have 4 layers: the input press merges after the first
+
+
+def ar_method(name: str, fmt: object) -> object:
+    """The :class:`~quickmerge.eval.text.Method` of ``name`` for an AR model of format ``fmt``.
+
+    ``quickmerge-input`` merges after layer :data:`INPUT_LAYER` (its text default, layer 4,
+    is past these models' depth); :data:`VIDEO_METHODS` use ``fmt``'s frame size; the rest are
+    the text protocol's methods unchanged.
+    """
+    from ..text import QuickMergeInputPress, QuickMergePress
+    from .text import Method
+    from .text_methods import build_method
+
+    period = fmt.tokens_per_frame
+    makers = {
+        "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER),
+        "quickmerge-time": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
+                                                     time_offset=1),
+        "quickmerge-time-align": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
+                                                           time_offset=1, align=True),
+        "quickmerge-input-time": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER,
+                                                                time_period=period, time_offset=1),
+    }
+    return Method(name, makers[name], decode_inside=True) if name in makers else build_method(name)
+
+
+def run(args: argparse.Namespace, modality: str) -> dict:
+    from ..pretrained.ar_models import load_ar
+    from .generative import image_examples, video_examples
+    from .report import write_report
+    from .text import plot_text_eval, run_text_eval
+    from .text_cli import format_table
+    from .text_methods import build_method, default_methods
+
+    if args.examples < 2:
+        raise SystemExit("--examples must be at least 2 (bootstrap intervals need several examples)")
+    if not all(0.0 < r < 1.0 for r in args.ratios):
+        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    video = getattr(args, "video", None)
+    if video is not None and not Path(video).is_file():
+        raise SystemExit(f"--video: no file at {video}")
+    names = args.methods or default_methods() + (VIDEO_METHODS if modality == "video" else [])
+    for name in names:  # fail fast on a missing extra, before loading anything
+        if name not in VIDEO_METHODS:
+            build_method(name)
+    torch.set_num_threads(args.threads)
+    ctx = distributed.setup()
+    try:
+        model, tokenizer, fmt = load_ar(args.model)
+        model.to(ctx.device)
+        methods = [ar_method(n, fmt) for n in names]
+        if modality == "image":
+            examples = image_examples(fmt, tokenizer, args.examples)
+        else:
+            examples = video_examples(fmt, tokenizer, args.examples, video)
+        journal = Journal(args.out, journal_config(args, modality, fmt), rank=ctx.rank, fresh=args.fresh)
+        results = run_text_eval(model, examples, methods, args.ratios, fmt.context, journal=journal, ctx=ctx)
+    finally:
+        ctx.close()
+    if results is None:
+        return {}
+    for row in results["summary"]:
+        row["bits_per_token"] = sum(row["nll_per_example"]) / len(row["nll_per_example"]) / math.log(2)
+    results["format"] = fmt.to_dict()
+    results["config"] = {**vars(args), "modality": modality, "processes": ctx.world, "torch": torch.__version__,
+                         "platform": platform.platform()}
+    source = f"clip {Path(video).name}" if video else ("test images" if modality == "image" else "held-out windows")
+    title = f"AR {modality} model: {args.examples} {source} (C = {fmt.context}, T = {fmt.continuation})"
+    paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
+    print(format_table(results))
+    print(f"\nwrote {paths[0]} and {paths[1]}")
+    return results
+
+
+def journal_config(args: argparse.Namespace, modality: str, fmt: object) -> dict:
+    """What every row depends on: model weights, data source, format, code and library versions."""
+    import transformers
+
+    from ..data.fashion_mnist import sha256
+    from ..pretrained.ar_models import ar_model_dir
+
+    directory = ar_model_dir(args.model) if args.model in ("image", "video") else Path(args.model)
+    return {"protocol": modality, "model": sha256(directory / "model.safetensors"), "format": fmt.to_dict(),
+            "video": getattr(args, "video", None), "torch": torch.__version__,
+            "transformers": transformers.__version__, "code": code_fingerprint()}

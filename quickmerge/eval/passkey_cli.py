@@ -1,0 +1,116 @@
+"""``quickmerge eval passkey``: can the model still answer a passkey stated once in a compressed context?"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+
+import torch
+
+from .. import distributed
+from .journal import Journal, code_fingerprint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .text_methods import KVPRESS, OURS
+
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
+    parser.add_argument("--trials", type=int, default=100, help="passkey trials (each: its own key, depth, length)")
+    parser.add_argument("--min-context", type=int, default=1024, help="shortest context in tokens")
+    parser.add_argument("--max-context", type=int, default=4096, help="longest context in tokens")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="compression ratios")
+    parser.add_argument("--methods", nargs="+", default=None, choices=OURS + KVPRESS,
+                        help="default: all that are installed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    parser.add_argument("--out", default="results/passkey", help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..pretrained.causal_lm import load_causal_lm, needs_bos
+    from .report import write_report
+    from .retrieval import answer_passkey, passkey_trials, summarise_passkey
+    from .text import run_text_eval
+    from .text_methods import build_method, default_methods
+
+    if args.trials < 2:
+        raise SystemExit("--trials must be at least 2 (bootstrap intervals need several trials)")
+    if not all(0.0 < r < 1.0 for r in args.ratios):
+        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    if not 64 <= args.min_context <= args.max_context:
+        raise SystemExit(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
+    methods = [build_method(n) for n in (args.methods or default_methods())]
+    torch.set_num_threads(args.threads)
+    ctx = distributed.setup()
+    try:
+        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        model, tokenizer = load_causal_lm(args.model)
+        model.to(ctx.device)
+        trials = passkey_trials(tokenizer, args.trials, min_context=args.min_context, max_context=args.max_context,
+                                bos=needs_bos(args.model))
+
+        def scorer(trial, press, method, ratio):
+            return answer_passkey(model, tokenizer, trial, press, method)
+
+        results = run_text_eval(model, trials, methods, args.ratios, 0, journal=journal, ctx=ctx, scorer=scorer,
+                                summary=summarise_passkey)
+    finally:
+        ctx.close()
+    if results is None:
+        return {}
+    results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
+                         "platform": platform.platform()}
+    title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {args.trials} trials"
+    paths = write_report(results, args.out, lambda png: plot_passkey(results, png, title))
+    print(format_table(results))
+    print(f"\nwrote {paths[0]} and {paths[1]}")
+    return results
+
+
+def journal_config(args: argparse.Namespace) -> dict:
+    import transformers
+
+    return {"protocol": "passkey", "model": args.model, "trials": args.trials, "min_context": args.min_context,
+            "max_context": args.max_context, "torch": torch.__version__,
+            "transformers": transformers.__version__, "code": code_fingerprint()}
+
+
+def format_table(results: dict) -> str:
+    lines = ["| ratio | method | accuracy [95% CI] | minus uncompressed [95% CI] |", "|---|---|---|---|"]
+    rows = sorted(results["summary"], key=lambda r: (r["compression_ratio"] or 0, -r["accuracy"]))
+    for r in rows:
+        lo, hi = r["accuracy_ci95"]
+        dlo, dhi = r["minus_uncompressed_ci95"]
+        ratio = "0" if r["compression_ratio"] is None else f"{r['compression_ratio']:g}"
+        lines.append(f"| {ratio} | {r['method']} | {r['accuracy']:.2f} [{lo:.2f}, {hi:.2f}] | "
+                     f"{r['minus_uncompressed']:+.2f} [{dlo:+.2f}, {dhi:+.2f}] |")
+    return "\n".join(lines)
+
+
+def plot_passkey(results: dict, path: str, title: str) -> None:
+    """Accuracy per method at each ratio (bars with 95% intervals), the uncompressed model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["summary"]
+    base = next(r for r in rows if r["compression_ratio"] is None)
+    ratios = sorted({r["compression_ratio"] for r in rows if r["compression_ratio"] is not None})
+    fig, axes = plt.subplots(1, len(ratios), figsize=(6 * len(ratios), 5), squeeze=False)
+    for ax, ratio in zip(axes[0], ratios, strict=True):
+        mine = sorted((r for r in rows if r["compression_ratio"] == ratio), key=lambda r: -r["accuracy"])
+        y = [r["accuracy"] for r in mine]
+        err = [[v - r["accuracy_ci95"][0] for v, r in zip(y, mine, strict=True)],
+               [r["accuracy_ci95"][1] - v for v, r in zip(y, mine, strict=True)]]
+        colours = ["black" if r["method"].startswith("quickmerge") else "tab:blue" for r in mine]
+        ax.barh(range(len(mine)), y, xerr=err, color=colours, capsize=2)
+        ax.set_yticks(range(len(mine)), [r["method"] for r in mine], fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(base["accuracy"], color="red", linestyle="--", label="uncompressed")
+        ax.set_xlim(0, 1.05)
+        ax.set_xlabel("exact-match accuracy")
+        ax.set_title(f"{title}\nratio {ratio:g}", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,151 @@
+"""Retrieval tasks, where eviction can lose what the continuation needs (the text protocol's
+second part): a passkey stated once in a long Wikipedia context, and a passage repeated.
+
+Passkey: a random 5-digit key is stated once ("The pass key is 12345. Remember it.") at a
+random depth of a 1k-4k-token Wikipedia context. The context is compressed without the
+question (kvpress's query-agnostic setting), then the question is fed and the answer
+decoded greedily; a trial counts when the first five digits of the answer are the key.
+
+Repeated passage: a 65-token passage of one article is placed at a random depth of another
+article's text; the continuation to score is the same passage again, so predicting it well
+needs the earlier copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..data import wikipedia_articles
+from .text import Method, TextExample, _attn_implementation, _masks_for_shortened_layers
+
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+QUESTION = "\n\nWhat is the pass key? The pass key is"
+
+
+@dataclass
+class PasskeyTrial:
+    """Context ids ``[C]`` holding the needle, question ids ``[Q]``, the key and where it was put."""
+
+    title: str
+    context: Tensor
+    question: Tensor
+    key: str
+    depth: float
+
+
+def _filler(tokenizer: Any, need: int, start: int) -> tuple[list[int], str]:
+    """At least ``need`` token ids of consecutive articles from the ``start``-th on, and the first title."""
+    articles = wikipedia_articles()
+    ids: list[int] = []
+    first = articles[start % len(articles)].title
+    i = start
+    while len(ids) < need:
+        ids += tokenizer(articles[i % len(articles)].text + "\n\n", add_special_tokens=False)["input_ids"]
+        i += 1
+        if i - start > len(articles):
+            raise ValueError(f"the Wikipedia articles hold fewer than {need} tokens")
+    return ids[:need], first
+
+
+def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_context: int = 4096,
+                   bos: bool = False, seed: int = 0) -> list[PasskeyTrial]:
+    """``count`` trials: length uniform in [min_context, max_context], depth uniform in [0.05, 0.95]."""
+    if not 1 <= min_context <= max_context:
+        raise ValueError(f"need 1 <= min_context <= max_context, got {min_context}, {max_context}")
+    gen = torch.Generator().manual_seed(seed)
+    question = torch.tensor(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
+    trials = []
+    for t in range(count):
+        length = int(torch.randint(min_context, max_context + 1, (1,), generator=gen))
+        depth = 0.05 + 0.9 * float(torch.rand(1, generator=gen))
+        key = f"{int(torch.randint(10_000, 100_000, (1,), generator=gen))}"
+        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        head = [tokenizer.bos_token_id] if bos else []
+        filler, title = _filler(tokenizer, length - len(needle) - len(head), start=7 * t)
+        cut = int(depth * len(filler))
+        ids = head + filler[:cut] + needle + filler[cut:]
+        trials.append(PasskeyTrial(f"{t}:{title}", torch.tensor(ids), question, key, depth))
+    return trials
+
+
+@torch.no_grad()
+def answer_passkey(model: Any, tokenizer: Any, trial: PasskeyTrial, press: Any, method: Method,
+                   new_tokens: int = 8) -> dict[str, Any]:
+    """Compress the context, feed the question one token at a time, decode greedily; exact match of the key."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache()
+    manager = press(model) if press is not None else contextlib.nullcontext()
+    ctx = trial.context[None].to(device)
+    answer: list[int] = []
+
+    def ask() -> None:
+        position = ctx.shape[1]
+        logits = None
+        for token in trial.question.tolist():  # one per call: the masking presses need it
+            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                           position_ids=torch.tensor([[position]], device=device)).logits
+            position += 1
+        for _ in range(new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            answer.append(nxt)
+            logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache,
+                           position_ids=torch.tensor([[position]], device=device)).logits
+            position += 1
+
+    with _attn_implementation(model, "eager") if method.eager else contextlib.nullcontext():
+        with manager:
+            model.model(input_ids=ctx, past_key_values=cache)
+            if method.decode_inside:
+                ask()
+        if not method.decode_inside:
+            with _masks_for_shortened_layers(model, cache):
+                ask()
+    text = tokenizer.decode(answer)
+    return {"correct": float(matches_key(text, trial.key)), "answer": text, "depth": trial.depth,
+            "context": int(trial.context.numel())}
+
+
+def matches_key(answer: str, key: str) -> bool:
+    """Exact match: the first digits of the answer, as many as the key has, are the key."""
+    digits = re.findall(r"\d", answer)
+    return "".join(digits[: len(key)]) == key
+
+
+def repeated_passage_windows(tokenizer: Any, count: int, context: int = 1024, continuation: int = 64,
+                             *, bos: bool = False, seed: int = 0) -> list[TextExample]:
+    """Windows whose continuation (``continuation + 1`` tokens of another article) already appeared in the context."""
+    gen = torch.Generator().manual_seed(seed)
+    examples = []
+    for i in range(count):
+        passage, title = _filler(tokenizer, continuation + 1, start=11 * i + 5)
+        head = [tokenizer.bos_token_id] if bos else []
+        filler, _ = _filler(tokenizer, context - len(passage) - len(head), start=11 * i)
+        cut = int((0.05 + 0.9 * float(torch.rand(1, generator=gen))) * len(filler))
+        ids = head + filler[:cut] + passage + filler[cut:] + passage
+        examples.append(TextExample(f"{i}:{title}", torch.tensor(ids)))
+    return examples
+
+
+def summarise_passkey(trials: list[PasskeyTrial], per_run: dict[tuple[str, float | None], list[dict]]) -> dict:
+    """Accuracy with a bootstrap interval per (method, ratio), and paired against the uncompressed model."""
+    from .stats import bootstrap_difference, bootstrap_mean
+
+    base = [r["correct"] for r in per_run[("none", None)]]
+    summary = []
+    for (name, ratio), rows in per_run.items():
+        correct = [r["correct"] for r in rows]
+        acc, low, high = bootstrap_mean(correct)
+        diff, dlow, dhigh = bootstrap_difference(correct, base)
+        summary.append({"method": name, "compression_ratio": ratio, "accuracy": acc, "accuracy_ci95": [low, high],
+                        "minus_uncompressed": diff, "minus_uncompressed_ci95": [dlow, dhigh],
+                        "correct_per_trial": correct})
+    return {"trials": [{"title": t.title, "key": t.key, "depth": t.depth, "context": int(t.context.numel())}
+                       for t in trials], "summary": summary}

@@ -1,0 +1,39 @@
+"""The autoregressive image and video models shipped with the package (trained here).
+
+``quickmerge/assets/ar_image`` and ``ar_video`` each hold a ``LlamaForCausalLM``
+(safetensors + config), its patch codebook, its sequence format and ``training.json``
+(recipe, data checksums, log); ``quickmerge train ar-image`` / ``ar-video`` reproduce them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MissingDataError
+
+ASSET_DIR = Path(__file__).resolve().parent.parent / "assets"
+
+
+def ar_model_dir(modality: str) -> Path:
+    """Where the shipped ``modality`` ("image" or "video") model lives."""
+    if modality not in ("image", "video"):
+        raise ValueError(f"modality must be 'image' or 'video', got {modality!r}")
+    return ASSET_DIR / f"ar_{modality}"
+
+
+def load_ar(modality_or_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, format) of the shipped ``"image"`` / ``"video"`` model, or of a directory."""
+    from ..ar.model import load_ar_model
+
+    if str(modality_or_dir) in ("image", "video"):
+        directory = ar_model_dir(str(modality_or_dir))
+        if not (directory / "model.safetensors").is_file():
+            raise MissingDataError(
+                f"no shipped {modality_or_dir} model in {directory}; train one with "
+                f"`quickmerge train ar-{modality_or_dir} --out {directory}` or pass --model DIR"
+            )
+        return load_ar_model(directory, dtype=dtype)
+    return load_ar_model(modality_or_dir, dtype=dtype)

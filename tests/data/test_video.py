@@ -1,0 +1,45 @@
+"""Reading real clips: shape, grey levels, central square, clear errors."""
+
+import pytest
+import torch
+
+cv2 = pytest.importorskip("cv2")
+
+from quickmerge.data import video  # noqa: E402
+from quickmerge.errors import MissingDataError  # noqa: E402
+
+
+def _write_clip(path, frames):
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (frames.shape[2], frames.shape[1]))
+    for f in frames:
+        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+
+def test_a_written_clip_reads_back_as_its_central_square(tmp_path):
+    frames = torch.zeros(6, 48, 96, dtype=torch.uint8)
+    frames[:, :, 24:72] = 200  # the central 48x48 square is bright, the sides dark
+    frames[3:, :, 24:72] = 100
+    _write_clip(tmp_path / "c.avi", frames)
+    out = video.read_clip(tmp_path / "c.avi", size=16)
+    assert out.shape == (6, 16, 16) and out.dtype == torch.uint8
+    assert (out[:3].float() - 200).abs().max() < 12 and (out[3:].float() - 100).abs().max() < 12
+    assert video.read_clip(tmp_path / "c.avi", size=16, max_frames=2).shape[0] == 2
+
+
+def test_missing_clips_and_files_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv(video.ENV_VAR, str(tmp_path))
+    with pytest.raises(MissingDataError, match="opencv-doc"):
+        video.training_clip_paths()
+    with pytest.raises(FileNotFoundError, match="no file"):
+        video.read_clip(tmp_path / "none.avi")
+    (tmp_path / "text.avi").write_text("not a video")
+    with pytest.raises(ValueError, match="no frame"):
+        video.read_clip(tmp_path / "text.avi")
+
+
+@pytest.mark.skipif(not (video.clip_dir() / "vtest.avi").is_file(), reason="opencv-doc clips not installed")
+def test_the_training_clips_are_the_ones_debian_ships():
+    assert video.checksums() == video.SHA256
+    clip = video.read_clip(video.training_clip_paths()[1], 32, max_frames=5)
+    assert clip.shape == (5, 32, 32) and clip.float().std() > 10  # real picture content

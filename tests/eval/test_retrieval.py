@@ -1,0 +1,70 @@
+"""Retrieval tasks: the passkey is stated once at its depth, the repeated passage really repeats,
+exact match is exact, and `eval passkey` / `eval text --task repeated` run end to end."""
+
+import json
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.cli import main  # noqa: E402
+from quickmerge.eval.retrieval import (  # noqa: E402
+    NEEDLE,
+    matches_key,
+    passkey_trials,
+    repeated_passage_windows,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_lm_dir):
+    return transformers.AutoTokenizer.from_pretrained(tiny_lm_dir)
+
+
+def test_the_key_is_stated_once_at_its_depth(tokenizer):
+    trials = passkey_trials(tokenizer, 6, min_context=300, max_context=600, seed=3)
+    assert len({t.key for t in trials}) == 6 and all(len(t.key) == 5 for t in trials)
+    for t in trials:
+        assert 300 <= t.context.numel() <= 600
+        text = "".join(map(chr, t.context.tolist()))  # the tiny tokenizer's ids are bytes
+        needle = NEEDLE.format(key=t.key)
+        assert text.count(needle) == 1 and text.count(t.key) == 2  # the needle states it twice, nowhere else
+        assert abs(text.index(needle) / (len(text) - len(needle)) - t.depth) < 0.01
+        assert "What is the pass key?" in "".join(map(chr, t.question.tolist()))
+    assert [t.key for t in passkey_trials(tokenizer, 6, min_context=300, max_context=600, seed=3)] == \
+        [t.key for t in trials]
+
+
+def test_the_repeated_passage_appeared_in_the_context(tokenizer):
+    for ex in repeated_passage_windows(tokenizer, 3, context=200, continuation=16):
+        ids = ex.ids.tolist()
+        assert len(ids) == 200 + 16 + 1
+        passage = ids[200:]
+        assert any(ids[i : i + 17] == passage for i in range(200 - 16)), "the continuation is not in the context"
+
+
+def test_exact_match_reads_the_first_digits():
+    assert matches_key(" 12345. Remember", "12345")
+    assert matches_key(" 12 345", "12345")  # digits split by a space still count
+    assert not matches_key(" 1234", "12345") and not matches_key(" 54321 12345", "12345")
+
+
+def test_eval_passkey_and_repeated_run_end_to_end(tiny_lm_dir, tmp_path):
+    out = tmp_path / "pk"
+    assert main(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "3", "--min-context", "120",
+                 "--max-context", "200", "--ratios", "0.5", "--methods", "quickmerge", "random", "--threads", "1",
+                 "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    rows = {(r["method"], r["compression_ratio"]): r for r in results["summary"]}
+    assert set(rows) == {("none", None), ("quickmerge", 0.5), ("random", 0.5)}
+    for r in rows.values():
+        assert 0 <= r["accuracy"] <= 1 and len(r["correct_per_trial"]) == 3
+    assert out.with_suffix(".png").is_file() and len(results["trials"]) == 3
+    out = tmp_path / "rep"
+    assert main(["eval", "text", "--task", "repeated", "--model", tiny_lm_dir, "--examples", "2", "--context", "96",
+                 "--continuation", "8", "--ratios", "0.5", "--methods", "random", "--threads", "1",
+                 "--out", str(out)]) == 0
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert {r["method"] for r in summary} == {"none", "random"}
+    with pytest.raises(SystemExit, match="min-context"):
+        main(["eval", "passkey", "--model", tiny_lm_dir, "--min-context", "300", "--max-context", "200"])
