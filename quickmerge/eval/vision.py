@@ -47,6 +47,9 @@ def evaluate_setting(
 ) -> dict[str, Any] | None:
     """Accuracy, speed-up and mean tokens of one setting (``method=None``: unpatched).
 
+    ``settings`` are passed to :func:`~quickmerge.vision.patch.patch`, except ``label``: the
+    name the row carries instead of ``method`` (an entropy schedule of QuickMerge++, say).
+
     ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
     same batch, so drifts in machine speed hit both alike. Under ``torch.distributed`` the
     batches are shared out by rank and the counts summed; rank 0 alone times (the others
@@ -54,7 +57,9 @@ def evaluate_setting(
     """
     ctx = ctx or Context()
     device = next(model.parameters()).device
-    handle = patch(model, r=r, method=method, **(settings or {})) if method is not None else None
+    settings = settings or {}
+    options = {k: v for k, v in settings.items() if k != "label"}
+    handle = patch(model, r=r, method=method, **options) if method is not None else None
     try:
         correct = tokens = batches = 0
         for i in ctx.shard(range(0, len(images), batch_size)):
@@ -83,9 +88,9 @@ def evaluate_setting(
             tokens, batches = counter.mean_tokens, 1
     t_ours, t_base = statistics.median(ours), statistics.median(base)
     return {
-        "method": method or "none",
+        "method": settings.get("label", method or "none"),
         "r": list(r) if isinstance(r, tuple) else r,
-        "settings": settings or {},
+        "settings": settings,
         "accuracy": correct / len(images),
         "images": len(images),
         "images_per_s": batch.shape[0] / t_ours,
@@ -143,13 +148,15 @@ def accuracy_at(rows: Sequence[dict[str, Any]], speedup: float) -> float | None:
     return pts[-1][1]
 
 
-def compare_at_tome_speeds(rows: Sequence[dict[str, Any]], method: str = "quickmerge") -> list[dict[str, Any]]:
-    """For each ToMe-style point: ``method``'s interpolated accuracy at the same speed-up."""
+def compare_at_tome_speeds(
+    rows: Sequence[dict[str, Any]], method: str = "quickmerge", reference: str = "tome"
+) -> list[dict[str, Any]]:
+    """For each ``reference`` point (ToMe-style by default): ``method``'s interpolated accuracy at its speed-up."""
     ours = [r for r in rows if r["method"] == method]
     out = []
-    for row in (r for r in rows if r["method"] == "tome"):
+    for row in (r for r in rows if r["method"] == reference):
         acc = accuracy_at(ours, row["speedup"])
-        out.append({"r": row["r"], "speedup": row["speedup"], "tome_accuracy": row["accuracy"],
+        out.append({"r": row["r"], "speedup": row["speedup"], f"{reference}_accuracy": row["accuracy"],
                     f"{method}_accuracy": acc, "difference": None if acc is None else acc - row["accuracy"]})
     return out
 
@@ -159,16 +166,18 @@ def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> N
     plt = require("matplotlib.pyplot", "plot", "The vision plot")
     base = 100 * next(r for r in rows if r["method"] == "none")["accuracy"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"quickmerge": ("C3", "o"), "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
-    names = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}
-    for ax, methods in zip(axes, (list(styles), ["quickmerge", "tome"]), strict=True):
+    styles = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "tome": ("C0", "s"),
+              "random": ("C7", "x"), "pool": ("C2", "^")}
+    names = {"quickmerge": "QuickMerge++", "quickmerge-entropy": "QuickMerge++, entropy schedule",
+             "tome": "ToMe-style"}
+    for ax, methods in zip(axes, (list(styles), ["quickmerge", "quickmerge-entropy", "tome"]), strict=True):
         shown = [r for r in rows if r["method"] in methods]
         for method in [m for m in methods if any(r["method"] == m for r in rows)]:
             pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
             colour, marker = styles[method]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
                     label=names.get(method, method))
-            if len(methods) == 2:
+            if len(methods) == 3 and method != "quickmerge-entropy":
                 for x, y, r in pts:
                     ax.annotate(f"r={r}", (x, y), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points")
         ax.axhline(base, color="k", lw=0.8, ls="--", label=f"unpatched {base:.2f}%")

@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r-values", "--r", dest="r", type=int, nargs="+", default=list(DEFAULT_R),
                         help="values of r (tokens merged per block) to sweep; under torchrun spell it --r-values "
                              "(torchrun reads --r as one of its own options)")
+    parser.add_argument("--schedules", nargs="+", choices=["constant", "entropy"], default=["constant", "entropy"],
+                        help="constant: r in every block; entropy: QuickMerge++'s per-block budget from attention "
+                        "entropy on held-out training images, at each constant r's cost (quickmerge only)")
     parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -30,8 +33,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
 
-def build_sweep(methods: list[str], rs: list[int]) -> list[tuple[str, Any, dict[str, Any]]]:
-    return [(m, r, {}) for m in methods for r in rs]
+CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
+
+
+def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
+                perplexity: list[float] | None = None, num_tokens: int = 196) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(method, r, settings) of every setting: constant r per method, then QuickMerge++'s entropy schedules."""
+    from ..vision.budget import entropy_schedule
+
+    schedules = schedules or ["constant"]
+    sweep: list[tuple[str, Any, dict[str, Any]]] = []
+    if "constant" in schedules:
+        sweep += [(m, r, {}) for m in methods for r in rs]
+    if "entropy" in schedules and "quickmerge" in methods:
+        if perplexity is None:
+            raise ValueError("the entropy schedule needs the blocks' attention perplexity")
+        sweep += [("quickmerge", entropy_schedule(perplexity, num_tokens, r), {"label": "quickmerge-entropy"})
+                  for r in rs]
+    return sweep
+
+
+def calibrate(model: Any) -> list[float]:
+    """Attention perplexity per block on :data:`CALIBRATION_IMAGES` held-out training images."""
+    from ..data.fashion_mnist import load_fashion_mnist, normalize
+    from ..vision.budget import block_attention_perplexity
+
+    images, _ = load_fashion_mnist("train")
+    return block_attention_perplexity(model, normalize(images[-5_000:][:CALIBRATION_IMAGES]))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -52,7 +80,9 @@ def run(args: argparse.Namespace) -> dict:
     try:
         model.to(ctx.device)
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
-        rows = run_vision_eval(model, images, labels, build_sweep(args.methods, args.r), batch_size=args.batch_size,
+        perplexity = calibrate(model) if "entropy" in args.schedules else None
+        sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches)
+        rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
                                timing_rounds=args.timing_rounds, journal=journal, ctx=ctx)
     finally:
         ctx.close()
@@ -61,6 +91,9 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "rows": rows,
         "quickmerge_vs_tome": compare_at_tome_speeds(rows),
+        "quickmerge_entropy_vs_tome": compare_at_tome_speeds(rows, "quickmerge-entropy"),
+        "quickmerge_entropy_vs_constant": compare_at_tome_speeds(rows, "quickmerge-entropy", "quickmerge"),
+        "block_attention_perplexity": perplexity,
         "config": {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "platform": platform.platform()},
     }

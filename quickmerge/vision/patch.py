@@ -110,6 +110,7 @@ class MergeHandle:
         self.sizes: Tensor | None = None
         self._pass = _Pass()
         self._hooks: list[Any] = []
+        self._observers: list[Any] = []  # f(layer, q, k, scale) per block, before merging (calibration)
 
     # settings -----------------------------------------------------------------------
     @property
@@ -201,6 +202,8 @@ class MergeHandle:
         r = self._schedule[layer] if layer < len(self._schedule) else 0
         bipartite = self.method == "tome" or (self.method == "quickmerge" and self.matching == "bipartite")
         r = min(r, m // 2 if bipartite else m - 1)
+        for observe in self._observers:
+            observe(layer, st.q, st.k, st.scale)
         if r <= 0:
             st.q = st.k = None
             return None

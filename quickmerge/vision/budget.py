@@ -1,0 +1,88 @@
+"""Budgets from entropy: how many tokens each block keeps, from how widely its attention spreads.
+
+QuickMerge++ sizes a budget by the effective number of tokens attention uses, ``exp(H)``
+(the perplexity of the attention distribution). For a whole ViT this gives a per-block
+schedule: :func:`block_attention_perplexity` measures, on calibration images, the effective
+number of patch tokens the class token attends to in each block; :func:`entropy_schedule`
+keeps tokens in proportion to it (blocks that attend widely keep more, blocks that attend
+narrowly merge more), scaled so the schedule costs what a constant-``r`` schedule costs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .patch import patch
+
+
+@torch.inference_mode()
+def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> list[float]:
+    """Per block, the mean ``exp(entropy)`` of the class token's attention over patch tokens, in tokens.
+
+    ``images``: model-ready inputs ``[N, C, H, W]``. Averaged over heads and images; measured
+    on the unmerged model (``r = 0``).
+    """
+    sums: dict[int, float] = {}
+    count = 0
+    with patch(model, r=0) as handle:
+        if not handle.has_class_token:
+            raise ValueError("block_attention_perplexity needs a model with a class token")
+        prefix = handle.num_prefix_tokens
+
+        def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
+            logits = torch.matmul(q[:, :, :1].float(), k[:, :, prefix:].float().transpose(-1, -2)) * scale
+            p = logits.softmax(dim=-1)[:, :, 0]  # [B, H, n] over patch tokens
+            entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [B, H] nats
+            sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=1).sum())
+
+        handle._observers.append(observe)
+        for i in range(0, len(images), batch_size):
+            batch = images[i : i + batch_size]
+            model(batch)
+            count += len(batch)
+    return [sums[layer] / count for layer in sorted(sums)]
+
+
+def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8) -> list[int]:
+    """Tokens merged in each block ``[L]``, kept counts in proportion to ``perplexity``, at a constant-r cost.
+
+    Args:
+        perplexity: effective tokens attended in each of the L blocks (:func:`block_attention_perplexity`).
+        num_tokens: mergeable tokens entering the first block (patch tokens).
+        r: the constant schedule whose cost to match: ``sum_l (N_l + N_{l+1})``, the tokens each
+            block's attention and MLP see.
+        floor: fewest tokens any block keeps.
+    The tokens kept after block l's merge are ``c * perplexity[l + 1]`` (the last block reuses its
+    own), never more than before, never fewer than half (ToMe's bipartite cap) or ``floor``; ``c``
+    is found by bisection so the cost is the constant schedule's (up to rounding, never above it).
+    """
+    layers = len(perplexity)
+    if layers == 0 or num_tokens < 1 or r < 0:
+        raise ValueError(f"need at least one block, num_tokens >= 1 and r >= 0, got {layers}, {num_tokens}, {r}")
+    if min(perplexity) <= 0:
+        raise ValueError("perplexity values must be positive")
+
+    def kept_counts(scale: float | None, step: int | None) -> list[int]:
+        counts = [num_tokens]
+        for layer in range(layers):
+            before = counts[-1]
+            nxt = perplexity[min(layer + 1, layers - 1)]
+            want = before - step if step is not None else round(scale * nxt)
+            low = max(min(floor, before), (before + 1) // 2)
+            counts.append(max(low, min(before, want)))
+        return counts
+
+    def cost(counts: list[int]) -> int:
+        return sum(counts[i] + counts[i + 1] for i in range(layers))
+
+    budget = cost(kept_counts(None, r))
+    lo, hi = 0.0, num_tokens / min(perplexity) * 2
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if cost(kept_counts(mid, None)) > budget:
+            hi = mid
+        else:
+            lo = mid
+    counts = kept_counts(lo, None)
+    return [counts[i] - counts[i + 1] for i in range(layers)]

@@ -1,0 +1,47 @@
+"""Entropy budgets for ViTs: attention perplexity per block, schedules at a constant schedule's cost."""
+
+import pytest
+import torch
+
+from quickmerge.vision.budget import block_attention_perplexity, entropy_schedule
+
+
+def _cost(num_tokens, schedule):
+    counts = [num_tokens]
+    for r in schedule:
+        counts.append(counts[-1] - min(r, counts[-1] // 2))  # as the handle caps a bipartite merge
+    return sum(counts[i] + counts[i + 1] for i in range(len(schedule)))
+
+
+def test_flat_perplexity_gives_about_the_constant_schedule_and_never_costs_more():
+    for r in (4, 16, 32):
+        schedule = entropy_schedule([50.0] * 6, 196, r)
+        assert _cost(196, schedule) <= _cost(196, [r] * 6)
+        assert _cost(196, schedule) >= _cost(196, [r] * 6) - 12  # rounding only
+        assert all(x >= 0 for x in schedule)
+
+
+def test_blocks_that_attend_widely_keep_more_tokens():
+    narrow_late = entropy_schedule([120.0, 120.0, 120.0, 10.0, 10.0, 10.0], 196, 16)
+    wide_late = entropy_schedule([10.0, 120.0, 120.0, 120.0, 120.0, 120.0], 196, 16)
+    assert sum(narrow_late[:3]) > sum(wide_late[:3])  # few tokens needed late: merge them early
+    for schedule in (narrow_late, wide_late):
+        counts = [196]
+        for r in schedule:
+            assert r <= counts[-1] // 2  # ToMe's bipartite cap
+            counts.append(counts[-1] - r)
+    with pytest.raises(ValueError, match="positive"):
+        entropy_schedule([0.0, 1.0], 196, 8)
+
+
+def test_block_perplexity_is_measured_on_the_model():
+    from tests.vision.adapters.test_timm_vit import tiny_vit
+
+    model = tiny_vit(fused=True).eval()
+    values = block_attention_perplexity(model, torch.randn(5, 1, 16, 16), batch_size=2)
+    assert len(values) == 3 and all(1.0 <= v <= 64.0 + 1e-4 for v in values)  # 64 patch tokens
+    # uniform attention: zero keys give exp(H) = number of patch tokens
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.attn.qkv.weight)
+        torch.nn.init.zeros_(block.attn.qkv.bias)
+    assert block_attention_perplexity(model, torch.randn(2, 1, 16, 16)) == pytest.approx([64.0] * 3, rel=1e-4)
