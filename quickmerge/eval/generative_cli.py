@@ -61,7 +61,8 @@ def ar_method(name: str, fmt: object) -> object:
                                                      time_offset=1),
         "quickmerge-time-align": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
                                                            time_offset=1, align=True),
-        "quickmerge-input-time": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER,
+        # merges the frames' token embeddings before the first layer, along time (video-token pruning's place)
+        "quickmerge-input-time": lambda r: QuickMergeInputPress(compression_ratio=r, layer=-1,
                                                                 time_period=period, time_offset=1),
     }
     return Method(name, makers[name], decode_inside=True) if name in makers else build_method(name)

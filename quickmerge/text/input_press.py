@@ -46,7 +46,9 @@ class QuickMergeInputPress(Press):
 
     Args:
         compression_ratio: share of prompt tokens removed, in [0, 1).
-        layer: index of the decoder layer after which tokens are merged.
+        layer: index of the decoder layer after which tokens are merged; -1 merges the token
+            embeddings before the first layer (no attention to score them yet: spans follow
+            similarity alone, so identical tokens merge first, as video-token pruning does).
         window, epsilon, saliency_weight, salient: as in :class:`~quickmerge.QuickMergePress`;
             saliency is the attention layer ``layer`` pays from its last ``window`` queries,
             averaged over heads.
@@ -67,7 +69,8 @@ class QuickMergeInputPress(Press):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self.layer, "layer", minimum=0)
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < -1:
+            raise ValueError(f"layer must be an int >= -1 (-1: merge the embeddings), got {self.layer!r}")
         check_positive_int(self.window, "window")
         check_real(self.epsilon, "epsilon", low=0.0, high=1.0, low_open=True, high_open=False)
         check_real(self.saliency_weight, "saliency_weight", low=0.0, high=math.inf, low_open=False, high_open=True)
@@ -92,9 +95,13 @@ class QuickMergeInputPress(Press):
         handles = [
             base.register_forward_pre_hook(self._before_model, with_kwargs=True),
             base.register_forward_hook(self._after_model, with_kwargs=True),
-            layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True),
         ]
-        for block in layers[self.layer + 1 :]:
+        if self.layer == -1:  # merge the embeddings as they enter the first layer
+            handles.append(layers[0].register_forward_pre_hook(self._merge_before_first, with_kwargs=True))
+            handles.append(layers[0].register_forward_hook(self._after_upper, with_kwargs=True))
+        else:
+            handles.append(layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True))
+        for block in layers[self.layer + 1 :] if self.layer >= 0 else layers[1:]:
             handles.append(block.register_forward_pre_hook(self._before_upper, with_kwargs=True))
             handles.append(block.register_forward_hook(self._after_upper, with_kwargs=True))
         return handles
@@ -124,7 +131,7 @@ class QuickMergeInputPress(Press):
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden_in = hidden_states_arg(args, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
-        b, n, _ = hidden.shape
+        n = hidden.shape[1]
         if self._prompt_length != n:
             return None  # decoding, or a pass that is not a fresh prompt
         kept = self.kept(n)
@@ -142,21 +149,47 @@ class QuickMergeInputPress(Press):
             keys = cached.keys if physical_length(cached) == n else _layer_keys(attn, normed, kwargs)
             saliency = window_saliency(attn, normed, keys, kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
-            assignment = self._spans(hidden, saliency, kept)
+            assignment, last = self._group(hidden, saliency, kept)
             top = saliency.topk(kept, dim=-1).indices
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
             mass = merge_mass(mask, saliency, self.epsilon)
-            pos = torch.arange(n, device=hidden.device).expand(b, n)
-            last = torch.zeros(b, kept, dtype=torch.long, device=hidden.device).scatter_reduce(
-                1, assignment, pos, "amax"
-            )
-            if self.time_period is not None:  # groups in order of their positions, as the contiguous spans are
-                last, rank = last.sort(dim=-1)
-                assignment = torch.empty_like(rank).scatter_(1, rank, torch.arange(kept, device=rank.device)
-                                                             .expand_as(rank)).gather(1, assignment)
         merged, _ = weighted_mean(hidden, mass, assignment, kept)
         self._positions = last
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
+
+    def _merge_before_first(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        hidden = hidden_states_arg(args, kwargs)
+        b, n, _ = hidden.shape
+        if self._prompt_length == n:
+            kept = self.kept(n)
+            self._record(n, kept)
+            if kept < n:
+                saliency = hidden.new_ones(b, n, dtype=torch.float32)  # nothing scores them yet: all alike
+                with torch.no_grad():
+                    assignment, last = self._group(hidden, saliency, kept)
+                mass = torch.ones_like(saliency)
+                merged, _ = weighted_mean(hidden, mass, assignment, kept)
+                self._positions = last
+                if "hidden_states" in kwargs:
+                    kwargs["hidden_states"] = merged
+                else:
+                    args = (merged, *args[1:])
+            else:
+                self._prompt_length = None
+        changed = self._before_upper(block, args, kwargs)
+        return changed if changed is not None else (args, kwargs)
+
+    def _group(self, hidden: Tensor, saliency: Tensor, kept: int) -> tuple[Tensor, Tensor]:
+        """Group ``[B, N]`` of each prompt token (ordered by position) and each group's last position ``[B, K]``."""
+        b, n, _ = hidden.shape
+        assignment = self._spans(hidden, saliency, kept)
+        pos = torch.arange(n, device=hidden.device).expand(b, n)
+        last = torch.zeros(b, kept, dtype=torch.long, device=hidden.device).scatter_reduce(1, assignment, pos, "amax")
+        if self.time_period is not None:  # groups in order of their positions, as the contiguous spans are
+            last, rank = last.sort(dim=-1)
+            order = torch.empty_like(rank).scatter_(1, rank, torch.arange(kept, device=rank.device).expand_as(rank))
+            assignment = order.gather(1, assignment)
+        return assignment, last
 
     def _spans(self, hidden: Tensor, saliency: Tensor, kept: int) -> Tensor:
         """Group ``[B, N]`` of each prompt token: contiguous spans, or spans along time (``time_period``)."""
@@ -195,7 +228,8 @@ class QuickMergeInputPress(Press):
         index = block.self_attn.layer_idx
         layer = cache.layers[index]
         if self._positions is not None:  # the prefill: remember where the entries sit
-            merged = merged_layer(layer, layer.keys, layer.values, physical_length(layer))
+            # the layer stands for the whole prompt: its logical length is the prompt's (positions continue)
+            merged = merged_layer(layer, layer.keys, layer.values, self._prompt_length or physical_length(layer))
             merged.positions = self._positions[:, -physical_length(layer) :]
             merged.needs_press, merged.window = True, sliding_window_of(block.self_attn)
             cache.layers[index] = merged

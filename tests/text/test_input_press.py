@@ -165,7 +165,7 @@ def test_one_token_at_a_time_outside_works_on_full_attention_layers():
 
 def test_errors():
     with pytest.raises(ValueError, match="layer"):
-        QuickMergeInputPress(layer=-1)
+        QuickMergeInputPress(layer=-2)
     with pytest.raises(ValueError, match="below the last decoder layer"), QuickMergeInputPress(layer=1)(tiny("llama")):
         pass
     model = tiny("llama", layers=3)
@@ -187,3 +187,34 @@ def test_time_spans_keep_one_location_per_group():
             assert location[groups[b] == g].unique().numel() == 1
     with pytest.raises(ValueError, match="time_period"):
         QuickMergeInputPress(0.5, time_period=0)
+
+
+@pytest.mark.parametrize("time_period", [None, 13])
+def test_merging_the_embeddings_before_the_first_layer_equals_a_reference_run_by_hand(time_period):
+    """layer=-1: every layer runs on the merged embeddings at their positions."""
+    model = tiny("llama", "sdpa", layers=3)
+    ids = torch.randint(0, 97, (1, 40))
+    ids[0, 14:27] = ids[0, 1:14]  # a repeated "frame": identical embeddings merge first
+    cont = torch.randint(0, 97, (1, 5))
+    press = QuickMergeInputPress(0.25, layer=-1, time_period=time_period, time_offset=1)
+    captured = {}
+
+    def capture(_m, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        if "merged" not in captured:
+            captured["merged"], captured["positions"] = hidden.clone(), press._positions[0].clone()
+
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        handle = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
+        model.model(ids, past_key_values=cache)
+        handle.remove()
+        ours = model.model(cont, past_key_values=cache).last_hidden_state
+    assert captured["merged"].shape[1] == 30 and [layer.keys.shape[2] for layer in cache.layers] == [35, 35, 35]
+    reference = _by_hand(model, ids, captured["merged"], captured["positions"], -1, cont)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    if time_period is not None:  # the repeated frame merged into the first, location by location
+        assert (captured["positions"] >= 27).sum() == 13 and captured["positions"].tolist()[:1] == [0]
+    logits, _ = _run(model, QuickMergeInputPress(0.0, layer=-1), ids, cont)
+    with torch.no_grad():
+        assert torch.allclose(logits, model(torch.cat([ids, cont], 1)).logits[:, 40:], atol=1e-5)
