@@ -35,12 +35,15 @@ class Clip:
 
 
 def image_pixels(split: str) -> Tensor:
-    """Fashion-MNIST images ``[N, 28, 28]`` uint8: "train" (first 55,000), "test" (10,000)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    images, _ = load_fashion_mnist(split)
+    """Fashion-MNIST images ``[N, 28, 28]`` uint8: "train" (first 55,000 of the training split),
+    "heldout" (its last 5,000: training curves), "test" (10,000: evaluation only)."""
+    if split not in ("train", "heldout", "test"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'test', got {split!r}")
+    images, _ = load_fashion_mnist("test" if split == "test" else "train")
     images = images[:, 0]
-    return images[:-HELD_OUT_IMAGES] if split == "train" else images
+    if split == "test":
+        return images
+    return images[:-HELD_OUT_IMAGES] if split == "train" else images[-HELD_OUT_IMAGES:]
 
 
 def video_clips(split: str, fmt: SequenceFormat = VIDEO) -> list[Clip]:

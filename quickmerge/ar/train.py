@@ -6,7 +6,8 @@
    warm-up and cosine decay; video batches draw half their windows from the real clips and
    half from Moving Fashion-MNIST.
 4. Save model, tokenizer, format, data checksums and the training log; report held-out
-   bits per token.
+   bits per token (images: held-out training images; video: held-out frames and sequences).
+   The test images and held-out windows used by ``quickmerge eval`` are never trained on.
 
 Runs unchanged under ``torchrun`` / ``accelerate launch`` (every rank draws the same global
 batch and trains on its slice, DistributedDataParallel averages the gradients); a
@@ -91,8 +92,7 @@ def build_data(fmt: SequenceFormat, recipe: ARRecipe) -> tuple[PatchCodebook, To
         train = image_pixels("train")
         tokenizer = PatchCodebook.fit(train, fmt.codes, fmt.patch, seed=recipe.seed)
         sequences = to_sequences(train, fmt, tokenizer).short()
-        test = image_pixels("test")[: recipe.heldout_sequences]
-        heldout = to_sequences(test, fmt, tokenizer)
+        heldout = to_sequences(image_pixels("heldout")[: recipe.heldout_sequences], fmt, tokenizer)
         return tokenizer, TokenData(fmt, [[sequences]], heldout), fashion_checksums()
     from ..data.video import checksums as clip_checksums
 
