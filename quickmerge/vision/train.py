@@ -300,7 +300,7 @@ def train(
                 with torch.no_grad():
                     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
                         e.lerp_(p, 1.0 - recipe.ema_decay)
-            running += float(loss)
+            running += float(loss.detach())
             step = epoch * steps_per_epoch + i + 1
             if step % 100 == 0:
                 log["loss_per_100_steps"].append(round(running / 100, 4))
