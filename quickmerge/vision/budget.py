@@ -4,8 +4,8 @@ QuickMerge++ sizes a budget by the effective number of tokens attention uses, ``
 (the perplexity of the attention distribution). For a whole ViT this gives a per-block
 schedule: :func:`block_attention_perplexity` measures, on calibration images, the effective
 number of patch tokens the class token attends to in each block; :func:`entropy_schedule`
-keeps tokens in proportion to it (blocks that attend widely keep more, blocks that attend
-narrowly merge more), scaled so the schedule costs what a constant-``r`` schedule costs.
+merges in inverse proportion to it (blocks that attend narrowly merge more, blocks that
+attend widely fewer), scaled so the schedule costs what a constant-``r`` schedule costs.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
 
 
 def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8) -> list[int]:
-    """Tokens merged in each block ``[L]``, kept counts in proportion to ``perplexity``, at a constant-r cost.
+    """Tokens merged in each block ``[L]``, in inverse proportion to ``perplexity``, at a constant-r cost.
 
     Args:
         perplexity: effective tokens attended in each of the L blocks (:func:`block_attention_perplexity`).
@@ -53,36 +53,39 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
         r: the constant schedule whose cost to match: ``sum_l (N_l + N_{l+1})``, the tokens each
             block's attention and MLP see.
         floor: fewest tokens any block keeps.
-    The tokens kept after block l's merge are ``c * perplexity[l + 1]`` (the last block reuses its
-    own), never more than before, never fewer than half (ToMe's bipartite cap) or ``floor``; ``c``
-    is found by bisection so the cost is the constant schedule's (up to rounding, never above it).
+    A block whose attention uses few tokens (low entropy) can lose many without losing what
+    it reads, so block l merges ``c / perplexity[l]`` tokens, at most half of those present
+    (ToMe's bipartite cap) and never below ``floor`` left; ``c`` is found by bisection so the
+    cost is the constant schedule's (up to rounding, never above it). Flat perplexity gives
+    the constant schedule back.
     """
     layers = len(perplexity)
     if layers == 0 or num_tokens < 1 or r < 0:
         raise ValueError(f"need at least one block, num_tokens >= 1 and r >= 0, got {layers}, {num_tokens}, {r}")
     if min(perplexity) <= 0:
         raise ValueError("perplexity values must be positive")
+    weights = [min(perplexity) / p for p in perplexity]  # 1 for the most focused block
 
-    def kept_counts(scale: float | None, step: int | None) -> list[int]:
+    def counts_for(merges: list[float]) -> list[int]:
         counts = [num_tokens]
-        for layer in range(layers):
+        for want in merges:
             before = counts[-1]
-            nxt = perplexity[min(layer + 1, layers - 1)]
-            want = before - step if step is not None else round(scale * nxt)
-            low = max(min(floor, before), (before + 1) // 2)
-            counts.append(max(low, min(before, want)))
+            left = max(before - round(want), (before + 1) // 2, min(floor, before))
+            counts.append(min(before, left))
         return counts
 
     def cost(counts: list[int]) -> int:
         return sum(counts[i] + counts[i + 1] for i in range(layers))
 
-    budget = cost(kept_counts(None, r))
-    lo, hi = 0.0, num_tokens / min(perplexity) * 2
+    budget = cost(counts_for([float(r)] * layers))
+    lo, hi = 0.0, float(num_tokens)
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if cost(kept_counts(mid, None)) > budget:
-            hi = mid
+        if cost(counts_for([mid * w for w in weights])) <= budget:
+            hi = mid  # merging more lowers the cost: the scale is past the budget
         else:
             lo = mid
-    counts = kept_counts(lo, None)
+    counts = counts_for([hi * w for w in weights])
+    if cost(counts) > budget:
+        counts = counts_for([r] * layers)
     return [counts[i] - counts[i + 1] for i in range(layers)]

@@ -21,11 +21,13 @@ def test_flat_perplexity_gives_about_the_constant_schedule_and_never_costs_more(
         assert all(x >= 0 for x in schedule)
 
 
-def test_blocks_that_attend_widely_keep_more_tokens():
+def test_blocks_that_attend_narrowly_merge_more():
     narrow_late = entropy_schedule([120.0, 120.0, 120.0, 10.0, 10.0, 10.0], 196, 16)
-    wide_late = entropy_schedule([10.0, 120.0, 120.0, 120.0, 120.0, 120.0], 196, 16)
-    assert sum(narrow_late[:3]) > sum(wide_late[:3])  # few tokens needed late: merge them early
-    for schedule in (narrow_late, wide_late):
+    narrow_first = entropy_schedule([10.0, 120.0, 120.0, 120.0, 120.0, 120.0], 196, 16)
+    assert min(narrow_late[3:]) > max(narrow_late[:3])
+    assert narrow_first[0] == max(narrow_first) and narrow_first[0] > 16
+    assert _cost(196, narrow_late) <= _cost(196, [16] * 6) and _cost(196, narrow_first) <= _cost(196, [16] * 6)
+    for schedule in (narrow_late, narrow_first):
         counts = [196]
         for r in schedule:
             assert r <= counts[-1] // 2  # ToMe's bipartite cap
