@@ -22,6 +22,7 @@ def _compression_ratio(text: str) -> float:
 
 
 FINETUNE_LR = 3e-4  # merge-aware fine-tuning starts from a trained model: a tenth of the training rate
+FINETUNE_WARMUP = 50  # steps (an epoch is 429 steps of 128 images)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,7 +202,8 @@ def _run(args: argparse.Namespace) -> int:
                         raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
                 recipe = Recipe(epochs=args.epochs or (1 if finetune else Recipe.epochs),
                                 lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
-                                ema_decay=args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs)
+                                ema_decay=args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs,
+                                warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps)
                 train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,
                              finetune=finetune)
             else:
