@@ -23,6 +23,7 @@ def _compression_ratio(text: str) -> float:
 
 FINETUNE_LR = 3e-4  # merge-aware fine-tuning starts from a trained model: a tenth of the training rate
 FINETUNE_WARMUP = 50  # steps (an epoch is 429 steps of 128 images)
+FINETUNE_EMA = 0.99  # an EMA that forgets the starting weights within the epoch
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
     vision.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                         help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")
-    vision.add_argument("--ema", type=float, default=defaults.ema_decay, help="EMA decay of the weights (0: none)")
+    vision.add_argument("--ema", type=float, default=None,
+                        help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "
+                        f"{FINETUNE_EMA} with --finetune")
     vision.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (the shipped model is replaced "
                         "only when asked: --out quickmerge/assets/fashion_vit)")
     vision.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
@@ -202,7 +205,8 @@ def _run(args: argparse.Namespace) -> int:
                         raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
                 recipe = Recipe(epochs=args.epochs or (1 if finetune else Recipe.epochs),
                                 lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
-                                ema_decay=args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs,
+                                ema_decay=(FINETUNE_EMA if finetune else Recipe.ema_decay) if args.ema is None
+                                else args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs,
                                 warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps)
                 train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,
                              finetune=finetune)
