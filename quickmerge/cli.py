@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--finetune", default=None, metavar="CKPT",
                         help="merge-aware fine-tuning of the checkpoint directory CKPT (e.g. quickmerge/assets/"
                         "fashion_vit) with merging in every block")
+    vision.add_argument("--init", default=None, metavar="CKPT",
+                        help="start from the weights of the checkpoint directory CKPT (a warm restart)")
     vision.add_argument("--method", choices=["quickmerge", "tome"], default="quickmerge",
                         help="--finetune: QuickMerge++ (differentiable merge) or ToMe-style matching")
     vision.add_argument("--r", type=int, default=None, help="--finetune: tokens merged per block")
@@ -208,8 +210,10 @@ def _run(args: argparse.Namespace) -> int:
                                 ema_decay=(FINETUNE_EMA if finetune else Recipe.ema_decay) if args.ema is None
                                 else args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs,
                                 warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps)
+                if args.init is not None and finetune is not None:
+                    raise SystemExit("quickmerge train vision: --init and --finetune exclude each other")
                 train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,
-                             finetune=finetune)
+                             finetune=finetune, init=args.init)
             else:
                 from .ar.train import ARRecipe, train_ar
 

@@ -202,12 +202,15 @@ def train(
     data: tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     test: tuple[torch.Tensor, torch.Tensor] | None = None,
     finetune: FineTune | None = None,
+    init: str | Path | None = None,
 ) -> dict[str, Any] | None:
     """Train, evaluate and save the reference ViT; returns the summary written to config.json (rank 0).
 
     ``data`` ((train x, y), (held-out x, y)) and ``test`` default to Fashion-MNIST's splits.
     ``finetune``: fine-tune a trained checkpoint with merging in every block instead (its
     accuracies are then those of the merged model; the teacher is not used).
+    ``init``: start from the weights of a trained checkpoint directory (a second schedule,
+    "warm restart", on a model that has not converged), with its model config.
     """
     recipe = recipe or Recipe()
     ctx = ctx or Context()
@@ -226,6 +229,11 @@ def train(
             raise ValueError("merge-aware fine-tuning uses no teacher: set teacher_epochs=0")
         config = json.loads((Path(finetune.checkpoint) / "config.json").read_text())["model"]
         model = load_fashion_vit(finetune.checkpoint).train().to(ctx.device)
+    elif init is not None:
+        from ..pretrained.fashion_vit import load_fashion_vit
+
+        config = json.loads((Path(init) / "config.json").read_text())["model"]
+        model = load_fashion_vit(init).train().to(ctx.device)
     else:
         model = build_vit(config).to(ctx.device)
     ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
@@ -244,6 +252,8 @@ def train(
     identity = {"recipe": asdict(recipe), "model": config, "train_images": len(tr_x)}
     if finetune is not None:
         identity["finetune"] = asdict(finetune)
+    if init is not None:
+        identity["init"] = str(init)
     start_epoch, elapsed = 0, 0.0
     if checkpoint.exists() and not fresh:
         state = torch.load(checkpoint, map_location=ctx.device, weights_only=False)
@@ -331,6 +341,8 @@ def train(
         "model": config,
         "architecture": "timm.models.vision_transformer.VisionTransformer",
         "finetune": asdict(finetune) if finetune is not None else None,
+        "init": None if init is None else {"from": str(init), **{
+            k: json.loads((Path(init) / "config.json").read_text()).get(k) for k in ("training", "test_accuracy")}},
         "training": {**asdict(recipe), "train_images": len(tr_x), "heldout_images": len(ho_x),
                      "processes": ctx.world, "threads": torch.get_num_threads(), "weights": "ema" if use_ema else "raw",
                      "seconds": round(time.perf_counter() - started, 1), "torch": torch.__version__},
