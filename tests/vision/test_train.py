@@ -136,3 +136,17 @@ def test_merge_aware_finetuning_merges_while_training_and_anneals(tmp_path, monk
     assert load_fashion_vit(tmp_path / "ft")(torch.zeros(1, 1, 28, 28)).shape == (1, 10)
     with pytest.raises(ValueError, match="exactly one of r and ratio"):
         train_module.FineTune(str(tmp_path / "base"), method)
+
+
+def test_a_warm_restart_starts_from_the_given_weights(tmp_path):
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
+    train(tmp_path / "base", recipe=recipe, config=CONFIG, data=data, test=test)
+    still = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0, lr=1e-12,
+                   weight_decay=0.0)
+    summary = train(tmp_path / "again", recipe=still, config={"unused": True}, data=data, test=test,
+                    init=tmp_path / "base")
+    a, b = st.load_file(str(tmp_path / "base" / "model.safetensors")), st.load_file(str(tmp_path / "again" /
+                                                                                       "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)  # the base model's own config and weights
+    assert summary["init"]["from"] == str(tmp_path / "base") and summary["model"] == CONFIG
