@@ -17,6 +17,7 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-budget": lambda r: QuickMergePress(compression_ratio=r, budget="entropy"),
     "quickmerge-align": lambda r: QuickMergePress(compression_ratio=r, align=True),
     "quickmerge-budget-align": lambda r: QuickMergePress(compression_ratio=r, budget="entropy", align=True),
+    "quickmerge-novelty": lambda r: QuickMergePress(compression_ratio=r, novelty=1.0),
     "quickmerge-uniform": lambda r: QuickMergePress(compression_ratio=r, salient="uniform"),
     "quickmerge-high-entropy": lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"),
     "quickmerge-no-proportional": lambda r: QuickMergePress(compression_ratio=r, proportional=False),

@@ -28,10 +28,10 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
-from ..primitives import group_sum, weighted_mean
+from ..primitives import group_sum, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
 from .kv_press import Compressed, KVPress
-from .scoring import SALIENT, Salient, Window, observe, saliency, spread
+from .scoring import SALIENT, Salient, Window, key_novelty, observe, saliency, spread
 
 
 @dataclass
@@ -68,6 +68,10 @@ class QuickMergePress(KVPress):
             cache (:mod:`quickmerge.text.alignment`): keys keep each group's log-sum-exp, values
             weigh members by the attention they receive (plus ``align_floor``).
         align_ridge: regularisation of the key fit, relative to the queries' energy.
+        novelty: weight of key novelty in the seed choice, query-agnostic: an entry whose key is
+            unlike every other entry's (:func:`~quickmerge.text.scoring.key_novelty`: a fact stated
+            once) gets ``novelty x`` its novelty rank added to its saliency rank, so it keeps a
+            group of its own instead of being averaged into a dissimilar seed. 0 (default): off.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
     what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
@@ -89,6 +93,7 @@ class QuickMergePress(KVPress):
     align: bool = False
     align_ridge: float = 0.1
     align_floor: float = 0.5
+    novelty: float = 0.0
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
@@ -113,6 +118,7 @@ class QuickMergePress(KVPress):
         check_real(self.budget_power, "budget_power", low=0.0, high=math.inf, low_open=False, high_open=True)
         check_real(self.align_ridge, "align_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
         check_real(self.align_floor, "align_floor", low=0.0, high=math.inf, low_open=False, high_open=True)
+        check_real(self.novelty, "novelty", low=0.0, high=math.inf, low_open=False, high_open=True)
 
     def seed_share(self) -> Tensor | None:
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
@@ -134,7 +140,12 @@ class QuickMergePress(KVPress):
         win = observe(module, hidden_states, keys, kwargs, self.window)
         if self.budget == "entropy" or self.align:
             self._windows[module.layer_idx] = win
-        return saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
+        ranks = saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
+        if self.novelty > 0:
+            novel = key_novelty(keys)
+            b, h, length = novel.shape
+            ranks = ranks + self.novelty * rank01(novel.reshape(b * h, length)).view(b, h, length)
+        return ranks
 
     def defers(self) -> bool:
         return self.budget == "entropy"

@@ -116,3 +116,20 @@ def window_saliency(
     """:func:`saliency` of the window :func:`observe` sees: ``[B, Hkv, L]``."""
     win = observe(module, hidden_states, keys, kwargs, window)
     return saliency(win, keys.shape[1], salient=salient, kernel_size=kernel_size)
+
+
+def key_novelty(keys: Tensor, chunk: int = 512) -> Tensor:
+    """``1 - max_j cos(k_i, k_j)`` over the other entries of the same head, ``[B, Hkv, L]`` in [0, 2].
+
+    High for an entry unlike every other one (a fact stated once), low for one with a near
+    copy. Computed in row chunks of ``chunk`` (memory ``chunk x L`` per head), float32.
+    """
+    unit = F.normalize(keys.float(), dim=-1)
+    length = unit.shape[-2]
+    out = []
+    for start in range(0, length, chunk):
+        sim = torch.matmul(unit[..., start : start + chunk, :], unit.transpose(-1, -2))  # [B, H, c, L]
+        rows = torch.arange(start, min(start + chunk, length), device=keys.device)
+        sim[..., torch.arange(len(rows), device=keys.device), rows] = -2.0  # not its own copy
+        out.append(1.0 - sim.amax(dim=-1))
+    return torch.cat(out, dim=-1)

@@ -37,3 +37,46 @@ def test_time_period_needs_spans():
         QuickMergePress(compression_ratio=0.5, time_period=4)
     with pytest.raises(ValueError, match="time_period"):
         QuickMergePress(compression_ratio=0.5, mode="spans", time_period=0)
+
+
+def test_key_novelty_finds_the_entry_stated_once_and_novelty_seeds_keep_it():
+    from quickmerge.text.scoring import key_novelty
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 8, generator=gen)
+    keys = base.repeat(6, 1) + 0.01 * torch.randn(24, 8, generator=gen)  # every key has near copies...
+    keys[13] = torch.randn(8, generator=gen) * 3  # ...but one
+    keys = keys[None, None]
+    novelty = key_novelty(keys, chunk=5)
+    assert novelty.shape == (1, 1, 24) and int(novelty[0, 0].argmax()) == 13
+    assert novelty[0, 0, torch.arange(24) != 13].max() < 0.01
+    values = torch.randn_like(keys)
+    scores = torch.linspace(1.0, 0.05, 24)[None, None].clone()
+    scores[0, 0, 13] = 0.0  # the least salient entry by attention
+    plain = QuickMergePress(compression_ratio=0.5)
+    novel = QuickMergePress(compression_ratio=0.5, novelty=2.0)
+
+    def kept_alone(press, s):
+        out = press.merge(None, keys, values, s, 12)
+        return bool(((out.keys[0, 0] - keys[0, 0, 13]).norm(dim=-1) < 1e-4).any())
+
+    from quickmerge.primitives import rank01
+
+    assert not kept_alone(plain, scores)
+    assert kept_alone(novel, scores + 2.0 * rank01(novelty[0])[None])  # what score() adds
+    with pytest.raises(ValueError, match="novelty"):
+        QuickMergePress(compression_ratio=0.5, novelty=-1.0)
+
+
+def test_novelty_scores_run_end_to_end_on_a_model():
+    transformers = pytest.importorskip("transformers")
+    from tests.text.tiny import tiny
+
+    model = tiny("llama", "sdpa", layers=2)
+    ids = torch.randint(0, 97, (1, 40))
+    cache = transformers.DynamicCache()
+    press = QuickMergePress(compression_ratio=0.5, novelty=1.0)
+    with torch.no_grad(), press(model):
+        model.model(ids, past_key_values=cache)
+        logits = model(torch.randint(0, 97, (1, 3)), past_key_values=cache).logits
+    assert [layer.keys.shape[2] for layer in cache.layers] == [23, 23] and torch.isfinite(logits).all()
