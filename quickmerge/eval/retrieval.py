@@ -13,7 +13,6 @@ needs the earlier copy.
 
 from __future__ import annotations
 
-import contextlib
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..data import wikipedia_articles
-from .text import Method, TextExample, _attn_implementation, _masks_for_shortened_layers
+from .text import Method, TextExample, prefilled
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "\n\nWhat is the pass key? The pass key is"
@@ -78,36 +77,22 @@ def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_c
 def answer_passkey(model: Any, tokenizer: Any, trial: PasskeyTrial, press: Any, method: Method,
                    new_tokens: int = 8) -> dict[str, Any]:
     """Compress the context, feed the question one token at a time, decode greedily; exact match of the key."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    cache = DynamicCache()
-    manager = press(model) if press is not None else contextlib.nullcontext()
     ctx = trial.context[None].to(device)
     answer: list[int] = []
-
-    def ask() -> None:
+    with prefilled(model, ctx, press, method) as state:
         position = ctx.shape[1]
         logits = None
         for token in trial.question.tolist():  # one per call: the masking presses need it
-            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=state.cache,
                            position_ids=torch.tensor([[position]], device=device)).logits
             position += 1
         for _ in range(new_tokens):
             nxt = int(logits[0, -1].argmax())
             answer.append(nxt)
-            logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=cache,
+            logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=state.cache,
                            position_ids=torch.tensor([[position]], device=device)).logits
             position += 1
-
-    with _attn_implementation(model, "eager") if method.eager else contextlib.nullcontext():
-        with manager:
-            model.model(input_ids=ctx, past_key_values=cache)
-            if method.decode_inside:
-                ask()
-        if not method.decode_inside:
-            with _masks_for_shortened_layers(model, cache):
-                ask()
     text = tokenizer.decode(answer)
     return {"correct": float(matches_key(text, trial.key)), "answer": text, "depth": trial.depth,
             "context": int(trial.context.numel())}

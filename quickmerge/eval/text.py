@@ -114,44 +114,67 @@ def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
             handle.remove()
 
 
+@dataclass
+class Prefilled:
+    """The cache a method left after the prefill and how long the prefill took (seconds)."""
+
+    cache: Any
+    prefill_s: float
+
+
+@contextlib.contextmanager
+def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[Prefilled]:
+    """Prefill ``ids [1, C]`` under ``press``; decode inside the ``with`` block as ``method`` needs.
+
+    The one sequence every protocol shares: eager attention if the method reads attention
+    weights; the press active during the prefill, and during decoding only for
+    ``decode_inside`` methods (ours act at decode time, kvpress's presses at prefill only);
+    otherwise decoding runs after the press is removed, with per-layer masks where the press
+    shortened some layers more than others.
+    """
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with contextlib.ExitStack() as decoding:
+        if method.eager:
+            decoding.enter_context(_attn_implementation(model, "eager"))
+        with contextlib.ExitStack() as pressing:
+            if press is not None:
+                pressing.enter_context(press(model))
+            start = time.perf_counter()
+            model.model(input_ids=ids, past_key_values=cache)
+            state = Prefilled(cache, time.perf_counter() - start)
+            if not method.decode_inside:
+                pressing.close()
+                decoding.enter_context(_masks_for_shortened_layers(model, cache))
+            yield state
+
+
 @torch.no_grad()
 def score_example(
     model: Any, example: TextExample, context: int, press: Any, method: Method, ratio: float | None = None
 ) -> dict[str, float]:
     """NLL per continuation token, wall times and the achieved ratio for one example."""
-    from transformers import DynamicCache
-
     ids = example.ids[None].to(next(model.parameters()).device)
     ctx, cont, target = ids[:, :context], ids[:, context:-1], ids[:, context + 1 :]
-    cache = DynamicCache()
-    manager = press(model) if press is not None else contextlib.nullcontext()
-    with _attn_implementation(model, "eager") if method.eager else contextlib.nullcontext():
-        with manager:
-            start = time.perf_counter()
-            model.model(input_ids=ctx, past_key_values=cache)
-            prefill = time.perf_counter() - start
-            kept = min(layer.keys.shape[2] for layer in cache.layers)  # the compressed layers (Gemma: global)
-            positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
-            if method.decode_inside:
-                start = time.perf_counter()
-                logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
-                decode = time.perf_counter() - start
-        if not method.decode_inside:
-            with _masks_for_shortened_layers(model, cache):
-                start = time.perf_counter()
-                if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
-                    logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,
-                                              position_ids=positions[:, t : t + 1]).logits
-                                        for t in range(cont.shape[1])], dim=1)
-                else:
-                    logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
-                decode = time.perf_counter() - start
+    positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
+    with prefilled(model, ctx, press, method) as state:
+        cache = state.cache
+        kept = min(layer.keys.shape[2] for layer in cache.layers)  # the compressed layers (Gemma: global)
+        start = time.perf_counter()
+        if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
+            logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,
+                                      position_ids=positions[:, t : t + 1]).logits
+                                for t in range(cont.shape[1])], dim=1)
+        else:
+            logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
+        decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
     memory_saved = 1 - kept / context  # of the compressed layers' entries
     achieved = getattr(press, "achieved_ratio", None)  # presses that know it (ours)
     if achieved is None:
         achieved = ratio if method.masks else memory_saved
-    return {"nll": nll, "prefill_s": prefill, "decode_s": decode, "achieved_ratio": achieved,
+    return {"nll": nll, "prefill_s": state.prefill_s, "decode_s": decode, "achieved_ratio": achieved,
             "memory_saved": memory_saved}
 
 
@@ -166,31 +189,17 @@ def generate_continuation(
     press, the next id is given, then each generated token is fed back one at a time
     (greedy, or sampled from the softmax with ``sample``).
     """
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
     ids = example.ids[None].to(device)
-    cache = DynamicCache()
-    manager = press(model) if press is not None else contextlib.nullcontext()
     out: list[int] = []
-
-    def decode() -> None:
+    with prefilled(model, ids[:, :context], press, method) as state:
         token = ids[:, context : context + 1]
         for t in range(steps):
             position = torch.tensor([[context + t]], device=device)
-            logits = model(input_ids=token, past_key_values=cache, position_ids=position).logits[0, -1].float()
+            logits = model(input_ids=token, past_key_values=state.cache, position_ids=position).logits[0, -1].float()
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator) if sample else logits.argmax(-1, True)
             out.append(int(nxt))
             token = nxt.view(1, 1)
-
-    with _attn_implementation(model, "eager") if method.eager else contextlib.nullcontext():
-        with manager:
-            model.model(input_ids=ids[:, :context], past_key_values=cache)
-            if method.decode_inside:
-                decode()
-        if not method.decode_inside:
-            with _masks_for_shortened_layers(model, cache):
-                decode()
     return torch.tensor(out)
 
 
