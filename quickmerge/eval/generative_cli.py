@@ -14,12 +14,11 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
-    from .text_methods import KVPRESS, OURS
-
     parser.add_argument("--model", default=modality, help=f"directory of a trained model (default: the shipped "
                         f"ar_{modality} model)")
     parser.add_argument("--examples", type=int, default=40, help="held-out " + ("test images" if modality == "image"
@@ -27,14 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
     if modality == "video":
         parser.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out frames of the "
                             "training clips and held-out Moving Fashion-MNIST)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="compression ratios")
-    extra = VIDEO_METHODS if modality == "video" else []
-    parser.add_argument(
-        "--methods", nargs="+", default=None, choices=OURS + extra + KVPRESS, help="default: all that are installed"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
-    parser.add_argument("--out", default=f"results/{modality}", help="output prefix (.json and .png are added)")
-    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+    add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out=f"results/{modality}",
+                            extra_methods=VIDEO_METHODS if modality == "video" else [])
 
 
 # Video-aware variants of ours, built for the model's frame size: spans along time over one
@@ -76,10 +69,7 @@ def run(args: argparse.Namespace, modality: str) -> dict:
     from .text_cli import format_table
     from .text_methods import build_method, default_methods
 
-    if args.examples < 2:
-        raise SystemExit("--examples must be at least 2 (bootstrap intervals need several examples)")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    check_press_run_arguments(args, args.examples, "--examples")
     video = getattr(args, "video", None)
     if video is not None and not Path(video).is_file():
         raise SystemExit(f"--video: no file at {video}")

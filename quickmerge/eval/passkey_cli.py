@@ -8,22 +8,16 @@ import platform
 import torch
 
 from .. import distributed
+from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .text_methods import KVPRESS, OURS
-
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
     parser.add_argument("--trials", type=int, default=100, help="passkey trials (each: its own key, depth, length)")
     parser.add_argument("--min-context", type=int, default=1024, help="shortest context in tokens")
     parser.add_argument("--max-context", type=int, default=4096, help="longest context in tokens")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="compression ratios")
-    parser.add_argument("--methods", nargs="+", default=None, choices=OURS + KVPRESS,
-                        help="default: all that are installed")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
-    parser.add_argument("--out", default="results/passkey", help="output prefix (.json and .png are added)")
-    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+    add_press_run_arguments(parser, ratios=[0.5, 0.75], out="results/passkey")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -33,10 +27,7 @@ def run(args: argparse.Namespace) -> dict:
     from .text import run_text_eval
     from .text_methods import build_method, default_methods
 
-    if args.trials < 2:
-        raise SystemExit("--trials must be at least 2 (bootstrap intervals need several trials)")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    check_press_run_arguments(args, args.trials, "--trials")
     if not 64 <= args.min_context <= args.max_context:
         raise SystemExit(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
     methods = [build_method(n) for n in (args.methods or default_methods())]

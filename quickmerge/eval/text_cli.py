@@ -8,12 +8,11 @@ import platform
 import torch
 
 from .. import distributed
+from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .text_methods import KVPRESS, OURS
-
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
     parser.add_argument("--examples", type=int, default=40, help="number of Wikipedia windows")
     parser.add_argument("--task", choices=["wikipedia", "repeated"], default="wikipedia",
@@ -21,13 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "at a random depth of the context (copying needed)")
     parser.add_argument("--context", type=int, default=1024, help="context tokens C")
     parser.add_argument("--continuation", type=int, default=64, help="scored continuation tokens T")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75], help="compression ratios")
-    parser.add_argument(
-        "--methods", nargs="+", default=None, choices=OURS + KVPRESS, help="default: all that are installed"
-    )
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
-    parser.add_argument("--out", default="results/text", help="output prefix (.json and .png are added)")
-    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+    add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out="results/text")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -36,10 +29,7 @@ def run(args: argparse.Namespace) -> dict:
     from .text import plot_text_eval, run_text_eval, wikipedia_windows
     from .text_methods import build_method, default_methods
 
-    if args.examples < 2:
-        raise SystemExit("--examples must be at least 2 (bootstrap intervals need several examples)")
-    if not all(0.0 < r < 1.0 for r in args.ratios):
-        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+    check_press_run_arguments(args, args.examples, "--examples")
     if args.context < 1 or args.continuation < 1:
         raise SystemExit("--context and --continuation must be positive")
     methods = [build_method(n) for n in (args.methods or default_methods())]  # fails fast on a missing extra

@@ -1,0 +1,26 @@
+"""Arguments and checks shared by the KV-cache protocols (`eval text`, `passkey`, `image`, `video`)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[float], out: str,
+                            extra_methods: list[str] | None = None) -> None:
+    """``--ratios``, ``--methods``, ``--threads``, ``--out`` and ``--fresh`` with this protocol's defaults."""
+    from .text_methods import KVPRESS, OURS
+
+    parser.add_argument("--ratios", type=float, nargs="+", default=ratios, help="compression ratios")
+    parser.add_argument("--methods", nargs="+", default=None, choices=OURS + (extra_methods or []) + KVPRESS,
+                        help="default: all that are installed")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    parser.add_argument("--out", default=out, help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+
+
+def check_press_run_arguments(args: argparse.Namespace, count: int, what: str) -> None:
+    """Refuse too few examples (``what``: the flag that sets ``count``) and ratios outside (0, 1)."""
+    if count < 2:
+        raise SystemExit(f"{what} must be at least 2 (bootstrap intervals need several examples)")
+    if not all(0.0 < r < 1.0 for r in args.ratios):
+        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
