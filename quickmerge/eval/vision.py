@@ -21,6 +21,7 @@ from torch import nn
 from .._optional import require
 from ..data.fashion_mnist import normalize
 from ..distributed import Context
+from ..vision.image_budget import ImageBudget, bucketed_forward
 from ..vision.patch import patch
 from .journal import Journal
 
@@ -48,7 +49,9 @@ def evaluate_setting(
     """Accuracy, speed-up and mean tokens of one setting (``method=None``: unpatched).
 
     ``settings`` are passed to :func:`~quickmerge.vision.patch.patch`, except ``label``: the
-    name the row carries instead of ``method`` (an entropy schedule of QuickMerge++, say).
+    name the row carries instead of ``method`` (an entropy schedule of QuickMerge++, say), and
+    ``image_budget``: an :class:`~quickmerge.vision.image_budget.ImageBudget` as a dict, run
+    bucketed (each image at its bucket's r; routing and sub-batches are inside the timing).
 
     ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
     same batch, so drifts in machine speed hit both alike. Under ``torch.distributed`` the
@@ -58,23 +61,31 @@ def evaluate_setting(
     ctx = ctx or Context()
     device = next(model.parameters()).device
     settings = settings or {}
-    options = {k: v for k, v in settings.items() if k != "label"}
+    options = {k: v for k, v in settings.items() if k not in ("label", "image_budget")}
     handle = patch(model, r=r, method=method, **options) if method is not None else None
+    budget = ImageBudget(**settings["image_budget"]) if "image_budget" in settings else None
+
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if budget is not None:
+            return bucketed_forward(model, handle, x, budget)
+        logits = model(x)
+        return logits, handle.mean_tokens if handle is not None else 0.0
+
     try:
         correct = tokens = batches = 0
         for i in ctx.shard(range(0, len(images), batch_size)):
             if handle is not None:
                 handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
-            logits = model(normalize(images[i : i + batch_size].to(device)))
+            logits, mean_tokens = forward(normalize(images[i : i + batch_size].to(device)))
             correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
-            tokens += handle.mean_tokens if handle is not None else 0
+            tokens += mean_tokens
             batches += 1
         correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
         batch = normalize(images[:batch_size].to(device))
         ours, base = [], []
         if ctx.main:
             for _ in range(timing_rounds):
-                ours.append(_timed(lambda: model(batch)))
+                ours.append(_timed(lambda: forward(batch)))
                 base.append(_timed(lambda: reference(batch)))
         ctx.barrier()
     finally:
@@ -166,18 +177,19 @@ def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> N
     plt = require("matplotlib.pyplot", "plot", "The vision plot")
     base = 100 * next(r for r in rows if r["method"] == "none")["accuracy"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "tome": ("C0", "s"),
-              "random": ("C7", "x"), "pool": ("C2", "^")}
+    styles = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "quickmerge-per-image": ("C4", "v"),
+              "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
     names = {"quickmerge": "QuickMerge++", "quickmerge-entropy": "QuickMerge++, entropy schedule",
-             "tome": "ToMe-style"}
-    for ax, methods in zip(axes, (list(styles), ["quickmerge", "quickmerge-entropy", "tome"]), strict=True):
+             "quickmerge-per-image": "QuickMerge++, per-image budget", "tome": "ToMe-style"}
+    zoom = ["quickmerge", "quickmerge-entropy", "quickmerge-per-image", "tome"]
+    for ax, methods in zip(axes, (list(styles), zoom), strict=True):
         shown = [r for r in rows if r["method"] in methods]
         for method in [m for m in methods if any(r["method"] == m for r in rows)]:
             pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
             colour, marker = styles[method]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
                     label=names.get(method, method))
-            if len(methods) == 3 and method != "quickmerge-entropy":
+            if methods is zoom and method in ("quickmerge", "tome"):
                 for x, y, r in pts:
                     ax.annotate(f"r={r}", (x, y), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points")
         ax.axhline(base, color="k", lw=0.8, ls="--", label=f"unpatched {base:.2f}%")

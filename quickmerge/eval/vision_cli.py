@@ -21,9 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r-values", "--r", dest="r", type=int, nargs="+", default=list(DEFAULT_R),
                         help="values of r (tokens merged per block) to sweep; under torchrun spell it --r-values "
                              "(torchrun reads --r as one of its own options)")
-    parser.add_argument("--schedules", nargs="+", choices=["constant", "entropy"], default=["constant", "entropy"],
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
                         help="constant: r in every block; entropy: QuickMerge++'s per-block budget from attention "
-                        "entropy on held-out training images, at each constant r's cost (quickmerge only)")
+                        "entropy on held-out training images, at each constant r's cost; per-image: each image's "
+                        "budget from the entropy of its content, run in sub-batches bucketed by budget, at each "
+                        "constant r's mean cost (both quickmerge only)")
     parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
@@ -33,12 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
 
+SCHEDULES = ("constant", "entropy", "per-image")
 CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
 
 
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
-                perplexity: list[float] | None = None, num_tokens: int = 196) -> list[tuple[str, Any, dict[str, Any]]]:
-    """(method, r, settings) of every setting: constant r per method, then QuickMerge++'s entropy schedules."""
+                perplexity: list[float] | None = None, num_tokens: int = 196,
+                image_budgets: dict[int, dict] | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(method, r, settings): constant r per method, then QuickMerge++'s entropy schedules and per-image budgets.
+
+    ``image_budgets``: r -> :class:`~quickmerge.vision.image_budget.ImageBudget` dict, needed
+    for the "per-image" schedule.
+    """
     from ..vision.budget import entropy_schedule
 
     schedules = schedules or ["constant"]
@@ -50,16 +58,36 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
             raise ValueError("the entropy schedule needs the blocks' attention perplexity")
         sweep += [("quickmerge", entropy_schedule(perplexity, num_tokens, r), {"label": "quickmerge-entropy"})
                   for r in rs]
+    if "per-image" in schedules and "quickmerge" in methods:
+        if image_budgets is None:
+            raise ValueError("the per-image schedule needs calibrated image budgets")
+        sweep += [("quickmerge", r, {"label": "quickmerge-per-image", "image_budget": image_budgets[r]}) for r in rs]
     return sweep
 
 
-def calibrate(model: Any) -> list[float]:
-    """Attention perplexity per block on :data:`CALIBRATION_IMAGES` held-out training images."""
+def calibration_images() -> torch.Tensor:
+    """:data:`CALIBRATION_IMAGES` held-out training images (the split's last 5,000), model-ready."""
     from ..data.fashion_mnist import load_fashion_mnist, normalize
-    from ..vision.budget import block_attention_perplexity
 
     images, _ = load_fashion_mnist("train")
-    return block_attention_perplexity(model, normalize(images[-5_000:][:CALIBRATION_IMAGES]))
+    return normalize(images[-5_000:][:CALIBRATION_IMAGES])
+
+
+def calibrate(model: Any) -> list[float]:
+    """Attention perplexity per block on the calibration images."""
+    from ..vision.budget import block_attention_perplexity
+
+    return block_attention_perplexity(model, calibration_images())
+
+
+def calibrate_image_budgets(model: Any, rs: list[int]) -> dict[int, dict]:
+    """Per-image budgets (4 buckets) for each constant r, on the calibration images."""
+    from ..vision.image_budget import ImageBudget
+
+    patch_size = model.patch_embed.patch_size[0]
+    images = calibration_images()
+    return {r: ImageBudget.calibrate(images, patch_size=patch_size, num_tokens=model.patch_embed.num_patches,
+                                     num_layers=len(model.blocks), r=r).to_dict() for r in rs}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -81,7 +109,8 @@ def run(args: argparse.Namespace) -> dict:
         model.to(ctx.device)
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
         perplexity = calibrate(model) if "entropy" in args.schedules else None
-        sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches)
+        budgets = calibrate_image_budgets(model, args.r) if "per-image" in args.schedules else None
+        sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets)
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
                                timing_rounds=args.timing_rounds, journal=journal, ctx=ctx)
     finally:
@@ -93,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
         "quickmerge_vs_tome": compare_at_tome_speeds(rows),
         "quickmerge_entropy_vs_tome": compare_at_tome_speeds(rows, "quickmerge-entropy"),
         "quickmerge_entropy_vs_constant": compare_at_tome_speeds(rows, "quickmerge-entropy", "quickmerge"),
+        "quickmerge_per_image_vs_tome": compare_at_tome_speeds(rows, "quickmerge-per-image"),
+        "quickmerge_per_image_vs_constant": compare_at_tome_speeds(rows, "quickmerge-per-image", "quickmerge"),
         "block_attention_perplexity": perplexity,
         "config": {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                    "threads": torch.get_num_threads(), "platform": platform.platform()},

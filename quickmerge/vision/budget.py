@@ -44,6 +44,24 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
     return [sums[layer] / count for layer in sorted(sums)]
 
 
+def token_counts(num_tokens: int, merges: list[float], floor: int = 8) -> list[int]:
+    """Tokens entering each block and leaving the last ``[L + 1]`` when block l asks to merge ``merges[l]``.
+
+    Each block merges at most half of its tokens (ToMe's bipartite cap) and leaves at least ``floor``.
+    """
+    counts = [num_tokens]
+    for want in merges:
+        before = counts[-1]
+        left = max(before - round(want), (before + 1) // 2, min(floor, before))
+        counts.append(min(before, left))
+    return counts
+
+
+def schedule_cost(counts: list[int]) -> int:
+    """Token-blocks a schedule costs: ``sum_l (N_l + N_{l+1})``, what each block's attention and MLP see."""
+    return sum(counts[i] + counts[i + 1] for i in range(len(counts) - 1))
+
+
 def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8) -> list[int]:
     """Tokens merged in each block ``[L]``, in inverse proportion to ``perplexity``, at a constant-r cost.
 
@@ -67,16 +85,9 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
     weights = [min(perplexity) / p for p in perplexity]  # 1 for the most focused block
 
     def counts_for(merges: list[float]) -> list[int]:
-        counts = [num_tokens]
-        for want in merges:
-            before = counts[-1]
-            left = max(before - round(want), (before + 1) // 2, min(floor, before))
-            counts.append(min(before, left))
-        return counts
+        return token_counts(num_tokens, merges, floor)
 
-    def cost(counts: list[int]) -> int:
-        return sum(counts[i] + counts[i + 1] for i in range(layers))
-
+    cost = schedule_cost
     budget = cost(counts_for([float(r)] * layers))
     lo, hi = 0.0, float(num_tokens)
     for _ in range(60):

@@ -64,10 +64,10 @@ def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(checkpoint,
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = len(journal.read_text().splitlines())
-    assert 3 <= finished < 13 and not out.with_suffix(".json").exists()
+    assert 3 <= finished < 16 and not out.with_suffix(".json").exists()
     subprocess.run(_command(checkpoint, out), check=True, cwd=ROOT, env=ENV, capture_output=True)
     keys = [json.loads(line)["key"] for line in journal.read_text().splitlines() if line.strip()]
-    assert len(keys) == len(set(keys)) == 13  # 1 + 3 x 3 constant + 3 entropy schedules, none twice
+    assert len(keys) == len(set(keys)) == 16  # 1 + 3 x 3 constant + 3 entropy schedules + 3 per-image, none twice
     assert _rows(out.with_suffix(".json")) == _rows(full.with_suffix(".json"))
 
     two = tmp_path / "two"

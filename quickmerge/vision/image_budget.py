@@ -1,0 +1,123 @@
+"""Per-image budgets: images whose content is simple merge more, run in sub-batches bucketed by budget.
+
+The router is QuickMerge++'s entropy estimator applied to the input, before any block runs:
+the effective number of patches holding the image's content, ``exp(H(p))`` with ``p_i``
+proportional to how far patch i's pixels lie from the image's median (its background). A
+small object on a plain background scores low and can lose many tokens; a textured image
+scores high. Images are sorted into ``buckets`` by this score (thresholds: quantiles on
+calibration images); bucket k merges ``r[k]`` tokens per block, in inverse proportion to its
+calibration images' mean score, scaled so that the mean cost over the calibration images is
+the constant-r schedule's. Each bucket runs as its own sub-batch, so every sequence in a
+sub-batch has the same length: no padding, no masks, and the merged tokens are not computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .budget import schedule_cost, token_counts
+
+
+def content_perplexity(images: Tensor, patch_size: int) -> Tensor:
+    """``[N]`` effective number of content patches of ``images [N, C, H, W]`` (1 for a constant image).
+
+    Invariant to the images' affine normalisation (a positive scale and a shift), so raw and
+    model-ready pixels give the same score.
+    """
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(images.shape)}")
+    x = images.float()
+    background = x.flatten(1).median(dim=1).values
+    deviation = (x - background[:, None, None, None]).abs()
+    mass = F.avg_pool2d(deviation, patch_size).mean(dim=1).flatten(1)  # [N, patches]
+    p = mass / mass.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+    return (-torch.special.xlogy(p, p).sum(dim=1)).exp()
+
+
+@dataclass
+class ImageBudget:
+    """Bucket thresholds on :func:`content_perplexity` (ascending ``[K - 1]``) and r per bucket ``[K]``."""
+
+    thresholds: list[float]
+    r: list[int]
+    patch_size: int
+
+    def __post_init__(self) -> None:
+        if len(self.r) != len(self.thresholds) + 1 or sorted(self.thresholds) != list(self.thresholds):
+            raise ValueError(f"need ascending thresholds and one r per bucket, got {self.thresholds}, {self.r}")
+
+    def assign(self, images: Tensor) -> Tensor:
+        """``[N]`` bucket of each image (0: the simplest content)."""
+        score = content_perplexity(images, self.patch_size)
+        return torch.bucketize(score, torch.tensor(self.thresholds, device=score.device))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"thresholds": list(self.thresholds), "r": list(self.r), "patch_size": self.patch_size}
+
+    @classmethod
+    def calibrate(cls, images: Tensor, *, patch_size: int, num_tokens: int, num_layers: int, r: int,
+                  buckets: int = 4, floor: int = 8) -> ImageBudget:
+        """Fit thresholds and per-bucket r on calibration ``images`` at the cost of a constant ``r``.
+
+        ``num_tokens``: mergeable tokens entering the first block; cost as in
+        :func:`~quickmerge.vision.budget.schedule_cost`, averaged over the calibration images
+        (never above the constant schedule's; equal score everywhere gives ``r`` back).
+        """
+        if buckets < 1 or r < 0 or len(images) < buckets:
+            raise ValueError(f"need buckets >= 1, r >= 0 and at least `buckets` images, got {buckets}, {r}, "
+                             f"{len(images)}")
+        score = content_perplexity(images, patch_size)
+        thresholds = score.quantile(torch.linspace(0, 1, buckets + 1)[1:-1].to(score)).tolist()
+        bucket = torch.bucketize(score, torch.tensor(thresholds, device=score.device))
+        share = torch.bincount(bucket, minlength=buckets).float() / len(score)
+        mean = torch.stack([score[bucket == k].mean() if share[k] > 0 else score.mean() for k in range(buckets)])
+        weights = (mean.min() / mean).tolist()  # 1 for the simplest bucket
+
+        def cost_of(rs: list[int]) -> float:
+            return sum(float(s) * schedule_cost(token_counts(num_tokens, [float(x)] * num_layers, floor))
+                       for s, x in zip(share, rs, strict=True))
+
+        budget = schedule_cost(token_counts(num_tokens, [float(r)] * num_layers, floor))
+        lo, hi = 0.0, float(num_tokens)
+        for _ in range(50):
+            mid = 0.5 * (lo + hi)
+            if cost_of([round(mid * w) for w in weights]) <= budget:
+                hi = mid
+            else:
+                lo = mid
+        rs = [round(hi * w) for w in weights]
+        if cost_of(rs) > budget:
+            rs = [r] * buckets
+        return cls(thresholds, rs, patch_size)
+
+
+def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: ImageBudget) -> tuple[Tensor, float]:
+    """Outputs of ``model`` on ``images [N, ...]`` with each bucket's r, and the mean tokens entering a block.
+
+    ``handle``: the model's :class:`~quickmerge.vision.patch.MergeHandle`; its ``r`` is restored after.
+    One forward pass per non-empty bucket (a loop over the few buckets, not over images).
+    """
+    bucket = budget.assign(images)
+    out: Tensor | None = None
+    tokens = 0.0
+    saved = handle.r
+    try:
+        for k, r in enumerate(budget.r):
+            index = (bucket == k).nonzero().squeeze(1)
+            if index.numel() == 0:
+                continue
+            handle.r = r
+            logits = model(images[index])
+            if out is None:
+                out = logits.new_empty((len(images), *logits.shape[1:]))
+            out[index] = logits
+            tokens += handle.mean_tokens * index.numel()
+    finally:
+        handle.r = saved
+    assert out is not None  # every image lies in some bucket
+    return out, tokens / len(images)
