@@ -86,13 +86,13 @@ class TokenData:
 def build_data(fmt: SequenceFormat, recipe: ARRecipe) -> tuple[PatchCodebook, TokenData, dict]:
     """Fit the tokenizer and tokenise the training pixels; returns (tokenizer, data, data checksums)."""
     from ..data.fashion_mnist import checksums as fashion_checksums
-    from .data import image_pixels, video_clips, video_windows
+    from .data import image_pixels, video_clips
 
     if fmt.frames == 1:
         train = image_pixels("train")
         tokenizer = PatchCodebook.fit(train, fmt.codes, fmt.patch, seed=recipe.seed)
         sequences = to_sequences(train, fmt, tokenizer).short()
-        heldout = to_sequences(image_pixels("heldout")[: recipe.heldout_sequences], fmt, tokenizer)
+        heldout = heldout_sequences(fmt, tokenizer, recipe.heldout_sequences)
         return tokenizer, TokenData(fmt, [[sequences]], heldout), fashion_checksums()
     from ..data.video import checksums as clip_checksums
 
@@ -105,11 +105,23 @@ def build_data(fmt: SequenceFormat, recipe: ARRecipe) -> tuple[PatchCodebook, To
 
     real = [frame_tokens(c.frames) for c in clips if not c.name.startswith("moving-fashion")]
     moving = [frame_tokens(c.frames) for c in clips if c.name.startswith("moving-fashion")]
-    held = video_clips("heldout", fmt)
-    windows, _ = video_windows(held, fmt)
-    pick = torch.linspace(0, len(windows) - 1, recipe.heldout_sequences).round().long()
-    heldout = to_sequences(windows[pick], fmt, tokenizer)
+    heldout = heldout_sequences(fmt, tokenizer, recipe.heldout_sequences)
     return tokenizer, TokenData(fmt, [real, moving], heldout), {**fashion_checksums(), **clip_checksums()}
+
+
+def heldout_sequences(fmt: SequenceFormat, tokenizer: PatchCodebook, count: int) -> Tensor:
+    """``[count, fmt.length]`` held-out sequences the training log's bits are measured on.
+
+    Images: the first ``count`` held-out training images; video: ``count`` windows spread evenly
+    over the held-out frames and sequences.
+    """
+    from .data import image_pixels, video_clips, video_windows
+
+    if fmt.frames == 1:
+        return to_sequences(image_pixels("heldout")[:count], fmt, tokenizer)
+    windows, _ = video_windows(video_clips("heldout", fmt), fmt)
+    pick = torch.linspace(0, len(windows) - 1, count).round().long()
+    return to_sequences(windows[pick], fmt, tokenizer)
 
 
 @torch.no_grad()
