@@ -27,12 +27,16 @@ def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
         parser.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out frames of the "
                             "training clips and held-out Moving Fashion-MNIST)")
     add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out=f"results/{modality}",
-                            extra_methods=VIDEO_METHODS if modality == "video" else [])
+                            extra_methods=MODALITY_METHODS[modality])
 
 
 # Video-aware variants of ours, built for the model's frame size: spans along time over one
 # location in consecutive frames, in the KV cache or on the prompt's hidden states.
 VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-time"]
+# Image-aware variant: spans down each column (one pixel location through consecutive rows), the
+# image analogue of spans along time; recent rows stay apart, older rows merge vertically.
+IMAGE_METHODS = ["quickmerge-columns"]
+MODALITY_METHODS = {"image": IMAGE_METHODS, "video": VIDEO_METHODS}
 INPUT_LAYER = 0  # the AR models have 4 layers: the input press merges after the first
 
 
@@ -40,15 +44,18 @@ def ar_method(name: str, fmt: object) -> object:
     """The :class:`~quickmerge.eval.text.Method` of ``name`` for an AR model of format ``fmt``.
 
     ``quickmerge-input`` merges after layer :data:`INPUT_LAYER` (its text default, layer 4,
-    is past these models' depth); :data:`VIDEO_METHODS` use ``fmt``'s frame size; the rest are
-    the text protocol's methods unchanged.
+    is past these models' depth); :data:`VIDEO_METHODS` use ``fmt``'s frame size and
+    :data:`IMAGE_METHODS` its row width; the rest are the text protocol's methods unchanged.
     """
     from ..text import QuickMergeInputPress, QuickMergePress
     from .text import Method
     from .text_methods import build_method
 
     period = fmt.tokens_per_frame
+    row = fmt.width // fmt.patch
     makers = {
+        "quickmerge-columns": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=row,
+                                                        time_offset=1),
         "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER),
         "quickmerge-time": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
                                                      time_offset=1),
@@ -73,9 +80,9 @@ def run(args: argparse.Namespace, modality: str) -> dict:
     video = getattr(args, "video", None)
     if video is not None and not Path(video).is_file():
         raise SystemExit(f"--video: no file at {video}")
-    names = args.methods or default_methods() + (VIDEO_METHODS if modality == "video" else [])
+    names = args.methods or default_methods() + MODALITY_METHODS[modality]
     for name in names:  # fail fast on a missing extra, before loading anything
-        if name not in VIDEO_METHODS:
+        if name not in MODALITY_METHODS[modality]:
             build_method(name)
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()

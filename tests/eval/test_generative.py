@@ -38,16 +38,17 @@ def test_eval_image_writes_the_text_schema_with_bits_that_match_a_direct_computa
     _save(tmp_path / "m", IMAGE, pixels)
     out = tmp_path / "res"
     assert main(["eval", "image", "--model", str(tmp_path / "m"), "--examples", "3", "--ratios", "0.5",
-                 "--methods", "quickmerge", "random", "--out", str(out), "--threads", "1"]) == 0
+                 "--methods", "quickmerge", "quickmerge-columns", "random", "--out", str(out), "--threads", "1"]) == 0
     results = json.loads(out.with_suffix(".json").read_text())
     assert out.with_suffix(".png").is_file()
     rows = {(r["method"], r["compression_ratio"]): r for r in results["summary"]}
-    assert set(rows) == {("none", None), ("quickmerge", 0.5), ("random", 0.5)}
+    assert set(rows) == {("none", None), ("quickmerge", 0.5), ("quickmerge-columns", 0.5), ("random", 0.5)}
     for r in rows.values():
         for key in ("perplexity", "perplexity_ci95", "ratio_to_uncompressed", "ratio_to_uncompressed_ci95",
                     "bits_per_token"):
             assert key in r
     assert rows[("random", 0.5)]["memory_saved"] == pytest.approx(0.5, abs=1 / IMAGE.context)
+    assert rows[("quickmerge-columns", 0.5)]["memory_saved"] == pytest.approx(0.5, abs=1 / IMAGE.context)
     # Uncompressed bits per token = the model's own loss on the bottom rows, computed directly.
     model, book, fmt = load_ar_model(tmp_path / "m")
     ids = to_sequences(pixels, fmt, book)
