@@ -32,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
 
 # Video-aware variants of ours, built for the model's frame size: spans along time over one
 # location in consecutive frames, in the KV cache or on the prompt's hidden states.
-VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-time"]
+VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-time", "quickmerge-frame"]
 # Image-aware variant: spans down each column (one pixel location through consecutive rows), the
 # image analogue of spans along time; recent rows stay apart, older rows merge vertically.
 IMAGE_METHODS = ["quickmerge-columns"]
@@ -57,6 +57,8 @@ def ar_method(name: str, fmt: object) -> object:
         "quickmerge-columns": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=row,
                                                         time_offset=1),
         "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER),
+        # the whole last context frame as the observation window: the next frame reads all of it
+        "quickmerge-frame": lambda r: QuickMergePress(compression_ratio=r, window=period),
         "quickmerge-time": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
                                                      time_offset=1),
         "quickmerge-time-align": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=period,
