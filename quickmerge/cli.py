@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from the weights of the checkpoint directory CKPT (a warm restart)")
     vision.add_argument("--method", choices=["quickmerge", "tome"], default="quickmerge",
                         help="--finetune: QuickMerge++ (differentiable merge) or ToMe-style matching")
-    vision.add_argument("--r", type=int, default=None, help="--finetune: tokens merged per block")
+    vision.add_argument("--r-per-block", "--r", dest="r", type=int, default=None,
+                        help="--finetune: tokens merged per block; under torchrun spell it --r-per-block "
+                             "(torchrun reads --r as one of its own options)")
     vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
     vision.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                         help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")

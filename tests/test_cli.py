@@ -31,3 +31,17 @@ def test_vision_arguments_are_validated(capsys):
     with pytest.raises(SystemExit, match="--images"):
         main(["visualize", "--images", "0"])
     assert build_parser().parse_args(["train", "vision", "--epochs", "1"]).epochs == 1
+
+
+def test_finetune_r_has_a_spelling_torchrun_leaves_alone():
+    """torchrun takes ``--r`` for one of its own ``--rdzv-*`` options; ``--r-per-block`` reaches us."""
+    from torch.distributed.run import get_args_parser
+
+    for spelling in ("--r", "--r-per-block"):
+        args = build_parser().parse_args(["train", "vision", "--finetune", "ckpt", spelling, "40"])
+        assert args.r == 40
+    launched = get_args_parser().parse_args(["--nproc_per_node", "2", "-m", "quickmerge", "train", "vision",
+                                             "--r-per-block", "40"])
+    assert launched.training_script_args[-2:] == ["--r-per-block", "40"]
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args(["-m", "quickmerge", "train", "vision", "--r", "40"])

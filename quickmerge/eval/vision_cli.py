@@ -13,7 +13,7 @@ from .. import distributed
 from ..vision.token_merge import METHODS
 from .journal import Journal, code_fingerprint
 
-DEFAULT_R = (8, 12, 16, 20, 24, 28, 32, 36, 40)
+DEFAULT_R = (16, 24, 32, 40, 48)  # r = 48 passes 2x the unpatched throughput on the shipped ViT
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,167 @@
+"""Merge-aware fine-tuning, paired: each fine-tuned ViT with its own merging vs the reference ViT.
+
+Every model is scored on the same 10,000 Fashion-MNIST test images, so the comparisons are
+paired per image (95% bootstrap intervals of accuracy differences, in points), at each --r and
+at one speed-up (``--at``, default 2x: each curve's per-image hits interpolated linearly between
+its two bracketing r). Speed-ups are not measured here: a fine-tuned model has the reference's
+architecture, so at equal r it runs at the speed-up `quickmerge eval vision` measured for that
+method and r in the ``--speedups`` run.
+
+    python benchmarks/vision_finetune.py --quickmerge results/ft_qm_r40 --tome results/ft_tome_r40 \
+        --control results/ft_none --r 40 48 --speedups results/vision_full.json --out docs/results/issue11/finetune_r40
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+from quickmerge.pretrained.fashion_vit import load_fashion_vit
+from quickmerge.vision import patch
+
+
+@torch.inference_mode()
+def correct_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                      method: str | None, r: int, batch_size: int = 500) -> list[float]:
+    """1.0 / 0.0 per test image: top-1 of ``model`` merging with ``method`` at ``r`` (None: unpatched)."""
+    handle = patch(model, r=r, method=method) if method is not None else None
+    try:
+        hits = [model(normalize(images[i : i + batch_size])).argmax(-1) == labels[i : i + batch_size]
+                for i in range(0, len(images), batch_size)]
+    finally:
+        if handle is not None:
+            handle.remove()
+    return torch.cat(hits).double().tolist()
+
+
+CURVES = {  # name: (model, merging at inference)
+    "reference + quickmerge": ("reference", "quickmerge"),
+    "reference + tome": ("reference", "tome"),
+    "fine-tuned quickmerge + quickmerge": ("fine-tuned quickmerge", "quickmerge"),
+    "fine-tuned tome + tome": ("fine-tuned tome", "tome"),
+    "fine-tuned without merging + quickmerge": ("fine-tuned without merging", "quickmerge"),
+    "fine-tuned without merging + tome": ("fine-tuned without merging", "tome"),
+}
+PAIRS = [("fine-tuned quickmerge + quickmerge", "reference, unpatched"),
+         ("fine-tuned tome + tome", "reference, unpatched"),
+         ("fine-tuned quickmerge + quickmerge", "fine-tuned tome + tome"),
+         ("reference + quickmerge", "reference + tome"),
+         ("fine-tuned quickmerge + quickmerge", "reference + quickmerge"),
+         ("fine-tuned tome + tome", "reference + tome"),
+         ("fine-tuned quickmerge + quickmerge", "fine-tuned without merging, unpatched"),
+         ("fine-tuned tome + tome", "fine-tuned without merging, unpatched"),
+         ("fine-tuned quickmerge + quickmerge", "fine-tuned without merging + quickmerge"),
+         ("fine-tuned tome + tome", "fine-tuned without merging + tome")]
+
+
+def at_speedup(hits: dict[int, list[float]], speedups: dict[int, float], target: float) -> list[float] | None:
+    """Per-image hits linearly interpolated to ``target`` speed-up between the two bracketing r (None: outside)."""
+    pts = sorted((speedups[r], r) for r in hits if speedups.get(r) is not None)
+    for (s0, r0), (s1, r1) in itertools.pairwise(pts):
+        if s0 <= target <= s1:
+            w = 0.0 if s1 == s0 else (target - s0) / (s1 - s0)
+            return [(1 - w) * a + w * b for a, b in zip(hits[r0], hits[r1], strict=True)]
+    return None
+
+
+def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
+    """Paired difference a - b in points with its 95% bootstrap interval, and the images where they disagree."""
+    diff, low, high = bootstrap_difference(hits[a], hits[b])
+    return {"a": a, "b": b, "difference_pt": 100 * diff, "low_pt": 100 * low, "high_pt": 100 * high,
+            "a_better_on": sum(x > y for x, y in zip(hits[a], hits[b], strict=True)),
+            "b_better_on": sum(x < y for x, y in zip(hits[a], hits[b], strict=True))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quickmerge", required=True, help="checkpoint fine-tuned with QuickMerge++ merging")
+    ap.add_argument("--tome", required=True, help="checkpoint fine-tuned with ToMe-style merging")
+    ap.add_argument("--control", required=True, help="checkpoint fine-tuned the same way without merging (r = 0): "
+                    "how much of a fine-tuned model's accuracy the extra epoch gives by itself")
+    ap.add_argument("--r", type=int, nargs="+", required=True, help="tokens merged per block at inference")
+    ap.add_argument("--speedups", required=True, help="JSON of `quickmerge eval vision` measuring every --r")
+    ap.add_argument("--at", type=float, default=2.0, help="speed-up at which the curves are compared")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", required=True, help="output prefix (.json, .png)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = json.loads(Path(args.speedups).read_text())["rows"]
+    speedups = {m: {r: next((x["speedup"] for x in rows if x["method"] == m and x["r"] == r), None) for r in args.r}
+                for m in ("quickmerge", "tome")}
+    images, labels = load_fashion_mnist("test")
+    models = {"reference": load_fashion_vit(), "fine-tuned quickmerge": load_fashion_vit(args.quickmerge),
+              "fine-tuned tome": load_fashion_vit(args.tome),
+              "fine-tuned without merging": load_fashion_vit(args.control)}
+    unpatched = {f"{name}, unpatched": correct_per_image(model, images, labels, method=None, r=0)
+                 for name, model in models.items()}
+    curves = {name: {r: correct_per_image(models[m], images, labels, method=method, r=r) for r in args.r}
+              for name, (m, method) in CURVES.items()}
+    results: dict = {"r": args.r, "images": len(images), "speedups_from": args.speedups, "speedups": speedups,
+                     "checkpoints": {"quickmerge": args.quickmerge, "tome": args.tome, "control": args.control},
+                     "accuracy": {}, "paired": {}, "at": args.at}
+    for name, hits in unpatched.items():
+        results["accuracy"][name] = dict(zip(("accuracy", "low", "high"), bootstrap_mean(hits), strict=True))
+    for r in args.r:
+        at_r = unpatched | {name: curve[r] for name, curve in curves.items()}
+        results["accuracy"] |= {f"{name} r={r}": dict(zip(("accuracy", "low", "high"), bootstrap_mean(curve[r]),
+                                                          strict=True)) for name, curve in curves.items()}
+        results["paired"][f"r={r}"] = [compare(at_r, a, b) for a, b in PAIRS]
+    at = dict(unpatched)
+    for name, curve in curves.items():
+        if (hits := at_speedup(curve, speedups[CURVES[name][1]], args.at)) is not None:
+            at[name] = hits
+            results["accuracy"][f"{name} at {args.at}x"] = dict(zip(("accuracy", "low", "high"),
+                                                                    bootstrap_mean(hits), strict=True))
+    results["paired"][f"{args.at}x"] = [compare(at, a, b) for a, b in PAIRS if a in at and b in at]
+    results["config"] = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform()}
+    Path(args.out + ".json").write_text(json.dumps(results, indent=2))
+    for name, acc in results["accuracy"].items():
+        print(f"{name:52s} {100 * acc['accuracy']:.2f} [{100 * acc['low']:.2f}, {100 * acc['high']:.2f}]")
+    for where, pairs in results["paired"].items():
+        for p in pairs:
+            print(f"{where}: {p['a']} - {p['b']}: {p['difference_pt']:+.2f} pt [{p['low_pt']:+.2f}, "
+                  f"{p['high_pt']:+.2f}] ({p['a_better_on']} vs {p['b_better_on']} images)")
+    plot(results, rows, args.out + ".png")
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+def plot(results: dict, rows: list[dict], path: str) -> None:
+    """Accuracy vs speed-up: the off-the-shelf curves of the eval run plus the fine-tuned ones."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    names = {"quickmerge": ("QuickMerge++", "C3", "o"), "tome": ("ToMe-style", "C0", "s")}
+    for method, (label, colour, marker) in names.items():
+        pts = sorted((x["speedup"], 100 * x["accuracy"]) for x in rows if x["method"] == method)
+        ax.plot(*zip(*pts, strict=True), color=colour, marker=marker, alpha=0.45, ls="--",
+                label=f"{label}, off the shelf")
+        tuned = sorted((results["speedups"][method][r],
+                        100 * results["accuracy"][f"fine-tuned {method} + {method} r={r}"]["accuracy"])
+                       for r in results["r"])
+        ax.plot(*zip(*tuned, strict=True), color=colour, marker="*", markersize=12,
+                label=f"{label}, fine-tuned with it (r={results['r'][0]})")
+    base = 100 * results["accuracy"]["reference, unpatched"]["accuracy"]
+    control = 100 * results["accuracy"]["fine-tuned without merging, unpatched"]["accuracy"]
+    ax.axhline(base, color="k", lw=0.8, ls="--", label=f"reference, unpatched {base:.2f}%")
+    ax.axhline(base - 0.3, color="k", lw=0.6, ls=":", label="reference - 0.3 pt")
+    ax.axhline(control, color="C2", lw=0.8, ls="--", label=f"fine-tuned without merging, unpatched {control:.2f}%")
+    ax.axvline(results["at"], color="k", lw=0.6, ls=":")
+    ax.set_xlabel("throughput / unpatched throughput (same run)")
+    ax.set_ylabel("top-1 accuracy (%), 10,000 test images")
+    ax.set_title("Merge-aware fine-tuning on the Fashion-MNIST ViT")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
