@@ -93,8 +93,9 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, unin
 
 def test_other_settings_are_refused_until_fresh(tiny_lm_dir, tmp_path):
     out = tmp_path / "run"
-    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
-    changed = [a if a != "96" else "64" for a in _command(tiny_lm_dir, out)]  # --context 64
+    command = [a if a != "12" else "2" for a in _command(tiny_lm_dir, out)]  # --examples 2: only the check matters
+    subprocess.run(command, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    changed = [a if a != "96" else "64" for a in command]  # --context 64
     result = subprocess.run(changed, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert result.returncode == 2 and "--fresh" in result.stderr and "Traceback" not in result.stderr
     subprocess.run([*changed, "--fresh"], check=True, cwd=ROOT, env=_env(), capture_output=True)
