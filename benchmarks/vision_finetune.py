@@ -21,24 +21,23 @@ from pathlib import Path
 
 import torch
 
-from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.data.fashion_mnist import load_fashion_mnist
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
+from quickmerge.vision.train import correct_per_image as hits_per_image
 
 
 @torch.inference_mode()
 def correct_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                      method: str | None, r: int, batch_size: int = 500) -> list[float]:
+                      method: str | None, r: int) -> list[float]:
     """1.0 / 0.0 per test image: top-1 of ``model`` merging with ``method`` at ``r`` (None: unpatched)."""
     handle = patch(model, r=r, method=method) if method is not None else None
     try:
-        hits = [model(normalize(images[i : i + batch_size])).argmax(-1) == labels[i : i + batch_size]
-                for i in range(0, len(images), batch_size)]
+        return hits_per_image(model, images, labels).double().tolist()
     finally:
         if handle is not None:
             handle.remove()
-    return torch.cat(hits).double().tolist()
 
 
 CURVES = {  # name: (model, merging at inference)

@@ -15,6 +15,7 @@ import torch
 from quickmerge.data.fashion_mnist import normalize
 from quickmerge.vision import patch
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
+from quickmerge.vision.train import accuracy as unpatched_accuracy
 from quickmerge.vision.train import split_train_heldout
 
 GRID0 = [
@@ -42,11 +43,8 @@ GRID2 = [
 
 @torch.inference_mode()
 def accuracy(model, images, labels, **settings):
-    correct = 0
     with patch(model, **settings):
-        for i in range(0, len(images), 500):
-            correct += int((model(normalize(images[i : i + 500])).argmax(-1) == labels[i : i + 500]).sum())
-    return correct / len(images)
+        return unpatched_accuracy(model, images, labels)
 
 
 def main():

@@ -128,17 +128,21 @@ def augment(images: torch.Tensor, generator: torch.Generator, max_shift: int = 2
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` on uint8 ``images [N, 1, 28, 28]``."""
+def correct_per_image(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                      batch_size: int = 500) -> torch.Tensor:
+    """``[N]`` bool: whether ``model``'s top-1 is right on each uint8 image of ``images [N, 1, 28, 28]``."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    correct = 0
-    for i in range(0, len(images), batch_size):
-        logits = model(normalize(images[i : i + batch_size].to(device)))
-        correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
+    hits = [model(normalize(images[i : i + batch_size].to(device))).argmax(-1) == labels[i : i + batch_size].to(device)
+            for i in range(0, len(images), batch_size)]
     model.train(was_training)
-    return correct / len(images)
+    return torch.cat(hits).cpu()
+
+
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` on uint8 ``images [N, 1, 28, 28]``."""
+    return correct_per_image(model, images, labels, batch_size).double().mean().item()
 
 
 def cnn_teacher() -> nn.Module:
