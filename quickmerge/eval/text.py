@@ -314,53 +314,85 @@ def _progress(total: int, enabled: bool, initial: int = 0) -> Any:
     return tqdm(total=total, initial=initial, desc="scoring", unit="run")
 
 
-def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:
-    """Perplexity relative to no compression vs compression ratio, one line per method, 95% CIs.
+def highlighted_methods(rows: list[dict[str, Any]]) -> list[str]:
+    """The methods a plot names: our default press, our best and kvpress's best at each ratio, random.
 
-    Left: every method (log scale). Right: the same, zoomed on the methods within 30% of
-    uncompressed at every ratio, where the competitive ones sit.
+    ``rows``: summary rows with a ratio. Ours are the methods not prefixed ``kvpress-``
+    (``random`` and ``tome-kv`` are baselines, not ours). kvpress's best is named twice where
+    the best of all masks entries instead of freeing them: the best that shrinks the cache too.
+    """
+    ratios = sorted({r["compression_ratio"] for r in rows})
+    ours = [r for r in rows if not r["method"].startswith("kvpress-") and r["method"] not in ("random", "tome-kv")]
+    theirs = [r for r in rows if r["method"].startswith("kvpress-")]
+    shrinking = [r for r in theirs if r.get("memory_saved", r["compression_ratio"]) >= r["compression_ratio"] - 0.01]
+    names = ["quickmerge"] if any(r["method"] == "quickmerge" for r in rows) else []
+    for group in (ours, theirs, shrinking):
+        for ratio in ratios:
+            at = [r for r in group if r["compression_ratio"] == ratio]
+            if at:
+                names.append(min(at, key=lambda r: r["ratio_to_uncompressed"])["method"])
+    if any(r["method"] == "random" for r in rows):
+        names.append("random")
+    return list(dict.fromkeys(names))
+
+
+def plot_text_eval(results: dict[str, Any], path: str, title: str) -> None:
+    """Perplexity relative to no compression vs compression ratio, 95% CIs.
+
+    Left: every method (log scale over a wide range); the ones :func:`highlighted_methods` picks in colour and
+    named, the rest in grey. Right: the highlighted ones alone, on a linear scale.
     """
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["summary"] if r["compression_ratio"] is not None]
     names = list(dict.fromkeys(r["method"] for r in rows))
-    colours = plt.get_cmap("tab20")(range(len(names)))
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    named = highlighted_methods(rows)
+    warm = iter(plt.get_cmap("autumn")([0.0, 0.35, 0.6, 0.8]))
+    cool = iter(plt.get_cmap("winter")([0.0, 0.4, 0.8, 1.0]))
+    style = {}
+    for name in named:
+        if name == "quickmerge":
+            style[name] = {"color": "black", "linewidth": 2.5, "zorder": 4}
+        elif name == "random":
+            style[name] = {"color": "grey", "linewidth": 1.5, "linestyle": "--", "zorder": 3}
+        else:
+            palette = cool if name.startswith("kvpress-") else warm
+            style[name] = {"color": next(palette, "purple"), "linewidth": 2, "zorder": 3}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
     for zoomed, ax in zip((False, True), axes, strict=True):
-        for colour, name in zip(colours, names, strict=True):
-            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
-            y = [r["ratio_to_uncompressed"] for r in mine]
-            if zoomed and max(y) > 1.3:
+        others = 0
+        for name in names:
+            if zoomed and name not in style:
                 continue
+            mine = sorted((r for r in rows if r["method"] == name), key=lambda r: r["compression_ratio"])
             x = [r["compression_ratio"] for r in mine]
-            err = [
-                [v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
-                [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)],
-            ]
-            ours = name == "quickmerge"
-            ax.errorbar(
-                x,
-                y,
-                yerr=err,
-                marker="o",
-                capsize=3,
-                label=name,
-                color="black" if ours else colour,
-                linewidth=2.5 if ours else 1,
-                alpha=1 if ours else 0.85,
-                zorder=3 if ours else 2,
-            )
+            y = [r["ratio_to_uncompressed"] for r in mine]
+            if name not in style:
+                label = f"other methods ({len(names) - len(named)})" if others == 0 else None
+                ax.plot(x, y, color="0.8", linewidth=0.8, marker=".", zorder=1, label=label)
+                others += 1
+                continue
+            err = [[v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
+                   [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)]]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, **style[name])
         ax.set_xlabel("compression ratio (share of context KV entries removed)")
         ax.grid(alpha=0.3)
         if zoomed:
-            ax.set_title("zoom: methods within 30% of uncompressed")
+            ax.set_title("named methods: ours, best of ours and of kvpress at each ratio")
+            ax.legend(fontsize=8, loc="upper left")
         else:
-            ax.set_yscale("log")
+            if max(r["ratio_to_uncompressed"] for r in rows) > 1.5:  # a log scale pays only over a wide range
+                ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
             ax.set_ylabel("continuation perplexity / uncompressed")
             ax.set_title(title)
-            ax.legend(fontsize=7, ncol=2)
+            if others:
+                ax.legend(handles=[h for h, n in zip(*ax.get_legend_handles_labels(), strict=True)
+                                   if n.startswith("other methods")], fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
