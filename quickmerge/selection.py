@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 _BISECTION_STEPS = 40
+_SUM_TOLERANCE = 1e-5  # |sum - K| at which the threshold search stops
 
 
 def gumbel_noise(shape: torch.Size, *, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -45,9 +46,13 @@ def relaxed_topk_mask(logits: Tensor, k: int, temperature: float) -> Tensor:
         hi = z.amax(dim=-1, keepdim=True) + 40.0 * temperature
         for _ in range(_BISECTION_STEPS):
             mid = 0.5 * (lo + hi)
-            too_many = torch.sigmoid((z - mid) / temperature).sum(dim=-1, keepdim=True) > k
-            lo = torch.where(too_many, mid, lo)
-            hi = torch.where(too_many, hi, mid)
+            total = torch.sigmoid((z - mid) / temperature).sum(dim=-1, keepdim=True)
+            # A root stops its row's search: widely gapped scores give a flat stretch where the sum is
+            # exactly K, and bisecting on through it ends at its edge, where a score far from the centre
+            # sits within float32's resolution of the threshold (and counts 0.5).
+            hit, too_many = (total - k).abs() <= _SUM_TOLERANCE, total > k
+            lo = torch.where(hit | too_many, mid, lo)
+            hi = torch.where(hit | ~too_many, mid, hi)
         t = 0.5 * (lo + hi)
         # One Newton step polishes the sum to float precision; it may not leave the bracket, where a
         # flat stretch of the sum (widely gapped scores) would send it far off.

@@ -46,6 +46,9 @@ ADVERSARIAL = [
     # widely gapped scores: flat stretches of the sum around the threshold, large magnitudes
     ([20000.0, 10000.0, 20000.0, 30000.0, 19999.998046875, 20000.0, 20000.001953125, 30000.0, 20000.0], 6, 0.0017),
     ([0.0, 0.0, 0.0, 1000.0, 1000.0, 2000.0], 2, 0.1),
+    # found by hypothesis in a fresh clone: the threshold bisected to the far edge of the flat stretch,
+    # where 0 sat within float32 resolution of it (mask [0.5, 1, 1, 1, 1], sum 4.5)
+    ([0.0, 2e5, 2e5, 2e5, 2e5], 4, 1e-3),
     ([0.0, 1e5, 2e5], 2, 0.0015),
     ([-30.0, -30.0, 30.0, 30.0, 30.0], 3, 0.05),
     ([0.0] * 5 + [40.0] * 5, 5, 1.0),
