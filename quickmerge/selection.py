@@ -54,8 +54,8 @@ def relaxed_topk_mask(logits: Tensor, k: int, temperature: float) -> Tensor:
             lo = torch.where(hit | too_many, mid, lo)
             hi = torch.where(hit | ~too_many, mid, hi)
         t = 0.5 * (lo + hi)
-        # One Newton step polishes the sum to float precision; it may not leave the bracket, where a
-        # flat stretch of the sum (widely gapped scores) would send it far off.
+        # One Newton step polishes the rows still short of the tolerance; it may not leave the bracket (a
+        # row that hit the tolerance has a bracket of width 0), where a flat stretch would send it far off.
         sig = torch.sigmoid((z - t) / temperature)
         slope = (sig * (1 - sig)).sum(dim=-1, keepdim=True) / temperature
         t = torch.minimum(torch.maximum(t + (sig.sum(dim=-1, keepdim=True) - k) / slope.clamp_min(1e-12), lo), hi)
