@@ -160,7 +160,9 @@ def score_example(
     positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
     with prefilled(model, ctx, press, method) as state:
         cache = state.cache
-        kept = min(layer.keys.shape[2] for layer in cache.layers)  # the compressed layers (Gemma: global)
+        # entries per KV head in the compressed layers (Gemma: global); flat layers hold every head in one row
+        hkv = model.config.num_key_value_heads
+        kept = min(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers) / hkv
         start = time.perf_counter()
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
             logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,

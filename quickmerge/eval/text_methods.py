@@ -11,6 +11,7 @@ from ..errors import MissingExtraError
 from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
 
+REPLAY = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False)
 # Our presses: the method, its ablations (each QuickMerge++ ingredient on and off), baselines.
 OURS_PRESSES: dict[str, Any] = {
     "quickmerge": lambda r: QuickMergePress(compression_ratio=r),
@@ -18,6 +19,11 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-align": lambda r: QuickMergePress(compression_ratio=r, align=True),
     "quickmerge-budget-align": lambda r: QuickMergePress(compression_ratio=r, budget="entropy", align=True),
     "quickmerge-novelty": lambda r: QuickMergePress(compression_ratio=r, novelty=1.0),
+    # replay scoring (the model reads the prompt again), budgets over layers and KV heads, flat cache
+    "quickmerge-replay": lambda r: QuickMergePress(compression_ratio=r, **REPLAY),
+    "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **{**REPLAY, "proportional": True}),
+    "quickmerge-replay-drop": lambda r: QuickMergePress(compression_ratio=r, **REPLAY, epsilon=1e-6),  # evict
+    "quickmerge-replay-even-heads": lambda r: QuickMergePress(r, **{**REPLAY, "head_budgets": False}),
     "quickmerge-uniform": lambda r: QuickMergePress(compression_ratio=r, salient="uniform"),
     "quickmerge-high-entropy": lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"),
     "quickmerge-no-proportional": lambda r: QuickMergePress(compression_ratio=r, proportional=False),

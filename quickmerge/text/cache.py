@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import flat
+
 DYNAMIC = ("DynamicLayer",)
 DYNAMIC_OR_SLIDING = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
@@ -85,9 +87,14 @@ def _merged_layer_type(base: type) -> type:
         needs_press: bool = False  # decoding needs the press's masks (several tokens, or a sliding window)
         window: int | None = None  # the attention's sliding window, whatever the cache layer's class says
         _press_call: bool = False  # set by the press just before each call that it handles
+        folded_heads: int = 0  # flat layout (quickmerge.text.flat): the KV heads folded into one row
+        prompt_length: int = 0  # flat layout: prompt tokens, and the entries that stand for them
+        prompt_entries: int = 0
 
         def get_seq_length(self) -> int:
             entries = physical_length(self)
+            if self.folded_heads:  # each token after the prompt added one entry per KV head
+                return self.prompt_length + (entries - self.prompt_entries) // self.folded_heads
             return entries + self.offset if entries else 0
 
         def get_mask_sizes(self, query: Any, *args: Any, **kwargs: Any) -> tuple[int, int]:
@@ -96,6 +103,8 @@ def _merged_layer_type(base: type) -> type:
 
         def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
             handled, self._press_call = self._press_call, False
+            if self.folded_heads:
+                return self._update_flat(key_states, value_states, handled, *args, **kwargs)
             if self.needs_press and not handled and (key_states.shape[-2] > 1 or self.window is not None):
                 raise RuntimeError(
                     "this cache was compressed by QuickMergeInputPress, whose upper layers need the press's "
@@ -104,12 +113,26 @@ def _merged_layer_type(base: type) -> type:
                 )
             return super().update(key_states, value_states, *args, **kwargs)
 
+        def _update_flat(self, keys: Tensor, values: Tensor, handled: bool, *args: Any, **kwargs: Any) -> Any:
+            if not handled:
+                raise RuntimeError(
+                    "this cache was compressed with head_budgets=True: its KV heads share one row that only the "
+                    "press's attention masks can read; decode inside `with press(model):`"
+                )
+            b, hkv, q_len, _ = keys.shape
+            heads = self.log_sizes.shape[1]
+            owners = (torch.arange(hkv * q_len, device=keys.device) // q_len).expand(b, -1)
+            new = flat.owner_bias(torch.zeros(b, hkv * q_len, device=keys.device), owners, heads, hkv)
+            self.log_sizes = torch.cat([self.log_sizes, new.to(self.log_sizes.dtype)], dim=-1)
+            return super().update(flat.flatten_new(keys), flat.flatten_new(values), *args, **kwargs)
+
         def crop(self, *args: Any, **kwargs: Any) -> None:
             raise NotImplementedError("a cache compressed by quickmerge cannot be cropped (its entries are merged)")
 
         def reset(self) -> None:
             super().reset()
             self.offset, self.log_sizes, self.positions = 0, None, None
+            self.folded_heads = self.prompt_length = self.prompt_entries = 0
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
             super().reorder_cache(beam_idx)
@@ -144,4 +167,5 @@ def merged_layer(layer: Any, keys: Tensor, values: Tensor, prompt_length: int) -
     merged.log_sizes = merged.positions = None
     merged.needs_press = merged._press_call = False
     merged.window = None
+    merged.folded_heads = merged.prompt_length = merged.prompt_entries = 0
     return merged

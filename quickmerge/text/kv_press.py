@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import flat
 from .attention import grouped_sdpa, is_sdpa
 from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
 from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
@@ -40,11 +41,15 @@ from .press import Press
 
 class Compressed(NamedTuple):
     """What :meth:`KVPress.merge` returns: ``[B, Hkv, kept, d]`` keys and values, and the
-    number of prompt entries each kept entry stands for ``[B, Hkv, kept]`` (None: one each)."""
+    number of prompt entries each kept entry stands for ``[B, Hkv, kept]`` (None: one each).
+
+    Flat layout (:mod:`quickmerge.text.flat`): keys and values ``[B, 1, T, d]``, sizes ``[B, 1, T]``
+    and ``owners [B, T]``, the KV head of each entry."""
 
     keys: Tensor
     values: Tensor
     sizes: Tensor | None
+    owners: Tensor | None = None
 
 
 @dataclass
@@ -58,6 +63,7 @@ class _Prefill:
     cache_seen: bool = False
     kwarg_names: tuple[str, ...] = ()
     pending: dict[int, tuple[Any, Any, Any, int]] = field(default_factory=dict)  # layers awaiting their budget
+    inputs: dict[str, Tensor] = field(default_factory=dict)  # the prompt: input_ids or inputs_embeds
 
 
 @dataclass
@@ -92,6 +98,11 @@ class KVPress(Press):
         """Whether merged entries get ``log(size)`` on their logits (needs an additive float mask)."""
         return False
 
+    def folds_heads(self) -> bool:
+        """Whether this press leaves caches in the flat layout (:mod:`quickmerge.text.flat`), which
+        only SDPA attention through the press reads."""
+        return False
+
     def defers(self) -> bool:
         """Whether this press shares its budget over the layers once every layer was scored
         (:meth:`layer_budgets`); the default compresses each layer as soon as it is scored.
@@ -105,6 +116,15 @@ class KVPress(Press):
     def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:
         """Entries each layer keeps, ``{layer: kept}``, given each layer's prompt length."""
         return {i: self.kept(length) for i, length in lengths.items()}
+
+    def rescore(
+        self, base: nn.Module, cache: Any, attentions: dict[int, nn.Module], scores: dict[int, Tensor | None],
+        prompt: dict[str, Tensor],
+    ) -> dict[int, Tensor | None]:
+        """A deferring press's last word on the scores, once the whole prompt was prefilled (default: as
+        :meth:`score` gave them). ``base`` is the decoder stack, ``prompt`` its input (``input_ids`` or
+        ``inputs_embeds``); the cache still holds every layer whole."""
+        return scores
 
     # ---- hooks ---------------------------------------------------------------------------
     def _release(self) -> None:
@@ -135,6 +155,8 @@ class KVPress(Press):
         new_prompt = cache is None or cache.get_seq_length() == 0
         self._prefill = _Prefill(q_len) if new_prompt else None
         if new_prompt:
+            self._prefill.inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": kwargs["inputs_embeds"]}
+        if new_prompt:
             self._check_attention(module)
             if cache is not None:
                 check_cache(cache, type(self).__name__)
@@ -149,6 +171,12 @@ class KVPress(Press):
 
     def _check_attention(self, base: nn.Module) -> None:
         implementation = getattr(base.config, "_attn_implementation", None)
+        if self.folds_heads() and not is_sdpa(implementation):
+            raise ValueError(
+                f"{type(self).__name__} folds the KV heads of each layer into one row of the cache "
+                f"(head_budgets=True), which only SDPA attention reads; attention implementation is "
+                f"{implementation!r}: use model.set_attn_implementation('sdpa')"
+            )
         if self.adds_bias() and implementation != "eager" and not is_sdpa(implementation):
             raise ValueError(
                 f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
@@ -196,10 +224,14 @@ class KVPress(Press):
     def _compress(self, module: nn.Module, cache: Any, scores: Tensor | None, length: int, kept: int) -> None:
         layer = cache.layers[module.layer_idx]
         with torch.no_grad():
-            keys, values, sizes = self.merge(module, layer.keys, layer.values, scores, kept)
+            keys, values, sizes, owners = self.merge(module, layer.keys, layer.values, scores, kept)
         merged = merged_layer(layer, keys, values, length)
-        if sizes is not None:
-            heads = module.config.num_attention_heads
+        heads = module.config.num_attention_heads
+        if owners is not None:  # flat layout: each query head sees its own KV head's entries only
+            hkv = module.config.num_key_value_heads
+            merged.log_sizes = flat.owner_bias(sizes[:, 0].log(), owners, heads, hkv)
+            merged.folded_heads, merged.prompt_length, merged.prompt_entries = hkv, length, keys.shape[-2]
+        elif sizes is not None:
             merged.log_sizes = sizes.log().float().repeat_interleave(heads // keys.shape[1], dim=1)[:, :, None, :]
         cache.layers[module.layer_idx] = merged
         self._record(length, kept)
@@ -207,6 +239,11 @@ class KVPress(Press):
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._prefill = self._prefill, None
         if call is not None and call.pending:
+            scores = self.rescore(
+                module, next(iter(call.pending.values()))[1], {i: entry[0] for i, entry in call.pending.items()},
+                {i: entry[2] for i, entry in call.pending.items()}, call.inputs,
+            )
+            call.pending = {i: (attn, cache, scores[i], length) for i, (attn, cache, _, length) in call.pending.items()}
             budgets = self.layer_budgets({i: entry[3] for i, entry in call.pending.items()})
             for index, (attn, cache, scores, length) in call.pending.items():
                 self._compress(attn, cache, scores, length, budgets[index])
@@ -244,6 +281,12 @@ class KVPress(Press):
         hidden_states = hidden_states_arg(args, kwargs)
         q_len = hidden_states.shape[1]
         past = physical_length(layer)
+        if layer.folded_heads:
+            new = flat.new_entries_bias(q_len, bias.shape[1], layer.folded_heads, bias.device)
+            bias = torch.cat([bias.expand(-1, -1, q_len, -1), new.expand(bias.shape[0], -1, -1, -1)], dim=-1)
+            kwargs["attention_mask"] = bias.to(hidden_states.dtype)
+            layer._press_call = True
+            return args, kwargs
         bias = F.pad(bias, (0, past + q_len - bias.shape[-1])).to(hidden_states.dtype)
         if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
             bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)

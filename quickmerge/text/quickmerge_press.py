@@ -30,7 +30,9 @@ from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
+from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
+from .replay import replay_scores
 from .scoring import SALIENT, Salient, Window, key_novelty, observe, saliency, spread
 
 
@@ -72,6 +74,20 @@ class QuickMergePress(KVPress):
             unlike every other entry's (:func:`~quickmerge.text.scoring.key_novelty`: a fact stated
             once) gets ``novelty x`` its novelty rank added to its saliency rank, so it keeps a
             group of its own instead of being averaged into a dissimilar seed. 0 (default): off.
+        scoring: what rates the entries: ``"window"`` (the last ``window`` queries, above) or
+            ``"replay"`` (:mod:`quickmerge.text.replay`: the model reads the prompt once more after
+            ``replay_prefix`` and each entry scores the most attention a re-reading query pays it;
+            query-agnostic, finds facts that only a later copy needs, at the cost of a second pass
+            over the prompt; the first ``sinks`` entries always seed a group).
+        replay_prefix: token ids read before the replayed prompt (e.g. an instruction to repeat it).
+        sinks: ``scoring="replay"``: leading entries that always seed a group (attention sinks).
+        head_budgets: ``scoring="replay"``: the KV heads of a layer share its budget by their replay
+            scores (a copying head keeps most of the prompt, its neighbours a few entries), at equal
+            memory: the layer's entries are folded into one row (:mod:`quickmerge.text.flat`), which
+            needs SDPA attention and decoding inside the press.
+        budget ``"replay"``: with ``scoring="replay"``, each layer keeps as many entries as it holds
+            among the model's most attended (layer, head, entry) triples (KVzip's split over layers),
+            above the same floor; the total stays the uniform total.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
     what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
@@ -94,9 +110,14 @@ class QuickMergePress(KVPress):
     align_ridge: float = 0.1
     align_floor: float = 0.5
     novelty: float = 0.0
+    scoring: Literal["window", "replay"] = "window"
+    replay_prefix: tuple[int, ...] = ()
+    sinks: int = 4
+    head_budgets: bool = False
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
+    _replayed: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -113,7 +134,18 @@ class QuickMergePress(KVPress):
             if self.mode != "spans":
                 raise ValueError(f"time_period merges spans along time: it needs mode='spans', got mode={self.mode!r}")
         check_positive_int(self.time_offset, "time_offset", minimum=0)
-        check_choice(self.budget, "budget", ("uniform", "entropy"))
+        check_choice(self.budget, "budget", ("uniform", "entropy", "replay"))
+        check_choice(self.scoring, "scoring", ("window", "replay"))
+        if self.budget == "replay" and self.scoring != "replay":
+            raise ValueError("budget='replay' splits the cache by replay scores: it needs scoring='replay'")
+        check_positive_int(self.sinks, "sinks", minimum=0)
+        if self.head_budgets and (self.scoring != "replay" or self.mode != "clusters" or self.kmeans_iters
+                                  or self.align or self.bias != "size"):
+            raise ValueError(
+                "head_budgets=True compares replay scores across heads and merges into the kept entries: it needs "
+                "scoring='replay' with mode='clusters', kmeans_iters=0, align=False and bias='size'"
+            )
+        self.replay_prefix = tuple(int(i) for i in self.replay_prefix)
         check_real(self.budget_floor, "budget_floor", low=0.0, high=1.0, low_open=False, high_open=False)
         check_real(self.budget_power, "budget_power", low=0.0, high=math.inf, low_open=False, high_open=True)
         check_real(self.align_ridge, "align_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
@@ -126,21 +158,32 @@ class QuickMergePress(KVPress):
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
-        self.kept_share, self.layers_merged, self._windows = None, 0, {}
+        self.kept_share, self.layers_merged, self._windows, self._replayed = None, 0, {}, {}
 
     def _release(self) -> None:
         super()._release()
-        self._windows = {}
+        self._windows, self._replayed = {}, {}
 
     def adds_bias(self) -> bool:
-        return self.proportional
+        # Layers of uneven lengths (a non-uniform budget) need the per-layer masks of the bias path
+        # even without proportional attention: transformers sizes one mask for all of them.
+        return self.proportional or self.budget != "uniform" or self.head_budgets
+
+    def folds_heads(self) -> bool:
+        return self.head_budgets
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""
-        win = observe(module, hidden_states, keys, kwargs, self.window)
-        if self.budget == "entropy" or self.align:
-            self._windows[module.layer_idx] = win
+        if self.budget == "entropy" or self.align or self.scoring == "window":
+            win = observe(module, hidden_states, keys, kwargs, self.window)
+            if self.budget == "entropy" or self.align:
+                self._windows[module.layer_idx] = win
+        if self.scoring == "replay":
+            return keys  # rated in :meth:`rescore`, once the prompt has been read again
         ranks = saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
+        return self._with_novelty(ranks, keys)
+
+    def _with_novelty(self, ranks: Tensor, keys: Tensor) -> Tensor:
         if self.novelty > 0:
             novel = key_novelty(keys)
             b, h, length = novel.shape
@@ -148,12 +191,44 @@ class QuickMergePress(KVPress):
         return ranks
 
     def defers(self) -> bool:
-        return self.budget == "entropy"
+        return self.budget == "entropy" or self.scoring == "replay"
+
+    def rescore(
+        self, base: nn.Module, cache: object, attentions: dict[int, nn.Module], scores: dict[int, Tensor | None],
+        prompt: dict[str, Tensor],
+    ) -> dict[int, Tensor | None]:
+        if self.scoring != "replay":
+            return scores
+        length = next(iter(scores.values())).shape[2]
+        replay = dict(prompt)
+        if self.replay_prefix:
+            if "input_ids" not in replay:
+                raise ValueError("replay_prefix holds token ids: the prompt must be given as input_ids")
+            ids = replay["input_ids"]
+            prefix = torch.tensor(self.replay_prefix, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
+            replay["input_ids"] = torch.cat([prefix, ids], dim=1)
+        self._replayed = replay_scores(base, cache, attentions, replay, length)
+        out = {}
+        for index, keys in scores.items():
+            raw = self._replayed[index]
+            raw[..., : self.sinks] = raw.amax() + 1  # attention sinks always seed, in every head
+            b, h, _ = raw.shape
+            ranks = (raw.reshape(b * h, length).argsort(-1).argsort(-1) + 1).float().view(b, h, length) / length
+            out[index] = self._with_novelty(ranks, keys)
+        return out
 
     def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:
         layers = sorted(lengths)
         uniform = [self.kept(lengths[i]) for i in layers]
-        weights = [spread(self._windows[i]) ** self.budget_power for i in layers]
+        if self.budget == "uniform":
+            return dict(zip(layers, uniform, strict=True))
+        if self.budget == "replay":
+            raw = torch.stack([self._replayed[i].float().flatten() for i in layers])  # [layers, B*Hkv*L]
+            per_row = raw.shape[1] // lengths[layers[0]]
+            threshold = raw.flatten().topk(sum(uniform) * per_row).values[-1]
+            weights = (raw >= threshold).sum(dim=1).tolist()
+        else:
+            weights = [spread(self._windows[i]) ** self.budget_power for i in layers]
         floor = [max(1, int(self.budget_floor * u)) for u in uniform]
         kept = allocate(sum(uniform), weights, [lengths[i] for i in layers], floor)
         return dict(zip(layers, kept, strict=True))
@@ -161,6 +236,8 @@ class QuickMergePress(KVPress):
     def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` groups per head (see ``mode``)."""
         b, hkv, length, d = keys.shape
+        if self.head_budgets:
+            return self._merge_flat(module, keys, values, scores, kept)
         flat_k = keys.reshape(b * hkv, length, d)
         flat_v = values.reshape(b * hkv, length, values.shape[-1])
         s = scores.reshape(b * hkv, length)
@@ -193,11 +270,22 @@ class QuickMergePress(KVPress):
         elif self.proportional:  # total mass relative to the group's heaviest member
             heaviest = torch.zeros_like(total).scatter_reduce(1, assignment, mass, "amax")
             sizes = total / heaviest
+        elif self.budget != "uniform":  # no bias, but this layer's own mask (see adds_bias)
+            sizes = torch.ones_like(total)
         return Compressed(
             merged_k.view(b, hkv, kept, d),
             merged_v.view(b, hkv, kept, values.shape[-1]),
             None if sizes is None else sizes.view(b, hkv, kept),
         )
+
+
+    def _merge_flat(self, module: nn.Module, keys: Tensor, values: Tensor, ranks: Tensor, kept: int) -> Compressed:
+        """``hkv x kept`` entries of the layer's heads together, the best replay scores (flat layout)."""
+        hkv = keys.shape[1]
+        out = select_and_merge(keys, values, self._replayed[module.layer_idx], ranks, hkv * kept, self.epsilon)
+        self.layers_merged += 1
+        sizes = out.sizes if self.proportional else torch.ones_like(out.sizes)
+        return Compressed(out.keys[:, None], out.values[:, None], sizes[:, None], out.owners)
 
 
 def assign_to_seeds(keys: Tensor, is_seed: Tensor, seeds: Tensor) -> Tensor:

@@ -1,0 +1,91 @@
+"""Replay scoring: which cached entries the model reads when it goes over the prompt again.
+
+A window of the prompt's last queries only sees what the end of the prompt needs; a fact
+stated mid-prompt that the continuation will copy gets little of their attention. Reading
+the whole prompt a second time on top of its own cache (KVzip's context reconstruction,
+arXiv 2505.23416) asks every cached entry whether some later token needs it: while the
+model re-reads token ``t``, its copying heads attend to the first ``t`` and its neighbours.
+Each entry's score is the most attention any re-reading query pays it. The replayed
+entries are removed from the cache afterwards, so the cache ends as the prefill left it.
+
+Cost: one more forward pass over the prompt, with a cache twice as long (about 2-3x the
+prefill); the scores are taken in query chunks so memory stays ``chunk x 2L`` per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .decoder import hidden_states_arg, window_queries
+
+
+def replay_attention(queries: Tensor, keys: Tensor, length: int, scaling: float, chunk: int = 256) -> Tensor:
+    """Most attention each of the first ``length`` keys receives from replayed queries, ``[B, Hkv, length]``.
+
+    Args:
+        queries: ``[B, H, n, d]`` post-RoPE queries of the ``n`` replayed tokens.
+        keys: ``[B, Hkv, length + n, d]``: the prompt's entries, then the replayed tokens' own.
+        length: prompt entries (every replayed query sees all of them, and the replayed
+            tokens up to itself).
+        scaling: the attention's logit scale.
+    Maximum over the replayed queries and over the query heads that share each KV head (float32).
+    """
+    b, h, n, _ = queries.shape
+    hkv = keys.shape[1]
+    k = keys.float().repeat_interleave(h // hkv, dim=1) if h != hkv else keys.float()
+    positions = torch.arange(length + n, device=keys.device)
+    best = torch.zeros(b, h, length, device=keys.device)
+    for start in range(0, n, chunk):
+        q = queries[:, :, start : start + chunk].float()
+        logits = torch.matmul(q, k.transpose(-1, -2)) * scaling  # [B, H, c, length + n]
+        own = length + torch.arange(start, start + q.shape[2], device=keys.device)
+        logits = logits.masked_fill(positions[None, :] > own[:, None], float("-inf"))
+        best = torch.maximum(best, logits.softmax(dim=-1)[..., :length].amax(dim=2))
+    return best.view(b, hkv, h // hkv, length).amax(dim=2)
+
+
+def replay_scores(
+    base: nn.Module, cache: object, attentions: dict[int, nn.Module], replay: dict, length: int, chunk: int = 256
+) -> dict[int, Tensor]:
+    """Run ``base`` (the decoder stack) once more over ``replay`` with ``cache`` and score the prompt.
+
+    Args:
+        base: the model's decoder stack (``model.model``), called as ``base(**replay, past_key_values=cache)``.
+        cache: the prefill's cache, ``length`` entries per layer in ``attentions``; it is cut back to
+            ``length`` afterwards (what the replay appended is removed), and every other layer
+            (sliding windows) gets its state back.
+        attentions: ``{layer index: attention module}`` of the layers to score.
+        replay: the replayed prompt as ``{"input_ids": [B, n]}`` or ``{"inputs_embeds": [B, n, D]}``.
+    Returns ``{layer: [B, Hkv, length]}``: the :func:`replay_attention` of each layer.
+    """
+    scores: dict[int, Tensor] = {}
+
+    def score(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        hidden = hidden_states_arg(args, kwargs)
+        queries = window_queries(module, hidden, kwargs["position_embeddings"])
+        keys = cache.layers[module.layer_idx].keys
+        scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk)
+
+    handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
+    # Layers not scored (sliding windows) would roll their window over the replay: put their state back.
+    # Cache updates rebind tensors (they do not write in place), so a shallow copy of the state suffices.
+    saved = {i: dict(layer.__dict__) for i, layer in enumerate(cache.layers) if i not in attentions}
+    try:
+        with torch.no_grad():
+            base(**replay, past_key_values=cache, use_cache=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for i, layer in enumerate(cache.layers):
+            if i in saved:
+                layer.__dict__.clear()
+                layer.__dict__.update(saved[i])
+                continue
+            extra = layer.get_seq_length() - length
+            if extra > 0:
+                layer.crop(-extra)  # a negative crop removes that many entries in every transformers 5.x
+    missing = sorted(set(attentions) - set(scores))
+    if missing:
+        raise RuntimeError(f"the replay pass did not reach attention layers {missing}: cannot score them")
+    return scores

@@ -1,0 +1,193 @@
+"""Replay scoring (quickmerge.text.replay) and QuickMergePress(scoring="replay") on tiny random-weight LMs."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.text import QuickMergePress  # noqa: E402
+from quickmerge.text.replay import replay_attention  # noqa: E402
+from tests.text.tiny import duplicated_cache, tiny  # noqa: E402
+
+
+def test_replay_attention_equals_a_per_query_reference():
+    torch.manual_seed(0)
+    b, h, hkv, length, n, d = 2, 4, 2, 7, 5, 8
+    queries, keys = torch.randn(b, h, n, d), torch.randn(b, hkv, length + n, d)
+    got = replay_attention(queries, keys, length, 0.3, chunk=2)  # chunks of 2 queries: 3 chunks
+    want = torch.zeros(b, hkv, length)
+    for i in range(b):
+        for q in range(h):
+            for t in range(n):
+                visible = keys[i, q // 2, : length + t + 1]  # the prompt, then the replay up to itself
+                p = (visible @ queries[i, q, t] * 0.3).softmax(0)[:length]
+                want[i, q // 2] = torch.maximum(want[i, q // 2], p)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def _prefill(model, press, ids):
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+    return cache
+
+
+def test_replay_leaves_only_prompt_entries_in_the_cache():
+    """Dropping the others (epsilon ~ 0, no bias): every kept key is one of the prompt's own keys,
+    never one of the replayed copies (which sit at other positions, so their RoPE keys differ)."""
+    model = tiny("llama", layers=3)
+    ids = torch.randint(0, 97, (1, 40))
+    full = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+    press = QuickMergePress(0.5, scoring="replay", proportional=False, epsilon=1e-9)
+    cache = _prefill(model, press, ids)
+    assert press.achieved_ratio == pytest.approx(0.5)
+    for merged, plain in zip(cache.layers, full.layers, strict=True):
+        assert merged.keys.shape[2] == 20 and merged.get_seq_length() == 40
+        distance = (merged.keys[0, :, :, None] - plain.keys[0, :, None]).norm(dim=-1)  # [Hkv, 20, 40]
+        assert distance.amin(dim=-1).max() < 1e-4
+        first = (distance[:, :4] < 1e-4).float().argmax(dim=-1)
+        assert first.eq(torch.arange(4)).all()  # the attention sinks are kept, in order
+
+
+def test_replay_scores_are_not_the_window_scores():
+    model = tiny("llama", layers=2)
+    ids = torch.randint(0, 97, (1, 48))
+    window = _prefill(model, QuickMergePress(0.5, proportional=False, epsilon=1e-9), ids)
+    replay = _prefill(model, QuickMergePress(0.5, scoring="replay", proportional=False, epsilon=1e-9), ids)
+    assert not torch.allclose(window.layers[0].keys, replay.layers[0].keys)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"scoring": "replay"}, {"scoring": "replay", "budget": "replay"},
+     {"scoring": "replay", "budget": "replay", "proportional": False}, {"budget": "entropy", "proportional": False}],
+)
+def test_uneven_budgets_keep_the_total_and_decode_like_the_plain_model(options):
+    """Layers of different lengths decode inside the press exactly as an unpatched model decodes the
+    same entries one token at a time (each merged entry repeated by its size, or once without the bias)."""
+    model = tiny("llama", layers=4)
+    with torch.no_grad():  # layer 0's queries attend sharply: few entries carry its attention
+        model.model.layers[0].self_attn.q_proj.weight.mul_(30.0)
+    ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 5))
+    press = QuickMergePress(0.5, window=8, **options)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        reference_cache = duplicated_cache(cache)
+        merged = model(cont, past_key_values=cache).logits
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert sum(lengths) == 4 * (20 + 5) and press.achieved_ratio == pytest.approx(0.5)
+    if options.get("budget", "uniform") != "uniform":
+        assert len(set(lengths)) > 1
+    with torch.no_grad():  # without the bias each entry appears once: positions must be given
+        reference = torch.cat([model(cont[:, t : t + 1], past_key_values=reference_cache,
+                                     position_ids=torch.full((2, 1), 40 + t)).logits for t in range(5)], 1)
+    assert torch.allclose(merged, reference, atol=1e-4)
+
+
+def test_replay_prefix_is_read_before_the_prompt():
+    model = tiny("llama", layers=2)
+    ids = torch.randint(0, 97, (1, 40))
+    plain = _prefill(model, QuickMergePress(0.5, scoring="replay", epsilon=1e-9), ids)
+    prefixed = _prefill(model, QuickMergePress(0.5, scoring="replay", epsilon=1e-9, replay_prefix=(5, 6, 7)), ids)
+    assert plain.layers[1].keys.shape == prefixed.layers[1].keys.shape
+    assert not torch.allclose(plain.layers[1].keys, prefixed.layers[1].keys)
+    with pytest.raises(ValueError, match="replay_prefix"), torch.no_grad():
+        press = QuickMergePress(0.5, scoring="replay", replay_prefix=(5,))
+        with press(model):
+            model(inputs_embeds=model.model.embed_tokens(ids), past_key_values=transformers.DynamicCache())
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_replay_on_gemma3_scores_the_global_layers_and_restores_the_sliding_ones(heads):
+    """The replay passes through the sliding-window layers too; their caches come back as the prefill left
+    them, so decoding equals one token at a time and the sliding layers equal an unpressed prefill's."""
+    model = tiny("gemma3", layers=4)
+    ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 5))
+    plain = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=plain)
+    press = QuickMergePress(0.5, scoring="replay", budget="replay", head_budgets=heads)
+    cache, again = transformers.DynamicCache(config=model.config), transformers.DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        for layer, reference in zip(cache.layers, plain.layers, strict=True):
+            if layer.is_sliding:
+                assert torch.equal(layer.keys, reference.keys)
+        at_once = model(cont, past_key_values=cache).logits
+        model(ids, past_key_values=again)
+        steps = torch.cat([model(cont[:, t : t + 1], past_key_values=again).logits for t in range(5)], 1)
+    assert press.achieved_ratio == pytest.approx(0.5)
+    assert torch.allclose(at_once, steps, atol=1e-5)
+
+
+def test_replay_option_errors():
+    with pytest.raises(ValueError, match="scoring"):
+        QuickMergePress(0.5, scoring="recall")
+    with pytest.raises(ValueError, match="scoring='replay'"):
+        QuickMergePress(0.5, budget="replay")
+    with pytest.raises(ValueError, match="sinks"):
+        QuickMergePress(0.5, scoring="replay", sinks=-1)
+
+
+# ---- head budgets: the flat layout (quickmerge.text.flat) ------------------------------------------
+
+
+class _EvenSplit(QuickMergePress):
+    """Replay scores replaced by each head's own quantile ranks: the top Hkv x K over all heads of a
+    layer is then exactly the top K of every head, the rectangular press's choice."""
+
+    def rescore(self, base, cache, attentions, scores, prompt):
+        ranks = super().rescore(base, cache, attentions, scores, prompt)
+        self._replayed = {i: r.clone() for i, r in ranks.items()}
+        return ranks
+
+
+@pytest.mark.parametrize("proportional", [True, False])
+def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(proportional):
+    model = tiny("llama", layers=3)
+    ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 6))
+    logits = []
+    for heads in (False, True):
+        press = _EvenSplit(0.5, scoring="replay", head_budgets=heads, proportional=proportional)
+        cache = transformers.DynamicCache()
+        with torch.no_grad(), press(model):
+            model(ids, past_key_values=cache)
+            shapes = [tuple(layer.keys.shape) for layer in cache.layers]
+            logits.append(model(cont, past_key_values=cache).logits)
+        assert shapes == [(2, 1, 40, 16)] * 3 if heads else [(2, 2, 20, 16)] * 3
+    assert torch.allclose(logits[0], logits[1], atol=1e-5), (logits[0] - logits[1]).abs().max()
+
+
+def test_flat_layout_keeps_equal_memory_positions_and_decodes_consistently():
+    model = tiny("llama", layers=4)
+    with torch.no_grad():  # a sharp layer, so that the heads' and layers' budgets differ
+        model.model.layers[0].self_attn.q_proj.weight.mul_(30.0)
+    ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 6))
+    press = QuickMergePress(0.5, scoring="replay", budget="replay", head_budgets=True)
+    cache, again = transformers.DynamicCache(), transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+        entries = [layer.keys.shape[2] for layer in cache.layers]
+        owners = [torch.isfinite(layer.log_sizes[0, ::2, 0]).sum(-1) for layer in cache.layers]  # per KV head
+        at_once = model(cont, past_key_values=cache).logits
+        model(ids, past_key_values=again)
+        steps = torch.cat([model(cont[:, t : t + 1], past_key_values=again).logits for t in range(6)], 1)
+    assert sum(entries) == 4 * 2 * 20 and press.achieved_ratio == pytest.approx(0.5)  # = the rectangle's memory
+    assert len({tuple(o.tolist()) for o in owners}) > 1  # the heads' shares differ between layers
+    assert all(int(o.sum()) == e for o, e in zip(owners, entries, strict=True))
+    assert cache.get_seq_length() == 46 and cache.layers[1].keys.shape[2] == entries[1] + 2 * 6
+    assert torch.allclose(at_once, steps, atol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"), torch.no_grad():  # outside the press: refused, not wrong
+        model(cont, past_key_values=cache)
+
+
+def test_flat_layout_needs_sdpa_and_replay_scores():
+    with pytest.raises(ValueError, match="sdpa"), torch.no_grad():
+        model = tiny("llama", "eager")
+        with QuickMergePress(0.5, scoring="replay", head_budgets=True)(model):
+            model(torch.randint(0, 97, (1, 20)), past_key_values=transformers.DynamicCache())
+    with pytest.raises(ValueError, match="head_budgets"):
+        QuickMergePress(0.5, head_budgets=True)
