@@ -160,9 +160,13 @@ def score_example(
     positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
     with prefilled(model, ctx, press, method) as state:
         cache = state.cache
-        # entries per KV head in the compressed layers (Gemma: global); flat layers hold every head in one row
+        # mean entries per KV head over the full-attention layers (Gemma: the global ones; sliding layers are
+        # bounded by their window); flat layers hold every head in one row
         hkv = model.config.num_key_value_heads
-        kept = min(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers) / hkv
+        types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(cache.layers)
+        full = [layer for layer, kind in zip(cache.layers, types, strict=False) if kind == "full_attention"]
+        full = full or cache.layers
+        kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in full) / hkv / len(full)
         start = time.perf_counter()
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
             logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,
