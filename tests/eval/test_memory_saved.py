@@ -6,9 +6,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from quickmerge.eval.text import Method, TextExample, score_example  # noqa: E402
-from quickmerge.text import QuickMergePress  # noqa: E402
-from tests.text.tiny import tiny  # noqa: E402
+from quickmerge.eval.text import Method, TextExample, score_example
+from quickmerge.text import QuickMergePress
+from tests.text.tiny import tiny
 
 
 @pytest.mark.parametrize("options", [{}, {"budget": "entropy"}, {"scoring": "replay", "budget": "replay"},
