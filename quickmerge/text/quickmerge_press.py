@@ -13,6 +13,11 @@ seed groups that every other entry joins by cosine similarity of keys (the cache
 order to keep; ``mode="spans"`` merges contiguous spans instead); each group becomes one
 entry holding the mass-weighted mean of its keys and values and remembers its size, which
 the base press turns into proportional attention.
+
+For prompts that later text copies from, ``scoring="replay"`` rates entries by how the model
+reads the whole prompt again (:mod:`quickmerge.text.replay`) and ``head_budgets=True`` lets
+each layer's KV heads keep different numbers of entries at equal memory
+(:mod:`quickmerge.text.flat`).
 """
 
 from __future__ import annotations
