@@ -330,8 +330,15 @@ def test_hooks_are_removed_when_the_block_raises():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
-@pytest.mark.parametrize("options", [{"budget": "entropy"}, {"align": True}, {"budget": "entropy", "align": True}])
-def test_entropy_budgets_and_alignment_keep_the_total_and_decode_exactly(options):
+@pytest.mark.parametrize(
+    "options",
+    [{"budget": "entropy"}, {"align": True}, {"budget": "entropy", "align": True},
+     {"budget": "entropy", "proportional": False}, {"scoring": "replay"}, {"scoring": "replay", "budget": "replay"},
+     {"scoring": "replay", "budget": "replay", "proportional": False}],
+)
+def test_budgets_alignment_and_replay_keep_the_total_and_decode_like_the_plain_model(options):
+    """Layers of different lengths decode inside the press exactly as an unpatched model decodes the same
+    entries one token at a time (each merged entry repeated by its size; once without the bias)."""
     model = tiny("llama", layers=4)
     with torch.no_grad():  # layer 0's queries attend sharply: few entries carry its attention
         model.model.layers[0].self_attn.q_proj.weight.mul_(30.0)
@@ -344,10 +351,14 @@ def test_entropy_budgets_and_alignment_keep_the_total_and_decode_exactly(options
         merged = model(cont, past_key_values=cache).logits
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert sum(lengths) == 4 * (20 + 5) and press.achieved_ratio == pytest.approx(0.5)
-    if "budget" in options:  # the focused layer gives entries to the diffuse ones
+    if options.get("budget") == "entropy":  # the focused layer gives entries to the diffuse ones
         assert lengths[0] < min(lengths[1:])
-    with torch.no_grad():
-        assert torch.allclose(merged, model(cont, past_key_values=reference_cache).logits, atol=1e-4)
+    elif options.get("budget") == "replay":
+        assert len(set(lengths)) > 1
+    with torch.no_grad():  # without the bias each entry appears once: positions must be given
+        reference = torch.cat([model(cont[:, t : t + 1], past_key_values=reference_cache,
+                                     position_ids=torch.full((2, 1), 40 + t)).logits for t in range(5)], 1)
+    assert torch.allclose(merged, reference, atol=1e-4)
 
 
 def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
