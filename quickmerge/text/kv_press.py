@@ -156,7 +156,6 @@ class KVPress(Press):
         self._prefill = _Prefill(q_len) if new_prompt else None
         if new_prompt:
             self._prefill.inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": kwargs["inputs_embeds"]}
-        if new_prompt:
             self._check_attention(module)
             if cache is not None:
                 check_cache(cache, type(self).__name__)
@@ -239,11 +238,11 @@ class KVPress(Press):
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._prefill = self._prefill, None
         if call is not None and call.pending:
-            scores = self.rescore(
+            final = self.rescore(
                 module, next(iter(call.pending.values()))[1], {i: entry[0] for i, entry in call.pending.items()},
                 {i: entry[2] for i, entry in call.pending.items()}, call.inputs,
             )
-            call.pending = {i: (attn, cache, scores[i], length) for i, (attn, cache, _, length) in call.pending.items()}
+            call.pending = {i: (attn, cache, final[i], length) for i, (attn, cache, _, length) in call.pending.items()}
             budgets = self.layer_budgets({i: entry[3] for i, entry in call.pending.items()})
             for index, (attn, cache, scores, length) in call.pending.items():
                 self._compress(attn, cache, scores, length, budgets[index])
