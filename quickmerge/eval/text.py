@@ -35,20 +35,27 @@ class TextExample:
 def wikipedia_windows(
     tokenizer: Any, count: int, context: int = 1024, continuation: int = 64, *, bos: bool = False
 ) -> list[TextExample]:
-    """The opening C + T + 1 tokens of the first ``count`` articles long enough to hold them."""
+    """``count`` windows of C + T + 1 tokens: the opening window of every article long enough to
+    hold one, in dump order; then, when more are asked for, each article's second window (the next
+    C + T + 1 tokens, no overlap), then its third, and so on. The first windows never change with
+    ``count``. ``bos``: each window starts with the BOS token (counted in C)."""
     need = context + continuation + 1
+    body = need - 1 if bos else need
+    articles = [(a.title, tokenizer(a.text, add_special_tokens=False)["input_ids"]) for a in wikipedia_articles()]
     examples = []
-    for article in wikipedia_articles():
-        ids = tokenizer(article.text, add_special_tokens=False)["input_ids"]
-        if bos:
-            ids = [tokenizer.bos_token_id, *ids]
-        if len(ids) >= need:
-            examples.append(TextExample(article.title, torch.tensor(ids[:need])))
-        if len(examples) == count:
-            return examples
+    for part in range(max((len(ids) for _, ids in articles), default=0) // body):
+        for title, ids in articles:
+            piece = ids[part * body : (part + 1) * body]
+            if len(piece) < body:
+                continue
+            if bos:
+                piece = [tokenizer.bos_token_id, *piece]
+            examples.append(TextExample(title if part == 0 else f"{title} (window {part + 1})", torch.tensor(piece)))
+            if len(examples) == count:
+                return examples
     raise ValueError(
-        f"only {len(examples)} Wikipedia articles hold {need} tokens (context {context} + continuation "
-        f"{continuation} + 1); ask for fewer examples or shorter windows"
+        f"the Wikipedia articles hold only {len(examples)} windows of {need} tokens (context {context} + "
+        f"continuation {continuation} + 1); ask for fewer examples or shorter windows"
     )
 
 

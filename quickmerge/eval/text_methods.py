@@ -12,6 +12,7 @@ from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, T
 from .text import Method
 
 REPLAY = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False)
+RECENT = dict(window=2, kernel_size=1, salient="uniform", proportional=False)
 # Our presses: the method, its ablations (each QuickMerge++ ingredient on and off), baselines.
 OURS_PRESSES: dict[str, Any] = {
     "quickmerge": lambda r: QuickMergePress(compression_ratio=r),
@@ -24,6 +25,10 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **{**REPLAY, "proportional": True}),
     "quickmerge-replay-drop": lambda r: QuickMergePress(compression_ratio=r, **REPLAY, epsilon=1e-6),  # evict
     "quickmerge-replay-even-heads": lambda r: QuickMergePress(r, **{**REPLAY, "head_budgets": False}),
+    # Gemma 3 (development windows 40..45): merging costs there; the last two queries' attention, evicting
+    # the rest (epsilon -> 0), or merging with a light touch
+    "quickmerge-window2-drop": lambda r: QuickMergePress(r, **RECENT, epsilon=1e-6),
+    "quickmerge-window2": lambda r: QuickMergePress(r, **RECENT, epsilon=0.005),
     "quickmerge-uniform": lambda r: QuickMergePress(compression_ratio=r, salient="uniform"),
     "quickmerge-high-entropy": lambda r: QuickMergePress(compression_ratio=r, salient="high_entropy"),
     "quickmerge-no-proportional": lambda r: QuickMergePress(compression_ratio=r, proportional=False),

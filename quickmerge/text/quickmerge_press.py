@@ -108,7 +108,7 @@ class QuickMergePress(KVPress):
     kmeans_iters: int = 0
     bias: Literal["size", "mass"] = "size"
     kernel_size: int = 5
-    budget: Literal["uniform", "entropy"] = "uniform"
+    budget: Literal["uniform", "entropy", "replay"] = "uniform"
     budget_floor: float = 0.2
     budget_power: float = 1.0
     align: bool = False
