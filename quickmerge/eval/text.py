@@ -40,19 +40,27 @@ def wikipedia_windows(
     C + T + 1 tokens, no overlap), then its third, and so on. The first windows never change with
     ``count``. ``bos``: each window starts with the BOS token (counted in C)."""
     need = context + continuation + 1
-    body = need - 1 if bos else need
-    articles = [(a.title, tokenizer(a.text, add_special_tokens=False)["input_ids"]) for a in wikipedia_articles()]
-    examples = []
-    for part in range(max((len(ids) for _, ids in articles), default=0) // body):
-        for title, ids in articles:
-            piece = ids[part * body : (part + 1) * body]
-            if len(piece) < body:
-                continue
-            if bos:
-                piece = [tokenizer.bos_token_id, *piece]
-            examples.append(TextExample(title if part == 0 else f"{title} (window {part + 1})", torch.tensor(piece)))
-            if len(examples) == count:
+    body = need - 1 if bos else need  # article tokens per window
+    examples: list[TextExample] = []
+    tokenized: list[tuple[str, list[int]]] = []
+
+    def take(title: str, ids: list[int], part: int) -> bool:
+        piece = ids[part * body : (part + 1) * body]
+        piece = [tokenizer.bos_token_id, *piece] if bos else piece
+        examples.append(TextExample(title if part == 0 else f"{title} (window {part + 1})", torch.tensor(piece)))
+        return len(examples) == count
+
+    for article in wikipedia_articles():  # the openings, tokenizing only as far as needed
+        ids = tokenizer(article.text, add_special_tokens=False)["input_ids"]
+        tokenized.append((article.title, ids))
+        if len(ids) >= body and take(article.title, ids, 0):
+            return examples
+    part = 1
+    while any(len(ids) >= (part + 1) * body for _, ids in tokenized):
+        for title, ids in tokenized:
+            if len(ids) >= (part + 1) * body and take(title, ids, part):
                 return examples
+        part += 1
     raise ValueError(
         f"the Wikipedia articles hold only {len(examples)} windows of {need} tokens (context {context} + "
         f"continuation {continuation} + 1); ask for fewer examples or shorter windows"
