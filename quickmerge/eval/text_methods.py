@@ -25,8 +25,8 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **{**REPLAY, "proportional": True}),
     "quickmerge-replay-drop": lambda r: QuickMergePress(compression_ratio=r, **REPLAY, epsilon=1e-6),  # evict
     "quickmerge-replay-even-heads": lambda r: QuickMergePress(r, **{**REPLAY, "head_budgets": False}),
-    # Gemma 3 (development windows 40..45): merging costs there; the last two queries' attention, evicting
-    # the rest (epsilon -> 0), or merging with a light touch
+    # Gemma 3 ablation: the last two queries' attention, evicting the rest (epsilon -> 0) or merging lightly;
+    # best on development windows 40..45, behind the default on the 40 evaluation windows (BENCHMARKS.md)
     "quickmerge-window2-drop": lambda r: QuickMergePress(r, **RECENT, epsilon=1e-6),
     "quickmerge-window2": lambda r: QuickMergePress(r, **RECENT, epsilon=0.005),
     "quickmerge-uniform": lambda r: QuickMergePress(compression_ratio=r, salient="uniform"),
