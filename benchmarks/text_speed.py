@@ -30,6 +30,7 @@ from transformers import DynamicCache
 from quickmerge.data import wikipedia_articles
 from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergeInputPress, QuickMergePress
+from quickmerge.text.cache import cache_kwargs
 
 DECODE_STEPS = 32
 PARTS = ("prefill", "decode", "memory", "input")
@@ -52,7 +53,7 @@ def prefill(model, ids, press) -> tuple[float, DynamicCache, contextlib.ExitStac
     if press is not None:
         stack.enter_context(press(model))
     start = time.perf_counter()
-    model.model(input_ids=ids, past_key_values=cache)
+    model.model(input_ids=ids, **cache_kwargs(model.model, cache))
     return time.perf_counter() - start, cache, stack
 
 
@@ -62,7 +63,7 @@ def decode_steps(model, cache, tokens: torch.Tensor) -> float:
     times = []
     for i in range(tokens.shape[1]):
         start = time.perf_counter()
-        model(input_ids=tokens[:, i : i + 1], past_key_values=cache)
+        model(input_ids=tokens[:, i : i + 1], **cache_kwargs(model, cache))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

@@ -23,13 +23,14 @@ from transformers import DynamicCache
 from quickmerge.eval.generative import video_examples
 from quickmerge.pretrained.ar_models import load_ar
 from quickmerge.text import QuickMergeInputPress
+from quickmerge.text.cache import cache_kwargs
 
 
 def prefill(model, ids, press):
     cache = DynamicCache()
     with torch.no_grad(), press(model) if press is not None else torch.no_grad():
         start = time.perf_counter()
-        model.model(input_ids=ids, past_key_values=cache)
+        model.model(input_ids=ids, **cache_kwargs(model.model, cache))
         return time.perf_counter() - start, cache
 
 
@@ -39,8 +40,8 @@ def bits(model, example, context, press):
     cache = DynamicCache()
     positions = torch.arange(context, ids.shape[1] - 1)[None]
     with torch.no_grad(), press(model) if press is not None else torch.no_grad():
-        model.model(input_ids=ids[:, :context], past_key_values=cache)
-        logits = model(input_ids=ids[:, context:-1], past_key_values=cache, position_ids=positions).logits
+        model.model(input_ids=ids[:, :context], **cache_kwargs(model.model, cache))
+        logits = model(input_ids=ids[:, context:-1], **cache_kwargs(model, cache), position_ids=positions).logits
     return F.cross_entropy(logits[0].float(), ids[0, context + 1 :]).item() / math.log(2)
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..data import wikipedia_articles
+from ..text.cache import cache_kwargs
 from .text import Method, TextExample, prefilled
 
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
@@ -84,13 +85,13 @@ def answer_passkey(model: Any, tokenizer: Any, trial: PasskeyTrial, press: Any, 
         position = ctx.shape[1]
         logits = None
         for token in trial.question.tolist():  # one per call: the masking presses need it
-            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=state.cache,
+            logits = model(input_ids=torch.tensor([[token]], device=device), **cache_kwargs(model, state.cache),
                            position_ids=torch.tensor([[position]], device=device)).logits
             position += 1
         for _ in range(new_tokens):
             nxt = int(logits[0, -1].argmax())
             answer.append(nxt)
-            logits = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=state.cache,
+            logits = model(input_ids=torch.tensor([[nxt]], device=device), **cache_kwargs(model, state.cache),
                            position_ids=torch.tensor([[position]], device=device)).logits
             position += 1
     text = tokenizer.decode(answer)

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..data import wikipedia_articles
 from ..distributed import Context
+from ..text.cache import cache_kwargs
 from .journal import Journal
 
 
@@ -157,7 +158,7 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
             if press is not None:
                 pressing.enter_context(press(model))
             start = time.perf_counter()
-            model.model(input_ids=ids, past_key_values=cache)
+            model.model(input_ids=ids, **cache_kwargs(model.model, cache))
             state = Prefilled(cache, time.perf_counter() - start)
             if not method.decode_inside:
                 pressing.close()
@@ -184,11 +185,11 @@ def score_example(
         kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in full) / hkv / len(full)
         start = time.perf_counter()
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
-            logits = torch.cat([model(input_ids=cont[:, t : t + 1], past_key_values=cache,
+            logits = torch.cat([model(input_ids=cont[:, t : t + 1], **cache_kwargs(model, cache),
                                       position_ids=positions[:, t : t + 1]).logits
                                 for t in range(cont.shape[1])], dim=1)
         else:
-            logits = model(input_ids=cont, past_key_values=cache, position_ids=positions).logits
+            logits = model(input_ids=cont, **cache_kwargs(model, cache), position_ids=positions).logits
         decode = time.perf_counter() - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
     memory_saved = 1 - kept / context  # of the compressed layers' entries
@@ -217,7 +218,8 @@ def generate_continuation(
         token = ids[:, context : context + 1]
         for t in range(steps):
             position = torch.tensor([[context + t]], device=device)
-            logits = model(input_ids=token, past_key_values=state.cache, position_ids=position).logits[0, -1].float()
+            step = model(input_ids=token, **cache_kwargs(model, state.cache), position_ids=position)
+            logits = step.logits[0, -1].float()
             nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator) if sample else logits.argmax(-1, True)
             out.append(int(nxt))
             token = nxt.view(1, 1)

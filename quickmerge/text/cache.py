@@ -21,6 +21,7 @@ Only the plain ``DynamicLayer`` of a ``DynamicCache`` can be compressed; other c
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -41,6 +42,23 @@ def cache_arg(kwargs: dict) -> Any:
     5.2x, ``past_key_values=`` before), or None."""
     cache = kwargs.get("cache")
     return kwargs.get("past_key_values") if cache is None else cache
+
+
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for calling ``model`` (a causal LM or its decoder stack) with ``cache``, under the
+    keyword its transformers release takes: ``cache=`` (5.24 on; ``past_key_values=`` is deprecated there,
+    to be removed in 5.40) or ``past_key_values=`` (before)."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.cache
+def _cache_keyword(model_type: type) -> str:
+    parameters = inspect.signature(model_type.forward).parameters
+    if "cache" in parameters:
+        return "cache"
+    if "past_key_values" in parameters:
+        return "past_key_values"
+    raise TypeError(f"{model_type.__name__}.forward takes neither cache= nor past_key_values=: it keeps no KV cache")
 
 
 def check_cache(cache: Any, who: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .cache import cache_kwargs
 from .decoder import hidden_states_arg, window_queries
 
 
@@ -51,7 +52,7 @@ def replay_scores(
     """Run ``base`` (the decoder stack) once more over ``replay`` with ``cache`` and score the prompt.
 
     Args:
-        base: the model's decoder stack (``model.model``), called as ``base(**replay, past_key_values=cache)``.
+        base: the model's decoder stack (``model.model``), called with the prompt and ``cache``.
         cache: the prefill's cache, ``length`` entries per layer in ``attentions``; it is cut back to
             ``length`` afterwards (what the replay appended is removed), and every other layer
             (sliding windows) gets its state back.
@@ -73,7 +74,7 @@ def replay_scores(
     saved = {i: dict(layer.__dict__) for i, layer in enumerate(cache.layers) if i not in attentions}
     try:
         with torch.no_grad():
-            base(**replay, past_key_values=cache, use_cache=True)
+            base(**replay, **cache_kwargs(base, cache), use_cache=True)
     finally:
         for handle in handles:
             handle.remove()
