@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
 VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-time", "quickmerge-frame"]
 # Image-aware variant: spans down each column (one pixel location through consecutive rows), the
 # image analogue of spans along time; recent rows stay apart, older rows merge vertically.
-IMAGE_METHODS = ["quickmerge-columns"]
+IMAGE_METHODS = ["quickmerge-columns", "quickmerge-replay-row"]
 MODALITY_METHODS = {"image": IMAGE_METHODS, "video": VIDEO_METHODS}
 INPUT_LAYER = 0  # the AR models have 4 layers: the input press merges after the first
 
@@ -49,11 +49,15 @@ def ar_method(name: str, fmt: object) -> object:
     """
     from ..text import QuickMergeInputPress, QuickMergePress
     from .text import Method
-    from .text_methods import build_method
+    from .text_methods import REPLAY, build_method
 
     period = fmt.tokens_per_frame
     row = fmt.width // fmt.patch
+    replay = {**REPLAY, "proportional": True}  # the text protocol's quickmerge-replay-proportional
     makers = {
+        # replay scoring, and the context's last row always kept: the next row reads it most (chosen on held-out
+        # training-split images, docs/results/issue12/ar_dev.json; on video windows a kept tail did not help there)
+        "quickmerge-replay-row": lambda r: QuickMergePress(compression_ratio=r, **replay, recent=row),
         "quickmerge-columns": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=row,
                                                         time_offset=1),
         "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER),

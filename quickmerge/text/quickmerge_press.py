@@ -38,7 +38,7 @@ from .alignment import fit_keys, fit_values, read_weights
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
 from .replay import replay_scores
-from .scoring import SALIENT, Salient, Window, key_novelty, observe, saliency, spread
+from .scoring import SALIENT, Salient, Window, key_novelty, observe, prompt_saliency, saliency, spread
 
 
 @dataclass
@@ -83,9 +83,13 @@ class QuickMergePress(KVPress):
             ``"replay"`` (:mod:`quickmerge.text.replay`: the model reads the prompt once more after
             ``replay_prefix`` and each entry scores the most attention a re-reading query pays it;
             query-agnostic, finds facts that only a later copy needs, at the cost of a second pass
-            over the prompt; the first ``sinks`` entries always seed a group).
+            over the prompt; the first ``sinks`` entries always seed a group), or ``"prompt"``
+            (:func:`~quickmerge.text.scoring.prompt_saliency`: every prompt query's attention, weighted by
+            ``salient``, divided by the weight of the queries that see each entry; no second pass).
         replay_prefix: token ids read before the replayed prompt (e.g. an instruction to repeat it).
         sinks: ``scoring="replay"``: leading entries that always seed a group (attention sinks).
+        recent: ``scoring="replay"``: trailing entries that always seed a group (e.g. the last frame of a video,
+            which the next frame reads almost whole); 0 (default): none.
         head_budgets: ``scoring="replay"``: the KV heads of a layer share its budget by their replay
             scores (a copying head keeps most of the prompt, its neighbours a few entries), at equal
             memory: the layer's entries are folded into one row (:mod:`quickmerge.text.flat`), which
@@ -115,9 +119,10 @@ class QuickMergePress(KVPress):
     align_ridge: float = 0.1
     align_floor: float = 0.5
     novelty: float = 0.0
-    scoring: Literal["window", "replay"] = "window"
+    scoring: Literal["window", "replay", "prompt"] = "window"
     replay_prefix: tuple[int, ...] = ()
     sinks: int = 4
+    recent: int = 0
     head_budgets: bool = False
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
@@ -140,10 +145,14 @@ class QuickMergePress(KVPress):
                 raise ValueError(f"time_period merges spans along time: it needs mode='spans', got mode={self.mode!r}")
         check_positive_int(self.time_offset, "time_offset", minimum=0)
         check_choice(self.budget, "budget", ("uniform", "entropy", "replay"))
-        check_choice(self.scoring, "scoring", ("window", "replay"))
+        check_choice(self.scoring, "scoring", ("window", "replay", "prompt"))
         if self.budget == "replay" and self.scoring != "replay":
             raise ValueError("budget='replay' splits the cache by replay scores: it needs scoring='replay'")
         check_positive_int(self.sinks, "sinks", minimum=0)
+        check_positive_int(self.recent, "recent", minimum=0)
+        if self.recent and self.scoring != "replay":
+            raise ValueError("recent protects trailing entries from replay scoring: it needs scoring='replay' "
+                             "(window scoring always keeps its window's entries)")
         if self.head_budgets and (self.scoring != "replay" or self.mode != "clusters" or self.kmeans_iters
                                   or self.align or self.bias != "size"):
             raise ValueError(
@@ -185,6 +194,10 @@ class QuickMergePress(KVPress):
                 self._windows[module.layer_idx] = win
         if self.scoring == "replay":
             return keys  # rated in :meth:`rescore`, once the prompt has been read again
+        if self.scoring == "prompt":
+            ranks = prompt_saliency(module, hidden_states, keys, kwargs, salient=self.salient,
+                                    kernel_size=self.kernel_size)
+            return self._with_novelty(ranks, keys)
         ranks = saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
         return self._with_novelty(ranks, keys)
 
@@ -216,7 +229,10 @@ class QuickMergePress(KVPress):
         out = {}
         for index, keys in scores.items():
             raw = self._replayed[index]
-            raw[..., : self.sinks] = raw.amax() + 1  # attention sinks always seed, in every head
+            top = raw.amax() + 1
+            raw[..., : self.sinks] = top  # attention sinks always seed, in every head
+            if self.recent:
+                raw[..., -self.recent:] = top
             b, h, _ = raw.shape
             ranks = (raw.reshape(b * h, length).argsort(-1).argsort(-1) + 1).float().view(b, h, length) / length
             out[index] = self._with_novelty(ranks, keys)

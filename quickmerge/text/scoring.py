@@ -96,6 +96,44 @@ def saliency(win: Window, hkv: int, *, salient: Salient = "low_entropy", kernel_
     return (ranks + 1).float() / length
 
 
+def prompt_saliency(
+    module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, *, salient: Salient = "low_entropy",
+    kernel_size: int = 1, chunk: int = 256,
+) -> Tensor:
+    """Saliency ``[B, Hkv, L]`` from every prompt query, not a window: a quantile rank in (0, 1] per KV head.
+
+    Each entry's score is the attention it receives from the queries after it (causal),
+    weighted by ``salient`` as in :func:`saliency`, divided by the total weight of the
+    queries that can see it, so an early entry does not win for having more observers
+    (ObservedAttention's normalisation). Queries are taken ``chunk`` at a time: memory
+    ``chunk x L`` per head.
+    """
+    b, hkv, length, _ = keys.shape
+    q = window_queries(module, hidden_states, kwargs["position_embeddings"]).float()  # [B, H, L, d]
+    groups = q.shape[1] // hkv
+    k = keys.float().repeat_interleave(groups, dim=1) if groups > 1 else keys.float()
+    key_pos = torch.arange(length, device=keys.device)
+    received = torch.zeros(b, q.shape[1], length, device=keys.device)
+    observers = torch.zeros_like(received)
+    for start in range(0, length, chunk):
+        pos = torch.arange(start, min(start + chunk, length), device=keys.device)
+        allowed = key_pos[None, :] <= pos[:, None]  # [c, L]
+        logits = torch.matmul(q[:, :, pos], k.transpose(-1, -2)) * module.scaling
+        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, H, c, L]
+        if salient == "uniform":
+            weight = torch.ones(probs.shape[:-1], device=keys.device)
+        else:
+            entropy = normalized_entropy(probs, pos + 1)
+            weight = 1.0 - entropy if salient == "low_entropy" else entropy
+        received += attention_received(probs, weight)
+        observers += attention_received(allowed.float().expand_as(probs), weight)
+    received = received / observers.clamp_min(1e-12)
+    if kernel_size > 1:
+        received = F.avg_pool1d(received, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
+    received = received.view(b, hkv, groups, length).mean(dim=2)
+    return (received.argsort(dim=-1).argsort(dim=-1) + 1).float() / length
+
+
 def spread(win: Window) -> float:
     """Entries the window's queries effectively attend to: ``exp(entropy)`` of each query's
     attention, averaged over queries, heads and the batch."""

@@ -51,6 +51,31 @@ def test_replay_leaves_only_prompt_entries_in_the_cache():
         assert first.eq(torch.arange(4)).all()  # the attention sinks are kept, in order
 
 
+@pytest.mark.parametrize("heads", [False, True])
+def test_replay_keeps_the_recent_entries(heads):
+    """recent=N: the prompt's last N entries are kept in every layer and head (dropping the others), which
+    the replay scores alone do not do on this model."""
+    model = tiny("llama", layers=3)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    full = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+    options = dict(scoring="replay", proportional=False, epsilon=1e-9)
+    if heads:
+        options.update(budget="replay", head_budgets=True)
+
+    def last_kept(cache):  # [layers, Hkv, 12]: whether each of the last 12 prompt entries is in the cache
+        out = []
+        for merged, plain in zip(cache.layers, full.layers, strict=True):
+            kept = merged.keys[0].reshape(-1, merged.keys.shape[-1])  # every head's entries (flat or not)
+            last = plain.keys[0, :, -12:]  # [Hkv, 12, d]
+            out.append((last[:, :, None] - kept[None, None]).norm(dim=-1).amin(dim=-1) < 1e-4)
+        return torch.stack(out)
+
+    assert not last_kept(_prefill(model, QuickMergePress(0.5, **options), ids)).all()
+    assert last_kept(_prefill(model, QuickMergePress(0.5, **options, recent=12), ids)).all()
+
+
 def test_replay_scores_are_not_the_window_scores():
     model = tiny("llama", layers=2)
     ids = torch.randint(0, 97, (1, 48))
@@ -102,6 +127,10 @@ def test_replay_option_errors():
         QuickMergePress(0.5, budget="replay")
     with pytest.raises(ValueError, match="sinks"):
         QuickMergePress(0.5, scoring="replay", sinks=-1)
+    with pytest.raises(ValueError, match="recent"):
+        QuickMergePress(0.5, scoring="replay", recent=-1)
+    with pytest.raises(ValueError, match=r"recent.*scoring='replay'"):
+        QuickMergePress(0.5, recent=8)
 
 
 # ---- head budgets: the flat layout (quickmerge.text.flat) ------------------------------------------

@@ -1,0 +1,43 @@
+"""quickmerge.text.scoring.prompt_saliency, through QuickMergePress(scoring="prompt"), against the model's own
+attention weights (eager attention, output_attentions): ObservedAttention's score with entropy weights."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.text import QuickMergePress  # noqa: E402
+from tests.text.tiny import tiny  # noqa: E402
+
+
+def _reference_kept(attn: torch.Tensor, kept: int, salient: str, hkv: int) -> torch.Tensor:
+    """``[Hkv, kept]`` sorted indices of the top entries: attention received from every later query,
+    weighted, over the weight of the queries that see it; mean over each KV head's query heads."""
+    h, length, _ = attn.shape
+    support = torch.arange(1, length + 1, dtype=torch.float32)
+    entropy = -torch.special.xlogy(attn, attn).sum(-1) / support.log().clamp_min(1e-12)  # [H, L]
+    entropy[:, 0] = 0.0
+    weight = {"uniform": torch.ones_like(entropy), "low_entropy": 1 - entropy, "high_entropy": entropy}[salient]
+    received = (weight[..., None] * attn).sum(1)  # [H, L]
+    observers = torch.flip(torch.cumsum(torch.flip(weight, [1]), 1), [1])  # weight of queries i >= j
+    score = (received / observers).view(hkv, h // hkv, length).mean(1)
+    return score.topk(kept, dim=-1).indices.sort(-1).values
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("salient", ["uniform", "low_entropy", "high_entropy"])
+def test_prompt_scoring_keeps_the_entries_the_model_attends_to(kind, salient):
+    model = tiny(kind, attn="eager", layers=2)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    full = transformers.DynamicCache()
+    with torch.no_grad():
+        attentions = model(ids, past_key_values=full, output_attentions=True).attentions
+    press = QuickMergePress(0.5, scoring="prompt", salient=salient, kernel_size=1, proportional=False,
+                            epsilon=1e-9)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(ids, past_key_values=cache)
+    for layer, (merged, plain) in enumerate(zip(cache.layers, full.layers, strict=True)):
+        hkv = plain.keys.shape[1]
+        want = _reference_kept(attentions[layer][0].float(), 15, salient, hkv)
+        assert torch.allclose(merged.keys[0], plain.keys[0].gather(1, want[..., None].expand(-1, -1, 16)), atol=1e-5)
