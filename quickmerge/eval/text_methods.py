@@ -20,6 +20,12 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-align": lambda r: QuickMergePress(compression_ratio=r, align=True),
     "quickmerge-budget-align": lambda r: QuickMergePress(compression_ratio=r, budget="entropy", align=True),
     "quickmerge-novelty": lambda r: QuickMergePress(compression_ratio=r, novelty=1.0),
+    # every prompt query scores the entries (entropy-weighted, ObservedAttention's normalisation), for Gemma 3:
+    # the defaults otherwise (best on development windows 40..59), and a light merge without pooling or
+    # proportional attention (best on 40..79; docs/results/issue10/gemma_prompt_dev.json)
+    "quickmerge-prompt": lambda r: QuickMergePress(compression_ratio=r, scoring="prompt"),
+    "quickmerge-prompt-light": lambda r: QuickMergePress(r, scoring="prompt", kernel_size=1, proportional=False,
+                                                         epsilon=0.005),
     # replay scoring (the model reads the prompt again), budgets over layers and KV heads, flat cache
     "quickmerge-replay": lambda r: QuickMergePress(compression_ratio=r, **REPLAY),
     "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **{**REPLAY, "proportional": True}),
