@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         ar_show.add_argument("--results", default=f"results/{modality}.json",
                              help="eval JSON naming the best kvpress press per ratio (else ExpectedAttention)")
         ar_show.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+        ar_show.add_argument("--method", default=None, help="the QuickMerge++ eval method drawn (default: "
+                             + {"image": "quickmerge-replay-row", "video": "quickmerge-replay-proportional"}[modality]
+                             + ", the best in BENCHMARKS.md)")
         if modality == "video":
             ar_show.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out windows)")
         ar_show.add_argument("--out", default=f"docs/img/{modality}_ar_completions.png")
@@ -171,9 +174,16 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.examples <= 64 or not all(0 < r < 1 for r in args.ratios):
             raise SystemExit("--examples must be in [1, 64] and --ratios in (0, 1)")
         modality = args.target.removesuffix("-ar")
+        if args.method is not None:
+            from .eval.generative_cli import MODALITY_METHODS
+            from .eval.text_methods import OURS
+
+            known = [m for m in OURS + MODALITY_METHODS[modality] if m.startswith("quickmerge")]
+            if args.method not in known:
+                raise SystemExit(f"--method must be one of {', '.join(known)}; got {args.method!r}")
         path = draw_completions(modality, model_dir=args.model, count=args.examples, ratios=args.ratios,
                                 results=args.results, out=args.out, sample=args.sample,
-                                video=getattr(args, "video", None))
+                                video=getattr(args, "video", None), method=args.method)
         print(f"wrote {path}")
     elif args.command == "visualize":
         if not 1 <= args.images <= 10_000 or args.r < 0:

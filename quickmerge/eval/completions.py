@@ -34,13 +34,13 @@ def completions(
 ) -> torch.Tensor:
     """uint8 frames ``[E, len(columns), frames, H, W]``: context + each method's generated continuation."""
     from ..ar.formats import to_pixels
-    from .text_methods import build_method
+    from .generative_cli import ar_method
 
     out = []
     for example in examples:
         per_method = []
         for name, ratio in columns:
-            method = NO_COMPRESSION if ratio is None else build_method(name)
+            method = NO_COMPRESSION if ratio is None else ar_method(name, fmt)
             press = None if ratio is None else method.make(ratio)
             gen = torch.Generator().manual_seed(seed)
             tail = generate_continuation(model, example, fmt.context, fmt.continuation, press, method,
@@ -83,9 +83,14 @@ def draw(frames: torch.Tensor, truth: torch.Tensor, fmt: Any, labels: list[str],
     return path
 
 
+# The QuickMerge++ configuration drawn by default: the best of each modality's evaluation (BENCHMARKS.md)
+DEFAULT_METHOD = {"image": "quickmerge-replay-row", "video": "quickmerge-replay-proportional"}
+
+
 def run(modality: str, *, model_dir: str, count: int, ratios: list[float], results: str | None, out: str,
-        sample: bool, video: str | None = None) -> Path:
-    """Generate and draw ``count`` held-out examples for ``modality``; returns the PNG path."""
+        sample: bool, video: str | None = None, method: str | None = None) -> Path:
+    """Generate and draw ``count`` held-out examples for ``modality`` under ``method`` (an eval method name of
+    QuickMerge++, default :data:`DEFAULT_METHOD`) and the best kvpress press; returns the PNG path."""
     from ..ar.formats import to_pixels
     from ..pretrained.ar_models import load_ar
     from .generative import image_examples, video_examples
@@ -93,10 +98,11 @@ def run(modality: str, *, model_dir: str, count: int, ratios: list[float], resul
     model, tokenizer, fmt = load_ar(model_dir)
     examples = (image_examples(fmt, tokenizer, count) if modality == "image"
                 else video_examples(fmt, tokenizer, count, video))
+    ours = method or DEFAULT_METHOD[modality]
     columns: list[tuple[str, float | None]] = [("full context", None)]
     for r in ratios:
-        columns += [("quickmerge", r), (best_kvpress(results, r, "kvpress-expected-attention"), r)]
-    labels = ["full"] + [f"{n.removeprefix('kvpress-')} {r:g}" if n != "quickmerge" else f"QuickMerge++ {r:g}"
+        columns += [(ours, r), (best_kvpress(results, r, "kvpress-expected-attention"), r)]
+    labels = ["full"] + [f"QuickMerge++ {r:g}" if n == ours else f"{n.removeprefix('kvpress-')} {r:g}"
                          for n, r in columns[1:]]
     frames = completions(model, fmt, tokenizer, examples, columns, sample=sample)
     truth = torch.stack([to_pixels(ex.ids[None, 1:], fmt, tokenizer)[0] for ex in examples])

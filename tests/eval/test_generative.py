@@ -91,6 +91,11 @@ def test_visualize_image_ar_draws_truth_and_every_method(tmp_path):
     assert best_kvpress(results, 0.75, "x") == "x"
 
 
+def test_visualize_refuses_an_unknown_method_before_loading_anything(tmp_path):
+    with pytest.raises(SystemExit, match=r"--method must be one of .*quickmerge-replay-row"):
+        main(["visualize", "image-ar", "--model", str(tmp_path), "--method", "kvpress-snapkv"])
+
+
 def test_greedy_generation_under_no_compression_equals_the_argmax_loop(tmp_path):
     from quickmerge.eval.text import NO_COMPRESSION, TextExample, generate_continuation
 
