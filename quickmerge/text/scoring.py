@@ -8,6 +8,9 @@ the whole prompt is taken. From that :class:`Window`:
   how focused it is (QuickMerge++'s entropy saliency);
 - :func:`spread`: how many entries the layer's queries effectively attend to (the
   perplexity of their attention), which sets the layer's share of a cache budget.
+
+:func:`prompt_saliency` scores from every prompt query instead of a window (the same
+focus weights, ObservedAttention's normalisation by the queries that see each entry).
 """
 
 from __future__ import annotations
