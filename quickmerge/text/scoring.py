@@ -69,12 +69,16 @@ def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwa
     return observe(module, hidden_states, keys, kwargs, window).probs
 
 
-def query_weights(probs: Tensor, salient: Salient) -> Tensor:
-    """Weight ``[B, H, w]`` of each window query: its focus (``low_entropy``), breadth, or 1."""
+def query_weights(probs: Tensor, salient: Salient, support: Tensor | None = None) -> Tensor:
+    """Weight ``[B, H, w]`` of each query: its focus (``low_entropy``), breadth, or 1.
+
+    ``support [w]``: keys each query may see (default: the prompt's last ``w`` queries, ``L - w + 1 .. L``).
+    """
     b, h, w, length = probs.shape
     if salient == "uniform":
         return torch.ones(b, h, w, device=probs.device)
-    support = torch.arange(length - w, length, device=probs.device) + 1  # keys each query may see
+    if support is None:
+        support = torch.arange(length - w, length, device=probs.device) + 1
     entropy = normalized_entropy(probs, support)
     return 1.0 - entropy if salient == "low_entropy" else entropy
 
@@ -123,11 +127,7 @@ def prompt_saliency(
         allowed = key_pos[None, :] <= pos[:, None]  # [c, L]
         logits = torch.matmul(q[:, :, pos], k.transpose(-1, -2)) * module.scaling
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, H, c, L]
-        if salient == "uniform":
-            weight = torch.ones(probs.shape[:-1], device=keys.device)
-        else:
-            entropy = normalized_entropy(probs, pos + 1)
-            weight = 1.0 - entropy if salient == "low_entropy" else entropy
+        weight = query_weights(probs, salient, pos + 1)
         received += attention_received(probs, weight)
         observers += attention_received(allowed.float().expand_as(probs), weight)
     received = received / observers.clamp_min(1e-12)
