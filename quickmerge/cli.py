@@ -74,9 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         ar_show.add_argument("--results", default=f"results/{modality}.json",
                              help="eval JSON naming the best kvpress press per ratio (else ExpectedAttention)")
         ar_show.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-        ar_show.add_argument("--method", default=None, help="the QuickMerge++ eval method drawn (default: "
-                             + {"image": "quickmerge-replay-row", "video": "quickmerge-replay-proportional"}[modality]
-                             + ", the best in BENCHMARKS.md)")
+        ar_show.add_argument("--method", default=None, help="the QuickMerge++ eval method drawn (default: the "
+                             "modality's best in BENCHMARKS.md, DEFAULT_METHOD in quickmerge/eval/completions.py)")
         if modality == "video":
             ar_show.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out windows)")
         ar_show.add_argument("--out", default=f"docs/img/{modality}_ar_completions.png")

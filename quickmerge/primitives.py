@@ -73,6 +73,11 @@ def attention_received(probs: Tensor, weight: Tensor) -> Tensor:
     return (weight[..., None] * probs).sum(dim=-2)
 
 
+def quantile_rank(scores: Tensor) -> Tensor:
+    """Rank of each entry within its row (last dim) as a quantile in (0, 1] (1 = largest), float32."""
+    return (scores.argsort(dim=-1).argsort(dim=-1) + 1).to(torch.float32) / scores.shape[-1]
+
+
 def rank01(scores: Tensor) -> Tensor:
     """Rank of each entry within its row scaled to [0, 1] (0 = smallest), ``[B, n]`` float32."""
     n = scores.shape[-1]

@@ -49,15 +49,14 @@ def ar_method(name: str, fmt: object) -> object:
     """
     from ..text import QuickMergeInputPress, QuickMergePress
     from .text import Method
-    from .text_methods import REPLAY, build_method
+    from .text_methods import REPLAY_PROPORTIONAL, build_method
 
     period = fmt.tokens_per_frame
     row = fmt.width // fmt.patch
-    replay = {**REPLAY, "proportional": True}  # the text protocol's quickmerge-replay-proportional
     makers = {
         # replay scoring, and the context's last row always kept: the next row reads it most (chosen on held-out
         # training-split images, docs/results/issue12/ar_dev.json; on video windows a kept tail did not help there)
-        "quickmerge-replay-row": lambda r: QuickMergePress(compression_ratio=r, **replay, recent=row),
+        "quickmerge-replay-row": lambda r: QuickMergePress(compression_ratio=r, **REPLAY_PROPORTIONAL, recent=row),
         "quickmerge-columns": lambda r: QuickMergePress(compression_ratio=r, mode="spans", time_period=row,
                                                         time_offset=1),
         "quickmerge-input": lambda r: QuickMergeInputPress(compression_ratio=r, layer=INPUT_LAYER),

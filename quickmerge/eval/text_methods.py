@@ -12,6 +12,7 @@ from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, T
 from .text import Method
 
 REPLAY = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False)
+REPLAY_PROPORTIONAL = {**REPLAY, "proportional": True}
 RECENT = dict(window=2, kernel_size=1, salient="uniform", proportional=False)
 # Our presses: the method, its ablations (each QuickMerge++ ingredient on and off), baselines.
 OURS_PRESSES: dict[str, Any] = {
@@ -28,7 +29,7 @@ OURS_PRESSES: dict[str, Any] = {
                                                          epsilon=0.005),
     # replay scoring (the model reads the prompt again), budgets over layers and KV heads, flat cache
     "quickmerge-replay": lambda r: QuickMergePress(compression_ratio=r, **REPLAY),
-    "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **{**REPLAY, "proportional": True}),
+    "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **REPLAY_PROPORTIONAL),
     "quickmerge-replay-drop": lambda r: QuickMergePress(compression_ratio=r, **REPLAY, epsilon=1e-6),  # evict
     "quickmerge-replay-even-heads": lambda r: QuickMergePress(r, **{**REPLAY, "head_budgets": False}),
     # Gemma 3 ablation: the last two queries' attention, evicting the rest (epsilon -> 0) or merging lightly;

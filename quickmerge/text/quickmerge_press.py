@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
-from ..primitives import group_sum, rank01, weighted_mean
+from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
@@ -233,9 +233,7 @@ class QuickMergePress(KVPress):
             raw[..., : self.sinks] = top  # attention sinks always seed, in every head
             if self.recent:
                 raw[..., -self.recent:] = top
-            b, h, _ = raw.shape
-            ranks = (raw.reshape(b * h, length).argsort(-1).argsort(-1) + 1).float().view(b, h, length) / length
-            out[index] = self._with_novelty(ranks, keys)
+            out[index] = self._with_novelty(quantile_rank(raw), keys)
         return out
 
     def layer_budgets(self, lengths: dict[int, int]) -> dict[int, int]:

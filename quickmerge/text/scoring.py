@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..primitives import attention_received, normalized_entropy
+from ..primitives import attention_received, normalized_entropy, quantile_rank
 from .decoder import window_queries
 
 Salient = Literal["low_entropy", "high_entropy", "uniform"]
@@ -99,8 +99,7 @@ def saliency(win: Window, hkv: int, *, salient: Salient = "low_entropy", kernel_
     received = received.view(b, hkv, -1, length).mean(dim=2)
     received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
     # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
-    ranks = received.argsort(dim=-1).argsort(dim=-1)
-    return (ranks + 1).float() / length
+    return quantile_rank(received)
 
 
 def prompt_saliency(
@@ -129,12 +128,12 @@ def prompt_saliency(
         probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, H, c, L]
         weight = query_weights(probs, salient, pos + 1)
         received += attention_received(probs, weight)
-        observers += attention_received(allowed.float().expand_as(probs), weight)
+        observers += torch.matmul(weight, allowed.float())  # [B, H, L]: weight of the queries seeing each entry
     received = received / observers.clamp_min(1e-12)
     if kernel_size > 1:
         received = F.avg_pool1d(received, kernel_size, stride=1, padding=kernel_size // 2, count_include_pad=False)
     received = received.view(b, hkv, groups, length).mean(dim=2)
-    return (received.argsort(dim=-1).argsort(dim=-1) + 1).float() / length
+    return quantile_rank(received)
 
 
 def spread(win: Window) -> float:
