@@ -6,6 +6,7 @@ from quickmerge.primitives import (
     focus,
     group_sum,
     normalized_entropy,
+    quantile_rank,
     rank01,
     weighted_mean,
 )
@@ -53,3 +54,8 @@ def test_entropy_focus_and_received_attention():
 
 def test_rank01():
     assert torch.equal(rank01(torch.tensor([[3.0, 1.0, 2.0]])), torch.tensor([[1.0, 0.0, 0.5]]))
+
+
+def test_quantile_rank_is_in_unit_interval_per_row():
+    got = quantile_rank(torch.tensor([[[3.0, 1.0, 2.0], [0.5, 0.7, 0.1]]]))
+    assert torch.allclose(got, torch.tensor([[[1.0, 1 / 3, 2 / 3], [2 / 3, 1.0, 1 / 3]]]))
