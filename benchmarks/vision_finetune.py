@@ -9,6 +9,10 @@ method and r in the ``--speedups`` run.
 
     python benchmarks/vision_finetune.py --quickmerge results/ft_qm_r40 --tome results/ft_tome_r40 \
         --control results/ft_none --r 40 48 --speedups results/vision_full.json --out docs/results/issue11/finetune_r40
+
+The per-image hits can be computed on another machine first (``--device cuda --hits H.json``,
+no ``--speedups``: only the hits are written) and the report made later from them
+(``--hits H.json --speedups ...``): the checkpoints are then not read again.
 """
 
 from __future__ import annotations
@@ -78,6 +82,34 @@ def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
             "b_better_on": sum(x < y for x, y in zip(hits[a], hits[b], strict=True))}
 
 
+def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
+                   ) -> tuple[dict[str, list[float]], dict[str, dict[int, list[float]]], int]:
+    """(unpatched hits per model, hits per curve and r, number of images): from ``--hits`` or computed."""
+    identity = {"checkpoints": checkpoints, "r": args.r}
+    if args.hits is not None and Path(args.hits).exists():
+        saved = json.loads(Path(args.hits).read_text())
+        if saved["identity"] != identity:
+            raise SystemExit(f"--hits {args.hits} holds other checkpoints or r: {saved['identity']}")
+        curves = {name: {int(r): hits for r, hits in curve.items()} for name, curve in saved["curves"].items()}
+        return saved["unpatched"], curves, len(next(iter(saved["unpatched"].values())))
+    images, labels = load_fashion_mnist("test")
+    models = {"reference": load_fashion_vit(), "fine-tuned quickmerge": load_fashion_vit(args.quickmerge),
+              "fine-tuned tome": load_fashion_vit(args.tome),
+              "fine-tuned without merging": load_fashion_vit(args.control)}
+    models = {name: model.to(args.device) for name, model in models.items()}
+    unpatched = {f"{name}, unpatched": correct_per_image(model, images, labels, method=None, r=0)
+                 for name, model in models.items()}
+    curves = {name: {r: correct_per_image(models[m], images, labels, method=method, r=r) for r in args.r}
+              for name, (m, method) in CURVES.items()}
+    if args.hits is not None:
+        config = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
+                  "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}
+        Path(args.hits).write_text(json.dumps({"identity": identity, "config": config, "unpatched": unpatched,
+                                               "curves": curves}))
+        print(f"wrote {args.hits}")
+    return unpatched, curves, len(images)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quickmerge", required=True, help="checkpoint fine-tuned with QuickMerge++ merging")
@@ -85,25 +117,29 @@ def main() -> None:
     ap.add_argument("--control", required=True, help="checkpoint fine-tuned the same way without merging (r = 0): "
                     "how much of a fine-tuned model's accuracy the extra epoch gives by itself")
     ap.add_argument("--r", type=int, nargs="+", required=True, help="tokens merged per block at inference")
-    ap.add_argument("--speedups", required=True, help="JSON of `quickmerge eval vision` measuring every --r")
+    ap.add_argument("--speedups", default=None, help="JSON of `quickmerge eval vision` measuring every --r "
+                    "(without it only --hits is written)")
+    ap.add_argument("--hits", default=None, help="per-image hits: read from this JSON when it exists (for the same "
+                    "checkpoints and --r), else computed and written to it")
+    ap.add_argument("--device", default="cpu", help="where the models run when the hits are computed")
     ap.add_argument("--at", type=float, default=2.0, help="speed-up at which the curves are compared")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True, help="output prefix (.json, .png)")
+    ap.add_argument("--out", default=None, help="output prefix (.json, .png); needed with --speedups")
     args = ap.parse_args()
+    if args.speedups is None and args.hits is None:
+        ap.error("give --speedups (the report) or --hits (where to write the per-image hits), or both")
+    if args.speedups is not None and args.out is None:
+        ap.error("--speedups needs --out (the report's prefix)")
     torch.set_num_threads(args.threads)
+    checkpoints = {"quickmerge": args.quickmerge, "tome": args.tome, "control": args.control}
+    unpatched, curves, n_images = per_image_hits(args, checkpoints)
+    if args.speedups is None:
+        return
     rows = json.loads(Path(args.speedups).read_text())["rows"]
     speedups = {m: {r: next((x["speedup"] for x in rows if x["method"] == m and x["r"] == r), None) for r in args.r}
                 for m in ("quickmerge", "tome")}
-    images, labels = load_fashion_mnist("test")
-    models = {"reference": load_fashion_vit(), "fine-tuned quickmerge": load_fashion_vit(args.quickmerge),
-              "fine-tuned tome": load_fashion_vit(args.tome),
-              "fine-tuned without merging": load_fashion_vit(args.control)}
-    unpatched = {f"{name}, unpatched": correct_per_image(model, images, labels, method=None, r=0)
-                 for name, model in models.items()}
-    curves = {name: {r: correct_per_image(models[m], images, labels, method=method, r=r) for r in args.r}
-              for name, (m, method) in CURVES.items()}
-    results: dict = {"r": args.r, "images": len(images), "speedups_from": args.speedups, "speedups": speedups,
-                     "checkpoints": {"quickmerge": args.quickmerge, "tome": args.tome, "control": args.control},
+    results: dict = {"r": args.r, "images": n_images, "speedups_from": args.speedups, "speedups": speedups,
+                     "checkpoints": checkpoints, "hits_from": args.hits,
                      "accuracy": {}, "paired": {}, "at": args.at}
     for name, hits in unpatched.items():
         results["accuracy"][name] = dict(zip(("accuracy", "low", "high"), bootstrap_mean(hits), strict=True))
@@ -119,7 +155,11 @@ def main() -> None:
             results["accuracy"][f"{name} at {args.at}x"] = dict(zip(("accuracy", "low", "high"),
                                                                     bootstrap_mean(hits), strict=True))
     results["paired"][f"{args.at}x"] = [compare(at, a, b) for a, b in PAIRS if a in at and b in at]
-    results["config"] = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform()}
+    if args.hits is None:
+        results["config"] = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
+                             "device": args.device}
+    else:
+        results["config"] = json.loads(Path(args.hits).read_text())["config"]
     Path(args.out + ".json").write_text(json.dumps(results, indent=2))
     for name, acc in results["accuracy"].items():
         print(f"{name:52s} {100 * acc['accuracy']:.2f} [{100 * acc['low']:.2f}, {100 * acc['high']:.2f}]")

@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FINETUNE_EMA} with --finetune")
     vision.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (the shipped model is replaced "
                         "only when asked: --out quickmerge/assets/fashion_vit)")
+    vision.add_argument("--teacher-epochs", type=int, default=None,
+                        help=f"epochs of the CNN teacher distilled from (0: none); default {defaults.teacher_epochs}, "
+                        "0 with --finetune")
+    vision.add_argument("--seed", type=int, default=defaults.seed, help="data order, augmentation, Gumbel noise")
     vision.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
     vision.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
     from .ar.train import DEFAULT_OUT as AR_OUT
@@ -216,11 +220,18 @@ def _run(args: argparse.Namespace) -> int:
                         finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature)
                     except ValueError as err:
                         raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
-                recipe = Recipe(epochs=args.epochs or (1 if finetune else Recipe.epochs),
-                                lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
-                                ema_decay=(FINETUNE_EMA if finetune else Recipe.ema_decay) if args.ema is None
-                                else args.ema, teacher_epochs=0 if finetune else Recipe.teacher_epochs,
-                                warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps)
+                try:
+                    recipe = Recipe(
+                        epochs=args.epochs or (1 if finetune else Recipe.epochs),
+                        lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
+                        ema_decay=(FINETUNE_EMA if finetune else Recipe.ema_decay) if args.ema is None else args.ema,
+                        teacher_epochs=(0 if finetune else Recipe.teacher_epochs) if args.teacher_epochs is None
+                        else args.teacher_epochs,
+                        warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps, seed=args.seed)
+                except ValueError as err:
+                    raise SystemExit(f"quickmerge train vision: {err}") from None
+                if finetune is not None and args.teacher_epochs:
+                    raise SystemExit("quickmerge train vision: --finetune uses no teacher; drop --teacher-epochs")
                 if args.init is not None and finetune is not None:
                     raise SystemExit("quickmerge train vision: --init and --finetune exclude each other")
                 train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,

@@ -22,8 +22,13 @@ _SUM_TOLERANCE = 1e-5  # |sum - K| at which the threshold search stops
 
 
 def gumbel_noise(shape: torch.Size, *, like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Standard Gumbel(0, 1) samples of ``shape`` on ``like``'s device, in float32."""
-    u = torch.rand(shape, device=like.device, dtype=torch.float32, generator=generator)
+    """Standard Gumbel(0, 1) samples of ``shape`` on ``like``'s device, in float32.
+
+    With a ``generator`` the uniforms are drawn on its device and moved, so a seed gives the
+    same noise whichever device the model runs on (a CPU generator serves a CUDA model).
+    """
+    device = like.device if generator is None else generator.device
+    u = torch.rand(shape, device=device, dtype=torch.float32, generator=generator).to(like.device)
     return -torch.log(-torch.log(u.clamp(1e-10, 1.0 - 1e-7)))
 
 

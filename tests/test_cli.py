@@ -45,3 +45,15 @@ def test_finetune_r_has_a_spelling_torchrun_leaves_alone():
     assert launched.training_script_args[-2:] == ["--r-per-block", "40"]
     with pytest.raises(SystemExit):
         get_args_parser().parse_args(["-m", "quickmerge", "train", "vision", "--r", "40"])
+
+
+def test_train_vision_teacher_and_seed_are_validated_before_any_work():
+    from quickmerge.cli import main
+
+    args = build_parser().parse_args(["train", "vision", "--teacher-epochs", "3", "--seed", "7"])
+    assert args.teacher_epochs == 3 and args.seed == 7
+    with pytest.raises(SystemExit, match="teacher_epochs"):
+        main(["train", "vision", "--teacher-epochs", "-1", "--out", "unused"])
+    with pytest.raises(SystemExit, match="--teacher-epochs"):
+        main(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
+              "--out", "unused"])

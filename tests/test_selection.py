@@ -72,3 +72,24 @@ def test_relaxed_mask_sums_to_k_for_any_gaps(levels, scale, temperature, data):
     k = data.draw(st.integers(1, len(levels) - 1))
     mask = relaxed_topk_mask(torch.tensor([levels], dtype=torch.float32) * scale, k, temperature)
     assert torch.isfinite(mask).all() and abs(float(mask.sum()) - k) < 1e-3
+
+
+def test_gumbel_noise_is_drawn_on_the_generators_device_and_moved(monkeypatch):
+    # A CPU generator must serve a model on another device (a CUDA run failed here once):
+    # the uniforms are drawn where the generator lives, then moved to the model's device.
+    from quickmerge import selection
+
+    drawn_on, real_rand = [], torch.rand
+
+    def recording_rand(*args, **kwargs):
+        drawn_on.append(torch.device(kwargs["device"]))
+        return real_rand(*args, **{**kwargs, "device": "cpu"})
+
+    monkeypatch.setattr(selection.torch, "rand", recording_rand)
+    like = torch.empty(2, 3, device="meta")  # stands for an accelerator here
+    noise = selection.gumbel_noise(like.shape, like=like, generator=torch.Generator().manual_seed(0))
+    assert drawn_on == [torch.device("cpu")] and noise.device.type == "meta"
+    monkeypatch.setattr(selection.torch, "rand", real_rand)
+    a = selection.gumbel_noise(torch.Size([4]), like=torch.empty(4), generator=torch.Generator().manual_seed(1))
+    b = selection.gumbel_noise(torch.Size([4]), like=torch.empty(4), generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)

@@ -26,9 +26,13 @@ from ..vision.patch import patch
 from .journal import Journal
 
 
-def _timed(fn: Any) -> float:
+def _timed(fn: Any, device: torch.device) -> float:
+    """Seconds ``fn()`` takes, including the kernels it queued on ``device`` (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
+    sync(device)
     start = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - start
 
 
@@ -85,8 +89,8 @@ def evaluate_setting(
         ours, base = [], []
         if ctx.main:
             for _ in range(timing_rounds):
-                ours.append(_timed(lambda: forward(batch)))
-                base.append(_timed(lambda: reference(batch)))
+                ours.append(_timed(lambda: forward(batch), device))
+                base.append(_timed(lambda: reference(batch), device))
         ctx.barrier()
     finally:
         if handle is not None:

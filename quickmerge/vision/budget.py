@@ -37,8 +37,9 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
             sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=1).sum())
 
         handle._observers.append(observe)
+        device = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size]
+            batch = images[i : i + batch_size].to(device)
             model(batch)
             count += len(batch)
     return [sums[layer] / count for layer in sorted(sums)]
