@@ -59,3 +59,12 @@ def test_rank01():
 def test_quantile_rank_is_in_unit_interval_per_row():
     got = quantile_rank(torch.tensor([[[3.0, 1.0, 2.0], [0.5, 0.7, 0.1]]]))
     assert torch.allclose(got, torch.tensor([[[1.0, 1 / 3, 2 / 3], [2 / 3, 1.0, 1 / 3]]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ranks_equal_the_double_argsort_they_replace(dtype):
+    # bf16 has many ties: the ranks must still be the inverse of the same sorting permutation
+    scores = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
+    reference = scores.argsort(dim=-1).argsort(dim=-1)
+    assert torch.equal(rank01(scores), reference.float() / 49)
+    assert torch.equal(quantile_rank(scores), (reference + 1).float() / 50)
