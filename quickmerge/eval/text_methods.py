@@ -14,6 +14,7 @@ from .text import Method
 REPLAY = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False)
 REPLAY_PROPORTIONAL = {**REPLAY, "proportional": True}
 RECENT = dict(window=2, kernel_size=1, salient="uniform", proportional=False)
+PROMPT_LIGHT = dict(scoring="prompt", kernel_size=1, proportional=False, epsilon=0.005)
 # Our presses: the method, its ablations (each QuickMerge++ ingredient on and off), baselines.
 OURS_PRESSES: dict[str, Any] = {
     "quickmerge": lambda r: QuickMergePress(compression_ratio=r),
@@ -25,8 +26,10 @@ OURS_PRESSES: dict[str, Any] = {
     # the defaults otherwise (best on development windows 40..59), and a light merge without pooling or
     # proportional attention (best on 40..79; docs/results/issue10/gemma_prompt_dev.json)
     "quickmerge-prompt": lambda r: QuickMergePress(compression_ratio=r, scoring="prompt"),
-    "quickmerge-prompt-light": lambda r: QuickMergePress(r, scoring="prompt", kernel_size=1, proportional=False,
-                                                         epsilon=0.005),
+    "quickmerge-prompt-light": lambda r: QuickMergePress(r, **PROMPT_LIGHT),
+    # the same with per-layer budgets from the window's attention entropy (QuickMerge++'s budget; best on
+    # development windows 40..79 at 0.5, docs/results/issue10/gemma_budget_dev.json)
+    "quickmerge-prompt-budget": lambda r: QuickMergePress(r, **PROMPT_LIGHT, budget="entropy"),
     # replay scoring (the model reads the prompt again), budgets over layers and KV heads, flat cache
     "quickmerge-replay": lambda r: QuickMergePress(compression_ratio=r, **REPLAY),
     "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **REPLAY_PROPORTIONAL),
