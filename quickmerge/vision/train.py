@@ -167,7 +167,7 @@ def train_teacher(
 ) -> nn.Module:
     """Train :func:`cnn_teacher` on uint8 ``images`` (one-cycle schedule) on ``device``; returns it in eval mode.
 
-    Deterministic for a seed and device, so every rank of a distributed run trains the same teacher.
+    Deterministic for a seed on the CPU; a distributed run trains it on rank 0 and shares the weights.
     """
     tqdm = require("tqdm", "progress", "The training progress bar").tqdm
     torch.manual_seed(seed)
@@ -283,9 +283,12 @@ def train(
         if start_epoch and state.get("teacher") is not None:
             teacher = cnn_teacher().to(ctx.device).eval()
             teacher.load_state_dict(state["teacher"])
-        else:
-            teacher = train_teacher(tr_x, tr_y, recipe.teacher_epochs, seed=recipe.seed, progress=ctx.main,
-                                    device=ctx.device)
+        else:  # rank 0 trains it and shares its weights: GPU kernels need not repeat bit for bit across ranks
+            teacher = (train_teacher(tr_x, tr_y, recipe.teacher_epochs, seed=recipe.seed, device=ctx.device)
+                       if ctx.main else cnn_teacher().to(ctx.device).eval())
+            if ctx.world > 1:
+                weights = {k: v.cpu() for k, v in teacher.state_dict().items()} if ctx.main else None
+                teacher.load_state_dict(ctx.broadcast(weights))
         log["teacher_heldout_accuracy"] = accuracy(teacher, ho_x, ho_y)
         if ctx.main:
             print(f"teacher: held-out accuracy {log['teacher_heldout_accuracy']:.4f}")
