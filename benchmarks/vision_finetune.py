@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from quickmerge.data.fashion_mnist import load_fashion_mnist
+from quickmerge.data.fashion_mnist import load_fashion_mnist, sha256
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
-from quickmerge.pretrained.fashion_vit import load_fashion_vit
+from quickmerge.pretrained.fashion_vit import ASSET_DIR, load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.train import correct_per_image as hits_per_image
 
@@ -85,11 +85,14 @@ def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
 def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
                    ) -> tuple[dict[str, list[float]], dict[str, dict[int, list[float]]], int]:
     """(unpatched hits per model, hits per curve and r, number of images): from ``--hits`` or computed."""
-    identity = {"checkpoints": checkpoints, "r": args.r}
+    # the weights themselves (the reference is the shipped model), so hits of a retrained checkpoint are never reused
+    weights = {"reference": ASSET_DIR, **{k: Path(v) for k, v in checkpoints.items()}}
+    identity = {"checkpoints": checkpoints, "r": args.r,
+                "weights_sha256": {k: sha256(d / "model.safetensors") for k, d in weights.items()}}
     if args.hits is not None and Path(args.hits).exists():
         saved = json.loads(Path(args.hits).read_text())
         if saved["identity"] != identity:
-            raise SystemExit(f"--hits {args.hits} holds other checkpoints or r: {saved['identity']}")
+            raise SystemExit(f"--hits {args.hits} holds other checkpoints, weights or r: {saved['identity']}")
         curves = {name: {int(r): hits for r, hits in curve.items()} for name, curve in saved["curves"].items()}
         return saved["unpatched"], curves, len(next(iter(saved["unpatched"].values())))
     images, labels = load_fashion_mnist("test")
