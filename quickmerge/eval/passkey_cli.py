@@ -17,6 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, default=100, help="passkey trials (each: its own key, depth, length)")
     parser.add_argument("--min-context", type=int, default=1024, help="shortest context in tokens")
     parser.add_argument("--max-context", type=int, default=4096, help="longest context in tokens")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the trials (keys, depths, lengths): tune on one seed, report another")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy answer length in tokens")
+    parser.add_argument("--answered-only", action="store_true",
+                        help="run the compressed settings only on the trials the uncompressed model answers (their "
+                             "accuracy is then the share of its answers they keep); the uncompressed accuracy over "
+                             "every trial is reported too")
     add_press_run_arguments(parser, ratios=[0.5, 0.75], out="results/passkey")
 
 
@@ -30,6 +37,8 @@ def run(args: argparse.Namespace) -> dict:
     check_press_run_arguments(args, args.trials, "--trials")
     if not 64 <= args.min_context <= args.max_context:
         raise SystemExit(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
+    if args.new_tokens < 5:
+        raise SystemExit(f"--new-tokens must be at least 5 (a key has five digits), got {args.new_tokens}")
     methods = [build_method(n) for n in (args.methods or default_methods())]
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()
@@ -38,31 +47,59 @@ def run(args: argparse.Namespace) -> dict:
         model, tokenizer = load_causal_lm(args.model)
         model.to(ctx.device)
         trials = passkey_trials(tokenizer, args.trials, min_context=args.min_context, max_context=args.max_context,
-                                bos=needs_bos(args.model))
+                                bos=needs_bos(args.model), seed=args.seed)
 
         def scorer(trial, press, method, ratio):
-            return answer_passkey(model, tokenizer, trial, press, method)
+            return answer_passkey(model, tokenizer, trial, press, method, new_tokens=args.new_tokens)
 
+        indices, everything = None, None
+        if args.answered_only:  # first the uncompressed model on every trial, then the rest on what it answers
+            everything = run_text_eval(model, trials, [], [], 0, journal=journal, ctx=ctx, scorer=scorer,
+                                       summary=summarise_passkey)
+            base = None if everything is None else _uncompressed(everything)["correct_per_trial"]
+            indices = ctx.broadcast(None if base is None else [i for i, c in enumerate(base) if c])
+            if not indices:
+                raise SystemExit("the uncompressed model answers none of the trials: nothing to compress")
+            trials = [trials[i] for i in indices]
         results = run_text_eval(model, trials, methods, args.ratios, 0, journal=journal, ctx=ctx, scorer=scorer,
-                                summary=summarise_passkey)
+                                summary=summarise_passkey, indices=indices)
     finally:
         ctx.close()
     if results is None:
         return {}
+    if everything is not None:
+        base = _uncompressed(everything)
+        results["answered_only"] = {
+            "trials_answered": indices, "uncompressed_accuracy_all_trials": base["accuracy"],
+            "uncompressed_accuracy_all_trials_ci95": base["accuracy_ci95"], "all_trials": everything["trials"],
+            "meaning": "compressed settings ran only on the trials the uncompressed model answers; their accuracy "
+                       "is the share of those answers they keep"}
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
     title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {args.trials} trials"
+    if everything is not None:
+        title += (f"; uncompressed answers {len(indices)} "
+                  f"({_uncompressed(everything)['accuracy']:.0%}), compressed run on those")
     paths = write_report(results, args.out, lambda png: plot_passkey(results, png, title))
     print(format_table(results))
+    if everything is not None:
+        lo, hi = results["answered_only"]["uncompressed_accuracy_all_trials_ci95"]
+        print(f"uncompressed, every trial: {results['answered_only']['uncompressed_accuracy_all_trials']:.2f} "
+              f"[{lo:.2f}, {hi:.2f}]; the table's trials are the {len(indices)} it answers")
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def _uncompressed(results: dict) -> dict:
+    return next(r for r in results["summary"] if r["compression_ratio"] is None)
 
 
 def journal_config(args: argparse.Namespace) -> dict:
     import transformers
 
     return {"protocol": "passkey", "model": args.model, "trials": args.trials, "min_context": args.min_context,
-            "max_context": args.max_context, "torch": torch.__version__,
+            "max_context": args.max_context, "seed": args.seed, "new_tokens": args.new_tokens,
+            "torch": torch.__version__,
             "transformers": transformers.__version__, "code": code_fingerprint()}
 
 

@@ -76,7 +76,7 @@ def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_c
 
 @torch.no_grad()
 def answer_passkey(model: Any, tokenizer: Any, trial: PasskeyTrial, press: Any, method: Method,
-                   new_tokens: int = 8) -> dict[str, Any]:
+                   new_tokens: int = 16) -> dict[str, Any]:
     """Compress the context, feed the question one token at a time, decode greedily; exact match of the key."""
     device = next(model.parameters()).device
     ctx = trial.context[None].to(device)

@@ -245,11 +245,13 @@ def run_text_eval(
     ctx: Context | None = None,
     scorer: Callable[[Any, Any, Method, float | None], dict[str, Any]] | None = None,
     summary: Callable[[list[Any], dict[tuple[str, float | None], list[dict[str, Any]]]], dict] | None = None,
+    indices: list[int] | None = None,
 ) -> dict[str, Any] | None:
     """Score every (example, method, ratio) and summarise; examples are the outer loop.
 
     ``scorer(example, press, method, ratio) -> row`` and ``summary(examples, rows per run)``
-    replace :func:`score_example` and :func:`summarise` for other tasks (retrieval).
+    replace :func:`score_example` and :func:`summarise` for other tasks (retrieval). ``indices``:
+    the examples' numbers in the journal, when they are a subset of a larger run's (default 0..n-1).
 
     With a ``journal``, each finished row is on disk at once and rows already there are not
     computed again. Under ``torch.distributed`` (``ctx``), examples are shared out by rank and
@@ -261,8 +263,11 @@ def run_text_eval(
     done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
     if journal is not None and not ctx.main:
         journal.open()
+    number = list(range(len(examples))) if indices is None else list(indices)
+    if len(number) != len(examples):
+        raise ValueError(f"indices: expected one per example ({len(examples)}), got {len(number)}")
     items = [(i, run) for i in range(len(examples)) for run in runs]
-    todo = [(i, run) for i, run in items if _key(i, examples[i], run[0].name, run[1]) not in done]
+    todo = [(i, run) for i, run in items if _key(number[i], examples[i], run[0].name, run[1]) not in done]
     mine = [item for item in todo if item[0] % ctx.world == ctx.rank]
     bar = _progress(len(items), progress and ctx.main, initial=len(items) - len(todo))
     new: dict[str, dict[str, float]] = {}
@@ -272,7 +277,7 @@ def run_text_eval(
             row = score_example(model, examples[i], context, press, method, ratio)
         else:
             row = scorer(examples[i], press, method, ratio)
-        key = _key(i, examples[i], method.name, ratio)
+        key = _key(number[i], examples[i], method.name, ratio)
         new[key] = row
         if journal is not None:
             journal.add(key, row)
@@ -283,7 +288,7 @@ def run_text_eval(
         return None
     for part in gathered:
         done.update(part)
-    per_run = {(m.name, r): [done[_key(i, e, m.name, r)] for i, e in enumerate(examples)] for m, r in runs}
+    per_run = {(m.name, r): [done[_key(number[i], e, m.name, r)] for i, e in enumerate(examples)] for m, r in runs}
     return (summary or summarise)(examples, per_run)
 
 

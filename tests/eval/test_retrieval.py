@@ -68,3 +68,39 @@ def test_eval_passkey_and_repeated_run_end_to_end(tiny_lm_dir, tmp_path):
     assert {r["method"] for r in summary} == {"none", "random"}
     with pytest.raises(SystemExit, match="min-context"):
         main(["eval", "passkey", "--model", tiny_lm_dir, "--min-context", "300", "--max-context", "200"])
+
+
+def test_answered_only_compresses_just_the_trials_the_uncompressed_model_answers(tiny_lm_dir, tmp_path, monkeypatch):
+    import quickmerge.eval.retrieval as retrieval
+
+    calls = []
+
+    def fake_answer(model, tokenizer, trial, press, method, new_tokens=16):
+        number = int(trial.title.split(":")[0])
+        calls.append((number, method.name))
+        correct = number % 2 == 0 and (press is None or number == 0)  # trial 0 survives compression, 2 does not
+        return {"correct": float(correct), "answer": "", "depth": trial.depth, "context": 0}
+
+    monkeypatch.setattr(retrieval, "answer_passkey", fake_answer)
+    args = ["eval", "passkey", "--model", tiny_lm_dir, "--trials", "5", "--min-context", "120", "--max-context",
+            "200", "--ratios", "0.5", "--methods", "random", "--threads", "1", "--answered-only", "--out",
+            str(tmp_path / "pk")]
+    assert main(args) == 0
+    assert sorted(calls) == sorted([(i, "none") for i in range(5)] + [(0, "random"), (2, "random"), (4, "random")])
+    results = json.loads((tmp_path / "pk.json").read_text())
+    extra = results["answered_only"]
+    assert extra["trials_answered"] == [0, 2, 4] and extra["uncompressed_accuracy_all_trials"] == pytest.approx(0.6)
+    rows = {r["method"]: r for r in results["summary"]}
+    assert rows["none"]["correct_per_trial"] == [1.0, 1.0, 1.0]
+    assert rows["random"]["correct_per_trial"] == [1.0, 0.0, 0.0]
+    calls.clear()
+    assert main(args) == 0 and calls == []  # resumed from the journal: nothing computed again
+
+
+def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_path):
+    with pytest.raises(SystemExit, match="answers none"):  # the tiny random model cannot answer
+        main(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "2", "--min-context", "120", "--max-context",
+              "160", "--ratios", "0.5", "--methods", "random", "--threads", "1", "--answered-only", "--out",
+              str(tmp_path / "pk")])
+    with pytest.raises(SystemExit, match="new-tokens"):
+        main(["eval", "passkey", "--model", tiny_lm_dir, "--new-tokens", "3"])
