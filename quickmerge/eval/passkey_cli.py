@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> dict:
         if args.answered_only:  # first the uncompressed model on every trial, then the rest on what it answers
             everything = run_text_eval(model, trials, [], [], 0, journal=journal, ctx=ctx, scorer=scorer,
                                        summary=summarise_passkey)
-            base = None if everything is None else _uncompressed(everything)["correct_per_trial"]
-            indices = ctx.broadcast(None if base is None else [i for i, c in enumerate(base) if c])
+            flags = None if everything is None else _uncompressed(everything)["correct_per_trial"]
+            indices = ctx.broadcast(None if flags is None else [i for i, c in enumerate(flags) if c])
             if not indices:
                 raise SystemExit("the uncompressed model answers none of the trials: nothing to compress")
             trials = [trials[i] for i in indices]
@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> dict:
         ctx.close()
     if results is None:
         return {}
-    if everything is not None:
-        base = _uncompressed(everything)
+    base = None if everything is None else _uncompressed(everything)
+    if base is not None:
         results["answered_only"] = {
             "trials_answered": indices, "uncompressed_accuracy_all_trials": base["accuracy"],
             "uncompressed_accuracy_all_trials_ci95": base["accuracy_ci95"], "all_trials": everything["trials"],
@@ -77,15 +77,14 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
     title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {args.trials} trials"
-    if everything is not None:
-        title += (f"; uncompressed answers {len(indices)} "
-                  f"({_uncompressed(everything)['accuracy']:.0%}), compressed run on those")
+    if base is not None:
+        title += f"; uncompressed answers {len(indices)} ({base['accuracy']:.0%}), compressed run on those"
     paths = write_report(results, args.out, lambda png: plot_passkey(results, png, title))
     print(format_table(results))
-    if everything is not None:
-        lo, hi = results["answered_only"]["uncompressed_accuracy_all_trials_ci95"]
-        print(f"uncompressed, every trial: {results['answered_only']['uncompressed_accuracy_all_trials']:.2f} "
-              f"[{lo:.2f}, {hi:.2f}]; the table's trials are the {len(indices)} it answers")
+    if base is not None:
+        lo, hi = base["accuracy_ci95"]
+        print(f"uncompressed, every trial: {base['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]; "
+              f"the table's trials are the {len(indices)} it answers")
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
