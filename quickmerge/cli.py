@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.passkey_cli import add_arguments as add_passkey_arguments
 
     add_passkey_arguments(protocols.add_parser(
-        "passkey", help="exact-match retrieval of a passkey stated once in a compressed long context"))
+        "passkey", help="exact-match retrieval of a passkey inserted once in a compressed long context"))
     from .eval.generative_cli import add_arguments as add_generative_arguments
 
     add_generative_arguments(protocols.add_parser(

@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=0.5)
+    ap.add_argument("--needle", choices=("landmark", "once"), default="landmark")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--methods", nargs="*", default=[])
     ap.add_argument("--variants", nargs="*", default=[])
@@ -34,14 +35,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_causal_lm(args.model)
-    trials = passkey_trials(tok, args.trials, bos=needs_bos(args.model), seed=args.seed)
+    trials = passkey_trials(tok, args.trials, bos=needs_bos(args.model), seed=args.seed, needle=args.needle)
     methods = {name: build_method(name) for name in args.methods}
     for text in args.variants:
         kw = {k: ast.literal_eval(v) for k, v in (item.split("=", 1) for item in text.split(","))}
         if isinstance(kw.get("replay_prefix"), str):
             kw["replay_prefix"] = tuple(tok(kw["replay_prefix"], add_special_tokens=False)["input_ids"])
         methods[text] = Method(text, lambda r, kw=kw: QuickMergePress(compression_ratio=r, **kw), decode_inside=True)
-    out = {"model": args.model, "seed": args.seed, "trials": args.trials, "ratio": args.ratio, "per_trial": {}}
+    out = {"model": args.model, "needle": args.needle, "seed": args.seed, "trials": args.trials, "ratio": args.ratio, "per_trial": {}}
     base = [answer_passkey(model, tok, t, None, NO_COMPRESSION)["correct"] for t in trials]
     answered = [i for i, c in enumerate(base) if c]
     out["answered"] = answered

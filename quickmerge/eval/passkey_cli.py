@@ -1,4 +1,4 @@
-"""``quickmerge eval passkey``: can the model still answer a passkey stated once in a compressed context?"""
+"""``quickmerge eval passkey``: can the model still answer a passkey inserted once in a compressed context?"""
 
 from __future__ import annotations
 
@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-context", type=int, default=4096, help="longest context in tokens")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the trials (keys, depths, lengths): tune on one seed, report another")
+    parser.add_argument("--needle", choices=("landmark", "once"), default="landmark",
+                        help="landmark: the key in two sentences (Landmark attention's passkey test); once: stated "
+                             "a single time")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy answer length in tokens")
     parser.add_argument("--answered-only", action="store_true",
                         help="run the compressed settings only on the trials the uncompressed model answers (their "
@@ -47,7 +50,7 @@ def run(args: argparse.Namespace) -> dict:
         model, tokenizer = load_causal_lm(args.model)
         model.to(ctx.device)
         trials = passkey_trials(tokenizer, args.trials, min_context=args.min_context, max_context=args.max_context,
-                                bos=needs_bos(args.model), seed=args.seed)
+                                bos=needs_bos(args.model), seed=args.seed, needle=args.needle)
 
         def scorer(trial, press, method, ratio):
             return answer_passkey(model, tokenizer, trial, press, method, new_tokens=args.new_tokens)
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
     title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {args.trials} trials"
+    if args.needle != "landmark":
+        title += f", key stated {args.needle}"
     if base is not None:
         title += f"; uncompressed answers {len(indices)} ({base['accuracy']:.0%}), compressed run on those"
     paths = write_report(results, args.out, lambda png: plot_passkey(results, png, title))
@@ -98,6 +103,7 @@ def journal_config(args: argparse.Namespace) -> dict:
 
     return {"protocol": "passkey", "model": args.model, "trials": args.trials, "min_context": args.min_context,
             "max_context": args.max_context, "seed": args.seed, "new_tokens": args.new_tokens,
+            **({"needle": args.needle} if args.needle != "landmark" else {}),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "code": code_fingerprint()}
 

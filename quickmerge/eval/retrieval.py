@@ -1,8 +1,10 @@
 """Retrieval tasks, where eviction can lose what the continuation needs (the text protocol's
-second part): a passkey stated once in a long Wikipedia context, and a passage repeated.
+second part): a passkey inserted once in a long Wikipedia context, and a passage repeated.
 
-Passkey: a random 5-digit key is stated once ("The pass key is 12345. Remember it.") at a
-random depth of a 1k-4k-token Wikipedia context. The context is compressed without the
+Passkey: a random 5-digit key is inserted once at a random depth of a 1k-4k-token Wikipedia
+context, in one of two needles: ``"landmark"`` (Landmark attention's passkey test, the key in two
+sentences: "The pass key is 12345. Remember it. 12345 is the pass key.") or ``"once"`` (the key stated
+a single time: "The pass key is 12345. Remember it."). The context is compressed without the
 question (kvpress's query-agnostic setting), then the question is fed and the answer
 decoded greedily; a trial counts when the first five digits of the answer are the key.
 
@@ -24,7 +26,11 @@ from ..data import wikipedia_articles
 from ..text.cache import cache_kwargs
 from .text import Method, TextExample, prefilled
 
-NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key. "
+NEEDLES = {
+    "landmark": " The pass key is {key}. Remember it. {key} is the pass key. ",
+    "once": " The pass key is {key}. Remember it. ",
+}
+NEEDLE = NEEDLES["landmark"]
 QUESTION = "\n\nWhat is the pass key? The pass key is"
 
 
@@ -54,10 +60,15 @@ def _filler(tokenizer: Any, need: int, start: int) -> tuple[list[int], str]:
 
 
 def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_context: int = 4096,
-                   bos: bool = False, seed: int = 0) -> list[PasskeyTrial]:
-    """``count`` trials: length uniform in [min_context, max_context], depth uniform in [0.05, 0.95]."""
+                   bos: bool = False, seed: int = 0, needle: str = "landmark") -> list[PasskeyTrial]:
+    """``count`` trials: length uniform in [min_context, max_context], depth uniform in [0.05, 0.95].
+
+    ``needle``: a key of :data:`NEEDLES`. The same seed gives the same keys, depths and lengths for either needle.
+    """
     if not 1 <= min_context <= max_context:
         raise ValueError(f"need 1 <= min_context <= max_context, got {min_context}, {max_context}")
+    if needle not in NEEDLES:
+        raise ValueError(f"needle must be one of {sorted(NEEDLES)}, got {needle!r}")
     gen = torch.Generator().manual_seed(seed)
     question = torch.tensor(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     trials = []
@@ -65,11 +76,11 @@ def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_c
         length = int(torch.randint(min_context, max_context + 1, (1,), generator=gen))
         depth = 0.05 + 0.9 * float(torch.rand(1, generator=gen))
         key = f"{int(torch.randint(10_000, 100_000, (1,), generator=gen))}"
-        needle = tokenizer(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+        stated = tokenizer(NEEDLES[needle].format(key=key), add_special_tokens=False)["input_ids"]
         head = [tokenizer.bos_token_id] if bos else []
-        filler, title = _filler(tokenizer, length - len(needle) - len(head), start=7 * t)
+        filler, title = _filler(tokenizer, length - len(stated) - len(head), start=7 * t)
         cut = int(depth * len(filler))
-        ids = head + filler[:cut] + needle + filler[cut:]
+        ids = head + filler[:cut] + stated + filler[cut:]
         trials.append(PasskeyTrial(f"{t}:{title}", torch.tensor(ids), question, key, depth))
     return trials
 

@@ -1,5 +1,6 @@
-"""Retrieval tasks: the passkey is stated once at its depth, the repeated passage really repeats,
-exact match is exact, and `eval passkey` / `eval text --task repeated` run end to end."""
+"""Retrieval tasks: the passkey is inserted once at its depth (the "once" needle states it a single time), the
+repeated passage really repeats, exact match is exact, and `eval passkey` / `eval text --task repeated` run end
+to end."""
 
 import json
 
@@ -10,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 from quickmerge.cli import main  # noqa: E402
 from quickmerge.eval.retrieval import (  # noqa: E402
     NEEDLE,
+    NEEDLES,
     matches_key,
     passkey_trials,
     repeated_passage_windows,
@@ -33,6 +35,17 @@ def test_the_key_is_stated_once_at_its_depth(tokenizer):
         assert "What is the pass key?" in "".join(map(chr, t.question.tolist()))
     assert [t.key for t in passkey_trials(tokenizer, 6, min_context=300, max_context=600, seed=3)] == \
         [t.key for t in trials]
+
+
+def test_the_once_needle_states_the_key_a_single_time_at_the_same_depth(tokenizer):
+    landmark = passkey_trials(tokenizer, 4, min_context=300, max_context=600, seed=3)
+    once = passkey_trials(tokenizer, 4, min_context=300, max_context=600, seed=3, needle="once")
+    for a, b in zip(landmark, once, strict=True):
+        text = "".join(map(chr, b.context.tolist()))
+        assert (b.key, b.depth, b.context.numel()) == (a.key, a.depth, a.context.numel())
+        assert text.count(NEEDLES["once"].format(key=b.key)) == 1 and text.count(b.key) == 1
+    with pytest.raises(ValueError, match="needle must be one of"):
+        passkey_trials(tokenizer, 1, needle="twice")
 
 
 def test_the_repeated_passage_appeared_in_the_context(tokenizer):
