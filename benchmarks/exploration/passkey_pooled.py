@@ -1,0 +1,84 @@
+"""Replay scoring with each entry's score spread to its neighbours (a max-pool of width k over positions), so a
+kept fact keeps its context whole, as SnapKV's pooling does for window scores. Passkey development trials.
+
+    .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
+        --out docs/results/issue10/passkey_pooled_dev.json
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from quickmerge.eval.retrieval import answer_passkey, passkey_trials
+from quickmerge.eval.text import NO_COMPRESSION, Method
+from quickmerge.eval.text_methods import build_method
+from quickmerge.pretrained.causal_lm import load_causal_lm
+from quickmerge.primitives import quantile_rank
+from quickmerge.text import QuickMergePress
+
+
+@dataclass
+class PooledReplay(QuickMergePress):
+    """``quickmerge-replay`` with the replay scores max-pooled over ``pool`` neighbouring positions."""
+
+    pool: int = 1
+
+    def rescore(self, base, cache, attentions, scores, prompt):
+        out = super().rescore(base, cache, attentions, scores, prompt)
+        if self.pool > 1:
+            for i in out:
+                raw = self._replayed[i]  # [B, Hkv, L], read again by the budgets and the selection
+                b, h, length = raw.shape
+                pooled = F.max_pool1d(raw.reshape(b * h, 1, length), self.pool, stride=1, padding=self.pool // 2)
+                raw.copy_(pooled.view(b, h, length))
+                out[i] = quantile_rank(raw)
+        return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--needle", choices=("landmark", "once"), default="once")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--trials", type=int, default=16)
+    ap.add_argument("--ratio", type=float, default=0.75)
+    ap.add_argument("--kernels", type=int, nargs="+", default=[1, 5, 9])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--answered-from", default=None,
+                    help="an `eval passkey --answered-only` JSON: run on its answered trials (same seed and needle), "
+                         "skip the uncompressed pass and StreamingLLM, and pair with that run's rows")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model, tok = load_causal_lm("gemma3-270m")
+    trials = passkey_trials(tok, args.trials, bos=True, seed=args.seed, needle=args.needle)
+    inside = Method("pooled", lambda r: None, decode_inside=True)
+    streaming = build_method("kvpress-streaming-llm")
+    out = {"command": "python benchmarks/exploration/passkey_pooled.py " + " ".join(sys.argv[1:]), "per_trial": {}}
+    if args.answered_from:
+        with open(args.answered_from) as f:
+            answered = json.load(f)["answered_only"]["trials_answered"]
+    else:
+        answered = [i for i, t in enumerate(trials) if answer_passkey(model, tok, t, None, NO_COMPRESSION)["correct"]]
+    out["answered"] = answered
+    for i in answered:
+        kept = {}
+        if not args.answered_from:
+            kept["kvpress-streaming-llm"] = answer_passkey(model, tok, trials[i], streaming.make(args.ratio), streaming)
+        for k in args.kernels:
+            press = PooledReplay(compression_ratio=args.ratio, scoring="replay", budget="replay", head_budgets=True,
+                                 proportional=False, pool=k)
+            kept[f"replay pool={k}"] = answer_passkey(model, tok, trials[i], press, inside)
+        for name, r in kept.items():
+            out["per_trial"].setdefault(name, []).append(r["correct"])
+        print(i, {n: r["correct"] for n, r in kept.items()}, flush=True)
+    out["kept"] = {n: f"{sum(v):.0f}/{len(v)}" for n, v in out["per_trial"].items()}
+    print(out["kept"])
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
