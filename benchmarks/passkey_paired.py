@@ -1,0 +1,47 @@
+"""Paired differences of passkey accuracy: one method against every other of an ``eval passkey`` run, per ratio.
+
+    python benchmarks/passkey_paired.py results/passkey_gemma_once.json --ours quickmerge-replay \
+        --out docs/results/issue10/passkey_gemma_once_paired.json
+``--extra JSON --extra-ratio R``: ``ours`` is instead a row of ``passkey_pooled.py --answered-from`` (same trials),
+paired against every method of the run at ratio R.
+"""
+import argparse
+import json
+
+from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("--ours", required=True)
+    ap.add_argument("--extra", default=None)
+    ap.add_argument("--extra-ratio", type=float, default=None)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    with open(args.run) as f:
+        run = json.load(f)
+    rows = {(r["method"], r["compression_ratio"]): r["correct_per_trial"] for r in run["summary"]}
+    if args.extra:
+        with open(args.extra) as f:
+            extra = json.load(f)
+        if extra["answered"] != run["answered_only"]["trials_answered"]:
+            raise SystemExit("--extra ran on other trials than the run")
+        rows[(args.ours, args.extra_ratio)] = extra["per_trial"][args.ours]
+    paired = []
+    for (method, ratio), other in rows.items():
+        if ratio is None or method == args.ours or (args.ours, ratio) not in rows:
+            continue
+        ours = rows[(args.ours, ratio)]
+        m, lo, hi = bootstrap_difference(ours, other)
+        pairs = list(zip(ours, other, strict=True))
+        paired.append({"ratio": ratio, "ours": args.ours, "accuracy": bootstrap_mean(ours), "press": method,
+                       "ours_minus_press": m, "ci95": [lo, hi], "only_ours": sum(a > b for a, b in pairs),
+                       "only_press": sum(a < b for a, b in pairs)})
+        print(ratio, method, f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    with open(args.out, "w") as f:
+        json.dump({"source": args.run, "extra": args.extra, "paired": paired}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
