@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.launch import rank_errors
+
 pytest.importorskip("transformers")
 pytest.importorskip("gensim")
 
@@ -108,7 +110,7 @@ def test_two_processes_under_torchrun_give_the_rows_of_one(tiny_lm_dir, uninterr
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
                 *command[2:]]
     result = subprocess.run(torchrun, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, rank_errors(result.stderr)
     assert sorted(p.name for p in Path(str(out) + ".journal").glob("rank*.jsonl")) == ["rank0.jsonl", "rank1.jsonl"]
     both = json.loads(out.with_suffix(".json").read_text())
     assert both["config"]["processes"] == 2

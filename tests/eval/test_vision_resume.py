@@ -14,6 +14,7 @@ import torch
 pytest.importorskip("timm")
 st = pytest.importorskip("safetensors.torch")
 from quickmerge.data import fashion_mnist  # noqa: E402
+from tests.launch import rank_errors  # noqa: E402
 
 if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
     pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
@@ -74,5 +75,5 @@ def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(checkpoint,
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", *_command(checkpoint, two)[2:]], cwd=ROOT, env=ENV, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, rank_errors(result.stderr)
     assert _rows(two.with_suffix(".json")) == _rows(full.with_suffix(".json"))

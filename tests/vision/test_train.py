@@ -14,6 +14,7 @@ pytest.importorskip("timm")
 st = pytest.importorskip("safetensors.torch")
 
 from quickmerge.vision.train import DEFAULT_OUT, Recipe, augment, train  # noqa: E402
+from tests.launch import rank_errors  # noqa: E402
 from tests.vision.ddp_train import CONFIG, synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +40,7 @@ def test_two_processes_make_the_update_of_one(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "tests/vision/ddp_train.py", str(two)], cwd=ROOT, env=env, capture_output=True, text=True,
                             timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 0, rank_errors(result.stderr)
     a, b = st.load_file(str(one / "model.safetensors")), st.load_file(str(two / "model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), max((a[k] - b[k]).abs().max() for k in a)
