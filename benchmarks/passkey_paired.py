@@ -2,6 +2,8 @@
 
     python benchmarks/passkey_paired.py results/passkey_gemma_once.json --ours quickmerge-replay \
         --out docs/results/issue10/passkey_gemma_once_paired.json
+Several runs on the same trials (same seed, needle and answered trials, e.g. a later run of one more method) are
+paired row by row: ``passkey_paired.py run_a.json run_b.json --ours M``.
 ``--extra JSON --extra-ratio R``: ``ours`` is instead a row of ``passkey_pooled.py --answered-from`` (same trials),
 paired against every method of the run at ratio R.
 """
@@ -13,15 +15,24 @@ from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run")
+    ap.add_argument("runs", nargs="+")
     ap.add_argument("--ours", required=True)
     ap.add_argument("--extra", default=None)
     ap.add_argument("--extra-ratio", type=float, default=None)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    with open(args.run) as f:
-        run = json.load(f)
-    rows = {(r["method"], r["compression_ratio"]): r["correct_per_trial"] for r in run["summary"]}
+    rows, run = {}, None
+    for path in args.runs:
+        with open(path) as f:
+            this = json.load(f)
+        if run is not None and (this["answered_only"]["trials_answered"] != run["answered_only"]["trials_answered"]
+                                or this["config"].get("needle") != run["config"].get("needle")
+                                or this["config"].get("seed") != run["config"].get("seed")):
+            raise SystemExit(f"{path} ran on other trials than {args.runs[0]}")
+        run = this
+        for r in this["summary"]:
+            if r["compression_ratio"] is not None:
+                rows.setdefault((r["method"], r["compression_ratio"]), r["correct_per_trial"])
     if args.extra:
         with open(args.extra) as f:
             extra = json.load(f)
@@ -40,7 +51,7 @@ def main() -> None:
                        "only_press": sum(a < b for a, b in pairs)})
         print(ratio, method, f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
     with open(args.out, "w") as f:
-        json.dump({"source": args.run, "extra": args.extra, "paired": paired}, f, indent=1)
+        json.dump({"source": args.runs, "extra": args.extra, "paired": paired}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Replay scoring with each entry's score spread to its neighbours (a max-pool of width k over positions), so a
 kept fact keeps its context whole, as SnapKV's pooling does for window scores. Passkey development trials.
+Since stop 25 the library's ``QuickMergePress(replay_pool=k)`` (stop 24 ran an equivalent subclass here).
 
     .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
         --out docs/results/issue10/passkey_pooled_dev.json
@@ -7,35 +8,14 @@ kept fact keeps its context whole, as SnapKV's pooling does for window scores. P
 import argparse
 import json
 import sys
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from quickmerge.eval.retrieval import answer_passkey, passkey_trials
 from quickmerge.eval.text import NO_COMPRESSION, Method
 from quickmerge.eval.text_methods import build_method
 from quickmerge.pretrained.causal_lm import load_causal_lm
-from quickmerge.primitives import quantile_rank
 from quickmerge.text import QuickMergePress
-
-
-@dataclass
-class PooledReplay(QuickMergePress):
-    """``quickmerge-replay`` with the replay scores max-pooled over ``pool`` neighbouring positions."""
-
-    pool: int = 1
-
-    def rescore(self, base, cache, attentions, scores, prompt):
-        out = super().rescore(base, cache, attentions, scores, prompt)
-        if self.pool > 1:
-            for i in out:
-                raw = self._replayed[i]  # [B, Hkv, L], read again by the budgets and the selection
-                b, h, length = raw.shape
-                pooled = F.max_pool1d(raw.reshape(b * h, 1, length), self.pool, stride=1, padding=self.pool // 2)
-                raw.copy_(pooled.view(b, h, length))
-                out[i] = quantile_rank(raw)
-        return out
 
 
 def main() -> None:
@@ -59,7 +39,8 @@ def main() -> None:
     out = {"command": "python benchmarks/exploration/passkey_pooled.py " + " ".join(sys.argv[1:]), "per_trial": {}}
     if args.answered_from:
         with open(args.answered_from) as f:
-            answered = json.load(f)["answered_only"]["trials_answered"]
+            earlier = json.load(f)  # an eval run, or a run of this script
+            answered = earlier["answered"] if "answered" in earlier else earlier["answered_only"]["trials_answered"]
     else:
         answered = [i for i, t in enumerate(trials) if answer_passkey(model, tok, t, None, NO_COMPRESSION)["correct"]]
     out["answered"] = answered
@@ -68,8 +49,8 @@ def main() -> None:
         if not args.answered_from:
             kept["kvpress-streaming-llm"] = answer_passkey(model, tok, trials[i], streaming.make(args.ratio), streaming)
         for k in args.kernels:
-            press = PooledReplay(compression_ratio=args.ratio, scoring="replay", budget="replay", head_budgets=True,
-                                 proportional=False, pool=k)
+            press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
+                                    head_budgets=True, proportional=False, replay_pool=k)
             kept[f"replay pool={k}"] = answer_passkey(model, tok, trials[i], press, inside)
         for name, r in kept.items():
             out["per_trial"].setdefault(name, []).append(r["correct"])

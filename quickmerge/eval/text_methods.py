@@ -35,6 +35,9 @@ OURS_PRESSES: dict[str, Any] = {
     "quickmerge-replay-proportional": lambda r: QuickMergePress(r, **REPLAY_PROPORTIONAL),
     "quickmerge-replay-drop": lambda r: QuickMergePress(compression_ratio=r, **REPLAY, epsilon=1e-6),  # evict
     "quickmerge-replay-even-heads": lambda r: QuickMergePress(r, **{**REPLAY, "head_budgets": False}),
+    # replay scores max-pooled over 9 neighbours: a kept fact keeps its sentence (passkey, BENCHMARKS.md; the
+    # width chosen among 1 / 5 / 9 on development trials, docs/results/issue10/passkey_pooled_dev.json)
+    "quickmerge-replay-pooled": lambda r: QuickMergePress(r, **REPLAY, replay_pool=9),
     # Gemma 3 ablation: the last two queries' attention, evicting the rest (epsilon -> 0) or merging lightly;
     # best on development windows 40..45, behind the default on the 40 evaluation windows (BENCHMARKS.md)
     "quickmerge-window2-drop": lambda r: QuickMergePress(r, **RECENT, epsilon=1e-6),

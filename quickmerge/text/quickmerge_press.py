@@ -38,7 +38,17 @@ from .alignment import fit_keys, fit_values, read_weights
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
 from .replay import replay_scores
-from .scoring import SALIENT, Salient, Window, key_novelty, observe, prompt_saliency, saliency, spread
+from .scoring import (
+    SALIENT,
+    Salient,
+    Window,
+    key_novelty,
+    neighbourhood_max,
+    observe,
+    prompt_saliency,
+    saliency,
+    spread,
+)
 
 
 @dataclass
@@ -90,6 +100,10 @@ class QuickMergePress(KVPress):
         sinks: ``scoring="replay"``: leading entries that always seed a group (attention sinks).
         recent: ``scoring="replay"``: trailing entries that always seed a group (e.g. the last frame of a video,
             which the next frame reads almost whole); 0 (default): none.
+        replay_pool: ``scoring="replay"``: each entry's replay score becomes the largest within
+            ``replay_pool`` neighbouring positions (odd width) before budgets and selection, so an
+            entry the re-reading attends to keeps the words around it (a key with its sentence
+            rather than its digits alone); 1 (default): off.
         head_budgets: ``scoring="replay"``: the KV heads of a layer share its budget by their replay
             scores (a copying head keeps most of the prompt, its neighbours a few entries), at equal
             memory: the layer's entries are folded into one row (:mod:`quickmerge.text.flat`), which
@@ -123,6 +137,7 @@ class QuickMergePress(KVPress):
     replay_prefix: tuple[int, ...] = ()
     sinks: int = 4
     recent: int = 0
+    replay_pool: int = 1
     head_budgets: bool = False
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
@@ -153,6 +168,11 @@ class QuickMergePress(KVPress):
         if self.recent and self.scoring != "replay":
             raise ValueError("recent protects trailing entries from replay scoring: it needs scoring='replay' "
                              "(window scoring always keeps its window's entries)")
+        check_positive_int(self.replay_pool, "replay_pool")
+        if self.replay_pool % 2 == 0:
+            raise ValueError(f"replay_pool must be odd (a window centred on each entry), got {self.replay_pool}")
+        if self.replay_pool > 1 and self.scoring != "replay":
+            raise ValueError(f"replay_pool pools replay scores: it needs scoring='replay', not {self.scoring!r}")
         if self.head_budgets and (self.scoring != "replay" or self.mode != "clusters" or self.kmeans_iters
                                   or self.align or self.bias != "size"):
             raise ValueError(
@@ -233,6 +253,8 @@ class QuickMergePress(KVPress):
             raw[..., : self.sinks] = top  # attention sinks always seed, in every head
             if self.recent:
                 raw[..., -self.recent:] = top
+            if self.replay_pool > 1:  # in place: the budgets and the selection read these scores again
+                raw.copy_(neighbourhood_max(raw, self.replay_pool))
             out[index] = self._with_novelty(quantile_rank(raw), keys)
         return out
 

@@ -83,6 +83,14 @@ def query_weights(probs: Tensor, salient: Salient, support: Tensor | None = None
     return 1.0 - entropy if salient == "low_entropy" else entropy
 
 
+def neighbourhood_max(scores: Tensor, width: int) -> Tensor:
+    """``[B, H, L]`` -> ``[B, H, L]``: each entry's score replaced by the largest within ``width`` (odd)
+    positions centred on it, so the neighbours of a salient entry rank with it."""
+    b, h, length = scores.shape
+    pooled = F.max_pool1d(scores.reshape(b * h, 1, length), width, stride=1, padding=width // 2)
+    return pooled.view(b, h, length)
+
+
 def saliency(win: Window, hkv: int, *, salient: Salient = "low_entropy", kernel_size: int = 5) -> Tensor:
     """Saliency ``[B, Hkv, L]`` of each cached entry: its quantile rank in (0, 1] per KV head.
 

@@ -192,3 +192,41 @@ def test_flat_layout_needs_sdpa_and_replay_scores():
             model(torch.randint(0, 97, (1, 20)), past_key_values=transformers.DynamicCache())
     with pytest.raises(ValueError, match="head_budgets"):
         QuickMergePress(0.5, head_budgets=True)
+
+
+class _Recorded(QuickMergePress):
+    """Keeps what :meth:`rescore` handed to the selection, and the replay scores it started from."""
+
+    def rescore(self, base, cache, attentions, scores, prompt):
+        ranks = super().rescore(base, cache, attentions, scores, prompt)
+        self.recorded = {i: (r.clone(), self._replayed[i].clone()) for i, r in ranks.items()}
+        return ranks
+
+
+def test_replay_pool_ranks_each_entry_by_its_neighbourhood():
+    """replay_pool=k: the selection ranks each entry by the largest (sink-marked) replay score within k//2
+    positions, and the budgets read the pooled scores; the cache then differs from unpooled replay's."""
+    from quickmerge.primitives import quantile_rank
+    from quickmerge.text.scoring import neighbourhood_max
+
+    model = tiny("llama", layers=3)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    options = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False)
+    plain, pooled = _Recorded(0.5, **options), _Recorded(0.5, **options, replay_pool=5)
+    caches = [_prefill(model, press, ids) for press in (plain, pooled)]
+    for i, (_, raw) in plain.recorded.items():
+        ranks, pooled_raw = pooled.recorded[i]
+        assert torch.equal(pooled_raw, neighbourhood_max(raw, 5))
+        assert torch.equal(ranks, quantile_rank(pooled_raw))
+    assert pooled.achieved_ratio == pytest.approx(0.5)
+    assert any(a.keys.shape != b.keys.shape or not torch.allclose(a.keys, b.keys)
+               for a, b in zip(caches[0].layers, caches[1].layers, strict=True))
+
+
+def test_replay_pool_errors():
+    with pytest.raises(ValueError, match="replay_pool"):
+        QuickMergePress(0.5, scoring="replay", replay_pool=0)
+    with pytest.raises(ValueError, match="replay_pool must be odd"):
+        QuickMergePress(0.5, scoring="replay", replay_pool=4)
+    with pytest.raises(ValueError, match=r"replay_pool.*scoring='replay'"):
+        QuickMergePress(0.5, replay_pool=5)

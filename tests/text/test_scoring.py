@@ -41,3 +41,12 @@ def test_prompt_scoring_keeps_the_entries_the_model_attends_to(kind, salient):
         hkv = plain.keys.shape[1]
         want = _reference_kept(attentions[layer][0].float(), 15, salient, hkv)
         assert torch.allclose(merged.keys[0], plain.keys[0].gather(1, want[..., None].expand(-1, -1, 16)), atol=1e-5)
+
+
+def test_neighbourhood_max_equals_a_loop_reference():
+    from quickmerge.text.scoring import neighbourhood_max
+
+    scores = torch.randn(2, 3, 11)
+    for width in (1, 3, 9):
+        want = torch.stack([scores[..., max(0, j - width // 2) : j + width // 2 + 1].amax(-1) for j in range(11)], -1)
+        assert torch.equal(neighbourhood_max(scores, width), want)
