@@ -11,6 +11,10 @@ to the layer split; stopped for the second):
 Second pass (head budgets, the flat layout):
     .venv/bin/python benchmarks/exploration/repeated_replay.py --variants replay-budget replay-heads \
         replay-heads-noprop replay-heads-drop --out docs/results/issue10/repeated_replay_dev_pass2.json
+Stop 25 (replay scores pooled over neighbours, 0.5):
+    .venv/bin/python benchmarks/exploration/repeated_replay.py --ratios 0.5 --variants replay-heads-noprop \
+        replay-heads-noprop-pool5 replay-heads-noprop-pool9 --kvpress kvpress-kvzip \
+        --out docs/results/issue10/repeated_pooled_dev.json
 """
 import argparse
 import json
@@ -34,6 +38,9 @@ VARIANTS = {
     "replay-heads": dict(budget="replay", head_budgets=True),
     "replay-heads-noprop": dict(budget="replay", head_budgets=True, proportional=False),
     "replay-heads-drop": dict(budget="replay", head_budgets=True, proportional=False, epsilon=1e-6),
+    # stop 25: the shipped quickmerge-replay with its scores max-pooled over neighbours (replay_pool)
+    "replay-heads-noprop-pool5": dict(budget="replay", head_budgets=True, proportional=False, replay_pool=5),
+    "replay-heads-noprop-pool9": dict(budget="replay", head_budgets=True, proportional=False, replay_pool=9),
 }
 
 
