@@ -20,8 +20,9 @@ def main() -> None:
     ap.add_argument("--extra", default=None)
     ap.add_argument("--extra-ratio", type=float, default=None)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--plot", default=None, help="PNG: every run's rows in one figure (the eval's own plot)")
     args = ap.parse_args()
-    rows, run = {}, None
+    rows, run, summary = {}, None, {}
     for path in args.runs:
         with open(path) as f:
             this = json.load(f)
@@ -31,6 +32,7 @@ def main() -> None:
             raise SystemExit(f"{path} ran on other trials than {args.runs[0]}")
         run = this
         for r in this["summary"]:
+            summary.setdefault((r["method"], r["compression_ratio"]), r)
             if r["compression_ratio"] is not None:
                 rows.setdefault((r["method"], r["compression_ratio"]), r["correct_per_trial"])
     if args.extra:
@@ -50,6 +52,13 @@ def main() -> None:
                        "ours_minus_press": m, "ci95": [lo, hi], "only_ours": sum(a > b for a, b in pairs),
                        "only_press": sum(a < b for a, b in pairs)})
         print(ratio, method, f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    if args.plot:
+        from quickmerge.eval.passkey_cli import plot_passkey
+
+        answered = len(run["answered_only"]["trials_answered"])
+        plot_passkey({"summary": list(summary.values())}, args.plot,
+                     f"passkey ({run['config'].get('needle', 'landmark')} needle): the {answered} trials the "
+                     f"uncompressed model answers, {len(args.runs)} runs on the same trials")
     with open(args.out, "w") as f:
         json.dump({"source": args.runs, "extra": args.extra, "paired": paired}, f, indent=1)
 
