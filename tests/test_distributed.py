@@ -12,6 +12,9 @@ from tests.launch import rank_errors
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = """
+import pathlib
+import sys
+
 import torch
 from quickmerge import distributed
 
@@ -35,7 +38,7 @@ try:
     torch.distributed.all_reduce(probe)
     distributed._wait_until_released(probe)
     assert probe._use_count() == 1, "the backend still holds the tensor"
-    print("rank", ctx.rank, "ok")
+    (pathlib.Path(sys.argv[1]) / f"rank{ctx.rank}.ok").write_text("ok")  # a file each: stdout lines interleave
 finally:
     ctx.close()
 """
@@ -45,10 +48,10 @@ def test_two_ranks_exchange_objects_and_exit_cleanly(tmp_path):
     script = tmp_path / "exchange.py"
     script.write_text(SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], cwd=ROOT, capture_output=True, text=True, timeout=180,
+                             str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, rank_errors(result.stderr)
-    assert sorted(line for line in result.stdout.splitlines() if line.startswith("rank")) == ["rank 0 ok", "rank 1 ok"]
+    assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
 
 def test_one_process_passes_objects_through():
