@@ -4,9 +4,8 @@ LAUNCHER = "torch/distributed/elastic/"
 
 
 def rank_errors(stderr: str, limit: int = 3000) -> str:
-    """What the ranks themselves printed to stderr, without the launcher's own traceback (which would
-    fill a truncated assertion message and hide the cause)."""
-    own = [line for line in stderr.splitlines() if LAUNCHER not in line]
-    cut = next((i for i, line in enumerate(own) if line.startswith("Traceback") and i + 3 < len(own)
-                and "torch.distributed.run" in "".join(own[i:i + 8])), len(own))
-    return "\n".join(own[:cut])[-limit:]
+    """What the ranks printed to stderr before the launcher's first own line (its SIGTERM notice and traceback
+    would fill a truncated assertion message and hide the cause)."""
+    lines = stderr.splitlines()
+    first = next((i for i, line in enumerate(lines) if LAUNCHER in line), len(lines))
+    return "\n".join(lines[:first])[-limit:]
