@@ -117,15 +117,23 @@ def matches_key(answer: str, key: str) -> bool:
 
 
 def repeated_passage_windows(tokenizer: Any, count: int, context: int = 1024, continuation: int = 64,
-                             *, bos: bool = False, seed: int = 0) -> list[TextExample]:
-    """Windows whose continuation (``continuation + 1`` tokens of another article) already appeared in the context."""
+                             *, bos: bool = False, seed: int = 0, first: int = 0) -> list[TextExample]:
+    """Windows ``first .. first + count - 1`` whose continuation (``continuation + 1`` tokens of another article)
+    already appeared in the context. A window's content depends on its number and ``seed`` only, never on
+    ``first`` or ``count``. Window i starts its filler at article 11 i (mod the article count), so there are as
+    many distinct windows as articles: asking for more raises instead of repeating windows."""
+    distinct = len(wikipedia_articles())
+    if first < 0 or count < 0 or first + count > distinct:
+        raise ValueError(f"first + count: windows 0..{distinct - 1} exist (one per article), asked for "
+                         f"{first}..{first + count - 1}")
     gen = torch.Generator().manual_seed(seed)
+    draws = [float(torch.rand(1, generator=gen)) for _ in range(first + count)]  # window i's depth: the i-th draw
     examples = []
-    for i in range(count):
+    for i, draw in zip(range(first, first + count), draws[first:], strict=True):
         passage, title = _filler(tokenizer, continuation + 1, start=11 * i + 5)
         head = [tokenizer.bos_token_id] if bos else []
         filler, _ = _filler(tokenizer, context - len(passage) - len(head), start=11 * i)
-        cut = int((0.05 + 0.9 * float(torch.rand(1, generator=gen))) * len(filler))
+        cut = int((0.05 + 0.9 * draw) * len(filler))
         ids = head + filler[:cut] + passage + filler[cut:] + passage
         examples.append(TextExample(f"{i}:{title}", torch.tensor(ids)))
     return examples

@@ -15,6 +15,9 @@ from .journal import Journal, code_fingerprint
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
     parser.add_argument("--examples", type=int, default=40, help="number of Wikipedia windows")
+    parser.add_argument("--first", type=int, default=0,
+                        help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1): evaluate on "
+                        "windows that development did not use")
     parser.add_argument("--task", choices=["wikipedia", "repeated"], default="wikipedia",
                         help="wikipedia: an article's next tokens; repeated: a passage that already appeared "
                         "at a random depth of the context (copying needed)")
@@ -32,6 +35,15 @@ def run(args: argparse.Namespace) -> dict:
     check_press_run_arguments(args, args.examples, "--examples")
     if args.context < 1 or args.continuation < 1:
         raise SystemExit("--context and --continuation must be positive")
+    if args.first < 0:
+        raise SystemExit(f"--first must be 0 or more, got {args.first}")
+    if args.task == "repeated":
+        from ..data import wikipedia_articles
+
+        distinct = len(wikipedia_articles())  # one repeated-passage window per article
+        if args.first + args.examples > distinct:
+            raise SystemExit(f"--first + --examples: the repeated task has windows 0..{distinct - 1}, asked for "
+                             f"{args.first}..{args.first + args.examples - 1}")
     methods = [build_method(n) for n in (args.methods or default_methods())]  # fails fast on a missing extra
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()
@@ -43,17 +55,23 @@ def run(args: argparse.Namespace) -> dict:
         if args.task == "repeated":
             from .retrieval import repeated_passage_windows
 
-            examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
+            examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation,
+                                                bos=bos, first=args.first)
         else:
-            examples = wikipedia_windows(tokenizer, args.examples, args.context, args.continuation, bos=bos)
-        results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx)
+            windows = wikipedia_windows(tokenizer, args.first + args.examples, args.context, args.continuation,
+                                        bos=bos)
+            examples = windows[args.first :]
+        indices = list(range(args.first, args.first + len(examples)))
+        results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx,
+                                indices=indices)
     finally:
         ctx.close()
     if results is None:
         return {}  # not rank 0: rank 0 writes the results
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
-    title = f"{args.model}: {args.examples} " + ("windows, continuation repeated from the context"
+    shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
+    title = f"{args.model}: {shown} " + ("windows, continuation repeated from the context"
                                                  if args.task == "repeated" else "Wikipedia windows")
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))

@@ -5,6 +5,7 @@ to end."""
 import json
 
 import pytest
+import torch
 
 transformers = pytest.importorskip("transformers")
 
@@ -117,3 +118,35 @@ def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_pat
               str(tmp_path / "pk")])
     with pytest.raises(SystemExit, match="new-tokens"):
         main(["eval", "passkey", "--model", tiny_lm_dir, "--new-tokens", "3"])
+
+
+def test_repeated_windows_depend_on_their_number_only_and_never_repeat(tokenizer):
+    from quickmerge.data import wikipedia_articles
+
+    whole = repeated_passage_windows(tokenizer, 7, context=200, continuation=16)
+    part = repeated_passage_windows(tokenizer, 3, context=200, continuation=16, first=4)
+    assert [e.title for e in part] == [e.title for e in whole[4:]]
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(part, whole[4:], strict=True))
+    distinct = len(wikipedia_articles())
+    with pytest.raises(ValueError, match="first \\+ count"):
+        repeated_passage_windows(tokenizer, 2, context=200, continuation=16, first=distinct - 1)
+
+
+def test_eval_text_first_scores_the_later_windows_under_their_own_numbers(tiny_lm_dir, tmp_path):
+    base = ["eval", "text", "--task", "repeated", "--model", tiny_lm_dir, "--context", "96", "--continuation", "8",
+            "--ratios", "0.5", "--methods", "random", "--threads", "1"]
+    assert main([*base, "--examples", "4", "--out", str(tmp_path / "all")]) == 0
+    assert main([*base, "--examples", "2", "--first", "2", "--out", str(tmp_path / "late")]) == 0
+
+    def nll(name):
+        journal = tmp_path / f"{name}.journal"
+        rows = [json.loads(line) for f in sorted(journal.glob("rank*.jsonl")) for line in f.read_text().splitlines()]
+        return {r["key"]: r["row"]["nll"] for r in rows if "|none|" in r["key"]}
+
+    late, everything = nll("late"), nll("all")
+    assert len(late) == 2 and all(k.split("|")[0] in ("2", "3") for k in late)
+    assert all(everything[k] == pytest.approx(v) for k, v in late.items())
+    with pytest.raises(SystemExit, match="--first \\+ --examples"):
+        main([*base, "--examples", "2", "--first", "1000", "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="--first must be"):
+        main([*base, "--examples", "2", "--first", "-1", "--out", str(tmp_path / "x")])
