@@ -2,6 +2,9 @@
 
 Usage: python benchmarks/paired_vs_best.py results/text_issue10.json [--out docs/results/issue10/paired.json]
 
+Several runs of one protocol on disjoint examples (e.g. ``eval text --first``) are pooled first: the methods
+and ratios present in every run, their examples concatenated.
+
 "Best competitor" = the kvpress configuration with the lowest perplexity at that ratio in the
 same run (same examples). For each of our methods: paired perplexity ratio (ours / best) with
 its 95% bootstrap interval, and on how many examples ours has the lower NLL.
@@ -11,8 +14,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 from quickmerge.eval.stats import bootstrap_ratio
+
+SAME_PROTOCOL = ("task", "model", "context", "continuation")
+
+
+def pool_runs(runs: list[dict]) -> dict:
+    """One result from runs on disjoint examples: rows of every (method, ratio) that all runs have."""
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    for run in runs[1:]:
+        differ = [k for k in SAME_PROTOCOL if run["config"].get(k) != first["config"].get(k)]
+        if differ:
+            raise SystemExit(f"the runs differ in {differ}: only runs of one protocol can be pooled")
+    titles = [t for run in runs for t in run["examples"]]
+    if len(set(titles)) != len(titles):
+        raise SystemExit("the runs share examples: pool only runs on disjoint examples")
+    keys = [{(r["method"], r["compression_ratio"]): r for r in run["summary"]} for run in runs]
+    summary = []
+    for key in (k for k in keys[0] if all(k in other for other in keys[1:])):
+        parts = [k[key] for k in keys]
+        nll = [x for p in parts for x in p["nll_per_example"]]
+        counts = [len(p["nll_per_example"]) for p in parts]
+        saved = sum(p["memory_saved"] * n for p, n in zip(parts, counts, strict=True)) / sum(counts)
+        summary.append({"method": key[0], "compression_ratio": key[1], "perplexity": math.exp(sum(nll) / len(nll)),
+                        "memory_saved": saved, "nll_per_example": nll})
+    return {"examples": titles, "summary": summary, "config": first["config"]}
 
 
 def compare(results: dict) -> list[dict]:
@@ -43,11 +73,14 @@ def _against(at: list[dict], best: dict, ratio: float, kind: str) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results")
+    parser.add_argument("results", nargs="+", help="eval JSONs; several: runs on disjoint examples, pooled")
     parser.add_argument("--out")
     args = parser.parse_args()
-    with open(args.results) as f:
-        rows = compare(json.load(f))
+    runs = []
+    for path in args.results:
+        with open(path) as f:
+            runs.append(json.load(f))
+    rows = compare(pool_runs(runs))
     print("| ratio | ours | against (kvpress) | ours / it [95% CI] | lower on |")
     print("|---|---|---|---|---|")
     for r in rows:
