@@ -71,8 +71,8 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
-    title = f"{args.model}: {shown} " + ("windows, continuation repeated from the context"
-                                                 if args.task == "repeated" else "Wikipedia windows")
+    task = "windows, continuation repeated from the context" if args.task == "repeated" else "Wikipedia windows"
+    title = f"{args.model}: {shown} {task}"
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
