@@ -116,13 +116,18 @@ def matches_key(answer: str, key: str) -> bool:
     return "".join(digits[: len(key)]) == key
 
 
+def repeated_window_count() -> int:
+    """How many distinct repeated-passage windows exist: window i starts its filler at article 11 i (mod the
+    article count), so one per article."""
+    return len(wikipedia_articles())
+
+
 def repeated_passage_windows(tokenizer: Any, count: int, context: int = 1024, continuation: int = 64,
                              *, bos: bool = False, seed: int = 0, first: int = 0) -> list[TextExample]:
     """Windows ``first .. first + count - 1`` whose continuation (``continuation + 1`` tokens of another article)
     already appeared in the context. A window's content depends on its number and ``seed`` only, never on
-    ``first`` or ``count``. Window i starts its filler at article 11 i (mod the article count), so there are as
-    many distinct windows as articles: asking for more raises instead of repeating windows."""
-    distinct = len(wikipedia_articles())
+    ``first`` or ``count``. Asking past :func:`repeated_window_count` raises instead of repeating windows."""
+    distinct = repeated_window_count()
     if first < 0 or count < 0 or first + count > distinct:
         raise ValueError(f"first + count: windows 0..{distinct - 1} exist (one per article), asked for "
                          f"{first}..{first + count - 1}")

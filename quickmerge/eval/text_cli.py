@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> dict:
     if args.first < 0:
         raise SystemExit(f"--first must be 0 or more, got {args.first}")
     if args.task == "repeated":
-        from ..data import wikipedia_articles
+        from .retrieval import repeated_window_count
 
-        distinct = len(wikipedia_articles())  # one repeated-passage window per article
+        distinct = repeated_window_count()
         if args.first + args.examples > distinct:
             raise SystemExit(f"--first + --examples: the repeated task has windows 0..{distinct - 1}, asked for "
                              f"{args.first}..{args.first + args.examples - 1}")

@@ -121,13 +121,13 @@ def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_pat
 
 
 def test_repeated_windows_depend_on_their_number_only_and_never_repeat(tokenizer):
-    from quickmerge.data import wikipedia_articles
+    from quickmerge.eval.retrieval import repeated_window_count
 
     whole = repeated_passage_windows(tokenizer, 7, context=200, continuation=16)
     part = repeated_passage_windows(tokenizer, 3, context=200, continuation=16, first=4)
     assert [e.title for e in part] == [e.title for e in whole[4:]]
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(part, whole[4:], strict=True))
-    distinct = len(wikipedia_articles())
+    distinct = repeated_window_count()
     with pytest.raises(ValueError, match="first \\+ count"):
         repeated_passage_windows(tokenizer, 2, context=200, continuation=16, first=distinct - 1)
 
