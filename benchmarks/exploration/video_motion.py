@@ -12,7 +12,6 @@ windows of ``ar_variants.py`` (never the evaluated ones), paired against Streami
 """
 import argparse
 import json
-import math
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +75,9 @@ def main() -> None:
             nll = [score_example(model, e, fmt.context, make(ratio), m, ratio)["nll"] for e in examples]
             key = f"{name}@{ratio}"
             out["per_example_nll"][key] = nll
-            out["ratio_to_uncompressed"][key] = math.exp(sum(nll) / len(nll) - sum(base) / len(base))
-            line = f"{key:40s} {out['ratio_to_uncompressed'][key]:.4f}"
+            rel, low, high = bootstrap_ratio(nll, base)
+            out["ratio_to_uncompressed"][key] = {"ratio": rel, "ci95": [low, high]}
+            line = f"{key:40s} {rel:.4f} [{low:.4f}, {high:.4f}]"
             ref = out["per_example_nll"].get(f"kvpress-streaming-llm@{ratio}")
             if ref is not None and name != "kvpress-streaming-llm":
                 rel, low, high = bootstrap_ratio(nll, ref)
