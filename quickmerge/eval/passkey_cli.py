@@ -15,6 +15,9 @@ from .journal import Journal, code_fingerprint
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
     parser.add_argument("--trials", type=int, default=100, help="passkey trials (each: its own key, depth, length)")
+    parser.add_argument("--first", type=int, default=0,
+                        help="number of the first trial (trials FIRST .. FIRST + TRIALS - 1 of the seed): more "
+                             "trials for a setting without running the earlier ones again")
     parser.add_argument("--min-context", type=int, default=1024, help="shortest context in tokens")
     parser.add_argument("--max-context", type=int, default=4096, help="longest context in tokens")
     parser.add_argument("--seed", type=int, default=0,
@@ -38,6 +41,8 @@ def run(args: argparse.Namespace) -> dict:
     from .text_methods import build_method, default_methods
 
     check_press_run_arguments(args, args.trials, "--trials")
+    if args.first < 0:
+        raise SystemExit(f"--first must be 0 or more, got {args.first}")
     if not 64 <= args.min_context <= args.max_context:
         raise SystemExit(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
     if args.new_tokens < 5:
@@ -50,7 +55,8 @@ def run(args: argparse.Namespace) -> dict:
         model, tokenizer = load_causal_lm(args.model)
         model.to(ctx.device)
         trials = passkey_trials(tokenizer, args.trials, min_context=args.min_context, max_context=args.max_context,
-                                bos=needs_bos(args.model), seed=args.seed, needle=args.needle)
+                                bos=needs_bos(args.model), seed=args.seed, needle=args.needle, first=args.first)
+        numbers = list(range(args.first, args.first + len(trials)))
 
         def scorer(trial, press, method, ratio):
             return answer_passkey(model, tokenizer, trial, press, method, new_tokens=args.new_tokens)
@@ -58,14 +64,15 @@ def run(args: argparse.Namespace) -> dict:
         indices, everything = None, None
         if args.answered_only:  # first the uncompressed model on every trial, then the rest on what it answers
             everything = run_text_eval(model, trials, [], [], 0, journal=journal, ctx=ctx, scorer=scorer,
-                                       summary=summarise_passkey)
+                                       summary=summarise_passkey, indices=numbers)
             flags = None if everything is None else _uncompressed(everything)["correct_per_trial"]
-            indices = ctx.broadcast(None if flags is None else [i for i, c in enumerate(flags) if c])
-            if not indices:
+            answered = ctx.broadcast(None if flags is None else [i for i, c in enumerate(flags) if c])
+            if not answered:
                 raise SystemExit("the uncompressed model answers none of the trials: nothing to compress")
-            trials = [trials[i] for i in indices]
+            trials, numbers = [trials[i] for i in answered], [numbers[i] for i in answered]
+            indices = numbers
         results = run_text_eval(model, trials, methods, args.ratios, 0, journal=journal, ctx=ctx, scorer=scorer,
-                                summary=summarise_passkey, indices=indices)
+                                summary=summarise_passkey, indices=numbers)
     finally:
         ctx.close()
     if results is None:
@@ -79,7 +86,8 @@ def run(args: argparse.Namespace) -> dict:
                        "is the share of those answers they keep"}
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
-    title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {args.trials} trials"
+    shown = f"{args.trials} trials" + (f" (from number {args.first})" if args.first else "")
+    title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {shown}"
     if args.needle != "landmark":
         title += f", key stated {args.needle}"
     if base is not None:
@@ -103,6 +111,7 @@ def journal_config(args: argparse.Namespace) -> dict:
 
     return {"protocol": "passkey", "model": args.model, "trials": args.trials, "min_context": args.min_context,
             "max_context": args.max_context, "seed": args.seed, "new_tokens": args.new_tokens,
+            **({"first": args.first} if args.first else {}),
             **({"needle": args.needle} if args.needle != "landmark" else {}),
             "torch": torch.__version__,
             "transformers": transformers.__version__, "code": code_fingerprint()}

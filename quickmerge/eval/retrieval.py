@@ -60,22 +60,28 @@ def _filler(tokenizer: Any, need: int, start: int) -> tuple[list[int], str]:
 
 
 def passkey_trials(tokenizer: Any, count: int, *, min_context: int = 1024, max_context: int = 4096,
-                   bos: bool = False, seed: int = 0, needle: str = "landmark") -> list[PasskeyTrial]:
-    """``count`` trials: length uniform in [min_context, max_context], depth uniform in [0.05, 0.95].
+                   bos: bool = False, seed: int = 0, needle: str = "landmark", first: int = 0) -> list[PasskeyTrial]:
+    """Trials ``first .. first + count - 1``: length uniform in [min_context, max_context], depth uniform in
+    [0.05, 0.95].
 
-    ``needle``: a key of :data:`NEEDLES`. The same seed gives the same keys, depths and lengths for either needle.
+    ``needle``: a key of :data:`NEEDLES`. The same seed gives the same keys, depths and lengths for either needle;
+    a trial depends on its number and the seed only (``first`` = 100 gives trials 100.. of a 200-trial run).
     """
     if not 1 <= min_context <= max_context:
         raise ValueError(f"need 1 <= min_context <= max_context, got {min_context}, {max_context}")
     if needle not in NEEDLES:
         raise ValueError(f"needle must be one of {sorted(NEEDLES)}, got {needle!r}")
+    if first < 0:
+        raise ValueError(f"first must be 0 or more, got {first}")
     gen = torch.Generator().manual_seed(seed)
     question = torch.tensor(tokenizer(QUESTION, add_special_tokens=False)["input_ids"])
     trials = []
-    for t in range(count):
+    for t in range(first + count):
         length = int(torch.randint(min_context, max_context + 1, (1,), generator=gen))
         depth = 0.05 + 0.9 * float(torch.rand(1, generator=gen))
         key = f"{int(torch.randint(10_000, 100_000, (1,), generator=gen))}"
+        if t < first:
+            continue  # drawn all the same, so that trial t is the same whatever ``first`` is
         stated = tokenizer(NEEDLES[needle].format(key=key), add_special_tokens=False)["input_ids"]
         head = [tokenizer.bos_token_id] if bos else []
         filler, title = _filler(tokenizer, length - len(stated) - len(head), start=7 * t)

@@ -111,6 +111,34 @@ def test_answered_only_compresses_just_the_trials_the_uncompressed_model_answers
     assert main(args) == 0 and calls == []  # resumed from the journal: nothing computed again
 
 
+def test_passkey_first_gives_the_later_trials_of_the_same_seed(tokenizer, tiny_lm_dir, tmp_path, monkeypatch):
+    import quickmerge.eval.retrieval as retrieval
+
+    whole = passkey_trials(tokenizer, 5, min_context=120, max_context=200, seed=3, needle="once")
+    part = passkey_trials(tokenizer, 2, min_context=120, max_context=200, seed=3, needle="once", first=3)
+    assert [(t.title, t.key, t.depth) for t in part] == [(t.title, t.key, t.depth) for t in whole[3:]]
+    assert all(torch.equal(a.context, b.context) for a, b in zip(part, whole[3:], strict=True))
+    with pytest.raises(ValueError, match="first must be"):
+        passkey_trials(tokenizer, 1, first=-1)
+
+    calls = []
+
+    def fake_answer(model, tokenizer, trial, press, method, new_tokens=16):
+        number = int(trial.title.split(":")[0])
+        calls.append((number, method.name))
+        return {"correct": float(number % 2 == 0), "answer": "", "depth": trial.depth, "context": 0}
+
+    monkeypatch.setattr(retrieval, "answer_passkey", fake_answer)
+    base = ["eval", "passkey", "--model", tiny_lm_dir, "--min-context", "120", "--max-context", "200", "--ratios",
+            "0.5", "--methods", "random", "--threads", "1", "--answered-only"]
+    assert main([*base, "--trials", "3", "--first", "3", "--out", str(tmp_path / "late")]) == 0
+    assert sorted(calls) == [(3, "none"), (4, "none"), (4, "random"), (5, "none")]
+    results = json.loads((tmp_path / "late.json").read_text())
+    assert results["answered_only"]["trials_answered"] == [4]
+    with pytest.raises(SystemExit, match="--first must be"):
+        main([*base, "--trials", "2", "--first", "-1", "--out", str(tmp_path / "x")])
+
+
 def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_path):
     with pytest.raises(SystemExit, match="answers none"):  # the tiny random model cannot answer
         main(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "2", "--min-context", "120", "--max-context",
