@@ -11,8 +11,9 @@ def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[flo
     from .text_methods import KVPRESS, OURS
 
     parser.add_argument("--ratios", type=float, nargs="+", default=ratios, help="compression ratios")
-    parser.add_argument("--methods", nargs="+", default=None, choices=OURS + (extra_methods or []) + KVPRESS,
-                        help="default: all that are installed")
+    names = OURS + (extra_methods or []) + KVPRESS
+    parser.add_argument("--methods", nargs="+", default=None, choices=names, metavar="METHOD",
+                        help=f"default: all that are installed; one or more of {', '.join(names)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
     parser.add_argument("--out", default=out, help="output prefix (.json and .png are added)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
