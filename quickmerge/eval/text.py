@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -256,6 +257,9 @@ def run_text_eval(
     With a ``journal``, each finished row is on disk at once and rows already there are not
     computed again. Under ``torch.distributed`` (``ctx``), examples are shared out by rank and
     the rows gathered on rank 0, which returns the summary (the other ranks return None).
+    Each row runs with torch's global generator seeded from its key, so presses that draw random numbers
+    (kvpress's LeverageScore and Compactor sketches) give the same row whatever ran before it: alone, resumed,
+    or on any number of processes.
     """
     ctx = ctx or Context()
     runs: list[tuple[Method, float | None]] = [(NO_COMPRESSION, None)]
@@ -272,12 +276,13 @@ def run_text_eval(
     bar = _progress(len(items), progress and ctx.main, initial=len(items) - len(todo))
     new: dict[str, dict[str, float]] = {}
     for i, (method, ratio) in mine:
+        key = _key(number[i], examples[i], method.name, ratio)
+        torch.manual_seed(zlib.crc32(key.encode()))
         press = None if ratio is None else method.make(ratio)
         if scorer is None:
             row = score_example(model, examples[i], context, press, method, ratio)
         else:
             row = scorer(examples[i], press, method, ratio)
-        key = _key(number[i], examples[i], method.name, ratio)
         new[key] = row
         if journal is not None:
             journal.add(key, row)

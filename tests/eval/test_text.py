@@ -1,0 +1,29 @@
+"""``run_text_eval``: rows that draw random numbers do not depend on what ran before them."""
+
+from types import SimpleNamespace
+
+import torch
+
+from quickmerge.eval.text import Method, run_text_eval
+
+
+def _draws(methods: list[Method], examples: list, ratios: list[float], numbers: list[int]) -> dict:
+    def scorer(example, press, method, ratio):
+        return {"draw": float(torch.rand(()))}  # as kvpress's LeverageScore sketch draws from the global generator
+
+    return run_text_eval(None, examples, methods, ratios, 0, progress=False, scorer=scorer,
+                         summary=lambda examples, per_run: per_run, indices=numbers)
+
+
+def test_a_row_draws_the_same_numbers_whatever_ran_before_it():
+    examples = [SimpleNamespace(title=f"w{i}") for i in range(3)]
+    a, b = Method("a", make=lambda ratio: None), Method("b", make=lambda ratio: None)
+    first = _draws([a, b], examples, [0.5, 0.75], [0, 1, 2])
+    torch.rand(5)  # another history of the global generator
+    swapped = _draws([b, a], examples[::-1], [0.75, 0.5], [2, 1, 0])  # the same rows, run in another order
+    for (name, ratio), rows in first.items():
+        assert [r["draw"] for r in rows] == [r["draw"] for r in swapped[(name, ratio)]][::-1]
+    alone = _draws([b], examples[1:2], [0.75], [1])  # one row on its own, as a resumed run would compute it
+    assert alone[("b", 0.75)][0]["draw"] == first[("b", 0.75)][1]["draw"]
+    draws = [r["draw"] for rows in first.values() for r in rows]
+    assert len(set(draws)) == len(draws)  # and different rows draw differently
