@@ -1,6 +1,8 @@
 """Replay scoring with each entry's score spread to its neighbours (a max-pool of width k over positions), so a
 kept fact keeps its context whole, as SnapKV's pooling does for window scores. Passkey development trials.
 Since stop 25 the library's ``QuickMergePress(replay_pool=k)`` (stop 24 ran an equivalent subclass here).
+``--novelty W ...`` adds the press's query-agnostic key-novelty term with each weight (stop 27: pooled replay and
+LeverageScore lose the key on different trials); ``--presses`` runs kvpress methods beside them.
 
     .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
         --out docs/results/issue10/passkey_pooled_dev.json
@@ -25,6 +27,9 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=16)
     ap.add_argument("--ratio", type=float, default=0.75)
     ap.add_argument("--kernels", type=int, nargs="+", default=[1, 5, 9])
+    ap.add_argument("--novelty", type=float, nargs="+", default=[0.0], help="key-novelty weights (0: off)")
+    ap.add_argument("--presses", nargs="*", default=None,
+                    help="eval method names run beside (default: kvpress-streaming-llm, skipped with --answered-from)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--answered-from", default=None,
                     help="an `eval passkey --answered-only` JSON: run on its answered trials (same seed and needle), "
@@ -35,7 +40,8 @@ def main() -> None:
     model, tok = load_causal_lm("gemma3-270m")
     trials = passkey_trials(tok, args.trials, bos=True, seed=args.seed, needle=args.needle)
     inside = Method("pooled", lambda r: None, decode_inside=True)
-    streaming = build_method("kvpress-streaming-llm")
+    presses = [build_method(n) for n in (args.presses if args.presses is not None else
+                                         [] if args.answered_from else ["kvpress-streaming-llm"])]
     out = {"command": "python benchmarks/exploration/passkey_pooled.py " + " ".join(sys.argv[1:]), "per_trial": {}}
     if args.answered_from:
         with open(args.answered_from) as f:
@@ -45,13 +51,16 @@ def main() -> None:
         answered = [i for i, t in enumerate(trials) if answer_passkey(model, tok, t, None, NO_COMPRESSION)["correct"]]
     out["answered"] = answered
     for i in answered:
+        torch.manual_seed(i)  # the presses that draw (LeverageScore's sketch) draw the same on a rerun
         kept = {}
-        if not args.answered_from:
-            kept["kvpress-streaming-llm"] = answer_passkey(model, tok, trials[i], streaming.make(args.ratio), streaming)
+        for method in presses:
+            kept[method.name] = answer_passkey(model, tok, trials[i], method.make(args.ratio), method)
         for k in args.kernels:
-            press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
-                                    head_budgets=True, proportional=False, replay_pool=k)
-            kept[f"replay pool={k}"] = answer_passkey(model, tok, trials[i], press, inside)
+            for w in args.novelty:
+                press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
+                                        head_budgets=True, proportional=False, replay_pool=k, novelty=w)
+                name = f"replay pool={k}" + (f" novelty={w:g}" if w else "")
+                kept[name] = answer_passkey(model, tok, trials[i], press, inside)
         for name, r in kept.items():
             out["per_trial"].setdefault(name, []).append(r["correct"])
         print(i, {n: r["correct"] for n, r in kept.items()}, flush=True)
