@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
         def scorer(trial, press, method, ratio):
             return answer_passkey(model, tokenizer, trial, press, method, new_tokens=args.new_tokens)
 
-        indices, everything = None, None
+        everything = None
         if args.answered_only:  # first the uncompressed model on every trial, then the rest on what it answers
             everything = run_text_eval(model, trials, [], [], 0, journal=journal, ctx=ctx, scorer=scorer,
                                        summary=summarise_passkey, indices=numbers)
@@ -70,7 +70,6 @@ def run(args: argparse.Namespace) -> dict:
             if not answered:
                 raise SystemExit("the uncompressed model answers none of the trials: nothing to compress")
             trials, numbers = [trials[i] for i in answered], [numbers[i] for i in answered]
-            indices = numbers
         results = run_text_eval(model, trials, methods, args.ratios, 0, journal=journal, ctx=ctx, scorer=scorer,
                                 summary=summarise_passkey, indices=numbers)
     finally:
@@ -80,7 +79,7 @@ def run(args: argparse.Namespace) -> dict:
     base = None if everything is None else _uncompressed(everything)
     if base is not None:
         results["answered_only"] = {
-            "trials_answered": indices, "uncompressed_accuracy_all_trials": base["accuracy"],
+            "trials_answered": numbers, "uncompressed_accuracy_all_trials": base["accuracy"],
             "uncompressed_accuracy_all_trials_ci95": base["accuracy_ci95"], "all_trials": everything["trials"],
             "meaning": "compressed settings ran only on the trials the uncompressed model answers; their accuracy "
                        "is the share of those answers they keep"}
@@ -91,13 +90,13 @@ def run(args: argparse.Namespace) -> dict:
     if args.needle != "landmark":
         title += f", key stated {args.needle}"
     if base is not None:
-        title += f"; uncompressed answers {len(indices)} ({base['accuracy']:.0%}), compressed run on those"
+        title += f"; uncompressed answers {len(numbers)} ({base['accuracy']:.0%}), compressed run on those"
     paths = write_report(results, args.out, lambda png: plot_passkey(results, png, title))
     print(format_table(results))
     if base is not None:
         lo, hi = base["accuracy_ci95"]
         print(f"uncompressed, every trial: {base['accuracy']:.2f} [{lo:.2f}, {hi:.2f}]; "
-              f"the table's trials are the {len(indices)} it answers")
+              f"the table's trials are the {len(numbers)} it answers")
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
