@@ -3,6 +3,8 @@ kept fact keeps its context whole, as SnapKV's pooling does for window scores. P
 Since stop 25 the library's ``QuickMergePress(replay_pool=k)`` (stop 24 ran an equivalent subclass here).
 ``--novelty W ...`` adds the press's query-agnostic key-novelty term with each weight (stop 27: pooled replay and
 LeverageScore lose the key on different trials); ``--presses`` runs kvpress methods beside them.
+``--leverage S ...`` (stop 28) reserves share S of the budget for the keys of highest leverage
+(``QuickMergePress(leverage=S)``). The replay pass is run once per trial and shared by the settings.
 
     .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
         --out docs/results/issue10/passkey_pooled_dev.json
@@ -18,6 +20,19 @@ from quickmerge.eval.text import NO_COMPRESSION, Method
 from quickmerge.eval.text_methods import build_method
 from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergePress
+from quickmerge.text import quickmerge_press as qm_press
+from quickmerge.text.replay import replay_scores
+
+replays: list[dict] = []  # the replay scores of the current trial: the same for every setting, computed once
+
+
+def replay_once(*args, **kwargs):
+    if not replays:
+        replays.append(replay_scores(*args, **kwargs))
+    return {i: s.clone() for i, s in replays[0].items()}  # the press writes into them
+
+
+qm_press.replay_scores = replay_once
 
 
 def main() -> None:
@@ -28,6 +43,8 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.75)
     ap.add_argument("--kernels", type=int, nargs="+", default=[1, 5, 9])
     ap.add_argument("--novelty", type=float, nargs="+", default=[0.0], help="key-novelty weights (0: off)")
+    ap.add_argument("--leverage", type=float, nargs="+", default=[0.0],
+                    help="shares of the budget reserved for high-leverage keys (0: off)")
     ap.add_argument("--presses", nargs="*", default=None,
                     help="eval method names run beside (default: kvpress-streaming-llm, skipped with --answered-from)")
     ap.add_argument("--threads", type=int, default=2)
@@ -55,12 +72,15 @@ def main() -> None:
         kept = {}
         for method in presses:
             kept[method.name] = answer_passkey(model, tok, trials[i], method.make(args.ratio), method)
+        replays.clear()
         for k in args.kernels:
             for w in args.novelty:
-                press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
-                                        head_budgets=True, proportional=False, replay_pool=k, novelty=w)
-                name = f"replay pool={k}" + (f" novelty={w:g}" if w else "")
-                kept[name] = answer_passkey(model, tok, trials[i], press, inside)
+                for lev in args.leverage:
+                    press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
+                                            head_budgets=True, proportional=False, replay_pool=k, novelty=w,
+                                            leverage=lev)
+                    name = f"replay pool={k}" + (f" novelty={w:g}" if w else "") + (f" leverage={lev:g}" if lev else "")
+                    kept[name] = answer_passkey(model, tok, trials[i], press, inside)
         for name, r in kept.items():
             out["per_trial"].setdefault(name, []).append(r["correct"])
         print(i, {n: r["correct"] for n, r in kept.items()}, flush=True)

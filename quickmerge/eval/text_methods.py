@@ -38,6 +38,10 @@ OURS_PRESSES: dict[str, Any] = {
     # replay scores max-pooled over 9 neighbours: a kept fact keeps its sentence (passkey, BENCHMARKS.md; the
     # width chosen among 1 / 5 / 9 on development trials, docs/results/issue10/passkey_pooled_dev.json)
     "quickmerge-replay-pooled": lambda r: QuickMergePress(r, **REPLAY, replay_pool=9),
+    # the same with a quarter of the even budget reserved for the keys of highest leverage (query-agnostic
+    # outliers: a number in prose); the share chosen among 0 / 0.1 / 0.25 / 0.5 on development trials
+    # (docs/results/issue10/passkey_leverage_dev.json)
+    "quickmerge-replay-leverage": lambda r: QuickMergePress(r, **REPLAY, replay_pool=9, leverage=0.25),
     # Gemma 3 ablation: the last two queries' attention, evicting the rest (epsilon -> 0) or merging lightly;
     # best on development windows 40..45, behind the default on the 40 evaluation windows (BENCHMARKS.md)
     "quickmerge-window2-drop": lambda r: QuickMergePress(r, **RECENT, epsilon=1e-6),

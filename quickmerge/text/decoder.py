@@ -96,3 +96,11 @@ def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings
         q = module.q_norm(q)
     cos, sin = position_embeddings
     return apply_rope(q, cos[:, -w:], sin[:, -w:])
+
+
+def prerope_keys(module: nn.Module, hidden_states: Tensor) -> Tensor:
+    """Keys ``[B, Hkv, L, d]`` of ``hidden_states [B, L, D]`` before the rotary embedding (after the key
+    norm where the layer has one): their geometry does not depend on position."""
+    b, length, _ = hidden_states.shape
+    k = module.k_proj(hidden_states).view(b, length, -1, module.head_dim).transpose(1, 2)
+    return module.k_norm(k) if hasattr(module, "k_norm") else k

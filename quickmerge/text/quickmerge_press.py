@@ -35,6 +35,7 @@ from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
+from .decoder import prerope_keys
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
 from .replay import replay_scores
@@ -42,6 +43,7 @@ from .scoring import (
     SALIENT,
     Salient,
     Window,
+    key_leverage,
     key_novelty,
     neighbourhood_max,
     observe,
@@ -108,6 +110,12 @@ class QuickMergePress(KVPress):
             scores (a copying head keeps most of the prompt, its neighbours a few entries), at equal
             memory: the layer's entries are folded into one row (:mod:`quickmerge.text.flat`), which
             needs SDPA attention and decoding inside the press.
+        leverage: ``scoring="replay"``: share of each head's even budget (``int(L * (1 - ratio))``)
+            reserved, before the replay scores fill the rest, for the entries whose pre-RoPE keys have
+            the highest ridge leverage (:func:`~quickmerge.text.scoring.key_leverage`): query-agnostic
+            outliers such as a number stated once in prose, which a re-reading may pass over. 0
+            (default): off.
+        leverage_ridge: the leverage's ridge, relative to the keys' mean eigenvalue.
         budget ``"replay"``: with ``scoring="replay"``, each layer keeps as many entries as it holds
             among the model's most attended (layer, head, entry) triples (KVzip's split over layers),
             above the same floor; the total stays the uniform total.
@@ -139,10 +147,13 @@ class QuickMergePress(KVPress):
     recent: int = 0
     replay_pool: int = 1
     head_budgets: bool = False
+    leverage: float = 0.0
+    leverage_ridge: float = 1.0
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
     _replayed: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _leverages: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -179,6 +190,11 @@ class QuickMergePress(KVPress):
                 "head_budgets=True compares replay scores across heads and merges into the kept entries: it needs "
                 "scoring='replay' with mode='clusters', kmeans_iters=0, align=False and bias='size'"
             )
+        check_real(self.leverage, "leverage", low=0.0, high=1.0, low_open=False, high_open=False)
+        check_real(self.leverage_ridge, "leverage_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
+        if self.leverage and self.scoring != "replay":
+            raise ValueError(f"leverage reserves part of the replay budget: it needs scoring='replay', "
+                             f"not {self.scoring!r}")
         self.replay_prefix = tuple(int(i) for i in self.replay_prefix)
         check_real(self.budget_floor, "budget_floor", low=0.0, high=1.0, low_open=False, high_open=False)
         check_real(self.budget_power, "budget_power", low=0.0, high=math.inf, low_open=False, high_open=True)
@@ -193,10 +209,11 @@ class QuickMergePress(KVPress):
     def _new_prompt(self) -> None:
         super()._new_prompt()
         self.kept_share, self.layers_merged, self._windows, self._replayed = None, 0, {}, {}
+        self._leverages = {}
 
     def _release(self) -> None:
         super()._release()
-        self._windows, self._replayed = {}, {}
+        self._windows, self._replayed, self._leverages = {}, {}, {}
 
     def adds_bias(self) -> bool:
         # Layers of uneven lengths (a non-uniform budget) need the per-layer masks of the bias path
@@ -213,6 +230,9 @@ class QuickMergePress(KVPress):
             if self.budget == "entropy" or self.align:
                 self._windows[module.layer_idx] = win
         if self.scoring == "replay":
+            if self.leverage:
+                self._leverages[module.layer_idx] = key_leverage(prerope_keys(module, hidden_states),
+                                                                 self.leverage_ridge)
             return keys  # rated in :meth:`rescore`, once the prompt has been read again
         if self.scoring == "prompt":
             ranks = prompt_saliency(module, hidden_states, keys, kwargs, salient=self.salient,
@@ -255,6 +275,10 @@ class QuickMergePress(KVPress):
                 raw[..., -self.recent:] = top
             if self.replay_pool > 1:  # in place: the budgets and the selection read these scores again
                 raw.copy_(neighbourhood_max(raw, self.replay_pool))
+            reserved = int(self.leverage * self.kept(length))
+            if reserved:  # after the pooling: the outliers themselves, not their neighbourhoods
+                best = self._leverages[index].topk(reserved, dim=-1).indices
+                raw.scatter_(-1, best, top.expand_as(best).to(raw.dtype))
             out[index] = self._with_novelty(quantile_rank(raw), keys)
         return out
 

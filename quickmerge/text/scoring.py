@@ -181,3 +181,22 @@ def key_novelty(keys: Tensor, chunk: int = 512) -> Tensor:
         sim[..., torch.arange(len(rows), device=keys.device), rows] = -2.0  # not its own copy
         out.append(1.0 - sim.amax(dim=-1))
     return torch.cat(out, dim=-1)
+
+
+def key_leverage(keys: Tensor, ridge: float = 1.0) -> Tensor:
+    """Ridge leverage ``[B, Hkv, L]`` of each key among its head's keys, in [0, 1).
+
+    ``x_i^T (X^T X + lambda I)^{-1} x_i`` for the sequence-centred keys ``X [L, d]`` of each head,
+    ``lambda = ridge x trace(X^T X) / d`` (the mean eigenvalue times ``ridge``), so directions the
+    prompt barely uses do not turn noise into outliers. High for a key far from the bulk of the
+    prompt along the directions it does use (a number in prose), as kvpress's LeverageScorePress
+    (Compactor) scores with a random sketch; deterministic here. ``keys``: pre-RoPE (position-free).
+    """
+    x = keys.float() - keys.float().mean(dim=-2, keepdim=True)
+    d = x.shape[-1]
+    gram = x.transpose(-1, -2) @ x  # [B, H, d, d]
+    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).sum(-1) / d  # [B, H]
+    eye = torch.eye(d, device=keys.device)
+    chol = torch.linalg.cholesky(gram + (lam.clamp_min(1e-12))[..., None, None] * eye)
+    solved = torch.cholesky_solve(x.transpose(-1, -2), chol)  # [B, H, d, L]
+    return (x * solved.transpose(-1, -2)).sum(dim=-1)

@@ -223,6 +223,83 @@ def test_replay_pool_ranks_each_entry_by_its_neighbourhood():
                for a, b in zip(caches[0].layers, caches[1].layers, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
+    """What the leverage reserve scores: the layer's keys before RoPE (after Gemma 3's key norm)."""
+    from quickmerge.text.decoder import apply_rope, decoder_attention_layers, prerope_keys
+
+    model = tiny(kind, layers=3)
+    ids = torch.randint(0, 97, (1, 12))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = (prerope_keys(module, kwargs["hidden_states"]), kwargs["position_embeddings"])
+
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    for handle in handles:
+        handle.remove()
+    for i, layer in enumerate(cache.layers):
+        keys, (cos, sin) = seen[i]
+        n = layer.keys.shape[2]  # a sliding layer holds its window's last entries only
+        assert torch.allclose(apply_rope(keys, cos, sin)[:, :, -n:], layer.keys, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [False, True])
+def test_leverage_reserve_keeps_the_highest_leverage_keys(heads):
+    """leverage=s: in every head the int(s x even budget) entries of highest pre-RoPE key leverage get the top
+    replay score (so they are kept: dropping the rest, their keys are in the cache); off, some are not."""
+    from quickmerge.text.scoring import key_leverage
+
+    model = tiny("llama", layers=3)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(7))
+    options = dict(scoring="replay", proportional=False, epsilon=1e-9, replay_pool=3)
+    if heads:
+        options.update(budget="replay", head_budgets=True)
+    full = transformers.DynamicCache()
+    seen = {}
+
+    def keep(module, args, kwargs):
+        from quickmerge.text.decoder import prerope_keys
+
+        seen[module.layer_idx] = key_leverage(prerope_keys(module, kwargs["hidden_states"]))
+
+    handles = [layer.self_attn.register_forward_pre_hook(keep, with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+    for handle in handles:
+        handle.remove()
+    reserved = int(0.5 * 20)
+
+    def outliers_kept(cache):
+        out = []
+        for i, (merged, plain) in enumerate(zip(cache.layers, full.layers, strict=True)):
+            kept = merged.keys[0].reshape(-1, merged.keys.shape[-1])
+            best = seen[i][0].topk(reserved, dim=-1).indices  # [Hkv, reserved]
+            outliers = plain.keys[0].gather(1, best[..., None].expand(-1, -1, plain.keys.shape[-1]))
+            out.append((outliers[:, :, None] - kept[None, None]).norm(dim=-1).amin(dim=-1) < 1e-4)
+        return torch.stack(out)
+
+    press = _Recorded(0.5, **options, leverage=0.5)
+    assert outliers_kept(_prefill(model, press, ids)).all()
+    assert press.achieved_ratio == pytest.approx(0.5)
+    for i, (_, raw) in press.recorded.items():
+        best = seen[i].topk(reserved, dim=-1).indices
+        assert (raw.gather(-1, best) == raw.amax()).all()
+    assert not outliers_kept(_prefill(model, QuickMergePress(0.5, **options), ids)).all()
+
+
+def test_leverage_errors():
+    with pytest.raises(ValueError, match="leverage"):
+        QuickMergePress(0.5, scoring="replay", leverage=1.5)
+    with pytest.raises(ValueError, match=r"leverage.*scoring='replay'"):
+        QuickMergePress(0.5, leverage=0.2)
+    with pytest.raises(ValueError, match="leverage_ridge"):
+        QuickMergePress(0.5, scoring="replay", leverage=0.2, leverage_ridge=0.0)
+
+
 def test_replay_pool_errors():
     with pytest.raises(ValueError, match="replay_pool"):
         QuickMergePress(0.5, scoring="replay", replay_pool=0)

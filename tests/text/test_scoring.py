@@ -50,3 +50,23 @@ def test_neighbourhood_max_equals_a_loop_reference():
     for width in (1, 3, 9):
         want = torch.stack([scores[..., max(0, j - width // 2) : j + width // 2 + 1].amax(-1) for j in range(11)], -1)
         assert torch.equal(neighbourhood_max(scores, width), want)
+
+
+def test_key_leverage_equals_the_ridge_formula_and_finds_an_outlier():
+    """x_i^T (X^T X + lambda I)^-1 x_i on centred keys, lambda = ridge x mean eigenvalue; a key pushed far
+    from the rest has the highest leverage of its head, and a shift of every key changes nothing."""
+    from quickmerge.text.scoring import key_leverage
+
+    torch.manual_seed(0)
+    keys = torch.randn(2, 3, 50, 8) * torch.linspace(0.2, 2.0, 8)
+    keys[1, 2, 17] += 15.0 * torch.randn(8)
+    got = key_leverage(keys, ridge=0.5)
+    for b in range(2):
+        for h in range(3):
+            x = keys[b, h].double() - keys[b, h].double().mean(0)
+            gram = x.T @ x
+            want = torch.diag(x @ torch.linalg.inv(gram + 0.5 * gram.trace() / 8 * torch.eye(8, dtype=x.dtype)) @ x.T)
+            assert torch.allclose(got[b, h].double(), want, atol=1e-5)
+    assert got[1, 2].argmax() == 17
+    assert torch.allclose(key_leverage(keys + 3.0, ridge=0.5), got, atol=1e-5)
+    assert ((got >= 0) & (got < 1)).all()
