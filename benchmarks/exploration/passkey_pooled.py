@@ -4,7 +4,8 @@ Since stop 25 the library's ``QuickMergePress(replay_pool=k)`` (stop 24 ran an e
 ``--novelty W ...`` adds the press's query-agnostic key-novelty term with each weight (stop 27: pooled replay and
 LeverageScore lose the key on different trials); ``--presses`` runs kvpress methods beside them.
 ``--leverage S ...`` (stop 28) reserves share S of the budget for the keys of highest leverage
-(``QuickMergePress(leverage=S)``). The replay pass is run once per trial and shared by the settings.
+(``QuickMergePress(leverage=S)``); ``--leverage-pool W`` max-pools the leverage first, so the reserve goes to spans
+of about W entries around the strongest outliers (a development try). The replay pass is run once per trial and shared by the settings.
 
     .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
         --out docs/results/issue10/passkey_pooled_dev.json
@@ -22,6 +23,7 @@ from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergePress
 from quickmerge.text import quickmerge_press as qm_press
 from quickmerge.text.replay import replay_scores
+from quickmerge.text.scoring import key_leverage, neighbourhood_max
 
 replays: list[dict] = []  # the replay scores of the current trial: the same for every setting, computed once
 
@@ -45,6 +47,9 @@ def main() -> None:
     ap.add_argument("--novelty", type=float, nargs="+", default=[0.0], help="key-novelty weights (0: off)")
     ap.add_argument("--leverage", type=float, nargs="+", default=[0.0],
                     help="shares of the budget reserved for high-leverage keys (0: off)")
+    ap.add_argument("--leverage-pool", type=int, default=1,
+                    help="odd width: each key's leverage becomes the largest within it, so the reserve keeps spans "
+                         "around the strongest outliers (1: off)")
     ap.add_argument("--presses", nargs="*", default=None,
                     help="eval method names run beside (default: kvpress-streaming-llm, skipped with --answered-from)")
     ap.add_argument("--threads", type=int, default=2)
@@ -54,6 +59,11 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.leverage_pool > 1:
+        def pooled_leverage(keys, ridge=1.0, width=args.leverage_pool):
+            return neighbourhood_max(key_leverage(keys, ridge), width)
+
+        qm_press.key_leverage = pooled_leverage
     model, tok = load_causal_lm("gemma3-270m")
     trials = passkey_trials(tok, args.trials, bos=True, seed=args.seed, needle=args.needle)
     inside = Method("pooled", lambda r: None, decode_inside=True)

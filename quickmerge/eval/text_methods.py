@@ -42,6 +42,10 @@ OURS_PRESSES: dict[str, Any] = {
     # outliers: a number in prose); the share chosen among 0 / 0.1 / 0.25 / 0.5 on development trials
     # (docs/results/issue10/passkey_leverage_dev.json)
     "quickmerge-replay-leverage": lambda r: QuickMergePress(r, **REPLAY, replay_pool=9, leverage=0.25),
+    # ... with the leverage max-pooled over 9 first: the reserve keeps spans around the strongest outliers (22 of
+    # 23 development trials at 0.75, docs/results/issue10/passkey_leverage_pool_dev.json)
+    "quickmerge-replay-leverage-spans": lambda r: QuickMergePress(r, **REPLAY, replay_pool=9, leverage=0.25,
+                                                                  leverage_pool=9),
     # Gemma 3 ablation: the last two queries' attention, evicting the rest (epsilon -> 0) or merging lightly;
     # best on development windows 40..45, behind the default on the 40 evaluation windows (BENCHMARKS.md)
     "quickmerge-window2-drop": lambda r: QuickMergePress(r, **RECENT, epsilon=1e-6),

@@ -116,6 +116,9 @@ class QuickMergePress(KVPress):
             outliers such as a number stated once in prose, which a re-reading may pass over. 0
             (default): off.
         leverage_ridge: the leverage's ridge, relative to the keys' mean eigenvalue.
+        leverage_pool: each entry's leverage becomes the largest within ``leverage_pool`` neighbouring
+            positions (odd width) before the reserve is chosen, so the reserve goes to spans around the
+            strongest outliers (a number with its sentence) rather than to scattered tokens; 1 (default): off.
         budget ``"replay"``: with ``scoring="replay"``, each layer keeps as many entries as it holds
             among the model's most attended (layer, head, entry) triples (KVzip's split over layers),
             above the same floor; the total stays the uniform total.
@@ -149,6 +152,7 @@ class QuickMergePress(KVPress):
     head_budgets: bool = False
     leverage: float = 0.0
     leverage_ridge: float = 1.0
+    leverage_pool: int = 1
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
@@ -192,6 +196,9 @@ class QuickMergePress(KVPress):
             )
         check_real(self.leverage, "leverage", low=0.0, high=1.0, low_open=False, high_open=False)
         check_real(self.leverage_ridge, "leverage_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
+        check_positive_int(self.leverage_pool, "leverage_pool")
+        if self.leverage_pool % 2 == 0:
+            raise ValueError(f"leverage_pool must be odd (a window centred on each entry), got {self.leverage_pool}")
         if self.leverage and self.scoring != "replay":
             raise ValueError(f"leverage reserves part of the replay budget: it needs scoring='replay', "
                              f"not {self.scoring!r}")
@@ -231,8 +238,8 @@ class QuickMergePress(KVPress):
                 self._windows[module.layer_idx] = win
         if self.scoring == "replay":
             if self.leverage:
-                self._leverages[module.layer_idx] = key_leverage(prerope_keys(module, hidden_states),
-                                                                 self.leverage_ridge)
+                lev = key_leverage(prerope_keys(module, hidden_states), self.leverage_ridge)
+                self._leverages[module.layer_idx] = neighbourhood_max(lev, self.leverage_pool)
             return keys  # rated in :meth:`rescore`, once the prompt has been read again
         if self.scoring == "prompt":
             ranks = prompt_saliency(module, hidden_states, keys, kwargs, salient=self.salient,

@@ -291,11 +291,42 @@ def test_leverage_reserve_keeps_the_highest_leverage_keys(heads):
     assert not outliers_kept(_prefill(model, QuickMergePress(0.5, **options), ids)).all()
 
 
+def test_leverage_pool_reserves_spans_around_the_strongest_outliers():
+    """leverage_pool=k: the reserve is the top of the k-wide max-pooled leverage, i.e. the neighbours of the
+    strongest outliers; those entries carry the top replay score, and the cache differs from the unpooled reserve's."""
+    from quickmerge.text.decoder import prerope_keys
+    from quickmerge.text.scoring import key_leverage, neighbourhood_max
+
+    model = tiny("llama", layers=2)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(9))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = neighbourhood_max(key_leverage(prerope_keys(module, kwargs["hidden_states"])), 5)
+
+    handles = [layer.self_attn.register_forward_pre_hook(keep, with_kwargs=True) for layer in model.model.layers]
+    with torch.no_grad():
+        model(ids)
+    for handle in handles:
+        handle.remove()
+    options = dict(scoring="replay", budget="replay", head_budgets=True, proportional=False, epsilon=1e-9,
+                   leverage=0.5)
+    pooled, plain = _Recorded(0.5, **options, leverage_pool=5), _Recorded(0.5, **options)
+    caches = [_prefill(model, press, ids) for press in (pooled, plain)]
+    for i, (_, raw) in pooled.recorded.items():
+        best = seen[i].topk(10, dim=-1).indices
+        assert (raw.gather(-1, best) == raw.amax()).all()
+    assert any(a.keys.shape != b.keys.shape or not torch.allclose(a.keys, b.keys)
+               for a, b in zip(caches[0].layers, caches[1].layers, strict=True))
+
+
 def test_leverage_errors():
     with pytest.raises(ValueError, match="leverage"):
         QuickMergePress(0.5, scoring="replay", leverage=1.5)
     with pytest.raises(ValueError, match=r"leverage.*scoring='replay'"):
         QuickMergePress(0.5, leverage=0.2)
+    with pytest.raises(ValueError, match="leverage_pool must be odd"):
+        QuickMergePress(0.5, scoring="replay", leverage=0.2, leverage_pool=4)
     with pytest.raises(ValueError, match="leverage_ridge"):
         QuickMergePress(0.5, scoring="replay", leverage=0.2, leverage_ridge=0.0)
 
