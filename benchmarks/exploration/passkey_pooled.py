@@ -4,8 +4,8 @@ Since stop 25 the library's ``QuickMergePress(replay_pool=k)`` (stop 24 ran an e
 ``--novelty W ...`` adds the press's query-agnostic key-novelty term with each weight (stop 27: pooled replay and
 LeverageScore lose the key on different trials); ``--presses`` runs kvpress methods beside them.
 ``--leverage S ...`` (stop 28) reserves share S of the budget for the keys of highest leverage
-(``QuickMergePress(leverage=S)``); ``--leverage-pool W`` max-pools the leverage first, so the reserve goes to spans
-of about W entries around the strongest outliers (a development try). The replay pass is run once per trial and shared by the settings.
+(``QuickMergePress(leverage=S)``); ``--leverage-pool W`` (``QuickMergePress(leverage_pool=W)``) max-pools the leverage
+first, so the reserve goes to spans of about W entries around the strongest outliers. The replay pass is run once per trial and shared by the settings.
 
     .venv/bin/python benchmarks/exploration/passkey_pooled.py --needle once --ratio 0.75 --kernels 1 5 9 \
         --out docs/results/issue10/passkey_pooled_dev.json
@@ -23,7 +23,6 @@ from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergePress
 from quickmerge.text import quickmerge_press as qm_press
 from quickmerge.text.replay import replay_scores
-from quickmerge.text.scoring import key_leverage, neighbourhood_max
 
 replays: list[dict] = []  # the replay scores of the current trial: the same for every setting, computed once
 
@@ -59,11 +58,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.leverage_pool > 1:
-        def pooled_leverage(keys, ridge=1.0, width=args.leverage_pool):
-            return neighbourhood_max(key_leverage(keys, ridge), width)
-
-        qm_press.key_leverage = pooled_leverage
     model, tok = load_causal_lm("gemma3-270m")
     trials = passkey_trials(tok, args.trials, bos=True, seed=args.seed, needle=args.needle)
     inside = Method("pooled", lambda r: None, decode_inside=True)
@@ -88,7 +82,7 @@ def main() -> None:
                 for lev in args.leverage:
                     press = QuickMergePress(compression_ratio=args.ratio, scoring="replay", budget="replay",
                                             head_budgets=True, proportional=False, replay_pool=k, novelty=w,
-                                            leverage=lev)
+                                            leverage=lev, leverage_pool=args.leverage_pool if lev else 1)
                     name = f"replay pool={k}" + (f" novelty={w:g}" if w else "") + (f" leverage={lev:g}" if lev else "")
                     kept[name] = answer_passkey(model, tok, trials[i], press, inside)
         for name, r in kept.items():

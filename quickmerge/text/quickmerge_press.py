@@ -199,6 +199,8 @@ class QuickMergePress(KVPress):
         check_positive_int(self.leverage_pool, "leverage_pool")
         if self.leverage_pool % 2 == 0:
             raise ValueError(f"leverage_pool must be odd (a window centred on each entry), got {self.leverage_pool}")
+        if self.leverage_pool > 1 and not self.leverage:
+            raise ValueError(f"leverage_pool pools the leverage reserve: it needs leverage > 0, got {self.leverage}")
         if self.leverage and self.scoring != "replay":
             raise ValueError(f"leverage reserves part of the replay budget: it needs scoring='replay', "
                              f"not {self.scoring!r}")
@@ -283,7 +285,7 @@ class QuickMergePress(KVPress):
             if self.replay_pool > 1:  # in place: the budgets and the selection read these scores again
                 raw.copy_(neighbourhood_max(raw, self.replay_pool))
             reserved = int(self.leverage * self.kept(length))
-            if reserved:  # after the pooling: the outliers themselves, not their neighbourhoods
+            if reserved:  # after the replay pooling, so a reserved entry does not lift its neighbours' replay scores
                 best = self._leverages[index].topk(reserved, dim=-1).indices
                 raw.scatter_(-1, best, top.expand_as(best).to(raw.dtype))
             out[index] = self._with_novelty(quantile_rank(raw), keys)

@@ -327,6 +327,8 @@ def test_leverage_errors():
         QuickMergePress(0.5, leverage=0.2)
     with pytest.raises(ValueError, match="leverage_pool must be odd"):
         QuickMergePress(0.5, scoring="replay", leverage=0.2, leverage_pool=4)
+    with pytest.raises(ValueError, match=r"leverage_pool.*leverage > 0"):
+        QuickMergePress(0.5, scoring="replay", leverage_pool=9)
     with pytest.raises(ValueError, match="leverage_ridge"):
         QuickMergePress(0.5, scoring="replay", leverage=0.2, leverage_ridge=0.0)
 
