@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,10 +39,15 @@ def built_dir(path: Path, build: Callable[[Path], None], what: str, version: str
         return path
     if path.exists():
         discard(path, what, "is incomplete, damaged or from another quickmerge release")
+    _remove_abandoned_builds(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    build(tmp)
+    try:
+        build(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     (tmp / MANIFEST).write_text(json.dumps({"version": version, "files": files}, indent=1))
     try:
@@ -51,6 +57,37 @@ def built_dir(path: Path, build: Callable[[Path], None], what: str, version: str
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+ABANDONED_AFTER_S = 3600.0
+
+
+def _remove_abandoned_builds(path: Path) -> None:
+    """Remove ``path.tmp<pid>`` build directories of processes that died (killed by a signal).
+
+    Only those whose process is gone from this machine *and* untouched for an hour: a cache shared
+    between machines may hold a live build of another machine's process with the same number.
+    """
+    now = time.time()
+    for tmp in path.parent.glob(f"{path.name}.tmp*"):
+        pid = tmp.name[len(path.name) + 4 :]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            if now - tmp.stat().st_mtime > ABANDONED_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:  # removed meanwhile by another process
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def discard(path: Path, what: str, reason: str) -> None:

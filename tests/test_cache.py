@@ -1,9 +1,14 @@
 """Derived files (converted models, parsed text) are written whole or rebuilt, never half-read."""
 
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
+from quickmerge import _cache as cache
 from quickmerge._cache import MANIFEST, built_dir
 
 
@@ -49,8 +54,30 @@ def test_a_killed_build_leaves_nothing_in_place(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         built_dir(tmp_path / "model", dies, "the test model", "v1")
-    assert not (tmp_path / "model").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the result nor the half-built directory
     assert built_dir(tmp_path / "model", _build([]), "the test model", "v1").is_dir()
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_build_directories_of_dead_processes_are_removed_once_an_hour_old(tmp_path):
+    """A process killed by a signal (torchrun's SIGTERM) leaves model.tmp<pid>; the next build sweeps it."""
+    old = time.time() - cache.ABANDONED_AFTER_S - 60
+    pids = (_dead_pid(), _dead_pid(), os.getppid())
+    dead_old, dead_new, live_old = (tmp_path / f"model.tmp{pid}" for pid in pids)
+    for tmp in (dead_old, dead_new, live_old):
+        (tmp / "sub").mkdir(parents=True)
+        (tmp / "sub" / "weights.bin").write_bytes(b"x")
+    for tmp in (dead_old, live_old):
+        os.utime(tmp, (old, old))
+    built_dir(tmp_path / "model", _build([]), "the test model", "v1")
+    assert not dead_old.exists()
+    assert dead_new.exists()  # maybe another machine's live build, in a cache shared between machines
+    assert live_old.exists()
 
 
 def test_a_damaged_converted_model_is_converted_again(tmp_path, monkeypatch, capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,11 +63,17 @@ def _package_dir(spec: PackagedModel) -> str:
     return os.path.dirname(found.origin)
 
 
-def _gguf_location(name: str, spec: PackagedModel) -> tuple[str, str]:
+def _gguf_location(name: str, spec: PackagedModel, scratch: Path) -> tuple[str, str]:
+    """``(directory, file name)`` of the model's GGUF; one shipped in parts is assembled under ``scratch``.
+
+    ``scratch`` belongs to this process (the conversion's own build directory): processes that convert
+    at once (``torchrun`` ranks on a first use) never write the same file, and a killed assembly leaves
+    nothing behind that a later run would have to recognise as damaged.
+    """
     if name == "gemma3-270m":
         _package_dir(spec)  # not installed: name the packages (no extra of ours carries them)
         module = importlib.import_module(spec.package)
-        path = Path(module.assemble(cache_dir() / "gguf" / module.MODEL_NAME))
+        path = Path(module.assemble(scratch / module.MODEL_NAME))
         return str(path.parent), path.name
     return _package_dir(spec), spec.gguf_file
 
@@ -98,9 +105,13 @@ def _convert(name: str, spec: PackagedModel, out: Path, auto_model: Any, auto_to
     """Dequantise the package's GGUF model to float32 and save it (and its tokenizer) to ``out``."""
     require("gguf", "text", f"Converting {name} from GGUF")
     print(f"quickmerge: converting {name} from GGUF once (cached in {out.parent})", file=sys.stderr)
-    directory, gguf_file = _gguf_location(name, spec)
-    tokenizer = _packaged_tokenizer(spec, directory, gguf_file, auto_tok)
-    model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    scratch = out / "gguf-assembly"
+    try:
+        directory, gguf_file = _gguf_location(name, spec, scratch)
+        tokenizer = _packaged_tokenizer(spec, directory, gguf_file, auto_tok)
+        model = auto_model.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # the GGUF is not part of the converted model
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
