@@ -1,13 +1,15 @@
 """Paired comparison of our methods against the best competitor at each ratio, from an eval JSON.
 
 Usage: python benchmarks/paired_vs_best.py results/text_issue10.json [--out docs/results/issue10/paired.json]
+       python benchmarks/paired_vs_best.py RESULTS.json --ours METHOD --against METHOD [METHOD ...] [--out ...]
 
 Several runs of one protocol on disjoint examples (e.g. ``eval text --first``) are pooled first: the methods
 and ratios present in every run, their examples concatenated.
 
 "Best competitor" = the kvpress configuration with the lowest perplexity at that ratio in the
 same run (same examples). For each of our methods: paired perplexity ratio (ours / best) with
-its 95% bootstrap interval, and on how many examples ours has the lower NLL.
+its 95% bootstrap interval, and on how many examples ours has the lower NLL. With ``--ours`` and
+``--against``, the same for one method against the named ones (any methods of the run, ours included).
 """
 
 from __future__ import annotations
@@ -63,23 +65,59 @@ def compare(results: dict) -> list[dict]:
 def _against(at: list[dict], best: dict, ratio: float, kind: str) -> list[dict]:
     out = []
     for ours in (r for r in at if not r["method"].startswith("kvpress-") and r["method"] != "none"):
-        rel, low, high = bootstrap_ratio(ours["nll_per_example"], best["nll_per_example"])
-        wins = sum(a < b for a, b in zip(ours["nll_per_example"], best["nll_per_example"], strict=True))
+        rel, low, high, wins = _paired(ours, best)
         out.append({"ratio": ratio, "method": ours["method"], "best_kvpress": best["method"], "kind": kind,
                     "best_kvpress_memory_saved": best["memory_saved"], "ratio_to_best": rel,
                     "ratio_to_best_ci95": [low, high], "lower_on": wins, "examples": len(best["nll_per_example"])})
     return out
 
 
+def compare_named(results: dict, ours: str, against: list[str]) -> list[dict]:
+    """``ours`` against each method of ``against`` at every ratio where both ran."""
+    rows = {(r["method"], r["compression_ratio"]): r for r in results["summary"]}
+    missing = [m for m in [ours, *against] if not any(method == m for method, _ in rows)]
+    if missing:
+        raise SystemExit(f"--ours/--against: not in the results: {', '.join(missing)}")
+    out = []
+    for ratio in sorted({r for m, r in rows if m == ours and r is not None}):
+        for other in (m for m in against if (m, ratio) in rows):
+            rel, low, high, wins = _paired(rows[ours, ratio], rows[other, ratio])
+            out.append({"ratio": ratio, "method": ours, "against": other, "ratio_to_it": rel,
+                        "ratio_to_it_ci95": [low, high], "lower_on": wins,
+                        "examples": len(rows[ours, ratio]["nll_per_example"])})
+    return out
+
+
+def _paired(ours: dict, other: dict) -> tuple[float, float, float, int]:
+    """Perplexity ratio ours / other on the same examples, its 95% bootstrap interval, and ours' lower-NLL count."""
+    a, b = ours["nll_per_example"], other["nll_per_example"]
+    rel, low, high = bootstrap_ratio(a, b)
+    return rel, low, high, sum(x < y for x, y in zip(a, b, strict=True))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", help="eval JSONs; several: runs on disjoint examples, pooled")
+    parser.add_argument("--ours", help="with --against: this method instead of every one of ours")
+    parser.add_argument("--against", nargs="+", metavar="METHOD", help="compare with these instead of the best press")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if (args.ours is None) != (args.against is None):
+        parser.error("--ours and --against go together")
     runs = []
     for path in args.results:
         with open(path) as f:
             runs.append(json.load(f))
+    if args.ours:
+        rows = compare_named(pool_runs(runs), args.ours, args.against)
+        for r in rows:
+            low, high = r["ratio_to_it_ci95"]
+            print(f"{r['ratio']} {r['method']} / {r['against']}: {r['ratio_to_it']:.4f} [{low:.4f}, {high:.4f}] "
+                  f"lower on {r['lower_on']}/{r['examples']}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     rows = compare(pool_runs(runs))
     print("| ratio | ours | against (kvpress) | ours / it [95% CI] | lower on |")
     print("|---|---|---|---|---|")
