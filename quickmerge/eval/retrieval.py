@@ -10,12 +10,14 @@ decoded greedily; a trial counts when the first five digits of the answer are th
 
 Repeated passage: a 65-token passage of one article is placed at a random depth of another
 article's text; the continuation to score is the same passage again, so predicting it well
-needs the earlier copy.
+needs the earlier copy. Two window sets: ``"openings"`` (one window per article, from the articles'
+openings) and ``"later"`` (the articles' later text, cut into chunks; no text of an openings window).
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,31 +124,82 @@ def matches_key(answer: str, key: str) -> bool:
     return "".join(digits[: len(key)]) == key
 
 
-def repeated_window_count() -> int:
-    """How many distinct repeated-passage windows exist: window i starts its filler at article 11 i (mod the
-    article count), so one per article."""
-    return len(wikipedia_articles())
+REPEATED_SOURCES = ("openings", "later")
+_CHUNKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {size: chunks}: tokenized once
+
+
+def repeated_window_count(source: str = "openings", tokenizer: Any = None, context: int = 1024,
+                          *, bos: bool = False) -> int:
+    """How many distinct repeated-passage windows ``source`` holds. ``"openings"``: window i starts its filler at
+    article 11 i (mod the article count), so one per article. ``"later"``: one per chunk of
+    :func:`later_chunks` (needs the tokenizer: chunks are counted in tokens)."""
+    if source == "openings":
+        return len(wikipedia_articles())
+    if source == "later":
+        if tokenizer is None:
+            raise ValueError("repeated_window_count: the 'later' windows are counted in tokens: pass the tokenizer")
+        return len(later_chunks(tokenizer, context - int(bos)))
+    raise ValueError(f"source must be one of {REPEATED_SOURCES}, got {source!r}")
+
+
+def later_chunks(tokenizer: Any, size: int) -> list[tuple[int, int, list[int]]]:
+    """Every whole ``size``-token chunk of each article's text after its first chunk, as ``(part, article,
+    ids)``, ordered by part, then by article (dump order). The first chunk of an article holds everything an
+    ``"openings"`` window of the same size takes from it (its filler start and the passage), so these chunks share
+    no text with those windows."""
+    cached = _CHUNKS.setdefault(tokenizer, {})
+    if size in cached:
+        return cached[size]
+    texts = [article.text + "\n\n" for article in wikipedia_articles()]
+    chunks = []
+    for a, ids in enumerate(tokenizer(texts, add_special_tokens=False)["input_ids"]):  # one batch: fast tokenizers
+        chunks += [(part, a, ids[part * size : (part + 1) * size]) for part in range(1, len(ids) // size)]
+    cached[size] = sorted(chunks, key=lambda c: (c[0], c[1]))
+    return cached[size]
 
 
 def repeated_passage_windows(tokenizer: Any, count: int, context: int = 1024, continuation: int = 64,
-                             *, bos: bool = False, seed: int = 0, first: int = 0) -> list[TextExample]:
+                             *, bos: bool = False, seed: int = 0, first: int = 0,
+                             source: str = "openings") -> list[TextExample]:
     """Windows ``first .. first + count - 1`` whose continuation (``continuation + 1`` tokens of another article)
-    already appeared in the context. A window's content depends on its number and ``seed`` only, never on
-    ``first`` or ``count``. Asking past :func:`repeated_window_count` raises instead of repeating windows."""
-    distinct = repeated_window_count()
+    already appeared in the context. A window's content depends on its number, ``seed`` and ``source`` only,
+    never on ``first`` or ``count``. Asking past :func:`repeated_window_count` raises instead of repeating
+    windows.
+
+    ``source="openings"``: window i's filler opens article 11 i, its passage opens article 11 i + 5 (the two
+    may run into the next articles). ``source="later"``: window i's filler is the head of chunk i of
+    :func:`later_chunks`, its passage the tail of the next chunk in that order, so no two windows share text;
+    where that chunk is of the same article (only among the last chunks of the longest articles: 2 of 515
+    windows with SmolLM2 at C = 1024) the first chunk after it of another article.
+    """
+    if source not in REPEATED_SOURCES:
+        raise ValueError(f"source must be one of {REPEATED_SOURCES}, got {source!r}")
+    head = [tokenizer.bos_token_id] if bos else []
+    passage_len = continuation + 1
+    if context - len(head) <= passage_len:
+        raise ValueError(f"context must exceed continuation + 1 (+ BOS), got {context} and {continuation}")
+    chunks = later_chunks(tokenizer, context - len(head)) if source == "later" else []
+    distinct = len(chunks) if source == "later" else repeated_window_count()
     if first < 0 or count < 0 or first + count > distinct:
-        raise ValueError(f"first + count: windows 0..{distinct - 1} exist (one per article), asked for "
+        raise ValueError(f"first + count: {source} windows 0..{distinct - 1} exist, asked for "
                          f"{first}..{first + count - 1}")
     gen = torch.Generator().manual_seed(seed)
     draws = [float(torch.rand(1, generator=gen)) for _ in range(first + count)]  # window i's depth: the i-th draw
     examples = []
     for i, draw in zip(range(first, first + count), draws[first:], strict=True):
-        passage, title = _filler(tokenizer, continuation + 1, start=11 * i + 5)
-        head = [tokenizer.bos_token_id] if bos else []
-        filler, _ = _filler(tokenizer, context - len(passage) - len(head), start=11 * i)
+        if source == "later":
+            part, article, ids = chunks[i]
+            other = next((c for c in chunks[i + 1 :] + chunks[:i] if c[1] != article), None)
+            if other is None:
+                raise ValueError("the 'later' windows need chunks of at least two articles")
+            filler, passage = ids[: len(ids) - passage_len], other[2][-passage_len:]
+            title = f"{i}:{wikipedia_articles()[article].title} (part {part})"
+        else:
+            passage, name = _filler(tokenizer, passage_len, start=11 * i + 5)
+            filler, _ = _filler(tokenizer, context - passage_len - len(head), start=11 * i)
+            title = f"{i}:{name}"  # the passage's article
         cut = int((0.05 + 0.9 * draw) * len(filler))
-        ids = head + filler[:cut] + passage + filler[cut:] + passage
-        examples.append(TextExample(f"{i}:{title}", torch.tensor(ids)))
+        examples.append(TextExample(title, torch.tensor(head + filler[:cut] + passage + filler[cut:] + passage)))
     return examples
 
 

@@ -18,9 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--first", type=int, default=0,
                         help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1): evaluate on "
                         "windows that development did not use")
-    parser.add_argument("--task", choices=["wikipedia", "repeated"], default="wikipedia",
+    parser.add_argument("--task", choices=["wikipedia", "repeated", "repeated-later"], default="wikipedia",
                         help="wikipedia: an article's next tokens; repeated: a passage that already appeared "
-                        "at a random depth of the context (copying needed)")
+                        "at a random depth of the context (copying needed), one window per article opening; "
+                        "repeated-later: the same task on the articles' later text (other windows, ~550)")
     parser.add_argument("--context", type=int, default=1024, help="context tokens C")
     parser.add_argument("--continuation", type=int, default=64, help="scored continuation tokens T")
     add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out="results/text")
@@ -57,6 +58,16 @@ def run(args: argparse.Namespace) -> dict:
 
             examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation,
                                                 bos=bos, first=args.first)
+        elif args.task == "repeated-later":
+            from .retrieval import repeated_passage_windows, repeated_window_count
+
+            distinct = repeated_window_count("later", tokenizer, args.context, bos=bos)
+            if args.first + args.examples > distinct:  # counted in tokens, so only once the tokenizer is here
+                last = args.first + args.examples - 1
+                raise SystemExit(f"--first + --examples: the repeated-later task has windows 0..{distinct - 1} "
+                                 f"at --context {args.context}, asked for {args.first}..{last}")
+            examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation,
+                                                bos=bos, first=args.first, source="later")
         else:
             windows = wikipedia_windows(tokenizer, args.first + args.examples, args.context, args.continuation,
                                         bos=bos)
@@ -71,7 +82,9 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform()}
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
-    task = "windows, continuation repeated from the context" if args.task == "repeated" else "Wikipedia windows"
+    task = {"repeated": "windows, continuation repeated from the context",
+            "repeated-later": "later-text windows, continuation repeated from the context"}.get(
+                args.task, "Wikipedia windows")
     title = f"{args.model}: {shown} {task}"
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))
     print(format_table(results))

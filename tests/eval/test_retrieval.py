@@ -178,3 +178,45 @@ def test_eval_text_first_scores_the_later_windows_under_their_own_numbers(tiny_l
         main([*base, "--examples", "2", "--first", "1000", "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="--first must be"):
         main([*base, "--examples", "2", "--first", "-1", "--out", str(tmp_path / "x")])
+
+
+def test_later_windows_repeat_a_passage_of_another_article_and_share_no_text(tokenizer):
+    from quickmerge.eval.retrieval import later_chunks, repeated_window_count
+
+    later = repeated_passage_windows(tokenizer, 6, context=200, continuation=16, source="later", first=40)
+    chunks = later_chunks(tokenizer, 200)
+    assert repeated_window_count("later", tokenizer, 200) == len(chunks) > 100
+    assert all(part >= 1 and len(ids) == 200 for part, _, ids in chunks)
+    assert [c[0] for c in chunks] == sorted(c[0] for c in chunks)  # part by part
+    texts = []
+    for i, ex in enumerate(later, start=40):
+        ids = ex.ids.tolist()
+        assert len(ids) == 200 + 16 + 1
+        passage = ids[200:]
+        assert [i for i in range(200 - 16) if ids[i : i + 17] == passage], "the continuation is not in the context"
+        assert ex.title.startswith(f"{i}:") and ex.title.endswith(f"(part {chunks[i][0]})")
+        context = ids[:200]
+        start = next(j for j in range(200 - 16) if context[j : j + 17] == passage)
+        assert context[:start] + context[start + 17 :] == chunks[i][2][:183]  # the filler: the head of chunk i
+        texts.append("".join(map(chr, ids)))
+    # no 40-byte run of a later window appears in an openings window
+    openings = "".join("".join(map(chr, e.ids.tolist())) + "\0"
+                       for e in repeated_passage_windows(tokenizer, 104, context=200, continuation=16))
+    assert not [t[k : k + 40] for t in texts for k in range(0, len(t) - 40, 20) if t[k : k + 40] in openings]
+    same = repeated_passage_windows(tokenizer, 2, context=200, continuation=16, source="later", first=42)
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(same, later[2:4], strict=True))
+    with pytest.raises(ValueError, match="first \\+ count"):
+        repeated_passage_windows(tokenizer, 2, context=200, continuation=16, source="later", first=len(chunks) - 1)
+    with pytest.raises(ValueError, match="source must be one of"):
+        repeated_passage_windows(tokenizer, 1, source="middle")
+
+
+def test_eval_text_repeated_later_runs_and_refuses_windows_that_do_not_exist(tiny_lm_dir, tmp_path):
+    base = ["eval", "text", "--task", "repeated-later", "--model", tiny_lm_dir, "--context", "96",
+            "--continuation", "8", "--ratios", "0.5", "--methods", "random", "--threads", "1"]
+    assert main([*base, "--examples", "2", "--first", "5", "--out", str(tmp_path / "later")]) == 0
+    result = json.loads((tmp_path / "later.json").read_text())
+    assert [t.split(":")[0] for t in result["examples"]] == ["5", "6"] and "(part 1)" in result["examples"][0]
+    assert result["config"]["task"] == "repeated-later"
+    with pytest.raises(SystemExit, match="repeated-later task has windows"):
+        main([*base, "--examples", "2", "--first", "10000000", "--out", str(tmp_path / "none")])
