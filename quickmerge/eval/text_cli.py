@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["wikipedia", "repeated", "repeated-later"], default="wikipedia",
                         help="wikipedia: an article's next tokens; repeated: a passage that already appeared "
                         "at a random depth of the context (copying needed), one window per article opening; "
-                        "repeated-later: the same task on the articles' later text (other windows, ~550)")
+                        "repeated-later: the same task on the articles' later text (other windows: 515 with "
+                        "SmolLM2 at C = 1024)")
     parser.add_argument("--context", type=int, default=1024, help="context tokens C")
     parser.add_argument("--continuation", type=int, default=64, help="scored continuation tokens T")
     add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out="results/text")
