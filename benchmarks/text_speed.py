@@ -9,7 +9,9 @@ On SmolLM2-135M (2 threads), real Wikipedia text:
      minus the decoded tokens); median over 32 steps, repeated;
   3. peak resident memory of a process that loads the model and prefills C=4096 tokens,
      with no press vs QuickMergePress(0.5) (each in a fresh subprocess);
-  4. prefill of C=2048 tokens with no press vs input-side merging (QuickMergeInputPress(0.5)).
+  4. prefill of C=2048 tokens with no press vs input-side merging (QuickMergeInputPress(0.5));
+  5. prefill of C=1024 tokens with no press vs pooled replay scoring (eval method quickmerge-replay-pooled),
+     the share of it spent in replay_attention alongside.
 Methods are interleaved within each repeat; medians are reported with their ratios.
 """
 
@@ -33,7 +35,7 @@ from quickmerge.text import QuickMergeInputPress, QuickMergePress
 from quickmerge.text.cache import cache_kwargs
 
 DECODE_STEPS = 32
-PARTS = ("prefill", "decode", "memory", "input")
+PARTS = ("prefill", "decode", "memory", "input", "replay")
 
 
 def long_ids(tokenizer, length: int) -> torch.Tensor:
@@ -146,6 +148,36 @@ def main() -> None:
                 rows[name].append(seconds)
         med = {k: statistics.median(v) for k, v in rows.items()}
         results["input_mode_prefill_2048"] = {**med, "speedup": med["none"] / med["quickmerge_input"]}
+
+    if "replay" in args.parts:
+        from quickmerge.eval.text_methods import OURS_PRESSES
+        from quickmerge.text import replay
+
+        ids = long_ids(tok, 1024)
+        scoring = replay.replay_attention
+        spent: list[float] = []
+
+        def timed(*a, **k):
+            start = time.perf_counter()
+            out = scoring(*a, **k)
+            spent.append(time.perf_counter() - start)
+            return out
+
+        rows = {"none": [], "replay_pooled": [], "replay_attention": []}
+        replay.replay_attention = timed
+        try:
+            for _ in range(args.repeats):
+                for name, press in [("none", None), ("replay_pooled", OURS_PRESSES["quickmerge-replay-pooled"](0.5))]:
+                    spent.clear()
+                    seconds, _, stack = prefill(model, ids, press)
+                    stack.close()
+                    rows[name].append(seconds)
+                rows["replay_attention"].append(sum(spent))
+        finally:
+            replay.replay_attention = scoring
+        med = {k: statistics.median(v) for k, v in rows.items()}
+        results["replay_prefill_1024"] = {**med, "ratio": med["replay_pooled"] / med["none"]}
+        print(results["replay_prefill_1024"], flush=True)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
