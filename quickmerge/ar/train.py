@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from .._cache import write_text_atomic
 from .._optional import require
 from ..distributed import Context
+from ..training_state import load_training_state, save_training_state
 from .formats import FORMATS, SequenceFormat, to_sequences
 from .model import SIZES, build_ar_model, save_ar_model
 from .tokenizer import PatchCodebook
@@ -179,14 +180,9 @@ def train_ar(
     log: dict[str, Any] = {"loss_per_25_steps": [], "heldout_bits_per_token": []}
     step, elapsed = 0, 0.0
     checkpoint = out / "checkpoint.pt"
-    if checkpoint.exists() and not fresh:
-        state = torch.load(checkpoint, map_location=ctx.device, weights_only=False)
-        if state["identity"] != identity:
-            raise ValueError(f"{checkpoint} was written by another training configuration; rerun with --fresh")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
+    parts = {"model": model, "opt": opt, "sched": sched, "gen": gen}
+    state = None if fresh else load_training_state(checkpoint, identity, parts, ctx.device)
+    if state is not None:
         step, log, elapsed = state["step"], state["log"], state["elapsed"]
         if ctx.main:
             print(f"resuming {out} at step {step}")
@@ -215,12 +211,8 @@ def train_ar(
             bits = bits_per_token(model, tokens.heldout.to(ctx.device))
             log["heldout_bits_per_token"].append([step, round(bits, 4)])
             if ctx.main:
-                out.mkdir(parents=True, exist_ok=True)
-                tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"identity": identity, "model": model.state_dict(), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "gen": gen.get_state(), "step": step, "log": log,
-                            "elapsed": time.perf_counter() - clock}, tmp)
-                tmp.replace(checkpoint)
+                save_training_state(checkpoint, identity, parts, step=step, log=log,
+                                    elapsed=time.perf_counter() - clock)
             ctx.barrier()
     bar.close()
     if not ctx.main:

@@ -37,6 +37,7 @@ from .._optional import require
 from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
 from ..distributed import Context
 from ..pretrained.fashion_vit import DEFAULT_CONFIG, build_vit
+from ..training_state import load_training_state, save_training_state
 
 HELD_OUT = 5_000
 DEFAULT_OUT = Path("results") / "fashion_vit"
@@ -265,16 +266,9 @@ def train(
     if init is not None:
         identity["init"] = str(init)
     start_epoch, elapsed = 0, 0.0
-    if checkpoint.exists() and not fresh:
-        state = torch.load(checkpoint, map_location=ctx.device, weights_only=False)
-        if state["identity"] != identity:
-            raise ValueError(f"{checkpoint} was written by another training configuration; rerun with --fresh")
-        model.load_state_dict(state["model"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        gen.set_state(state["gen"])
+    parts = {"model": model, "ema": ema, "opt": opt, "sched": sched, "gen": gen}
+    state = None if fresh else load_training_state(checkpoint, identity, parts, ctx.device)
+    if state is not None:
         start_epoch, log, elapsed = state["epoch"], state["log"], state["elapsed"]
         if ctx.main:
             print(f"resuming {out} after epoch {start_epoch}")
@@ -335,13 +329,8 @@ def train(
         log["epochs"].append(record)
         if ctx.main:
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "epoch"))
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = checkpoint.with_suffix(".tmp")
-            torch.save({"identity": identity, "model": model.state_dict(), "ema": ema.state_dict() if ema else None,
-                        "teacher": teacher.state_dict() if teacher is not None else None,
-                        "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
-                        "epoch": epoch + 1, "log": log, "elapsed": time.perf_counter() - started}, tmp)
-            tmp.replace(checkpoint)
+            save_training_state(checkpoint, identity, {**parts, "teacher": teacher}, epoch=epoch + 1, log=log,
+                                elapsed=time.perf_counter() - started)
         ctx.barrier()
     if not ctx.main:
         return None
