@@ -10,8 +10,8 @@ On SmolLM2-135M (2 threads), real Wikipedia text:
   3. peak resident memory of a process that loads the model and prefills C=4096 tokens,
      with no press vs QuickMergePress(0.5) (each in a fresh subprocess);
   4. prefill of C=2048 tokens with no press vs input-side merging (QuickMergeInputPress(0.5));
-  5. prefill of C=1024 tokens with no press vs pooled replay scoring (eval method quickmerge-replay-pooled),
-     the share of it spent in replay_attention alongside.
+  5. prefill of C=1024 tokens with no press vs replay scoring (eval methods quickmerge-replay-pooled and
+     quickmerge-replay-proportional), the pooled one's time in replay_attention alongside.
 Methods are interleaved within each repeat; medians are reported with their ratios.
 """
 
@@ -163,20 +163,23 @@ def main() -> None:
             spent.append(time.perf_counter() - start)
             return out
 
-        rows = {"none": [], "replay_pooled": [], "replay_attention": []}
+        methods = {"replay_pooled": "quickmerge-replay-pooled", "replay_proportional": "quickmerge-replay-proportional"}
+        rows = {"none": [], **{name: [] for name in methods}, "replay_attention": []}
         replay.replay_attention = timed
         try:
             for _ in range(args.repeats):
-                for name, press in [("none", None), ("replay_pooled", OURS_PRESSES["quickmerge-replay-pooled"](0.5))]:
+                for name in ("none", *methods):
                     spent.clear()
+                    press = OURS_PRESSES[methods[name]](0.5) if name in methods else None
                     seconds, _, stack = prefill(model, ids, press)
                     stack.close()
                     rows[name].append(seconds)
-                rows["replay_attention"].append(sum(spent))
+                    if name == "replay_pooled":
+                        rows["replay_attention"].append(sum(spent))
         finally:
             replay.replay_attention = scoring
         med = {k: statistics.median(v) for k, v in rows.items()}
-        results["replay_prefill_1024"] = {**med, "ratio": med["replay_pooled"] / med["none"]}
+        results["replay_prefill_1024"] = {**med, **{f"ratio_{name}": med[name] / med["none"] for name in methods}}
         print(results["replay_prefill_1024"], flush=True)
 
     out = Path(args.out)
