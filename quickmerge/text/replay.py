@@ -10,9 +10,9 @@ entries are removed from the cache afterwards, so the cache ends as the prefill 
 
 Cost: one more forward pass over the prompt, with a cache twice as long, plus the scores: on
 SmolLM2-135M a 1,024-token prefill with pooled replay scoring takes about 4x the uncompressed
-prefill on 2 CPU cores, a quarter of it in :func:`replay_attention` (BENCHMARKS.md). The scores
-are taken in query chunks, so memory stays ``(query heads per KV head) x chunk x 2L`` floats per
-KV head.
+prefill on 2 CPU cores, a quarter to a third of it in :func:`replay_attention` (BENCHMARKS.md).
+The scores are taken in query chunks, so memory stays ``(query heads per KV head) x chunk x 2L``
+floats per KV head.
 """
 
 from __future__ import annotations

@@ -10,7 +10,8 @@ from quickmerge.text.replay import replay_attention  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
 
-@pytest.mark.parametrize("h, hkv, chunk", [(4, 2, 2), (3, 3, 256), (6, 2, 4)])  # last chunk short / one chunk / MHA
+# GQA with a short last chunk / MHA in one chunk / 3 query heads per KV head
+@pytest.mark.parametrize("h, hkv, chunk", [(4, 2, 2), (3, 3, 256), (6, 2, 4)])
 def test_replay_attention_equals_a_per_query_reference(h, hkv, chunk):
     torch.manual_seed(0)
     b, length, n, d = 2, 7, 5, 8
