@@ -55,7 +55,8 @@ def evaluate_setting(
     ``settings`` are passed to :func:`~quickmerge.vision.patch.patch`, except ``label``: the
     name the row carries instead of ``method`` (an entropy schedule of QuickMerge++, say), and
     ``image_budget``: an :class:`~quickmerge.vision.image_budget.ImageBudget` as a dict, run
-    bucketed (each image at its bucket's r; routing and sub-batches are inside the timing).
+    bucketed (each image at its bucket's r; routing and sub-batches are inside the timing, and the
+    unpatched reference is timed on the same sub-batches).
 
     ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
     same batch, so drifts in machine speed hit both alike. Under ``torch.distributed`` the
@@ -86,11 +87,19 @@ def evaluate_setting(
             batches += 1
         correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
         batch = normalize(images[:batch_size].to(device))
+        # bucketed budgets run sub-batches, and splitting a batch alone changes its speed (a CPU's caches): the
+        # unpatched reference runs the same sub-batches, so the speed-up is what merging saves
+        parts = [index for _, index in budget.sub_batches(batch)] if budget is not None else [None]
+
+        def reference_forward() -> None:
+            for index in parts:
+                reference(batch if index is None else batch[index])
+
         ours, base = [], []
         if ctx.main:
             for _ in range(timing_rounds):
                 ours.append(_timed(lambda: forward(batch), device))
-                base.append(_timed(lambda: reference(batch), device))
+                base.append(_timed(reference_forward, device))
         ctx.barrier()
     finally:
         if handle is not None:
@@ -111,6 +120,7 @@ def evaluate_setting(
         "images_per_s": batch.shape[0] / t_ours,
         "unpatched_images_per_s": batch.shape[0] / t_base,
         "speedup": t_base / t_ours,
+        "timing_sub_batches": [len(batch) if index is None else index.numel() for index in parts],
         "mean_tokens_per_layer": tokens / batches,
     }
 

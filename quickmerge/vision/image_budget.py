@@ -9,6 +9,11 @@ calibration images); bucket k merges ``r[k]`` tokens per block, in inverse propo
 calibration images' mean score, scaled so that the mean cost over the calibration images is
 the constant-r schedule's. Each bucket runs as its own sub-batch, so every sequence in a
 sub-batch has the same length: no padding, no masks, and the merged tokens are not computed.
+Padding one batch instead would cost every image the tokens of the least-merged one (on 2 CPU
+cores, 1.3-1.7x slower than the buckets: ``benchmarks/vision_padding_bound.py``). Splitting a
+batch changes its speed by itself (the unpatched model ran 1.2-1.45x faster in four sub-batches
+of ~64 than in one of 256 there), so speed-ups are measured against the unpatched model run on
+the same sub-batches (:func:`quickmerge.eval.vision.evaluate_setting`).
 """
 
 from __future__ import annotations
@@ -56,6 +61,11 @@ class ImageBudget:
         score = content_perplexity(images, self.patch_size)
         return torch.bucketize(score, torch.tensor(self.thresholds, device=score.device))
 
+    def sub_batches(self, images: Tensor) -> list[tuple[int, Tensor]]:
+        """``(r, index)`` of each non-empty bucket of ``images [N, ...]``: its r and its images' indices ``[n_k]``."""
+        bucket = self.assign(images)
+        return [(r, index) for k, r in enumerate(self.r) if (index := (bucket == k).nonzero().squeeze(1)).numel()]
+
     def to_dict(self) -> dict[str, Any]:
         return {"thresholds": list(self.thresholds), "r": list(self.r), "patch_size": self.patch_size}
 
@@ -102,15 +112,11 @@ def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: Imag
     ``handle``: the model's :class:`~quickmerge.vision.patch.MergeHandle`; its ``r`` is restored after.
     One forward pass per non-empty bucket (a loop over the few buckets, not over images).
     """
-    bucket = budget.assign(images)
     out: Tensor | None = None
     tokens = 0.0
     saved = handle.r
     try:
-        for k, r in enumerate(budget.r):
-            index = (bucket == k).nonzero().squeeze(1)
-            if index.numel() == 0:
-                continue
+        for r, index in budget.sub_batches(images):
             handle.r = r
             logits = model(images[index])
             if out is None:

@@ -38,3 +38,30 @@ def test_evaluate_setting_counts_correct_predictions_and_tokens():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     row = evaluate_setting(model, model, images, labels, method="pool", r=20, batch_size=20, timing_rounds=1)
     assert row["r"] == 20 and 0.0 <= row["accuracy"] <= 1.0
+
+
+def test_bucketed_budgets_are_timed_against_the_unpatched_model_on_the_same_sub_batches():
+    from quickmerge.data.fashion_mnist import normalize
+    from quickmerge.vision.image_budget import ImageBudget
+
+    model = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+                                       num_heads=2).eval()
+    images = torch.zeros(24, 1, 28, 28, dtype=torch.uint8)
+    for i in range(24):  # objects of growing size on a plain background: every bucket gets images
+        side = 3 + i
+        images[i, 0, :side, :side] = torch.randint(100, 256, (side, side), generator=torch.Generator().manual_seed(i))
+    labels = torch.zeros(24, dtype=torch.long)
+    budget = ImageBudget.calibrate(normalize(images), patch_size=4, num_tokens=49, num_layers=2, r=8, buckets=3)
+    sizes = [index.numel() for _, index in budget.sub_batches(normalize(images))]
+    assert len(sizes) == 3 and len(set(budget.r)) > 1
+    reference = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16,
+                                           depth=2, num_heads=2).eval()
+    seen: list[int] = []
+    reference.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    settings = {"label": "quickmerge-per-image", "image_budget": budget.to_dict()}
+    row = evaluate_setting(model, reference, images, labels, method="quickmerge", r=8, batch_size=24, timing_rounds=2,
+                           settings=settings)
+    assert seen == sizes * 2 and row["timing_sub_batches"] == sizes
+    seen.clear()
+    row = evaluate_setting(model, reference, images, labels, method="quickmerge", r=8, batch_size=24, timing_rounds=2)
+    assert seen == [24, 24] and row["timing_sub_batches"] == [24]
