@@ -37,7 +37,8 @@ try:
     probe = torch.zeros(1)
     torch.distributed.all_reduce(probe)
     distributed._wait_until_released(probe)
-    assert probe._use_count() == 1, "the backend still holds the tensor"
+    if hasattr(torch.Tensor, "_use_count"):  # older torch cannot tell (the library does not wait there)
+        assert probe._use_count() == 1, "the backend still holds the tensor"
     (pathlib.Path(sys.argv[1]) / f"rank{ctx.rank}.ok").write_text("ok")  # a file each: stdout lines interleave
 finally:
     ctx.close()
