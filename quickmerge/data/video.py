@@ -11,6 +11,7 @@ kept for an independent check.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -60,7 +61,10 @@ def checksums() -> dict[str, str]:
 
 
 def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None = None) -> torch.Tensor:
-    """Grey frames ``[F, size, size]`` uint8 of the clip at ``path`` (central square, area-resized)."""
+    """Grey frames ``[F, size, size]`` uint8 of the clip at ``path`` (central square, area-resized).
+
+    Warns when OpenCV decodes fewer frames than the file declares (Debian's ``tree.avi``: 68 of 444).
+    """
     cv2 = require("cv2", "video", "Reading video clips")
     if size < 1:
         raise ValueError(f"size must be a positive number of pixels, got {size}")
@@ -68,6 +72,7 @@ def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None
     if not path.is_file():
         raise FileNotFoundError(f"video: no file at {path}")
     capture = cv2.VideoCapture(str(path))
+    declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # the container's count (0 or less: unknown)
     frames = []
     try:
         while max_frames is None or len(frames) < max_frames:
@@ -84,4 +89,8 @@ def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None
         capture.release()
     if not frames:
         raise ValueError(f"video: OpenCV read no frame from {path} (unsupported codec or not a video)")
+    if len(frames) < declared and (max_frames is None or len(frames) < max_frames):
+        warnings.warn(f"video: OpenCV decoded {len(frames)} of the {declared} frames {path.name} declares; the rest "
+                      "could not be decoded (a damaged file or a codec this OpenCV build reads only in part) and is "
+                      "left out", stacklevel=2)
     return torch.stack(frames)

@@ -43,3 +43,19 @@ def test_the_training_clips_are_the_ones_debian_ships():
     assert video.checksums() == video.SHA256
     clip = video.read_clip(video.training_clip_paths()[1], 32, max_frames=5)
     assert clip.shape == (5, 32, 32) and clip.float().std() > 10  # real picture content
+
+
+def test_a_clip_decoded_only_in_part_says_so(tmp_path):
+    frames = torch.randint(0, 256, (12, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    _write_clip(tmp_path / "whole.avi", frames)
+    data = (tmp_path / "whole.avi").read_bytes()
+    (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])  # the header still declares 12 frames
+    with pytest.warns(UserWarning, match=r"decoded \d+ of the 12 frames cut.avi declares"):
+        out = video.read_clip(tmp_path / "cut.avi", size=16)
+    assert 0 < out.shape[0] < 12
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a whole clip, or the first frames asked for, read without a warning
+        assert video.read_clip(tmp_path / "whole.avi", size=16).shape[0] == 12
+        assert video.read_clip(tmp_path / "cut.avi", size=16, max_frames=2).shape[0] == 2
