@@ -73,6 +73,7 @@ def main() -> None:
 
             # the same sub-batches as the buckets, every one at the constant r: what sub-batching alone buys
             same_r = ImageBudget(budget.thresholds, [r] * len(budget.r), budget.patch_size)
+            # r = 0 in every bucket: the unpatched computation (plus the hooks' bookkeeping, so if anything slower)
             no_merge = ImageBudget(budget.thresholds, [0] * len(budget.r), budget.patch_size)
             parts = {"unpatched": lambda: reference(batch),
                      "bucketed": lambda: bucketed_forward(model, handle, batch, budget)[1],  # noqa: B023
