@@ -27,11 +27,13 @@ def image_examples(fmt: Any, tokenizer: Any, count: int) -> list[TextExample]:
     return [TextExample(f"fashion-test-{i}", row) for i, row in enumerate(ids)]
 
 
-def video_examples(fmt: Any, tokenizer: Any, count: int, path: str | os.PathLike | None = None) -> list[TextExample]:
+def video_examples(fmt: Any, tokenizer: Any, count: int | None, path: str | os.PathLike | None = None, *,
+                   at_most: int | None = None) -> list[TextExample]:
     """``count`` non-overlapping windows of ``fmt.frames`` frames as sequences.
 
     Default: held-out frames of the training clips and held-out Moving Fashion-MNIST
-    sequences, taken in turn from each source; with ``path``: the windows of that clip.
+    sequences, taken in turn from each source; with ``path``: the windows of that clip
+    (``count=None``: all of them, the first ``at_most`` if given).
     """
     from ..ar.data import Clip, interleave_sources, video_clips, video_windows
     from ..ar.formats import to_sequences
@@ -44,6 +46,12 @@ def video_examples(fmt: Any, tokenizer: Any, count: int, path: str | os.PathLike
     else:
         clips = video_clips("heldout", fmt)
     windows, names = video_windows(clips, fmt)
+    if count is None:
+        if path is None:
+            raise ValueError("count=None (every window) needs a clip path")
+        count = len(windows) if at_most is None else min(len(windows), at_most)
+        if count == 0:
+            raise ValueError(f"{path} holds no window of {fmt.frames} frames")
     if path is not None:
         if count > len(windows):
             raise ValueError(f"{path} holds {len(windows)} windows of {fmt.frames} frames, asked for {count}")

@@ -21,8 +21,9 @@ from .journal import Journal, code_fingerprint
 def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
     parser.add_argument("--model", default=modality, help=f"directory of a trained model (default: the shipped "
                         f"ar_{modality} model)")
-    parser.add_argument("--examples", type=int, default=40, help="held-out " + ("test images" if modality == "image"
-                        else "4-frame windows"))
+    parser.add_argument("--examples", type=int, default=None, help="held-out " + (
+        "test images (default 40)" if modality == "image"
+        else "4-frame windows (default 40; with --video, every window of the clip, at most 40)"))
     if modality == "video":
         parser.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out frames of the "
                             "training clips and held-out Moving Fashion-MNIST)")
@@ -38,6 +39,7 @@ VIDEO_METHODS = ["quickmerge-time", "quickmerge-time-align", "quickmerge-input-t
 IMAGE_METHODS = ["quickmerge-columns", "quickmerge-replay-row"]
 MODALITY_METHODS = {"image": IMAGE_METHODS, "video": VIDEO_METHODS}
 INPUT_LAYER = 0  # the AR models have 4 layers: the input press merges after the first
+DEFAULT_EXAMPLES = 40
 
 
 def ar_method(name: str, fmt: object) -> object:
@@ -81,8 +83,12 @@ def run(args: argparse.Namespace, modality: str) -> dict:
     from .text_cli import format_table
     from .text_methods import build_method, default_methods
 
-    check_press_run_arguments(args, args.examples, "--examples")
     video = getattr(args, "video", None)
+    if args.examples is not None or video is None:
+        args.examples = DEFAULT_EXAMPLES if args.examples is None else args.examples
+        check_press_run_arguments(args, args.examples, "--examples")
+    else:
+        check_press_run_arguments(args, 2, "--examples")  # the ratios; the count is the clip's, checked below
     if video is not None and not Path(video).is_file():
         raise SystemExit(f"--video: no file at {video}")
     names = args.methods or default_methods() + MODALITY_METHODS[modality]
@@ -98,7 +104,14 @@ def run(args: argparse.Namespace, modality: str) -> dict:
         if modality == "image":
             examples = image_examples(fmt, tokenizer, args.examples)
         else:
-            examples = video_examples(fmt, tokenizer, args.examples, video)
+            examples = video_examples(fmt, tokenizer, args.examples, video, at_most=DEFAULT_EXAMPLES)
+            if args.examples is None:
+                if len(examples) < 2:
+                    raise SystemExit(f"--video: {video} holds {len(examples)} window of {fmt.frames} frames; the "
+                                     "bootstrap intervals need at least 2")
+                args.examples = len(examples)
+                if ctx.main:
+                    print(f"{Path(video).name}: {len(examples)} windows of {fmt.frames} frames")
         journal = Journal(args.out, journal_config(args, modality, fmt), rank=ctx.rank, fresh=args.fresh)
         results = run_text_eval(model, examples, methods, args.ratios, fmt.context, journal=journal, ctx=ctx)
     finally:

@@ -137,3 +137,9 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     with pytest.raises(ValueError, match="windows"):
         main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
               "--examples", "3", "--out", str(out), "--fresh", "--methods", "random"])
+    # without --examples, a clip gives every window it holds (2 here), not the held-out default of 40
+    assert main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
+                 "--ratios", "0.5", "--out", str(out), "--fresh", "--methods", "random", "--threads", "1"]) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    assert result["config"]["examples"] == 2
+    assert all(len(row["nll_per_example"]) == 2 for row in result["summary"])
