@@ -19,9 +19,10 @@ def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[flo
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
 
-def check_press_run_arguments(args: argparse.Namespace, count: int, what: str) -> None:
-    """Refuse too few examples (``what``: the flag that sets ``count``) and ratios outside (0, 1)."""
-    if count < 2:
+def check_press_run_arguments(args: argparse.Namespace, count: int | None, what: str) -> None:
+    """Refuse too few examples (``what``: the flag that sets ``count``; None: known only once the data is read)
+    and ratios outside (0, 1)."""
+    if count is not None and count < 2:
         raise SystemExit(f"{what} must be at least 2 (bootstrap intervals need several examples)")
     if not all(0.0 < r < 1.0 for r in args.ratios):
         raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")

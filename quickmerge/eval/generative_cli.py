@@ -84,11 +84,9 @@ def run(args: argparse.Namespace, modality: str) -> dict:
     from .text_methods import build_method, default_methods
 
     video = getattr(args, "video", None)
-    if args.examples is not None or video is None:
-        args.examples = DEFAULT_EXAMPLES if args.examples is None else args.examples
-        check_press_run_arguments(args, args.examples, "--examples")
-    else:
-        check_press_run_arguments(args, 2, "--examples")  # the ratios; the count is the clip's, checked below
+    if args.examples is None and video is None:
+        args.examples = DEFAULT_EXAMPLES
+    check_press_run_arguments(args, args.examples, "--examples")  # None: every window of the clip, counted below
     if video is not None and not Path(video).is_file():
         raise SystemExit(f"--video: no file at {video}")
     names = args.methods or default_methods() + MODALITY_METHODS[modality]
@@ -107,8 +105,8 @@ def run(args: argparse.Namespace, modality: str) -> dict:
             examples = video_examples(fmt, tokenizer, args.examples, video, at_most=DEFAULT_EXAMPLES)
             if args.examples is None:
                 if len(examples) < 2:
-                    raise SystemExit(f"--video: {video} holds {len(examples)} window of {fmt.frames} frames; the "
-                                     "bootstrap intervals need at least 2")
+                    raise SystemExit(f"--video: {video} holds {len(examples)} window(s) of {fmt.frames} frames; "
+                                     "the bootstrap intervals need at least 2")
                 args.examples = len(examples)
                 if ctx.main:
                     print(f"{Path(video).name}: {len(examples)} windows of {fmt.frames} frames")

@@ -29,3 +29,6 @@ def test_too_few_examples_name_the_flag():
     with pytest.raises(SystemExit, match="--trials must be at least 2"):
         check_press_run_arguments(parse(), 1, "--trials")
     check_press_run_arguments(parse(), 2, "--trials")
+    check_press_run_arguments(parse(), None, "--examples")  # a count known only once the data is read
+    with pytest.raises(SystemExit, match="--ratios"):  # ... still has its ratios checked
+        check_press_run_arguments(parse("--ratios", "1.5"), None, "--examples")
