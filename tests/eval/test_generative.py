@@ -143,3 +143,10 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["config"]["examples"] == 2
     assert all(len(row["nll_per_example"]) == 2 for row in result["summary"])
+    writer = cv2.VideoWriter(str(tmp_path / "short.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
+    for f in frames[:5]:  # one window of 4 frames
+        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
+    writer.release()
+    with pytest.raises(SystemExit, match=r"holds 1 window\(s\) of 4 frames"):
+        main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "short.avi"),
+              "--out", str(out), "--fresh", "--methods", "random"])
