@@ -4,13 +4,17 @@
 cropped to its central square and resized with area averaging. The clips used for training
 are :data:`TRAINING_CLIPS` (``vtest.avi``: pedestrians under a fixed camera, 795 frames at
 10 fps; ``Megamind.avi``: an animated film excerpt, 270 frames at 24 fps). ``tree.avi``,
-``box.mp4`` and ``cup.mp4`` of the same package are deliberately not used here: they are
-kept for an independent check.
+``box.mp4`` and ``cup.mp4`` of the same package (the last two gzipped, as ``opencv4/html/box.mp4.gz``) are
+deliberately not used here: they are kept for an independent check. A ``.gz`` clip is read through a temporary
+decompressed copy.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -63,7 +67,8 @@ def checksums() -> dict[str, str]:
 def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None = None) -> torch.Tensor:
     """Grey frames ``[F, size, size]`` uint8 of the clip at ``path`` (central square, area-resized).
 
-    Warns when OpenCV decodes fewer frames than the file declares (Debian's ``tree.avi``: 68 of 444).
+    ``path`` may be gzipped (``box.mp4.gz``): OpenCV cannot read it so, so it is decompressed to a temporary file
+    first. Warns when OpenCV decodes fewer frames than the file declares (Debian's ``tree.avi``: 68 of 444).
     """
     cv2 = require("cv2", "video", "Reading video clips")
     if size < 1:
@@ -71,6 +76,17 @@ def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"video: no file at {path}")
+    if path.suffix == ".gz":
+        with tempfile.TemporaryDirectory() as tmp:
+            inner = Path(tmp) / path.stem  # box.mp4.gz -> box.mp4: OpenCV picks the demuxer by the extension too
+            with gzip.open(path, "rb") as source, open(inner, "wb") as target:
+                shutil.copyfileobj(source, target)
+            return _decode(cv2, inner, size, max_frames, shown=path)
+    return _decode(cv2, path, size, max_frames, shown=path)
+
+
+def _decode(cv2, path: Path, size: int, max_frames: int | None, *, shown: Path) -> torch.Tensor:
+    """The frames of :func:`read_clip`; ``shown`` is the path named in errors and warnings."""
     capture = cv2.VideoCapture(str(path))
     declared = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))  # the container's count (0 or less: unknown)
     frames = []
@@ -88,9 +104,9 @@ def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None
     finally:
         capture.release()
     if not frames:
-        raise ValueError(f"video: OpenCV read no frame from {path} (unsupported codec or not a video)")
+        raise ValueError(f"video: OpenCV read no frame from {shown} (unsupported codec or not a video)")
     if len(frames) < declared and (max_frames is None or len(frames) < max_frames):
-        warnings.warn(f"video: OpenCV decoded {len(frames)} of the {declared} frames {path.name} declares; the rest "
+        warnings.warn(f"video: OpenCV decoded {len(frames)} of the {declared} frames {shown.name} declares; the rest "
                       "could not be decoded (a damaged file or a codec this OpenCV build reads only in part) and is "
                       "left out", stacklevel=2)
     return torch.stack(frames)

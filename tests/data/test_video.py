@@ -59,3 +59,15 @@ def test_a_clip_decoded_only_in_part_says_so(tmp_path):
         warnings.simplefilter("error")  # a whole clip, or the first frames asked for, read without a warning
         assert video.read_clip(tmp_path / "whole.avi", size=16).shape[0] == 12
         assert video.read_clip(tmp_path / "cut.avi", size=16, max_frames=2).shape[0] == 2
+
+
+def test_a_gzipped_clip_reads_as_the_clip_and_errors_name_the_given_file(tmp_path):
+    import gzip
+
+    frames = torch.randint(0, 256, (5, 24, 24), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    _write_clip(tmp_path / "c.avi", frames)
+    (tmp_path / "c.avi.gz").write_bytes(gzip.compress((tmp_path / "c.avi").read_bytes()))
+    assert torch.equal(video.read_clip(tmp_path / "c.avi.gz", size=16), video.read_clip(tmp_path / "c.avi", size=16))
+    (tmp_path / "text.avi.gz").write_bytes(gzip.compress(b"not a video"))
+    with pytest.raises(ValueError, match=r"no frame from .*text\.avi\.gz"):
+        video.read_clip(tmp_path / "text.avi.gz")
