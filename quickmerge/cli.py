@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         ar_show.add_argument("--method", default=None, help="the QuickMerge++ eval method drawn (default: the "
                              "modality's best in BENCHMARKS.md, DEFAULT_METHOD in quickmerge/eval/completions.py)")
         if modality == "video":
-            ar_show.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out windows)")
+            ar_show.add_argument("--video", default=None,
+                                 help="any clip OpenCV reads, or a .gz of one (default: held-out windows)")
         ar_show.add_argument("--out", default=f"docs/img/{modality}_ar_completions.png")
     train = sub.add_parser("train", help="train a reference model")
     targets = train.add_subparsers(dest="target", required=True)

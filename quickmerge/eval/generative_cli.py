@@ -25,8 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser, modality: str) -> None:
         "test images (default 40)" if modality == "image"
         else "4-frame windows (default 40; with --video, every window of the clip, at most 40)"))
     if modality == "video":
-        parser.add_argument("--video", default=None, help="any clip OpenCV reads (default: held-out frames of the "
-                            "training clips and held-out Moving Fashion-MNIST)")
+        parser.add_argument("--video", default=None, help="any clip OpenCV reads, or a .gz of one (default: held-out "
+                            "frames of the training clips and held-out Moving Fashion-MNIST)")
     add_press_run_arguments(parser, ratios=[0.25, 0.5, 0.75], out=f"results/{modality}",
                             extra_methods=MODALITY_METHODS[modality])
 
