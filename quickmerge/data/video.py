@@ -67,7 +67,7 @@ def checksums() -> dict[str, str]:
 def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None = None) -> torch.Tensor:
     """Grey frames ``[F, size, size]`` uint8 of the clip at ``path`` (central square, area-resized).
 
-    ``path`` may be gzipped (``box.mp4.gz``): OpenCV cannot read it so, so it is decompressed to a temporary file
+    ``path`` may be gzipped (``box.mp4.gz``); OpenCV cannot open that, so it is decompressed to a temporary file
     first. Warns when OpenCV decodes fewer frames than the file declares (Debian's ``tree.avi``: 68 of 444).
     """
     cv2 = require("cv2", "video", "Reading video clips")
@@ -108,5 +108,5 @@ def _decode(cv2, path: Path, size: int, max_frames: int | None, *, shown: Path) 
     if len(frames) < declared and (max_frames is None or len(frames) < max_frames):
         warnings.warn(f"video: OpenCV decoded {len(frames)} of the {declared} frames {shown.name} declares; the rest "
                       "could not be decoded (a damaged file or a codec this OpenCV build reads only in part) and is "
-                      "left out", stacklevel=2)
+                      "left out", stacklevel=3)  # the caller of read_clip
     return torch.stack(frames)

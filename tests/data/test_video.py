@@ -50,8 +50,9 @@ def test_a_clip_decoded_only_in_part_says_so(tmp_path):
     _write_clip(tmp_path / "whole.avi", frames)
     data = (tmp_path / "whole.avi").read_bytes()
     (tmp_path / "cut.avi").write_bytes(data[: len(data) // 2])  # the header still declares 12 frames
-    with pytest.warns(UserWarning, match=r"decoded \d+ of the 12 frames cut.avi declares"):
+    with pytest.warns(UserWarning, match=r"decoded \d+ of the 12 frames cut.avi declares") as record:
         out = video.read_clip(tmp_path / "cut.avi", size=16)
+    assert record[0].filename == __file__  # the warning points at the caller of read_clip
     assert 0 < out.shape[0] < 12
     import warnings
 
