@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 METHODS = {
@@ -61,8 +63,8 @@ def main() -> None:
                     points.append({"test_set": label, "ratio": ratio, "method": method, "against": row["best_kvpress"],
                                    "ratio_to_best": row["ratio_to_best"], "ci95": row["ratio_to_best_ci95"],
                                    "lower_on": row["lower_on"], "examples": row["examples"]})
-    Path(args.out).write_text(json.dumps({"command": "python benchmarks/video_test_sets.py (see docstring)",
-                                          "points": points}, indent=1) + "\n")
+    command = shlex.join(["python", "benchmarks/video_test_sets.py", *sys.argv[1:]])
+    Path(args.out).write_text(json.dumps({"command": command, "points": points}, indent=1) + "\n")
 
     import matplotlib
 

@@ -19,7 +19,6 @@ import torch
 
 from ..eval.text import Method, score_example, wikipedia_windows
 from ..pretrained.causal_lm import load_causal_lm, needs_bos
-from ..text import QuickMergePress
 
 KVPRESS_DEMO = [
     "kvpress-snapkv", "kvpress-expected-attention", "kvpress-streaming-llm", "kvpress-kvzip",
@@ -63,7 +62,7 @@ def run(
     for label, name in QUICKMERGE_DEMO:
         method = build_method(name)
         methods.append((label, method, method.make(ratio)))
-    press = methods[1][2]
+    _, shown, press = methods[1]  # QUICKMERGE_DEMO[0]: its seeds and its continuation are shown
     if kvpress_available():
         for name in KVPRESS_DEMO:
             method = build_method(name)
@@ -103,7 +102,7 @@ def run(
         print("\n  (kvpress is not installed: pip install kvpress to compare against its presses)")
 
     ids = example.ids[None, :context]
-    with torch.no_grad(), QuickMergePress(compression_ratio=ratio)(model):
+    with torch.no_grad(), shown.make(ratio)(model):
         start = time.perf_counter()
         out = model.generate(
             ids,
