@@ -79,8 +79,11 @@ def read_clip(path: str | os.PathLike, size: int = 64, *, max_frames: int | None
     if path.suffix == ".gz":
         with tempfile.TemporaryDirectory() as tmp:
             inner = Path(tmp) / path.stem  # box.mp4.gz -> box.mp4: OpenCV picks the demuxer by the extension too
-            with gzip.open(path, "rb") as source, open(inner, "wb") as target:
-                shutil.copyfileobj(source, target)
+            try:
+                with gzip.open(path, "rb") as source, open(inner, "wb") as target:
+                    shutil.copyfileobj(source, target)
+            except (OSError, EOFError) as error:  # gzip.BadGzipFile is an OSError; a cut file ends early
+                raise ValueError(f"video: {path} ends in .gz but could not be decompressed ({error})") from error
             return _decode(cv2, inner, size, max_frames, shown=path)
     return _decode(cv2, path, size, max_frames, shown=path)
 

@@ -72,3 +72,10 @@ def test_a_gzipped_clip_reads_as_the_clip_and_errors_name_the_given_file(tmp_pat
     (tmp_path / "text.avi.gz").write_bytes(gzip.compress(b"not a video"))
     with pytest.raises(ValueError, match=r"no frame from .*text\.avi\.gz"):
         video.read_clip(tmp_path / "text.avi.gz")
+    (tmp_path / "plain.avi.gz").write_bytes((tmp_path / "c.avi").read_bytes())  # named .gz, not gzipped
+    with pytest.raises(ValueError, match=r"plain\.avi\.gz ends in \.gz but could not be decompressed"):
+        video.read_clip(tmp_path / "plain.avi.gz")
+    whole = gzip.compress((tmp_path / "c.avi").read_bytes())
+    (tmp_path / "cut.avi.gz").write_bytes(whole[: len(whole) // 2])  # a download cut short
+    with pytest.raises(ValueError, match="could not be decompressed"):
+        video.read_clip(tmp_path / "cut.avi.gz")
