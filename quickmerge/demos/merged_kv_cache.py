@@ -88,8 +88,8 @@ def run(
     if masking:
         print(f"  ({', '.join(masking)}: masks entries instead of removing them, so it frees no memory)")
     if "kvpress-kvzip" in rows:
-        print("  (kvpress-kvzip reads the prompt a second time when its press exits: that time is in its decode "
-              "column)")
+        print("  (kvpress-kvzip reads the prompt a second time when its press exits, the replay recipe inside its\n"
+              "   prefill: both are in the prefill column)")
     kv_rows = {k: v for k, v in rows.items() if k.startswith("kvpress")}
     if kv_rows:
         best = min(kv_rows, key=lambda k: kv_rows[k]["nll"])

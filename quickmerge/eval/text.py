@@ -133,7 +133,11 @@ def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
 
 @dataclass
 class Prefilled:
-    """The cache a method left after the prefill and how long the prefill took (seconds)."""
+    """The cache a method left after the prefill and how long the prefill took (seconds).
+
+    ``prefill_s`` runs from the prompt to the compressed cache: for a press that acts at prefill
+    only, its exit (where kvpress's KVzip does its scoring pass) is inside it.
+    """
 
     cache: Any
     prefill_s: float
@@ -160,9 +164,10 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
                 pressing.enter_context(press(model))
             start = time.perf_counter()
             model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+            if not method.decode_inside:
+                pressing.close()  # a press may compress on exit (kvpress's KVzip reads the prompt again here)
             state = Prefilled(cache, time.perf_counter() - start)
             if not method.decode_inside:
-                pressing.close()
                 decoding.enter_context(_masks_for_shortened_layers(model, cache))
             yield state
 

@@ -1,4 +1,4 @@
-"""``run_text_eval``: rows that draw random numbers do not depend on what ran before them."""
+"""``run_text_eval`` and ``prefilled``: rows independent of run order; what the prefill time covers."""
 
 from types import SimpleNamespace
 
@@ -27,3 +27,27 @@ def test_a_row_draws_the_same_numbers_whatever_ran_before_it():
     assert alone[("b", 0.75)][0]["draw"] == first[("b", 0.75)][1]["draw"]
     draws = [r["draw"] for rows in first.values() for r in rows]
     assert len(set(draws)) == len(draws)  # and different rows draw differently
+
+
+def test_the_prefill_time_includes_work_a_press_does_when_it_exits(tiny_lm_dir):
+    """kvpress's KVzip scores and compresses when its press exits: that is prefill time, not untimed."""
+    import contextlib
+    import time
+
+    import transformers
+
+    from quickmerge.eval.text import prefilled
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_lm_dir).eval()
+    ids = torch.randint(0, 256, (1, 16))
+    compressed_on_exit = []
+
+    @contextlib.contextmanager
+    def press(model):
+        yield
+        time.sleep(0.3)  # the scoring pass a press may run on exit
+        compressed_on_exit.append(True)
+
+    with torch.no_grad(), prefilled(model, ids, press, Method("exits-late", make=lambda r: press)) as state:
+        assert compressed_on_exit  # the press has finished before decoding starts
+    assert state.prefill_s >= 0.3
