@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from .cli_types import non_negative_int, positive_float, positive_int
+
 
 def _keep_ratio(text: str) -> float:
     value = float(text)
@@ -58,8 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_generative_arguments(protocols.add_parser(
         "video", help="bits per token of the AR video model's next frame given compressed previous ones"), "video")
     show = sub.add_parser("visualize", help="draw which patches merged into which token (PNG)")
-    show.add_argument("--r", type=int, default=24, help="tokens merged per block")
-    show.add_argument("--images", type=int, default=4, help="Fashion-MNIST test images to show")
+    show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
+    show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
     show.add_argument("--out", default="results/visualize.png")
@@ -69,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         ar_show = shows.add_parser(f"{modality}-ar", help=f"the AR {modality} model's completions, full context vs "
                                    "QuickMerge++ and the best kvpress press at each ratio (PNG)")
         ar_show.add_argument("--model", default=modality, help="model directory (default: the shipped one)")
-        ar_show.add_argument("--examples", type=int, default=6, help="held-out examples to draw")
+        ar_show.add_argument("--examples", type=positive_int, default=6, help="held-out examples to draw")
         ar_show.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
         ar_show.add_argument("--results", default=f"results/{modality}.json",
                              help="eval JSON naming the best kvpress press per ratio (else ExpectedAttention)")
@@ -86,9 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .vision.train import DEFAULT_OUT, Recipe
 
     defaults = Recipe()
-    vision.add_argument("--epochs", type=int, default=None, help=f"default {defaults.epochs}; 1 with --finetune")
-    vision.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (all processes)")
-    vision.add_argument("--lr", type=float, default=None, help=f"default {defaults.lr}; {FINETUNE_LR} with --finetune")
+    vision.add_argument("--epochs", type=positive_int, default=None,
+                        help=f"default {defaults.epochs}; 1 with --finetune")
+    vision.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                        help="global batch (all processes)")
+    vision.add_argument("--lr", type=positive_float, default=None,
+                        help=f"default {defaults.lr}; {FINETUNE_LR} with --finetune")
     vision.add_argument("--finetune", default=None, metavar="CKPT",
                         help="merge-aware fine-tuning of the checkpoint directory CKPT (e.g. quickmerge/assets/"
                         "fashion_vit) with merging in every block")
@@ -96,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from the weights of the checkpoint directory CKPT (a warm restart)")
     vision.add_argument("--method", choices=["quickmerge", "tome"], default="quickmerge",
                         help="--finetune: QuickMerge++ (differentiable merge) or ToMe-style matching")
-    vision.add_argument("--r-per-block", "--r", dest="r", type=int, default=None,
+    vision.add_argument("--r-per-block", "--r", dest="r", type=non_negative_int, default=None,
                         help="--finetune: tokens merged per block; under torchrun spell it --r-per-block "
                              "(torchrun reads --r as one of its own options)")
     vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
@@ -107,11 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{FINETUNE_EMA} with --finetune")
     vision.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (the shipped model is replaced "
                         "only when asked: --out quickmerge/assets/fashion_vit)")
-    vision.add_argument("--teacher-epochs", type=int, default=None,
+    vision.add_argument("--teacher-epochs", type=non_negative_int, default=None,
                         help=f"epochs of the CNN teacher distilled from (0: none); default {defaults.teacher_epochs}, "
                         "0 with --finetune")
     vision.add_argument("--seed", type=int, default=defaults.seed, help="data order, augmentation, Gumbel noise")
-    vision.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    vision.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
     vision.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
     from .ar.train import DEFAULT_OUT as AR_OUT
     from .ar.train import ARRecipe
@@ -120,12 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
     for modality, what in (("image", "Fashion-MNIST images, completed from their top rows"),
                            ("video", "opencv-doc clips and Moving Fashion-MNIST, next frame from three")):
         ar = targets.add_parser(f"ar-{modality}", help=f"the autoregressive {modality} model ({what})")
-        ar.add_argument("--steps", type=int, default=ar_defaults.steps)
-        ar.add_argument("--batch-size", type=int, default=ar_defaults.batch_size, help="global batch of sequences")
-        ar.add_argument("--lr", type=float, default=ar_defaults.lr)
+        ar.add_argument("--steps", type=positive_int, default=ar_defaults.steps)
+        ar.add_argument("--batch-size", type=positive_int, default=ar_defaults.batch_size,
+                        help="global batch of sequences")
+        ar.add_argument("--lr", type=positive_float, default=ar_defaults.lr)
         ar.add_argument("--out", default=str(AR_OUT[modality]), help="output directory (the shipped model is "
                         f"replaced only when asked: --out quickmerge/assets/ar_{modality})")
-        ar.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+        ar.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
         ar.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
     return parser
 
@@ -223,8 +229,9 @@ def _run(args: argparse.Namespace) -> int:
                         raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
                 try:
                     recipe = Recipe(
-                        epochs=args.epochs or (1 if finetune else Recipe.epochs),
-                        lr=args.lr or (FINETUNE_LR if finetune else Recipe.lr), batch_size=args.batch_size,
+                        epochs=(1 if finetune else Recipe.epochs) if args.epochs is None else args.epochs,
+                        lr=(FINETUNE_LR if finetune else Recipe.lr) if args.lr is None else args.lr,
+                        batch_size=args.batch_size,
                         ema_decay=(FINETUNE_EMA if finetune else Recipe.ema_decay) if args.ema is None else args.ema,
                         teacher_epochs=(0 if finetune else Recipe.teacher_epochs) if args.teacher_epochs is None
                         else args.teacher_epochs,
@@ -240,7 +247,10 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 from .ar.train import ARRecipe, train_ar
 
-                ar_recipe = ARRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+                try:
+                    ar_recipe = ARRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
+                except ValueError as err:
+                    raise SystemExit(f"quickmerge train {args.target}: {err}") from None
                 train_ar(args.target.removeprefix("ar-"), args.out, recipe=ar_recipe, ctx=ctx, fresh=args.fresh)
         finally:
             ctx.close()

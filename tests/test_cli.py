@@ -20,17 +20,46 @@ def test_demo_arguments_are_validated():
 
 
 def test_vision_arguments_are_validated(capsys):
-    from quickmerge.cli import main
 
     args = build_parser().parse_args(["eval", "vision", "--methods", "tome", "quickmerge", "--r", "8", "16"])
     assert args.protocol == "vision" and args.methods == ["tome", "quickmerge"] and args.r == [8, 16]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "vision", "--methods", "magic"])
-    with pytest.raises(SystemExit, match="--images"):
-        main(["eval", "vision", "--images", "0"])
-    with pytest.raises(SystemExit, match="--images"):
-        main(["visualize", "--images", "0"])
+    _refused(capsys, ["eval", "vision", "--images", "0"], "--images")
+    _refused(capsys, ["visualize", "--images", "0"], "--images")
     assert build_parser().parse_args(["train", "vision", "--epochs", "1"]).epochs == 1
+
+
+def _refused(capsys, argv: list[str], flag: str) -> None:
+    """argparse refuses ``argv`` before any work, naming ``flag`` and what it expected."""
+    from quickmerge.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and "expected" in err, err
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["eval", "text", "--threads", "0"], "--threads"),
+    (["eval", "video", "--threads", "-1"], "--threads"),
+    (["eval", "vision", "--threads", "0"], "--threads"),
+    (["eval", "vision", "--timing-rounds", "0"], "--timing-rounds"),
+    (["eval", "vision", "--r-values", "8", "0"], "--r-values/--r"),
+    (["train", "vision", "--epochs", "0"], "--epochs"),
+    (["train", "vision", "--lr", "0"], "--lr"),
+    (["train", "vision", "--batch-size", "0"], "--batch-size"),
+    (["train", "vision", "--teacher-epochs", "-1"], "--teacher-epochs"),
+    (["train", "vision", "--threads", "0"], "--threads"),
+    (["train", "ar-video", "--steps", "0"], "--steps"),
+    (["train", "ar-image", "--batch-size", "0"], "--batch-size"),
+    (["train", "ar-image", "--lr", "-1"], "--lr"),
+    (["train", "ar-image", "--threads", "x"], "--threads"),
+    (["visualize", "video-ar", "--examples", "0"], "--examples"),
+])
+def test_numbers_out_of_range_are_refused_by_flag_before_any_work(capsys, argv, flag):
+    _refused(capsys, argv, flag)
 
 
 def test_finetune_r_has_a_spelling_torchrun_leaves_alone():
@@ -52,8 +81,41 @@ def test_train_vision_teacher_and_seed_are_validated_before_any_work():
 
     args = build_parser().parse_args(["train", "vision", "--teacher-epochs", "3", "--seed", "7"])
     assert args.teacher_epochs == 3 and args.seed == 7
-    with pytest.raises(SystemExit, match="teacher_epochs"):
+    with pytest.raises(SystemExit, match="2"):  # argparse: --teacher-epochs expected an integer >= 0
         main(["train", "vision", "--teacher-epochs", "-1", "--out", "unused"])
     with pytest.raises(SystemExit, match="--teacher-epochs"):
         main(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
               "--out", "unused"])
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "vision", "--finetune", "{missing}", "--r-per-block", "8"],
+    ["train", "vision", "--init", "{missing}"],
+    ["eval", "video", "--model", "{missing}"],
+    ["visualize", "image-ar", "--model", "{missing}"],
+])
+def test_a_missing_model_directory_is_one_line_before_any_data_is_read(argv, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("transformers")
+    from quickmerge.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data read before the model was found")
+
+    for module in ("quickmerge.data.fashion_mnist", "quickmerge.vision.train", "quickmerge.ar.data"):
+        monkeypatch.setattr(f"{module}.load_fashion_mnist", no_data)
+    for module in ("quickmerge.data.video", "quickmerge.ar.data"):
+        monkeypatch.setattr(f"{module}.read_clip", no_data)
+    missing = tmp_path / "no-model"
+    code = main([a.format(missing=missing) for a in argv] + ["--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(missing) in err and "Traceback" not in err, err
+
+
+def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tmp_path):
+    pytest.importorskip("transformers")
+    from quickmerge.errors import MissingDataError
+    from quickmerge.pretrained.causal_lm import load_causal_lm
+
+    with pytest.raises(MissingDataError, match=r"no model directory at .*no-model"):
+        load_causal_lm(str(tmp_path / "no-model"))

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from .._optional import require
+from ..errors import MissingDataError
 from .formats import SequenceFormat
 from .tokenizer import PatchCodebook
 
@@ -56,7 +57,7 @@ def load_ar_model(
     directory = Path(directory)
     for name in ("config.json", "model.safetensors", TOKENIZER_FILE, FORMAT_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{directory} holds no {name}: not a model saved by quickmerge train ar-image/ar-video")
     fields = json.loads((directory / FORMAT_FILE).read_text())
     fmt = SequenceFormat(**fields)  # the model's own geometry, whatever this version's defaults

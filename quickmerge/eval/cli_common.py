@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..cli_types import positive_int
+
 
 def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[float], out: str,
                             extra_methods: list[str] | None = None) -> None:
@@ -14,7 +16,7 @@ def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[flo
     names = OURS + (extra_methods or []) + KVPRESS
     parser.add_argument("--methods", nargs="+", default=None, choices=names, metavar="METHOD",
                         help=f"default: all that are installed; one or more of {', '.join(names)}")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (per process)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
     parser.add_argument("--out", default=out, help="output prefix (.json and .png are added)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 

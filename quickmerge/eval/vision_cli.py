@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from .. import distributed
+from ..cli_types import positive_int
 from ..vision.token_merge import METHODS
 from .journal import Journal, code_fingerprint
 
@@ -18,7 +19,7 @@ DEFAULT_R = (16, 24, 32, 40, 48)  # r = 48 passes 2x the unpatched throughput on
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="merging methods to sweep")
-    parser.add_argument("--r-values", "--r", dest="r", type=int, nargs="+", default=list(DEFAULT_R),
+    parser.add_argument("--r-values", "--r", dest="r", type=positive_int, nargs="+", default=list(DEFAULT_R),
                         help="values of r (tokens merged per block) to sweep; under torchrun spell it --r-values "
                              "(torchrun reads --r as one of its own options)")
     parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
@@ -26,10 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "entropy on held-out training images, at each constant r's cost; per-image: each image's "
                         "budget from the entropy of its content, run in sub-batches bucketed by budget, at each "
                         "constant r's mean cost (both quickmerge only)")
-    parser.add_argument("--images", type=int, default=10_000, help="test images (default: all 10,000)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
-    parser.add_argument("--timing-rounds", type=int, default=5, help="alternating timings per setting")
+    parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
+    parser.add_argument("--batch-size", type=positive_int, default=256)
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
+    parser.add_argument("--timing-rounds", type=positive_int, default=5, help="alternating timings per setting")
     parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
     parser.add_argument("--out", default="results/vision", help="output prefix (.json and .png are added)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")

@@ -24,7 +24,7 @@ import torch
 
 from .._cache import built_dir, cache_dir, discard
 from .._optional import require
-from ..errors import MissingExtraError
+from ..errors import MissingDataError, MissingExtraError
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,10 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
     transformers.utils.logging.disable_progress_bar()
     auto_model, auto_tok = transformers.AutoModelForCausalLM, transformers.AutoTokenizer
     if name not in PACKAGED:
+        name = os.path.expanduser(name)
+        if name.startswith(("/", ".")) and not Path(name).is_dir():
+            raise MissingDataError(f"no model directory at {name}; give {', '.join(PACKAGED)}, a Hugging Face id "
+                                   "or a directory saved with save_pretrained")
         return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
     what = f"the converted copy of {name}"
     path = cache_dir() / "models" / name

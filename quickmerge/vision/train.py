@@ -231,22 +231,18 @@ def train(
     tqdm = require("tqdm", "progress", "The training progress bar").tqdm
     out = Path(out_dir)
     config = dict(config or DEFAULT_CONFIG)
-    (tr_x, tr_y), (ho_x, ho_y) = data if data is not None else split_train_heldout()
     torch.manual_seed(recipe.seed)
-    if finetune is not None:
+    if finetune is not None and recipe.teacher_epochs:
+        raise ValueError("merge-aware fine-tuning uses no teacher: set teacher_epochs=0")
+    start_from = finetune.checkpoint if finetune is not None else init
+    if start_from is not None:  # loaded first: a wrong path is reported before the data is read
         from ..pretrained.fashion_vit import load_fashion_vit
 
-        if recipe.teacher_epochs:
-            raise ValueError("merge-aware fine-tuning uses no teacher: set teacher_epochs=0")
-        config = json.loads((Path(finetune.checkpoint) / "config.json").read_text())["model"]
-        model = load_fashion_vit(finetune.checkpoint).train().to(ctx.device)
-    elif init is not None:
-        from ..pretrained.fashion_vit import load_fashion_vit
-
-        config = json.loads((Path(init) / "config.json").read_text())["model"]
-        model = load_fashion_vit(init).train().to(ctx.device)
+        model = load_fashion_vit(start_from).train().to(ctx.device)
+        config = json.loads((Path(start_from) / "config.json").read_text())["model"]
     else:
         model = build_vit(config).to(ctx.device)
+    (tr_x, tr_y), (ho_x, ho_y) = data if data is not None else split_train_heldout()
     ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
     handle = finetune.patch(model, train=True) if finetune is not None else None
     if finetune is not None and ema is not None:
