@@ -1,0 +1,90 @@
+"""The README's Python snippets run as written against the library (an API rename breaks this test, not a user).
+
+Each ```python block is found by its first line that is not an import, and run in a namespace holding only what the
+README leaves to the reader (a model, its inputs); a block this file does not know fails the test, so a new snippet
+gets checked.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _blocks() -> dict[str, str]:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return {next(line for line in block.splitlines() if line and not line.startswith(("import ", "from "))): block
+            for block in blocks}
+
+
+def _attention_maps(b: int, n: int, layers: int = 2, heads: int = 2) -> list[torch.Tensor]:
+    return [torch.randn(b, heads, n, n).softmax(-1) for _ in range(layers)]
+
+
+def _core(first_line: str) -> dict:
+    from quickmerge import QuickMergePP
+
+    torch.manual_seed(0)
+    return {"qm": QuickMergePP(embedding_dim=32), "hidden_states": torch.randn(2, 12, 32), "K": 4,
+            "model_outputs": type("Outputs", (), {"attentions": _attention_maps(2, 12)})()}
+
+
+def _causal_lm(first_line: str) -> dict:
+    from tests.text.tiny import tiny
+
+    model = tiny("llama")
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    return {"model": model, "context_ids": ids[:, :32], "next_ids": ids[:, 32:],
+            "prompts": [ids[:, :20], ids[:, 20:36]]}
+
+
+def _press_only(first_line: str) -> dict:
+    from quickmerge import QuickMergePress
+
+    return {"QuickMergePress": QuickMergePress}
+
+
+def _vision(first_line: str) -> dict:
+    pytest.importorskip("safetensors")
+    return {"images": torch.randn(2, 1, 28, 28)}
+
+
+def _video(first_line: str) -> dict:
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    return {}
+
+
+RUN = {
+    "qm = QuickMergePP(embedding_dim=512)": lambda line: {},
+    "out = qm(hidden_states, K, attentions=model_outputs.attentions)": _core,
+    "press = QuickMergePress(compression_ratio=0.5)  # kvpress-style press, per call": _causal_lm,
+    'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay",': _press_only,
+    'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True,': _press_only,
+    'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True)':
+        _press_only,
+    "model = load_fashion_vit()                 # or a timm VisionTransformer, HF ViTModel / "
+    "ViTForImageClassification / Dinov2Model": _vision,
+    'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
+}
+# run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
+ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)'}
+
+
+def test_every_readme_snippet_is_known_to_this_test():
+    unknown = set(_blocks()) - set(RUN) - ELSEWHERE
+    assert not unknown, f"README snippets this test does not run: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("first_line", sorted(RUN), ids=lambda line: line.split("(")[0].split("=")[-1].strip())
+def test_readme_snippet_runs(first_line):
+    blocks = _blocks()
+    assert first_line in blocks, f"the README no longer has a snippet with the line {first_line!r}: update RUN"
+    if RUN[first_line] is _causal_lm:
+        pytest.importorskip("transformers")
+    namespace = RUN[first_line](first_line)
+    exec(compile(blocks[first_line], f"README.md: {first_line}", "exec"), namespace)
