@@ -88,3 +88,20 @@ def test_readme_snippet_runs(first_line):
         pytest.importorskip("transformers")
     namespace = RUN[first_line](first_line)
     exec(compile(blocks[first_line], f"README.md: {first_line}", "exec"), namespace)
+
+
+def test_every_quickmerge_command_in_the_readme_parses():
+    """The command lines of the README's shell blocks (``quickmerge ...``, ``-m quickmerge ...``) are accepted."""
+    import shlex
+
+    from quickmerge.cli import build_parser
+
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line.split("#")[0])
+            if "quickmerge" in words and (words[0] == "quickmerge" or "-m" in words):
+                commands.append(words[words.index("quickmerge") + 1 :])
+    assert len(commands) >= 10, commands
+    for argv in commands:
+        build_parser().parse_args(argv)  # exits (fails the test) on a renamed command or flag
