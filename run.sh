@@ -131,7 +131,7 @@ case "$cmd" in
         setup_newest
         exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider tests/text/test_kv_press.py tests/text/test_attention.py tests/text/test_input_press.py \
             tests/text/test_press_fuzz.py tests/text/test_replay.py tests/text/test_scoring.py tests/text/test_cache_keyword.py \
-            tests/eval/test_memory_saved.py tests/vision/adapters "$@" ;;
+            tests/eval/test_memory_saved.py tests/vision/adapters tests/test_readme.py "$@" ;;
     bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
     eval|visualize|train) exec "$VENV/bin/quickmerge" "$cmd" "$@" ;;
 esac
