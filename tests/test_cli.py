@@ -119,3 +119,6 @@ def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tmp_pa
 
     with pytest.raises(MissingDataError, match=r"no model directory at .*no-model"):
         load_causal_lm(str(tmp_path / "no-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingDataError, match=r"could not load the model .*empty"):
+        load_causal_lm(str(tmp_path / "empty"))  # a directory without a model: transformers' ValueError

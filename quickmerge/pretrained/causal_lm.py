@@ -89,7 +89,10 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
         if name.startswith(("/", ".")) and not Path(name).is_dir():
             raise MissingDataError(f"no model directory at {name}; give {', '.join(PACKAGED)}, a Hugging Face id "
                                    "or a directory saved with save_pretrained")
-        return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
+        try:
+            return auto_model.from_pretrained(name, dtype=dtype).eval(), auto_tok.from_pretrained(name)
+        except (OSError, ValueError) as err:  # not on the Hub, offline and not cached, no model in the directory
+            raise MissingDataError(f"could not load the model {name!r}: {err}") from err
     what = f"the converted copy of {name}"
     path = cache_dir() / "models" / name
 
