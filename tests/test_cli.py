@@ -30,6 +30,19 @@ def test_vision_arguments_are_validated(capsys):
     assert build_parser().parse_args(["train", "vision", "--epochs", "1"]).epochs == 1
 
 
+def test_vision_r_past_what_a_block_can_merge_is_refused_before_the_data_is_read(monkeypatch):
+    """r = 500 used to run as r = 98 in every block (ToMe's cap), a silent truncation."""
+    pytest.importorskip("safetensors")
+    from quickmerge.cli import main
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data read before the arguments were checked")
+
+    monkeypatch.setattr("quickmerge.data.fashion_mnist.load_fashion_mnist", no_data)
+    with pytest.raises(SystemExit, match=r"at most 98 of its 196 patch tokens.*got 500"):
+        main(["eval", "vision", "--r-values", "16", "500", "--out", "unused"])
+
+
 def _refused(capsys, argv: list[str], flag: str) -> None:
     """argparse refuses ``argv`` before any work, naming ``flag`` and what it expected."""
     from quickmerge.cli import main

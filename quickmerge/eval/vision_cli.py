@@ -20,8 +20,8 @@ DEFAULT_R = (16, 24, 32, 40, 48)  # r = 48 passes 2x the unpatched throughput on
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="merging methods to sweep")
     parser.add_argument("--r-values", "--r", dest="r", type=positive_int, nargs="+", default=list(DEFAULT_R),
-                        help="values of r (tokens merged per block) to sweep; under torchrun spell it --r-values "
-                             "(torchrun reads --r as one of its own options)")
+                        help="values of r (tokens merged per block, at most half the patch tokens) to sweep; under "
+                             "torchrun spell it --r-values (torchrun reads --r as one of its own options)")
     parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
                         help="constant: r in every block; entropy: QuickMerge++'s per-block budget from attention "
                         "entropy on held-out training images, at each constant r's cost; per-image: each image's "
@@ -102,9 +102,14 @@ def run(args: argparse.Namespace) -> dict:
     if min(args.r) < 1 or args.batch_size < 1 or args.timing_rounds < 1:
         raise SystemExit("--r, --batch-size and --timing-rounds must be positive")
     torch.set_num_threads(args.threads)
+    model = load_fashion_vit(args.checkpoint)
+    most = model.patch_embed.num_patches // 2  # bipartite matching (ToMe's, ours) merges at most half the tokens
+    if max(args.r) > most and {"quickmerge", "tome"} & set(args.methods):
+        raise SystemExit(f"--r-values: a block of this model merges at most {most} of its "
+                         f"{model.patch_embed.num_patches} patch tokens by bipartite matching (quickmerge, tome), "
+                         f"so r above {most} runs as r = {most}; got {max(args.r)}")
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
-    model = load_fashion_vit(args.checkpoint)
     ctx = distributed.setup()
     try:
         model.to(ctx.device)
