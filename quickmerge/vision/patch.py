@@ -304,7 +304,9 @@ def patch(
         model: a timm ``VisionTransformer`` or a Hugging Face ``ViTModel`` /
             ``ViTForImageClassification`` / ``Dinov2Model`` (other subclasses of these
             families work with a warning).
-        r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``.
+        r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in
+            ToMe, a block merges at most half its tokens by bipartite matching (all but one
+            otherwise), and ``handle.tokens_per_layer`` shows what each block kept.
         ratio: alternatively, the fraction of patch tokens left after the last block.
         method: ``"quickmerge"`` (default), ``"tome"``, ``"random"`` (drop) or ``"pool"``.
         prop_attn: add log(size) to attention logits (proportional attention).
