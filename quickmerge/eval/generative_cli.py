@@ -99,17 +99,20 @@ def run(args: argparse.Namespace, modality: str) -> dict:
         model, tokenizer, fmt = load_ar(args.model)
         model.to(ctx.device)
         methods = [ar_method(n, fmt) for n in names]
-        if modality == "image":
-            examples = image_examples(fmt, tokenizer, args.examples)
-        else:
-            examples = video_examples(fmt, tokenizer, args.examples, video, at_most=DEFAULT_EXAMPLES)
-            if args.examples is None:
-                if len(examples) < 2:
-                    raise SystemExit(f"--video: {video} holds {len(examples)} window(s) of {fmt.frames} frames; "
-                                     "the bootstrap intervals need at least 2")
-                args.examples = len(examples)
-                if ctx.main:
-                    print(f"{Path(video).name}: {len(examples)} windows of {fmt.frames} frames")
+        try:  # fewer test images or windows than asked for, a clip without a whole window
+            if modality == "image":
+                examples = image_examples(fmt, tokenizer, args.examples)
+            else:
+                examples = video_examples(fmt, tokenizer, args.examples, video, at_most=DEFAULT_EXAMPLES)
+        except ValueError as err:
+            raise SystemExit(f"quickmerge eval {modality}: {err}") from None
+        if modality == "video" and args.examples is None:
+            if len(examples) < 2:
+                raise SystemExit(f"--video: {video} holds {len(examples)} window(s) of {fmt.frames} frames; "
+                                 "the bootstrap intervals need at least 2")
+            args.examples = len(examples)
+            if ctx.main:
+                print(f"{Path(video).name}: {len(examples)} windows of {fmt.frames} frames")
         journal = Journal(args.out, journal_config(args, modality, fmt), rank=ctx.rank, fresh=args.fresh)
         results = run_text_eval(model, examples, methods, args.ratios, fmt.context, journal=journal, ctx=ctx)
     finally:

@@ -70,8 +70,11 @@ def run(args: argparse.Namespace) -> dict:
             examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation,
                                                 bos=bos, first=args.first, source="later")
         else:
-            windows = wikipedia_windows(tokenizer, args.first + args.examples, args.context, args.continuation,
-                                        bos=bos)
+            try:
+                windows = wikipedia_windows(tokenizer, args.first + args.examples, args.context, args.continuation,
+                                            bos=bos)
+            except ValueError as err:  # fewer windows than --first + --examples ask for
+                raise SystemExit(f"quickmerge eval text: {err}") from None
             examples = windows[args.first :]
         indices = list(range(args.first, args.first + len(examples)))
         results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx,

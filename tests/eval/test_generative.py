@@ -150,3 +150,15 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     with pytest.raises(SystemExit, match=r"holds 1 window\(s\) of 4 frames"):
         main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "short.avi"),
               "--out", str(out), "--fresh", "--methods", "random"])
+
+
+@needs_fashion
+def test_more_examples_than_the_data_holds_is_one_line(tmp_path):
+    """Asking for more test images than exist was a ValueError traceback; it is refused in one line."""
+    from quickmerge.ar.data import image_pixels
+
+    _save(tmp_path / "m", IMAGE, image_pixels("test")[:3])
+    with pytest.raises(SystemExit, match="quickmerge eval image: --examples must be between 1 and 10000"):
+        main(["eval", "image", "--model", str(tmp_path / "m"), "--examples", "20000", "--ratios", "0.5",
+              "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"])
+    assert not (tmp_path / "res.json").exists()
