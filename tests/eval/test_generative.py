@@ -134,7 +134,7 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     for name in ("quickmerge-time", "quickmerge-input-time", "kvpress-snapkv"):
         assert rows[name]["achieved_ratio"] == pytest.approx(0.5, abs=2 / fmt.context), name
         assert math.isfinite(rows[name]["bits_per_token"])
-    with pytest.raises(ValueError, match="windows"):
+    with pytest.raises(SystemExit, match=r"quickmerge eval video: .*windows"):
         main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
               "--examples", "3", "--out", str(out), "--fresh", "--methods", "random"])
     # without --examples, a clip gives every window it holds (2 here), not the held-out default of 40
