@@ -247,10 +247,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 from .ar.train import ARRecipe, train_ar
 
-                try:
-                    ar_recipe = ARRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr)
-                except ValueError as err:
-                    raise SystemExit(f"quickmerge train {args.target}: {err}") from None
+                ar_recipe = ARRecipe(steps=args.steps, batch_size=args.batch_size, lr=args.lr)  # checked by argparse
                 train_ar(args.target.removeprefix("ar-"), args.out, recipe=ar_recipe, ctx=ctx, fresh=args.fresh)
         finally:
             ctx.close()

@@ -24,7 +24,7 @@ def _attention_maps(b: int, n: int, layers: int = 2, heads: int = 2) -> list[tor
     return [torch.randn(b, heads, n, n).softmax(-1) for _ in range(layers)]
 
 
-def _core(first_line: str) -> dict:
+def _core() -> dict:
     from quickmerge import QuickMergePP
 
     torch.manual_seed(0)
@@ -32,7 +32,7 @@ def _core(first_line: str) -> dict:
             "model_outputs": type("Outputs", (), {"attentions": _attention_maps(2, 12)})()}
 
 
-def _causal_lm(first_line: str) -> dict:
+def _causal_lm() -> dict:
     from tests.text.tiny import tiny
 
     model = tiny("llama")
@@ -42,25 +42,25 @@ def _causal_lm(first_line: str) -> dict:
             "prompts": [ids[:, :20], ids[:, 20:36]]}
 
 
-def _press_only(first_line: str) -> dict:
+def _press_only() -> dict:
     from quickmerge import QuickMergePress
 
     return {"QuickMergePress": QuickMergePress}
 
 
-def _vision(first_line: str) -> dict:
+def _vision() -> dict:
     pytest.importorskip("safetensors")
     return {"images": torch.randn(2, 1, 28, 28)}
 
 
-def _video(first_line: str) -> dict:
+def _video() -> dict:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
     return {}
 
 
 RUN = {
-    "qm = QuickMergePP(embedding_dim=512)": lambda line: {},
+    "qm = QuickMergePP(embedding_dim=512)": dict,
     "out = qm(hidden_states, K, attentions=model_outputs.attentions)": _core,
     "press = QuickMergePress(compression_ratio=0.5)  # kvpress-style press, per call": _causal_lm,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay",': _press_only,
@@ -86,7 +86,7 @@ def test_readme_snippet_runs(first_line):
     assert first_line in blocks, f"the README no longer has a snippet with the line {first_line!r}: update RUN"
     if RUN[first_line] is _causal_lm:
         pytest.importorskip("transformers")
-    namespace = RUN[first_line](first_line)
+    namespace = RUN[first_line]()
     exec(compile(blocks[first_line], f"README.md: {first_line}", "exec"), namespace)
 
 

@@ -99,8 +99,6 @@ def run(args: argparse.Namespace) -> dict:
 
     if not 1 <= args.images <= 10_000:
         raise SystemExit(f"--images must be in [1, 10000], got {args.images}")
-    if min(args.r) < 1 or args.batch_size < 1 or args.timing_rounds < 1:
-        raise SystemExit("--r, --batch-size and --timing-rounds must be positive")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
     most = model.patch_embed.num_patches // 2  # bipartite matching (ToMe's, ours) merges at most half the tokens
