@@ -167,7 +167,8 @@ class MergeHandle:
             raise RuntimeError(
                 "quickmerge.patch does not support gradient checkpointing: recomputing a block in the backward "
                 "pass would merge its tokens a second time. Turn it off (timm: model.set_grad_checkpointing(False); "
-                "Hugging Face: model.gradient_checkpointing_disable()) or run without gradients."
+                "Hugging Face: model.activation_checkpointing_disable(), before transformers 5.24 "
+                "model.gradient_checkpointing_disable()) or run without gradients."
             )
         b, n, _ = x.shape
         self._schedule = self.schedule(n)

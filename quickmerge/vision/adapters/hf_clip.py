@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .hf_vit import attach_attention_and_layers
+from .hf_vit import activation_checkpointing, attach_attention_and_layers
 from .protocol import BlockMerger, Removable
 
 _CLASSES = {
@@ -39,7 +39,7 @@ class HFCLIPAdapter:
         return hasattr(tower(model).embeddings, "class_embedding")  # CLIP yes, SigLIP no
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
-        return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training
+        return activation_checkpointing(model) and model.training
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         layers = list(getattr(getattr(tower(model), "encoder", None), "layers", None) or [])

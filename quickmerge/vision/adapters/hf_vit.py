@@ -54,7 +54,7 @@ class HFViTAdapter:
         return True
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
-        return bool(getattr(model, "is_gradient_checkpointing", False)) and model.training
+        return activation_checkpointing(model) and model.training
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         base = _vit(model)
@@ -66,6 +66,19 @@ class HFViTAdapter:
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         return attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
                                            blocks, merger, parts=_residual_parts)
+
+
+def activation_checkpointing(model: nn.Module) -> bool:
+    """Whether a transformers model recomputes its layers in the backward pass.
+
+    transformers 5.24 renamed ``is_gradient_checkpointing`` to ``is_activation_checkpointing`` (the old
+    name warns on every read and goes in v6); the newer name is read where the class has it. Both read
+    the ``gradient_checkpointing`` flag the enabling call sets on the layers, read directly where a
+    model has neither name."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
 def attach_attention_and_layers(

@@ -1,5 +1,7 @@
 """quickmerge.patch on Hugging Face ViTModel / ViTForImageClassification (eager and sdpa)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -78,10 +80,28 @@ def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
 @pytest.mark.parametrize("cls_name", ["ViTModel", "Dinov2Model"])
 def test_gradient_checkpointing_refuses_to_train(cls_name):
     model = tiny(cls_name, "sdpa")
-    model.gradient_checkpointing_enable()
+    # transformers 5.24 renamed gradient_checkpointing_enable; the guard must see either
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     with quickmerge.patch(model, r=8):
         with torch.no_grad():
             assert torch.isfinite(output(model, torch.randn(2, 1, 16, 16))).all()
         model.train()
         with pytest.raises(RuntimeError, match="gradient checkpointing"):
             output(model, torch.randn(2, 1, 16, 16)).sum().backward()
+
+
+def test_a_patched_forward_with_gradients_reads_no_deprecated_name():
+    # transformers 5.24 warns on every read of is_gradient_checkpointing (gone in v6)
+    model = tiny("ViTModel", "sdpa").train()
+    with quickmerge.patch(model, r=8), warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        output(model, torch.randn(2, 1, 16, 16)).sum().backward()
+
+
+def test_checkpointing_is_read_from_the_layers_where_a_model_has_neither_name():
+    from quickmerge.vision.adapters.hf_vit import activation_checkpointing
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    assert not activation_checkpointing(model)
+    model[1].gradient_checkpointing = True
+    assert activation_checkpointing(model)
