@@ -7,5 +7,9 @@ class MissingExtraError(ImportError):
     """An optional dependency is not installed; the message names the pip extra that provides it."""
 
 
+class IncompatibleExtraError(MissingExtraError):
+    """An optional dependency is installed, in a release that does not support an installed library's release."""
+
+
 class MissingDataError(FileNotFoundError):
     """A data set or model file is not where it should be; the message says how to install it."""

@@ -50,7 +50,7 @@ def run(
     ratio: float = 0.5, model_name: str = "smollm2-135m", html_path: str = "results/demo_text.html"
 ) -> dict[str, Any]:
     """Run the demo, print its report and return the figures."""
-    from ..eval.text_methods import build_method, kvpress_available
+    from ..eval.text_methods import build_method, kvpress_available, kvpress_incompatibility, kvpress_usable
 
     torch.manual_seed(0)
     torch.set_num_threads(2)
@@ -63,7 +63,7 @@ def run(
         method = build_method(name)
         methods.append((label, method, method.make(ratio)))
     _, shown, press = methods[1]  # QUICKMERGE_DEMO[0]: its seeds and its continuation are shown
-    if kvpress_available():
+    if kvpress_usable():
         for name in KVPRESS_DEMO:
             method = build_method(name)
             methods.append((name, method, method.make(ratio)))
@@ -98,6 +98,8 @@ def run(
             verdict = "lower" if rows[label]["nll"] < kv_rows[best]["nll"] else "higher"
             print(f"  {label} perplexity is {verdict} than the best kvpress press here ({best}).")
         print("  (one window: BENCHMARKS.md has the 40-100-window comparisons with paired intervals)")
+    elif kvpress_available():
+        print(f"\n  (kvpress is left out: {kvpress_incompatibility()})")
     else:
         print("\n  (kvpress is not installed: pip install kvpress to compare against its presses)")
 

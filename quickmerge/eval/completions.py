@@ -2,7 +2,8 @@
 
 For a few held-out images (or clips), the ground truth next to the completion generated from
 the full context, from QuickMerge++'s compressed context and from the best kvpress press's
-at the same ratios (the best by the evaluation's JSON, when given). Images: the top rows are
+at the same ratios (the best by the evaluation's JSON, when given; left out, with a warning, where
+kvpress is not installed or does not support the installed transformers). Images: the top rows are
 the context, the rows below the red line are generated. Video: the three context frames,
 then the true fourth frame and each method's.
 """
@@ -10,6 +11,7 @@ then the true fourth frame and each method's.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +96,19 @@ def run(modality: str, *, model_dir: str, count: int, ratios: list[float], resul
     from ..ar.formats import to_pixels
     from ..pretrained.ar_models import load_ar
     from .generative import image_examples, video_examples
+    from .text_methods import kvpress_available, kvpress_incompatibility, kvpress_usable
 
     model, tokenizer, fmt = load_ar(model_dir)
     examples = (image_examples(fmt, tokenizer, count) if modality == "image"
                 else video_examples(fmt, tokenizer, count, video))
     ours = method or DEFAULT_METHOD[modality]
+    with_kvpress = kvpress_usable()
+    if not with_kvpress:
+        why = kvpress_incompatibility() if kvpress_available() else "kvpress is not installed (pip install kvpress)"
+        warnings.warn(f"drawn without kvpress's columns: {why}", stacklevel=2)
     columns: list[tuple[str, float | None]] = [("full context", None)]
     for r in ratios:
-        columns += [(ours, r), (best_kvpress(results, r, "kvpress-expected-attention"), r)]
+        columns += [(ours, r)] + ([(best_kvpress(results, r, "kvpress-expected-attention"), r)] if with_kvpress else [])
     labels = ["full"] + [f"QuickMerge++ {r:g}" if n == ours else f"{n.removeprefix('kvpress-')} {r:g}"
                          for n, r in columns[1:]]
     frames = completions(model, fmt, tokenizer, examples, columns, sample=sample)

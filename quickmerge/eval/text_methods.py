@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from ..errors import MissingExtraError
+from ..errors import IncompatibleExtraError, MissingExtraError
 from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
 
@@ -116,7 +118,37 @@ KVPRESS = [
 
 
 def kvpress_available() -> bool:
+    """Whether kvpress is installed (it may still not run: :func:`kvpress_incompatibility`)."""
     return importlib.util.find_spec("kvpress") is not None
+
+
+@functools.cache
+def kvpress_incompatibility() -> str | None:
+    """Why the installed kvpress cannot run beside the installed transformers, or None.
+
+    kvpress declares the transformers releases it supports; outside them its presses fail inside the
+    forward pass (kvpress 0.5.5 under transformers 5.24: ``KeyError: 'past_key_values'``, the decoder
+    layers pass ``cache=`` there), so they are refused before any work."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    for line in metadata.requires("kvpress") or []:
+        requirement = Requirement(line)
+        if requirement.name != "transformers" or requirement.marker is not None:
+            continue
+        have = metadata.version("transformers")
+        if requirement.specifier.contains(have, prereleases=True):
+            return None
+        return (f"kvpress {metadata.version('kvpress')} supports transformers {requirement.specifier}, and "
+                f"transformers {have} is installed: compare against kvpress in an environment with "
+                f"pip install 'transformers{requirement.specifier}' (quickmerge's own presses run on both)")
+    return None
+
+
+def kvpress_usable() -> bool:
+    """Whether kvpress is installed and supports the installed transformers."""
+    return kvpress_available() and kvpress_incompatibility() is None
 
 
 def build_method(name: str) -> Method:
@@ -127,6 +159,8 @@ def build_method(name: str) -> Method:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(OURS + KVPRESS)}")
     if not kvpress_available():
         raise MissingExtraError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
+    if kvpress_incompatibility() is not None:
+        raise IncompatibleExtraError(f"method {name}: {kvpress_incompatibility()}")
     make, masks = _kvpress_presses()[name]
     return Method(name, lambda r: global_rope_default(global_layers_only(make(r))),
                   eager=name == "kvpress-observed-attention", masks=masks)
@@ -178,5 +212,8 @@ def global_layers_only(press: Any) -> Any:
 
 
 def default_methods() -> list[str]:
-    """Every method that can run here: ours always, kvpress's when it is installed."""
-    return OURS + (KVPRESS if kvpress_available() else [])
+    """Every method that can run here: ours always, kvpress's when it is installed and supports the
+    installed transformers (a warning says why they are left out when it does not)."""
+    if kvpress_available() and kvpress_incompatibility() is not None:
+        warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=2)
+    return OURS + (KVPRESS if kvpress_usable() else [])

@@ -78,7 +78,8 @@ def check_compressible(cache: Any, layer: Any, who: str, allowed: tuple[str, ...
         raise UnsupportedCacheError(
             f"{who} compresses the layers of a DynamicCache in place; this cache ({type(cache).__name__}) has "
             f"{name} layers, which it cannot shorten (static, quantized and offloaded caches are not "
-            "supported). Pass past_key_values=DynamicCache() or let the model create its default cache."
+            "supported). Pass cache=DynamicCache() (past_key_values= before transformers 5.24) or let the model "
+            "create its default cache."
         )
 
 

@@ -263,7 +263,8 @@ class KVPress(Press):
             raise RuntimeError(
                 f"{who} compressed nothing: no KV cache reached the attention layers in this forward pass "
                 f"(they received the arguments {list(call.kwarg_names)} under transformers "
-                f"{transformers.__version__}). Call the model with use_cache=True or past_key_values=DynamicCache()."
+                f"{transformers.__version__}). Call the model with use_cache=True or cache=DynamicCache() "
+                "(past_key_values= before transformers 5.24)."
             )
         raise RuntimeError(
             f"{who} compressed nothing in a prefill of {call.length} tokens (transformers {transformers.__version__})"

@@ -6,6 +6,15 @@ from __future__ import annotations
 import pytest
 
 
+def require_usable_kvpress() -> None:
+    """Skip unless kvpress is installed and supports the installed transformers (kvpress 0.5.5: < 5.3)."""
+    pytest.importorskip("kvpress")
+    from quickmerge.eval.text_methods import kvpress_incompatibility
+
+    if kvpress_incompatibility() is not None:
+        pytest.skip(kvpress_incompatibility())
+
+
 def save_tiny_lm(path) -> str:
     transformers = pytest.importorskip("transformers")
     tokenizers = pytest.importorskip("tokenizers")

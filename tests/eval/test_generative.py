@@ -15,6 +15,7 @@ from quickmerge.ar.model import build_ar_model, save_ar_model
 from quickmerge.ar.tokenizer import PatchCodebook
 from quickmerge.cli import main
 from quickmerge.data.fashion_mnist import data_dir
+from tests.eval.conftest import require_usable_kvpress
 
 TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
         "intermediate_size": 64}
@@ -113,7 +114,7 @@ def test_greedy_generation_under_no_compression_equals_the_argmax_loop(tmp_path)
 
 def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     cv2 = pytest.importorskip("cv2")
-    pytest.importorskip("kvpress")
+    require_usable_kvpress()
     from quickmerge.ar.formats import VIDEO
 
     gen = torch.Generator().manual_seed(0)
