@@ -2,8 +2,8 @@
 # One-command set-up and entry point for quickmerge on a fresh Debian/Ubuntu machine.
 #
 #   ./run.sh demo [args]   the main job: a real LM answering from a QuickMerge++-merged context
-#   ./run.sh test [args]   ruff + the test suite, then the integration tests again under the newest
-#                          transformers release (a second environment, .venv-newest)
+#   ./run.sh test [args]   ruff + the test suite, then the suite again under the newest transformers
+#                          and its dependencies (a second environment, .venv-newest)
 #   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
 #   ./run.sh eval {text|vision} [args], ./run.sh visualize [args], ./run.sh train vision [args]
 #
@@ -110,13 +110,13 @@ setup_venv() {
     echo "$want" > "$STAMP"
 }
 
-setup_newest() {  # .venv plus the newest transformers on the index, shadowing the pinned one
+setup_newest() {  # .venv plus the newest transformers and its dependencies (huggingface_hub, tokenizers, ...)
     [ -x "$NEWEST/bin/python" ] || python3 -m venv "$NEWEST"
     local base site
     base=$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')
     site=$("$NEWEST/bin/python" -c 'import site; print(site.getsitepackages()[0])')
     echo "import site; site.addsitedir('$base')" > "$site/zz_quickmerge_base.pth"
-    "$NEWEST/bin/python" -m pip install -q --upgrade transformers 2>&1 | grep -v "dependency conflicts\|kvpress\|resolver" >&2 || true
+    "$NEWEST/bin/python" -m pip install -q --upgrade --upgrade-strategy eager transformers 2>&1 | grep -v "dependency conflicts\|kvpress\|resolver" >&2 || true
     "$NEWEST/bin/python" -c 'import transformers; print(f"[run.sh] newest transformers: {transformers.__version__}")' >&2
 }
 
@@ -129,9 +129,7 @@ case "$cmd" in
         "$VENV/bin/ruff" check .
         "$VENV/bin/python" -m pytest "$@"
         setup_newest
-        exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider tests/text/test_kv_press.py tests/text/test_attention.py tests/text/test_input_press.py \
-            tests/text/test_press_fuzz.py tests/text/test_replay.py tests/text/test_scoring.py tests/text/test_cache_keyword.py \
-            tests/eval/test_memory_saved.py tests/vision/adapters tests/test_readme.py "$@" ;;
+        exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider "$@" ;;
     bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
     eval|visualize|train) exec "$VENV/bin/quickmerge" "$cmd" "$@" ;;
 esac

@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import QuickMergeInputPress  # noqa: E402
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
 MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "gemma3") for a in ("eager", "sdpa")]
@@ -16,10 +17,10 @@ def _run(model, press, ids, cont, cache=None, inside=True):
     cache = transformers.DynamicCache() if cache is None else cache
     with torch.no_grad():
         with press(model):
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(model, cache))
             if inside:
-                return model(cont, past_key_values=cache).logits, cache
-        return model(cont, past_key_values=cache).logits, cache
+                return model(cont, **cache_kwargs(model, cache)).logits, cache
+        return model(cont, **cache_kwargs(model, cache)).logits, cache
 
 
 @pytest.mark.parametrize("kind,attn", MODELS)
@@ -79,7 +80,7 @@ def _by_hand(model, ids, merged, merged_pos, layer, cont, windows=True):
         kv_pos[i] = pos.tolist()
         window = _window(model, i) if windows else None
         h = block(h, attention_mask=_brute_mask(pos.tolist(), kv_pos[i], window), position_ids=pos[None],
-                  past_key_values=cache, use_cache=True, position_embeddings=_rope(model, i, h, pos))
+                  **cache_kwargs(block, cache), use_cache=True, position_embeddings=_rope(model, i, h, pos))
         h = h[0] if isinstance(h, tuple) else h
     new = torch.arange(n, n + cont.shape[1])
     h = model.model.embed_tokens(cont)
@@ -87,7 +88,7 @@ def _by_hand(model, ids, merged, merged_pos, layer, cont, windows=True):
         kv_pos[i] += new.tolist()
         window = _window(model, i) if windows else None
         h = block(h, attention_mask=_brute_mask(new.tolist(), kv_pos[i], window), position_ids=new[None],
-                  past_key_values=cache, use_cache=True, position_embeddings=_rope(model, i, h, new))
+                  **cache_kwargs(block, cache), use_cache=True, position_embeddings=_rope(model, i, h, new))
         h = h[0] if isinstance(h, tuple) else h
     return model.model.norm(h)
 
@@ -110,9 +111,9 @@ def test_prefill_and_decoding_equal_a_reference_run_by_hand(kind, time_period, w
     cache = transformers.DynamicCache(config=model.config) if with_config else transformers.DynamicCache()
     with torch.no_grad(), press(model):
         handle = model.model.layers[0].register_forward_hook(capture, with_kwargs=True)
-        model.model(ids, past_key_values=cache)
+        model.model(ids, **cache_kwargs(model, cache))
         handle.remove()
-        ours = model.model(cont, past_key_values=cache).last_hidden_state
+        ours = model.model(cont, **cache_kwargs(model, cache)).last_hidden_state
     reference = _by_hand(model, ids, captured["merged"], captured["positions"], 0, cont)
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
     assert (captured["positions"].diff() > 0).all() and int(captured["positions"][-1]) == 39
@@ -126,10 +127,10 @@ def test_a_second_prompt_behaves_like_a_fresh_press():
     first, second, cont = torch.randint(0, 97, (1, 40)), torch.randint(0, 97, (1, 26)), torch.randint(0, 97, (1, 4))
     press = QuickMergeInputPress(0.5, layer=0)
     with torch.no_grad(), press(model):
-        model(first, past_key_values=transformers.DynamicCache())
+        model(first, **cache_kwargs(model, transformers.DynamicCache()))
         cache = transformers.DynamicCache()
-        model(second, past_key_values=cache)
-        reused = model(cont, past_key_values=cache).logits
+        model(second, **cache_kwargs(model, cache))
+        reused = model(cont, **cache_kwargs(model, cache)).logits
     fresh, _ = _run(model, QuickMergeInputPress(0.5, layer=0), second, cont)
     assert torch.equal(reused, fresh) and press.original_length == 26
 
@@ -142,15 +143,15 @@ def test_generate_inside_equals_a_greedy_loop_and_outside_refuses_several_tokens
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
         cache, tokens = transformers.DynamicCache(), ids
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache).logits
+            logits = model(ids, **cache_kwargs(model, cache)).logits
             for _ in range(5):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 tokens = torch.cat([tokens, nxt], 1)
-                logits = model(nxt, past_key_values=cache).logits
+                logits = model(nxt, **cache_kwargs(model, cache)).logits
     assert torch.equal(out, tokens)
     for tokens in (3, 1):  # sliding upper layers need the press's masks even for one token
         with torch.no_grad(), pytest.raises(RuntimeError, match="decode inside `with press"):
-            model(torch.randint(0, 97, (1, tokens)), past_key_values=cache)
+            model(torch.randint(0, 97, (1, tokens)), **cache_kwargs(model, cache))
 
 
 def test_one_token_at_a_time_outside_works_on_full_attention_layers():
@@ -160,7 +161,7 @@ def test_one_token_at_a_time_outside_works_on_full_attention_layers():
     outside, cache = _run(model, QuickMergeInputPress(0.5, layer=0), ids, cont, inside=False)
     assert torch.allclose(inside, outside, atol=1e-5)
     with torch.no_grad(), pytest.raises(RuntimeError, match="QuickMergeInputPress"):
-        model(torch.randint(0, 97, (1, 2)), past_key_values=cache)
+        model(torch.randint(0, 97, (1, 2)), **cache_kwargs(model, cache))
 
 
 def test_errors():
@@ -207,9 +208,9 @@ def test_merging_the_embeddings_before_the_first_layer_equals_a_reference_run_by
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
         handle = model.model.layers[0].register_forward_pre_hook(capture, with_kwargs=True)
-        model.model(ids, past_key_values=cache)
+        model.model(ids, **cache_kwargs(model, cache))
         handle.remove()
-        ours = model.model(cont, past_key_values=cache).last_hidden_state
+        ours = model.model(cont, **cache_kwargs(model, cache)).last_hidden_state
     assert captured["merged"].shape[1] == 30 and [layer.keys.shape[2] for layer in cache.layers] == [35, 35, 35]
     reference = _by_hand(model, ids, captured["merged"], captured["positions"], -1, cont)
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()

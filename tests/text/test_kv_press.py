@@ -11,6 +11,7 @@ from quickmerge.text import (  # noqa: E402
     RandomEvictionPress,
     ToMeKVPress,
 )
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import COMMON, duplicated_cache, one_at_a_time, tiny  # noqa: E402
 
 
@@ -26,13 +27,13 @@ def _prefill_then_score(model, press, ids, cont, inside=True):
     positions = torch.arange(ids.shape[1], ids.shape[1] + cont.shape[1])[None].expand(ids.shape[0], -1)
     with torch.no_grad():
         if press is None:
-            model(ids, past_key_values=cache)
-            return model(cont, past_key_values=cache, position_ids=positions).logits, cache
+            model(ids, **cache_kwargs(model, cache))
+            return model(cont, **cache_kwargs(model, cache), position_ids=positions).logits, cache
         with press(model):
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(model, cache))
             if inside:
-                return model(cont, past_key_values=cache, position_ids=positions).logits, cache
-        return model(cont, past_key_values=cache, position_ids=positions).logits, cache
+                return model(cont, **cache_kwargs(model, cache), position_ids=positions).logits, cache
+        return model(cont, **cache_kwargs(model, cache), position_ids=positions).logits, cache
 
 
 @pytest.mark.parametrize("kind,attn", MODELS)
@@ -76,8 +77,8 @@ def test_proportional_attention_changes_decoding_and_positions_continue():
     press = QuickMergePress(0.5, window=4)
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
-        implicit = model(cont, past_key_values=cache).logits
+        model(ids, **cache_kwargs(model, cache))
+        implicit = model(cont, **cache_kwargs(model, cache)).logits
     assert torch.allclose(implicit, with_bias, atol=1e-5)
 
 
@@ -130,8 +131,8 @@ def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
     # Without positions, tokens decoded inside the press are placed after the original prompt.
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
-        implicit = model(cont, past_key_values=cache).logits
+        model(ids, **cache_kwargs(model, cache))
+        implicit = model(cont, **cache_kwargs(model, cache)).logits
     assert torch.allclose(implicit, logits, atol=1e-5)
     with torch.no_grad():
         assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, 30:], reference)
@@ -172,18 +173,18 @@ def test_decoding_inside_equals_an_unpatched_model_on_the_duplicated_cache(kind,
     ids, cont = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 5))
     cache = transformers.DynamicCache()
     with torch.no_grad(), press_cls(compression_ratio=0.5)(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         reference_cache = duplicated_cache(cache)
-        merged = model(cont, past_key_values=cache).logits  # no position_ids: the cache knows them
+        merged = model(cont, **cache_kwargs(model, cache)).logits  # no position_ids: the cache knows them
     with torch.no_grad():
-        reference = model(cont, past_key_values=reference_cache).logits
+        reference = model(cont, **cache_kwargs(model, reference_cache)).logits
     assert torch.allclose(merged, reference, atol=1e-5), (merged - reference).abs().max()
     # and the oracle is not trivial: without proportional attention the logits differ
     if press_cls is QuickMergePress:
         cache = transformers.DynamicCache()
         with torch.no_grad(), QuickMergePress(0.5, proportional=False)(model):
-            model(ids, past_key_values=cache)
-            plain = model(cont, past_key_values=cache).logits
+            model(ids, **cache_kwargs(model, cache))
+            plain = model(cont, **cache_kwargs(model, cache)).logits
         assert not torch.allclose(plain, reference, atol=1e-4)
 
 
@@ -201,12 +202,12 @@ def test_several_tokens_in_one_call_equal_one_at_a_time(kind, inside, press_cls)
         cache = transformers.DynamicCache()
         with torch.no_grad():
             with press(model):
-                model(ids, past_key_values=cache)
+                model(ids, **cache_kwargs(model, cache))
                 if inside:
-                    results.append(model(cont, past_key_values=cache).logits if at_once
+                    results.append(model(cont, **cache_kwargs(model, cache)).logits if at_once
                                    else one_at_a_time(model, cont, cache))
             if not inside:
-                results.append(model(cont, past_key_values=cache).logits if at_once
+                results.append(model(cont, **cache_kwargs(model, cache)).logits if at_once
                                else one_at_a_time(model, cont, cache))
     assert torch.allclose(results[0], results[1], atol=1e-5), (results[0] - results[1]).abs().max()
 
@@ -217,16 +218,16 @@ def test_positions_continue_from_the_prompt_without_the_press():
     cache = transformers.DynamicCache()
     with torch.no_grad():
         with RandomEvictionPress(0.5)(model):
-            model(ids, past_key_values=cache)
-        implicit = model(cont, past_key_values=cache).logits
+            model(ids, **cache_kwargs(model, cache))
+        implicit = model(cont, **cache_kwargs(model, cache)).logits
         cache_copy = cache  # same entries; now with explicit positions
     assert cache.get_seq_length() == 34 and cache.layers[0].keys.shape[2] == 15 + 4
     del cache_copy
     cache = transformers.DynamicCache()
     with torch.no_grad():
         with RandomEvictionPress(0.5)(model):
-            model(ids, past_key_values=cache)
-        explicit = model(cont, past_key_values=cache, position_ids=torch.arange(30, 34)[None]).logits
+            model(ids, **cache_kwargs(model, cache))
+        explicit = model(cont, **cache_kwargs(model, cache), position_ids=torch.arange(30, 34)[None]).logits
     assert torch.allclose(implicit, explicit, atol=1e-6)
 
 
@@ -240,17 +241,17 @@ def test_a_second_prompt_in_the_same_block_behaves_like_a_fresh_press(press_cls)
     cont = torch.randint(0, 97, (2, 5))
     press = press_cls(compression_ratio=0.5)
     with torch.no_grad(), press(model):
-        model(first, past_key_values=transformers.DynamicCache())
-        model(cont, past_key_values=transformers.DynamicCache())  # a stray call on another cache
+        model(first, **cache_kwargs(model, transformers.DynamicCache()))
+        model(cont, **cache_kwargs(model, transformers.DynamicCache()))  # a stray call on another cache
         cache = transformers.DynamicCache()
-        model(second, past_key_values=cache)
-        reused = model(cont, past_key_values=cache).logits
+        model(second, **cache_kwargs(model, cache))
+        reused = model(cont, **cache_kwargs(model, cache)).logits
         lengths = (press.original_length, press.compressed_length)
     fresh_press = press_cls(compression_ratio=0.5)
     cache = transformers.DynamicCache()
     with torch.no_grad(), fresh_press(model):
-        model(second, past_key_values=cache)
-        fresh = model(cont, past_key_values=cache).logits
+        model(second, **cache_kwargs(model, cache))
+        fresh = model(cont, **cache_kwargs(model, cache)).logits
     assert torch.equal(reused, fresh) and lengths == (24, 12)
 
 
@@ -275,11 +276,11 @@ def test_generate_inside_equals_a_greedy_loop_inside():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         cache, tokens = transformers.DynamicCache(), ids
         with torch.no_grad():
-            logits = model(ids, past_key_values=cache).logits
+            logits = model(ids, **cache_kwargs(model, cache)).logits
             for _ in range(6):
                 nxt = logits[:, -1].argmax(-1, keepdim=True)
                 tokens = torch.cat([tokens, nxt], 1)
-                logits = model(nxt, past_key_values=cache).logits
+                logits = model(nxt, **cache_kwargs(model, cache)).logits
     assert torch.equal(out, tokens)
 
 
@@ -293,11 +294,11 @@ def test_caches_that_cannot_be_shortened_in_place_raise():
     ids = torch.randint(0, 97, (1, 20))
     static = transformers.StaticCache(config=model.config, max_cache_len=64)
     with pytest.raises(UnsupportedCacheError, match="StaticLayer"), QuickMergePress(0.5)(model), torch.no_grad():
-        model(ids, past_key_values=static)
+        model(ids, **cache_kwargs(model, static))
     offloaded = transformers.DynamicCache()
     offloaded.offloading = True  # DynamicCache(offloading=True) itself needs a GPU
     with pytest.raises(UnsupportedCacheError, match="offload"), QuickMergePress(0.5)(model), torch.no_grad():
-        model(ids, past_key_values=offloaded)
+        model(ids, **cache_kwargs(model, offloaded))
 
 
 @pytest.mark.parametrize("implementation", ["flash_attention_2", "flex_attention"])
@@ -305,13 +306,13 @@ def test_attention_without_float_masks_refuses_proportional_attention(implementa
     model = tiny("llama")
     model.config._attn_implementation_internal = implementation  # the check runs before any attention
     with pytest.raises(ValueError, match=implementation), QuickMergePress(0.5)(model), torch.no_grad():
-        model(torch.randint(0, 97, (1, 20)), past_key_values=transformers.DynamicCache())
+        model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
 
 
 def test_every_layer_sliding_raises_instead_of_compressing_nothing():
     model = tiny("mistral", sliding_window=16)
     with pytest.raises(RuntimeError, match="sliding-window"), QuickMergePress(0.5)(model), torch.no_grad():
-        model(torch.randint(0, 97, (1, 30)), past_key_values=transformers.DynamicCache())
+        model(torch.randint(0, 97, (1, 30)), **cache_kwargs(model, transformers.DynamicCache()))
 
 
 def test_a_prefill_without_cache_raises():
@@ -320,7 +321,7 @@ def test_a_prefill_without_cache_raises():
         model(torch.randint(0, 97, (1, 30)), use_cache=False)
     # nothing to compress is fine: a one-token prompt at ratio 0.5 keeps its token
     with QuickMergePress(0.5)(model), torch.no_grad():
-        model(torch.randint(0, 97, (1, 1)), past_key_values=transformers.DynamicCache())
+        model(torch.randint(0, 97, (1, 1)), **cache_kwargs(model, transformers.DynamicCache()))
 
 
 def test_hooks_are_removed_when_the_block_raises():
@@ -346,9 +347,9 @@ def test_budgets_alignment_and_replay_keep_the_total_and_decode_like_the_plain_m
     press = QuickMergePress(0.5, window=8, **options)
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         reference_cache = duplicated_cache(cache)
-        merged = model(cont, past_key_values=cache).logits
+        merged = model(cont, **cache_kwargs(model, cache)).logits
     lengths = [layer.keys.shape[2] for layer in cache.layers]
     assert sum(lengths) == 4 * (20 + 5) and press.achieved_ratio == pytest.approx(0.5)
     if options.get("budget") == "entropy":  # the focused layer gives entries to the diffuse ones
@@ -356,7 +357,7 @@ def test_budgets_alignment_and_replay_keep_the_total_and_decode_like_the_plain_m
     elif options.get("budget") == "replay":
         assert len(set(lengths)) > 1
     with torch.no_grad():  # without the bias each entry appears once: positions must be given
-        reference = torch.cat([model(cont[:, t : t + 1], past_key_values=reference_cache,
+        reference = torch.cat([model(cont[:, t : t + 1], **cache_kwargs(model, reference_cache),
                                      position_ids=torch.full((2, 1), 40 + t)).logits for t in range(5)], 1)
     assert torch.allclose(merged, reference, atol=1e-4)
 
@@ -382,11 +383,11 @@ def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
     q = tokenizer(question + "\n", return_tensors="pt", add_special_tokens=False).input_ids
     cache, out = transformers.DynamicCache(), []
     with torch.no_grad(), QuickMergePress(0.5, window=8)(model):
-        model.model(ids, past_key_values=cache)
-        logits = model(q, past_key_values=cache).logits
+        model.model(ids, **cache_kwargs(model, cache))
+        logits = model(q, **cache_kwargs(model, cache)).logits
         for _ in range(8):
             out.append(int(logits[0, -1].argmax()))
-            logits = model(torch.tensor([[out[-1]]]), past_key_values=cache).logits
+            logits = model(torch.tensor([[out[-1]]]), **cache_kwargs(model, cache)).logits
     assert piped == tokenizer.decode(out, skip_special_tokens=True)
     with pytest.raises(TypeError, match="quickmerge press"):
         for_kvpress_pipeline("not a press")

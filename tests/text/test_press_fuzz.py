@@ -12,6 +12,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from quickmerge.text import QuickMergePress, RandomEvictionPress, ToMeKVPress  # noqa: E402
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import sliding_window_of  # noqa: E402
 from tests.text.tiny import duplicated_cache, tiny  # noqa: E402
 
@@ -59,12 +60,12 @@ def test_press_keeps_lengths_exactness_and_restores(kind, attn, context, ratio, 
         cache = transformers.DynamicCache()
         with torch.no_grad():
             with press(model):
-                model(ids, past_key_values=cache)
+                model(ids, **cache_kwargs(model, cache))
                 oracle = duplicated_cache(cache) if press_name != "random" else None
                 if decode == "inside":
-                    logits = model(cont, past_key_values=cache).logits
+                    logits = model(cont, **cache_kwargs(model, cache)).logits
             if decode == "outside":
-                logits = model(cont, past_key_values=cache).logits
+                logits = model(cont, **cache_kwargs(model, cache)).logits
         kept = max(1, int(context * (1 - ratio)))
         for layer, block in zip(cache.layers, model.model.layers, strict=True):
             full = sliding_window_of(block.self_attn) is None
@@ -74,7 +75,7 @@ def test_press_keeps_lengths_exactness_and_restores(kind, attn, context, ratio, 
             assert torch.allclose(logits, unpatched, atol=1e-4)
         if oracle is not None and decode == "inside":
             with torch.no_grad():
-                assert torch.allclose(logits, model(cont, past_key_values=oracle).logits, atol=1e-4)
+                assert torch.allclose(logits, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-4)
     assert _no_hooks(model)
     with torch.no_grad():
         assert torch.equal(model(torch.cat([ids, cont], 1)).logits[:, context:], unpatched)

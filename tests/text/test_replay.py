@@ -6,6 +6,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import QuickMergePress  # noqa: E402
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.replay import replay_attention  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
@@ -31,7 +32,7 @@ def test_replay_attention_equals_a_per_query_reference(h, hkv, chunk):
 def _prefill(model, press, ids):
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     return cache
 
 
@@ -42,7 +43,7 @@ def test_replay_leaves_only_prompt_entries_in_the_cache():
     ids = torch.randint(0, 97, (1, 40))
     full = transformers.DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=full)
+        model(ids, **cache_kwargs(model, full))
     press = QuickMergePress(0.5, scoring="replay", proportional=False, epsilon=1e-9)
     cache = _prefill(model, press, ids)
     assert press.achieved_ratio == pytest.approx(0.5)
@@ -62,7 +63,7 @@ def test_replay_keeps_the_recent_entries(heads):
     ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
     full = transformers.DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=full)
+        model(ids, **cache_kwargs(model, full))
     options = dict(scoring="replay", proportional=False, epsilon=1e-9)
     if heads:
         options.update(budget="replay", head_budgets=True)
@@ -97,7 +98,7 @@ def test_replay_prefix_is_read_before_the_prompt():
     with pytest.raises(ValueError, match="replay_prefix"), torch.no_grad():
         press = QuickMergePress(0.5, scoring="replay", replay_prefix=(5,))
         with press(model):
-            model(inputs_embeds=model.model.embed_tokens(ids), past_key_values=transformers.DynamicCache())
+            model(inputs_embeds=model.model.embed_tokens(ids), **cache_kwargs(model, transformers.DynamicCache()))
 
 
 @pytest.mark.parametrize("heads", [False, True])
@@ -108,17 +109,17 @@ def test_replay_on_gemma3_scores_the_global_layers_and_restores_the_sliding_ones
     ids, cont = torch.randint(0, 97, (1, 30)), torch.randint(0, 97, (1, 5))
     plain = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=plain)
+        model(ids, **cache_kwargs(model, plain))
     press = QuickMergePress(0.5, scoring="replay", budget="replay", head_budgets=heads)
     cache, again = transformers.DynamicCache(config=model.config), transformers.DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         for layer, reference in zip(cache.layers, plain.layers, strict=True):
             if layer.is_sliding:
                 assert torch.equal(layer.keys, reference.keys)
-        at_once = model(cont, past_key_values=cache).logits
-        model(ids, past_key_values=again)
-        steps = torch.cat([model(cont[:, t : t + 1], past_key_values=again).logits for t in range(5)], 1)
+        at_once = model(cont, **cache_kwargs(model, cache)).logits
+        model(ids, **cache_kwargs(model, again))
+        steps = torch.cat([model(cont[:, t : t + 1], **cache_kwargs(model, again)).logits for t in range(5)], 1)
     assert press.achieved_ratio == pytest.approx(0.5)
     assert torch.allclose(at_once, steps, atol=1e-5)
 
@@ -158,9 +159,9 @@ def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(proportiona
         press = _EvenSplit(0.5, scoring="replay", head_budgets=heads, proportional=proportional)
         cache = transformers.DynamicCache()
         with torch.no_grad(), press(model):
-            model(ids, past_key_values=cache)
+            model(ids, **cache_kwargs(model, cache))
             shapes = [tuple(layer.keys.shape) for layer in cache.layers]
-            logits.append(model(cont, past_key_values=cache).logits)
+            logits.append(model(cont, **cache_kwargs(model, cache)).logits)
         assert shapes == [(2, 1, 40, 16)] * 3 if heads else [(2, 2, 20, 16)] * 3
     assert torch.allclose(logits[0], logits[1], atol=1e-5), (logits[0] - logits[1]).abs().max()
 
@@ -173,26 +174,26 @@ def test_flat_layout_keeps_equal_memory_positions_and_decodes_consistently():
     press = QuickMergePress(0.5, scoring="replay", budget="replay", head_budgets=True)
     cache, again = transformers.DynamicCache(), transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
         entries = [layer.keys.shape[2] for layer in cache.layers]
         owners = [torch.isfinite(layer.log_sizes[0, ::2, 0]).sum(-1) for layer in cache.layers]  # per KV head
-        at_once = model(cont, past_key_values=cache).logits
-        model(ids, past_key_values=again)
-        steps = torch.cat([model(cont[:, t : t + 1], past_key_values=again).logits for t in range(6)], 1)
+        at_once = model(cont, **cache_kwargs(model, cache)).logits
+        model(ids, **cache_kwargs(model, again))
+        steps = torch.cat([model(cont[:, t : t + 1], **cache_kwargs(model, again)).logits for t in range(6)], 1)
     assert sum(entries) == 4 * 2 * 20 and press.achieved_ratio == pytest.approx(0.5)  # = the rectangle's memory
     assert len({tuple(o.tolist()) for o in owners}) > 1  # the heads' shares differ between layers
     assert all(int(o.sum()) == e for o, e in zip(owners, entries, strict=True))
     assert cache.get_seq_length() == 46 and cache.layers[1].keys.shape[2] == entries[1] + 2 * 6
     assert torch.allclose(at_once, steps, atol=1e-5)
     with pytest.raises(RuntimeError, match="inside"), torch.no_grad():  # outside the press: refused, not wrong
-        model(cont, past_key_values=cache)
+        model(cont, **cache_kwargs(model, cache))
 
 
 def test_flat_layout_needs_sdpa_and_replay_scores():
     with pytest.raises(ValueError, match="sdpa"), torch.no_grad():
         model = tiny("llama", "eager")
         with QuickMergePress(0.5, scoring="replay", head_budgets=True)(model):
-            model(torch.randint(0, 97, (1, 20)), past_key_values=transformers.DynamicCache())
+            model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
     with pytest.raises(ValueError, match="head_budgets"):
         QuickMergePress(0.5, head_budgets=True)
 
@@ -241,7 +242,7 @@ def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     for handle in handles:
         handle.remove()
     for i, layer in enumerate(cache.layers):
@@ -271,7 +272,7 @@ def test_leverage_reserve_keeps_the_highest_leverage_keys(heads):
 
     handles = [layer.self_attn.register_forward_pre_hook(keep, with_kwargs=True) for layer in model.model.layers]
     with torch.no_grad():
-        model(ids, past_key_values=full)
+        model(ids, **cache_kwargs(model, full))
     for handle in handles:
         handle.remove()
     reserved = int(0.5 * 20)

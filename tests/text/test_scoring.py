@@ -7,6 +7,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import QuickMergePress  # noqa: E402
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
 
@@ -31,12 +32,12 @@ def test_prompt_scoring_keeps_the_entries_the_model_attends_to(kind, salient):
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
     full = transformers.DynamicCache()
     with torch.no_grad():
-        attentions = model(ids, past_key_values=full, output_attentions=True).attentions
+        attentions = model(ids, **cache_kwargs(model, full), output_attentions=True).attentions
     press = QuickMergePress(0.5, scoring="prompt", salient=salient, kernel_size=1, proportional=False,
                             epsilon=1e-9)
     cache = transformers.DynamicCache()
     with torch.no_grad(), press(model):
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     for layer, (merged, plain) in enumerate(zip(cache.layers, full.layers, strict=True)):
         hkv = plain.keys.shape[1]
         want = _reference_kept(attentions[layer][0].float(), 15, salient, hkv)

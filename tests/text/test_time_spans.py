@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from quickmerge.text import QuickMergePress
+from quickmerge.text.cache import cache_kwargs
 
 
 def test_time_spans_group_one_location_across_consecutive_frames():
@@ -77,6 +78,6 @@ def test_novelty_scores_run_end_to_end_on_a_model():
     cache = transformers.DynamicCache()
     press = QuickMergePress(compression_ratio=0.5, novelty=1.0)
     with torch.no_grad(), press(model):
-        model.model(ids, past_key_values=cache)
-        logits = model(torch.randint(0, 97, (1, 3)), past_key_values=cache).logits
+        model.model(ids, **cache_kwargs(model, cache))
+        logits = model(torch.randint(0, 97, (1, 3)), **cache_kwargs(model, cache)).logits
     assert [layer.keys.shape[2] for layer in cache.layers] == [23, 23] and torch.isfinite(logits).all()

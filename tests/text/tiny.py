@@ -7,7 +7,7 @@ import copy
 import torch
 import transformers
 
-from quickmerge.text.cache import is_merged
+from quickmerge.text.cache import cache_kwargs, is_merged
 
 COMMON = dict(
     vocab_size=97,
@@ -76,4 +76,5 @@ def duplicated_cache(cache):
 @torch.no_grad()
 def one_at_a_time(model, ids, cache, **kwargs):
     """Logits of ``ids [B, T]`` decoded one token per call (each call trivially sees the whole cache)."""
-    return torch.cat([model(ids[:, t : t + 1], past_key_values=cache, **kwargs).logits for t in range(ids.shape[1])], 1)
+    steps = [model(ids[:, t : t + 1], **cache_kwargs(model, cache), **kwargs).logits for t in range(ids.shape[1])]
+    return torch.cat(steps, 1)
