@@ -101,11 +101,21 @@ def load_causal_lm(name: str = "smollm2-135m", *, dtype: torch.dtype = torch.flo
 
     converted = built_dir(path, convert, what, _CONVERSION)
     try:
-        return auto_model.from_pretrained(converted, dtype=dtype).eval(), auto_tok.from_pretrained(converted)
+        return auto_model.from_pretrained(converted, dtype=dtype).eval(), _converted_tokenizer(transformers, converted)
     except Exception:  # damaged in a way the file sizes do not show: convert once more
         discard(converted, what, "cannot be loaded")
         converted = built_dir(path, convert, what, _CONVERSION)
-        return auto_model.from_pretrained(converted, dtype=dtype).eval(), auto_tok.from_pretrained(converted)
+        return auto_model.from_pretrained(converted, dtype=dtype).eval(), _converted_tokenizer(transformers, converted)
+
+
+def _converted_tokenizer(transformers: Any, directory: Path) -> Any:
+    """The saved ``tokenizer.json`` exactly as written, through transformers' generic tokenizers class.
+
+    Not ``AutoTokenizer``: the GGUF conversion records ``CodeLlamaTokenizer`` as SmolLM2's class, which
+    transformers 5.2 ignores and 5.24 builds, with its own pre-tokenizer in place of the file's byte-level
+    one (every word became ``<|endoftext|>`` plus characters; perplexity 129,552 instead of 9.0). BPE
+    decoding without the WordPiece clean-up, which 5.24 refuses for BPE and 5.2 applied."""
+    return transformers.PreTrainedTokenizerFast.from_pretrained(directory, clean_up_tokenization_spaces=False)
 
 
 def _convert(name: str, spec: PackagedModel, out: Path, auto_model: Any, auto_tok: Any) -> None:

@@ -16,6 +16,16 @@ from quickmerge.pretrained.causal_lm import load_causal_lm
 from quickmerge.text import QuickMergePress
 
 
+def test_the_packaged_tokenizer_splits_text_into_the_vocabulary_s_words():
+    # transformers 5.24 built the converted copy's recorded CodeLlamaTokenizer, not its tokenizer.json: every
+    # word became the unknown token plus characters, and the model's perplexity 129,552
+    _, tokenizer = load_causal_lm()
+    text = "Anarchism is a political philosophy and movement that is skeptical of all justifications for authority."
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.unk_token_id not in ids and len(ids) < len(text.split()) * 2
+
+
 def test_real_model_merged_context_keeps_perplexity_and_runs_in_kvpress_pipeline():
     torch.set_num_threads(2)
     model, tokenizer = load_causal_lm()
@@ -25,6 +35,7 @@ def test_real_model_merged_context_keeps_perplexity_and_runs_in_kvpress_pipeline
     ratios = []
     for example in examples:
         base = score_example(model, example, 256, None, none)
+        assert torch.tensor(base["nll"]).exp() < 40  # a language model: 21 and 28 on these two windows
         merged = score_example(model, example, 256, ours.make(0.5), ours)
         assert merged["achieved_ratio"] == pytest.approx(0.5)
         ratios.append(torch.tensor(merged["nll"] - base["nll"]).exp().item())
