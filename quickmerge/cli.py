@@ -29,8 +29,12 @@ FINETUNE_EMA = 0.99  # an EMA that forgets the starting weights within the epoch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="quickmerge", description="QuickMerge++ token merging for transformers.")
+    parser.add_argument("--version", action="version", version=f"quickmerge {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("env", help="installed versions of every extra, and whether kvpress's presses can run here")
     demo = sub.add_parser("demo", help="a real causal LM answering from a QuickMerge++-compressed context")
     demo.add_argument("--ratio", type=_compression_ratio, default=0.5, help="share of KV entries removed, in (0, 1)")
     demo.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
@@ -151,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.command == "demo-encoder":
+    if args.command == "env":
+        from .env_report import report
+
+        print("\n".join(report()))
+    elif args.command == "demo-encoder":
         from .demos.encoder_token_groups import run as run_encoder
 
         run_encoder(args.text, args.keep)
