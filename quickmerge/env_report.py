@@ -28,6 +28,13 @@ def _version(distribution: str) -> str | None:
         return None
 
 
+def installed_versions() -> dict[str, str]:
+    """``{distribution: version}`` of every installed package of :data:`EXTRAS` (recorded in result JSONs:
+    the same command can give other numbers under another transformers, as 5.24's tokenizer change did)."""
+    found = {name: _version(name) for _, distributions in EXTRAS for name in distributions}
+    return {name: version for name, version in found.items() if version is not None}
+
+
 def report() -> list[str]:
     """One line per package (its version, or ``not installed (pip install ...)``), then the checks."""
     from . import __version__

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed
+from ..env_report import installed_versions
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace, modality: str) -> dict:
         row["bits_per_token"] = sum(row["nll_per_example"]) / len(row["nll_per_example"]) / math.log(2)
     results["format"] = fmt.to_dict()
     results["config"] = {**vars(args), "modality": modality, "processes": ctx.world, "torch": torch.__version__,
-                         "platform": platform.platform()}
+                         "platform": platform.platform(),
+                         "versions": installed_versions()}
     source = f"clip {Path(video).name}" if video else ("test images" if modality == "image" else "held-out windows")
     title = f"AR {modality} model: {args.examples} {source} (C = {fmt.context}, T = {fmt.continuation})"
     paths = write_report(results, args.out, lambda png: plot_text_eval(results, png, title))

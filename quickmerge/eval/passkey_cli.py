@@ -8,6 +8,7 @@ import platform
 import torch
 
 from .. import distributed
+from ..env_report import installed_versions
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
             "meaning": "compressed settings ran only on the trials the uncompressed model answers; their accuracy "
                        "is the share of those answers they keep"}
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
-                         "platform": platform.platform()}
+                         "platform": platform.platform(),
+                         "versions": installed_versions()}
     shown = f"{args.trials} trials" + (f" (from number {args.first})" if args.first else "")
     title = f"{args.model}: passkey in {args.min_context}-{args.max_context} tokens, {shown}"
     if args.needle != "landmark":

@@ -8,6 +8,7 @@ import platform
 import torch
 
 from .. import distributed
+from ..env_report import installed_versions
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -84,7 +85,8 @@ def run(args: argparse.Namespace) -> dict:
     if results is None:
         return {}  # not rank 0: rank 0 writes the results
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
-                         "platform": platform.platform()}
+                         "platform": platform.platform(),
+                         "versions": installed_versions()}
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
     task = {"repeated": "windows, continuation repeated from the context",
             "repeated-later": "later-text windows, continuation repeated from the context"}.get(

@@ -11,6 +11,7 @@ import torch
 
 from .. import distributed
 from ..cli_types import positive_int
+from ..env_report import installed_versions
 from ..vision.token_merge import METHODS
 from .journal import Journal, code_fingerprint
 
@@ -130,7 +131,8 @@ def run(args: argparse.Namespace) -> dict:
         "quickmerge_per_image_vs_constant": compare_at_tome_speeds(rows, "quickmerge-per-image", "quickmerge"),
         "block_attention_perplexity": perplexity,
         "config": {**vars(args), "processes": ctx.world, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "platform": platform.platform()},
+                   "threads": torch.get_num_threads(), "platform": platform.platform(),
+                   "versions": installed_versions()},
     }
     title = f"Fashion-MNIST ViT, {len(images)} test images"
     paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))

@@ -101,7 +101,11 @@ def test_other_settings_are_refused_until_fresh(tiny_lm_dir, tmp_path):
     result = subprocess.run(changed, cwd=ROOT, env=_env(), capture_output=True, text=True)
     assert result.returncode == 2 and "--fresh" in result.stderr and "Traceback" not in result.stderr
     subprocess.run([*changed, "--fresh"], check=True, cwd=ROOT, env=_env(), capture_output=True)
-    assert json.loads(out.with_suffix(".json").read_text())["config"]["context"] == 64
+    config = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert config["context"] == 64
+    import transformers
+
+    assert config["versions"]["transformers"] == transformers.__version__  # which release gave these numbers
 
 
 def test_two_processes_under_torchrun_give_the_rows_of_one(tiny_lm_dir, uninterrupted, tmp_path):
