@@ -52,7 +52,7 @@ def report() -> list[str]:
                 rows.append((name, have))
     rows.append(("accelerator", _accelerator()))
     if _version("kvpress") is not None and _version("transformers") is not None:
-        from .eval.text_methods import kvpress_incompatibility
+        from ._optional import kvpress_incompatibility
 
         why = kvpress_incompatibility()
         rows.append(("kvpress presses", "run here" if why is None else f"refused: {why}"))

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import warnings
 from collections.abc import Iterator
 from typing import Any
 
+from .._optional import kvpress_incompatibility
 from ..errors import IncompatibleExtraError, MissingExtraError
 from ..text import QuickMergeInputPress, QuickMergePress, RandomEvictionPress, ToMeKVPress
 from .text import Method
@@ -120,30 +120,6 @@ KVPRESS = [
 def kvpress_available() -> bool:
     """Whether kvpress is installed (it may still not run: :func:`kvpress_incompatibility`)."""
     return importlib.util.find_spec("kvpress") is not None
-
-
-@functools.cache
-def kvpress_incompatibility() -> str | None:
-    """Why the installed kvpress cannot run beside the installed transformers, or None.
-
-    kvpress declares the transformers releases it supports; outside them its presses fail inside the
-    forward pass (kvpress 0.5.5 under transformers 5.24: ``KeyError: 'past_key_values'``, the decoder
-    layers pass ``cache=`` there), so they are refused before any work."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-
-    for line in metadata.requires("kvpress") or []:
-        requirement = Requirement(line)
-        if requirement.name != "transformers" or requirement.marker is not None:
-            continue
-        have = metadata.version("transformers")
-        if requirement.specifier.contains(have, prereleases=True):
-            return None
-        return (f"kvpress {metadata.version('kvpress')} supports transformers {requirement.specifier}, and "
-                f"transformers {have} is installed: compare against kvpress in an environment with "
-                f"pip install 'transformers{requirement.specifier}' (quickmerge's own presses run on both)")
-    return None
 
 
 def kvpress_usable() -> bool:

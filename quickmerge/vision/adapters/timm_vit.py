@@ -1,4 +1,4 @@
-"""timm ``VisionTransformer`` adapter (timm 1.0.x).
+"""timm ``VisionTransformer`` adapter (timm 1.0.16 and later: ``Attention.forward`` takes ``attn_mask``).
 
 timm's ``Block.forward`` is ``x = x + drop_path1(ls1(attn(norm1(x))))`` then
 ``x = x + drop_path2(ls2(mlp(norm2(x))))``. Hooks sit between those pieces, so LayerScale,
@@ -12,6 +12,7 @@ qk-norm and fused SDPA are the model's own code:
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import nn
@@ -49,6 +50,12 @@ class TimmViTAdapter:
                             "drop_path2 to patch (parallel or post-norm blocks are not supported)")
         if len(found) != len(model.blocks):
             raise TypeError(f"only {len(found)} of {len(model.blocks)} blocks have the structure quickmerge hooks into")
+        if "attn_mask" not in inspect.signature(found[0].attn.forward).parameters:
+            import timm
+
+            raise TypeError(f"{type(found[0].attn).__name__}.forward of timm {timm.__version__} takes no attn_mask, "
+                            "through which proportional attention reaches the logits: quickmerge needs timm >= 1.0.16 "
+                            "(pip install -U timm)")
         return found
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:

@@ -140,6 +140,22 @@ def test_nothing_to_patch_raises():
     assert quickmerge.vision.get_handle(model) is None
 
 
+def test_an_attention_without_attn_mask_is_refused_when_patching():
+    # timm before 1.0.16: Attention.forward(x) alone; proportional attention would fail mid-forward
+    class OldAttention(timm_vit.Attention):
+        def forward(self, x):
+            return super().forward(x)
+
+    model = tiny_vit(True)
+    for block in model.blocks:
+        old = OldAttention(32, num_heads=4, qkv_bias=True)
+        old.load_state_dict(block.attn.state_dict())
+        block.attn = old
+    with pytest.raises(TypeError, match=r"takes no attn_mask.*timm >= 1\.0\.16"):
+        quickmerge.patch(model, r=2)
+    assert quickmerge.vision.get_handle(model) is None
+
+
 @pytest.mark.parametrize(
     "name,value,error",
     [
