@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -138,6 +139,18 @@ def build_method(name: str) -> Method:
     if kvpress_incompatibility() is not None:
         raise IncompatibleExtraError(f"method {name}: {kvpress_incompatibility()}")
     make, masks = _kvpress_presses()[name]
+    quiet = logging.getLogger("kvpress")  # KVzipPress warns of its cost each time one is built
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        make(0.5)  # a press is a small dataclass: built once here, a press this kvpress lacks fails before any work
+    except AttributeError as err:
+        from importlib import metadata
+
+        raise IncompatibleExtraError(f"method {name} needs a press that kvpress {metadata.version('kvpress')} does "
+                                     f"not have ({err}): pip install -U 'kvpress>=0.5.4'") from err
+    finally:
+        quiet.setLevel(level)
     return Method(name, lambda r: global_rope_default(global_layers_only(make(r))),
                   eager=name == "kvpress-observed-attention", masks=masks)
 

@@ -102,3 +102,13 @@ def test_eval_text_refuses_an_unsupported_kvpress_in_one_line_before_loading_the
                  "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "transformers 99.0.0" in err and "Traceback" not in err, err
+
+
+def test_a_press_the_installed_kvpress_lacks_is_refused_before_any_work(monkeypatch):
+    import kvpress
+
+    from quickmerge.errors import IncompatibleExtraError
+
+    monkeypatch.delattr(kvpress, "CapPress")  # kvpress 0.5.0-0.5.3 have no CapPress nor MergingPress
+    with pytest.raises(IncompatibleExtraError, match=r"kvpress-cap needs a press that kvpress .*CapPress"):
+        build_method("kvpress-cap")
