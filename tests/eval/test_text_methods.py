@@ -105,6 +105,7 @@ def test_eval_text_refuses_an_unsupported_kvpress_in_one_line_before_loading_the
 
 
 def test_a_press_the_installed_kvpress_lacks_is_refused_before_any_work(monkeypatch):
+    require_usable_kvpress()
     import kvpress
 
     from quickmerge.errors import IncompatibleExtraError
