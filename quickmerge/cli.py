@@ -7,6 +7,7 @@ import json
 import sys
 
 from .cli_types import non_negative_int, positive_float, positive_int
+from .errors import MissingDataError, MissingExtraError, UsageError
 
 
 def _keep_ratio(text: str) -> float:
@@ -141,17 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command; what is missing (an extra, data, a model package) or refused (a journal
-    written under other settings) is reported in one line, with exit status 2."""
+    """Run the command; arguments refused after parsing, what is missing (an extra, data, a model package) and
+    what is refused (a journal written under other settings) are reported in one line, as argparse reports
+    its own refusals (``quickmerge eval text: error: ...``), with exit status 2."""
     args = build_parser().parse_args(argv)
-    from .errors import MissingDataError, MissingExtraError
     from .eval.journal import ConfigMismatchError
 
     try:
         return _run(args)
-    except (MissingExtraError, MissingDataError, ConfigMismatchError) as err:
-        print(f"quickmerge: error: {err}", file=sys.stderr)
+    except (UsageError, MissingExtraError, MissingDataError, ConfigMismatchError) as err:
+        print(f"{_prog(args)}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """The command as typed, e.g. ``quickmerge eval video``."""
+    words = [getattr(args, name, None) for name in ("command", "protocol", "target")]
+    return " ".join(["quickmerge", *(w for w in words if w)])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -190,7 +197,7 @@ def _run(args: argparse.Namespace) -> int:
         from .eval.completions import run as draw_completions
 
         if not 1 <= args.examples <= 64 or not all(0 < r < 1 for r in args.ratios):
-            raise SystemExit("--examples must be in [1, 64] and --ratios in (0, 1)")
+            raise UsageError("--examples must be in [1, 64] and --ratios in (0, 1)")
         modality = args.target.removesuffix("-ar")
         if args.method is not None:
             from .eval.generative_cli import MODALITY_METHODS
@@ -198,14 +205,14 @@ def _run(args: argparse.Namespace) -> int:
 
             known = [m for m in OURS + MODALITY_METHODS[modality] if m.startswith("quickmerge")]
             if args.method not in known:
-                raise SystemExit(f"--method must be one of {', '.join(known)}; got {args.method!r}")
+                raise UsageError(f"--method must be one of {', '.join(known)}; got {args.method!r}")
         path = draw_completions(modality, model_dir=args.model, count=args.examples, ratios=args.ratios,
                                 results=args.results, out=args.out, sample=args.sample,
                                 video=getattr(args, "video", None), method=args.method)
         print(f"wrote {path}")
     elif args.command == "visualize":
         if not 1 <= args.images <= 10_000 or args.r < 0:
-            raise SystemExit("--images must be in [1, 10000] and --r >= 0")
+            raise UsageError("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
         from .pretrained.fashion_vit import load_fashion_vit
         from .vision.visualize import load_photos, visualize
@@ -234,7 +241,7 @@ def _run(args: argparse.Namespace) -> int:
                     try:
                         finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature)
                     except ValueError as err:
-                        raise SystemExit(f"quickmerge train vision --finetune: {err}") from None
+                        raise UsageError(f"--finetune: {err}") from None
                 try:
                     recipe = Recipe(
                         epochs=(1 if finetune else Recipe.epochs) if args.epochs is None else args.epochs,
@@ -245,11 +252,11 @@ def _run(args: argparse.Namespace) -> int:
                         else args.teacher_epochs,
                         warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps, seed=args.seed)
                 except ValueError as err:
-                    raise SystemExit(f"quickmerge train vision: {err}") from None
+                    raise UsageError(str(err)) from None
                 if finetune is not None and args.teacher_epochs:
-                    raise SystemExit("quickmerge train vision: --finetune uses no teacher; drop --teacher-epochs")
+                    raise UsageError("--finetune uses no teacher; drop --teacher-epochs")
                 if args.init is not None and finetune is not None:
-                    raise SystemExit("quickmerge train vision: --init and --finetune exclude each other")
+                    raise UsageError("--init and --finetune exclude each other")
                 train_vision(args.out, recipe=recipe, config=REFERENCE_CONFIG, ctx=ctx, fresh=args.fresh,
                              finetune=finetune, init=args.init)
             else:

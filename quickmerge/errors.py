@@ -13,3 +13,8 @@ class IncompatibleExtraError(MissingExtraError):
 
 class MissingDataError(FileNotFoundError):
     """A data set or model file is not where it should be; the message says how to install it."""
+
+
+class UsageError(ValueError):
+    """A command's arguments are refused before any work; ``quickmerge`` prints the message the way argparse
+    prints its own refusals (``quickmerge eval text: error: ...``) and exits with status 2."""

@@ -19,3 +19,22 @@ def naive_group_means(x: torch.Tensor, mass: torch.Tensor, assignment: torch.Ten
             w = mass[i][members].double()
             out[i, g] = (w[:, None] * x[i][members].double()).sum(0) / w.sum()
     return out
+
+
+@pytest.fixture
+def refused(capsys):
+    """``refused(argv, pattern)``: ``quickmerge argv`` exits with status 2, its last line on stderr
+    ``quickmerge <command>: error: ...`` matching the regular expression ``pattern``; returns that line."""
+    import re
+
+    from quickmerge.cli import main
+
+    def check(argv: list[str], pattern: str) -> str:
+        capsys.readouterr()
+        assert main(argv) == 2
+        line = capsys.readouterr().err.rstrip("\n").split("\n")[-1]  # after any progress bar of a model loading
+        assert re.match(r"quickmerge [a-z -]+: error: ", line), line
+        assert re.search(pattern, line), line
+        return line
+
+    return check

@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 
 from quickmerge.cli import build_parser
@@ -30,17 +32,16 @@ def test_vision_arguments_are_validated(capsys):
     assert build_parser().parse_args(["train", "vision", "--epochs", "1"]).epochs == 1
 
 
-def test_vision_r_past_what_a_block_can_merge_is_refused_before_the_data_is_read(monkeypatch):
+def test_vision_r_past_what_a_block_can_merge_is_refused_before_the_data_is_read(monkeypatch, refused):
     """r = 500 used to run as r = 98 in every block (ToMe's cap), a silent truncation."""
     pytest.importorskip("safetensors")
-    from quickmerge.cli import main
 
     def no_data(*args, **kwargs):
         raise AssertionError("data read before the arguments were checked")
 
     monkeypatch.setattr("quickmerge.data.fashion_mnist.load_fashion_mnist", no_data)
-    with pytest.raises(SystemExit, match=r"at most 98 of its 196 patch tokens.*got 500"):
-        main(["eval", "vision", "--r-values", "16", "500", "--out", "unused"])
+    refused(["eval", "vision", "--r-values", "16", "500", "--out", "unused"],
+            r"at most 98 of its 196 patch tokens.*got 500")
 
 
 def _refused(capsys, argv: list[str], flag: str) -> None:
@@ -89,14 +90,12 @@ def test_finetune_r_has_a_spelling_torchrun_leaves_alone():
         get_args_parser().parse_args(["-m", "quickmerge", "train", "vision", "--r", "40"])
 
 
-def test_train_vision_teacher_and_seed_are_validated_before_any_work():
-    from quickmerge.cli import main
+def test_train_vision_teacher_and_seed_are_validated_before_any_work(refused):
 
     args = build_parser().parse_args(["train", "vision", "--teacher-epochs", "3", "--seed", "7"])
     assert args.teacher_epochs == 3 and args.seed == 7
-    with pytest.raises(SystemExit, match="--teacher-epochs"):
-        main(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
-              "--out", "unused"])
+    refused(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
+            "--out", "unused"], "--teacher-epochs")
 
 
 @pytest.mark.parametrize("argv", [
@@ -113,6 +112,10 @@ def test_a_missing_model_directory_is_one_line_before_any_data_is_read(argv, tmp
     def no_data(*args, **kwargs):
         raise AssertionError("data read before the model was found")
 
+    # imported before any patching: a module first imported while its source is patched would keep no_data
+    for module in ("quickmerge.data.fashion_mnist", "quickmerge.vision.train", "quickmerge.ar.data",
+                   "quickmerge.data.video"):
+        importlib.import_module(module)
     for module in ("quickmerge.data.fashion_mnist", "quickmerge.vision.train", "quickmerge.ar.data"):
         monkeypatch.setattr(f"{module}.load_fashion_mnist", no_data)
     for module in ("quickmerge.data.video", "quickmerge.ar.data"):

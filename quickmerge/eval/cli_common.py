@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..cli_types import positive_int
+from ..errors import UsageError
 
 
 def add_press_run_arguments(parser: argparse.ArgumentParser, *, ratios: list[float], out: str,
@@ -25,6 +26,6 @@ def check_press_run_arguments(args: argparse.Namespace, count: int | None, what:
     """Refuse too few examples (``what``: the flag that sets ``count``; None: known only once the data is read)
     and ratios outside (0, 1)."""
     if count is not None and count < 2:
-        raise SystemExit(f"{what} must be at least 2 (bootstrap intervals need several examples)")
+        raise UsageError(f"{what} must be at least 2 (bootstrap intervals need several examples)")
     if not all(0.0 < r < 1.0 for r in args.ratios):
-        raise SystemExit(f"--ratios must lie in (0, 1), got {args.ratios}")
+        raise UsageError(f"--ratios must lie in (0, 1), got {args.ratios}")

@@ -15,6 +15,7 @@ import torch
 
 from .. import distributed
 from ..env_report import installed_versions
+from ..errors import UsageError
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace, modality: str) -> dict:
         args.examples = DEFAULT_EXAMPLES
     check_press_run_arguments(args, args.examples, "--examples")  # None: every window of the clip, counted below
     if video is not None and not Path(video).is_file():
-        raise SystemExit(f"--video: no file at {video}")
+        raise UsageError(f"--video: no file at {video}")
     names = args.methods or default_methods() + MODALITY_METHODS[modality]
     for name in names:  # fail fast on a missing extra, before loading anything
         if name not in MODALITY_METHODS[modality]:
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace, modality: str) -> dict:
             else:
                 examples = video_examples(fmt, tokenizer, args.examples, video, at_most=DEFAULT_EXAMPLES)
         except ValueError as err:
-            raise SystemExit(f"quickmerge eval {modality}: {err}") from None
+            raise UsageError(str(err)) from None
         if modality == "video" and args.examples is None:
             if len(examples) < 2:
-                raise SystemExit(f"--video: {video} holds {len(examples)} window(s) of {fmt.frames} frames; "
+                raise UsageError(f"--video: {video} holds {len(examples)} window(s) of {fmt.frames} frames; "
                                  "the bootstrap intervals need at least 2")
             args.examples = len(examples)
             if ctx.main:

@@ -9,6 +9,7 @@ import torch
 
 from .. import distributed
 from ..env_report import installed_versions
+from ..errors import UsageError
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -43,11 +44,11 @@ def run(args: argparse.Namespace) -> dict:
 
     check_press_run_arguments(args, args.trials, "--trials")
     if args.first < 0:
-        raise SystemExit(f"--first must be 0 or more, got {args.first}")
+        raise UsageError(f"--first must be 0 or more, got {args.first}")
     if not 64 <= args.min_context <= args.max_context:
-        raise SystemExit(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
+        raise UsageError(f"need 64 <= --min-context <= --max-context, got {args.min_context}, {args.max_context}")
     if args.new_tokens < 5:
-        raise SystemExit(f"--new-tokens must be at least 5 (a key has five digits), got {args.new_tokens}")
+        raise UsageError(f"--new-tokens must be at least 5 (a key has five digits), got {args.new_tokens}")
     methods = [build_method(n) for n in (args.methods or default_methods())]
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
             flags = None if everything is None else _uncompressed(everything)["correct_per_trial"]
             answered = ctx.broadcast(None if flags is None else [i for i, c in enumerate(flags) if c])
             if not answered:
-                raise SystemExit("the uncompressed model answers none of the trials: nothing to compress")
+                raise UsageError("the uncompressed model answers none of the trials: nothing to compress")
             trials, numbers = [trials[i] for i in answered], [numbers[i] for i in answered]
         results = run_text_eval(model, trials, methods, args.ratios, 0, journal=journal, ctx=ctx, scorer=scorer,
                                 summary=summarise_passkey, indices=numbers)

@@ -9,6 +9,7 @@ import torch
 
 from .. import distributed
 from ..env_report import installed_versions
+from ..errors import UsageError
 from .cli_common import add_press_run_arguments, check_press_run_arguments
 from .journal import Journal, code_fingerprint
 
@@ -37,15 +38,15 @@ def run(args: argparse.Namespace) -> dict:
 
     check_press_run_arguments(args, args.examples, "--examples")
     if args.context < 1 or args.continuation < 1:
-        raise SystemExit("--context and --continuation must be positive")
+        raise UsageError("--context and --continuation must be positive")
     if args.first < 0:
-        raise SystemExit(f"--first must be 0 or more, got {args.first}")
+        raise UsageError(f"--first must be 0 or more, got {args.first}")
     if args.task == "repeated":
         from .retrieval import repeated_window_count
 
         distinct = repeated_window_count()
         if args.first + args.examples > distinct:
-            raise SystemExit(f"--first + --examples: the repeated task has windows 0..{distinct - 1}, asked for "
+            raise UsageError(f"--first + --examples: the repeated task has windows 0..{distinct - 1}, asked for "
                              f"{args.first}..{args.first + args.examples - 1}")
     methods = [build_method(n) for n in (args.methods or default_methods())]  # fails fast on a missing extra
     torch.set_num_threads(args.threads)
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> dict:
             distinct = repeated_window_count("later", tokenizer, args.context, bos=bos)
             if args.first + args.examples > distinct:  # counted in tokens, so only once the tokenizer is here
                 last = args.first + args.examples - 1
-                raise SystemExit(f"--first + --examples: the repeated-later task has windows 0..{distinct - 1} "
+                raise UsageError(f"--first + --examples: the repeated-later task has windows 0..{distinct - 1} "
                                  f"at --context {args.context}, asked for {args.first}..{last}")
             examples = repeated_passage_windows(tokenizer, args.examples, args.context, args.continuation,
                                                 bos=bos, first=args.first, source="later")
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
                 windows = wikipedia_windows(tokenizer, args.first + args.examples, args.context, args.continuation,
                                             bos=bos)
             except ValueError as err:  # fewer windows than --first + --examples ask for
-                raise SystemExit(f"quickmerge eval text: {err}") from None
+                raise UsageError(str(err)) from None
             examples = windows[args.first :]
         indices = list(range(args.first, args.first + len(examples)))
         results = run_text_eval(model, examples, methods, args.ratios, args.context, journal=journal, ctx=ctx,

@@ -12,6 +12,7 @@ import torch
 from .. import distributed
 from ..cli_types import positive_int
 from ..env_report import installed_versions
+from ..errors import UsageError
 from ..vision.token_merge import METHODS
 from .journal import Journal, code_fingerprint
 
@@ -99,12 +100,12 @@ def run(args: argparse.Namespace) -> dict:
     from .vision import compare_at_tome_speeds, plot_vision_eval, run_vision_eval
 
     if not 1 <= args.images <= 10_000:
-        raise SystemExit(f"--images must be in [1, 10000], got {args.images}")
+        raise UsageError(f"--images must be in [1, 10000], got {args.images}")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
     most = model.patch_embed.num_patches // 2  # bipartite matching (ToMe's, ours) merges at most half the tokens
     if max(args.r) > most and {"quickmerge", "tome"} & set(args.methods):
-        raise SystemExit(f"--r-values: a block of this model merges at most {most} of its "
+        raise UsageError(f"--r-values: a block of this model merges at most {most} of its "
                          f"{model.patch_embed.num_patches} patch tokens by bipartite matching (quickmerge, tome), "
                          f"so r above {most} runs as r = {most}; got {max(args.r)}")
     images, labels = load_fashion_mnist("test")

@@ -2,6 +2,7 @@ import argparse
 
 import pytest
 
+from quickmerge.errors import UsageError
 from quickmerge.eval.cli_common import add_press_run_arguments, check_press_run_arguments
 
 
@@ -21,14 +22,14 @@ def test_defaults_and_extra_methods():
 
 @pytest.mark.parametrize("ratios", [["0"], ["1"], ["0.5", "1.2"]])
 def test_ratios_outside_the_open_interval_are_refused(ratios):
-    with pytest.raises(SystemExit, match="--ratios must lie in"):
+    with pytest.raises(UsageError, match="--ratios must lie in"):
         check_press_run_arguments(parse("--ratios", *ratios), 10, "--examples")
 
 
 def test_too_few_examples_name_the_flag():
-    with pytest.raises(SystemExit, match="--trials must be at least 2"):
+    with pytest.raises(UsageError, match="--trials must be at least 2"):
         check_press_run_arguments(parse(), 1, "--trials")
     check_press_run_arguments(parse(), 2, "--trials")
     check_press_run_arguments(parse(), None, "--examples")  # a count known only once the data is read
-    with pytest.raises(SystemExit, match="--ratios"):  # ... still has its ratios checked
+    with pytest.raises(UsageError, match="--ratios"):  # ... still has its ratios checked
         check_press_run_arguments(parse("--ratios", "1.5"), None, "--examples")

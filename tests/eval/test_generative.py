@@ -61,9 +61,8 @@ def test_eval_image_writes_the_text_schema_with_bits_that_match_a_direct_computa
     assert rows[("none", None)]["bits_per_token"] == pytest.approx(float(direct), rel=1e-4)
 
 
-def test_eval_video_refuses_a_missing_clip_before_loading_anything(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="--video"):
-        main(["eval", "video", "--video", str(tmp_path / "none.avi"), "--model", str(tmp_path)])
+def test_eval_video_refuses_a_missing_clip_before_loading_anything(tmp_path, refused):
+    refused(["eval", "video", "--video", str(tmp_path / "none.avi"), "--model", str(tmp_path)], "--video")
 
 
 def test_a_directory_without_a_model_says_what_it_lacks(tmp_path):
@@ -92,9 +91,9 @@ def test_visualize_image_ar_draws_truth_and_every_method(tmp_path):
     assert best_kvpress(results, 0.75, "x") == "x"
 
 
-def test_visualize_refuses_an_unknown_method_before_loading_anything(tmp_path):
-    with pytest.raises(SystemExit, match=r"--method must be one of .*quickmerge-replay-row"):
-        main(["visualize", "image-ar", "--model", str(tmp_path), "--method", "kvpress-snapkv"])
+def test_visualize_refuses_an_unknown_method_before_loading_anything(tmp_path, refused):
+    refused(["visualize", "image-ar", "--model", str(tmp_path), "--method", "kvpress-snapkv"],
+            r"--method must be one of .*quickmerge-replay-row")
 
 
 def test_greedy_generation_under_no_compression_equals_the_argmax_loop(tmp_path):
@@ -112,7 +111,7 @@ def test_greedy_generation_under_no_compression_equals_the_argmax_loop(tmp_path)
     assert out.tolist() == seq[fmt.context + 1 :]
 
 
-def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
+def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path, refused):
     cv2 = pytest.importorskip("cv2")
     require_usable_kvpress()
     from quickmerge.ar.formats import VIDEO
@@ -135,9 +134,9 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     for name in ("quickmerge-time", "quickmerge-input-time", "kvpress-snapkv"):
         assert rows[name]["achieved_ratio"] == pytest.approx(0.5, abs=2 / fmt.context), name
         assert math.isfinite(rows[name]["bits_per_token"])
-    with pytest.raises(SystemExit, match=r"quickmerge eval video: .*windows"):
-        main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
-              "--examples", "3", "--out", str(out), "--fresh", "--methods", "random"])
+    refused(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
+            "--examples", "3", "--out", str(out), "--fresh", "--methods", "random"],
+            r"^quickmerge eval video: error: .*windows")
     # without --examples, a clip gives every window it holds (2 here), not the held-out default of 40
     assert main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"),
                  "--ratios", "0.5", "--out", str(out), "--fresh", "--methods", "random", "--threads", "1"]) == 0
@@ -148,18 +147,17 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path):
     for f in frames[:5]:  # one window of 4 frames
         writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
     writer.release()
-    with pytest.raises(SystemExit, match=r"holds 1 window\(s\) of 4 frames"):
-        main(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "short.avi"),
-              "--out", str(out), "--fresh", "--methods", "random"])
+    refused(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "short.avi"),
+            "--out", str(out), "--fresh", "--methods", "random"], r"holds 1 window\(s\) of 4 frames")
 
 
 @needs_fashion
-def test_more_examples_than_the_data_holds_is_one_line(tmp_path):
+def test_more_examples_than_the_data_holds_is_one_line(tmp_path, refused):
     """Asking for more test images than exist was a ValueError traceback; it is refused in one line."""
     from quickmerge.ar.data import image_pixels
 
     _save(tmp_path / "m", IMAGE, image_pixels("test")[:3])
-    with pytest.raises(SystemExit, match="quickmerge eval image: --examples must be between 1 and 10000"):
-        main(["eval", "image", "--model", str(tmp_path / "m"), "--examples", "20000", "--ratios", "0.5",
-              "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"])
+    refused(["eval", "image", "--model", str(tmp_path / "m"), "--examples", "20000", "--ratios", "0.5",
+            "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"],
+            "^quickmerge eval image: error: --examples must be between 1 and 10000")
     assert not (tmp_path / "res.json").exists()

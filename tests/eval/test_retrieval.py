@@ -63,7 +63,7 @@ def test_exact_match_reads_the_first_digits():
     assert not matches_key(" 1234", "12345") and not matches_key(" 54321 12345", "12345")
 
 
-def test_eval_passkey_and_repeated_run_end_to_end(tiny_lm_dir, tmp_path):
+def test_eval_passkey_and_repeated_run_end_to_end(tiny_lm_dir, tmp_path, refused):
     out = tmp_path / "pk"
     assert main(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "3", "--min-context", "120",
                  "--max-context", "200", "--ratios", "0.5", "--methods", "quickmerge", "random", "--threads", "1",
@@ -80,8 +80,7 @@ def test_eval_passkey_and_repeated_run_end_to_end(tiny_lm_dir, tmp_path):
                  "--out", str(out)]) == 0
     summary = json.loads(out.with_suffix(".json").read_text())["summary"]
     assert {r["method"] for r in summary} == {"none", "random"}
-    with pytest.raises(SystemExit, match="min-context"):
-        main(["eval", "passkey", "--model", tiny_lm_dir, "--min-context", "300", "--max-context", "200"])
+    refused(["eval", "passkey", "--model", tiny_lm_dir, "--min-context", "300", "--max-context", "200"], "min-context")
 
 
 def test_answered_only_compresses_just_the_trials_the_uncompressed_model_answers(tiny_lm_dir, tmp_path, monkeypatch):
@@ -111,7 +110,7 @@ def test_answered_only_compresses_just_the_trials_the_uncompressed_model_answers
     assert main(args) == 0 and calls == []  # resumed from the journal: nothing computed again
 
 
-def test_passkey_first_gives_the_later_trials_of_the_same_seed(tokenizer, tiny_lm_dir, tmp_path, monkeypatch):
+def test_passkey_first_gives_the_later_trials_of_the_same_seed(tokenizer, tiny_lm_dir, tmp_path, monkeypatch, refused):
     import quickmerge.eval.retrieval as retrieval
 
     whole = passkey_trials(tokenizer, 5, min_context=120, max_context=200, seed=3, needle="once")
@@ -135,17 +134,14 @@ def test_passkey_first_gives_the_later_trials_of_the_same_seed(tokenizer, tiny_l
     assert sorted(calls) == [(3, "none"), (4, "none"), (4, "random"), (5, "none")]
     results = json.loads((tmp_path / "late.json").read_text())
     assert results["answered_only"]["trials_answered"] == [4]
-    with pytest.raises(SystemExit, match="--first must be"):
-        main([*base, "--trials", "2", "--first", "-1", "--out", str(tmp_path / "x")])
+    refused([*base, "--trials", "2", "--first", "-1", "--out", str(tmp_path / "x")], "--first must be")
 
 
-def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_path):
-    with pytest.raises(SystemExit, match="answers none"):  # the tiny random model cannot answer
-        main(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "2", "--min-context", "120", "--max-context",
-              "160", "--ratios", "0.5", "--methods", "random", "--threads", "1", "--answered-only", "--out",
-              str(tmp_path / "pk")])
-    with pytest.raises(SystemExit, match="new-tokens"):
-        main(["eval", "passkey", "--model", tiny_lm_dir, "--new-tokens", "3"])
+def test_answered_only_refuses_a_model_that_answers_nothing(tiny_lm_dir, tmp_path, refused):
+    refused(["eval", "passkey", "--model", tiny_lm_dir, "--trials", "2", "--min-context", "120", "--max-context",
+            "160", "--ratios", "0.5", "--methods", "random", "--threads", "1", "--answered-only", "--out",
+            str(tmp_path / "pk")], "answers none")  # the tiny random model cannot answer
+    refused(["eval", "passkey", "--model", tiny_lm_dir, "--new-tokens", "3"], "new-tokens")
 
 
 def test_repeated_windows_depend_on_their_number_only_and_never_repeat(tokenizer):
@@ -160,7 +156,7 @@ def test_repeated_windows_depend_on_their_number_only_and_never_repeat(tokenizer
         repeated_passage_windows(tokenizer, 2, context=200, continuation=16, first=distinct - 1)
 
 
-def test_eval_text_first_scores_the_later_windows_under_their_own_numbers(tiny_lm_dir, tmp_path):
+def test_eval_text_first_scores_the_later_windows_under_their_own_numbers(tiny_lm_dir, tmp_path, refused):
     base = ["eval", "text", "--task", "repeated", "--model", tiny_lm_dir, "--context", "96", "--continuation", "8",
             "--ratios", "0.5", "--methods", "random", "--threads", "1"]
     assert main([*base, "--examples", "4", "--out", str(tmp_path / "all")]) == 0
@@ -174,10 +170,8 @@ def test_eval_text_first_scores_the_later_windows_under_their_own_numbers(tiny_l
     late, everything = nll("late"), nll("all")
     assert len(late) == 2 and all(k.split("|")[0] in ("2", "3") for k in late)
     assert all(everything[k] == pytest.approx(v) for k, v in late.items())
-    with pytest.raises(SystemExit, match="--first \\+ --examples"):
-        main([*base, "--examples", "2", "--first", "1000", "--out", str(tmp_path / "x")])
-    with pytest.raises(SystemExit, match="--first must be"):
-        main([*base, "--examples", "2", "--first", "-1", "--out", str(tmp_path / "x")])
+    refused([*base, "--examples", "2", "--first", "1000", "--out", str(tmp_path / "x")], "--first \\+ --examples")
+    refused([*base, "--examples", "2", "--first", "-1", "--out", str(tmp_path / "x")], "--first must be")
 
 
 def test_later_windows_repeat_a_passage_of_another_article_and_share_no_text(tokenizer):
@@ -211,12 +205,12 @@ def test_later_windows_repeat_a_passage_of_another_article_and_share_no_text(tok
         repeated_passage_windows(tokenizer, 1, source="middle")
 
 
-def test_eval_text_repeated_later_runs_and_refuses_windows_that_do_not_exist(tiny_lm_dir, tmp_path):
+def test_eval_text_repeated_later_runs_and_refuses_windows_that_do_not_exist(tiny_lm_dir, tmp_path, refused):
     base = ["eval", "text", "--task", "repeated-later", "--model", tiny_lm_dir, "--context", "96",
             "--continuation", "8", "--ratios", "0.5", "--methods", "random", "--threads", "1"]
     assert main([*base, "--examples", "2", "--first", "5", "--out", str(tmp_path / "later")]) == 0
     result = json.loads((tmp_path / "later.json").read_text())
     assert [t.split(":")[0] for t in result["examples"]] == ["5", "6"] and "(part 1)" in result["examples"][0]
     assert result["config"]["task"] == "repeated-later"
-    with pytest.raises(SystemExit, match="repeated-later task has windows"):
-        main([*base, "--examples", "2", "--first", "10000000", "--out", str(tmp_path / "none")])
+    refused([*base, "--examples", "2", "--first", "10000000", "--out", str(tmp_path / "none")],
+            "repeated-later task has windows")

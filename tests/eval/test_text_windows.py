@@ -45,10 +45,9 @@ def test_asking_for_more_windows_than_the_articles_hold_names_the_count():
         wikipedia_windows(BytesTokenizer(), 10, 200000, 0)
 
 
-def test_more_windows_than_the_articles_hold_is_one_line(tiny_lm_dir, tmp_path):
+def test_more_windows_than_the_articles_hold_is_one_line(tiny_lm_dir, tmp_path, refused):
     """``eval text --examples`` past the articles' windows was a ValueError traceback; it is refused in one line."""
-    from quickmerge.cli import main
 
-    with pytest.raises(SystemExit, match="quickmerge eval text: the Wikipedia articles hold only"):
-        main(["eval", "text", "--model", tiny_lm_dir, "--examples", "100000000", "--ratios", "0.5",
-              "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"])
+    refused(["eval", "text", "--model", tiny_lm_dir, "--examples", "100000000", "--ratios", "0.5",
+            "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"],
+            "^quickmerge eval text: error: the Wikipedia articles hold only")
