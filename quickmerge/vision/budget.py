@@ -45,15 +45,16 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
     return [sums[layer] / count for layer in sorted(sums)]
 
 
-def token_counts(num_tokens: int, merges: list[float], floor: int = 8) -> list[int]:
+def token_counts(num_tokens: int, merges: list[float], floor: int = 8, *, bipartite: bool = True) -> list[int]:
     """Tokens entering each block and leaving the last ``[L + 1]`` when block l asks to merge ``merges[l]``.
 
-    Each block merges at most half of its tokens (ToMe's bipartite cap) and leaves at least ``floor``.
+    Each block leaves at least ``floor`` tokens and, with ``bipartite`` (ToMe's matching and QuickMerge++'s
+    default), merges at most half of its tokens; ``matching="greedy"`` has no such cap (``bipartite=False``).
     """
     counts = [num_tokens]
     for want in merges:
         before = counts[-1]
-        left = max(before - round(want), (before + 1) // 2, min(floor, before))
+        left = max(before - round(want), (before + 1) // 2 if bipartite else 0, min(floor, before))
         counts.append(min(before, left))
     return counts
 
@@ -63,7 +64,8 @@ def schedule_cost(counts: list[int]) -> int:
     return sum(counts[i] + counts[i + 1] for i in range(len(counts) - 1))
 
 
-def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8) -> list[int]:
+def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8,
+                     bipartite: bool = True) -> list[int]:
     """Tokens merged in each block ``[L]``, in inverse proportion to ``perplexity``, at a constant-r cost.
 
     Args:
@@ -72,9 +74,10 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
         r: the constant schedule whose cost to match: ``sum_l (N_l + N_{l+1})``, the tokens each
             block's attention and MLP see.
         floor: fewest tokens any block keeps.
+        bipartite: a block merges at most half of its tokens (ToMe's cap; False for greedy matching).
     A block whose attention uses few tokens (low entropy) can lose many without losing what
     it reads, so block l merges ``c / perplexity[l]`` tokens, at most half of those present
-    (ToMe's bipartite cap) and never below ``floor`` left; ``c`` is found by bisection so the
+    (with ``bipartite``) and never below ``floor`` left; ``c`` is found by bisection so the
     cost is the constant schedule's (up to rounding, never above it). Flat perplexity gives
     the constant schedule back.
     """
@@ -86,7 +89,7 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
     weights = [min(perplexity) / p for p in perplexity]  # 1 for the most focused block
 
     def counts_for(merges: list[float]) -> list[int]:
-        return token_counts(num_tokens, merges, floor)
+        return token_counts(num_tokens, merges, floor, bipartite=bipartite)
 
     cost = schedule_cost
     budget = cost(counts_for([float(r)] * layers))

@@ -36,6 +36,19 @@ def test_blocks_that_attend_narrowly_merge_more():
         entropy_schedule([0.0, 1.0], 196, 8)
 
 
+def test_greedy_schedules_pass_the_bipartite_cap_and_keep_the_floor():
+    from quickmerge.vision.budget import schedule_cost, token_counts
+
+    assert token_counts(196, [80] * 3) == [196, 116, 58, 29]  # at most half of each block's tokens
+    assert token_counts(196, [80] * 3, bipartite=False) == [196, 116, 36, 8]  # down to the floor of 8
+    narrow_late = [120.0, 120.0, 120.0, 10.0, 10.0, 10.0]
+    greedy = entropy_schedule(narrow_late, 196, 60, bipartite=False)
+    counts = token_counts(196, [float(r) for r in greedy], bipartite=False)
+    assert [counts[i] - counts[i + 1] for i in range(6)] == greedy and min(counts) >= 8
+    assert schedule_cost(counts) <= schedule_cost(token_counts(196, [60.0] * 6, bipartite=False))
+    assert any(r > c // 2 for r, c in zip(greedy, counts, strict=False))  # past what bipartite matching allows
+
+
 def test_block_perplexity_is_measured_on_the_model():
     from tests.vision.adapters.test_timm_vit import tiny_vit
 
