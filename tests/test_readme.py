@@ -53,6 +53,14 @@ def _vision() -> dict:
     return {"images": torch.randn(2, 1, 28, 28)}
 
 
+def _vision_schedule() -> dict:
+    pytest.importorskip("safetensors")
+    import quickmerge
+    from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+    return {"quickmerge": quickmerge, "model": load_fashion_vit(), "calibration_images": torch.randn(8, 1, 28, 28)}
+
+
 def _video() -> dict:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
@@ -69,6 +77,8 @@ RUN = {
         _press_only,
     "model = load_fashion_vit()                 # or a timm VisionTransformer, HF ViTModel / "
     "ViTForImageClassification / Dinov2Model": _vision,
+    "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
+    "token reads": _vision_schedule,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
 }
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
