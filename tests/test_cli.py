@@ -91,7 +91,6 @@ def test_finetune_r_has_a_spelling_torchrun_leaves_alone():
 
 
 def test_train_vision_teacher_and_seed_are_validated_before_any_work(refused):
-
     args = build_parser().parse_args(["train", "vision", "--teacher-epochs", "3", "--seed", "7"])
     assert args.teacher_epochs == 3 and args.seed == 7
     refused(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",

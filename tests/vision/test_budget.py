@@ -49,6 +49,22 @@ def test_greedy_schedules_pass_the_bipartite_cap_and_keep_the_floor():
     assert any(r > c // 2 for r, c in zip(greedy, counts, strict=False))  # past what bipartite matching allows
 
 
+def test_a_greedy_entropy_schedule_runs_as_counted_on_a_patched_model():
+    """The handle merges what a schedule past the bipartite cap asks, so the cost it was sized by is what runs."""
+    from quickmerge.vision import patch
+    from quickmerge.vision.budget import token_counts
+    from tests.vision.adapters.test_timm_vit import tiny_vit
+
+    model = tiny_vit(fused=True).eval()
+    perplexity = block_attention_perplexity(model, torch.randn(4, 1, 16, 16))
+    schedule = entropy_schedule(perplexity, 64, 20, floor=4, bipartite=False)
+    counts = token_counts(64, [float(r) for r in schedule], 4, bipartite=False)
+    assert any(r > c // 2 for r, c in zip(schedule, counts, strict=False))  # past the cap somewhere
+    with patch(model, r=schedule, matching="greedy") as handle, torch.no_grad():
+        model(torch.randn(2, 1, 16, 16))
+    assert handle.tokens_per_layer == [c + 1 for c in counts[:-1]]  # + the class token
+
+
 def test_block_perplexity_is_measured_on_the_model():
     from tests.vision.adapters.test_timm_vit import tiny_vit
 
