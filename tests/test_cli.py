@@ -41,7 +41,11 @@ def test_vision_r_past_what_a_block_can_merge_is_refused_before_the_data_is_read
 
     monkeypatch.setattr("quickmerge.data.fashion_mnist.load_fashion_mnist", no_data)
     refused(["eval", "vision", "--r-values", "16", "500", "--out", "unused"],
-            r"at most 98 of its 196 patch tokens.*got 500")
+            r"at most 98 of its 196 patch tokens.*\(quickmerge, tome\).*got 500; --matching greedy lifts the cap")
+    refused(["eval", "vision", "--matching", "greedy", "--r-values", "120", "--out", "unused"],
+            r"at most 98 of its 196 patch tokens by bipartite matching \(tome\).*got 120$")
+    refused(["eval", "vision", "--matching", "greedy", "--methods", "quickmerge", "--r-values", "190", "--out",
+             "unused"], r"keeps at least 8 of the 196 patch tokens, so r above 188 runs as r = 188; got 190")
 
 
 def _refused(capsys, argv: list[str], flag: str) -> None:

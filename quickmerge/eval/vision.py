@@ -186,6 +186,16 @@ def compare_at_tome_speeds(
     return out
 
 
+_NAMES = {"quickmerge": "QuickMerge++", "quickmerge-entropy": "QuickMerge++, entropy schedule",
+          "quickmerge-per-image": "QuickMerge++, per-image budget", "tome": "ToMe-style"}
+
+
+def method_label(method: str, rows: Sequence[dict[str, Any]]) -> str:
+    """A method's name in the plot's legend, saying when its rows matched greedily (past ToMe's cap)."""
+    greedy = any(row.get("settings", {}).get("matching") == "greedy" for row in rows if row["method"] == method)
+    return _NAMES.get(method, method) + (", greedy matching" if greedy else "")
+
+
 def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
     """Top-1 vs speed-up over the unpatched model, one line per method; right: QuickMerge++ vs ToMe zoomed."""
     plt = require("matplotlib.pyplot", "plot", "The vision plot")
@@ -193,18 +203,17 @@ def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> N
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     styles = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "quickmerge-per-image": ("C4", "v"),
               "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
-    names = {"quickmerge": "QuickMerge++", "quickmerge-entropy": "QuickMerge++, entropy schedule",
-             "quickmerge-per-image": "QuickMerge++, per-image budget", "tome": "ToMe-style"}
     zoom = ["quickmerge", "quickmerge-entropy", "quickmerge-per-image", "tome"]
     for ax, methods in zip(axes, (list(styles), zoom), strict=True):
         shown = [r for r in rows if r["method"] in methods]
         for method in [m for m in methods if any(r["method"] == m for r in rows)]:
-            pts = sorted((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method)
+            pts = sorted(((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method),
+                         key=lambda p: p[:2])
             colour, marker = styles[method]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
-                    label=names.get(method, method))
+                    label=method_label(method, rows))
             if methods is zoom and method in ("quickmerge", "tome"):
-                for x, y, r in pts:
+                for x, y, r in (p for p in pts if isinstance(p[2], int)):  # per-block lists would crowd the plot
                     ax.annotate(f"r={r}", (x, y), fontsize=6, color=colour, xytext=(3, 3), textcoords="offset points")
         ax.axhline(base, color="k", lw=0.8, ls="--", label=f"unpatched {base:.2f}%")
         ax.axhline(base - 1.0, color="k", lw=0.6, ls=":", label="unpatched - 1 pt")
@@ -216,7 +225,8 @@ def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> N
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_title(title)
-    axes[1].set_title("QuickMerge++ vs ToMe-style (zoom)")
+    axes[1].set_title("QuickMerge++ vs ToMe-style (zoom)" if any(r["method"] == "tome" for r in rows)
+                      else "QuickMerge++ (zoom)")
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)

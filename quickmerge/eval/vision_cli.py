@@ -29,6 +29,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "entropy on held-out training images, at each constant r's cost; per-image: each image's "
                         "budget from the entropy of its content, run in sub-batches bucketed by budget, at each "
                         "constant r's mean cost (both quickmerge only)")
+    parser.add_argument("--matching", choices=MATCHINGS, default="bipartite",
+                        help="QuickMerge++'s matching. bipartite: ToMe's alternating sets, a block merges at most half "
+                             "its tokens; greedy: no such cap, so r may pass half the patch tokens, and every "
+                             "quickmerge, random and pool schedule (constant, entropy, per-image) runs down to a floor "
+                             f"of {FLOOR} tokens (tome stays bipartite)")
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
@@ -39,32 +44,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SCHEDULES = ("constant", "entropy", "per-image")
+MATCHINGS = ("bipartite", "greedy")
+FLOOR = 8  # fewest tokens a greedy schedule leaves (budget.token_counts' default)
 CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
 
 
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
                 perplexity: list[float] | None = None, num_tokens: int = 196,
-                image_budgets: dict[int, dict] | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
+                image_budgets: dict[int, dict] | None = None, matching: str = "bipartite",
+                num_layers: int | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
     """(method, r, settings): constant r per method, then QuickMerge++'s entropy schedules and per-image budgets.
 
     ``image_budgets``: r -> :class:`~quickmerge.vision.image_budget.ImageBudget` dict, needed
-    for the "per-image" schedule.
+    for the "per-image" schedule. ``matching="greedy"``: QuickMerge++ merges greedily, and every
+    schedule except ToMe-style's runs as a per-block list down to :data:`FLOOR` tokens (``num_layers`` blocks).
     """
-    from ..vision.budget import entropy_schedule
+    from ..vision.budget import entropy_schedule, token_counts
 
     schedules = schedules or ["constant"]
+    greedy = matching == "greedy"
+    if greedy and num_layers is None:
+        raise ValueError("greedy schedules need the model's number of blocks")
+    options = {"matching": "greedy"} if greedy else {}
+
+    def constant(method: str, r: int) -> tuple[str, Any, dict[str, Any]]:
+        if not greedy or method == "tome":
+            return method, r, {}
+        counts = token_counts(num_tokens, [float(r)] * num_layers, FLOOR, bipartite=False)
+        return method, [counts[i] - counts[i + 1] for i in range(num_layers)], options if method == "quickmerge" else {}
+
     sweep: list[tuple[str, Any, dict[str, Any]]] = []
     if "constant" in schedules:
-        sweep += [(m, r, {}) for m in methods for r in rs]
+        sweep += [constant(m, r) for m in methods for r in rs]
     if "entropy" in schedules and "quickmerge" in methods:
         if perplexity is None:
             raise ValueError("the entropy schedule needs the blocks' attention perplexity")
-        sweep += [("quickmerge", entropy_schedule(perplexity, num_tokens, r), {"label": "quickmerge-entropy"})
-                  for r in rs]
+        sweep += [("quickmerge", entropy_schedule(perplexity, num_tokens, r, floor=FLOOR, bipartite=not greedy),
+                   {"label": "quickmerge-entropy", **options}) for r in rs]
     if "per-image" in schedules and "quickmerge" in methods:
         if image_budgets is None:
             raise ValueError("the per-image schedule needs calibrated image budgets")
-        sweep += [("quickmerge", r, {"label": "quickmerge-per-image", "image_budget": image_budgets[r]}) for r in rs]
+        sweep += [("quickmerge", r, {"label": "quickmerge-per-image", "image_budget": image_budgets[r], **options})
+                  for r in rs]
     return sweep
 
 
@@ -83,14 +104,15 @@ def calibrate(model: Any) -> list[float]:
     return block_attention_perplexity(model, calibration_images())
 
 
-def calibrate_image_budgets(model: Any, rs: list[int]) -> dict[int, dict]:
+def calibrate_image_budgets(model: Any, rs: list[int], matching: str = "bipartite") -> dict[int, dict]:
     """Per-image budgets (4 buckets) for each constant r, on the calibration images."""
     from ..vision.image_budget import ImageBudget
 
     patch_size = model.patch_embed.patch_size[0]
     images = calibration_images()
     return {r: ImageBudget.calibrate(images, patch_size=patch_size, num_tokens=model.patch_embed.num_patches,
-                                     num_layers=len(model.blocks), r=r).to_dict() for r in rs}
+                                     num_layers=len(model.blocks), r=r, floor=FLOOR,
+                                     bipartite=matching == "bipartite").to_dict() for r in rs}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -103,11 +125,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
-    most = model.patch_embed.num_patches // 2  # bipartite matching (ToMe's, ours) merges at most half the tokens
-    if max(args.r) > most and {"quickmerge", "tome"} & set(args.methods):
-        raise UsageError(f"--r-values: a block of this model merges at most {most} of its "
-                         f"{model.patch_embed.num_patches} patch tokens by bipartite matching (quickmerge, tome), "
-                         f"so r above {most} runs as r = {most}; got {max(args.r)}")
+    check_r_values(args, model.patch_embed.num_patches)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
     ctx = distributed.setup()
@@ -115,8 +133,9 @@ def run(args: argparse.Namespace) -> dict:
         model.to(ctx.device)
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
         perplexity = calibrate(model) if "entropy" in args.schedules else None
-        budgets = calibrate_image_budgets(model, args.r) if "per-image" in args.schedules else None
-        sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets)
+        budgets = calibrate_image_budgets(model, args.r, args.matching) if "per-image" in args.schedules else None
+        sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
+                            args.matching, len(model.blocks))
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
                                timing_rounds=args.timing_rounds, journal=journal, ctx=ctx)
     finally:
@@ -140,6 +159,20 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(rows))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def check_r_values(args: argparse.Namespace, num_tokens: int) -> None:
+    """Refuse an r that would run as a smaller one (a silent truncation), naming the cap that applies."""
+    most = num_tokens // 2  # bipartite matching (ToMe's, ours by default) merges at most half the tokens
+    capped = {"tome"} if args.matching == "greedy" else {"quickmerge", "tome"}
+    if max(args.r) > most and capped & set(args.methods):
+        hint = "" if args.matching == "greedy" else "; --matching greedy lifts the cap for quickmerge"
+        raise UsageError(f"--r-values: a block of this model merges at most {most} of its {num_tokens} patch tokens "
+                         f"by bipartite matching ({', '.join(sorted(capped & set(args.methods)))}), so r above "
+                         f"{most} runs as r = {most}; got {max(args.r)}{hint}")
+    if max(args.r) > num_tokens - FLOOR:
+        raise UsageError(f"--r-values: every block keeps at least {FLOOR} of the {num_tokens} patch tokens, so r above "
+                         f"{num_tokens - FLOOR} runs as r = {num_tokens - FLOOR}; got {max(args.r)}")
 
 
 def journal_config(args: argparse.Namespace) -> dict:

@@ -14,6 +14,11 @@ cores, 1.3-1.7x slower than the buckets: ``benchmarks/vision_padding_bound.py``)
 batch changes its speed by itself (the unpatched model ran 1.2-1.45x faster in four sub-batches
 of ~64 than in one of 256 there), so speed-ups are measured against the unpatched model run on
 the same sub-batches (:func:`quickmerge.eval.vision.evaluate_setting`).
+
+Past ToMe's cap (greedy matching, ``bipartite=False``) a bucket's r runs as a per-block schedule
+down to a floor of tokens; given the blocks' attention perplexity, each bucket's schedule is
+itself an entropy schedule (budgets per image and per block). Neither beat the per-block entropy
+schedule alone on held-out images (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .budget import schedule_cost, token_counts
+from .budget import entropy_schedule, schedule_cost, token_counts
 
 
 def content_perplexity(images: Tensor, patch_size: int) -> Tensor:
@@ -46,64 +51,94 @@ def content_perplexity(images: Tensor, patch_size: int) -> Tensor:
 
 @dataclass
 class ImageBudget:
-    """Bucket thresholds on :func:`content_perplexity` (ascending ``[K - 1]``) and r per bucket ``[K]``."""
+    """Bucket thresholds on :func:`content_perplexity` (ascending ``[K - 1]``) and r per bucket ``[K]``.
+
+    ``schedules``: optionally each bucket's tokens merged per block ``[K][L]``, run instead of a constant r
+    (greedy schedules past ToMe's cap, entropy schedules); ``r`` then names each bucket's constant-r cost.
+    """
 
     thresholds: list[float]
     r: list[int]
     patch_size: int
+    schedules: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.r) != len(self.thresholds) + 1 or sorted(self.thresholds) != list(self.thresholds):
             raise ValueError(f"need ascending thresholds and one r per bucket, got {self.thresholds}, {self.r}")
+        if self.schedules is not None and len(self.schedules) != len(self.r):
+            raise ValueError(f"need one schedule per bucket ({len(self.r)}), got {len(self.schedules)}")
 
     def assign(self, images: Tensor) -> Tensor:
         """``[N]`` bucket of each image (0: the simplest content)."""
         score = content_perplexity(images, self.patch_size)
         return torch.bucketize(score, torch.tensor(self.thresholds, device=score.device))
 
-    def sub_batches(self, images: Tensor) -> list[tuple[int, Tensor]]:
-        """``(r, index)`` of each non-empty bucket of ``images [N, ...]``: its r and its images' indices ``[n_k]``."""
+    def sub_batches(self, images: Tensor) -> list[tuple[int | list[int], Tensor]]:
+        """``(r, index)`` of each non-empty bucket of ``images [N, ...]``: its r (or per-block schedule) and its
+        images' indices ``[n_k]``."""
         bucket = self.assign(images)
-        return [(r, index) for k, r in enumerate(self.r) if (index := (bucket == k).nonzero().squeeze(1)).numel()]
+        rs = self.r if self.schedules is None else self.schedules
+        return [(r, index) for k, r in enumerate(rs) if (index := (bucket == k).nonzero().squeeze(1)).numel()]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"thresholds": list(self.thresholds), "r": list(self.r), "patch_size": self.patch_size}
+        out = {"thresholds": list(self.thresholds), "r": list(self.r), "patch_size": self.patch_size}
+        return out if self.schedules is None else {**out, "schedules": [list(s) for s in self.schedules]}
 
     @classmethod
     def calibrate(cls, images: Tensor, *, patch_size: int, num_tokens: int, num_layers: int, r: int,
-                  buckets: int = 4, floor: int = 8) -> ImageBudget:
+                  buckets: int = 4, floor: int = 8, bipartite: bool = True,
+                  perplexity: list[float] | None = None) -> ImageBudget:
         """Fit thresholds and per-bucket r on calibration ``images`` at the cost of a constant ``r``.
 
         ``num_tokens``: mergeable tokens entering the first block; cost as in
         :func:`~quickmerge.vision.budget.schedule_cost`, averaged over the calibration images
         (never above the constant schedule's; equal score everywhere gives ``r`` back).
+        ``bipartite=False``: the handle merges greedily (no cap at half the tokens), and each bucket runs its
+        r down to ``floor`` tokens as a per-block schedule, as the constant schedule it is costed against.
+        ``perplexity``: the blocks' attention perplexity (:func:`~quickmerge.vision.budget.block_attention_perplexity`);
+        each bucket then runs the entropy schedule of its r.
         """
         if buckets < 1 or r < 0 or len(images) < buckets:
             raise ValueError(f"need buckets >= 1, r >= 0 and at least `buckets` images, got {buckets}, {r}, "
                              f"{len(images)}")
+        if perplexity is not None and len(perplexity) != num_layers:
+            raise ValueError(f"perplexity needs one value per block ({num_layers}), got {len(perplexity)}")
         score = content_perplexity(images, patch_size)
         thresholds = score.quantile(torch.linspace(0, 1, buckets + 1)[1:-1].to(score)).tolist()
         bucket = torch.bucketize(score, torch.tensor(thresholds, device=score.device))
         share = torch.bincount(bucket, minlength=buckets).float() / len(score)
         mean = torch.stack([score[bucket == k].mean() if share[k] > 0 else score.mean() for k in range(buckets)])
         weights = (mean.min() / mean).tolist()  # 1 for the simplest bucket
+        per_block = perplexity is not None or not bipartite
+
+        def schedule(x: int) -> list[int]:
+            if perplexity is not None:
+                return entropy_schedule(perplexity, num_tokens, x, floor=floor, bipartite=bipartite)
+            counts = token_counts(num_tokens, [float(x)] * num_layers, floor, bipartite=bipartite)
+            return [counts[i] - counts[i + 1] for i in range(num_layers)]
+
+        def cost(x: int) -> int:
+            merges = [float(m) for m in schedule(x)] if per_block else [float(x)] * num_layers
+            return schedule_cost(token_counts(num_tokens, merges, floor, bipartite=bipartite))
 
         def cost_of(rs: list[int]) -> float:
-            return sum(float(s) * schedule_cost(token_counts(num_tokens, [float(x)] * num_layers, floor))
-                       for s, x in zip(share, rs, strict=True))
+            return sum(float(s) * cost(x) for s, x in zip(share, rs, strict=True))
 
-        budget = schedule_cost(token_counts(num_tokens, [float(r)] * num_layers, floor))
-        lo, hi = 0.0, float(num_tokens)
+        budget = schedule_cost(token_counts(num_tokens, [float(r)] * num_layers, floor, bipartite=bipartite))
+        lo, hi = 0.0, num_tokens / min(weights)  # at this scale even the hardest bucket asks for every token
+        def rs_at(scale: float) -> list[int]:
+            return [min(round(scale * w), num_tokens) for w in weights]  # past num_tokens a bucket merges no more
+
         for _ in range(50):
             mid = 0.5 * (lo + hi)
-            if cost_of([round(mid * w) for w in weights]) <= budget:
+            if cost_of(rs_at(mid)) <= budget:
                 hi = mid
             else:
                 lo = mid
-        rs = [round(hi * w) for w in weights]
+        rs = rs_at(hi)
         if cost_of(rs) > budget:
             rs = [r] * buckets
-        return cls(thresholds, rs, patch_size)
+        return cls(thresholds, rs, patch_size, [schedule(x) for x in rs] if per_block else None)
 
 
 def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: ImageBudget) -> tuple[Tensor, float]:

@@ -1,5 +1,5 @@
-"""A tiny causal LM saved to disk (random weights, a byte-level tokenizer), for running the
-evaluation commands end to end in seconds."""
+"""A tiny causal LM (random weights, a byte-level tokenizer) and a tiny Fashion-MNIST ViT (random weights) saved
+to disk, for running the evaluation commands end to end in seconds."""
 
 from __future__ import annotations
 
@@ -38,3 +38,25 @@ def save_tiny_lm(path) -> str:
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> str:
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+TINY_VIT = {"img_size": 28, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 3,
+            "num_heads": 2, "mlp_ratio": 2.0}  # the shipped ViT's 196 patch tokens, in 3 narrow blocks
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_dir(tmp_path_factory):
+    """A directory with ``model.safetensors`` + ``config.json``, as ``eval vision --checkpoint`` reads."""
+    import json
+
+    import torch
+
+    pytest.importorskip("timm")
+    st = pytest.importorskip("safetensors.torch")
+    from quickmerge.pretrained.fashion_vit import build_vit
+
+    path = tmp_path_factory.mktemp("vit")
+    torch.manual_seed(0)
+    st.save_file(build_vit(TINY_VIT).state_dict(), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model": TINY_VIT}))
+    return path

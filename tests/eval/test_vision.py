@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from quickmerge.eval.vision import accuracy_at, compare_at_tome_speeds, evaluate_setting, run_vision_eval
+from quickmerge.eval.vision import (
+    accuracy_at,
+    compare_at_tome_speeds,
+    evaluate_setting,
+    method_label,
+    run_vision_eval,
+)
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -21,6 +27,14 @@ def test_compare_at_tome_speeds():
     ]
     (row,) = compare_at_tome_speeds(rows)
     assert row["quickmerge_accuracy"] == pytest.approx(0.84) and row["difference"] == pytest.approx(0.04)
+
+
+def test_legend_names_greedy_rows_as_such():
+    rows = [{"method": "quickmerge", "settings": {"matching": "greedy"}}, {"method": "tome", "settings": {}},
+            {"method": "quickmerge-entropy", "settings": {"label": "quickmerge-entropy"}}, {"method": "none"}]
+    assert method_label("quickmerge", rows) == "QuickMerge++, greedy matching"
+    assert method_label("tome", rows) == "ToMe-style"
+    assert method_label("quickmerge-entropy", rows) == "QuickMerge++, entropy schedule"
 
 
 def test_evaluate_setting_counts_correct_predictions_and_tokens():

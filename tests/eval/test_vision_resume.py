@@ -9,30 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("timm")
-st = pytest.importorskip("safetensors.torch")
-from quickmerge.data import fashion_mnist  # noqa: E402
-from tests.launch import rank_errors  # noqa: E402
+pytest.importorskip("safetensors")
+from quickmerge.data import fashion_mnist
+from tests.launch import rank_errors
 
 if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
     pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = {"img_size": 28, "patch_size": 2, "in_chans": 1, "num_classes": 10, "embed_dim": 32, "depth": 3,
-          "num_heads": 2, "mlp_ratio": 2.0}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from quickmerge.pretrained.fashion_vit import build_vit
-
-    path = tmp_path_factory.mktemp("vit")
-    torch.manual_seed(0)
-    st.save_file(build_vit(CONFIG).state_dict(), str(path / "model.safetensors"))
-    (path / "config.json").write_text(json.dumps({"model": CONFIG}))
-    return path
 
 
 def _command(checkpoint, out, *extra):
@@ -51,7 +37,8 @@ def _rows(path):
     return [{**row, "mean_tokens_per_layer": round(row["mean_tokens_per_layer"], 9)} for row in rows]
 
 
-def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(checkpoint, tmp_path):
+def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(tiny_vit_dir, tmp_path):
+    checkpoint = tiny_vit_dir
     full = tmp_path / "full"
     subprocess.run(_command(checkpoint, full), check=True, cwd=ROOT, env=ENV, capture_output=True)
     out = tmp_path / "killed"

@@ -1,0 +1,60 @@
+"""``quickmerge eval vision``'s sweep: ToMe's cap by default, greedy schedules past it with ``--matching greedy``."""
+
+import json
+
+import pytest
+
+from quickmerge.eval.vision_cli import FLOOR, build_sweep
+from quickmerge.vision.budget import entropy_schedule, token_counts
+
+PERPLEXITY = [40.0, 8.0, 20.0]
+
+
+def test_bipartite_sweep_is_constant_r_and_capped_entropy_schedules():
+    sweep = build_sweep(["quickmerge", "tome"], [16, 64], ["constant", "entropy"], PERPLEXITY, 196)
+    assert sweep[:4] == [("quickmerge", 16, {}), ("quickmerge", 64, {}), ("tome", 16, {}), ("tome", 64, {})]
+    for (_, schedule, settings), r in zip(sweep[4:], [16, 64], strict=True):
+        assert settings == {"label": "quickmerge-entropy"} and schedule == entropy_schedule(PERPLEXITY, 196, r)
+        assert all(2 * m <= n for m, n in zip(schedule, token_counts(196, schedule), strict=False))
+
+
+def test_greedy_sweep_runs_every_schedule_but_tomes_down_to_the_floor_past_the_cap():
+    budgets = {120: {"thresholds": [1.0], "r": [150, 90], "patch_size": 2, "schedules": [[150, 38, 0], [90, 90, 8]]}}
+    sweep = build_sweep(["quickmerge", "tome", "random"], [40, 120], ["constant", "entropy", "per-image"], PERPLEXITY,
+                        196, {40: {}, 120: budgets[120]}, matching="greedy", num_layers=3)
+    rows = {(m, s.get("label", m), json.dumps(r)): s for m, r, s in sweep}
+    assert ("tome", "tome", "40") in rows and ("tome", "tome", "120") in rows  # ToMe-style stays bipartite, int r
+    assert rows[("quickmerge", "quickmerge", json.dumps([120, 68, 0]))] == {"matching": "greedy"}  # 196 -> 76 -> 8
+    assert rows[("random", "random", json.dumps([120, 68, 0]))] == {}
+    assert rows[("quickmerge", "quickmerge", json.dumps([40, 40, 40]))] == {"matching": "greedy"}
+    entropy = entropy_schedule(PERPLEXITY, 196, 120, floor=FLOOR, bipartite=False)
+    assert max(entropy) > 98 and rows[("quickmerge", "quickmerge-entropy", json.dumps(entropy))]["matching"] == "greedy"
+    per_image = rows[("quickmerge", "quickmerge-per-image", "120")]
+    assert per_image == {"label": "quickmerge-per-image", "matching": "greedy", "image_budget": budgets[120]}
+    with pytest.raises(ValueError, match="number of blocks"):
+        build_sweep(["quickmerge"], [40], matching="greedy")
+
+
+def test_greedy_eval_vision_runs_past_the_cap_end_to_end(tiny_vit_dir, tmp_path, monkeypatch):
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision_cli
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(vision_cli, "CALIBRATION_IMAGES", 64)
+    args = build_parser().parse_args(
+        ["eval", "vision", "--checkpoint", str(tiny_vit_dir), "--images", "64", "--batch-size", "64", "--r-values",
+         "120", "--methods", "quickmerge", "random", "--matching", "greedy", "--timing-rounds", "1", "--threads", "1",
+         "--out", str(tmp_path / "greedy")])
+    results = vision_cli.run(args)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) == {"none", "quickmerge", "random", "quickmerge-entropy", "quickmerge-per-image"}
+    assert rows["quickmerge"]["r"] == [120, 68, 0] and rows["quickmerge"]["mean_tokens_per_layer"] == pytest.approx(
+        1 + (196 + 76 + 8) / 3)  # the class token and the patch tokens entering each block
+    bipartite_fewest = 1 + (196 + 98 + 49) / 3  # what halving in every block leaves
+    for method in ("quickmerge-entropy", "quickmerge-per-image"):
+        assert rows[method]["settings"]["matching"] == "greedy"
+        assert rows[method]["mean_tokens_per_layer"] < bipartite_fewest
+    assert json.loads((tmp_path / "greedy.json").read_text())["config"]["matching"] == "greedy"
