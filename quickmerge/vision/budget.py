@@ -64,8 +64,8 @@ def schedule_cost(counts: list[int]) -> int:
     return sum(counts[i] + counts[i + 1] for i in range(len(counts) - 1))
 
 
-def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor: int = 8,
-                     bipartite: bool = True) -> list[int]:
+def entropy_schedule(perplexity: list[float], num_tokens: int, r: int | None = None, *, cost: float | None = None,
+                     floor: int = 8, bipartite: bool = True) -> list[int]:
     """Tokens merged in each block ``[L]``, in inverse proportion to ``perplexity``, at a constant-r cost.
 
     Args:
@@ -73,16 +73,24 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
         num_tokens: mergeable tokens entering the first block (patch tokens).
         r: the constant schedule whose cost to match: ``sum_l (N_l + N_{l+1})``, the tokens each
             block's attention and MLP see.
+        cost: instead of ``r``, the share of the unmerged model's cost to spend, in (0, 1] (0.5: half the
+            token-blocks; what a share of the compute means at a given r depends on the model, so ask in cost).
         floor: fewest tokens any block keeps.
         bipartite: a block merges at most half of its tokens (ToMe's cap; False for greedy matching).
     A block whose attention uses few tokens (low entropy) can lose many without losing what
     it reads, so block l merges ``c / perplexity[l]`` tokens, at most half of those present
     (with ``bipartite``) and never below ``floor`` left; ``c`` is found by bisection so the
     cost is the constant schedule's (up to rounding, never above it). Flat perplexity gives
-    the constant schedule back.
+    the constant schedule back. A ``cost`` below what the schedule can reach (every block at its cap or
+    floor) raises ValueError naming the least it can spend.
     """
     layers = len(perplexity)
-    if layers == 0 or num_tokens < 1 or r < 0:
+    if (r is None) == (cost is None):
+        raise ValueError(f"give exactly one of r (tokens per block) and cost (a share of the unmerged cost), got "
+                         f"r={r!r}, cost={cost!r}")
+    if cost is not None and not (isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 < cost <= 1):
+        raise ValueError(f"cost must be a share of the unmerged model's token-blocks in (0, 1], got {cost!r}")
+    if layers == 0 or num_tokens < 1 or (r is not None and r < 0):
         raise ValueError(f"need at least one block, num_tokens >= 1 and r >= 0, got {layers}, {num_tokens}, {r}")
     if min(perplexity) <= 0:
         raise ValueError("perplexity values must be positive")
@@ -91,16 +99,23 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int, *, floor:
     def counts_for(merges: list[float]) -> list[int]:
         return token_counts(num_tokens, merges, floor, bipartite=bipartite)
 
-    cost = schedule_cost
-    budget = cost(counts_for([float(r)] * layers))
-    lo, hi = 0.0, float(num_tokens)
+    if r is not None:
+        budget = schedule_cost(counts_for([float(r)] * layers))
+    else:
+        budget = int(cost * schedule_cost([num_tokens] * (layers + 1)))
+        least = schedule_cost(counts_for([float(num_tokens) * max(perplexity) / min(perplexity)] * layers))
+        if least > budget:
+            raise ValueError(f"cost={cost} is below what this schedule can spend: at least "
+                             f"{least / schedule_cost([num_tokens] * (layers + 1)):.3f} of the unmerged cost, every "
+                             f"block merging {'half its tokens' if bipartite else 'down to the floor'}")
+    lo, hi = 0.0, float(num_tokens) / min(weights)  # at hi even the widest-reading block asks for every token
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if cost(counts_for([mid * w for w in weights])) <= budget:
+        if schedule_cost(counts_for([mid * w for w in weights])) <= budget:
             hi = mid  # merging more lowers the cost: the scale is past the budget
         else:
             lo = mid
     counts = counts_for([hi * w for w in weights])
-    if cost(counts) > budget:
+    if r is not None and schedule_cost(counts) > budget:
         counts = counts_for([r] * layers)
     return [counts[i] - counts[i + 1] for i in range(layers)]

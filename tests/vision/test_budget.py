@@ -76,3 +76,39 @@ def test_block_perplexity_is_measured_on_the_model():
         torch.nn.init.zeros_(block.attn.qkv.weight)
         torch.nn.init.zeros_(block.attn.qkv.bias)
     assert block_attention_perplexity(model, torch.randn(2, 1, 16, 16)) == pytest.approx([64.0] * 3, rel=1e-4)
+
+
+SHIPPED_VIT = [32.4, 167.2, 33.4, 45.6, 31.5, 24.9]  # the shipped ViT's block perplexities (calibration images)
+
+
+def test_hard_schedules_are_shaped_where_the_first_block_reaches_its_cap():
+    """At r >= 80 the focused blocks ask for more than the cap before the wide one has merged its share; the
+    search used to stop there and hand back constant r, labelled an entropy schedule."""
+    from quickmerge.vision.budget import schedule_cost, token_counts
+
+    for r, bipartite in ((80, True), (96, True), (150, False)):
+        schedule = entropy_schedule(SHIPPED_VIT, 196, r, bipartite=bipartite)
+        constant = token_counts(196, [float(r)] * 6, bipartite=bipartite)
+        assert schedule != [constant[i] - constant[i + 1] for i in range(6)]
+        assert schedule[1] < schedule[0]  # the block that reads widely merges less
+        counts = token_counts(196, [float(x) for x in schedule], bipartite=bipartite)
+        assert schedule_cost(constant) - 12 <= schedule_cost(counts) <= schedule_cost(constant)
+
+
+def test_a_schedule_can_be_asked_for_by_its_share_of_the_unmerged_cost():
+    from quickmerge.vision.budget import schedule_cost, token_counts
+
+    full = schedule_cost([196] * 7)
+    for cost, bipartite in ((0.5, True), (0.3, False), (1.0, True)):
+        schedule = entropy_schedule(SHIPPED_VIT, 196, cost=cost, bipartite=bipartite)
+        spent = schedule_cost(token_counts(196, [float(x) for x in schedule], bipartite=bipartite)) / full
+        assert cost - 0.01 <= spent <= cost
+    assert entropy_schedule(SHIPPED_VIT, 196, cost=1.0) == [0] * 6
+    with pytest.raises(ValueError, match=r"at least 0\.2\d\d of the unmerged cost, every block merging half"):
+        entropy_schedule(SHIPPED_VIT, 196, cost=0.1)
+    with pytest.raises(ValueError, match="exactly one of r"):
+        entropy_schedule(SHIPPED_VIT, 196, 16, cost=0.5)
+    with pytest.raises(ValueError, match="exactly one of r"):
+        entropy_schedule(SHIPPED_VIT, 196)
+    with pytest.raises(ValueError, match=r"cost must be .* in \(0, 1\]"):
+        entropy_schedule(SHIPPED_VIT, 196, cost=1.5)

@@ -87,11 +87,21 @@ def test_proportional_attention_makes_merging_duplicates_exact():
         assert not torch.allclose(model(x), ref, atol=1e-3)
 
 
-def test_half_precision_runs():
-    model = tiny_vit(True).to(torch.bfloat16)
-    with quickmerge.patch(model, r=8):
-        y = model(torch.randn(2, 1, 16, 16, dtype=torch.bfloat16))
-    assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+@pytest.mark.parametrize("settings, tokens", [
+    ({"r": 8}, [65, 57, 49]),
+    ({"r": 8, "epsilon": 0.1}, [65, 57, 49]),
+    ({"r": [40, 10, 5], "matching": "greedy"}, [65, 25, 15]),  # past the bipartite cap in the first block
+    ({"r": 8, "method": "tome"}, [65, 57, 49]),
+    ({"r": 8, "method": "random"}, [65, 57, 49]),
+    ({"r": 8, "method": "pool"}, [65, 57, 49]),
+], ids=["quickmerge", "merge-mass", "greedy", "tome", "random", "pool"])
+def test_half_precision_runs(dtype, fused, settings, tokens):
+    model = tiny_vit(fused).to(dtype)
+    with quickmerge.patch(model, **settings) as handle:
+        y = model(torch.randn(2, 1, 16, 16, dtype=dtype))
+    assert y.dtype == dtype and torch.isfinite(y.float()).all() and handle.tokens_per_layer == tokens
 
 
 def test_gradients_flow_through_merging():
