@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from .._validation import check_real
+from ..compile_guard import guard_hooks
 from .decoder import decoder_layers, warn_if_untested
 
 
@@ -67,6 +68,7 @@ class Press:
         """Patch ``model`` (this instance only) for the duration of the ``with`` block."""
         layers = decoder_layers(model)
         warn_if_untested(model, type(self).__name__)
+        guard_hooks()  # a graph compiled without these hooks must not run in the with block (compile_guard.py)
         handles = self._hooks(model, layers)
         try:
             with self._attention(model):

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
+from ..compile_guard import guard_hooks
 from ..primitives import group_sum, rank01, weighted_mean
 from .adapters import VisionAdapter, find_adapter, supported_families
 from .schedule import r_for_ratio, validate_r
@@ -328,6 +329,11 @@ def patch(
         seed: seed of the random method's (and the Gumbel noise's) generator.
     Raises:
         TypeError if the model is of no supported family or already patched; ValueError on bad settings.
+
+    ``torch.compile``: a patched model compiles whole (the hooks trace into its graph) and recompiles when the
+    handle's settings change or it is unpatched. TorchDynamo does not guard on module hooks by default, so the
+    first patch in a process turns those guards on and, if graphs were compiled before, clears them with a
+    warning (:mod:`quickmerge.compile_guard`); patch before compiling to avoid the retrace.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -349,6 +355,7 @@ def patch(
                      seed=seed)
     if ratio is not None:
         handle.ratio = ratio
+    guard_hooks()  # a graph compiled before this patch must not run the patched model (compile_guard.py)
     handle._hooks = adapter.attach(model, blocks, handle)
     setattr(model, _HANDLE_ATTR, handle)
     return handle

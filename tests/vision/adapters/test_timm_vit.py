@@ -220,3 +220,23 @@ def test_gradient_checkpointing_refuses_to_train_but_infers():
         with pytest.raises(RuntimeError, match="gradient checkpointing"):
             model(x).sum().backward()
     model.eval()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["sdpa", "eager"])
+def test_torch_compile_traces_the_hooks_whole_and_follows_the_handle(fused):
+    """fullgraph=True: the merge hooks trace into one graph (no graph break); changing the handle's settings or
+    unpatching recompiles instead of replaying a stale graph."""
+    torch._dynamo.reset()
+    model, x = tiny_vit(fused), torch.randn(4, 1, 16, 16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad(), quickmerge.patch(model, r=8) as handle:
+        for settings in ({"r": 8}, {"r": 4}, {"r": [20, 10, 5], "matching": "greedy"}, {"method": "tome"},
+                         {"prop_attn": False}):
+            handle.configure(**settings)
+            y, tokens = compiled(x), list(handle.tokens_per_layer)
+            assert torch.allclose(y, model(x), atol=1e-6) and tokens == handle.tokens_per_layer
+    with torch.no_grad():  # unpatched: the compiled model no longer merges
+        unpatched = tiny_vit(fused)
+        unpatched.load_state_dict(model.state_dict())
+        assert torch.allclose(compiled(x), unpatched(x), atol=1e-6)
+    torch._dynamo.reset()
