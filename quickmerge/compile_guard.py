@@ -10,8 +10,8 @@ clears the graphs compiled without them once, so every compiled model is retrace
 
 from __future__ import annotations
 
-import sys
 import warnings
+from types import ModuleType
 
 import torch
 
@@ -23,11 +23,9 @@ def guard_hooks() -> None:
     without hook guards, :func:`torch.compiler.reset` clears them (every compiled model, quickmerge's or
     not, is traced again on its next call) and a warning says so.
     """
-    dynamo = sys.modules.get("torch._dynamo")
-    if dynamo is None:
-        import torch._dynamo as dynamo  # timm and transformers have imported it already; ~1 s otherwise
-    if not dynamo.config.skip_nnmodule_hook_guards:
-        return
+    import torch._dynamo as dynamo  # timm and transformers import it already; ~1 s otherwise
+    if not getattr(dynamo.config, "skip_nnmodule_hook_guards", False):
+        return  # already guarding (or a release without the option; tests/test_compile_guard.py checks the behaviour)
     dynamo.config.skip_nnmodule_hook_guards = False
     compiled = _graphs_compiled(dynamo)
     if compiled:
@@ -41,7 +39,7 @@ def guard_hooks() -> None:
         )
 
 
-def _graphs_compiled(dynamo) -> int:
+def _graphs_compiled(dynamo: ModuleType) -> int:
     """Graphs TorchDynamo compiled in this process so far (its own counter; -1 if it has none)."""
     try:
         return int(dynamo.utils.counters["stats"]["unique_graphs"])
