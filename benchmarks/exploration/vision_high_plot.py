@@ -2,9 +2,10 @@
 
     python benchmarks/exploration/vision_high_plot.py   # -> docs/img/vision_past_tome_cap.png
 
-Reads ``docs/results/issue11/vision_full_ref90_s32.json`` (the default grid, stop 32), ``vision_high_test.json``
-(accuracy past the cap) and ``vision_high_speed.json`` (their speed-ups, timed together). Speed-ups are each
-run's own ratios to the unpatched model timed in the same run.
+Reads ``docs/results/issue11/vision_full_ref90_s32.json`` (the default grid, stop 32), ``vision_r72_r98.json``
+(ToMe-style's upper range, stop 37, continuing the grid's curves), ``vision_high_test.json`` (accuracy past the cap)
+and ``vision_high_speed.json`` (their speed-ups, timed together). Speed-ups are each run's own ratios to the
+unpatched model timed in the same run.
 """
 
 import json
@@ -20,6 +21,7 @@ RESULTS = "docs/results/issue11/"
 
 def main():
     grid = json.load(open(RESULTS + "vision_full_ref90_s32.json"))["rows"]
+    grid += [row for row in json.load(open(RESULTS + "vision_r72_r98.json"))["rows"] if row["method"] != "none"]
     test = json.load(open(RESULTS + "vision_high_test.json"))["rows"]
     speed = {row["schedule"]: row["speedup"] for row in json.load(open(RESULTS + "vision_high_speed.json"))["rows"]}
     curves = defaultdict(list)
