@@ -41,6 +41,16 @@ def hits(model, images, labels, batch_size=500, **settings):
     return torch.cat(out), tokens / len(images)
 
 
+def evaluation_images(split):
+    """``(raw uint8 images, labels)``: held-out training images 512..4999 (the first 512 calibrate) or the test set."""
+    if split == "test":
+        from quickmerge.data.fashion_mnist import load_fashion_mnist
+
+        return load_fashion_mnist("test")
+    _, (raw, labels) = split_train_heldout()
+    return raw[512:], labels[512:]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--r", type=int, nargs="+", default=[32, 48, 64, 80])
@@ -55,13 +65,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = load_fashion_vit()
-    if args.split == "test":
-        from quickmerge.data.fashion_mnist import load_fashion_mnist
-
-        raw, labels = load_fashion_mnist("test")
-    else:
-        _, (raw, labels) = split_train_heldout()
-        raw, labels = raw[512:], labels[512:]
+    raw, labels = evaluation_images(args.split)
     images = normalize(raw)
     reference = copy.deepcopy(model).eval()
 

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.exploration.vision_high_compression import hits
+from benchmarks.exploration.vision_high_compression import evaluation_images, hits
 from quickmerge.data.fashion_mnist import normalize
 from quickmerge.eval.stats import bootstrap_difference
 from quickmerge.eval.vision_cli import calibrate, calibration_images
@@ -24,7 +24,6 @@ from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.budget import entropy_schedule, schedule_cost, token_counts
 from quickmerge.vision.image_budget import ImageBudget, bucketed_forward
-from quickmerge.vision.train import split_train_heldout
 
 
 @torch.inference_mode()
@@ -47,13 +46,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     model = load_fashion_vit()
-    if args.split == "test":
-        from quickmerge.data.fashion_mnist import load_fashion_mnist
-
-        raw, labels = load_fashion_mnist("test")
-    else:
-        _, (raw, labels) = split_train_heldout()
-        raw, labels = raw[512:], labels[512:]
+    raw, labels = evaluation_images(args.split)
     images = normalize(raw)
     layers, n = len(model.blocks), model.patch_embed.num_patches
     perplexity = calibrate(model)
