@@ -62,3 +62,29 @@ def test_hook_guards_are_turned_on_once_and_silently_when_nothing_was_compiled(d
         assert torch._dynamo.config.skip_nnmodule_hook_guards is False
         torch.compile(tiny_vit(True), backend="eager")(torch.randn(1, 1, 16, 16))
         quickmerge.patch(tiny_vit(True), r=8)  # already guarded: no reset, no warning
+
+
+@torch.no_grad()
+def test_a_press_compresses_the_cache_of_a_compiled_causal_lm(dynamo_defaults, tmp_path):
+    """QuickMergePress's hooks inside a compiled LM (compiled before the press): the same cache and logits as eager."""
+    transformers = pytest.importorskip("transformers")
+    from quickmerge import QuickMergePress
+    from quickmerge.text.cache import cache_kwargs
+    from tests.eval.conftest import save_tiny_lm
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(save_tiny_lm(tmp_path)).eval()
+    prompt, follow = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(0)), torch.tensor([[5, 6]])
+    compiled = torch.compile(model, backend="eager")
+    compiled(prompt)  # a graph without the press's hooks
+
+    def run(forward):
+        press, cache = QuickMergePress(compression_ratio=0.5), transformers.DynamicCache()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the cache reset's warning, checked above
+            with press(model):
+                forward(prompt, **cache_kwargs(model, cache))
+                logits = forward(follow, **cache_kwargs(model, cache)).logits
+        return logits, press.compressed_length
+
+    (eager, kept), (fast, kept_compiled) = run(model), run(compiled)
+    assert kept == kept_compiled == 32 and torch.allclose(eager, fast, atol=1e-5)
