@@ -103,7 +103,7 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int | None = N
         budget = schedule_cost(counts_for([float(r)] * layers))
     else:
         budget = int(cost * schedule_cost([num_tokens] * (layers + 1)))
-        least = schedule_cost(counts_for([float(num_tokens) * max(perplexity) / min(perplexity)] * layers))
+        least = schedule_cost(counts_for([float(num_tokens)] * layers))  # every block at its cap or the floor
         if least > budget:
             raise ValueError(f"cost={cost} is below what this schedule can spend: at least "
                              f"{least / schedule_cost([num_tokens] * (layers + 1)):.3f} of the unmerged cost, every "

@@ -124,11 +124,11 @@ class ImageBudget:
         def cost_of(rs: list[int]) -> float:
             return sum(float(s) * cost(x) for s, x in zip(share, rs, strict=True))
 
-        budget = schedule_cost(token_counts(num_tokens, [float(r)] * num_layers, floor, bipartite=bipartite))
-        lo, hi = 0.0, num_tokens / min(weights)  # at this scale even the hardest bucket asks for every token
         def rs_at(scale: float) -> list[int]:
             return [min(round(scale * w), num_tokens) for w in weights]  # past num_tokens a bucket merges no more
 
+        budget = schedule_cost(token_counts(num_tokens, [float(r)] * num_layers, floor, bipartite=bipartite))
+        lo, hi = 0.0, num_tokens / min(weights)  # at this scale even the hardest bucket asks for every token
         for _ in range(50):
             mid = 0.5 * (lo + hi)
             if cost_of(rs_at(mid)) <= budget:
