@@ -115,7 +115,5 @@ def entropy_schedule(perplexity: list[float], num_tokens: int, r: int | None = N
             hi = mid  # merging more lowers the cost: the scale is past the budget
         else:
             lo = mid
-    counts = counts_for([hi * w for w in weights])
-    if r is not None and schedule_cost(counts) > budget:
-        counts = counts_for([r] * layers)
+    counts = counts_for([hi * w for w in weights])  # within budget: hi starts at the least cost, every block capped
     return [counts[i] - counts[i + 1] for i in range(layers)]

@@ -135,9 +135,7 @@ class ImageBudget:
                 hi = mid
             else:
                 lo = mid
-        rs = rs_at(hi)
-        if cost_of(rs) > budget:
-            rs = [r] * buckets
+        rs = rs_at(hi)  # within budget: the search starts where every bucket merges all it can, the least cost
         return cls(thresholds, rs, patch_size, [schedule(x) for x in rs] if per_block else None)
 
 
