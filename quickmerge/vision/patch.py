@@ -303,9 +303,10 @@ def patch(
     """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
 
     Args:
-        model: a timm ``VisionTransformer`` or a Hugging Face ``ViTModel`` /
-            ``ViTForImageClassification`` / ``Dinov2Model`` (other subclasses of these
-            families work with a warning).
+        model: a timm ``VisionTransformer``; a Hugging Face ViT, DeiT, DINOv2 or DINOv2-with-registers
+            model, or a CLIP or SigLIP vision tower (``quickmerge.vision.adapters.supported_families()``;
+            other subclasses of these families work with a warning; heads that need every patch token
+            on its grid, such as ``Dinov2Backbone``, are refused).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in
             ToMe, a block merges at most half its tokens by bipartite matching (all but one
             otherwise), and ``handle.tokens_per_layer`` shows what each block kept.
@@ -345,10 +346,10 @@ def patch(
             f"quickmerge.patch supports {supported_families()}; "
             f"got {type(model).__module__}.{type(model).__name__}"
         )
+    blocks = adapter.blocks(model)  # raises on a structure the adapter cannot hook, before any warning
     if type(model).__name__ not in adapter.tested_classes:
         warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.tested_classes}; "
                       "check its outputs with r=0 against the unpatched model", stacklevel=2)
-    blocks = adapter.blocks(model)
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source, saliency=saliency,
                      saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, temperature=temperature,

@@ -1,4 +1,4 @@
-"""Hugging Face ViT and DINOv2 adapter (transformers 5.x, both layer layouts).
+"""Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers adapter (transformers 5.x, both layer layouts).
 
 Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``
 (``attention.attention`` holding the projections), adds the residual, then
@@ -6,7 +6,9 @@ Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(
 ``h = dropout(attention(layernorm_before(x))) + x`` then ``dropout(mlp(layernorm_after(h))) + h``
 and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 ``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
-``drop_path(layer_scale2(mlp(norm2(h)))) + h``. Hooks between those pieces:
+``drop_path(layer_scale2(mlp(norm2(h)))) + h``. DeiT's layers are ViT's, DINOv2 with registers' are
+DINOv2's; their distillation and register tokens sit after the class token and are never merged.
+Hooks between those pieces:
 
 - the attention goes through a registered attention function (transformers'
   ``AttentionInterface``) that wraps the model's own one (eager or sdpa): it captures
@@ -30,25 +32,35 @@ from torch import Tensor, nn
 from .protocol import BlockMerger, Removable
 from .residual import block_end_hook, block_start_hook, norm_merge_hook, residual_merge_hooks
 
+# module of each family -> its pre-trained base class
 _FAMILIES = {
     "transformers.models.vit.modeling_vit": "ViTPreTrainedModel",
+    "transformers.models.deit.modeling_deit": "DeiTPreTrainedModel",
     "transformers.models.dinov2.modeling_dinov2": "Dinov2PreTrainedModel",
+    "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers": "Dinov2WithRegistersPreTrainedModel",
 }
+_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers")  # where the heads keep the base model
+# heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
+_DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
 ATTENTION_NAME = "quickmerge_vit"
 _STATE_ATTR = "_quickmerge_attention"
 
 
 class HFViTAdapter:
-    """Hugging Face ``ViTModel`` / ``ViTForImageClassification`` / ``Dinov2Model`` (and subclasses)."""
+    """Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers models (and subclasses)."""
 
-    name = "Hugging Face ViT / DINOv2"
-    tested_classes = ("ViTModel", "ViTForImageClassification", "Dinov2Model")
+    name = "Hugging Face ViT / DeiT / DINOv2"
+    tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
+                      "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel")
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        return 1  # the [CLS] token; neither family has register tokens
+        """[CLS], then DeiT's distillation token or DINOv2's register tokens."""
+        embeddings = _vit(model).embeddings
+        registers = getattr(embeddings, "register_tokens", None)
+        return 1 + int(hasattr(embeddings, "distillation_token")) + (0 if registers is None else registers.shape[1])
 
     def has_class_token(self, model: nn.Module) -> bool:
         return True
@@ -57,10 +69,16 @@ class HFViTAdapter:
         return activation_checkpointing(model) and model.training
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
+        dense = next((c.__name__ for c in type(model).__mro__ if c.__name__.endswith(_DENSE_HEADS)), None)
+        if dense is not None:
+            raise TypeError(
+                f"{type(model).__name__} is a {dense}: its head puts every patch token back on the patch grid, "
+                "where merged tokens have no place. Merge tokens in a model that pools them (the family's ...Model or "
+                "...ForImageClassification), or run this one unpatched")
         base = _vit(model)
         layers = list(getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "layers", None) or [])
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
-            raise TypeError(f"{type(model).__name__} has no ViT or DINOv2 encoder layers to patch")
+            raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2 encoder layers to patch")
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
@@ -128,7 +146,7 @@ class _RestoreAttention:
 
 
 def _vit(model: nn.Module) -> nn.Module:
-    for name in ("vit", "dinov2"):
+    for name in _BASE_ATTRS:
         if hasattr(model, name):
             return getattr(model, name)
     return model

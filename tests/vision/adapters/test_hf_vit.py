@@ -1,4 +1,4 @@
-"""quickmerge.patch on Hugging Face ViTModel / ViTForImageClassification (eager and sdpa)."""
+"""quickmerge.patch on Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers models (eager and sdpa)."""
 
 import warnings
 
@@ -10,18 +10,31 @@ import quickmerge
 transformers = pytest.importorskip("transformers")
 
 
+# tokens never merged: [CLS], DeiT's distillation token, DINOv2's register tokens (3 in `tiny`)
+PREFIX = {"ViT": 1, "DeiT": 2, "Dinov2": 1, "Dinov2WithRegisters": 4}
+
+
+def family(cls_name: str) -> str:
+    return max((f for f in PREFIX if cls_name.startswith(f)), key=len)
+
+
 def tiny(cls_name: str, impl: str) -> torch.nn.Module:
     common = dict(image_size=16, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=3,
                   num_attention_heads=4, num_labels=5, attn_implementation=impl)
-    if cls_name.startswith("Dinov2"):
-        config = transformers.Dinov2Config(**common, mlp_ratio=2, layerscale_value=0.5)
-    else:
-        config = transformers.ViTConfig(**common, intermediate_size=64)
+    dinov2 = dict(mlp_ratio=2, layerscale_value=0.5)
+    config = {
+        "ViT": lambda: transformers.ViTConfig(**common, intermediate_size=64, encoder_stride=2),
+        "DeiT": lambda: transformers.DeiTConfig(**common, intermediate_size=64, encoder_stride=2),
+        "Dinov2": lambda: transformers.Dinov2Config(**common, **dinov2),
+        "Dinov2WithRegisters": lambda: transformers.Dinov2WithRegistersConfig(**common, **dinov2,
+                                                                              num_register_tokens=3),
+    }[family(cls_name)]()
     return getattr(transformers, cls_name)(config).eval()
 
 
 def position_embeddings(model) -> torch.Tensor:
-    base = next((getattr(model, n) for n in ("vit", "dinov2") if hasattr(model, n)), model)
+    base = next((getattr(model, n) for n in ("vit", "deit", "dinov2", "dinov2_with_registers") if hasattr(model, n)),
+                model)
     return base.embeddings.position_embeddings
 
 
@@ -31,18 +44,23 @@ def output(model, x):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification", "Dinov2Model"])
+@pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification", "DeiTModel",
+                                      "DeiTForImageClassificationWithTeacher", "Dinov2Model",
+                                      "Dinov2WithRegistersModel"])
 def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
     model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
     ref = output(model, x)
-    handle = quickmerge.patch(model, r=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every class here is a tested one
+        handle = quickmerge.patch(model, r=0)
     assert model.config._attn_implementation == "quickmerge_vit"
     assert torch.allclose(output(model, x), ref, atol=1e-5, rtol=0)
     handle.r = 12
     merged = output(model, x)
-    assert handle.tokens_per_layer == [65, 53, 41]
-    if cls_name != "ViTForImageClassification":
-        assert merged.shape[1] == 29
+    p = PREFIX[family(cls_name)]
+    assert handle.tokens_per_layer == [64 + p, 52 + p, 40 + p]
+    if not cls_name.endswith(("Classification", "WithTeacher")):
+        assert merged.shape[1] == 28 + p
         merged, ref_cls = merged[:, 0], ref[:, 0]
     else:
         ref_cls = ref
@@ -54,7 +72,8 @@ def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
-@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "Dinov2Model"])
+@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "DeiTForImageClassification", "Dinov2Model",
+                                      "Dinov2WithRegistersModel"])
 def test_proportional_attention_makes_merging_duplicates_exact(cls_name, impl):
     model = tiny(cls_name, impl)
     with torch.no_grad():
@@ -64,7 +83,7 @@ def test_proportional_attention_makes_merging_duplicates_exact(cls_name, impl):
     with quickmerge.patch(model, r=20, method="pool") as handle:
         assert torch.allclose(output(model, x)[:, :1], ref, atol=1e-5)
         handle.prop_attn = False
-        assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-3)
+        assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
@@ -75,6 +94,33 @@ def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
         assert torch.isfinite(logits).all()
         assert (handle.source[:, 0] == 0).all() and (handle.source[:, 1:] != 0).all()  # [CLS] alone
         assert handle.source.max() == 16  # 64 patches -> 16 kept, plus [CLS]
+
+
+@pytest.mark.parametrize("cls_name", ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel"])
+@pytest.mark.parametrize("method", ["quickmerge", "tome"])
+def test_distillation_and_register_tokens_are_never_merged(cls_name, method):
+    model, p = tiny(cls_name, "sdpa"), PREFIX[family(cls_name)]
+    with quickmerge.patch(model, ratio=0.25, method=method, trace_source=True) as handle:
+        out = output(model, torch.randn(3, 1, 16, 16))
+        assert torch.isfinite(out).all()
+        assert torch.equal(handle.source[:, :p], torch.arange(p).expand(3, p))  # each prefix token alone
+        assert (handle.source[:, p:] >= p).all() and handle.source.max() == p + 15  # 64 patches -> 16
+        assert (handle.sizes[:, :p] == 1).all() and (handle.sizes[:, p:].sum(1) == 64).all()
+
+
+@pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
+                                      "DeiTForMaskedImageModeling"])
+def test_heads_that_need_the_patch_grid_are_refused(cls_name):
+    # merged tokens reshaped onto the grid gave a feature map of the wrong width without an error
+    model = tiny(cls_name, "sdpa")
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # 5.24 has its own
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the refusal comes before the untested-class warning
+        with pytest.raises(TypeError, match=f"{cls_name} is a .*patch grid"):
+            quickmerge.patch(model, r=8)
+    assert not hasattr(model, "_quickmerge_handle")
+    assert model.config._attn_implementation == "sdpa"
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hooks
 
 
 @pytest.mark.parametrize("cls_name", ["ViTModel", "Dinov2Model"])
