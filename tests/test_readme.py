@@ -75,8 +75,8 @@ RUN = {
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True,': _press_only,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True)':
         _press_only,
-    "model = load_fashion_vit()                 # or a timm VisionTransformer, HF ViTModel / "
-    "ViTForImageClassification / Dinov2Model": _vision,
+    "model = load_fashion_vit()                 # or a timm VisionTransformer, a HF ViT / DeiT / DINOv2, "
+    "a CLIP tower": _vision,
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,

@@ -156,6 +156,12 @@ class MergeHandle:
             return r_for_ratio(self._ratio, num_tokens - self.num_prefix_tokens, self.num_layers)
         return validate_r(self._r, self.num_layers)
 
+    def merges(self) -> bool:
+        """Whether the current settings merge any token (a keep ratio below 1, or some block's r above 0)."""
+        if self._ratio is not None:
+            return self._ratio < 1.0
+        return any(r > 0 for r in validate_r(self._r, self.num_layers))
+
     @property
     def mean_tokens(self) -> float:
         """Mean number of tokens entering a block in the last forward pass."""

@@ -44,6 +44,10 @@ class BlockMerger(Protocol):
 
     def merge(self, layer: int, x: Tensor) -> Tensor | None: ...
 
+    def merges(self) -> bool:
+        """Whether the current settings merge any token (False: the model runs exactly as unpatched)."""
+        ...
+
     def end(self) -> None: ...
 
 

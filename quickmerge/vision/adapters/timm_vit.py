@@ -8,10 +8,15 @@ qk-norm and fused SDPA are the model's own code:
 - ``attn.q_norm`` / ``attn.k_norm`` hooks: capture queries and keys ``[B, H, N, hd]``;
 - ``norm2``, ``drop_path2`` and the block: the residual merge of :mod:`.residual`
   (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
+
+``forward_intermediates`` (and ``get_intermediate_layers(reshape=True)``) reshape each block's tokens onto the
+patch grid, where merged tokens have no place: while the handle merges, the instance's method refuses that
+format (``output_fmt="NLC"`` returns each block's merged tokens as they are).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -62,7 +67,40 @@ class TimmViTAdapter:
         hooks: list[Removable] = []
         for i, block in enumerate(blocks):
             hooks += _attach_block(block, i, merger)
+        if hasattr(model, "forward_intermediates"):
+            hooks.append(_GridGuard(model, merger))
         return hooks
+
+
+class _GridGuard:
+    """Per instance: ``model.forward_intermediates`` refuses ``output_fmt="NCHW"`` while tokens merge.
+
+    timm reshapes each block's tokens to ``[B, C, H, W]`` with ``reshape(B, H, W, -1)``: merged tokens
+    would come back as a map of the wrong width (no error). The class's method is left alone; the guard is
+    an instance attribute, deleted on removal."""
+
+    def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
+        original = model.forward_intermediates
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            if bound.arguments.get("output_fmt") == "NCHW" and merger.merges():
+                raise ValueError(
+                    f"{type(model).__name__}.forward_intermediates(output_fmt='NCHW') puts every patch token back on "
+                    "the grid, but this model is patched to merge tokens (quickmerge.patch): set handle.r = 0 while "
+                    "taking feature maps, or pass output_fmt='NLC' (get_intermediate_layers: reshape=False) for "
+                    "each block's merged tokens")
+            return original(*args, **kwargs)
+
+        self.model, self.guard = model, forward_intermediates
+        model.forward_intermediates = forward_intermediates
+
+    def remove(self) -> None:
+        if self.model.__dict__.get("forward_intermediates") is self.guard:
+            del self.model.__dict__["forward_intermediates"]
 
 
 def _attach_block(block: nn.Module, layer: int, merger: BlockMerger) -> list[Removable]:

@@ -40,6 +40,27 @@ def test_r0_is_exact_and_unpatch_restores(name, fused):
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_feature_maps_are_refused_while_tokens_merge():
+    # timm reshapes each block's tokens onto the patch grid: merged ones came back as maps of the wrong width
+    model, x = tiny_vit(True, reg_tokens=1), torch.randn(2, 1, 16, 16)
+    ref = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(f.shape) for f in ref] == [(2, 32, 8, 8)] * 3
+    handle = quickmerge.patch(model, r=0)
+    for got, want in zip(model.forward_intermediates(x, intermediates_only=True), ref, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=0)
+    handle.r = 8
+    with pytest.raises(ValueError, match=r"output_fmt='NCHW'.*handle\.r = 0"):
+        model.forward_intermediates(x, intermediates_only=True)
+    with pytest.raises(ValueError, match="output_fmt='NCHW'"):
+        model.get_intermediate_layers(x, n=2, reshape=True)
+    tokens = model.get_intermediate_layers(x, n=3)  # NLC: each block's merged tokens, as they are
+    assert [t.shape[1] for t in tokens] == [56, 48, 40] and handle.tokens_per_layer == [66, 58, 50]
+    quickmerge.unpatch(model)
+    assert "forward_intermediates" not in model.__dict__
+    for got, want in zip(model.forward_intermediates(x, intermediates_only=True), ref, strict=True):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
 def test_tokens_per_layer_follow_the_schedule_and_prefix_tokens_stay(method):
     model, x = tiny_vit(True, reg_tokens=2), torch.randn(3, 1, 16, 16)
