@@ -68,6 +68,7 @@ _SETTINGS: dict[str, Any] = {
                                                             low_open=True, high_open=True),
     "prop_attn": _flag("prop_attn"),
     "trace_source": _flag("trace_source"),
+    "size_weighted_pool": _flag("size_weighted_pool"),
 }
 
 
@@ -86,9 +87,10 @@ class MergeHandle:
     """Settings and per-pass state of a patched model. Returned by :func:`patch`.
 
     Attributes that may be changed at any time: ``r``, ``ratio``, ``method``, ``prop_attn``,
-    ``trace_source``. After a forward pass: ``tokens_per_layer`` (tokens entering each
-    block), ``mean_tokens``, and with ``trace_source`` the ``source`` map ``[B, N0]``
-    (final token of each input token, -1 if dropped) and ``sizes`` ``[B, N]``.
+    ``trace_source``, ``size_weighted_pool``. After a forward pass: ``tokens_per_layer`` (tokens
+    entering each block), ``mean_tokens``, ``sizes`` ``[B, N]`` (patches each output token stands
+    for; None when nothing merged) and with ``trace_source`` the ``source`` map ``[B, N0]`` (final
+    token of each input token, -1 if dropped).
     """
 
     def __init__(self, model: nn.Module, adapter: VisionAdapter, num_layers: int, num_prefix_tokens: int) -> None:
@@ -105,6 +107,7 @@ class MergeHandle:
         self.temperature: float | None = None
         self.prop_attn = True
         self.trace_source = False
+        self.size_weighted_pool = True
         self.generator = torch.Generator().manual_seed(0)
         self.tokens_per_layer: list[int] = []
         self.source: Tensor | None = None
@@ -264,11 +267,19 @@ class MergeHandle:
         return torch.cat([x[:, :p], merged], dim=1)
 
     def end(self) -> None:
-        """End of a forward pass: publish source map and sizes, drop references."""
+        """End of a forward pass: publish sizes and source map, drop references."""
+        self.sizes = self._pass.size
         if self.trace_source:
             self.source = self._pass.origin
-            self.sizes = self._pass.size
         self._pass = _Pass()
+
+    def pooling_weights(self, x: Tensor) -> Tensor | None:
+        """Weights ``[B, N]`` for an average-pooling head over the output tokens ``x [B, N, C]``: each token's
+        size, so the mean is the one over the original patches; None when unweighted means are right (nothing
+        merged, ``size_weighted_pool`` off) or ``x`` is not the last pass's output."""
+        if not self.size_weighted_pool or self.sizes is None or tuple(self.sizes.shape) != tuple(x.shape[:2]):
+            return None
+        return self.sizes
 
     # lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -299,6 +310,7 @@ def patch(
     method: str = "quickmerge",
     prop_attn: bool = True,
     trace_source: bool = False,
+    size_weighted_pool: bool = True,
     saliency: str = "cls",
     saliency_weight: float = 0.5,
     matching: str = "bipartite",
@@ -320,6 +332,9 @@ def patch(
         method: ``"quickmerge"`` (default), ``"tome"``, ``"random"`` (drop) or ``"pool"``.
         prop_attn: add log(size) to attention logits (proportional attention).
         trace_source: record which input token ended in which output token (``handle.source``).
+        size_weighted_pool: heads that average the output tokens (timm ``global_pool="avg"`` or
+            ``"avgmax"``) weight each token by its size, so they average over the original patches, as
+            ToMe does for MAE models; False: plain means of the merged tokens.
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
             ``"queries"`` (16 queries spread over the image).
         saliency_weight: how strongly saliency protects a token from being merged away.
@@ -357,7 +372,8 @@ def patch(
         warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.tested_classes}; "
                       "check its outputs with r=0 against the unpatched model", stacklevel=2)
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
-    handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source, saliency=saliency,
+    handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source,
+                     size_weighted_pool=size_weighted_pool, saliency=saliency,
                      saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, temperature=temperature,
                      seed=seed)
     if ratio is not None:

@@ -18,7 +18,10 @@ Hooks between those pieces:
   pre-hook swaps in the merged residual for its residual argument;
 - new ViT layout and DINOv2: the residual merge of :mod:`.residual` (``layernorm_after`` /
   ``norm2`` where the stream is merged, the branch's last module: ``dropout`` /
-  ``layer_scale2``).
+  ``layer_scale2``);
+- DINOv2's classification heads (the class token beside the mean of the patch tokens): the final
+  ``layernorm``'s output is kept and a ``classifier`` pre-hook swaps the plain mean for the mean
+  weighted by each token's size (the mean over the original patches).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .protocol import BlockMerger, Removable
@@ -40,6 +44,8 @@ _FAMILIES = {
     "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers": "Dinov2WithRegistersPreTrainedModel",
 }
 _BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers")  # where the heads keep the base model
+# heads that classify the class token beside the plain mean of the patch tokens
+_MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
 ATTENTION_NAME = "quickmerge_vit"
@@ -51,7 +57,8 @@ class HFViTAdapter:
 
     name = "Hugging Face ViT / DeiT / DINOv2"
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
-                      "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2WithRegistersModel")
+                      "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
+                      "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
@@ -82,8 +89,11 @@ class HFViTAdapter:
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
-        return attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
-                                           blocks, merger, parts=_residual_parts)
+        hooks = attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
+                                            blocks, merger, parts=_residual_parts)
+        if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
+            hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
+        return hooks
 
 
 def activation_checkpointing(model: nn.Module) -> bool:
@@ -207,3 +217,34 @@ def _attach_vit_layer(layer: nn.Module, index: int, merger: BlockMerger) -> list
         layer.output.register_forward_pre_hook(output_pre),
         block_end_hook(layer, index, merger),
     ]
+
+
+def _weighted_patch_mean(model: nn.Module, merger: BlockMerger, prefix: int) -> list[Removable]:
+    """Hooks making a DINOv2 classification head average the patch tokens weighted by their sizes.
+
+    The head runs ``classifier(cat([x[:, 0], x[:, prefix:].mean(1)], -1))`` on the final layernorm's output
+    ``x``; the pre-hook checks that the second half of its input is that plain mean (a head written otherwise
+    raises rather than being changed blindly) and replaces it with the size-weighted one."""
+    final: dict[str, Tensor | None] = {"tokens": None}
+
+    def keep(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+        final["tokens"] = out
+
+    def classifier_pre(_m: nn.Module, args: tuple) -> tuple | None:
+        tokens, final["tokens"] = final["tokens"], None
+        weights = None if tokens is None else merger.pooling_weights(tokens)
+        if weights is None:
+            return None
+        features, width = args[0], tokens.shape[-1]
+        patches, w = tokens[:, prefix:], weights[:, prefix:, None].to(tokens.dtype)
+        plain = patches.mean(dim=1)
+        if features.shape[-1] != 2 * width or not torch.allclose(features[:, width:], plain, rtol=1e-4, atol=1e-5):
+            raise RuntimeError(f"{type(model).__name__}'s classifier no longer takes the class token beside the mean "
+                               "of the patch tokens; quickmerge cannot weight that mean by token size (pass "
+                               "size_weighted_pool=False to quickmerge.patch to leave the head as it is)")
+        acc = torch.promote_types(tokens.dtype, torch.float32)
+        weighted = ((patches.to(acc) * w.to(acc)).sum(dim=1) / w.to(acc).sum(dim=1)).to(features.dtype)
+        return (torch.cat([features[:, :width], weighted], dim=-1), *args[1:])
+
+    return [_vit(model).layernorm.register_forward_hook(keep),
+            model.classifier.register_forward_pre_hook(classifier_pre)]

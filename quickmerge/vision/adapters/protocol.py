@@ -48,6 +48,10 @@ class BlockMerger(Protocol):
         """Whether the current settings merge any token (False: the model runs exactly as unpatched)."""
         ...
 
+    def pooling_weights(self, x: Tensor) -> Tensor | None:
+        """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
+        ...
+
     def end(self) -> None: ...
 
 

@@ -9,6 +9,9 @@ qk-norm and fused SDPA are the model's own code:
 - ``norm2``, ``drop_path2`` and the block: the residual merge of :mod:`.residual`
   (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
 
+Average pooling (``global_pool="avg"`` / ``"avgmax"``) weights each token by its size: the instance's ``pool``
+wraps timm's and takes the mean over the original patches (ToMe does the same for MAE models).
+
 ``forward_intermediates`` (and ``get_intermediate_layers(reshape=True)``) reshape each block's tokens onto the
 patch grid, where merged tokens have no place: while the handle merges, the instance's method refuses that
 format (``output_fmt="NLC"`` returns each block's merged tokens as they are).
@@ -20,6 +23,7 @@ import functools
 import inspect
 from typing import Any
 
+import torch
 from torch import nn
 
 from .protocol import BlockMerger, Removable
@@ -69,10 +73,50 @@ class TimmViTAdapter:
             hooks += _attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
             hooks.append(_GridGuard(model, merger))
+        if callable(getattr(model, "pool", None)):
+            hooks.append(_WeightedPool(model, merger))
         return hooks
 
 
-class _GridGuard:
+class _InstanceMethod:
+    """Sets ``model.<name>`` to ``function`` on the instance (the class is left alone); ``remove`` deletes it."""
+
+    def __init__(self, model: nn.Module, name: str, function: Any) -> None:
+        self.model, self.name, self.function = model, name, function
+        setattr(model, name, function)
+
+    def remove(self) -> None:
+        if self.model.__dict__.get(self.name) is self.function:
+            del self.model.__dict__[self.name]
+
+
+class _WeightedPool(_InstanceMethod):
+    """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
+
+    timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
+    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. Attention
+    pooling, class-token and max pooling are timm's own."""
+
+    def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
+        original = model.pool
+
+        @functools.wraps(original)
+        def pool(x: Any, pool_type: str | None = None) -> Any:
+            kind = model.global_pool if pool_type is None else pool_type
+            weights = merger.pooling_weights(x) if kind in ("avg", "avgmax") else None
+            if weights is None or getattr(model, "attn_pool", None) is not None:
+                return original(x, pool_type)
+            if not getattr(model, "pool_include_prefix", False):
+                x, weights = x[:, model.num_prefix_tokens:], weights[:, model.num_prefix_tokens:]
+            acc = torch.promote_types(x.dtype, torch.float32)
+            w = weights.to(acc)[..., None]
+            mean = ((x.to(acc) * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
+            return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
+
+        super().__init__(model, "pool", pool)
+
+
+class _GridGuard(_InstanceMethod):
     """Per instance: ``model.forward_intermediates`` refuses ``output_fmt="NCHW"`` while tokens merge.
 
     timm reshapes each block's tokens to ``[B, C, H, W]`` with ``reshape(B, H, W, -1)``: merged tokens
@@ -95,12 +139,7 @@ class _GridGuard:
                     "each block's merged tokens")
             return original(*args, **kwargs)
 
-        self.model, self.guard = model, forward_intermediates
-        model.forward_intermediates = forward_intermediates
-
-    def remove(self) -> None:
-        if self.model.__dict__.get("forward_intermediates") is self.guard:
-            del self.model.__dict__["forward_intermediates"]
+        super().__init__(model, "forward_intermediates", forward_intermediates)
 
 
 def _attach_block(block: nn.Module, layer: int, merger: BlockMerger) -> list[Removable]:

@@ -108,6 +108,36 @@ def test_distillation_and_register_tokens_are_never_merged(cls_name, method):
         assert (handle.sizes[:, :p] == 1).all() and (handle.sizes[:, p:].sum(1) == 64).all()
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", ["Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"])
+def test_dinov2_heads_average_patches_by_size_and_stay_exact_on_duplicates(cls_name, impl):
+    # the head reads the class token and the mean of the patch tokens; two flat regions, positions zeroed:
+    # merging copies changes nothing if that mean is over patches (sizes), not over merged tokens
+    model = tiny(cls_name, impl)
+    with torch.no_grad():
+        position_embeddings(model).zero_()
+    x = torch.full((2, 1, 16, 16), -0.4)
+    x[:, :, :, 12:] = 0.7
+    ref = output(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        handle = quickmerge.patch(model, r=[16, 12, 8], method="tome")
+    assert torch.allclose(output(model, x), ref, atol=1e-5)
+    handle.size_weighted_pool = False
+    assert not torch.allclose(output(model, x), ref, atol=1e-4)
+    quickmerge.unpatch(model)
+    assert torch.equal(output(model, x), ref)
+
+
+def test_a_dinov2_head_written_otherwise_is_not_changed_blindly():
+    model = tiny("Dinov2ForImageClassification", "sdpa")
+    model.classifier.register_forward_pre_hook(lambda _m, args: (args[0] * 2,))  # a head that is not the mean
+    with quickmerge.patch(model, r=8), pytest.raises(RuntimeError, match="size_weighted_pool=False"):
+        output(model, torch.randn(2, 1, 16, 16))
+    with quickmerge.patch(model, r=8, size_weighted_pool=False):
+        assert torch.isfinite(output(model, torch.randn(2, 1, 16, 16))).all()
+
+
 @pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
                                       "DeiTForMaskedImageModeling"])
 def test_heads_that_need_the_patch_grid_are_refused(cls_name):
