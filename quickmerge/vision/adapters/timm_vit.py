@@ -73,7 +73,7 @@ class TimmViTAdapter:
             hooks += _attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
             hooks.append(_GridGuard(model, merger))
-        if callable(getattr(model, "pool", None)):
+        if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(_WeightedPool(model, merger))
         return hooks
 
@@ -94,16 +94,23 @@ class _WeightedPool(_InstanceMethod):
     """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
 
     timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
-    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. Attention
-    pooling, class-token and max pooling are timm's own."""
+    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. The sizes
+    are those of the last forward pass, used only for the tensor that pass's final ``norm`` returned (what
+    ``forward_head`` gets from ``forward_features``); any other input, attention pooling, class-token and max
+    pooling are timm's own."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
         original = model.pool
+        final: dict[str, Any] = {"tokens": None}
+
+        def keep(_m: nn.Module, _args: tuple, out: Any) -> None:
+            final["tokens"] = out
 
         @functools.wraps(original)
         def pool(x: Any, pool_type: str | None = None) -> Any:
             kind = model.global_pool if pool_type is None else pool_type
-            weights = merger.pooling_weights(x) if kind in ("avg", "avgmax") else None
+            ours = x is final["tokens"] and kind in ("avg", "avgmax")
+            weights = merger.pooling_weights(x) if ours else None
             if weights is None or getattr(model, "attn_pool", None) is not None:
                 return original(x, pool_type)
             if not getattr(model, "pool_include_prefix", False):
@@ -113,7 +120,12 @@ class _WeightedPool(_InstanceMethod):
             mean = ((x.to(acc) * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
             return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
+        self.norm_hook = model.norm.register_forward_hook(keep)
         super().__init__(model, "pool", pool)
+
+    def remove(self) -> None:
+        self.norm_hook.remove()
+        super().remove()
 
 
 class _GridGuard(_InstanceMethod):

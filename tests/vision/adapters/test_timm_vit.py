@@ -67,8 +67,14 @@ def test_average_pooling_is_the_size_weighted_mean_of_the_output_tokens():
         want = model.head(model.fc_norm((tokens[:, 2:] * sizes).sum(1) / sizes.sum(1)))
         assert torch.allclose(model.forward_head(tokens), want, atol=1e-6)
         assert torch.allclose(model(x), want, atol=1e-6)
+        other = model.forward_features(torch.randn(3, 1, 16, 16))  # same shape, other sizes
+        plain = model.head(model.fc_norm(tokens[:, 2:].mean(1)))
+        assert torch.allclose(model.forward_head(tokens), plain, atol=1e-6)  # not the last pass's: timm's own
+        assert torch.allclose(model.forward_head(other), model.head(model.fc_norm(
+            (other[:, 2:] * handle.sizes[:, 2:, None]).sum(1) / handle.sizes[:, 2:, None].sum(1))), atol=1e-6)
         handle.size_weighted_pool = False
-        assert torch.allclose(model(x), model.head(model.fc_norm(tokens[:, 2:].mean(1))), atol=1e-6)
+        model(x)
+        assert torch.allclose(model(x), plain, atol=1e-6)
     assert "pool" not in model.__dict__
 
 
