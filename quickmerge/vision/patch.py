@@ -333,8 +333,9 @@ def patch(
         prop_attn: add log(size) to attention logits (proportional attention).
         trace_source: record which input token ended in which output token (``handle.source``).
         size_weighted_pool: heads that average the output tokens (timm ``global_pool="avg"`` or
-            ``"avgmax"``) weight each token by its size, so they average over the original patches, as
-            ToMe does for MAE models; False: plain means of the merged tokens.
+            ``"avgmax"``, DINOv2's classification heads) weight each token by its size, so they average
+            over the original patches, as ToMe does for MAE models, and SigLIP's attention-pooling head
+            adds log(size) to its logits; False: the heads see merged tokens as they are.
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
             ``"queries"`` (16 queries spread over the image).
         saliency_weight: how strongly saliency protects a token from being merged away.

@@ -6,11 +6,16 @@ the stream is merged) and ``mlp`` (the branch's last module). The attention goes
 registered attention function of :mod:`.hf_vit` (captures queries and keys, adds log(size)).
 CLIP keeps its class token first (never merged, its query gives the saliency); SigLIP has no
 class token (its pooling head attends over every token), so no token is protected and
-saliency falls back to the attention every token receives. Up to transformers 5.2x the tower
-sits in ``model.vision_model``; newer releases put its parts on the model itself.
+saliency falls back to the attention every token receives. SigLIP's pooling head (a probe query
+attending over the tokens, ``torch.nn.MultiheadAttention``) gets log(size) as its additive mask,
+the proportional attention of the blocks, so it pools over the original patches. Up to
+transformers 5.2x the tower sits in ``model.vision_model``; newer releases put its parts on the
+model itself.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -49,10 +54,45 @@ class HFCLIPAdapter:
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
-        return attach_attention_and_layers(
+        hooks = attach_attention_and_layers(
             tower(model).config, [layer.self_attn for layer in blocks], blocks, merger,
             parts=lambda layer: (layer.layer_norm2, layer.mlp),
         )
+        head = getattr(tower(model), "head", None)
+        if isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
+            hooks += _proportional_pooling(tower(model).post_layernorm, head.attention, merger)
+        return hooks
+
+
+def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,
+                          merger: BlockMerger) -> list[Removable]:
+    """Hooks adding log(size) to the pooling head's attention logits (``attn_mask [B * heads, 1, N]``).
+
+    Only for the keys the final norm returned in this pass, whose sizes the merger holds; a mask the
+    head was given by someone else is refused rather than replaced."""
+    final: dict[str, Any] = {"tokens": None}
+
+    def keep(_m: nn.Module, _args: tuple, out: Any) -> None:
+        final["tokens"] = out
+
+    def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        key = args[1] if len(args) > 1 else kwargs.get("key")
+        if key is None or key is not final["tokens"]:
+            return None
+        final["tokens"] = None
+        weights = merger.pooling_weights(key)
+        if weights is None:
+            return None
+        if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None or len(args) > 3:
+            raise ValueError("quickmerge's proportional pooling cannot be combined with a mask the head passes itself "
+                             "(pass size_weighted_pool=False to quickmerge.patch)")
+        bias = weights.log().to(key.dtype)[:, None, None, :]  # [B, 1, 1, N]
+        length = (args[0] if args else kwargs["query"]).shape[1]
+        mask = bias.expand(-1, attention.num_heads, length, -1).reshape(-1, length, key.shape[1])
+        return args, {**kwargs, "attn_mask": mask}
+
+    return [final_norm.register_forward_hook(keep),
+            attention.register_forward_pre_hook(attention_pre, with_kwargs=True)]
 
 
 def tower(model: nn.Module) -> nn.Module:

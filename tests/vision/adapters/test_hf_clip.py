@@ -64,6 +64,23 @@ def test_proportional_attention_makes_merging_duplicates_exact(cls_name):
                 assert not torch.allclose(unweighted[:, :1], ref[:, :1], atol=1e-3)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_siglip_pooling_head_attends_by_size_and_stays_exact_on_duplicates(impl):
+    # two flat regions, positions zeroed: merging copies changes nothing if the head's probe attends
+    # to each merged token as to all the patches it stands for
+    model = tiny("SiglipVisionModel", impl)
+    with torch.no_grad():
+        tower(model).embeddings.position_embedding.weight.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        x[:, :, :, 12:] = 0.7
+        ref = model(pixel_values=x).pooler_output
+        with quickmerge.patch(model, r=[16, 12, 8], method="tome") as handle:
+            assert torch.allclose(model(pixel_values=x).pooler_output, ref, atol=1e-5)
+            handle.size_weighted_pool = False
+            assert not torch.allclose(model(pixel_values=x).pooler_output, ref, atol=1e-4)
+        assert torch.equal(model(pixel_values=x).pooler_output, ref)
+
+
 def test_class_tokens_and_saliency_follow_the_family():
     clip, siglip = tiny("CLIPVisionModel", "sdpa"), tiny("SiglipVisionModel", "sdpa")
     x = torch.randn(2, 3, 16, 16)
