@@ -334,8 +334,8 @@ def patch(
         trace_source: record which input token ended in which output token (``handle.source``).
         size_weighted_pool: heads that average the output tokens (timm ``global_pool="avg"`` or
             ``"avgmax"``, DINOv2's classification heads) weight each token by its size, so they average
-            over the original patches, as ToMe does for MAE models, and SigLIP's attention-pooling head
-            adds log(size) to its logits; False: the heads see merged tokens as they are.
+            over the original patches, as ToMe does for MAE models, and attention-pooling heads (SigLIP's,
+            timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
             ``"queries"`` (16 queries spread over the image).
         saliency_weight: how strongly saliency protects a token from being merged away.

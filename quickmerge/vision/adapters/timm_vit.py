@@ -10,7 +10,8 @@ qk-norm and fused SDPA are the model's own code:
   (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
 
 Average pooling (``global_pool="avg"`` / ``"avgmax"``) weights each token by its size: the instance's ``pool``
-wraps timm's and takes the mean over the original patches (ToMe does the same for MAE models).
+wraps timm's and takes the mean over the original patches (ToMe does the same for MAE models); attention
+pooling (``"map"``) gets log(size) as its mask.
 
 ``forward_intermediates`` (and ``get_intermediate_layers(reshape=True)``) reshape each block's tokens onto the
 patch grid, where merged tokens have no place: while the handle merges, the instance's method refuses that
@@ -94,10 +95,10 @@ class _WeightedPool(_InstanceMethod):
     """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
 
     timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
-    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. The sizes
-    are those of the last forward pass, used only for the tensor that pass's final ``norm`` returned (what
-    ``forward_head`` gets from ``forward_features``); any other input, attention pooling, class-token and max
-    pooling are timm's own."""
+    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. Attention
+    pooling (``global_pool="map"``) gets log(size) as its mask instead. The sizes are those of the last forward
+    pass, used only for the tensor that pass's final ``norm`` returned (what ``forward_head`` gets from
+    ``forward_features``); any other input, class-token and max pooling are timm's own."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
         original = model.pool
@@ -109,12 +110,15 @@ class _WeightedPool(_InstanceMethod):
         @functools.wraps(original)
         def pool(x: Any, pool_type: str | None = None) -> Any:
             kind = model.global_pool if pool_type is None else pool_type
-            ours = x is final["tokens"] and kind in ("avg", "avgmax")
+            attn_pool = getattr(model, "attn_pool", None)
+            ours = x is final["tokens"] and (attn_pool is not None or kind in ("avg", "avgmax"))
             weights = merger.pooling_weights(x) if ours else None
-            if weights is None or getattr(model, "attn_pool", None) is not None:
+            if weights is None:
                 return original(x, pool_type)
             if not getattr(model, "pool_include_prefix", False):
                 x, weights = x[:, model.num_prefix_tokens:], weights[:, model.num_prefix_tokens:]
+            if attn_pool is not None:  # timm's attention pooling: proportional attention, as in the blocks
+                return attn_pool(x, attn_mask=weights.log().to(x.dtype)[:, None, None, :])
             acc = torch.promote_types(x.dtype, torch.float32)
             w = weights.to(acc)[..., None]
             mean = ((x.to(acc) * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
