@@ -76,12 +76,11 @@ class HFViTAdapter:
         return activation_checkpointing(model) and model.training
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        dense = next((c.__name__ for c in type(model).__mro__ if c.__name__.endswith(_DENSE_HEADS)), None)
-        if dense is not None:
+        if any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
             raise TypeError(
-                f"{type(model).__name__} is a {dense}: its head puts every patch token back on the patch grid, "
-                "where merged tokens have no place. Merge tokens in a model that pools them (the family's ...Model or "
-                "...ForImageClassification), or run this one unpatched")
+                f"{type(model).__name__} puts every patch token back on the patch grid (feature maps or pixels), "
+                "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
+                "or ...ForImageClassification), or run this one unpatched")
         base = _vit(model)
         layers = list(getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "layers", None) or [])
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
