@@ -37,7 +37,7 @@ class TimmViTAdapter:
     """timm ``VisionTransformer`` and its subclasses (class and register tokens kept)."""
 
     name = "timm VisionTransformer"
-    tested_classes = ("VisionTransformer",)
+    tested_classes = ("VisionTransformer", "VisionTransformerDistilled")  # the latter: DeiT's distillation token
 
     def matches(self, model: nn.Module) -> bool:
         return any(c.__module__ == "timm.models.vision_transformer" and c.__name__ == "VisionTransformer"

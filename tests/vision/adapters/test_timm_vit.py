@@ -1,5 +1,7 @@
 """quickmerge.patch on timm VisionTransformer: exactness, restore, token counts, proportional attention."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,6 +84,26 @@ def test_average_pooling_is_the_size_weighted_mean_of_the_output_tokens():
         model(x)
         assert torch.allclose(model(x), plain, atol=1e-6)
     assert "pool" not in model.__dict__
+
+
+def test_deit_distilled_keeps_both_tokens_and_is_exact_at_r0():
+    from timm.models.deit import VisionTransformerDistilled
+
+    model = VisionTransformerDistilled(img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=32, depth=3,
+                                       num_heads=4, mlp_ratio=2.0).eval()
+    x = torch.randn(2, 1, 16, 16)
+    ref = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tested class
+        handle = quickmerge.patch(model, r=0, trace_source=True)
+    assert torch.allclose(model(x), ref, atol=1e-5, rtol=0)
+    handle.r = 8
+    assert not torch.allclose(model(x), ref, atol=1e-5)
+    assert handle.tokens_per_layer == [66, 58, 50]
+    assert torch.equal(handle.source[:, :2], torch.tensor([[0, 1], [0, 1]]))  # class and distillation tokens alone
+    assert (handle.source[:, 2:] >= 2).all()
+    quickmerge.unpatch(model)
+    assert torch.equal(model(x), ref)
 
 
 def test_feature_maps_are_refused_while_tokens_merge():
