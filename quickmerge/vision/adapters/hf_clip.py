@@ -15,11 +15,10 @@ model itself.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from .hf_vit import activation_checkpointing, attach_attention_and_layers
+from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
 
 _CLASSES = {
@@ -70,29 +69,24 @@ def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttentio
 
     Only for the keys the final norm returned in this pass, whose sizes the merger holds; a mask the
     head was given by someone else is refused rather than replaced."""
-    final: dict[str, Any] = {"tokens": None}
-
-    def keep(_m: nn.Module, _args: tuple, out: Any) -> None:
-        final["tokens"] = out
+    final = LastOutput(final_norm)
 
     def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         key = args[1] if len(args) > 1 else kwargs.get("key")
-        if key is None or key is not final["tokens"]:
+        if key is None or key is not final.tensor:
             return None
-        final["tokens"] = None
+        final.tensor = None
         weights = merger.pooling_weights(key)
         if weights is None:
             return None
         if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None or len(args) > 3:
             raise ValueError("quickmerge's proportional pooling cannot be combined with a mask the head passes itself "
                              "(pass size_weighted_pool=False to quickmerge.patch)")
-        bias = weights.log().to(key.dtype)[:, None, None, :]  # [B, 1, 1, N]
         length = (args[0] if args else kwargs["query"]).shape[1]
-        mask = bias.expand(-1, attention.num_heads, length, -1).reshape(-1, length, key.shape[1])
-        return args, {**kwargs, "attn_mask": mask}
+        mask = size_bias(weights, key.dtype).expand(-1, attention.num_heads, length, -1)
+        return args, {**kwargs, "attn_mask": mask.reshape(-1, length, key.shape[1])}
 
-    return [final_norm.register_forward_hook(keep),
-            attention.register_forward_pre_hook(attention_pre, with_kwargs=True)]
+    return [final, attention.register_forward_pre_hook(attention_pre, with_kwargs=True)]
 
 
 def tower(model: nn.Module) -> nn.Module:

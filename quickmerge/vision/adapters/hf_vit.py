@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .pooling import LastOutput, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import block_end_hook, block_start_hook, norm_merge_hook, residual_merge_hooks
 
@@ -224,26 +225,21 @@ def _weighted_patch_mean(model: nn.Module, merger: BlockMerger, prefix: int) -> 
     The head runs ``classifier(cat([x[:, 0], x[:, prefix:].mean(1)], -1))`` on the final layernorm's output
     ``x``; the pre-hook checks that the second half of its input is that plain mean (a head written otherwise
     raises rather than being changed blindly) and replaces it with the size-weighted one."""
-    final: dict[str, Tensor | None] = {"tokens": None}
-
-    def keep(_m: nn.Module, _args: tuple, out: Tensor) -> None:
-        final["tokens"] = out
+    final = LastOutput(_vit(model).layernorm)
 
     def classifier_pre(_m: nn.Module, args: tuple) -> tuple | None:
-        tokens, final["tokens"] = final["tokens"], None
+        tokens, final.tensor = final.tensor, None
         weights = None if tokens is None else merger.pooling_weights(tokens)
         if weights is None:
             return None
         features, width = args[0], tokens.shape[-1]
-        patches, w = tokens[:, prefix:], weights[:, prefix:, None].to(tokens.dtype)
-        plain = patches.mean(dim=1)
-        if features.shape[-1] != 2 * width or not torch.allclose(features[:, width:], plain, rtol=1e-4, atol=1e-5):
+        patches = tokens[:, prefix:]
+        if features.shape[-1] != 2 * width or not torch.allclose(features[:, width:], patches.mean(dim=1), rtol=1e-4,
+                                                                  atol=1e-5):
             raise RuntimeError(f"{type(model).__name__}'s classifier no longer takes the class token beside the mean "
                                "of the patch tokens; quickmerge cannot weight that mean by token size (pass "
                                "size_weighted_pool=False to quickmerge.patch to leave the head as it is)")
-        acc = torch.promote_types(tokens.dtype, torch.float32)
-        weighted = ((patches.to(acc) * w.to(acc)).sum(dim=1) / w.to(acc).sum(dim=1)).to(features.dtype)
+        weighted = mean_by_size(patches, weights[:, prefix:]).to(features.dtype)
         return (torch.cat([features[:, :width], weighted], dim=-1), *args[1:])
 
-    return [_vit(model).layernorm.register_forward_hook(keep),
-            model.classifier.register_forward_pre_hook(classifier_pre)]
+    return [final, model.classifier.register_forward_pre_hook(classifier_pre)]

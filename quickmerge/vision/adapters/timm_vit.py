@@ -24,9 +24,9 @@ import functools
 import inspect
 from typing import Any
 
-import torch
 from torch import nn
 
+from .pooling import LastOutput, mean_by_size, size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -102,33 +102,29 @@ class _WeightedPool(_InstanceMethod):
 
     def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
         original = model.pool
-        final: dict[str, Any] = {"tokens": None}
-
-        def keep(_m: nn.Module, _args: tuple, out: Any) -> None:
-            final["tokens"] = out
+        final = LastOutput(model.norm)
 
         @functools.wraps(original)
-        def pool(x: Any, pool_type: str | None = None) -> Any:
+        def pool(x: Any, pool_type: str | None = None, *args: Any, **kwargs: Any) -> Any:
             kind = model.global_pool if pool_type is None else pool_type
             attn_pool = getattr(model, "attn_pool", None)
-            ours = x is final["tokens"] and (attn_pool is not None or kind in ("avg", "avgmax"))
+            pools = attn_pool is not None or kind in ("avg", "avgmax")
+            ours = pools and x is final.tensor and not args and not kwargs  # other arguments: a newer timm's own
             weights = merger.pooling_weights(x) if ours else None
             if weights is None:
-                return original(x, pool_type)
+                return original(x, pool_type, *args, **kwargs)
             if not getattr(model, "pool_include_prefix", False):
                 x, weights = x[:, model.num_prefix_tokens:], weights[:, model.num_prefix_tokens:]
             if attn_pool is not None:  # timm's attention pooling: proportional attention, as in the blocks
-                return attn_pool(x, attn_mask=weights.log().to(x.dtype)[:, None, None, :])
-            acc = torch.promote_types(x.dtype, torch.float32)
-            w = weights.to(acc)[..., None]
-            mean = ((x.to(acc) * w).sum(dim=1) / w.sum(dim=1)).to(x.dtype)
+                return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
+            mean = mean_by_size(x, weights)
             return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
-        self.norm_hook = model.norm.register_forward_hook(keep)
+        self.final = final
         super().__init__(model, "pool", pool)
 
     def remove(self) -> None:
-        self.norm_hook.remove()
+        self.final.remove()
         super().remove()
 
 
