@@ -1,0 +1,49 @@
+"""run.sh, the README's set-up command: it must stop before installing when the disk cannot hold .venv."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fake_df(bin_dir: Path, free_kib: int) -> None:
+    """A ``df -Pk`` that reports ``free_kib`` KiB available, ahead of the real one on PATH."""
+    script = bin_dir / "df"
+    script.write_text(
+        "#!/bin/sh\n"
+        "echo 'Filesystem 1024-blocks Used Available Capacity Mounted on'\n"
+        f"echo '/dev/fake 100000000 1 {free_kib} 99% /'\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="run.sh is a bash script")
+@pytest.mark.parametrize(("free_gib", "refused"), [(3.2, True), (6.9, True), (7.5, False)])
+def test_set_up_stops_before_installing_on_a_full_disk(tmp_path: Path, free_gib: float, refused: bool) -> None:
+    for name in ("run.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _fake_df(bin_dir, int(free_gib * 1024 * 1024))
+    # With room enough, the script goes on to create the venv: a python3 that fails there stops it at once.
+    (bin_dir / "python3").write_text("#!/bin/sh\ncase \"$*\" in *'-m venv'*) echo 'venv reached' >&2; exit 9;; esac\n"
+                                     f"exec {shutil.which('python3')} \"$@\"\n")
+    (bin_dir / "python3").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    done = subprocess.run(["bash", "run.sh", "demo"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode != 0
+    if refused:
+        assert f"only {free_gib:.1f} GiB free" in done.stderr and "needs about 7 GiB" in done.stderr
+        assert "venv reached" not in done.stderr
+    else:
+        assert "GiB free" not in done.stderr.split("venv reached")[0]
+        assert "venv reached" in done.stderr
+    assert not (tmp_path / ".venv").exists()
