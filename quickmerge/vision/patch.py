@@ -330,7 +330,9 @@ def patch(
             otherwise), and ``handle.tokens_per_layer`` shows what each block kept.
         ratio: alternatively, the fraction of patch tokens left after the last block.
         method: ``"quickmerge"`` (default), ``"tome"``, ``"random"`` (drop) or ``"pool"``.
-        prop_attn: add log(size) to attention logits (proportional attention).
+        prop_attn: add log(size) to attention logits (proportional attention). Hugging Face models
+            take it with eager or SDPA attention; with ``flex_attention`` patch with False (flash
+            attention is refused).
         trace_source: record which input token ended in which output token (``handle.source``).
         size_weighted_pool: heads that average the output tokens (timm ``global_pool="avg"`` or
             ``"avgmax"``, DINOv2's classification heads) weight each token by its size, so they average

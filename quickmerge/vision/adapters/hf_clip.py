@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .hf_vit import activation_checkpointing, attach_attention_and_layers
+from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
 
@@ -50,6 +50,7 @@ class HFCLIPAdapter:
         parts = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
         if not layers or not all(all(hasattr(layer, p) for p in parts) for layer in layers):
             raise TypeError(f"{type(model).__name__} has no CLIP/SigLIP encoder layers to patch")
+        attention_implementation(tower(model).config)
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:

@@ -51,6 +51,12 @@ _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForIm
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
 ATTENTION_NAME = "quickmerge_vit"
 _STATE_ATTR = "_quickmerge_attention"
+# The model's attention implementations the patch wraps. Flash attention's are not among them: transformers
+# looks its kernel up by the config's implementation name, which is quickmerge's while patched.
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flex_attention")
+# Those that add a float mask to the logits, as proportional attention needs. transformers' flex_attention
+# takes one too, but with torch 2.14 on the CPU its compiled kernel crashes the process on it.
+TAKES_FLOAT_MASK = ("eager", "sdpa")
 
 
 class HFViTAdapter:
@@ -86,6 +92,7 @@ class HFViTAdapter:
         layers = list(getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "layers", None) or [])
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
             raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2 encoder layers to patch")
+        attention_implementation(base.config)
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
@@ -124,22 +131,36 @@ def attach_attention_and_layers(
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTENTION_NAME, _merged_attention)
-    original = config._attn_implementation
-    if original == ATTENTION_NAME:
-        raise TypeError("this model's config already uses quickmerge's attention "
-                        "(was it copied from a patched model?)")
+    original = attention_implementation(config)
+    if merger.prop_attn:
+        check_float_mask(original)
     if original == "eager":
         inner = sys.modules[type(attentions[0]).__module__].eager_attention_forward
     else:
         inner = ALL_ATTENTION_FUNCTIONS[original]
     hooks: list[Removable] = []
     for i, (layer, attention) in enumerate(zip(blocks, attentions, strict=True)):
-        setattr(attention, _STATE_ATTR, (merger, inner))
+        setattr(attention, _STATE_ATTR, (merger, inner, original))
         found = parts(layer)
         hooks += _attach_vit_layer(layer, i, merger) if found is None else residual_merge_hooks(
             layer, i, merger, *found)
     config._attn_implementation_internal = ATTENTION_NAME
     return [*hooks, _RestoreAttention(config, original, attentions)]
+
+
+def attention_implementation(config: Any) -> str:
+    """The model's attention implementation, checked to be one the patch can wrap (before any hook)."""
+    original = config._attn_implementation
+    if original == ATTENTION_NAME:
+        raise TypeError("this model's config already uses quickmerge's attention "
+                        "(was it copied from a patched model?)")
+    if original not in SUPPORTED_ATTENTION:
+        raise ValueError(
+            f"quickmerge.patch wraps the attention implementations {', '.join(SUPPORTED_ATTENTION)}; this model "
+            f"uses {original!r}: load it with attn_implementation='sdpa' (or call model.set_attn_implementation("
+            "'sdpa')) before patching"
+        )
+    return original
 
 
 class _RestoreAttention:
@@ -191,12 +212,24 @@ def _merged_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     state = getattr(module, _STATE_ATTR, None)
     if state is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} used by a model quickmerge has not patched")
-    merger, inner = state
+    merger, inner, implementation = state
     merger.record_qk(q=query, k=key, scale=kwargs.get("scaling") or query.shape[-1] ** -0.5)
     bias = merger.attention_bias(query)
     if bias is not None:
+        check_float_mask(implementation)  # prop_attn may have been turned on after patching
         attention_mask = bias if attention_mask is None else attention_mask + bias
     return inner(module, query, key, value, attention_mask, **kwargs)
+
+
+def check_float_mask(implementation: str) -> None:
+    """Raise unless ``implementation`` adds a float mask to the attention logits (proportional attention)."""
+    if implementation not in TAKES_FLOAT_MASK:
+        raise ValueError(
+            f"proportional attention (prop_attn=True) adds log(size) to the attention logits as a float mask, "
+            f"which attention implementation {implementation!r} does not take (only {', '.join(TAKES_FLOAT_MASK)} "
+            "do); load the model with attn_implementation='sdpa' (or call model.set_attn_implementation('sdpa')), "
+            "or patch with prop_attn=False"
+        )
 
 
 def _attach_vit_layer(layer: nn.Module, index: int, merger: BlockMerger) -> list[Removable]:

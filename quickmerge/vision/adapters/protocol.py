@@ -33,6 +33,7 @@ class BlockMerger(Protocol):
     """What a patched model's handle offers its adapter's hooks (see the module docstring)."""
 
     num_layers: int
+    prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
 
     def begin(self, x: Tensor) -> None: ...
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import quickmerge
+from quickmerge.vision import get_handle
 from quickmerge.vision.adapters.hf_clip import tower
 
 transformers = pytest.importorskip("transformers")
@@ -98,3 +99,11 @@ def test_gradient_checkpointing_refuses_to_train():
         model.train()
         with pytest.raises(RuntimeError, match="gradient checkpointing"):
             output(model, torch.randn(2, 3, 16, 16)).sum().backward()
+
+
+def test_flash_attention_is_refused_before_any_hook():
+    model = tiny("SiglipVisionModel", "sdpa")
+    model.config._attn_implementation_internal = "flash_attention_2"
+    with pytest.raises(ValueError, match=r"'flash_attention_2'.*attn_implementation='sdpa'"):
+        quickmerge.patch(model, r=8, prop_attn=False)
+    assert get_handle(model) is None and model.config._attn_implementation == "flash_attention_2"

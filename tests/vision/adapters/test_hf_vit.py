@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import quickmerge
+from quickmerge.vision import get_handle
 
 transformers = pytest.importorskip("transformers")
 
@@ -181,3 +182,42 @@ def test_checkpointing_is_read_from_the_layers_where_a_model_has_neither_name():
     assert not activation_checkpointing(model)
     model[1].gradient_checkpointing = True
     assert activation_checkpointing(model)
+
+
+def _untouched(model, impl: str) -> bool:
+    return (get_handle(model) is None and model.config._attn_implementation == impl
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()))
+
+
+@pytest.mark.parametrize("prop_attn", [True, False])
+def test_flash_attention_is_refused_before_any_hook(prop_attn):
+    # transformers finds a flash kernel by the config's implementation name, which is quickmerge's while patched
+    model = tiny("ViTModel", "sdpa")
+    model.config._attn_implementation_internal = "flash_attention_2"  # set without the package's import check
+    with pytest.raises(ValueError, match=r"'flash_attention_2'.*attn_implementation='sdpa'"):
+        quickmerge.patch(model, r=8, prop_attn=prop_attn)
+    assert _untouched(model, "flash_attention_2")
+
+
+def test_flex_attention_merges_without_proportional_attention_and_refuses_it():
+    model, x = tiny("ViTModel", "sdpa"), torch.randn(2, 1, 16, 16)
+    flex = tiny("ViTModel", "flex_attention")
+    flex.load_state_dict(model.state_dict())
+    with pytest.raises(ValueError, match=r"prop_attn=True.*'flex_attention'.*prop_attn=False"):
+        quickmerge.patch(flex, r=8)  # its float mask crashes torch 2.14's compiled kernel on the CPU
+    assert _untouched(flex, "flex_attention")
+    with torch.no_grad():
+        ref = output(flex, x)
+        quickmerge.patch(model, r=8, prop_attn=False)
+        handle = quickmerge.patch(flex, r=8, prop_attn=False)
+        merged = output(flex, x)
+        assert handle.tokens_per_layer == [65, 57, 49]
+        assert torch.allclose(merged, output(model, x), atol=1e-5, rtol=0)  # the same merge as under SDPA
+        assert not torch.allclose(merged[:, 0], ref[:, 0], atol=1e-5)
+        handle.prop_attn = True  # turned on after patching: refused at the call, not silently dropped
+        with pytest.raises(ValueError, match="'flex_attention' does not take"):
+            output(flex, x)
+        handle.prop_attn = False
+        assert torch.equal(output(flex, x), merged)
+    quickmerge.unpatch(flex)
+    assert _untouched(flex, "flex_attention")
