@@ -207,8 +207,11 @@ def _residual_parts(layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 
 def _merged_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                      **kwargs: Any) -> tuple[Tensor, Tensor | None]:
-    """Registered attention function: capture q/k, add log(size), call the model's own attention."""
+                      dropout: float = 0.0, **kwargs: Any) -> tuple[Tensor, Tensor | None]:
+    """Registered attention function: capture q/k, add log(size), call the model's own attention.
+
+    Takes ``dropout`` where transformers' ``sdpa_attention_forward`` does: importing kvpress wraps every
+    registered attention function, this one too, in a wrapper that passes it by position."""
     state = getattr(module, _STATE_ATTR, None)
     if state is None:
         raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} used by a model quickmerge has not patched")
@@ -218,7 +221,7 @@ def _merged_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     if bias is not None:
         check_float_mask(implementation)  # prop_attn may have been turned on after patching
         attention_mask = bias if attention_mask is None else attention_mask + bias
-    return inner(module, query, key, value, attention_mask, **kwargs)
+    return inner(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def check_float_mask(implementation: str) -> None:

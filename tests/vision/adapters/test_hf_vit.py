@@ -199,7 +199,12 @@ def test_flash_attention_is_refused_before_any_hook(prop_attn):
     assert _untouched(model, "flash_attention_2")
 
 
-def test_flex_attention_merges_without_proportional_attention_and_refuses_it():
+def test_flex_attention_merges_without_proportional_attention_and_refuses_it(monkeypatch):
+    from transformers.integrations.flex_attention import flex_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    # transformers' own flex function: kvpress, once imported, wraps it in a way that breaks ViT's call
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "flex_attention", flex_attention_forward)
     model, x = tiny("ViTModel", "sdpa"), torch.randn(2, 1, 16, 16)
     flex = tiny("ViTModel", "flex_attention")
     flex.load_state_dict(model.state_dict())
@@ -221,3 +226,30 @@ def test_flex_attention_merges_without_proportional_attention_and_refuses_it():
         assert torch.equal(output(flex, x), merged)
     quickmerge.unpatch(flex)
     assert _untouched(flex, "flex_attention")
+
+
+def _kvpress_wrapper(func):
+    """kvpress's wrapper, which ``import kvpress`` puts around every registered attention function."""
+    return pytest.importorskip("kvpress.attention_patch").attention_patch(func)
+
+
+def _dropout_by_position(func):
+    """The same calling convention without kvpress: ``dropout`` passed as the sixth argument."""
+    def wrapper(module, query, key, value, attention_mask, dropout, **kwargs):
+        return func(module, query, key, value, attention_mask, dropout, **kwargs)
+    return wrapper
+
+
+@pytest.mark.parametrize("wrap", [_kvpress_wrapper, _dropout_by_position])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_attention_still_runs_when_kvpress_wraps_it_after_patching(monkeypatch, wrap, impl):
+    # a vision-language pipeline: the vision tower patched first, then kvpress imported for the language model
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    model, x = tiny("ViTModel", impl), torch.randn(2, 1, 16, 16)
+    handle = quickmerge.patch(model, r=12)
+    with torch.no_grad():
+        merged = output(model, x)
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "quickmerge_vit", wrap(ALL_ATTENTION_FUNCTIONS["quickmerge_vit"]))
+        assert torch.equal(output(model, x), merged)
+    assert handle.tokens_per_layer == [65, 53, 41]
