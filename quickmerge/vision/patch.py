@@ -381,8 +381,8 @@ def patch(
                      seed=seed)
     if ratio is not None:
         handle.ratio = ratio
+    handle._hooks = adapter.attach(model, blocks, handle)  # may still refuse, before it registers anything
     guard_hooks()  # a graph compiled before this patch must not run the patched model (compile_guard.py)
-    handle._hooks = adapter.attach(model, blocks, handle)
     setattr(model, _HANDLE_ATTR, handle)
     return handle
 
