@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
 from ..primitives import group_sum, rank01, weighted_mean
-from .adapters import VisionAdapter, find_adapter, supported_families
+from .adapters import VisionAdapter, find_adapter, size_bias, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
@@ -194,7 +194,7 @@ class MergeHandle:
         """Additive mask ``[B, 1, 1, N]`` = log(size) for proportional attention, or None."""
         if not self.prop_attn or self._pass.size is None:
             return None
-        return self._pass.size.log()[:, None, None, :].to(x.dtype)
+        return size_bias(self._pass.size, x.dtype)
 
     def record_qk(self, q: Tensor | None = None, k: Tensor | None = None, scale: float | None = None) -> None:
         """Queries/keys ``[B, H, N, hd]`` of the current block's attention."""

@@ -12,6 +12,7 @@ from torch import nn
 
 from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
+from .pooling import size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_vit import TimmViTAdapter
 
@@ -47,5 +48,6 @@ __all__ = [
     "VisionAdapter",
     "find_adapter",
     "register_adapter",
+    "size_bias",
     "supported_families",
 ]

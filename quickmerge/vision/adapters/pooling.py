@@ -36,5 +36,6 @@ def mean_by_size(x: Tensor, sizes: Tensor) -> Tensor:
 
 
 def size_bias(sizes: Tensor, dtype: torch.dtype) -> Tensor:
-    """Additive attention mask ``[B, 1, 1, N]`` = log(size), for keys of ``[B, N]`` sizes."""
+    """Additive attention mask ``[B, 1, 1, N]`` = log(size), for keys of ``[B, N]`` sizes (proportional
+    attention, in the blocks and in attention-pooling heads)."""
     return sizes.log().to(dtype)[:, None, None, :]
