@@ -139,6 +139,20 @@ def test_a_dinov2_head_written_otherwise_is_not_changed_blindly():
         assert torch.isfinite(output(model, torch.randn(2, 1, 16, 16))).all()
 
 
+def test_a_patched_dinov2_head_compiles_whole_and_pools_by_size():
+    # the head's check that its input is the plain mean reads data: eager only, so fullgraph tracing succeeds
+    model, x = tiny("Dinov2ForImageClassification", "sdpa"), torch.randn(2, 1, 16, 16)
+    handle = quickmerge.patch(model, r=12)
+    with torch.no_grad():
+        weighted = output(model, x)
+        handle.size_weighted_pool = False
+        plain = output(model, x)
+        handle.size_weighted_pool = True
+        compiled = torch.compile(model, fullgraph=True)(pixel_values=x).logits
+    assert not torch.allclose(weighted, plain, atol=1e-4)
+    assert torch.allclose(compiled, weighted, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
                                       "DeiTForMaskedImageModeling"])
 def test_heads_that_need_the_patch_grid_are_refused(cls_name):
