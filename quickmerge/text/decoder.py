@@ -15,9 +15,13 @@ from torch import Tensor, nn
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
+    "MixtralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "Qwen3MoeForCausalLM",
+    "Phi3ForCausalLM",
     "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
 )
 
 
@@ -28,10 +32,11 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a causal LM; raises TypeError if it has none with q/k/v-projected attention."""
+    """The decoder layers of a causal LM; raises TypeError if it has none with q/k/v-projected attention
+    (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``)."""
     layers = list(getattr(base_model(model), "layers", None) or [])
     attns = [getattr(layer, "self_attn", None) for layer in layers]
-    if not attns or any(a is None or not hasattr(a, "k_proj") for a in attns):
+    if not attns or any(a is None or not (hasattr(a, "k_proj") or hasattr(a, "qkv_proj")) for a in attns):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -77,11 +82,29 @@ def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of ``x [B, H, n, d]`` with ``cos``/``sin`` ``[1 or B, n, d]``
-    (the rotate-half convention of Llama, Qwen, Mistral and Gemma)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
+    """Rotary position embedding of ``x [B, H, n, d]`` with ``cos``/``sin`` ``[1 or B, n, r]``
+    (the rotate-half convention of Llama, Qwen, Mistral, Phi-3 and Gemma). Only the first ``r``
+    channels rotate: ``r < d`` where the model rotates part of each head (Phi-4-mini's
+    ``partial_rotary_factor``); the rest pass unchanged, as in Phi-3's own code."""
+    r = cos.shape[-1]
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    half = r // 2
+    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    return torch.cat((x_rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1), x_pass), dim=-1)
+
+
+def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
+    """The ``part`` (``"q"`` or ``"k"``) projection ``[B, n, heads * d]`` of ``hidden_states [B, n, D]``
+    by a decoder attention module: its own ``q_proj``/``k_proj``, or the matching slice of a fused
+    ``qkv_proj`` (Phi-3: queries, then keys, then values). The fused module is called whole, as the
+    model calls it, so a quantised or adapted linear layer projects the same way."""
+    own = getattr(module, f"{part}_proj", None)
+    if own is not None:
+        return own(hidden_states)
+    q_size = module.config.num_attention_heads * module.head_dim
+    k_size = module.config.num_key_value_heads * module.head_dim
+    start, size = (0, q_size) if part == "q" else (q_size, k_size)
+    return module.qkv_proj(hidden_states)[..., start : start + size]
 
 
 def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
@@ -91,7 +114,7 @@ def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings
     positions are used (the window ends the prompt).
     """
     b, w, _ = hidden_states.shape
-    q = module.q_proj(hidden_states).view(b, w, -1, module.head_dim).transpose(1, 2)
+    q = projection(module, hidden_states, "q").view(b, w, -1, module.head_dim).transpose(1, 2)
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)
     cos, sin = position_embeddings
@@ -102,5 +125,5 @@ def prerope_keys(module: nn.Module, hidden_states: Tensor) -> Tensor:
     """Keys ``[B, Hkv, L, d]`` of ``hidden_states [B, L, D]`` before the rotary embedding (after the key
     norm where the layer has one): their geometry does not depend on position."""
     b, length, _ = hidden_states.shape
-    k = module.k_proj(hidden_states).view(b, length, -1, module.head_dim).transpose(1, 2)
+    k = projection(module, hidden_states, "k").view(b, length, -1, module.head_dim).transpose(1, 2)
     return module.k_norm(k) if hasattr(module, "k_norm") else k

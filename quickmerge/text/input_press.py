@@ -25,9 +25,22 @@ from .._validation import check_choice, check_positive_int, check_real
 from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
-from .decoder import apply_rope, base_model, hidden_states_arg, sliding_window_of
+from .decoder import apply_rope, base_model, hidden_states_arg, prerope_keys, sliding_window_of
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
+
+
+def gathered_mask(mask: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor:
+    """Additive mask ``[B, 1, K, K]`` of merged tokens at ``positions [B, K]`` from the model's own prompt
+    mask ``[1 or B, 1, N, N]`` (bool: True = attends; or additive: 0 = attends): each merged token
+    attends where its position's token did (a vision-language model's image tokens attend to their
+    whole image, Gemma 3's)."""
+    b, k = positions.shape
+    n = mask.shape[-2]
+    rows = mask[:, 0, :, :n].expand(b, -1, -1).gather(1, positions[:, :, None].expand(-1, -1, n))  # [B, K, N]
+    sub = rows.gather(2, positions[:, None, :].expand(-1, k, -1))  # [B, K, K]
+    allowed = sub if sub.dtype == torch.bool else sub == 0
+    return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, float("-inf"))[:, None]
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -80,13 +93,15 @@ class QuickMergeInputPress(Press):
         check_positive_int(self.time_offset, "time_offset", minimum=0)
         self._prompt_length: int | None = None  # set while a prefill pass runs
         self._positions: Tensor | None = None  # [B, K] positions of the merged prompt, during that pass
+        # a vision-language model's own prompt masks, by layer type, during that pass (None: causal)
+        self._prompt_masks: dict[str, Tensor | None] | None = None
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
-        self._prompt_length, self._positions = None, None
+        self._prompt_length, self._positions, self._prompt_masks = None, None, None
 
     def _release(self) -> None:
-        self._prompt_length, self._positions = None, None
+        self._prompt_length, self._positions, self._prompt_masks = None, None, None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         if self.layer >= len(layers) - 1:
@@ -107,12 +122,6 @@ class QuickMergeInputPress(Press):
         return handles
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
-            raise ValueError(
-                "QuickMergeInputPress supports batches of equal-length, unpadded sequences only; "
-                "got an attention_mask with padding"
-            )
         implementation = getattr(module.config, "_attn_implementation", None)
         if implementation not in ("eager", "sdpa"):
             raise ValueError(
@@ -127,6 +136,9 @@ class QuickMergeInputPress(Press):
         if new_prompt:
             self._new_prompt()
             self._prompt_length = q_len
+            mask = kwargs.get("attention_mask")
+            if isinstance(mask, dict):  # prepared by a vision-language model around its decoder
+                self._prompt_masks = mask
 
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden_in = hidden_states_arg(args, kwargs)
@@ -211,7 +223,9 @@ class QuickMergeInputPress(Press):
             cos, sin = cos.expand(positions.shape[0], -1, -1), sin.expand(positions.shape[0], -1, -1)
             index = positions[..., None].expand(-1, -1, cos.shape[-1])
             kwargs["position_embeddings"] = (cos.gather(1, index), sin.gather(1, index))
-            kwargs["attention_mask"] = position_mask(positions, positions, window, hidden.dtype)
+            own = self._own_mask(block)
+            kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
+                                        else gathered_mask(own, positions, hidden.dtype))
             return args, kwargs
         if getattr(layer, "needs_press", False):  # decoding on a cache this press merged
             new = kwargs["position_ids"].expand(hidden.shape[0], -1).to(layer.positions.device)
@@ -236,14 +250,19 @@ class QuickMergeInputPress(Press):
         elif getattr(layer, "needs_press", False):
             layer.positions = torch.cat([layer.positions, layer._new_positions], dim=1)[:, -physical_length(layer) :]
 
+    def _own_mask(self, block: nn.Module) -> Tensor | None:
+        """The model's own prompt mask for ``block``'s attention, where a vision-language model prepared one
+        that is not plain causal (image tokens that see their whole image); None: build it from positions."""
+        if not self._prompt_masks:
+            return None
+        types = getattr(block.self_attn.config, "layer_types", None)
+        kind = types[block.self_attn.layer_idx] if types else "full_attention"
+        return self._prompt_masks.get(kind)
+
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self._positions, self._prompt_length = None, None
+        self._positions, self._prompt_length, self._prompt_masks = None, None, None
 
 
 def _layer_keys(attn: nn.Module, normed: Tensor, kwargs: dict) -> Tensor:
     """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer run without a cache."""
-    b, n, _ = normed.shape
-    keys = attn.k_proj(normed).view(b, n, -1, attn.head_dim).transpose(1, 2)
-    if hasattr(attn, "k_norm"):
-        keys = attn.k_norm(keys)
-    return apply_rope(keys, *kwargs["position_embeddings"])
+    return apply_rope(prerope_keys(attn, normed), *kwargs["position_embeddings"])

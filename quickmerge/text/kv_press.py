@@ -143,12 +143,6 @@ class KVPress(Press):
         return handles
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and not bool(mask.all()):
-            raise ValueError(
-                f"{type(self).__name__} supports batches of equal-length, unpadded sequences only; "
-                "got an attention_mask with padding"
-            )
         ids = kwargs.get("input_ids", args[0] if args else None)
         q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
         cache = cache_arg(kwargs)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .._validation import check_real
 from ..compile_guard import guard_hooks
@@ -69,7 +69,10 @@ class Press:
         layers = decoder_layers(model)
         warn_if_untested(model, type(self).__name__)
         guard_hooks()  # a graph compiled without these hooks must not run in the with block (compile_guard.py)
-        handles = self._hooks(model, layers)
+        # the padding check reads the mask the caller gave: a vision-language model hands its decoder a
+        # dict of prepared masks instead (Gemma 3's per layer type)
+        handles = [model.register_forward_pre_hook(self._check_unpadded, with_kwargs=True)]
+        handles += self._hooks(model, layers)
         try:
             with self._attention(model):
                 yield
@@ -77,6 +80,14 @@ class Press:
             for handle in handles:
                 handle.remove()
             self._release()
+
+    def _check_unpadded(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, Tensor) and mask.dim() == 2 and not bool(mask.all()):
+            raise ValueError(
+                f"{type(self).__name__} supports batches of equal-length, unpadded sequences only; "
+                "got an attention_mask with padding"
+            )
 
     def _attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
         """A context that adapts ``model``'s attention implementation while the press is active."""

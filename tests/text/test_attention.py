@@ -11,7 +11,7 @@ from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import duplicated_cache, tiny  # noqa: E402
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "phi3", "gemma3", "gemma3-vlm"])
 def test_grouped_sdpa_inside_the_press_equals_the_duplicated_cache_and_is_restored(kind, monkeypatch):
     model = tiny(kind, "sdpa", layers=3)
     ids, cont = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 3))

@@ -10,7 +10,8 @@ from quickmerge.text import QuickMergeInputPress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
-MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "gemma3") for a in ("eager", "sdpa")]
+MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma3-vlm")
+          for a in ("eager", "sdpa")]
 
 
 def _run(model, press, ids, cont, cache=None, inside=True):
@@ -175,6 +176,64 @@ def test_errors():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="unpadded"), QuickMergeInputPress(0.5, layer=0)(model):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_a_vision_language_model_with_an_image_is_exact_at_ratio_zero_and_refuses_padding():
+    """Gemma3ForConditionalGeneration: the decoder's input is the text embeddings with the image features in
+    place, its masks a prepared dict; the press merges them like any prompt."""
+    from tests.text.test_kv_press import _image_prompt
+
+    model = tiny("gemma3-vlm", layers=3)
+    ids, types, pixels = _image_prompt()
+    cont = torch.randint(1, 90, (2, 4))
+    with torch.no_grad():
+        whole = dict(pixel_values=pixels, token_type_ids=torch.cat([types, torch.zeros_like(cont)], 1))
+        reference = model(torch.cat([ids, cont], 1), **whole).logits[:, -4:]
+        for ratio, kept in ((0.0, [40, 40, 40]), (0.5, [40, 22, 22])):
+            cache, press = transformers.DynamicCache(), QuickMergeInputPress(ratio, layer=0)
+            with press(model):
+                model(ids, pixel_values=pixels, token_type_ids=types, **cache_kwargs(model, cache))
+                logits = model(cont, **cache_kwargs(model, cache)).logits
+            assert [layer.keys.shape[2] for layer in cache.layers] == kept
+            assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"), QuickMergeInputPress(0.5, layer=0)(model):
+        model.generate(ids, attention_mask=mask, pixel_values=pixels, token_type_ids=types, max_new_tokens=2,
+                       do_sample=False)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_merged_image_tokens_still_attend_to_their_whole_image(attn):
+    """Gemma 3's image tokens attend to every token of their image (its own masks say so); above the merge, a
+    merged token attends where the token at its position did: both ways inside the image, causally elsewhere
+    (brute force over positions)."""
+    from quickmerge.text.decoder import decoder_layers
+    from tests.text.test_kv_press import _image_prompt
+
+    model = tiny("gemma3-vlm", attn, layers=3)
+    ids, types, pixels = _image_prompt()  # image tokens at positions 6..9
+    press, seen = QuickMergeInputPress(0.16, layer=0), {}  # 36 -> 30 tokens
+    # the tiny tower's image tokens are alike and merge first; fix the spans so that they stay apart
+    # (text positions 0..3 and 19..22 merged), to see the masks of every kind of pair
+    groups = torch.tensor([0, 0, 0, *range(17), 16, 16, 16, *range(17, 30)])
+    press._spans = lambda hidden, saliency, kept: groups.expand(hidden.shape[0], -1)
+
+    def capture(module, args, kwargs):
+        seen["mask"], seen["positions"] = kwargs["attention_mask"], press._positions.clone()
+
+    with torch.no_grad(), press(model):
+        handle = decoder_layers(model)[1].register_forward_pre_hook(capture, with_kwargs=True)  # a global layer
+        model(ids, pixel_values=pixels, token_type_ids=types, **cache_kwargs(model, transformers.DynamicCache()))
+        handle.remove()
+    ahead = 0
+    for row in range(ids.shape[0]):
+        pos = seen["positions"][row]
+        image = types[row].bool()[pos]  # merged tokens whose position holds an image token
+        want = (pos[None, :] <= pos[:, None]) | (image[:, None] & image[None, :])
+        assert torch.equal(seen["mask"][row, 0] == 0, want)
+        ahead += int((want & (pos[None, :] > pos[:, None])).sum())
+    assert ahead > 0  # some merged image token attends to a later one
 
 
 def test_time_spans_keep_one_location_per_group():

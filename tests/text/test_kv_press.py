@@ -7,19 +7,20 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import (  # noqa: E402
+    SUPPORTED_ARCHITECTURES,
     QuickMergePress,
     RandomEvictionPress,
     ToMeKVPress,
 )
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
-from tests.text.tiny import COMMON, duplicated_cache, one_at_a_time, tiny  # noqa: E402
+from tests.text.tiny import COMMON, KINDS, duplicated_cache, one_at_a_time, tiny  # noqa: E402
 
 
 def _tiny(kind: str, attn: str):
     return tiny(kind, attn)
 
 
-MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3") for a in ("eager", "sdpa")]
+MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "phi3") for a in ("eager", "sdpa")]
 
 
 def _prefill_then_score(model, press, ids, cont, inside=True):
@@ -108,6 +109,62 @@ def test_errors():
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
 
 
+def test_every_supported_architecture_is_built_by_the_tests():
+    """The list users read is the list the tests run: each class has a tiny model here, and none warns."""
+    import warnings
+
+    built = {}
+    for kind in KINDS:
+        model = tiny(kind)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with QuickMergePress(0.0)(model):
+                pass
+        built[type(model).__name__] = kind
+    assert set(SUPPORTED_ARCHITECTURES) == set(built)
+
+
+def _image_prompt(batch: int = 2):
+    """Token ids with one image (begin 94, four image tokens 96, end 95) amid text, their token types and
+    the tiny SigLIP tower's pixels, for ``tiny("gemma3-vlm")``."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (batch, 30), generator=g)  # 0 is the pad token
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * batch), text[:, 5:]], 1)
+    return ids, (ids == 96).long(), torch.randn(batch, 3, 32, 32, generator=g)
+
+
+def test_a_vision_language_model_merges_its_decoder_cache_with_an_image_in_the_prompt():
+    """Gemma3ForConditionalGeneration (a kvpress-supported class): its decoder gets the image features as
+    embeddings and a dict of prepared masks; ratio 0 is exact with the image, decoding after merging equals
+    the duplicated-cache oracle, generate runs inside, and padding in the caller's mask is still refused."""
+    model = tiny("gemma3-vlm")
+    ids, types, pixels = _image_prompt()
+    cont = torch.randint(1, 90, (2, 4))
+    with torch.no_grad():
+        whole = dict(pixel_values=pixels, token_type_ids=torch.cat([types, torch.zeros_like(cont)], 1))
+        reference = model(torch.cat([ids, cont], 1), **whole).logits[:, -4:]
+        assert not torch.allclose(reference, model(torch.cat([ids, cont], 1)).logits[:, -4:], atol=1e-3)
+        cache = transformers.DynamicCache()
+        with QuickMergePress(0.0)(model):
+            model(ids, pixel_values=pixels, token_type_ids=types, **cache_kwargs(model, cache))
+            assert torch.allclose(model(cont, **cache_kwargs(model, cache)).logits, reference, atol=1e-5)
+        press, cache = QuickMergePress(0.5), transformers.DynamicCache()
+        with press(model):
+            model(ids, pixel_values=pixels, token_type_ids=types, **cache_kwargs(model, cache))
+            oracle = duplicated_cache(cache)
+            merged = model(cont, **cache_kwargs(model, cache)).logits
+            generated = model.generate(ids, pixel_values=pixels, token_type_ids=types, max_new_tokens=3,
+                                       do_sample=False)
+        assert press.compressed_length == 18 and [layer.keys.shape[2] for layer in cache.layers] == [40, 22, 40]
+        assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+        assert generated.shape == (2, 39)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"), QuickMergePress(0.5)(model):
+        model.generate(ids, attention_mask=mask, pixel_values=pixels, token_type_ids=types, max_new_tokens=2,
+                       do_sample=False)
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_gemma3_merges_global_layers_and_is_exact_at_ratio_zero(attn):
     torch.manual_seed(0)
@@ -164,7 +221,7 @@ def test_baselines_carry_only_their_own_options(press_cls):
 # ---- positions, masks and proportional attention against independent references -----------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mixtral", "qwen3-moe", "phi3", "gemma3", "gemma3-vlm"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("press_cls", [QuickMergePress, ToMeKVPress])
 def test_decoding_inside_equals_an_unpatched_model_on_the_duplicated_cache(kind, attn, press_cls):
@@ -188,7 +245,7 @@ def test_decoding_inside_equals_an_unpatched_model_on_the_duplicated_cache(kind,
         assert not torch.allclose(plain, reference, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "gemma3-vlm"])
 @pytest.mark.parametrize("inside", [True, False], ids=["inside", "outside"])
 @pytest.mark.parametrize("press_cls", [QuickMergePress, RandomEvictionPress])
 def test_several_tokens_in_one_call_equal_one_at_a_time(kind, inside, press_cls):

@@ -227,7 +227,7 @@ def test_replay_pool_ranks_each_entry_by_its_neighbourhood():
                for a, b in zip(caches[0].layers, caches[1].layers, strict=True))
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma3"])
 def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     """What the leverage reserve scores: the layer's keys before RoPE (after Gemma 3's key norm)."""
     from quickmerge.text.decoder import apply_rope, decoder_attention_layers, prerope_keys

@@ -18,28 +18,51 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "gemma3", "gemma3-vlm")
 
 
 def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int | None = None, seed: int = 0):
-    """A tiny model of ``kind``; Gemma 3 alternates sliding (window 8 unless given) and global layers."""
+    """A tiny model of ``kind``; Gemma 3 alternates sliding (window 8 unless given) and global layers.
+
+    ``mixtral`` and ``qwen3-moe``: mixtures of 4 experts, 2 per token, under Mistral's and Qwen 3's attention;
+    ``phi3``: Phi-3's fused ``qkv_proj``, rotating half of each head (Phi-4-mini's partial RoPE);
+    ``gemma3-vlm``: ``Gemma3ForConditionalGeneration``, the same text model under a one-layer SigLIP
+    tower (image token 96; an image is 4 tokens)."""
     torch.manual_seed(seed)
     common = {**COMMON, "num_hidden_layers": layers}
     if kind == "llama":
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common))
     elif kind == "mistral":
         model = transformers.MistralForCausalLM(transformers.MistralConfig(**common, sliding_window=sliding_window))
+    elif kind == "mixtral":
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            **common, sliding_window=sliding_window, num_local_experts=4, num_experts_per_tok=2))
+    elif kind == "qwen3-moe":
+        model = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+            **common, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32))
     elif kind == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     elif kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=16))
-    elif kind == "gemma3":
+    elif kind == "phi3":
+        config = transformers.Phi3Config(**common, sliding_window=sliding_window, partial_rotary_factor=0.5,
+                                         pad_token_id=0)
+        model = transformers.Phi3ForCausalLM(config)
+    elif kind in ("gemma3", "gemma3-vlm"):
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(max(layers, 3))]
         config = transformers.Gemma3TextConfig(
             **{**common, "num_hidden_layers": len(types)}, head_dim=16, sliding_window=sliding_window or 8,
             layer_types=types,
         )
-        model = transformers.Gemma3ForCausalLM(config)
+        if kind == "gemma3":
+            model = transformers.Gemma3ForCausalLM(config)
+        else:
+            vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                          image_size=32, patch_size=8)
+            model = transformers.Gemma3ForConditionalGeneration(transformers.Gemma3Config(
+                text_config=config.to_dict(), vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
+                boi_token_index=94, eoi_token_index=95,
+            ))
     else:
         raise ValueError(kind)
     model.set_attn_implementation(attn)
