@@ -79,8 +79,8 @@ def contiguous_spans(
 
     Args:
         x: ``[B, N, D]`` tokens; saliency: ``[B, N]`` in [0, 1]; k: number of spans.
-        cut_first: ``[N - 1]`` bool, links cut before any other (boundaries between frames'
-            locations in time-major order), as far as k allows.
+        cut_first: ``[N - 1]`` or ``[B, N - 1]`` bool, links cut before any other (boundaries between
+            frames' locations in time-major order; tokens that may not merge), as far as k allows.
     Returns:
         ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1.
     """

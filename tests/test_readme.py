@@ -61,6 +61,21 @@ def _vision_schedule() -> dict:
     return {"quickmerge": quickmerge, "model": load_fashion_vit(), "calibration_images": torch.randn(8, 1, 28, 28)}
 
 
+def _vision_language() -> dict:
+    pytest.importorskip("transformers")
+    from tests.text.test_kv_press import _image_prompt
+    from tests.text.tiny import tiny
+
+    ids, types, pixels = _image_prompt(batch=1)
+
+    def processor(images, text, return_tensors):  # a stand-in for the model's processor: one image, tokenised
+        assert images is pixels and return_tensors == "pt"
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels,
+                "token_type_ids": types}
+
+    return {"model": tiny("gemma3-vlm"), "processor": processor, "image": pixels, "prompt": "Describe the image."}
+
+
 def _video() -> dict:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
@@ -79,6 +94,8 @@ RUN = {
     "a CLIP tower": _vision,
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
+    "press = QuickMergeInputPress(compression_ratio=0.75, layer=-1,   # -1: merge the embeddings, before layer 0":
+        _vision_language,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
 }
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...

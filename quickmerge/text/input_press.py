@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
@@ -70,6 +71,13 @@ class QuickMergeInputPress(Press):
             before a language model does); a merged token still sits at its last member's
             position, and the merged prompt stays ordered by position.
         time_offset: tokens before the first frame (a BOS), kept out of the frame grid.
+        token_ids: merge only prompt tokens with these ids (a vision-language model's image or
+            video token, e.g. ``(model.config.image_token_id,)``), as visual-token pruning does;
+            every other token stays whole and spans never cross it. ``compression_ratio`` is then
+            the share of those tokens removed (each run of them keeps at least one token);
+            ``achieved_ratio`` reports the share of the whole prompt. Needs ``input_ids`` (the
+            model's, the outer model's for a vision-language model), the same number of those
+            tokens in every row, and ``time_period=None``.
     """
 
     layer: int = 4
@@ -79,9 +87,19 @@ class QuickMergeInputPress(Press):
     salient: Salient = "low_entropy"
     time_period: int | None = None
     time_offset: int = 0
+    token_ids: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.token_ids is not None:
+            ids = tuple(self.token_ids) if isinstance(self.token_ids, (tuple, list)) else None
+            if not ids or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+                raise ValueError(f"token_ids must be a non-empty tuple of token ids (ints >= 0), "
+                                 f"got {self.token_ids!r}")
+            if self.time_period is not None:
+                raise ValueError("token_ids and time_period cannot be combined: spans along time assume every "
+                                 "prompt token after time_offset belongs to a frame")
+            self.token_ids = ids
         if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < -1:
             raise ValueError(f"layer must be an int >= -1 (-1: merge the embeddings), got {self.layer!r}")
         check_positive_int(self.window, "window")
@@ -95,19 +113,23 @@ class QuickMergeInputPress(Press):
         self._positions: Tensor | None = None  # [B, K] positions of the merged prompt, during that pass
         # a vision-language model's own prompt masks, by layer type, during that pass (None: causal)
         self._prompt_masks: dict[str, Tensor | None] | None = None
+        self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
+        self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
-        self._prompt_length, self._positions, self._prompt_masks = None, None, None
+        self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
 
     def _release(self) -> None:
-        self._prompt_length, self._positions, self._prompt_masks = None, None, None
+        self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
+        self._call_ids = None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         if self.layer >= len(layers) - 1:
             raise ValueError(f"layer must be below the last decoder layer ({len(layers) - 1}), got {self.layer}")
         base = base_model(model)
         handles = [
+            model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),
             base.register_forward_pre_hook(self._before_model, with_kwargs=True),
             base.register_forward_hook(self._after_model, with_kwargs=True),
         ]
@@ -139,6 +161,8 @@ class QuickMergeInputPress(Press):
             mask = kwargs.get("attention_mask")
             if isinstance(mask, dict):  # prepared by a vision-language model around its decoder
                 self._prompt_masks = mask
+            if self.token_ids is not None:
+                self._selected = self._selection(ids, q_len)
 
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden_in = hidden_states_arg(args, kwargs)
@@ -146,7 +170,7 @@ class QuickMergeInputPress(Press):
         n = hidden.shape[1]
         if self._prompt_length != n:
             return None  # decoding, or a pass that is not a fresh prompt
-        kept = self.kept(n)
+        kept = self._kept_tokens(n)
         self._record(n, kept)
         if kept >= n:
             self._prompt_length = None
@@ -173,7 +197,7 @@ class QuickMergeInputPress(Press):
         hidden = hidden_states_arg(args, kwargs)
         b, n, _ = hidden.shape
         if self._prompt_length == n:
-            kept = self.kept(n)
+            kept = self._kept_tokens(n)
             self._record(n, kept)
             if kept < n:
                 saliency = hidden.new_ones(b, n, dtype=torch.float32)  # nothing scores them yet: all alike
@@ -203,8 +227,46 @@ class QuickMergeInputPress(Press):
             assignment = order.gather(1, assignment)
         return assignment, last
 
+    def _capture_ids(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._call_ids = ids if isinstance(ids, Tensor) else None
+
+    def _selection(self, decoder_ids: Tensor | None, n: int) -> Tensor:
+        """``[B, N]`` bool: prompt tokens whose id is in ``token_ids``; raises before any layer runs if
+        there are no ids to read or the rows hold different numbers of them."""
+        ids = decoder_ids if decoder_ids is not None else self._call_ids
+        if ids is None or ids.dim() != 2 or ids.shape[1] != n:
+            raise ValueError(
+                "QuickMergeInputPress(token_ids=...) reads the prompt's input_ids; this call passed "
+                + ("none (only inputs_embeds)" if ids is None else f"input_ids of shape {tuple(ids.shape)} for "
+                   f"{n} prompt tokens")
+            )
+        selected = torch.isin(ids, torch.tensor(self.token_ids, device=ids.device))
+        counts = selected.sum(dim=1)
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"QuickMergeInputPress(token_ids={self.token_ids}) needs the same number of those tokens in every "
+                f"row of the batch; got {counts.tolist()}"
+            )
+        return selected
+
+    def _kept_tokens(self, n: int) -> int:
+        """Tokens the merged prompt keeps: ``kept(n)``, or with ``token_ids`` every other token plus
+        ``kept(selected)``, and at least one per run of selected tokens."""
+        if self._selected is None:
+            return self.kept(n)
+        sel = self._selected
+        chosen = int(sel[0].sum())
+        if chosen == 0:
+            return n
+        runs = int((sel & ~F.pad(sel[:, :-1], (1, 0))).sum(dim=1).max())  # starts of runs, most in a row
+        return n - chosen + max(self.kept(chosen), runs)
+
     def _spans(self, hidden: Tensor, saliency: Tensor, kept: int) -> Tensor:
         """Group ``[B, N]`` of each prompt token: contiguous spans, or spans along time (``time_period``)."""
+        if self._selected is not None:  # links that touch a token outside token_ids are cut first
+            sel = self._selected
+            return contiguous_spans(hidden, saliency, kept, self.saliency_weight, cut_first=~(sel[:, :-1] & sel[:, 1:]))
         if self.time_period is None:
             return contiguous_spans(hidden, saliency, kept, self.saliency_weight)
         return spans_along_time(hidden, saliency, kept, self.time_period, self.time_offset, self.saliency_weight)
@@ -261,6 +323,7 @@ class QuickMergeInputPress(Press):
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         self._positions, self._prompt_length, self._prompt_masks = None, None, None
+        self._call_ids = None  # read by this call only: a later call of the decoder alone brings its own
 
 
 def _layer_keys(attn: nn.Module, normed: Tensor, kwargs: dict) -> Tensor:

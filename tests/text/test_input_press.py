@@ -236,6 +236,88 @@ def test_merged_image_tokens_still_attend_to_their_whole_image(attn):
     assert ahead > 0  # some merged image token attends to a later one
 
 
+def _two_image_prompt():
+    """Two rows of text with two images each (begin 94, four image tokens 96, end 95) for ``tiny("gemma3-vlm")``."""
+    g = torch.Generator().manual_seed(3)
+    text = torch.randint(1, 90, (2, 25), generator=g)
+    image = torch.tensor([[94, 96, 96, 96, 96, 95]] * 2)
+    ids = torch.cat([text[:, :5], image, text[:, 5:15], image, text[:, 15:]], 1)
+    return ids, (ids == 96).long(), torch.randn(4, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+@pytest.mark.parametrize("ratio,image_kept", [(0.0, 8), (0.5, 4), (0.9, 2)])
+def test_token_ids_merge_only_those_tokens_and_each_run_apart(layer, ratio, image_kept):
+    """token_ids=(image token,): text tokens pass whole at their positions; each merged token is the mean of a
+    run of one image's tokens (layer -1: of their embeddings); the ratio applies to the image tokens, each image
+    keeping at least one; ratio 0 is exact."""
+    from quickmerge.text.decoder import base_model, decoder_layers
+
+    model = tiny("gemma3-vlm", layers=3)
+    ids, types, pixels = _two_image_prompt()
+    n, image = ids.shape[1], types.bool()
+    with torch.no_grad():
+        reference = model(ids, pixel_values=pixels, token_type_ids=types).logits
+    press, seen = QuickMergeInputPress(ratio, layer=layer, token_ids=(96,)), {}
+
+    def before(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    def merged(module, args, kwargs):
+        seen["hidden"] = kwargs.get("hidden_states", args[0] if args else None)
+        seen["positions"] = None if press._positions is None else press._positions.clone()
+
+    with torch.no_grad(), press(model):
+        handles = [base_model(model).register_forward_pre_hook(before, with_kwargs=True),
+                   decoder_layers(model)[layer + 1].register_forward_pre_hook(merged, with_kwargs=True)]
+        logits = model(ids, pixel_values=pixels, token_type_ids=types).logits
+        for handle in handles:
+            handle.remove()
+    kept = n - 8 + image_kept
+    assert press.achieved_ratio == pytest.approx((n - kept) / n)
+    if ratio == 0.0:
+        assert seen["positions"] is None and torch.allclose(logits, reference, atol=1e-5)
+        return
+    for row in range(2):
+        pos = seen["positions"][row]
+        assert pos.shape == (kept,) and int(image[row, pos].sum()) == image_kept
+        assert set(range(n)) - set(pos.tolist()) <= set(image[row].nonzero().flatten().tolist())  # text all kept
+        starts = torch.cat([pos.new_zeros(1), pos[:-1] + 1])
+        for k, (first, last) in enumerate(zip(starts.tolist(), pos.tolist(), strict=True)):
+            if not image[row, last]:
+                assert first == last  # a text token alone
+                if layer == -1:
+                    assert torch.equal(seen["hidden"][row, k], seen["embeds"][row, last])
+                continue
+            assert bool(image[row, first : last + 1].all())  # one run of one image's tokens
+            if layer == -1:
+                want = seen["embeds"][row, first : last + 1].mean(0)
+                assert torch.allclose(seen["hidden"][row, k], want, atol=1e-5)
+
+
+def test_token_ids_errors():
+    with pytest.raises(ValueError, match="token_ids"):
+        QuickMergeInputPress(token_ids=())
+    with pytest.raises(ValueError, match="token_ids"):
+        QuickMergeInputPress(token_ids=(True,))
+    with pytest.raises(ValueError, match="time_period"):
+        QuickMergeInputPress(token_ids=(5,), time_period=4)
+    model = tiny("llama", layers=3)
+    ids = torch.randint(1, 97, (2, 20))
+    ids[:, 5:9] = 7
+    ids[1, 12] = 7  # one more in the second row
+    ran = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda *a: ran.append(1))
+    with pytest.raises(ValueError, match=r"same number of those tokens in every row of the batch; got \[4, 5\]"), \
+            torch.no_grad(), QuickMergeInputPress(0.5, layer=0, token_ids=(7,))(model):
+        model(ids)
+    with pytest.raises(ValueError, match="reads the prompt's input_ids"), torch.no_grad(), \
+            QuickMergeInputPress(0.5, layer=0, token_ids=(7,))(model):
+        model(inputs_embeds=model.model.embed_tokens(ids))
+    handle.remove()
+    assert not ran  # refused before any layer ran
+
+
 def test_time_spans_keep_one_location_per_group():
     press = QuickMergeInputPress(0.5, layer=0, time_period=5, time_offset=1)
     hidden = torch.randn(2, 1 + 4 * 5, 8)
