@@ -184,8 +184,9 @@ def score_example(
         cache = state.cache
         # mean entries per KV head over the full-attention layers (Gemma: the global ones; sliding layers are
         # bounded by their window); flat layers hold every head in one row
-        hkv = model.config.num_key_value_heads
-        types = getattr(model.config, "layer_types", None) or ["full_attention"] * len(cache.layers)
+        text_config = model.config.get_text_config()  # a vision-language model's decoder settings
+        hkv = text_config.num_key_value_heads
+        types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(cache.layers)
         full = [layer for layer, kind in zip(cache.layers, types, strict=False) if kind == "full_attention"]
         full = full or cache.layers
         kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in full) / hkv / len(full)

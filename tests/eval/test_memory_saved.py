@@ -30,3 +30,15 @@ def test_memory_saved_counts_only_global_layers_on_gemma3():
     assert score_example(model, example, 40, method.make(0.75), method, 0.75)["memory_saved"] == pytest.approx(0.75)
     none = score_example(model, example, 40, None, Method("none", lambda r: None))
     assert none["memory_saved"] == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("kind", ["phi3", "gemma3-vlm"])
+def test_every_supported_class_is_scored_like_its_text_model(kind):
+    """The harness reads a vision-language model's text settings (KV heads, layer types) from its text config."""
+    model = tiny(kind, layers=4)
+    example = TextExample("t", torch.randint(1, 90, (40 + 4 + 1,)))
+    method = Method("m", lambda r: QuickMergePress(r), decode_inside=True)
+    merged = score_example(model, example, 40, method.make(0.75), method, 0.75)
+    none = score_example(model, example, 40, None, Method("none", lambda r: None))
+    assert merged["memory_saved"] == pytest.approx(0.75) and none["memory_saved"] == pytest.approx(0.0)
+    assert merged["nll"] != none["nll"]
