@@ -99,7 +99,9 @@ RUN = {
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
 }
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
-ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)'}
+# tests/vision/adapters/test_openclip_vit.py::test_the_readme_s_openclip_model_... (no pretrained weights offline)
+ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)',
+             'model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="laion2b_s34b_b88k")'}
 
 
 def test_every_readme_snippet_is_known_to_this_test():

@@ -165,6 +165,10 @@ class MergeHandle:
             return self._ratio < 1.0
         return any(r > 0 for r in validate_r(self._r, self.num_layers))
 
+    def needs_qk(self) -> bool:
+        """Whether this pass needs the attention's queries and keys: it merges, or an observer reads them."""
+        return self.merges() or bool(self._observers)
+
     @property
     def mean_tokens(self) -> float:
         """Mean number of tokens entering a block in the last forward pass."""

@@ -12,11 +12,12 @@ from torch import nn
 
 from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
+from .openclip_vit import OpenCLIPViTAdapter
 from .pooling import size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_vit import TimmViTAdapter
 
-REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter(), HFCLIPAdapter()]
+REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter(), HFCLIPAdapter(), OpenCLIPViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -43,6 +44,7 @@ __all__ = [
     "BlockMerger",
     "HFCLIPAdapter",
     "HFViTAdapter",
+    "OpenCLIPViTAdapter",
     "Removable",
     "TimmViTAdapter",
     "VisionAdapter",

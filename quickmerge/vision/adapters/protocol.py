@@ -49,6 +49,11 @@ class BlockMerger(Protocol):
         """Whether the current settings merge any token (False: the model runs exactly as unpatched)."""
         ...
 
+    def needs_qk(self) -> bool:
+        """Whether this pass needs the attention's queries and keys (it merges, or a calibration observes
+        them); an adapter that must recompute them (OpenCLIP's fused attention) can skip the work otherwise."""
+        ...
+
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
         ...

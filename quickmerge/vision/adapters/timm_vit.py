@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import nn
 
+from .instance import GridGuard, InstanceMethod
 from .pooling import LastOutput, mean_by_size, size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
@@ -73,25 +74,13 @@ class TimmViTAdapter:
         for i, block in enumerate(blocks):
             hooks += _attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
-            hooks.append(_GridGuard(model, merger))
+            hooks.append(GridGuard(model, merger, "get_intermediate_layers: reshape=False"))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(_WeightedPool(model, merger))
         return hooks
 
 
-class _InstanceMethod:
-    """Sets ``model.<name>`` to ``function`` on the instance (the class is left alone); ``remove`` deletes it."""
-
-    def __init__(self, model: nn.Module, name: str, function: Any) -> None:
-        self.model, self.name, self.function = model, name, function
-        setattr(model, name, function)
-
-    def remove(self) -> None:
-        if self.model.__dict__.get(self.name) is self.function:
-            del self.model.__dict__[self.name]
-
-
-class _WeightedPool(_InstanceMethod):
+class _WeightedPool(InstanceMethod):
     """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
 
     timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
@@ -126,32 +115,6 @@ class _WeightedPool(_InstanceMethod):
     def remove(self) -> None:
         self.final.remove()
         super().remove()
-
-
-class _GridGuard(_InstanceMethod):
-    """Per instance: ``model.forward_intermediates`` refuses ``output_fmt="NCHW"`` while tokens merge.
-
-    timm reshapes each block's tokens to ``[B, C, H, W]`` with ``reshape(B, H, W, -1)``: merged tokens
-    would come back as a map of the wrong width (no error). The class's method is left alone; the guard is
-    an instance attribute, deleted on removal."""
-
-    def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
-        original = model.forward_intermediates
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            if bound.arguments.get("output_fmt") == "NCHW" and merger.merges():
-                raise ValueError(
-                    f"{type(model).__name__}.forward_intermediates(output_fmt='NCHW') puts every patch token back on "
-                    "the grid, but this model is patched to merge tokens (quickmerge.patch): set handle.r = 0 while "
-                    "taking feature maps, or pass output_fmt='NLC' (get_intermediate_layers: reshape=False) for "
-                    "each block's merged tokens")
-            return original(*args, **kwargs)
-
-        super().__init__(model, "forward_intermediates", forward_intermediates)
 
 
 def _attach_block(block: nn.Module, layer: int, merger: BlockMerger) -> list[Removable]:

@@ -1,0 +1,118 @@
+"""OpenCLIP ``VisionTransformer`` adapter: the image tower of an OpenCLIP model (``model.visual``).
+
+``ResidualAttentionBlock.forward`` is ``x = q_x + ls_1(attention(ln_1(q_x)))`` then
+``x + ls_2(mlp(ln_2(x)))``, its attention a batch-first ``torch.nn.MultiheadAttention``:
+
+- the attention's pre-hook passes log(size) as ``attn_mask [B * heads, N, N]`` (proportional
+  attention), and projects its input to queries and keys with the module's own ``in_proj``
+  weights, which ``nn.MultiheadAttention`` does not expose (one ``[2C, C]`` matmul per block);
+- ``ln_2``, ``ls_2`` and the block: the residual merge of :mod:`.residual`.
+
+The class token (``pool_type="tok"``, the default) needs nothing more; ``pool_type="avg"``
+averages by size (the instance's ``_global_pool`` wraps OpenCLIP's); ``forward_intermediates``
+refuses its feature-map format while tokens merge. Attention-pooling towers (CoCa) and the
+custom blocks of qk-norm or scaled-cosine models are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .instance import GridGuard, InstanceMethod
+from .pooling import mean_by_size
+from .protocol import BlockMerger, Removable
+from .residual import residual_merge_hooks
+
+_PARTS = ("ln_1", "attn", "ln_2", "mlp", "ls_2")
+
+
+class OpenCLIPViTAdapter:
+    """OpenCLIP ``VisionTransformer`` (``open_clip.transformer``); its class token is kept."""
+
+    name = "OpenCLIP VisionTransformer"
+    tested_classes = ("VisionTransformer",)
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(c.__module__ == "open_clip.transformer" and c.__name__ == "VisionTransformer"
+                   for c in type(model).__mro__)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1  # OpenCLIP's image tower always prepends one class token
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return True
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return bool(getattr(model.transformer, "grad_checkpointing", False)) and model.training
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        if getattr(model, "attn_pool", None) is not None:
+            raise TypeError(f"{type(model).__name__} pools with attention (a CoCa tower): not supported by "
+                            "quickmerge.patch")
+        if not getattr(model.transformer, "batch_first", False):
+            raise TypeError("quickmerge.patch needs OpenCLIP's batch-first transformer (open_clip_torch 2.29 or "
+                            "later; pip install -U 'quickmerge[openclip]')")
+        blocks = list(model.transformer.resblocks)
+        plain = [b for b in blocks if all(hasattr(b, p) for p in _PARTS) and isinstance(b.attn, nn.MultiheadAttention)
+                 and b.attn.batch_first and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None]
+        if not blocks or len(plain) != len(blocks):
+            raise TypeError(f"{type(model).__name__} has {len(blocks) - len(plain)} of {len(blocks)} blocks that are "
+                            "not a ResidualAttentionBlock with a batch-first nn.MultiheadAttention (qk-norm and "
+                            "scaled-cosine towers use custom blocks): not supported by quickmerge.patch")
+        return blocks
+
+    def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
+        hooks: list[Removable] = []
+        for i, block in enumerate(blocks):
+            hooks.append(block.attn.register_forward_pre_hook(_attention_hook(block.attn, merger), with_kwargs=True))
+            hooks += residual_merge_hooks(block, i, merger, block.ln_2, block.ls_2)
+        if hasattr(model, "forward_intermediates"):
+            hooks.append(GridGuard(model, merger))
+        if getattr(model, "pool_type", None) == "avg":
+            hooks.append(_WeightedMean(model, merger))
+        return hooks
+
+
+def _attention_hook(attn: nn.MultiheadAttention, merger: BlockMerger) -> Any:
+    heads, width = attn.num_heads, attn.embed_dim
+    head_dim = width // heads
+
+    def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if not merger.needs_qk():
+            return None  # r = 0: the tower runs as unpatched, without the projection below
+        x = args[0] if args else kwargs["query"]  # [B, N, C]: ln_1's output, also the keys' and values' input
+        b, n, _ = x.shape
+        qk = F.linear(x, attn.in_proj_weight[: 2 * width], attn.in_proj_bias[: 2 * width])
+        q, k = qk.view(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
+        merger.record_qk(q=q, k=k, scale=head_dim**-0.5)
+        bias = merger.attention_bias(x)  # [B, 1, 1, N] or None
+        if bias is None:
+            return None
+        if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None or len(args) > 3:
+            raise ValueError("quickmerge's proportional attention cannot be combined with a mask the tower passes")
+        mask = bias.to(x.dtype).expand(b, heads, n, n).reshape(b * heads, n, n)
+        return args, {**kwargs, "attn_mask": mask}
+
+    return attention_pre
+
+
+class _WeightedMean(InstanceMethod):
+    """Per instance: ``model._global_pool`` averages the patch tokens by size (``pool_type="avg"``), for the
+    output of the last pass only (:meth:`BlockMerger.pooling_weights`); the class token is left out, as in
+    OpenCLIP's own mean."""
+
+    def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
+        original = model._global_pool
+
+        @functools.wraps(original)
+        def _global_pool(x: Tensor) -> tuple[Tensor, Tensor]:
+            weights = merger.pooling_weights(x)
+            if weights is None or model.pool_type != "avg":
+                return original(x)
+            return mean_by_size(x[:, 1:], weights[:, 1:]), x[:, 1:]
+
+        super().__init__(model, "_global_pool", _global_pool)
