@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3ForCausalLM",
     "Qwen3MoeForCausalLM",
     "Phi3ForCausalLM",
+    "SmolLM3ForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
 )
@@ -118,7 +119,13 @@ def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings
     if hasattr(module, "q_norm"):
         q = module.q_norm(q)
     cos, sin = position_embeddings
-    return apply_rope(q, cos[:, -w:], sin[:, -w:])
+    return layer_rope(module, q, cos[:, -w:], sin[:, -w:])
+
+
+def layer_rope(module: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """:func:`apply_rope` as the attention ``module`` applies it: not at all in the layers that use no
+    position embedding (SmolLM3's NoPE layers, ``use_rope=False``)."""
+    return apply_rope(x, cos, sin) if getattr(module, "use_rope", True) else x
 
 
 def prerope_keys(module: nn.Module, hidden_states: Tensor) -> Tensor:

@@ -26,7 +26,7 @@ from .._validation import check_choice, check_positive_int, check_real
 from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
-from .decoder import apply_rope, base_model, hidden_states_arg, prerope_keys, sliding_window_of
+from .decoder import base_model, hidden_states_arg, layer_rope, prerope_keys, sliding_window_of
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
 
@@ -328,4 +328,4 @@ class QuickMergeInputPress(Press):
 
 def _layer_keys(attn: nn.Module, normed: Tensor, kwargs: dict) -> Tensor:
     """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer run without a cache."""
-    return apply_rope(prerope_keys(attn, normed), *kwargs["position_embeddings"])
+    return layer_rope(attn, prerope_keys(attn, normed), *kwargs["position_embeddings"])

@@ -10,7 +10,7 @@ from quickmerge.text import QuickMergeInputPress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
-MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma3", "gemma3-vlm")
+MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma3", "gemma3-vlm")
           for a in ("eager", "sdpa")]
 
 

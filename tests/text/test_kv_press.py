@@ -221,7 +221,7 @@ def test_baselines_carry_only_their_own_options(press_cls):
 # ---- positions, masks and proportional attention against independent references -----------------
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mixtral", "qwen3-moe", "phi3", "gemma3", "gemma3-vlm"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mixtral", "qwen3-moe", "phi3", "smollm3", "gemma3", "gemma3-vlm"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("press_cls", [QuickMergePress, ToMeKVPress])
 def test_decoding_inside_equals_an_unpatched_model_on_the_duplicated_cache(kind, attn, press_cls):

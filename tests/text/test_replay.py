@@ -227,10 +227,10 @@ def test_replay_pool_ranks_each_entry_by_its_neighbourhood():
                for a, b in zip(caches[0].layers, caches[1].layers, strict=True))
 
 
-@pytest.mark.parametrize("kind", ["llama", "phi3", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "phi3", "smollm3", "gemma3"])
 def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     """What the leverage reserve scores: the layer's keys before RoPE (after Gemma 3's key norm)."""
-    from quickmerge.text.decoder import apply_rope, decoder_attention_layers, prerope_keys
+    from quickmerge.text.decoder import decoder_attention_layers, layer_rope, prerope_keys
 
     model = tiny(kind, layers=3)
     ids = torch.randint(0, 97, (1, 12))
@@ -248,7 +248,8 @@ def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     for i, layer in enumerate(cache.layers):
         keys, (cos, sin) = seen[i]
         n = layer.keys.shape[2]  # a sliding layer holds its window's last entries only
-        assert torch.allclose(apply_rope(keys, cos, sin)[:, :, -n:], layer.keys, atol=1e-5)
+        attention = decoder_attention_layers(model)[i]  # SmolLM3: every second layer has no rotary embedding
+        assert torch.allclose(layer_rope(attention, keys, cos, sin)[:, :, -n:], layer.keys, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads", [False, True])

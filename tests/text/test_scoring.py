@@ -25,7 +25,7 @@ def _reference_kept(attn: torch.Tensor, kept: int, salient: str, hkv: int) -> to
     return score.topk(kept, dim=-1).indices.sort(-1).values
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3-moe", "mixtral", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "qwen3-moe", "mixtral", "phi3", "smollm3"])
 @pytest.mark.parametrize("salient", ["uniform", "low_entropy", "high_entropy"])
 def test_prompt_scoring_keeps_the_entries_the_model_attends_to(kind, salient):
     model = tiny(kind, attn="eager", layers=2)

@@ -18,13 +18,14 @@ COMMON = dict(
     num_key_value_heads=2,
     max_position_embeddings=256,
 )
-KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "gemma3", "gemma3-vlm")
+KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "smollm3", "gemma3", "gemma3-vlm")
 
 
 def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int | None = None, seed: int = 0):
     """A tiny model of ``kind``; Gemma 3 alternates sliding (window 8 unless given) and global layers.
 
     ``mixtral`` and ``qwen3-moe``: mixtures of 4 experts, 2 per token, under Mistral's and Qwen 3's attention;
+    ``smollm3``: every second layer without a position embedding (NoPE), as SmolLM3 has;
     ``phi3``: Phi-3's fused ``qkv_proj``, rotating half of each head (Phi-4-mini's partial RoPE);
     ``gemma3-vlm``: ``Gemma3ForConditionalGeneration``, the same text model under a one-layer SigLIP
     tower (image token 96; an image is 4 tokens)."""
@@ -44,6 +45,9 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     elif kind == "qwen3":
         model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**common, head_dim=16))
+    elif kind == "smollm3":
+        model = transformers.SmolLM3ForCausalLM(transformers.SmolLM3Config(
+            **common, no_rope_layer_interval=2, pad_token_id=0))
     elif kind == "phi3":
         config = transformers.Phi3Config(**common, sliding_window=sliding_window, partial_rotary_factor=0.5,
                                          pad_token_id=0)
