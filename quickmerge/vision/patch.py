@@ -326,7 +326,8 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer``; a Hugging Face ViT, DeiT, DINOv2 or DINOv2-with-registers
-            model, or a CLIP or SigLIP vision tower (``quickmerge.vision.adapters.supported_families()``;
+            model, a CLIP or SigLIP vision tower, or an OpenCLIP image tower (``model.visual``;
+            ``quickmerge.vision.adapters.supported_families()``;
             other subclasses of these families work with a warning; heads that need every patch token
             on its grid, such as ``Dinov2Backbone``, are refused).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in
@@ -370,9 +371,12 @@ def patch(
         raise TypeError(f"{type(model).__name__} is already patched; call quickmerge.unpatch(model) first")
     adapter = find_adapter(model)
     if adapter is None:
+        tower = getattr(model, "visual", None)  # an OpenCLIP model: its image tower is what merges
+        hint = ("; its image tower is supported: quickmerge.patch(model.visual)"
+                if isinstance(tower, nn.Module) and find_adapter(tower) is not None else "")
         raise TypeError(
             f"quickmerge.patch supports {supported_families()}; "
-            f"got {type(model).__module__}.{type(model).__name__}"
+            f"got {type(model).__module__}.{type(model).__name__}{hint}"
         )
     blocks = adapter.blocks(model)  # raises on a structure the adapter cannot hook, before any warning
     if type(model).__name__ not in adapter.tested_classes:

@@ -131,3 +131,17 @@ def test_the_readme_s_openclip_model_patches_with_the_readme_s_settings():
     handle.r = 0
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), ref)
+
+
+def test_a_whole_openclip_model_is_refused_with_the_way_to_its_image_tower():
+    open_clip = pytest.importorskip("open_clip")
+    model = open_clip.model.CLIP(embed_dim=24, vision_cfg={"image_size": 16, "patch_size": 2, "width": 32,
+                                                            "layers": 2, "head_width": 8},
+                                 text_cfg={"context_length": 8, "vocab_size": 50, "width": 32, "heads": 4, "layers": 1})
+    with pytest.raises(TypeError, match=r"quickmerge.patch\(model.visual\)"):
+        quickmerge.patch(model, r=4)
+    handle = quickmerge.patch(model.visual.eval(), r=4)
+    with torch.no_grad():
+        model.encode_image(torch.randn(2, 3, 16, 16))
+    assert handle.tokens_per_layer == [65, 61]
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.transformer.modules())  # text tower
