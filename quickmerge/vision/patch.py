@@ -326,7 +326,8 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer``; a Hugging Face ViT, DeiT, DINOv2 or DINOv2-with-registers
-            model, a CLIP or SigLIP vision tower, or an OpenCLIP image tower (``model.visual``;
+            model, a CLIP or SigLIP vision tower (also ``CLIPModel.vision_model``), or an OpenCLIP image
+            tower (``model.visual``;
             ``quickmerge.vision.adapters.supported_families()``;
             other subclasses of these families work with a warning; heads that need every patch token
             on its grid, such as ``Dinov2Backbone``, are refused).
@@ -371,9 +372,10 @@ def patch(
         raise TypeError(f"{type(model).__name__} is already patched; call quickmerge.unpatch(model) first")
     adapter = find_adapter(model)
     if adapter is None:
-        tower = getattr(model, "visual", None)  # an OpenCLIP model: its image tower is what merges
-        hint = ("; its image tower is supported: quickmerge.patch(model.visual)"
-                if isinstance(tower, nn.Module) and find_adapter(tower) is not None else "")
+        # a dual encoder (OpenCLIP's CLIP, Hugging Face's CLIPModel / SiglipModel): its image tower is what merges
+        towers = [name for name in ("visual", "vision_model")
+                  if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
+        hint = f"; its image tower is supported: quickmerge.patch(model.{towers[0]})" if towers else ""
         raise TypeError(
             f"quickmerge.patch supports {supported_families()}; "
             f"got {type(model).__module__}.{type(model).__name__}{hint}"

@@ -21,17 +21,22 @@ from .hf_vit import activation_checkpointing, attach_attention_and_layers, atten
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
 
+# the ...VisionTransformer classes are the towers inside CLIPModel / SiglipModel (``model.vision_model``) up to
+# transformers 5.2x; newer releases put a ...VisionModel there
 _CLASSES = {
-    "transformers.models.clip.modeling_clip": ("CLIPVisionModel", "CLIPVisionModelWithProjection"),
-    "transformers.models.siglip.modeling_siglip": ("SiglipVisionModel",),
+    "transformers.models.clip.modeling_clip": ("CLIPVisionModel", "CLIPVisionModelWithProjection",
+                                               "CLIPVisionTransformer"),
+    "transformers.models.siglip.modeling_siglip": ("SiglipVisionModel", "SiglipVisionTransformer"),
 }
 
 
 class HFCLIPAdapter:
-    """Hugging Face ``CLIPVisionModel`` (with or without projection) and ``SiglipVisionModel``."""
+    """Hugging Face ``CLIPVisionModel`` (with or without projection) and ``SiglipVisionModel``, and the towers of
+    ``CLIPModel`` / ``SiglipModel`` (their ``vision_model``)."""
 
     name = "Hugging Face CLIP / SigLIP vision tower"
-    tested_classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel")
+    tested_classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "CLIPVisionTransformer",
+                      "SiglipVisionTransformer")
 
     def matches(self, model: nn.Module) -> bool:
         return any(c.__name__ in _CLASSES.get(c.__module__, ()) for c in type(model).__mro__)

@@ -107,3 +107,35 @@ def test_flash_attention_is_refused_before_any_hook():
     with pytest.raises(ValueError, match=r"'flash_attention_2'.*attn_implementation='sdpa'"):
         quickmerge.patch(model, r=8, prop_attn=False)
     assert get_handle(model) is None and model.config._attn_implementation == "flash_attention_2"
+
+
+@pytest.mark.parametrize("family", ["CLIP", "Siglip"])
+def test_the_tower_of_a_dual_encoder_patches_and_the_whole_model_points_to_it(family):
+    """CLIPModel / SiglipModel (zero-shot classification): their vision_model is a ...VisionTransformer up to
+    transformers 5.2x and a ...VisionModel after; either patches, and the whole model is refused with the way."""
+    text = dict(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                max_position_embeddings=16)
+    vision = dict(image_size=16, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4)
+    torch.manual_seed(0)
+    config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision)
+    model, x = getattr(transformers, f"{family}Model")(config).eval(), torch.randn(2, 3, 16, 16)
+
+    def features():
+        out = model.get_image_features(pixel_values=x)
+        return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+    with torch.no_grad():
+        ref = features()
+        with pytest.raises(TypeError, match=r"quickmerge.patch\(model.vision_model\)"):
+            quickmerge.patch(model, r=4)
+        handle = quickmerge.patch(model.vision_model, r=0)
+        assert torch.allclose(features(), ref, atol=1e-5, rtol=0)
+        handle.r = 12
+        merged = features()
+        prefix = 1 if family == "CLIP" else 0
+        assert handle.tokens_per_layer == [64 + prefix, 52 + prefix, 40 + prefix]
+        assert not torch.allclose(merged, ref, atol=1e-4)
+        quickmerge.unpatch(model.vision_model)
+        assert torch.equal(features(), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
