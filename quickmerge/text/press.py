@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .._validation import check_real
 from ..compile_guard import guard_hooks
-from .decoder import decoder_layers, warn_if_untested
+from .decoder import base_model, decoder_layers, warn_if_untested
 
 
 @dataclass
@@ -69,9 +69,11 @@ class Press:
         layers = decoder_layers(model)
         warn_if_untested(model, type(self).__name__)
         guard_hooks()  # a graph compiled without these hooks must not run in the with block (compile_guard.py)
-        # the padding check reads the mask the caller gave: a vision-language model hands its decoder a
-        # dict of prepared masks instead (Gemma 3's per layer type)
-        handles = [model.register_forward_pre_hook(self._check_unpadded, with_kwargs=True)]
+        # the padding check reads the caller's 2D mask, on the model and on its decoder stack (called alone,
+        # as model.model(...), it gets the caller's mask too; from a vision-language model, a dict of prepared
+        # masks, which the check leaves to the outer model's)
+        checked = {id(m): m for m in (model, base_model(model))}.values()
+        handles = [m.register_forward_pre_hook(self._check_unpadded, with_kwargs=True) for m in checked]
         handles += self._hooks(model, layers)
         try:
             with self._attention(model):

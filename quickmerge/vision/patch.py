@@ -327,10 +327,9 @@ def patch(
     Args:
         model: a timm ``VisionTransformer``; a Hugging Face ViT, DeiT, DINOv2 or DINOv2-with-registers
             model, a CLIP or SigLIP vision tower (also ``CLIPModel.vision_model``), or an OpenCLIP image
-            tower (``model.visual``;
-            ``quickmerge.vision.adapters.supported_families()``;
-            other subclasses of these families work with a warning; heads that need every patch token
-            on its grid, such as ``Dinov2Backbone``, are refused).
+            tower, ``model.visual`` (``quickmerge.vision.adapters.supported_families()``; other
+            subclasses of these families work with a warning; heads that need every patch token on its
+            grid, such as ``Dinov2Backbone``, are refused).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in
             ToMe, a block merges at most half its tokens by bipartite matching (all but one
             otherwise), and ``handle.tokens_per_layer`` shows what each block kept.

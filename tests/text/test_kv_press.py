@@ -107,6 +107,8 @@ def test_errors():
     mask[0, :3] = 0
     with pytest.raises(ValueError, match="unpadded"), QuickMergePress(0.5, window=4)(model):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+    with pytest.raises(ValueError, match="unpadded"), QuickMergePress(0.5, window=4)(model):
+        model.model(ids, attention_mask=mask)  # the decoder stack called alone is checked too
 
 
 def test_every_supported_architecture_is_built_by_the_tests():
