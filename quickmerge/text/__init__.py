@@ -6,10 +6,11 @@
 - :class:`ToMeKVPress`, :class:`RandomEvictionPress`: baselines in the same framework.
 - :class:`QuickMergeInputPress`: merges the prompt's hidden states after one decoder layer.
 - :func:`for_kvpress_pipeline`: a press that kvpress's pipeline keeps active while decoding.
+- :class:`UnsupportedAttentionError`: raised for a layer whose queries and keys the presses cannot recompute.
 """
 
 from .baseline_presses import RandomEvictionPress, ToMeKVPress
-from .decoder import SUPPORTED_ARCHITECTURES
+from .decoder import SUPPORTED_ARCHITECTURES, UnsupportedAttentionError
 from .input_press import QuickMergeInputPress
 from .kv_press import Compressed, KVPress
 from .kvpress_pipeline import for_kvpress_pipeline
@@ -25,5 +26,6 @@ __all__ = [
     "QuickMergePress",
     "RandomEvictionPress",
     "ToMeKVPress",
+    "UnsupportedAttentionError",
     "for_kvpress_pipeline",
 ]

@@ -8,6 +8,7 @@ window of hidden states recomputed from the layer's own projection.
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,29 @@ SUPPORTED_ARCHITECTURES = (
     "SmolLM3ForCausalLM",
     "Gemma3ForCausalLM",
     "Gemma3ForConditionalGeneration",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "OlmoForCausalLM",
+    "Olmo2ForCausalLM",
+    "Olmo3ForCausalLM",
+    "OlmoeForCausalLM",
+    "GraniteForCausalLM",
+    "GraniteMoeForCausalLM",
+    "CohereForCausalLM",
+    "Cohere2ForCausalLM",
+    "GlmForCausalLM",
+    "Glm4ForCausalLM",
+    "Exaone4ForCausalLM",
+    "Qwen2MoeForCausalLM",
+    "Starcoder2ForCausalLM",
+    "PhiForCausalLM",
+    "SeedOssForCausalLM",
+    "ApertusForCausalLM",
+    "ArceeForCausalLM",
+    "GptOssForCausalLM",
 )
+ROTATIONS = ("half", "interleaved", "split", "none")
+ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-3, a wrong rotation errs near 1
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -68,8 +91,11 @@ def sliding_window_of(attention: nn.Module) -> int | None:
     """The sliding window of a decoder attention module, or None for full attention.
 
     Qwen2/Qwen3/Gemma 3 set ``sliding_window`` per layer on the module; Mistral applies
-    ``config.sliding_window`` to every layer.
+    ``config.sliding_window`` to every layer; EXAONE 4 keeps the window on every module and says
+    which layers use it in ``is_sliding``.
     """
+    if getattr(attention, "is_sliding", True) is False:
+        return None
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window or None
     return getattr(getattr(attention, "config", None), "sliding_window", None) or None
@@ -82,15 +108,30 @@ def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.
     return torch.zeros(q_len, kv_len, device=device).masked_fill(~allowed, float("-inf")).to(dtype)[None, None]
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary position embedding of ``x [B, H, n, d]`` with ``cos``/``sin`` ``[1 or B, n, r]``
-    (the rotate-half convention of Llama, Qwen, Mistral, Phi-3 and Gemma). Only the first ``r``
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotation: str = "half") -> Tensor:
+    """Rotary position embedding of ``x [B, H, n, d]`` with ``cos``/``sin`` ``[1 or B, n, r]``.
+
+    ``rotation``: ``"half"`` pairs channel ``i`` with ``i + r/2`` (Llama, Qwen, Mistral, Phi-3, Gemma,
+    OLMo); ``"interleaved"`` pairs channels ``2i`` and ``2i + 1`` (Cohere, GLM; ``cos`` given in either
+    layout); ``"split"`` pairs ``i`` with ``i + d/2`` with ``cos [.., d/2]`` given once per pair (gpt-oss);
+    ``"none"`` leaves ``x`` as it is (layers without a position embedding). Only the first ``r``
     channels rotate: ``r < d`` where the model rotates part of each head (Phi-4-mini's
-    ``partial_rotary_factor``); the rest pass unchanged, as in Phi-3's own code."""
+    ``partial_rotary_factor``, GLM); the rest pass unchanged, as in those models' own code."""
+    if rotation == "none":
+        return x
+    if rotation == "split":
+        cos, sin, rotation = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), "half"
     r = cos.shape[-1]
     x_rot, x_pass = x[..., :r], x[..., r:]
-    half = r // 2
-    rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    if rotation == "interleaved":
+        if torch.equal(cos[..., : r // 2], cos[..., r // 2 :]):  # given as Llama lays it out: [f, f]
+            cos, sin = (t[..., : r // 2].repeat_interleave(2, dim=-1) for t in (cos, sin))
+        rotated = torch.stack((-x_rot[..., 1::2], x_rot[..., ::2]), dim=-1).flatten(-2)
+    elif rotation == "half":
+        half = r // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+    else:
+        raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
     return torch.cat((x_rot * cos.unsqueeze(1) + rotated * sin.unsqueeze(1), x_pass), dim=-1)
 
 
@@ -108,29 +149,109 @@ def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     return module.qkv_proj(hidden_states)[..., start : start + size]
 
 
-def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor]) -> Tensor:
+def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
+    """Queries or keys ``[B, heads, n, d]`` of ``hidden_states [B, n, D]`` before the rotary embedding,
+    normalised where the layer normalises them: ``q_norm``/``k_norm`` over each head (Qwen 3, Gemma 3;
+    Cohere's per-head weights ``[heads, d]``) or over all heads at once (OLMo 2: a weight ``[heads * d]``)."""
+    b, n, _ = hidden_states.shape
+    x = projection(module, hidden_states, part)
+    norm = getattr(module, f"{part}_norm", None)
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != module.head_dim:
+        x = norm(x)  # across heads, before the split
+        norm = None
+    x = x.view(b, n, -1, module.head_dim)
+    if norm is not None:
+        x = norm(x)
+    return x.transpose(1, 2)
+
+
+_ROTATION_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def declared_rotation(module: nn.Module) -> str:
+    """The rotation a layer is first tried with: none where it says it uses no position embedding
+    (SmolLM3's ``use_rope=False``), else Llama's rotate-half."""
+    return "half" if getattr(module, "use_rope", True) else "none"
+
+
+def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, position_embeddings: tuple,
+                 check: int = 4) -> str:
+    """How ``module`` rotates its keys, read off the keys it produced.
+
+    The last ``check`` tokens' keys are recomputed from ``hidden_states [B, n, D]`` (the attention's input)
+    and compared with the last ``check`` entries of ``keys [B, Hkv, L, d]`` (what the layer cached for the
+    same tokens), trying each of :data:`ROTATIONS`. Raises :class:`UnsupportedAttentionError` when none gives
+    the layer's keys: the press would otherwise score the prompt with queries the model never computes
+    (a query/key norm after the rotation, an unknown norm's name, a new rotation).
+    """
+    m = min(check, hidden_states.shape[1], keys.shape[2])
+    cos, sin = (t[:, -m:] for t in position_embeddings)
+    target = keys[:, :, -m:].float()
+    with torch.no_grad():
+        mine = heads(module, hidden_states[:, -m:], "k").float()
+    if mine.shape != target.shape:
+        why = f"it cached keys of shape {tuple(target.shape)} where its projections give {tuple(mine.shape)}"
+        raise UnsupportedAttentionError(_unsupported(module, why))
+    scale = target.norm().clamp_min(1e-12)
+    first = declared_rotation(module)
+    errors = {}
+    for rotation in (first, *(r for r in ROTATIONS if r != first)):
+        try:
+            rotated = apply_rope(mine, cos.float(), sin.float(), rotation)
+        except RuntimeError:  # shapes this rotation cannot take ("split" with a whole head's cos)
+            errors[rotation] = float("inf")
+            continue
+        errors[rotation] = float((rotated - target).norm() / scale)
+        if errors[rotation] < ROTATION_TOLERANCE:
+            if bool((sin.abs() > 1e-3).any()):  # positions past 0 tell the rotations apart
+                _ROTATION_SEEN[module] = rotation
+            return rotation
+    why = f"no rotation of the keys recomputed from its projections gives the keys it cached (relative errors {errors})"
+    raise UnsupportedAttentionError(_unsupported(module, why))
+
+
+def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple, check: int = 4) -> str:
+    """:func:`key_rotation` of ``module`` when no cache holds its keys: its own forward (hooks bypassed)
+    runs over the last ``check`` tokens of ``hidden_states [B, n, D]`` into a scratch cache."""
+    from transformers import DynamicCache
+
+    m = min(check, hidden_states.shape[1])
+    cos, sin = (t[:, -m:] for t in position_embeddings)
+    scratch = DynamicCache()
+    with torch.no_grad():
+        module.forward(hidden_states=hidden_states[:, -m:], position_embeddings=(cos, sin), attention_mask=None,
+                       past_key_values=scratch)
+    return key_rotation(module, hidden_states, scratch.layers[module.layer_idx].keys, position_embeddings, check)
+
+
+def seen_rotation(module: nn.Module) -> str | None:
+    """The rotation :func:`key_rotation` last found for ``module``, if it ever told the rotations apart."""
+    return _ROTATION_SEEN.get(module)
+
+
+def _unsupported(module: nn.Module, why: str) -> str:
+    return (f"the press cannot follow the attention of {type(module).__name__} (layer "
+            f"{getattr(module, 'layer_idx', '?')}): {why}. Tested: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+class UnsupportedAttentionError(TypeError):
+    """A decoder layer computes its queries and keys in a way the presses cannot recompute."""
+
+
+def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
+                   rotation: str) -> Tensor:
     """Post-RoPE queries ``[B, H, w, d]`` of ``hidden_states [B, w, D]``, from the layer's own projection.
 
     ``position_embeddings`` are the layer's ``(cos, sin)`` for the whole prompt; the last ``w``
-    positions are used (the window ends the prompt).
+    positions are used (the window ends the prompt). ``rotation``: from :func:`key_rotation`.
     """
-    b, w, _ = hidden_states.shape
-    q = projection(module, hidden_states, "q").view(b, w, -1, module.head_dim).transpose(1, 2)
-    if hasattr(module, "q_norm"):
-        q = module.q_norm(q)
+    w = hidden_states.shape[1]
     cos, sin = position_embeddings
-    return layer_rope(module, q, cos[:, -w:], sin[:, -w:])
-
-
-def layer_rope(module: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """:func:`apply_rope` as the attention ``module`` applies it: not at all in the layers that use no
-    position embedding (SmolLM3's NoPE layers, ``use_rope=False``)."""
-    return apply_rope(x, cos, sin) if getattr(module, "use_rope", True) else x
+    return apply_rope(heads(module, hidden_states, "q"), cos[:, -w:], sin[:, -w:], rotation)
 
 
 def prerope_keys(module: nn.Module, hidden_states: Tensor) -> Tensor:
     """Keys ``[B, Hkv, L, d]`` of ``hidden_states [B, L, D]`` before the rotary embedding (after the key
     norm where the layer has one): their geometry does not depend on position."""
-    b, length, _ = hidden_states.shape
-    k = projection(module, hidden_states, "k").view(b, length, -1, module.head_dim).transpose(1, 2)
-    return module.k_norm(k) if hasattr(module, "k_norm") else k
+    return heads(module, hidden_states, "k")

@@ -26,7 +26,16 @@ from .._validation import check_choice, check_positive_int, check_real
 from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
-from .decoder import base_model, hidden_states_arg, layer_rope, prerope_keys, sliding_window_of
+from .decoder import (
+    apply_rope,
+    base_model,
+    hidden_states_arg,
+    key_rotation,
+    prerope_keys,
+    probed_rotation,
+    seen_rotation,
+    sliding_window_of,
+)
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
 
@@ -115,6 +124,7 @@ class QuickMergeInputPress(Press):
         self._prompt_masks: dict[str, Tensor | None] | None = None
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
         self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
+        self._attention_input: tuple[Tensor, tuple] | None = None  # the merge layer's, during its forward
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
@@ -137,6 +147,8 @@ class QuickMergeInputPress(Press):
             handles.append(layers[0].register_forward_pre_hook(self._merge_before_first, with_kwargs=True))
             handles.append(layers[0].register_forward_hook(self._after_upper, with_kwargs=True))
         else:
+            handles.append(layers[self.layer].self_attn.register_forward_pre_hook(self._capture_attention_input,
+                                                                                 with_kwargs=True))
             handles.append(layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True))
         for block in layers[self.layer + 1 :] if self.layer >= 0 else layers[1:]:
             handles.append(block.register_forward_pre_hook(self._before_upper, with_kwargs=True))
@@ -164,10 +176,15 @@ class QuickMergeInputPress(Press):
             if self.token_ids is not None:
                 self._selected = self._selection(ids, q_len)
 
+    def _capture_attention_input(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
+        """The merge layer's attention input (after the layer's own norm, wherever it sits) and (cos, sin)."""
+        self._attention_input = (hidden_states_arg(args, kwargs), kwargs["position_embeddings"])
+
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden_in = hidden_states_arg(args, kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         n = hidden.shape[1]
+        normed, position_embeddings = self._attention_input
+        self._attention_input = None
         if self._prompt_length != n:
             return None  # decoding, or a pass that is not a fresh prompt
         kept = self._kept_tokens(n)
@@ -177,13 +194,14 @@ class QuickMergeInputPress(Press):
             return None
         attn = block.self_attn
         cache = cache_arg(kwargs)
+        attn_kwargs = {"position_embeddings": position_embeddings}
         with torch.no_grad():
-            normed = block.input_layernorm(hidden_in)
             # the layer's keys: as cached by the attention, or recomputed (no cache, or a sliding layer's
             # cache that kept only its window)
             cached = cache.layers[attn.layer_idx] if cache is not None else None
-            keys = cached.keys if physical_length(cached) == n else _layer_keys(attn, normed, kwargs)
-            saliency = window_saliency(attn, normed, keys, kwargs, window=self.window, salient=self.salient)
+            keys = (cached.keys if physical_length(cached) == n
+                    else _layer_keys(attn, normed, position_embeddings, None if cached is None else cached.keys))
+            saliency = window_saliency(attn, normed, keys, attn_kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
             assignment, last = self._group(hidden, saliency, kept)
             top = saliency.topk(kept, dim=-1).indices
@@ -326,6 +344,12 @@ class QuickMergeInputPress(Press):
         self._call_ids = None  # read by this call only: a later call of the decoder alone brings its own
 
 
-def _layer_keys(attn: nn.Module, normed: Tensor, kwargs: dict) -> Tensor:
-    """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer run without a cache."""
-    return layer_rope(attn, prerope_keys(attn, normed), *kwargs["position_embeddings"])
+def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cached: Tensor | None) -> Tensor:
+    """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer whose cache does not hold them all: rotated as the
+    layer's ``cached`` keys (a sliding window's last entries) show, or, without a cache, as the layer
+    rotates a few of the prompt's last tokens run through its own attention."""
+    if cached is not None:
+        rotation = key_rotation(attn, normed, cached, position_embeddings)
+    else:
+        rotation = seen_rotation(attn) or probed_rotation(attn, normed, position_embeddings)
+    return apply_rope(prerope_keys(attn, normed), *position_embeddings, rotation)

@@ -21,10 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from .cache import cache_kwargs
-from .decoder import hidden_states_arg, window_queries
+from .decoder import hidden_states_arg, key_rotation, window_queries
 
 
-def replay_attention(queries: Tensor, keys: Tensor, length: int, scaling: float, chunk: int = 256) -> Tensor:
+def replay_attention(
+    queries: Tensor, keys: Tensor, length: int, scaling: float, chunk: int = 256, *,
+    softcap: float | None = None, sinks: Tensor | None = None,
+) -> Tensor:
     """Most attention each of the first ``length`` keys receives from replayed queries, ``[B, Hkv, length]``.
 
     Args:
@@ -32,7 +35,8 @@ def replay_attention(queries: Tensor, keys: Tensor, length: int, scaling: float,
         keys: ``[B, Hkv, length + n, d]``: the prompt's entries, then the replayed tokens' own.
         length: prompt entries (every replayed query sees all of them, and the replayed
             tokens up to itself).
-        scaling: the attention's logit scale.
+        scaling: the attention's logit scale; ``softcap``: its logit cap (Gemma 2), ``sinks [H]``: its
+            per-head sink logits (gpt-oss), both as the model applies them.
     Maximum over the replayed queries and over the query heads that share each KV head (float32).
     """
     b, h, n, d = queries.shape
@@ -46,10 +50,16 @@ def replay_attention(queries: Tensor, keys: Tensor, length: int, scaling: float,
         end = length + start + c  # no query of this chunk sees past it
         q = grouped[:, :, :, start : start + c].float().reshape(b, hkv, group * c, d)
         logits = torch.matmul(q, k[:, :, :end].transpose(-1, -2)).mul_(scaling)  # [B, Hkv, group * c, end]
+        if softcap:
+            logits = torch.tanh(logits / softcap).mul_(softcap)
         own = logits[..., length + start :].view(b, hkv, group, c, c)  # the chunk's own replayed tokens
         own.masked_fill_(torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1), float("-inf"))
         # softmax is exp(logit - logsumexp) and exp is monotone: take the maximum in the log domain
-        log_probs = logits[..., :length] - logits.logsumexp(dim=-1, keepdim=True)
+        total = logits.logsumexp(dim=-1, keepdim=True)
+        if sinks is not None:  # a sink shares each query head's softmax
+            sink = sinks.float().view(1, hkv, group, 1, 1).expand(1, hkv, group, c, 1).reshape(1, hkv, group * c, 1)
+            total = torch.logaddexp(total, sink)
+        log_probs = logits[..., :length] - total
         best = torch.maximum(best, log_probs.amax(dim=2))
     return best.exp()
 
@@ -72,9 +82,15 @@ def replay_scores(
 
     def score(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         hidden = hidden_states_arg(args, kwargs)
-        queries = window_queries(module, hidden, kwargs["position_embeddings"])
         keys = cache.layers[module.layer_idx].keys
-        scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk)
+        pe = kwargs["position_embeddings"]
+        queries = window_queries(module, hidden, pe, key_rotation(module, hidden, keys, pe))
+        sinks = getattr(module, "sinks", None)
+        scores[module.layer_idx] = replay_attention(
+            queries, keys, length, float(module.scaling), chunk,
+            softcap=getattr(module, "attn_logit_softcapping", None) or None,
+            sinks=sinks if isinstance(sinks, Tensor) else None,
+        )
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
     # Layers not scored (sliding windows) would roll their window over the replay: put their state back.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..primitives import attention_received, normalized_entropy, quantile_rank
-from .decoder import window_queries
+from .decoder import key_rotation, window_queries
 
 Salient = Literal["low_entropy", "high_entropy", "uniform"]
 SALIENT = ("low_entropy", "high_entropy", "uniform")
@@ -55,13 +55,29 @@ def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict
     """
     length, hkv = keys.shape[2], keys.shape[1]
     w = min(window, length)
-    q = window_queries(module, hidden_states[:, -w:], kwargs["position_embeddings"]).float()
+    pe = kwargs["position_embeddings"]
+    q = window_queries(module, hidden_states[:, -w:], pe, key_rotation(module, hidden_states, keys, pe)).float()
     groups = q.shape[1] // hkv
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     logits = torch.matmul(q, k.float().transpose(-1, -2)) * module.scaling
     q_pos = torch.arange(length - w, length, device=keys.device)
     allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
-    return Window(q, logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1), float(module.scaling))
+    return Window(q, attention_probs(module, logits, allowed), float(module.scaling))
+
+
+def attention_probs(module: nn.Module, logits: Tensor, allowed: Tensor) -> Tensor:
+    """Attention ``[B, H, q, L]`` from scaled ``logits`` as ``module`` turns them into weights: capped by its
+    ``attn_logit_softcapping`` (Gemma 2) and sharing the softmax with its per-head ``sinks`` (gpt-oss),
+    only the ``allowed [q, L]`` entries seen."""
+    cap = getattr(module, "attn_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    sinks = getattr(module, "sinks", None)
+    if not isinstance(sinks, Tensor):
+        return logits.softmax(dim=-1)
+    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Tensor:
@@ -123,7 +139,8 @@ def prompt_saliency(
     ``chunk x L`` per head.
     """
     b, hkv, length, _ = keys.shape
-    q = window_queries(module, hidden_states, kwargs["position_embeddings"]).float()  # [B, H, L, d]
+    pe = kwargs["position_embeddings"]
+    q = window_queries(module, hidden_states, pe, key_rotation(module, hidden_states, keys, pe)).float()  # [B, H, L, d]
     groups = q.shape[1] // hkv
     k = keys.float().repeat_interleave(groups, dim=1) if groups > 1 else keys.float()
     key_pos = torch.arange(length, device=keys.device)
@@ -133,7 +150,7 @@ def prompt_saliency(
         pos = torch.arange(start, min(start + chunk, length), device=keys.device)
         allowed = key_pos[None, :] <= pos[:, None]  # [c, L]
         logits = torch.matmul(q[:, :, pos], k.transpose(-1, -2)) * module.scaling
-        probs = logits.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, H, c, L]
+        probs = attention_probs(module, logits, allowed)  # [B, H, c, L]
         weight = query_weights(probs, salient, pos + 1)
         received += attention_received(probs, weight)
         observers += torch.matmul(weight, allowed.float())  # [B, H, L]: weight of the queries seeing each entry

@@ -11,20 +11,27 @@ from quickmerge.text.replay import replay_attention  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
 
-# GQA with a short last chunk / MHA in one chunk / 3 query heads per KV head
+# GQA with a short last chunk / MHA in one chunk / 3 query heads per KV head; a logit cap and sinks (Gemma 2, gpt-oss)
 @pytest.mark.parametrize("h, hkv, chunk", [(4, 2, 2), (3, 3, 256), (6, 2, 4)])
-def test_replay_attention_equals_a_per_query_reference(h, hkv, chunk):
+@pytest.mark.parametrize("softcap, sinks", [(None, False), (0.7, False), (None, True), (0.7, True)])
+def test_replay_attention_equals_a_per_query_reference(h, hkv, chunk, softcap, sinks):
     torch.manual_seed(0)
     b, length, n, d = 2, 7, 5, 8
     queries, keys = torch.randn(b, h, n, d), torch.randn(b, hkv, length + n, d)
-    got = replay_attention(queries, keys, length, 0.3, chunk=chunk)
+    sink = torch.randn(h) * 2 if sinks else None
+    got = replay_attention(queries, keys, length, 0.3, chunk=chunk, softcap=softcap, sinks=sink)
     want = torch.zeros(b, hkv, length)
     group = h // hkv
     for i in range(b):
         for q in range(h):
             for t in range(n):
                 visible = keys[i, q // group, : length + t + 1]  # the prompt, then the replay up to itself
-                p = (visible @ queries[i, q, t] * 0.3).softmax(0)[:length]
+                logits = visible @ queries[i, q, t] * 0.3
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                if sinks:
+                    logits = torch.cat([logits, sink[q : q + 1]])
+                p = logits.softmax(0)[:length]
                 want[i, q // group] = torch.maximum(want[i, q // group], p)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -230,14 +237,15 @@ def test_replay_pool_ranks_each_entry_by_its_neighbourhood():
 @pytest.mark.parametrize("kind", ["llama", "phi3", "smollm3", "gemma3"])
 def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     """What the leverage reserve scores: the layer's keys before RoPE (after Gemma 3's key norm)."""
-    from quickmerge.text.decoder import decoder_attention_layers, layer_rope, prerope_keys
+    from quickmerge.text.decoder import apply_rope, decoder_attention_layers, key_rotation, prerope_keys
 
     model = tiny(kind, layers=3)
     ids = torch.randint(0, 97, (1, 12))
     seen = {}
 
     def keep(module, args, kwargs):
-        seen[module.layer_idx] = (prerope_keys(module, kwargs["hidden_states"]), kwargs["position_embeddings"])
+        hidden = kwargs["hidden_states"]
+        seen[module.layer_idx] = (prerope_keys(module, hidden), kwargs["position_embeddings"], hidden)
 
     handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
     cache = transformers.DynamicCache(config=model.config)
@@ -246,10 +254,12 @@ def test_prerope_keys_give_the_cached_keys_after_the_rotary_embedding(kind):
     for handle in handles:
         handle.remove()
     for i, layer in enumerate(cache.layers):
-        keys, (cos, sin) = seen[i]
+        keys, (cos, sin), _ = seen[i]
         n = layer.keys.shape[2]  # a sliding layer holds its window's last entries only
         attention = decoder_attention_layers(model)[i]  # SmolLM3: every second layer has no rotary embedding
-        assert torch.allclose(layer_rope(attention, keys, cos, sin)[:, :, -n:], layer.keys, atol=1e-5)
+        rotation = key_rotation(attention, seen[i][2], layer.keys, (cos, sin))
+        assert rotation == ("half" if getattr(attention, "use_rope", True) else "none")
+        assert torch.allclose(apply_rope(keys, cos, sin, rotation)[:, :, -n:], layer.keys, atol=1e-5)
 
 
 @pytest.mark.parametrize("heads", [False, True])

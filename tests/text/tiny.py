@@ -19,6 +19,54 @@ COMMON = dict(
     max_position_embeddings=256,
 )
 KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "smollm3", "gemma3", "gemma3-vlm")
+# more families, each checked by tests/text/test_architectures.py
+MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
+              "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss")
+ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss")  # sliding and global layers in turn
+
+
+def _more(kind: str, common: dict, sliding_window: int | None):
+    """Models of :data:`MORE_KINDS`: defaults of each config but the tiny sizes; ``ALTERNATING`` kinds
+    alternate sliding (window 8 unless given) and global layers; some carry their family's trait on purpose
+    (Granite's attention multiplier, Cohere's per-head query/key norms); Gemma 2's logit cap and gpt-oss's
+    attention sinks are set where they change the attention of such small random models."""
+    t = transformers
+    if kind in ALTERNATING:
+        layers = max(common["num_hidden_layers"], 3)
+        types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
+        common = {**common, "num_hidden_layers": layers, "layer_types": types, "sliding_window": sliding_window or 8}
+    moe = dict(num_experts=4, num_experts_per_tok=2)
+    build = {
+        "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
+        "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
+        "olmo": lambda: t.OlmoForCausalLM(t.OlmoConfig(**common)),
+        "olmo2": lambda: t.Olmo2ForCausalLM(t.Olmo2Config(**common)),
+        "olmo3": lambda: t.Olmo3ForCausalLM(t.Olmo3Config(**common)),
+        "olmoe": lambda: t.OlmoeForCausalLM(t.OlmoeConfig(**common, **moe)),
+        "granite": lambda: t.GraniteForCausalLM(t.GraniteConfig(**common, attention_multiplier=0.05)),
+        "granitemoe": lambda: t.GraniteMoeForCausalLM(t.GraniteMoeConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, attention_multiplier=0.05)),
+        "cohere": lambda: t.CohereForCausalLM(t.CohereConfig(**common, use_qk_norm=True)),
+        "cohere2": lambda: t.Cohere2ForCausalLM(t.Cohere2Config(**common)),
+        "glm": lambda: t.GlmForCausalLM(t.GlmConfig(**common, head_dim=16, pad_token_id=0)),
+        "glm4": lambda: t.Glm4ForCausalLM(t.Glm4Config(**common, head_dim=16, pad_token_id=0)),
+        "exaone4": lambda: t.Exaone4ForCausalLM(t.Exaone4Config(**common)),
+        "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(
+            **common, **moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+        "starcoder2": lambda: t.Starcoder2ForCausalLM(t.Starcoder2Config(**common)),
+        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**common)),
+        "seed-oss": lambda: t.SeedOssForCausalLM(t.SeedOssConfig(**common, head_dim=16)),
+        "apertus": lambda: t.ApertusForCausalLM(t.ApertusConfig(**common)),
+        "arcee": lambda: t.ArceeForCausalLM(t.ArceeConfig(**common)),
+        "gpt-oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
+            **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+    }
+    model = build[kind]()
+    if kind == "gpt-oss":
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_(0.0, 2.0)
+    return model
 
 
 def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int | None = None, seed: int = 0):
@@ -28,7 +76,8 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
     ``smollm3``: every second layer without a position embedding (NoPE), as SmolLM3 has;
     ``phi3``: Phi-3's fused ``qkv_proj``, rotating half of each head (Phi-4-mini's partial RoPE);
     ``gemma3-vlm``: ``Gemma3ForConditionalGeneration``, the same text model under a one-layer SigLIP
-    tower (image token 96; an image is 4 tokens)."""
+    tower (image token 96; an image is 4 tokens); :data:`MORE_KINDS`: see :func:`_more` (a class without an
+    SDPA path, gpt-oss and Gemma 2 after transformers 5.2, runs eager whatever ``attn`` says)."""
     torch.manual_seed(seed)
     common = {**COMMON, "num_hidden_layers": layers}
     if kind == "llama":
@@ -67,6 +116,9 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
                 text_config=config.to_dict(), vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
                 boi_token_index=94, eoi_token_index=95,
             ))
+    elif kind in MORE_KINDS:
+        model = _more(kind, common, sliding_window)
+        attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
     else:
         raise ValueError(kind)
     model.set_attn_implementation(attn)

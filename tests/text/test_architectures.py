@@ -1,0 +1,163 @@
+"""The presses on every further family in SUPPORTED_ARCHITECTURES (tests/text/tiny.py ``MORE_KINDS``): exact at
+ratio 0, decoding equal to the duplicated-cache oracle, prompt scoring equal to the model's own attention weights
+(logit caps and attention sinks included), each layer's rotation read off its cached keys, and a refusal, not a
+silent mis-scoring, where the keys cannot be recomputed."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
+from quickmerge.text.cache import cache_kwargs  # noqa: E402
+from quickmerge.text.decoder import (  # noqa: E402
+    UnsupportedAttentionError,
+    apply_rope,
+    decoder_attention_layers,
+    key_rotation,
+    prerope_keys,
+    sliding_window_of,
+)
+from quickmerge.text.scoring import observe  # noqa: E402
+from tests.text.test_input_press import test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers  # noqa: E402
+from tests.text.tiny import COMMON, MORE_KINDS, duplicated_cache, tiny  # noqa: E402
+
+# how each family rotates its keys, by layer: sliding layers first where they alternate
+ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
+            "cohere2": ("interleaved", "none"), "exaone4": ("half", "none")}  # global layers without RoPE
+
+
+def _expected_rotation(kind: str, attention) -> str:
+    rotation = ROTATION.get(kind, "half")
+    if isinstance(rotation, tuple):
+        return rotation[0] if sliding_window_of(attention) is not None else rotation[1]
+    return rotation
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_ratio_zero_is_exact_and_decoding_equals_the_duplicated_cache(kind, attn):
+    model = tiny(kind, attn)
+    ids, cont = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 3))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1)).logits[:, 24:]
+        cache = transformers.DynamicCache()
+        with QuickMergePress(0.0)(model):
+            model(ids, **cache_kwargs(model, cache))
+            assert torch.allclose(model(cont, **cache_kwargs(model, cache)).logits, reference, atol=1e-5)
+        press, cache = QuickMergePress(0.5, window=4), transformers.DynamicCache()
+        with press(model):
+            model(ids, **cache_kwargs(model, cache))
+            oracle = duplicated_cache(cache)
+            merged = model(cont, **cache_kwargs(model, cache)).logits
+        assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+    attentions = decoder_attention_layers(model)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [27 if sliding_window_of(a) is not None else 15 for a in attentions]  # global layers halved
+    assert not torch.allclose(merged, reference, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_the_press_sees_the_attention_the_model_computes(kind):
+    """What every scoring reads, the attention of prompt queries recomputed by the press, equals the model's own
+    eager attention weights on each global layer: Gemma 2's capped logits and gpt-oss's sinks as the model
+    applies them, Granite's multiplier, OLMo 2's norm across heads, Cohere's and GLM's rotations, NoPE layers."""
+    model = tiny(kind, "eager")
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
+
+    attentions = decoder_attention_layers(model)
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        weights = model(ids, **cache_kwargs(model, cache), output_attentions=True).attentions
+    for handle in handles:
+        handle.remove()
+    compared = 0
+    for i, attention in enumerate(attentions):
+        if sliding_window_of(attention) is not None:
+            continue  # never scored: kept whole
+        got = observe(attention, seen[i].pop("hidden"), cache.layers[i].keys, seen[i], window=30).probs
+        assert torch.allclose(got, weights[i].float(), atol=1e-5), (got - weights[i]).abs().max()
+        compared += 1
+    assert compared >= 1
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_prompt_scoring_runs_on_the_global_layers_only(kind):
+    model = tiny(kind, "eager")
+    press, cache = QuickMergePress(0.5, scoring="prompt", window=4), transformers.DynamicCache()
+    with torch.no_grad(), press(model):
+        model(torch.randint(0, 97, (1, 30)), **cache_kwargs(model, cache))
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [30 if sliding_window_of(a) is not None else 15 for a in decoder_attention_layers(model)]
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
+    model = tiny(kind, layers=3)
+    ids = torch.randint(0, 97, (1, 12))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    attentions = decoder_attention_layers(model)
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    for handle in handles:
+        handle.remove()
+    for i, attention in enumerate(attentions):
+        hidden, (cos, sin) = seen[i]
+        rotation = key_rotation(attention, hidden, cache.layers[i].keys, (cos, sin))
+        assert rotation == _expected_rotation(kind, attention)
+        with torch.no_grad():  # every position, not only the few the check reads
+            recomputed = apply_rope(prerope_keys(attention, hidden), cos, sin, rotation)
+        assert torch.allclose(recomputed, cache.layers[i].keys, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", MORE_KINDS)
+def test_input_press_is_exact_at_ratio_zero_and_shrinks_the_upper_layers(kind):
+    test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, "sdpa")
+
+
+@pytest.mark.parametrize("kind", ["cohere2", "gpt-oss"])
+def test_input_press_without_a_cache_rotates_as_the_layer_does(kind):
+    """No cache holds the merge layer's keys: the layer's own attention, run over a few tokens, tells how it
+    rotates them (Cohere 2's interleaved pairs, gpt-oss's split halves), and the prompt merges as with a cache."""
+    model = tiny(kind, layers=3)
+    ids = torch.randint(0, 97, (1, 30))
+    with torch.no_grad():
+        with QuickMergeInputPress(0.5, layer=0, window=4)(model):
+            cached = model(ids, **cache_kwargs(model, transformers.DynamicCache())).logits[:, -1]
+        with QuickMergeInputPress(0.5, layer=0, window=4)(model):
+            uncached = model(ids, use_cache=False).logits[:, -1]
+    assert torch.allclose(cached, uncached, atol=1e-5)
+
+
+def _hunyuan():
+    torch.manual_seed(0)
+    config = transformers.HunYuanDenseV1Config(**COMMON, head_dim=16)
+    return transformers.HunYuanDenseV1ForCausalLM(config).eval()
+
+
+def _stablelm_qk_norm():
+    torch.manual_seed(0)
+    return transformers.StableLmForCausalLM(transformers.StableLmConfig(**COMMON, qk_layernorm=True)).eval()
+
+
+@pytest.mark.parametrize("build", [_hunyuan, _stablelm_qk_norm], ids=["hunyuan-norm-after-rope", "stablelm-qk-norm"])
+@pytest.mark.parametrize("press", [lambda: QuickMergePress(0.5), lambda: QuickMergeInputPress(0.5, layer=0)],
+                         ids=["kv", "input"])
+def test_keys_the_press_cannot_recompute_are_refused(build, press):
+    """HunYuan normalises queries and keys after the rotation, StableLM under names of its own: recomputed
+    queries would not be the model's, so the press refuses instead of scoring with them."""
+    model = build()
+    with pytest.warns(UserWarning, match="untested"), pytest.raises(UnsupportedAttentionError, match=type(
+            decoder_attention_layers(model)[0]).__name__), torch.no_grad(), press()(model):
+        model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
