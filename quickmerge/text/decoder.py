@@ -44,6 +44,9 @@ SUPPORTED_ARCHITECTURES = (
     "ApertusForCausalLM",
     "ArceeForCausalLM",
     "GptOssForCausalLM",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "Qwen3VLForConditionalGeneration",
 )
 ROTATIONS = ("half", "interleaved", "split", "none")
 ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-3, a wrong rotation errs near 1
@@ -77,7 +80,9 @@ def warn_if_untested(model: nn.Module, who: str) -> None:
     """Warn once per call when ``model``'s class is not among the tested architectures."""
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         warnings.warn(
-            f"{who} is untested on {type(model).__name__}; tested: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            f"{who} is untested on {type(model).__name__} (where it recomputes queries, each prompt "
+            f"checks the layer's keys first and a layer it cannot follow is refused); "
+            f"tested: {', '.join(SUPPORTED_ARCHITECTURES)}",
             stacklevel=4,
         )
 
@@ -175,6 +180,33 @@ def declared_rotation(module: nn.Module) -> str:
     return "half" if getattr(module, "use_rope", True) else "none"
 
 
+def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """The layer's ``(cos, sin)`` as ``[B, n, r]``. Qwen2-VL's and Qwen2.5-VL's multimodal rotary embedding
+    (up to transformers 5.2x) arrives as ``[3, B, n, r]``, one row per axis (time, height, width); the
+    attention takes each frequency band from its axis (``mrope_section``) and rotates as Llama does."""
+    cos, sin = position_embeddings
+    if cos.dim() != 4:
+        return cos, sin
+    config = getattr(module, "config", None)
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    section = params.get("mrope_section") if isinstance(params, dict) else None
+    if not section:
+        raise UnsupportedAttentionError(_unsupported(module, f"its rotary embedding has shape {tuple(cos.shape)} "
+                                                             "and no mrope_section in its config"))
+    bands = list(section) * 2
+    return tuple(torch.cat([band[i % 3] for i, band in enumerate(t.split(bands, dim=-1))], dim=-1) for t in (cos, sin))
+
+
+def uses_mrope(model: nn.Module) -> bool:
+    """Whether a model positions its tokens on three axes (multimodal RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL), told
+    by the ``get_rope_index`` those models compute the positions with, or an ``mrope_section`` in the config."""
+    if any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)) if m is not None):
+        return True
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return isinstance(params, dict) and bool(params.get("mrope_section"))
+
+
 def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, position_embeddings: tuple,
                  check: int = 4) -> str:
     """How ``module`` rotates its keys, read off the keys it produced.
@@ -186,7 +218,7 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
     (a query/key norm after the rotation, an unknown norm's name, a new rotation).
     """
     m = min(check, hidden_states.shape[1], keys.shape[2])
-    cos, sin = (t[:, -m:] for t in position_embeddings)
+    cos, sin = (t[:, -m:] for t in plain_rotary(module, position_embeddings))
     target = keys[:, :, -m:].float()
     with torch.no_grad():
         mine = heads(module, hidden_states[:, -m:], "k").float()
@@ -217,7 +249,7 @@ def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embedding
     from transformers import DynamicCache
 
     m = min(check, hidden_states.shape[1])
-    cos, sin = (t[:, -m:] for t in position_embeddings)
+    cos, sin = (t[..., -m:, :] for t in position_embeddings)  # the tokens' axis, also of M-RoPE's [3, B, n, r]
     scratch = DynamicCache()
     with torch.no_grad():
         module.forward(hidden_states=hidden_states[:, -m:], position_embeddings=(cos, sin), attention_mask=None,
@@ -247,7 +279,7 @@ def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings
     positions are used (the window ends the prompt). ``rotation``: from :func:`key_rotation`.
     """
     w = hidden_states.shape[1]
-    cos, sin = position_embeddings
+    cos, sin = plain_rotary(module, position_embeddings)
     return apply_rope(heads(module, hidden_states, "q"), cos[:, -w:], sin[:, -w:], rotation)
 
 

@@ -35,6 +35,7 @@ from .decoder import (
     probed_rotation,
     seen_rotation,
     sliding_window_of,
+    uses_mrope,
 )
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
@@ -137,6 +138,12 @@ class QuickMergeInputPress(Press):
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         if self.layer >= len(layers) - 1:
             raise ValueError(f"layer must be below the last decoder layer ({len(layers) - 1}), got {self.layer}")
+        if uses_mrope(model):
+            raise ValueError(
+                f"QuickMergeInputPress places merged tokens by their index in the prompt, but {type(model).__name__} "
+                "positions its tokens on three axes (multimodal RoPE: images on a grid, text after them shifted), so "
+                "its upper layers would see wrong positions; use QuickMergePress (the KV cache) on this model"
+            )
         base = base_model(model)
         handles = [
             model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),

@@ -20,7 +20,7 @@ from quickmerge.text.decoder import (  # noqa: E402
 )
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_input_press import test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers  # noqa: E402
-from tests.text.tiny import COMMON, MORE_KINDS, duplicated_cache, tiny  # noqa: E402
+from tests.text.tiny import COMMON, MORE_KINDS, MROPE_KINDS, duplicated_cache, tiny  # noqa: E402
 
 # how each family rotates its keys, by layer: sliding layers first where they alternate
 ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
@@ -161,3 +161,74 @@ def test_keys_the_press_cannot_recompute_are_refused(build, press):
     with pytest.warns(UserWarning, match="untested"), pytest.raises(UnsupportedAttentionError, match=type(
             decoder_attention_layers(model)[0]).__name__), torch.no_grad(), press()(model):
         model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
+
+
+def _image_prompt(model, kind: str):
+    """Two rows of text with one image each (4 tokens) and the pixels and grids :func:`tiny`'s towers take."""
+    import inspect
+
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (2, 30), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * 2), text[:, 5:]], 1)
+    image = dict(pixel_values=torch.randn(32, 1536 if kind == "qwen3-vl" else 1176, generator=g),
+                 image_grid_thw=torch.tensor([[1, 4, 4], [1, 4, 4]]))
+    if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # asked for from transformers 5.2x on
+        image["mm_token_type_ids"] = (ids == 96).long()
+    return ids, image
+
+
+@pytest.mark.parametrize("kind", MROPE_KINDS)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("with_image", [False, True], ids=["text", "image"])
+def test_multimodal_rope_models_merge_their_cache_and_decode_on_the_duplicated_cache(kind, attn, with_image):
+    """Qwen2-VL, Qwen2.5-VL, Qwen3-VL: their tokens sit on three axes (an image on its grid, the text after it
+    shifted); the merged cache decodes as the unpatched model on the duplicated cache does, ratio 0 exactly."""
+    model = tiny(kind, attn, layers=3)
+    if with_image:
+        ids, image = _image_prompt(model, kind)
+    else:
+        ids, image = torch.randint(1, 90, (2, 30)), {}
+    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
+    with torch.no_grad():
+        plain = transformers.DynamicCache()  # the model's own prefill, then decoding
+        model(ids, **image, **cache_kwargs(model, plain))
+        reference = model(cont, **cache_kwargs(model, plain)).logits
+        for ratio in (0.0, 0.5):
+            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache()
+            with press(model):
+                model(ids, **image, **cache_kwargs(model, cache))
+                oracle = duplicated_cache(cache)
+                merged = model(cont, **cache_kwargs(model, cache)).logits
+            model(ids, **image, **cache_kwargs(model, transformers.DynamicCache()))  # the prompt's position shift
+            assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+            assert [layer.keys.shape[2] for layer in cache.layers] == [n + 3 - round(ratio * n)] * 3
+            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen3-vl"])
+def test_multimodal_rope_attention_is_the_models_own(kind):
+    """With an image in the prompt, the attention the press recomputes equals the model's eager weights."""
+    model = tiny(kind, "eager", layers=3)
+    ids, image = _image_prompt(model, kind)
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
+
+    attentions = decoder_attention_layers(model)
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        weights = model(ids, **image, **cache_kwargs(model, cache), output_attentions=True).attentions
+    for handle in handles:
+        handle.remove()
+    for i, attention in enumerate(attentions):
+        got = observe(attention, seen[i].pop("hidden"), cache.layers[i].keys, seen[i], window=ids.shape[1]).probs
+        assert torch.allclose(got, weights[i].float(), atol=1e-5), (got - weights[i]).abs().max()
+
+
+@pytest.mark.parametrize("kind", MROPE_KINDS)
+def test_the_input_press_refuses_multimodal_rope(kind):
+    model = tiny(kind, layers=3)
+    with pytest.raises(ValueError, match="three axes"), QuickMergeInputPress(0.5, layer=0)(model):
+        pass

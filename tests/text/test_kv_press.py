@@ -13,7 +13,7 @@ from quickmerge.text import (  # noqa: E402
     ToMeKVPress,
 )
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
-from tests.text.tiny import COMMON, KINDS, MORE_KINDS, duplicated_cache, one_at_a_time, tiny  # noqa: E402
+from tests.text.tiny import COMMON, KINDS, MORE_KINDS, MROPE_KINDS, duplicated_cache, one_at_a_time, tiny  # noqa: E402
 
 
 def _tiny(kind: str, attn: str):
@@ -116,7 +116,7 @@ def test_every_supported_architecture_is_built_by_the_tests():
     import warnings
 
     built = {}
-    for kind in KINDS + MORE_KINDS:
+    for kind in KINDS + MORE_KINDS + MROPE_KINDS:
         model = tiny(kind)
         with warnings.catch_warnings():
             warnings.simplefilter("error")

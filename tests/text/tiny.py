@@ -22,7 +22,28 @@ KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "
 # more families, each checked by tests/text/test_architectures.py
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss")
+# vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
+MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss")  # sliding and global layers in turn
+
+
+def _mrope(kind: str, common: dict):
+    """:data:`MROPE_KINDS` with a one-layer vision tower (image tokens: begin 94, image 96, end 95; an image of
+    grid (1, 4, 4) patches of 2 x 3 x 14 x 14 values is 4 tokens); frequency bands 2 / 3 / 3 on the three axes."""
+    t = transformers
+    tokens = dict(image_token_id=96, vision_start_token_id=94, vision_end_token_id=95)
+    if kind == "qwen3-vl":
+        text = {**common, "head_dim": 16, "rope_scaling": {"rope_type": "default", "mrope_section": [2, 3, 3],
+                                                         "mrope_interleaved": True}}
+        vision = dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                      deepstack_visual_indexes=[0])
+        return t.Qwen3VLForConditionalGeneration(t.Qwen3VLConfig(text_config=text, vision_config=vision, **tokens))
+    text = {**common, "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}}
+    if kind == "qwen2-vl":
+        vision = dict(depth=1, embed_dim=32, num_heads=2, hidden_size=64)
+        return t.Qwen2VLForConditionalGeneration(t.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens))
+    vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64)
+    return t.Qwen2_5_VLForConditionalGeneration(t.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
 
 
 def _more(kind: str, common: dict, sliding_window: int | None):
@@ -77,7 +98,8 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
     ``phi3``: Phi-3's fused ``qkv_proj``, rotating half of each head (Phi-4-mini's partial RoPE);
     ``gemma3-vlm``: ``Gemma3ForConditionalGeneration``, the same text model under a one-layer SigLIP
     tower (image token 96; an image is 4 tokens); :data:`MORE_KINDS`: see :func:`_more` (a class without an
-    SDPA path, gpt-oss and Gemma 2 after transformers 5.2, runs eager whatever ``attn`` says)."""
+    SDPA path, gpt-oss and Gemma 2 after transformers 5.2, runs eager whatever ``attn`` says);
+    :data:`MROPE_KINDS`: see :func:`_mrope`."""
     torch.manual_seed(seed)
     common = {**COMMON, "num_hidden_layers": layers}
     if kind == "llama":
@@ -116,6 +138,8 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
                 text_config=config.to_dict(), vision_config=vision, mm_tokens_per_image=4, image_token_index=96,
                 boi_token_index=94, eoi_token_index=95,
             ))
+    elif kind in MROPE_KINDS:
+        model = _mrope(kind, common)
     elif kind in MORE_KINDS:
         model = _more(kind, common, sliding_window)
         attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
