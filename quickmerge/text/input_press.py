@@ -31,6 +31,7 @@ from .decoder import (
     base_model,
     hidden_states_arg,
     key_rotation,
+    plain_rotary,
     prerope_keys,
     probed_rotation,
     seen_rotation,
@@ -52,6 +53,14 @@ def gathered_mask(mask: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor
     sub = rows.gather(2, positions[:, None, :].expand(-1, k, -1))  # [B, K, K]
     allowed = sub if sub.dtype == torch.bool else sub == 0
     return torch.zeros(allowed.shape, dtype=dtype, device=mask.device).masked_fill(~allowed, float("-inf"))[:, None]
+
+
+def gather_tokens(table: Tensor, positions: Tensor) -> Tensor:
+    """Rows of a rotary table ``[1 or B, N, d]`` (or multimodal RoPE's ``[3, 1 or B, N, d]``) at ``positions [B, K]``:
+    ``[B, K, d]`` (``[3, B, K, d]``)."""
+    table = table.expand(*table.shape[:-3], positions.shape[0], -1, -1)
+    index = positions[..., None].expand(*table.shape[:-3], -1, -1, table.shape[-1])
+    return table.gather(-2, index)
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -126,6 +135,7 @@ class QuickMergeInputPress(Press):
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
         self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
         self._attention_input: tuple[Tensor, tuple] | None = None  # the merge layer's, during its forward
+        self._mrope = False  # set per model by __call__
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
@@ -138,12 +148,16 @@ class QuickMergeInputPress(Press):
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         if self.layer >= len(layers) - 1:
             raise ValueError(f"layer must be below the last decoder layer ({len(layers) - 1}), got {self.layer}")
-        if uses_mrope(model):
+        deepstack = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None) or ()
+        if deepstack and self.layer < len(deepstack):
             raise ValueError(
-                f"QuickMergeInputPress places merged tokens by their index in the prompt, but {type(model).__name__} "
-                "positions its tokens on three axes (multimodal RoPE: images on a grid, text after them shifted), so "
-                "its upper layers would see wrong positions; use QuickMergePress (the KV cache) on this model"
+                f"layer must be {len(deepstack)} or more on {type(model).__name__}: it adds image features to the "
+                f"hidden states after layers 0..{len(deepstack) - 1} (DeepStack), which must keep every token; "
+                f"got {self.layer}"
             )
+        # multimodal RoPE (Qwen2-VL and kin): the ids the layers get are shifted after an image, so decoding's
+        # masks continue the prompt's indices instead of reading them
+        self._mrope = uses_mrope(model)
         base = base_model(model)
         handles = [
             model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),
@@ -306,16 +320,17 @@ class QuickMergeInputPress(Press):
             positions = self._positions
             if layer is not None:
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
-            cos, sin = kwargs["position_embeddings"]  # [1 or B, N, d]
-            cos, sin = cos.expand(positions.shape[0], -1, -1), sin.expand(positions.shape[0], -1, -1)
-            index = positions[..., None].expand(-1, -1, cos.shape[-1])
-            kwargs["position_embeddings"] = (cos.gather(1, index), sin.gather(1, index))
+            kwargs["position_embeddings"] = tuple(gather_tokens(t, positions) for t in kwargs["position_embeddings"])
             own = self._own_mask(block)
             kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
                                         else gathered_mask(own, positions, hidden.dtype))
             return args, kwargs
         if getattr(layer, "needs_press", False):  # decoding on a cache this press merged
-            new = kwargs["position_ids"].expand(hidden.shape[0], -1).to(layer.positions.device)
+            if self._mrope:
+                steps = torch.arange(1, hidden.shape[1] + 1, device=layer.positions.device)
+                new = layer.positions[:, -1:] + steps
+            else:
+                new = kwargs["position_ids"].expand(hidden.shape[0], -1).to(layer.positions.device)
             keys = torch.cat([layer.positions, new], dim=1)
             kwargs["attention_mask"] = position_mask(new, keys, window, hidden.dtype)
             layer._press_call, layer._new_positions = True, new
@@ -359,4 +374,4 @@ def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cac
         rotation = key_rotation(attn, normed, cached, position_embeddings)
     else:
         rotation = seen_rotation(attn) or probed_rotation(attn, normed, position_embeddings)
-    return apply_rope(prerope_keys(attn, normed), *position_embeddings, rotation)
+    return apply_rope(prerope_keys(attn, normed), *plain_rotary(attn, position_embeddings), rotation)

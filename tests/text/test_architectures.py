@@ -227,8 +227,66 @@ def test_multimodal_rope_attention_is_the_models_own(kind):
         assert torch.allclose(got, weights[i].float(), atol=1e-5), (got - weights[i]).abs().max()
 
 
-@pytest.mark.parametrize("kind", MROPE_KINDS)
-def test_the_input_press_refuses_multimodal_rope(kind):
+def _text_twin(model, kind: str):
+    """The Qwen2 / Qwen3 causal LM with ``model``'s language model and head: on text alone, multimodal RoPE puts
+    every token at (p, p, p), the plain rotary embedding at p, so the two compute the same."""
+    text = model.config.get_text_config()
+    config = {**COMMON, "num_hidden_layers": text.num_hidden_layers, "rms_norm_eps": text.rms_norm_eps,
+              "rope_parameters": {"rope_type": "default", "rope_theta": text.rope_parameters["rope_theta"]}}
+    twin = (transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config, head_dim=16)) if kind == "qwen3-vl"
+            else transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)))
+    state = {**{f"model.{k}": v for k, v in model.model.language_model.state_dict().items()},
+             **{f"lm_head.{k}": v for k, v in model.lm_head.state_dict().items()}}
+    twin.load_state_dict(state)
+    twin.set_attn_implementation(model.config._attn_implementation)
+    return twin.eval()
+
+
+# merge layers: the embeddings (-1) or after layer 0; Qwen3-VL adds image features after layer 0 (DeepStack)
+MROPE_INPUT = [("qwen2-vl", -1), ("qwen2-vl", 0), ("qwen2.5-vl", -1), ("qwen2.5-vl", 0), ("qwen3-vl", 1)]
+
+
+@pytest.mark.parametrize("kind,layer", MROPE_INPUT)
+def test_the_input_press_on_multimodal_rope_text_equals_its_text_twin(kind, layer):
+    """Merged tokens take the rotary rows of their positions from the three-axis table, and decoding continues."""
     model = tiny(kind, layers=3)
-    with pytest.raises(ValueError, match="three axes"), QuickMergeInputPress(0.5, layer=0)(model):
+    twin = _text_twin(model, kind)
+    ids, cont = torch.randint(1, 90, (2, 30)), torch.randint(1, 90, (2, 3))
+    logits = []
+    for m in (model, twin):
+        cache = transformers.DynamicCache()
+        with torch.no_grad(), QuickMergeInputPress(0.5, layer=layer, window=4)(m):
+            logits.append((m(ids, **cache_kwargs(m, cache)).logits, m(cont, **cache_kwargs(m, cache)).logits))
+    assert cache.layers[-1].keys.shape[2] == 18
+    for ours, twins in zip(logits[0], logits[1], strict=True):
+        assert torch.allclose(ours, twins, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,layer", [k for k in MROPE_INPUT if k[0] != "qwen2-vl"])
+@pytest.mark.parametrize("token_ids", [None, [96]], ids=["all-tokens", "image-tokens"])
+def test_the_input_press_with_an_image_decodes_over_every_merged_entry(kind, layer, token_ids):
+    """After an image these models number the text with a shift; the press's decoding masks follow the prompt's
+    order, so a new token sees every merged entry: inside the press it decodes as outside it (one token, where the
+    model itself lets it see the whole cache). Image tokens only (``token_ids``): the text stays whole."""
+    model = tiny(kind, layers=3)
+    ids, image = _image_prompt(model, kind)
+    one = torch.randint(1, 90, (2, 1))
+    logits = []
+    for inside in (True, False):
+        cache = transformers.DynamicCache()
+        with torch.no_grad():
+            with QuickMergeInputPress(0.5, layer=layer, window=4, token_ids=token_ids)(model):
+                model(ids, **image, **cache_kwargs(model, cache))
+                if inside:
+                    logits.append(model(one, **cache_kwargs(model, cache)).logits)
+            if not inside:
+                logits.append(model(one, **cache_kwargs(model, cache)).logits)
+    assert cache.layers[-1].keys.shape[2] == (19 if token_ids is None else 35)
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [-1, 0])
+def test_the_input_press_keeps_deepstack_layers_whole(layer):
+    model = tiny("qwen3-vl", layers=3)
+    with pytest.raises(ValueError, match="DeepStack"), QuickMergeInputPress(0.5, layer=layer)(model):
         pass
