@@ -57,6 +57,25 @@ def test_ratio_zero_is_exact_and_decoding_equals_the_duplicated_cache(kind, attn
     assert not torch.allclose(merged, reference, atol=1e-4)
 
 
+def _recorded_prefill(model, ids, **inputs):
+    """An unpatched prefill of ``ids``: each attention layer's inputs ``{layer: {"hidden", "position_embeddings"}}``,
+    the cache, and the model's own attention weights (``output_attentions``, eager models)."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
+
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
+    cache = transformers.DynamicCache()
+    try:
+        with torch.no_grad():
+            weights = model(ids, **inputs, **cache_kwargs(model, cache), output_attentions=True).attentions
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, cache, weights
+
+
 @pytest.mark.parametrize("kind", MORE_KINDS)
 def test_the_press_sees_the_attention_the_model_computes(kind):
     """What every scoring reads, the attention of prompt queries recomputed by the press, equals the model's own
@@ -64,18 +83,8 @@ def test_the_press_sees_the_attention_the_model_computes(kind):
     applies them, Granite's multiplier, OLMo 2's norm across heads, Cohere's and GLM's rotations, NoPE layers."""
     model = tiny(kind, "eager")
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
-    seen = {}
-
-    def keep(module, args, kwargs):
-        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
-
     attentions = decoder_attention_layers(model)
-    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
-    cache = transformers.DynamicCache()
-    with torch.no_grad():
-        weights = model(ids, **cache_kwargs(model, cache), output_attentions=True).attentions
-    for handle in handles:
-        handle.remove()
+    seen, cache, weights = _recorded_prefill(model, ids)
     compared = 0
     for i, attention in enumerate(attentions):
         if sliding_window_of(attention) is not None:
@@ -99,21 +108,10 @@ def test_prompt_scoring_runs_on_the_global_layers_only(kind):
 @pytest.mark.parametrize("kind", MORE_KINDS)
 def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
     model = tiny(kind, layers=3)
-    ids = torch.randint(0, 97, (1, 12))
-    seen = {}
-
-    def keep(module, args, kwargs):
-        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
-
     attentions = decoder_attention_layers(model)
-    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
-    cache = transformers.DynamicCache()
-    with torch.no_grad():
-        model(ids, **cache_kwargs(model, cache))
-    for handle in handles:
-        handle.remove()
+    seen, cache, _ = _recorded_prefill(model, torch.randint(0, 97, (1, 12)))
     for i, attention in enumerate(attentions):
-        hidden, (cos, sin) = seen[i]
+        hidden, (cos, sin) = seen[i]["hidden"], seen[i]["position_embeddings"]
         rotation = key_rotation(attention, hidden, cache.layers[i].keys, (cos, sin))
         assert rotation == _expected_rotation(kind, attention)
         with torch.no_grad():  # every position, not only the few the check reads
@@ -210,18 +208,8 @@ def test_multimodal_rope_attention_is_the_models_own(kind):
     """With an image in the prompt, the attention the press recomputes equals the model's eager weights."""
     model = tiny(kind, "eager", layers=3)
     ids, image = _image_prompt(model, kind)
-    seen = {}
-
-    def keep(module, args, kwargs):
-        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
-
     attentions = decoder_attention_layers(model)
-    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
-    cache = transformers.DynamicCache()
-    with torch.no_grad():
-        weights = model(ids, **image, **cache_kwargs(model, cache), output_attentions=True).attentions
-    for handle in handles:
-        handle.remove()
+    seen, cache, weights = _recorded_prefill(model, ids, **image)
     for i, attention in enumerate(attentions):
         got = observe(attention, seen[i].pop("hidden"), cache.layers[i].keys, seen[i], window=ids.shape[1]).probs
         assert torch.allclose(got, weights[i].float(), atol=1e-5), (got - weights[i]).abs().max()
