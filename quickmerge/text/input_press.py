@@ -155,8 +155,8 @@ class QuickMergeInputPress(Press):
                 f"hidden states after layers 0..{len(deepstack) - 1} (DeepStack), which must keep every token; "
                 f"got {self.layer}"
             )
-        # multimodal RoPE (Qwen2-VL and kin): the ids the layers get are shifted after an image, so decoding's
-        # masks continue the prompt's indices instead of reading them
+        # multimodal RoPE (Qwen2-VL and kin): the layers get no position ids (the three-axis positions, shifted
+        # after an image, are in the rotary table), so decoding's masks continue the prompt's order
         self._mrope = uses_mrope(model)
         base = base_model(model)
         handles = [

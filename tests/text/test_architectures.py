@@ -253,9 +253,10 @@ def test_the_input_press_on_multimodal_rope_text_equals_its_text_twin(kind, laye
 @pytest.mark.parametrize("kind,layer", [k for k in MROPE_INPUT if k[0] != "qwen2-vl"])
 @pytest.mark.parametrize("token_ids", [None, [96]], ids=["all-tokens", "image-tokens"])
 def test_the_input_press_with_an_image_decodes_over_every_merged_entry(kind, layer, token_ids):
-    """After an image these models number the text with a shift; the press's decoding masks follow the prompt's
-    order, so a new token sees every merged entry: inside the press it decodes as outside it (one token, where the
-    model itself lets it see the whole cache). Image tokens only (``token_ids``): the text stays whole."""
+    """These models hand their layers no position ids (the three-axis positions, shifted after an image, are in the
+    rotary table); the press's decoding masks continue the prompt's order, so a new token sees every merged entry:
+    inside the press it decodes as outside it (one token, where the model itself lets it see the whole cache).
+    Image tokens only (``token_ids``): the text stays whole."""
     model = tiny(kind, layers=3)
     ids, image = _image_prompt(model, kind)
     one = torch.randint(1, 90, (2, 1))
