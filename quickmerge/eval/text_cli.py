@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+from typing import Any
 
 import torch
 
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
         model, tokenizer = load_causal_lm(args.model)
+        _refuse_methods_the_model_cannot_run(model, methods, args.ratios[0])
         model.to(ctx.device)
         bos = needs_bos(args.model)
         if args.task == "repeated":
@@ -97,6 +99,21 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def _refuse_methods_the_model_cannot_run(model: Any, methods: list, ratio: float) -> None:
+    """Before any example: methods whose cache layout needs SDPA, on a model that runs other attention (a class
+    without an SDPA path, gpt-oss, loads eager), would stop the run when their turn came."""
+    from ..text.attention import is_sdpa
+    from .text_methods import methods_needing_sdpa
+
+    implementation = getattr(model.config, "_attn_implementation", None)
+    needing = methods_needing_sdpa(methods, ratio)
+    if needing and not is_sdpa(implementation):
+        raise UsageError(
+            f"--methods: {', '.join(needing)} keep each layer's KV heads in one cache row, which only SDPA attention "
+            f"reads, and {type(model).__name__} runs {implementation!r} attention here; leave them out with --methods"
+        )
 
 
 def journal_config(args: argparse.Namespace) -> dict:

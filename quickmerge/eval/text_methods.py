@@ -200,6 +200,14 @@ def global_layers_only(press: Any) -> Any:
     return press
 
 
+def methods_needing_sdpa(methods: list[Method], ratio: float) -> list[str]:
+    """Names of ``methods`` whose press folds each layer's KV heads into one cache row, which only SDPA reads."""
+    from ..text.kv_press import KVPress
+
+    presses = [(m.name, m.make(ratio)) for m in methods if m.name in OURS_PRESSES]
+    return [name for name, press in presses if isinstance(press, KVPress) and press.folds_heads()]
+
+
 def default_methods() -> list[str]:
     """Every method that can run here: ours always, kvpress's when it is installed and supports the
     installed transformers (a warning says why they are left out when it does not)."""

@@ -51,3 +51,26 @@ def test_more_windows_than_the_articles_hold_is_one_line(tiny_lm_dir, tmp_path, 
     refused(["eval", "text", "--model", tiny_lm_dir, "--examples", "100000000", "--ratios", "0.5",
             "--methods", "random", "--out", str(tmp_path / "res"), "--threads", "1"],
             "^quickmerge eval text: error: the Wikipedia articles hold only")
+
+
+def test_methods_an_eager_only_model_cannot_run_are_refused_before_any_example(tmp_path, refused):
+    """gpt-oss has no SDPA path, so it loads eager: a method keeping each layer's KV heads in one cache row (read
+    by SDPA only) is refused with its name before the first example, not when its turn comes."""
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    from tests.eval.conftest import save_tiny_lm
+
+    path = save_tiny_lm(tmp_path / "gpt_oss")  # the byte-level tokenizer, then the model replaced
+    torch.manual_seed(0)
+    config = transformers.GptOssConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                       num_experts_per_tok=1, max_position_embeddings=512, sliding_window=8,
+                                       layer_types=["sliding_attention", "full_attention"])
+    transformers.GptOssForCausalLM(config).save_pretrained(path)
+    out = tmp_path / "res"
+    refused(["eval", "text", "--model", path, "--examples", "2", "--context", "64", "--continuation", "8",
+             "--ratios", "0.5", "--methods", "quickmerge", "quickmerge-replay-even-heads", "quickmerge-replay",
+             "quickmerge-replay-pooled", "--out", str(out), "--threads", "1"],
+            r"--methods: quickmerge-replay, quickmerge-replay-pooled keep .* only SDPA .*GptOss.* runs 'eager'")
+    assert not list(out.glob("*.json"))  # no example was scored
