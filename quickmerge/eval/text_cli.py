@@ -102,18 +102,15 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _refuse_methods_the_model_cannot_run(model: Any, methods: list, ratio: float) -> None:
-    """Before any example: methods whose cache layout needs SDPA, on a model that runs other attention (a class
-    without an SDPA path, gpt-oss, loads eager), would stop the run when their turn came."""
-    from ..text.attention import is_sdpa
-    from .text_methods import methods_needing_sdpa
+    """Before any example: a method whose press refuses the model's attention (the per-head layouts need SDPA, which
+    a class without an SDPA path, gpt-oss, does not run) would stop the run when its turn came."""
+    from .text_methods import methods_refused
 
     implementation = getattr(model.config, "_attn_implementation", None)
-    needing = methods_needing_sdpa(methods, ratio)
-    if needing and not is_sdpa(implementation):
-        raise UsageError(
-            f"--methods: {', '.join(needing)} keep each layer's KV heads in one cache row, which only SDPA attention "
-            f"reads, and {type(model).__name__} runs {implementation!r} attention here; leave them out with --methods"
-        )
+    refused = methods_refused(methods, ratio, implementation)
+    if refused:
+        raise UsageError(f"--methods: {', '.join(refused)} cannot run on {type(model).__name__} ({implementation!r} "
+                         f"attention): {next(iter(refused.values()))}; or leave them out with --methods")
 
 
 def journal_config(args: argparse.Namespace) -> dict:

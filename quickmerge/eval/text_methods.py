@@ -200,12 +200,14 @@ def global_layers_only(press: Any) -> Any:
     return press
 
 
-def methods_needing_sdpa(methods: list[Method], ratio: float) -> list[str]:
-    """Names of ``methods`` whose press folds each layer's KV heads into one cache row, which only SDPA reads."""
+def methods_refused(methods: list[Method], ratio: float, implementation: str | None) -> dict[str, str]:
+    """``{name: why}`` for the ``methods`` whose press refuses attention ``implementation`` (ours; kvpress's runs
+    on the model's attention or switches it itself)."""
     from ..text.kv_press import KVPress
 
     presses = [(m.name, m.make(ratio)) for m in methods if m.name in OURS_PRESSES]
-    return [name for name, press in presses if isinstance(press, KVPress) and press.folds_heads()]
+    refusals = {name: press.attention_refusal(implementation) for name, press in presses if isinstance(press, KVPress)}
+    return {name: why for name, why in refusals.items() if why is not None}
 
 
 def default_methods() -> list[str]:

@@ -8,7 +8,6 @@ window of hidden states recomputed from the layer's own projection.
 from __future__ import annotations
 
 import warnings
-import weakref
 
 import torch
 from torch import Tensor, nn
@@ -171,9 +170,6 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     return x.transpose(1, 2)
 
 
-_ROTATION_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def declared_rotation(module: nn.Module) -> str:
     """The rotation a layer is first tried with: none where it says it uses no position embedding
     (SmolLM3's ``use_rope=False``), else Llama's rotate-half."""
@@ -195,16 +191,6 @@ def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) 
                                                              "and no mrope_section in its config"))
     bands = list(section) * 2
     return tuple(torch.cat([band[i % 3] for i, band in enumerate(t.split(bands, dim=-1))], dim=-1) for t in (cos, sin))
-
-
-def uses_mrope(model: nn.Module) -> bool:
-    """Whether a model positions its tokens on three axes (multimodal RoPE: Qwen2-VL, Qwen2.5-VL, Qwen3-VL), told
-    by the ``get_rope_index`` those models compute the positions with, or an ``mrope_section`` in the config."""
-    if any(hasattr(m, "get_rope_index") for m in (model, getattr(model, "model", None)) if m is not None):
-        return True
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    return isinstance(params, dict) and bool(params.get("mrope_section"))
 
 
 def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, position_embeddings: tuple,
@@ -236,8 +222,6 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
             continue
         errors[rotation] = float((rotated - target).norm() / scale)
         if errors[rotation] < ROTATION_TOLERANCE:
-            if bool((sin.abs() > 1e-3).any()):  # positions past 0 tell the rotations apart
-                _ROTATION_SEEN[module] = rotation
             return rotation
     why = f"no rotation of the keys recomputed from its projections gives the keys it cached (relative errors {errors})"
     raise UnsupportedAttentionError(_unsupported(module, why))
@@ -257,9 +241,11 @@ def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embedding
     return key_rotation(module, hidden_states, scratch.layers[module.layer_idx].keys, position_embeddings, check)
 
 
-def seen_rotation(module: nn.Module) -> str | None:
-    """The rotation :func:`key_rotation` last found for ``module``, if it ever told the rotations apart."""
-    return _ROTATION_SEEN.get(module)
+def logit_cap_and_sinks(module: nn.Module) -> tuple[float | None, Tensor | None]:
+    """What an attention module does to its logits besides scaling: a cap ``c`` (``c * tanh(x / c)``, Gemma 2's
+    ``attn_logit_softcapping``) and per-head sink logits ``[H]`` sharing the softmax (gpt-oss's ``sinks``)."""
+    sinks = getattr(module, "sinks", None)
+    return getattr(module, "attn_logit_softcapping", None) or None, sinks if isinstance(sinks, Tensor) else None
 
 
 def _unsupported(module: nn.Module, why: str) -> str:

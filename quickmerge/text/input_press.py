@@ -34,9 +34,7 @@ from .decoder import (
     plain_rotary,
     prerope_keys,
     probed_rotation,
-    seen_rotation,
     sliding_window_of,
-    uses_mrope,
 )
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
@@ -135,7 +133,6 @@ class QuickMergeInputPress(Press):
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
         self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
         self._attention_input: tuple[Tensor, tuple] | None = None  # the merge layer's, during its forward
-        self._mrope = False  # set per model by __call__
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
@@ -155,9 +152,6 @@ class QuickMergeInputPress(Press):
                 f"hidden states after layers 0..{len(deepstack) - 1} (DeepStack), which must keep every token; "
                 f"got {self.layer}"
             )
-        # multimodal RoPE (Qwen2-VL and kin): the layers get no position ids (the three-axis positions, shifted
-        # after an image, are in the rotary table), so decoding's masks continue the prompt's order
-        self._mrope = uses_mrope(model)
         base = base_model(model)
         handles = [
             model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),
@@ -326,11 +320,9 @@ class QuickMergeInputPress(Press):
                                         else gathered_mask(own, positions, hidden.dtype))
             return args, kwargs
         if getattr(layer, "needs_press", False):  # decoding on a cache this press merged
-            if self._mrope:
-                steps = torch.arange(1, hidden.shape[1] + 1, device=layer.positions.device)
-                new = layer.positions[:, -1:] + steps
-            else:
-                new = kwargs["position_ids"].expand(hidden.shape[0], -1).to(layer.positions.device)
+            # new tokens follow the prompt in its order; the layers' position ids cannot say it for every model
+            # (multimodal RoPE: none are passed, the three-axis positions sit in the rotary table)
+            new = layer.positions[:, -1:] + torch.arange(1, hidden.shape[1] + 1, device=layer.positions.device)
             keys = torch.cat([layer.positions, new], dim=1)
             kwargs["attention_mask"] = position_mask(new, keys, window, hidden.dtype)
             layer._press_call, layer._new_positions = True, new
@@ -373,5 +365,5 @@ def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cac
     if cached is not None:
         rotation = key_rotation(attn, normed, cached, position_embeddings)
     else:
-        rotation = seen_rotation(attn) or probed_rotation(attn, normed, position_embeddings)
+        rotation = probed_rotation(attn, normed, position_embeddings)
     return apply_rope(prerope_keys(attn, normed), *plain_rotary(attn, position_embeddings), rotation)

@@ -163,20 +163,22 @@ class KVPress(Press):
         return grouped_sdpa(model) if self.adds_bias() else contextlib.nullcontext()
 
     def _check_attention(self, base: nn.Module) -> None:
-        implementation = getattr(base.config, "_attn_implementation", None)
+        refusal = self.attention_refusal(getattr(base.config, "_attn_implementation", None))
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def attention_refusal(self, implementation: str | None) -> str | None:
+        """Why this press cannot run on attention ``implementation`` (what to do instead), or None."""
         if self.folds_heads() and not is_sdpa(implementation):
-            raise ValueError(
-                f"{type(self).__name__} folds the KV heads of each layer into one row of the cache "
-                f"(head_budgets=True), which only SDPA attention reads; attention implementation is "
-                f"{implementation!r}: use model.set_attn_implementation('sdpa')"
-            )
+            return (f"{type(self).__name__} folds the KV heads of each layer into one row of the cache "
+                    f"(head_budgets=True), which only SDPA attention reads; attention implementation is "
+                    f"{implementation!r}: use model.set_attn_implementation('sdpa')")
         if self.adds_bias() and implementation != "eager" and not is_sdpa(implementation):
-            raise ValueError(
-                f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
-                f"additive float mask, which attention implementation {implementation!r} does not take; use "
-                "model.set_attn_implementation('sdpa') (or 'eager'), or turn proportional attention off "
-                "(proportional=False)"
-            )
+            return (f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
+                    f"additive float mask, which attention implementation {implementation!r} does not take; use "
+                    "model.set_attn_implementation('sdpa') (or 'eager'), or turn proportional attention off "
+                    "(proportional=False)")
+        return None
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._prefill

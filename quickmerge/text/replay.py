@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import cache_kwargs
-from .decoder import hidden_states_arg, key_rotation, window_queries
+from .decoder import hidden_states_arg, key_rotation, logit_cap_and_sinks, window_queries
 
 
 def replay_attention(
@@ -85,12 +85,9 @@ def replay_scores(
         keys = cache.layers[module.layer_idx].keys
         pe = kwargs["position_embeddings"]
         queries = window_queries(module, hidden, pe, key_rotation(module, hidden, keys, pe))
-        sinks = getattr(module, "sinks", None)
-        scores[module.layer_idx] = replay_attention(
-            queries, keys, length, float(module.scaling), chunk,
-            softcap=getattr(module, "attn_logit_softcapping", None) or None,
-            sinks=sinks if isinstance(sinks, Tensor) else None,
-        )
+        cap, sinks = logit_cap_and_sinks(module)
+        scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk,
+                                                    softcap=cap, sinks=sinks)
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
     # Layers not scored (sliding windows) would roll their window over the replay: put their state back.

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..primitives import attention_received, normalized_entropy, quantile_rank
-from .decoder import key_rotation, window_queries
+from .decoder import key_rotation, logit_cap_and_sinks, window_queries
 
 Salient = Literal["low_entropy", "high_entropy", "uniform"]
 SALIENT = ("low_entropy", "high_entropy", "uniform")
@@ -69,12 +69,11 @@ def attention_probs(module: nn.Module, logits: Tensor, allowed: Tensor) -> Tenso
     """Attention ``[B, H, q, L]`` from scaled ``logits`` as ``module`` turns them into weights: capped by its
     ``attn_logit_softcapping`` (Gemma 2) and sharing the softmax with its per-head ``sinks`` (gpt-oss),
     only the ``allowed [q, L]`` entries seen."""
-    cap = getattr(module, "attn_logit_softcapping", None)
+    cap, sinks = logit_cap_and_sinks(module)
     if cap:
         logits = torch.tanh(logits / cap) * cap
     logits = logits.masked_fill(~allowed, float("-inf"))
-    sinks = getattr(module, "sinks", None)
-    if not isinstance(sinks, Tensor):
+    if sinks is None:
         return logits.softmax(dim=-1)
     sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
     return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]

@@ -72,5 +72,5 @@ def test_methods_an_eager_only_model_cannot_run_are_refused_before_any_example(t
     refused(["eval", "text", "--model", path, "--examples", "2", "--context", "64", "--continuation", "8",
              "--ratios", "0.5", "--methods", "quickmerge", "quickmerge-replay-even-heads", "quickmerge-replay",
              "quickmerge-replay-pooled", "--out", str(out), "--threads", "1"],
-            r"--methods: quickmerge-replay, quickmerge-replay-pooled keep .* only SDPA .*GptOss.* runs 'eager'")
+            r"--methods: quickmerge-replay, quickmerge-replay-pooled cannot run on GptOss.*'eager'.* only SDPA")
     assert not list(out.glob("*.json"))  # no example was scored
