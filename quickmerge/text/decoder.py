@@ -206,6 +206,12 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
     m = min(check, hidden_states.shape[1], keys.shape[2])
     cos, sin = (t[:, -m:] for t in plain_rotary(module, position_embeddings))
     target = keys[:, :, -m:].float()
+    if not bool(torch.isfinite(target).all()):
+        raise ValueError(
+            f"layer {getattr(module, 'layer_idx', '?')} of the model cached keys that are not finite (NaN or inf): "
+            f"the model overflowed in {keys.dtype} before the press saw them (Gemma 3 does in float16); run it in "
+            "bfloat16 or float32"
+        )
     with torch.no_grad():
         mine = heads(module, hidden_states[:, -m:], "k").float()
     if mine.shape != target.shape:

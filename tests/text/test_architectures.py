@@ -279,3 +279,24 @@ def test_the_input_press_keeps_deepstack_layers_whole(layer):
     model = tiny("qwen3-vl", layers=3)
     with pytest.raises(ValueError, match="DeepStack"), QuickMergeInputPress(0.5, layer=layer)(model):
         pass
+
+
+def test_keys_the_model_overflowed_are_named_not_blamed_on_the_architecture():
+    """Gemma 3 overflows in float16 (its own keys turn infinite); the check says so instead of refusing the class."""
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 12))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen[module.layer_idx] = (kwargs["hidden_states"], kwargs["position_embeddings"])
+
+    attention = decoder_attention_layers(model)[0]
+    handle = attention.register_forward_pre_hook(keep, with_kwargs=True)
+    cache = transformers.DynamicCache()
+    with torch.no_grad():
+        model(ids, **cache_kwargs(model, cache))
+    handle.remove()
+    keys = cache.layers[0].keys.clone()
+    keys[0, 1, -1, 3] = float("inf")
+    with pytest.raises(ValueError, match=r"not finite .* bfloat16 or float32"):
+        key_rotation(attention, seen[0][0], keys, seen[0][1])
