@@ -102,8 +102,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _refuse_methods_the_model_cannot_run(model: Any, methods: list, ratio: float) -> None:
-    """Before any example: a method whose press refuses the model's attention (the per-head layouts need SDPA, which
-    a class without an SDPA path, gpt-oss, does not run) would stop the run when its turn came."""
+    """Before any example: a method whose press refuses the model's attention (proportional attention and the
+    per-head layouts need additive float masks, which flex and flash attention do not take) would stop the run when
+    its turn came."""
     from .text_methods import methods_refused
 
     implementation = getattr(model.config, "_attn_implementation", None)

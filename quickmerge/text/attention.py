@@ -42,12 +42,12 @@ def _sdpa_keeping_groups(
     """``query [B, H, q, D]``, ``key``/``value [B, Hkv, k, D]`` -> ``([B, q, H, D], None)``."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if key.shape[1] == 1 and query.shape[1] > 1 and module.config.num_key_value_heads > 1:
-        # flat layout (quickmerge.text.flat): one row for every KV head, owners told apart by the mask
-        if query.device.type != "cpu":
-            key, value = (t.expand(-1, query.shape[1], -1, -1) for t in (key, value))
+    if query.device.type != "cpu" and key.shape[1] > 1 and key.stride(1) == 0 and attention_mask is not None:
+        # KV heads that are one row (the flat layout, quickmerge.text.flat): spread it over the query heads as a
+        # view, where transformers' path would copy it once per query head
+        key, value = (t[:, :1].expand(-1, query.shape[1], -1, -1) for t in (key, value))
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
-                                             scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
+                                             scale=scaling)
         return out.transpose(1, 2).contiguous(), None
     grouped = query.shape[1] != key.shape[1]
     if (attention_mask is None or attention_mask.dtype == torch.bool or not grouped

@@ -143,7 +143,8 @@ def _merged_layer_type(base: type) -> type:
             owners = (torch.arange(hkv * q_len, device=keys.device) // q_len).expand(b, -1)
             new = flat.owner_bias(torch.zeros(b, hkv * q_len, device=keys.device), owners, heads, hkv)
             self.log_sizes = torch.cat([self.log_sizes, new.to(self.log_sizes.dtype)], dim=-1)
-            return super().update(flat.flatten_new(keys), flat.flatten_new(values), *args, **kwargs)
+            keys, values = super().update(flat.flatten_new(keys), flat.flatten_new(values), *args, **kwargs)
+            return flat.as_heads(keys, hkv), flat.as_heads(values, hkv)
 
         def crop(self, *args: Any, **kwargs: Any) -> None:
             raise NotImplementedError("a cache compressed by quickmerge cannot be cropped (its entries are merged)")

@@ -5,8 +5,9 @@ entries. A copying head may need most of the prompt while its neighbours need a 
 kvpress's AdaKV and KVzip give heads such budgets by *masking* evicted entries, so the
 cache keeps its length and no memory is saved. Here a layer's kept entries are instead
 folded into one row, ``[B, 1, T, d]`` with ``T = Hkv x K`` (the same memory as the
-rectangle), each entry owned by one KV head; attention broadcasts the row to every query
-head and a bias of ``-inf`` hides from each query head the entries its KV head does not own.
+rectangle), each entry owned by one KV head; the cache hands attention the row as every KV
+head's keys (a view, :func:`as_heads`), and a bias of ``-inf`` hides from each query head the
+entries its KV head does not own, so eager and SDPA attention read it unchanged.
 Decoding appends every new token's ``Hkv`` entries to the row, each owned by its head.
 
 :func:`select_and_merge` chooses the ``T`` entries of a layer (the top scores over all its
@@ -100,3 +101,9 @@ def flatten_new(states: Tensor) -> Tensor:
     """``[B, Hkv, q, d]`` new keys or values -> ``[B, 1, Hkv * q, d]`` (head-major)."""
     b, hkv, q, d = states.shape
     return states.reshape(b, 1, hkv * q, d)
+
+
+def as_heads(row: Tensor, hkv: int) -> Tensor:
+    """``[B, 1, T, d]`` -> ``[B, Hkv, T, d]``, a view (no copy): the row as every KV head's keys or values, the
+    shape every attention implementation expects; the owners' bias then hides from each head what it does not own."""
+    return row.expand(-1, hkv, -1, -1)

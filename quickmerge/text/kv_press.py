@@ -99,8 +99,8 @@ class KVPress(Press):
         return False
 
     def folds_heads(self) -> bool:
-        """Whether this press leaves caches in the flat layout (:mod:`quickmerge.text.flat`), which
-        only SDPA attention through the press reads."""
+        """Whether this press leaves caches in the flat layout (:mod:`quickmerge.text.flat`), which only
+        attention through the press reads (its masks tell the heads apart)."""
         return False
 
     def defers(self) -> bool:
@@ -169,16 +169,16 @@ class KVPress(Press):
 
     def attention_refusal(self, implementation: str | None) -> str | None:
         """Why this press cannot run on attention ``implementation`` (what to do instead), or None."""
-        if self.folds_heads() and not is_sdpa(implementation):
-            return (f"{type(self).__name__} folds the KV heads of each layer into one row of the cache "
-                    f"(head_budgets=True), which only SDPA attention reads; attention implementation is "
-                    f"{implementation!r}: use model.set_attn_implementation('sdpa')")
-        if self.adds_bias() and implementation != "eager" and not is_sdpa(implementation):
-            return (f"{type(self).__name__} adds log(group size) to merged entries' attention logits through an "
-                    f"additive float mask, which attention implementation {implementation!r} does not take; use "
-                    "model.set_attn_implementation('sdpa') (or 'eager'), or turn proportional attention off "
-                    "(proportional=False)")
-        return None
+        if not self.adds_bias() or implementation == "eager" or is_sdpa(implementation):
+            return None
+        return (f"{type(self).__name__} passes attention an additive float mask ({self.bias_reason()}), which "
+                f"attention implementation {implementation!r} does not take; use "
+                "model.set_attn_implementation('sdpa') (or 'eager')")
+
+    def bias_reason(self) -> str:
+        """What the additive mask of :meth:`adds_bias` carries, and how to do without it if one can."""
+        return "log(group size) on merged entries' logits"
+
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._prefill

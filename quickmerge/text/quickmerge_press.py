@@ -109,7 +109,7 @@ class QuickMergePress(KVPress):
         head_budgets: ``scoring="replay"``: the KV heads of a layer share its budget by their replay
             scores (a copying head keeps most of the prompt, its neighbours a few entries), at equal
             memory: the layer's entries are folded into one row (:mod:`quickmerge.text.flat`), which
-            needs SDPA attention and decoding inside the press.
+            needs eager or SDPA attention and decoding inside the press.
         leverage: ``scoring="replay"``: share of each head's even budget (``int(L * (1 - ratio))``)
             reserved, before the replay scores fill the rest, for the entries whose pre-RoPE keys have
             the highest ridge leverage (:func:`~quickmerge.text.scoring.key_leverage`): query-agnostic
@@ -231,6 +231,13 @@ class QuickMergePress(KVPress):
 
     def folds_heads(self) -> bool:
         return self.head_budgets
+
+    def bias_reason(self) -> str:
+        if self.head_budgets:
+            return "which KV head owns each entry of a layer's one cache row: head_budgets=True"
+        if self.budget != "uniform":
+            return f"each layer's own length: budget={self.budget!r}"
+        return "log(group size) on merged entries' logits; proportional=False does without it"
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""

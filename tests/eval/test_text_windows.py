@@ -53,24 +53,54 @@ def test_more_windows_than_the_articles_hold_is_one_line(tiny_lm_dir, tmp_path, 
             "^quickmerge eval text: error: the Wikipedia articles hold only")
 
 
-def test_methods_an_eager_only_model_cannot_run_are_refused_before_any_example(tmp_path, refused):
-    """gpt-oss has no SDPA path, so it loads eager: a method keeping each layer's KV heads in one cache row (read
-    by SDPA only) is refused with its name before the first example, not when its turn comes."""
-    import torch
-
+def _save_tiny_gpt_oss(path) -> str:
+    """A 2-layer gpt-oss (attention sinks; no SDPA path, so it loads eager) with the byte-level tokenizer."""
     transformers = pytest.importorskip("transformers")
     from tests.eval.conftest import save_tiny_lm
 
-    path = save_tiny_lm(tmp_path / "gpt_oss")  # the byte-level tokenizer, then the model replaced
+    save_tiny_lm(path)  # the tokenizer, then the model replaced
     torch.manual_seed(0)
     config = transformers.GptOssConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=2,
                                        num_experts_per_tok=1, max_position_embeddings=512, sliding_window=8,
                                        layer_types=["sliding_attention", "full_attention"])
     transformers.GptOssForCausalLM(config).save_pretrained(path)
-    out = tmp_path / "res"
-    refused(["eval", "text", "--model", path, "--examples", "2", "--context", "64", "--continuation", "8",
-             "--ratios", "0.5", "--methods", "quickmerge", "quickmerge-replay-even-heads", "quickmerge-replay",
-             "quickmerge-replay-pooled", "--out", str(out), "--threads", "1"],
-            r"--methods: quickmerge-replay, quickmerge-replay-pooled cannot run on GptOss.*'eager'.* only SDPA")
+    return str(path)
+
+
+def test_an_eager_only_model_runs_the_per_head_budget_recipes(tmp_path):
+    """gpt-oss loads eager: the replay recipes keeping each layer's KV heads in one cache row run on it too."""
+    import json
+
+    from quickmerge.cli import main
+
+    path, out = _save_tiny_gpt_oss(tmp_path / "gpt_oss"), tmp_path / "res"
+    methods = ["quickmerge-replay", "quickmerge-replay-pooled"]
+    assert main(["eval", "text", "--model", path, "--examples", "2", "--context", "64", "--continuation", "8",
+                 "--ratios", "0.5", "--methods", *methods, "--out", str(out), "--threads", "1"]) == 0
+    rows = {r["method"]: r for r in json.loads((tmp_path / "res.json").read_text())["summary"]}
+    for method in methods:  # merged at equal memory, and not a no-op
+        assert rows[method]["memory_saved"] == pytest.approx(0.5)
+        assert rows[method]["nll_per_example"] != rows["none"]["nll_per_example"]
+
+
+def test_methods_the_models_attention_cannot_run_are_refused_before_any_example(tiny_lm_dir, tmp_path, refused,
+                                                                                 monkeypatch):
+    """A model that loads flex attention (no additive float masks; newer transformers read `attn_implementation`
+    from config.json): the presses that need one are refused with their names before the first example, not when
+    their turn comes."""
+    from quickmerge.pretrained import causal_lm
+
+    def load_flex(*args, **kwargs):
+        model, tokenizer = load(*args, **kwargs)
+        model.config._attn_implementation_internal = "flex_attention"
+        return model, tokenizer
+
+    load, out = causal_lm.load_causal_lm, tmp_path / "res"
+    monkeypatch.setattr(causal_lm, "load_causal_lm", load_flex)
+    refused(["eval", "text", "--model", tiny_lm_dir, "--examples", "2", "--context", "64", "--continuation", "8",
+             "--ratios", "0.5", "--methods", "random", "quickmerge-replay", "quickmerge-replay-pooled",
+             "--out", str(out), "--threads", "1"],
+            r"--methods: quickmerge-replay, quickmerge-replay-pooled cannot run on LlamaForCausalLM "
+            r"\('flex_attention' attention\).*one cache row")
     assert not list(out.glob("*.json"))  # no example was scored

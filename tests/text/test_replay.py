@@ -7,6 +7,7 @@ transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import QuickMergePress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
+from quickmerge.text.decoder import decoder_attention_layers, sliding_window_of  # noqa: E402
 from quickmerge.text.replay import replay_attention  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
@@ -158,8 +159,13 @@ class _EvenSplit(QuickMergePress):
 
 
 @pytest.mark.parametrize("proportional", [True, False])
-def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(proportional):
-    model = tiny("llama", layers=3)
+@pytest.mark.parametrize(("kind", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("gpt-oss", "eager"),
+                                            ("gemma2", "eager")])
+def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(kind, attn, proportional):
+    """Eager attention reads the flat layout too: gpt-oss (attention sinks, no SDPA path) and Gemma 2 (logit cap)
+    among them, their sliding layers left whole."""
+    model = tiny(kind, attn, layers=3)
+    assert model.config._attn_implementation == attn
     ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 6))
     logits = []
     for heads in (False, True):
@@ -167,9 +173,10 @@ def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(proportiona
         cache = transformers.DynamicCache()
         with torch.no_grad(), press(model):
             model(ids, **cache_kwargs(model, cache))
-            shapes = [tuple(layer.keys.shape) for layer in cache.layers]
+            shapes = {tuple(layer.keys.shape) for layer, a in zip(cache.layers, decoder_attention_layers(model),
+                                                                 strict=True) if sliding_window_of(a) is None}
             logits.append(model(cont, **cache_kwargs(model, cache)).logits)
-        assert shapes == [(2, 1, 40, 16)] * 3 if heads else [(2, 2, 20, 16)] * 3
+        assert shapes == ({(2, 1, 40, 16)} if heads else {(2, 2, 20, 16)})
     assert torch.allclose(logits[0], logits[1], atol=1e-5), (logits[0] - logits[1]).abs().max()
 
 
@@ -196,11 +203,12 @@ def test_flat_layout_keeps_equal_memory_positions_and_decodes_consistently():
         model(cont, **cache_kwargs(model, cache))
 
 
-def test_flat_layout_needs_sdpa_and_replay_scores():
-    with pytest.raises(ValueError, match="sdpa"), torch.no_grad():
-        model = tiny("llama", "eager")
-        with QuickMergePress(0.5, scoring="replay", head_budgets=True)(model):
-            model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
+def test_flat_layout_needs_float_masks_and_replay_scores():
+    model = tiny("llama")
+    model.config._attn_implementation_internal = "flex_attention"  # the check runs before any attention
+    press = QuickMergePress(0.5, scoring="replay", head_budgets=True, proportional=False)
+    with pytest.raises(ValueError, match=r"one cache row: head_budgets=True.*'flex_attention'"), press(model):
+        model(torch.randint(0, 97, (1, 20)), **cache_kwargs(model, transformers.DynamicCache()))
     with pytest.raises(ValueError, match="head_budgets"):
         QuickMergePress(0.5, head_budgets=True)
 
