@@ -33,8 +33,9 @@ DYNAMIC = ("DynamicLayer",)
 DYNAMIC_OR_SLIDING = ("DynamicLayer", "DynamicSlidingWindowLayer")
 
 
-class UnsupportedCacheError(TypeError):
-    """The cache handed to a press cannot be compressed in place."""
+class UnsupportedCacheError(NotImplementedError):
+    """The cache handed to a press cannot be compressed in place (not a TypeError: see
+    :class:`~quickmerge.text.decoder.UnsupportedAttentionError`)."""
 
 
 def cache_arg(kwargs: dict) -> Any:

@@ -259,8 +259,11 @@ def _unsupported(module: nn.Module, why: str) -> str:
             f"{getattr(module, 'layer_idx', '?')}): {why}. Tested: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-class UnsupportedAttentionError(TypeError):
-    """A decoder layer computes its queries and keys in a way the presses cannot recompute."""
+class UnsupportedAttentionError(NotImplementedError):
+    """A decoder layer computes its queries and keys in a way the presses cannot recompute.
+
+    Not a TypeError: transformers 5.0 runs a model's forward a second time after a TypeError inside it (to look for
+    a missing ``**kwargs``), over a cache the first run had filled, and reports that run's error instead."""
 
 
 def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],

@@ -38,6 +38,18 @@ from .cache import cache_arg, check_cache, check_compressible, is_merged, merged
 from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
 from .press import Press
 
+# What the decoder stack's prefill call says about the prompt itself, kept for a deferring press that reads it
+# again (:meth:`KVPress.rescore`): positions (a vision-language model's three-axis ones, shifted after an image) and
+# the image features Qwen3-VL adds to the hidden states of its first layers (DeepStack). (Padded batches are refused.)
+PROMPT_INPUTS = ("position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+
+
+def prompt_inputs(ids: Tensor | None, kwargs: dict) -> dict[str, Any]:
+    """``input_ids`` (or ``inputs_embeds``) and the :data:`PROMPT_INPUTS` a prefill call was given."""
+    inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": kwargs["inputs_embeds"]}
+    inputs.update({name: kwargs[name] for name in PROMPT_INPUTS if kwargs.get(name) is not None})
+    return inputs
+
 
 class Compressed(NamedTuple):
     """What :meth:`KVPress.merge` returns: ``[B, Hkv, kept, d]`` keys and values, and the
@@ -63,7 +75,7 @@ class _Prefill:
     cache_seen: bool = False
     kwarg_names: tuple[str, ...] = ()
     pending: dict[int, tuple[Any, Any, Any, int]] = field(default_factory=dict)  # layers awaiting their budget
-    inputs: dict[str, Tensor] = field(default_factory=dict)  # the prompt: input_ids or inputs_embeds
+    inputs: dict[str, Any] = field(default_factory=dict)  # the decoder stack's prompt inputs (see PROMPT_INPUTS)
 
 
 @dataclass
@@ -122,8 +134,8 @@ class KVPress(Press):
         prompt: dict[str, Tensor],
     ) -> dict[int, Tensor | None]:
         """A deferring press's last word on the scores, once the whole prompt was prefilled (default: as
-        :meth:`score` gave them). ``base`` is the decoder stack, ``prompt`` its input (``input_ids`` or
-        ``inputs_embeds``); the cache still holds every layer whole."""
+        :meth:`score` gave them). ``base`` is the decoder stack, ``prompt`` its input (:func:`prompt_inputs`);
+        the cache still holds every layer whole."""
         return scores
 
     # ---- hooks ---------------------------------------------------------------------------
@@ -149,7 +161,7 @@ class KVPress(Press):
         new_prompt = cache is None or cache.get_seq_length() == 0
         self._prefill = _Prefill(q_len) if new_prompt else None
         if new_prompt:
-            self._prefill.inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": kwargs["inputs_embeds"]}
+            self._prefill.inputs = prompt_inputs(ids, kwargs)
             self._check_attention(module)
             if cache is not None:
                 check_cache(cache, type(self).__name__)

@@ -35,10 +35,10 @@ from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
-from .decoder import prerope_keys
+from .decoder import logit_cap_and_sinks, prerope_keys
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
-from .replay import replay_scores
+from .replay import replay_inputs, replay_scores
 from .scoring import (
     SALIENT,
     Salient,
@@ -274,14 +274,7 @@ class QuickMergePress(KVPress):
         if self.scoring != "replay":
             return scores
         length = next(iter(scores.values())).shape[2]
-        replay = dict(prompt)
-        if self.replay_prefix:
-            if "input_ids" not in replay:
-                raise ValueError("replay_prefix holds token ids: the prompt must be given as input_ids")
-            ids = replay["input_ids"]
-            prefix = torch.tensor(self.replay_prefix, dtype=ids.dtype, device=ids.device).expand(ids.shape[0], -1)
-            replay["input_ids"] = torch.cat([prefix, ids], dim=1)
-        self._replayed = replay_scores(base, cache, attentions, replay, length)
+        self._replayed = replay_scores(base, cache, attentions, replay_inputs(prompt, self.replay_prefix), length)
         out = {}
         for index, keys in scores.items():
             raw = self._replayed[index]
@@ -342,8 +335,12 @@ class QuickMergePress(KVPress):
             win = self._windows[module.layer_idx]
             counts = group_sum(torch.ones_like(mass)[..., None], assignment, kept)[..., 0]
             queries = win.queries.reshape(b * hkv, -1, d)  # [R, G*w, d]: the query heads that read each KV head
-            merged_k = fit_keys(flat_k, assignment, merged_k, counts, queries, win.scaling, self.align_ridge)
-            weights = read_weights(flat_k, queries, win.scaling, self.align_floor)
+            cap, sinks = logit_cap_and_sinks(module)
+            if sinks is not None:  # [H] -> each query's: [R, G*w]
+                sinks = sinks.view(1, hkv, -1, 1).expand(b, -1, -1, win.queries.shape[2]).reshape(b * hkv, -1)
+            merged_k = fit_keys(flat_k, assignment, merged_k, counts, queries, win.scaling, self.align_ridge,
+                                softcap=cap)
+            weights = read_weights(flat_k, queries, win.scaling, self.align_floor, softcap=cap, sinks=sinks)
             merged_v = fit_values(flat_v, assignment, kept, weights)
         sizes = None
         if self.proportional and self.bias == "size":

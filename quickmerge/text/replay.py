@@ -17,6 +17,8 @@ floats per KV head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -64,6 +66,30 @@ def replay_attention(
     return best.exp()
 
 
+def replay_inputs(prompt: dict[str, Any], prefix: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The decoder stack's inputs that read ``prompt`` (:func:`~quickmerge.text.kv_press.prompt_inputs`) again
+    right after itself, behind the token ids ``prefix``.
+
+    Given positions ``P`` (``[B, n]``, or ``[A, B, n]`` on A axes) move on by ``max(P) + 1`` per row, so the replayed
+    tokens stand to each other, and to the prompt, as the prompt's own do (an image keeps its grid); image features
+    added inside the stack (Qwen3-VL's DeepStack) are added again.
+    """
+    replay, p = dict(prompt), len(prefix)
+    if p:
+        if "input_ids" not in replay:
+            raise ValueError("replay_prefix holds token ids: the prompt must be given as input_ids")
+        ids = replay["input_ids"]
+        replay["input_ids"] = torch.cat([torch.tensor(prefix, dtype=ids.dtype, device=ids.device).expand(len(ids), -1),
+                                         ids], dim=1)
+    positions = prompt.get("position_ids")
+    if positions is not None:
+        start = positions.amax(dim=-1, keepdim=True)
+        start = (start.amax(dim=0, keepdim=True) if positions.ndim == 3 else start) + 1
+        ahead = torch.arange(p, device=positions.device, dtype=positions.dtype) + start
+        replay["position_ids"] = torch.cat([ahead.expand(*positions.shape[:-1], p), positions + start + p], dim=-1)
+    return replay
+
+
 def replay_scores(
     base: nn.Module, cache: object, attentions: dict[int, nn.Module], replay: dict, length: int, chunk: int = 256
 ) -> dict[int, Tensor]:
@@ -75,7 +101,7 @@ def replay_scores(
             ``length`` afterwards (what the replay appended is removed), and every other layer
             (sliding windows) gets its state back.
         attentions: ``{layer index: attention module}`` of the layers to score.
-        replay: the replayed prompt as ``{"input_ids": [B, n]}`` or ``{"inputs_embeds": [B, n, D]}``.
+        replay: the decoder stack's inputs for the replayed prompt (:func:`replay_inputs`).
     Returns ``{layer: [B, Hkv, length]}``: the :func:`replay_attention` of each layer.
     """
     scores: dict[int, Tensor] = {}

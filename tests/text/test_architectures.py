@@ -146,7 +146,8 @@ def _hunyuan():
 
 def _stablelm_qk_norm():
     torch.manual_seed(0)
-    return transformers.StableLmForCausalLM(transformers.StableLmConfig(**COMMON, qk_layernorm=True)).eval()
+    config = transformers.StableLmConfig(**COMMON, qk_layernorm=True, pad_token_id=0)  # transformers 5.0 reads it
+    return transformers.StableLmForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("build", [_hunyuan, _stablelm_qk_norm], ids=["hunyuan-norm-after-rope", "stablelm-qk-norm"])
@@ -300,3 +301,70 @@ def test_keys_the_model_overflowed_are_named_not_blamed_on_the_architecture():
     keys[0, 1, -1, 3] = float("inf")
     with pytest.raises(ValueError, match=r"not finite .* bfloat16 or float32"):
         key_rotation(attention, seen[0][0], keys, seen[0][1])
+
+
+@pytest.mark.parametrize("kind", ["gemma2", "gpt-oss"])
+def test_aligned_merges_follow_the_cap_and_the_sinks(kind):
+    """``align=True`` runs on Gemma 2's capped logits and gpt-oss's sinks (the fit itself is checked against them in
+    test_alignment.py): decoding equals the duplicated-cache oracle and comes closer to the full cache's than the
+    plain group means do."""
+    model = tiny(kind, "eager")
+    ids, cont = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 3))
+    outputs = {}
+    with torch.no_grad():
+        for align in (False, True):
+            press, cache = QuickMergePress(0.5, window=8, align=align), transformers.DynamicCache()
+            with press(model):
+                model(ids, **cache_kwargs(model, cache))
+                oracle = duplicated_cache(cache)
+                outputs[align] = model(cont, **cache_kwargs(model, cache)).logits
+            assert torch.allclose(outputs[align], model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+        full = model(torch.cat([ids, cont], 1)).logits[:, 24:]
+    assert (outputs[True] - full).abs().mean() < (outputs[False] - full).abs().mean()
+
+
+def _read_twice_reference(model, ids, image):
+    """Replay scores from first principles: the language model (eager) reads the prompt's own inputs twice in one
+    pass, the copy's positions moved on by the prompt's largest + 1 (an image keeps its grid, Qwen3-VL's image
+    features added to both copies); ``[B, Hkv, n]``: the most attention each prompt entry gets from the copy."""
+    seen = {}
+    base = model.model.language_model
+    handle = base.register_forward_pre_hook(lambda m, a, k: seen.update(k), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, **image, **cache_kwargs(model, transformers.DynamicCache()))
+    handle.remove()
+    positions, embeds, n = seen["position_ids"], seen["inputs_embeds"], ids.shape[1]
+    twice = dict(inputs_embeds=torch.cat([embeds, embeds], 1),
+                 position_ids=torch.cat([positions, positions + positions.amax((0, 2), keepdim=True) + 1], -1))
+    if seen.get("visual_pos_masks") is not None:  # Qwen3-VL's DeepStack: features of each row's image tokens
+        masks, b = seen["visual_pos_masks"], ids.shape[0]
+        twice["visual_pos_masks"] = torch.cat([masks, masks], 1)
+        twice["deepstack_visual_embeds"] = [e.view(b, 1, -1, e.shape[-1]).expand(-1, 2, -1, -1).reshape(-1, e.shape[-1])
+                                            for e in seen["deepstack_visual_embeds"]]
+    ones = torch.ones(ids.shape[0], 2 * n, dtype=torch.long)  # without a cache or mask, transformers 5.2 reads
+    with torch.no_grad():  # Qwen3-VL's repeated temporal positions as packed sequences
+        weights = base(**twice, attention_mask=ones, use_cache=False, output_attentions=True).attentions
+    hkv = model.config.get_text_config().num_key_value_heads
+    return [w[:, :, n:, :n].amax(2).unflatten(1, (hkv, -1)).amax(2) for w in weights]
+
+
+@pytest.mark.parametrize("kind", MROPE_KINDS)
+def test_replay_rereads_an_image_prompt_at_its_own_positions(kind, monkeypatch):
+    """Replay scoring re-reads a prompt with an image as the model read it: three-axis positions moved on past the
+    prompt (not text positions), DeepStack features added again; equal to reading it twice in one pass."""
+    from quickmerge.text import quickmerge_press
+
+    model = tiny(kind, "eager", layers=3)
+    ids, image = _image_prompt(model, kind)
+    got, replay_scores = [], quickmerge_press.replay_scores
+
+    def recorded(*args, **kwargs):
+        scores = replay_scores(*args, **kwargs)
+        got.append({i: s.clone() for i, s in scores.items()})  # before the press marks its sinks in them
+        return scores
+
+    monkeypatch.setattr(quickmerge_press, "replay_scores", recorded)
+    with torch.no_grad(), QuickMergePress(0.5, scoring="replay")(model):
+        model(ids, **image, **cache_kwargs(model, transformers.DynamicCache()))
+    for layer, expected in enumerate(_read_twice_reference(model, ids, image)):
+        assert torch.allclose(got[0][layer], expected, atol=1e-5), (got[0][layer] - expected).abs().max()

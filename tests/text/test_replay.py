@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 from quickmerge.text import QuickMergePress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import decoder_attention_layers, sliding_window_of  # noqa: E402
-from quickmerge.text.replay import replay_attention  # noqa: E402
+from quickmerge.text.replay import replay_attention, replay_inputs  # noqa: E402
 from tests.text.tiny import tiny  # noqa: E402
 
 
@@ -107,6 +107,18 @@ def test_replay_prefix_is_read_before_the_prompt():
         press = QuickMergePress(0.5, scoring="replay", replay_prefix=(5,))
         with press(model):
             model(inputs_embeds=model.model.embed_tokens(ids), **cache_kwargs(model, transformers.DynamicCache()))
+
+
+def test_replay_inputs_move_positions_past_the_prompt():
+    positions = torch.arange(5).expand(2, -1)
+    replay = replay_inputs({"input_ids": torch.arange(10).view(2, 5), "position_ids": positions}, (7, 8))
+    assert replay["input_ids"].tolist() == [[7, 8, 0, 1, 2, 3, 4], [7, 8, 5, 6, 7, 8, 9]]
+    assert replay["position_ids"].tolist() == [list(range(5, 12))] * 2  # as the cache positions would give
+    image = torch.tensor([[0, 1, 2, 2, 2, 2, 4], [0, 1, 2, 3, 4, 5, 6]])  # row 0: an image (2 x 2 grid) at 2
+    rows, cols = torch.tensor([0, 0, 0, 0, 1, 1, 0]), torch.tensor([0, 0, 0, 1, 0, 1, 0])
+    axes = torch.stack([image, image + rows, image + cols])
+    moved = replay_inputs({"inputs_embeds": torch.zeros(2, 7, 3), "position_ids": axes})["position_ids"]
+    assert torch.equal(moved, axes + torch.tensor([5, 7]).view(1, 2, 1))  # per row, past its largest position
 
 
 @pytest.mark.parametrize("heads", [False, True])

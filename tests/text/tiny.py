@@ -71,11 +71,11 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "cohere2": lambda: t.Cohere2ForCausalLM(t.Cohere2Config(**common)),
         "glm": lambda: t.GlmForCausalLM(t.GlmConfig(**common, head_dim=16, pad_token_id=0)),
         "glm4": lambda: t.Glm4ForCausalLM(t.Glm4Config(**common, head_dim=16, pad_token_id=0)),
-        "exaone4": lambda: t.Exaone4ForCausalLM(t.Exaone4Config(**common)),
+        "exaone4": lambda: t.Exaone4ForCausalLM(t.Exaone4Config(**common, pad_token_id=0)),  # 5.0 reads it
         "qwen2-moe": lambda: t.Qwen2MoeForCausalLM(t.Qwen2MoeConfig(
             **common, **moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
         "starcoder2": lambda: t.Starcoder2ForCausalLM(t.Starcoder2Config(**common)),
-        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**common)),
+        "phi": lambda: t.PhiForCausalLM(t.PhiConfig(**common, pad_token_id=0)),
         "seed-oss": lambda: t.SeedOssForCausalLM(t.SeedOssConfig(**common, head_dim=16)),
         "apertus": lambda: t.ApertusForCausalLM(t.ApertusConfig(**common)),
         "arcee": lambda: t.ArceeForCausalLM(t.ArceeConfig(**common)),
