@@ -102,16 +102,16 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _refuse_methods_the_model_cannot_run(model: Any, methods: list, ratio: float) -> None:
-    """Before any example: a method whose press refuses the model's attention (proportional attention and the
-    per-head layouts need additive float masks, which flex and flash attention do not take) would stop the run when
-    its turn came."""
+    """Before any example: a method whose press refuses the model (proportional attention and the per-head layouts
+    need additive float masks, which flex and flash attention do not take; the input press merges after a layer
+    the model must have) would stop the run when its turn came."""
     from .text_methods import methods_refused
 
-    implementation = getattr(model.config, "_attn_implementation", None)
-    refused = methods_refused(methods, ratio, implementation)
+    refused = methods_refused(methods, ratio, model)
     if refused:
-        raise UsageError(f"--methods: {', '.join(refused)} cannot run on {type(model).__name__} ({implementation!r} "
-                         f"attention): {next(iter(refused.values()))}; or leave them out with --methods")
+        reasons = "; ".join(dict.fromkeys(refused.values()))  # each reason once
+        raise UsageError(f"--methods: {', '.join(refused)} cannot run on {type(model).__name__}: {reasons}; or "
+                         "leave them out with --methods")
 
 
 def journal_config(args: argparse.Namespace) -> dict:

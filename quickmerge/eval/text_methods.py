@@ -200,13 +200,11 @@ def global_layers_only(press: Any) -> Any:
     return press
 
 
-def methods_refused(methods: list[Method], ratio: float, implementation: str | None) -> dict[str, str]:
-    """``{name: why}`` for the ``methods`` whose press refuses attention ``implementation`` (ours; kvpress's runs
-    on the model's attention or switches it itself)."""
-    from ..text.kv_press import KVPress
-
+def methods_refused(methods: list[Method], ratio: float, model: Any) -> dict[str, str]:
+    """``{name: why}`` for the ``methods`` whose press refuses ``model`` as loaded (ours: its attention
+    implementation, its depth; kvpress's run on the model's attention or switch it themselves)."""
     presses = [(m.name, m.make(ratio)) for m in methods if m.name in OURS_PRESSES]
-    refusals = {name: press.attention_refusal(implementation) for name, press in presses if isinstance(press, KVPress)}
+    refusals = {name: press.refusal(model) for name, press in presses}
     return {name: why for name, why in refusals.items() if why is not None}
 
 

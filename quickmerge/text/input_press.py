@@ -29,6 +29,7 @@ from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_lay
 from .decoder import (
     apply_rope,
     base_model,
+    decoder_layers,
     hidden_states_arg,
     key_rotation,
     plain_rotary,
@@ -142,16 +143,22 @@ class QuickMergeInputPress(Press):
         self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
         self._call_ids = None
 
-    def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
-        if self.layer >= len(layers) - 1:
-            raise ValueError(f"layer must be below the last decoder layer ({len(layers) - 1}), got {self.layer}")
+    def refusal(self, model: nn.Module) -> str | None:
+        last = len(decoder_layers(model)) - 1
+        if self.layer >= last:
+            return (f"layer must be below the last decoder layer ({last}) of {type(model).__name__}, got "
+                    f"{self.layer}")
         deepstack = getattr(getattr(model.config, "vision_config", None), "deepstack_visual_indexes", None) or ()
         if deepstack and self.layer < len(deepstack):
-            raise ValueError(
-                f"layer must be {len(deepstack)} or more on {type(model).__name__}: it adds image features to the "
-                f"hidden states after layers 0..{len(deepstack) - 1} (DeepStack), which must keep every token; "
-                f"got {self.layer}"
-            )
+            return (f"layer must be {len(deepstack)} or more on {type(model).__name__}: it adds image features to "
+                    f"the hidden states after layers 0..{len(deepstack) - 1} (DeepStack), which must keep every "
+                    f"token; got {self.layer}")
+        return None
+
+    def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+        refusal = self.refusal(model)
+        if refusal is not None:
+            raise ValueError(refusal)
         base = base_model(model)
         handles = [
             model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),

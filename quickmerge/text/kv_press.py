@@ -179,6 +179,9 @@ class KVPress(Press):
         if refusal is not None:
             raise ValueError(refusal)
 
+    def refusal(self, model: nn.Module) -> str | None:
+        return self.attention_refusal(getattr(model.config, "_attn_implementation", None))
+
     def attention_refusal(self, implementation: str | None) -> str | None:
         """Why this press cannot run on attention ``implementation`` (what to do instead), or None."""
         if not self.adds_bias() or implementation == "eager" or is_sdpa(implementation):

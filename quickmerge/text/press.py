@@ -63,6 +63,11 @@ class Press:
         """Register this press's hooks on ``model``'s decoder ``layers``; returns their handles."""
         raise NotImplementedError
 
+    def refusal(self, model: nn.Module) -> str | None:
+        """Why this press cannot run on ``model`` as loaded (and what to do instead), or None: what a harness
+        checks for every method before any work, and the press itself when it patches or first runs."""
+        return None
+
     @contextlib.contextmanager
     def __call__(self, model: nn.Module) -> Iterator[None]:
         """Patch ``model`` (this instance only) for the duration of the ``with`` block."""

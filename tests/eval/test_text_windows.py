@@ -101,6 +101,17 @@ def test_methods_the_models_attention_cannot_run_are_refused_before_any_example(
     refused(["eval", "text", "--model", tiny_lm_dir, "--examples", "2", "--context", "64", "--continuation", "8",
              "--ratios", "0.5", "--methods", "random", "quickmerge-replay", "quickmerge-replay-pooled",
              "--out", str(out), "--threads", "1"],
-            r"--methods: quickmerge-replay, quickmerge-replay-pooled cannot run on LlamaForCausalLM "
-            r"\('flex_attention' attention\).*one cache row")
+            r"--methods: quickmerge-replay, quickmerge-replay-pooled cannot run on LlamaForCausalLM: .*one cache row"
+            r".*'flex_attention'")
     assert not list(out.glob("*.json"))  # no example was scored
+
+
+def test_the_input_press_on_a_model_too_shallow_for_its_layer_is_refused_before_any_example(tiny_lm_dir, tmp_path,
+                                                                                             refused):
+    """The input press merges after layer 4 by default: on a 2-layer model it is refused up front, by name."""
+    out = tmp_path / "res"
+    refused(["eval", "text", "--model", tiny_lm_dir, "--examples", "2", "--context", "64", "--continuation", "8",
+             "--ratios", "0.5", "--methods", "random", "quickmerge-input", "--out", str(out), "--threads", "1"],
+            r"--methods: quickmerge-input cannot run on LlamaForCausalLM: layer must be below the last decoder "
+            r"layer \(1\) of LlamaForCausalLM, got 4")
+    assert not list(out.glob("*.json"))
