@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import warnings
 from typing import Any
 
 import torch
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
         model, tokenizer = load_causal_lm(args.model)
-        _refuse_methods_the_model_cannot_run(model, methods, args.ratios[0])
+        methods = methods_the_model_can_run(model, methods, args.ratios[0], chosen=args.methods is not None)
         model.to(ctx.device)
         bos = needs_bos(args.model)
         if args.task == "repeated":
@@ -101,17 +102,22 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def _refuse_methods_the_model_cannot_run(model: Any, methods: list, ratio: float) -> None:
+def methods_the_model_can_run(model: Any, methods: list, ratio: float, chosen: bool) -> list:
     """Before any example: a method whose press refuses the model (proportional attention and the per-head layouts
     need additive float masks, which flex and flash attention do not take; the input press merges after a layer
-    the model must have) would stop the run when its turn came."""
+    the model must have) would stop the run when its turn came. Chosen with ``--methods``, it is refused; among the
+    defaults, it is left out with a warning that says why."""
     from .text_methods import methods_refused
 
     refused = methods_refused(methods, ratio, model)
-    if refused:
-        reasons = "; ".join(dict.fromkeys(refused.values()))  # each reason once
+    if not refused:
+        return methods
+    reasons = "; ".join(dict.fromkeys(refused.values()))  # each reason once
+    if chosen:
         raise UsageError(f"--methods: {', '.join(refused)} cannot run on {type(model).__name__}: {reasons}; or "
                          "leave them out with --methods")
+    warnings.warn(f"{', '.join(refused)} left out of the default methods: {reasons}", stacklevel=2)
+    return [m for m in methods if m.name not in refused]
 
 
 def journal_config(args: argparse.Namespace) -> dict:
