@@ -162,7 +162,9 @@ class KVPress(Press):
         self._prefill = _Prefill(q_len) if new_prompt else None
         if new_prompt:
             self._prefill.inputs = prompt_inputs(ids, kwargs)
-            self._check_attention(module)
+            refusal = self.refusal(module)  # the attention implementation may change between calls
+            if refusal is not None:
+                raise ValueError(refusal)
             if cache is not None:
                 check_cache(cache, type(self).__name__)
             for index in self._full_layers:  # caches made with all their layers are checked before any work
@@ -173,11 +175,6 @@ class KVPress(Press):
     def _attention(self, model: nn.Module) -> contextlib.AbstractContextManager:
         # proportional attention is a float mask: keep SDPA's grouped-query path (see attention.py)
         return grouped_sdpa(model) if self.adds_bias() else contextlib.nullcontext()
-
-    def _check_attention(self, base: nn.Module) -> None:
-        refusal = self.attention_refusal(getattr(base.config, "_attn_implementation", None))
-        if refusal is not None:
-            raise ValueError(refusal)
 
     def refusal(self, model: nn.Module) -> str | None:
         return self.attention_refusal(getattr(model.config, "_attn_implementation", None))
@@ -193,7 +190,6 @@ class KVPress(Press):
     def bias_reason(self) -> str:
         """What the additive mask of :meth:`adds_bias` carries, and how to do without it if one can."""
         return "log(group size) on merged entries' logits"
-
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._prefill
