@@ -29,8 +29,10 @@ def _command(model_dir: str, out: Path, *extra: str) -> list[str]:
 
 
 def _env(slow_rows: Path | None = None) -> dict:
-    path = str(ROOT) if slow_rows is None else f"{slow_rows}{os.pathsep}{ROOT}"
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path, "TQDM_DISABLE": "1"}
+    paths = [str(ROOT)] if slow_rows is None else [str(slow_rows), str(ROOT)]
+    if os.environ.get("PYTHONPATH"):  # e.g. another transformers release installed over the environment's
+        paths.append(os.environ["PYTHONPATH"])
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths), "TQDM_DISABLE": "1"}
 
 
 # A tiny model writes a row in milliseconds: under load the whole run could end before the signal
