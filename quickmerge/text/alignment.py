@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from ..primitives import weighted_mean
+from .scoring import soft_capped, softmax_with_sinks
 
 
 def fit_keys(
@@ -44,7 +45,7 @@ def fit_keys(
     r, _, d = keys.shape
     k = mean_keys.shape[1]
     q = queries.float()
-    logits = _capped(scale * torch.matmul(q, keys.float().transpose(1, 2)), softcap)  # [R, M, L]
+    logits = soft_capped(scale * torch.matmul(q, keys.float().transpose(1, 2)), softcap)  # [R, M, L]
     top = logits.amax(dim=-1, keepdim=True)
     exp = (logits - top).exp()
     group = torch.zeros(r, q.shape[1], k, device=keys.device).scatter_add_(
@@ -69,11 +70,8 @@ def read_weights(
     softmax over all entries, summed over queries), plus ``floor`` times its mean.
 
     ``softcap``: the logit cap, or None; ``sinks [R, M]``: each query's sink logit sharing its softmax, or None."""
-    logits = _capped(scale * torch.matmul(queries.float(), keys.float().transpose(1, 2)), softcap)  # [R, M, L]
-    if sinks is None:
-        probs = logits.softmax(dim=-1)
-    else:
-        probs = torch.cat([logits, sinks.float()[..., None]], dim=-1).softmax(dim=-1)[..., :-1]
+    logits = soft_capped(scale * torch.matmul(queries.float(), keys.float().transpose(1, 2)), softcap)  # [R, M, L]
+    probs = softmax_with_sinks(logits, None if sinks is None else sinks[..., None])
     received = probs.sum(dim=1)
     return received + floor * received.mean(dim=-1, keepdim=True)
 
@@ -81,7 +79,3 @@ def read_weights(
 def fit_values(values: Tensor, assignment: Tensor, k: int, weights: Tensor) -> Tensor:
     """Merged values ``[R, K, dv]``: each group's members averaged by ``weights [R, L]``."""
     return weighted_mean(values, weights, assignment, k)[0]
-
-
-def _capped(logits: Tensor, softcap: float | None) -> Tensor:
-    return softcap * torch.tanh(logits / softcap) if softcap else logits

@@ -34,9 +34,6 @@ class ToMeKVPress(KVPress):
     def adds_bias(self) -> bool:
         return self.proportional
 
-    def bias_reason(self) -> str:
-        return "log(group size) on merged entries' logits; proportional=False does without it"
-
     def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         b, hkv, length, d = keys.shape
         flat = torch.cat([keys, values], dim=-1).reshape(b * hkv, length, -1)

@@ -38,6 +38,8 @@ from .cache import cache_arg, check_cache, check_compressible, is_merged, merged
 from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
 from .press import Press
 
+PROPORTIONAL_BIAS = "log(group size) on merged entries' logits; proportional=False does without it"
+
 # What the decoder stack's prefill call says about the prompt itself, kept for a deferring press that reads it
 # again (:meth:`KVPress.rescore`): positions (a vision-language model's three-axis ones, shifted after an image) and
 # the image features Qwen3-VL adds to the hidden states of its first layers (DeepStack). (Padded batches are refused.)
@@ -177,10 +179,7 @@ class KVPress(Press):
         return grouped_sdpa(model) if self.adds_bias() else contextlib.nullcontext()
 
     def refusal(self, model: nn.Module) -> str | None:
-        return self.attention_refusal(getattr(model.config, "_attn_implementation", None))
-
-    def attention_refusal(self, implementation: str | None) -> str | None:
-        """Why this press cannot run on attention ``implementation`` (what to do instead), or None."""
+        implementation = getattr(model.config, "_attn_implementation", None)
         if not self.adds_bias() or implementation == "eager" or is_sdpa(implementation):
             return None
         return (f"{type(self).__name__} passes attention an additive float mask ({self.bias_reason()}), which "
@@ -189,7 +188,7 @@ class KVPress(Press):
 
     def bias_reason(self) -> str:
         """What the additive mask of :meth:`adds_bias` carries, and how to do without it if one can."""
-        return "log(group size) on merged entries' logits"
+        return PROPORTIONAL_BIAS
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._prefill

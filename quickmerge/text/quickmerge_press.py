@@ -237,7 +237,7 @@ class QuickMergePress(KVPress):
             return "which KV head owns each entry of a layer's one cache row: head_budgets=True"
         if self.budget != "uniform":
             return f"each layer's own length: budget={self.budget!r}"
-        return "log(group size) on merged entries' logits; proportional=False does without it"
+        return super().bias_reason()
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from .cache import cache_kwargs
 from .decoder import hidden_states_arg, key_rotation, logit_cap_and_sinks, window_queries
+from .scoring import soft_capped
 
 
 def replay_attention(
@@ -52,8 +53,7 @@ def replay_attention(
         end = length + start + c  # no query of this chunk sees past it
         q = grouped[:, :, :, start : start + c].float().reshape(b, hkv, group * c, d)
         logits = torch.matmul(q, k[:, :, :end].transpose(-1, -2)).mul_(scaling)  # [B, Hkv, group * c, end]
-        if softcap:
-            logits = torch.tanh(logits / softcap).mul_(softcap)
+        logits = soft_capped(logits, softcap)
         own = logits[..., length + start :].view(b, hkv, group, c, c)  # the chunk's own replayed tokens
         own.masked_fill_(torch.ones(c, c, dtype=torch.bool, device=keys.device).triu_(1), float("-inf"))
         # softmax is exp(logit - logsumexp) and exp is monotone: take the maximum in the log domain

@@ -65,18 +65,27 @@ def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict
     return Window(q, attention_probs(module, logits, allowed), float(module.scaling))
 
 
+def soft_capped(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)`` (Gemma 2's ``attn_logit_softcapping``), a new tensor; ``logits`` if no cap."""
+    return torch.tanh(logits / cap).mul_(cap) if cap else logits
+
+
+def softmax_with_sinks(logits: Tensor, sinks: Tensor | None) -> Tensor:
+    """Softmax over the last axis of ``logits [..., L]`` that each row shares with its sink logit (``sinks``
+    broadcastable to ``[..., 1]``, gpt-oss's), or a plain softmax if None."""
+    if sinks is None:
+        return logits.softmax(dim=-1)
+    sink = sinks.float().expand(*logits.shape[:-1], 1)
+    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+
+
 def attention_probs(module: nn.Module, logits: Tensor, allowed: Tensor) -> Tensor:
     """Attention ``[B, H, q, L]`` from scaled ``logits`` as ``module`` turns them into weights: capped by its
     ``attn_logit_softcapping`` (Gemma 2) and sharing the softmax with its per-head ``sinks`` (gpt-oss),
     only the ``allowed [q, L]`` entries seen."""
     cap, sinks = logit_cap_and_sinks(module)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    logits = logits.masked_fill(~allowed, float("-inf"))
-    if sinks is None:
-        return logits.softmax(dim=-1)
-    sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
-    return torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+    logits = soft_capped(logits, cap).masked_fill(~allowed, float("-inf"))
+    return softmax_with_sinks(logits, None if sinks is None else sinks.view(1, -1, 1, 1))
 
 
 def window_attention(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> Tensor:
