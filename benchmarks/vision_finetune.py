@@ -96,14 +96,20 @@ def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
         curves = {name: {int(r): hits for r, hits in curve.items()} for name, curve in saved["curves"].items()}
         return saved["unpatched"], curves, len(next(iter(saved["unpatched"].values())))
     images, labels = load_fashion_mnist("test")
-    models = {"reference": load_fashion_vit(), "fine-tuned quickmerge": load_fashion_vit(args.quickmerge),
-              "fine-tuned tome": load_fashion_vit(args.tome),
-              "fine-tuned without merging": load_fashion_vit(args.control)}
-    models = {name: model.to(args.device) for name, model in models.items()}
-    unpatched = {f"{name}, unpatched": correct_per_image(model, images, labels, method=None, r=0)
-                 for name, model in models.items()}
-    curves = {name: {r: correct_per_image(models[m], images, labels, method=method, r=r) for r in args.r}
-              for name, (m, method) in CURVES.items()}
+    names = {"reference": "reference", "quickmerge": "fine-tuned quickmerge", "tome": "fine-tuned tome",
+             "control": "fine-tuned without merging"}
+    models = {names[k]: load_fashion_vit(d if k != "reference" else None).to(args.device) for k, d in weights.items()}
+    sha = {names[k]: v for k, v in identity["weights_sha256"].items()}
+    scored: dict[tuple, list[float]] = {}  # the same weights (e.g. --control the reference) are scored once
+
+    def hits_of(name: str, method: str | None, r: int) -> list[float]:
+        key = (sha[name], method, r)
+        if key not in scored:
+            scored[key] = correct_per_image(models[name], images, labels, method=method, r=r)
+        return scored[key]
+
+    unpatched = {f"{name}, unpatched": hits_of(name, None, 0) for name in models}
+    curves = {name: {r: hits_of(m, method, r) for r in args.r} for name, (m, method) in CURVES.items()}
     if args.hits is not None:
         config = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
                   "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device}

@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "image", help="bits per token of the AR image model completing test images from a compressed top"), "image")
     add_generative_arguments(protocols.add_parser(
         "video", help="bits per token of the AR video model's next frame given compressed previous ones"), "video")
-    show = sub.add_parser("visualize", help="draw which patches merged into which token (PNG)")
+    show = sub.add_parser("visualize", help="draw which patches merged into which token, or the AR image / video "
+                                            "models' completions (PNG)")
     show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
     show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
@@ -112,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
     vision.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                         help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")
+    vision.add_argument("--self-distill", type=float, default=0.0, metavar="W",
+                        help="--finetune: share of the loss matching the unmerged CKPT's predictions (0: labels only)")
     vision.add_argument("--ema", type=float, default=None,
                         help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "
                         f"{FINETUNE_EMA} with --finetune")
@@ -239,7 +242,8 @@ def _run(args: argparse.Namespace) -> int:
                     from .vision.train import FineTune
 
                     try:
-                        finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature)
+                        finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature,
+                                            self_distill=args.self_distill)
                     except ValueError as err:
                         raise UsageError(f"--finetune: {err}") from None
                 try:
@@ -253,6 +257,8 @@ def _run(args: argparse.Namespace) -> int:
                         warmup_steps=FINETUNE_WARMUP if finetune else Recipe.warmup_steps, seed=args.seed)
                 except ValueError as err:
                     raise UsageError(str(err)) from None
+                if finetune is None and args.self_distill:
+                    raise UsageError("--self-distill applies to --finetune only")
                 if finetune is not None and args.teacher_epochs:
                     raise UsageError("--finetune uses no teacher; drop --teacher-epochs")
                 if args.init is not None and finetune is not None:

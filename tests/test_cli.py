@@ -99,6 +99,9 @@ def test_train_vision_teacher_and_seed_are_validated_before_any_work(refused):
     assert args.teacher_epochs == 3 and args.seed == 7
     refused(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
             "--out", "unused"], "--teacher-epochs")
+    refused(["train", "vision", "--self-distill", "0.5", "--out", "unused"], "--self-distill applies to --finetune")
+    refused(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--self-distill", "2", "--out", "unused"],
+            "--finetune: self_distill must lie in")
 
 
 @pytest.mark.parametrize("argv", [

@@ -75,7 +75,10 @@ class FineTune:
     K-hot removal mask, temperature annealed geometrically from ``temperature_start`` to
     ``temperature_end``; hard merges at evaluation); "tome" through ToMe's hard matching
     (gradients through the weighted means only, as ToMe's paper trains). ``r`` tokens merged per
-    block, or ``ratio`` of the patch tokens left after the last block.
+    block, or ``ratio`` of the patch tokens left after the last block. ``self_distill``: share of
+    the loss that matches the predictions of the starting checkpoint run without merging (a frozen
+    copy; KL divergence on the same augmented images), the rest label-smoothed cross-entropy; 0:
+    labels only.
     """
 
     checkpoint: str
@@ -84,10 +87,13 @@ class FineTune:
     ratio: float | None = None
     temperature_start: float = 1.0
     temperature_end: float = 0.05
+    self_distill: float = 0.0
 
     def __post_init__(self) -> None:
         if self.method not in ("quickmerge", "tome"):
             raise ValueError(f"finetune method must be 'quickmerge' or 'tome', got {self.method!r}")
+        if not 0.0 <= self.self_distill <= 1.0:
+            raise ValueError(f"self_distill must lie in [0, 1], got {self.self_distill}")
         if (self.r is None) == (self.ratio is None):
             raise ValueError(f"give exactly one of r and ratio for merge-aware fine-tuning, got r={self.r}, "
                              f"ratio={self.ratio}")
@@ -219,7 +225,8 @@ def train(
 
     ``data`` ((train x, y), (held-out x, y)) and ``test`` default to Fashion-MNIST's splits.
     ``finetune``: fine-tune a trained checkpoint with merging in every block instead (its
-    accuracies are then those of the merged model; the teacher is not used).
+    accuracies are then those of the merged model; the CNN teacher is not used, the unmerged
+    checkpoint itself is with ``finetune.self_distill``).
     ``init``: start from the weights of a trained checkpoint directory (a second schedule,
     "warm restart", on a model that has not converged), with its model config.
     """
@@ -244,6 +251,9 @@ def train(
         model = build_vit(config).to(ctx.device)
     (tr_x, tr_y), (ho_x, ho_y) = data if data is not None else split_train_heldout()
     ema = copy.deepcopy(model).requires_grad_(False) if recipe.ema_decay else None
+    # the unmerged starting model, frozen: what merge-aware fine-tuning distils from (self_distill > 0)
+    self_teacher = (copy.deepcopy(model).eval().requires_grad_(False)
+                    if finetune is not None and finetune.self_distill else None)
     handle = finetune.patch(model, train=True) if finetune is not None else None
     if finetune is not None and ema is not None:
         finetune.patch(ema, train=False)
@@ -282,6 +292,10 @@ def train(
         log["teacher_heldout_accuracy"] = accuracy(teacher, ho_x, ho_y)
         if ctx.main:
             print(f"teacher: held-out accuracy {log['teacher_heldout_accuracy']:.4f}")
+    if self_teacher is not None:
+        teacher, distill_weight = self_teacher, finetune.self_distill
+    else:
+        distill_weight = recipe.distill_weight
     net = model
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -303,7 +317,7 @@ def train(
                     with torch.no_grad():
                         target = teacher(x).log_softmax(-1)
                     distill = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
-                    loss = (1 - recipe.distill_weight) * loss + recipe.distill_weight * distill
+                    loss = (1 - distill_weight) * loss + distill_weight * distill
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -325,7 +339,8 @@ def train(
         log["epochs"].append(record)
         if ctx.main:
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "epoch"))
-            save_training_state(checkpoint, identity, {**parts, "teacher": teacher}, epoch=epoch + 1, log=log,
+            cnn = teacher if self_teacher is None else None  # the starting model is read again on a resume
+            save_training_state(checkpoint, identity, {**parts, "teacher": cnn}, epoch=epoch + 1, log=log,
                                 elapsed=time.perf_counter() - started)
         ctx.barrier()
     if not ctx.main:

@@ -139,6 +139,40 @@ def test_merge_aware_finetuning_merges_while_training_and_anneals(tmp_path, monk
         train_module.FineTune(str(tmp_path / "base"), method)
 
 
+def test_self_distillation_matches_the_unmerged_starting_model(tmp_path, monkeypatch):
+    import importlib
+
+    from quickmerge.vision import train as train_module
+
+    patch_module = importlib.import_module("quickmerge.vision.patch")
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
+    config = {**CONFIG, "depth": 2}  # one block would merge after the class token's last read
+    train(tmp_path / "base", recipe=recipe, config=config, data=data, test=test)
+    pairs, merges = [], []  # (student, teacher) log-probabilities of each distillation step; merges by mode
+    real_kl, real_finish = train_module.F.kl_div, patch_module.MergeHandle._finish
+    monkeypatch.setattr(train_module.F, "kl_div", lambda s, t, **k: pairs.append((s.detach(), t)) or real_kl(s, t, **k))
+    monkeypatch.setattr(patch_module.MergeHandle, "_finish",
+                        lambda handle, *a: merges.append(handle.model.training) or real_finish(handle, *a))
+
+    def finetune(name, r, self_distill):
+        pairs.clear(), merges.clear()
+        ft = train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=r, self_distill=self_distill)
+        train(tmp_path / name, recipe=recipe, config=config, data=data, test=test, finetune=ft)
+
+    finetune("labels", 8, 0.0)
+    assert pairs == []  # labels only
+    # nothing merged: the first step's student is the starting model itself, so the target is its own prediction
+    finetune("still", 0, 1.0)
+    assert len(pairs) == 96 // 16 and torch.equal(pairs[0][0], pairs[0][1])
+    # merged: the teacher reads every token (it differs from the merged student) and merges nothing itself
+    finetune("merged", 8, 0.5)
+    assert len(pairs) == 96 // 16 and not torch.allclose(pairs[0][0], pairs[0][1], atol=1e-4)
+    assert merges.count(True) == 2 * 96 // 16
+    with pytest.raises(ValueError, match="self_distill must lie in"):
+        train_module.FineTune(str(tmp_path / "base"), "tome", r=8, self_distill=1.5)
+
+
 def test_a_warm_restart_starts_from_the_given_weights(tmp_path):
     data, test = (synthetic(0), synthetic(1)), synthetic(2)
     recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
