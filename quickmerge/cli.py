@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .cli_types import non_negative_int, positive_float, positive_int
+from .cli_types import non_negative_int, positive_float, positive_int, share
 from .errors import MissingDataError, MissingExtraError, UsageError
 
 
@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     vision.add_argument("--ratio", type=float, default=None, help="--finetune: share of patch tokens left at the end")
     vision.add_argument("--temperature", type=float, nargs=2, default=[1.0, 0.05], metavar=("START", "END"),
                         help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")
-    vision.add_argument("--self-distill", type=float, default=0.0, metavar="W",
+    vision.add_argument("--self-distill", type=share, default=0.0, metavar="W",
                         help="--finetune: share of the loss matching the unmerged CKPT's predictions (0: labels only)")
     vision.add_argument("--ema", type=float, default=None,
                         help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "

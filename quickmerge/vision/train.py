@@ -292,10 +292,9 @@ def train(
         log["teacher_heldout_accuracy"] = accuracy(teacher, ho_x, ho_y)
         if ctx.main:
             print(f"teacher: held-out accuracy {log['teacher_heldout_accuracy']:.4f}")
-    if self_teacher is not None:
-        teacher, distill_weight = self_teacher, finetune.self_distill
-    else:
-        distill_weight = recipe.distill_weight
+    # what the loss distils from: the unmerged starting model when fine-tuning, else the CNN teacher (or nothing)
+    distiller, distill_weight = ((self_teacher, finetune.self_distill) if self_teacher is not None
+                                 else (teacher, recipe.distill_weight))
     net = model
     if ctx.world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
@@ -313,9 +312,9 @@ def train(
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=recipe.bf16):
                 logits = net(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=recipe.label_smoothing)
-                if teacher is not None:
+                if distiller is not None:
                     with torch.no_grad():
-                        target = teacher(x).log_softmax(-1)
+                        target = distiller(x).log_softmax(-1)
                     distill = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
                     loss = (1 - distill_weight) * loss + distill_weight * distill
             opt.zero_grad(set_to_none=True)
@@ -339,8 +338,7 @@ def train(
         log["epochs"].append(record)
         if ctx.main:
             print(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v}" for k, v in record.items() if k != "epoch"))
-            cnn = teacher if self_teacher is None else None  # the starting model is read again on a resume
-            save_training_state(checkpoint, identity, {**parts, "teacher": cnn}, epoch=epoch + 1, log=log,
+            save_training_state(checkpoint, identity, {**parts, "teacher": teacher}, epoch=epoch + 1, log=log,
                                 elapsed=time.perf_counter() - started)
         ctx.barrier()
     if not ctx.main:
