@@ -74,6 +74,28 @@ def at_speedup(hits: dict[int, list[float]], speedups: dict[int, float], target:
     return None
 
 
+def compared_hits(unpatched: dict[str, list[float]], curves: dict[str, dict[int, list[float]]],
+                  speedups: dict[str, dict[int, float | None]], at: float) -> dict[str, dict[str, list[float]]]:
+    """Per-image hits of every model and curve at each place compared: ``"r=R"`` for each r, and ``"{at}x"``."""
+    places = {f"r={r}": unpatched | {name: curve[r] for name, curve in curves.items()}
+              for r in next(iter(curves.values()))}
+    places[f"{at}x"] = dict(unpatched)
+    for name, curve in curves.items():
+        if (hits := at_speedup(curve, speedups[CURVES[name][1]], at)) is not None:
+            places[f"{at}x"][name] = hits
+    return places
+
+
+def report_hits(report: dict) -> dict[str, dict[str, list[float]]]:
+    """:func:`compared_hits` of a saved report, from the per-image hits file it names (``hits_from``)."""
+    if report.get("hits_from") is None or not Path(report["hits_from"]).exists():
+        raise FileNotFoundError(f"the report's per-image hits are not here: {report.get('hits_from')!r}")
+    saved = json.loads(Path(report["hits_from"]).read_text())
+    curves = {name: {int(r): hits for r, hits in curve.items()} for name, curve in saved["curves"].items()}
+    speedups = {m: {int(r): s for r, s in v.items()} for m, v in report["speedups"].items()}
+    return compared_hits(saved["unpatched"], curves, speedups, report["at"])
+
+
 def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
     """Paired difference a - b in points with its 95% bootstrap interval, and the images where they disagree."""
     diff, low, high = bootstrap_difference(hits[a], hits[b])
@@ -152,18 +174,11 @@ def main() -> None:
                      "accuracy": {}, "paired": {}, "at": args.at}
     for name, hits in unpatched.items():
         results["accuracy"][name] = dict(zip(("accuracy", "low", "high"), bootstrap_mean(hits), strict=True))
-    for r in args.r:
-        at_r = unpatched | {name: curve[r] for name, curve in curves.items()}
-        results["accuracy"] |= {f"{name} r={r}": dict(zip(("accuracy", "low", "high"), bootstrap_mean(curve[r]),
-                                                          strict=True)) for name, curve in curves.items()}
-        results["paired"][f"r={r}"] = [compare(at_r, a, b) for a, b in PAIRS]
-    at = dict(unpatched)
-    for name, curve in curves.items():
-        if (hits := at_speedup(curve, speedups[CURVES[name][1]], args.at)) is not None:
-            at[name] = hits
-            results["accuracy"][f"{name} at {args.at}x"] = dict(zip(("accuracy", "low", "high"),
-                                                                    bootstrap_mean(hits), strict=True))
-    results["paired"][f"{args.at}x"] = [compare(at, a, b) for a, b in PAIRS if a in at and b in at]
+    for where, hits in compared_hits(unpatched, curves, speedups, args.at).items():
+        suffix = f" at {where}" if where.endswith("x") else f" {where}"
+        results["accuracy"] |= {f"{name}{suffix}": dict(zip(("accuracy", "low", "high"), bootstrap_mean(h),
+                                                            strict=True)) for name, h in hits.items() if name in curves}
+        results["paired"][where] = [compare(hits, a, b) for a, b in PAIRS if a in hits and b in hits]
     if args.hits is None:
         results["config"] = {"threads": args.threads, "torch": torch.__version__, "platform": platform.platform(),
                              "device": args.device}
