@@ -4,8 +4,8 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from benchmarks.vision_finetune import compared_hits  # noqa: E402
-from benchmarks.vision_finetune_seeds import pooled_difference  # noqa: E402
+from benchmarks.vision_finetune import compared_hits
+from benchmarks.vision_finetune_seeds import pooled_difference
 
 
 def test_each_curve_is_compared_at_each_r_and_interpolated_to_the_speed_up():
@@ -30,3 +30,13 @@ def test_seeds_are_pooled_per_image_and_the_mean_is_the_mean_of_the_seeds():
     # per image the two seeds average to +1, +0.5, +0.5, 0: less spread than seed 1's +1, +1, +1, 0
     alone, low1, high1 = pooled_difference([seed1], "a", "b")
     assert alone == pytest.approx(75.0) and high - low < high1 - low1 + 1e-9
+
+
+def test_the_recipes_plot_reads_the_quickmerge_minus_tome_row_at_the_asked_place():
+    from benchmarks.vision_finetune_recipes import difference_rows
+
+    row = {"at": "2.0x", "a": "fine-tuned quickmerge + quickmerge", "b": "fine-tuned tome + tome", "mean_pt": -0.1}
+    other = {**row, "b": "reference, unpatched", "mean_pt": 0.3}
+    assert difference_rows({"rows": [other, {**row, "at": "r=40"}, row]}, "2.0x") is row
+    with pytest.raises(SystemExit, match="r=48"):
+        difference_rows({"rows": [other, row]}, "r=48")
