@@ -28,15 +28,18 @@ import torch
 from quickmerge.data.fashion_mnist import load_fashion_mnist, sha256
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.pretrained.fashion_vit import ASSET_DIR, load_fashion_vit
-from quickmerge.vision import patch
+from quickmerge.vision import TokenScorer, patch
+from quickmerge.vision.token_scorer import FILENAME as SCORER_FILE
 from quickmerge.vision.train import correct_per_image as hits_per_image
 
 
 @torch.inference_mode()
 def correct_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                      method: str | None, r: int) -> list[float]:
-    """1.0 / 0.0 per test image: top-1 of ``model`` merging with ``method`` at ``r`` (None: unpatched)."""
-    handle = patch(model, r=r, method=method) if method is not None else None
+                      method: str | None, r: int, scorer: TokenScorer | None = None) -> list[float]:
+    """1.0 / 0.0 per test image: top-1 of ``model`` merging with ``method`` at ``r`` (None: unpatched), with a
+    fine-tune's learned ``scorer`` under QuickMerge++."""
+    scorer = scorer if method == "quickmerge" else None
+    handle = patch(model, r=r, method=method, scorer=scorer) if method is not None else None
     try:
         return hits_per_image(model, images, labels).double().tolist()
     finally:
@@ -111,6 +114,9 @@ def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
     weights = {"reference": ASSET_DIR, **{k: Path(v) for k, v in checkpoints.items()}}
     identity = {"checkpoints": checkpoints, "r": args.r,
                 "weights_sha256": {k: sha256(d / "model.safetensors") for k, d in weights.items()}}
+    learned = {k: d for k, d in weights.items() if TokenScorer.saved_in(d)}  # --learned-saliency fine-tunes
+    if learned:
+        identity["scorer_sha256"] = {k: sha256(d / SCORER_FILE) for k, d in learned.items()}
     if args.hits is not None and Path(args.hits).exists():
         saved = json.loads(Path(args.hits).read_text())
         if saved["identity"] != identity:
@@ -121,13 +127,15 @@ def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
     names = {"reference": "reference", "quickmerge": "fine-tuned quickmerge", "tome": "fine-tuned tome",
              "control": "fine-tuned without merging"}
     models = {names[k]: load_fashion_vit(d if k != "reference" else None).to(args.device) for k, d in weights.items()}
-    sha = {names[k]: v for k, v in identity["weights_sha256"].items()}
+    scorers = {names[k]: TokenScorer.load(d) for k, d in learned.items()}
+    sha = {names[k]: (v, identity.get("scorer_sha256", {}).get(k)) for k, v in identity["weights_sha256"].items()}
     scored: dict[tuple, list[float]] = {}  # the same weights (e.g. --control the reference) are scored once
 
     def hits_of(name: str, method: str | None, r: int) -> list[float]:
         key = (sha[name], method, r)
         if key not in scored:
-            scored[key] = correct_per_image(models[name], images, labels, method=method, r=r)
+            scored[key] = correct_per_image(models[name], images, labels, method=method, r=r,
+                                            scorer=scorers.get(name))
         return scored[key]
 
     unpatched = {f"{name}, unpatched": hits_of(name, None, 0) for name in models}

@@ -60,7 +60,7 @@ def main() -> None:
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=130)
+    fig.savefig(args.out, dpi=130, bbox_inches="tight")  # long recipe labels: keep the axis label whole
     print(f"wrote {args.out}")
 
 

@@ -3,9 +3,11 @@
 Times, alternately in one run (medians): the reference ViT's first block forward on real
 Fashion-MNIST embeddings (batch 256, 197 tokens), the merge step alone (handle.merge:
 saliency, grouping, weighted means, size/source bookkeeping) for each method at r=16, and
-the whole patched block (attention on 197 tokens, merge, MLP on 181).
+the whole patched block (attention on 197 tokens, merge, MLP on 181). ``--scorer DIR`` adds
+QuickMerge++ with the learned saliency of a fine-tune (``train vision --finetune ...
+--learned-saliency``) as one more row.
 
-    python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15]
+    python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
-from quickmerge.vision import patch
+from quickmerge.vision import TokenScorer, patch
 
 
 def main() -> None:
@@ -31,7 +33,11 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--scorer", default=None, help="fine-tuned checkpoint holding token_scorer.safetensors")
     args = ap.parse_args()
+    rows = [(m, m, None) for m in ("quickmerge", "tome", "random", "pool")]
+    if args.scorer is not None:
+        rows.insert(1, ("quickmerge + learned saliency", "quickmerge", TokenScorer.load(args.scorer)))
     torch.set_num_threads(args.threads)
     model = load_fashion_vit()
     images, _ = load_fashion_mnist("test")
@@ -39,8 +45,8 @@ def main() -> None:
         x = model.norm_pre(model._pos_embed(model.patch_embed(normalize(images[: args.batch]))))
         block = copy.deepcopy(model.blocks[0])  # unpatched copy, timed as is
         results = {}
-        for method in ("quickmerge", "tome", "random", "pool"):
-            handle = patch(model, r=args.r, method=method)
+        for name, method, scorer in rows:
+            handle = patch(model, r=args.r, method=method, scorer=scorer)
             blk = model.blocks[0]
             handle.begin(x)
             attn_in = blk.norm1(x)
@@ -63,9 +69,9 @@ def main() -> None:
             assert out is not None and out.shape[1] == x.shape[1] - args.r
             handle.remove()
             b, m, p = (statistics.median(t[2:]) for t in (block_t, merge_t, patched_t))
-            results[method] = {"block_s": b, "merge_s": m, "merge_share_of_block": m / b, "patched_block_s": p,
+            results[name] = {"block_s": b, "merge_s": m, "merge_share_of_block": m / b, "patched_block_s": p,
                                "patched_block_over_block": p / b}
-            print(f"{method:10s} block {1e3 * b:7.2f} ms  merge {1e3 * m:6.2f} ms = {100 * m / b:5.1f}% of a block;"
+            print(f"{name:29s} block {1e3 * b:7.2f} ms  merge {1e3 * m:6.2f} ms = {100 * m / b:5.1f}% of a block;"
                   f"  patched block (r={args.r}) {1e3 * p:7.2f} ms = {p / b:.3f}x")
     info = {"tokens": x.shape[1], "batch": args.batch, "r": args.r, "threads": torch.get_num_threads(),
             "torch": torch.__version__, "platform": platform.platform(), "results": results}

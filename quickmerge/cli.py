@@ -69,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
     show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
-    show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and a "
+                      "fine-tune's token_scorer.safetensors, used by QuickMerge++)")
     show.add_argument("--out", default="results/visualize.png")
     shows = show.add_subparsers(dest="target", required=False, metavar="{image-ar,video-ar}",
                                 help="instead of the ViT's merges: completions of the AR image / video model")
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--finetune with quickmerge: Gumbel temperature, annealed from START to END")
     vision.add_argument("--self-distill", type=share, default=0.0, metavar="W",
                         help="--finetune: share of the loss matching the unmerged CKPT's predictions (0: labels only)")
+    vision.add_argument("--learned-saliency", action="store_true",
+                        help="--finetune with quickmerge: also learn a keep score per block (token_scorer.safetensors)")
+    vision.add_argument("--scorer-lr-scale", type=float, default=1.0, metavar="X",
+                        help="--learned-saliency: the keep scores learn at X times --lr")
     vision.add_argument("--ema", type=float, default=None,
                         help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "
                         f"{FINETUNE_EMA} with --finetune")
@@ -217,13 +222,16 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise UsageError("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
+        from .eval.vision_cli import learned_saliency
         from .pretrained.fashion_vit import load_fashion_vit
         from .vision.visualize import load_photos, visualize
 
         model = load_fashion_vit(args.checkpoint)
+        scorer = learned_saliency(args.checkpoint)
         images, labels = load_fashion_mnist("test")
         photos = None if args.no_photos else load_photos()
-        path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos)
+        path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,
+                         scorer=scorer)
         print(f"wrote {path}")
     elif args.command == "train":
         import torch
@@ -243,7 +251,8 @@ def _run(args: argparse.Namespace) -> int:
 
                     try:
                         finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature,
-                                            self_distill=args.self_distill)
+                                            self_distill=args.self_distill, learned_saliency=args.learned_saliency,
+                                            scorer_lr_scale=args.scorer_lr_scale)
                     except ValueError as err:
                         raise UsageError(f"--finetune: {err}") from None
                 try:
@@ -259,6 +268,8 @@ def _run(args: argparse.Namespace) -> int:
                     raise UsageError(str(err)) from None
                 if finetune is None and args.self_distill:
                     raise UsageError("--self-distill applies to --finetune only")
+                if finetune is None and args.learned_saliency:
+                    raise UsageError("--learned-saliency applies to --finetune only")
                 if finetune is not None and args.teacher_epochs:
                     raise UsageError("--finetune uses no teacher; drop --teacher-epochs")
                 if args.init is not None and finetune is not None:

@@ -102,6 +102,9 @@ def test_train_vision_teacher_and_seed_are_validated_before_any_work(refused):
     refused(["train", "vision", "--finetune", "ckpt", "--r-per-block", "8", "--teacher-epochs", "2",
             "--out", "unused"], "--teacher-epochs")
     refused(["train", "vision", "--self-distill", "0.5", "--out", "unused"], "--self-distill applies to --finetune")
+    refused(["train", "vision", "--learned-saliency", "--out", "unused"], "--learned-saliency applies to --finetune")
+    refused(["train", "vision", "--finetune", "ckpt", "--method", "tome", "--r-per-block", "8", "--learned-saliency",
+             "--out", "unused"], "learned saliency needs method 'quickmerge'")
 
 
 @pytest.mark.parametrize("argv", [

@@ -23,6 +23,7 @@ from ..data.fashion_mnist import normalize
 from ..distributed import Context
 from ..vision.image_budget import ImageBudget, bucketed_forward
 from ..vision.patch import patch
+from ..vision.token_scorer import TokenScorer
 from .journal import Journal
 
 
@@ -49,6 +50,7 @@ def evaluate_setting(
     timing_rounds: int,
     settings: dict[str, Any] | None = None,
     ctx: Context | None = None,
+    scorer: TokenScorer | None = None,
 ) -> dict[str, Any] | None:
     """Accuracy, speed-up and mean tokens of one setting (``method=None``: unpatched).
 
@@ -67,6 +69,8 @@ def evaluate_setting(
     device = next(model.parameters()).device
     settings = settings or {}
     options = {k: v for k, v in settings.items() if k not in ("label", "image_budget")}
+    if method == "quickmerge" and scorer is not None:  # a fine-tune's learned saliency, timed with the rest
+        options["scorer"] = scorer
     handle = patch(model, r=r, method=method, **options) if method is not None else None
     budget = ImageBudget(**settings["image_budget"]) if "image_budget" in settings else None
 
@@ -135,9 +139,11 @@ def run_vision_eval(
     timing_rounds: int = 5,
     journal: Journal | None = None,
     ctx: Context | None = None,
+    scorer: TokenScorer | None = None,
 ) -> list[dict[str, Any]] | None:
     """Unpatched first, then every (method, r, settings) of ``sweep``; a progress bar over settings.
 
+    ``scorer``: the learned saliency of a fine-tuned checkpoint, used by every QuickMerge++ setting.
     With a ``journal``, each finished setting is on disk at once and settings already there are
     not run again. Returns the rows on rank 0, None on the other ranks.
     """
@@ -155,7 +161,7 @@ def run_vision_eval(
             continue
         bar.set_postfix(method=method or "none", r=str(r))
         row = evaluate_setting(model, reference, images, labels, method=method, r=r, batch_size=batch_size,
-                               timing_rounds=timing_rounds, settings=settings, ctx=ctx)
+                               timing_rounds=timing_rounds, settings=settings, ctx=ctx, scorer=scorer)
         if row is not None and journal is not None:
             journal.add(key, row)
         rows.append(row)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from ..cli_types import positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
 from ..vision.token_merge import METHODS
+from ..vision.token_scorer import FILENAME as SCORER_FILE
+from ..vision.token_scorer import TokenScorer
 from .journal import Journal, code_fingerprint
 
 DEFAULT_R = (16, 24, 32, 40, 48)  # r = 48 passes 2x the unpatched throughput on the shipped ViT
@@ -38,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
     parser.add_argument("--timing-rounds", type=positive_int, default=5, help="alternating timings per setting")
-    parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json")
+    parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and "
+                        "token_scorer.safetensors after a --learned-saliency fine-tune: QuickMerge++ rows then use it)")
     parser.add_argument("--out", default="results/vision", help="output prefix (.json and .png are added)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
 
@@ -125,6 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
+    scorer = learned_saliency(args.checkpoint)
     check_r_values(args, model.patch_embed.num_patches)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
@@ -137,7 +142,7 @@ def run(args: argparse.Namespace) -> dict:
         sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
                             args.matching, len(model.blocks))
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
-                               timing_rounds=args.timing_rounds, journal=journal, ctx=ctx)
+                               timing_rounds=args.timing_rounds, journal=journal, ctx=ctx, scorer=scorer)
     finally:
         ctx.close()
     if rows is None:
@@ -150,8 +155,8 @@ def run(args: argparse.Namespace) -> dict:
         "quickmerge_per_image_vs_tome": compare_at_tome_speeds(rows, "quickmerge-per-image"),
         "quickmerge_per_image_vs_constant": compare_at_tome_speeds(rows, "quickmerge-per-image", "quickmerge"),
         "block_attention_perplexity": perplexity,
-        "config": {**vars(args), "processes": ctx.world, "torch": torch.__version__,
-                   "threads": torch.get_num_threads(), "platform": platform.platform(),
+        "config": {**vars(args), "learned_saliency": scorer is not None, "processes": ctx.world,
+                   "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
                    "versions": installed_versions()},
     }
     title = f"Fashion-MNIST ViT, {len(images)} test images"
@@ -159,6 +164,15 @@ def run(args: argparse.Namespace) -> dict:
     print(format_table(rows))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def learned_saliency(checkpoint: str | None) -> TokenScorer | None:
+    """The learned saliency saved beside a fine-tuned ``checkpoint`` (announced on stderr), or None."""
+    if checkpoint is None or not TokenScorer.saved_in(checkpoint):
+        return None
+    scorer = TokenScorer.load(checkpoint)
+    print(f"QuickMerge++ merges with the learned saliency in {Path(checkpoint) / SCORER_FILE}", file=sys.stderr)
+    return scorer
 
 
 def check_r_values(args: argparse.Namespace, num_tokens: int) -> None:
@@ -181,7 +195,9 @@ def journal_config(args: argparse.Namespace) -> dict:
     from ..pretrained.fashion_vit import ASSET_DIR
 
     weights = Path(args.checkpoint or ASSET_DIR) / "model.safetensors"
+    scorer = Path(args.checkpoint or ASSET_DIR) / SCORER_FILE
     return {"protocol": "vision", "weights": sha256(weights) if weights.is_file() else str(weights),
+            "scorer": sha256(scorer) if scorer.is_file() else None,
             "images": args.images, "batch_size": args.batch_size, "timing_rounds": args.timing_rounds,
             "threads": args.threads, "torch": torch.__version__, "code": code_fingerprint()}
 

@@ -36,8 +36,11 @@ from .token_merge import (
     quickmerge_bipartite_assign,
     random_assign,
     relaxed_bipartite_merge,
+    removal_penalty,
     tome_assign,
 )
+from .token_scorer import ATTRIBUTE as _SCORER_ATTR
+from .token_scorer import TokenScorer
 
 _HANDLE_ATTR = "_quickmerge_handle"
 
@@ -105,6 +108,7 @@ class MergeHandle:
         self.matching = "bipartite"
         self.epsilon = 1.0
         self.temperature: float | None = None
+        self.scorer: TokenScorer | None = None
         self.prop_attn = True
         self.trace_source = False
         self.size_weighted_pool = True
@@ -233,18 +237,19 @@ class MergeHandle:
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
+            keep = self.scorer(layer, x[:, p:]) if self.scorer is not None else None
             if self.epsilon < 1.0:
                 weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
             if self.temperature is not None and self.matching == "bipartite" and self.model.training \
                     and torch.is_grad_enabled():
-                penalty = self.saliency_weight * rank01(sal)
+                penalty = removal_penalty(sal, self.saliency_weight, keep)
                 merged, dst = relaxed_bipartite_merge(x[:, p:], weight, metric, penalty, r, self.temperature,
                                                       self.generator)
                 return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
-                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight)
+                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep)
             else:
-                dst = quickmerge_assign(metric, sal, r, self.saliency_weight)
+                dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep)
         elif self.method == "tome":
             dst = tome_assign(metric, r)
         elif self.method == "random":
@@ -291,6 +296,8 @@ class MergeHandle:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self.scorer is not None and self.model._modules.get(_SCORER_ATTR) is self.scorer:
+            del self.model._modules[_SCORER_ATTR]
         if getattr(self.model, _HANDLE_ATTR, None) is self:
             delattr(self.model, _HANDLE_ATTR)
 
@@ -320,6 +327,7 @@ def patch(
     matching: str = "bipartite",
     epsilon: float = 1.0,
     temperature: float | None = None,
+    scorer: TokenScorer | None = None,
     seed: int = 0,
 ) -> MergeHandle:
     """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
@@ -356,6 +364,9 @@ def patch(
             with Gumbel noise of this scale and passes gradients through the relaxed K-hot
             removal mask (:func:`~quickmerge.vision.token_merge.relaxed_bipartite_merge`);
             evaluation stays hard and noise-free. None (default): always hard.
+        scorer: a learned saliency (:class:`~quickmerge.vision.token_scorer.TokenScorer`, one weight row per
+            block) whose keep scores protect tokens under ``method="quickmerge"``; registered as
+            ``model.quickmerge_scorer`` (moved to the model's device) until unpatched, so it trains with the model.
         seed: seed of the random method's (and the Gumbel noise's) generator.
     Raises:
         TypeError if the model is of no supported family or already patched; ValueError on bad settings.
@@ -383,6 +394,13 @@ def patch(
     if type(model).__name__ not in adapter.tested_classes:
         warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.tested_classes}; "
                       "check its outputs with r=0 against the unpatched model", stacklevel=2)
+    if scorer is not None:
+        if not isinstance(scorer, TokenScorer):
+            raise TypeError(f"scorer must be a quickmerge.vision.TokenScorer, got {type(scorer).__name__}")
+        if scorer.num_layers != len(blocks):
+            raise ValueError(f"scorer has {scorer.num_layers} layers, the model {len(blocks)} blocks")
+        if hasattr(model, _SCORER_ATTR):
+            raise TypeError(f"{type(model).__name__} already has an attribute {_SCORER_ATTR!r}")
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source,
                      size_weighted_pool=size_weighted_pool, saliency=saliency,
@@ -391,6 +409,10 @@ def patch(
     if ratio is not None:
         handle.ratio = ratio
     handle._hooks = adapter.attach(model, blocks, handle)  # may still refuse, before it registers anything
+    if scorer is not None:
+        param = next(model.parameters(), None)
+        model.add_module(_SCORER_ATTR, scorer.to(param.device) if param is not None else scorer)
+        handle.scorer = scorer
     guard_hooks()  # a graph compiled before this patch must not run the patched model (compile_guard.py)
     setattr(model, _HANDLE_ATTR, handle)
     return handle

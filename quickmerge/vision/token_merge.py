@@ -58,24 +58,34 @@ def attention_saliency(
     return received / weight.sum(dim=(1, 2))[:, None]
 
 
-def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float) -> Tensor:
-    """Bipartite variant: ToMe's alternating sets, each edge score lowered by the source's saliency rank."""
-    return bipartite_round(metric, r, penalty=saliency_weight * rank01(saliency))
+def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float,
+                                keep_score: Tensor | None = None) -> Tensor:
+    """Bipartite variant: ToMe's alternating sets, each edge score lowered by the source's saliency rank
+    (and by a learned ``keep_score [B, n]``, :class:`~quickmerge.vision.token_scorer.TokenScorer`'s, if given)."""
+    return bipartite_round(metric, r, penalty=removal_penalty(saliency, saliency_weight, keep_score))
+
+
+def removal_penalty(saliency: Tensor, saliency_weight: float, keep_score: Tensor | None = None) -> Tensor:
+    """``[B, n]`` protection of each token from being merged away: weighted saliency rank plus learned score."""
+    penalty = saliency_weight * rank01(saliency)
+    return penalty if keep_score is None else penalty + keep_score
 
 
 def quickmerge_assign(
-    metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, *, return_removed: bool = False
+    metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, *, return_removed: bool = False,
+    keep_score: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """QuickMerge++ grouping: ``dst [B, n]`` into ``n - r`` groups (kept tokens in order).
 
-    With ``return_removed``, also the indices ``[B, r]`` of the tokens merged into others.
+    With ``return_removed``, also the indices ``[B, r]`` of the tokens merged into others;
+    ``keep_score [B, n]`` (learned) lowers a token's removal score further.
     """
     b, n, _ = metric.shape
     mn = F.normalize(metric.float(), dim=-1)
     sim = torch.matmul(mn, mn.transpose(1, 2))
     sim.diagonal(dim1=1, dim2=2).fill_(-2.0)
     redundancy, nearest = sim.max(dim=-1)
-    removal = redundancy - saliency_weight * rank01(saliency)
+    removal = redundancy - removal_penalty(saliency, saliency_weight, keep_score).float()
     # of two tokens that are each other's nearest, only the one more worth removing may go
     partner = removal.gather(1, nearest)
     index = torch.arange(n, device=metric.device)

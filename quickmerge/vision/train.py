@@ -38,6 +38,8 @@ from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
 from ..distributed import Context
 from ..pretrained.fashion_vit import DEFAULT_CONFIG, build_vit
 from ..training_state import load_training_state, save_training_state
+from .token_scorer import ATTRIBUTE as SCORER_ATTRIBUTE
+from .token_scorer import TokenScorer
 
 HELD_OUT = 5_000
 DEFAULT_OUT = Path("results") / "fashion_vit"
@@ -78,7 +80,10 @@ class FineTune:
     block, or ``ratio`` of the patch tokens left after the last block. ``self_distill``: share of
     the loss that matches the predictions of the starting checkpoint run without merging (a frozen
     copy; KL divergence on the same augmented images), the rest label-smoothed cross-entropy; 0:
-    labels only.
+    labels only. ``learned_saliency`` (quickmerge only): also learn a keep score per block
+    (:class:`~quickmerge.vision.token_scorer.TokenScorer`, zero at the start), saved beside the
+    model as ``token_scorer.safetensors``; it learns at ``scorer_lr_scale`` times the learning rate
+    (it starts from zero).
     """
 
     checkpoint: str
@@ -88,10 +93,18 @@ class FineTune:
     temperature_start: float = 1.0
     temperature_end: float = 0.05
     self_distill: float = 0.0
+    learned_saliency: bool = False
+    scorer_lr_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in ("quickmerge", "tome"):
             raise ValueError(f"finetune method must be 'quickmerge' or 'tome', got {self.method!r}")
+        if not 0 < self.scorer_lr_scale < math.inf:
+            raise ValueError(f"scorer_lr_scale must be a finite number > 0, got {self.scorer_lr_scale}")
+        if self.scorer_lr_scale != 1.0 and not self.learned_saliency:
+            raise ValueError("scorer_lr_scale applies to a learned saliency only (learned_saliency=True)")
+        if self.learned_saliency and self.method != "quickmerge":
+            raise ValueError(f"a learned saliency needs method 'quickmerge', got {self.method!r}")
         if not 0.0 <= self.self_distill <= 1.0:
             raise ValueError(f"self_distill must lie in [0, 1], got {self.self_distill}")
         if (self.r is None) == (self.ratio is None):
@@ -110,7 +123,8 @@ class FineTune:
         """Patch ``model`` with this merging (the differentiable path only for the trained copy)."""
         from .patch import patch
 
-        handle = patch(model, r=self.r or 0, method=self.method,
+        scorer = TokenScorer(len(model.blocks), model.embed_dim) if self.learned_saliency else None
+        handle = patch(model, r=self.r or 0, method=self.method, scorer=scorer,
                        temperature=self.temperature_start if train and self.method == "quickmerge" else None)
         if self.ratio is not None:
             handle.ratio = self.ratio
@@ -199,14 +213,19 @@ def train_teacher(
     return teacher.eval()
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _param_groups(model: nn.Module, weight_decay: float, lr: float, scorer_lr: float) -> list[dict[str, Any]]:
     def decays(name: str, p: torch.Tensor) -> bool:  # weight matrices only; not norms, biases, embeddings
         return p.ndim >= 2 and "pos_embed" not in name and "cls_token" not in name and "reg_token" not in name
 
-    return [
-        {"params": [p for n, p in model.named_parameters() if decays(n, p)], "weight_decay": weight_decay},
-        {"params": [p for n, p in model.named_parameters() if not decays(n, p)], "weight_decay": 0.0},
+    named = [(n, p) for n, p in model.named_parameters() if not n.startswith(f"{SCORER_ATTRIBUTE}.")]
+    groups = [
+        {"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay, "lr": lr},
+        {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0, "lr": lr},
     ]
+    scorer = getattr(model, SCORER_ATTRIBUTE, None)  # a learned saliency, patched in by the fine-tune
+    if scorer is not None:
+        groups.append({"params": list(scorer.parameters()), "weight_decay": 0.0, "lr": scorer_lr})
+    return groups
 
 
 def train(
@@ -257,7 +276,8 @@ def train(
     handle = finetune.patch(model, train=True) if finetune is not None else None
     if finetune is not None and ema is not None:
         finetune.patch(ema, train=False)
-    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    scorer_lr = recipe.lr * (finetune.scorer_lr_scale if finetune is not None else 1.0)
+    opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay, recipe.lr, scorer_lr), lr=recipe.lr)
     steps_per_epoch = len(tr_x) // recipe.batch_size
     total = recipe.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -363,8 +383,12 @@ def train(
         "test_accuracy": accuracy(final, te_x, te_y),
     }
     out.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()}
+    scorer = getattr(final, SCORER_ATTRIBUTE, None)  # saved apart: the model file stays a plain ViT
+    state_dict = {k: v.detach().contiguous().cpu() for k, v in final.state_dict().items()
+                  if not k.startswith(f"{SCORER_ATTRIBUTE}.")}
     st.save_file(state_dict, str(out / "model.safetensors"))
+    if scorer is not None:
+        scorer.save(out)
     write_text_atomic(out / "config.json", json.dumps(summary, indent=2) + "\n")
     write_text_atomic(out / "train_log.json", json.dumps(log, indent=2) + "\n")
     checkpoint.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from .._optional import require
 from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
 from ..errors import MissingExtraError
 from .patch import patch
+from .token_scorer import TokenScorer
 
 PHOTOS = ("chelsea.png", "coffee.png", "astronaut.png", "rocket.jpg")
 
@@ -82,10 +83,11 @@ def draw_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, path: str, *, r: int = 24,
-              photos: list[np.ndarray] | None = None) -> str:
+              photos: list[np.ndarray] | None = None, scorer: TokenScorer | None = None) -> str:
     """Write a PNG: per image, the input and the groups of QuickMerge++ and ToMe-style at ``r``.
 
-    ``fashion``: uint8 ``[B, 1, 28, 28]`` test images; ``photos``: RGB arrays (optional).
+    ``fashion``: uint8 ``[B, 1, 28, 28]`` test images; ``photos``: RGB arrays (optional);
+    ``scorer``: a fine-tune's learned saliency, used by QuickMerge++.
     """
     plt = require("matplotlib.pyplot", "plot", "quickmerge visualize")
     grid = 28 // int(model.patch_embed.patch_size[0])
@@ -98,7 +100,8 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
         shown.append(photo)
         titles.append("photo (model sees 28x28 grey)")
     batch = torch.stack(inputs)
-    columns = [("QuickMerge++", {"method": "quickmerge"}), ("ToMe-style", {"method": "tome"})]
+    ours = "QuickMerge++" if scorer is None else "QuickMerge++ (learned)"
+    columns = [(ours, {"method": "quickmerge", "scorer": scorer}), ("ToMe-style", {"method": "tome"})]
     maps = {name: source_groups(model, batch, grid, r=r, **cfg) for name, cfg in columns}
     fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.5 * len(shown)))
     axes = np.atleast_2d(axes)

@@ -58,3 +58,43 @@ def test_greedy_eval_vision_runs_past_the_cap_end_to_end(tiny_vit_dir, tmp_path,
         assert rows[method]["settings"]["matching"] == "greedy"
         assert rows[method]["mean_tokens_per_layer"] < bipartite_fewest
     assert json.loads((tmp_path / "greedy.json").read_text())["config"]["matching"] == "greedy"
+
+
+def test_a_checkpoint_with_a_learned_saliency_merges_with_it_in_quickmerge_rows_only(tiny_vit_dir, tmp_path,
+                                                                                    monkeypatch, capsys):
+    import shutil
+
+    import torch
+
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision as vision_eval
+    from quickmerge.eval import vision_cli
+    from quickmerge.vision import TokenScorer
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    checkpoint = tmp_path / "finetuned"
+    shutil.copytree(tiny_vit_dir, checkpoint)
+    saved = TokenScorer(3, json.loads((checkpoint / "config.json").read_text())["model"]["embed_dim"])
+    with torch.no_grad():
+        saved.weight.normal_(generator=torch.Generator().manual_seed(0))
+    saved.save(checkpoint)
+    calls = []  # (method, scorer weights or None) of every patch the eval makes
+    real_patch = vision_eval.patch
+
+    def spy(model, r=0, *, method="quickmerge", scorer=None, **kw):
+        calls.append((method, None if scorer is None else scorer.weight.detach().clone()))
+        return real_patch(model, r, method=method, scorer=scorer, **kw)
+
+    monkeypatch.setattr(vision_eval, "patch", spy)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    args = build_parser().parse_args(
+        ["eval", "vision", "--checkpoint", str(checkpoint), "--images", "64", "--batch-size", "64", "--r-values", "8",
+         "--methods", "quickmerge", "tome", "--schedules", "constant", "--timing-rounds", "1", "--threads", "1",
+         "--out", str(tmp_path / "learned")])
+    results = vision_cli.run(args)
+    used = {method: weight for method, weight in calls if method in ("quickmerge", "tome")}
+    assert torch.equal(used["quickmerge"], saved.weight) and used["tome"] is None
+    assert results["config"]["learned_saliency"] is True
+    assert "learned saliency" in capsys.readouterr().err

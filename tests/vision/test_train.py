@@ -173,6 +173,47 @@ def test_self_distillation_matches_the_unmerged_starting_model(tmp_path, monkeyp
         train_module.FineTune(str(tmp_path / "base"), "tome", r=8, self_distill=1.5)
 
 
+def test_a_learned_saliency_trains_through_the_relaxed_merge_and_is_saved_beside_the_model(tmp_path):
+    from quickmerge.pretrained.fashion_vit import load_fashion_vit
+    from quickmerge.vision import TokenScorer, patch
+    from quickmerge.vision import train as train_module
+
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0, lr=1e-2)
+    config = {**CONFIG, "depth": 2}
+    train(tmp_path / "base", recipe=recipe, config=config, data=data, test=test)
+    ft = train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=8, learned_saliency=True)
+    summary = train(tmp_path / "ft", recipe=recipe, config=config, data=data, test=test, finetune=ft)
+    scorer = TokenScorer.load(tmp_path / "ft")
+    assert scorer.weight.shape == (2, config["embed_dim"]) and scorer.weight.abs().sum() > 0  # it learned
+    model = load_fashion_vit(tmp_path / "ft")  # the model file is a plain ViT
+    assert not any(k.startswith("quickmerge_scorer") for k in model.state_dict())
+    # the saved test accuracy is the one of the model merging with its scorer, not without
+    from quickmerge.vision.train import accuracy
+
+    with patch(model, r=8, scorer=scorer):
+        assert "quickmerge_scorer.weight" in model.state_dict()
+        with_scorer = accuracy(model, *test)
+    assert not hasattr(model, "quickmerge_scorer")  # unpatched: gone again
+    assert summary["test_accuracy"] == pytest.approx(with_scorer)
+    # the scorer learns in a group of its own, at its own rate and without weight decay
+    from quickmerge.vision.train import _param_groups
+
+    with patch(model, r=8, scorer=scorer):
+        groups = _param_groups(model, 0.05, 1e-3, 0.1)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 0.1] and groups[2]["weight_decay"] == 0.0
+    assert groups[2]["params"] == [scorer.weight, scorer.bias]
+    assert sum(len(g["params"]) for g in groups[:2]) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match="scorer_lr_scale must be a finite number > 0"):
+        train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=8, learned_saliency=True, scorer_lr_scale=0)
+    with pytest.raises(ValueError, match="applies to a learned saliency only"):
+        train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=8, scorer_lr_scale=10)
+    with pytest.raises(ValueError, match="learned saliency needs method 'quickmerge'"):
+        train_module.FineTune(str(tmp_path / "base"), "tome", r=8, learned_saliency=True)
+    with pytest.raises(FileNotFoundError, match=r"token_scorer\.safetensors"):
+        TokenScorer.load(tmp_path / "base")
+
+
 def test_a_warm_restart_starts_from_the_given_weights(tmp_path):
     data, test = (synthetic(0), synthetic(1)), synthetic(2)
     recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
