@@ -5,7 +5,9 @@ paired per image (95% bootstrap intervals of accuracy differences, in points), a
 at one speed-up (``--at``, default 2x: each curve's per-image hits interpolated linearly between
 its two bracketing r). Speed-ups are not measured here: a fine-tuned model has the reference's
 architecture, so at equal r it runs at the speed-up `quickmerge eval vision` measured for that
-method and r in the ``--speedups`` run.
+method and r in the ``--speedups`` run (a learned saliency makes the merge step dearer:
+BENCHMARKS.md). A checkpoint holding ``token_scorer.safetensors`` (a ``--learned-saliency``
+fine-tune) merges with its learned saliency under QuickMerge++.
 
     python benchmarks/vision_finetune.py --quickmerge results/ft_qm_r40 --tome results/ft_tome_r40 \
         --control results/ft_none --r 40 48 --speedups results/vision_full.json --out docs/results/issue11/finetune_r40
