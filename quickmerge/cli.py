@@ -227,7 +227,7 @@ def _run(args: argparse.Namespace) -> int:
         from .vision.visualize import load_photos, visualize
 
         model = load_fashion_vit(args.checkpoint)
-        scorer = learned_saliency(args.checkpoint)
+        scorer = learned_saliency(args.checkpoint, model)
         images, labels = load_fashion_mnist("test")
         photos = None if args.no_photos else load_photos()
         path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
-    scorer = learned_saliency(args.checkpoint)
+    scorer = learned_saliency(args.checkpoint, model)
     check_r_values(args, model.patch_embed.num_patches)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
@@ -166,11 +166,15 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
-def learned_saliency(checkpoint: str | None) -> TokenScorer | None:
-    """The learned saliency saved beside a fine-tuned ``checkpoint`` (announced on stderr), or None."""
+def learned_saliency(checkpoint: str | None, model: torch.nn.Module) -> TokenScorer | None:
+    """The learned saliency saved beside a fine-tuned ``checkpoint`` for its ``model`` (announced on stderr), or None;
+    one that does not fit the model is refused before any work."""
     if checkpoint is None or not TokenScorer.saved_in(checkpoint):
         return None
     scorer = TokenScorer.load(checkpoint)
+    if (scorer.num_layers, scorer.dim) != (len(model.blocks), model.embed_dim):
+        raise UsageError(f"--checkpoint: {SCORER_FILE} holds a scorer for {scorer.num_layers} blocks of width "
+                         f"{scorer.dim}, the model has {len(model.blocks)} of width {model.embed_dim}")
     print(f"QuickMerge++ merges with the learned saliency in {Path(checkpoint) / SCORER_FILE}", file=sys.stderr)
     return scorer
 

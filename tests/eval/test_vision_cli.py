@@ -68,6 +68,7 @@ def test_a_checkpoint_with_a_learned_saliency_merges_with_it_in_quickmerge_rows_
 
     from quickmerge.cli import build_parser
     from quickmerge.data import fashion_mnist
+    from quickmerge.errors import UsageError
     from quickmerge.eval import vision as vision_eval
     from quickmerge.eval import vision_cli
     from quickmerge.vision import TokenScorer
@@ -98,3 +99,7 @@ def test_a_checkpoint_with_a_learned_saliency_merges_with_it_in_quickmerge_rows_
     assert torch.equal(used["quickmerge"], saved.weight) and used["tome"] is None
     assert results["config"]["learned_saliency"] is True
     assert "learned saliency" in capsys.readouterr().err
+    TokenScorer(2, saved.dim).save(checkpoint)  # a scorer of another model: refused before any image is read
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", lambda *a: pytest.fail("read the data first"))
+    with pytest.raises(UsageError, match="scorer for 2 blocks"):
+        vision_cli.run(args)
