@@ -2,10 +2,11 @@
 
 QuickMerge++'s differentiable merge passes gradients through its relaxed K-hot removal mask
 (:func:`~quickmerge.vision.token_merge.relaxed_bipartite_merge`). With a :class:`TokenScorer`
-patched in, each block adds ``w_l . LayerNorm(x_i) + b_l`` to token i's protection from being
-merged away (the same place as the saliency-rank penalty), so the fine-tune learns which tokens
-to keep, not only the keys that decide the matches. The weights start at zero: an untrained
-scorer changes nothing. Training mode, evaluation and the hard merge all use it.
+patched in, each block adds ``w_l . LayerNorm(x_i)`` to token i's protection from being merged
+away (the same place as the saliency-rank penalty), so the fine-tune learns which tokens to keep,
+not only the keys that decide the matches. The weights start at zero: an untrained scorer
+changes nothing. There is no bias: a score added to every token alike changes no merge (and the
+relaxed mask, centred at the K-th score, gives it no gradient). Training mode, evaluation and the hard merge all use it.
 
     scorer = TokenScorer(num_layers=6, dim=128)
     quickmerge.patch(model, r=40, scorer=scorer)   # registered as model.quickmerge_scorer
@@ -34,7 +35,6 @@ class TokenScorer(nn.Module):
         if num_layers < 1 or dim < 1:
             raise ValueError(f"TokenScorer needs num_layers >= 1 and dim >= 1, got {num_layers}, {dim}")
         self.weight = nn.Parameter(torch.zeros(num_layers, dim))
-        self.bias = nn.Parameter(torch.zeros(num_layers))
 
     @property
     def num_layers(self) -> int:
@@ -48,7 +48,7 @@ class TokenScorer(nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"TokenScorer was built for {self.dim} channels, got tokens of {x.shape[-1]}")
         h = F.layer_norm(x.float(), (self.dim,))  # the residual stream's scale grows with depth
-        return h @ self.weight[layer].float() + self.bias[layer].float()
+        return h @ self.weight[layer].float()
 
     def save(self, directory: str | Path) -> Path:
         """Write ``token_scorer.safetensors`` into ``directory``; returns its path."""

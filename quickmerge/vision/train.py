@@ -82,8 +82,7 @@ class FineTune:
     copy; KL divergence on the same augmented images), the rest label-smoothed cross-entropy; 0:
     labels only. ``learned_saliency`` (quickmerge only): also learn a keep score per block
     (:class:`~quickmerge.vision.token_scorer.TokenScorer`, zero at the start), saved beside the
-    model as ``token_scorer.safetensors``; it learns at ``scorer_lr_scale`` times the learning rate
-    (it starts from zero).
+    model as ``token_scorer.safetensors``; it learns at ``scorer_lr_scale`` times the learning rate.
     """
 
     checkpoint: str

@@ -65,7 +65,7 @@ def test_the_scorer_is_a_submodule_only_while_patched_and_is_checked(tmp_path):
     with torch.no_grad():
         scorer.weight.uniform_(-1, 1)
     with quickmerge.patch(vit, r=4, scorer=scorer):
-        assert set(vit.state_dict()) == keys | {"quickmerge_scorer.weight", "quickmerge_scorer.bias"}
+        assert set(vit.state_dict()) == keys | {"quickmerge_scorer.weight"}
         assert any(p is scorer.weight for p in vit.parameters())
     assert set(vit.state_dict()) == keys and not hasattr(vit, "quickmerge_scorer")
     scorer.save(tmp_path)

@@ -202,7 +202,7 @@ def test_a_learned_saliency_trains_through_the_relaxed_merge_and_is_saved_beside
     with patch(model, r=8, scorer=scorer):
         groups = _param_groups(model, 0.05, 1e-3, 0.1)
     assert [g["lr"] for g in groups] == [1e-3, 1e-3, 0.1] and groups[2]["weight_decay"] == 0.0
-    assert groups[2]["params"] == [scorer.weight, scorer.bias]
+    assert groups[2]["params"] == [scorer.weight]
     assert sum(len(g["params"]) for g in groups[:2]) == len(list(model.parameters()))
     with pytest.raises(ValueError, match="scorer_lr_scale must be a finite number > 0"):
         train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=8, learned_saliency=True, scorer_lr_scale=0)
