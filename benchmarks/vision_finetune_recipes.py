@@ -34,7 +34,7 @@ def main() -> None:
     recipes = []
     for item in args.recipes:
         label, sep, path = item.rpartition("=")  # a label may hold "=" ("r = 88"), a path rarely
-        if not sep or not Path(path).exists():
+        if not sep or not Path(path).is_file():
             ap.error(f"recipes: expected LABEL=SEEDS.json with an existing file, got {item!r}")
         recipes.append((label, difference_rows(json.loads(Path(path).read_text()), args.at)))
 
