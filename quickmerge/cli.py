@@ -222,12 +222,13 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise UsageError("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
-        from .eval.vision_cli import learned_saliency
+        from .eval.vision_cli import announce_fine_tuned_merging, learned_saliency
         from .pretrained.fashion_vit import load_fashion_vit
         from .vision.visualize import load_photos, visualize
 
         model = load_fashion_vit(args.checkpoint)
         scorer = learned_saliency(args.checkpoint, model)
+        announce_fine_tuned_merging(args.checkpoint)
         images, labels = load_fashion_mnist("test")
         photos = None if args.no_photos else load_photos()
         path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,

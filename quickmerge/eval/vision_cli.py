@@ -130,6 +130,7 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
     scorer = learned_saliency(args.checkpoint, model)
+    tuned_for = announce_fine_tuned_merging(args.checkpoint)
     check_r_values(args, model.patch_embed.num_patches)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
@@ -155,7 +156,8 @@ def run(args: argparse.Namespace) -> dict:
         "quickmerge_per_image_vs_tome": compare_at_tome_speeds(rows, "quickmerge-per-image"),
         "quickmerge_per_image_vs_constant": compare_at_tome_speeds(rows, "quickmerge-per-image", "quickmerge"),
         "block_attention_perplexity": perplexity,
-        "config": {**vars(args), "learned_saliency": scorer is not None, "processes": ctx.world,
+        "config": {**vars(args), "learned_saliency": scorer is not None,
+                   "fine_tuned_merging": tuned_for, "processes": ctx.world,
                    "torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform(),
                    "versions": installed_versions()},
     }
@@ -177,6 +179,19 @@ def learned_saliency(checkpoint: str | None, model: torch.nn.Module) -> TokenSco
                          f"{scorer.dim}, the model has {len(model.blocks)} of width {model.embed_dim}")
     print(f"QuickMerge++ merges with the learned saliency in {Path(checkpoint) / SCORER_FILE}", file=sys.stderr)
     return scorer
+
+
+def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
+    """Say on stderr which merging ``checkpoint`` was fine-tuned with (None: it was not); returns that setting."""
+    from ..pretrained.fashion_vit import fine_tuned_merging
+
+    setting = fine_tuned_merging(checkpoint)
+    if setting is not None:
+        budget = f"r = {setting['r']} per block" if setting.get("r") else f"ratio = {setting['ratio']}"
+        print(f"--checkpoint {checkpoint} was fine-tuned merging with {setting['method']} at {budget} (its "
+              "config.json): fine-tuning at a budget specialises a model to it, so rows at other settings, the "
+              "unmerged one included, measure it away from what it was tuned for", file=sys.stderr)
+    return setting
 
 
 def check_r_values(args: argparse.Namespace, num_tokens: int) -> None:

@@ -90,3 +90,15 @@ def load_fashion_vit(directory: str | Path | None = None) -> torch.nn.Module:
     if missing or unexpected:
         raise ValueError(f"{weights} does not match its config: missing {missing}, unexpected {unexpected}")
     return model.eval()
+
+
+def fine_tuned_merging(directory: str | Path | None) -> dict[str, Any] | None:
+    """How a checkpoint was fine-tuned with merging: its config's ``finetune`` entry (``method``, ``r`` per block
+    or ``ratio``, ...) when it merged, else None (the shipped reference, a plain or unmerged training run)."""
+    if directory is None:
+        return None
+    config_file = Path(directory) / "config.json"
+    finetune = json.loads(config_file.read_text()).get("finetune") if config_file.is_file() else None
+    if not finetune or not (finetune.get("r") or finetune.get("ratio")):
+        return None
+    return finetune

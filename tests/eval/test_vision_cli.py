@@ -103,3 +103,36 @@ def test_a_checkpoint_with_a_learned_saliency_merges_with_it_in_quickmerge_rows_
     monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", lambda *a: pytest.fail("read the data first"))
     with pytest.raises(UsageError, match="scorer for 2 blocks"):
         vision_cli.run(args)
+
+
+def test_a_checkpoint_fine_tuned_with_merging_is_announced_and_recorded(tiny_vit_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision_cli
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    assert vision_cli.announce_fine_tuned_merging(None) is None  # the shipped reference: nothing to say
+    assert vision_cli.announce_fine_tuned_merging(str(tiny_vit_dir)) is None  # a plain training run
+    checkpoint = tmp_path / "finetuned"
+    shutil.copytree(tiny_vit_dir, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    unmerged = {"checkpoint": "x", "method": "quickmerge", "r": 0, "ratio": None}  # fine-tuned without merging
+    (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": unmerged}))
+    assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) is None
+    assert capsys.readouterr().err == ""
+    (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": {**unmerged, "method": "tome", "r": 8}}))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    args = build_parser().parse_args(
+        ["eval", "vision", "--checkpoint", str(checkpoint), "--images", "32", "--batch-size", "32", "--r-values", "8",
+         "--methods", "tome", "--schedules", "constant", "--timing-rounds", "1", "--threads", "1",
+         "--out", str(tmp_path / "tuned")])
+    results = vision_cli.run(args)
+    assert "fine-tuned merging with tome at r = 8 per block" in capsys.readouterr().err
+    assert results["config"]["fine_tuned_merging"]["r"] == 8
+    ratio = {**unmerged, "r": None, "ratio": 0.5}
+    (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": ratio}))
+    assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == ratio
+    assert "with quickmerge at ratio = 0.5" in capsys.readouterr().err
