@@ -72,29 +72,29 @@ def summarise(rows: dict[tuple[str, int], dict[str, torch.Tensor]], rs: list[int
     return out
 
 
+LABELS = {"tome": ("ToMe-style", "C0"), "quickmerge": ("QuickMerge++ (constant r)", "C1"),
+          "quickmerge-entropy": ("QuickMerge++ entropy schedule", "C2"),
+          "quickmerge-per-image": ("QuickMerge++ per-image budgets", "C3")}
+
+
 def plot(summary: list[dict], path: str, title: str) -> None:
+    """Left: each row's mean KL against r (log scale); right: each QuickMerge++ row minus ToMe-style, paired CI."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {"tome": "ToMe-style", "quickmerge": "QuickMerge++ (constant r)",
-              "quickmerge-entropy": "QuickMerge++ entropy schedule", "quickmerge-per-image": "QuickMerge++ per-image"}
+    def bars(ax, pts, name, color):
+        ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], color=color, label=name, marker="o", ms=4, capsize=2,
+                    yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]])
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for key, name in labels.items():
-        pts = [(e["r"], e[key]["kl"]) for e in summary if key in e]
-        if pts:
-            left.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                          yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]],
-                          marker="o", ms=4, capsize=2, label=name)
-        if key == "tome":
-            continue
-        pts = [(e["r"], e[key]["minus_tome"]["kl"]) for e in summary if key in e and "minus_tome" in e[key]]
-        if pts:
-            right.errorbar([p[0] for p in pts], [p[1][0] for p in pts],
-                           yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]],
-                           marker="o", ms=4, capsize=2, label=name)
-    left.set(xlabel="tokens merged per block (r)", ylabel="KL(unmerged || merged), nats per image",
+    for key, (name, color) in LABELS.items():
+        if pts := [(e["r"], e[key]["kl"]) for e in summary if key in e]:
+            bars(left, pts, name, color)
+        if key != "tome" and (pts := [(e["r"], e[key]["minus_tome"]["kl"]) for e in summary if key in e]):
+            bars(right, pts, name, color)
+    left.set(xlabel="tokens merged per block (r)", ylabel="KL(unmerged || merged), nats per image", yscale="log",
              title="distance from the unmerged model's outputs")
     left.legend(fontsize=8)
     right.axhline(0, color="grey", lw=0.8)
@@ -106,6 +106,10 @@ def plot(summary: list[dict], path: str, title: str) -> None:
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
+def title(images: int) -> str:
+    return f"Fashion-MNIST ViT (90.85%), {images:,} test images, off the shelf"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--r", type=int, nargs="+", default=list(DEFAULT_R), help="tokens merged per block")
@@ -115,7 +119,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--out", default="results/vision_fidelity.json")
     parser.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plot from the JSON at --out")
     args = parser.parse_args()
+    png = args.plot or str(Path(args.out).with_suffix(".png"))
+    if args.replot:
+        saved = json.loads(Path(args.out).read_text())
+        plot(saved["by_r"], png, title(saved["images"]))
+        return
     if not 1 <= args.images <= 10_000:
         parser.error(f"--images must be in [1, 10000], got {args.images}")
     if not set(args.per_image_r) <= set(args.r):
@@ -153,8 +163,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    plot(summary, args.plot or str(Path(args.out).with_suffix(".png")),
-         f"Fashion-MNIST ViT (90.85%), {len(images)} test images, off the shelf")
+    plot(summary, png, title(len(images)))
     for e in summary:
         for key in ("quickmerge", "quickmerge-entropy", "quickmerge-per-image"):
             if key in e:

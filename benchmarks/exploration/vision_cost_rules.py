@@ -35,7 +35,7 @@ from vision_fidelity import log_probs, per_image
 
 module = sys.modules["quickmerge.vision.patch"]  # not the function quickmerge.vision exports under that name
 default_assign = module.quickmerge_bipartite_assign
-RULE: dict = {"cost": None, "ward": False, "handle": None}
+RULE: dict = {"cost": None, "ward": False, "metric": None, "handle": None, "x": None}
 
 
 def cost_assign(metric: torch.Tensor, saliency: torch.Tensor, r: int, c: float | None, ward: bool,
@@ -71,9 +71,15 @@ def cost_assign(metric: torch.Tensor, saliency: torch.Tensor, r: int, c: float |
 
 
 def dispatch(metric, saliency, r, saliency_weight, keep_score=None):
+    handle = RULE["handle"]
+    p = handle.num_prefix_tokens
+    if RULE["metric"] == "concat":  # every head's keys side by side instead of their mean
+        k = handle._pass.k
+        metric = F.normalize(k.float(), dim=-1).transpose(1, 2).flatten(2)[:, p:]
+    elif RULE["metric"] == "x":  # the residual stream that is merged
+        metric = RULE["x"][:, p:]
     if RULE["cost"] is None and not RULE["ward"]:
         return default_assign(metric, saliency, r, saliency_weight, keep_score)
-    handle = RULE["handle"]
     size = handle._pass.size  # sizes of the tokens entering this block's merge (None before any merge)
     size = None if size is None else size[:, handle.num_prefix_tokens:]
     return cost_assign(metric, saliency, r, RULE["cost"], RULE["ward"], size)
@@ -81,7 +87,7 @@ def dispatch(metric, saliency, r, saliency_weight, keep_score=None):
 
 module.quickmerge_bipartite_assign = dispatch
 
-RULES = [  # (label, method, cost c or None, Ward's size factor, patch options)
+RULES = [  # (label, method, cost c or None, Ward's size factor, patch options[, metric])
     ("tome", "tome", None, False, {}),
     ("quickmerge", "quickmerge", None, False, {}),
     ("weight 0", "quickmerge", None, False, {"saliency_weight": 0.0}),  # ToMe-style's matching, QuickMerge++'s code
@@ -94,16 +100,26 @@ RULES = [  # (label, method, cost c or None, Ward's size factor, patch options)
     ("ward cost c=8", "quickmerge", 8.0, True, {}),
     ("mass eps=0.5", "quickmerge", None, False, {"saliency_weight": 0.0, "epsilon": 0.5}),
 ]
+# part 3 (--set metrics): what the matching compares, with ToMe-style's rule (weight 0) or the best costs of part 2
+METRIC_RULES = [
+    ("tome", "tome", None, False, {}),
+    ("keys concat", "quickmerge", None, False, {"saliency_weight": 0.0}, "concat"),
+    ("hidden x", "quickmerge", None, False, {"saliency_weight": 0.0}, "x"),
+    ("keys concat cost c=2", "quickmerge", 2.0, False, {}, "concat"),
+    ("keys concat ward", "quickmerge", None, True, {}, "concat"),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--r", type=int, nargs="+", default=[16, 32, 48, 64, 88])
     ap.add_argument("--images", type=int, default=5000, help="the first N of the 5,000 held-out images")
-    ap.add_argument("--rules", nargs="+", default=[label for label, *_ in RULES])
+    ap.add_argument("--set", choices=("costs", "metrics"), default="costs", help="part 2's rules or part 3's")
+    ap.add_argument("--rules", nargs="+", default=None, help="labels of the set's rules to run (default: all)")
     ap.add_argument("--out", default="results/vision_cost_rules.json")
     args = ap.parse_args()
-    rules = [rule for rule in RULES if rule[0] in args.rules]
+    rules = [rule for rule in (RULES if args.set == "costs" else METRIC_RULES)
+             if args.rules is None or rule[0] in args.rules]
     torch.set_num_threads(2)
     model = load_fashion_vit().eval()
     _, (images, labels) = split_train_heldout()
@@ -113,12 +129,14 @@ def main() -> None:
         base = log_probs(model, images)
         for r in tqdm(args.r, desc="r"):
             rows = {}
-            for label, method, c, ward, options in rules:
-                RULE.update(cost=c, ward=ward)
+            for label, method, c, ward, options, *metric in rules:
+                RULE.update(cost=c, ward=ward, metric=metric[0] if metric else None)
                 with patch(model, r=r, method=method, **options) as handle:
                     RULE["handle"] = handle
+                    merge = handle.merge
+                    handle.merge = lambda layer, x, merge=merge: (RULE.update(x=x), merge(layer, x))[1]
                     rows[label] = per_image(log_probs(model, images, handle), base, labels)
-            RULE.update(cost=None, ward=False, handle=None)
+            RULE.update(cost=None, ward=False, metric=None, handle=None, x=None)
             for label, values in rows.items():
                 entry = {"r": r, "rule": label, "kl": bootstrap_mean(values["kl"].tolist()),
                          "top1": bootstrap_mean(values["top1"].tolist())}
