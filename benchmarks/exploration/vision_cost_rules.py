@@ -70,7 +70,7 @@ def cost_assign(metric: torch.Tensor, saliency: torch.Tensor, r: int, c: float |
     return dst
 
 
-def dispatch(metric, saliency, r, saliency_weight, keep_score=None):
+def dispatch(metric, saliency, r, saliency_weight, keep_score=None, rule="additive"):
     handle = RULE["handle"]
     p = handle.num_prefix_tokens
     if RULE["metric"] == "concat":  # every head's keys side by side instead of their mean
@@ -79,7 +79,7 @@ def dispatch(metric, saliency, r, saliency_weight, keep_score=None):
     elif RULE["metric"] == "x":  # the residual stream that is merged
         metric = RULE["x"][:, p:]
     if RULE["cost"] is None and not RULE["ward"]:
-        return default_assign(metric, saliency, r, saliency_weight, keep_score)
+        return default_assign(metric, saliency, r, saliency_weight, keep_score, rule)
     size = handle._pass.size  # sizes of the tokens entering this block's merge (None before any merge)
     size = None if size is None else size[:, handle.num_prefix_tokens:]
     return cost_assign(metric, saliency, r, RULE["cost"], RULE["ward"], size)
@@ -108,18 +108,26 @@ METRIC_RULES = [
     ("keys concat cost c=2", "quickmerge", 2.0, False, {}, "concat"),
     ("keys concat ward", "quickmerge", None, True, {}, "concat"),
 ]
+# part 4 (--set combined): the residual stream as the metric, with saliency by the part-2 rules that kept close
+COMBINED_RULES = [
+    ("tome", "tome", None, False, {}),
+    ("hidden x", "quickmerge", None, False, {"saliency_weight": 0.0}, "x"),
+    ("hidden x scaled c=8", "quickmerge", 8.0, False, {}, "x"),
+    ("hidden x additive 0.1", "quickmerge", None, False, {"saliency_weight": 0.1}, "x"),
+]
+
+SETS = {"costs": RULES, "metrics": METRIC_RULES, "combined": COMBINED_RULES}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--r", type=int, nargs="+", default=[16, 32, 48, 64, 88])
     ap.add_argument("--images", type=int, default=5000, help="the first N of the 5,000 held-out images")
-    ap.add_argument("--set", choices=("costs", "metrics"), default="costs", help="part 2's rules or part 3's")
+    ap.add_argument("--set", choices=tuple(SETS), default="costs", help="part 2's rules, part 3's or part 4's")
     ap.add_argument("--rules", nargs="+", default=None, help="labels of the set's rules to run (default: all)")
     ap.add_argument("--out", default="results/vision_cost_rules.json")
     args = ap.parse_args()
-    rules = [rule for rule in (RULES if args.set == "costs" else METRIC_RULES)
-             if args.rules is None or rule[0] in args.rules]
+    rules = [rule for rule in SETS[args.set] if args.rules is None or rule[0] in args.rules]
     torch.set_num_threads(2)
     model = load_fashion_vit().eval()
     _, (images, labels) = split_train_heldout()
