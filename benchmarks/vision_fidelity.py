@@ -22,12 +22,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from quickmerge.cli_types import non_negative_float
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
-from quickmerge.eval.vision_cli import build_sweep, calibrate, calibrate_image_budgets
+from quickmerge.eval.vision_cli import SCHEDULES, build_sweep, calibrate, calibrate_image_budgets, quickmerge_options
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.image_budget import ImageBudget, bucketed_forward
+from quickmerge.vision.token_merge import SALIENCY_RULES, SIMILARITIES
 
 METRICS = ("kl", "nll", "agreement", "top1")
 DEFAULT_R = (8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 98)
@@ -115,6 +117,12 @@ def main() -> None:
     parser.add_argument("--r", type=int, nargs="+", default=list(DEFAULT_R), help="tokens merged per block")
     parser.add_argument("--per-image-r", type=int, nargs="*", default=[16, 24, 32, 40, 48],
                         help="r values at which QuickMerge++'s per-image budgets run too")
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
+                        help="QuickMerge++ rows: constant r, entropy schedule, per-image budgets (at --per-image-r)")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys", help="QuickMerge++'s, as patch's")
+    parser.add_argument("--saliency-weight", type=non_negative_float, default=None, help="QuickMerge++'s, as patch's")
+    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+                        help="QuickMerge++'s, as patch's")
     parser.add_argument("--checkpoint", default=None, help="model directory (default: the shipped reference)")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--out", default="results/vision_fidelity.json")
@@ -128,19 +136,23 @@ def main() -> None:
         return
     if not 1 <= args.images <= 10_000:
         parser.error(f"--images must be in [1, 10000], got {args.images}")
-    if not set(args.per_image_r) <= set(args.r):
+    if "per-image" in args.schedules and not set(args.per_image_r) <= set(args.r):
         parser.error(f"--per-image-r {args.per_image_r} must be a subset of --r {args.r}")
     torch.set_num_threads(2)
     model = load_fashion_vit(args.checkpoint).eval()
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images].long()
     n = model.patch_embed.num_patches
-    sweep = build_sweep(["quickmerge", "tome"], args.r, ["constant", "entropy"], calibrate(model), n)
-    sweep = [(m, r, s, r_cost) for (m, r, s), r_cost in zip(sweep, [*args.r, *args.r, *args.r], strict=True)]
-    if args.per_image_r:
+    chosen = quickmerge_options(args)
+    entropy = "entropy" in args.schedules
+    sweep = build_sweep(["quickmerge", "tome"], args.r, ["constant", "entropy"] if entropy else ["constant"],
+                        calibrate(model) if entropy else None, n, quickmerge_options=chosen)
+    sweep = [(m, r, s, r_cost) for (m, r, s), r_cost in zip(sweep, args.r * (3 if entropy else 2), strict=True)]
+    if args.per_image_r and "per-image" in args.schedules:
         budgets = calibrate_image_budgets(model, args.per_image_r)
         sweep += [(m, r, s, r) for m, r, s in build_sweep(["quickmerge"], args.per_image_r, ["per-image"],
-                                                           num_tokens=n, image_budgets=budgets)
+                                                           num_tokens=n, image_budgets=budgets,
+                                                           quickmerge_options=chosen)
                   if s.get("label") == "quickmerge-per-image"]
     rows: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
     with torch.inference_mode():
@@ -155,6 +167,7 @@ def main() -> None:
     result = {
         "command": " ".join(["python", "benchmarks/vision_fidelity.py", *sys.argv[1:]]),
         "images": len(images),
+        "quickmerge_options": chosen,
         "unpatched_top1": float((base.argmax(-1) == labels).double().mean()),
         "metrics": {"kl": "KL(unmerged || merged), nats per image", "nll": "true-label cross-entropy, nats",
                     "agreement": "top-1 equal to the unmerged model's", "top1": "top-1 accuracy"},

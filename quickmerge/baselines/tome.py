@@ -16,7 +16,8 @@ from ..primitives import weighted_mean
 
 
 def bipartite_round(
-    metric: Tensor, r: int, *, protect_first: bool = False, penalty: Tensor | None = None
+    metric: Tensor, r: int, *, protect_first: bool = False, penalty: Tensor | None = None,
+    cost_scale: Tensor | None = None,
 ) -> Tensor:
     """One matching round: new index ``[B, T]`` in ``[0, T - r)`` of each of T tokens.
 
@@ -25,7 +26,10 @@ def bipartite_round(
         r: tokens to remove, ``0 <= r <= ceil(T / 2)``.
         protect_first: never merge token 0 (a class token).
         penalty: ``[B, T]`` subtracted from each token's best match score before the r
-            merges are chosen (QuickMerge++ passes saliency, so salient tokens stay).
+            merges are chosen (QuickMerge++'s additive rule passes saliency, so salient tokens stay).
+        cost_scale: ``[B, T]`` non-negative factors; when given, an edge's score is minus its cost
+            ``(1 - cos_ab) * (1 + cost_scale_a + cost_scale_b)``: each A token's partner is its
+            cheapest B token, the r cheapest edges merge (QuickMerge++'s scaled rule).
     """
     b, t, _ = metric.shape
     if r <= 0:
@@ -36,6 +40,9 @@ def bipartite_round(
     if r > ta:
         raise ValueError(f"r must be at most ceil(T/2)={ta}, got {r}")
     scores = torch.matmul(a, bset.transpose(1, 2))
+    if cost_scale is not None:
+        c = cost_scale.detach().to(scores.dtype)
+        scores = (scores - 1.0) * (1.0 + c[:, ::2, None] + c[:, None, 1::2])  # minus the edge cost
     if protect_first:
         scores[:, 0] = float("-inf")
     best, dst = scores.max(dim=-1)

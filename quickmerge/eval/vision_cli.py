@@ -11,10 +11,10 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..cli_types import positive_int
+from ..cli_types import non_negative_float, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
-from ..vision.token_merge import METHODS
+from ..vision.token_merge import METHODS, SALIENCY_RULES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal, code_fingerprint
@@ -37,6 +37,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "its tokens; greedy: no such cap, so r may pass half the patch tokens, and every "
                              "quickmerge, random and pool schedule (constant, entropy, per-image) runs down to a floor "
                              f"of {FLOOR} tokens (tome stays bipartite)")
+    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+                        help="how QuickMerge++'s saliency enters a bipartite edge (quickmerge.patch's saliency_rule): "
+                             "additive (default) or scaled (the measured weight 0.125; bipartite matching only)")
+    parser.add_argument("--saliency-weight", type=non_negative_float, default=None,
+                        help="QuickMerge++'s saliency weight (quickmerge.patch's saliency_weight; default: the "
+                             "rule's, 0.5 additive, 0.125 scaled; 0: no saliency in the matching)")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
+                        help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
+                             "as ToMe) or hidden (the residual stream that is merged)")
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
@@ -56,12 +65,15 @@ CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the spli
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
                 perplexity: list[float] | None = None, num_tokens: int = 196,
                 image_budgets: dict[int, dict] | None = None, matching: str = "bipartite",
-                num_layers: int | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
+                num_layers: int | None = None,
+                quickmerge_options: dict[str, Any] | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
     """(method, r, settings): constant r per method, then QuickMerge++'s entropy schedules and per-image budgets.
 
     ``image_budgets``: r -> :class:`~quickmerge.vision.image_budget.ImageBudget` dict, needed
     for the "per-image" schedule. ``matching="greedy"``: QuickMerge++ merges greedily, and every
     schedule except ToMe-style's runs as a per-block list down to :data:`FLOOR` tokens (``num_layers`` blocks).
+    ``quickmerge_options``: more :func:`~quickmerge.vision.patch.patch` settings of every QuickMerge++ row (only
+    those that differ from the defaults, so rows keep their journal keys), e.g. ``{"similarity": "hidden"}``.
     """
     from ..vision.budget import entropy_schedule, token_counts
 
@@ -69,11 +81,13 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
     greedy = matching == "greedy"
     if greedy and num_layers is None:
         raise ValueError("greedy schedules need the model's number of blocks")
-    options = {"matching": "greedy"} if greedy else {}
+    if greedy and (quickmerge_options or {}).get("saliency_rule", "additive") != "additive":
+        raise ValueError(f"saliency_rule {quickmerge_options['saliency_rule']!r} needs bipartite matching")
+    options = {"matching": "greedy", **(quickmerge_options or {})} if greedy else dict(quickmerge_options or {})
 
     def constant(method: str, r: int) -> tuple[str, Any, dict[str, Any]]:
         if not greedy or method == "tome":
-            return method, r, {}
+            return method, r, options if method == "quickmerge" else {}
         counts = token_counts(num_tokens, [float(r)] * num_layers, FLOOR, bipartite=False)
         return method, [counts[i] - counts[i + 1] for i in range(num_layers)], options if method == "quickmerge" else {}
 
@@ -127,9 +141,14 @@ def run(args: argparse.Namespace) -> dict:
 
     if not 1 <= args.images <= 10_000:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
+    if args.saliency_rule != "additive" and args.matching != "bipartite":
+        raise UsageError(f"--saliency-rule {args.saliency_rule} scales bipartite edges: use --matching bipartite")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
     scorer = learned_saliency(args.checkpoint, model)
+    if scorer is not None and args.saliency_rule != "additive":
+        raise UsageError(f"--checkpoint holds a learned saliency, trained with the additive rule; --saliency-rule "
+                         f"{args.saliency_rule} takes none")
     tuned_for = announce_fine_tuned_merging(args.checkpoint)
     check_r_values(args, model.patch_embed.num_patches)
     images, labels = load_fashion_mnist("test")
@@ -141,7 +160,7 @@ def run(args: argparse.Namespace) -> dict:
         perplexity = calibrate(model) if "entropy" in args.schedules else None
         budgets = calibrate_image_budgets(model, args.r, args.matching) if "per-image" in args.schedules else None
         sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
-                            args.matching, len(model.blocks))
+                            args.matching, len(model.blocks), quickmerge_options(args))
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
                                timing_rounds=args.timing_rounds, journal=journal, ctx=ctx, scorer=scorer)
     finally:
@@ -179,6 +198,14 @@ def learned_saliency(checkpoint: str | None, model: torch.nn.Module) -> TokenSco
                          f"{scorer.dim}, the model has {len(model.blocks)} of width {model.embed_dim}")
     print(f"QuickMerge++ merges with the learned saliency in {Path(checkpoint) / SCORER_FILE}", file=sys.stderr)
     return scorer
+
+
+def quickmerge_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The QuickMerge++ settings of the command line that differ from :func:`~quickmerge.vision.patch.patch`'s."""
+    chosen = {"saliency_rule": args.saliency_rule, "saliency_weight": args.saliency_weight,
+              "similarity": args.similarity}
+    defaults = {"saliency_rule": "additive", "saliency_weight": None, "similarity": "keys"}
+    return {k: v for k, v in chosen.items() if v != defaults[k]}
 
 
 def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:

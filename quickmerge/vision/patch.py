@@ -29,7 +29,9 @@ from .adapters import VisionAdapter, find_adapter, size_bias, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
+    SALIENCY_RULES,
     SALIENCY_SOURCES,
+    SIMILARITIES,
     attention_saliency,
     pool_assign,
     quickmerge_assign,
@@ -58,10 +60,14 @@ def _flag(name: str) -> Any:
     return check
 
 
+DEFAULT_SALIENCY_WEIGHT = {"additive": 0.5, "scaled": 0.125}  # per saliency rule (BENCHMARKS.md: issue 11)
+
 # Every setting of a handle, validated whenever it is assigned (``handle.method = "tome"``).
 _SETTINGS: dict[str, Any] = {
     "method": _choice("method", METHODS),
     "saliency": _choice("saliency", SALIENCY_SOURCES),
+    "saliency_rule": _choice("saliency_rule", SALIENCY_RULES),
+    "similarity": _choice("similarity", SIMILARITIES),
     "matching": _choice("matching", ("bipartite", "greedy")),
     "saliency_weight": lambda v: check_real(v, "saliency_weight", low=0.0, high=math.inf, low_open=False,
                                             high_open=True),
@@ -105,6 +111,8 @@ class MergeHandle:
         self.method = "quickmerge"
         self.saliency = "cls"
         self.saliency_weight = 0.5
+        self.saliency_rule = "additive"
+        self.similarity = "keys"
         self.matching = "bipartite"
         self.epsilon = 1.0
         self.temperature: float | None = None
@@ -155,7 +163,15 @@ class MergeHandle:
                 setattr(self, name, value)
             else:
                 raise TypeError(f"unknown setting {name!r}; settings: r, ratio, seed, {', '.join(_SETTINGS)}")
+        self.check_saliency_rule()
         return self
+
+    def check_saliency_rule(self) -> None:
+        """Refuse the scaled saliency rule where it is not implemented (greedy matching, the differentiable merge)."""
+        if self.saliency_rule == "scaled" and (self.matching != "bipartite" or self.temperature is not None):
+            raise ValueError("saliency_rule='scaled' scales bipartite edge costs in hard merges only: use it with "
+                             f"matching='bipartite' and temperature=None (got matching={self.matching!r}, "
+                             f"temperature={self.temperature!r})")
 
     def schedule(self, num_tokens: int) -> list[int]:
         """Requested r per block for inputs of ``num_tokens`` tokens (before per-layer caps)."""
@@ -233,7 +249,10 @@ class MergeHandle:
                 raise RuntimeError("the attention's keys were not captured; the adapter's hooks did not run")
             keys = st.k.contiguous()  # a strided view of qkv; one copy makes the reductions below ~3x faster
             metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
+            if self.method == "quickmerge" and self.similarity == "hidden":
+                metric = x[:, p:]  # [B, m, C] the residual stream that is about to be averaged
         if self.method == "quickmerge":
+            self.check_saliency_rule()  # settings may have changed one at a time since patch()
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
@@ -247,7 +266,7 @@ class MergeHandle:
                                                       self.generator)
                 return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
-                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep)
+                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep, self.saliency_rule)
             else:
                 dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep)
         elif self.method == "tome":
@@ -323,7 +342,9 @@ def patch(
     trace_source: bool = False,
     size_weighted_pool: bool = True,
     saliency: str = "cls",
-    saliency_weight: float = 0.5,
+    saliency_weight: float | None = None,
+    saliency_rule: str = "additive",
+    similarity: str = "keys",
     matching: str = "bipartite",
     epsilon: float = 1.0,
     temperature: float | None = None,
@@ -353,7 +374,15 @@ def patch(
             timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
             ``"queries"`` (16 queries spread over the image).
-        saliency_weight: how strongly saliency protects a token from being merged away.
+        saliency_weight: how strongly saliency protects a token from being merged away (default: 0.5 with
+            the additive rule, 0.125 with the scaled one, the weights measured).
+        saliency_rule: how saliency enters a bipartite edge: ``"additive"`` (default: the cosine similarity
+            minus ``saliency_weight`` times the source's saliency rank) or ``"scaled"`` (the dissimilarity
+            ``1 - cos`` times ``1 + saliency_weight * n * (s_a + s_b)``: a pair's cost grows with the attention
+            both receive, so near-duplicates merge even when salient; hard bipartite merges only).
+        similarity: what QuickMerge++'s matching compares by cosine: ``"keys"`` (default: the attention
+            keys averaged over heads, as ToMe) or ``"hidden"`` (the residual stream after attention, the
+            tokens that are averaged; measured closer to the unmerged model's outputs, BENCHMARKS.md).
         matching: ``"bipartite"`` (default: ToMe's alternating sets, each token's best-match
             score lowered by its saliency) or ``"greedy"`` (the r most redundant tokens join
             their nearest kept token; measured slightly worse, BENCHMARKS.md).
@@ -399,13 +428,18 @@ def patch(
             raise TypeError(f"scorer must be a quickmerge.vision.TokenScorer, got {type(scorer).__name__}")
         if scorer.num_layers != len(blocks):
             raise ValueError(f"scorer has {scorer.num_layers} layers, the model {len(blocks)} blocks")
+        if saliency_rule == "scaled":
+            raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
+                             "takes none")
         if hasattr(model, _SCORER_ATTR):
             raise TypeError(f"{type(model).__name__} already has an attribute {_SCORER_ATTR!r}")
+    if saliency_weight is None:
+        saliency_weight = DEFAULT_SALIENCY_WEIGHT.get(saliency_rule, 0.5)  # an unknown rule is refused below
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source,
                      size_weighted_pool=size_weighted_pool, saliency=saliency,
-                     saliency_weight=saliency_weight, matching=matching, epsilon=epsilon, temperature=temperature,
-                     seed=seed)
+                     saliency_weight=saliency_weight, saliency_rule=saliency_rule, similarity=similarity,
+                     matching=matching, epsilon=epsilon, temperature=temperature, seed=seed)
     if ratio is not None:
         handle.ratio = ratio
     handle._hooks = adapter.attach(model, blocks, handle)  # may still refuse, before it registers anything

@@ -27,6 +27,8 @@ from ..primitives import attention_received, focus, rank01
 
 METHODS = ("quickmerge", "tome", "random", "pool")
 SALIENCY_SOURCES = ("cls", "queries")
+SALIENCY_RULES = ("additive", "scaled")
+SIMILARITIES = ("keys", "hidden")
 
 
 def attention_saliency(
@@ -59,9 +61,21 @@ def attention_saliency(
 
 
 def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float,
-                                keep_score: Tensor | None = None) -> Tensor:
-    """Bipartite variant: ToMe's alternating sets, each edge score lowered by the source's saliency rank
-    (and by a learned ``keep_score [B, n]``, :class:`~quickmerge.vision.token_scorer.TokenScorer`'s, if given)."""
+                                keep_score: Tensor | None = None, rule: str = "additive") -> Tensor:
+    """Bipartite variant: ToMe's alternating sets, saliency entering each edge by ``rule``.
+
+    ``"additive"``: the edge's cosine similarity lowered by ``saliency_weight`` times the source's saliency rank (and
+    by a learned ``keep_score [B, n]``, :class:`~quickmerge.vision.token_scorer.TokenScorer`'s, if given).
+    ``"scaled"``: the edge's dissimilarity scaled by both ends' attention,
+    ``(1 - cos_ab) * (1 + w n (s_a + s_b))`` (``s`` sums to about 1 over the ``n`` tokens, so ``n s`` is 1 for a
+    token of average saliency): a merge costs what it changes in what the class token reads, so a salient pair
+    of near-duplicates may still merge. Measured closer to the unmerged model's outputs at large r (BENCHMARKS.md).
+    """
+    if rule == "scaled":
+        if keep_score is not None:
+            raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
+                             "takes none")
+        return bipartite_round(metric, r, cost_scale=saliency_weight * saliency.shape[1] * saliency.float())
     return bipartite_round(metric, r, penalty=removal_penalty(saliency, saliency_weight, keep_score))
 
 

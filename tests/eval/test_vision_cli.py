@@ -35,6 +35,28 @@ def test_greedy_sweep_runs_every_schedule_but_tomes_down_to_the_floor_past_the_c
         build_sweep(["quickmerge"], [40], matching="greedy")
 
 
+def test_quickmerge_options_of_the_command_line_reach_every_quickmerge_row_and_no_other():
+    budgets = {16: {"thresholds": [1.0], "r": [20, 12], "patch_size": 2}}
+    from quickmerge.cli import build_parser
+    from quickmerge.eval.vision_cli import quickmerge_options
+
+    chosen = quickmerge_options(build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled",
+                                                           "--similarity", "hidden", "--saliency-weight", "0"]))
+    assert chosen == {"saliency_rule": "scaled", "saliency_weight": 0.0, "similarity": "hidden"}
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["eval", "vision", "--saliency-weight", "-1"])
+    assert quickmerge_options(build_parser().parse_args(["eval", "vision"])) == {}  # defaults: rows keep their keys
+    sweep = build_sweep(["quickmerge", "tome", "random"], [16], ["constant", "entropy", "per-image"], PERPLEXITY, 196,
+                        budgets, quickmerge_options=chosen)
+    labels = {s.get("label", m): s for m, _, s in sweep}
+    assert labels["quickmerge"] == chosen and labels["tome"] == labels["random"] == {}
+    for label in ("quickmerge-entropy", "quickmerge-per-image"):
+        assert {k: labels[label][k] for k in chosen} == chosen
+    assert build_sweep(["quickmerge"], [16])[0] == ("quickmerge", 16, {})  # the defaults: rows as before
+    with pytest.raises(ValueError, match="bipartite"):
+        build_sweep(["quickmerge"], [40], matching="greedy", num_layers=3, quickmerge_options=chosen)
+
+
 def test_greedy_eval_vision_runs_past_the_cap_end_to_end(tiny_vit_dir, tmp_path, monkeypatch):
     from quickmerge.cli import build_parser
     from quickmerge.data import fashion_mnist
@@ -136,3 +158,26 @@ def test_a_checkpoint_fine_tuned_with_merging_is_announced_and_recorded(tiny_vit
     (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": ratio}))
     assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == ratio
     assert "with quickmerge at ratio = 0.5" in capsys.readouterr().err
+
+
+def test_scaled_rule_with_greedy_matching_or_a_learned_saliency_is_refused_before_any_work(tiny_vit_dir, tmp_path,
+                                                                                         monkeypatch):
+    import shutil
+
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.errors import UsageError
+    from quickmerge.eval import vision_cli
+    from quickmerge.vision import TokenScorer
+
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", lambda *a: pytest.fail("read the data first"))
+    args = build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled", "--matching", "greedy"])
+    with pytest.raises(UsageError, match=r"--saliency-rule scaled.*--matching bipartite"):
+        vision_cli.run(args)
+    checkpoint = tmp_path / "learned"
+    shutil.copytree(tiny_vit_dir, checkpoint)
+    model = json.loads((checkpoint / "config.json").read_text())["model"]
+    TokenScorer(model["depth"], model["embed_dim"]).save(checkpoint)  # fits the model: refused for the rule only
+    args = build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled", "--checkpoint", str(checkpoint)])
+    with pytest.raises(UsageError, match="additive rule"):
+        vision_cli.run(args)

@@ -72,6 +72,26 @@ def test_bipartite_variant_is_tome_at_zero_weight_and_protects_salient_sources()
         assert set(merged_away) == least
 
 
+def test_scaled_rule_costs_dissimilarity_times_attention_so_salient_duplicates_still_merge():
+    from quickmerge.baselines.tome import bipartite_round
+
+    metric, sal = torch.randn(3, 40, 8), torch.rand(3, 40)
+    sal = sal / sal.sum(-1, keepdim=True)
+    assert torch.equal(quickmerge_bipartite_assign(metric, sal, 12, 0.0, rule="scaled"), bipartite_round(metric, 12))
+    # A = even positions, B = odd. Token 0 is the most salient and an exact duplicate of B token 1; token 2 is
+    # barely salient and nearly (not exactly) a duplicate of token 3; every other pair is orthogonal.
+    metric = torch.eye(8)[None].clone()
+    metric[0, 0] = metric[0, 1]
+    metric[0, 2] = F.normalize(metric[0, 3] + 0.05 * metric[0, 7], dim=-1)
+    sal = torch.tensor([[0.60, 0.05, 0.01, 0.05, 0.08, 0.08, 0.08, 0.05]])
+    additive = quickmerge_bipartite_assign(metric, sal, 1, 0.5)
+    scaled = quickmerge_bipartite_assign(metric, sal, 1, 0.5, rule="scaled")
+    assert additive[0, 2] == additive[0, 3] and additive[0, 0] != additive[0, 1]  # saliency rank protects 0
+    assert scaled[0, 0] == scaled[0, 1] and scaled[0, 2] != scaled[0, 3]  # cost 0 whatever the attention
+    with pytest.raises(ValueError, match="additive rule"):
+        quickmerge_bipartite_assign(metric, sal, 1, 0.5, torch.zeros(1, 8), rule="scaled")
+
+
 def test_random_and_pool_assign():
     g = torch.Generator().manual_seed(0)
     dst = random_assign(4, 20, 7, torch.device("cpu"), g)

@@ -160,6 +160,45 @@ def test_quickmerge_without_saliency_is_tome_and_with_saliency_differs():
         assert handle.tokens_per_layer == [65, 53, 41]
 
 
+def test_the_scaled_saliency_rule_runs_in_a_vit_and_is_refused_where_not_implemented():
+    model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
+    with quickmerge.patch(model, r=12, method="tome"):
+        tome = model(x)
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=0.0):
+        assert torch.allclose(model(x), tome, atol=1e-6)  # weight 0: ToMe-style's matching
+    with quickmerge.patch(model, r=12, saliency_weight=4.0):
+        additive = model(x)
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0) as handle:
+        scaled = model(x)
+        assert not torch.allclose(scaled, tome, atol=1e-4) and not torch.allclose(scaled, additive, atol=1e-4)
+        handle.matching = "greedy"  # settings change one at a time: refused when the merge would run
+        with pytest.raises(ValueError, match=r"saliency_rule='scaled'.*bipartite"):
+            model(x)
+    for bad in ({"matching": "greedy"}, {"temperature": 0.5}):
+        with pytest.raises(ValueError, match="saliency_rule='scaled'"):
+            quickmerge.patch(model, r=12, saliency_rule="scaled", **bad)
+    scorer = quickmerge.vision.TokenScorer(len(model.blocks), model.embed_dim)
+    with pytest.raises(ValueError, match="additive rule"):
+        quickmerge.patch(model, r=12, saliency_rule="scaled", scorer=scorer)
+    assert quickmerge.vision.get_handle(model) is None  # nothing left patched by the refusals
+
+
+def test_hidden_similarity_matches_the_residual_stream_as_tomes_bipartite_rule_would():
+    from quickmerge.baselines.tome import bipartite_round
+
+    model, x = tiny_vit(True), torch.randn(3, 1, 16, 16)
+    with quickmerge.patch(model, r=[12, 0, 0], similarity="hidden", saliency_weight=0.0, trace_source=True) as handle:
+        seen = []
+        merge = handle.merge
+        handle.merge = lambda layer, h: (seen.append(h.clone()) if layer == 0 else None, merge(layer, h))[1]
+        out = model(x)
+        expected = bipartite_round(seen[0][:, 1:], 12)  # the tokens entering block 0's merge, class token aside
+        assert torch.equal(handle.source[:, 1:] - 1, expected)  # merged only in block 0: the source map is its dst
+    with quickmerge.patch(model, r=[12, 0, 0], saliency_weight=0.0, trace_source=True) as handle:
+        assert not torch.allclose(model(x), out, atol=1e-4)  # the keys' matching merges other pairs
+        assert not torch.equal(handle.source[:, 1:] - 1, expected)
+
+
 def test_proportional_attention_makes_merging_duplicates_exact():
     # zero position embeddings and a constant image: all patch tokens are identical at every layer,
     # so merging them changes nothing -- if the merged token's attention is scaled by its size.
@@ -261,6 +300,8 @@ def test_an_attention_without_attn_mask_is_refused_when_patching():
         ("matching", "hungarian", ValueError),
         ("saliency_weight", -1.0, ValueError),
         ("saliency_weight", "0.5", TypeError),
+        ("saliency_rule", "product", ValueError),
+        ("similarity", "values", ValueError),
         ("epsilon", 0.0, ValueError),
         ("epsilon", 1.5, ValueError),
         ("prop_attn", 1, TypeError),
