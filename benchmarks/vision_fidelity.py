@@ -79,8 +79,10 @@ LABELS = {"tome": ("ToMe-style", "C0"), "quickmerge": ("QuickMerge++ (constant r
           "quickmerge-per-image": ("QuickMerge++ per-image budgets", "C3")}
 
 
-def plot(summary: list[dict], path: str, title: str) -> None:
-    """Left: each row's mean KL against r (log scale); right: each QuickMerge++ row minus ToMe-style, paired CI."""
+def plot(summary: list[dict], path: str, title: str, options: dict | None = None) -> None:
+    """Left: each row's mean KL against r (log scale); right: each QuickMerge++ row minus ToMe-style, paired CI.
+
+    ``options``: the QuickMerge++ settings that differ from the defaults, named in the legend."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -90,15 +92,17 @@ def plot(summary: list[dict], path: str, title: str) -> None:
         ax.errorbar([p[0] for p in pts], [p[1][0] for p in pts], color=color, label=name, marker="o", ms=4, capsize=2,
                     yerr=[[p[1][0] - p[1][1] for p in pts], [p[1][2] - p[1][0] for p in pts]])
 
+    suffix = ", ".join(f"{k}={v}" for k, v in (options or {}).items())
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for key, (name, color) in LABELS.items():
+        name = name.replace("QuickMerge++", f"QuickMerge++ {suffix}") if suffix else name
         if pts := [(e["r"], e[key]["kl"]) for e in summary if key in e]:
             bars(left, pts, name, color)
         if key != "tome" and (pts := [(e["r"], e[key]["minus_tome"]["kl"]) for e in summary if key in e]):
             bars(right, pts, name, color)
     left.set(xlabel="tokens merged per block (r)", ylabel="KL(unmerged || merged), nats per image", yscale="log",
              title="distance from the unmerged model's outputs")
-    left.legend(fontsize=8)
+    left.legend(fontsize=8, loc="upper left")
     right.axhline(0, color="grey", lw=0.8)
     right.set(xlabel="tokens merged per block (r)", ylabel="minus ToMe-style, nats (95% paired CI)",
               title="below 0: closer to the unmerged model than ToMe-style")
@@ -132,7 +136,7 @@ def main() -> None:
     png = args.plot or str(Path(args.out).with_suffix(".png"))
     if args.replot:
         saved = json.loads(Path(args.out).read_text())
-        plot(saved["by_r"], png, title(saved["images"]))
+        plot(saved["by_r"], png, title(saved["images"]), saved.get("quickmerge_options"))
         return
     if not 1 <= args.images <= 10_000:
         parser.error(f"--images must be in [1, 10000], got {args.images}")
@@ -176,7 +180,7 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
-    plot(summary, png, title(len(images)))
+    plot(summary, png, title(len(images)), chosen)
     for e in summary:
         for key in ("quickmerge", "quickmerge-entropy", "quickmerge-per-image"):
             if key in e:

@@ -5,9 +5,11 @@ Fashion-MNIST embeddings (batch 256, 197 tokens), the merge step alone (handle.m
 saliency, grouping, weighted means, size/source bookkeeping) for each method at r=16, and
 the whole patched block (attention on 197 tokens, merge, MLP on 181). ``--scorer DIR`` adds
 QuickMerge++ with the learned saliency of a fine-tune (``train vision --finetune ...
---learned-saliency``) as one more row.
+--learned-saliency``) as one more row; ``--hidden-scaled`` QuickMerge++ matching on the residual stream with the
+scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``).
 
-    python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR]
+    python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR] \
+        [--hidden-scaled]
 """
 
 from __future__ import annotations
@@ -34,10 +36,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", default=None)
     ap.add_argument("--scorer", default=None, help="fine-tuned checkpoint holding token_scorer.safetensors")
+    ap.add_argument("--hidden-scaled", action="store_true",
+                    help="add QuickMerge++ with similarity='hidden' and saliency_rule='scaled'")
     args = ap.parse_args()
-    rows = [(m, m, None) for m in ("quickmerge", "tome", "random", "pool")]
+    rows = [(m, m, None, {}) for m in ("quickmerge", "tome", "random", "pool")]
     if args.scorer is not None:
-        rows.insert(1, ("quickmerge + learned saliency", "quickmerge", TokenScorer.load(args.scorer)))
+        rows.insert(1, ("quickmerge + learned saliency", "quickmerge", TokenScorer.load(args.scorer), {}))
+    if args.hidden_scaled:
+        rows.insert(1, ("quickmerge hidden + scaled", "quickmerge", None,
+                        {"similarity": "hidden", "saliency_rule": "scaled"}))
     torch.set_num_threads(args.threads)
     model = load_fashion_vit()
     images, _ = load_fashion_mnist("test")
@@ -45,8 +52,8 @@ def main() -> None:
         x = model.norm_pre(model._pos_embed(model.patch_embed(normalize(images[: args.batch]))))
         block = copy.deepcopy(model.blocks[0])  # unpatched copy, timed as is
         results = {}
-        for name, method, scorer in rows:
-            handle = patch(model, r=args.r, method=method, scorer=scorer)
+        for name, method, scorer, options in rows:
+            handle = patch(model, r=args.r, method=method, scorer=scorer, **options)
             blk = model.blocks[0]
             handle.begin(x)
             attn_in = blk.norm1(x)

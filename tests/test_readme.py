@@ -94,6 +94,7 @@ RUN = {
     "a CLIP tower": _vision,
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
+    'handle = quickmerge.patch(model, r=16, similarity="hidden", saliency_rule="scaled")': _vision_schedule,
     "press = QuickMergeInputPress(compression_ratio=0.75, layer=-1,   # -1: merge the embeddings, before layer 0":
         _vision_language,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
