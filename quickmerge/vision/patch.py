@@ -248,9 +248,10 @@ class MergeHandle:
             if st.k is None:
                 raise RuntimeError("the attention's keys were not captured; the adapter's hooks did not run")
             keys = st.k.contiguous()  # a strided view of qkv; one copy makes the reductions below ~3x faster
-            metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
             if self.method == "quickmerge" and self.similarity == "hidden":
                 metric = x[:, p:]  # [B, m, C] the residual stream that is about to be averaged
+            else:
+                metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
             self.check_saliency_rule()  # settings may have changed one at a time since patch()
             log_size = size.log() if self.prop_attn and st.size is not None else None
