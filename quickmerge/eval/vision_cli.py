@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "quickmerge, random and pool schedule (constant, entropy, per-image) runs down to a floor "
                              f"of {FLOOR} tokens (tome stays bipartite)")
     parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
-                        help="how QuickMerge++'s saliency enters a bipartite edge (quickmerge.patch's saliency_rule): "
-                             "additive (default) or scaled (the measured weight 0.125; bipartite matching only)")
+                        help="how QuickMerge++'s saliency enters the matching (quickmerge.patch's saliency_rule): "
+                             "additive (default) or scaled (edge costs scaled by attention; the measured weight 0.125)")
     parser.add_argument("--saliency-weight", type=non_negative_float, default=None,
                         help="QuickMerge++'s saliency weight (quickmerge.patch's saliency_weight; default: the "
                              "rule's, 0.5 additive, 0.125 scaled; 0: no saliency in the matching)")
@@ -81,8 +81,6 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
     greedy = matching == "greedy"
     if greedy and num_layers is None:
         raise ValueError("greedy schedules need the model's number of blocks")
-    if greedy and (quickmerge_options or {}).get("saliency_rule", "additive") != "additive":
-        raise ValueError(f"saliency_rule {quickmerge_options['saliency_rule']!r} needs bipartite matching")
     options = {"matching": "greedy", **(quickmerge_options or {})} if greedy else dict(quickmerge_options or {})
 
     def constant(method: str, r: int) -> tuple[str, Any, dict[str, Any]]:
@@ -141,8 +139,6 @@ def run(args: argparse.Namespace) -> dict:
 
     if not 1 <= args.images <= 10_000:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
-    if args.saliency_rule != "additive" and args.matching != "bipartite":
-        raise UsageError(f"--saliency-rule {args.saliency_rule} scales bipartite edges: use --matching bipartite")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit(args.checkpoint)
     scorer = learned_saliency(args.checkpoint, model)

@@ -39,6 +39,7 @@ from .token_merge import (
     random_assign,
     relaxed_bipartite_merge,
     removal_penalty,
+    scaled_cost,
     tome_assign,
 )
 from .token_scorer import ATTRIBUTE as _SCORER_ATTR
@@ -167,11 +168,10 @@ class MergeHandle:
         return self
 
     def check_saliency_rule(self) -> None:
-        """Refuse the scaled saliency rule where it is not implemented (greedy matching, the differentiable merge)."""
-        if self.saliency_rule == "scaled" and (self.matching != "bipartite" or self.temperature is not None):
-            raise ValueError("saliency_rule='scaled' scales bipartite edge costs in hard merges only: use it with "
-                             f"matching='bipartite' and temperature=None (got matching={self.matching!r}, "
-                             f"temperature={self.temperature!r})")
+        """Refuse the scaled saliency rule with a learned saliency (a scorer is trained for the additive rule)."""
+        if self.saliency_rule == "scaled" and self.scorer is not None:
+            raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
+                             "takes none")
 
     def schedule(self, num_tokens: int) -> list[int]:
         """Requested r per block for inputs of ``num_tokens`` tokens (before per-layer caps)."""
@@ -253,7 +253,6 @@ class MergeHandle:
             else:
                 metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
-            self.check_saliency_rule()  # settings may have changed one at a time since patch()
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
@@ -262,14 +261,16 @@ class MergeHandle:
                 weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
             if self.temperature is not None and self.matching == "bipartite" and self.model.training \
                     and torch.is_grad_enabled():
-                penalty = removal_penalty(sal, self.saliency_weight, keep)
-                merged, dst = relaxed_bipartite_merge(x[:, p:], weight, metric, penalty, r, self.temperature,
-                                                      self.generator)
+                scaled = self.saliency_rule == "scaled"
+                merged, dst = relaxed_bipartite_merge(
+                    x[:, p:], weight, metric, None if scaled else removal_penalty(sal, self.saliency_weight, keep), r,
+                    self.temperature, self.generator,
+                    cost_scale=scaled_cost(sal, self.saliency_weight, keep) if scaled else None)
                 return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
                 dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep, self.saliency_rule)
             else:
-                dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep)
+                dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep, rule=self.saliency_rule)
         elif self.method == "tome":
             dst = tome_assign(metric, r)
         elif self.method == "random":
@@ -377,10 +378,11 @@ def patch(
             ``"queries"`` (16 queries spread over the image).
         saliency_weight: how strongly saliency protects a token from being merged away (default: 0.5 with
             the additive rule, 0.125 with the scaled one, the weights measured).
-        saliency_rule: how saliency enters a bipartite edge: ``"additive"`` (default: the cosine similarity
-            minus ``saliency_weight`` times the source's saliency rank) or ``"scaled"`` (the dissimilarity
-            ``1 - cos`` times ``1 + saliency_weight * n * (s_a + s_b)``: a pair's cost grows with the attention
-            both receive, so near-duplicates merge even when salient; hard bipartite merges only).
+        saliency_rule: how saliency enters the matching: ``"additive"`` (default: the cosine similarity
+            minus ``saliency_weight`` times the source's saliency rank) or ``"scaled"`` (a pair costs its
+            dissimilarity ``1 - cos`` times ``1 + saliency_weight * n * (s_a + s_b)``: the cost grows with the
+            attention both receive, so near-duplicates merge even when salient; every matching and the
+            differentiable merge, not with a learned ``scorer``).
         similarity: what QuickMerge++'s matching compares by cosine: ``"keys"`` (default: the attention
             keys averaged over heads, as ToMe) or ``"hidden"`` (the residual stream after attention, the
             tokens that are averaged; measured closer to the unmerged model's outputs, BENCHMARKS.md).

@@ -11,8 +11,8 @@ token that is dropped. Groups are numbered in the order the kept tokens take.
   clustering to the kept count); merged values are weighted by size times merge mass.
   Matches are searched ToMe's way (alternating sets, ``bipartite``, the default) or over
   all tokens (``greedy``, with mutual nearest pairs never both removed). Options: the
-  ``scaled`` saliency rule (a bipartite edge costs its dissimilarity times the attention both
-  ends receive) and ``similarity="hidden"`` (tokens compared by the residual stream, not keys).
+  ``scaled`` saliency rule (a pair costs its dissimilarity times the attention both ends
+  receive) and ``similarity="hidden"`` (tokens compared by the residual stream, not keys).
 - ``tome``: ToMe's bipartite soft matching (alternate tokens, r best edges).
 - ``random``: drop r tokens chosen uniformly at random.
 - ``pool``: average n tokens in n - r contiguous runs of the current order.
@@ -74,11 +74,16 @@ def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, salien
     of near-duplicates may still merge. Measured closer to the unmerged model's outputs at large r (BENCHMARKS.md).
     """
     if rule == "scaled":
-        if keep_score is not None:
-            raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
-                             "takes none")
-        return bipartite_round(metric, r, cost_scale=saliency_weight * saliency.shape[1] * saliency.float())
+        return bipartite_round(metric, r, cost_scale=scaled_cost(saliency, saliency_weight, keep_score))
     return bipartite_round(metric, r, penalty=removal_penalty(saliency, saliency_weight, keep_score))
+
+
+def scaled_cost(saliency: Tensor, saliency_weight: float, keep_score: Tensor | None = None) -> Tensor:
+    """``[B, n]`` factors ``w n s`` of the scaled rule: a pair's cost is ``(1 - cos) * (1 + c_a + c_b)``."""
+    if keep_score is not None:
+        raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
+                         "takes none")
+    return saliency_weight * saliency.shape[1] * saliency.float()
 
 
 def removal_penalty(saliency: Tensor, saliency_weight: float, keep_score: Tensor | None = None) -> Tensor:
@@ -89,19 +94,27 @@ def removal_penalty(saliency: Tensor, saliency_weight: float, keep_score: Tensor
 
 def quickmerge_assign(
     metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, *, return_removed: bool = False,
-    keep_score: Tensor | None = None,
+    keep_score: Tensor | None = None, rule: str = "additive",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """QuickMerge++ grouping: ``dst [B, n]`` into ``n - r`` groups (kept tokens in order).
 
     With ``return_removed``, also the indices ``[B, r]`` of the tokens merged into others;
-    ``keep_score [B, n]`` (learned) lowers a token's removal score further.
+    ``keep_score [B, n]`` (learned) lowers a token's removal score further. ``rule`` as in
+    :func:`quickmerge_bipartite_assign`: ``"scaled"`` ranks every pair by minus its cost
+    ``(1 - cos_ij) * (1 + w n (s_i + s_j))`` instead of its cosine, with no separate penalty.
     """
     b, n, _ = metric.shape
     mn = F.normalize(metric.float(), dim=-1)
-    sim = torch.matmul(mn, mn.transpose(1, 2))
-    sim.diagonal(dim1=1, dim2=2).fill_(-2.0)
+    sim = torch.matmul(mn, mn.transpose(1, 2))  # [B, n, n]; below, higher = better to merge
+    if rule == "scaled":
+        c = scaled_cost(saliency, saliency_weight, keep_score)
+        sim = (sim - 1.0).mul_(c[:, :, None] + c[:, None, :] + 1.0)  # minus the cost of each pair
+        penalty = torch.zeros_like(c)
+    else:
+        penalty = removal_penalty(saliency, saliency_weight, keep_score).float()
+    sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     redundancy, nearest = sim.max(dim=-1)
-    removal = redundancy - removal_penalty(saliency, saliency_weight, keep_score).float()
+    removal = redundancy - penalty
     # of two tokens that are each other's nearest, only the one more worth removing may go
     partner = removal.gather(1, nearest)
     index = torch.arange(n, device=metric.device)
@@ -112,7 +125,7 @@ def quickmerge_assign(
     is_removed = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, removed, True)
     group_of_kept = (~is_removed).long().cumsum(dim=1) - 1  # rank among kept tokens
     # each removed token joins its most similar kept token
-    to_kept = sim.gather(1, removed[..., None].expand(b, r, n)).masked_fill(is_removed[:, None, :], -3.0)
+    to_kept = sim.gather(1, removed[..., None].expand(b, r, n)).masked_fill(is_removed[:, None, :], float("-inf"))
     target = to_kept.argmax(dim=-1)  # [B, r] index of a kept token
     dst = group_of_kept.scatter(1, removed, group_of_kept.gather(1, target))
     return (dst, removed) if return_removed else dst
@@ -137,8 +150,8 @@ def pool_assign(b: int, n: int, r: int, device: torch.device) -> Tensor:
 
 
 def relaxed_bipartite_merge(
-    x: Tensor, weight: Tensor, metric: Tensor, penalty: Tensor, r: int, temperature: float,
-    generator: torch.Generator | None = None,
+    x: Tensor, weight: Tensor, metric: Tensor, penalty: Tensor | None, r: int, temperature: float,
+    generator: torch.Generator | None = None, cost_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """QuickMerge++'s bipartite merge for training: hard in the forward pass, relaxed in the backward.
 
@@ -152,7 +165,9 @@ def relaxed_bipartite_merge(
 
     Args:
         x: ``[B, m, C]`` tokens; weight: ``[B, m]`` positive (sizes x merge masses);
-        metric: ``[B, m, c]`` keys; penalty: ``[B, m]`` subtracted from match scores.
+        metric: ``[B, m, c]`` keys; penalty: ``[B, m]`` subtracted from match scores, or None.
+        cost_scale: ``[B, m]`` factors of the scaled rule (:func:`scaled_cost`); an edge's score is then minus
+            its cost ``(1 - cos_ab) * (1 + c_a + c_b)``, as in :func:`~quickmerge.baselines.tome.bipartite_round`.
     Returns:
         merged tokens ``[B, m - r, C]`` (kept A tokens in order, then B) and ``dst [B, m]``.
     """
@@ -162,8 +177,14 @@ def relaxed_bipartite_merge(
     mn = F.normalize(metric.float(), dim=-1)
     a, bset = mn[:, ::2], mn[:, 1::2]
     ta, tb = a.shape[1], bset.shape[1]
-    best, match = torch.matmul(a, bset.transpose(1, 2)).max(dim=-1)  # [B, ta]
-    score = best - penalty[:, ::2].float() + temperature * gumbel_noise(best.shape, like=best, generator=generator)
+    scores = torch.matmul(a, bset.transpose(1, 2))  # [B, ta, tb]
+    if cost_scale is not None:
+        c = cost_scale.float()
+        scores = (scores - 1.0) * (1.0 + c[:, ::2, None] + c[:, None, 1::2])
+    best, match = scores.max(dim=-1)  # [B, ta]
+    if penalty is not None:
+        best = best - penalty[:, ::2].float()
+    score = best + temperature * gumbel_noise(best.shape, like=best, generator=generator)
     soft = relaxed_topk_mask(score, r, temperature)
     removed = score.detach().topk(r, dim=-1).indices
     hard = torch.zeros_like(soft).scatter_(1, removed, 1.0)

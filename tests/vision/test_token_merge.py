@@ -92,6 +92,25 @@ def test_scaled_rule_costs_dissimilarity_times_attention_so_salient_duplicates_s
         quickmerge_bipartite_assign(metric, sal, 1, 0.5, torch.zeros(1, 8), rule="scaled")
 
 
+def test_greedy_scaled_rule_ranks_pairs_by_cost_so_salient_duplicates_still_merge():
+    metric, sal = torch.randn(3, 30, 8), torch.rand(3, 30)
+    sal = sal / sal.sum(-1, keepdim=True)
+    for weight, same in ((0.0, True), (2.0, False)):  # weight 0: cosine order, as the additive rule's
+        scaled = quickmerge_assign(metric, sal, 9, weight, rule="scaled")
+        assert torch.equal(scaled, quickmerge_assign(metric, sal, 9, weight)) == same
+    # tokens 0 and 5 are exact duplicates and the most salient; 2 and 3 are near duplicates and barely salient
+    metric = torch.eye(8)[None].clone()
+    metric[0, 5] = metric[0, 0]
+    metric[0, 2] = F.normalize(metric[0, 3] + 0.05 * metric[0, 7], dim=-1)
+    sal = torch.tensor([[0.40, 0.05, 0.01, 0.01, 0.08, 0.30, 0.08, 0.07]])
+    additive = quickmerge_assign(metric, sal, 1, 0.5)
+    _, removed = quickmerge_assign(metric, sal, 1, 0.5, rule="scaled", return_removed=True)
+    assert additive[0, 2] == additive[0, 3] and additive[0, 0] != additive[0, 5]  # saliency rank protects 0 and 5
+    assert int(removed[0, 0]) in (0, 5)  # cost 0 whatever the attention: one of the duplicates goes
+    with pytest.raises(ValueError, match="additive rule"):
+        quickmerge_assign(metric, sal, 1, 0.5, keep_score=torch.zeros(1, 8), rule="scaled")
+
+
 def test_random_and_pool_assign():
     g = torch.Generator().manual_seed(0)
     dst = random_assign(4, 20, 7, torch.device("cpu"), g)
@@ -137,6 +156,27 @@ def test_relaxed_bipartite_merge_is_the_hard_merge_forward_and_trains_the_keys()
     merged.square().sum().backward()
     assert metric.grad is not None and metric.grad.abs().sum() > 0  # the keys get a gradient through rho
     assert x.grad.abs().sum() > 0
+
+
+def test_relaxed_bipartite_merge_with_the_scaled_rule_is_its_hard_merge_forward_and_trains_saliency():
+    from quickmerge.primitives import weighted_mean
+    from quickmerge.vision.token_merge import quickmerge_bipartite_assign, relaxed_bipartite_merge, scaled_cost
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 20, 8, generator=gen)
+    metric = torch.randn(3, 20, 4, generator=gen, requires_grad=True)
+    weight = torch.rand(3, 20, generator=gen) + 0.5
+    logits = torch.randn(3, 20, generator=gen, requires_grad=True)
+    sal = logits.softmax(-1)
+    hard_dst = quickmerge_bipartite_assign(metric.detach(), sal.detach(), 6, 0.5, rule="scaled")
+    assert not torch.equal(hard_dst, quickmerge_bipartite_assign(metric.detach(), sal.detach(), 6, 0.5))
+    merged, dst = relaxed_bipartite_merge(x, weight, metric, None, 6, 1e-6, cost_scale=scaled_cost(sal, 0.5))
+    assert torch.equal(dst, hard_dst)
+    assert torch.allclose(merged, weighted_mean(x, weight, hard_dst, 14)[0], atol=1e-5)
+    merged, _ = relaxed_bipartite_merge(x, weight, metric, None, 6, 0.5, torch.Generator().manual_seed(1),
+                                        cost_scale=scaled_cost(sal, 0.5))
+    merged.square().sum().backward()
+    assert metric.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0  # edge costs train keys and saliency
 
 
 def test_temperature_trains_through_the_relaxed_merge_only_in_training():

@@ -160,7 +160,7 @@ def test_quickmerge_without_saliency_is_tome_and_with_saliency_differs():
         assert handle.tokens_per_layer == [65, 53, 41]
 
 
-def test_the_scaled_saliency_rule_runs_in_a_vit_and_is_refused_where_not_implemented():
+def test_the_scaled_saliency_rule_runs_with_every_matching_and_is_refused_with_a_learned_saliency():
     model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
     with quickmerge.patch(model, r=12, method="tome"):
         tome = model(x)
@@ -168,18 +168,29 @@ def test_the_scaled_saliency_rule_runs_in_a_vit_and_is_refused_where_not_impleme
         assert torch.allclose(model(x), tome, atol=1e-6)  # weight 0: ToMe-style's matching
     with quickmerge.patch(model, r=12, saliency_weight=4.0):
         additive = model(x)
-    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0) as handle:
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0):
         scaled = model(x)
         assert not torch.allclose(scaled, tome, atol=1e-4) and not torch.allclose(scaled, additive, atol=1e-4)
-        handle.matching = "greedy"  # settings change one at a time: refused when the merge would run
-        with pytest.raises(ValueError, match=r"saliency_rule='scaled'.*bipartite"):
-            model(x)
-    for bad in ({"matching": "greedy"}, {"temperature": 0.5}):
-        with pytest.raises(ValueError, match="saliency_rule='scaled'"):
-            quickmerge.patch(model, r=12, saliency_rule="scaled", **bad)
+    greedy = {"matching": "greedy", "r": 20}
+    with quickmerge.patch(model, saliency_weight=0.0, **greedy):
+        plain = model(x)
+    with quickmerge.patch(model, saliency_rule="scaled", saliency_weight=0.0, **greedy) as handle:
+        assert torch.allclose(model(x), plain, atol=1e-6)  # weight 0: cosine order, as the additive rule's
+        assert handle.tokens_per_layer[1] == handle.tokens_per_layer[0] - 20  # past bipartite's cap of 16
+        handle.saliency_weight = 4.0
+        assert not torch.allclose(model(x), plain, atol=1e-4)
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0, temperature=0.5):
+        with torch.no_grad():
+            assert torch.allclose(model(x), scaled, atol=1e-6)  # evaluation stays the hard merge
+        model.train()
+        model(x).sum().backward()  # the differentiable merge with scaled edge costs
+        model.eval()
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     scorer = quickmerge.vision.TokenScorer(len(model.blocks), model.embed_dim)
     with pytest.raises(ValueError, match="additive rule"):
         quickmerge.patch(model, r=12, saliency_rule="scaled", scorer=scorer)
+    with quickmerge.patch(model, r=12, scorer=scorer) as handle, pytest.raises(ValueError, match="additive rule"):
+        handle.configure(saliency_rule="scaled")  # refused when set, before any forward pass
     assert quickmerge.vision.get_handle(model) is None  # nothing left patched by the refusals
 
 
