@@ -54,6 +54,25 @@ def test_evaluate_setting_counts_correct_predictions_and_tokens():
     assert row["r"] == 20 and 0.0 <= row["accuracy"] <= 1.0
 
 
+def test_speedup_is_the_median_of_each_rounds_paired_ratio(monkeypatch):
+    from quickmerge.eval import vision
+
+    model = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+                                       num_heads=2).eval()
+    images = torch.randint(0, 256, (4, 1, 28, 28), dtype=torch.uint8)
+    # (merged, unmerged) per round; the machine runs at half speed in the last two rounds
+    times = iter([1.0, 2.0, 1.0, 2.0, 2.0, 4.0, 3.0, 4.0])
+    monkeypatch.setattr(vision, "_timed", lambda fn, device: next(times))
+    row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
+                           timing_rounds=4)
+    assert row["speedup_per_round"] == [2.0, 2.0, 2.0, 4.0 / 3.0]
+    assert row["speedup"] == 2.0
+    times = iter([1.0, 2.0, 3.0, 3.0, 3.0, 6.0])  # medians 3 and 3, ratios 2, 1, 2
+    row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
+                           timing_rounds=3)
+    assert row["speedup"] == 2.0 and row["images_per_s"] == row["unpatched_images_per_s"] == 4 / 3.0
+
+
 def test_bucketed_budgets_are_timed_against_the_unpatched_model_on_the_same_sub_batches():
     from quickmerge.data.fashion_mnist import normalize
     from quickmerge.vision.image_budget import ImageBudget
