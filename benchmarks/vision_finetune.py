@@ -7,7 +7,8 @@ its two bracketing r). Speed-ups are not measured here: a fine-tuned model has t
 architecture, so at equal r it runs at the speed-up `quickmerge eval vision` measured for that
 method and r in the ``--speedups`` run (a learned saliency makes the merge step dearer:
 BENCHMARKS.md). A checkpoint holding ``token_scorer.safetensors`` (a ``--learned-saliency``
-fine-tune) merges with its learned saliency under QuickMerge++.
+fine-tune) merges with its learned saliency under QuickMerge++. QuickMerge++ merges every model with the
+matching the ``--quickmerge`` checkpoint was fine-tuned with (``train vision --similarity/--saliency-rule``).
 
     python benchmarks/vision_finetune.py --quickmerge results/ft_qm_r40 --tome results/ft_tome_r40 \
         --control results/ft_none --r 40 48 --speedups results/vision_full.json --out docs/results/issue11/finetune_r40
@@ -29,7 +30,7 @@ import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, sha256
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
-from quickmerge.pretrained.fashion_vit import ASSET_DIR, load_fashion_vit
+from quickmerge.pretrained.fashion_vit import ASSET_DIR, fine_tuned_merging, load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
 from quickmerge.vision.token_scorer import FILENAME as SCORER_FILE
 from quickmerge.vision.train import correct_per_image as hits_per_image
@@ -37,11 +38,12 @@ from quickmerge.vision.train import correct_per_image as hits_per_image
 
 @torch.inference_mode()
 def correct_per_image(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-                      method: str | None, r: int, scorer: TokenScorer | None = None) -> list[float]:
+                      method: str | None, r: int, scorer: TokenScorer | None = None,
+                      options: dict | None = None) -> list[float]:
     """1.0 / 0.0 per test image: top-1 of ``model`` merging with ``method`` at ``r`` (None: unpatched), with a
-    fine-tune's learned ``scorer`` under QuickMerge++."""
-    scorer = scorer if method == "quickmerge" else None
-    handle = patch(model, r=r, method=method, scorer=scorer) if method is not None else None
+    fine-tune's learned ``scorer`` and QuickMerge++'s ``options`` (patch settings) under QuickMerge++."""
+    scorer, options = (scorer, options or {}) if method == "quickmerge" else (None, {})
+    handle = patch(model, r=r, method=method, scorer=scorer, **options) if method is not None else None
     try:
         return hits_per_image(model, images, labels).double().tolist()
     finally:
@@ -109,6 +111,13 @@ def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
             "b_better_on": sum(x < y for x, y in zip(hits[a], hits[b], strict=True))}
 
 
+def quickmerge_options(checkpoint: str) -> dict:
+    """The patch settings a QuickMerge++ fine-tune trained with, where they differ from the defaults."""
+    tuned = fine_tuned_merging(checkpoint) or {}
+    return {k: tuned[k] for k, default in (("similarity", "keys"), ("saliency_rule", "additive"))
+            if tuned.get(k, default) != default}
+
+
 def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
                    ) -> tuple[dict[str, list[float]], dict[str, dict[int, list[float]]], int]:
     """(unpatched hits per model, hits per curve and r, number of images): from ``--hits`` or computed."""
@@ -119,6 +128,9 @@ def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
     learned = {k: d for k, d in weights.items() if TokenScorer.saved_in(d)}  # --learned-saliency fine-tunes
     if learned:
         identity["scorer_sha256"] = {k: sha256(d / SCORER_FILE) for k, d in learned.items()}
+    options = quickmerge_options(checkpoints["quickmerge"])
+    if options:
+        identity["quickmerge_options"] = options
     if args.hits is not None and Path(args.hits).exists():
         saved = json.loads(Path(args.hits).read_text())
         if saved["identity"] != identity:
@@ -137,7 +149,7 @@ def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]
         key = (sha[name], method, r)
         if key not in scored:
             scored[key] = correct_per_image(models[name], images, labels, method=method, r=r,
-                                            scorer=scorers.get(name))
+                                            scorer=scorers.get(name), options=options)
         return scored[key]
 
     unpatched = {f"{name}, unpatched": hits_of(name, None, 0) for name in models}
@@ -180,7 +192,8 @@ def main() -> None:
     speedups = {m: {r: next((x["speedup"] for x in rows if x["method"] == m and x["r"] == r), None) for r in args.r}
                 for m in ("quickmerge", "tome")}
     results: dict = {"r": args.r, "images": n_images, "speedups_from": args.speedups, "speedups": speedups,
-                     "checkpoints": checkpoints, "hits_from": args.hits,
+                     "checkpoints": checkpoints, "quickmerge_options": quickmerge_options(args.quickmerge),
+                     "hits_from": args.hits,
                      "accuracy": {}, "paired": {}, "at": args.at}
     for name, hits in unpatched.items():
         results["accuracy"][name] = dict(zip(("accuracy", "low", "high"), bootstrap_mean(hits), strict=True))

@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a reference model")
     targets = train.add_subparsers(dest="target", required=True)
     vision = targets.add_parser("vision", help="the reference Fashion-MNIST ViT (as shipped in quickmerge/assets)")
+    from .vision.token_merge import SALIENCY_RULES, SIMILARITIES
     from .vision.train import DEFAULT_OUT, Recipe
 
     defaults = Recipe()
@@ -120,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--finetune with quickmerge: also learn a keep score per block (token_scorer.safetensors)")
     vision.add_argument("--scorer-lr-scale", type=float, default=1.0, metavar="X",
                         help="--learned-saliency: the keep scores learn at X times --lr")
+    vision.add_argument("--similarity", choices=SIMILARITIES, default="keys",
+                        help="--finetune with quickmerge: what the matching compares, as quickmerge.patch's (keys or "
+                        "hidden)")
+    vision.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+                        help="--finetune with quickmerge: how saliency enters the matching, as quickmerge.patch's "
+                        "(additive or scaled)")
     vision.add_argument("--ema", type=float, default=None,
                         help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "
                         f"{FINETUNE_EMA} with --finetune")
@@ -253,7 +260,8 @@ def _run(args: argparse.Namespace) -> int:
                     try:
                         finetune = FineTune(args.finetune, args.method, args.r, args.ratio, *args.temperature,
                                             self_distill=args.self_distill, learned_saliency=args.learned_saliency,
-                                            scorer_lr_scale=args.scorer_lr_scale)
+                                            scorer_lr_scale=args.scorer_lr_scale, similarity=args.similarity,
+                                            saliency_rule=args.saliency_rule)
                     except ValueError as err:
                         raise UsageError(f"--finetune: {err}") from None
                 try:
@@ -271,6 +279,8 @@ def _run(args: argparse.Namespace) -> int:
                     raise UsageError("--self-distill applies to --finetune only")
                 if finetune is None and args.learned_saliency:
                     raise UsageError("--learned-saliency applies to --finetune only")
+                if finetune is None and (args.similarity, args.saliency_rule) != ("keys", "additive"):
+                    raise UsageError("--similarity and --saliency-rule apply to --finetune only")
                 if finetune is not None and args.teacher_epochs:
                     raise UsageError("--finetune uses no teacher; drop --teacher-epochs")
                 if args.init is not None and finetune is not None:

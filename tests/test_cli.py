@@ -105,6 +105,9 @@ def test_train_vision_teacher_and_seed_are_validated_before_any_work(refused):
     refused(["train", "vision", "--learned-saliency", "--out", "unused"], "--learned-saliency applies to --finetune")
     refused(["train", "vision", "--finetune", "ckpt", "--method", "tome", "--r-per-block", "8", "--learned-saliency",
              "--out", "unused"], "learned saliency needs method 'quickmerge'")
+    refused(["train", "vision", "--saliency-rule", "scaled", "--out", "unused"], "apply to --finetune only")
+    refused(["train", "vision", "--finetune", "ckpt", "--method", "tome", "--r-per-block", "8", "--similarity",
+             "hidden", "--out", "unused"], "QuickMerge\\+\\+'s settings")
 
 
 @pytest.mark.parametrize("argv", [

@@ -42,7 +42,7 @@ def bipartite_round(
     scores = torch.matmul(a, bset.transpose(1, 2))
     if cost_scale is not None:
         c = cost_scale.detach().to(scores.dtype)
-        scores = (scores - 1.0) * (1.0 + c[:, ::2, None] + c[:, None, 1::2])  # minus the edge cost
+        scores.sub_(1.0).mul_((1.0 + c[:, ::2, None]) + c[:, None, 1::2])  # minus the edge cost, in place
     if protect_first:
         scores[:, 0] = float("-inf")
     best, dst = scores.max(dim=-1)

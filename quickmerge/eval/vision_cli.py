@@ -211,7 +211,9 @@ def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
     setting = fine_tuned_merging(checkpoint)
     if setting is not None:
         budget = f"r = {setting['r']} per block" if setting.get("r") else f"ratio = {setting['ratio']}"
-        print(f"--checkpoint {checkpoint} was fine-tuned merging with {setting['method']} at {budget} (its "
+        options = "".join(f", {k} = {setting[k]}" for k, default in (("similarity", "keys"), ("saliency_rule",
+                          "additive")) if setting.get(k, default) != default)
+        print(f"--checkpoint {checkpoint} was fine-tuned merging with {setting['method']} at {budget}{options} (its "
               "config.json): fine-tuning at a budget specialises a model to it, so rows at other settings, the "
               "unmerged one included, measure it away from what it was tuned for", file=sys.stderr)
     return setting

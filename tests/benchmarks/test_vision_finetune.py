@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("safetensors")
 
-from benchmarks.vision_finetune import compared_hits
+from benchmarks.vision_finetune import compared_hits, correct_per_image, quickmerge_options
 from benchmarks.vision_finetune_seeds import pooled_difference
 
 
@@ -19,6 +19,27 @@ def test_each_curve_is_compared_at_each_r_and_interpolated_to_the_speed_up():
     assert places["r=40"]["reference, unpatched"] == unpatched["reference, unpatched"]
     assert places["2.0x"]["fine-tuned quickmerge + quickmerge"] == [0.5, 0.0, 0.5, 1.0]  # halfway from 1.5x to 2.5x
     assert "fine-tuned tome + tome" not in places["2.0x"]  # outside its measured range: left out, not extrapolated
+
+
+def test_quickmerge_scores_with_the_matching_its_fine_tune_trained_with(tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from benchmarks import vision_finetune
+
+    (tmp_path / "config.json").write_text(json.dumps({"finetune": {"method": "quickmerge", "r": 40,
+                                                                   "similarity": "hidden", "saliency_rule": "scaled"}}))
+    assert quickmerge_options(str(tmp_path)) == {"similarity": "hidden", "saliency_rule": "scaled"}
+    (tmp_path / "config.json").write_text(json.dumps({"finetune": {"method": "quickmerge", "r": 40}}))  # before stop 48
+    assert quickmerge_options(str(tmp_path)) == {}
+    calls = []
+    monkeypatch.setattr(vision_finetune, "patch", lambda model, **kw: calls.append(kw) or type("H", (), {
+        "remove": lambda self: None})())
+    monkeypatch.setattr(vision_finetune, "hits_per_image", lambda *a: torch.ones(2))
+    for method in ("quickmerge", "tome"):
+        correct_per_image(None, None, None, method=method, r=8, options={"similarity": "hidden"})
+    assert calls[0]["similarity"] == "hidden" and "similarity" not in calls[1]  # ToMe-style keeps its own rule
 
 
 def test_seeds_are_pooled_per_image_and_the_mean_is_the_mean_of_the_seeds():

@@ -173,6 +173,37 @@ def test_self_distillation_matches_the_unmerged_starting_model(tmp_path, monkeyp
         train_module.FineTune(str(tmp_path / "base"), "tome", r=8, self_distill=1.5)
 
 
+def test_a_finetune_matches_as_asked_and_records_it(tmp_path, monkeypatch):
+    import importlib
+
+    from quickmerge.pretrained.fashion_vit import fine_tuned_merging
+    from quickmerge.vision import train as train_module
+
+    patch_module = importlib.import_module("quickmerge.vision.patch")
+    data, test = (synthetic(0), synthetic(1)), synthetic(2)
+    recipe = Recipe(epochs=1, batch_size=16, warmup_steps=2, teacher_epochs=0, ema_decay=0.0)
+    train(tmp_path / "base", recipe=recipe, config=CONFIG, data=data, test=test)
+    seen = set()  # (training?, similarity, rule) of every QuickMerge++ merge
+    real_merge = patch_module.MergeHandle.merge
+
+    def spy(handle, layer, x):
+        seen.add((handle.model.training, handle.similarity, handle.saliency_rule))
+        return real_merge(handle, layer, x)
+
+    monkeypatch.setattr(patch_module.MergeHandle, "merge", spy)
+    ft = train_module.FineTune(str(tmp_path / "base"), "quickmerge", r=8, similarity="hidden", saliency_rule="scaled")
+    summary = train(tmp_path / "ft", recipe=recipe, config=CONFIG, data=data, test=test, finetune=ft)
+    assert seen == {(True, "hidden", "scaled"), (False, "hidden", "scaled")}  # trained and evaluated so
+    recorded = fine_tuned_merging(tmp_path / "ft")
+    assert recorded["similarity"] == "hidden" and recorded["saliency_rule"] == "scaled"
+    assert summary["finetune"] == recorded
+    for bad, match in (({"similarity": "values"}, "similarity must be one of"),
+                       ({"method": "tome", "saliency_rule": "scaled"}, "QuickMerge\\+\\+'s settings"),
+                       ({"learned_saliency": True, "saliency_rule": "scaled"}, "additive rule")):
+        with pytest.raises(ValueError, match=match):
+            train_module.FineTune(str(tmp_path / "base"), **{"method": "quickmerge", "r": 8, **bad})
+
+
 def test_a_learned_saliency_trains_through_the_relaxed_merge_and_is_saved_beside_the_model(tmp_path):
     from quickmerge.pretrained.fashion_vit import load_fashion_vit
     from quickmerge.vision import TokenScorer, patch
