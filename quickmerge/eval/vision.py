@@ -37,6 +37,56 @@ def _timed(fn: Any, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
+TIMINGS = ("together", "paired")
+
+
+class _Setting:
+    """One (method, r, settings) on ``model``: patched on entry (unpatched for ``method=None``), removed on exit.
+
+    ``forward(x)`` returns the logits and the mean tokens entering a block; ``reference(x)`` runs the unpatched
+    ``reference`` model on the same (sub-)batches, so a bucketed budget's speed-up is what merging saves.
+    """
+
+    def __init__(self, model: nn.Module, reference: nn.Module, method: str | None, r: Any,
+                 settings: dict[str, Any] | None, scorer: TokenScorer | None) -> None:
+        settings = settings or {}
+        options = {k: v for k, v in settings.items() if k not in ("label", "image_budget")}
+        if method == "quickmerge" and scorer is not None:  # a fine-tune's learned saliency, timed with the rest
+            options["scorer"] = scorer
+        self.model, self.reference_model = model, reference
+        self.handle = patch(model, r=r, method=method, **options) if method is not None else None
+        self.budget = ImageBudget(**settings["image_budget"]) if "image_budget" in settings else None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.budget is not None:
+            return bucketed_forward(self.model, self.handle, x, self.budget)
+        logits = self.model(x)
+        return logits, self.handle.mean_tokens if self.handle is not None else 0.0
+
+    def parts(self, batch: torch.Tensor) -> list[torch.Tensor | None]:
+        """The sub-batches the setting runs ``batch`` in (bucketed budgets), or ``[None]``: the whole batch."""
+        return [index for _, index in self.budget.sub_batches(batch)] if self.budget is not None else [None]
+
+    def reference(self, batch: torch.Tensor, parts: list[torch.Tensor | None]) -> None:
+        # splitting a batch alone changes its speed (a CPU's caches): the reference runs the same sub-batches
+        for index in parts:
+            self.reference_model(batch if index is None else batch[index])
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+
+
+def _timing_fields(batch_size: int, ours: list[float], base: list[float], parts: list) -> dict[str, Any]:
+    """Images/s (medians of each side's seconds) and the speed-up: the median over rounds of each round's
+    ratio (unpatched / merged, timed a moment apart, so the machine's drifts cancel within a pair)."""
+    ratios = [b / o for b, o in zip(base, ours, strict=True)]
+    return {"images_per_s": batch_size / statistics.median(ours),
+            "unpatched_images_per_s": batch_size / statistics.median(base),
+            "speedup": statistics.median(ratios), "speedup_per_round": ratios,
+            "timing_sub_batches": [batch_size if index is None else index.numel() for index in parts]}
+
+
 @torch.inference_mode()
 def evaluate_setting(
     model: nn.Module,
@@ -61,76 +111,83 @@ def evaluate_setting(
     unpatched reference is timed on the same sub-batches).
 
     ``reference`` is an unpatched copy of ``model``; the two are timed alternately on the
-    same batch, so drifts in machine speed hit both alike: the speed-up is the median over rounds of
-    each round's ratio (images/s are medians of each side's times). Under ``torch.distributed`` the
+    same batch, ``timing_rounds`` times (:func:`_timing_fields`; 0: no timing, the row has no speed
+    fields, as :func:`time_settings_together` fills them). Under ``torch.distributed`` the
     batches are shared out by rank and the counts summed; rank 0 alone times (the others
     wait, so they do not slow it down) and returns the row, the others return None.
     """
     ctx = ctx or Context()
     device = next(model.parameters()).device
-    settings = settings or {}
-    options = {k: v for k, v in settings.items() if k not in ("label", "image_budget")}
-    if method == "quickmerge" and scorer is not None:  # a fine-tune's learned saliency, timed with the rest
-        options["scorer"] = scorer
-    handle = patch(model, r=r, method=method, **options) if method is not None else None
-    budget = ImageBudget(**settings["image_budget"]) if "image_budget" in settings else None
-
-    def forward(x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if budget is not None:
-            return bucketed_forward(model, handle, x, budget)
-        logits = model(x)
-        return logits, handle.mean_tokens if handle is not None else 0.0
-
+    setting = _Setting(model, reference, method, r, settings, scorer)
     try:
         correct = tokens = batches = 0
         for i in ctx.shard(range(0, len(images), batch_size)):
-            if handle is not None:
-                handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
-            logits, mean_tokens = forward(normalize(images[i : i + batch_size].to(device)))
+            if setting.handle is not None:
+                setting.handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
+            logits, mean_tokens = setting.forward(normalize(images[i : i + batch_size].to(device)))
             correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
             tokens += mean_tokens
             batches += 1
         correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
         batch = normalize(images[:batch_size].to(device))
-        # bucketed budgets run sub-batches, and splitting a batch alone changes its speed (a CPU's caches): the
-        # unpatched reference runs the same sub-batches, so the speed-up is what merging saves
-        parts = [index for _, index in budget.sub_batches(batch)] if budget is not None else [None]
-
-        def reference_forward() -> None:
-            for index in parts:
-                reference(batch if index is None else batch[index])
-
+        parts = setting.parts(batch)
         ours, base = [], []
         if ctx.main:
             for _ in range(timing_rounds):
-                ours.append(_timed(lambda: forward(batch), device))
-                base.append(_timed(reference_forward, device))
+                ours.append(_timed(lambda: setting.forward(batch), device))
+                base.append(_timed(lambda: setting.reference(batch, parts), device))
         ctx.barrier()
     finally:
-        if handle is not None:
-            handle.remove()
+        setting.remove()
     if not ctx.main:
         return None
-    if handle is None:
+    if method is None:
         with patch(model, r=0) as counter:  # r=0: the unpatched model's computation, counted
             model(batch[:1])
             tokens, batches = counter.mean_tokens, 1
-    t_ours, t_base = statistics.median(ours), statistics.median(base)
-    # each round's ratio pairs two timings a moment apart: the machine's drifts (2x here) cancel within a pair
-    ratios = [b / o for b, o in zip(base, ours, strict=True)]
-    return {
-        "method": settings.get("label", method or "none"),
+    row = {
+        "method": (settings or {}).get("label", method or "none"),
         "r": list(r) if isinstance(r, tuple) else r,
-        "settings": settings,
+        "settings": settings or {},
         "accuracy": correct / len(images),
         "images": len(images),
-        "images_per_s": batch.shape[0] / t_ours,
-        "unpatched_images_per_s": batch.shape[0] / t_base,
-        "speedup": statistics.median(ratios),
-        "speedup_per_round": ratios,
-        "timing_sub_batches": [len(batch) if index is None else index.numel() for index in parts],
         "mean_tokens_per_layer": tokens / batches,
     }
+    return row | _timing_fields(batch.shape[0], ours, base, parts) if timing_rounds else row
+
+
+@torch.inference_mode()
+def time_settings_together(
+    model: nn.Module, jobs: Sequence[tuple[str | None, Any, dict[str, Any]]], batch: torch.Tensor, rounds: int, *,
+    scorer: TokenScorer | None = None,
+) -> list[dict[str, Any]]:
+    """Speed-up fields of every ``(method, r, settings)`` of ``jobs`` (as :func:`evaluate_setting`'s), timed together.
+
+    Each setting runs on a patched copy of ``model`` of its own; every round times each setting once and the
+    unpatched model right after it (on the same sub-batches), in an order that rotates from round to round. So
+    every setting is timed across the same stretch of the run: the machine's drift over minutes, which moved
+    speed-ups of settings timed one after another by up to 20% here, falls on all of them alike.
+    """
+    tqdm = require("tqdm", "progress", "The timing progress bar").tqdm
+    device = batch.device
+    reference = copy.deepcopy(model).eval()
+    settings = [_Setting(copy.deepcopy(model).eval(), reference, method, r, options, scorer)
+                for method, r, options in jobs]
+    try:
+        parts = [setting.parts(batch) for setting in settings]
+        ours: list[list[float]] = [[] for _ in settings]
+        base: list[list[float]] = [[] for _ in settings]
+        for k, setting in enumerate(settings):  # warm-up
+            setting.forward(batch)
+            setting.reference(batch, parts[k])
+        for i in tqdm(range(rounds), desc="timing together", unit="round"):
+            for k in [*range(i % len(settings), len(settings)), *range(i % len(settings))]:
+                ours[k].append(_timed(lambda k=k: settings[k].forward(batch), device))
+                base[k].append(_timed(lambda k=k: settings[k].reference(batch, parts[k]), device))
+    finally:
+        for setting in settings:
+            setting.remove()
+    return [_timing_fields(batch.shape[0], o, b, p) for o, b, p in zip(ours, base, parts, strict=True)]
 
 
 def run_vision_eval(
@@ -141,16 +198,22 @@ def run_vision_eval(
     *,
     batch_size: int = 256,
     timing_rounds: int = 5,
+    timing: str = "paired",
     journal: Journal | None = None,
     ctx: Context | None = None,
     scorer: TokenScorer | None = None,
 ) -> list[dict[str, Any]] | None:
     """Unpatched first, then every (method, r, settings) of ``sweep``; a progress bar over settings.
 
-    ``scorer``: the learned saliency of a fine-tuned checkpoint, used by every QuickMerge++ setting.
-    With a ``journal``, each finished setting is on disk at once and settings already there are
-    not run again. Returns the rows on rank 0, None on the other ranks.
+    ``timing``: ``"paired"`` times each setting against the unpatched model in rounds of its own, right after
+    its accuracy pass; ``"together"`` times every setting after all accuracy passes, in rotating rounds
+    (:func:`time_settings_together`). ``scorer``: the learned saliency of a fine-tuned checkpoint, used by every
+    QuickMerge++ setting. With a ``journal``, each finished setting's accuracy (and paired timing) is on disk at
+    once and settings already there are not run again; the together timing always times every setting.
+    Returns the rows on rank 0, None on the other ranks.
     """
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     tqdm = require("tqdm", "progress", "The evaluation progress bar").tqdm
     ctx = ctx or Context()
     jobs = [(None, 0, {}), *sweep]
@@ -165,10 +228,18 @@ def run_vision_eval(
             continue
         bar.set_postfix(method=method or "none", r=str(r))
         row = evaluate_setting(model, reference, images, labels, method=method, r=r, batch_size=batch_size,
-                               timing_rounds=timing_rounds, settings=settings, ctx=ctx, scorer=scorer)
+                               timing_rounds=timing_rounds if timing == "paired" else 0, settings=settings, ctx=ctx,
+                               scorer=scorer)
         if row is not None and journal is not None:
             journal.add(key, row)
         rows.append(row)
+    if timing == "together":
+        if ctx.main:
+            device = next(model.parameters()).device
+            batch = normalize(images[:batch_size].to(device))
+            timed = time_settings_together(model, jobs, batch, timing_rounds, scorer=scorer)
+            rows = [row | fields for row, fields in zip(rows, timed, strict=True)]
+        ctx.barrier()
     return rows if ctx.main else None
 
 

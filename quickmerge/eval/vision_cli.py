@@ -18,6 +18,7 @@ from ..vision.token_merge import METHODS, SALIENCY_RULES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal, code_fingerprint
+from .vision import TIMINGS
 
 DEFAULT_R = (16, 24, 32, 40, 48)  # r = 48 passes 2x the unpatched throughput on the shipped ViT
 
@@ -49,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
-    parser.add_argument("--timing-rounds", type=positive_int, default=5, help="alternating timings per setting")
+    parser.add_argument("--timing", choices=TIMINGS, default="together",
+                        help="together (default): after every accuracy pass, all settings timed in rounds whose order "
+                        "rotates, each right before the unpatched model, so all see the same stretch of the machine's "
+                        "drift; paired: each setting timed against the unpatched model in rounds of its own, right "
+                        "after its accuracy pass (the protocol before stop 48)")
+    parser.add_argument("--timing-rounds", type=positive_int, default=None,
+                        help="timings of each setting (default: 15 together, 5 paired); the speed-up is the median "
+                        "of the rounds' ratios")
     parser.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and "
                         "token_scorer.safetensors after a --learned-saliency fine-tune: QuickMerge++ rows then use it)")
     parser.add_argument("--out", default="results/vision", help="output prefix (.json and .png are added)")
@@ -158,7 +166,8 @@ def run(args: argparse.Namespace) -> dict:
         sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
                             args.matching, len(model.blocks), quickmerge_options(args))
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
-                               timing_rounds=args.timing_rounds, journal=journal, ctx=ctx, scorer=scorer)
+                               timing_rounds=timing_rounds(args), timing=args.timing, journal=journal, ctx=ctx,
+                               scorer=scorer)
     finally:
         ctx.close()
     if rows is None:
@@ -219,6 +228,11 @@ def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
     return setting
 
 
+def timing_rounds(args: argparse.Namespace) -> int:
+    """``--timing-rounds``, or its default for ``--timing``."""
+    return args.timing_rounds or (15 if args.timing == "together" else 5)
+
+
 def check_r_values(args: argparse.Namespace, num_tokens: int) -> None:
     """Refuse an r that would run as a smaller one (a silent truncation), naming the cap that applies."""
     most = num_tokens // 2  # bipartite matching (ToMe's, ours by default) merges at most half the tokens
@@ -242,7 +256,8 @@ def journal_config(args: argparse.Namespace) -> dict:
     scorer = Path(args.checkpoint or ASSET_DIR) / SCORER_FILE
     return {"protocol": "vision", "weights": sha256(weights) if weights.is_file() else str(weights),
             "scorer": sha256(scorer) if scorer.is_file() else None,
-            "images": args.images, "batch_size": args.batch_size, "timing_rounds": args.timing_rounds,
+            "images": args.images, "batch_size": args.batch_size, "timing": args.timing,
+            "timing_rounds": timing_rounds(args),
             "threads": args.threads, "torch": torch.__version__, "code": code_fingerprint()}
 
 

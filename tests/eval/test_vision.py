@@ -73,6 +73,45 @@ def test_speedup_is_the_median_of_each_rounds_paired_ratio(monkeypatch):
     assert row["speedup"] == 2.0 and row["images_per_s"] == row["unpatched_images_per_s"] == 4 / 3.0
 
 
+def test_together_timing_rotates_the_order_and_times_each_setting_right_before_the_unpatched_model(monkeypatch):
+    from quickmerge.eval import vision
+
+    model = timm_vit.VisionTransformer(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=16, depth=2,
+                                       num_heads=2).eval()
+    events = []
+    real_forward, real_reference = vision._Setting.forward, vision._Setting.reference
+
+    def forward(self, x):
+        events.append(("merged", self.handle.r if self.handle is not None else 0))
+        return real_forward(self, x)
+
+    def reference(self, batch, parts):
+        events.append(("unpatched", None))
+        return real_reference(self, batch, parts)
+
+    monkeypatch.setattr(vision._Setting, "forward", forward)
+    monkeypatch.setattr(vision._Setting, "reference", reference)
+    monkeypatch.setattr(vision, "_timed", lambda fn, device: (fn(), 1.0 if events[-1][0] == "merged" else 3.0)[1])
+    batch = torch.randn(4, 1, 28, 28)
+    jobs = [(None, 0, {}), ("tome", 4, {}), ("tome", 8, {})]
+    timed = vision.time_settings_together(model, jobs, batch, 3)
+    merged = [r for kind, r in events[6:] if kind == "merged"]  # after one warm-up pass of each
+    assert merged == [0, 4, 8, 4, 8, 0, 8, 0, 4]  # the order rotates from round to round
+    assert all(events[i + 1][0] == "unpatched" for i in range(6, len(events), 2))  # each merged run, then the reference
+    assert [t["speedup_per_round"] for t in timed] == [[3.0] * 3] * 3 and all(t["speedup"] == 3.0 for t in timed)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the copies were patched
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.zeros(8, dtype=torch.long)
+    together = run_vision_eval(model, images, labels, jobs[1:], batch_size=4, timing_rounds=2, timing="together")
+    paired = run_vision_eval(model, images, labels, jobs[1:], batch_size=4, timing_rounds=2, timing="paired")
+    for a, b in zip(together, paired, strict=True):
+        assert a["speedup_per_round"] == [3.0, 3.0] and a.keys() == b.keys()
+        assert {k: a[k] for k in ("method", "r", "accuracy", "mean_tokens_per_layer")} == \
+            {k: b[k] for k in ("method", "r", "accuracy", "mean_tokens_per_layer")}
+    with pytest.raises(ValueError, match="timing must be one of"):
+        run_vision_eval(model, images, labels, jobs[1:], batch_size=4, timing="interleaved")
+
+
 def test_bucketed_budgets_are_timed_against_the_unpatched_model_on_the_same_sub_batches():
     from quickmerge.data.fashion_mnist import normalize
     from quickmerge.vision.image_budget import ImageBudget

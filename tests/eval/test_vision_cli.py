@@ -160,6 +160,20 @@ def test_a_checkpoint_fine_tuned_with_merging_is_announced_and_recorded(tiny_vit
     assert "with quickmerge at ratio = 0.5" in capsys.readouterr().err
 
 
+def test_timing_defaults_to_together_with_more_rounds_than_paired():
+    from quickmerge.cli import build_parser
+    from quickmerge.eval.vision_cli import journal_config, timing_rounds
+
+    parse = build_parser().parse_args
+    assert parse(["eval", "vision"]).timing == "together" and timing_rounds(parse(["eval", "vision"])) == 15
+    assert timing_rounds(parse(["eval", "vision", "--timing", "paired"])) == 5
+    assert timing_rounds(parse(["eval", "vision", "--timing", "paired", "--timing-rounds", "3"])) == 3
+    # rows timed one way are never resumed into a run timed the other
+    assert journal_config(parse(["eval", "vision"])) != journal_config(parse(["eval", "vision", "--timing", "paired"]))
+    with pytest.raises(SystemExit):
+        parse(["eval", "vision", "--timing", "interleaved"])
+
+
 def test_scaled_rule_with_a_learned_saliency_is_refused_before_any_work(tiny_vit_dir, tmp_path, monkeypatch):
     import shutil
 
