@@ -255,7 +255,8 @@ class MergeHandle:
         if self.method == "quickmerge":
             log_size = size.log() if self.prop_attn and st.size is not None else None
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
-            sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]
+            with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
+                sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]  # gradient is NaN at p = 0)
             keep = self.scorer(layer, x[:, p:]) if self.scorer is not None else None
             if self.epsilon < 1.0:
                 weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))

@@ -158,7 +158,7 @@ def test_relaxed_bipartite_merge_is_the_hard_merge_forward_and_trains_the_keys()
     assert x.grad.abs().sum() > 0
 
 
-def test_relaxed_bipartite_merge_with_the_scaled_rule_is_its_hard_merge_forward_and_trains_saliency():
+def test_relaxed_bipartite_merge_with_the_scaled_rule_is_its_hard_merge_forward_and_passes_cost_gradients():
     from quickmerge.primitives import weighted_mean
     from quickmerge.vision.token_merge import quickmerge_bipartite_assign, relaxed_bipartite_merge, scaled_cost
 
@@ -176,7 +176,7 @@ def test_relaxed_bipartite_merge_with_the_scaled_rule_is_its_hard_merge_forward_
     merged, _ = relaxed_bipartite_merge(x, weight, metric, None, 6, 0.5, torch.Generator().manual_seed(1),
                                         cost_scale=scaled_cost(sal, 0.5))
     merged.square().sum().backward()
-    assert metric.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0  # edge costs train keys and saliency
+    assert metric.grad.abs().sum() > 0 and logits.grad.abs().sum() > 0  # through the cosines and the cost factors
 
 
 def test_temperature_trains_through_the_relaxed_merge_only_in_training():

@@ -186,6 +186,16 @@ def test_the_scaled_saliency_rule_runs_with_every_matching_and_is_refused_with_a
         model(x).sum().backward()  # the differentiable merge with scaled edge costs
         model.eval()
         assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+        # attention so sharp that some probabilities underflow to exactly 0: the saliency's entropy would give NaN
+        # gradients if the costs were differentiated through it (they are not: a statistic, as the rank is)
+        model.zero_grad()
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(40.0)
+        model.train()
+        model(x).sum().backward()
+        model.eval()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     scorer = quickmerge.vision.TokenScorer(len(model.blocks), model.embed_dim)
     with pytest.raises(ValueError, match="additive rule"):
         quickmerge.patch(model, r=12, saliency_rule="scaled", scorer=scorer)
