@@ -272,9 +272,10 @@ _NAMES = {"quickmerge": "QuickMerge++", "quickmerge-entropy": "QuickMerge++, ent
 
 
 def method_label(method: str, rows: Sequence[dict[str, Any]]) -> str:
-    """A method's name in the plot's legend, saying when its rows matched greedily (past ToMe's cap)."""
-    greedy = any(row.get("settings", {}).get("matching") == "greedy" for row in rows if row["method"] == method)
-    return _NAMES.get(method, method) + (", greedy matching" if greedy else "")
+    """A method's name in the plot's legend, saying when its rows matched greedily (all, or some: past ToMe's cap)."""
+    greedy = [row.get("settings", {}).get("matching") == "greedy" for row in rows if row["method"] == method]
+    suffix = ", greedy matching" if greedy and all(greedy) else ", greedy past ToMe's cap" if any(greedy) else ""
+    return _NAMES.get(method, method) + suffix
 
 
 def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:

@@ -35,6 +35,8 @@ def test_legend_names_greedy_rows_as_such():
     assert method_label("quickmerge", rows) == "QuickMerge++, greedy matching"
     assert method_label("tome", rows) == "ToMe-style"
     assert method_label("quickmerge-entropy", rows) == "QuickMerge++, entropy schedule"
+    rows.append({"method": "quickmerge-entropy", "settings": {"label": "quickmerge-entropy", "matching": "greedy"}})
+    assert method_label("quickmerge-entropy", rows) == "QuickMerge++, entropy schedule, greedy past ToMe's cap"
 
 
 def test_evaluate_setting_counts_correct_predictions_and_tokens():
