@@ -207,21 +207,20 @@ def learned_saliency(checkpoint: str | None, model: torch.nn.Module) -> TokenSco
 
 def quickmerge_options(args: argparse.Namespace) -> dict[str, Any]:
     """The QuickMerge++ settings of the command line that differ from :func:`~quickmerge.vision.patch.patch`'s."""
-    chosen = {"saliency_rule": args.saliency_rule, "saliency_weight": args.saliency_weight,
-              "similarity": args.similarity}
-    defaults = {"saliency_rule": "additive", "saliency_weight": None, "similarity": "keys"}
-    return {k: v for k, v in chosen.items() if v != defaults[k]}
+    from ..vision.patch import MATCHING_DEFAULTS, non_default_matching
+
+    return non_default_matching({k: getattr(args, k) for k in MATCHING_DEFAULTS})
 
 
 def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
     """Say on stderr which merging ``checkpoint`` was fine-tuned with (None: it was not); returns that setting."""
     from ..pretrained.fashion_vit import fine_tuned_merging
+    from ..vision.patch import non_default_matching
 
     setting = fine_tuned_merging(checkpoint)
     if setting is not None:
         budget = f"r = {setting['r']} per block" if setting.get("r") else f"ratio = {setting['ratio']}"
-        options = "".join(f", {k} = {setting[k]}" for k, default in (("similarity", "keys"), ("saliency_rule",
-                          "additive")) if setting.get(k, default) != default)
+        options = "".join(f", {k} = {v}" for k, v in non_default_matching(setting).items())
         print(f"--checkpoint {checkpoint} was fine-tuned merging with {setting['method']} at {budget}{options} (its "
               "config.json): fine-tuning at a budget specialises a model to it, so rows at other settings, the "
               "unmerged one included, measure it away from what it was tuned for", file=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +63,13 @@ def _flag(name: str) -> Any:
 
 
 DEFAULT_SALIENCY_WEIGHT = {"additive": 0.5, "scaled": 0.125}  # per saliency rule (BENCHMARKS.md: issue 11)
+# patch()'s defaults of QuickMerge++'s matching options (None: the rule's weight above); tests keep the two equal
+MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive", "saliency_weight": None}
+
+
+def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s."""
+    return {k: settings[k] for k, default in MATCHING_DEFAULTS.items() if settings.get(k, default) != default}
 
 # Every setting of a handle, validated whenever it is assigned (``handle.method = "tome"``).
 _SETTINGS: dict[str, Any] = {

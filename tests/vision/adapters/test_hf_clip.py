@@ -139,3 +139,20 @@ def test_the_tower_of_a_dual_encoder_patches_and_the_whole_model_points_to_it(fa
         quickmerge.unpatch(model.vision_model)
         assert torch.equal(features(), ref)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize("matching,r", [("bipartite", [28, 14, 8]), ("greedy", [40, 16, 4])])
+@pytest.mark.parametrize("cls_name", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_matching_by_the_residual_stream_joins_only_copies(cls_name, matching, r):
+    """Two flat regions, positions zeroed: ``similarity="hidden"`` (with the scaled rule) must pair tokens of one
+    region only, so the tower's pooled output is the unmerged one's."""
+    model = tiny(cls_name, "sdpa")
+    with torch.no_grad():
+        tower(model).embeddings.position_embedding.weight.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        x[:, :, :, 10:] = 0.7
+        ref = output(model, x)
+        with quickmerge.patch(model, r=r, similarity="hidden", saliency_rule="scaled", matching=matching) as handle:
+            assert torch.allclose(output(model, x), ref, atol=1e-5)
+            handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
+            assert not torch.allclose(output(model, x), ref, atol=1e-4)

@@ -270,3 +270,22 @@ def test_attention_still_runs_when_kvpress_wraps_it_after_patching(monkeypatch, 
         monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "quickmerge_vit", wrap(ALL_ATTENTION_FUNCTIONS["quickmerge_vit"]))
         assert torch.equal(output(model, x), merged)
     assert handle.tokens_per_layer == [65, 53, 41]
+
+
+@pytest.mark.parametrize("matching,r", [("bipartite", [28, 14, 8]), ("greedy", [40, 16, 4])])
+@pytest.mark.parametrize("cls_name", ["ViTForImageClassification", "DeiTForImageClassification", "Dinov2Model",
+                                      "Dinov2WithRegistersModel"])
+def test_matching_by_the_residual_stream_joins_only_copies(cls_name, matching, r):
+    """Two flat regions, positions zeroed: ``similarity="hidden"`` (with the scaled rule) must pair tokens of one
+    region only, past the prefix tokens, so the merged model's first output is the unmerged one's."""
+    model = tiny(cls_name, "sdpa")
+    with torch.no_grad():
+        position_embeddings(model).zero_()
+    x = torch.full((2, 1, 16, 16), -0.4)
+    x[..., 10:] = 0.7
+    ref = output(model, x)[:, :1]
+    with quickmerge.patch(model, r=r, similarity="hidden", saliency_rule="scaled", matching=matching) as handle:
+        assert torch.allclose(output(model, x)[:, :1], ref, atol=1e-5)
+        assert handle.tokens_per_layer[-1] < 64
+        handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
+        assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-4)

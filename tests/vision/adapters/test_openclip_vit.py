@@ -145,3 +145,19 @@ def test_a_whole_openclip_model_is_refused_with_the_way_to_its_image_tower():
         model.encode_image(torch.randn(2, 3, 16, 16))
     assert handle.tokens_per_layer == [65, 61]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.transformer.modules())  # text tower
+
+
+@pytest.mark.parametrize("matching,r", [("bipartite", [28, 14, 8]), ("greedy", [40, 16, 4])])
+def test_matching_by_the_residual_stream_joins_only_copies(matching, r):
+    """Two flat regions, positions zeroed: ``similarity="hidden"`` (with the scaled rule) must pair tokens of one
+    region only, so the class token's embedding is the unmerged one's."""
+    model = tiny()
+    with torch.no_grad():
+        model.positional_embedding.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        x[:, :, :, 10:] = 0.7
+        ref = model(x)
+        with quickmerge.patch(model, r=r, similarity="hidden", saliency_rule="scaled", matching=matching) as handle:
+            assert torch.allclose(model(x), ref, atol=1e-5)
+            handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
+            assert not torch.allclose(model(x), ref, atol=1e-4)

@@ -389,3 +389,16 @@ def test_torch_compile_traces_the_hooks_whole_and_follows_the_handle(fused):
         unpatched.load_state_dict(model.state_dict())
         assert torch.allclose(compiled(x), unpatched(x), atol=1e-6)
     torch._dynamo.reset()
+
+
+def test_matching_defaults_are_patchs_own_and_only_other_options_are_named():
+    import inspect
+
+    from quickmerge.vision.patch import MATCHING_DEFAULTS, non_default_matching
+
+    parameters = inspect.signature(quickmerge.patch).parameters
+    assert {k: parameters[k].default for k in MATCHING_DEFAULTS} == MATCHING_DEFAULTS
+    chosen = {"similarity": "hidden", "saliency_rule": "additive", "saliency_weight": None, "method": "tome"}
+    assert non_default_matching(chosen) == {"similarity": "hidden"}  # other keys and defaults are not options
+    assert non_default_matching({"saliency_weight": 0.25}) == {"saliency_weight": 0.25}
+    assert non_default_matching({}) == {}
