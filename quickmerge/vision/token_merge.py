@@ -108,7 +108,7 @@ def quickmerge_assign(
     sim = torch.matmul(mn, mn.transpose(1, 2))  # [B, n, n]; below, higher = better to merge
     if rule == "scaled":
         c = scaled_cost(saliency, saliency_weight, keep_score)
-        sim = (sim - 1.0).mul_(c[:, :, None] + c[:, None, :] + 1.0)  # minus the cost of each pair
+        sim.sub_(1.0).mul_((c[:, :, None] + c[:, None, :]).add_(1.0))  # minus the cost of each pair, in place
         penalty = torch.zeros_like(c)
     else:
         penalty = removal_penalty(saliency, saliency_weight, keep_score).float()
@@ -125,7 +125,7 @@ def quickmerge_assign(
     is_removed = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, removed, True)
     group_of_kept = (~is_removed).long().cumsum(dim=1) - 1  # rank among kept tokens
     # each removed token joins its most similar kept token
-    to_kept = sim.gather(1, removed[..., None].expand(b, r, n)).masked_fill(is_removed[:, None, :], float("-inf"))
+    to_kept = sim.gather(1, removed[..., None].expand(b, r, n)).masked_fill_(is_removed[:, None, :], float("-inf"))
     target = to_kept.argmax(dim=-1)  # [B, r] index of a kept token
     dst = group_of_kept.scatter(1, removed, group_of_kept.gather(1, target))
     return (dst, removed) if return_removed else dst
