@@ -71,6 +71,7 @@ def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s."""
     return {k: settings[k] for k, default in MATCHING_DEFAULTS.items() if settings.get(k, default) != default}
 
+
 # Every setting of a handle, validated whenever it is assigned (``handle.method = "tome"``).
 _SETTINGS: dict[str, Any] = {
     "method": _choice("method", METHODS),

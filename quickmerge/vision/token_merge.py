@@ -104,7 +104,7 @@ def quickmerge_assign(
     ``(1 - cos_ij) * (1 + w n (s_i + s_j))`` instead of its cosine, with no separate penalty.
     """
     b, n, _ = metric.shape
-    mn = F.normalize(metric.float(), dim=-1)
+    mn = F.normalize(metric.detach().float(), dim=-1)  # sets indices only: no gradient to carry
     sim = torch.matmul(mn, mn.transpose(1, 2))  # [B, n, n]; below, higher = better to merge
     if rule == "scaled":
         c = scaled_cost(saliency, saliency_weight, keep_score)
