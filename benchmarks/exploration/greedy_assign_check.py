@@ -4,7 +4,8 @@
 
 Loads ``quickmerge/vision/token_merge.py`` as it was at ``--against`` (``git show``) next to the working tree's,
 checks ``quickmerge_assign`` gives the same groups and removed tokens on random cases (both rules, a learned keep
-score, fp32 / fp16 / bf16, duplicated tokens for ties), then times both at the reference ViT's first block (batch
+score, fp32 / fp16 / bf16, duplicated tokens for ties; every 20th a batch of 64 images of 150-196 tokens, which
+the current code matches in chunks), then times both at the reference ViT's first block (batch
 256, 196 tokens; keys 32 wide, hidden states 128 wide; r = 144), alternating, medians of 9.
 """
 
@@ -44,6 +45,8 @@ def main():
     compared = differing = 0
     for case in range(args.cases):
         b, n, d = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((1, 5), (4, 60), (2, 40)))
+        if case % 20 == 19:  # batches the current code matches in several chunks
+            b, n, d = 64, int(torch.randint(150, 197, (1,), generator=g)), (32, 128)[case % 40 // 20]
         r = int(torch.randint(1, n, (1,), generator=g))
         x = torch.randn(b, n, d, generator=g)
         if case % 3 == 0:

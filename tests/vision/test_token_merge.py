@@ -197,3 +197,17 @@ def test_temperature_trains_through_the_relaxed_merge_only_in_training():
     vit.train(False)
     with pytest.raises(ValueError, match="temperature"):
         quickmerge.patch(vit, r=4, temperature=0.0)
+
+
+@pytest.mark.parametrize("rule", ["additive", "scaled"])
+def test_greedy_matching_in_chunks_of_images_gives_the_groups_of_one_pass(monkeypatch, rule):
+    from quickmerge.vision import token_merge
+
+    g = torch.Generator().manual_seed(3)
+    x, sal = torch.randn(7, 20, 8, generator=g), torch.rand(7, 20, generator=g).softmax(-1)
+    keep = torch.randn(7, 20, generator=g) if rule == "additive" else None
+    whole = token_merge.quickmerge_assign(x, sal, 9, 0.5, return_removed=True, keep_score=keep, rule=rule)
+    monkeypatch.setattr(token_merge, "_PAIRS_PER_CHUNK", 2 * 20 * 20)  # chunks of 2 images, the last one alone
+    chunked = token_merge.quickmerge_assign(x, sal, 9, 0.5, return_removed=True, keep_score=keep, rule=rule)
+    assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
+    assert not torch.equal(whole[0][0], whole[0][1])  # images differ: a chunk's rows cannot stand in for another's
