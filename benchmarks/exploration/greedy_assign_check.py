@@ -1,6 +1,6 @@
 """Greedy QuickMerge++ assignment against an earlier commit's: identical merges, and the time of each.
 
-    python benchmarks/exploration/greedy_assign_check.py --against c9a764d [--cases 200] [--threads 2]
+    python benchmarks/exploration/greedy_assign_check.py --against c9a764d [--cases 200] [--threads 2] [--out F.json]
 
 Loads ``quickmerge/vision/token_merge.py`` as it was at ``--against`` (``git show``) next to the working tree's,
 checks ``quickmerge_assign`` gives the same groups and removed tokens on random cases (both rules, a learned keep
@@ -11,8 +11,10 @@ the current code matches in chunks), then times both at the reference ViT's firs
 
 import argparse
 import importlib.util
+import json
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +40,7 @@ def main():
     ap.add_argument("--against", required=True, help="the commit whose quickmerge_assign is compared")
     ap.add_argument("--cases", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None, help="also write the counts and medians here (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     then = load_at(args.against).quickmerge_assign
@@ -62,6 +65,8 @@ def main():
             compared += 1
             differing += not (torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1]))
     print(f"{compared} cases, {differing} with different merges")
+    summary = {"command": " ".join(sys.argv), "threads": args.threads, "cases": compared, "differing": differing,
+               "median_ms": {}}
     torch.manual_seed(0)
     saliency = torch.rand(256, 196).softmax(-1)
     inputs = {"keys": torch.randn(256, 196, 32), "hidden": torch.randn(256, 196, 128)}
@@ -74,6 +79,9 @@ def main():
                 times[name].append(time.perf_counter() - start)
         then_ms, now_ms = (1e3 * statistics.median(times[k][1:]) for k in ("then", "now"))
         print(f"{similarity} + {rule}: {args.against} {then_ms:.1f} ms, now {now_ms:.1f} ms ({then_ms / now_ms:.2f}x)")
+        summary["median_ms"][f"{similarity} + {rule}"] = {args.against: then_ms, "now": now_ms}
+    if args.out:
+        Path(args.out).write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
