@@ -14,6 +14,7 @@ from .. import distributed
 from ..cli_types import non_negative_float, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
+from ..vision.patch import MATCHING_DEFAULTS, non_default_matching
 from ..vision.token_merge import METHODS, SALIENCY_RULES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
 from ..vision.token_scorer import TokenScorer
@@ -207,15 +208,12 @@ def learned_saliency(checkpoint: str | None, model: torch.nn.Module) -> TokenSco
 
 def quickmerge_options(args: argparse.Namespace) -> dict[str, Any]:
     """The QuickMerge++ settings of the command line that differ from :func:`~quickmerge.vision.patch.patch`'s."""
-    from ..vision.patch import MATCHING_DEFAULTS, non_default_matching
-
     return non_default_matching({k: getattr(args, k) for k in MATCHING_DEFAULTS})
 
 
 def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
     """Say on stderr which merging ``checkpoint`` was fine-tuned with (None: it was not); returns that setting."""
     from ..pretrained.fashion_vit import fine_tuned_merging
-    from ..vision.patch import non_default_matching
 
     setting = fine_tuned_merging(checkpoint)
     if setting is not None:
