@@ -32,7 +32,7 @@ SALIENCY_SOURCES = ("cls", "queries")
 SALIENCY_RULES = ("additive", "scaled")
 SIMILARITIES = ("keys", "hidden")
 # Token pairs ([b, n, n] scores) greedy matching holds at once: images are matched in chunks whose scores stay in
-# a CPU's cache, since every pass over them is memory-bound (the assignment 1.5-2.4x faster at batch 256 and 196
+# a CPU's cache, since every pass over them is memory-bound (the assignment 1.4-2.4x faster at batch 256 and 196
 # tokens on 2 cores; identical groups; BENCHMARKS.md, stop 49)
 _PAIRS_PER_CHUNK = 1 << 20
 
