@@ -31,9 +31,10 @@ METHODS = ("quickmerge", "tome", "random", "pool")
 SALIENCY_SOURCES = ("cls", "queries")
 SALIENCY_RULES = ("additive", "scaled")
 SIMILARITIES = ("keys", "hidden")
-# Token pairs ([b, n, n] scores) greedy matching holds at once: images are matched in chunks whose scores stay in
-# a CPU's cache, since every pass over them is memory-bound (the assignment 1.4-2.4x faster at batch 256 and 196
-# tokens on 2 cores; identical groups; BENCHMARKS.md, stop 49)
+# Token pairs ([b, n, n] scores) greedy matching holds at once on a CPU: images are matched in chunks whose scores
+# stay in cache, since every pass over them is memory-bound (the assignment 1.4-2.4x faster at batch 256 and 196
+# tokens on 2 cores; identical groups; BENCHMARKS.md, stop 49). Other devices match the batch at once: there a
+# chunk buys no cache hits and costs a launch per operation.
 _PAIRS_PER_CHUNK = 1 << 20
 
 
@@ -108,7 +109,7 @@ def quickmerge_assign(
     ``(1 - cos_ij) * (1 + w n (s_i + s_j))`` instead of its cosine, with no separate penalty.
     """
     b, n, _ = metric.shape
-    step = max(1, _PAIRS_PER_CHUNK // (n * n))
+    step = max(1, _PAIRS_PER_CHUNK // (n * n)) if metric.device.type == "cpu" else max(1, b)
     parts = [_greedy_groups(metric[i : i + step], saliency[i : i + step], r, saliency_weight,
                             None if keep_score is None else keep_score[i : i + step], rule) for i in range(0, b, step)]
     dst = torch.cat([part[0] for part in parts])

@@ -211,3 +211,22 @@ def test_greedy_matching_in_chunks_of_images_gives_the_groups_of_one_pass(monkey
     chunked = token_merge.quickmerge_assign(x, sal, 9, 0.5, return_removed=True, keep_score=keep, rule=rule)
     assert torch.equal(chunked[0], whole[0]) and torch.equal(chunked[1], whole[1])
     assert not torch.equal(whole[0][0], whole[0][1])  # images differ: a chunk's rows cannot stand in for another's
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_greedy_matching_chunks_images_on_a_cpu_only(monkeypatch, device):
+    from quickmerge.vision import token_merge
+
+    seen = []
+
+    def groups(metric, saliency, r, *args):
+        seen.append(metric.shape[0])
+        b, n, _ = metric.shape
+        return torch.zeros(b, n, dtype=torch.long), torch.zeros(b, r, dtype=torch.long)
+
+    monkeypatch.setattr(token_merge, "_greedy_groups", groups)
+    monkeypatch.setattr(token_merge, "_PAIRS_PER_CHUNK", 2 * 20 * 20)
+    x, sal = torch.randn(7, 20, 8, device=device), torch.rand(7, 20, device=device)
+    dst = token_merge.quickmerge_assign(x, sal, 9, 0.5)
+    # a GPU (any device but a CPU) gains no cache hits from chunks, only launches: the batch goes at once
+    assert seen == ([2, 2, 2, 1] if device == "cpu" else [7]) and dst.shape == (7, 20)
