@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_arguments(
         protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context")
     )
+    from .eval.vision_cli import FLOOR, add_matching_arguments
     from .eval.vision_cli import add_arguments as add_vision_arguments
 
     add_vision_arguments(protocols.add_parser("vision", help="top-1 vs throughput of the Fashion-MNIST ViT"))
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("visualize", help="draw which patches merged into which token, or the AR image / video "
                                             "models' completions (PNG)")
     show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
+    add_matching_arguments(show, f", QuickMerge++ merging r per block until {FLOOR} tokens are left (ToMe-style's "
+                                 "column then shows its most, half the tokens in every block)")
     show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and a "
@@ -229,17 +232,14 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise UsageError("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
-        from .eval.vision_cli import announce_fine_tuned_merging, learned_saliency
-        from .pretrained.fashion_vit import load_fashion_vit
+        from .eval.vision_cli import load_for_merging, quickmerge_options
         from .vision.visualize import load_photos, visualize
 
-        model = load_fashion_vit(args.checkpoint)
-        scorer = learned_saliency(args.checkpoint, model)
-        announce_fine_tuned_merging(args.checkpoint)
+        model, scorer, _ = load_for_merging(args, [args.r], ["quickmerge"], flag="--r")
         images, labels = load_fashion_mnist("test")
         photos = None if args.no_photos else load_photos()
         path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,
-                         scorer=scorer)
+                         scorer=scorer, options={"matching": args.matching, **quickmerge_options(args)})
         print(f"wrote {path}")
     elif args.command == "train":
         import torch

@@ -46,6 +46,10 @@ def test_vision_r_past_what_a_block_can_merge_is_refused_before_the_data_is_read
             r"at most 98 of its 196 patch tokens by bipartite matching \(tome\).*got 120$")
     refused(["eval", "vision", "--matching", "greedy", "--methods", "quickmerge", "--r-values", "190", "--out",
              "unused"], r"keeps at least 8 of the 196 patch tokens, so r above 188 runs as r = 188; got 190")
+    refused(["visualize", "--r", "120", "--out", "unused"],
+            r"--r: a block of this model merges at most 98 .*\(quickmerge\).*got 120; --matching greedy lifts the cap")
+    refused(["visualize", "--r", "190", "--matching", "greedy", "--out", "unused"],
+            r"--r: every block keeps at least 8 of the 196 patch tokens.*got 190")
 
 
 def _refused(capsys, argv: list[str], flag: str) -> None:

@@ -14,6 +14,7 @@ from .. import distributed
 from ..cli_types import non_negative_float, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
+from ..vision.budget import DEFAULT_FLOOR
 from ..vision.patch import MATCHING_DEFAULTS, non_default_matching
 from ..vision.token_merge import METHODS, SALIENCY_RULES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
@@ -34,20 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "entropy on held-out training images, at each constant r's cost; per-image: each image's "
                         "budget from the entropy of its content, run in sub-batches bucketed by budget, at each "
                         "constant r's mean cost (both quickmerge only)")
-    parser.add_argument("--matching", choices=MATCHINGS, default="bipartite",
-                        help="QuickMerge++'s matching. bipartite: ToMe's alternating sets, a block merges at most half "
-                             "its tokens; greedy: no such cap, so r may pass half the patch tokens, and every "
-                             "quickmerge, random and pool schedule (constant, entropy, per-image) runs down to a floor "
-                             f"of {FLOOR} tokens (tome stays bipartite)")
-    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
-                        help="how QuickMerge++'s saliency enters the matching (quickmerge.patch's saliency_rule): "
-                             "additive (default) or scaled (edge costs scaled by attention; the measured weight 0.125)")
-    parser.add_argument("--saliency-weight", type=non_negative_float, default=None,
-                        help="QuickMerge++'s saliency weight (quickmerge.patch's saliency_weight; default: the "
-                             "rule's, 0.5 additive, 0.125 scaled; 0: no saliency in the matching)")
-    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
-                        help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
-                             "as ToMe) or hidden (the residual stream that is merged)")
+    add_matching_arguments(parser, ", and every quickmerge, random and pool schedule (constant, entropy, "
+                                   f"per-image) runs down to a floor of {FLOOR} tokens (tome stays bipartite)")
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
@@ -67,7 +56,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 SCHEDULES = ("constant", "entropy", "per-image")
 MATCHINGS = ("bipartite", "greedy")
-FLOOR = 8  # fewest tokens a greedy schedule leaves (budget.token_counts' default)
+FLOOR = DEFAULT_FLOOR  # fewest tokens a greedy schedule leaves
+
+
+def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) -> None:
+    """QuickMerge++'s matching options, :func:`~quickmerge.vision.patch.patch`'s settings of the same names;
+    ``greedy_help`` ends the sentence on what greedy matching does to the command's schedules."""
+    parser.add_argument("--matching", choices=MATCHINGS, default="bipartite",
+                        help="QuickMerge++'s matching. bipartite: ToMe's alternating sets, a block merges at most half "
+                             "its tokens; greedy: no such cap, so r may pass half the patch tokens" + greedy_help)
+    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+                        help="how QuickMerge++'s saliency enters the matching (quickmerge.patch's saliency_rule): "
+                             "additive (default) or scaled (edge costs scaled by attention; the measured weight 0.125)")
+    parser.add_argument("--saliency-weight", type=non_negative_float, default=None,
+                        help="QuickMerge++'s saliency weight (quickmerge.patch's saliency_weight; default: the "
+                             "rule's, 0.5 additive, 0.125 scaled; 0: no saliency in the matching)")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
+                        help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
+                             "as ToMe) or hidden (the residual stream that is merged)")
 CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
 
 
@@ -84,7 +90,7 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
     ``quickmerge_options``: more :func:`~quickmerge.vision.patch.patch` settings of every QuickMerge++ row (only
     those that differ from the defaults, so rows keep their journal keys), e.g. ``{"similarity": "hidden"}``.
     """
-    from ..vision.budget import entropy_schedule, token_counts
+    from ..vision.budget import constant_schedule, entropy_schedule
 
     schedules = schedules or ["constant"]
     greedy = matching == "greedy"
@@ -95,8 +101,8 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
     def constant(method: str, r: int) -> tuple[str, Any, dict[str, Any]]:
         if not greedy or method == "tome":
             return method, r, options if method == "quickmerge" else {}
-        counts = token_counts(num_tokens, [float(r)] * num_layers, FLOOR, bipartite=False)
-        return method, [counts[i] - counts[i + 1] for i in range(num_layers)], options if method == "quickmerge" else {}
+        schedule = constant_schedule(num_tokens, r, num_layers, FLOOR, bipartite=False)
+        return method, schedule, options if method == "quickmerge" else {}
 
     sweep: list[tuple[str, Any, dict[str, Any]]] = []
     if "constant" in schedules:
@@ -142,20 +148,13 @@ def calibrate_image_budgets(model: Any, rs: list[int], matching: str = "bipartit
 
 def run(args: argparse.Namespace) -> dict:
     from ..data.fashion_mnist import load_fashion_mnist
-    from ..pretrained.fashion_vit import load_fashion_vit
     from .report import write_report
     from .vision import compare_at_tome_speeds, plot_vision_eval, run_vision_eval
 
     if not 1 <= args.images <= 10_000:
         raise UsageError(f"--images must be in [1, 10000], got {args.images}")
     torch.set_num_threads(args.threads)
-    model = load_fashion_vit(args.checkpoint)
-    scorer = learned_saliency(args.checkpoint, model)
-    if scorer is not None and args.saliency_rule != "additive":
-        raise UsageError(f"--checkpoint holds a learned saliency, trained with the additive rule; --saliency-rule "
-                         f"{args.saliency_rule} takes none")
-    tuned_for = announce_fine_tuned_merging(args.checkpoint)
-    check_r_values(args, model.patch_embed.num_patches)
+    model, scorer, tuned_for = load_for_merging(args, args.r, args.methods)
     images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
     ctx = distributed.setup()
@@ -230,18 +229,35 @@ def timing_rounds(args: argparse.Namespace) -> int:
     return args.timing_rounds or (15 if args.timing == "together" else 5)
 
 
-def check_r_values(args: argparse.Namespace, num_tokens: int) -> None:
+def check_r_values(rs: list[int], methods: list[str], matching: str, num_tokens: int, flag: str = "--r-values") -> None:
     """Refuse an r that would run as a smaller one (a silent truncation), naming the cap that applies."""
     most = num_tokens // 2  # bipartite matching (ToMe's, ours by default) merges at most half the tokens
-    capped = {"tome"} if args.matching == "greedy" else {"quickmerge", "tome"}
-    if max(args.r) > most and capped & set(args.methods):
-        hint = "" if args.matching == "greedy" else "; --matching greedy lifts the cap for quickmerge"
-        raise UsageError(f"--r-values: a block of this model merges at most {most} of its {num_tokens} patch tokens "
-                         f"by bipartite matching ({', '.join(sorted(capped & set(args.methods)))}), so r above "
-                         f"{most} runs as r = {most}; got {max(args.r)}{hint}")
-    if max(args.r) > num_tokens - FLOOR:
-        raise UsageError(f"--r-values: every block keeps at least {FLOOR} of the {num_tokens} patch tokens, so r above "
-                         f"{num_tokens - FLOOR} runs as r = {num_tokens - FLOOR}; got {max(args.r)}")
+    capped = ({"tome"} if matching == "greedy" else {"quickmerge", "tome"}) & set(methods)
+    if max(rs) > most and capped:
+        hint = "" if matching == "greedy" else "; --matching greedy lifts the cap for quickmerge"
+        raise UsageError(f"{flag}: a block of this model merges at most {most} of its {num_tokens} patch tokens by "
+                         f"bipartite matching ({', '.join(sorted(capped))}), so r above {most} runs as r = {most}; "
+                         f"got {max(rs)}{hint}")
+    if max(rs) > num_tokens - FLOOR:
+        raise UsageError(f"{flag}: every block keeps at least {FLOOR} of the {num_tokens} patch tokens, so r above "
+                         f"{num_tokens - FLOOR} runs as r = {num_tokens - FLOOR}; got {max(rs)}")
+
+
+def load_for_merging(args: argparse.Namespace, rs: list[int], methods: list[str],
+                     flag: str = "--r-values") -> tuple[torch.nn.Module, TokenScorer | None, dict | None]:
+    """The ViT of ``--checkpoint`` (the shipped one by default), its learned saliency and the merging it was
+    fine-tuned with (announced on stderr); ``rs`` and the matching options are checked against them before any
+    data is read."""
+    from ..pretrained.fashion_vit import load_fashion_vit
+
+    model = load_fashion_vit(args.checkpoint)
+    scorer = learned_saliency(args.checkpoint, model)
+    if scorer is not None and args.saliency_rule != "additive":
+        raise UsageError(f"--checkpoint holds a learned saliency, trained with the additive rule; --saliency-rule "
+                         f"{args.saliency_rule} takes none")
+    tuned_for = announce_fine_tuned_merging(args.checkpoint)
+    check_r_values(rs, methods, args.matching, model.patch_embed.num_patches, flag)
+    return model, scorer, tuned_for
 
 
 def journal_config(args: argparse.Namespace) -> dict:

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from .patch import patch
 
+DEFAULT_FLOOR = 8  # fewest tokens a block leaves in a schedule (a greedy one would otherwise reach a single token)
+
 
 @torch.inference_mode()
 def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> list[float]:
@@ -45,7 +47,8 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
     return [sums[layer] / count for layer in sorted(sums)]
 
 
-def token_counts(num_tokens: int, merges: list[float], floor: int = 8, *, bipartite: bool = True) -> list[int]:
+def token_counts(num_tokens: int, merges: list[float], floor: int = DEFAULT_FLOOR, *,
+                 bipartite: bool = True) -> list[int]:
     """Tokens entering each block and leaving the last ``[L + 1]`` when block l asks to merge ``merges[l]``.
 
     Each block leaves at least ``floor`` tokens and, with ``bipartite`` (ToMe's matching and QuickMerge++'s
@@ -59,13 +62,24 @@ def token_counts(num_tokens: int, merges: list[float], floor: int = 8, *, bipart
     return counts
 
 
+def constant_schedule(num_tokens: int, r: int, num_layers: int, floor: int = DEFAULT_FLOOR, *,
+                      bipartite: bool = True) -> list[int]:
+    """Tokens merged in each block ``[L]`` when every block asks for ``r``, within :func:`token_counts`' limits.
+
+    With ``bipartite=False`` (greedy matching) this is how a constant r runs past half the tokens: the first
+    blocks merge r each, until only ``floor`` tokens are left.
+    """
+    counts = token_counts(num_tokens, [float(r)] * num_layers, floor, bipartite=bipartite)
+    return [counts[i] - counts[i + 1] for i in range(num_layers)]
+
+
 def schedule_cost(counts: list[int]) -> int:
     """Token-blocks a schedule costs: ``sum_l (N_l + N_{l+1})``, what each block's attention and MLP see."""
     return sum(counts[i] + counts[i + 1] for i in range(len(counts) - 1))
 
 
 def entropy_schedule(perplexity: list[float], num_tokens: int, r: int | None = None, *, cost: float | None = None,
-                     floor: int = 8, bipartite: bool = True) -> list[int]:
+                     floor: int = DEFAULT_FLOOR, bipartite: bool = True) -> list[int]:
     """Tokens merged in each block ``[L]``, in inverse proportion to ``perplexity``, at a constant-r cost.
 
     Args:

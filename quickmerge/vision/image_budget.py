@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .budget import entropy_schedule, schedule_cost, token_counts
+from .budget import DEFAULT_FLOOR, entropy_schedule, schedule_cost, token_counts
 
 
 def content_perplexity(images: Tensor, patch_size: int) -> Tensor:
@@ -86,7 +86,7 @@ class ImageBudget:
 
     @classmethod
     def calibrate(cls, images: Tensor, *, patch_size: int, num_tokens: int, num_layers: int, r: int,
-                  buckets: int = 4, floor: int = 8, bipartite: bool = True,
+                  buckets: int = 4, floor: int = DEFAULT_FLOOR, bipartite: bool = True,
                   perplexity: list[float] | None = None) -> ImageBudget:
         """Fit thresholds and per-bucket r on calibration ``images`` at the cost of a constant ``r``.
 

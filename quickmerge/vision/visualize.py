@@ -9,6 +9,7 @@ scikit-image (shown at full resolution; the model sees them as 28x28 grey).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from torch import nn
 from .._optional import require
 from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
 from ..errors import MissingExtraError
+from .budget import DEFAULT_FLOOR, constant_schedule
 from .patch import patch
 from .token_scorer import TokenScorer
 
@@ -83,14 +85,27 @@ def draw_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, path: str, *, r: int = 24,
-              photos: list[np.ndarray] | None = None, scorer: TokenScorer | None = None) -> str:
-    """Write a PNG: per image, the input and the groups of QuickMerge++ and ToMe-style at ``r``.
+              photos: list[np.ndarray] | None = None, scorer: TokenScorer | None = None,
+              options: Mapping[str, Any] | None = None) -> str:
+    """Write a PNG: per image, the input and the groups of QuickMerge++ and ToMe-style at ``r`` per block.
 
     ``fashion``: uint8 ``[B, 1, 28, 28]`` test images; ``photos``: RGB arrays (optional);
-    ``scorer``: a fine-tune's learned saliency, used by QuickMerge++.
+    ``scorer``: a fine-tune's learned saliency, used by QuickMerge++; ``options``: more :func:`patch` settings of
+    the QuickMerge++ column (``matching``, ``similarity``, ``saliency_rule``, ``saliency_weight``), named in the
+    title. With ``matching="greedy"`` QuickMerge++ merges ``r`` per block until
+    :data:`~quickmerge.vision.budget.DEFAULT_FLOOR` tokens are left, past the half of a block's tokens that
+    ToMe-style's bipartite matching can merge; its column then shows ToMe-style at that most, said in its title.
     """
     plt = require("matplotlib.pyplot", "plot", "quickmerge visualize")
     grid = 28 // int(model.patch_embed.patch_size[0])
+    options = dict(options or {})
+    greedy = options.get("matching") == "greedy"
+    blocks, tokens = len(model.blocks), grid * grid
+    if r > tokens - DEFAULT_FLOOR or (r > tokens // 2 and not greedy):
+        most = tokens - DEFAULT_FLOOR if greedy else tokens // 2
+        raise ValueError(f"r must be at most {most} with {options.get('matching', 'bipartite')} matching (a block "
+                         f"of {tokens} patch tokens merges at most half by bipartite matching and keeps at least "
+                         f"{DEFAULT_FLOOR}), got {r}")
     inputs = list(normalize(fashion))
     shown = [np.repeat(F.interpolate(img[None].float() / 255.0, scale_factor=12, mode="nearest")[0, 0, ..., None]
                        .numpy(), 3, axis=-1) for img in fashion]
@@ -101,8 +116,12 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
         titles.append("photo (model sees 28x28 grey)")
     batch = torch.stack(inputs)
     ours = "QuickMerge++" if scorer is None else "QuickMerge++ (learned)"
-    columns = [(ours, {"method": "quickmerge", "scorer": scorer}), ("ToMe-style", {"method": "tome"})]
-    maps = {name: source_groups(model, batch, grid, r=r, **cfg) for name, cfg in columns}
+    tome_r = min(r, tokens // 2)
+    ours_r = constant_schedule(tokens, r, blocks, bipartite=False) if greedy else r
+    tome = "ToMe-style" if tome_r == r else f"ToMe-style at its most (r={tome_r})"
+    columns = [(ours, {"method": "quickmerge", "scorer": scorer, "r": ours_r, **options}),
+               (tome, {"method": "tome", "r": tome_r})]
+    maps = {name: source_groups(model, batch, grid, **cfg) for name, cfg in columns}
     fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.5 * len(shown)))
     axes = np.atleast_2d(axes)
     for i, image in enumerate(shown):
@@ -113,11 +132,15 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
             n_groups = len(np.unique(groups[i][groups[i] >= 0]))
             pred = CLASSES[int(logits[i].argmax())]
             axes[i, j].imshow(draw_groups(image, groups[i]))
-            axes[i, j].set_title(f"{name}: {n_groups} tokens, says {pred}", fontsize=8)
+            axes[i, j].set_title(f"{name}\n{n_groups} tokens, says {pred}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"Which patches merged into which token after 6 blocks (r={r} per block)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / len(shown)))
+    setting = ", ".join(f"{k}={v}" for k, v in options.items() if k != "matching" or greedy)
+    title = f"Which patches merged into which token after {blocks} blocks, r={r} per block"
+    title += f"\n{ours}: {setting}" if setting else ""
+    fig.suptitle(title, fontsize=10)
+    top_inches = 0.25 + 0.2 * title.count("\n")
+    fig.tight_layout(rect=(0, 0, 1, 1 - top_inches / fig.get_figheight()))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

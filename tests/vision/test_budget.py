@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from quickmerge.vision.budget import block_attention_perplexity, entropy_schedule
+from quickmerge.vision.budget import block_attention_perplexity, constant_schedule, entropy_schedule
 
 
 def _cost(num_tokens, schedule):
@@ -112,3 +112,10 @@ def test_a_schedule_can_be_asked_for_by_its_share_of_the_unmerged_cost():
         entropy_schedule(SHIPPED_VIT, 196)
     with pytest.raises(ValueError, match=r"cost must be .* in \(0, 1\]"):
         entropy_schedule(SHIPPED_VIT, 196, cost=1.5)
+
+
+def test_a_constant_schedule_stops_at_the_cap_or_the_floor():
+    assert constant_schedule(196, 16, 6) == [16] * 6
+    assert constant_schedule(196, 120, 6, bipartite=False) == [120, 68, 0, 0, 0, 0]  # 196 -> 76 -> 8 (the floor)
+    assert constant_schedule(196, 120, 6) == [98, 49, 24, 12, 5, 0]  # half of each block's tokens, then the floor
+    assert constant_schedule(196, 120, 6, 2, bipartite=False) == [120, 74, 0, 0, 0, 0]

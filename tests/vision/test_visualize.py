@@ -1,4 +1,6 @@
 import numpy as np
+import pytest
+import torch
 
 from quickmerge.vision.visualize import draw_groups
 
@@ -22,3 +24,55 @@ def test_dropped_patches_are_black():
     out = draw_groups(image, np.array([[0, -1], [0, 0]]))
     assert np.all(out[:2, 3] == 0.0)  # inside the dropped patch
     assert np.all(out[:2, 2] == 1.0)  # its outline
+
+
+@pytest.fixture(scope="module")
+def shipped_vit():
+    pytest.importorskip("timm")
+    pytest.importorskip("safetensors")
+    from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+    return load_fashion_vit()
+
+
+def _drawn_settings(monkeypatch, model, **kwargs) -> dict[str, dict]:
+    """Run ``visualize`` on two blank images; what each column was merged with, and its groups."""
+    pytest.importorskip("matplotlib")
+    from quickmerge.vision import visualize as module
+
+    seen = {}
+    real = module.source_groups
+
+    def recording(model, images, grid, **cfg):
+        seen[cfg["method"]] = {**cfg, "groups": real(model, images, grid, **cfg)[0]}
+        return real(model, images, grid, **cfg)
+
+    monkeypatch.setattr(module, "source_groups", recording)
+    images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
+    images[1, :, 8:20, 8:20] = 200
+    module.visualize(model, images, torch.tensor([0, 1]), kwargs.pop("path"), **kwargs)
+    return seen
+
+
+def test_visualize_draws_greedy_matching_past_tomes_cap_and_says_where_tome_stops(monkeypatch, tmp_path,
+                                                                                   shipped_vit):
+    path = tmp_path / "groups.png"
+    seen = _drawn_settings(monkeypatch, shipped_vit, path=str(path), r=120,
+                           options={"matching": "greedy", "similarity": "hidden"})
+    assert path.stat().st_size > 0
+    assert seen["quickmerge"]["r"] == [120, 68, 0, 0, 0, 0] and seen["quickmerge"]["similarity"] == "hidden"
+    assert seen["tome"]["r"] == 98  # its most; the column's title says so
+    tokens = {m: [len(np.unique(g[g >= 0])) for g in s["groups"]] for m, s in seen.items()}
+    assert tokens["quickmerge"] == [8, 8]  # down to the floor, past what ToMe-style reaches in these 6 blocks
+    assert tokens["tome"] == [4, 4]  # 196 -> 98 -> 49 -> 25 -> 13 -> 7 -> 4
+
+
+def test_visualize_refuses_an_r_its_matching_would_cap(tmp_path, shipped_vit):
+    from quickmerge.vision.visualize import visualize
+
+    images = torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="r must be at most 98 with bipartite matching"):
+        visualize(shipped_vit, images, torch.tensor([0]), str(tmp_path / "x.png"), r=120)
+    with pytest.raises(ValueError, match="r must be at most 188 with greedy matching"):
+        visualize(shipped_vit, images, torch.tensor([0]), str(tmp_path / "x.png"), r=189,
+                  options={"matching": "greedy"})
