@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_text_arguments(
         protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context")
     )
-    from .eval.vision_cli import FLOOR, add_matching_arguments
+    from .eval.vision_cli import FLOOR, SCHEDULES, add_matching_arguments
     from .eval.vision_cli import add_arguments as add_vision_arguments
 
     add_vision_arguments(protocols.add_parser("vision", help="top-1 vs throughput of the Fashion-MNIST ViT"))
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
     add_matching_arguments(show, f", QuickMerge++ merging r per block until {FLOOR} tokens are left (ToMe-style's "
                                  "column then shows its most, half the tokens in every block)")
+    show.add_argument("--schedule", choices=SCHEDULES, default="constant",
+                      help="QuickMerge++'s budget at the cost of r per block: constant (r in every block), entropy "
+                           "(per block, from the attention entropy on held-out training images) or per-image (each "
+                           "image's from its content); ToMe-style's column stays at r")
     show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and a "
@@ -232,14 +236,15 @@ def _run(args: argparse.Namespace) -> int:
         if not 1 <= args.images <= 10_000 or args.r < 0:
             raise UsageError("--images must be in [1, 10000] and --r >= 0")
         from .data.fashion_mnist import load_fashion_mnist
-        from .eval.vision_cli import load_for_merging, quickmerge_options
+        from .eval.vision_cli import load_for_merging, quickmerge_budget, quickmerge_options
         from .vision.visualize import load_photos, visualize
 
         model, scorer, _ = load_for_merging(args, [args.r], ["quickmerge"], flag="--r")
         images, labels = load_fashion_mnist("test")
         photos = None if args.no_photos else load_photos()
         path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,
-                         scorer=scorer, options={"matching": args.matching, **quickmerge_options(args)})
+                         scorer=scorer, options={"matching": args.matching, **quickmerge_options(args)},
+                         **quickmerge_budget(model, args.schedule, args.r, args.matching))
         print(f"wrote {path}")
     elif args.command == "train":
         import torch

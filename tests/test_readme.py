@@ -58,7 +58,8 @@ def _vision_schedule() -> dict:
     import quickmerge
     from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
-    return {"quickmerge": quickmerge, "model": load_fashion_vit(), "calibration_images": torch.randn(8, 1, 28, 28)}
+    return {"quickmerge": quickmerge, "model": load_fashion_vit(), "calibration_images": torch.randn(8, 1, 28, 28),
+            "images": torch.randn(4, 1, 28, 28)}
 
 
 def _vision_language() -> dict:
@@ -95,6 +96,8 @@ RUN = {
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
     'handle = quickmerge.patch(model, r=16, similarity="hidden", saliency_rule="scaled")': _vision_schedule,
+    "budget = ImageBudget.calibrate(calibration_images, patch_size=2, num_tokens=196, num_layers=6, r=24)  "
+    "# 4 buckets": _vision_schedule,
     "press = QuickMergeInputPress(compression_ratio=0.75, layer=-1,   # -1: merge the embeddings, before layer 0":
         _vision_language,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,

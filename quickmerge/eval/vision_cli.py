@@ -135,6 +135,23 @@ def calibrate(model: Any) -> list[float]:
     return block_attention_perplexity(model, calibration_images())
 
 
+def quickmerge_budget(model: Any, schedule: str, r: int, matching: str = "bipartite") -> dict[str, Any]:
+    """:func:`~quickmerge.vision.visualize.visualize`'s QuickMerge++ budget for one of :data:`SCHEDULES` at the
+    cost of a constant ``r``: ``{}`` (constant), ``{"schedule": [L]}`` or ``{"image_budget": ImageBudget}``,
+    calibrated as ``eval vision`` calibrates them."""
+    from ..vision.budget import entropy_schedule
+    from ..vision.image_budget import ImageBudget
+
+    if schedule == "entropy":
+        return {"schedule": entropy_schedule(calibrate(model), model.patch_embed.num_patches, r, floor=FLOOR,
+                                             bipartite=matching == "bipartite")}
+    if schedule == "per-image":
+        return {"image_budget": ImageBudget(**calibrate_image_budgets(model, [r], matching)[r])}
+    if schedule != "constant":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return {}
+
+
 def calibrate_image_budgets(model: Any, rs: list[int], matching: str = "bipartite") -> dict[int, dict]:
     """Per-image budgets (4 buckets) for each constant r, on the calibration images."""
     from ..vision.image_budget import ImageBudget

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .budget import DEFAULT_FLOOR, entropy_schedule, schedule_cost, token_counts
+from .budget import DEFAULT_FLOOR, constant_schedule, entropy_schedule, schedule_cost, token_counts
 
 
 def content_perplexity(images: Tensor, patch_size: int) -> Tensor:
@@ -114,8 +114,7 @@ class ImageBudget:
         def schedule(x: int) -> list[int]:
             if perplexity is not None:
                 return entropy_schedule(perplexity, num_tokens, x, floor=floor, bipartite=bipartite)
-            counts = token_counts(num_tokens, [float(x)] * num_layers, floor, bipartite=bipartite)
-            return [counts[i] - counts[i + 1] for i in range(num_layers)]
+            return constant_schedule(num_tokens, x, num_layers, floor, bipartite=bipartite)
 
         def cost(x: int) -> int:
             merges = [float(m) for m in schedule(x)] if per_block else [float(x)] * num_layers

@@ -22,6 +22,7 @@ from .._optional import require
 from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
 from ..errors import MissingExtraError
 from .budget import DEFAULT_FLOOR, constant_schedule
+from .image_budget import ImageBudget
 from .patch import patch
 from .token_scorer import TokenScorer
 
@@ -58,11 +59,23 @@ def photo_to_model_input(photo: np.ndarray, side: int = 28) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def source_groups(model: nn.Module, images: torch.Tensor, grid: int, **merge: Any) -> tuple[np.ndarray, torch.Tensor]:
-    """Final token of each patch, ``[B, grid, grid]``, and the model's logits, for one merge setting."""
+def source_groups(model: nn.Module, images: torch.Tensor, grid: int, image_budget: ImageBudget | None = None,
+                  **merge: Any) -> tuple[np.ndarray, torch.Tensor]:
+    """Final token of each patch, ``[B, grid, grid]``, and the model's logits, for one merge setting; with
+    ``image_budget`` each bucket of images runs at its own r (as
+    :func:`~quickmerge.vision.image_budget.bucketed_forward` runs them)."""
     with patch(model, trace_source=True, **merge) as handle:
-        logits = model(images)
-        source = handle.source[:, handle.num_prefix_tokens :]
+        parts = [(handle.r, torch.arange(len(images)))] if image_budget is None else image_budget.sub_batches(images)
+        logits, source = None, None
+        for r, index in parts:
+            handle.r = r
+            part = model(images[index])
+            if logits is None:
+                logits = part.new_empty((len(images), *part.shape[1:]))
+                source = torch.empty(len(images), grid * grid, dtype=torch.long, device=part.device)
+            logits[index] = part
+            source[index] = handle.source[:, handle.num_prefix_tokens :]
+    assert logits is not None and source is not None  # every image lies in some part
     return source.reshape(-1, grid, grid).cpu().numpy(), logits
 
 
@@ -86,7 +99,8 @@ def draw_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, path: str, *, r: int = 24,
               photos: list[np.ndarray] | None = None, scorer: TokenScorer | None = None,
-              options: Mapping[str, Any] | None = None) -> str:
+              options: Mapping[str, Any] | None = None, schedule: list[int] | None = None,
+              image_budget: ImageBudget | None = None) -> str:
     """Write a PNG: per image, the input and the groups of QuickMerge++ and ToMe-style at ``r`` per block.
 
     ``fashion``: uint8 ``[B, 1, 28, 28]`` test images; ``photos``: RGB arrays (optional);
@@ -95,6 +109,8 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
     title. With ``matching="greedy"`` QuickMerge++ merges ``r`` per block until
     :data:`~quickmerge.vision.budget.DEFAULT_FLOOR` tokens are left, past the half of a block's tokens that
     ToMe-style's bipartite matching can merge; its column then shows ToMe-style at that most, said in its title.
+    QuickMerge++'s budget at the cost of ``r``, instead of ``r`` in every block: ``schedule``, tokens merged per
+    block (:func:`~quickmerge.vision.budget.entropy_schedule`), or ``image_budget``, each image's own r.
     """
     plt = require("matplotlib.pyplot", "plot", "quickmerge visualize")
     grid = 28 // int(model.patch_embed.patch_size[0])
@@ -115,11 +131,15 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
         shown.append(photo)
         titles.append("photo (model sees 28x28 grey)")
     batch = torch.stack(inputs)
+    if schedule is not None and image_budget is not None:
+        raise ValueError("give QuickMerge++ a per-block schedule or a per-image budget, not both")
     ours = "QuickMerge++" if scorer is None else "QuickMerge++ (learned)"
+    budget = "per-block schedule" if schedule is not None else "per-image budget" if image_budget is not None else ""
     tome_r = min(r, tokens // 2)
-    ours_r = constant_schedule(tokens, r, blocks, bipartite=False) if greedy else r
+    ours_r = schedule or (constant_schedule(tokens, r, blocks, bipartite=False) if greedy else r)
     tome = "ToMe-style" if tome_r == r else f"ToMe-style at its most (r={tome_r})"
-    columns = [(ours, {"method": "quickmerge", "scorer": scorer, "r": ours_r, **options}),
+    columns = [(f"{ours} ({budget})" if budget else ours,
+                {"method": "quickmerge", "scorer": scorer, "r": ours_r, "image_budget": image_budget, **options}),
                (tome, {"method": "tome", "r": tome_r})]
     maps = {name: source_groups(model, batch, grid, **cfg) for name, cfg in columns}
     fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.5 * len(shown)))
@@ -135,8 +155,11 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
             axes[i, j].set_title(f"{name}\n{n_groups} tokens, says {pred}", fontsize=8)
     for ax in axes.flat:
         ax.axis("off")
-    setting = ", ".join(f"{k}={v}" for k, v in options.items() if k != "matching" or greedy)
-    title = f"Which patches merged into which token after {blocks} blocks, r={r} per block"
+    setting = ", ".join([f"{k}={v}" for k, v in options.items() if k != "matching" or greedy]
+                        + ([f"r={schedule} by block"] if schedule is not None else [])
+                        + ([f"r={image_budget.r} by bucket, simplest first"] if image_budget is not None else []))
+    title = f"Which patches merged into which token after {blocks} blocks: r={r} per block" + (
+        " or its cost" if budget else "")
     title += f"\n{ours}: {setting}" if setting else ""
     fig.suptitle(title, fontsize=10)
     top_inches = 0.25 + 0.2 * title.count("\n")

@@ -76,3 +76,32 @@ def test_visualize_refuses_an_r_its_matching_would_cap(tmp_path, shipped_vit):
     with pytest.raises(ValueError, match="r must be at most 188 with greedy matching"):
         visualize(shipped_vit, images, torch.tensor([0]), str(tmp_path / "x.png"), r=189,
                   options={"matching": "greedy"})
+
+
+def test_visualize_draws_each_image_at_its_own_budget(monkeypatch, tmp_path, shipped_vit):
+    from quickmerge.vision.image_budget import ImageBudget
+
+    # the blank image (1 content patch) in the first bucket, the square (36 patches) in the second
+    budget = ImageBudget(thresholds=[10.0], r=[60, 10], patch_size=2)
+    seen = _drawn_settings(monkeypatch, shipped_vit, path=str(tmp_path / "groups.png"), r=24, image_budget=budget)
+    tokens = [len(np.unique(g[g >= 0])) for g in seen["quickmerge"]["groups"]]
+    assert tokens == [5, 136]  # 196 -> 136 -> 76 -> 38 -> 19 -> 10 -> 5 (half at most); 196 - 6 x 10
+    assert seen["tome"]["r"] == 24 and seen["quickmerge"]["image_budget"] is budget
+    with pytest.raises(ValueError, match="not both"):
+        _drawn_settings(monkeypatch, shipped_vit, path=str(tmp_path / "x.png"), image_budget=budget,
+                        schedule=[24] * 6)
+
+
+def test_visualize_cli_draws_the_entropy_schedule_eval_vision_calibrates(monkeypatch, tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("safetensors")
+    from quickmerge.cli import main
+    from quickmerge.vision import visualize as module
+    from quickmerge.vision.budget import entropy_schedule
+
+    drawn, perplexity = {}, [30.0, 160.0, 100.0, 120.0, 110.0, 90.0]
+    monkeypatch.setattr(module, "visualize", lambda *args, **kwargs: drawn.update(kwargs) or "drawn.png")
+    monkeypatch.setattr("quickmerge.eval.vision_cli.calibrate", lambda model: perplexity)
+    assert main(["visualize", "--schedule", "entropy", "--r", "32", "--no-photos", "--out", str(tmp_path)]) == 0
+    assert drawn["schedule"] == entropy_schedule(perplexity, 196, 32)
+    assert drawn["r"] == 32 and drawn["options"] == {"matching": "bipartite"}
