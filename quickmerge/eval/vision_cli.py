@@ -57,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 SCHEDULES = ("constant", "entropy", "per-image")
 MATCHINGS = ("bipartite", "greedy")
 FLOOR = DEFAULT_FLOOR  # fewest tokens a greedy schedule leaves
+CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
 
 
 def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) -> None:
@@ -74,7 +75,6 @@ def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) ->
     parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
                         help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
                              "as ToMe) or hidden (the residual stream that is merged)")
-CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
 
 
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
