@@ -50,7 +50,7 @@ def _press_only() -> dict:
 
 def _vision() -> dict:
     pytest.importorskip("safetensors")
-    return {"images": torch.randn(2, 1, 28, 28)}
+    return {"images": torch.randn(2, 1, 28, 28), "photo": torch.rand(112, 112, 3).numpy()}
 
 
 def _vision_schedule() -> dict:
