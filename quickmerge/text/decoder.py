@@ -12,6 +12,8 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .cache import cache_kwargs
+
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
@@ -243,7 +245,7 @@ def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embedding
     scratch = DynamicCache()
     with torch.no_grad():
         module.forward(hidden_states=hidden_states[:, -m:], position_embeddings=(cos, sin), attention_mask=None,
-                       past_key_values=scratch)
+                       **cache_kwargs(module, scratch))
     return key_rotation(module, hidden_states, scratch.layers[module.layer_idx].keys, position_embeddings, check)
 
 
