@@ -36,7 +36,7 @@ def shipped_vit():
 
 
 def _drawn_settings(monkeypatch, model, **kwargs) -> dict[str, dict]:
-    """Run ``visualize`` on two blank images; what each column was merged with, and its groups."""
+    """Run ``visualize`` on a blank image and a square; what each column was merged with, and its groups."""
     pytest.importorskip("matplotlib")
     from quickmerge.vision import visualize as module
 
@@ -44,8 +44,9 @@ def _drawn_settings(monkeypatch, model, **kwargs) -> dict[str, dict]:
     real = module.source_groups
 
     def recording(model, images, grid, **cfg):
-        seen[cfg["method"]] = {**cfg, "groups": real(model, images, grid, **cfg)[0]}
-        return real(model, images, grid, **cfg)
+        groups, logits = real(model, images, grid, **cfg)
+        seen[cfg["method"]] = {**cfg, "groups": groups}
+        return groups, logits
 
     monkeypatch.setattr(module, "source_groups", recording)
     images = torch.zeros(2, 1, 28, 28, dtype=torch.uint8)
