@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quickmerge.vision import patch
-from quickmerge.vision.budget import entropy_schedule, schedule_cost, token_counts
+from quickmerge.vision.budget import constant_schedule, entropy_schedule, schedule_cost, token_counts
 from quickmerge.vision.image_budget import ImageBudget, bucketed_forward, content_perplexity
 
 
@@ -74,6 +74,7 @@ def test_greedy_budgets_pass_the_cap_and_cost_what_the_constant_schedule_down_to
     budget = ImageBudget.calibrate(images, patch_size=2, num_tokens=64, num_layers=3, r=24, buckets=4,
                                    bipartite=False)
     assert budget.schedules is not None and budget.schedules[0][0] > 32  # the simplest bucket merges past half
+    assert budget.schedules == [constant_schedule(64, x, 3, bipartite=False) for x in budget.r]  # as eval vision's
     share = torch.bincount(budget.assign(images), minlength=4).float() / len(images)
     for schedule in budget.schedules:
         counts = token_counts(64, [float(x) for x in schedule], bipartite=False)
