@@ -23,6 +23,7 @@ schedule alone on held-out images (BENCHMARKS.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,11 +139,13 @@ class ImageBudget:
         return cls(thresholds, rs, patch_size, [schedule(x) for x in rs] if per_block else None)
 
 
-def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: ImageBudget) -> tuple[Tensor, float]:
+def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: ImageBudget,
+                     after: Callable[[Tensor], None] | None = None) -> tuple[Tensor, float]:
     """Outputs of ``model`` on ``images [N, ...]`` with each bucket's r, and the mean tokens entering a block.
 
     ``handle``: the model's :class:`~quickmerge.vision.patch.MergeHandle`; its ``r`` is restored after.
-    One forward pass per non-empty bucket (a loop over the few buckets, not over images).
+    One forward pass per non-empty bucket (a loop over the few buckets, not over images); ``after(index)`` is
+    called after each, with the indices ``[n_k]`` of its images (to read the handle's state for them).
     """
     out: Tensor | None = None
     tokens = 0.0
@@ -155,6 +158,8 @@ def bucketed_forward(model: nn.Module, handle: Any, images: Tensor, budget: Imag
                 out = logits.new_empty((len(images), *logits.shape[1:]))
             out[index] = logits
             tokens += handle.mean_tokens * index.numel()
+            if after is not None:
+                after(index)
     finally:
         handle.r = saved
     assert out is not None  # every image lies in some bucket

@@ -22,7 +22,7 @@ from .._optional import require
 from ..data.fashion_mnist import CLASSES, MEAN, STD, normalize
 from ..errors import MissingExtraError
 from .budget import DEFAULT_FLOOR, constant_schedule
-from .image_budget import ImageBudget
+from .image_budget import ImageBudget, bucketed_forward
 from .patch import patch
 from .token_scorer import TokenScorer
 
@@ -62,20 +62,19 @@ def photo_to_model_input(photo: np.ndarray, side: int = 28) -> torch.Tensor:
 def source_groups(model: nn.Module, images: torch.Tensor, grid: int, image_budget: ImageBudget | None = None,
                   **merge: Any) -> tuple[np.ndarray, torch.Tensor]:
     """Final token of each patch, ``[B, grid, grid]``, and the model's logits, for one merge setting; with
-    ``image_budget`` each bucket of images runs at its own r (as
-    :func:`~quickmerge.vision.image_budget.bucketed_forward` runs them)."""
+    ``image_budget`` each bucket of images runs at its own r
+    (:func:`~quickmerge.vision.image_budget.bucketed_forward`)."""
     with patch(model, trace_source=True, **merge) as handle:
-        parts = [(handle.r, torch.arange(len(images)))] if image_budget is None else image_budget.sub_batches(images)
-        logits, source = None, None
-        for r, index in parts:
-            handle.r = r
-            part = model(images[index])
-            if logits is None:
-                logits = part.new_empty((len(images), *part.shape[1:]))
-                source = torch.empty(len(images), grid * grid, dtype=torch.long, device=part.device)
-            logits[index] = part
-            source[index] = handle.source[:, handle.num_prefix_tokens :]
-    assert logits is not None and source is not None  # every image lies in some part
+        if image_budget is None:
+            logits = model(images)
+            source = handle.source[:, handle.num_prefix_tokens :]
+        else:
+            source = torch.empty(len(images), grid * grid, dtype=torch.long, device=images.device)
+
+            def keep(index: torch.Tensor) -> None:
+                source[index] = handle.source[:, handle.num_prefix_tokens :]
+
+            logits, _ = bucketed_forward(model, handle, images, image_budget, after=keep)
     return source.reshape(-1, grid, grid).cpu().numpy(), logits
 
 
