@@ -45,11 +45,25 @@ SUPPORTED_ARCHITECTURES = (
     "ApertusForCausalLM",
     "ArceeForCausalLM",
     "GptOssForCausalLM",
+    "MinistralForCausalLM",
+    "Ministral3ForCausalLM",
+    "Glm4MoeForCausalLM",
+    "Ernie4_5ForCausalLM",
+    "Ernie4_5_MoeForCausalLM",
+    "HeliumForCausalLM",
+    "VaultGemmaForCausalLM",
+    "CwmForCausalLM",
+    "SolarOpenForCausalLM",
+    "Dots1ForCausalLM",
+    "FlexOlmoForCausalLM",
+    "Jais2ForCausalLM",
+    "Mistral3ForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
 )
 ROTATIONS = ("half", "interleaved", "split", "none")
+POSITION_KWARGS = ("position_embeddings", "position_ids", "cache_position")  # what a layer may read positions from
 ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-3, a wrong rotation errs near 1
 
 
@@ -189,8 +203,8 @@ def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) 
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     section = params.get("mrope_section") if isinstance(params, dict) else None
     if not section:
-        raise UnsupportedAttentionError(_unsupported(module, f"its rotary embedding has shape {tuple(cos.shape)} "
-                                                             "and no mrope_section in its config"))
+        why = f"its rotary embedding has shape {tuple(cos.shape)} and no mrope_section in its config"
+        raise UnsupportedAttentionError(unsupported_message(module, why))
     bands = list(section) * 2
     return tuple(torch.cat([band[i % 3] for i, band in enumerate(t.split(bands, dim=-1))], dim=-1) for t in (cos, sin))
 
@@ -218,7 +232,7 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
         mine = heads(module, hidden_states[:, -m:], "k").float()
     if mine.shape != target.shape:
         why = f"it cached keys of shape {tuple(target.shape)} where its projections give {tuple(mine.shape)}"
-        raise UnsupportedAttentionError(_unsupported(module, why))
+        raise UnsupportedAttentionError(unsupported_message(module, why))
     scale = target.norm().clamp_min(1e-12)
     first = declared_rotation(module)
     errors = {}
@@ -232,7 +246,7 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
         if errors[rotation] < ROTATION_TOLERANCE:
             return rotation
     why = f"no rotation of the keys recomputed from its projections gives the keys it cached (relative errors {errors})"
-    raise UnsupportedAttentionError(_unsupported(module, why))
+    raise UnsupportedAttentionError(unsupported_message(module, why))
 
 
 def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple, check: int = 4) -> str:
@@ -256,7 +270,7 @@ def logit_cap_and_sinks(module: nn.Module) -> tuple[float | None, Tensor | None]
     return getattr(module, "attn_logit_softcapping", None) or None, sinks if isinstance(sinks, Tensor) else None
 
 
-def _unsupported(module: nn.Module, why: str) -> str:
+def unsupported_message(module: nn.Module, why: str) -> str:
     return (f"the press cannot follow the attention of {type(module).__name__} (layer "
             f"{getattr(module, 'layer_idx', '?')}): {why}. Tested: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
@@ -268,16 +282,39 @@ class UnsupportedAttentionError(NotImplementedError):
     a missing ``**kwargs``), over a cache the first run had filled, and reports that run's error instead."""
 
 
-def window_queries(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple[Tensor, Tensor],
-                   rotation: str) -> Tensor:
+def window_queries(module: nn.Module, hidden_states: Tensor, kwargs: dict, rotation: str) -> Tensor:
     """Post-RoPE queries ``[B, H, w, d]`` of ``hidden_states [B, w, D]``, from the layer's own projection.
 
-    ``position_embeddings`` are the layer's ``(cos, sin)`` for the whole prompt; the last ``w``
+    ``kwargs``: what the attention was called with for the whole prompt (its ``position_embeddings``, and the
+    positions where the layer scales its queries by position, :func:`query_position_scale`); the last ``w``
     positions are used (the window ends the prompt). ``rotation``: from :func:`key_rotation`.
     """
     w = hidden_states.shape[1]
-    cos, sin = plain_rotary(module, position_embeddings)
-    return apply_rope(heads(module, hidden_states, "q"), cos[:, -w:], sin[:, -w:], rotation)
+    cos, sin = plain_rotary(module, kwargs["position_embeddings"])
+    queries = apply_rope(heads(module, hidden_states, "q"), cos[:, -w:], sin[:, -w:], rotation)
+    scale = query_position_scale(module, kwargs, w)
+    return queries if scale is None else queries * scale.to(queries.dtype)
+
+
+def query_position_scale(module: nn.Module, kwargs: dict, w: int) -> Tensor | None:
+    """The factor ``[B or 1, 1, w, 1]`` by which the layer multiplies the post-RoPE queries of the last ``w``
+    positions it was called for, or None where it scales none. Ministral 3 (``llama_4_scaling_beta`` in its rope
+    parameters) multiplies them by ``1 + beta * log(1 + floor(p / original_max_position_embeddings))``: 1 up to
+    that length (16,384 tokens in its checkpoints), more after it. Positions: the call's ``position_ids``
+    ``[B, n]``, else its ``cache_position`` ``[n]`` (what transformers up to 5.2x reads)."""
+    params = getattr(getattr(module, "config", None), "rope_parameters", None)
+    beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
+    if not beta:
+        return None
+    positions = kwargs.get("position_ids")
+    if positions is None:
+        positions = kwargs.get("cache_position")
+    if positions is None:
+        why = "it scales its queries by position (llama_4_scaling_beta) and was called without position_ids"
+        raise UnsupportedAttentionError(unsupported_message(module, why))
+    positions = positions[..., -w:].float()
+    scale = 1 + beta * torch.log1p(torch.floor(positions / params["original_max_position_embeddings"]))
+    return scale.reshape(-1, 1, w, 1)
 
 
 def prerope_keys(module: nn.Module, hidden_states: Tensor) -> Tensor:

@@ -27,6 +27,8 @@ from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
 from .decoder import (
+    POSITION_KWARGS,
+    UnsupportedAttentionError,
     apply_rope,
     base_model,
     decoder_layers,
@@ -35,7 +37,9 @@ from .decoder import (
     plain_rotary,
     prerope_keys,
     probed_rotation,
+    query_position_scale,
     sliding_window_of,
+    unsupported_message,
 )
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
@@ -60,6 +64,36 @@ def gather_tokens(table: Tensor, positions: Tensor) -> Tensor:
     table = table.expand(*table.shape[:-3], positions.shape[0], -1, -1)
     index = positions[..., None].expand(*table.shape[:-3], -1, -1, table.shape[-1])
     return table.gather(-2, index)
+
+
+def gathered_positions(attention: nn.Module, kwargs: dict, positions: Tensor) -> dict:
+    """The call's ``position_ids`` (``[1 or B, N]``, multimodal RoPE's ``[3, 1 or B, N]``) and ``cache_position``
+    (``[N]``) at the merged prompt's ``positions [B, K]``, for a layer that reads them (Ministral 3 scales its
+    queries by position). ``cache_position`` has one row for the whole batch: where the prompts merged to different
+    positions it is left whole, unless the layer scales its queries by it, which takes the first prompt's positions
+    where every prompt's queries scale alike there and is refused otherwise."""
+    out = {}
+    ids = kwargs.get("position_ids")
+    if ids is not None:
+        ids = ids.expand(*ids.shape[:-2], positions.shape[0], -1)
+        out["position_ids"] = ids.gather(-1, positions.expand(*ids.shape[:-2], -1, -1))
+    cache_position = kwargs.get("cache_position")
+    if cache_position is None:
+        return out
+    gathered = cache_position[positions]  # [B, K]
+    if bool((gathered == gathered[:1]).all()):
+        out["cache_position"] = gathered[0]
+        return out
+    scale = query_position_scale(attention, {"cache_position": gathered}, gathered.shape[1])  # [B, 1, K, 1]
+    if scale is None:
+        return out
+    if not torch.equal(scale, scale[:1].expand_as(scale)):
+        why = ("it scales its queries by cache_position, which this transformers passes once for the whole batch, "
+               "and the batch's prompts merged to positions it scales differently; merge them one at a time "
+               "(or use transformers 5.4 or later, which scales by position_ids, one row per prompt)")
+        raise UnsupportedAttentionError(unsupported_message(attention, why))
+    out["cache_position"] = gathered[0]
+    return out
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -133,7 +167,7 @@ class QuickMergeInputPress(Press):
         self._prompt_masks: dict[str, Tensor | None] | None = None
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
         self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
-        self._attention_input: tuple[Tensor, tuple] | None = None  # the merge layer's, during its forward
+        self._attention_input: tuple[Tensor, dict] | None = None  # the merge layer's, during its forward
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
@@ -199,13 +233,16 @@ class QuickMergeInputPress(Press):
                 self._selected = self._selection(ids, q_len)
 
     def _capture_attention_input(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
-        """The merge layer's attention input (after the layer's own norm, wherever it sits) and (cos, sin)."""
-        self._attention_input = (hidden_states_arg(args, kwargs), kwargs["position_embeddings"])
+        """The merge layer's attention input (after the layer's own norm, wherever it sits) and its positions:
+        ``position_embeddings`` (cos, sin), and ``position_ids`` / ``cache_position`` where given."""
+        positions = {k: kwargs[k] for k in POSITION_KWARGS if k in kwargs}
+        self._attention_input = (hidden_states_arg(args, kwargs), positions)
 
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         n = hidden.shape[1]
-        normed, position_embeddings = self._attention_input
+        normed, attn_kwargs = self._attention_input
+        position_embeddings = attn_kwargs["position_embeddings"]
         self._attention_input = None
         if self._prompt_length != n:
             return None  # decoding, or a pass that is not a fresh prompt
@@ -216,7 +253,6 @@ class QuickMergeInputPress(Press):
             return None
         attn = block.self_attn
         cache = cache_arg(kwargs)
-        attn_kwargs = {"position_embeddings": position_embeddings}
         with torch.no_grad():
             # the layer's keys: as cached by the attention, or recomputed (no cache, or a sliding layer's
             # cache that kept only its window)
@@ -322,6 +358,7 @@ class QuickMergeInputPress(Press):
             if layer is not None:
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             kwargs["position_embeddings"] = tuple(gather_tokens(t, positions) for t in kwargs["position_embeddings"])
+            kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
             own = self._own_mask(block)
             kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
                                         else gathered_mask(own, positions, hidden.dtype))

@@ -110,7 +110,7 @@ def replay_scores(
         hidden = hidden_states_arg(args, kwargs)
         keys = cache.layers[module.layer_idx].keys
         pe = kwargs["position_embeddings"]
-        queries = window_queries(module, hidden, pe, key_rotation(module, hidden, keys, pe))
+        queries = window_queries(module, hidden, kwargs, key_rotation(module, hidden, keys, pe))
         cap, sinks = logit_cap_and_sinks(module)
         scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk,
                                                     softcap=cap, sinks=sinks)

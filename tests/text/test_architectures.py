@@ -3,6 +3,8 @@ ratio 0, decoding equal to the duplicated-cache oracle, prompt scoring equal to 
 (logit caps and attention sinks included), each layer's rotation read off its cached keys, and a refusal, not a
 silent mis-scoring, where the keys cannot be recomputed."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -11,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
+    POSITION_KWARGS,
     UnsupportedAttentionError,
     apply_rope,
     decoder_attention_layers,
@@ -19,11 +22,15 @@ from quickmerge.text.decoder import (  # noqa: E402
     sliding_window_of,
 )
 from quickmerge.text.scoring import observe  # noqa: E402
-from tests.text.test_input_press import test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers  # noqa: E402
+from tests.text.test_input_press import (  # noqa: E402
+    _run,
+    test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers,
+)
 from tests.text.tiny import COMMON, MORE_KINDS, MROPE_KINDS, duplicated_cache, tiny  # noqa: E402
 
 # how each family rotates its keys, by layer: sliding layers first where they alternate
 ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
+            "ernie4.5": "interleaved", "ernie4.5-moe": "interleaved", "helium": "interleaved",
             "cohere2": ("interleaved", "none"), "exaone4": ("half", "none")}  # global layers without RoPE
 
 
@@ -58,12 +65,13 @@ def test_ratio_zero_is_exact_and_decoding_equals_the_duplicated_cache(kind, attn
 
 
 def _recorded_prefill(model, ids, **inputs):
-    """An unpatched prefill of ``ids``: each attention layer's inputs ``{layer: {"hidden", "position_embeddings"}}``,
+    """An unpatched prefill of ``ids``: each attention layer's inputs ``{layer: {"hidden", *POSITION_KWARGS}}``,
     the cache, and the model's own attention weights (``output_attentions``, eager models)."""
     seen = {}
 
     def keep(module, args, kwargs):
-        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], position_embeddings=kwargs["position_embeddings"])
+        positions = {k: kwargs[k] for k in POSITION_KWARGS if k in kwargs}  # Ministral 3 scales queries by them
+        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], **positions)
 
     handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
     cache = transformers.DynamicCache()
@@ -119,9 +127,75 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
         assert torch.allclose(recomputed, cache.layers[i].keys, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", MORE_KINDS)
+MINISTRAL3 = ("ministral3", "mistral3-vlm")  # queries scaled by position: batches of the input press tested below
+
+
+@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in MINISTRAL3])
 def test_input_press_is_exact_at_ratio_zero_and_shrinks_the_upper_layers(kind):
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, "sdpa")
+
+
+@pytest.mark.parametrize("scale_from", [8, 10_000], ids=["scaled-apart", "scaled-alike"])
+def test_ministral3_merges_a_batch_as_it_merges_each_prompt_alone(scale_from):
+    """Ministral 3 scales its queries by position (from ``original_max_position_embeddings`` on): each prompt of a
+    batch goes through the upper layers at its own merged positions (``position_ids``, one row per prompt), as it
+    does alone. Before transformers 5.4 the scale reads ``cache_position``, one row for the whole batch: a batch
+    whose prompts merged to positions scaled differently (``scaled-apart``) is refused there, not scaled at the
+    first prompt's positions; where the scale is 1 for all of them (``scaled-alike``) it merges."""
+    model = tiny("ministral3", layers=3)
+    model.config.rope_parameters["original_max_position_embeddings"] = scale_from  # read by each call
+    generator = torch.Generator().manual_seed(3)
+    ids, cont = torch.randint(0, 97, (2, 30), generator=generator), torch.randint(0, 97, (2, 6), generator=generator)
+
+    def run(ids, cont):
+        return _run(model, QuickMergeInputPress(0.5, layer=0, window=4), ids, cont)[0]
+
+    alone = torch.cat([run(ids[i : i + 1], cont[i : i + 1]) for i in range(2)])
+    attention = decoder_attention_layers(model)[0]
+    if scale_from == 8 and "cache_position" in inspect.signature(attention.forward).parameters:
+        with pytest.raises(UnsupportedAttentionError, match="merged to positions it scales differently"):
+            run(ids, cont)
+    else:
+        assert torch.allclose(run(ids, cont), alone, atol=1e-5)
+
+
+def _pixtral_prompt(batch: int):
+    """Token ids with one image (four image tokens 96) amid text and the tiny Pixtral tower's inputs, for
+    ``tiny("mistral3-vlm")``."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (batch, 30), generator=g)
+    ids = torch.cat([text[:, :5], torch.full((batch, 4), 96), text[:, 5:]], 1)
+    pixels = torch.randn(batch, 3, 32, 32, generator=g)
+    return ids, dict(pixel_values=pixels, image_sizes=torch.tensor([[32, 32]] * batch))
+
+
+def test_mistral3_merges_the_cache_of_a_prompt_with_an_image():
+    """Mistral3ForConditionalGeneration, the class of Ministral 3's checkpoints (Pixtral tower, Ministral 3 decoder):
+    with an image in the prompt the KV press is exact at ratio 0, decoding after merging equals the duplicated-cache
+    oracle and generate runs inside it; the input press with ``token_ids`` merges the image's tokens only."""
+    model = tiny("mistral3-vlm", layers=3)
+    ids, image = _pixtral_prompt(2)
+    cont = torch.randint(1, 90, (2, 4))
+    with torch.no_grad():
+        reference = model(torch.cat([ids, cont], 1), **image).logits[:, -4:]
+        assert not torch.allclose(reference, model(torch.cat([ids, cont], 1)).logits[:, -4:], atol=1e-3)
+        cache = transformers.DynamicCache()
+        with QuickMergePress(0.0)(model):
+            model(ids, **image, **cache_kwargs(model, cache))
+            assert torch.allclose(model(cont, **cache_kwargs(model, cache)).logits, reference, atol=1e-5)
+        press, cache = QuickMergePress(0.5), transformers.DynamicCache()
+        with press(model):
+            model(ids, **image, **cache_kwargs(model, cache))
+            oracle = duplicated_cache(cache)
+            merged = model(cont, **cache_kwargs(model, cache)).logits
+            generated = model.generate(ids, **image, max_new_tokens=3, do_sample=False)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [21, 21, 21]
+        assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+        assert generated.shape == (2, 37)
+        press, cache = QuickMergeInputPress(0.5, layer=0, token_ids=(96,)), transformers.DynamicCache()
+        with press(model):
+            model(ids[:1], **{k: v[:1] for k, v in image.items()}, **cache_kwargs(model, cache))
+        assert [layer.keys.shape[2] for layer in cache.layers] == [34, 32, 32]  # 4 image tokens -> 2, text whole
 
 
 @pytest.mark.parametrize("kind", ["cohere2", "gpt-oss"])

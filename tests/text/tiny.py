@@ -21,10 +21,13 @@ COMMON = dict(
 KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "smollm3", "gemma3", "gemma3-vlm")
 # more families, each checked by tests/text/test_architectures.py
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
-              "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss")
+              "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
+              "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
+              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
-ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss")  # sliding and global layers in turn
+# sliding and global layers in turn
+ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral")
 
 
 def _mrope(kind: str, common: dict):
@@ -44,6 +47,14 @@ def _mrope(kind: str, common: dict):
         return t.Qwen2VLForConditionalGeneration(t.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens))
     vision = dict(depth=1, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64)
     return t.Qwen2_5_VLForConditionalGeneration(t.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens))
+
+
+def _ministral3_config(common: dict):
+    """Ministral 3 with its query scale ``1 + 0.1 log(1 + floor(p / 8))`` past position 8 (16,384 in its
+    checkpoints), so that prompts of a few dozen tokens see it."""
+    config = transformers.Ministral3Config(**common, head_dim=16)
+    config.rope_parameters = {**config.rope_parameters, "original_max_position_embeddings": 8}
+    return config
 
 
 def _more(kind: str, common: dict, sliding_window: int | None):
@@ -81,6 +92,32 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "arcee": lambda: t.ArceeForCausalLM(t.ArceeConfig(**common)),
         "gpt-oss": lambda: t.GptOssForCausalLM(t.GptOssConfig(
             **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2)),
+        "ministral": lambda: t.MinistralForCausalLM(t.MinistralConfig(**common, head_dim=16)),
+        "ministral3": lambda: t.Ministral3ForCausalLM(_ministral3_config(common)),
+        "glm4-moe": lambda: t.Glm4MoeForCausalLM(t.Glm4MoeConfig(
+            **common, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, use_qk_norm=True, pad_token_id=0)),
+        "ernie4.5": lambda: t.Ernie4_5ForCausalLM(t.Ernie4_5Config(**common, head_dim=16, pad_token_id=0)),
+        "ernie4.5-moe": lambda: t.Ernie4_5_MoeForCausalLM(t.Ernie4_5_MoeConfig(
+            **common, moe_num_experts=4, moe_k=2, moe_intermediate_size=32, moe_layer_start_index=1,
+            pad_token_id=0)),
+        "helium": lambda: t.HeliumForCausalLM(t.HeliumConfig(**common, head_dim=16, pad_token_id=0)),
+        "vaultgemma": lambda: t.VaultGemmaForCausalLM(t.VaultGemmaConfig(**common, head_dim=16, pad_token_id=0)),
+        "cwm": lambda: t.CwmForCausalLM(t.CwmConfig(**common, head_dim=16, pad_token_id=0)),
+        "solar-open": lambda: t.SolarOpenForCausalLM(t.SolarOpenConfig(
+            **common, head_dim=16, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            pad_token_id=0)),
+        "dots1": lambda: t.Dots1ForCausalLM(t.Dots1Config(
+            **common, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=32,
+            first_k_dense_replace=1, pad_token_id=0)),
+        "flex-olmo": lambda: t.FlexOlmoForCausalLM(t.FlexOlmoConfig(**common, num_experts=4, num_experts_per_tok=2,
+                                                                   pad_token_id=0)),
+        "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
+        # Ministral 3's checkpoints: a one-layer Pixtral tower (a 32 x 32 image is 4 tokens, image token 96)
+        "mistral3-vlm": lambda: t.Mistral3ForConditionalGeneration(t.Mistral3Config(
+            text_config=_ministral3_config(common).to_dict(), image_token_index=96, spatial_merge_size=2,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               head_dim=16, image_size=32, patch_size=8))),
     }
     model = build[kind]()
     if kind == "gpt-oss":
