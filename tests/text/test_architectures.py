@@ -26,7 +26,7 @@ from tests.text.test_input_press import (  # noqa: E402
     _run,
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers,
 )
-from tests.text.tiny import COMMON, MORE_KINDS, MROPE_KINDS, duplicated_cache, tiny  # noqa: E402
+from tests.text.tiny import COMMON, MORE_KINDS, MROPE_KINDS, duplicated_cache, mistral3_vlm, tiny  # noqa: E402
 
 # how each family rotates its keys, by layer: sliding layers first where they alternate
 ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
@@ -169,11 +169,18 @@ def _pixtral_prompt(batch: int):
     return ids, dict(pixel_values=pixels, image_sizes=torch.tensor([[32, 32]] * batch))
 
 
-def test_mistral3_merges_the_cache_of_a_prompt_with_an_image():
-    """Mistral3ForConditionalGeneration, the class of Ministral 3's checkpoints (Pixtral tower, Ministral 3 decoder):
-    with an image in the prompt the KV press is exact at ratio 0, decoding after merging equals the duplicated-cache
-    oracle and generate runs inside it; the input press with ``token_ids`` merges the image's tokens only."""
-    model = tiny("mistral3-vlm", layers=3)
+@pytest.mark.parametrize("text", ["ministral3", "mistral"])
+def test_mistral3_merges_the_cache_of_a_prompt_with_an_image(text):
+    """Mistral3ForConditionalGeneration, the class of Ministral 3's checkpoints (Pixtral tower, Ministral 3 decoder)
+    and Mistral Small 3.x's (Mistral decoder): with an image in the prompt the KV press is exact at ratio 0, decoding
+    after merging equals the duplicated-cache oracle and generate runs inside it; the input press with ``token_ids``
+    merges the image's tokens only."""
+    if text == "ministral3":
+        model = tiny("mistral3-vlm", layers=3)
+    else:
+        torch.manual_seed(0)
+        config = transformers.MistralConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=None)
+        model = mistral3_vlm(config).eval()
     ids, image = _pixtral_prompt(2)
     cont = torch.randint(1, 90, (2, 4))
     with torch.no_grad():

@@ -57,6 +57,15 @@ def _ministral3_config(common: dict):
     return config
 
 
+def mistral3_vlm(text_config):
+    """``Mistral3ForConditionalGeneration`` (Ministral 3's and Mistral Small 3.x's checkpoints) over ``text_config``
+    with a one-layer Pixtral tower: a 32 x 32 image is 4 tokens (image token 96)."""
+    vision = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+                  image_size=32, patch_size=8)
+    return transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=text_config.to_dict(), vision_config=vision, image_token_index=96, spatial_merge_size=2))
+
+
 def _more(kind: str, common: dict, sliding_window: int | None):
     """Models of :data:`MORE_KINDS`: defaults of each config but the tiny sizes; ``ALTERNATING`` kinds
     alternate sliding (window 8 unless given) and global layers; some carry their family's trait on purpose
@@ -113,11 +122,7 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "flex-olmo": lambda: t.FlexOlmoForCausalLM(t.FlexOlmoConfig(**common, num_experts=4, num_experts_per_tok=2,
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
-        # Ministral 3's checkpoints: a one-layer Pixtral tower (a 32 x 32 image is 4 tokens, image token 96)
-        "mistral3-vlm": lambda: t.Mistral3ForConditionalGeneration(t.Mistral3Config(
-            text_config=_ministral3_config(common).to_dict(), image_token_index=96, spatial_merge_size=2,
-            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
-                               head_dim=16, image_size=32, patch_size=8))),
+        "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
     }
     model = build[kind]()
     if kind == "gpt-oss":
