@@ -63,7 +63,13 @@ def _cache_keyword(model_type: type) -> str:
 
 
 def check_cache(cache: Any, who: str) -> None:
-    """Raise :class:`UnsupportedCacheError` for caches whose layers cannot be rewritten in place (offloaded)."""
+    """Raise :class:`UnsupportedCacheError` for caches whose layers cannot be rewritten in place (offloaded) or
+    that keep no layers at all."""
+    if not hasattr(cache, "layers"):
+        raise UnsupportedCacheError(
+            f"{who} compresses the layers of a transformers Cache; this {type(cache).__name__} keeps none (a hybrid "
+            "model's own cache class, as Qwen 3.5 has before transformers 5.5): use transformers 5.5 or later"
+        )
     if getattr(cache, "offloading", False):
         raise UnsupportedCacheError(
             f"{who} cannot compress an offloaded cache (DynamicCache(offloading=True)); use a plain DynamicCache()"

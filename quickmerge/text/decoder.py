@@ -58,6 +58,9 @@ SUPPORTED_ARCHITECTURES = (
     "FlexOlmoForCausalLM",
     "Jais2ForCausalLM",
     "Mistral3ForConditionalGeneration",
+    "Qwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM",
+    "Qwen3NextForCausalLM",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
@@ -73,12 +76,20 @@ def base_model(model: nn.Module) -> nn.Module:
     return getattr(base, "language_model", base)
 
 
+def has_attention(layer: nn.Module) -> bool:
+    """Whether a decoder layer attends with q/k/v-projected self-attention (separate ``q_proj``/``k_proj``/
+    ``v_proj``, or Phi-3's fused ``qkv_proj``)."""
+    attn = getattr(layer, "self_attn", None)
+    return attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj"))
+
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a causal LM; raises TypeError if it has none with q/k/v-projected attention
-    (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``)."""
+    """The decoder layers of a causal LM: each attends (:func:`has_attention`) or, in a hybrid model (Qwen 3.5),
+    runs a linear attention (``linear_attn``) whose state does not grow with the prompt. Raises TypeError if a
+    layer does neither, or none attends."""
     layers = list(getattr(base_model(model), "layers", None) or [])
-    attns = [getattr(layer, "self_attn", None) for layer in layers]
-    if not attns or any(a is None or not (hasattr(a, "k_proj") or hasattr(a, "qkv_proj")) for a in attns):
+    attending = [has_attention(layer) for layer in layers]
+    if not any(attending) or not all(has_attention(layer) or hasattr(layer, "linear_attn") for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -87,8 +98,9 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a causal LM's decoder layers; raises if there are none."""
-    return [layer.self_attn for layer in decoder_layers(model)]
+    """The self-attention modules of a causal LM's decoder layers (a hybrid model's attending layers); raises if
+    there are none."""
+    return [layer.self_attn for layer in decoder_layers(model) if has_attention(layer)]
 
 
 def warn_if_untested(model: nn.Module, who: str) -> None:
@@ -175,6 +187,8 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     Cohere's per-head weights ``[heads, d]``) or over all heads at once (OLMo 2: a weight ``[heads * d]``)."""
     b, n, _ = hidden_states.shape
     x = projection(module, hidden_states, part)
+    if part == "q" and x.shape[-1] == 2 * module.config.num_attention_heads * module.head_dim:
+        x = x.view(b, n, -1, 2 * module.head_dim)[..., : module.head_dim].flatten(2)  # Qwen 3.5: query, gate per head
     norm = getattr(module, f"{part}_norm", None)
     weight = getattr(norm, "weight", None)
     if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != module.head_dim:

@@ -32,6 +32,7 @@ from .decoder import (
     apply_rope,
     base_model,
     decoder_layers,
+    has_attention,
     hidden_states_arg,
     key_rotation,
     plain_rotary,
@@ -178,7 +179,12 @@ class QuickMergeInputPress(Press):
         self._call_ids = None
 
     def refusal(self, model: nn.Module) -> str | None:
-        last = len(decoder_layers(model)) - 1
+        layers = decoder_layers(model)
+        if not all(has_attention(layer) for layer in layers):
+            return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
+                    f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "
+                    "QuickMergePress, which merges the cache of its attention layers")
+        last = len(layers) - 1
         if self.layer >= last:
             return (f"layer must be below the last decoder layer ({last}) of {type(model).__name__}, got "
                     f"{self.layer}")

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from . import flat
 from .attention import grouped_sdpa, is_sdpa
 from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
-from .decoder import base_model, cache_causal_mask, hidden_states_arg, sliding_window_of
+from .decoder import base_model, cache_causal_mask, has_attention, hidden_states_arg, sliding_window_of
 from .press import Press
 
 PROPORTIONAL_BIAS = "log(group size) on merged entries' logits; proportional=False does without it"
@@ -145,7 +145,9 @@ class KVPress(Press):
         self._prefill = None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
-        self._full_layers = [i for i, layer in enumerate(layers) if sliding_window_of(layer.self_attn) is None]
+        layers = [layer for layer in layers if has_attention(layer)]  # a hybrid model's linear layers hold no KV
+        self._full_layers = [layer.self_attn.layer_idx for layer in layers
+                             if sliding_window_of(layer.self_attn) is None]
         base = base_model(model)
         handles = [
             base.register_forward_pre_hook(self._before_model, with_kwargs=True),
@@ -200,6 +202,7 @@ class KVPress(Press):
         if cache is None:
             return output
         call.cache_seen = True
+        check_cache(cache, type(self).__name__)
         layer = cache.layers[module.layer_idx]
         if sliding_window_of(module) is not None:
             call.sliding += 1
@@ -278,7 +281,7 @@ class KVPress(Press):
 
     def _before_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         cache = cache_arg(kwargs)
-        if cache is None or module.layer_idx >= len(cache.layers):
+        if cache is None or module.layer_idx >= len(getattr(cache, "layers", ())):
             return None
         layer = cache.layers[module.layer_idx]
         bias = getattr(layer, "log_sizes", None)  # [B, H, 1, K]: log sizes of the merged entries

@@ -17,6 +17,7 @@ floats per KV head.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -116,9 +117,8 @@ def replay_scores(
                                                     softcap=cap, sinks=sinks)
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
-    # Layers not scored (sliding windows) would roll their window over the replay: put their state back.
-    # Cache updates rebind tensors (they do not write in place), so a shallow copy of the state suffices.
-    saved = {i: dict(layer.__dict__) for i, layer in enumerate(cache.layers) if i not in attentions}
+    # Layers not scored (sliding windows, linear attention) would take the replay in: put their state back.
+    saved = {i: _state(layer) for i, layer in enumerate(cache.layers) if i not in attentions}
     try:
         with torch.no_grad():
             base(**replay, **cache_kwargs(base, cache), use_cache=True)
@@ -137,3 +137,11 @@ def replay_scores(
     if missing:
         raise RuntimeError(f"the replay pass did not reach attention layers {missing}: cannot score them")
     return scores
+
+
+def _state(layer: Any) -> dict:
+    """What a cache layer holds, to put back after the replay: a shallow copy where updates rebind tensors
+    (attention layers, sliding windows); a copy of the tensors of a hybrid model's linear-attention layers
+    (``conv_states``, ``recurrent_states``), which update their convolution state in place."""
+    state = dict(layer.__dict__)
+    return copy.deepcopy(state) if "conv_states" in state else state

@@ -64,7 +64,7 @@ def test_ratio_zero_is_exact_and_decoding_equals_the_duplicated_cache(kind, attn
     assert not torch.allclose(merged, reference, atol=1e-4)
 
 
-def _recorded_prefill(model, ids, **inputs):
+def _recorded_prefill(model, ids, cache=None, **inputs):
     """An unpatched prefill of ``ids``: each attention layer's inputs ``{layer: {"hidden", *POSITION_KWARGS}}``,
     the cache, and the model's own attention weights (``output_attentions``, eager models)."""
     seen = {}
@@ -74,7 +74,7 @@ def _recorded_prefill(model, ids, **inputs):
         seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], **positions)
 
     handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
-    cache = transformers.DynamicCache()
+    cache = transformers.DynamicCache() if cache is None else cache
     try:
         with torch.no_grad():
             weights = model(ids, **inputs, **cache_kwargs(model, cache), output_attentions=True).attentions

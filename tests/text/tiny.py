@@ -24,6 +24,8 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm")
+# hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
+HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # sliding and global layers in turn
@@ -77,6 +79,9 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         common = {**common, "num_hidden_layers": layers, "layer_types": types, "sliding_window": sliding_window or 8}
     moe = dict(num_experts=4, num_experts_per_tok=2)
+    hybrid = dict(**{**common, "num_hidden_layers": max(common["num_hidden_layers"], 4)}, head_dim=16, pad_token_id=0,
+                  linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+    hybrid_moe = dict(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     build = {
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
@@ -123,6 +128,10 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
+        # three linear-attention (gated DeltaNet) layers to one attention layer, whose queries carry a gate
+        "qwen3.5": lambda: t.Qwen3_5ForCausalLM(t.Qwen3_5TextConfig(**hybrid)),
+        "qwen3.5-moe": lambda: t.Qwen3_5MoeForCausalLM(t.Qwen3_5MoeTextConfig(**hybrid, **hybrid_moe)),
+        "qwen3-next": lambda: t.Qwen3NextForCausalLM(t.Qwen3NextConfig(**hybrid, **hybrid_moe)),
     }
     model = build[kind]()
     if kind == "gpt-oss":
@@ -182,7 +191,7 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
             ))
     elif kind in MROPE_KINDS:
         model = _mrope(kind, common)
-    elif kind in MORE_KINDS:
+    elif kind in MORE_KINDS + HYBRID_KINDS:
         model = _more(kind, common, sliding_window)
         attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
     else:
