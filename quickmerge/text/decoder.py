@@ -61,6 +61,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM",
     "Qwen3NextForCausalLM",
+    "Gemma4ForCausalLM",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
@@ -88,6 +89,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     runs a linear attention (``linear_attn``) whose state does not grow with the prompt. Raises TypeError if a
     layer does neither, or none attends."""
     layers = list(getattr(base_model(model), "layers", None) or [])
+    shared = [i for i, layer in enumerate(layers)
+              if getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)]
+    if shared:
+        raise UnsupportedAttentionError(
+            f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier layers "
+            "(num_kv_shared_layers): the presses do not merge a cache that layers share"
+        )
     attending = [has_attention(layer) for layer in layers]
     if not any(attending) or not all(has_attention(layer) or hasattr(layer, "linear_attn") for layer in layers):
         raise TypeError(

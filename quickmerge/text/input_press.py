@@ -164,6 +164,7 @@ class QuickMergeInputPress(Press):
         check_positive_int(self.time_offset, "time_offset", minimum=0)
         self._prompt_length: int | None = None  # set while a prefill pass runs
         self._positions: Tensor | None = None  # [B, K] positions of the merged prompt, during that pass
+        self._groups: tuple[Tensor, Tensor, int] | None = None  # its merge: mass, assignment [B, N] and K
         # a vision-language model's own prompt masks, by layer type, during that pass (None: causal)
         self._prompt_masks: dict[str, Tensor | None] | None = None
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
@@ -173,9 +174,11 @@ class QuickMergeInputPress(Press):
     def _new_prompt(self) -> None:
         super()._new_prompt()
         self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
+        self._groups = None
 
     def _release(self) -> None:
         self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
+        self._groups = None
         self._call_ids = None
 
     def refusal(self, model: nn.Module) -> str | None:
@@ -272,7 +275,7 @@ class QuickMergeInputPress(Press):
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
             mass = merge_mass(mask, saliency, self.epsilon)
         merged, _ = weighted_mean(hidden, mass, assignment, kept)
-        self._positions = last
+        self._positions, self._groups = last, (mass, assignment, kept)
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
     def _merge_before_first(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -287,7 +290,7 @@ class QuickMergeInputPress(Press):
                     assignment, last = self._group(hidden, saliency, kept)
                 mass = torch.ones_like(saliency)
                 merged, _ = weighted_mean(hidden, mass, assignment, kept)
-                self._positions = last
+                self._positions, self._groups = last, (mass, assignment, kept)
                 if "hidden_states" in kwargs:
                     kwargs["hidden_states"] = merged
                 else:
@@ -365,6 +368,7 @@ class QuickMergeInputPress(Press):
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             kwargs["position_embeddings"] = tuple(gather_tokens(t, positions) for t in kwargs["position_embeddings"])
             kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
+            args = self._merged_per_layer_input(args, kwargs)
             own = self._own_mask(block)
             kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
                                         else gathered_mask(own, positions, hidden.dtype))
@@ -378,6 +382,16 @@ class QuickMergeInputPress(Press):
             layer._press_call, layer._new_positions = True, new
             return args, kwargs
         return None
+
+    def _merged_per_layer_input(self, args: tuple, kwargs: dict) -> tuple:
+        """The layer's own input per prompt token, Gemma 4's ``per_layer_input [B, N, d]`` (its second argument),
+        merged with the weights that merged the hidden states; ``args`` with it in place (kwargs: in place)."""
+        mass, assignment, kept = self._groups
+        if isinstance(kwargs.get("per_layer_input"), Tensor):
+            kwargs["per_layer_input"] = weighted_mean(kwargs["per_layer_input"], mass, assignment, kept)[0]
+        elif len(args) > 1 and isinstance(args[1], Tensor) and args[1].shape[:2] == mass.shape:
+            args = (args[0], weighted_mean(args[1], mass, assignment, kept)[0], *args[2:])
+        return args
 
     def _after_upper(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = cache_arg(kwargs)
@@ -404,7 +418,7 @@ class QuickMergeInputPress(Press):
         return self._prompt_masks.get(kind)
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self._positions, self._prompt_length, self._prompt_masks = None, None, None
+        self._positions, self._prompt_length, self._prompt_masks, self._groups = None, None, None, None
         self._call_ids = None  # read by this call only: a later call of the decoder alone brings its own
 
 

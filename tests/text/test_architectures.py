@@ -17,6 +17,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     UnsupportedAttentionError,
     apply_rope,
     decoder_attention_layers,
+    decoder_layers,
     key_rotation,
     prerope_keys,
     sliding_window_of,
@@ -449,3 +450,48 @@ def test_replay_rereads_an_image_prompt_at_its_own_positions(kind, monkeypatch):
         model(ids, **image, **cache_kwargs(model, transformers.DynamicCache()))
     for layer, expected in enumerate(_read_twice_reference(model, ids, image)):
         assert torch.allclose(got[0][layer], expected, atol=1e-5), (got[0][layer] - expected).abs().max()
+
+
+def test_gemma4_merges_each_layers_own_input_with_the_prompt():
+    """Gemma 4 gives every layer an input of its own per token (``per_layer_input``): above the merge, a merged
+    token's is the mean over its run, as its hidden state is (layer -1: plain means of runs of the embeddings)."""
+    model = tiny("gemma4", layers=3)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
+    press, seen = QuickMergeInputPress(0.5, layer=-1), {}
+
+    def capture(name):
+        def hook(module, args, kwargs):
+            seen[name] = args[1].clone()
+            if press._positions is not None:
+                seen["positions"] = press._positions[0].clone()
+        return hook
+
+    layer = decoder_layers(model)[1]
+    with torch.no_grad():
+        handle = layer.register_forward_pre_hook(capture("whole"), with_kwargs=True)
+        model(ids)
+        handle.remove()
+        with press(model):
+            handle = layer.register_forward_pre_hook(capture("merged"), with_kwargs=True)
+            model(ids)
+            handle.remove()
+    positions, whole, merged = seen["positions"], seen["whole"][0], seen["merged"][0]
+    assert merged.shape == (15, whole.shape[-1]) and positions.shape == (15,)
+    starts = [0, *(positions[:-1] + 1).tolist()]
+    want = torch.stack([whole[a : b + 1].mean(0) for a, b in zip(starts, positions.tolist(), strict=True)])
+    assert torch.allclose(merged, want, atol=1e-6)
+    assert not torch.allclose(merged, whole[positions], atol=1e-4)  # some runs hold several tokens
+
+
+def test_layers_sharing_another_layers_cache_are_refused():
+    """Gemma 4's ``num_kv_shared_layers``: the last layers attend with an earlier layer's keys and values and own no
+    cache; the presses refuse the model rather than merge a cache whose readers they do not all see."""
+    if not hasattr(transformers, "Gemma4ForCausalLM"):
+        pytest.skip("transformers 5.5 added Gemma 4")
+    config = transformers.Gemma4TextConfig(
+        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, num_kv_shared_layers=2, hidden_size_per_layer_input=8,
+        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=97, pad_token_id=0)
+    model = transformers.Gemma4ForCausalLM(config)
+    for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
+        with pytest.raises(UnsupportedAttentionError, match="layers 2-3 of Gemma4ForCausalLM reuse"), press(model):
+            pass

@@ -23,13 +23,14 @@ KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
-              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm")
+              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4")
 # hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # sliding and global layers in turn
-ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral")
+ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4")
+NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5")}  # kinds a transformers release added after 5.0: class, release
 
 
 def _mrope(kind: str, common: dict):
@@ -128,6 +129,10 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
+        # wider global heads, keys that are the values there (k_eq_v), a per-layer input to each layer
+        "gemma4": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(
+            **common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, hidden_size_per_layer_input=8,
+            vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)),
         # three linear-attention (gated DeltaNet) layers to one attention layer, whose queries carry a gate
         "qwen3.5": lambda: t.Qwen3_5ForCausalLM(t.Qwen3_5TextConfig(**hybrid)),
         "qwen3.5-moe": lambda: t.Qwen3_5MoeForCausalLM(t.Qwen3_5MoeTextConfig(**hybrid, **hybrid_moe)),
@@ -192,6 +197,10 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
     elif kind in MROPE_KINDS:
         model = _mrope(kind, common)
     elif kind in MORE_KINDS + HYBRID_KINDS:
+        if kind in NEWER and not hasattr(transformers, NEWER[kind][0]):
+            import pytest
+
+            pytest.skip(f"transformers {transformers.__version__} has no {NEWER[kind][0]} (added in {NEWER[kind][1]})")
         model = _more(kind, common, sliding_window)
         attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
     else:
