@@ -15,13 +15,13 @@ from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import decoder_attention_layers, decoder_layers, has_attention  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
-from tests.text.test_architectures import _recorded_prefill  # noqa: E402
+from tests.text.test_architectures import _image_prompt, _recorded_prefill  # noqa: E402
 from tests.text.tiny import HYBRID_KINDS, duplicated_cache, tiny  # noqa: E402
 
 LAYERED = Version(transformers.__version__) >= Version("5.5")  # DynamicCache's layers from 5.5 on
 needs_layers = pytest.mark.skipif(not LAYERED, reason="transformers < 5.5: the model keeps its own cache class")
 CLASSES = {"qwen3.5": "Qwen3_5ForCausalLM", "qwen3.5-moe": "Qwen3_5MoeForCausalLM",
-           "qwen3-next": "Qwen3NextForCausalLM"}
+           "qwen3-next": "Qwen3NextForCausalLM", "qwen3.5-vl": "Qwen3_5ForConditionalGeneration"}
 
 
 def _hybrid(kind: str, attn: str = "sdpa"):
@@ -66,6 +66,31 @@ def test_the_attention_layers_merge_and_the_linear_layers_keep_their_state(kind,
     for (conv, recurrent), (plain_conv, plain_recurrent) in zip(states, _linear_states(plain, model), strict=True):
         assert torch.equal(conv, plain_conv) and torch.equal(recurrent, plain_recurrent)
     assert not torch.allclose(merged, reference, atol=1e-4)
+
+
+@needs_layers
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_qwen3_5_with_an_image_in_the_prompt_merges_as_with_text(attn):
+    """Qwen3_5ForConditionalGeneration, the class of Qwen 3.5's checkpoints: with an image in the prompt (its tokens on
+    three axes, multimodal RoPE) ratio 0 is exact and the merged cache decodes as the duplicated-cache oracle."""
+    model = _hybrid("qwen3.5-vl", attn)
+    ids, image = _image_prompt(model, "qwen3-vl")
+    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
+    with torch.no_grad():
+        plain = transformers.DynamicCache(config=model.config)
+        model(ids, **image, **cache_kwargs(model, plain))
+        reference = model(cont, **cache_kwargs(model, plain)).logits
+        for ratio in (0.0, 0.5):
+            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache(config=model.config)
+            with press(model):
+                model(ids, **image, **cache_kwargs(model, cache))
+                oracle = duplicated_cache(cache)
+                merged = model(cont, **cache_kwargs(model, cache)).logits
+            model(ids, **image, **cache_kwargs(model, transformers.DynamicCache(config=model.config)))  # position shift
+            assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+            lengths = [layer.keys.shape[2] for layer in cache.layers if hasattr(layer, "keys")]
+            assert lengths == [n + 3 - round(ratio * n)]
+            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
 
 
 @needs_layers

@@ -25,7 +25,7 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4")
 # hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
-HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next")
+HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # sliding and global layers in turn
@@ -137,6 +137,10 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "qwen3.5": lambda: t.Qwen3_5ForCausalLM(t.Qwen3_5TextConfig(**hybrid)),
         "qwen3.5-moe": lambda: t.Qwen3_5MoeForCausalLM(t.Qwen3_5MoeTextConfig(**hybrid, **hybrid_moe)),
         "qwen3-next": lambda: t.Qwen3NextForCausalLM(t.Qwen3NextConfig(**hybrid, **hybrid_moe)),
+        # Qwen 3.5's checkpoints: the hybrid decoder under a one-layer vision tower (as tiny("qwen3-vl")'s)
+        "qwen3.5-vl": lambda: t.Qwen3_5ForConditionalGeneration(t.Qwen3_5Config(
+            text_config=hybrid, image_token_id=96, vision_start_token_id=94, vision_end_token_id=95,
+            vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))),
     }
     model = build[kind]()
     if kind == "gpt-oss":
