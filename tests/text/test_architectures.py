@@ -483,6 +483,51 @@ def test_gemma4_merges_each_layers_own_input_with_the_prompt():
     assert not torch.allclose(merged, whole[positions], atol=1e-4)  # some runs hold several tokens
 
 
+def _gemma4_image_prompt(batch: int):
+    """Token ids with one image (begin 94, four image tokens 96, end 95) amid text and the tiny Gemma 4 tower's
+    patches: 6 x 6 of 4 x 4 pixels with their (x, y) positions, pooled 3 x 3 to four tokens."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (batch, 30), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * batch), text[:, 5:]], 1)
+    y, x = torch.meshgrid(torch.arange(6), torch.arange(6), indexing="ij")
+    positions = torch.stack([x.flatten(), y.flatten()], -1)[None].expand(batch, -1, -1)
+    return ids, dict(pixel_values=torch.rand(batch, 36, 48, generator=g), image_position_ids=positions,
+                     mm_token_type_ids=(ids == 96).long())
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma4_merges_a_prompt_with_an_image(attn):
+    """Gemma4ForConditionalGeneration, the class of Gemma 4's checkpoints: with an image in the prompt the KV press is
+    exact at ratio 0 and its merged cache decodes as the duplicated-cache oracle; the input press is exact at ratio 0
+    and with ``token_ids`` merges the image's tokens only."""
+    model = tiny("gemma4-vlm", attn, layers=3)
+    ids, image = _gemma4_image_prompt(2)
+    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-3)
+        plain = transformers.DynamicCache()
+        model(ids, **image, **cache_kwargs(model, plain))
+        reference = model(cont, **cache_kwargs(model, plain)).logits
+        for ratio in (0.0, 0.5):
+            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache()
+            with press(model):
+                model(ids, **image, **cache_kwargs(model, cache))
+                oracle = duplicated_cache(cache)
+                merged = model(cont, **cache_kwargs(model, cache)).logits
+            assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
+            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+        attentions = decoder_attention_layers(model)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [
+            n + 3 if sliding_window_of(a) is not None else n + 3 - n // 2 for a in attentions]
+        for ratio, token_ids, kept in ((0.0, None, n), (0.5, (96,), n - 2)):
+            cache = transformers.DynamicCache()
+            with QuickMergeInputPress(ratio, layer=0, token_ids=token_ids)(model):
+                model(ids, **image, **cache_kwargs(model, cache))
+                logits = model(cont, **cache_kwargs(model, cache)).logits
+            assert [layer.keys.shape[2] for layer in cache.layers][1:] == [kept + 3] * 2
+            assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
+
+
 def test_layers_sharing_another_layers_cache_are_refused():
     """Gemma 4's ``num_kv_shared_layers``: the last layers attend with an earlier layer's keys and values and own no
     cache; the presses refuse the model rather than merge a cache whose readers they do not all see."""

@@ -23,14 +23,16 @@ KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
-              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4")
+              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm")
 # hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # sliding and global layers in turn
-ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4")
-NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5")}  # kinds a transformers release added after 5.0: class, release
+ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4",
+               "gemma4-vlm")
+# kinds a transformers release added after 5.0: their class, the release
+NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5")}
 
 
 def _mrope(kind: str, common: dict):
@@ -83,6 +85,9 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     hybrid = dict(**{**common, "num_hidden_layers": max(common["num_hidden_layers"], 4)}, head_dim=16, pad_token_id=0,
                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
     hybrid_moe = dict(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    # wider global heads, keys that are the values there (k_eq_v), an input of its own to each layer
+    gemma4 = dict(**common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, hidden_size_per_layer_input=8,
+                  vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)
     build = {
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
@@ -129,10 +134,14 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
-        # wider global heads, keys that are the values there (k_eq_v), a per-layer input to each layer
-        "gemma4": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(
-            **common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, hidden_size_per_layer_input=8,
-            vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)),
+        "gemma4": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(**gemma4)),
+        # Gemma 4's checkpoints: the same under a one-layer vision tower (a 6 x 6 patch image pools to 4 tokens)
+        "gemma4-vlm": lambda: t.Gemma4ForConditionalGeneration(t.Gemma4Config(
+            text_config=t.Gemma4TextConfig(**gemma4).to_dict(), image_token_id=96, boi_token_id=94, eoi_token_id=95,
+            video_token_id=93, audio_token_id=92, boa_token_id=91, eoa_token_index=90,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+                               num_key_value_heads=2, head_dim=16, patch_size=4, pooling_kernel_size=3,
+                               position_embedding_size=64))),
         # three linear-attention (gated DeltaNet) layers to one attention layer, whose queries carry a gate
         "qwen3.5": lambda: t.Qwen3_5ForCausalLM(t.Qwen3_5TextConfig(**hybrid)),
         "qwen3.5-moe": lambda: t.Qwen3_5MoeForCausalLM(t.Qwen3_5MoeTextConfig(**hybrid, **hybrid_moe)),
