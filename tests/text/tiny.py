@@ -86,8 +86,8 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
     hybrid_moe = dict(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)
     # wider global heads, keys that are the values there (k_eq_v), an input of its own to each layer
-    gemma4 = dict(**common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, hidden_size_per_layer_input=8,
-                  vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)
+    gemma4 = dict(**common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=2,
+                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)
     build = {
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
