@@ -98,10 +98,16 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier layers "
             "(num_kv_shared_layers): the presses do not merge a cache that layers share"
         )
-    attending = [has_attention(layer) for layer in layers]
-    if not any(attending) or not all(has_attention(layer) or hasattr(layer, "linear_attn") for layer in layers):
+    if not any(has_attention(layer) for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    unknown = [i for i, layer in enumerate(layers) if not (has_attention(layer) or hasattr(layer, "linear_attn"))]
+    if unknown:
+        raise TypeError(
+            f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections nor run a linear "
+            "attention (a hybrid model's layers of another kind: convolutions, state-space blocks); "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     return layers

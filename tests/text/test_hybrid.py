@@ -123,3 +123,16 @@ def test_the_input_press_is_refused_and_an_unlayered_cache_too(kind):
     with torch.no_grad(), pytest.raises(UnsupportedCacheError, match=r"transformers 5\.5 or later"), \
             QuickMergePress(0.5)(model):
         model(ids)
+
+
+def test_layers_of_another_kind_are_named():
+    """A hybrid model whose other layers are neither attention nor a linear attention (LFM2's convolutions) is refused
+    with those layers named, not with a claim that the model has no attention."""
+    if not hasattr(transformers, "Lfm2ForCausalLM"):
+        pytest.skip("this transformers has no LFM2")
+    config = transformers.Lfm2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                                     num_attention_heads=4, num_key_value_heads=2,
+                                     layer_types=["conv", "full_attention", "conv", "full_attention"])
+    with pytest.raises(TypeError, match=r"layers \[0, 2\] of Lfm2ForCausalLM neither attend"), \
+            QuickMergePress(0.5)(transformers.Lfm2ForCausalLM(config)):
+        pass
