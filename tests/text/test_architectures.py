@@ -27,7 +27,15 @@ from tests.text.test_input_press import (  # noqa: E402
     _run,
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers,
 )
-from tests.text.tiny import COMMON, MORE_KINDS, MROPE_KINDS, duplicated_cache, mistral3_vlm, tiny  # noqa: E402
+from tests.text.tiny import (  # noqa: E402
+    COMMON,
+    MORE_KINDS,
+    MROPE_KINDS,
+    duplicated_cache,
+    mistral3_vlm,
+    press_and_oracle,
+    tiny,
+)
 
 # how each family rotates its keys, by layer: sliding layers first where they alternate
 ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
@@ -270,20 +278,11 @@ def test_multimodal_rope_models_merge_their_cache_and_decode_on_the_duplicated_c
     else:
         ids, image = torch.randint(1, 90, (2, 30)), {}
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
-    with torch.no_grad():
-        plain = transformers.DynamicCache()  # the model's own prefill, then decoding
-        model(ids, **image, **cache_kwargs(model, plain))
-        reference = model(cont, **cache_kwargs(model, plain)).logits
-        for ratio in (0.0, 0.5):
-            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache()
-            with press(model):
-                model(ids, **image, **cache_kwargs(model, cache))
-                oracle = duplicated_cache(cache)
-                merged = model(cont, **cache_kwargs(model, cache)).logits
-            model(ids, **image, **cache_kwargs(model, transformers.DynamicCache()))  # the prompt's position shift
-            assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
-            assert [layer.keys.shape[2] for layer in cache.layers] == [n + 3 - round(ratio * n)] * 3
-            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+    reference, runs = press_and_oracle(model, ids, cont, image)
+    for ratio, (merged, oracle, cache) in runs.items():
+        assert torch.allclose(merged, oracle, atol=1e-5)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [n + 3 - round(ratio * n)] * 3
+        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
 
 
 @pytest.mark.parametrize("kind", ["qwen2.5-vl", "qwen3-vl"])
@@ -505,20 +504,13 @@ def test_gemma4_merges_a_prompt_with_an_image(attn):
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
     with torch.no_grad():
         assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-3)
-        plain = transformers.DynamicCache()
-        model(ids, **image, **cache_kwargs(model, plain))
-        reference = model(cont, **cache_kwargs(model, plain)).logits
-        for ratio in (0.0, 0.5):
-            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache()
-            with press(model):
-                model(ids, **image, **cache_kwargs(model, cache))
-                oracle = duplicated_cache(cache)
-                merged = model(cont, **cache_kwargs(model, cache)).logits
-            assert torch.allclose(merged, model(cont, **cache_kwargs(model, oracle)).logits, atol=1e-5)
-            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
-        attentions = decoder_attention_layers(model)
-        assert [layer.keys.shape[2] for layer in cache.layers] == [
-            n + 3 if sliding_window_of(a) is not None else n + 3 - n // 2 for a in attentions]
+    reference, runs = press_and_oracle(model, ids, cont, image)
+    for ratio, (merged, oracle, _) in runs.items():
+        assert torch.allclose(merged, oracle, atol=1e-5)
+        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+    assert [layer.keys.shape[2] for layer in runs[0.5][2].layers] == [
+        n + 3 if sliding_window_of(a) is not None else n + 3 - n // 2 for a in decoder_attention_layers(model)]
+    with torch.no_grad():
         for ratio, token_ids, kept in ((0.0, None, n), (0.5, (96,), n - 2)):
             cache = transformers.DynamicCache()
             with QuickMergeInputPress(ratio, layer=0, token_ids=token_ids)(model):

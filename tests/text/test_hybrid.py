@@ -17,7 +17,7 @@ from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs  # noqa: E
 from quickmerge.text.decoder import decoder_attention_layers, decoder_layers, has_attention  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_architectures import _image_prompt, _recorded_prefill  # noqa: E402
-from tests.text.tiny import HYBRID_KINDS, duplicated_cache, one_at_a_time, tiny  # noqa: E402
+from tests.text.tiny import HYBRID_KINDS, duplicated_cache, one_at_a_time, press_and_oracle, tiny  # noqa: E402
 
 LAYERED = Version(transformers.__version__) >= Version("5.5")  # DynamicCache's layers from 5.5 on
 needs_layers = pytest.mark.skipif(not LAYERED, reason="transformers < 5.5: the model keeps its own cache class")
@@ -77,21 +77,12 @@ def test_qwen3_5_with_an_image_in_the_prompt_merges_as_with_text(attn):
     model = _hybrid("qwen3.5-vl", attn)
     ids, image = _image_prompt(model, "qwen3-vl")
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
-    with torch.no_grad():
-        plain = transformers.DynamicCache(config=model.config)
-        model(ids, **image, **cache_kwargs(model, plain))
-        reference = one_at_a_time(model, cont, plain)
-        for ratio in (0.0, 0.5):
-            press, cache = QuickMergePress(ratio, window=4), transformers.DynamicCache(config=model.config)
-            with press(model):
-                model(ids, **image, **cache_kwargs(model, cache))
-                oracle = duplicated_cache(cache)
-                merged = one_at_a_time(model, cont, cache)
-            model(ids, **image, **cache_kwargs(model, transformers.DynamicCache(config=model.config)))  # position shift
-            assert torch.allclose(merged, one_at_a_time(model, cont, oracle), atol=1e-5)
-            lengths = [layer.keys.shape[2] for layer in cache.layers if hasattr(layer, "keys")]
-            assert lengths == [n + 3 - round(ratio * n)]
-            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+    reference, runs = press_and_oracle(model, ids, cont, image, new_cache=lambda: transformers.DynamicCache(
+        config=model.config), decode=one_at_a_time)
+    for ratio, (merged, oracle, cache) in runs.items():
+        assert torch.allclose(merged, oracle, atol=1e-5)
+        assert [layer.keys.shape[2] for layer in cache.layers if hasattr(layer, "keys")] == [n + 3 - round(ratio * n)]
+        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
 
 
 @needs_layers

@@ -250,6 +250,32 @@ def duplicated_cache(cache):
 
 
 @torch.no_grad()
+def press_and_oracle(model, ids, cont, prompt=None, *, new_cache=None, decode=None, ratios=(0.0, 0.5)):
+    """``cont`` decoded after a prefill of ``ids`` (with the model's other prompt inputs ``prompt``: pixels, ...):
+    unpatched, and for each ratio inside ``QuickMergePress(ratio, window=4)`` and on that cache's duplicated-cache
+    oracle. Returns ``reference, {ratio: (merged, oracle, cache)}`` (logits, and the merged cache after decoding).
+    ``new_cache`` makes each cache (default ``DynamicCache()``), ``decode(model, cont, cache)`` decodes (default one
+    call). The prompt runs once more unpatched before the oracle decodes: multimodal RoPE models keep the prompt's
+    position shift on the model."""
+    from quickmerge.text import QuickMergePress
+
+    prompt, new_cache = prompt or {}, new_cache or transformers.DynamicCache
+    decode = decode or (lambda model, cont, cache: model(cont, **cache_kwargs(model, cache)).logits)
+    plain = new_cache()
+    model(ids, **prompt, **cache_kwargs(model, plain))
+    reference, runs = decode(model, cont, plain), {}
+    for ratio in ratios:
+        cache = new_cache()
+        with QuickMergePress(ratio, window=4)(model):
+            model(ids, **prompt, **cache_kwargs(model, cache))
+            oracle = duplicated_cache(cache)
+            merged = decode(model, cont, cache)
+        model(ids, **prompt, **cache_kwargs(model, new_cache()))
+        runs[ratio] = (merged, decode(model, cont, oracle), cache)
+    return reference, runs
+
+
+@torch.no_grad()
 def one_at_a_time(model, ids, cache, **kwargs):
     """Logits of ``ids [B, T]`` decoded one token per call (each call trivially sees the whole cache)."""
     steps = [model(ids[:, t : t + 1], **cache_kwargs(model, cache), **kwargs).logits for t in range(ids.shape[1])]
