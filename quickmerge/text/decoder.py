@@ -331,7 +331,7 @@ def query_position_scale(module: nn.Module, kwargs: dict, w: int) -> Tensor | No
     positions it was called for, or None where it scales none. Ministral 3 (``llama_4_scaling_beta`` in its rope
     parameters) multiplies them by ``1 + beta * log(1 + floor(p / original_max_position_embeddings))``: 1 up to
     that length (16,384 tokens in its checkpoints), more after it. Positions: the call's ``position_ids``
-    ``[B, n]``, else its ``cache_position`` ``[n]`` (what transformers up to 5.2x reads)."""
+    ``[B, n]``, else its ``cache_position`` ``[n]`` (what transformers before 5.4 scales by)."""
     params = getattr(getattr(module, "config", None), "rope_parameters", None)
     beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
     if not beta:
