@@ -98,6 +98,13 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier layers "
             "(num_kv_shared_layers): the presses do not merge a cache that layers share"
         )
+    types = getattr(getattr(base_model(model), "config", None), "layer_types", None) or ()
+    chunked = [i for i, kind in enumerate(types) if kind == "chunked_attention"]
+    if chunked:
+        raise UnsupportedAttentionError(
+            f"layers {chunked} of {type(model).__name__} attend within chunks (attention_chunk_size, Llama 4), "
+            "which the presses do not follow"
+        )
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "

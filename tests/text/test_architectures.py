@@ -532,3 +532,18 @@ def test_layers_sharing_another_layers_cache_are_refused():
     for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
         with pytest.raises(UnsupportedAttentionError, match="layers 2-3 of Gemma4ForCausalLM reuse"), press(model):
             pass
+
+
+def test_chunked_attention_is_refused():
+    """Llama 4's chunked-attention layers (each token attends within its chunk, rotary tables as complex numbers) are
+    refused by name before any work, not met with a cache error that suggests another cache."""
+    if not hasattr(transformers, "Llama4ForCausalLM"):
+        pytest.skip("this transformers has no Llama 4")
+    config = transformers.Llama4TextConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, pad_token_id=0,
+                                           num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96,
+                                           attention_chunk_size=8, no_rope_layer_interval=2)
+    model = transformers.Llama4ForCausalLM(config)
+    for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
+        with pytest.raises(UnsupportedAttentionError, match=r"layers \[0, 2\] of Llama4ForCausalLM attend within"), \
+                press(model):
+            pass
