@@ -520,17 +520,20 @@ def test_gemma4_merges_a_prompt_with_an_image(attn):
             assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
 
 
-def test_layers_sharing_another_layers_cache_are_refused():
-    """Gemma 4's ``num_kv_shared_layers``: the last layers attend with an earlier layer's keys and values and own no
-    cache; the presses refuse the model rather than merge a cache whose readers they do not all see."""
-    if not hasattr(transformers, "Gemma4ForCausalLM"):
-        pytest.skip("transformers 5.5 added Gemma 4")
-    config = transformers.Gemma4TextConfig(
-        **{**COMMON, "num_hidden_layers": 4}, head_dim=16, num_kv_shared_layers=2, hidden_size_per_layer_input=8,
-        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=97, pad_token_id=0)
-    model = transformers.Gemma4ForCausalLM(config)
+@pytest.mark.parametrize("family", ["Gemma3n", "Gemma4"])
+def test_layers_sharing_another_layers_cache_are_refused(family):
+    """Gemma 3n's and Gemma 4's ``num_kv_shared_layers``: the last layers attend with an earlier layer's keys and values
+    and own no cache; the presses refuse the model rather than merge a cache whose readers they do not all see."""
+    if not hasattr(transformers, f"{family}ForCausalLM"):
+        pytest.skip(f"this transformers has no {family}")
+    common = dict(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, num_kv_shared_layers=2, pad_token_id=0,
+                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=97,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    if family == "Gemma3n":
+        common.update(activation_sparsity_pattern=[0.0] * 4, laurel_rank=4, altup_num_inputs=2)
+    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}TextConfig")(**common))
     for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
-        with pytest.raises(UnsupportedAttentionError, match="layers 2-3 of Gemma4ForCausalLM reuse"), press(model):
+        with pytest.raises(UnsupportedAttentionError, match=f"layers 2-3 of {family}ForCausalLM reuse"), press(model):
             pass
 
 
