@@ -12,7 +12,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .cache import cache_kwargs
+from .cache import cache_arg, cache_kwargs
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -64,6 +64,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3_5ForConditionalGeneration",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
+    "Llama4ForCausalLM",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
@@ -97,13 +98,6 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         raise UnsupportedAttentionError(
             f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier layers "
             "(num_kv_shared_layers): the presses do not merge a cache that layers share"
-        )
-    types = getattr(getattr(base_model(model), "config", None), "layer_types", None) or ()
-    chunked = [i for i, kind in enumerate(types) if kind == "chunked_attention"]
-    if chunked:
-        raise UnsupportedAttentionError(
-            f"layers {chunked} of {type(model).__name__} attend within chunks (attention_chunk_size, Llama 4), "
-            "which the presses do not follow"
         )
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
@@ -151,9 +145,19 @@ def sliding_window_of(attention: nn.Module) -> int | None:
     """
     if getattr(attention, "is_sliding", True) is False:
         return None
+    if is_chunked(attention):
+        return attention.config.attention_chunk_size
     if hasattr(attention, "sliding_window"):
         return attention.sliding_window or None
     return getattr(getattr(attention, "config", None), "sliding_window", None) or None
+
+
+def is_chunked(attention: nn.Module) -> bool:
+    """Whether an attention layer attends within fixed chunks (Llama 4's ``chunked_attention`` layers): its cache is
+    bounded like a sliding window's, and the KV press leaves it alone as it does those."""
+    config = getattr(attention, "config", None)
+    types, index = getattr(config, "layer_types", None), getattr(attention, "layer_idx", None)
+    return bool(types) and index is not None and index < len(types) and types[index] == "chunked_attention"
 
 
 def cache_causal_mask(past: int, q_len: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -233,6 +237,9 @@ def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) 
     """The layer's ``(cos, sin)`` as ``[B, n, r]``. Qwen2-VL's and Qwen2.5-VL's multimodal rotary embedding
     (up to transformers 5.2x) arrives as ``[3, B, n, r]``, one row per axis (time, height, width); the
     attention takes each frequency band from its axis (``mrope_section``) and rotates as Llama does."""
+    if isinstance(position_embeddings, Tensor) and position_embeddings.is_complex():
+        # Llama 4: one complex number per pair of channels [B, n, r/2], pairs (2i, 2i + 1): the interleaved rotation
+        return tuple(t.repeat_interleave(2, dim=-1) for t in (position_embeddings.real, position_embeddings.imag))
     cos, sin = position_embeddings
     if cos.dim() != 4:
         return cos, sin
@@ -335,22 +342,32 @@ def window_queries(module: nn.Module, hidden_states: Tensor, kwargs: dict, rotat
 
 def query_position_scale(module: nn.Module, kwargs: dict, w: int) -> Tensor | None:
     """The factor ``[B or 1, 1, w, 1]`` by which the layer multiplies the post-RoPE queries of the last ``w``
-    positions it was called for, or None where it scales none. Ministral 3 (``llama_4_scaling_beta`` in its rope
-    parameters) multiplies them by ``1 + beta * log(1 + floor(p / original_max_position_embeddings))``: 1 up to
-    that length (16,384 tokens in its checkpoints), more after it. Positions: the call's ``position_ids``
-    ``[B, n]``, else its ``cache_position`` ``[n]`` (what transformers before 5.4 scales by)."""
+    positions ``p`` it was called for, or None where it scales none. Ministral 3 (``llama_4_scaling_beta`` in its rope
+    parameters): ``1 + beta * log(1 + floor(p / original_max_position_embeddings))``, 1 up to that length (16,384
+    tokens in its checkpoints). Llama 4's layers without RoPE (``attn_temperature_tuning``):
+    ``1 + attn_scale * log(1 + floor((p + 1) / floor_scale))``. Positions: the call's ``position_ids`` ``[B, n]``, else
+    its ``cache_position`` ``[n]`` (what transformers before 5.4 scales Ministral 3's by), else (Llama 4, which counts
+    them from its cache) the last ``w`` of the entries its cache layer holds after the call."""
     params = getattr(getattr(module, "config", None), "rope_parameters", None)
     beta = params.get("llama_4_scaling_beta") if isinstance(params, dict) else None
-    if not beta:
+    tuned = getattr(module, "attn_temperature_tuning", False) and not getattr(module, "use_rope", True)
+    if not beta and not tuned:
         return None
     positions = kwargs.get("position_ids")
     if positions is None:
         positions = kwargs.get("cache_position")
+    cache = cache_arg(kwargs)
+    if positions is None and tuned and cache is not None:  # Llama 4 counts them from its cache, as here
+        total = cache.layers[module.layer_idx].get_seq_length()  # after this call's update
+        positions = torch.arange(total - w, total, device=cache.layers[module.layer_idx].keys.device)
     if positions is None:
-        why = "it scales its queries by position (llama_4_scaling_beta) and was called without position_ids"
+        why = "it scales its queries by position and was called without position_ids"
         raise UnsupportedAttentionError(unsupported_message(module, why))
     positions = positions[..., -w:].float()
-    scale = 1 + beta * torch.log1p(torch.floor(positions / params["original_max_position_embeddings"]))
+    if tuned:
+        scale = 1 + module.attn_scale * torch.log1p(torch.floor((positions + 1) / module.floor_scale))
+    else:
+        scale = 1 + beta * torch.log1p(torch.floor(positions / params["original_max_position_embeddings"]))
     return scale.reshape(-1, 1, w, 1)
 
 

@@ -34,6 +34,7 @@ from .decoder import (
     decoder_layers,
     has_attention,
     hidden_states_arg,
+    is_chunked,
     key_rotation,
     plain_rotary,
     prerope_keys,
@@ -187,6 +188,11 @@ class QuickMergeInputPress(Press):
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
                     f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "
                     "QuickMergePress, which merges the cache of its attention layers")
+        chunked = [layer.self_attn.layer_idx for layer in layers if is_chunked(layer.self_attn)]
+        if chunked:
+            return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
+                    f"layers {chunked} of {type(model).__name__} attend within chunks (Llama 4's chunked attention), "
+                    "which it does not build: use QuickMergePress")
         last = len(layers) - 1
         if self.layer >= last:
             return (f"layer must be below the last decoder layer ({last}) of {type(model).__name__}, got "

@@ -23,7 +23,7 @@ KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
-              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm")
+              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4")
 # hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
@@ -134,6 +134,12 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
+        # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
+        # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
+        "llama4": lambda: t.Llama4ForCausalLM(t.Llama4TextConfig(
+            **{**common, "num_hidden_layers": max(common["num_hidden_layers"], 4)}, head_dim=16, pad_token_id=0,
+            num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96, attention_chunk_size=8,
+            no_rope_layer_interval=2, use_qk_norm=True, floor_scale=4, attn_scale=0.5)),
         "gemma4": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(**gemma4)),
         # Gemma 4's checkpoints: the same under a one-layer vision tower (a 6 x 6 patch image pools to 4 tokens)
         "gemma4-vlm": lambda: t.Gemma4ForConditionalGeneration(t.Gemma4Config(
