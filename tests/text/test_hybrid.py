@@ -46,7 +46,7 @@ def test_the_attention_layers_merge_and_the_linear_layers_keep_their_state(kind,
     oracle, and the linear layers' states equal an unpatched prefill's (replay scoring reads the prompt through
     them a second time)."""
     model = _hybrid(kind, attn)
-    ids, cont = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 3))
+    ids, cont = torch.randint(1, 90, (2, 24)), torch.randint(1, 90, (2, 3))
     with torch.no_grad():
         reference = model(torch.cat([ids, cont], 1)).logits[:, 24:]
         plain = transformers.DynamicCache(config=model.config)
@@ -91,7 +91,7 @@ def test_the_press_sees_the_gated_attention_the_model_computes(kind):
     """The query projection gives a query and an output gate per head: the press scores with the query half, whose
     attention equals the model's own eager weights."""
     model = _hybrid(kind, "eager")
-    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(1, 90, (1, 30), generator=torch.Generator().manual_seed(1))
     seen, cache, weights = _recorded_prefill(model, ids, cache=transformers.DynamicCache(config=model.config))
     (attention,) = decoder_attention_layers(model)
     i = attention.layer_idx
@@ -105,7 +105,7 @@ def test_the_input_press_is_refused_and_an_unlayered_cache_too(kind):
     """The input press would hand the linear layers a merged prompt they take no positions or masks for: refused
     before any work. Before transformers 5.5 the KV press refuses the model's own cache class, naming the release."""
     model = _hybrid(kind)
-    ids = torch.randint(0, 97, (1, 24))
+    ids = torch.randint(1, 90, (1, 24))
     with pytest.raises(ValueError, match=f"linear-attention layers of {CLASSES[kind]}"), \
             QuickMergeInputPress(0.5, layer=0)(model):
         pass
