@@ -14,6 +14,8 @@ outside the press, which would need those masks, raises. Batches must be unpadde
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +98,14 @@ def gathered_positions(attention: nn.Module, kwargs: dict, positions: Tensor) ->
         raise UnsupportedAttentionError(unsupported_message(attention, why))
     out["cache_position"] = gathered[0]
     return out
+
+
+@functools.cache
+def _per_layer_input_slot(layer_type: type) -> int | None:
+    """Where a decoder layer's forward takes ``per_layer_input`` (Gemma 4: second, after the hidden states) among
+    its positional arguments, or None for a layer without it."""
+    names = [name for name in inspect.signature(layer_type.forward).parameters if name != "self"]
+    return names.index("per_layer_input") if "per_layer_input" in names else None
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -374,7 +384,7 @@ class QuickMergeInputPress(Press):
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             kwargs["position_embeddings"] = tuple(gather_tokens(t, positions) for t in kwargs["position_embeddings"])
             kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
-            args = self._merged_per_layer_input(args, kwargs)
+            args = self._merged_per_layer_input(block, args, kwargs)
             own = self._own_mask(block)
             kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
                                         else gathered_mask(own, positions, hidden.dtype))
@@ -389,14 +399,17 @@ class QuickMergeInputPress(Press):
             return args, kwargs
         return None
 
-    def _merged_per_layer_input(self, args: tuple, kwargs: dict) -> tuple:
-        """The layer's own input per prompt token, Gemma 4's ``per_layer_input [B, N, d]`` (its second argument),
-        merged with the weights that merged the hidden states; ``args`` with it in place (kwargs: in place)."""
+    def _merged_per_layer_input(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        """The layer's own input per prompt token, Gemma 4's ``per_layer_input [B, N, d]``, merged with the weights
+        that merged the hidden states; ``args`` with it in place (kwargs: in place). Layers without one: unchanged."""
+        slot = _per_layer_input_slot(type(block))
+        if slot is None:
+            return args
         mass, assignment, kept = self._groups
         if isinstance(kwargs.get("per_layer_input"), Tensor):
             kwargs["per_layer_input"] = weighted_mean(kwargs["per_layer_input"], mass, assignment, kept)[0]
-        elif len(args) > 1 and isinstance(args[1], Tensor) and args[1].shape[:2] == mass.shape:
-            args = (args[0], weighted_mean(args[1], mass, assignment, kept)[0], *args[2:])
+        elif len(args) > slot and isinstance(args[slot], Tensor):
+            args = (*args[:slot], weighted_mean(args[slot], mass, assignment, kept)[0], *args[slot + 1 :])
         return args
 
     def _after_upper(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
