@@ -65,6 +65,8 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
     "Llama4ForCausalLM",
+    "Gemma3nForCausalLM",
+    "Gemma3nForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
@@ -81,42 +83,77 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def has_attention(layer: nn.Module) -> bool:
-    """Whether a decoder layer attends with q/k/v-projected self-attention (separate ``q_proj``/``k_proj``/
-    ``v_proj``, or Phi-3's fused ``qkv_proj``)."""
+    """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
+    (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``; not a layer that reads another
+    layer's, :func:`shares_kv`)."""
     attn = getattr(layer, "self_attn", None)
-    return attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj"))
+    return attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj")) and not shares_kv(attn)
+
+
+def shares_kv(attention: nn.Module) -> bool:
+    """Whether an attention module reads the keys and values of an earlier layer and keeps no cache of its own
+    (Gemma 3n's and Gemma 4's last ``num_kv_shared_layers`` layers)."""
+    return bool(getattr(attention, "is_kv_shared_layer", False))
+
+
+def kv_sources(model: nn.Module, layers: list[nn.Module]) -> dict[int, int]:
+    """``{layer: source}`` for each decoder layer of ``layers`` that reads another layer's keys and values: the
+    last layer of its attention type (``config.layer_types``) before the sharing starts, the one that stores them
+    (``store_full_length_kv``). Empty for models without sharing. Raises :class:`UnsupportedAttentionError`
+    when the config announces shared layers the modules do not show, or a source cannot be told (a changed
+    transformers convention would otherwise merge a cache that layers read without the press's masks)."""
+    config = getattr(base_model(model), "config", None)
+    announced = int(getattr(config, "num_kv_shared_layers", 0) or 0)
+    shared = [i for i, layer in enumerate(layers) if shares_kv(getattr(layer, "self_attn", None))]
+    if len(shared) != announced:
+        raise UnsupportedAttentionError(
+            f"{type(model).__name__}'s config says its last {announced} layers reuse earlier layers' keys and values "
+            f"(num_kv_shared_layers), but layers {shared} are marked so (is_kv_shared_layer): this transformers "
+            "release shares them in a way the presses do not know"
+        )
+    if not shared:
+        return {}
+    types, first = list(config.layer_types), len(layers) - announced
+    sources = {}
+    for i in shared:
+        own = [j for j in range(first) if types[j] == types[i]]
+        source = own[-1] if own else None
+        attn = layers[source].self_attn if source is not None else None
+        if attn is None or shares_kv(attn) or not getattr(attn, "store_full_length_kv", True):
+            raise UnsupportedAttentionError(
+                f"layer {i} of {type(model).__name__} reuses the keys and values of an earlier layer, which the "
+                f"presses cannot tell (no layer of type {types[i]!r} before layer {first} stores them)"
+            )
+        sources[i] = source
+    return sources
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The decoder layers of a causal LM: each attends (:func:`has_attention`) or, in a hybrid model (Qwen 3.5),
-    runs a linear attention (``linear_attn``) whose state does not grow with the prompt. Raises TypeError if a
-    layer does neither, or none attends."""
+    """The decoder layers of a causal LM: each attends (:func:`has_attention`), reads an earlier layer's keys and
+    values (:func:`shares_kv`) or, in a hybrid model (Qwen 3.5), runs a linear attention (``linear_attn``) whose
+    state does not grow with the prompt. Raises TypeError if a layer does none of these, or none attends."""
     layers = list(getattr(base_model(model), "layers", None) or [])
-    shared = [i for i, layer in enumerate(layers)
-              if getattr(getattr(layer, "self_attn", None), "is_kv_shared_layer", False)]
-    if shared:
-        raise UnsupportedAttentionError(
-            f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier layers "
-            "(num_kv_shared_layers): the presses do not merge a cache that layers share"
-        )
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    unknown = [i for i, layer in enumerate(layers) if not (has_attention(layer) or hasattr(layer, "linear_attn"))]
+    unknown = [i for i, layer in enumerate(layers) if not (
+        has_attention(layer) or shares_kv(getattr(layer, "self_attn", None)) or hasattr(layer, "linear_attn"))]
     if unknown:
         raise TypeError(
             f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections nor run a linear "
             "attention (a hybrid model's layers of another kind: convolutions, state-space blocks); "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
+    kv_sources(model, layers)  # refuses sharing it cannot follow, before any work
     return layers
 
 
 def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules of a causal LM's decoder layers (a hybrid model's attending layers); raises if
-    there are none."""
+    """The self-attention modules of a causal LM's decoder layers that keep a cache layer of their own (a hybrid
+    model's attending layers; not those reading an earlier layer's keys, :func:`shares_kv`); raises if there are
+    none."""
     return [layer.self_attn for layer in decoder_layers(model) if has_attention(layer)]
 
 

@@ -42,6 +42,7 @@ from .decoder import (
     prerope_keys,
     probed_rotation,
     query_position_scale,
+    shares_kv,
     sliding_window_of,
     unsupported_message,
 )
@@ -194,6 +195,11 @@ class QuickMergeInputPress(Press):
 
     def refusal(self, model: nn.Module) -> str | None:
         layers = decoder_layers(model)
+        shared = [layer.self_attn.layer_idx for layer in layers if shares_kv(getattr(layer, "self_attn", None))]
+        if shared:
+            return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
+                    f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier "
+                    "layers (num_kv_shared_layers), which it does not follow: use QuickMergePress")
         if not all(has_attention(layer) for layer in layers):
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
                     f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "

@@ -15,7 +15,9 @@ lives here:
   fresh press.
 - merged entries: each remembers how many entries it stands for; while the press is
   active, a pre-hook gives the attention ``log(size)`` on those entries' logits
-  (proportional attention) through its additive mask.
+  (proportional attention) through its additive mask. Layers that read an earlier layer's
+  keys and values (Gemma 3n's and Gemma 4's last ``num_kv_shared_layers``) own no cache:
+  they attend with the mask their source layer got in the same call.
 - refusal: a prefill that should have compressed and did not (no cache reached the
   attention layers, every layer slides, an unknown transformers calling convention) raises;
   so do caches that cannot be shortened in place and attention implementations that would
@@ -35,15 +37,17 @@ from torch import Tensor, nn
 from . import flat
 from .attention import grouped_sdpa, is_sdpa
 from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
-from .decoder import base_model, cache_causal_mask, has_attention, hidden_states_arg, sliding_window_of
+from .decoder import base_model, cache_causal_mask, has_attention, hidden_states_arg, kv_sources, sliding_window_of
 from .press import Press
 
 PROPORTIONAL_BIAS = "log(group size) on merged entries' logits; proportional=False does without it"
 
 # What the decoder stack's prefill call says about the prompt itself, kept for a deferring press that reads it
-# again (:meth:`KVPress.rescore`): positions (a vision-language model's three-axis ones, shifted after an image) and
-# the image features Qwen3-VL adds to the hidden states of its first layers (DeepStack). (Padded batches are refused.)
-PROMPT_INPUTS = ("position_ids", "visual_pos_masks", "deepstack_visual_embeds")
+# again (:meth:`KVPress.rescore`): positions (a vision-language model's three-axis ones, shifted after an image), the
+# image features Qwen3-VL adds to the hidden states of its first layers (DeepStack), and the per-token inputs of each
+# layer that Gemma 3n's and Gemma 4's vision-language classes look up from the token ids and pass beside the
+# embeddings (their decoder cannot find them from image embeddings). (Padded batches are refused.)
+PROMPT_INPUTS = ("position_ids", "visual_pos_masks", "deepstack_visual_embeds", "per_layer_inputs")
 
 
 def prompt_inputs(ids: Tensor | None, kwargs: dict) -> dict[str, Any]:
@@ -90,6 +94,8 @@ class KVPress(Press):
 
     _prefill: _Prefill | None = field(default=None, init=False, repr=False)
     _full_layers: list[int] = field(default_factory=list, init=False, repr=False)
+    _kv_sources: dict[int, int] = field(default_factory=dict, init=False, repr=False)  # shared layer -> its source
+    _masks: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)  # this call's, of each source
 
     # ---- what a press says --------------------------------------------------------------
     def score(
@@ -142,9 +148,11 @@ class KVPress(Press):
 
     # ---- hooks ---------------------------------------------------------------------------
     def _release(self) -> None:
-        self._prefill = None
+        self._prefill, self._masks = None, {}
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+        self._kv_sources = kv_sources(model, layers)
+        shared = [layers[i].self_attn for i in self._kv_sources]
         layers = [layer for layer in layers if has_attention(layer)]  # a hybrid model's linear layers hold no KV
         self._full_layers = [layer.self_attn.layer_idx for layer in layers
                              if sliding_window_of(layer.self_attn) is None]
@@ -156,12 +164,15 @@ class KVPress(Press):
         for layer in layers:
             handles.append(layer.self_attn.register_forward_hook(self._after_attention, with_kwargs=True))
             handles.append(layer.self_attn.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+        for attention in shared:
+            handles.append(attention.register_forward_pre_hook(self._before_shared_attention, with_kwargs=True))
         return handles
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
         q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
         cache = cache_arg(kwargs)
+        self._masks = {}
         new_prompt = cache is None or cache.get_seq_length() == 0
         self._prefill = _Prefill(q_len) if new_prompt else None
         if new_prompt:
@@ -293,11 +304,24 @@ class KVPress(Press):
         if layer.folded_heads:
             new = flat.new_entries_bias(q_len, bias.shape[1], layer.folded_heads, bias.device)
             bias = torch.cat([bias.expand(-1, -1, q_len, -1), new.expand(bias.shape[0], -1, -1, -1)], dim=-1)
-            kwargs["attention_mask"] = bias.to(hidden_states.dtype)
             layer._press_call = True
-            return args, kwargs
-        bias = F.pad(bias, (0, past + q_len - bias.shape[-1])).to(hidden_states.dtype)
-        if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
-            bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)
+            bias = bias.to(hidden_states.dtype)
+        else:
+            bias = F.pad(bias, (0, past + q_len - bias.shape[-1])).to(hidden_states.dtype)
+            if q_len > 1:  # every cached entry is visible; the new tokens see each other causally
+                bias = bias + cache_causal_mask(past, q_len, bias.device, bias.dtype)
         kwargs["attention_mask"] = bias
+        if module.layer_idx in self._kv_sources.values():
+            self._masks[module.layer_idx] = bias  # the later layers reading these keys attend with it too
+        return args, kwargs
+
+    def _before_shared_attention(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """A layer reading an earlier layer's keys and values (:func:`~quickmerge.text.decoder.shares_kv`) gets
+        that layer's mask of this call: the same entries, the same bias (none in a prefill, where it reads the
+        whole prompt's keys as computed before the press merged them, under the model's own mask)."""
+        mask = self._masks.get(self._kv_sources[module.layer_idx])
+        if mask is None:
+            return None
+        # Gemma 4 may hand these layers only the last tokens of a call (logits_to_keep): its last queries' rows
+        kwargs["attention_mask"] = mask[..., -hidden_states_arg(args, kwargs).shape[1]:, :]
         return args, kwargs

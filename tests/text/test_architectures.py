@@ -16,9 +16,11 @@ from quickmerge.text.decoder import (  # noqa: E402
     POSITION_KWARGS,
     UnsupportedAttentionError,
     apply_rope,
+    base_model,
     decoder_attention_layers,
     decoder_layers,
     key_rotation,
+    kv_sources,
     plain_rotary,
     prerope_keys,
     sliding_window_of,
@@ -32,6 +34,7 @@ from tests.text.tiny import (  # noqa: E402
     COMMON,
     MORE_KINDS,
     MROPE_KINDS,
+    SHARING,
     duplicated_cache,
     mistral3_vlm,
     press_and_oracle,
@@ -147,7 +150,8 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
 MINISTRAL3 = ("ministral3", "mistral3-vlm")  # queries scaled by position: batches of the input press tested below
 
 
-@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4")])  # llama4: refused
+# llama4 and the sharing kinds: refused (below)
+@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4", *SHARING)])
 def test_input_press_is_exact_at_ratio_zero_and_shrinks_the_upper_layers(kind):
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, "sdpa")
 
@@ -528,20 +532,104 @@ def test_gemma4_merges_a_prompt_with_an_image(attn):
             assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
 
 
-@pytest.mark.parametrize("family", ["Gemma3n", "Gemma4"])
-def test_layers_sharing_another_layers_cache_are_refused(family):
-    """Gemma 3n's and Gemma 4's ``num_kv_shared_layers``: the last layers attend with an earlier layer's keys and values
-    and own no cache; the presses refuse the model rather than merge a cache whose readers they do not all see."""
-    if not hasattr(transformers, f"{family}ForCausalLM"):
-        pytest.skip(f"this transformers has no {family}")
-    common = dict(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, num_kv_shared_layers=2, pad_token_id=0,
-                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=97,
-                  layer_types=["sliding_attention", "full_attention"] * 2)
-    if family == "Gemma3n":
-        common.update(activation_sparsity_pattern=[0.0] * 4, laurel_rank=4, altup_num_inputs=2)
-    model = getattr(transformers, f"{family}ForCausalLM")(getattr(transformers, f"{family}TextConfig")(**common))
+@pytest.mark.parametrize("kind", SHARING)
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_layers_reading_an_earlier_layers_cache_attend_with_its_mask(kind, attn):
+    """Gemma 3n's and Gemma 4's last ``num_kv_shared_layers`` layers attend with the keys and values of the last
+    layer of their type before them (here layers 3-5 read layers 1, 2, 1) and own no cache. The press merges the
+    source layers' cache and hands the readers the source's mask of each call, proportional bias included: several
+    new tokens at once, and Gemma 4's readers that take only the last ``logits_to_keep`` queries, decode as on the
+    duplicated cache (the oracle); ``generate``, whose prefill keeps one position, as token by token."""
+    model = tiny(kind, attn)
+    assert kv_sources(model, decoder_layers(model)) == {3: 1, 4: 2, 5: 1}
+    ids, cont = torch.randint(0, 97, (2, 24)), torch.randint(0, 97, (2, 3))
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
+        model(ids, **cache_kwargs(model, cache))
+        oracle = duplicated_cache(cache)
+        last = model(cont, **cache_kwargs(model, cache), logits_to_keep=1).logits
+    assert [layer.keys.shape[2] for layer in cache.layers] == [27, 15, 27]
+    with torch.no_grad():
+        expected = model(cont, **cache_kwargs(model, oracle)).logits
+    assert torch.allclose(last, expected[:, -1:], atol=1e-5), (last - expected[:, -1:]).abs().max()
+    prompt = ids[:1]
+    with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
+                                   do_sample=False)[0, 24:]
+        cache, tokens = transformers.DynamicCache(), []
+        logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
+        for _ in range(4):
+            tokens.append(logits.argmax(-1))
+            logits = model(tokens[-1][:, None], **cache_kwargs(model, cache)).logits[:, -1]
+    assert generated.tolist() == torch.cat(tokens).tolist()
+
+
+def _gemma3n_image_prompt(batch: int):
+    """Token ids with one image (begin 94, four image tokens 96, end 95) amid text, and its 64 x 64 pixels."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (batch, 24), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * batch), text[:, 5:]], 1)
+    return ids, dict(pixel_values=torch.rand(batch, 3, 64, 64, generator=g))
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_gemma3n_merges_a_prompt_with_an_image(attn):
+    """Gemma3nForConditionalGeneration, the class of Gemma 3n's checkpoints: with an image in the prompt the KV press
+    is exact at ratio 0 and its merged cache decodes as the duplicated-cache oracle, layers reading an earlier
+    layer's cache included."""
+    model = tiny("gemma3n-vlm", attn)
+    ids, image = _gemma3n_image_prompt(2)
+    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-3)
+    reference, runs = press_and_oracle(model, ids, cont, image)
+    for ratio, (merged, oracle, _) in runs.items():
+        assert torch.allclose(merged, oracle, atol=1e-5)
+        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+    assert [layer.keys.shape[2] for layer in runs[0.5][2].layers] == [n + 3, n + 3 - n // 2, n + 3]
+
+
+@pytest.mark.parametrize("kind", ["gemma3n-vlm", "gemma4-vlm"])
+def test_replay_rereads_the_layers_own_inputs_of_a_vision_language_prompt(kind):
+    """Gemma 3n's and Gemma 4's vision-language classes hand their decoder the prompt as embeddings with each layer's
+    own per-token inputs (``per_layer_inputs``, looked up from the token ids) beside them; replay scoring reads the
+    prompt again with both: a text prompt is scored as when the decoder is given the token ids (Gemma 3n's would
+    lose the token part of those inputs), and an image prompt is scored at all (Gemma 4's decoder cannot find the
+    token ids back from image embeddings)."""
+    model = tiny(kind)
+    ids = torch.randint(1, 90, (1, 30), generator=torch.Generator().manual_seed(4))
+    scores = []
+    for call in (model, base_model(model)):
+        press = QuickMergePress(0.5, scoring="replay")
+        with torch.no_grad(), press(model):
+            call(input_ids=ids, **cache_kwargs(call, transformers.DynamicCache()))
+            scores.append(press._replayed)  # the replay's attention to each prompt entry, {layer: [B, Hkv, L]}
+    assert scores[0].keys() == scores[1].keys()
+    for layer, got in scores[0].items():
+        assert torch.allclose(got, scores[1][layer], rtol=1e-4, atol=1e-7), layer
+    ids, image = (_gemma3n_image_prompt if kind == "gemma3n-vlm" else _gemma4_image_prompt)(1)
+    cache = transformers.DynamicCache()
+    with torch.no_grad(), QuickMergePress(0.5, scoring="replay")(model):
+        model(ids, **image, **cache_kwargs(model, cache))
+    n = ids.shape[1]
+    assert [layer.keys.shape[2] for layer in cache.layers] == [
+        n if sliding_window_of(a) is not None else n - n // 2 for a in decoder_attention_layers(model)]
+
+
+def test_sharing_the_presses_cannot_follow_is_refused():
+    """The input press hands the upper layers masks of the merged positions, which the readers of an earlier
+    layer's cache would need from their source: refused before any work. A config announcing more sharing layers
+    than its modules mark (a renamed flag) is refused by both presses rather than merged without the readers."""
+    model = tiny("gemma3n")
+    with pytest.raises(ValueError, match="layers 3-5 of Gemma3nForCausalLM reuse the keys"), \
+            QuickMergeInputPress(0.5, layer=0)(model):
+        pass
+    reader = model.model.layers[5].self_attn
+    del reader.is_kv_shared_layer
+    reader.k_proj = getattr(reader, "k_proj", None) or torch.nn.Linear(64, 32)  # a layer that seems to attend alone
     for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
-        with pytest.raises(UnsupportedAttentionError, match=f"layers 2-3 of {family}ForCausalLM reuse"), press(model):
+        with pytest.raises(UnsupportedAttentionError, match=r"last 3 layers .* but layers \[3, 4\] are marked"), \
+                press(model):
             pass
 
 

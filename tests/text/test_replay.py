@@ -172,10 +172,11 @@ class _EvenSplit(QuickMergePress):
 
 @pytest.mark.parametrize("proportional", [True, False])
 @pytest.mark.parametrize(("kind", "attn"), [("llama", "sdpa"), ("llama", "eager"), ("gpt-oss", "eager"),
-                                            ("gemma2", "eager")])
+                                            ("gemma2", "eager"), ("gemma3n", "eager"), ("gemma4-shared", "sdpa")])
 def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(kind, attn, proportional):
     """Eager attention reads the flat layout too: gpt-oss (attention sinks, no SDPA path) and Gemma 2 (logit cap)
-    among them, their sliding layers left whole."""
+    among them, their sliding layers left whole; Gemma 3n's and Gemma 4's layers reading an earlier layer's cache
+    read its row under its mask."""
     model = tiny(kind, attn, layers=3)
     assert model.config._attn_implementation == attn
     ids, cont = torch.randint(0, 97, (2, 40)), torch.randint(0, 97, (2, 6))
@@ -188,7 +189,8 @@ def test_flat_layout_with_an_even_split_equals_the_rectangular_cache(kind, attn,
             shapes = {tuple(layer.keys.shape) for layer, a in zip(cache.layers, decoder_attention_layers(model),
                                                                  strict=True) if sliding_window_of(a) is None}
             logits.append(model(cont, **cache_kwargs(model, cache)).logits)
-        assert shapes == ({(2, 1, 40, 16)} if heads else {(2, 2, 20, 16)})
+        d = max(a.head_dim for a in decoder_attention_layers(model))  # Gemma 4's global heads are wider
+        assert shapes == ({(2, 1, 40, d)} if heads else {(2, 2, 20, d)})
     assert torch.allclose(logits[0], logits[1], atol=1e-5), (logits[0] - logits[1]).abs().max()
 
 

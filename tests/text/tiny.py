@@ -8,6 +8,7 @@ import torch
 import transformers
 
 from quickmerge.text.cache import cache_kwargs, is_merged
+from quickmerge.text.decoder import base_model
 
 COMMON = dict(
     vocab_size=97,
@@ -23,16 +24,20 @@ KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
-              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4")
+              "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
+              "gemma3n", "gemma3n-vlm", "gemma4-shared")
 # hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+# the last layers read the keys and values of earlier ones (num_kv_shared_layers): 6 layers, the last 3 sharing
+SHARING = ("gemma3n", "gemma3n-vlm", "gemma4-shared")
 # sliding and global layers in turn
 ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4",
-               "gemma4-vlm")
+               "gemma4-vlm", *SHARING)
 # kinds a transformers release added after 5.0: their class, the release
-NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5")}
+NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5"),
+         "gemma4-shared": ("Gemma4ForCausalLM", "5.5")}
 
 
 def _mrope(kind: str, common: dict):
@@ -78,7 +83,7 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     attention sinks are set where they change the attention of such small random models."""
     t = transformers
     if kind in ALTERNATING:
-        layers = max(common["num_hidden_layers"], 3)
+        layers = max(common["num_hidden_layers"], 6 if kind in SHARING else 3)
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
         common = {**common, "num_hidden_layers": layers, "layer_types": types, "sliding_window": sliding_window or 8}
     moe = dict(num_experts=4, num_experts_per_tok=2)
@@ -88,6 +93,9 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     # wider global heads, keys that are the values there (k_eq_v), an input of its own to each layer
     gemma4 = dict(**common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=2,
                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)
+    gemma3n = dict(**common, head_dim=16, num_kv_shared_layers=3, hidden_size_per_layer_input=8,
+                   vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0, laurel_rank=4, altup_num_inputs=2,
+                   activation_sparsity_pattern=[0.0] * common["num_hidden_layers"])
     build = {
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
@@ -141,6 +149,17 @@ def _more(kind: str, common: dict, sliding_window: int | None):
             num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96, attention_chunk_size=8,
             no_rope_layer_interval=2, use_qk_norm=True, floor_scale=4, attn_scale=0.5)),
         "gemma4": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(**gemma4)),
+        # layers 3-5 read the keys and values of layers 1 (global) and 2 (sliding), as Gemma 4's small checkpoints do
+        "gemma4-shared": lambda: t.Gemma4ForCausalLM(t.Gemma4TextConfig(**gemma4, num_kv_shared_layers=3)),
+        "gemma3n": lambda: t.Gemma3nForCausalLM(t.Gemma3nTextConfig(**gemma3n)),
+        # Gemma 3n's checkpoints: the same under a tiny timm tower (a 64 x 64 image is 2 x 2 = 4 tokens, id 96;
+        # begin 94, end 95) and a one-layer audio tower
+        "gemma3n-vlm": lambda: t.Gemma3nForConditionalGeneration(t.Gemma3nConfig(
+            text_config=gemma3n, vision_soft_tokens_per_image=4, audio_soft_tokens_per_image=4, image_token_id=96,
+            boi_token_id=94, eoi_token_id=95, audio_token_id=93, boa_token_id=92, eoa_token_id=91,
+            vision_config=dict(architecture="test_convnext", hidden_size=64, vocab_size=8, vocab_offset=97),
+            audio_config=dict(hidden_size=32, conf_num_attention_heads=2, conf_num_hidden_layers=1, vocab_size=8,
+                              vocab_offset=105, input_feat_size=16))),
         # Gemma 4's checkpoints: the same under a one-layer vision tower (a 6 x 6 patch image pools to 4 tokens)
         "gemma4-vlm": lambda: t.Gemma4ForConditionalGeneration(t.Gemma4Config(
             text_config=t.Gemma4TextConfig(**gemma4).to_dict(), image_token_id=96, boi_token_id=94, eoi_token_id=95,
@@ -158,6 +177,11 @@ def _more(kind: str, common: dict, sliding_window: int | None):
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))),
     }
     model = build[kind]()
+    if kind in ("gemma3n", "gemma3n-vlm"):  # its layers' own inputs reach the next layers' attention through AltUp's
+        with torch.no_grad():  # streams: a scale initialised at 0 and mixing weights near 0, made to matter here
+            for layer in base_model(model).layers:
+                layer.altup.correct_output_scale.normal_(1.0, 0.2)
+                layer.altup.prediction_coefs.weight.normal_(0.0, 0.5)
     if kind == "gpt-oss":
         with torch.no_grad():
             for layer in model.model.layers:
@@ -224,6 +248,8 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
         attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
     else:
         raise ValueError(kind)
+    if kind == "gemma3n-vlm":  # its timm tower takes no SDPA under transformers 5.2: set the decoder's alone
+        attn = {"text_config": attn, "vision_config": "eager", "audio_config": "eager"}
     model.set_attn_implementation(attn)
     return model.eval()
 
