@@ -65,6 +65,7 @@ SUPPORTED_ARCHITECTURES = (
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
     "Llama4ForCausalLM",
+    "Llama4ForConditionalGeneration",
     "Gemma3nForCausalLM",
     "Gemma3nForConditionalGeneration",
     "Qwen2VLForConditionalGeneration",
@@ -77,9 +78,11 @@ ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM (``model.model``, or its ``language_model``)."""
+    """The decoder stack of a causal LM (``model.model``, or its ``language_model``, or that one's ``model`` where a
+    vision-language model holds a whole causal LM: Llama 4's)."""
     base = getattr(model, "model", model)
-    return getattr(base, "language_model", base)
+    base = getattr(base, "language_model", base)
+    return base.model if not hasattr(base, "layers") and hasattr(base, "model") else base
 
 
 def has_attention(layer: nn.Module) -> bool:

@@ -616,6 +616,32 @@ def test_replay_rereads_the_layers_own_inputs_of_a_vision_language_prompt(kind):
         n if sliding_window_of(a) is not None else n - n // 2 for a in decoder_attention_layers(model)]
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_llama4_merges_a_prompt_with_an_image(attn):
+    """Llama4ForConditionalGeneration, the class of Llama 4's checkpoints, holds a whole causal LM as its language
+    model: the KV press finds its decoder there and, text or an image in the prompt, is exact at ratio 0 and decodes
+    as the duplicated-cache oracle (its chunked layers kept whole); the input press is refused (chunked attention)."""
+    model = tiny("llama4-vlm", attn)
+    g = torch.Generator().manual_seed(0)
+    ids, cont = torch.randint(1, 90, (2, 24), generator=g), torch.randint(1, 90, (2, 3), generator=g)
+    image = ids.clone()
+    image[:, 4:8] = 96
+    pixels = dict(pixel_values=torch.rand(2, 3, 56, 56, generator=g))
+    try:
+        with torch.no_grad():
+            assert not torch.allclose(model(image, **pixels).logits, model(image).logits, atol=1e-3)
+    except AttributeError as error:  # transformers 5.24: 'MoeCausalLMOutputWithPast' has no 'image_outputs'
+        pytest.skip(f"transformers {transformers.__version__}'s own Llama 4 forward fails, without quickmerge: {error}")
+    for prompt, inputs in ((ids, {}), (image, pixels)):
+        reference, runs = press_and_oracle(model, prompt, cont, inputs)
+        for ratio, (merged, oracle, _) in runs.items():
+            assert torch.allclose(merged, oracle, atol=1e-5)
+            assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+        assert [layer.keys.shape[2] for layer in runs[0.5][2].layers] == [27, 15, 27, 15]
+    with pytest.raises(ValueError, match="attend within chunks"), QuickMergeInputPress(0.5, layer=0)(model):
+        pass
+
+
 def test_sharing_the_presses_cannot_follow_is_refused():
     """The input press hands the upper layers masks of the merged positions, which the readers of an earlier
     layer's cache would need from their source: refused before any work. A config announcing more sharing layers

@@ -20,6 +20,7 @@ from tests.text.tiny import (  # noqa: E402
     MORE_KINDS,
     MROPE_KINDS,
     NEWER,
+    OWN_TEST_KINDS,
     duplicated_cache,
     one_at_a_time,
     tiny,
@@ -126,7 +127,7 @@ def test_every_supported_architecture_is_built_by_the_tests():
     import warnings
 
     built = {}
-    for kind in KINDS + MORE_KINDS + MROPE_KINDS + HYBRID_KINDS:
+    for kind in KINDS + MORE_KINDS + MROPE_KINDS + HYBRID_KINDS + OWN_TEST_KINDS:
         if kind in ("qwen3.5", "qwen3.5-moe", "qwen3.5-vl") and not hasattr(transformers, "Qwen3_5ForCausalLM"):
             continue  # transformers 5.2 added them
         if kind in NEWER and not hasattr(transformers, NEWER[kind][0]):
