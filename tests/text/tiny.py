@@ -154,7 +154,7 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         # Llama 4's checkpoints: the same under a one-layer vision tower (a 56 x 56 image, 4 x 4 patches shuffled to
         # 4 tokens, id 96), holding a whole Llama4ForCausalLM as its language model
         "llama4-vlm": lambda: t.Llama4ForConditionalGeneration(t.Llama4Config(
-            text_config=llama4, image_token_index=96,
+            text_config=llama4, image_token_index=96, pad_token_id=0,  # transformers 5.0 reads it here
             vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                                image_size=56, patch_size=14, vision_output_dim=64, projector_input_dim=64,
                                projector_output_dim=64, pixel_shuffle_ratio=0.5))),
