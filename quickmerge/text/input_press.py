@@ -7,7 +7,9 @@ token sits at the position of its span's last token; later tokens keep their tru
 
 The upper layers' attention masks are built from those positions (causal, and within the
 layer's window for sliding-window layers: Gemma 3's local layers, Mistral's
-``sliding_window``), at prefill and for every token decoded inside the ``with`` block. Their
+``sliding_window``), at prefill and for every token decoded inside the ``with`` block; a layer
+reading an earlier layer's keys and values (Gemma 3n, Gemma 4's ``num_kv_shared_layers``)
+attends with that layer's mask of the same call (the merge layer must sit below those layers). Their
 cache layers remember the positions of their entries; decoding several tokens at once
 outside the press, which would need those masks, raises. Batches must be unpadded.
 """
@@ -38,11 +40,11 @@ from .decoder import (
     hidden_states_arg,
     is_chunked,
     key_rotation,
+    kv_sources,
     plain_rotary,
     prerope_keys,
     probed_rotation,
     query_position_scale,
-    shares_kv,
     sliding_window_of,
     unsupported_message,
 )
@@ -102,11 +104,28 @@ def gathered_positions(attention: nn.Module, kwargs: dict, positions: Tensor) ->
 
 
 @functools.cache
-def _per_layer_input_slot(layer_type: type) -> int | None:
-    """Where a decoder layer's forward takes ``per_layer_input`` (Gemma 4: second, after the hidden states) among
-    its positional arguments, or None for a layer without it."""
-    names = [name for name in inspect.signature(layer_type.forward).parameters if name != "self"]
-    return names.index("per_layer_input") if "per_layer_input" in names else None
+def _slot(layer_type: type, name: str) -> int | None:
+    """Where a decoder layer's forward takes the argument ``name`` among its positional ones (Gemma 4's
+    ``per_layer_input``, second; Gemma 3n passes ``position_embeddings`` by position), or None."""
+    names = [n for n in inspect.signature(layer_type.forward).parameters if n != "self"]
+    return names.index(name) if name in names else None
+
+
+def layer_argument(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
+    """The argument ``name`` a decoder layer was called with, by keyword or by position (None: not given)."""
+    if name in kwargs:
+        return kwargs[name]
+    slot = _slot(type(block), name)
+    return args[slot] if slot is not None and len(args) > slot else None
+
+
+def with_layer_argument(block: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple:
+    """``args`` with the argument ``name`` set to ``value`` where the call passed it (a keyword: in ``kwargs``)."""
+    slot = _slot(type(block), name)
+    if name in kwargs or slot is None or len(args) <= slot:
+        kwargs[name] = value
+        return args
+    return (*args[:slot], value, *args[slot + 1 :])
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:
@@ -182,6 +201,8 @@ class QuickMergeInputPress(Press):
         self._call_ids: Tensor | None = None  # [B, N] input ids of the outer model's last call (token_ids)
         self._selected: Tensor | None = None  # [B, N] bool: the prompt tokens token_ids lets merge
         self._attention_input: tuple[Tensor, dict] | None = None  # the merge layer's, during its forward
+        self._kv_sources: dict[int, int] = {}  # layers reading an earlier layer's keys and values -> that layer
+        self._masks: dict[int, Tensor] = {}  # the masks those earlier layers got in this call
 
     def _new_prompt(self) -> None:
         super()._new_prompt()
@@ -192,15 +213,16 @@ class QuickMergeInputPress(Press):
         self._prompt_length, self._positions, self._prompt_masks, self._selected = None, None, None, None
         self._groups = None
         self._call_ids = None
+        self._masks = {}
 
     def refusal(self, model: nn.Module) -> str | None:
         layers = decoder_layers(model)
-        shared = [layer.self_attn.layer_idx for layer in layers if shares_kv(getattr(layer, "self_attn", None))]
-        if shared:
-            return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
-                    f"layers {shared[0]}-{shared[-1]} of {type(model).__name__} reuse the keys and values of earlier "
-                    "layers (num_kv_shared_layers), which it does not follow: use QuickMergePress")
-        if not all(has_attention(layer) for layer in layers):
+        sources = kv_sources(model, layers)
+        if sources and self.layer >= min(sources.values()):
+            return (f"layer must be below {min(sources.values())} on {type(model).__name__}: layers "
+                    f"{min(sources)}-{max(sources)} attend with the keys and values of layers "
+                    f"{sorted(set(sources.values()))}, which must hold the merged prompt; got {self.layer}")
+        if not all(has_attention(layer) or layer.self_attn.layer_idx in sources for layer in layers):
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
                     f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "
                     "QuickMergePress, which merges the cache of its attention layers")
@@ -225,6 +247,7 @@ class QuickMergeInputPress(Press):
         if refusal is not None:
             raise ValueError(refusal)
         base = base_model(model)
+        self._kv_sources = kv_sources(model, layers)
         handles = [
             model.register_forward_pre_hook(self._capture_ids, with_kwargs=True),
             base.register_forward_pre_hook(self._before_model, with_kwargs=True),
@@ -242,7 +265,7 @@ class QuickMergeInputPress(Press):
             handles.append(block.register_forward_hook(self._after_upper, with_kwargs=True))
         return handles
 
-    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         implementation = getattr(module.config, "_attn_implementation", None)
         if implementation not in ("eager", "sdpa"):
             raise ValueError(
@@ -253,6 +276,7 @@ class QuickMergeInputPress(Press):
         ids = kwargs.get("input_ids", args[0] if args else None)
         q_len = (ids if ids is not None else kwargs.get("inputs_embeds")).shape[1]
         cache = cache_arg(kwargs)
+        self._masks = {}
         new_prompt = cache is None or cache.get_seq_length() == 0
         if new_prompt:
             self._new_prompt()
@@ -262,6 +286,12 @@ class QuickMergeInputPress(Press):
                 self._prompt_masks = mask
             if self.token_ids is not None:
                 self._selected = self._selection(ids, q_len)
+        if self._kv_sources and kwargs.get("logits_to_keep"):
+            # Gemma 4 runs its layers reading other layers' caches on the last logits_to_keep tokens only, cut from
+            # tables of the unmerged prompt; the causal LM around the decoder keeps only those logits all the same
+            kwargs["logits_to_keep"] = 0
+            return args, kwargs
+        return None
 
     def _capture_attention_input(self, attn: nn.Module, args: tuple, kwargs: dict) -> None:
         """The merge layer's attention input (after the layer's own norm, wherever it sits) and its positions:
@@ -270,7 +300,8 @@ class QuickMergeInputPress(Press):
         self._attention_input = (hidden_states_arg(args, kwargs), positions)
 
     def _merge_after(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
+        raw = output[0] if isinstance(output, tuple) else output
+        hidden = as_tokens(raw)
         n = hidden.shape[1]
         normed, attn_kwargs = self._attention_input
         position_embeddings = attn_kwargs["position_embeddings"]
@@ -296,12 +327,13 @@ class QuickMergeInputPress(Press):
             top = saliency.topk(kept, dim=-1).indices
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
             mass = merge_mass(mask, saliency, self.epsilon)
-        merged, _ = weighted_mean(hidden, mass, assignment, kept)
+        merged = like_hidden(weighted_mean(hidden, mass, assignment, kept)[0], raw)
         self._positions, self._groups = last, (mass, assignment, kept)
         return (merged, *output[1:]) if isinstance(output, tuple) else merged
 
     def _merge_before_first(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        hidden = hidden_states_arg(args, kwargs)
+        raw = hidden_states_arg(args, kwargs)
+        hidden = as_tokens(raw)
         b, n, _ = hidden.shape
         if self._prompt_length == n:
             kept = self._kept_tokens(n)
@@ -311,7 +343,7 @@ class QuickMergeInputPress(Press):
                 with torch.no_grad():
                     assignment, last = self._group(hidden, saliency, kept)
                 mass = torch.ones_like(saliency)
-                merged, _ = weighted_mean(hidden, mass, assignment, kept)
+                merged = like_hidden(weighted_mean(hidden, mass, assignment, kept)[0], raw)
                 self._positions, self._groups = last, (mass, assignment, kept)
                 if "hidden_states" in kwargs:
                     kwargs["hidden_states"] = merged
@@ -383,46 +415,55 @@ class QuickMergeInputPress(Press):
         window = sliding_window_of(block.self_attn)
         cache = cache_arg(kwargs)
         index = block.self_attn.layer_idx
-        layer = cache.layers[index] if cache is not None and index < len(cache.layers) else None  # lazily made
+        source = self._kv_sources.get(index)  # a layer reading an earlier layer's keys and values: no cache of its own
+        owns = source is None and cache is not None and index < len(cache.layers)
+        layer = cache.layers[index] if owns else None  # None: lazily made
         if self._positions is not None:  # the prefill: the merged prompt itself
             positions = self._positions
             if layer is not None:
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
-            kwargs["position_embeddings"] = tuple(gather_tokens(t, positions) for t in kwargs["position_embeddings"])
+            tables = layer_argument(block, args, kwargs, "position_embeddings")
+            args = with_layer_argument(block, args, kwargs, "position_embeddings",
+                                       tuple(gather_tokens(t, positions) for t in tables))
             kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
             args = self._merged_per_layer_input(block, args, kwargs)
             own = self._own_mask(block)
-            kwargs["attention_mask"] = (position_mask(positions, positions, window, hidden.dtype) if own is None
-                                        else gathered_mask(own, positions, hidden.dtype))
-            return args, kwargs
-        if getattr(layer, "needs_press", False):  # decoding on a cache this press merged
+            mask = (position_mask(positions, positions, window, hidden.dtype) if own is None
+                    else gathered_mask(own, positions, hidden.dtype))
+        elif getattr(layer, "needs_press", False):  # decoding on a cache this press merged
             # new tokens follow the prompt in its order; the layers' position ids cannot say it for every model
             # (multimodal RoPE: none are passed, the three-axis positions sit in the rotary table)
-            new = layer.positions[:, -1:] + torch.arange(1, hidden.shape[1] + 1, device=layer.positions.device)
+            new = layer.positions[:, -1:] + torch.arange(1, hidden.shape[-2] + 1, device=layer.positions.device)
             keys = torch.cat([layer.positions, new], dim=1)
-            kwargs["attention_mask"] = position_mask(new, keys, window, hidden.dtype)
+            mask = position_mask(new, keys, window, hidden.dtype)
             layer._press_call, layer._new_positions = True, new
-            return args, kwargs
-        return None
+        elif source is None:
+            return None
+        if source is not None:  # it attends with its source's keys and values of this call: and with its mask
+            mask = self._masks.get(source)
+            if mask is None:
+                return None if self._positions is None else (args, kwargs)
+        elif index in self._kv_sources.values():
+            self._masks[index] = mask
+        kwargs["attention_mask"] = mask
+        return args, kwargs
 
     def _merged_per_layer_input(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        """The layer's own input per prompt token, Gemma 4's ``per_layer_input [B, N, d]``, merged with the weights
-        that merged the hidden states; ``args`` with it in place (kwargs: in place). Layers without one: unchanged."""
-        slot = _per_layer_input_slot(type(block))
-        if slot is None:
+        """The layer's own input per prompt token, Gemma 3n's and Gemma 4's ``per_layer_input [B, N, d]``, merged with
+        the weights that merged the hidden states; ``args`` with it in place (kwargs: in place). Layers without one:
+        unchanged."""
+        value = layer_argument(block, args, kwargs, "per_layer_input")
+        if not isinstance(value, Tensor):
             return args
         mass, assignment, kept = self._groups
-        if isinstance(kwargs.get("per_layer_input"), Tensor):
-            kwargs["per_layer_input"] = weighted_mean(kwargs["per_layer_input"], mass, assignment, kept)[0]
-        elif len(args) > slot and isinstance(args[slot], Tensor):
-            args = (*args[:slot], weighted_mean(args[slot], mass, assignment, kept)[0], *args[slot + 1 :])
-        return args
+        merged = weighted_mean(value, mass, assignment, kept)[0]
+        return with_layer_argument(block, args, kwargs, "per_layer_input", merged)
 
     def _after_upper(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = cache_arg(kwargs)
-        if cache is None:
-            return
         index = block.self_attn.layer_idx
+        if cache is None or index in self._kv_sources:
+            return  # no cache, or a layer that keeps none of its own
         layer = cache.layers[index]
         if self._positions is not None:  # the prefill: remember where the entries sit
             # the layer stands for the whole prompt: its logical length is the prompt's (positions continue)
@@ -443,8 +484,30 @@ class QuickMergeInputPress(Press):
         return self._prompt_masks.get(kind)
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        unmerged = self._prompt_length is not None and self._positions is None
+        length = self._prompt_length
         self._positions, self._prompt_length, self._prompt_masks, self._groups = None, None, None, None
         self._call_ids = None  # read by this call only: a later call of the decoder alone brings its own
+        if unmerged and self._kept_tokens(length) < length:
+            raise RuntimeError(
+                f"QuickMergeInputPress merged nothing in a prefill of {length} tokens: the hidden states around layer "
+                f"{self.layer} of {type(module).__name__} did not hold them as [batch, tokens, features] (nor as "
+                "Gemma 3n's [streams, batch, tokens, features])"
+            )
+
+
+def as_tokens(hidden: Tensor) -> Tensor:
+    """``[B, N, D]`` hidden states as the merge reads them; Gemma 3n's AltUp streams ``[A, B, N, D]`` side by side in
+    the features, ``[B, N, A * D]``."""
+    return hidden if hidden.dim() == 3 else hidden.permute(1, 2, 0, 3).flatten(2)
+
+
+def like_hidden(tokens: Tensor, hidden: Tensor) -> Tensor:
+    """``[B, K, D']`` merged tokens back in the layout of ``hidden`` (:func:`as_tokens`'s inverse)."""
+    if hidden.dim() == 3:
+        return tokens
+    a, b, _, d = hidden.shape
+    return tokens.view(b, -1, a, d).permute(2, 0, 1, 3)
 
 
 def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cached: Tensor | None) -> Tensor:

@@ -25,6 +25,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     prerope_keys,
     sliding_window_of,
 )
+from quickmerge.text.input_press import layer_argument  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_input_press import (  # noqa: E402
     _run,
@@ -37,6 +38,7 @@ from tests.text.tiny import (  # noqa: E402
     SHARING,
     duplicated_cache,
     mistral3_vlm,
+    one_at_a_time,
     press_and_oracle,
     tiny,
 )
@@ -150,8 +152,7 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
 MINISTRAL3 = ("ministral3", "mistral3-vlm")  # queries scaled by position: batches of the input press tested below
 
 
-# llama4 and the sharing kinds: refused (below)
-@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4", *SHARING)])
+@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4")])  # llama4: refused
 def test_input_press_is_exact_at_ratio_zero_and_shrinks_the_upper_layers(kind):
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, "sdpa")
 
@@ -463,16 +464,18 @@ def test_replay_rereads_an_image_prompt_at_its_own_positions(kind, monkeypatch):
         assert torch.allclose(got[0][layer], expected, atol=1e-5), (got[0][layer] - expected).abs().max()
 
 
-def test_gemma4_merges_each_layers_own_input_with_the_prompt():
-    """Gemma 4 gives every layer an input of its own per token (``per_layer_input``): above the merge, a merged
-    token's is the mean over its run, as its hidden state is (layer -1: plain means of runs of the embeddings)."""
-    model = tiny("gemma4", layers=3)
+@pytest.mark.parametrize("kind", ["gemma4", "gemma3n"])
+def test_gemma_merges_each_layers_own_input_with_the_prompt(kind):
+    """Gemma 4 and Gemma 3n give every layer an input of its own per token (``per_layer_input``, second and third
+    argument): above the merge, a merged token's is the mean over its run, as its hidden state is (layer -1: plain
+    means of runs of the embeddings)."""
+    model = tiny(kind, layers=3)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
     press, seen = QuickMergeInputPress(0.5, layer=-1), {}
 
     def capture(name):
         def hook(module, args, kwargs):
-            seen[name] = args[1].clone()
+            seen[name] = layer_argument(module, args, kwargs, "per_layer_input").clone()
             if press._positions is not None:
                 seen["positions"] = press._positions[0].clone()
         return hook
@@ -554,6 +557,7 @@ def test_layers_reading_an_earlier_layers_cache_attend_with_its_mask(kind, attn)
     assert torch.allclose(last, expected[:, -1:], atol=1e-5), (last - expected[:, -1:]).abs().max()
     prompt = ids[:1]
     with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
+        model.generation_config.eos_token_id = None  # four tokens, whichever they are
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
                                    do_sample=False)[0, 24:]
         cache, tokens = transformers.DynamicCache(), []
@@ -642,14 +646,55 @@ def test_llama4_merges_a_prompt_with_an_image(attn):
         pass
 
 
-def test_sharing_the_presses_cannot_follow_is_refused():
-    """The input press hands the upper layers masks of the merged positions, which the readers of an earlier
-    layer's cache would need from their source: refused before any work. A config announcing more sharing layers
-    than its modules mark (a renamed flag) is refused by both presses rather than merged without the readers."""
-    model = tiny("gemma3n")
-    with pytest.raises(ValueError, match="layers 3-5 of Gemma3nForCausalLM reuse the keys"), \
-            QuickMergeInputPress(0.5, layer=0)(model):
+@pytest.mark.parametrize("kind", SHARING)
+def test_the_input_press_gives_layers_reading_an_earlier_layers_cache_its_mask(kind):
+    """Under the input press the layers that read an earlier layer's keys and values attend with that layer's mask of
+    the same call (merged positions at prefill, then each decoded token's), so a cache made from the config, whose
+    sliding layers keep their window only, decodes as a plain one; ``generate`` (Gemma 4 would run those layers on
+    the last position alone, cut from the unmerged prompt's tables) decodes as token by token. The merge layer must
+    sit below the layers read."""
+    model = tiny(kind)
+    ids, cont = torch.randint(1, 90, (1, 30)), torch.randint(1, 90, (1, 12))
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.setdefault(module.layer_idx, []).append(kwargs["attention_mask"])
+
+    attentions = [layer.self_attn for layer in decoder_layers(model)]
+    handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in attentions]
+    logits = []
+    try:
+        for cache in (transformers.DynamicCache(), transformers.DynamicCache(config=model.config)):
+            seen.clear()
+            with torch.no_grad(), QuickMergeInputPress(0.5, layer=0)(model):
+                model(ids, **cache_kwargs(model, cache))
+                logits.append(one_at_a_time(model, cont, cache))
+            assert cache.layers[1].keys.shape[2] == 15 + 12  # the global layer read by layers 3 and 5
+            for reader, source in {3: 1, 4: 2, 5: 1}.items():
+                assert len(seen[reader]) == len(seen[source]) == 13
+                assert all(a is b for a, b in zip(seen[reader], seen[source], strict=True))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(logits[0], logits[1], atol=1e-5)
+    with torch.no_grad(), QuickMergeInputPress(0.5, layer=0)(model):
+        model.generation_config.eos_token_id = None  # four tokens, whichever they are
+        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)[0, 30:]
+        cache, tokens = transformers.DynamicCache(), []
+        step = model(ids, **cache_kwargs(model, cache)).logits[:, -1]
+        for _ in range(4):
+            tokens.append(step.argmax(-1))
+            step = model(tokens[-1][:, None], **cache_kwargs(model, cache)).logits[:, -1]
+    assert generated.tolist() == torch.cat(tokens).tolist()
+    with pytest.raises(ValueError, match=r"layer must be below 1 .* layers 3-5 attend with the keys and values of "
+                                         r"layers \[1, 2\]"), QuickMergeInputPress(0.5, layer=1)(model):
         pass
+
+
+def test_sharing_the_presses_cannot_follow_is_refused():
+    """A config announcing more layers reading other layers' caches than its modules mark (a renamed flag) is refused
+    by both presses rather than merged without the readers."""
+    model = tiny("gemma3n")
     reader = model.model.layers[5].self_attn
     del reader.is_kv_shared_layer
     reader.k_proj = getattr(reader, "k_proj", None) or torch.nn.Linear(64, 32)  # a layer that seems to attend alone
