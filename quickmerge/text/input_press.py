@@ -222,7 +222,7 @@ class QuickMergeInputPress(Press):
             return (f"layer must be below {min(sources.values())} on {type(model).__name__}: layers "
                     f"{min(sources)}-{max(sources)} attend with the keys and values of layers "
                     f"{sorted(set(sources.values()))}, which must hold the merged prompt; got {self.layer}")
-        if not all(has_attention(layer) or layer.self_attn.layer_idx in sources for layer in layers):
+        if not all(has_attention(layer) or i in sources for i, layer in enumerate(layers)):
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
                     f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "
                     "QuickMergePress, which merges the cache of its attention layers")
