@@ -509,13 +509,23 @@ def _gemma4_image_prompt(batch: int):
                      mm_token_type_ids=(ids == 96).long())
 
 
+def _gemma3n_image_prompt(batch: int):
+    """Token ids with one image (begin 94, four image tokens 96, end 95) amid text, and its 64 x 64 pixels."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (batch, 24), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * batch), text[:, 5:]], 1)
+    return ids, dict(pixel_values=torch.rand(batch, 3, 64, 64, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["gemma4-vlm", "gemma3n-vlm"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_gemma4_merges_a_prompt_with_an_image(attn):
-    """Gemma4ForConditionalGeneration, the class of Gemma 4's checkpoints: with an image in the prompt the KV press is
-    exact at ratio 0 and its merged cache decodes as the duplicated-cache oracle; the input press is exact at ratio 0
-    and with ``token_ids`` merges the image's tokens only."""
-    model = tiny("gemma4-vlm", attn, layers=3)
-    ids, image = _gemma4_image_prompt(2)
+def test_gemma_merges_a_prompt_with_an_image(kind, attn):
+    """Gemma4ForConditionalGeneration and Gemma3nForConditionalGeneration, the classes of the checkpoints: with an
+    image in the prompt the KV press is exact at ratio 0 and its merged cache decodes as the duplicated-cache oracle
+    (Gemma 3n's layers reading an earlier layer's cache included); the input press is exact at ratio 0 and with
+    ``token_ids`` merges the image's tokens only."""
+    model = tiny(kind, attn, layers=3)
+    ids, image = (_gemma4_image_prompt if kind == "gemma4-vlm" else _gemma3n_image_prompt)(2)
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
     with torch.no_grad():
         assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-3)
@@ -533,6 +543,20 @@ def test_gemma4_merges_a_prompt_with_an_image(attn):
                 logits = model(cont, **cache_kwargs(model, cache)).logits
             assert [layer.keys.shape[2] for layer in cache.layers][1:] == [kept + 3] * 2
             assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
+
+
+def _assert_generate_decodes_as_token_by_token(model, press, prompt, steps=4):
+    """Greedy ``generate`` inside ``press`` picks the tokens that a prefill and one call per token pick inside it."""
+    with torch.no_grad(), press(model):
+        model.generation_config.eos_token_id = None  # every step, whichever tokens come
+        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                                   do_sample=False)[0, prompt.shape[1]:]
+        cache, tokens = transformers.DynamicCache(), []
+        logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
+        for _ in range(steps):
+            tokens.append(logits.argmax(-1))
+            logits = model(tokens[-1][:, None], **cache_kwargs(model, cache)).logits[:, -1]
+    assert generated.tolist() == torch.cat(tokens).tolist()
 
 
 @pytest.mark.parametrize("kind", SHARING)
@@ -555,42 +579,7 @@ def test_layers_reading_an_earlier_layers_cache_attend_with_its_mask(kind, attn)
     with torch.no_grad():
         expected = model(cont, **cache_kwargs(model, oracle)).logits
     assert torch.allclose(last, expected[:, -1:], atol=1e-5), (last - expected[:, -1:]).abs().max()
-    prompt = ids[:1]
-    with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
-        model.generation_config.eos_token_id = None  # four tokens, whichever they are
-        generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4,
-                                   do_sample=False)[0, 24:]
-        cache, tokens = transformers.DynamicCache(), []
-        logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
-        for _ in range(4):
-            tokens.append(logits.argmax(-1))
-            logits = model(tokens[-1][:, None], **cache_kwargs(model, cache)).logits[:, -1]
-    assert generated.tolist() == torch.cat(tokens).tolist()
-
-
-def _gemma3n_image_prompt(batch: int):
-    """Token ids with one image (begin 94, four image tokens 96, end 95) amid text, and its 64 x 64 pixels."""
-    g = torch.Generator().manual_seed(0)
-    text = torch.randint(1, 90, (batch, 24), generator=g)
-    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * batch), text[:, 5:]], 1)
-    return ids, dict(pixel_values=torch.rand(batch, 3, 64, 64, generator=g))
-
-
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_gemma3n_merges_a_prompt_with_an_image(attn):
-    """Gemma3nForConditionalGeneration, the class of Gemma 3n's checkpoints: with an image in the prompt the KV press
-    is exact at ratio 0 and its merged cache decodes as the duplicated-cache oracle, layers reading an earlier
-    layer's cache included."""
-    model = tiny("gemma3n-vlm", attn)
-    ids, image = _gemma3n_image_prompt(2)
-    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
-    with torch.no_grad():
-        assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-3)
-    reference, runs = press_and_oracle(model, ids, cont, image)
-    for ratio, (merged, oracle, _) in runs.items():
-        assert torch.allclose(merged, oracle, atol=1e-5)
-        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
-    assert [layer.keys.shape[2] for layer in runs[0.5][2].layers] == [n + 3, n + 3 - n // 2, n + 3]
+    _assert_generate_decodes_as_token_by_token(model, QuickMergePress(0.5, window=4), ids[:1])
 
 
 @pytest.mark.parametrize("kind", ["gemma3n-vlm", "gemma4-vlm"])
@@ -677,15 +666,7 @@ def test_the_input_press_gives_layers_reading_an_earlier_layers_cache_its_mask(k
         for handle in handles:
             handle.remove()
     assert torch.allclose(logits[0], logits[1], atol=1e-5)
-    with torch.no_grad(), QuickMergeInputPress(0.5, layer=0)(model):
-        model.generation_config.eos_token_id = None  # four tokens, whichever they are
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)[0, 30:]
-        cache, tokens = transformers.DynamicCache(), []
-        step = model(ids, **cache_kwargs(model, cache)).logits[:, -1]
-        for _ in range(4):
-            tokens.append(step.argmax(-1))
-            step = model(tokens[-1][:, None], **cache_kwargs(model, cache)).logits[:, -1]
-    assert generated.tolist() == torch.cat(tokens).tolist()
+    _assert_generate_decodes_as_token_by_token(model, QuickMergeInputPress(0.5, layer=0), ids)
     with pytest.raises(ValueError, match=r"layer must be below 1 .* layers 3-5 attend with the keys and values of "
                                          r"layers \[1, 2\]"), QuickMergeInputPress(0.5, layer=1)(model):
         pass
