@@ -19,6 +19,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     base_model,
     decoder_attention_layers,
     decoder_layers,
+    hidden_states_arg,
     key_rotation,
     kv_sources,
     plain_rotary,
@@ -468,19 +469,21 @@ def test_replay_rereads_an_image_prompt_at_its_own_positions(kind, monkeypatch):
 def test_gemma_merges_each_layers_own_input_with_the_prompt(kind):
     """Gemma 4 and Gemma 3n give every layer an input of its own per token (``per_layer_input``, second and third
     argument): above the merge, a merged token's is the mean over its run, as its hidden state is (layer -1: plain
-    means of runs of the embeddings)."""
+    means of runs of the embeddings; Gemma 3n's hidden states are AltUp streams ``[A, B, N, D]``, each merged)."""
     model = tiny(kind, layers=3)
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(2))
     press, seen = QuickMergeInputPress(0.5, layer=-1), {}
 
     def capture(name):
         def hook(module, args, kwargs):
-            seen[name] = layer_argument(module, args, kwargs, "per_layer_input").clone()
+            tokens = hidden_states_arg(args, kwargs)
+            tokens = tokens[:, 0] if tokens.dim() == 4 else tokens[0]  # [streams, N, D] or [N, D]: batch row 0
+            seen[name] = dict(input=layer_argument(module, args, kwargs, "per_layer_input")[0], hidden=tokens)
             if press._positions is not None:
                 seen["positions"] = press._positions[0].clone()
         return hook
 
-    layer = decoder_layers(model)[1]
+    layer = decoder_layers(model)[0]
     with torch.no_grad():
         handle = layer.register_forward_pre_hook(capture("whole"), with_kwargs=True)
         model(ids)
@@ -489,12 +492,16 @@ def test_gemma_merges_each_layers_own_input_with_the_prompt(kind):
             handle = layer.register_forward_pre_hook(capture("merged"), with_kwargs=True)
             model(ids)
             handle.remove()
-    positions, whole, merged = seen["positions"], seen["whole"][0], seen["merged"][0]
-    assert merged.shape == (15, whole.shape[-1]) and positions.shape == (15,)
+    positions = seen["positions"]
+    assert positions.shape == (15,)
     starts = [0, *(positions[:-1] + 1).tolist()]
-    want = torch.stack([whole[a : b + 1].mean(0) for a, b in zip(starts, positions.tolist(), strict=True)])
-    assert torch.allclose(merged, want, atol=1e-6)
-    assert not torch.allclose(merged, whole[positions], atol=1e-4)  # some runs hold several tokens
+    for name in ("input", "hidden"):
+        whole, merged = seen["whole"][name], seen["merged"][name]
+        assert merged.shape[-2] == 15
+        want = torch.stack([whole[..., a : b + 1, :].mean(-2) for a, b in zip(starts, positions.tolist(), strict=True)],
+                           dim=-2)
+        assert torch.allclose(merged, want, atol=1e-6), name
+        assert not torch.allclose(merged, whole[..., positions, :], atol=1e-4)  # some runs hold several tokens
 
 
 def _gemma4_image_prompt(batch: int):
