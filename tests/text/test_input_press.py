@@ -363,3 +363,18 @@ def test_merging_the_embeddings_before_the_first_layer_equals_a_reference_run_by
     logits, _ = _run(model, QuickMergeInputPress(0.0, layer=-1), ids, cont)
     with torch.no_grad():
         assert torch.allclose(logits, model(torch.cat([ids, cont], 1)).logits[:, 40:], atol=1e-5)
+
+
+def test_a_prefill_it_could_not_merge_raises(monkeypatch):
+    """Hidden states around the merge layer in a layout the press does not read (here: read as if batch and tokens
+    were swapped) leave the prompt unmerged: the prefill raises instead of running uncompressed in silence."""
+    from quickmerge.text import input_press
+
+    model = tiny("llama")
+    ids = torch.randint(0, 97, (1, 20))
+    with pytest.raises(RuntimeError, match="merged nothing in a prefill of 20 tokens"), torch.no_grad(), \
+            QuickMergeInputPress(0.5, layer=0)(model):
+        monkeypatch.setattr(input_press, "as_tokens", lambda hidden: hidden.transpose(0, 1))
+        model(ids, **cache_kwargs(model, transformers.DynamicCache()))
+    with torch.no_grad(), QuickMergeInputPress(0.0, layer=0)(model):  # nothing to merge: nothing to miss
+        model(ids, **cache_kwargs(model, transformers.DynamicCache()))
