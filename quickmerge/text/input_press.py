@@ -427,9 +427,11 @@ class QuickMergeInputPress(Press):
                                        tuple(gather_tokens(t, positions) for t in tables))
             kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
             args = self._merged_per_layer_input(block, args, kwargs)
-            own = self._own_mask(block)
-            mask = (position_mask(positions, positions, window, hidden.dtype) if own is None
-                    else gathered_mask(own, positions, hidden.dtype))
+            mask = self._masks.get(source)  # a layer reading its source's keys and values: the source's mask
+            if mask is None:
+                own = self._own_mask(block)
+                mask = (position_mask(positions, positions, window, hidden.dtype) if own is None
+                        else gathered_mask(own, positions, hidden.dtype))
         elif getattr(layer, "needs_press", False):  # decoding on a cache this press merged
             # new tokens follow the prompt in its order; the layers' position ids cannot say it for every model
             # (multimodal RoPE: none are passed, the three-axis positions sit in the rotary table)
@@ -437,14 +439,12 @@ class QuickMergeInputPress(Press):
             keys = torch.cat([layer.positions, new], dim=1)
             mask = position_mask(new, keys, window, hidden.dtype)
             layer._press_call, layer._new_positions = True, new
-        elif source is None:
+        elif source in self._masks:  # decoding a layer that reads its source's keys and values of this call
+            mask = self._masks[source]
+        else:
             return None
-        if source is not None:  # it attends with its source's keys and values of this call: and with its mask
-            mask = self._masks.get(source)
-            if mask is None:
-                return None if self._positions is None else (args, kwargs)
-        elif index in self._kv_sources.values():
-            self._masks[index] = mask
+        if index in self._kv_sources.values():
+            self._masks[index] = mask  # the later layers reading this one's keys and values attend with it too
         kwargs["attention_mask"] = mask
         return args, kwargs
 
