@@ -22,7 +22,8 @@ from torch import Tensor
 
 from ..data import wikipedia_articles
 from ..distributed import Context
-from ..text.cache import cache_kwargs
+from ..text.cache import cache_kwargs, physical_length
+from ..text.decoder import decoder_layers, keeps_fixed_state
 from .journal import Journal
 
 
@@ -110,7 +111,7 @@ def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
     """
     from ..text.decoder import cache_causal_mask, decoder_attention_layers
 
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    lengths = [physical_length(layer) for layer in cache.layers if physical_length(layer)]  # not a hybrid's states
     if len(set(lengths)) <= 1:
         yield
         return
@@ -155,7 +156,9 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    # a hybrid model's cache holds its other layers' fixed-size states too, laid out from its config
+    hybrid = any(keeps_fixed_state(layer) for layer in decoder_layers(model))
+    cache = DynamicCache(config=model.config) if hybrid else DynamicCache()
     with contextlib.ExitStack() as decoding:
         if method.eager:
             decoding.enter_context(_attn_implementation(model, "eager"))
@@ -182,13 +185,14 @@ def score_example(
     positions = torch.arange(context, context + cont.shape[1], device=ids.device)[None]
     with prefilled(model, ctx, press, method) as state:
         cache = state.cache
-        # mean entries per KV head over the full-attention layers (Gemma: the global ones; sliding layers are
-        # bounded by their window); flat layers hold every head in one row
+        # mean entries per KV head over the layers of global attention (Gemma: not the sliding ones, bounded by
+        # their window; a hybrid model: not the layers of a fixed-size state); flat layers hold every head in one row
         text_config = model.config.get_text_config()  # a vision-language model's decoder settings
         hkv = text_config.num_key_value_heads
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(cache.layers)
-        full = [layer for layer, kind in zip(cache.layers, types, strict=False) if kind == "full_attention"]
-        full = full or cache.layers
+        cached = [(layer, kind) for layer, kind in zip(cache.layers, types, strict=False) if physical_length(layer)]
+        full = [layer for layer, kind in cached if "sliding" not in kind and "chunked" not in kind]
+        full = full or [layer for layer, _ in cached]
         kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in full) / hkv / len(full)
         start = time.perf_counter()
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call

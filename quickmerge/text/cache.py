@@ -29,8 +29,8 @@ from torch import Tensor
 
 from . import flat
 
-DYNAMIC = ("DynamicLayer",)
-DYNAMIC_OR_SLIDING = ("DynamicLayer", "DynamicSlidingWindowLayer")
+DYNAMIC = ("DynamicLayer", "LinearAttentionAndFullAttentionLayer")  # the latter: Falcon-H1's attention + Mamba layers
+DYNAMIC_OR_SLIDING = (*DYNAMIC, "DynamicSlidingWindowLayer")
 
 
 class UnsupportedCacheError(NotImplementedError):
@@ -60,6 +60,15 @@ def _cache_keyword(model_type: type) -> str:
     if "past_key_values" in parameters:
         return "past_key_values"
     raise TypeError(f"{model_type.__name__}.forward takes neither cache= nor past_key_values=: it keeps no KV cache")
+
+
+def layered_hybrid_caches() -> bool:
+    """Whether this transformers release keeps a hybrid model's fixed-size states (linear attention, Mamba,
+    convolutions) as layers of a ``DynamicCache`` beside the attention layers' keys (5.5 on), rather than in a cache
+    class of the model's own without layers."""
+    from transformers import cache_utils
+
+    return hasattr(cache_utils, "LinearAttentionLayer")
 
 
 def check_cache(cache: Any, who: str) -> None:

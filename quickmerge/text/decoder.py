@@ -62,6 +62,14 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3_5MoeForCausalLM",
     "Qwen3NextForCausalLM",
     "Qwen3_5ForConditionalGeneration",
+    "Lfm2ForCausalLM",
+    "Lfm2MoeForCausalLM",
+    "Lfm2VlForConditionalGeneration",
+    "GraniteMoeHybridForCausalLM",
+    "FalconH1ForCausalLM",
+    "BambaForCausalLM",
+    "JambaForCausalLM",
+    "NemotronHForCausalLM",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
     "Llama4ForCausalLM",
@@ -73,6 +81,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen3VLForConditionalGeneration",
 )
 ROTATIONS = ("half", "interleaved", "split", "none")
+FIXED_STATE_MIXERS = ("linear_attn", "mamba", "conv")  # a hybrid layer's token mixers whose state has a fixed size
 POSITION_KWARGS = ("position_embeddings", "position_ids", "cache_position")  # what a layer may read positions from
 ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-3, a wrong rotation errs near 1
 
@@ -85,12 +94,43 @@ def base_model(model: nn.Module) -> nn.Module:
     return base.model if not hasattr(base, "layers") and hasattr(base, "model") else base
 
 
+def attention_of(layer: nn.Module) -> nn.Module | None:
+    """A decoder layer's self-attention module: its ``self_attn``, or its ``mixer`` where that attends (Nemotron-H
+    gives each layer one mixer: attention, Mamba 2, or an MLP); None for a layer without one."""
+    attn = getattr(layer, "self_attn", None)
+    mixer = getattr(layer, "mixer", None)
+    if attn is None and mixer is not None and (hasattr(mixer, "k_proj") or hasattr(mixer, "qkv_proj")):
+        return mixer
+    return attn
+
+
 def has_attention(layer: nn.Module) -> bool:
     """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
     (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``; not a layer that reads another
     layer's, :func:`shares_kv`)."""
-    attn = getattr(layer, "self_attn", None)
+    attn = attention_of(layer)
     return attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj")) and not shares_kv(attn)
+
+
+def keeps_fixed_state(layer: nn.Module) -> bool:
+    """Whether a hybrid model's decoder layer mixes tokens through a state that does not grow with the prompt:
+    a linear attention (Qwen 3.5's ``linear_attn``), a state-space block (``mamba``: Granite 4, Falcon-H1, Bamba,
+    Jamba; Nemotron-H's Mamba 2 ``mixer``, with its ``conv1d``) or a short convolution (LFM2's ``conv``).
+    Falcon-H1's layers run one beside their attention."""
+    if any(getattr(layer, name, None) is not None for name in FIXED_STATE_MIXERS):
+        return True
+    mixer = getattr(layer, "mixer", None)
+    return mixer is not None and mixer is not attention_of(layer) and hasattr(mixer, "conv1d")
+
+
+def mixes_no_tokens(layer: nn.Module) -> bool:
+    """Whether a decoder layer is a feed-forward block only: Nemotron-H's MLP (``up_proj``/``down_proj``) and
+    mixture-of-experts (``experts``) layers."""
+    mixer = getattr(layer, "mixer", None)
+    if mixer is None or getattr(layer, "self_attn", None) is not None:
+        return False
+    return not hasattr(mixer, "conv1d") and (
+        (hasattr(mixer, "up_proj") and hasattr(mixer, "down_proj")) or hasattr(mixer, "experts"))
 
 
 def shares_kv(attention: nn.Module) -> bool:
@@ -107,7 +147,7 @@ def kv_sources(model: nn.Module, layers: list[nn.Module]) -> dict[int, int]:
     transformers convention would otherwise merge a cache that layers read without the press's masks)."""
     config = getattr(base_model(model), "config", None)
     announced = int(getattr(config, "num_kv_shared_layers", 0) or 0)
-    shared = [i for i, layer in enumerate(layers) if shares_kv(getattr(layer, "self_attn", None))]
+    shared = [i for i, layer in enumerate(layers) if shares_kv(attention_of(layer))]
     if len(shared) != announced:
         raise UnsupportedAttentionError(
             f"{type(model).__name__}'s config says its last {announced} layers reuse earlier layers' keys and values "
@@ -121,7 +161,7 @@ def kv_sources(model: nn.Module, layers: list[nn.Module]) -> dict[int, int]:
     for i in shared:
         own = [j for j in range(first) if types[j] == types[i]]
         source = own[-1] if own else None
-        attn = layers[source].self_attn if source is not None else None
+        attn = attention_of(layers[source]) if source is not None else None
         if attn is None or shares_kv(attn) or not getattr(attn, "store_full_length_kv", True):
             raise UnsupportedAttentionError(
                 f"layer {i} of {type(model).__name__} reuses the keys and values of an earlier layer, which the "
@@ -133,8 +173,9 @@ def kv_sources(model: nn.Module, layers: list[nn.Module]) -> dict[int, int]:
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers of a causal LM: each attends (:func:`has_attention`), reads an earlier layer's keys and
-    values (:func:`shares_kv`) or, in a hybrid model (Qwen 3.5), runs a linear attention (``linear_attn``) whose
-    state does not grow with the prompt. Raises TypeError if a layer does none of these, or none attends."""
+    values (:func:`shares_kv`) or, in a hybrid model, mixes tokens through a state that does not grow with the prompt
+    (:func:`keeps_fixed_state`) or not at all (:func:`mixes_no_tokens`). Raises TypeError if a layer does none of
+    these, or none attends."""
     layers = list(getattr(base_model(model), "layers", None) or [])
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
@@ -142,11 +183,11 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     unknown = [i for i, layer in enumerate(layers) if not (
-        has_attention(layer) or shares_kv(getattr(layer, "self_attn", None)) or hasattr(layer, "linear_attn"))]
+        has_attention(layer) or shares_kv(attention_of(layer)) or keeps_fixed_state(layer) or mixes_no_tokens(layer))]
     if unknown:
         raise TypeError(
             f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections nor run a linear "
-            "attention (a hybrid model's layers of another kind: convolutions, state-space blocks); "
+            "attention, a state-space block or a short convolution (a hybrid model's layers of another kind); "
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     kv_sources(model, layers)  # refuses sharing it cannot follow, before any work
@@ -157,7 +198,7 @@ def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
     """The self-attention modules of a causal LM's decoder layers that keep a cache layer of their own (a hybrid
     model's attending layers; not those reading an earlier layer's keys, :func:`shares_kv`); raises if there are
     none."""
-    return [layer.self_attn for layer in decoder_layers(model) if has_attention(layer)]
+    return [attention_of(layer) for layer in decoder_layers(model) if has_attention(layer)]
 
 
 def warn_if_untested(model: nn.Module, who: str) -> None:
@@ -251,12 +292,15 @@ def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
 def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     """Queries or keys ``[B, heads, n, d]`` of ``hidden_states [B, n, D]`` before the rotary embedding,
     normalised where the layer normalises them: ``q_norm``/``k_norm`` over each head (Qwen 3, Gemma 3;
-    Cohere's per-head weights ``[heads, d]``) or over all heads at once (OLMo 2: a weight ``[heads * d]``)."""
+    Cohere's per-head weights ``[heads, d]``) or over all heads at once (OLMo 2: a weight ``[heads * d]``); keys
+    scaled where the layer scales them (Falcon-H1's ``key_multiplier``)."""
     b, n, _ = hidden_states.shape
     x = projection(module, hidden_states, part)
     if part == "q" and x.shape[-1] == 2 * module.config.num_attention_heads * module.head_dim:
         x = x.view(b, n, -1, 2 * module.head_dim)[..., : module.head_dim].flatten(2)  # Qwen 3.5: query, gate per head
     norm = getattr(module, f"{part}_norm", None)
+    if norm is None:
+        norm = getattr(module, f"{part}_layernorm", None)  # LFM2's name
     weight = getattr(norm, "weight", None)
     if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != module.head_dim:
         x = norm(x)  # across heads, before the split
@@ -264,7 +308,8 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     x = x.view(b, n, -1, module.head_dim)
     if norm is not None:
         x = norm(x)
-    return x.transpose(1, 2)
+    multiplier = getattr(module, "key_multiplier", None) if part == "k" else None  # Falcon-H1 (muP)
+    return (x if multiplier is None else x * multiplier).transpose(1, 2)
 
 
 def declared_rotation(module: nn.Module) -> str:
@@ -273,10 +318,13 @@ def declared_rotation(module: nn.Module) -> str:
     return "half" if getattr(module, "use_rope", True) else "none"
 
 
-def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """The layer's ``(cos, sin)`` as ``[B, n, r]``. Qwen2-VL's and Qwen2.5-VL's multimodal rotary embedding
+def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor] | None:
+    """The layer's ``(cos, sin)`` as ``[B, n, r]``; None for a layer called without any (Jamba's, Granite 4's and
+    Nemotron-H's attention layers use no position embedding). Qwen2-VL's and Qwen2.5-VL's multimodal rotary embedding
     (up to transformers 5.2x) arrives as ``[3, B, n, r]``, one row per axis (time, height, width); the
     attention takes each frequency band from its axis (``mrope_section``) and rotates as Llama does."""
+    if position_embeddings is None:
+        return None
     if isinstance(position_embeddings, Tensor) and position_embeddings.is_complex():
         # Llama 4: one complex number per pair of channels [B, n, r/2], pairs (2i, 2i + 1): the interleaved rotation
         return tuple(t.repeat_interleave(2, dim=-1) for t in (position_embeddings.real, position_embeddings.imag))
@@ -293,18 +341,20 @@ def plain_rotary(module: nn.Module, position_embeddings: tuple[Tensor, Tensor]) 
     return tuple(torch.cat([band[i % 3] for i, band in enumerate(t.split(bands, dim=-1))], dim=-1) for t in (cos, sin))
 
 
-def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, position_embeddings: tuple,
+def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, position_embeddings: tuple | None,
                  check: int = 4) -> str:
     """How ``module`` rotates its keys, read off the keys it produced.
 
     The last ``check`` tokens' keys are recomputed from ``hidden_states [B, n, D]`` (the attention's input)
     and compared with the last ``check`` entries of ``keys [B, Hkv, L, d]`` (what the layer cached for the
-    same tokens), trying each of :data:`ROTATIONS`. Raises :class:`UnsupportedAttentionError` when none gives
-    the layer's keys: the press would otherwise score the prompt with queries the model never computes
-    (a query/key norm after the rotation, an unknown norm's name, a new rotation).
+    same tokens), trying each of :data:`ROTATIONS` (only ``"none"`` without ``position_embeddings``). Raises
+    :class:`UnsupportedAttentionError` when none gives the layer's keys: the press would otherwise score the prompt
+    with queries the model never computes (a query/key norm after the rotation, an unknown norm's name, a new
+    rotation, a scale on the keys).
     """
     m = min(check, hidden_states.shape[1], keys.shape[2])
-    cos, sin = (t[:, -m:] for t in plain_rotary(module, position_embeddings))
+    rotary = plain_rotary(module, position_embeddings)
+    cos, sin = (None, None) if rotary is None else (t[:, -m:].float() for t in rotary)
     target = keys[:, :, -m:].float()
     if not bool(torch.isfinite(target).all()):
         raise ValueError(
@@ -320,9 +370,9 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
     scale = target.norm().clamp_min(1e-12)
     first = declared_rotation(module)
     errors = {}
-    for rotation in (first, *(r for r in ROTATIONS if r != first)):
+    for rotation in ("none",) if rotary is None else (first, *(r for r in ROTATIONS if r != first)):
         try:
-            rotated = apply_rope(mine, cos.float(), sin.float(), rotation)
+            rotated = apply_rope(mine, cos, sin, rotation)
         except RuntimeError:  # shapes this rotation cannot take ("split" with a whole head's cos)
             errors[rotation] = float("inf")
             continue
@@ -374,8 +424,10 @@ def window_queries(module: nn.Module, hidden_states: Tensor, kwargs: dict, rotat
     positions are used (the window ends the prompt). ``rotation``: from :func:`key_rotation`.
     """
     w = hidden_states.shape[1]
-    cos, sin = plain_rotary(module, kwargs["position_embeddings"])
-    queries = apply_rope(heads(module, hidden_states, "q"), cos[:, -w:], sin[:, -w:], rotation)
+    queries = heads(module, hidden_states, "q")
+    rotary = plain_rotary(module, kwargs.get("position_embeddings"))
+    if rotary is not None:
+        queries = apply_rope(queries, rotary[0][:, -w:], rotary[1][:, -w:], rotation)
     scale = query_position_scale(module, kwargs, w)
     return queries if scale is None else queries * scale.to(queries.dtype)
 

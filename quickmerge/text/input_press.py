@@ -34,11 +34,13 @@ from .decoder import (
     POSITION_KWARGS,
     UnsupportedAttentionError,
     apply_rope,
+    attention_of,
     base_model,
     decoder_layers,
     has_attention,
     hidden_states_arg,
     is_chunked,
+    keeps_fixed_state,
     key_rotation,
     kv_sources,
     plain_rotary,
@@ -222,11 +224,14 @@ class QuickMergeInputPress(Press):
             return (f"layer must be below {min(sources.values())} on {type(model).__name__}: layers "
                     f"{min(sources)}-{max(sources)} attend with the keys and values of layers "
                     f"{sorted(set(sources.values()))}, which must hold the merged prompt; got {self.layer}")
-        if not all(has_attention(layer) or i in sources for i, layer in enumerate(layers)):
+        other = [i for i, layer in enumerate(layers)
+                 if i not in sources and (keeps_fixed_state(layer) or not has_attention(layer))]
+        if other:
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
-                    f"the linear-attention layers of {type(model).__name__} (a hybrid model) take none: use "
-                    "QuickMergePress, which merges the cache of its attention layers")
-        chunked = [layer.self_attn.layer_idx for layer in layers if is_chunked(layer.self_attn)]
+                    f"layers {other} of {type(model).__name__} (a hybrid model) run a linear attention, a state-space "
+                    "block or a convolution, which take none: use QuickMergePress, which merges the cache of its "
+                    "attention layers")
+        chunked = [i for i, layer in enumerate(layers) if is_chunked(attention_of(layer))]
         if chunked:
             return (f"QuickMergeInputPress hands the merged prompt to the upper layers with masks of its positions; "
                     f"layers {chunked} of {type(model).__name__} attend within chunks (Llama 4's chunked attention), "
@@ -257,7 +262,7 @@ class QuickMergeInputPress(Press):
             handles.append(layers[0].register_forward_pre_hook(self._merge_before_first, with_kwargs=True))
             handles.append(layers[0].register_forward_hook(self._after_upper, with_kwargs=True))
         else:
-            handles.append(layers[self.layer].self_attn.register_forward_pre_hook(self._capture_attention_input,
+            handles.append(attention_of(layers[self.layer]).register_forward_pre_hook(self._capture_attention_input,
                                                                                  with_kwargs=True))
             handles.append(layers[self.layer].register_forward_hook(self._merge_after, with_kwargs=True))
         for block in layers[self.layer + 1 :] if self.layer >= 0 else layers[1:]:
@@ -313,7 +318,7 @@ class QuickMergeInputPress(Press):
         if kept >= n:
             self._prompt_length = None
             return None
-        attn = block.self_attn
+        attn = attention_of(block)
         cache = cache_arg(kwargs)
         with torch.no_grad():
             # the layer's keys: as cached by the attention, or recomputed (no cache, or a sliding layer's
@@ -412,9 +417,10 @@ class QuickMergeInputPress(Press):
 
     def _before_upper(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         hidden = hidden_states_arg(args, kwargs)
-        window = sliding_window_of(block.self_attn)
+        attn = attention_of(block)
+        window = sliding_window_of(attn)
         cache = cache_arg(kwargs)
-        index = block.self_attn.layer_idx
+        index = attn.layer_idx
         source = self._kv_sources.get(index)  # a layer reading an earlier layer's keys and values: no cache of its own
         owns = source is None and cache is not None and index < len(cache.layers)
         layer = cache.layers[index] if owns else None  # None: lazily made
@@ -425,7 +431,7 @@ class QuickMergeInputPress(Press):
             tables = layer_argument(block, args, kwargs, "position_embeddings")
             args = with_layer_argument(block, args, kwargs, "position_embeddings",
                                        tuple(gather_tokens(t, positions) for t in tables))
-            kwargs.update(gathered_positions(block.self_attn, kwargs, positions))
+            kwargs.update(gathered_positions(attn, kwargs, positions))
             args = self._merged_per_layer_input(block, args, kwargs)
             mask = self._masks.get(source)  # a layer reading its source's keys and values: the source's mask
             if mask is None:
@@ -461,7 +467,7 @@ class QuickMergeInputPress(Press):
 
     def _after_upper(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         cache = cache_arg(kwargs)
-        index = block.self_attn.layer_idx
+        index = attention_of(block).layer_idx
         if cache is None or index in self._kv_sources:
             return  # no cache, or a layer that keeps none of its own
         layer = cache.layers[index]
@@ -469,7 +475,7 @@ class QuickMergeInputPress(Press):
             # the layer stands for the whole prompt: its logical length is the prompt's (positions continue)
             merged = merged_layer(layer, layer.keys, layer.values, self._prompt_length or physical_length(layer))
             merged.positions = self._positions[:, -physical_length(layer) :]
-            merged.needs_press, merged.window = True, sliding_window_of(block.self_attn)
+            merged.needs_press, merged.window = True, sliding_window_of(attention_of(block))
             cache.layers[index] = merged
         elif getattr(layer, "needs_press", False):
             layer.positions = torch.cat([layer.positions, layer._new_positions], dim=1)[:, -physical_length(layer) :]
@@ -479,8 +485,9 @@ class QuickMergeInputPress(Press):
         that is not plain causal (image tokens that see their whole image); None: build it from positions."""
         if not self._prompt_masks:
             return None
-        types = getattr(block.self_attn.config, "layer_types", None)
-        kind = types[block.self_attn.layer_idx] if types else "full_attention"
+        attn = attention_of(block)
+        types = getattr(attn.config, "layer_types", None)
+        kind = types[attn.layer_idx] if types else "full_attention"
         return self._prompt_masks.get(kind)
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:

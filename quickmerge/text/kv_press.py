@@ -36,8 +36,26 @@ from torch import Tensor, nn
 
 from . import flat
 from .attention import grouped_sdpa, is_sdpa
-from .cache import cache_arg, check_cache, check_compressible, is_merged, merged_layer, physical_length
-from .decoder import base_model, cache_causal_mask, has_attention, hidden_states_arg, kv_sources, sliding_window_of
+from .cache import (
+    UnsupportedCacheError,
+    cache_arg,
+    check_cache,
+    check_compressible,
+    is_merged,
+    layered_hybrid_caches,
+    merged_layer,
+    physical_length,
+)
+from .decoder import (
+    attention_of,
+    base_model,
+    cache_causal_mask,
+    has_attention,
+    hidden_states_arg,
+    keeps_fixed_state,
+    kv_sources,
+    sliding_window_of,
+)
 from .press import Press
 
 PROPORTIONAL_BIAS = "log(group size) on merged entries' logits; proportional=False does without it"
@@ -151,19 +169,27 @@ class KVPress(Press):
         self._prefill, self._masks = None, {}
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+        hybrid = [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)]
+        if hybrid and not layered_hybrid_caches():
+            import transformers
+
+            raise UnsupportedCacheError(
+                f"{type(self).__name__} compresses the layers of a transformers Cache; transformers "
+                f"{transformers.__version__} keeps the states of layers {hybrid} of {type(model).__name__} (a hybrid "
+                "model) in a cache class of the model's own, without layers: use transformers 5.5 or later"
+            )
         self._kv_sources = kv_sources(model, layers)
-        shared = [layers[i].self_attn for i in self._kv_sources]
-        layers = [layer for layer in layers if has_attention(layer)]  # a hybrid model's linear layers hold no KV
-        self._full_layers = [layer.self_attn.layer_idx for layer in layers
-                             if sliding_window_of(layer.self_attn) is None]
+        shared = [attention_of(layers[i]) for i in self._kv_sources]
+        attentions = [attention_of(layer) for layer in layers if has_attention(layer)]  # not a hybrid's other layers
+        self._full_layers = [attn.layer_idx for attn in attentions if sliding_window_of(attn) is None]
         base = base_model(model)
         handles = [
             base.register_forward_pre_hook(self._before_model, with_kwargs=True),
             base.register_forward_hook(self._after_model, with_kwargs=True),
         ]
-        for layer in layers:
-            handles.append(layer.self_attn.register_forward_hook(self._after_attention, with_kwargs=True))
-            handles.append(layer.self_attn.register_forward_pre_hook(self._before_attention, with_kwargs=True))
+        for attn in attentions:
+            handles.append(attn.register_forward_hook(self._after_attention, with_kwargs=True))
+            handles.append(attn.register_forward_pre_hook(self._before_attention, with_kwargs=True))
         for attention in shared:
             handles.append(attention.register_forward_pre_hook(self._before_shared_attention, with_kwargs=True))
         return handles

@@ -110,15 +110,16 @@ def replay_scores(
     def score(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         hidden = hidden_states_arg(args, kwargs)
         keys = cache.layers[module.layer_idx].keys
-        pe = kwargs["position_embeddings"]
+        pe = kwargs.get("position_embeddings")
         queries = window_queries(module, hidden, kwargs, key_rotation(module, hidden, keys, pe))
         cap, sinks = logit_cap_and_sinks(module)
         scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk,
                                                     softcap=cap, sinks=sinks)
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
-    # Layers not scored (sliding windows, linear attention) would take the replay in: put their state back.
-    saved = {i: _state(layer) for i, layer in enumerate(cache.layers) if i not in attentions}
+    # Layers not scored (sliding windows, linear attention, state-space blocks) would take the replay in, and so would
+    # the fixed-size state a scored layer may hold beside its keys (Falcon-H1's): put their state back.
+    saved = {i: _state(layer) for i, layer in enumerate(cache.layers) if i not in attentions or _fixed_state(layer)}
     try:
         with torch.no_grad():
             base(**replay, **cache_kwargs(base, cache), use_cache=True)
@@ -139,9 +140,16 @@ def replay_scores(
     return scores
 
 
+def _fixed_state(layer: Any) -> bool:
+    """Whether a cache layer holds a hybrid layer's fixed-size state (``conv_states``, ``recurrent_states``)."""
+    return "conv_states" in layer.__dict__
+
+
 def _state(layer: Any) -> dict:
     """What a cache layer holds, to put back after the replay: a shallow copy where updates rebind tensors
-    (attention layers, sliding windows); a copy of the tensors of a hybrid model's linear-attention layers
-    (``conv_states``, ``recurrent_states``), which update their convolution state in place."""
+    (attention layers' keys and values, sliding windows); copies of a hybrid layer's fixed-size states (linear
+    attention, state-space blocks, convolutions: ``conv_states``, ``recurrent_states``), updated in place."""
     state = dict(layer.__dict__)
-    return copy.deepcopy(state) if "conv_states" in state else state
+    if _fixed_state(layer):
+        state.update({name: copy.deepcopy(value) for name, value in state.items() if name not in ("keys", "values")})
+    return state

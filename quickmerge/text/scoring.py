@@ -55,7 +55,7 @@ def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict
     """
     length, hkv = keys.shape[2], keys.shape[1]
     w = min(window, length)
-    pe = kwargs["position_embeddings"]
+    pe = kwargs.get("position_embeddings")
     q = window_queries(module, hidden_states[:, -w:], kwargs, key_rotation(module, hidden_states, keys, pe)).float()
     groups = q.shape[1] // hkv
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
@@ -147,7 +147,7 @@ def prompt_saliency(
     ``chunk x L`` per head.
     """
     b, hkv, length, _ = keys.shape
-    rotation = key_rotation(module, hidden_states, keys, kwargs["position_embeddings"])
+    rotation = key_rotation(module, hidden_states, keys, kwargs.get("position_embeddings"))
     q = window_queries(module, hidden_states, kwargs, rotation).float()  # [B, H, L, d]
     groups = q.shape[1] // hkv
     k = keys.float().repeat_interleave(groups, dim=1) if groups > 1 else keys.float()

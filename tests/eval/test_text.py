@@ -1,7 +1,9 @@
-"""``run_text_eval`` and ``prefilled``: rows independent of run order; what the prefill time covers."""
+"""``run_text_eval``, ``prefilled`` and ``score_example``: rows independent of run order; what the prefill time covers;
+hybrid models."""
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from quickmerge.eval.text import Method, run_text_eval
@@ -51,3 +53,29 @@ def test_the_prefill_time_includes_work_a_press_does_when_it_exits(tiny_lm_dir):
     with torch.no_grad(), prefilled(model, ids, press, Method("exits-late", make=lambda r: press)) as state:
         assert compressed_on_exit  # the press has finished before decoding starts
     assert state.prefill_s >= 0.3
+
+
+@pytest.mark.parametrize("kind", ["lfm2", "granite4", "falcon-h1"])
+def test_a_hybrid_model_is_scored_with_its_attention_layers_compressed(kind):
+    """LFM2 (convolutions), Granite 4 (Mamba 2, attention without position embedding), Falcon-H1 (Mamba 2 beside the
+    attention): the harness lays out their cache from the config, counts the entries of the attention layers only,
+    scores ratio 0 as no compression and 0.5 with half of each attention layer kept."""
+    transformers = pytest.importorskip("transformers")
+    from quickmerge.eval.text import NO_COMPRESSION, TextExample, score_example
+    from quickmerge.eval.text_methods import build_method
+    from quickmerge.text.cache import layered_hybrid_caches
+    from tests.text.tiny import tiny
+
+    if not layered_hybrid_caches():
+        pytest.skip(f"transformers {transformers.__version__} keeps hybrid models' states in a cache of their own")
+    model = tiny(kind)
+    example = TextExample(title="t", ids=torch.randint(1, 90, (41,), generator=torch.Generator().manual_seed(0)))
+    method = build_method("quickmerge")
+    with torch.no_grad():
+        plain = score_example(model, example, 32, None, NO_COMPRESSION)
+        zero = score_example(model, example, 32, method.make(0.0), method, 0.0)
+        half = score_example(model, example, 32, method.make(0.5), method, 0.5)
+    assert plain["memory_saved"] == zero["memory_saved"] == 0.0
+    assert zero["nll"] == pytest.approx(plain["nll"], abs=1e-5)
+    assert half["memory_saved"] == pytest.approx(0.5)
+    assert half["nll"] != pytest.approx(plain["nll"], abs=1e-4)

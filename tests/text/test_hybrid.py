@@ -1,9 +1,14 @@
-"""The KV press on hybrid models (tests/text/tiny.py ``HYBRID_KINDS``): Qwen 3.5, its mixture of experts and
-Qwen3-Next run three gated-DeltaNet (linear-attention) layers to each attention layer, whose queries carry an output
-gate. Only the attention layers hold a KV cache; the press merges theirs and leaves the linear layers' fixed-size
-states as an unpatched prefill leaves them. Before transformers 5.5 these models keep a cache class of their own,
-without layers, and the press refuses it. Decoding runs one token per call: transformers 5.5 continues a
-linear-attention state wrongly over several new tokens in one call (not the press's doing; right from 5.12)."""
+"""The KV press on hybrid models (tests/text/tiny.py ``HYBRID_KINDS``): attention layers amid layers whose state does
+not grow with the prompt. Qwen 3.5, its mixture of experts and Qwen3-Next run three gated-DeltaNet (linear-attention)
+layers to each attention layer, whose queries carry an output gate; LFM2 (and its mixture of experts) short
+convolutions (LFM2-VL under a vision tower); Granite 4, Bamba, Jamba and Nemotron-H Mamba blocks (Nemotron-H also
+layers of experts or an MLP alone); Falcon-H1 a Mamba 2 block beside the attention in every layer. Only the attention
+layers hold a KV cache; the press merges theirs and leaves the other states as an unpatched prefill leaves them.
+Before transformers 5.5 these models keep a cache class of their own, without layers, and the press refuses them.
+Decoding runs one token per call: transformers 5.5 continues a linear-attention state wrongly over several new tokens
+in one call (not the press's doing; right from 5.12)."""
+
+import re
 
 import pytest
 import torch
@@ -14,7 +19,12 @@ from packaging.version import Version  # noqa: E402
 
 from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs  # noqa: E402
-from quickmerge.text.decoder import decoder_attention_layers, decoder_layers, has_attention  # noqa: E402
+from quickmerge.text.decoder import (  # noqa: E402
+    decoder_attention_layers,
+    decoder_layers,
+    keeps_fixed_state,
+    mixes_no_tokens,
+)
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_architectures import _image_prompt, _recorded_prefill  # noqa: E402
 from tests.text.tiny import HYBRID_KINDS, duplicated_cache, one_at_a_time, press_and_oracle, tiny  # noqa: E402
@@ -22,7 +32,15 @@ from tests.text.tiny import HYBRID_KINDS, duplicated_cache, one_at_a_time, press
 LAYERED = Version(transformers.__version__) >= Version("5.5")  # DynamicCache's layers from 5.5 on
 needs_layers = pytest.mark.skipif(not LAYERED, reason="transformers < 5.5: the model keeps its own cache class")
 CLASSES = {"qwen3.5": "Qwen3_5ForCausalLM", "qwen3.5-moe": "Qwen3_5MoeForCausalLM",
-           "qwen3-next": "Qwen3NextForCausalLM", "qwen3.5-vl": "Qwen3_5ForConditionalGeneration"}
+           "qwen3-next": "Qwen3NextForCausalLM", "qwen3.5-vl": "Qwen3_5ForConditionalGeneration",
+           "lfm2": "Lfm2ForCausalLM", "lfm2-moe": "Lfm2MoeForCausalLM", "lfm2-vl": "Lfm2VlForConditionalGeneration",
+           "granite4": "GraniteMoeHybridForCausalLM",
+           "falcon-h1": "FalconH1ForCausalLM", "bamba": "BambaForCausalLM", "jamba": "JambaForCausalLM",
+           "nemotron-h": "NemotronHForCausalLM"}
+# the layers of a fixed-size state in each tiny model (tests/text/tiny.py), and those of an MLP alone
+FIXED = {"falcon-h1": [0, 1], "qwen3.5": [0, 1, 2], "qwen3.5-moe": [0, 1, 2], "qwen3-next": [0, 1, 2],
+         "qwen3.5-vl": [0, 1, 2], "nemotron-h": [0, 3]}
+MLP_ONLY = {"nemotron-h": [2]}
 
 
 def _hybrid(kind: str, attn: str = "sdpa"):
@@ -31,26 +49,74 @@ def _hybrid(kind: str, attn: str = "sdpa"):
     return tiny(kind, attn)
 
 
-def _linear_states(cache, model):
-    """Copies of the linear-attention layers' convolution and recurrent states."""
-    return [(layer.conv_states[0].clone(), layer.recurrent_states[0].clone())
-            for block, layer in zip(decoder_layers(model), cache.layers, strict=True) if not has_attention(block)]
+def _fixed_states(cache, model):
+    """Copies of the fixed-size states (convolution, recurrent: linear attention, Mamba) of the layers that keep one."""
+    def copied(state):
+        if isinstance(state, dict):  # one entry per state (transformers 5.2x)
+            return [copied(v) for _, v in sorted(state.items())]
+        return None if state is None else state.clone()
+
+    return [(copied(layer.conv_states), copied(layer.recurrent_states))
+            for block, layer in zip(decoder_layers(model), cache.layers, strict=True) if keeps_fixed_state(block)]
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("kind", HYBRID_KINDS)
+def test_the_layers_of_each_kind_are_told_apart(kind):
+    """Which layers attend, keep a fixed-size state or mix no tokens, read off the modules as each model builds them."""
+    model = _hybrid(kind)
+    layers = decoder_layers(model)
+    assert [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)] == FIXED.get(kind, [0, 2])
+    assert [i for i, layer in enumerate(layers) if mixes_no_tokens(layer)] == MLP_ONLY.get(kind, [])
+    attending = [a.layer_idx for a in decoder_attention_layers(model)]
+    want = {"falcon-h1": [0, 1], "nemotron-h": [1, 4]}.get(kind, [3] if kind.startswith("qwen") else [1, 3])
+    assert attending == want
+
+
+def test_a_layer_of_an_mlp_alone_mixes_no_tokens():
+    """Nemotron-H's MLP layers ("-", from transformers 5.12 on; experts alone, "E", in the tiny model) are told apart
+    from its Mamba and attention layers, and the press merges the attention layers' caches around them."""
+    if not hasattr(transformers, "NemotronHForCausalLM"):
+        pytest.skip("this transformers has no Nemotron-H")
+    model = tiny("nemotron-h")
+    config = model.config.to_dict()
+    config["layers_block_type" if "layers_block_type" in config else "layer_types"] = None
+    try:
+        model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**{
+            **config, "hybrid_override_pattern": "M*-M*"})).eval()
+    except KeyError:
+        pytest.skip(f"transformers {transformers.__version__}'s Nemotron-H has no MLP layers")
+    layers = decoder_layers(model)
+    assert [i for i, layer in enumerate(layers) if mixes_no_tokens(layer)] == [2]
+    assert [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)] == [0, 3]
+    if not LAYERED:
+        return
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
+        model(torch.randint(1, 90, (1, 24)), **cache_kwargs(model, cache))
+    assert [cache.layers[i].keys.shape[2] for i in (1, 4)] == [12, 12]
 
 
 @needs_layers
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("scoring", ["window", "replay"])
-def test_the_attention_layers_merge_and_the_linear_layers_keep_their_state(kind, attn, scoring):
-    """Ratio 0 is exact; at 0.5 the attention layer holds half the prompt, decoding equals the duplicated-cache
-    oracle, and the linear layers' states equal an unpatched prefill's (replay scoring reads the prompt through
-    them a second time)."""
+def test_the_attention_layers_merge_and_the_other_layers_keep_their_state(kind, attn, scoring):
+    """Ratio 0 decodes as an unpatched cache does; at 0.5 each attention layer holds half the prompt, decoding equals
+    the duplicated-cache oracle, and the fixed-size states equal an unpatched prefill's (replay scoring reads the
+    prompt through them a second time). (Bamba's own decoding differs from its whole-sequence forward by ~3e-3.)"""
     model = _hybrid(kind, attn)
     ids, cont = torch.randint(1, 90, (2, 24)), torch.randint(1, 90, (2, 3))
     with torch.no_grad():
-        reference = model(torch.cat([ids, cont], 1)).logits[:, 24:]
         plain = transformers.DynamicCache(config=model.config)
         model(ids, **cache_kwargs(model, plain))
+        plain_states = _fixed_states(plain, model)
+        reference = one_at_a_time(model, cont, plain)
         cache = transformers.DynamicCache(config=model.config)
         with QuickMergePress(0.0, scoring=scoring)(model):
             model(ids, **cache_kwargs(model, cache))
@@ -58,42 +124,58 @@ def test_the_attention_layers_merge_and_the_linear_layers_keep_their_state(kind,
         press, cache = QuickMergePress(0.5, window=4, scoring=scoring), transformers.DynamicCache(config=model.config)
         with press(model):
             model(ids, **cache_kwargs(model, cache))
-            states = _linear_states(cache, model)
+            states = _fixed_states(cache, model)
             oracle = duplicated_cache(cache)
             merged = one_at_a_time(model, cont, cache)
         assert torch.allclose(merged, one_at_a_time(model, cont, oracle), atol=1e-5)
-    assert [layer.keys.shape[2] for layer in cache.layers if hasattr(layer, "keys")] == [12 + 3]
-    assert len(states) == 3
-    for (conv, recurrent), (plain_conv, plain_recurrent) in zip(states, _linear_states(plain, model), strict=True):
-        assert torch.equal(conv, plain_conv) and torch.equal(recurrent, plain_recurrent)
+    attending = len(decoder_attention_layers(model))
+    assert [layer.keys.shape[2] for layer in cache.layers if getattr(layer, "keys", None) is not None] == \
+        [12 + 3] * attending
+    assert len(states) == len(FIXED.get(kind, [0, 2]))
+    assert _same(states, plain_states)
     assert not torch.allclose(merged, reference, atol=1e-4)
 
 
+def _lfm2_image_prompt():
+    """Two rows of text with one image each (4 tokens) and what :func:`tiny`'s SigLIP 2 tower takes: 4 x 4 patches of
+    4 x 4 pixels, flattened, with their grid and mask (LFM2-VL pools 2 x 2 patches into a token)."""
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (2, 30), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * 2), text[:, 5:]], 1)
+    return ids, dict(pixel_values=torch.randn(2, 16, 3 * 4 * 4, generator=g), spatial_shapes=torch.tensor([[4, 4]] * 2),
+                     pixel_attention_mask=torch.ones(2, 16, dtype=torch.bool))
+
+
 @needs_layers
+@pytest.mark.parametrize("kind", ["qwen3.5-vl", "lfm2-vl"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_qwen3_5_with_an_image_in_the_prompt_merges_as_with_text(attn):
-    """Qwen3_5ForConditionalGeneration, the class of Qwen 3.5's checkpoints: with an image in the prompt (its tokens on
-    three axes, multimodal RoPE) ratio 0 is exact and the merged cache decodes as the duplicated-cache oracle."""
-    model = _hybrid("qwen3.5-vl", attn)
-    ids, image = _image_prompt(model, "qwen3-vl")
+def test_a_hybrid_with_an_image_in_the_prompt_merges_as_with_text(kind, attn):
+    """The classes of Qwen 3.5's and LFM2-VL's checkpoints: with an image in the prompt (Qwen's tokens on three axes,
+    multimodal RoPE) ratio 0 is exact and the merged cache decodes as the duplicated-cache oracle."""
+    model = _hybrid(kind, attn)
+    ids, image = _image_prompt(model, "qwen3-vl") if kind == "qwen3.5-vl" else _lfm2_image_prompt()
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
     reference, runs = press_and_oracle(model, ids, cont, image, new_cache=lambda: transformers.DynamicCache(
         config=model.config), decode=one_at_a_time)
+    attending = len(decoder_attention_layers(model))
     for ratio, (merged, oracle, cache) in runs.items():
         assert torch.allclose(merged, oracle, atol=1e-5)
-        assert [layer.keys.shape[2] for layer in cache.layers if hasattr(layer, "keys")] == [n + 3 - round(ratio * n)]
+        assert [layer.keys.shape[2] for layer in cache.layers if getattr(layer, "keys", None) is not None] == \
+            [n + 3 - round(ratio * n)] * attending
         assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
 
 
 @needs_layers
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
-def test_the_press_sees_the_gated_attention_the_model_computes(kind):
-    """The query projection gives a query and an output gate per head: the press scores with the query half, whose
-    attention equals the model's own eager weights."""
+def test_the_press_sees_the_attention_the_model_computes(kind):
+    """The attention of prompt queries the press recomputes equals the model's own eager weights on the last attention
+    layer: Qwen 3.5's query projection with an output gate per head (the press scores with the query half), LFM2's
+    query and key norms, Falcon-H1's scaled keys, the attention layers of Granite 4, Jamba and Nemotron-H without
+    position embedding."""
     model = _hybrid(kind, "eager")
     ids = torch.randint(1, 90, (1, 30), generator=torch.Generator().manual_seed(1))
     seen, cache, weights = _recorded_prefill(model, ids, cache=transformers.DynamicCache(config=model.config))
-    (attention,) = decoder_attention_layers(model)
+    attention = decoder_attention_layers(model)[-1]
     i = attention.layer_idx
     got = observe(attention, seen[i].pop("hidden"), cache.layers[i].keys, seen[i], window=30).probs
     want = [w for w in weights if w is not None][-1]
@@ -102,28 +184,33 @@ def test_the_press_sees_the_gated_attention_the_model_computes(kind):
 
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
 def test_the_input_press_is_refused_and_an_unlayered_cache_too(kind):
-    """The input press would hand the linear layers a merged prompt they take no positions or masks for: refused
-    before any work. Before transformers 5.5 the KV press refuses the model's own cache class, naming the release."""
+    """The input press would hand the layers of a fixed-size state a merged prompt they take no positions or masks
+    for: refused before any work, those layers named. Before transformers 5.5 the KV press refuses the model as it is
+    patched, naming the release (the model would keep its own cache class, or none at all without one passed)."""
     model = _hybrid(kind)
-    ids = torch.randint(1, 90, (1, 24))
-    with pytest.raises(ValueError, match=f"linear-attention layers of {CLASSES[kind]}"), \
-            QuickMergeInputPress(0.5, layer=0)(model):
+    fixed = FIXED.get(kind, [0, 2])
+    named = re.escape(f"layers {sorted(fixed + MLP_ONLY.get(kind, []))} of {CLASSES[kind]} (a hybrid model)")
+    with pytest.raises(ValueError, match=named), QuickMergeInputPress(0.5, layer=0)(model):
         pass
     if LAYERED:
         return
-    with torch.no_grad(), pytest.raises(UnsupportedCacheError, match=r"transformers 5\.5 or later"), \
+    named = re.escape(f"layers {fixed} of {CLASSES[kind]}")
+    with pytest.raises(UnsupportedCacheError, match=rf"{named}.*transformers 5\.5 or later"), \
             QuickMergePress(0.5)(model):
-        model(ids)
+        pass
 
 
 def test_layers_of_another_kind_are_named():
-    """A hybrid model whose other layers are neither attention nor a linear attention (LFM2's convolutions) is refused
-    with those layers named, not with a claim that the model has no attention."""
+    """A hybrid model whose other layers are neither attention nor a mixer the presses know (here LFM2's
+    convolutions, their module renamed) is refused with those layers named, not with a claim that the model has no
+    attention."""
     if not hasattr(transformers, "Lfm2ForCausalLM"):
         pytest.skip("this transformers has no LFM2")
-    config = transformers.Lfm2Config(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
-                                     num_attention_heads=4, num_key_value_heads=2,
-                                     layer_types=["conv", "full_attention", "conv", "full_attention"])
+    model = tiny("lfm2")
+    for i in (0, 2):
+        layer = model.model.layers[i]
+        layer.short_conv = layer.conv
+        del layer.conv
     with pytest.raises(TypeError, match=r"layers \[0, 2\] of Lfm2ForCausalLM neither attend"), \
-            QuickMergePress(0.5)(transformers.Lfm2ForCausalLM(config)):
+            QuickMergePress(0.5)(model):
         pass

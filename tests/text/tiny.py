@@ -29,8 +29,10 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
-# hybrid models, linear-attention layers amid attention layers: the KV press only (tests/text/test_hybrid.py)
-HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl")
+# hybrid models, attention layers amid layers of a fixed-size state (linear attention, Mamba, short convolutions): the
+# KV press only (tests/text/test_hybrid.py)
+HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl", "lfm2", "lfm2-moe", "lfm2-vl", "granite4",
+                "falcon-h1", "bamba", "jamba", "nemotron-h")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # the last layers read the keys and values of earlier ones (num_kv_shared_layers): 6 layers, the last 3 sharing
@@ -40,7 +42,7 @@ ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma",
                "gemma4-vlm", *SHARING)
 # kinds a transformers release added after 5.0: their class, the release
 NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5"),
-         "gemma4-shared": ("Gemma4ForCausalLM", "5.5")}
+         "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3")}
 
 
 def _mrope(kind: str, common: dict):
@@ -93,6 +95,10 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     hybrid = dict(**{**common, "num_hidden_layers": max(common["num_hidden_layers"], 4)}, head_dim=16, pad_token_id=0,
                   linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
     hybrid_moe = dict(**moe, moe_intermediate_size=32, shared_expert_intermediate_size=32)
+    # state-space hybrids: layers 0 and 2 run a Mamba 2 block (4 heads of 32 channels, state 16) or a convolution
+    four = {**common, "num_hidden_layers": 4}
+    mamba2 = dict(mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16, mamba_n_groups=1, mamba_expand=2)
+    lfm2 = {**four, "layer_types": ["conv", "full_attention", "conv", "full_attention"]}
     # wider global heads, keys that are the values there (k_eq_v), an input of its own to each layer
     gemma4 = dict(**common, head_dim=16, global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=2,
                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"], pad_token_id=0)
@@ -185,6 +191,33 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "qwen3.5-vl": lambda: t.Qwen3_5ForConditionalGeneration(t.Qwen3_5Config(
             text_config=hybrid, image_token_id=96, vision_start_token_id=94, vision_end_token_id=95,
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))),
+        # short convolutions and attention in turn (LFM2, its mixture of experts after a dense first layer)
+        "lfm2": lambda: t.Lfm2ForCausalLM(t.Lfm2Config(**lfm2)),
+        "lfm2-moe": lambda: t.Lfm2MoeForCausalLM(t.Lfm2MoeConfig(**lfm2, moe_intermediate_size=32, num_dense_layers=1,
+                                                                  **moe)),
+        # LFM2-VL's checkpoints: LFM2 under a one-layer SigLIP 2 tower (4 x 4 patches of 4 x 4 pixels: 4 tokens)
+        "lfm2-vl": lambda: t.Lfm2VlForConditionalGeneration(t.Lfm2VlConfig(
+            text_config=dict(model_type="lfm2", **lfm2), image_token_id=96, downsample_factor=2,
+            projector_hidden_size=32, vision_config=dict(
+                model_type="siglip2_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=2, patch_size=4, num_patches=64))),
+        # Mamba 2 and attention without position embedding in turn (Granite 4's "-h" checkpoints), experts
+        "granite4": lambda: t.GraniteMoeHybridForCausalLM(t.GraniteMoeHybridConfig(
+            **four, **mamba2, layer_types=["mamba", "attention", "mamba", "attention"], num_local_experts=4,
+            num_experts_per_tok=2, shared_intermediate_size=64)),
+        # Mamba 2 beside the attention in every layer, muP multipliers (keys scaled by key_multiplier)
+        "falcon-h1": lambda: t.FalconH1ForCausalLM(t.FalconH1Config(**common, **mamba2, mamba_d_ssm=128,
+                                                                    key_multiplier=0.7)),
+        "bamba": lambda: t.BambaForCausalLM(t.BambaConfig(**four, **mamba2, attn_layer_indices=[1, 3])),
+        # Mamba (1) and attention without position embedding in turn, experts in the attention layers
+        "jamba": lambda: t.JambaForCausalLM(t.JambaConfig(
+            **four, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+            num_experts=4, mamba_d_state=16, mamba_expand=2, mamba_dt_rank=8)),
+        # one mixer per layer: Mamba 2 ("M"), attention without position embedding ("*") or experts alone ("E")
+        "nemotron-h": lambda: t.NemotronHForCausalLM(t.NemotronHConfig(
+            **{**common, "num_hidden_layers": 5}, hybrid_override_pattern="M*EM*", mamba_num_heads=4,
+            mamba_head_dim=32, ssm_state_size=16, n_groups=1, expand=2, n_routed_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)),
     }
     model = build[kind]()
     if kind in ("gemma3n", "gemma3n-vlm"):  # its layers' own inputs reach the next layers' attention through AltUp's
@@ -271,8 +304,6 @@ def duplicated_cache(cache):
     unpatched model decoding on this cache computes exactly what proportional attention
     should: an oracle built without any of the press's hooks.
     """
-    from transformers.cache_utils import DynamicLayer
-
     ref = copy.deepcopy(cache)
     for i, layer in enumerate(ref.layers):
         if not is_merged(layer):
@@ -284,7 +315,8 @@ def duplicated_cache(cache):
                                          for h in range(hkv)]) for b in range(sizes.shape[0])])
         values = torch.stack([torch.stack([torch.repeat_interleave(layer.values[b, h], sizes[b, h], dim=0)
                                            for h in range(hkv)]) for b in range(sizes.shape[0])])
-        plain = DynamicLayer.__new__(DynamicLayer)
+        kind = type(layer).__mro__[1]  # the layer class the press merged (Falcon-H1's also holds a Mamba state)
+        plain = kind.__new__(kind)
         plain.__dict__.update({k: v for k, v in layer.__dict__.items() if k not in ("log_sizes", "positions")})
         plain.keys, plain.values = keys, values
         ref.layers[i] = plain
