@@ -62,13 +62,20 @@ def _cache_keyword(model_type: type) -> str:
     raise TypeError(f"{model_type.__name__}.forward takes neither cache= nor past_key_values=: it keeps no KV cache")
 
 
-def layered_hybrid_caches() -> bool:
-    """Whether this transformers release keeps a hybrid model's fixed-size states (linear attention, Mamba,
-    convolutions) as layers of a ``DynamicCache`` beside the attention layers' keys (5.5 on), rather than in a cache
-    class of the model's own without layers."""
-    from transformers import cache_utils
+def own_cache_class(model: Any) -> str | None:
+    """The name of a cache class of a model's own, one that is no transformers ``Cache`` and keeps no layers (what
+    hybrid models used before their states became ``DynamicCache`` layers: Qwen 3.5, LFM2 and the state-space hybrids
+    before transformers 5.5, OLMo Hybrid before 5.15), defined beside the model's decoder; None if there is none."""
+    import sys
 
-    return hasattr(cache_utils, "LinearAttentionLayer")
+    from transformers.cache_utils import Cache
+
+    module = sys.modules.get(type(model).__module__)
+    for name, value in sorted(vars(module).items() if module is not None else ()):
+        if (isinstance(value, type) and "Cache" in name and value.__module__ == module.__name__
+                and not issubclass(value, Cache)):
+            return name
+    return None
 
 
 def check_cache(cache: Any, who: str) -> None:

@@ -65,6 +65,9 @@ SUPPORTED_ARCHITECTURES = (
     "Lfm2ForCausalLM",
     "Lfm2MoeForCausalLM",
     "Lfm2VlForConditionalGeneration",
+    "Lfm3ForCausalLM",
+    "Lfm3VlForConditionalGeneration",
+    "OlmoHybridForCausalLM",
     "GraniteMoeHybridForCausalLM",
     "FalconH1ForCausalLM",
     "BambaForCausalLM",
@@ -107,9 +110,23 @@ def attention_of(layer: nn.Module) -> nn.Module | None:
 def has_attention(layer: nn.Module) -> bool:
     """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
     (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``; not a layer that reads another
-    layer's, :func:`shares_kv`)."""
+    layer's, :func:`shares_kv`, nor one declared a linear attention, as MiniMax's lightning attention)."""
     attn = attention_of(layer)
-    return attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj")) and not shares_kv(attn)
+    return (attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj")) and not shares_kv(attn)
+            and declared_type(layer) != "linear_attention")
+
+
+def declared_type(layer: nn.Module) -> str | None:
+    """The kind of layer a decoder layer is declared to be: its attention's or its own ``layer_type`` (MiniMax's,
+    on the attention from transformers 5.2x, on the layer before), its ``block_type`` (Nemotron-H's), or its entry of
+    ``config.layer_types``; None if nothing says."""
+    attn = attention_of(layer)
+    for owner, name in ((attn, "layer_type"), (layer, "layer_type"), (layer, "block_type")):
+        if isinstance(getattr(owner, name, None), str):
+            return getattr(owner, name)
+    types = getattr(getattr(attn, "config", None), "layer_types", None)
+    index = getattr(attn, "layer_idx", None)
+    return types[index] if types and isinstance(index, int) and 0 <= index < len(types) else None
 
 
 def keeps_fixed_state(layer: nn.Module) -> bool:
@@ -186,9 +203,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         has_attention(layer) or shares_kv(attention_of(layer)) or keeps_fixed_state(layer) or mixes_no_tokens(layer))]
     if unknown:
         raise TypeError(
-            f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections nor run a linear "
-            "attention, a state-space block or a short convolution (a hybrid model's layers of another kind); "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections into a cache layer of "
+            "their own nor run a linear attention, a state-space block or a short convolution the presses know (a "
+            "hybrid model's layers of another kind, or MiniMax's lightning attention, whose state the model keeps "
+            f"in a cache class of its own); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     kv_sources(model, layers)  # refuses sharing it cannot follow, before any work
     return layers

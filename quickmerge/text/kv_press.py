@@ -42,8 +42,8 @@ from .cache import (
     check_cache,
     check_compressible,
     is_merged,
-    layered_hybrid_caches,
     merged_layer,
+    own_cache_class,
     physical_length,
 )
 from .decoder import (
@@ -170,13 +170,15 @@ class KVPress(Press):
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
         hybrid = [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)]
-        if hybrid and not layered_hybrid_caches():
+        own = own_cache_class(base_model(model)) if hybrid else None
+        if own is not None:
             import transformers
 
             raise UnsupportedCacheError(
                 f"{type(self).__name__} compresses the layers of a transformers Cache; transformers "
                 f"{transformers.__version__} keeps the states of layers {hybrid} of {type(model).__name__} (a hybrid "
-                "model) in a cache class of the model's own, without layers: use transformers 5.5 or later"
+                f"model) in a cache class of the model's own ({own}), without layers: use a later transformers, where "
+                "they are DynamicCache layers (5.5 or later; OLMo Hybrid: 5.15 or later)"
             )
         self._kv_sources = kv_sources(model, layers)
         shared = [attention_of(layers[i]) for i in self._kv_sources]

@@ -552,13 +552,14 @@ def test_gemma_merges_a_prompt_with_an_image(kind, attn):
             assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
 
 
-def _assert_generate_decodes_as_token_by_token(model, press, prompt, steps=4):
-    """Greedy ``generate`` inside ``press`` picks the tokens that a prefill and one call per token pick inside it."""
+def _assert_generate_decodes_as_token_by_token(model, press, prompt, steps=4, new_cache=None):
+    """Greedy ``generate`` inside ``press`` picks the tokens that a prefill and one call per token pick inside it
+    (on the cache ``new_cache()`` makes, default ``DynamicCache()``)."""
     with torch.no_grad(), press(model):
         model.generation_config.eos_token_id = None  # every step, whichever tokens come
         generated = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
                                    do_sample=False)[0, prompt.shape[1]:]
-        cache, tokens = transformers.DynamicCache(), []
+        cache, tokens = (new_cache or transformers.DynamicCache)(), []
         logits = model(prompt, **cache_kwargs(model, cache)).logits[:, -1]
         for _ in range(steps):
             tokens.append(logits.argmax(-1))

@@ -18,35 +18,47 @@ transformers = pytest.importorskip("transformers")
 from packaging.version import Version  # noqa: E402
 
 from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
-from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs  # noqa: E402
+from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs, own_cache_class  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
+    base_model,
     decoder_attention_layers,
     decoder_layers,
     keeps_fixed_state,
     mixes_no_tokens,
+    sliding_window_of,
 )
 from quickmerge.text.scoring import observe  # noqa: E402
-from tests.text.test_architectures import _image_prompt, _recorded_prefill  # noqa: E402
+from tests.text.test_architectures import (  # noqa: E402
+    _assert_generate_decodes_as_token_by_token,
+    _image_prompt,
+    _recorded_prefill,
+)
 from tests.text.tiny import HYBRID_KINDS, duplicated_cache, one_at_a_time, press_and_oracle, tiny  # noqa: E402
 
-LAYERED = Version(transformers.__version__) >= Version("5.5")  # DynamicCache's layers from 5.5 on
-needs_layers = pytest.mark.skipif(not LAYERED, reason="transformers < 5.5: the model keeps its own cache class")
 CLASSES = {"qwen3.5": "Qwen3_5ForCausalLM", "qwen3.5-moe": "Qwen3_5MoeForCausalLM",
            "qwen3-next": "Qwen3NextForCausalLM", "qwen3.5-vl": "Qwen3_5ForConditionalGeneration",
-           "lfm2": "Lfm2ForCausalLM", "lfm2-moe": "Lfm2MoeForCausalLM", "lfm2-vl": "Lfm2VlForConditionalGeneration",
+           "olmo-hybrid": "OlmoHybridForCausalLM", "lfm3": "Lfm3ForCausalLM", "lfm2": "Lfm2ForCausalLM",
+           "lfm3-vl": "Lfm3VlForConditionalGeneration",
+           "lfm2-moe": "Lfm2MoeForCausalLM", "lfm2-vl": "Lfm2VlForConditionalGeneration",
            "granite4": "GraniteMoeHybridForCausalLM",
            "falcon-h1": "FalconH1ForCausalLM", "bamba": "BambaForCausalLM", "jamba": "JambaForCausalLM",
            "nemotron-h": "NemotronHForCausalLM"}
 # the layers of a fixed-size state in each tiny model (tests/text/tiny.py), and those of an MLP alone
 FIXED = {"falcon-h1": [0, 1], "qwen3.5": [0, 1, 2], "qwen3.5-moe": [0, 1, 2], "qwen3-next": [0, 1, 2],
-         "qwen3.5-vl": [0, 1, 2], "nemotron-h": [0, 3]}
+         "qwen3.5-vl": [0, 1, 2], "nemotron-h": [0, 3], "lfm3": [0, 1, 3, 5],
+         "lfm3-vl": [0, 1, 3, 5]}
 MLP_ONLY = {"nemotron-h": [2]}
 
 
-def _hybrid(kind: str, attn: str = "sdpa"):
+def _hybrid(kind: str, attn: str = "sdpa", layered: bool = True):
+    """``tiny(kind)``; skipped where this transformers lacks the class, or (``layered``) keeps the model's states in a
+    cache class of its own (before 5.5; OLMo Hybrid before 5.15)."""
     if not hasattr(transformers, CLASSES[kind]):
         pytest.skip(f"this transformers has no {CLASSES[kind]}")
-    return tiny(kind, attn)
+    model = tiny(kind, attn)
+    if layered and own_cache_class(base_model(model)) is not None:
+        pytest.skip(f"transformers {transformers.__version__} keeps {CLASSES[kind]}'s states in a cache of its own")
+    return model
 
 
 def _fixed_states(cache, model):
@@ -68,13 +80,15 @@ def _same(a, b) -> bool:
 
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
 def test_the_layers_of_each_kind_are_told_apart(kind):
-    """Which layers attend, keep a fixed-size state or mix no tokens, read off the modules as each model builds them."""
-    model = _hybrid(kind)
+    """Which layers attend, keep a fixed-size state or mix no tokens, read off the modules as each model builds them
+    (in every release, whichever cache the model keeps)."""
+    model = _hybrid(kind, layered=False)
     layers = decoder_layers(model)
     assert [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)] == FIXED.get(kind, [0, 2])
     assert [i for i, layer in enumerate(layers) if mixes_no_tokens(layer)] == MLP_ONLY.get(kind, [])
     attending = [a.layer_idx for a in decoder_attention_layers(model)]
-    want = {"falcon-h1": [0, 1], "nemotron-h": [1, 4]}.get(kind, [3] if kind.startswith("qwen") else [1, 3])
+    want = {"falcon-h1": [0, 1], "nemotron-h": [1, 4], "lfm3": [2, 4, 6], "lfm3-vl": [2, 4, 6]}.get(
+        kind, [3] if kind.startswith("qwen") else [1, 3])
     assert attending == want
 
 
@@ -83,7 +97,7 @@ def test_a_layer_of_an_mlp_alone_mixes_no_tokens():
     from its Mamba and attention layers, and the press merges the attention layers' caches around them."""
     if not hasattr(transformers, "NemotronHForCausalLM"):
         pytest.skip("this transformers has no Nemotron-H")
-    model = tiny("nemotron-h")
+    model = _hybrid("nemotron-h", layered=False)
     config = model.config.to_dict()
     config["layers_block_type" if "layers_block_type" in config else "layer_types"] = None
     try:
@@ -94,7 +108,7 @@ def test_a_layer_of_an_mlp_alone_mixes_no_tokens():
     layers = decoder_layers(model)
     assert [i for i, layer in enumerate(layers) if mixes_no_tokens(layer)] == [2]
     assert [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)] == [0, 3]
-    if not LAYERED:
+    if own_cache_class(base_model(model)) is not None:
         return
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
@@ -102,7 +116,6 @@ def test_a_layer_of_an_mlp_alone_mixes_no_tokens():
     assert [cache.layers[i].keys.shape[2] for i in (1, 4)] == [12, 12]
 
 
-@needs_layers
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("scoring", ["window", "replay"])
@@ -128,9 +141,8 @@ def test_the_attention_layers_merge_and_the_other_layers_keep_their_state(kind, 
             oracle = duplicated_cache(cache)
             merged = one_at_a_time(model, cont, cache)
         assert torch.allclose(merged, one_at_a_time(model, cont, oracle), atol=1e-5)
-    attending = len(decoder_attention_layers(model))
-    assert [layer.keys.shape[2] for layer in cache.layers if getattr(layer, "keys", None) is not None] == \
-        [12 + 3] * attending
+    full = [a.layer_idx for a in decoder_attention_layers(model) if sliding_window_of(a) is None]
+    assert [cache.layers[i].keys.shape[2] for i in full] == [12 + 3] * len(full)  # LFM3's sliding layer left alone
     assert len(states) == len(FIXED.get(kind, [0, 2]))
     assert _same(states, plain_states)
     assert not torch.allclose(merged, reference, atol=1e-4)
@@ -146,26 +158,29 @@ def _lfm2_image_prompt():
                      pixel_attention_mask=torch.ones(2, 16, dtype=torch.bool))
 
 
-@needs_layers
-@pytest.mark.parametrize("kind", ["qwen3.5-vl", "lfm2-vl"])
+@pytest.mark.parametrize("kind", ["qwen3.5-vl", "lfm2-vl", "lfm3-vl"])
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_a_hybrid_with_an_image_in_the_prompt_merges_as_with_text(kind, attn):
-    """The classes of Qwen 3.5's and LFM2-VL's checkpoints: with an image in the prompt (Qwen's tokens on three axes,
-    multimodal RoPE) ratio 0 is exact and the merged cache decodes as the duplicated-cache oracle."""
+    """The classes of Qwen 3.5's, LFM2-VL's and LFM3-VL's checkpoints: with an image in the prompt (Qwen's tokens on
+    three axes, multimodal RoPE) ratio 0 is exact and the merged cache decodes as the duplicated-cache oracle (LFM3's
+    sliding layer left alone)."""
     model = _hybrid(kind, attn)
-    ids, image = _image_prompt(model, "qwen3-vl") if kind == "qwen3.5-vl" else _lfm2_image_prompt()
+    if kind == "lfm2-vl":
+        ids, image = _lfm2_image_prompt()
+    else:  # Qwen's layout of patches and grids; LFM3-VL's tower takes 2 x 3 x 4 x 4 values a patch
+        ids, image = _image_prompt(model, "qwen3-vl")
+        if kind == "lfm3-vl":
+            image["pixel_values"] = image["pixel_values"][:, : 2 * 3 * 4 * 4]
     cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
     reference, runs = press_and_oracle(model, ids, cont, image, new_cache=lambda: transformers.DynamicCache(
         config=model.config), decode=one_at_a_time)
-    attending = len(decoder_attention_layers(model))
+    full = [a.layer_idx for a in decoder_attention_layers(model) if sliding_window_of(a) is None]
     for ratio, (merged, oracle, cache) in runs.items():
         assert torch.allclose(merged, oracle, atol=1e-5)
-        assert [layer.keys.shape[2] for layer in cache.layers if getattr(layer, "keys", None) is not None] == \
-            [n + 3 - round(ratio * n)] * attending
+        assert [cache.layers[i].keys.shape[2] for i in full] == [n + 3 - round(ratio * n)] * len(full)
         assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
 
 
-@needs_layers
 @pytest.mark.parametrize("kind", HYBRID_KINDS)
 def test_the_press_sees_the_attention_the_model_computes(kind):
     """The attention of prompt queries the press recomputes equals the model's own eager weights on the last attention
@@ -186,16 +201,20 @@ def test_the_press_sees_the_attention_the_model_computes(kind):
 def test_the_input_press_is_refused_and_an_unlayered_cache_too(kind):
     """The input press would hand the layers of a fixed-size state a merged prompt they take no positions or masks
     for: refused before any work, those layers named. Before transformers 5.5 the KV press refuses the model as it is
-    patched, naming the release (the model would keep its own cache class, or none at all without one passed)."""
-    model = _hybrid(kind)
+    patched, naming its cache class and the release (the model would keep its own cache class, or none at all
+    without one passed): 5.5 for all, OLMo Hybrid 5.15."""
+    model = _hybrid(kind, layered=False)
     fixed = FIXED.get(kind, [0, 2])
     named = re.escape(f"layers {sorted(fixed + MLP_ONLY.get(kind, []))} of {CLASSES[kind]} (a hybrid model)")
     with pytest.raises(ValueError, match=named), QuickMergeInputPress(0.5, layer=0)(model):
         pass
-    if LAYERED:
+    own = own_cache_class(base_model(model))
+    layered_from = Version("5.15" if kind == "olmo-hybrid" else "5.5")
+    assert (own is not None) == (Version(transformers.__version__) < layered_from)
+    if own is None:
         return
-    named = re.escape(f"layers {fixed} of {CLASSES[kind]}")
-    with pytest.raises(UnsupportedCacheError, match=rf"{named}.*transformers 5\.5 or later"), \
+    named = re.escape(f"layers {fixed} of {CLASSES[kind]} (a hybrid model) in a cache class of the model's own ({own})")
+    with pytest.raises(UnsupportedCacheError, match=rf"{named}.*5\.5 or later; OLMo Hybrid: 5\.15"), \
             QuickMergePress(0.5)(model):
         pass
 
@@ -214,3 +233,33 @@ def test_layers_of_another_kind_are_named():
     with pytest.raises(TypeError, match=r"layers \[0, 2\] of Lfm2ForCausalLM neither attend"), \
             QuickMergePress(0.5)(model):
         pass
+
+
+def test_minimax_lightning_attention_is_refused_with_its_layers_named():
+    """MiniMax's lightning attention sits where attention does (``self_attn``, a fused ``qkv_proj``) but its config
+    declares it a linear attention, whose state the model keeps in a cache class of its own: the presses name those
+    layers instead of merging a cache layer that holds none of their keys (an IndexError inside the prefill)."""
+    if not hasattr(transformers, "MiniMaxForCausalLM"):
+        pytest.skip("this transformers has no MiniMax")
+    from tests.text.tiny import COMMON
+
+    config = transformers.MiniMaxConfig(**{**COMMON, "num_hidden_layers": 4}, head_dim=16, block_size=8,
+                                        layer_types=["linear_attention", "full_attention"] * 2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    model = transformers.MiniMaxForCausalLM(config).eval()
+    for press in (QuickMergePress(0.5), QuickMergeInputPress(0.5, layer=0)):
+        with pytest.raises(TypeError, match=r"layers \[0, 2\] of MiniMaxForCausalLM neither attend.*lightning"), \
+                press(model):
+            pass
+
+
+@pytest.mark.parametrize("kind", ["lfm2", "lfm3", "granite4", "falcon-h1", "jamba", "nemotron-h"])
+def test_generate_inside_the_press_decodes_as_token_by_token(kind):
+    """``generate`` makes a hybrid model's cache itself (from its config): inside the press, greedy generation picks
+    the tokens a prefill and one call per token pick, and the attention layers were merged."""
+    model = _hybrid(kind)
+    prompt = torch.randint(1, 90, (1, 24), generator=torch.Generator().manual_seed(0))
+    press = QuickMergePress(0.5, window=4)
+    _assert_generate_decodes_as_token_by_token(model, press, prompt, new_cache=lambda: transformers.DynamicCache(
+        config=model.config))
+    assert press.achieved_ratio == pytest.approx(0.5)

@@ -31,8 +31,8 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
 OWN_TEST_KINDS = ("llama4-vlm",)
 # hybrid models, attention layers amid layers of a fixed-size state (linear attention, Mamba, short convolutions): the
 # KV press only (tests/text/test_hybrid.py)
-HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl", "lfm2", "lfm2-moe", "lfm2-vl", "granite4",
-                "falcon-h1", "bamba", "jamba", "nemotron-h")
+HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl", "olmo-hybrid", "lfm2", "lfm2-moe", "lfm2-vl",
+                "lfm3", "lfm3-vl", "granite4", "falcon-h1", "bamba", "jamba", "nemotron-h")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # the last layers read the keys and values of earlier ones (num_kv_shared_layers): 6 layers, the last 3 sharing
@@ -42,7 +42,9 @@ ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma",
                "gemma4-vlm", *SHARING)
 # kinds a transformers release added after 5.0: their class, the release
 NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5"),
-         "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3")}
+         "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3"),
+         "olmo-hybrid": ("OlmoHybridForCausalLM", "5.3"), "lfm3": ("Lfm3ForCausalLM", "5.23"),
+         "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23")}
 
 
 def _mrope(kind: str, common: dict):
@@ -191,7 +193,20 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "qwen3.5-vl": lambda: t.Qwen3_5ForConditionalGeneration(t.Qwen3_5Config(
             text_config=hybrid, image_token_id=96, vision_start_token_id=94, vision_end_token_id=95,
             vision_config=dict(depth=1, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64))),
-        # short convolutions and attention in turn (LFM2, its mixture of experts after a dense first layer)
+        # gated DeltaNet (linear attention) and attention in turn
+        "olmo-hybrid": lambda: t.OlmoHybridForCausalLM(t.OlmoHybridConfig(
+            **{**four, "layer_types": ["linear_attention", "full_attention"] * 2}, pad_token_id=0)),
+        # short convolutions and attention in turn (LFM2, its mixture of experts after a dense first layer, LFM3)
+        "lfm3": lambda: t.Lfm3ForCausalLM(t.Lfm3Config(  # its own pattern: conv 0, 1, 3, 5; global 2, 6; sliding 4
+            **{**common, "num_hidden_layers": 7}, sliding_window=sliding_window or 8, pad_token_id=0)),
+        # LFM3-VL's checkpoints: LFM3 under a two-layer tower (an image of grid (1, 4, 4) patches of 2 x 3 x 4 x 4
+        # values is 4 tokens; image tokens as tiny("qwen3-vl")'s)
+        "lfm3-vl": lambda: t.Lfm3VlForConditionalGeneration(t.Lfm3VlConfig(
+            text_config=dict(**{**common, "num_hidden_layers": 7}, sliding_window=sliding_window or 8, pad_token_id=0,
+                             model_type="lfm3"),
+            image_token_id=96, video_token_id=93, vision_start_token_id=94, vision_end_token_id=95,
+            vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=2, patch_size=4, temporal_patch_size=2, spatial_merge_size=2))),
         "lfm2": lambda: t.Lfm2ForCausalLM(t.Lfm2Config(**lfm2)),
         "lfm2-moe": lambda: t.Lfm2MoeForCausalLM(t.Lfm2MoeConfig(**lfm2, moe_intermediate_size=32, num_dense_layers=1,
                                                                   **moe)),
