@@ -57,6 +57,13 @@ SUPPORTED_ARCHITECTURES = (
     "Dots1ForCausalLM",
     "FlexOlmoForCausalLM",
     "Jais2ForCausalLM",
+    "StableLmForCausalLM",
+    "PhimoeForCausalLM",
+    "NemotronForCausalLM",
+    "GraniteMoeSharedForCausalLM",
+    "BitNetForCausalLM",
+    "MiniMaxM2ForCausalLM",
+    "AriaTextForCausalLM",
     "Mistral3ForConditionalGeneration",
     "Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM",
@@ -148,6 +155,22 @@ def mixes_no_tokens(layer: nn.Module) -> bool:
         return False
     return not hasattr(mixer, "conv1d") and (
         (hasattr(mixer, "up_proj") and hasattr(mixer, "down_proj")) or hasattr(mixer, "experts"))
+
+
+def check_attention_interface(attentions: list[nn.Module]) -> None:
+    """Raise :class:`UnsupportedAttentionError` for an attention module that predates transformers' attention
+    interface (no ``scaling``: Nemotron's before transformers 5.13), whose logits the presses cannot recompute."""
+    old = [attn for attn in attentions if getattr(attn, "scaling", None) is None]
+    if old:
+        raise UnsupportedAttentionError(unsupported_message(old[0], (
+            f"it keeps no `scaling` (an attention implementation older than transformers' attention interface, as "
+            f"{type(old[0]).__name__}): use a later transformers (Nemotron: 5.13 or later)")))
+
+
+def crosses_kv_heads(attention: nn.Module) -> bool:
+    """Whether an attention module pairs the values of one KV head with the keys of another: DiffLlama's differential
+    attention (its ``lambda_q1``...) splits the value heads in two halves and repeats each for every head."""
+    return hasattr(attention, "lambda_q1")
 
 
 def shares_kv(attention: nn.Module) -> bool:

@@ -36,6 +36,7 @@ from .decoder import (
     apply_rope,
     attention_of,
     base_model,
+    check_attention_interface,
     decoder_layers,
     has_attention,
     hidden_states_arg,
@@ -251,6 +252,7 @@ class QuickMergeInputPress(Press):
         refusal = self.refusal(model)
         if refusal is not None:
             raise ValueError(refusal)
+        check_attention_interface([attention_of(layer) for layer in layers if has_attention(layer)])
         base = base_model(model)
         self._kv_sources = kv_sources(model, layers)
         handles = [

@@ -47,14 +47,18 @@ from .cache import (
     physical_length,
 )
 from .decoder import (
+    UnsupportedAttentionError,
     attention_of,
     base_model,
     cache_causal_mask,
+    check_attention_interface,
+    crosses_kv_heads,
     has_attention,
     hidden_states_arg,
     keeps_fixed_state,
     kv_sources,
     sliding_window_of,
+    unsupported_message,
 )
 from .press import Press
 
@@ -183,6 +187,13 @@ class KVPress(Press):
         self._kv_sources = kv_sources(model, layers)
         shared = [attention_of(layers[i]) for i in self._kv_sources]
         attentions = [attention_of(layer) for layer in layers if has_attention(layer)]  # not a hybrid's other layers
+        crossed = [attn for attn in attentions if crosses_kv_heads(attn)]
+        if crossed:
+            raise UnsupportedAttentionError(unsupported_message(crossed[0], (
+                f"layers {[attn.layer_idx for attn in crossed]} pair the values of one KV head with the keys of "
+                "another (differential attention: DiffLlama's two halves of the value heads), which a press that "
+                "merges each KV head's entries its own way cannot keep aligned")))
+        check_attention_interface(attentions)
         self._full_layers = [attn.layer_idx for attn in attentions if sliding_window_of(attn) is None]
         base = base_model(model)
         handles = [

@@ -25,7 +25,8 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
-              "gemma3n", "gemma3n-vlm", "gemma4-shared")
+              "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
+              "bitnet", "minimax-m2", "aria-text")
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -40,11 +41,23 @@ SHARING = ("gemma3n", "gemma3n-vlm", "gemma4-shared")
 # sliding and global layers in turn
 ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4",
                "gemma4-vlm", *SHARING)
-# kinds a transformers release added after 5.0: their class, the release
+# kinds a transformers release added after 5.0, or whose attention the presses follow from a release on (Nemotron's,
+# which keeps no `scaling` before 5.13), or that transformers 5.0 itself cannot decode after a cache (StableLM under
+# SDPA, without quickmerge): their class, the release
 NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5"),
          "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3"),
          "olmo-hybrid": ("OlmoHybridForCausalLM", "5.3"), "lfm3": ("Lfm3ForCausalLM", "5.23"),
-         "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23")}
+         "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23"),
+         "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2")}
+
+
+def too_old(kind: str) -> bool:
+    """Whether this transformers predates what :data:`NEWER` says ``kind`` needs (the class, or Nemotron's attention
+    before it took transformers' attention interface in 5.13)."""
+    from packaging.version import Version
+
+    return kind in NEWER and (not hasattr(transformers, NEWER[kind][0])
+                              or Version(transformers.__version__) < Version(NEWER[kind][1]))
 
 
 def _mrope(kind: str, common: dict):
@@ -155,6 +168,19 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "flex-olmo": lambda: t.FlexOlmoForCausalLM(t.FlexOlmoConfig(**common, num_experts=4, num_experts_per_tok=2,
                                                                    pad_token_id=0)),
         "jais2": lambda: t.Jais2ForCausalLM(t.Jais2Config(**common, head_dim=16, pad_token_id=0)),
+        # StableLM 2 (a quarter of each head rotated), Phi-3.5-MoE, Nemotron-4 / Minitron (half rotated), Granite-MoE
+        # with a shared expert, BitNet (ternary weights), MiniMax-M2 (norms over all query and key heads), Aria's text
+        "stablelm": lambda: t.StableLmForCausalLM(t.StableLmConfig(**common, pad_token_id=0)),
+        "phimoe": lambda: t.PhimoeForCausalLM(t.PhimoeConfig(**common, num_local_experts=4, num_experts_per_tok=2,
+                                                            pad_token_id=0)),
+        "nemotron": lambda: t.NemotronForCausalLM(t.NemotronConfig(**common, head_dim=16, pad_token_id=0)),
+        "granitemoe-shared": lambda: t.GraniteMoeSharedForCausalLM(t.GraniteMoeSharedConfig(
+            **common, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=32, pad_token_id=0)),
+        "bitnet": lambda: t.BitNetForCausalLM(t.BitNetConfig(**common, pad_token_id=0)),
+        "minimax-m2": lambda: t.MiniMaxM2ForCausalLM(t.MiniMaxM2Config(
+            **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+        "aria-text": lambda: t.AriaTextForCausalLM(t.AriaTextConfig(
+            **common, head_dim=16, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
         # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
         # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
@@ -298,10 +324,11 @@ def tiny(kind: str, attn: str = "sdpa", *, layers: int = 2, sliding_window: int 
     elif kind in MROPE_KINDS:
         model = _mrope(kind, common)
     elif kind in MORE_KINDS + HYBRID_KINDS + OWN_TEST_KINDS:
-        if kind in NEWER and not hasattr(transformers, NEWER[kind][0]):
+        if too_old(kind):
             import pytest
 
-            pytest.skip(f"transformers {transformers.__version__} has no {NEWER[kind][0]} (added in {NEWER[kind][1]})")
+            pytest.skip(f"transformers {transformers.__version__}: the presses take {NEWER[kind][0]} from "
+                        f"{NEWER[kind][1]} on")
         model = _more(kind, common, sliding_window)
         attn = attn if getattr(model, "_supports_sdpa", True) else "eager"  # gpt-oss; Gemma 2 from 5.2x on
     else:
