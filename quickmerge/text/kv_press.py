@@ -21,7 +21,9 @@ lives here:
 - refusal: a prefill that should have compressed and did not (no cache reached the
   attention layers, every layer slides, an unknown transformers calling convention) raises;
   so do caches that cannot be shortened in place and attention implementations that would
-  drop the proportional-attention bias.
+  drop the proportional-attention bias; what no press could merge (a hybrid model's own
+  cache class, values crossing KV heads, attention older than transformers' attention
+  interface) is refused as the press is entered.
 """
 
 from __future__ import annotations
@@ -77,6 +79,30 @@ def prompt_inputs(ids: Tensor | None, kwargs: dict) -> dict[str, Any]:
     inputs = {"input_ids": ids} if ids is not None else {"inputs_embeds": kwargs["inputs_embeds"]}
     inputs.update({name: kwargs[name] for name in PROMPT_INPUTS if kwargs.get(name) is not None})
     return inputs
+
+
+def _check_mergeable(who: str, model: nn.Module, layers: list[nn.Module], attentions: list[nn.Module]) -> None:
+    """Refuse, before any work, what a KV press cannot merge: a hybrid model whose fixed-size states this transformers
+    keeps in a cache class of the model's own (no layers to shorten), attention pairing the values of one KV head
+    with the keys of another, and attention modules older than transformers' attention interface."""
+    hybrid = [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)]
+    own = own_cache_class(base_model(model)) if hybrid else None
+    if own is not None:
+        import transformers
+
+        raise UnsupportedCacheError(
+            f"{who} compresses the layers of a transformers Cache; transformers {transformers.__version__} keeps the "
+            f"states of layers {hybrid} of {type(model).__name__} (a hybrid model) in a cache class of the model's "
+            f"own ({own}), without layers: use a later transformers, where they are DynamicCache layers (5.5 or "
+            "later; OLMo Hybrid: 5.15 or later)"
+        )
+    crossed = [attn for attn in attentions if crosses_kv_heads(attn)]
+    if crossed:
+        raise UnsupportedAttentionError(unsupported_message(crossed[0], (
+            f"layers {[attn.layer_idx for attn in crossed]} pair the values of one KV head with the keys of another "
+            "(differential attention: DiffLlama's two halves of the value heads), which a press that merges each KV "
+            "head's entries its own way cannot keep aligned")))
+    check_attention_interface(attentions)
 
 
 class Compressed(NamedTuple):
@@ -173,27 +199,10 @@ class KVPress(Press):
         self._prefill, self._masks = None, {}
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
-        hybrid = [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)]
-        own = own_cache_class(base_model(model)) if hybrid else None
-        if own is not None:
-            import transformers
-
-            raise UnsupportedCacheError(
-                f"{type(self).__name__} compresses the layers of a transformers Cache; transformers "
-                f"{transformers.__version__} keeps the states of layers {hybrid} of {type(model).__name__} (a hybrid "
-                f"model) in a cache class of the model's own ({own}), without layers: use a later transformers, where "
-                "they are DynamicCache layers (5.5 or later; OLMo Hybrid: 5.15 or later)"
-            )
         self._kv_sources = kv_sources(model, layers)
         shared = [attention_of(layers[i]) for i in self._kv_sources]
         attentions = [attention_of(layer) for layer in layers if has_attention(layer)]  # not a hybrid's other layers
-        crossed = [attn for attn in attentions if crosses_kv_heads(attn)]
-        if crossed:
-            raise UnsupportedAttentionError(unsupported_message(crossed[0], (
-                f"layers {[attn.layer_idx for attn in crossed]} pair the values of one KV head with the keys of "
-                "another (differential attention: DiffLlama's two halves of the value heads), which a press that "
-                "merges each KV head's entries its own way cannot keep aligned")))
-        check_attention_interface(attentions)
+        _check_mergeable(type(self).__name__, model, layers, attentions)
         self._full_layers = [attn.layer_idx for attn in attentions if sliding_window_of(attn) is None]
         base = base_model(model)
         handles = [
