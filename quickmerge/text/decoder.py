@@ -64,6 +64,8 @@ SUPPORTED_ARCHITECTURES = (
     "BitNetForCausalLM",
     "MiniMaxM2ForCausalLM",
     "AriaTextForCausalLM",
+    "HyperCLOVAXForCausalLM",
+    "MellumForCausalLM",
     "Mistral3ForConditionalGeneration",
     "Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM",

@@ -26,7 +26,7 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
               "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
-              "bitnet", "minimax-m2", "aria-text")
+              "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum")
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -40,7 +40,7 @@ MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 SHARING = ("gemma3n", "gemma3n-vlm", "gemma4-shared")
 # sliding and global layers in turn
 ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma", "cwm", "ministral", "gemma4",
-               "gemma4-vlm", *SHARING)
+               "gemma4-vlm", "mellum", *SHARING)
 # kinds a transformers release added after 5.0, or whose attention the presses follow from a release on (Nemotron's,
 # which keeps no `scaling` before 5.13), or that transformers 5.0 itself cannot decode after a cache (StableLM under
 # SDPA, without quickmerge): their class, the release
@@ -48,7 +48,8 @@ NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForCondit
          "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3"),
          "olmo-hybrid": ("OlmoHybridForCausalLM", "5.3"), "lfm3": ("Lfm3ForCausalLM", "5.23"),
          "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23"),
-         "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2")}
+         "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2"),
+         "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12")}
 
 
 def too_old(kind: str) -> bool:
@@ -181,6 +182,12 @@ def _more(kind: str, common: dict, sliding_window: int | None):
             **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
         "aria-text": lambda: t.AriaTextForCausalLM(t.AriaTextConfig(
             **common, head_dim=16, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1, pad_token_id=0)),
+        # HyperCLOVA X (an attention multiplier, as Granite's, and norms after each block), Mellum (sliding and global
+        # layers in turn, experts)
+        "hyperclovax": lambda: t.HyperCLOVAXForCausalLM(t.HyperCLOVAXConfig(
+            **common, head_dim=16, attention_multiplier=0.3, pad_token_id=0)),
+        "mellum": lambda: t.MellumForCausalLM(t.MellumConfig(
+            **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
         # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
         # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
