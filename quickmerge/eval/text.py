@@ -23,7 +23,7 @@ from torch import Tensor
 from ..data import wikipedia_articles
 from ..distributed import Context
 from ..text.cache import cache_kwargs, physical_length
-from ..text.decoder import decoder_layers, keeps_fixed_state
+from ..text.decoder import base_model, keeps_fixed_state
 from .journal import Journal
 
 
@@ -156,8 +156,9 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
     """
     from transformers import DynamicCache
 
-    # a hybrid model's cache holds its other layers' fixed-size states too, laid out from its config
-    hybrid = any(keeps_fixed_state(layer) for layer in decoder_layers(model))
+    # a hybrid model's cache holds its other layers' fixed-size states too, laid out from its config (the layers
+    # read as they are: kvpress's presses and no compression run on models the presses here refuse)
+    hybrid = any(keeps_fixed_state(layer) for layer in getattr(base_model(model), "layers", ()))
     cache = DynamicCache(config=model.config) if hybrid else DynamicCache()
     with contextlib.ExitStack() as decoding:
         if method.eager:
@@ -186,14 +187,14 @@ def score_example(
     with prefilled(model, ctx, press, method) as state:
         cache = state.cache
         # mean entries per KV head over the layers of global attention (Gemma: not the sliding ones, bounded by
-        # their window; a hybrid model: not the layers of a fixed-size state); flat layers hold every head in one row
+        # their window; a hybrid model: not the layers of a fixed-size state); flat layers hold every head in one
+        # row, a latent cache (DeepSeek's, transformers 5.2x) one row for all heads
         text_config = model.config.get_text_config()  # a vision-language model's decoder settings
-        hkv = text_config.num_key_value_heads
         types = getattr(text_config, "layer_types", None) or ["full_attention"] * len(cache.layers)
         cached = [(layer, kind) for layer, kind in zip(cache.layers, types, strict=False) if physical_length(layer)]
         full = [layer for layer, kind in cached if "sliding" not in kind and "chunked" not in kind]
         full = full or [layer for layer, _ in cached]
-        kept = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in full) / hkv / len(full)
+        kept = sum(physical_length(layer) / (getattr(layer, "folded_heads", 0) or 1) for layer in full) / len(full)
         start = time.perf_counter()
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
             logits = torch.cat([model(input_ids=cont[:, t : t + 1], **cache_kwargs(model, cache),

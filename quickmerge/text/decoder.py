@@ -145,8 +145,7 @@ def keeps_fixed_state(layer: nn.Module) -> bool:
     Falcon-H1's layers run one beside their attention."""
     if any(getattr(layer, name, None) is not None for name in FIXED_STATE_MIXERS):
         return True
-    mixer = getattr(layer, "mixer", None)
-    return mixer is not None and mixer is not attention_of(layer) and hasattr(mixer, "conv1d")
+    return hasattr(getattr(layer, "mixer", None), "conv1d")
 
 
 def mixes_no_tokens(layer: nn.Module) -> bool:

@@ -80,3 +80,24 @@ def test_a_hybrid_model_is_scored_with_its_attention_layers_compressed(kind):
     assert zero["nll"] == pytest.approx(plain["nll"], abs=1e-5)
     assert half["memory_saved"] == pytest.approx(0.5)
     assert half["nll"] != pytest.approx(plain["nll"], abs=1e-4)
+
+
+def test_no_compression_is_scored_on_a_model_the_presses_refuse():
+    """The harness asks nothing of the decoder's layers beyond what it runs: DeepSeek V3 (latent attention, which the
+    presses refuse) is scored without compression, as kvpress's presses or a plain model need it to be."""
+    transformers = pytest.importorskip("transformers")
+    from quickmerge.eval.text import NO_COMPRESSION, TextExample, score_example
+
+    torch.manual_seed(0)
+    config = transformers.DeepseekV3Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+        topk_group=1, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        first_k_dense_replace=1, max_position_embeddings=64, pad_token_id=0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    example = TextExample(title="t", ids=torch.randint(1, 90, (41,), generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        row = score_example(model, example, 32, None, NO_COMPRESSION)
+        logits = model(example.ids[None, :-1]).logits[0, 32:]
+    assert row["memory_saved"] == 0.0
+    assert row["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, example.ids[33:]).item(), abs=1e-4)
