@@ -66,6 +66,12 @@ SUPPORTED_ARCHITECTURES = (
     "AriaTextForCausalLM",
     "HyperCLOVAXForCausalLM",
     "MellumForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "Glm4MoeLiteForCausalLM",
+    "YoutuForCausalLM",
+    "Mistral4ForCausalLM",
+    "MiniCPM3ForCausalLM",
     "Mistral3ForConditionalGeneration",
     "Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM",
@@ -92,7 +98,7 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
 )
-ROTATIONS = ("half", "interleaved", "split", "none")
+ROTATIONS = ("half", "interleaved", "split", "deinterleaved", "none")
 FIXED_STATE_MIXERS = ("linear_attn", "mamba", "conv")  # a hybrid layer's token mixers whose state has a fixed size
 POSITION_KWARGS = ("position_embeddings", "position_ids", "cache_position")  # what a layer may read positions from
 ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-3, a wrong rotation errs near 1
@@ -116,13 +122,21 @@ def attention_of(layer: nn.Module) -> nn.Module | None:
     return attn
 
 
+def is_latent_attention(attention: nn.Module | None) -> bool:
+    """Whether an attention module is a multi-head latent attention (DeepSeek V2/V3, GLM-4.7-Flash, Kimi, ...): keys
+    and values of every head expanded (``kv_b_proj``) from one compressed latent per token, beside one rotated key
+    part shared by the heads (both from ``kv_a_proj_with_mqa``)."""
+    return hasattr(attention, "kv_a_proj_with_mqa") and hasattr(attention, "kv_b_proj")
+
+
 def has_attention(layer: nn.Module) -> bool:
     """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
-    (separate ``q_proj``/``k_proj``/``v_proj``, or Phi-3's fused ``qkv_proj``; not a layer that reads another
-    layer's, :func:`shares_kv`, nor one declared a linear attention, as MiniMax's lightning attention)."""
+    (separate ``q_proj``/``k_proj``/``v_proj``, Phi-3's fused ``qkv_proj``, or a latent attention's,
+    :func:`is_latent_attention`; not a layer that reads another layer's, :func:`shares_kv`, nor one declared a linear
+    attention, as MiniMax's lightning attention)."""
     attn = attention_of(layer)
-    return (attn is not None and (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj")) and not shares_kv(attn)
-            and declared_type(layer) != "linear_attention")
+    projects = hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj") or is_latent_attention(attn)
+    return attn is not None and projects and not shares_kv(attn) and declared_type(layer) != "linear_attention"
 
 
 def declared_type(layer: nn.Module) -> str | None:
@@ -172,6 +186,17 @@ def crosses_kv_heads(attention: nn.Module) -> bool:
     """Whether an attention module pairs the values of one KV head with the keys of another: DiffLlama's differential
     attention (its ``lambda_q1``...) splits the value heads in two halves and repeats each for every head."""
     return hasattr(attention, "lambda_q1")
+
+
+def check_dense(attentions: list[nn.Module]) -> None:
+    """Raise :class:`UnsupportedAttentionError` for attention modules that read only the keys an ``indexer`` of their
+    own picks for each query (DeepSeek Sparse Attention: DeepSeek V3.2, GLM-5), an indexer whose keys the cache keeps
+    beside the layer's in a layer the presses do not shorten."""
+    indexed = [attn for attn in attentions if getattr(attn, "indexer", None) is not None]
+    if indexed:
+        raise UnsupportedAttentionError(unsupported_message(indexed[0], (
+            f"layers {[attn.layer_idx for attn in indexed]} attend to the keys an indexer of their own picks for each "
+            "query (DeepSeek Sparse Attention), whose own keys the cache keeps beside theirs")))
 
 
 def shares_kv(attention: nn.Module) -> bool:
@@ -296,11 +321,16 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotation: str = "half") -> T
     ``rotation``: ``"half"`` pairs channel ``i`` with ``i + r/2`` (Llama, Qwen, Mistral, Phi-3, Gemma,
     OLMo); ``"interleaved"`` pairs channels ``2i`` and ``2i + 1`` (Cohere, GLM; ``cos`` given in either
     layout); ``"split"`` pairs ``i`` with ``i + d/2`` with ``cos [.., d/2]`` given once per pair (gpt-oss);
-    ``"none"`` leaves ``x`` as it is (layers without a position embedding). Only the first ``r``
-    channels rotate: ``r < d`` where the model rotates part of each head (Phi-4-mini's
-    ``partial_rotary_factor``, GLM); the rest pass unchanged, as in those models' own code."""
+    ``"deinterleaved"`` rotates as ``"interleaved"`` and then lays each pair's channels out as ``"half"`` does,
+    even channels first (DeepSeek V3's ``rope_interleave``); ``"none"`` leaves ``x`` as it is (layers without a
+    position embedding). Only the first ``r`` channels rotate: ``r < d`` where the model rotates part of each head
+    (Phi-4-mini's ``partial_rotary_factor``, GLM); the rest pass unchanged, as in those models' own code."""
     if rotation == "none":
         return x
+    if rotation == "deinterleaved":
+        out = apply_rope(x, cos, sin, "interleaved")
+        r = cos.shape[-1]
+        return torch.cat((out[..., :r:2], out[..., 1:r:2], out[..., r:]), dim=-1)
     if rotation == "split":
         cos, sin, rotation = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), "half"
     r = cos.shape[-1]
@@ -335,7 +365,10 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     """Queries or keys ``[B, heads, n, d]`` of ``hidden_states [B, n, D]`` before the rotary embedding,
     normalised where the layer normalises them: ``q_norm``/``k_norm`` over each head (Qwen 3, Gemma 3;
     Cohere's per-head weights ``[heads, d]``) or over all heads at once (OLMo 2: a weight ``[heads * d]``); keys
-    scaled where the layer scales them (Falcon-H1's ``key_multiplier``)."""
+    scaled where the layer scales them (Falcon-H1's ``key_multiplier``). A latent attention's: see
+    :func:`latent_heads`."""
+    if is_latent_attention(module):
+        return latent_heads(module, hidden_states, part)
     b, n, _ = hidden_states.shape
     x = projection(module, hidden_states, part)
     if part == "q" and x.shape[-1] == 2 * module.config.num_attention_heads * module.head_dim:
@@ -352,6 +385,62 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
         x = norm(x)
     multiplier = getattr(module, "key_multiplier", None) if part == "k" else None  # Falcon-H1 (muP)
     return (x if multiplier is None else x * multiplier).transpose(1, 2)
+
+
+def latent_heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
+    """A latent attention's (:func:`is_latent_attention`) queries or keys ``[B, heads, n, d]`` of ``hidden_states
+    [B, n, D]`` before the rotary embedding, as its forward lays them out: each head's part without position
+    (``qk_nope_head_dim``), then the part to rotate (``qk_rope_head_dim``), the keys' shared by every head. Queries
+    through ``q_proj``, or the low-rank ``q_a_proj``, ``q_a_layernorm``, ``q_b_proj``."""
+    b, n, _ = hidden_states.shape
+    if part == "q":
+        if getattr(module, "q_proj", None) is not None:
+            q = module.q_proj(hidden_states)
+        else:
+            q = module.q_b_proj(module.q_a_layernorm(module.q_a_proj(hidden_states)))
+        return q.view(b, n, -1, module.qk_nope_head_dim + module.qk_rope_head_dim).transpose(1, 2)
+    latent, shared = module.kv_a_proj_with_mqa(hidden_states).split(
+        [module.kv_lora_rank, module.qk_rope_head_dim], dim=-1)
+    return expanded_keys(module, module.kv_a_layernorm(latent)[:, None], shared[:, None])
+
+
+def expanded_keys(module: nn.Module, latent: Tensor, shared: Tensor) -> Tensor:
+    """Keys ``[B, heads, L, d]`` of a latent attention from its normalised latent ``[B, 1, L, kv_lora_rank]`` and
+    its shared key part ``[B, 1, L, qk_rope_head_dim]`` (rotated or not: it passes through), as its forward expands
+    them (``kv_b_proj``: each head's key part without position, then its value)."""
+    b, _, length, _ = latent.shape
+    kv = module.kv_b_proj(latent[:, 0]).view(b, length, -1, module.qk_nope_head_dim + module.v_head_dim)
+    nope = kv[..., : module.qk_nope_head_dim].transpose(1, 2)
+    return torch.cat((nope, shared.expand(-1, nope.shape[1], -1, -1).to(nope.dtype)), dim=-1)
+
+
+def caches_latent(module: nn.Module, keys: Tensor, values: Tensor) -> bool:
+    """Whether ``keys``/``values`` of a cache layer hold a latent attention's compressed latent ``[B, 1, L,
+    kv_lora_rank]`` and rotated shared key part ``[B, 1, L, qk_rope_head_dim]`` (transformers 5.15 and later) rather
+    than each head's keys and values (before)."""
+    return (is_latent_attention(module) and keys.shape[1] == 1 and keys.shape[-1] == module.kv_lora_rank
+            and values.shape[-1] == module.qk_rope_head_dim)
+
+
+def attended_keys(module: nn.Module, keys: Tensor, values: Tensor) -> Tensor:
+    """The post-RoPE keys ``[B, Hkv, L, d]`` the attention reads from a cache layer's ``keys``/``values``: its keys,
+    but a latent attention's expanded per head where the layer caches its latent (:func:`caches_latent`)."""
+    return expanded_keys(module, keys, values) if caches_latent(module, keys, values) else keys
+
+
+def per_cache_row(module: nn.Module, scores: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    """Scores ``[B, H, L]`` of the heads that read a cache layer, as ``[B, rows, L]`` for its ``keys``: a cached
+    latent (:func:`caches_latent`) is one row for every head, scored by their mean."""
+    return scores.mean(dim=1, keepdim=True) if caches_latent(module, keys, values) else scores
+
+
+def rotate(module: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, rotation: str) -> Tensor:
+    """:func:`apply_rope` of the channels ``module`` rotates in each head of ``x [B, H, n, d]``: the first ones, or
+    a latent attention's last ``qk_rope_head_dim`` (its part without position comes first)."""
+    if not is_latent_attention(module):
+        return apply_rope(x, cos, sin, rotation)
+    tail = module.qk_rope_head_dim
+    return torch.cat((x[..., :-tail], apply_rope(x[..., -tail:], cos, sin, rotation)), dim=-1)
 
 
 def declared_rotation(module: nn.Module) -> str:
@@ -414,7 +503,7 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
     errors = {}
     for rotation in ("none",) if rotary is None else (first, *(r for r in ROTATIONS if r != first)):
         try:
-            rotated = apply_rope(mine, cos, sin, rotation)
+            rotated = rotate(module, mine, cos, sin, rotation)
         except RuntimeError:  # shapes this rotation cannot take ("split" with a whole head's cos)
             errors[rotation] = float("inf")
             continue
@@ -436,7 +525,9 @@ def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embedding
     with torch.no_grad():
         module.forward(hidden_states=hidden_states[:, -m:], position_embeddings=(cos, sin), attention_mask=None,
                        **cache_kwargs(module, scratch))
-    return key_rotation(module, hidden_states, scratch.layers[module.layer_idx].keys, position_embeddings, check)
+    layer = scratch.layers[module.layer_idx]
+    return key_rotation(module, hidden_states, attended_keys(module, layer.keys, layer.values), position_embeddings,
+                        check)
 
 
 def logit_cap_and_sinks(module: nn.Module) -> tuple[float | None, Tensor | None]:
@@ -469,7 +560,7 @@ def window_queries(module: nn.Module, hidden_states: Tensor, kwargs: dict, rotat
     queries = heads(module, hidden_states, "q")
     rotary = plain_rotary(module, kwargs.get("position_embeddings"))
     if rotary is not None:
-        queries = apply_rope(queries, rotary[0][:, -w:], rotary[1][:, -w:], rotation)
+        queries = rotate(module, queries, rotary[0][:, -w:], rotary[1][:, -w:], rotation)
     scale = query_position_scale(module, kwargs, w)
     return queries if scale is None else queries * scale.to(queries.dtype)
 

@@ -33,10 +33,11 @@ from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_lay
 from .decoder import (
     POSITION_KWARGS,
     UnsupportedAttentionError,
-    apply_rope,
+    attended_keys,
     attention_of,
     base_model,
     check_attention_interface,
+    check_dense,
     decoder_layers,
     has_attention,
     hidden_states_arg,
@@ -48,6 +49,7 @@ from .decoder import (
     prerope_keys,
     probed_rotation,
     query_position_scale,
+    rotate,
     sliding_window_of,
     unsupported_message,
 )
@@ -69,7 +71,8 @@ def gathered_mask(mask: Tensor, positions: Tensor, dtype: torch.dtype) -> Tensor
 
 
 def gather_tokens(table: Tensor, positions: Tensor) -> Tensor:
-    """Rows of a rotary table ``[1 or B, N, d]`` (or multimodal RoPE's ``[3, 1 or B, N, d]``) at ``positions [B, K]``:
+    """Rows of a rotary table ``[1 or B, N, d]`` (or multimodal RoPE's ``[3, 1 or B, N, d]``; real, or one complex
+    number per pair of channels) at ``positions [B, K]``:
     ``[B, K, d]`` (``[3, B, K, d]``)."""
     table = table.expand(*table.shape[:-3], positions.shape[0], -1, -1)
     index = positions[..., None].expand(*table.shape[:-3], -1, -1, table.shape[-1])
@@ -252,7 +255,9 @@ class QuickMergeInputPress(Press):
         refusal = self.refusal(model)
         if refusal is not None:
             raise ValueError(refusal)
-        check_attention_interface([attention_of(layer) for layer in layers if has_attention(layer)])
+        attentions = [attention_of(layer) for layer in layers if has_attention(layer)]
+        check_dense(attentions)
+        check_attention_interface(attentions)
         base = base_model(model)
         self._kv_sources = kv_sources(model, layers)
         handles = [
@@ -326,8 +331,8 @@ class QuickMergeInputPress(Press):
             # the layer's keys: as cached by the attention, or recomputed (no cache, or a sliding layer's
             # cache that kept only its window)
             cached = cache.layers[attn.layer_idx] if cache is not None else None
-            keys = (cached.keys if physical_length(cached) == n
-                    else _layer_keys(attn, normed, position_embeddings, None if cached is None else cached.keys))
+            read = None if cached is None else attended_keys(attn, cached.keys, cached.values)
+            keys = read if physical_length(cached) == n else _layer_keys(attn, normed, position_embeddings, read)
             saliency = window_saliency(attn, normed, keys, attn_kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
             assignment, last = self._group(hidden, saliency, kept)
@@ -431,8 +436,9 @@ class QuickMergeInputPress(Press):
             if layer is not None:
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             tables = layer_argument(block, args, kwargs, "position_embeddings")
-            args = with_layer_argument(block, args, kwargs, "position_embeddings",
-                                       tuple(gather_tokens(t, positions) for t in tables))
+            gathered = (gather_tokens(tables, positions) if isinstance(tables, Tensor)  # complex (DeepSeek V2)
+                        else tuple(gather_tokens(t, positions) for t in tables))
+            args = with_layer_argument(block, args, kwargs, "position_embeddings", gathered)
             kwargs.update(gathered_positions(attn, kwargs, positions))
             args = self._merged_per_layer_input(block, args, kwargs)
             mask = self._masks.get(source)  # a layer reading its source's keys and values: the source's mask
@@ -527,4 +533,4 @@ def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cac
         rotation = key_rotation(attn, normed, cached, position_embeddings)
     else:
         rotation = probed_rotation(attn, normed, position_embeddings)
-    return apply_rope(prerope_keys(attn, normed), *plain_rotary(attn, position_embeddings), rotation)
+    return rotate(attn, prerope_keys(attn, normed), *plain_rotary(attn, position_embeddings), rotation)

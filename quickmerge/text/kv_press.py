@@ -23,7 +23,7 @@ lives here:
   so do caches that cannot be shortened in place and attention implementations that would
   drop the proportional-attention bias; what no press could merge (a hybrid model's own
   cache class, values crossing KV heads, attention older than transformers' attention
-  interface) is refused as the press is entered.
+  interface, sparse attention whose indexer picks the keys) is refused as the press is entered.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .decoder import (
     base_model,
     cache_causal_mask,
     check_attention_interface,
+    check_dense,
     crosses_kv_heads,
     has_attention,
     hidden_states_arg,
@@ -84,7 +85,8 @@ def prompt_inputs(ids: Tensor | None, kwargs: dict) -> dict[str, Any]:
 def _check_mergeable(who: str, model: nn.Module, layers: list[nn.Module], attentions: list[nn.Module]) -> None:
     """Refuse, before any work, what a KV press cannot merge: a hybrid model whose fixed-size states this transformers
     keeps in a cache class of the model's own (no layers to shorten), attention pairing the values of one KV head
-    with the keys of another, and attention modules older than transformers' attention interface."""
+    with the keys of another, sparse attention whose indexer picks the keys (and caches its own), and attention
+    modules older than transformers' attention interface."""
     hybrid = [i for i, layer in enumerate(layers) if keeps_fixed_state(layer)]
     own = own_cache_class(base_model(model)) if hybrid else None
     if own is not None:
@@ -102,6 +104,7 @@ def _check_mergeable(who: str, model: nn.Module, layers: list[nn.Module], attent
             f"layers {[attn.layer_idx for attn in crossed]} pair the values of one KV head with the keys of another "
             "(differential attention: DiffLlama's two halves of the value heads), which a press that merges each KV "
             "head's entries its own way cannot keep aligned")))
+    check_dense(attentions)
     check_attention_interface(attentions)
 
 
@@ -162,6 +165,10 @@ class KVPress(Press):
         values = values.gather(2, index.expand(-1, -1, -1, values.shape[-1]))
         return Compressed(keys, values, None)
 
+    def check_attentions(self, attentions: list[nn.Module]) -> None:
+        """Raise, as the press is entered, for attention layers this press's options cannot work on (default:
+        none)."""
+
     def adds_bias(self) -> bool:
         """Whether merged entries get ``log(size)`` on their logits (needs an additive float mask)."""
         return False
@@ -203,6 +210,7 @@ class KVPress(Press):
         shared = [attention_of(layers[i]) for i in self._kv_sources]
         attentions = [attention_of(layer) for layer in layers if has_attention(layer)]  # not a hybrid's other layers
         _check_mergeable(type(self).__name__, model, layers, attentions)
+        self.check_attentions(attentions)
         self._full_layers = [attn.layer_idx for attn in attentions if sliding_window_of(attn) is None]
         base = base_model(model)
         handles = [

@@ -35,7 +35,15 @@ from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
-from .decoder import logit_cap_and_sinks, prerope_keys
+from .decoder import (
+    UnsupportedAttentionError,
+    attended_keys,
+    is_latent_attention,
+    logit_cap_and_sinks,
+    per_cache_row,
+    prerope_keys,
+    unsupported_message,
+)
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
 from .replay import replay_inputs, replay_scores
@@ -122,6 +130,8 @@ class QuickMergePress(KVPress):
         budget ``"replay"``: with ``scoring="replay"``, each layer keeps as many entries as it holds
             among the model's most attended (layer, head, entry) triples (KVzip's split over layers),
             above the same floor; the total stays the uniform total.
+    On multi-head latent attention (DeepSeek V2/V3, ...) ``align``, ``head_budgets`` and ``leverage``, which fit or
+    split each head's keys, are refused: from transformers 5.15 such a layer caches one latent row for all its heads.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
     what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
     """
@@ -240,9 +250,11 @@ class QuickMergePress(KVPress):
         return super().bias_reason()
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
-        """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head."""
+        """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head (a cached latent's one
+        row: the mean over the heads that read it, :func:`~quickmerge.text.decoder.per_cache_row`)."""
+        read = attended_keys(module, keys, values)
         if self.budget == "entropy" or self.align or self.scoring == "window":
-            win = observe(module, hidden_states, keys, kwargs, self.window)
+            win = observe(module, hidden_states, read, kwargs, self.window)
             if self.budget == "entropy" or self.align:
                 self._windows[module.layer_idx] = win
         if self.scoring == "replay":
@@ -251,11 +263,22 @@ class QuickMergePress(KVPress):
                 self._leverages[module.layer_idx] = neighbourhood_max(lev, self.leverage_pool)
             return keys  # rated in :meth:`rescore`, once the prompt has been read again
         if self.scoring == "prompt":
-            ranks = prompt_saliency(module, hidden_states, keys, kwargs, salient=self.salient,
+            ranks = prompt_saliency(module, hidden_states, read, kwargs, salient=self.salient,
                                     kernel_size=self.kernel_size)
-            return self._with_novelty(ranks, keys)
-        ranks = saliency(win, keys.shape[1], salient=self.salient, kernel_size=self.kernel_size)
-        return self._with_novelty(ranks, keys)
+        else:
+            ranks = saliency(win, read.shape[1], salient=self.salient, kernel_size=self.kernel_size)
+        return self._with_novelty(per_cache_row(module, ranks, keys, values), keys)
+
+    def check_attentions(self, attentions: list[nn.Module]) -> None:
+        """Refuse the options that fit or split each head's keys on a latent attention, whose cache (from
+        transformers 5.15) holds one compressed latent for all heads."""
+        options = {"align=True": self.align, "head_budgets=True": self.head_budgets, "leverage > 0": self.leverage}
+        chosen = [name for name, on in options.items() if on]
+        latent = [attn for attn in attentions if is_latent_attention(attn)]
+        if chosen and latent:
+            raise UnsupportedAttentionError(unsupported_message(latent[0], (
+                f"a multi-head latent attention caches one compressed latent for all its heads, which "
+                f"{', '.join(chosen)} cannot work on (they fit or split each head's keys); leave them off")))
 
     def _with_novelty(self, ranks: Tensor, keys: Tensor) -> Tensor:
         if self.novelty > 0:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .cache import cache_kwargs
-from .decoder import hidden_states_arg, key_rotation, logit_cap_and_sinks, window_queries
+from .decoder import attended_keys, hidden_states_arg, key_rotation, logit_cap_and_sinks, window_queries
 from .scoring import soft_capped
 
 
@@ -109,12 +109,14 @@ def replay_scores(
 
     def score(module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         hidden = hidden_states_arg(args, kwargs)
-        keys = cache.layers[module.layer_idx].keys
+        layer = cache.layers[module.layer_idx]
+        keys = attended_keys(module, layer.keys, layer.values)
         pe = kwargs.get("position_embeddings")
         queries = window_queries(module, hidden, kwargs, key_rotation(module, hidden, keys, pe))
         cap, sinks = logit_cap_and_sinks(module)
-        scores[module.layer_idx] = replay_attention(queries, keys, length, float(module.scaling), chunk,
-                                                    softcap=cap, sinks=sinks)
+        most = replay_attention(queries, keys, length, float(module.scaling), chunk, softcap=cap, sinks=sinks)
+        # a cached latent is one row for every head: the most attention any of them pays an entry
+        scores[module.layer_idx] = most.amax(dim=1, keepdim=True) if keys is not layer.keys else most
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
     # Layers not scored (sliding windows, linear attention, state-space blocks) would take the replay in, and so would

@@ -15,7 +15,7 @@ from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
     POSITION_KWARGS,
     UnsupportedAttentionError,
-    apply_rope,
+    attended_keys,
     base_model,
     decoder_attention_layers,
     decoder_layers,
@@ -24,6 +24,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     kv_sources,
     plain_rotary,
     prerope_keys,
+    rotate,
     sliding_window_of,
 )
 from quickmerge.text.input_press import layer_argument  # noqa: E402
@@ -48,7 +49,9 @@ from tests.text.tiny import (  # noqa: E402
 ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved", "gpt-oss": "split",
             "llama4": ("interleaved", "none"),  # complex rotary tables on its chunked layers, none on the global ones
             "ernie4.5": "interleaved", "ernie4.5-moe": "interleaved", "helium": "interleaved",
-            "cohere2": ("interleaved", "none"), "exaone4": ("half", "none")}  # global layers without RoPE
+            "cohere2": ("interleaved", "none"), "exaone4": ("half", "none"),  # global layers without RoPE
+            "deepseek-v2-lite": "interleaved", "deepseek-v3": "deinterleaved", "glm4-moe-lite": "deinterleaved",
+            "youtu": "deinterleaved", "mistral4": "deinterleaved"}  # latent attention: see LATENT_KINDS
 
 
 def _expected_rotation(kind: str, attention) -> str:
@@ -115,7 +118,8 @@ def test_the_press_sees_the_attention_the_model_computes(kind):
         if sliding_window_of(attention) is not None:
             continue  # never scored: kept whole
         hidden, kwargs = seen[i].pop("hidden"), {**seen[i], "cache": cache}  # Llama 4 counts positions in its cache
-        got = observe(attention, hidden, cache.layers[i].keys, kwargs, window=30).probs
+        keys = attended_keys(attention, cache.layers[i].keys, cache.layers[i].values)  # a cached latent, expanded
+        got = observe(attention, hidden, keys, kwargs, window=30).probs
         assert torch.allclose(got, weights[i].float(), atol=1e-5), (got - weights[i]).abs().max()
         compared += 1
     assert compared >= 1
@@ -143,11 +147,12 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
             with pytest.raises(UnsupportedAttentionError, match="no rotation"):
                 key_rotation(attention, hidden, cache.layers[i].keys, tables)
             continue
-        rotation = key_rotation(attention, hidden, cache.layers[i].keys, tables)
+        keys = attended_keys(attention, cache.layers[i].keys, cache.layers[i].values)  # a cached latent, expanded
+        rotation = key_rotation(attention, hidden, keys, tables)
         assert rotation == _expected_rotation(kind, attention)
         with torch.no_grad():  # every position, not only the few the check reads
-            recomputed = apply_rope(prerope_keys(attention, hidden), *plain_rotary(attention, tables), rotation)
-        assert torch.allclose(recomputed, cache.layers[i].keys, atol=1e-5)
+            recomputed = rotate(attention, prerope_keys(attention, hidden), *plain_rotary(attention, tables), rotation)
+        assert torch.allclose(recomputed, keys, atol=1e-5)
 
 
 MINISTRAL3 = ("ministral3", "mistral3-vlm")  # queries scaled by position: batches of the input press tested below

@@ -20,13 +20,15 @@ COMMON = dict(
     max_position_embeddings=256,
 )
 KINDS = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3-moe", "phi3", "smollm3", "gemma3", "gemma3-vlm")
+# multi-head latent attention (keys and values expanded from one latent per token), among the further families
+LATENT_KINDS = ("deepseek-v2-lite", "deepseek-v3", "glm4-moe-lite", "youtu", "mistral4", "minicpm3")
 # more families, each checked by tests/text/test_architectures.py
 MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "granitemoe", "cohere", "cohere2",
               "glm", "glm4", "exaone4", "qwen2-moe", "starcoder2", "phi", "seed-oss", "apertus", "arcee", "gpt-oss",
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
               "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
-              "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum")
+              "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum", *LATENT_KINDS)
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -49,7 +51,9 @@ NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForCondit
          "olmo-hybrid": ("OlmoHybridForCausalLM", "5.3"), "lfm3": ("Lfm3ForCausalLM", "5.23"),
          "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23"),
          "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2"),
-         "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12")}
+         "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12"),
+         "youtu": ("YoutuForCausalLM", "5.2"), "mistral4": ("Mistral4ForCausalLM", "5.5"),
+         "minicpm3": ("MiniCPM3ForCausalLM", "5.13")}
 
 
 def too_old(kind: str) -> bool:
@@ -124,6 +128,12 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     llama4 = dict(**{**common, "num_hidden_layers": max(common["num_hidden_layers"], 4)}, head_dim=16, pad_token_id=0,
                   num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=96, attention_chunk_size=8,
                   no_rope_layer_interval=2, use_qk_norm=True, floor_scale=4, attn_scale=0.5)
+    # latent attention: a latent of 32 channels per token, 4 heads of 16 channels without position and 8 rotated
+    # (shared by the heads' keys), values of 12; queries through a rank-24 bottleneck but in DeepSeek-V2-Lite
+    latent = dict(**{**common, "num_key_value_heads": common["num_attention_heads"]}, kv_lora_rank=32, q_lora_rank=24,
+                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, pad_token_id=0)
+    latent_moe = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
+                      n_group=1, topk_group=1)
     build = {
         "gemma": lambda: t.GemmaForCausalLM(t.GemmaConfig(**common, head_dim=16)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(**common, head_dim=16, attn_logit_softcapping=0.05)),
@@ -188,6 +198,15 @@ def _more(kind: str, common: dict, sliding_window: int | None):
             **common, head_dim=16, attention_multiplier=0.3, pad_token_id=0)),
         "mellum": lambda: t.MellumForCausalLM(t.MellumConfig(
             **common, head_dim=16, num_local_experts=4, num_experts_per_tok=2, pad_token_id=0)),
+        # DeepSeek-V2-Lite (complex rotary tables, pairs interleaved), DeepSeek V3 (its rope_interleave: the pairs
+        # rotated, then laid out halves first), GLM-4.7-Flash, Youtu-LLM, Mistral 4, MiniCPM3
+        "deepseek-v2-lite": lambda: t.DeepseekV2ForCausalLM(t.DeepseekV2Config(
+            **{**latent, "q_lora_rank": None}, **latent_moe)),
+        "deepseek-v3": lambda: t.DeepseekV3ForCausalLM(t.DeepseekV3Config(**latent, **latent_moe)),
+        "glm4-moe-lite": lambda: t.Glm4MoeLiteForCausalLM(t.Glm4MoeLiteConfig(**latent, **latent_moe)),
+        "youtu": lambda: t.YoutuForCausalLM(t.YoutuConfig(**latent)),
+        "mistral4": lambda: t.Mistral4ForCausalLM(t.Mistral4Config(**latent, **latent_moe)),
+        "minicpm3": lambda: t.MiniCPM3ForCausalLM(t.MiniCPM3Config(**latent)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
         # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
         # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
