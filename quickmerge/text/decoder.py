@@ -88,6 +88,7 @@ SUPPORTED_ARCHITECTURES = (
     "BambaForCausalLM",
     "JambaForCausalLM",
     "NemotronHForCausalLM",
+    "KimiLinearForCausalLM",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
     "Llama4ForCausalLM",
@@ -154,12 +155,14 @@ def declared_type(layer: nn.Module) -> str | None:
 
 def keeps_fixed_state(layer: nn.Module) -> bool:
     """Whether a hybrid model's decoder layer mixes tokens through a state that does not grow with the prompt:
-    a linear attention (Qwen 3.5's ``linear_attn``), a state-space block (``mamba``: Granite 4, Falcon-H1, Bamba,
-    Jamba; Nemotron-H's Mamba 2 ``mixer``, with its ``conv1d``) or a short convolution (LFM2's ``conv``).
-    Falcon-H1's layers run one beside their attention."""
+    a linear attention (Qwen 3.5's ``linear_attn``; Kimi Linear's delta attention, which sits at ``self_attn``, with
+    its ``conv1d``), a state-space block (``mamba``: Granite 4, Falcon-H1, Bamba, Jamba; Nemotron-H's Mamba 2
+    ``mixer``, with its ``conv1d``) or a short convolution (LFM2's ``conv``). Falcon-H1's layers run one beside their
+    attention."""
     if any(getattr(layer, name, None) is not None for name in FIXED_STATE_MIXERS):
         return True
-    return hasattr(getattr(layer, "mixer", None), "conv1d")
+    return (hasattr(getattr(layer, "mixer", None), "conv1d")
+            or (declared_type(layer) == "linear_attention" and hasattr(getattr(layer, "self_attn", None), "conv1d")))
 
 
 def mixes_no_tokens(layer: nn.Module) -> bool:

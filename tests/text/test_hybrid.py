@@ -2,7 +2,8 @@
 not grow with the prompt. Qwen 3.5, its mixture of experts and Qwen3-Next run three gated-DeltaNet (linear-attention)
 layers to each attention layer, whose queries carry an output gate; LFM2 (and its mixture of experts) short
 convolutions (LFM2-VL under a vision tower); Granite 4, Bamba, Jamba and Nemotron-H Mamba blocks (Nemotron-H also
-layers of experts or an MLP alone); Falcon-H1 a Mamba 2 block beside the attention in every layer. Only the attention
+layers of experts or an MLP alone); Falcon-H1 a Mamba 2 block beside the attention in every layer; Kimi Linear delta
+attention with a short convolution and latent attention in turn. Only the attention
 layers hold a KV cache; the press merges theirs and leaves the other states as an unpatched prefill leaves them.
 Before transformers 5.5 these models keep a cache class of their own, without layers, and the press refuses them.
 Decoding runs one token per call: transformers 5.5 continues a linear-attention state wrongly over several new tokens
@@ -20,6 +21,7 @@ from packaging.version import Version  # noqa: E402
 from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs, own_cache_class  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
+    attended_keys,
     base_model,
     decoder_attention_layers,
     decoder_layers,
@@ -42,7 +44,7 @@ CLASSES = {"qwen3.5": "Qwen3_5ForCausalLM", "qwen3.5-moe": "Qwen3_5MoeForCausalL
            "lfm2-moe": "Lfm2MoeForCausalLM", "lfm2-vl": "Lfm2VlForConditionalGeneration",
            "granite4": "GraniteMoeHybridForCausalLM",
            "falcon-h1": "FalconH1ForCausalLM", "bamba": "BambaForCausalLM", "jamba": "JambaForCausalLM",
-           "nemotron-h": "NemotronHForCausalLM"}
+           "nemotron-h": "NemotronHForCausalLM", "kimi-linear": "KimiLinearForCausalLM"}
 # the layers of a fixed-size state in each tiny model (tests/text/tiny.py), and those of an MLP alone
 FIXED = {"falcon-h1": [0, 1], "qwen3.5": [0, 1, 2], "qwen3.5-moe": [0, 1, 2], "qwen3-next": [0, 1, 2],
          "qwen3.5-vl": [0, 1, 2], "nemotron-h": [0, 3], "lfm3": [0, 1, 3, 5],
@@ -192,7 +194,8 @@ def test_the_press_sees_the_attention_the_model_computes(kind):
     seen, cache, weights = _recorded_prefill(model, ids, cache=transformers.DynamicCache(config=model.config))
     attention = decoder_attention_layers(model)[-1]
     i = attention.layer_idx
-    got = observe(attention, seen[i].pop("hidden"), cache.layers[i].keys, seen[i], window=30).probs
+    keys = attended_keys(attention, cache.layers[i].keys, cache.layers[i].values)  # Kimi Linear's latent, expanded
+    got = observe(attention, seen[i].pop("hidden"), keys, seen[i], window=30).probs
     want = [w for w in weights if w is not None][-1]
     assert torch.allclose(got, want.float(), atol=1e-5), (got - want).abs().max()
 
@@ -253,7 +256,7 @@ def test_minimax_lightning_attention_is_refused_with_its_layers_named():
             pass
 
 
-@pytest.mark.parametrize("kind", ["lfm2", "lfm3", "granite4", "falcon-h1", "jamba", "nemotron-h"])
+@pytest.mark.parametrize("kind", ["lfm2", "lfm3", "granite4", "falcon-h1", "jamba", "nemotron-h", "kimi-linear"])
 def test_generate_inside_the_press_decodes_as_token_by_token(kind):
     """``generate`` makes a hybrid model's cache itself (from its config): inside the press, greedy generation picks
     the tokens a prefill and one call per token pick, and the attention layers were merged."""

@@ -35,7 +35,7 @@ OWN_TEST_KINDS = ("llama4-vlm",)
 # hybrid models, attention layers amid layers of a fixed-size state (linear attention, Mamba, short convolutions): the
 # KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl", "olmo-hybrid", "lfm2", "lfm2-moe", "lfm2-vl",
-                "lfm3", "lfm3-vl", "granite4", "falcon-h1", "bamba", "jamba", "nemotron-h")
+                "lfm3", "lfm3-vl", "granite4", "falcon-h1", "bamba", "jamba", "nemotron-h", "kimi-linear")
 # vision-language models positioning tokens on three axes (multimodal RoPE): the KV press only
 MROPE_KINDS = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # the last layers read the keys and values of earlier ones (num_kv_shared_layers): 6 layers, the last 3 sharing
@@ -53,7 +53,7 @@ NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForCondit
          "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2"),
          "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12"),
          "youtu": ("YoutuForCausalLM", "5.2"), "mistral4": ("Mistral4ForCausalLM", "5.5"),
-         "minicpm3": ("MiniCPM3ForCausalLM", "5.13")}
+         "minicpm3": ("MiniCPM3ForCausalLM", "5.13"), "kimi-linear": ("KimiLinearForCausalLM", "5.18")}
 
 
 def too_old(kind: str) -> bool:
@@ -280,6 +280,11 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "jamba": lambda: t.JambaForCausalLM(t.JambaConfig(
             **four, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
             num_experts=4, mamba_d_state=16, mamba_expand=2, mamba_dt_rank=8)),
+        # Kimi Linear: delta attention with a short convolution (at self_attn) and latent attention in turn, experts
+        "kimi-linear": lambda: t.KimiLinearForCausalLM(t.KimiLinearConfig(
+            **{**latent, "num_hidden_layers": 4, "q_lora_rank": None}, linear_head_dim=8, linear_num_heads=4,
+            layer_types=["linear_attention", "full_attention"] * 2, num_local_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, bos_token_id=1, eos_token_id=2)),
         # one mixer per layer: Mamba 2 ("M"), attention without position embedding ("*") or experts alone ("E")
         "nemotron-h": lambda: t.NemotronHForCausalLM(t.NemotronHConfig(
             **{**common, "num_hidden_layers": 5}, hybrid_override_pattern="M*EM*", mamba_num_heads=4,
