@@ -40,9 +40,11 @@ class UnsupportedCacheError(NotImplementedError):
 
 def cache_arg(kwargs: dict) -> Any:
     """The cache an attention or decoder layer was called with (``cache=`` since transformers
-    5.2x, ``past_key_values=`` before), or None."""
-    cache = kwargs.get("cache")
-    return kwargs.get("past_key_values") if cache is None else cache
+    5.2x, ``past_key_values=`` before; GPT-NeoX's attention: ``layer_past=``), or None."""
+    for name in ("cache", "past_key_values", "layer_past"):
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -59,6 +61,8 @@ def _cache_keyword(model_type: type) -> str:
         return "cache"
     if "past_key_values" in parameters:
         return "past_key_values"
+    if "layer_past" in parameters:  # GPT-NeoX's attention
+        return "layer_past"
     raise TypeError(f"{model_type.__name__}.forward takes neither cache= nor past_key_values=: it keeps no KV cache")
 
 

@@ -88,6 +88,9 @@ SUPPORTED_ARCHITECTURES = (
     "BambaForCausalLM",
     "JambaForCausalLM",
     "NemotronHForCausalLM",
+    "GPTNeoXForCausalLM",
+    "PersimmonForCausalLM",
+    "OPTForCausalLM",
     "KimiLinearForCausalLM",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
@@ -107,16 +110,25 @@ ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-
 
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack of a causal LM (``model.model``, or its ``language_model``, or that one's ``model`` where a
-    vision-language model holds a whole causal LM: Llama 4's)."""
-    base = getattr(model, "model", model)
+    vision-language model holds a whole causal LM: Llama 4's; OPT's ``model.decoder``; GPT-NeoX's ``gpt_neox``, its
+    ``base_model_prefix``)."""
+    base = getattr(model, "model", None)
+    if base is None:
+        base = getattr(model, getattr(model, "base_model_prefix", "") or "model", model)
     base = getattr(base, "language_model", base)
-    return base.model if not hasattr(base, "layers") and hasattr(base, "model") else base
+    for inner in ("model", "decoder"):  # a whole causal LM inside (Llama 4's); OPT's decoder
+        if not hasattr(base, "layers") and hasattr(base, inner):
+            base = getattr(base, inner)
+    return base
 
 
 def attention_of(layer: nn.Module) -> nn.Module | None:
-    """A decoder layer's self-attention module: its ``self_attn``, or its ``mixer`` where that attends (Nemotron-H
-    gives each layer one mixer: attention, Mamba 2, or an MLP); None for a layer without one."""
+    """A decoder layer's self-attention module: its ``self_attn`` (GPT-NeoX's ``attention``), or its ``mixer`` where
+    that attends (Nemotron-H gives each layer one mixer: attention, Mamba 2, or an MLP); None for a layer without
+    one."""
     attn = getattr(layer, "self_attn", None)
+    if attn is None and isinstance(getattr(layer, "attention", None), nn.Module):
+        return layer.attention
     mixer = getattr(layer, "mixer", None)
     if attn is None and mixer is not None and (hasattr(mixer, "k_proj") or hasattr(mixer, "qkv_proj")):
         return mixer
@@ -132,11 +144,13 @@ def is_latent_attention(attention: nn.Module | None) -> bool:
 
 def has_attention(layer: nn.Module) -> bool:
     """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
-    (separate ``q_proj``/``k_proj``/``v_proj``, Phi-3's fused ``qkv_proj``, or a latent attention's,
+    (separate ``q_proj``/``k_proj``/``v_proj``, Phi-3's fused ``qkv_proj``, GPT-NeoX's ``query_key_value``, or a
+    latent attention's,
     :func:`is_latent_attention`; not a layer that reads another layer's, :func:`shares_kv`, nor one declared a linear
     attention, as MiniMax's lightning attention)."""
     attn = attention_of(layer)
-    projects = hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj") or is_latent_attention(attn)
+    projects = (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj") or hasattr(attn, "query_key_value")
+                or is_latent_attention(attn))
     return attn is not None and projects and not shares_kv(attn) and declared_type(layer) != "linear_attention"
 
 
@@ -353,13 +367,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotation: str = "half") -> T
 def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     """The ``part`` (``"q"`` or ``"k"``) projection ``[B, n, heads * d]`` of ``hidden_states [B, n, D]``
     by a decoder attention module: its own ``q_proj``/``k_proj``, or the matching slice of a fused
-    ``qkv_proj`` (Phi-3: queries, then keys, then values). The fused module is called whole, as the
-    model calls it, so a quantised or adapted linear layer projects the same way."""
+    ``qkv_proj`` (Phi-3: queries, then keys, then values) or ``query_key_value`` (GPT-NeoX: per head). The fused
+    module is called whole, as the model calls it, so a quantised or adapted linear layer projects the same way."""
     own = getattr(module, f"{part}_proj", None)
     if own is not None:
         return own(hidden_states)
-    q_size = module.config.num_attention_heads * module.head_dim
-    k_size = module.config.num_key_value_heads * module.head_dim
+    d = head_dim_of(module)
+    if hasattr(module, "query_key_value"):  # GPT-NeoX: each head's query, key and value in turn
+        x = module.query_key_value(hidden_states)
+        x = x.view(*x.shape[:-1], -1, 3 * d)
+        return x[..., (0 if part == "q" else d) : (d if part == "q" else 2 * d)].flatten(-2)
+    q_size = module.config.num_attention_heads * d
+    k_size = module.config.num_key_value_heads * d
     start, size = (0, q_size) if part == "q" else (q_size, k_size)
     return module.qkv_proj(hidden_states)[..., start : start + size]
 
@@ -373,17 +392,18 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     if is_latent_attention(module):
         return latent_heads(module, hidden_states, part)
     b, n, _ = hidden_states.shape
+    d = head_dim_of(module)
     x = projection(module, hidden_states, part)
-    if part == "q" and x.shape[-1] == 2 * module.config.num_attention_heads * module.head_dim:
-        x = x.view(b, n, -1, 2 * module.head_dim)[..., : module.head_dim].flatten(2)  # Qwen 3.5: query, gate per head
+    if part == "q" and x.shape[-1] == 2 * module.config.num_attention_heads * d:
+        x = x.view(b, n, -1, 2 * d)[..., :d].flatten(2)  # Qwen 3.5: query, gate per head
     norm = getattr(module, f"{part}_norm", None)
     if norm is None:
         norm = getattr(module, f"{part}_layernorm", None)  # LFM2's name
     weight = getattr(norm, "weight", None)
-    if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != module.head_dim:
+    if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != d:
         x = norm(x)  # across heads, before the split
         norm = None
-    x = x.view(b, n, -1, module.head_dim)
+    x = x.view(b, n, -1, d)
     if norm is not None:
         x = norm(x)
     multiplier = getattr(module, "key_multiplier", None) if part == "k" else None  # Falcon-H1 (muP)
@@ -444,6 +464,11 @@ def rotate(module: nn.Module, x: Tensor, cos: Tensor, sin: Tensor, rotation: str
         return apply_rope(x, cos, sin, rotation)
     tail = module.qk_rope_head_dim
     return torch.cat((x[..., :-tail], apply_rope(x[..., -tail:], cos, sin, rotation)), dim=-1)
+
+
+def head_dim_of(module: nn.Module) -> int:
+    """Channels per query or key head of an attention module (``head_dim``; GPT-NeoX's ``head_size``)."""
+    return getattr(module, "head_dim", None) or module.head_size
 
 
 def declared_rotation(module: nn.Module) -> str:
@@ -517,16 +542,18 @@ def key_rotation(module: nn.Module, hidden_states: Tensor, keys: Tensor, positio
     raise UnsupportedAttentionError(unsupported_message(module, why))
 
 
-def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple, check: int = 4) -> str:
+def probed_rotation(module: nn.Module, hidden_states: Tensor, position_embeddings: tuple | None, check: int = 4) -> str:
     """:func:`key_rotation` of ``module`` when no cache holds its keys: its own forward (hooks bypassed)
     runs over the last ``check`` tokens of ``hidden_states [B, n, D]`` into a scratch cache."""
     from transformers import DynamicCache
 
     m = min(check, hidden_states.shape[1])
-    cos, sin = (t[..., -m:, :] for t in position_embeddings)  # the tokens' axis, also of M-RoPE's [3, B, n, r]
+    tables = {}
+    if position_embeddings is not None:  # None: a layer without rotary tables (OPT)
+        tables["position_embeddings"] = tuple(t[..., -m:, :] for t in position_embeddings)  # also M-RoPE's [3, B, n, r]
     scratch = DynamicCache()
     with torch.no_grad():
-        module.forward(hidden_states=hidden_states[:, -m:], position_embeddings=(cos, sin), attention_mask=None,
+        module.forward(hidden_states=hidden_states[:, -m:], attention_mask=None, **tables,
                        **cache_kwargs(module, scratch))
     layer = scratch.layers[module.layer_idx]
     return key_rotation(module, hidden_states, attended_keys(module, layer.keys, layer.values), position_embeddings,

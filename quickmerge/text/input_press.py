@@ -316,7 +316,7 @@ class QuickMergeInputPress(Press):
         hidden = as_tokens(raw)
         n = hidden.shape[1]
         normed, attn_kwargs = self._attention_input
-        position_embeddings = attn_kwargs["position_embeddings"]
+        position_embeddings = attn_kwargs.get("position_embeddings")  # None: no rotation (OPT's learned positions)
         self._attention_input = None
         if self._prompt_length != n:
             return None  # decoding, or a pass that is not a fresh prompt
@@ -436,9 +436,11 @@ class QuickMergeInputPress(Press):
             if layer is not None:
                 check_compressible(cache, layer, "QuickMergeInputPress", DYNAMIC_OR_SLIDING)
             tables = layer_argument(block, args, kwargs, "position_embeddings")
-            gathered = (gather_tokens(tables, positions) if isinstance(tables, Tensor)  # complex (DeepSeek V2)
-                        else tuple(gather_tokens(t, positions) for t in tables))
-            args = with_layer_argument(block, args, kwargs, "position_embeddings", gathered)
+            if isinstance(tables, Tensor):  # complex (DeepSeek V2)
+                args = with_layer_argument(block, args, kwargs, "position_embeddings", gather_tokens(tables, positions))
+            elif tables is not None:  # None: a model without rotary tables (OPT's positions are in the embeddings)
+                args = with_layer_argument(block, args, kwargs, "position_embeddings",
+                                           tuple(gather_tokens(t, positions) for t in tables))
             kwargs.update(gathered_positions(attn, kwargs, positions))
             args = self._merged_per_layer_input(block, args, kwargs)
             mask = self._masks.get(source)  # a layer reading its source's keys and values: the source's mask
@@ -525,7 +527,7 @@ def like_hidden(tokens: Tensor, hidden: Tensor) -> Tensor:
     return tokens.view(b, -1, a, d).permute(2, 0, 1, 3)
 
 
-def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cached: Tensor | None) -> Tensor:
+def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple | None, cached: Tensor | None) -> Tensor:
     """Post-RoPE keys ``[B, Hkv, N, d]`` of a layer whose cache does not hold them all: rotated as the
     layer's ``cached`` keys (a sliding window's last entries) show, or, without a cache, as the layer
     rotates a few of the prompt's last tokens run through its own attention."""
@@ -533,4 +535,5 @@ def _layer_keys(attn: nn.Module, normed: Tensor, position_embeddings: tuple, cac
         rotation = key_rotation(attn, normed, cached, position_embeddings)
     else:
         rotation = probed_rotation(attn, normed, position_embeddings)
-    return rotate(attn, prerope_keys(attn, normed), *plain_rotary(attn, position_embeddings), rotation)
+    rotary = plain_rotary(attn, position_embeddings)
+    return prerope_keys(attn, normed) if rotary is None else rotate(attn, prerope_keys(attn, normed), *rotary, rotation)

@@ -51,7 +51,7 @@ ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved"
             "ernie4.5": "interleaved", "ernie4.5-moe": "interleaved", "helium": "interleaved",
             "cohere2": ("interleaved", "none"), "exaone4": ("half", "none"),  # global layers without RoPE
             "deepseek-v2-lite": "interleaved", "deepseek-v3": "deinterleaved", "glm4-moe-lite": "deinterleaved",
-            "youtu": "deinterleaved", "mistral4": "deinterleaved"}  # latent attention: see LATENT_KINDS
+            "youtu": "deinterleaved", "mistral4": "deinterleaved", "opt": "none"}  # latent attention: see LATENT_KINDS
 
 
 def _expected_rotation(kind: str, attention) -> str:
@@ -91,7 +91,7 @@ def _recorded_prefill(model, ids, cache=None, **inputs):
 
     def keep(module, args, kwargs):
         positions = {k: kwargs[k] for k in POSITION_KWARGS if k in kwargs}  # Ministral 3 scales queries by them
-        seen[module.layer_idx] = dict(hidden=kwargs["hidden_states"], **positions)
+        seen[module.layer_idx] = dict(hidden=hidden_states_arg(args, kwargs), **positions)  # GPT-NeoX: positional
 
     handles = [a.register_forward_pre_hook(keep, with_kwargs=True) for a in decoder_attention_layers(model)]
     cache = transformers.DynamicCache() if cache is None else cache
@@ -141,7 +141,7 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
     attentions = decoder_attention_layers(model)
     seen, cache, _ = _recorded_prefill(model, torch.randint(0, 97, (1, 12)))
     for i, attention in enumerate(attentions):
-        hidden, tables = seen[i]["hidden"], seen[i]["position_embeddings"]
+        hidden, tables = seen[i]["hidden"], seen[i].get("position_embeddings")  # none: OPT's learned positions
         if kind == "llama4" and sliding_window_of(attention) is not None:
             # its chunked layers normalise keys after the rotation: refused, never scored (the KV press leaves them)
             with pytest.raises(UnsupportedAttentionError, match="no rotation"):
@@ -151,7 +151,9 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
         rotation = key_rotation(attention, hidden, keys, tables)
         assert rotation == _expected_rotation(kind, attention)
         with torch.no_grad():  # every position, not only the few the check reads
-            recomputed = rotate(attention, prerope_keys(attention, hidden), *plain_rotary(attention, tables), rotation)
+            recomputed = prerope_keys(attention, hidden)
+            if tables is not None:
+                recomputed = rotate(attention, recomputed, *plain_rotary(attention, tables), rotation)
         assert torch.allclose(recomputed, keys, atol=1e-5)
 
 
@@ -233,10 +235,11 @@ def test_mistral3_merges_the_cache_of_a_prompt_with_an_image(text):
         assert [layer.keys.shape[2] for layer in cache.layers] == [34, 32, 32]  # 4 image tokens -> 2, text whole
 
 
-@pytest.mark.parametrize("kind", ["cohere2", "gpt-oss"])
+@pytest.mark.parametrize("kind", ["cohere2", "gpt-oss", "gpt-neox", "opt", "deepseek-v3"])
 def test_input_press_without_a_cache_rotates_as_the_layer_does(kind):
     """No cache holds the merge layer's keys: the layer's own attention, run over a few tokens, tells how it
-    rotates them (Cohere 2's interleaved pairs, gpt-oss's split halves), and the prompt merges as with a cache."""
+    rotates them (Cohere 2's interleaved pairs, gpt-oss's split halves, GPT-NeoX's quarter of each head, taking its
+    cache as ``layer_past``, OPT's none, DeepSeek V3's last channels), and the prompt merges as with a cache."""
     model = tiny(kind, layers=3)
     ids = torch.randint(0, 97, (1, 30))
     with torch.no_grad():

@@ -28,7 +28,8 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "ministral", "ministral3", "glm4-moe", "ernie4.5", "ernie4.5-moe", "helium", "vaultgemma", "cwm",
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
               "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
-              "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum", *LATENT_KINDS)
+              "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum", "gpt-neox", "persimmon", "opt",
+              *LATENT_KINDS)
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -132,6 +133,7 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     # (shared by the heads' keys), values of 12; queries through a rank-24 bottleneck but in DeepSeek-V2-Lite
     latent = dict(**{**common, "num_key_value_heads": common["num_attention_heads"]}, kv_lora_rank=32, q_lora_rank=24,
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, pad_token_id=0)
+    mha = {k: v for k, v in common.items() if k != "num_key_value_heads"}
     latent_moe = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                       n_group=1, topk_group=1)
     build = {
@@ -207,6 +209,14 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "youtu": lambda: t.YoutuForCausalLM(t.YoutuConfig(**latent)),
         "mistral4": lambda: t.Mistral4ForCausalLM(t.Mistral4Config(**latent, **latent_moe)),
         "minicpm3": lambda: t.MiniCPM3ForCausalLM(t.MiniCPM3Config(**latent)),
+        # GPT-NeoX (Pythia: each head's query, key and value from one fused projection, a quarter of each head
+        # rotated) and Persimmon (the same fused layout, half rotated, query and key layer norms per head); neither
+        # groups its KV heads
+        "gpt-neox": lambda: t.GPTNeoXForCausalLM(t.GPTNeoXConfig(**mha)),
+        "persimmon": lambda: t.PersimmonForCausalLM(t.PersimmonConfig(**mha, qk_layernorm=True, pad_token_id=0)),
+        # OPT: learned absolute positions added to the embeddings, no rotation, its layers under model.decoder
+        "opt": lambda: t.OPTForCausalLM(t.OPTConfig(**{k: v for k, v in mha.items() if k != "intermediate_size"},
+                                                    ffn_dim=96, word_embed_proj_dim=64, pad_token_id=0)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
         # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
         # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
