@@ -23,7 +23,7 @@ from torch import Tensor
 from ..data import wikipedia_articles
 from ..distributed import Context
 from ..text.cache import cache_kwargs, physical_length
-from ..text.decoder import base_model, keeps_fixed_state
+from ..text.decoder import base_model, keeps_fixed_state, stacked_layers
 from .journal import Journal
 
 
@@ -158,7 +158,7 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
 
     # a hybrid model's cache holds its other layers' fixed-size states too, laid out from its config (the layers
     # read as they are: kvpress's presses and no compression run on models the presses here refuse)
-    hybrid = any(keeps_fixed_state(layer) for layer in getattr(base_model(model), "layers", ()))
+    hybrid = any(keeps_fixed_state(layer) for layer in stacked_layers(base_model(model)))
     cache = DynamicCache(config=model.config) if hybrid else DynamicCache()
     with contextlib.ExitStack() as decoding:
         if method.eager:

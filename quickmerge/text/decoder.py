@@ -91,6 +91,8 @@ SUPPORTED_ARCHITECTURES = (
     "GPTNeoXForCausalLM",
     "PersimmonForCausalLM",
     "OPTForCausalLM",
+    "GPT2LMHeadModel",
+    "GPTBigCodeForCausalLM",
     "KimiLinearForCausalLM",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
@@ -117,18 +119,26 @@ def base_model(model: nn.Module) -> nn.Module:
         base = getattr(model, getattr(model, "base_model_prefix", "") or "model", model)
     base = getattr(base, "language_model", base)
     for inner in ("model", "decoder"):  # a whole causal LM inside (Llama 4's); OPT's decoder
-        if not hasattr(base, "layers") and hasattr(base, inner):
+        if not stacked_layers(base) and hasattr(base, inner):
             base = getattr(base, inner)
     return base
 
 
+def stacked_layers(base: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a decoder stack, in order: its ``layers`` (GPT-2's ``h``); empty if it has none."""
+    layers = getattr(base, "layers", None)
+    return list(layers if layers is not None else getattr(base, "h", None) or [])
+
+
 def attention_of(layer: nn.Module) -> nn.Module | None:
-    """A decoder layer's self-attention module: its ``self_attn`` (GPT-NeoX's ``attention``), or its ``mixer`` where
+    """A decoder layer's self-attention module: its ``self_attn`` (GPT-NeoX's ``attention``, GPT-2's ``attn``), or its
+    ``mixer`` where
     that attends (Nemotron-H gives each layer one mixer: attention, Mamba 2, or an MLP); None for a layer without
     one."""
     attn = getattr(layer, "self_attn", None)
-    if attn is None and isinstance(getattr(layer, "attention", None), nn.Module):
-        return layer.attention
+    for name in ("attention", "attn"):  # GPT-NeoX's, GPT-2's
+        if attn is None and isinstance(getattr(layer, name, None), nn.Module):
+            return getattr(layer, name)
     mixer = getattr(layer, "mixer", None)
     if attn is None and mixer is not None and (hasattr(mixer, "k_proj") or hasattr(mixer, "qkv_proj")):
         return mixer
@@ -144,13 +154,13 @@ def is_latent_attention(attention: nn.Module | None) -> bool:
 
 def has_attention(layer: nn.Module) -> bool:
     """Whether a decoder layer attends with keys and values it projects itself, into a cache layer of its own
-    (separate ``q_proj``/``k_proj``/``v_proj``, Phi-3's fused ``qkv_proj``, GPT-NeoX's ``query_key_value``, or a
-    latent attention's,
+    (separate ``q_proj``/``k_proj``/``v_proj``, Phi-3's fused ``qkv_proj``, GPT-NeoX's ``query_key_value``, GPT-2's
+    ``c_attn``, or a latent attention's,
     :func:`is_latent_attention`; not a layer that reads another layer's, :func:`shares_kv`, nor one declared a linear
     attention, as MiniMax's lightning attention)."""
     attn = attention_of(layer)
-    projects = (hasattr(attn, "k_proj") or hasattr(attn, "qkv_proj") or hasattr(attn, "query_key_value")
-                or is_latent_attention(attn))
+    projects = any(hasattr(attn, name) for name in ("k_proj", "qkv_proj", "query_key_value", "c_attn"))
+    projects = projects or is_latent_attention(attn)
     return attn is not None and projects and not shares_kv(attn) and declared_type(layer) != "linear_attention"
 
 
@@ -189,10 +199,23 @@ def mixes_no_tokens(layer: nn.Module) -> bool:
         (hasattr(mixer, "up_proj") and hasattr(mixer, "down_proj")) or hasattr(mixer, "experts"))
 
 
+def attention_scale(module: nn.Module) -> float:
+    """The factor on an attention module's query-key products: its ``scaling``, or, before transformers 5.2x gave
+    GPT-2 one, GPT-2's rule: ``1 / sqrt(head_dim)`` where ``scale_attn_weights``, divided by ``layer_idx + 1`` where
+    ``scale_attn_by_inverse_layer_idx``."""
+    scaling = getattr(module, "scaling", None)
+    if scaling is not None:
+        return float(scaling)
+    scale = head_dim_of(module) ** -0.5 if module.scale_attn_weights else 1.0
+    return scale / (module.layer_idx + 1) if getattr(module, "scale_attn_by_inverse_layer_idx", False) else scale
+
+
 def check_attention_interface(attentions: list[nn.Module]) -> None:
     """Raise :class:`UnsupportedAttentionError` for an attention module that predates transformers' attention
-    interface (no ``scaling``: Nemotron's before transformers 5.13), whose logits the presses cannot recompute."""
-    old = [attn for attn in attentions if getattr(attn, "scaling", None) is None]
+    interface (no ``scaling``: Nemotron's before transformers 5.13; GPT-2's rule is known, :func:`attention_scale`),
+    whose logits the presses cannot recompute."""
+    old = [attn for attn in attentions if getattr(attn, "scaling", None) is None and not hasattr(
+        attn, "scale_attn_weights")]
     if old:
         raise UnsupportedAttentionError(unsupported_message(old[0], (
             f"it keeps no `scaling` (an attention implementation older than transformers' attention interface, as "
@@ -259,7 +282,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     values (:func:`shares_kv`) or, in a hybrid model, mixes tokens through a state that does not grow with the prompt
     (:func:`keeps_fixed_state`) or not at all (:func:`mixes_no_tokens`). Raises TypeError if a layer does none of
     these, or none attends."""
-    layers = list(getattr(base_model(model), "layers", None) or [])
+    layers = stacked_layers(base_model(model))
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
@@ -367,12 +390,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, rotation: str = "half") -> T
 def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     """The ``part`` (``"q"`` or ``"k"``) projection ``[B, n, heads * d]`` of ``hidden_states [B, n, D]``
     by a decoder attention module: its own ``q_proj``/``k_proj``, or the matching slice of a fused
-    ``qkv_proj`` (Phi-3: queries, then keys, then values) or ``query_key_value`` (GPT-NeoX: per head). The fused
+    ``qkv_proj`` (Phi-3: queries, then keys, then values; GPT-2's ``c_attn`` alike) or ``query_key_value`` (GPT-NeoX:
+    per head). The fused
     module is called whole, as the model calls it, so a quantised or adapted linear layer projects the same way."""
     own = getattr(module, f"{part}_proj", None)
     if own is not None:
         return own(hidden_states)
     d = head_dim_of(module)
+    if hasattr(module, "c_attn"):  # GPT-2: every query head, then every key head, then every value head
+        x = module.c_attn(hidden_states.contiguous())  # its Conv1D views its input flat
+        q_size = module.config.num_attention_heads * d
+        k_size = (x.shape[-1] - q_size) // 2
+        return x[..., :q_size] if part == "q" else x[..., q_size : q_size + k_size]
     if hasattr(module, "query_key_value"):  # GPT-NeoX: each head's query, key and value in turn
         x = module.query_key_value(hidden_states)
         x = x.view(*x.shape[:-1], -1, 3 * d)
@@ -403,7 +432,7 @@ def heads(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
     if weight is not None and weight.dim() == 1 and weight.numel() == x.shape[-1] != d:
         x = norm(x)  # across heads, before the split
         norm = None
-    x = x.view(b, n, -1, d)
+    x = x.reshape(b, n, -1, d)  # a slice of a fused projection (GPT-2) is not contiguous
     if norm is not None:
         x = norm(x)
     multiplier = getattr(module, "key_multiplier", None) if part == "k" else None  # Falcon-H1 (muP)

@@ -223,6 +223,10 @@ class QuickMergeInputPress(Press):
 
     def refusal(self, model: nn.Module) -> str | None:
         layers = decoder_layers(model)
+        if getattr(base_model(model), "layers", None) is None:  # GPT-2's stack (``h``): its output viewed as the input
+            return (f"QuickMergeInputPress hands the upper layers a shorter prompt, but {type(model).__name__}'s "
+                    "decoder stack reshapes its output to the prompt's length (GPT-2's layout): use QuickMergePress, "
+                    "which merges its cache")
         sources = kv_sources(model, layers)
         if sources and self.layer >= min(sources.values()):
             return (f"layer must be below {min(sources.values())} on {type(model).__name__}: layers "

@@ -24,7 +24,14 @@ import torch
 from torch import Tensor, nn
 
 from .cache import cache_kwargs
-from .decoder import attended_keys, hidden_states_arg, key_rotation, logit_cap_and_sinks, window_queries
+from .decoder import (
+    attended_keys,
+    attention_scale,
+    hidden_states_arg,
+    key_rotation,
+    logit_cap_and_sinks,
+    window_queries,
+)
 from .scoring import soft_capped
 
 
@@ -114,7 +121,7 @@ def replay_scores(
         pe = kwargs.get("position_embeddings")
         queries = window_queries(module, hidden, kwargs, key_rotation(module, hidden, keys, pe))
         cap, sinks = logit_cap_and_sinks(module)
-        most = replay_attention(queries, keys, length, float(module.scaling), chunk, softcap=cap, sinks=sinks)
+        most = replay_attention(queries, keys, length, attention_scale(module), chunk, softcap=cap, sinks=sinks)
         # a cached latent is one row for every head: the most attention any of them pays an entry
         scores[module.layer_idx] = most.amax(dim=1, keepdim=True) if keys is not layer.keys else most
 

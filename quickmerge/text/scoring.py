@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..primitives import attention_received, normalized_entropy, quantile_rank
-from .decoder import key_rotation, logit_cap_and_sinks, window_queries
+from .decoder import attention_scale, key_rotation, logit_cap_and_sinks, window_queries
 
 Salient = Literal["low_entropy", "high_entropy", "uniform"]
 SALIENT = ("low_entropy", "high_entropy", "uniform")
@@ -59,10 +59,11 @@ def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict
     q = window_queries(module, hidden_states[:, -w:], kwargs, key_rotation(module, hidden_states, keys, pe)).float()
     groups = q.shape[1] // hkv
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    logits = torch.matmul(q, k.float().transpose(-1, -2)) * module.scaling
+    scale = attention_scale(module)
+    logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale
     q_pos = torch.arange(length - w, length, device=keys.device)
     allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
-    return Window(q, attention_probs(module, logits, allowed), float(module.scaling))
+    return Window(q, attention_probs(module, logits, allowed), scale)
 
 
 def soft_capped(logits: Tensor, cap: float | None) -> Tensor:
@@ -157,7 +158,7 @@ def prompt_saliency(
     for start in range(0, length, chunk):
         pos = torch.arange(start, min(start + chunk, length), device=keys.device)
         allowed = key_pos[None, :] <= pos[:, None]  # [c, L]
-        logits = torch.matmul(q[:, :, pos], k.transpose(-1, -2)) * module.scaling
+        logits = torch.matmul(q[:, :, pos], k.transpose(-1, -2)) * attention_scale(module)
         probs = attention_probs(module, logits, allowed)  # [B, H, c, L]
         weight = query_weights(probs, salient, pos + 1)
         received += attention_received(probs, weight)

@@ -51,7 +51,8 @@ ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved"
             "ernie4.5": "interleaved", "ernie4.5-moe": "interleaved", "helium": "interleaved",
             "cohere2": ("interleaved", "none"), "exaone4": ("half", "none"),  # global layers without RoPE
             "deepseek-v2-lite": "interleaved", "deepseek-v3": "deinterleaved", "glm4-moe-lite": "deinterleaved",
-            "youtu": "deinterleaved", "mistral4": "deinterleaved", "opt": "none"}  # latent attention: see LATENT_KINDS
+            "youtu": "deinterleaved", "mistral4": "deinterleaved", "opt": "none", "gpt2": "none",
+            "gpt-bigcode": "none"}  # latent attention: see LATENT_KINDS
 
 
 def _expected_rotation(kind: str, attention) -> str:
@@ -160,9 +161,22 @@ def test_each_layers_rotation_is_read_off_its_cached_keys(kind):
 MINISTRAL3 = ("ministral3", "mistral3-vlm")  # queries scaled by position: batches of the input press tested below
 
 
-@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4")])  # llama4: refused
+GPT2_STACKS = ("gpt2", "gpt-bigcode")  # the input press is refused: their stack reshapes its output to the prompt
+
+
+@pytest.mark.parametrize("kind", [k for k in MORE_KINDS if k not in (*MINISTRAL3, "llama4", *GPT2_STACKS)])
 def test_input_press_is_exact_at_ratio_zero_and_shrinks_the_upper_layers(kind):
     test_ratio_zero_is_exact_and_merging_shrinks_the_upper_layers(kind, "sdpa")
+
+
+@pytest.mark.parametrize("kind", GPT2_STACKS)
+def test_the_input_press_is_refused_where_the_stack_reshapes_its_output_to_the_prompt(kind):
+    """GPT-2's and GPT-BigCode's decoder stack views its last hidden states at the prompt's length, which a merged
+    prompt no longer has: refused before any work, naming the press that does run there."""
+    model = tiny(kind)
+    with pytest.raises(ValueError, match=r"reshapes its output to the prompt's length.*use QuickMergePress"), \
+            QuickMergeInputPress(0.5, layer=0)(model):
+        pass
 
 
 @pytest.mark.parametrize("scale_from", [8, 10_000], ids=["scaled-apart", "scaled-alike"])

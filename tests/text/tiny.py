@@ -29,7 +29,7 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
               "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
               "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum", "gpt-neox", "persimmon", "opt",
-              *LATENT_KINDS)
+              "gpt2", "gpt-bigcode", *LATENT_KINDS)
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -134,6 +134,9 @@ def _more(kind: str, common: dict, sliding_window: int | None):
     latent = dict(**{**common, "num_key_value_heads": common["num_attention_heads"]}, kv_lora_rank=32, q_lora_rank=24,
                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, pad_token_id=0)
     mha = {k: v for k, v in common.items() if k != "num_key_value_heads"}
+    gpt2 = dict(vocab_size=common["vocab_size"], n_embd=common["hidden_size"], n_inner=common["intermediate_size"],
+                n_layer=common["num_hidden_layers"], n_head=common["num_attention_heads"],
+                n_positions=common["max_position_embeddings"])
     latent_moe = dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, first_k_dense_replace=1,
                       n_group=1, topk_group=1)
     build = {
@@ -217,6 +220,10 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         # OPT: learned absolute positions added to the embeddings, no rotation, its layers under model.decoder
         "opt": lambda: t.OPTForCausalLM(t.OPTConfig(**{k: v for k, v in mha.items() if k != "intermediate_size"},
                                                     ffn_dim=96, word_embed_proj_dim=64, pad_token_id=0)),
+        # GPT-2 (its layers under transformer.h, one fused c_attn; scaled by the inverse layer index too, as some of
+        # its checkpoints are) and GPT-BigCode (StarCoder 1, SantaCoder: the same, one KV head for all)
+        "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(**gpt2, scale_attn_by_inverse_layer_idx=True)),
+        "gpt-bigcode": lambda: t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(**gpt2, multi_query=True)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
         # chunked attention with RoPE and a qk L2 norm, then a global layer without RoPE whose queries are
         # temperature-tuned by position (from position 3 here, floor_scale 4; 8,192 in its checkpoints)
