@@ -93,6 +93,7 @@ SUPPORTED_ARCHITECTURES = (
     "OPTForCausalLM",
     "GPT2LMHeadModel",
     "GPTBigCodeForCausalLM",
+    "BioGptForCausalLM",
     "KimiLinearForCausalLM",
     "Gemma4ForCausalLM",
     "Gemma4ForConditionalGeneration",
@@ -219,7 +220,11 @@ def check_attention_interface(attentions: list[nn.Module]) -> None:
     if old:
         raise UnsupportedAttentionError(unsupported_message(old[0], (
             f"it keeps no `scaling` (an attention implementation older than transformers' attention interface, as "
-            f"{type(old[0]).__name__}): use a later transformers (Nemotron: 5.13 or later)")))
+            f"{type(old[0]).__name__}); a later transformers may give it one (Nemotron's: 5.13)")))
+    configless = [attn for attn in attentions if getattr(attn, "config", None) is None]
+    if configless:
+        raise UnsupportedAttentionError(unsupported_message(configless[0], (
+            "it keeps no `config` (an attention implementation older than transformers' attention interface)")))
 
 
 def crosses_kv_heads(attention: nn.Module) -> bool:
@@ -296,6 +301,14 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             "their own nor run a linear attention, a state-space block or a short convolution the presses know (a "
             "hybrid model's layers of another kind, or MiniMax's lightning attention, whose state the model keeps "
             f"in a cache class of its own); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    crossing = [i for i, layer in enumerate(layers) if any(
+        getattr(layer, name, None) is not None for name in ("encoder_attn", "crossattention"))]
+    if crossing:
+        raise TypeError(
+            f"layers {crossing} of {type(model).__name__} attend to an encoder's output too (cross-attention: the "
+            "decoder of an encoder-decoder model), whose cache the presses do not know; supported: "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
         )
     kv_sources(model, layers)  # refuses sharing it cannot follow, before any work
     return layers
@@ -407,7 +420,7 @@ def projection(module: nn.Module, hidden_states: Tensor, part: str) -> Tensor:
         x = x.view(*x.shape[:-1], -1, 3 * d)
         return x[..., (0 if part == "q" else d) : (d if part == "q" else 2 * d)].flatten(-2)
     q_size = module.config.num_attention_heads * d
-    k_size = module.config.num_key_value_heads * d
+    k_size = getattr(module.config, "num_key_value_heads", module.config.num_attention_heads) * d
     start, size = (0, q_size) if part == "q" else (q_size, k_size)
     return module.qkv_proj(hidden_states)[..., start : start + size]
 

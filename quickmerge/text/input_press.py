@@ -256,12 +256,12 @@ class QuickMergeInputPress(Press):
         return None
 
     def _hooks(self, model: nn.Module, layers: list[nn.Module]) -> list[Any]:
+        attentions = [attention_of(layer) for layer in layers if has_attention(layer)]
+        check_dense(attentions)  # what neither press can follow first, then what this one cannot
+        check_attention_interface(attentions)
         refusal = self.refusal(model)
         if refusal is not None:
             raise ValueError(refusal)
-        attentions = [attention_of(layer) for layer in layers if has_attention(layer)]
-        check_dense(attentions)
-        check_attention_interface(attentions)
         base = base_model(model)
         self._kv_sources = kv_sources(model, layers)
         handles = [

@@ -52,7 +52,7 @@ ROTATION = {"cohere": "interleaved", "glm": "interleaved", "glm4": "interleaved"
             "cohere2": ("interleaved", "none"), "exaone4": ("half", "none"),  # global layers without RoPE
             "deepseek-v2-lite": "interleaved", "deepseek-v3": "deinterleaved", "glm4-moe-lite": "deinterleaved",
             "youtu": "deinterleaved", "mistral4": "deinterleaved", "opt": "none", "gpt2": "none",
-            "gpt-bigcode": "none"}  # latent attention: see LATENT_KINDS
+            "gpt-bigcode": "none", "biogpt": "none"}  # latent attention: see LATENT_KINDS
 
 
 def _expected_rotation(kind: str, attention) -> str:
@@ -304,6 +304,55 @@ def _image_prompt(model, kind: str):
     if "mm_token_type_ids" in inspect.signature(model.forward).parameters:  # asked for from transformers 5.2x on
         image["mm_token_type_ids"] = (ids == 96).long()
     return ids, image
+
+
+def _gptj():
+    t = transformers
+    return t.GPTJForCausalLM(t.GPTJConfig(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256, rotary_dim=8))
+
+
+def _codegen():
+    t = transformers
+    return t.CodeGenForCausalLM(t.CodeGenConfig(vocab_size=97, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                                rotary_dim=8, n_ctx=256))
+
+
+def _bart():
+    t = transformers
+    return t.BartForCausalLM(t.BartConfig(vocab_size=97, d_model=64, decoder_layers=2, decoder_attention_heads=4,
+                                          decoder_ffn_dim=96, encoder_layers=1))
+
+
+def _xglm():
+    t = transformers
+    return t.XGLMForCausalLM(t.XGLMConfig(vocab_size=97, d_model=64, num_layers=2, attention_heads=4, ffn_dim=96))
+
+
+@pytest.mark.parametrize("build,error,match", [
+    (_xglm, UnsupportedAttentionError, "XGLMAttention.*keeps no `config`"),
+    (_bart, TypeError, r"layers \[0, 1\] of BartForCausalLM attend to an encoder's output too"),
+], ids=["xglm", "bart"])
+@pytest.mark.parametrize("press", [lambda: QuickMergePress(0.5), lambda: QuickMergeInputPress(0.5, layer=0)],
+                         ids=["kv", "input"])
+def test_attention_the_presses_cannot_follow_is_refused_by_name(build, error, match, press):
+    """Found by the presses' layer lookups since OPT's layout was added: XGLM's attention (no `config`), BART's
+    decoder as a causal LM (cross-attention): refused as either press is entered, before a prefill runs into an
+    AttributeError or an IndexError."""
+    with pytest.raises(error, match=match), press()(build().eval()):
+        pass
+
+
+@pytest.mark.parametrize("build", [_gptj, _codegen], ids=["gpt-j", "codegen"])
+def test_gptj_and_codegen_are_refused_by_the_kv_press(build):
+    """GPT-J's and CodeGen's attention sit where GPT-2's does: before transformers 5.2x they keep no `scaling`
+    (refused as the press is entered); later GPT-J's rotation and CodeGen's fused layout are not what the press
+    recomputes, and the key check refuses them at the prefill instead of scoring with queries the model never
+    computes."""
+    model = build().eval()
+    name = type(model.base_model.h[0].attn).__name__
+    with pytest.raises(UnsupportedAttentionError, match=rf"attention of {name}"), torch.no_grad(), \
+            QuickMergePress(0.5)(model):
+        model(torch.randint(0, 97, (1, 24)), use_cache=True)
 
 
 @pytest.mark.parametrize("kind", MROPE_KINDS)

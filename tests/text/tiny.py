@@ -29,7 +29,7 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "solar-open", "dots1", "flex-olmo", "jais2", "mistral3-vlm", "gemma4", "gemma4-vlm", "llama4",
               "gemma3n", "gemma3n-vlm", "gemma4-shared", "stablelm", "phimoe", "nemotron", "granitemoe-shared",
               "bitnet", "minimax-m2", "aria-text", "hyperclovax", "mellum", "gpt-neox", "persimmon", "opt",
-              "gpt2", "gpt-bigcode", *LATENT_KINDS)
+              "gpt2", "gpt-bigcode", "biogpt", *LATENT_KINDS)
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
 OWN_TEST_KINDS = ("llama4-vlm",)
@@ -222,6 +222,7 @@ def _more(kind: str, common: dict, sliding_window: int | None):
                                                     ffn_dim=96, word_embed_proj_dim=64, pad_token_id=0)),
         # GPT-2 (its layers under transformer.h, one fused c_attn; scaled by the inverse layer index too, as some of
         # its checkpoints are) and GPT-BigCode (StarCoder 1, SantaCoder: the same, one KV head for all)
+        "biogpt": lambda: t.BioGptForCausalLM(t.BioGptConfig(**mha, pad_token_id=0)),  # learned positions, as OPT
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(**gpt2, scale_attn_by_inverse_layer_idx=True)),
         "gpt-bigcode": lambda: t.GPTBigCodeForCausalLM(t.GPTBigCodeConfig(**gpt2, multi_query=True)),
         "mistral3-vlm": lambda: mistral3_vlm(_ministral3_config(common)),
