@@ -33,7 +33,6 @@ from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_lay
 from .decoder import (
     POSITION_KWARGS,
     UnsupportedAttentionError,
-    attended_keys,
     attention_of,
     base_model,
     check_attention_interface,
@@ -53,6 +52,7 @@ from .decoder import (
     sliding_window_of,
     unsupported_message,
 )
+from .latent import attended_keys
 from .press import Press
 from .scoring import SALIENT, Salient, window_saliency
 

@@ -37,15 +37,13 @@ from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
 from .decoder import (
     UnsupportedAttentionError,
-    attended_keys,
-    is_latent_attention,
     logit_cap_and_sinks,
-    per_cache_row,
     prerope_keys,
     unsupported_message,
 )
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
+from .latent import attended_keys, is_latent_attention, per_cache_row
 from .replay import replay_inputs, replay_scores
 from .scoring import (
     SALIENT,

@@ -25,13 +25,13 @@ from torch import Tensor, nn
 
 from .cache import cache_kwargs
 from .decoder import (
-    attended_keys,
     attention_scale,
     hidden_states_arg,
     key_rotation,
     logit_cap_and_sinks,
     window_queries,
 )
+from .latent import attended_keys
 from .scoring import soft_capped
 
 

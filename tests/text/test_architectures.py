@@ -15,7 +15,6 @@ from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
     POSITION_KWARGS,
     UnsupportedAttentionError,
-    attended_keys,
     base_model,
     decoder_attention_layers,
     decoder_layers,
@@ -28,6 +27,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     sliding_window_of,
 )
 from quickmerge.text.input_press import layer_argument  # noqa: E402
+from quickmerge.text.latent import attended_keys  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_input_press import (  # noqa: E402
     _run,

@@ -21,7 +21,6 @@ from packaging.version import Version  # noqa: E402
 from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import UnsupportedCacheError, cache_kwargs, own_cache_class  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
-    attended_keys,
     base_model,
     decoder_attention_layers,
     decoder_layers,
@@ -29,6 +28,7 @@ from quickmerge.text.decoder import (  # noqa: E402
     mixes_no_tokens,
     sliding_window_of,
 )
+from quickmerge.text.latent import attended_keys  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_architectures import (  # noqa: E402
     _assert_generate_decodes_as_token_by_token,

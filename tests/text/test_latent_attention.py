@@ -13,10 +13,9 @@ from quickmerge.text import QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
     UnsupportedAttentionError,
-    caches_latent,
     decoder_attention_layers,
-    expanded_keys,
 )
+from quickmerge.text.latent import caches_latent, expanded_keys  # noqa: E402
 from tests.text.test_architectures import _assert_generate_decodes_as_token_by_token  # noqa: E402
 from tests.text.tiny import COMMON, duplicated_cache, tiny  # noqa: E402
 
