@@ -46,12 +46,13 @@ ALTERNATING = ("gemma2", "olmo3", "cohere2", "exaone4", "gpt-oss", "vaultgemma",
                "gemma4-vlm", "mellum", *SHARING)
 # kinds a transformers release added after 5.0, or whose attention the presses follow from a release on (Nemotron's,
 # which keeps no `scaling` before 5.13), or that transformers 5.0 itself cannot decode after a cache (StableLM under
-# SDPA, without quickmerge): their class, the release
+# SDPA, Persimmon, without quickmerge): their class, the release
 NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForConditionalGeneration", "5.5"),
          "gemma4-shared": ("Gemma4ForCausalLM", "5.5"), "nemotron-h": ("NemotronHForCausalLM", "5.3"),
          "olmo-hybrid": ("OlmoHybridForCausalLM", "5.3"), "lfm3": ("Lfm3ForCausalLM", "5.23"),
          "lfm3-vl": ("Lfm3VlForConditionalGeneration", "5.23"),
          "nemotron": ("NemotronForCausalLM", "5.13"), "stablelm": ("StableLmForCausalLM", "5.2"),
+         "persimmon": ("PersimmonForCausalLM", "5.2"),
          "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12"),
          "youtu": ("YoutuForCausalLM", "5.2"), "mistral4": ("Mistral4ForCausalLM", "5.5"),
          "minicpm3": ("MiniCPM3ForCausalLM", "5.13"), "kimi-linear": ("KimiLinearForCausalLM", "5.18")}
