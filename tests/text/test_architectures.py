@@ -627,6 +627,17 @@ def test_gemma_merges_a_prompt_with_an_image(kind, attn):
             assert torch.allclose(logits, reference, atol=1e-5) == (ratio == 0.0)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "gpt-bigcode", "gpt-neox", "opt", "biogpt"])
+def test_generate_with_learned_or_fused_positions_decodes_as_token_by_token(kind):
+    """``generate`` places new tokens from the attention mask it grows (GPT-2's, OPT's and BioGPT's learned positions
+    read them), the press from the cache's original length: inside the press both pick the same greedy tokens."""
+    model = tiny(kind, "sdpa")
+    prompt = torch.randint(1, 90, (1, 24), generator=torch.Generator().manual_seed(0))
+    press = QuickMergePress(0.5, window=4)
+    _assert_generate_decodes_as_token_by_token(model, press, prompt)
+    assert press.achieved_ratio == pytest.approx(0.5)
+
+
 def _assert_generate_decodes_as_token_by_token(model, press, prompt, steps=4, new_cache=None):
     """Greedy ``generate`` inside ``press`` picks the tokens that a prefill and one call per token pick inside it
     (on the cache ``new_cache()`` makes, default ``DynamicCache()``)."""
