@@ -73,6 +73,7 @@ SUPPORTED_ARCHITECTURES = (
     "YoutuForCausalLM",
     "Mistral4ForCausalLM",
     "MiniCPM3ForCausalLM",
+    "Kimi_K25ForConditionalGeneration",
     "Mistral3ForConditionalGeneration",
     "Qwen3_5ForCausalLM",
     "Qwen3_5MoeForCausalLM",

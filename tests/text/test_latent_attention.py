@@ -17,7 +17,7 @@ from quickmerge.text.decoder import (  # noqa: E402
 )
 from quickmerge.text.latent import caches_latent, expanded_keys  # noqa: E402
 from tests.text.test_architectures import _assert_generate_decodes_as_token_by_token  # noqa: E402
-from tests.text.tiny import COMMON, duplicated_cache, tiny  # noqa: E402
+from tests.text.tiny import COMMON, duplicated_cache, press_and_oracle, tiny  # noqa: E402
 
 LATENT = dict(kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12)
 
@@ -110,3 +110,23 @@ def test_sparse_attention_picking_its_keys_with_an_indexer_is_refused(kind, pres
     with pytest.raises(UnsupportedAttentionError, match=r"layers \[0, 1\] attend to the keys an indexer"), \
             press()(model):
         pass
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_kimi_k25_merges_a_prompt_with_an_image(attn):
+    """Kimi K2.5's checkpoints' class (DeepSeek V3 under a vision tower): with an image in the prompt, ratio 0 decodes
+    as the unpatched cache and 0.5 as the duplicated-cache oracle, the latent rows halved."""
+    model = tiny("kimi-k2.5-vlm", attn)
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, 90, (2, 30), generator=g)
+    ids = torch.cat([text[:, :5], torch.tensor([[94, 96, 96, 96, 96, 95]] * 2), text[:, 5:]], 1)
+    image = dict(pixel_values=torch.randn(32, 3, 4, 4, generator=g), image_grid_thw=torch.tensor([[1, 4, 4]] * 2))
+    cont, n = torch.randint(1, 90, (2, 3)), ids.shape[1]
+    with torch.no_grad():
+        assert not torch.allclose(model(ids, **image).logits, model(ids).logits, atol=1e-4)  # the image is read
+        reference, runs = press_and_oracle(model, ids, cont, image)
+    for ratio, (merged, oracle, cache) in runs.items():
+        assert torch.allclose(merged, oracle, atol=1e-5)
+        assert [layer.keys.shape[2] for layer in cache.layers] == [n + 3 - round(ratio * n)] * 2
+        assert torch.allclose(merged, reference, atol=1e-5) == (ratio == 0.0)
+

@@ -32,7 +32,7 @@ MORE_KINDS = ("gemma", "gemma2", "olmo", "olmo2", "olmo3", "olmoe", "granite", "
               "gpt2", "gpt-bigcode", "biogpt", *LATENT_KINDS)
 # vision-language models tested on their own (tests/text/test_architectures.py): Llama 4's forward fails upstream on
 # some transformers releases, so it stays out of the family tests
-OWN_TEST_KINDS = ("llama4-vlm",)
+OWN_TEST_KINDS = ("llama4-vlm", "kimi-k2.5-vlm")
 # hybrid models, attention layers amid layers of a fixed-size state (linear attention, Mamba, short convolutions): the
 # KV press only (tests/text/test_hybrid.py)
 HYBRID_KINDS = ("qwen3.5", "qwen3.5-moe", "qwen3-next", "qwen3.5-vl", "olmo-hybrid", "lfm2", "lfm2-moe", "lfm2-vl",
@@ -55,7 +55,8 @@ NEWER = {"gemma4": ("Gemma4ForCausalLM", "5.5"), "gemma4-vlm": ("Gemma4ForCondit
          "persimmon": ("PersimmonForCausalLM", "5.2"),
          "hyperclovax": ("HyperCLOVAXForCausalLM", "5.12"), "mellum": ("MellumForCausalLM", "5.12"),
          "youtu": ("YoutuForCausalLM", "5.2"), "mistral4": ("Mistral4ForCausalLM", "5.5"),
-         "minicpm3": ("MiniCPM3ForCausalLM", "5.13"), "kimi-linear": ("KimiLinearForCausalLM", "5.18")}
+         "minicpm3": ("MiniCPM3ForCausalLM", "5.13"), "kimi-k2.5-vlm": ("Kimi_K25ForConditionalGeneration", "5.13"),
+         "kimi-linear": ("KimiLinearForCausalLM", "5.18")}
 
 
 def too_old(kind: str) -> bool:
@@ -213,6 +214,13 @@ def _more(kind: str, common: dict, sliding_window: int | None):
         "youtu": lambda: t.YoutuForCausalLM(t.YoutuConfig(**latent)),
         "mistral4": lambda: t.Mistral4ForCausalLM(t.Mistral4Config(**latent, **latent_moe)),
         "minicpm3": lambda: t.MiniCPM3ForCausalLM(t.MiniCPM3Config(**latent)),
+        # Kimi K2.5's checkpoints: DeepSeek V3 under a one-layer vision tower (Qwen's grid of patches, 3 x 4 x 4
+        # values each, 2 x 2 merged into a token: 4 x 4 patches are 4 tokens, id 96 between 94 and 95)
+        "kimi-k2.5-vlm": lambda: t.Kimi_K25ForConditionalGeneration(t.Kimi_K25Config(
+            text_config=dict(model_type="deepseek_v3", **latent, **latent_moe), projection_hidden_size=32,
+            vision_config=dict(patch_size=4, num_attention_heads=2, num_hidden_layers=1, hidden_size=32,
+                               intermediate_size=48, pos_emb_height=8, pos_emb_width=8),
+            image_token_id=96, video_token_id=93, vision_start_token_id=94, vision_end_token_id=95)),
         # GPT-NeoX (Pythia: each head's query, key and value from one fused projection, a quarter of each head
         # rotated) and Persimmon (the same fused layout, half rotated, query and key layer norms per head); neither
         # groups its KV heads
