@@ -213,14 +213,16 @@ def _pixtral_prompt(batch: int):
     return ids, dict(pixel_values=pixels, image_sizes=torch.tensor([[32, 32]] * batch))
 
 
-@pytest.mark.parametrize("text", ["ministral3", "mistral"])
+@pytest.mark.parametrize("text", ["ministral3", "mistral", "mistral4"])
 def test_mistral3_merges_the_cache_of_a_prompt_with_an_image(text):
-    """Mistral3ForConditionalGeneration, the class of Ministral 3's checkpoints (Pixtral tower, Ministral 3 decoder)
-    and Mistral Small 3.x's (Mistral decoder): with an image in the prompt the KV press is exact at ratio 0, decoding
-    after merging equals the duplicated-cache oracle and generate runs inside it; the input press with ``token_ids``
-    merges the image's tokens only."""
+    """Mistral3ForConditionalGeneration, the class of Ministral 3's checkpoints (Pixtral tower, Ministral 3 decoder),
+    Mistral Small 3.x's (Mistral decoder) and Mistral 4's (its latent attention): with an image in the prompt the KV
+    press is exact at ratio 0, decoding after merging equals the duplicated-cache oracle and generate runs inside it;
+    the input press with ``token_ids`` merges the image's tokens only."""
     if text == "ministral3":
         model = tiny("mistral3-vlm", layers=3)
+    elif text == "mistral4":
+        model = mistral3_vlm(tiny("mistral4", layers=3).config).eval()
     else:
         torch.manual_seed(0)
         config = transformers.MistralConfig(**{**COMMON, "num_hidden_layers": 3}, head_dim=16, sliding_window=None)
