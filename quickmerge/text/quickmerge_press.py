@@ -249,9 +249,11 @@ class QuickMergePress(KVPress):
 
     def score(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, values: Tensor, kwargs: dict) -> Tensor:
         """Saliency ``[B, Hkv, L]`` of each cached entry, a quantile rank in (0, 1] per head (a cached latent's one
-        row: the mean over the heads that read it, :func:`~quickmerge.text.decoder.per_cache_row`)."""
-        read = attended_keys(module, keys, values)
-        if self.budget == "entropy" or self.align or self.scoring == "window":
+        row: the mean over the heads that read it, :func:`~quickmerge.text.latent.per_cache_row`)."""
+        observes = self.budget == "entropy" or self.align or self.scoring == "window"
+        # the keys the attention reads (a cached latent expanded per head); replay scoring reads them in rescore
+        read = attended_keys(module, keys, values) if observes or self.scoring == "prompt" else keys
+        if observes:
             win = observe(module, hidden_states, read, kwargs, self.window)
             if self.budget == "entropy" or self.align:
                 self._windows[module.layer_idx] = win

@@ -31,7 +31,7 @@ from .decoder import (
     logit_cap_and_sinks,
     window_queries,
 )
-from .latent import attended_keys
+from .latent import attended_keys, caches_latent
 from .scoring import soft_capped
 
 
@@ -123,7 +123,8 @@ def replay_scores(
         cap, sinks = logit_cap_and_sinks(module)
         most = replay_attention(queries, keys, length, attention_scale(module), chunk, softcap=cap, sinks=sinks)
         # a cached latent is one row for every head: the most attention any of them pays an entry
-        scores[module.layer_idx] = most.amax(dim=1, keepdim=True) if keys is not layer.keys else most
+        latent = caches_latent(module, layer.keys, layer.values)
+        scores[module.layer_idx] = most.amax(dim=1, keepdim=True) if latent else most
 
     handles = [attn.register_forward_hook(score, with_kwargs=True) for attn in attentions.values()]
     # Layers not scored (sliding windows, linear attention, state-space blocks) would take the replay in, and so would
