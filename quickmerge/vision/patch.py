@@ -216,8 +216,8 @@ class MergeHandle:
         b, n, _ = x.shape
         self._schedule = self.schedule(n)
         self.tokens_per_layer = []
-        origin = torch.arange(n, device=x.device).expand(b, n) if self.trace_source else None
-        self._pass = _Pass(origin=origin)
+        # the current token of every input token: the source map, and the patches a rotary table averages over
+        self._pass = _Pass(origin=torch.arange(n, device=x.device).expand(b, n))
         self.source, self.sizes = None, None
 
     def enter_block(self, x: Tensor) -> None:
@@ -300,11 +300,36 @@ class MergeHandle:
         kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them
         new_size = group_sum(kept_size, dst.clamp_min(0), k_new)[..., 0]
         st.size = torch.cat([size[:, :p], new_size], dim=1)
-        if st.origin is not None:
-            full = torch.cat([torch.arange(p, device=x.device).expand(b, p), torch.where(dst >= 0, dst + p, -1)], 1)
-            st.origin = torch.where(st.origin >= 0, full.gather(1, st.origin.clamp_min(0)), -1)
+        full = torch.cat([torch.arange(p, device=x.device).expand(b, p), torch.where(dst >= 0, dst + p, -1)], 1)
+        st.origin = torch.where(st.origin >= 0, full.gather(1, st.origin.clamp_min(0)), -1)
         st.q = st.k = None
         return torch.cat([x[:, :p], merged], dim=1)
+
+    def mean_over_patches(self, table: Tensor) -> Tensor:
+        """A per-patch table of the pass's input for its current tokens, each token's row the mean of its patches'.
+
+        ``table [..., N0, D]`` has one row per patch token the pass began with (prefix tokens have none) and
+        leading dims ``()``, ``[H]`` or ``[B or 1, H or 1]``: a rotary embedding's sin and cos, whose rotation is
+        linear in them, so a merged token is turned by the mean of its patches' rotations (its logit with a
+        query is the mean of theirs, had they the same content). Returns ``[B, H or 1, N, D]`` for the ``N``
+        current patch tokens (dropped patches left out), in ``table``'s dtype; ``table`` itself before any merge.
+        """
+        st, p = self._pass, self.num_prefix_tokens
+        if st.size is None:
+            return table
+        patches = st.origin.shape[1] - p
+        if not 2 <= table.dim() <= 4 or table.shape[-2] != patches:
+            raise ValueError(f"a per-patch table must be [..., {patches}, D] with at most two leading dims (one row "
+                             f"per patch token of the pass), got {tuple(table.shape)}")
+        b, k = st.size.shape[0], st.size.shape[1] - p
+        rows = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape))  # [B or 1, L, N0, D]
+        lead, d = rows.shape[1], rows.shape[3]
+        group = st.origin[:, p:] - p
+        group = torch.where(group >= 0, group, k)  # dropped patches go to a spare group, cut below
+        values = rows.expand(b, lead, patches, d).permute(0, 2, 1, 3).reshape(b, patches, lead * d).float()
+        sums = group_sum(values, group, k + 1)[:, :k]
+        counts = group_sum(values.new_ones(b, patches, 1), group, k + 1)[:, :k]
+        return (sums / counts).view(b, k, lead, d).permute(0, 2, 1, 3).to(table.dtype)
 
     def end(self) -> None:
         """End of a forward pass: publish sizes and source map, drop references."""

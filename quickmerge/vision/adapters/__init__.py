@@ -15,9 +15,11 @@ from .hf_vit import HFViTAdapter
 from .openclip_vit import OpenCLIPViTAdapter
 from .pooling import size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
+from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
 
-REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), HFViTAdapter(), HFCLIPAdapter(), OpenCLIPViTAdapter()]
+REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), HFViTAdapter(), HFCLIPAdapter(),
+                                 OpenCLIPViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -46,6 +48,7 @@ __all__ = [
     "HFViTAdapter",
     "OpenCLIPViTAdapter",
     "Removable",
+    "TimmEvaAdapter",
     "TimmViTAdapter",
     "VisionAdapter",
     "find_adapter",

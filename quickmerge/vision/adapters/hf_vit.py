@@ -1,4 +1,4 @@
-"""Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers adapter (transformers 5.x, both layer layouts).
+"""Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 adapter (transformers 5.x, both layer layouts).
 
 Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``
 (``attention.attention`` holding the projections), adds the residual, then
@@ -6,8 +6,11 @@ Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(
 ``h = dropout(attention(layernorm_before(x))) + x`` then ``dropout(mlp(layernorm_after(h))) + h``
 and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 ``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
-``drop_path(layer_scale2(mlp(norm2(h)))) + h``. DeiT's layers are ViT's, DINOv2 with registers' are
+``drop_path(layer_scale2(mlp(norm2(h)))) + h``. DeiT's layers are ViT's, DINOv2 with registers' and DINOv3's are
 DINOv2's; their distillation and register tokens sit after the class token and are never merged.
+DINOv3 rotates its patch tokens' queries and keys by a rotary table (cos, sin) handed to every layer
+as ``position_embeddings``: a layer pre-hook merges it with the tokens (:mod:`.rotary`); the
+attention function captures the rotated queries and keys.
 Hooks between those pieces:
 
 - the attention goes through a registered attention function (transformers'
@@ -26,6 +29,7 @@ Hooks between those pieces:
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from .pooling import LastOutput, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import block_end_hook, block_start_hook, norm_merge_hook, residual_merge_hooks
+from .rotary import rotary_table_hook
 
 # module of each family -> its pre-trained base class
 _FAMILIES = {
@@ -43,8 +48,9 @@ _FAMILIES = {
     "transformers.models.deit.modeling_deit": "DeiTPreTrainedModel",
     "transformers.models.dinov2.modeling_dinov2": "Dinov2PreTrainedModel",
     "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers": "Dinov2WithRegistersPreTrainedModel",
+    "transformers.models.dinov3_vit.modeling_dinov3_vit": "DINOv3ViTPreTrainedModel",
 }
-_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers")  # where the heads keep the base model
+_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")  # where the heads keep the base model
 # heads that classify the class token beside the plain mean of the patch tokens
 _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
@@ -60,12 +66,12 @@ TAKES_FLOAT_MASK = ("eager", "sdpa")
 
 
 class HFViTAdapter:
-    """Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers models (and subclasses)."""
+    """Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 ViT models (and subclasses)."""
 
-    name = "Hugging Face ViT / DeiT / DINOv2"
+    name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3"
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
                       "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
-                      "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification")
+                      "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel")
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
@@ -89,15 +95,18 @@ class HFViTAdapter:
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
                 "or ...ForImageClassification), or run this one unpatched")
         base = _vit(model)
-        layers = list(getattr(getattr(base, "encoder", None), "layer", None) or getattr(base, "layers", None) or [])
+        layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
-            raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2 encoder layers to patch")
+            raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2/v3 encoder layers to patch")
         attention_implementation(base.config)
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         hooks = attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
                                             blocks, merger, parts=_residual_parts)
+        # DINOv3's rotary (cos, sin) per patch, handed to every layer: merged with the tokens (after the start hook)
+        hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks
+                  if "position_embeddings" in inspect.signature(layer.forward).parameters]
         if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
             hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
         return hooks
@@ -181,6 +190,18 @@ def _vit(model: nn.Module) -> nn.Module:
         if hasattr(model, name):
             return getattr(model, name)
     return model
+
+
+def _layers(base: nn.Module) -> list[nn.Module]:
+    """The encoder layers: ``encoder.layer`` (ViT up to 5.2x, DeiT, DINOv2), ``layers`` (newer ViT), ``layer``
+    (DINOv3 up to 5.2x) or ``model.layer`` (DINOv3's encoder, later)."""
+    for path in (("encoder", "layer"), ("layers",), ("layer",), ("model", "layer")):
+        found: Any = base
+        for name in path:
+            found = getattr(found, name, None)
+        if isinstance(found, nn.ModuleList) and len(found):
+            return list(found)
+    return []
 
 
 def _attention_module(layer: nn.Module) -> nn.Module:

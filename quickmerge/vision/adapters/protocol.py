@@ -10,7 +10,9 @@ call the merger at fixed points of every block's forward pass:
    attention), and ``record_qk(q, k, scale)`` with the attention's queries and keys;
 3. ``merge(layer, x)`` on the residual stream after attention, before the MLP (it returns
    the merged stream, or None when nothing merges); the block must then carry on with it;
-4. ``end()`` after the last block.
+4. ``mean_over_patches(table)`` for a block's rotary table (models with rotary position
+   embeddings, :mod:`.rotary`): one row per current token, the mean of its patches' rows;
+5. ``end()`` after the last block.
 
 Hooks go between the model's own pieces (never a copied forward, never a class swap) and
 are removed by calling ``remove()`` on what ``attach`` returned.
@@ -56,6 +58,11 @@ class BlockMerger(Protocol):
 
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
+        ...
+
+    def mean_over_patches(self, table: Tensor) -> Tensor:
+        """A per-patch table ``[..., N0, D]`` (a rotary embedding's sin / cos) for the current tokens,
+        ``[B, H or 1, N, D]``, each row the mean of its patches' rows; the table itself before any merge."""
         ...
 
     def end(self) -> None: ...

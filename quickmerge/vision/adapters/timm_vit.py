@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from .instance import GridGuard, InstanceMethod
 from .pooling import LastOutput, mean_by_size, size_bias
@@ -72,15 +73,15 @@ class TimmViTAdapter:
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         hooks: list[Removable] = []
         for i, block in enumerate(blocks):
-            hooks += _attach_block(block, i, merger)
+            hooks += attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
             hooks.append(GridGuard(model, merger, "get_intermediate_layers: reshape=False"))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
-            hooks.append(_WeightedPool(model, merger))
+            hooks.append(WeightedPool(model, merger))
         return hooks
 
 
-class _WeightedPool(InstanceMethod):
+class WeightedPool(InstanceMethod):
     """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
 
     timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
@@ -89,7 +90,7 @@ class _WeightedPool(InstanceMethod):
     pass, used only for the tensor that pass's final ``norm`` returned (what ``forward_head`` gets from
     ``forward_features``); any other input, class-token and max pooling are timm's own."""
 
-    def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
+    def __init__(self, model: nn.Module, merger: BlockMerger, attn_pool_includes_prefix: bool = False) -> None:
         original = model.pool
         final = LastOutput(model.norm)
 
@@ -102,7 +103,9 @@ class _WeightedPool(InstanceMethod):
             weights = merger.pooling_weights(x) if ours else None
             if weights is None:
                 return original(x, pool_type, *args, **kwargs)
-            if not getattr(model, "pool_include_prefix", False):
+            # Eva's attention pooling reads every token; the others drop the prefix unless told otherwise
+            keeps_prefix = attn_pool is not None and attn_pool_includes_prefix
+            if not (keeps_prefix or getattr(model, "pool_include_prefix", False)):
                 x, weights = x[:, model.num_prefix_tokens:], weights[:, model.num_prefix_tokens:]
             if attn_pool is not None:  # timm's attention pooling: proportional attention, as in the blocks
                 return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
@@ -117,21 +120,37 @@ class _WeightedPool(InstanceMethod):
         super().remove()
 
 
-def _attach_block(block: nn.Module, layer: int, merger: BlockMerger) -> list[Removable]:
+def attach_block(block: nn.Module, layer: int, merger: BlockMerger,
+                 rotate: Callable[[Tensor], Tensor] | None = None, eager_mask_refusal: str | None = None,
+                 ) -> list[Removable]:
+    """Hooks of one timm block: proportional attention through ``attn_mask``, queries and keys captured after
+    ``q_norm`` / ``k_norm`` (turned by ``rotate`` first where the attention rotates them after its norms, in a
+    pass that needs them), the residual merge before the MLP. ``eager_mask_refusal``: the error to raise where
+    the attention's unfused path would read the float mask as something else."""
     attn = block.attn
 
     def attn_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         bias = merger.attention_bias(args[0])
         if bias is None:
             return None
+        if eager_mask_refusal is not None and not getattr(attn, "fused_attn", True):
+            raise ValueError(eager_mask_refusal)
         if kwargs.get("attn_mask") is not None:
             raise ValueError("quickmerge's proportional attention cannot be combined with a user attn_mask")
         return args, {**kwargs, "attn_mask": bias}
 
     def q_hook(_m: nn.Module, _args: tuple, q: Any) -> None:
+        if rotate is not None:
+            if not merger.needs_qk():
+                return
+            q = rotate(q)
         merger.record_qk(q=q, scale=float(attn.scale))
 
     def k_hook(_m: nn.Module, _args: tuple, k: Any) -> None:
+        if rotate is not None:
+            if not merger.needs_qk():
+                return
+            k = rotate(k)
         merger.record_qk(k=k)
 
     return [

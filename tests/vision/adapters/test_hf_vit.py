@@ -1,4 +1,4 @@
-"""quickmerge.patch on Hugging Face ViT, DeiT, DINOv2 and DINOv2-with-registers models (eager and sdpa)."""
+"""quickmerge.patch on Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 models (eager and sdpa)."""
 
 import warnings
 
@@ -11,8 +11,8 @@ from quickmerge.vision import get_handle
 transformers = pytest.importorskip("transformers")
 
 
-# tokens never merged: [CLS], DeiT's distillation token, DINOv2's register tokens (3 in `tiny`)
-PREFIX = {"ViT": 1, "DeiT": 2, "Dinov2": 1, "Dinov2WithRegisters": 4}
+# tokens never merged: [CLS], DeiT's distillation token, DINOv2's register tokens (3 in `tiny`), DINOv3's (2)
+PREFIX = {"ViT": 1, "DeiT": 2, "Dinov2": 1, "Dinov2WithRegisters": 4, "DINOv3ViT": 3}
 
 
 def family(cls_name: str) -> str:
@@ -29,6 +29,8 @@ def tiny(cls_name: str, impl: str) -> torch.nn.Module:
         "Dinov2": lambda: transformers.Dinov2Config(**common, **dinov2),
         "Dinov2WithRegisters": lambda: transformers.Dinov2WithRegistersConfig(**common, **dinov2,
                                                                               num_register_tokens=3),
+        "DINOv3ViT": lambda: transformers.DINOv3ViTConfig(**common, intermediate_size=64, layerscale_value=0.5,
+                                                          num_register_tokens=2),
     }[family(cls_name)]()
     return getattr(transformers, cls_name)(config).eval()
 
@@ -47,7 +49,7 @@ def output(model, x):
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 @pytest.mark.parametrize("cls_name", ["ViTModel", "ViTForImageClassification", "DeiTModel",
                                       "DeiTForImageClassificationWithTeacher", "Dinov2Model",
-                                      "Dinov2WithRegistersModel"])
+                                      "Dinov2WithRegistersModel", "DINOv3ViTModel"])
 def test_r0_is_exact_and_unpatch_restores(cls_name, impl):
     model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
     ref = output(model, x)
@@ -87,6 +89,35 @@ def test_proportional_attention_makes_merging_duplicates_exact(cls_name, impl):
         assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["pool", "tome", "quickmerge"])
+def test_dinov3_merging_copies_that_share_a_rotation_is_exact(method, impl):
+    # horizontal neighbours with equal pixels, given one rotation: merging each pair changes nothing -- if the merged
+    # token keeps the pair's rotation (the rotary table merged with the tokens) and counts twice in attention
+    model = tiny("DINOv3ViTModel", impl)
+    with torch.no_grad():
+        layers = model.layer if hasattr(model, "layer") else model.model.layer  # model.model from transformers 5.2x
+        for layer in layers:  # sharper attention, where positions count (nearly uniform at initialisation)
+            layer.attention.q_proj.weight *= 6
+            layer.attention.k_proj.weight *= 6
+
+    def paired(_m, _args, tables):
+        rows = [t.unflatten(-2, (-1, 2))[..., :1, :] for t in tables]
+        return tuple(r.expand(*r.shape[:-2], 2, r.shape[-1]).flatten(-3, -2) for r in rows)
+
+    pairing = model.rope_embeddings.register_forward_hook(paired)
+    strips = torch.randn(2, 1, 16, 4, 1, 2)  # 2 x 2 patches: columns 4j..4j+1 equal 4j+2..4j+3
+    x = strips.expand(-1, -1, -1, -1, 2, -1).reshape(2, 1, 16, 16)
+    ref = output(model, x)[:, :3]  # the class and register tokens' states
+    with quickmerge.patch(model, r=[32, 0, 0], method=method) as handle:
+        assert torch.allclose(output(model, x)[:, :3], ref, atol=1e-5)
+        assert handle.tokens_per_layer[1] == 32 + 3
+    pairing.remove()  # each patch's own rotation: a merged pair no longer sits at one position
+    ref = output(model, x)[:, :3]
+    with quickmerge.patch(model, r=[32, 0, 0], method="pool"):
+        assert not torch.allclose(output(model, x)[:, :3], ref, atol=1e-3)
+
+
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
 def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
     model = tiny("ViTForImageClassification", "sdpa")
@@ -97,7 +128,8 @@ def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
         assert handle.source.max() == 16  # 64 patches -> 16 kept, plus [CLS]
 
 
-@pytest.mark.parametrize("cls_name", ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel"])
+@pytest.mark.parametrize("cls_name", ["DeiTForImageClassificationWithTeacher", "Dinov2WithRegistersModel",
+                                      "DINOv3ViTModel"])
 @pytest.mark.parametrize("method", ["quickmerge", "tome"])
 def test_distillation_and_register_tokens_are_never_merged(cls_name, method):
     model, p = tiny(cls_name, "sdpa"), PREFIX[family(cls_name)]
