@@ -91,7 +91,7 @@ RUN = {
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True,': _press_only,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True)':
         _press_only,
-    "model = load_fashion_vit()                 # or a timm VisionTransformer, a HF ViT / DeiT / DINOv2, "
+    "model = load_fashion_vit()                 # or a timm ViT or Eva, a HF ViT / DeiT / DINOv2 / DINOv3, "
     "a CLIP tower": _vision,
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
@@ -104,7 +104,10 @@ RUN = {
 }
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
 # tests/vision/adapters/test_openclip_vit.py::test_the_readme_s_openclip_model_... (no pretrained weights offline)
+# tests/vision/adapters/test_timm_eva.py::test_the_readme_s_rotary_models_patch_whole (random weights)
 ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)',
+             'model = timm.create_model("vit_base_patch16_rope_mixed_224", pretrained=True)  # or eva02_*, '
+             'vit_*_dinov3',
              'model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="laion2b_s34b_b88k")'}
 
 

@@ -391,9 +391,10 @@ def patch(
     """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
 
     Args:
-        model: a timm ``VisionTransformer``; a Hugging Face ViT, DeiT, DINOv2 or DINOv2-with-registers
-            model, a CLIP or SigLIP vision tower (also ``CLIPModel.vision_model``), or an OpenCLIP image
-            tower, ``model.visual`` (``quickmerge.vision.adapters.supported_families()``; other
+        model: a timm ``VisionTransformer`` or ``Eva`` (rotary positions: EVA-02, DINOv3, RoPE-ViT); a Hugging
+            Face ViT, DeiT, DINOv2, DINOv2-with-registers or DINOv3 model, a CLIP or SigLIP vision tower (also
+            ``CLIPModel.vision_model``), or an OpenCLIP image tower, ``model.visual``
+            (``quickmerge.vision.adapters.supported_families()``; other
             subclasses of these families work with a warning; heads that need every patch token on its
             grid, such as ``Dinov2Backbone``, are refused).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in

@@ -19,6 +19,7 @@ CONFIGS = {  # EVA-02 (absolute + rotary positions), RoPE-ViT's mixed mode, DINO
                          "global_pool": "token"},
     "rope_attention_gqa": {"attn_type": "rope", "num_kv_heads": 2, "qkv_fused": False},
     "attention_pooling": {"global_pool": "map"},
+    "mrope": {"rope_type": "mrope"},
     "no_rope": {"use_rot_pos_emb": False},
 }
 PATCH, SIZE = 4, 32  # an 8 x 8 grid of patches
@@ -224,3 +225,25 @@ def test_old_timm_refuses_proportional_attention_in_unfused_eva_attention():
             model(x)
         handle.prop_attn = False
         model(x)
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch16_rope_mixed_224", "vit_small_patch16_dinov3",
+                                  "eva02_tiny_patch14_224"])
+def test_the_readme_s_rotary_models_patch_whole(name):
+    # the README's snippet loads RoPE-ViT with pretrained weights (none offline): the same architectures, random
+    try:
+        model = timm.create_model(name, pretrained=False).eval()
+    except RuntimeError as error:  # a timm release before the model was added
+        pytest.skip(str(error))
+    x = torch.randn(1, *model.pretrained_cfg["input_size"])
+    with torch.no_grad():
+        ref = model(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            handle = quickmerge.patch(model, r=8)
+        model(x)
+        grid = (x.shape[-1] // model.patch_embed.patch_size[0]) ** 2
+        p, depth = model.num_prefix_tokens, len(model.blocks)
+        assert handle.tokens_per_layer == [grid + p - 8 * i for i in range(depth)]
+        handle.r = 0
+        assert torch.equal(model(x), ref)
