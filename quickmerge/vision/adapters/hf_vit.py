@@ -98,15 +98,18 @@ class HFViTAdapter:
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
             raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2/v3 encoder layers to patch")
+        if hasattr(base, "rope_embeddings") and not all(
+                "position_embeddings" in inspect.signature(x.forward).parameters for x in layers):
+            raise TypeError(f"{type(model).__name__}'s layers take no 'position_embeddings', the rotary table "
+                            "quickmerge merges with the tokens")
         attention_implementation(base.config)
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         hooks = attach_attention_and_layers(_vit(model).config, [_attention_module(layer) for layer in blocks],
                                             blocks, merger, parts=_residual_parts)
-        # DINOv3's rotary (cos, sin) per patch, handed to every layer: merged with the tokens (after the start hook)
-        hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks
-                  if "position_embeddings" in inspect.signature(layer.forward).parameters]
+        if hasattr(_vit(model), "rope_embeddings"):  # DINOv3's (cos, sin) per patch: merged after the start hook
+            hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
         if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
             hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
         return hooks

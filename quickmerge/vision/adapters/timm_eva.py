@@ -17,6 +17,7 @@ refused there (the fused path, the default, adds it as any timm ViT does).
 
 from __future__ import annotations
 
+import inspect
 import re
 from typing import Any
 
@@ -62,6 +63,9 @@ class TimmEvaAdapter:
             raise TypeError(f"{type(model).__name__}: {len(found)} of {len(blocks)} blocks have norm1, attn (with "
                             "q_norm / k_norm), norm2, mlp and drop_path2, where quickmerge hooks")
         for i, block in enumerate(found):
+            if "rope" not in inspect.signature(block.forward).parameters:
+                raise TypeError(f"block {i} ({type(block).__name__}) takes no 'rope', the rotary table quickmerge "
+                                "merges with the tokens")
             prefix = getattr(block.attn, "num_prefix_tokens", None)
             if prefix != model.num_prefix_tokens:
                 raise TypeError(f"block {i}'s attention leaves {prefix} tokens unrotated, the model has "

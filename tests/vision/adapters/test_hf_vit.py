@@ -118,6 +118,16 @@ def test_dinov3_merging_copies_that_share_a_rotation_is_exact(method, impl):
         assert not torch.allclose(output(model, x)[:, :3], ref, atol=1e-3)
 
 
+def test_dinov3_layers_taking_no_rotary_table_are_refused_untouched():
+    model = tiny("DINOv3ViTModel", "sdpa")
+    layers = model.layer if hasattr(model, "layer") else model.model.layer
+    layers[1].forward = lambda hidden_states, attention_mask=None, rotary=None: hidden_states  # a renamed argument
+    with pytest.raises(TypeError, match="take no 'position_embeddings'"):
+        quickmerge.patch(model)
+    assert model.config._attn_implementation == "sdpa"
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
 def test_every_method_keeps_cls_alone_and_reaches_the_ratio(method):
     model = tiny("ViTForImageClassification", "sdpa")
@@ -189,7 +199,7 @@ def test_a_patched_dinov2_head_compiles_whole_and_pools_by_size():
 
 
 @pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
-                                      "DeiTForMaskedImageModeling"])
+                                      "DeiTForMaskedImageModeling", "DINOv3ViTBackbone"])
 def test_heads_that_need_the_patch_grid_are_refused(cls_name):
     # merged tokens reshaped onto the grid gave a feature map of the wrong width without an error
     model = tiny(cls_name, "sdpa")

@@ -205,6 +205,14 @@ def test_post_norm_blocks_are_refused():
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+def test_blocks_taking_no_rotary_table_are_refused_untouched():
+    model = tiny_eva()
+    model.blocks[2].forward = lambda x, rotary=None, attn_mask=None: x  # a release that renamed the argument
+    with pytest.raises(TypeError, match=r"block 2 \(EvaBlock\) takes no 'rope'"):
+        quickmerge.patch(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
 def test_attention_that_rotates_other_tokens_is_refused_untouched():
     model = tiny_eva()
     model.blocks[1].attn.num_prefix_tokens = 0
