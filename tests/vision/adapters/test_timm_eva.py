@@ -255,3 +255,13 @@ def test_the_readme_s_rotary_models_patch_whole(name):
         assert handle.tokens_per_layer == [grid + p - 8 * i for i in range(depth)]
         handle.r = 0
         assert torch.equal(model(x), ref)
+
+
+def test_torch_compile_traces_the_rotary_hooks_whole():
+    model = tiny_eva(**CONFIGS["mixed"])
+    x = torch.randn(2, 3, SIZE, SIZE)
+    handle = quickmerge.patch(model, r=8)
+    compiled = torch.compile(model, fullgraph=True)  # a graph break (an untraceable hook) raises here
+    assert torch.allclose(compiled(x), model(x), atol=1e-5) and handle.tokens_per_layer == [65, 57, 49]
+    handle.r = 0
+    assert torch.allclose(compiled(x), model(x), atol=1e-5) and handle.tokens_per_layer == [65, 65, 65]
