@@ -16,8 +16,6 @@ outside the press, which would need those masks, raises. Batches must be unpadde
 
 from __future__ import annotations
 
-import functools
-import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
+from ..call_arguments import layer_argument, with_layer_argument
 from ..merging import contiguous_spans, merge_mass, spans_along_time
 from ..primitives import weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
@@ -107,31 +106,6 @@ def gathered_positions(attention: nn.Module, kwargs: dict, positions: Tensor) ->
         raise UnsupportedAttentionError(unsupported_message(attention, why))
     out["cache_position"] = gathered[0]
     return out
-
-
-@functools.cache
-def _slot(layer_type: type, name: str) -> int | None:
-    """Where a decoder layer's forward takes the argument ``name`` among its positional ones (Gemma 4's
-    ``per_layer_input``, second; Gemma 3n passes ``position_embeddings`` by position), or None."""
-    names = [n for n in inspect.signature(layer_type.forward).parameters if n != "self"]
-    return names.index(name) if name in names else None
-
-
-def layer_argument(block: nn.Module, args: tuple, kwargs: dict, name: str) -> Any:
-    """The argument ``name`` a decoder layer was called with, by keyword or by position (None: not given)."""
-    if name in kwargs:
-        return kwargs[name]
-    slot = _slot(type(block), name)
-    return args[slot] if slot is not None and len(args) > slot else None
-
-
-def with_layer_argument(block: nn.Module, args: tuple, kwargs: dict, name: str, value: Any) -> tuple:
-    """``args`` with the argument ``name`` set to ``value`` where the call passed it (a keyword: in ``kwargs``)."""
-    slot = _slot(type(block), name)
-    if name in kwargs or slot is None or len(args) <= slot:
-        kwargs[name] = value
-        return args
-    return (*args[:slot], value, *args[slot + 1 :])
 
 
 def position_mask(q_pos: Tensor, k_pos: Tensor, window: int | None, dtype: torch.dtype) -> Tensor:

@@ -10,6 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from quickmerge.call_arguments import layer_argument  # noqa: E402
 from quickmerge.text import SUPPORTED_ARCHITECTURES, QuickMergeInputPress, QuickMergePress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
 from quickmerge.text.decoder import (  # noqa: E402
@@ -26,7 +27,6 @@ from quickmerge.text.decoder import (  # noqa: E402
     rotate,
     sliding_window_of,
 )
-from quickmerge.text.input_press import layer_argument  # noqa: E402
 from quickmerge.text.latent import attended_keys  # noqa: E402
 from quickmerge.text.scoring import observe  # noqa: E402
 from tests.text.test_input_press import (  # noqa: E402

@@ -29,7 +29,6 @@ Hooks between those pieces:
 
 from __future__ import annotations
 
-import inspect
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +39,7 @@ from torch import Tensor, nn
 from .pooling import LastOutput, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import block_end_hook, block_start_hook, norm_merge_hook, residual_merge_hooks
-from .rotary import rotary_table_hook
+from .rotary import check_takes_table, rotary_table_hook
 
 # module of each family -> its pre-trained base class
 _FAMILIES = {
@@ -98,10 +97,8 @@ class HFViTAdapter:
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
             raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2/v3 encoder layers to patch")
-        if hasattr(base, "rope_embeddings") and not all(
-                "position_embeddings" in inspect.signature(x.forward).parameters for x in layers):
-            raise TypeError(f"{type(model).__name__}'s layers take no 'position_embeddings', the rotary table "
-                            "quickmerge merges with the tokens")
+        if hasattr(base, "rope_embeddings"):  # DINOv3
+            check_takes_table(layers, "position_embeddings")
         attention_implementation(base.config)
         return layers
 

@@ -11,12 +11,21 @@ patches' positions; a token that stands for one patch keeps its own rotation exa
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
+from ...call_arguments import layer_argument, takes_argument, with_layer_argument
 from .protocol import BlockMerger, Removable
+
+
+def check_takes_table(blocks: list[nn.Module], name: str) -> None:
+    """Raise TypeError (before any hook) unless every block's forward takes the rotary table ``name``: a release that
+    renamed it must not leave the table unmerged."""
+    missing = [i for i, block in enumerate(blocks) if not takes_argument(block, name)]
+    if missing:
+        raise TypeError(f"block {missing[0]} ({type(blocks[missing[0]]).__name__}) takes no {name!r}, the rotary "
+                        "table quickmerge merges with the tokens")
 
 
 def rotary_table_hook(block: nn.Module, name: str, merger: BlockMerger,
@@ -26,26 +35,15 @@ def rotary_table_hook(block: nn.Module, name: str, merger: BlockMerger,
     when given (for hooks that rotate the captured queries and keys themselves).
 
     Register it after the hook whose ``merger.begin`` starts the pass (hooks run in registration order)."""
-    parameters = list(inspect.signature(block.forward).parameters)
-    if name not in parameters:
-        raise TypeError(f"{type(block).__name__}.forward takes no {name!r}, the rotary table quickmerge merges")
-    position = parameters.index(name)
 
-    def merged(table: Any) -> Any:
+    def block_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        table = layer_argument(block, args, kwargs, name)
         if isinstance(table, tuple):
-            return tuple(merger.mean_over_patches(t) for t in table)
-        return merger.mean_over_patches(table) if isinstance(table, Tensor) else table
-
-    def block_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if name in kwargs:
-            table = kwargs[name] = merged(kwargs[name])
-        elif len(args) > position:
-            table = merged(args[position])
-            args = (*args[:position], table, *args[position + 1:])
-        else:
-            table = None
+            table = tuple(merger.mean_over_patches(t) for t in table)
+        elif isinstance(table, Tensor):
+            table = merger.mean_over_patches(table)
         if state is not None:
             state["table"] = table
-        return args, kwargs
+        return (args if table is None else with_layer_argument(block, args, kwargs, name, table)), kwargs
 
     return block.register_forward_pre_hook(block_pre, with_kwargs=True)

@@ -17,7 +17,6 @@ refused there (the fused path, the default, adds it as any timm ViT does).
 
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 
 from .instance import GridGuard
 from .protocol import BlockMerger, Removable
-from .rotary import rotary_table_hook
+from .rotary import check_takes_table, rotary_table_hook
 from .timm_vit import WeightedPool, attach_block
 
 _REQUIRED = ("norm1", "attn", "norm2", "mlp", "drop_path2")
@@ -62,10 +61,8 @@ class TimmEvaAdapter:
         if not blocks or len(found) != len(blocks):
             raise TypeError(f"{type(model).__name__}: {len(found)} of {len(blocks)} blocks have norm1, attn (with "
                             "q_norm / k_norm), norm2, mlp and drop_path2, where quickmerge hooks")
+        check_takes_table(found, "rope")
         for i, block in enumerate(found):
-            if "rope" not in inspect.signature(block.forward).parameters:
-                raise TypeError(f"block {i} ({type(block).__name__}) takes no 'rope', the rotary table quickmerge "
-                                "merges with the tokens")
             prefix = getattr(block.attn, "num_prefix_tokens", None)
             if prefix != model.num_prefix_tokens:
                 raise TypeError(f"block {i}'s attention leaves {prefix} tokens unrotated, the model has "

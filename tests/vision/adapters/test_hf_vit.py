@@ -122,7 +122,7 @@ def test_dinov3_layers_taking_no_rotary_table_are_refused_untouched():
     model = tiny("DINOv3ViTModel", "sdpa")
     layers = model.layer if hasattr(model, "layer") else model.model.layer
     layers[1].forward = lambda hidden_states, attention_mask=None, rotary=None: hidden_states  # a renamed argument
-    with pytest.raises(TypeError, match="take no 'position_embeddings'"):
+    with pytest.raises(TypeError, match=r"block 1 \(DINOv3ViTLayer\) takes no 'position_embeddings'"):
         quickmerge.patch(model)
     assert model.config._attn_implementation == "sdpa"
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
