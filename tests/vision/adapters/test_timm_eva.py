@@ -268,3 +268,19 @@ def test_torch_compile_traces_the_rotary_hooks_whole():
     assert torch.allclose(compiled(x), model(x), atol=1e-5) and handle.tokens_per_layer == [65, 57, 49]
     handle.r = 0
     assert torch.allclose(compiled(x), model(x), atol=1e-5) and handle.tokens_per_layer == [65, 65, 65]
+
+
+def test_a_table_that_is_not_one_row_per_patch_is_refused_by_name():
+    model = tiny_eva()
+    errors = []
+
+    def ask(_m, _args):  # in block 1, after block 0 merged: a table of the wrong length, and one with too many dims
+        for table in (torch.zeros(5, 32), torch.zeros(1, 1, 1, 64, 32)):
+            with pytest.raises(ValueError, match=r"a per-patch table must be \[\.\.\., 64, D\]") as caught:
+                handle.mean_over_patches(table)
+            errors.append(caught.value)
+
+    model.blocks[1].register_forward_pre_hook(ask)
+    with quickmerge.patch(model, r=8) as handle:
+        model(torch.randn(1, 3, SIZE, SIZE))
+    assert len(errors) == 2
