@@ -17,7 +17,7 @@ from ..primitives import weighted_mean
 
 def bipartite_round(
     metric: Tensor, r: int, *, protect_first: bool = False, penalty: Tensor | None = None,
-    cost_scale: Tensor | None = None,
+    cost_scale: Tensor | None = None, padding: Tensor | None = None,
 ) -> Tensor:
     """One matching round: new index ``[B, T]`` in ``[0, T - r)`` of each of T tokens.
 
@@ -30,6 +30,9 @@ def bipartite_round(
         cost_scale: ``[B, T]`` non-negative factors; when given, an edge's score is minus its cost
             ``(1 - cos_ab) * (1 + cost_scale_a + cost_scale_b)``: each A token's partner is its
             cheapest B token, the r cheapest edges merge (QuickMerge++'s scaled rule).
+        padding: ``[B, T]`` bool, tokens that stand for no patch (a batch padded to one length): an
+            A token of padding is merged before any other (that costs nothing) and a real A token
+            never takes one as its match (its merges must not depend on what padding holds).
     """
     b, t, _ = metric.shape
     if r <= 0:
@@ -40,6 +43,8 @@ def bipartite_round(
     if r > ta:
         raise ValueError(f"r must be at most ceil(T/2)={ta}, got {r}")
     scores = torch.matmul(a, bset.transpose(1, 2))
+    if padding is not None:
+        scores.masked_fill_(~padding[:, ::2, None] & padding[:, None, 1::2], float("-inf"))
     if cost_scale is not None:
         c = cost_scale.detach().to(scores.dtype)
         scores.sub_(1.0).mul_((1.0 + c[:, ::2, None]) + c[:, None, 1::2])  # minus the edge cost, in place
@@ -48,6 +53,8 @@ def bipartite_round(
     best, dst = scores.max(dim=-1)
     if penalty is not None:
         best = best - penalty[:, ::2].to(best.dtype)
+    if padding is not None:
+        best = best.masked_fill(padding[:, ::2], float("inf"))
     order = best.argsort(dim=-1, descending=True)
     src, keep = order[:, :r], order[:, r:].sort(dim=-1).values
     kept = ta - r

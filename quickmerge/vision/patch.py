@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
 from ..primitives import group_sum, rank01, weighted_mean
-from .adapters import VisionAdapter, find_adapter, size_bias, supported_families
+from .adapters import VisionAdapter, find_adapter, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
@@ -47,6 +47,9 @@ from .token_scorer import ATTRIBUTE as _SCORER_ATTR
 from .token_scorer import TokenScorer
 
 _HANDLE_ATTR = "_quickmerge_handle"
+# A padding token's weight in a merge: 0 within float32's resolution beside any real token (whose weight is at
+# least 1, or epsilon), yet positive, so a group of padding alone has a mean.
+_PADDING_WEIGHT = 1e-30
 
 
 def _choice(name: str, choices: tuple[str, ...]) -> Any:
@@ -95,7 +98,8 @@ _SETTINGS: dict[str, Any] = {
 class _Pass:
     """What one forward pass carries from block to block."""
 
-    size: Tensor | None = None  # [B, N] original patches per token (None: all ones)
+    size: Tensor | None = None  # [B, N] original patches per token (None: all ones; 0: padding)
+    padded: bool = False  # the batch has padding tokens (size 0), masked by attention_bias
     origin: Tensor | None = None  # [B, N0] current token of each original token (-1: dropped)
     q: Tensor | None = None
     k: Tensor | None = None
@@ -108,8 +112,8 @@ class MergeHandle:
     Attributes that may be changed at any time: ``r``, ``ratio``, ``method``, ``prop_attn``,
     ``trace_source``, ``size_weighted_pool``. After a forward pass: ``tokens_per_layer`` (tokens
     entering each block), ``mean_tokens``, ``sizes`` ``[B, N]`` (patches each output token stands
-    for; None when nothing merged) and with ``trace_source`` the ``source`` map ``[B, N0]`` (final
-    token of each input token, -1 if dropped).
+    for; None when nothing merged; 0 for padding) and with ``trace_source`` the ``source`` map ``[B, N0]``
+    (final token of each input token, -1 if dropped).
     """
 
     def __init__(self, model: nn.Module, adapter: VisionAdapter, num_layers: int, num_prefix_tokens: int) -> None:
@@ -134,6 +138,7 @@ class MergeHandle:
         self.tokens_per_layer: list[int] = []
         self.source: Tensor | None = None
         self.sizes: Tensor | None = None
+        self.padded = False  # whether the last pass's batch had padding (sizes 0 there)
         self._pass = _Pass()
         self._hooks: list[Any] = []
         self._observers: list[Any] = []  # f(layer, q, k, scale) per block, before merging (calibration)
@@ -218,16 +223,44 @@ class MergeHandle:
         self.tokens_per_layer = []
         # the current token of every input token: the source map, and the patches a rotary table averages over
         self._pass = _Pass(origin=torch.arange(n, device=x.device).expand(b, n))
-        self.source, self.sizes = None, None
+        self.source, self.sizes, self.padded = None, None, False
+
+    def set_padding(self, valid: Tensor) -> None:
+        """Mark this pass's padding tokens (``valid [B, N]`` bool, False = padding; prefix tokens must be valid).
+
+        Called by an adapter right after :meth:`begin`, for models that pad a batch of images of different
+        sizes to one length (SigLIP 2's NaFlex). A padding token gets size 0: it weighs nothing in a merge or a
+        pool, it is merged (or dropped) before any real token, since that costs nothing, and
+        :meth:`attention_bias` masks it in every block from then on, in place of the model's own mask, which
+        was made for the unmerged tokens (:meth:`has_padding`)."""
+        st = self._pass
+        if st.origin is None or st.size is not None:
+            raise RuntimeError("set_padding must be called at the start of a pass, after begin and before a merge")
+        if valid.dtype != torch.bool or tuple(valid.shape) != tuple(st.origin.shape):
+            raise ValueError(f"valid must be a bool mask of shape {tuple(st.origin.shape)} (one entry per token of the "
+                             f"first block's input), got {valid.dtype} {tuple(valid.shape)}")
+        st.size, st.padded = valid.to(torch.float32), True
+
+    def has_padding(self) -> bool:
+        """Whether this pass masks padding: the adapter then replaces the model's own attention mask with
+        :meth:`attention_bias` rather than adding the two."""
+        return self._pass.padded
 
     def enter_block(self, x: Tensor) -> None:
         self.tokens_per_layer.append(x.shape[1])
 
     def attention_bias(self, x: Tensor) -> Tensor | None:
-        """Additive mask ``[B, 1, 1, N]`` = log(size) for proportional attention, or None."""
-        if not self.prop_attn or self._pass.size is None:
+        """Additive mask ``[B, 1, 1, N]``: log(size) for proportional attention (-inf on padding), 0 / -inf for
+        padding alone without it, else None."""
+        bias = self._key_bias()
+        return None if bias is None else bias.to(x.dtype)[:, None, None, :]
+
+    def _key_bias(self) -> Tensor | None:
+        """``[B, N]`` float32 logit bias of each key: log(size), or 0 / -inf marking padding, or None."""
+        st = self._pass
+        if st.size is None or not (self.prop_attn or st.padded):
             return None
-        return size_bias(self._pass.size, x.dtype)
+        return st.size.log() if self.prop_attn else torch.where(st.size > 0, 0.0, float("-inf"))
 
     def record_qk(self, q: Tensor | None = None, k: Tensor | None = None, scale: float | None = None) -> None:
         """Queries/keys ``[B, H, N, hd]`` of the current block's attention."""
@@ -253,6 +286,7 @@ class MergeHandle:
             return None
         size = st.size if st.size is not None else x.new_ones(b, n, dtype=torch.float32)
         weight = size[:, p:]
+        padding = (weight == 0) if st.padded else None  # merged or dropped before any real token
         if self.method in ("quickmerge", "tome"):
             if st.k is None:
                 raise RuntimeError("the attention's keys were not captured; the adapter's hooks did not run")
@@ -262,15 +296,19 @@ class MergeHandle:
             else:
                 metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
-            log_size = size.log() if self.prop_attn and st.size is not None else None
+            log_size = self._key_bias()
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
-                sal = attention_saliency(st.q, keys, st.scale, log_size, source)[:, p:]  # gradient is NaN at p = 0)
+                sal = attention_saliency(st.q, keys, st.scale, log_size, source,
+                                         valid=(size > 0) if st.padded else None)[:, p:]  # gradient is NaN at p = 0)
             keep = self.scorer(layer, x[:, p:]) if self.scorer is not None else None
             if self.epsilon < 1.0:
                 weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))
             if self.temperature is not None and self.matching == "bipartite" and self.model.training \
                     and torch.is_grad_enabled():
+                if st.padded:
+                    raise ValueError("merge-aware training (temperature) does not take padded batches: pass "
+                                     "images of one size without a padding mask, or train without temperature")
                 scaled = self.saliency_rule == "scaled"
                 merged, dst = relaxed_bipartite_merge(
                     x[:, p:], weight, metric, None if scaled else removal_penalty(sal, self.saliency_weight, keep), r,
@@ -278,17 +316,21 @@ class MergeHandle:
                     cost_scale=scaled_cost(sal, self.saliency_weight, keep) if scaled else None)
                 return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
-                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep, self.saliency_rule)
+                dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep, self.saliency_rule,
+                                                  padding)
             else:
-                dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep, rule=self.saliency_rule)
+                dst = quickmerge_assign(metric, sal, r, self.saliency_weight, keep_score=keep, rule=self.saliency_rule,
+                                        padding=padding)
         elif self.method == "tome":
-            dst = tome_assign(metric, r)
+            dst = tome_assign(metric, r, padding)
         elif self.method == "random":
-            dst = random_assign(b, m, r, x.device, self.generator)
+            dst = random_assign(b, m, r, x.device, self.generator, padding)
         elif self.method == "pool":
             dst = pool_assign(b, m, r, x.device)
         else:
             raise AssertionError(self.method)  # unreachable: validated on assignment
+        if padding is not None:  # a group of padding alone still needs a weight to average by
+            weight = weight.clamp_min(_PADDING_WEIGHT)
         merged, _ = weighted_mean(x[:, p:], weight, dst, m - r)
         return self._finish(x, merged, dst, size, r)
 
@@ -333,17 +375,20 @@ class MergeHandle:
 
     def end(self) -> None:
         """End of a forward pass: publish sizes and source map, drop references."""
-        self.sizes = self._pass.size
+        self.sizes, self.padded = self._pass.size, self._pass.padded
         if self.trace_source:
             self.source = self._pass.origin
         self._pass = _Pass()
 
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for an average-pooling head over the output tokens ``x [B, N, C]``: each token's
-        size, so the mean is the one over the original patches; None when unweighted means are right (nothing
-        merged, ``size_weighted_pool`` off) or ``x`` is not the last pass's output."""
-        if not self.size_weighted_pool or self.sizes is None or tuple(self.sizes.shape) != tuple(x.shape[:2]):
+        size, so the mean is the one over the original patches (with ``size_weighted_pool`` off, 1 per real
+        token and 0 on padding); None when unweighted means are right (nothing merged, ``size_weighted_pool``
+        off without padding) or ``x`` is not the last pass's output."""
+        if self.sizes is None or tuple(self.sizes.shape) != tuple(x.shape[:2]):
             return None
+        if not self.size_weighted_pool:
+            return (self.sizes > 0).float() if self.padded else None
         return self.sizes
 
     # lifetime -------------------------------------------------------------------------------

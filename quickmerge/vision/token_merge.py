@@ -39,7 +39,8 @@ _PAIRS_PER_CHUNK = 1 << 20
 
 
 def attention_saliency(
-    q: Tensor, k: Tensor, scale: float, log_size: Tensor | None, source: str = "cls", num_queries: int = 16
+    q: Tensor, k: Tensor, scale: float, log_size: Tensor | None, source: str = "cls", num_queries: int = 16,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Entropy-weighted attention received by each key, ``[B, N]`` summing to 1 per image.
 
@@ -47,13 +48,22 @@ def attention_saliency(
         q, k: ``[B, H, N, hd]`` queries and keys of the layer (after any qk-norm).
         scale: the attention's logit scale. log_size: ``[B, N]`` proportional-attention bias or None.
         source: ``"cls"`` uses the class token's query only; ``"queries"`` uses ``num_queries``
-            queries spread evenly over the sequence (recomputed, so fused attention stays usable).
+            queries spread evenly over the sequence (recomputed, so fused attention stays usable), over
+            the real tokens only where ``valid [B, N]`` (bool, False = padding) is given; ``log_size`` must
+            then mask the padding keys (-inf there).
     Each (head, query) distribution is weighted by ``1 - H/log N`` (H its entropy), so focused
     heads and queries count more than diffuse ones.
     """
     n = k.shape[2]
     if source == "cls":
         qs = q[:, :, :1]
+    elif source == "queries" and valid is not None:
+        m = min(num_queries, n)
+        real = valid.sum(dim=1, keepdim=True)  # [B, 1]
+        order = (~valid).to(torch.uint8).argsort(dim=1, stable=True)  # real tokens first, in order
+        spread = torch.arange(m, device=q.device) * (real - 1).clamp_min(0) // max(m - 1, 1)  # [B, m]
+        index = order.gather(1, spread)  # [B, m] evenly spread over each image's real tokens
+        qs = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     elif source == "queries":
         qs = q[:, :, torch.linspace(0, n - 1, min(num_queries, n), device=q.device).long()]
     else:
@@ -62,13 +72,15 @@ def attention_saliency(
     if log_size is not None:
         logits = logits + log_size[:, None, None, :].float()
     p = logits.softmax(dim=-1)
-    weight = focus(p, n).clamp_min(1e-6)  # [B, H, M]
+    support = n if valid is None else valid.sum(dim=1)[:, None, None]  # keys a query may attend to
+    weight = focus(p, support).clamp_min(1e-6)  # [B, H, M]
     received = attention_received(p.flatten(1, 2), weight.flatten(1, 2))  # [B, N]
     return received / weight.sum(dim=(1, 2))[:, None]
 
 
 def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float,
-                                keep_score: Tensor | None = None, rule: str = "additive") -> Tensor:
+                                keep_score: Tensor | None = None, rule: str = "additive",
+                                padding: Tensor | None = None) -> Tensor:
     """Bipartite variant: ToMe's alternating sets, saliency entering each edge by ``rule``.
 
     ``"additive"``: the edge's cosine similarity lowered by ``saliency_weight`` times the source's saliency rank (and
@@ -77,10 +89,13 @@ def quickmerge_bipartite_assign(metric: Tensor, saliency: Tensor, r: int, salien
     ``(1 - cos_ab) * (1 + w n (s_a + s_b))`` (``s`` sums to about 1 over the ``n`` tokens, so ``n s`` is 1 for a
     token of average saliency): a merge costs what it changes in what the class token reads, so a salient pair
     of near-duplicates may still merge. Measured closer to the unmerged model's outputs at large r (BENCHMARKS.md).
+    ``padding [B, n]`` (bool): tokens that stand for no patch, as in
+    :func:`~quickmerge.baselines.tome.bipartite_round`.
     """
     if rule == "scaled":
-        return bipartite_round(metric, r, cost_scale=scaled_cost(saliency, saliency_weight, keep_score))
-    return bipartite_round(metric, r, penalty=removal_penalty(saliency, saliency_weight, keep_score))
+        cost_scale = scaled_cost(saliency, saliency_weight, keep_score)
+        return bipartite_round(metric, r, cost_scale=cost_scale, padding=padding)
+    return bipartite_round(metric, r, penalty=removal_penalty(saliency, saliency_weight, keep_score), padding=padding)
 
 
 def scaled_cost(saliency: Tensor, saliency_weight: float, keep_score: Tensor | None = None) -> Tensor:
@@ -99,7 +114,7 @@ def removal_penalty(saliency: Tensor, saliency_weight: float, keep_score: Tensor
 
 def quickmerge_assign(
     metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, *, return_removed: bool = False,
-    keep_score: Tensor | None = None, rule: str = "additive",
+    keep_score: Tensor | None = None, rule: str = "additive", padding: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """QuickMerge++ grouping: ``dst [B, n]`` into ``n - r`` groups (kept tokens in order).
 
@@ -107,17 +122,20 @@ def quickmerge_assign(
     ``keep_score [B, n]`` (learned) lowers a token's removal score further. ``rule`` as in
     :func:`quickmerge_bipartite_assign`: ``"scaled"`` ranks every pair by minus its cost
     ``(1 - cos_ij) * (1 + w n (s_i + s_j))`` instead of its cosine, with no separate penalty.
+    ``padding [B, n]`` (bool): tokens that stand for no patch: removed before any other, never a real token's
+    match or target.
     """
     b, n, _ = metric.shape
     step = max(1, _PAIRS_PER_CHUNK // (n * n)) if metric.device.type == "cpu" else max(1, b)
     parts = [_greedy_groups(metric[i : i + step], saliency[i : i + step], r, saliency_weight,
-                            None if keep_score is None else keep_score[i : i + step], rule) for i in range(0, b, step)]
+                            None if keep_score is None else keep_score[i : i + step], rule,
+                            None if padding is None else padding[i : i + step]) for i in range(0, b, step)]
     dst = torch.cat([part[0] for part in parts])
     return (dst, torch.cat([part[1] for part in parts])) if return_removed else dst
 
 
 def _greedy_groups(metric: Tensor, saliency: Tensor, r: int, saliency_weight: float, keep_score: Tensor | None,
-                   rule: str) -> tuple[Tensor, Tensor]:
+                   rule: str, padding: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`quickmerge_assign` on one chunk of images: ``(dst [b, n], removed [b, r])``."""
     b, n, _ = metric.shape
     mn = F.normalize(metric.detach().float(), dim=-1)  # sets indices only: no gradient to carry
@@ -128,6 +146,8 @@ def _greedy_groups(metric: Tensor, saliency: Tensor, r: int, saliency_weight: fl
         penalty = torch.zeros_like(c)
     else:
         penalty = removal_penalty(saliency, saliency_weight, keep_score).float()
+    if padding is not None:  # a real token's redundancy and target are real tokens
+        sim.masked_fill_(~padding[:, :, None] & padding[:, None, :], float("-inf"))
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     redundancy, nearest = sim.max(dim=-1)
     removal = redundancy - penalty
@@ -137,6 +157,8 @@ def _greedy_groups(metric: Tensor, saliency: Tensor, r: int, saliency_weight: fl
     mutual = nearest.gather(1, nearest) == index
     partner_goes = (partner > removal) | ((partner == removal) & (nearest > index))  # ties: the later one goes
     removal = removal.masked_fill(mutual & partner_goes, float("-inf"))
+    if padding is not None:  # after the mutual rule: two padding tokens may both go, whatever they join
+        removal = removal.masked_fill(padding, float("inf"))
     removed = removal.topk(r, dim=-1).indices  # [B, r]
     is_removed = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, removed, True)
     group_of_kept = (~is_removed).long().cumsum(dim=1) - 1  # rank among kept tokens
@@ -146,15 +168,20 @@ def _greedy_groups(metric: Tensor, saliency: Tensor, r: int, saliency_weight: fl
     return group_of_kept.scatter(1, removed, group_of_kept.gather(1, target)), removed
 
 
-def tome_assign(metric: Tensor, r: int) -> Tensor:
-    """ToMe's bipartite soft matching; ``r`` is capped at half the tokens by the caller."""
-    return bipartite_round(metric, r)
+def tome_assign(metric: Tensor, r: int, padding: Tensor | None = None) -> Tensor:
+    """ToMe's bipartite soft matching; ``r`` is capped at half the tokens by the caller; ``padding [B, n]``
+    (bool) as in :func:`~quickmerge.baselines.tome.bipartite_round`."""
+    return bipartite_round(metric, r, padding=padding)
 
 
-def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
-    """Drop r random tokens: ``dst`` is the rank among kept tokens, -1 for dropped ones."""
-    noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
-    dropped = noise.to(device).topk(r, dim=-1).indices
+def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch.Generator | None,
+                  padding: Tensor | None = None) -> Tensor:
+    """Drop r random tokens: ``dst`` is the rank among kept tokens, -1 for dropped ones; ``padding [B, n]``
+    (bool) is dropped before any real token."""
+    noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device).to(device)
+    if padding is not None:
+        noise = noise.masked_fill(padding, 2.0)  # above every uniform draw
+    dropped = noise.topk(r, dim=-1).indices
     keep = torch.ones(b, n, dtype=torch.bool, device=device).scatter_(1, dropped, False)
     return torch.where(keep, keep.long().cumsum(dim=1) - 1, torch.full_like(dropped[:, :1], -1).expand(b, n))
 

@@ -55,3 +55,21 @@ def test_tiny_inputs_with_a_protected_first_token_terminate_at_k(n, k):
     assert merged.shape == (2, k, 4) and torch.equal(sizes.sum(-1), torch.full((2,), n))
     assert (assignment[:, 0] == 0).all()
     assert torch.allclose(merged, naive_group_means(x, torch.ones(2, n), assignment, k), atol=1e-9)
+
+
+def test_padding_goes_first_and_is_never_a_real_tokens_match():
+    torch.manual_seed(0)
+    x = torch.randn(4, 20, 6)
+    padding = torch.zeros(4, 20, dtype=torch.bool)
+    padding[:, 12:] = True  # 4 padding tokens in each set
+    idx = bipartite_round(x, 6, padding=padding)
+    a = idx[:, ::2]
+    merged_a = a >= 10 - 6  # A tokens that went into a B token
+    assert merged_a[:, 6:].all()  # every padding A token merged, whatever its match
+    assert merged_a[:, :6].sum(1).eq(2).all()  # the remaining two merges are real
+    real_matches = a[:, :6][merged_a[:, :6]] - (10 - 6)  # their B tokens
+    assert (real_matches < 6).all()  # real B tokens (B index 6.. are padding)
+    x[padding] = 1e3 * torch.randn(int(padding.sum()), 6)  # what padding holds changes no real token's group
+    again = bipartite_round(x, 6, padding=padding)
+    assert torch.equal(again[:, :12], idx[:, :12])
+    assert not torch.equal(bipartite_round(x, 6), idx)  # without the mask it does

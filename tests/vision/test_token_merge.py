@@ -230,3 +230,33 @@ def test_greedy_matching_chunks_images_on_a_cpu_only(monkeypatch, device):
     dst = token_merge.quickmerge_assign(x, sal, 9, 0.5)
     # a GPU (any device but a CPU) gains no cache hits from chunks, only launches: the batch goes at once
     assert seen == ([2, 2, 2, 1] if device == "cpu" else [7]) and dst.shape == (7, 20)
+
+
+def test_padding_is_removed_first_never_decides_and_saliency_reads_real_queries():
+    torch.manual_seed(0)
+    b, n, real = 3, 24, 15
+    metric, sal = torch.randn(b, n, 8), torch.rand(b, n)
+    padding = torch.zeros(b, n, dtype=torch.bool)
+    padding[:, real:] = True
+    noisy = metric.clone()
+    noisy[padding] = 1e3 * torch.randn(int(padding.sum()), 8)
+    # what padding holds changes no real token's group
+    groups = quickmerge_bipartite_assign(metric, sal, 12, 0.5, padding=padding)
+    assert torch.equal(quickmerge_bipartite_assign(noisy, sal, 12, 0.5, padding=padding)[:, :real], groups[:, :real])
+    greedy = quickmerge_assign(metric, sal, 12, 0.5, padding=padding)
+    assert torch.equal(quickmerge_assign(noisy, sal, 12, 0.5, padding=padding)[:, :real], greedy[:, :real])
+    assert not torch.equal(quickmerge_assign(noisy, sal, 12, 0.5)[:, :real], greedy[:, :real])
+    _, removed = quickmerge_assign(metric, sal, 9, 0.5, padding=padding, return_removed=True)
+    assert torch.equal(removed.sort(1).values, torch.arange(real, n).expand(b, -1))  # all padding, nothing else
+    dst = random_assign(b, n, 9, torch.device("cpu"), torch.Generator().manual_seed(0), padding)
+    assert (dst[:, real:] == -1).all() and (dst[:, :real] >= 0).all()
+    # saliency: padding keys masked by the bias, queries spread over the real tokens only
+    h, d = 2, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    bias = torch.where(padding, float("-inf"), 0.0)
+    s = attention_saliency(q, k, 0.3, bias, "queries", num_queries=5, valid=~padding)
+    q2 = q.clone()
+    q2[:, :, real:] = 1e3 * torch.randn(b, h, n - real, d)
+    assert torch.equal(attention_saliency(q2, k, 0.3, bias, "queries", num_queries=5, valid=~padding), s)
+    assert (s[:, real:] == 0).all() and torch.allclose(s.sum(1), torch.ones(b))
+    assert not torch.equal(attention_saliency(q2, k, 0.3, bias, "queries", num_queries=5), s)

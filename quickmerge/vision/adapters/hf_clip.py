@@ -1,4 +1,4 @@
-"""Hugging Face CLIP and SigLIP vision towers (the image encoders of vision-language models).
+"""Hugging Face CLIP, SigLIP and SigLIP 2 vision towers (the image encoders of vision-language models).
 
 ``CLIPEncoderLayer`` and ``SiglipEncoderLayer`` run ``h = x + self_attn(layer_norm1(x))`` then
 ``h + mlp(layer_norm2(h))``: the residual merge of :mod:`.residual` with ``layer_norm2`` (where
@@ -11,12 +11,22 @@ attending over the tokens, ``torch.nn.MultiheadAttention``) gets log(size) as it
 the proportional attention of the blocks, so it pools over the original patches. Up to
 transformers 5.2x the tower sits in ``model.vision_model``; newer releases put its parts on the
 model itself.
+
+SigLIP 2 (NaFlex) pads a batch of images of different aspect ratios to one length and passes a
+padding mask ``[B, N]`` (``pixel_attention_mask``): a pre-hook on the tower keeps it and the first
+layer's pre-hook hands it to the merger (:meth:`~quickmerge.vision.patch.MergeHandle.set_padding`),
+which gives the padding size 0: merged first, weightless, and masked by the attention bias that
+replaces the model's own mask in every layer (made for the unmerged tokens). The pooling head gets
+the same: its mask argument is dropped and the head's attention masks the padding by size.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from ...call_arguments import layer_argument, takes_argument, with_layer_argument
 from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
@@ -27,16 +37,20 @@ _CLASSES = {
     "transformers.models.clip.modeling_clip": ("CLIPVisionModel", "CLIPVisionModelWithProjection",
                                                "CLIPVisionTransformer"),
     "transformers.models.siglip.modeling_siglip": ("SiglipVisionModel", "SiglipVisionTransformer"),
+    "transformers.models.siglip2.modeling_siglip2": ("Siglip2VisionModel", "Siglip2VisionTransformer"),
 }
+# what the SigLIP 2 tower's forward calls its padding mask [B, N]: 5.2x's transformer, later releases' model
+_PADDING_ARGUMENTS = ("pixel_attention_mask", "attention_mask")
 
 
 class HFCLIPAdapter:
-    """Hugging Face ``CLIPVisionModel`` (with or without projection) and ``SiglipVisionModel``, and the towers of
-    ``CLIPModel`` / ``SiglipModel`` (their ``vision_model``)."""
+    """Hugging Face ``CLIPVisionModel`` (with or without projection), ``SiglipVisionModel`` and
+    ``Siglip2VisionModel``, and the towers of ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (their
+    ``vision_model``)."""
 
-    name = "Hugging Face CLIP / SigLIP vision tower"
+    name = "Hugging Face CLIP / SigLIP / SigLIP 2 vision tower"
     tested_classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "CLIPVisionTransformer",
-                      "SiglipVisionTransformer")
+                      "SiglipVisionTransformer", "Siglip2VisionModel", "Siglip2VisionTransformer")
 
     def matches(self, model: nn.Module) -> bool:
         return any(c.__name__ in _CLASSES.get(c.__module__, ()) for c in type(model).__mro__)
@@ -56,6 +70,12 @@ class HFCLIPAdapter:
         if not layers or not all(all(hasattr(layer, p) for p in parts) for layer in layers):
             raise TypeError(f"{type(model).__name__} has no CLIP/SigLIP encoder layers to patch")
         attention_implementation(tower(model).config)
+        if _is_siglip2(model):
+            _padding_argument(tower(model))  # a release renaming the mask must not leave the padding unmasked
+            head = getattr(tower(model), "head", None)
+            if head is not None and not takes_argument(head, "attention_mask"):
+                raise TypeError(f"{type(head).__name__}'s forward takes no 'attention_mask', the padding mask "
+                                "quickmerge replaces for merged tokens")
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
@@ -66,7 +86,54 @@ class HFCLIPAdapter:
         head = getattr(tower(model), "head", None)
         if isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
             hooks += _proportional_pooling(tower(model).post_layernorm, head.attention, merger)
+        if _is_siglip2(model):
+            hooks += _padding_hooks(tower(model), blocks[0], head, merger)
         return hooks
+
+
+def _is_siglip2(model: nn.Module) -> bool:
+    return any(c.__module__ == "transformers.models.siglip2.modeling_siglip2" for c in type(tower(model)).__mro__)
+
+
+def _padding_argument(module: nn.Module) -> str:
+    """The name under which the SigLIP 2 tower ``module`` takes its padding mask; TypeError if none."""
+    for name in _PADDING_ARGUMENTS:
+        if takes_argument(module, name):
+            return name
+    raise TypeError(f"{type(module).__name__}'s forward takes none of {_PADDING_ARGUMENTS}, the padding mask "
+                    "quickmerge needs to keep padding out of merges")
+
+
+def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | None,
+                   merger: BlockMerger) -> list[Removable]:
+    """Hooks handing a SigLIP 2 tower's padding mask to ``merger`` and keeping it from the pooling head.
+
+    The tower's pre-hook keeps the mask ``[B, N]`` it was called with; the first layer's pre-hook (after the
+    one that begins the pass) passes it on when the pass merges (otherwise the model runs as unpatched). The
+    head's pre-hook drops its mask argument for the last pass's merged tokens: the hook on the head's
+    attention (:func:`_proportional_pooling`) masks the padding by size instead."""
+    name = _padding_argument(vision)
+    state: dict[str, Any] = {"mask": None}
+
+    def vision_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        state["mask"] = layer_argument(vision, args, kwargs, name)
+
+    def block_pre(_m: nn.Module, _args: tuple) -> None:
+        mask, state["mask"] = state["mask"], None
+        if mask is not None and merger.merges():
+            merger.set_padding(mask.to(first_block.layer_norm1.weight.device).bool())
+
+    hooks = [vision.register_forward_pre_hook(vision_pre, with_kwargs=True),
+             first_block.register_forward_pre_hook(block_pre)]
+    if head is not None:
+        def head_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            hidden = args[0] if args else kwargs.get("hidden_state")
+            if not merger.padded or hidden is None or merger.pooling_weights(hidden) is None:
+                return None
+            return with_layer_argument(head, args, kwargs, "attention_mask", None), kwargs
+
+        hooks.append(head.register_forward_pre_hook(head_pre, with_kwargs=True))
+    return hooks
 
 
 def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,

@@ -137,9 +137,13 @@ def attach_attention_and_layers(
     :func:`.residual.residual_merge_hooks` with ``parts(block) = (norm, branch_end)``, or the older
     ViT layout's hooks where ``parts`` gives None."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(ATTENTION_NAME, _merged_attention)
+    # transformers builds a padding mask only for implementations its mask registry knows (else it silently
+    # passes none): the wrapped implementation's mask is built for this one
+    AttentionMaskInterface.register(ATTENTION_NAME, _wrapped_implementation_mask)
     original = attention_implementation(config)
     if merger.prop_attn:
         check_float_mask(original)
@@ -154,7 +158,28 @@ def attach_attention_and_layers(
         hooks += _attach_vit_layer(layer, i, merger) if found is None else residual_merge_hooks(
             layer, i, merger, *found)
     config._attn_implementation_internal = ATTENTION_NAME
+    _WRAPPED[id(config)] = original
     return [*hooks, _RestoreAttention(config, original, attentions)]
+
+
+# id(config) -> the attention implementation quickmerge wraps, for each patched model's config
+_WRAPPED: dict[int, str] = {}
+
+
+def _wrapped_implementation_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
+    """transformers' mask function for a patched config: for a padding mask, the one of the implementation
+    quickmerge wraps (``eager``: a float mask, ``sdpa``: a boolean one), so the model's masks are what unpatched
+    it gets; without padding none (a full mask of the unmerged length, flex attention's, would not fit the merged
+    tokens; an encoder attends everywhere either way)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if kwargs.get("attention_mask") is None:
+        return None
+    original = _WRAPPED.get(id(config))
+    if original is None:
+        raise RuntimeError(f"attention implementation {ATTENTION_NAME!r} asked for a mask for a config quickmerge "
+                           "has not patched")
+    return ALL_MASK_ATTENTION_FUNCTIONS[original](*args, config=config, **kwargs)
 
 
 def attention_implementation(config: Any) -> str:
@@ -180,6 +205,7 @@ class _RestoreAttention:
 
     def remove(self) -> None:
         self.config._attn_implementation_internal = self.original
+        _WRAPPED.pop(id(self.config), None)
         for module in self.modules:
             if hasattr(module, _STATE_ATTR):
                 delattr(module, _STATE_ATTR)
@@ -241,12 +267,14 @@ def _merged_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tens
     bias = merger.attention_bias(query)
     if bias is not None:
         check_float_mask(implementation)  # prop_attn may have been turned on after patching
-        attention_mask = bias if attention_mask is None else attention_mask + bias
+        # with padding the model's mask is the padding's, made for the unmerged tokens: the bias masks it itself
+        attention_mask = bias if attention_mask is None or merger.has_padding() else attention_mask + bias
     return inner(module, query, key, value, attention_mask, dropout=dropout, **kwargs)
 
 
 def check_float_mask(implementation: str) -> None:
-    """Raise unless ``implementation`` adds a float mask to the attention logits (proportional attention)."""
+    """Raise unless ``implementation`` adds a float mask to the attention logits (proportional attention; the
+    one padded family, SigLIP 2, has no flex attention)."""
     if implementation not in TAKES_FLOAT_MASK:
         raise ValueError(
             f"proportional attention (prop_attn=True) adds log(size) to the attention logits as a float mask, "

@@ -6,8 +6,10 @@ calls ``attach`` with a :class:`BlockMerger` (the patch's handle). The adapter's
 call the merger at fixed points of every block's forward pass:
 
 1. ``begin(x)`` at the start of the first block, ``enter_block(x)`` at each block's start;
+   for a batch padded to one length, ``set_padding(valid)`` right after ``begin``;
 2. ``attention_bias(x)`` for the additive mask of the block's attention (proportional
-   attention), and ``record_qk(q, k, scale)`` with the attention's queries and keys;
+   attention; with padding it masks the padding and replaces the model's own mask,
+   ``has_padding()``), and ``record_qk(q, k, scale)`` with the attention's queries and keys;
 3. ``merge(layer, x)`` on the residual stream after attention, before the MLP (it returns
    the merged stream, or None when nothing merges); the block must then carry on with it;
 4. ``mean_over_patches(table)`` for a block's rotary table (models with rotary position
@@ -36,10 +38,19 @@ class BlockMerger(Protocol):
 
     num_layers: int
     prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
+    padded: bool  # whether the last finished pass had padding (its sizes are 0 there)
 
     def begin(self, x: Tensor) -> None: ...
 
     def enter_block(self, x: Tensor) -> None: ...
+
+    def set_padding(self, valid: Tensor) -> None:
+        """``valid [B, N]`` (bool, False = padding) for the first block's tokens; right after ``begin``."""
+        ...
+
+    def has_padding(self) -> bool:
+        """Whether this pass masks padding (``attention_bias`` then replaces the model's mask)."""
+        ...
 
     def attention_bias(self, x: Tensor) -> Tensor | None: ...
 
