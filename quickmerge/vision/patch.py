@@ -499,6 +499,12 @@ def patch(
         towers = [name for name in ("visual", "vision_model")
                   if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
         hint = f"; its image tower is supported: quickmerge.patch(model.{towers[0]})" if towers else ""
+        if towers and type(model).__name__.endswith("ForImageClassification"):
+            # the head averages the tower's tokens inside the model's own forward, where no hook reaches
+            hint += (f", but {type(model).__name__} averages the tower's tokens in its own forward, unweighted by "
+                     "the patches each merged token stands for (SigLIP 2's with a padding mask made for the unmerged "
+                     f"tokens): pool model.{towers[0]}'s last_hidden_state by handle.sizes "
+                     "(quickmerge.vision.adapters.pooling.mean_by_size) and apply model.classifier to it")
         raise TypeError(
             f"quickmerge.patch supports {supported_families()}; "
             f"got {type(model).__module__}.{type(model).__name__}{hint}"

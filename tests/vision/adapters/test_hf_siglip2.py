@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import quickmerge
+from quickmerge.call_arguments import takes_argument
 from quickmerge.vision.adapters import hf_vit
 from quickmerge.vision.adapters.hf_clip import tower
 
@@ -214,3 +215,28 @@ def test_the_readme_s_naflex_snippet():
     assert torch.equal(handle.sizes.sum(dim=1), real.float())
     assert handle.tokens_per_layer == [16, 14, 12]
 
+
+
+def test_the_classification_wrapper_is_pointed_to_weighted_pooling_and_that_pooling_is_exact():
+    """Siglip2ForImageClassification averages the tower's tokens in its own forward (with the unmerged padding
+    mask): patching it is refused with the way round, and that way gives the head's mean when nothing merges."""
+    from quickmerge.vision.adapters.pooling import mean_by_size
+
+    config = transformers.Siglip2Config(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           patch_size=2, num_patches=PATCHES), num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.Siglip2ForImageClassification(config).eval()
+    with pytest.raises(TypeError, match=r"model.vision_model.*averages the tower's tokens.*mean_by_size"):
+        quickmerge.patch(model)
+    inputs = batch()
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        handle = quickmerge.patch(model.vision_model, r=[1, 0])  # merges the first padding token only
+        tower_takes = takes_argument(model.vision_model, "pixel_attention_mask")
+        mask = "pixel_attention_mask" if tower_takes else "attention_mask"
+        states = model.vision_model(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
+                                    **{mask: inputs["pixel_attention_mask"]}).last_hidden_state
+        pooled = model.classifier(mean_by_size(states, handle.sizes))
+    assert torch.allclose(pooled[1], logits[1], atol=1e-5)  # the padded image: only padding merged
