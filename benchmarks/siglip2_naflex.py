@@ -1,0 +1,258 @@
+"""Token merging in a SigLIP 2 NaFlex tower: batches of images of different aspect ratios, padded to one length.
+
+    python benchmarks/siglip2_naflex.py --out docs/results/siglip2_naflex/siglip2_naflex_merging.json \
+        --plot docs/img/siglip2_naflex_merging.png     # ~30 min training on 2 cores, then ~10 min of evaluation
+
+No pretrained SigLIP 2 can be loaded offline here, so this trains one on Fashion-MNIST first: a Hugging Face
+``Siglip2VisionModel`` (its attention-pooling head) under a linear classifier, fed the way NaFlex feeds it: each
+image cropped to its object (trousers come out tall, sandals wide), then resized by transformers'
+``Siglip2ImageProcessor`` to as many 4x4 patches as fit in 64 at the image's own aspect ratio, and padded to 64
+with a padding mask. AdamW, cosine schedule, label smoothing, random flips and crop jitter; weights and a log go to
+``--model-dir``; an interrupted training resumes from its last epoch.
+
+Then, on the 10,000 test images (padded batches of 250, the padding share reported): top-1, the KL divergence from
+the unmerged model's softmax (nats) and top-1 agreement with it, for QuickMerge++ (``quickmerge``: the defaults;
+``quickmerge-hidden``: tokens compared by the residual stream, ``similarity="hidden"``, the rule chosen on training
+images by ``benchmarks/exploration/siglip2_rules.py``) and ToMe-style matching (``tome``) at ``--r`` tokens per
+block (padding merged first by all, as quickmerge.patch does for any padded batch), each with a 95% paired
+bootstrap interval; and images/s of every setting against the unpatched model, timed interleaved
+(``--timing-rounds`` rounds, the order rotating each round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from quickmerge.data.fashion_mnist import checksums, load_fashion_mnist
+from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+from quickmerge.vision import patch
+
+PATCH, MAX_PATCHES = 4, 64
+METHODS = {"quickmerge": dict(method="quickmerge"), "quickmerge-hidden": dict(method="quickmerge", similarity="hidden"),
+           "tome": dict(method="tome")}
+LABELS = {"quickmerge": "QuickMerge++", "quickmerge-hidden": "QuickMerge++, hidden similarity", "tome": "ToMe-style"}
+ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_channels=3,
+            patch_size=PATCH, num_patches=MAX_PATCHES, attn_implementation="sdpa")
+
+
+class Classifier(nn.Module):
+    """A SigLIP 2 vision tower and a linear layer on its pooled output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import Siglip2VisionConfig, Siglip2VisionModel
+
+        self.tower = Siglip2VisionModel(Siglip2VisionConfig(**ARCH))
+        self.linear = nn.Linear(ARCH["hidden_size"], 10)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.linear(self.tower(**inputs).pooler_output)
+
+
+def naflex(images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """uint8 ``[B, 1, 28, 28]`` -> the processor's padded patches, mask and shapes, each image cropped to its
+    object first (with ``generator``: the crop widened by 0-2 pixels per side at random, half the images flipped)."""
+    from transformers import Siglip2ImageProcessor
+
+    processor = Siglip2ImageProcessor(patch_size=PATCH, max_num_patches=MAX_PATCHES)
+    crops = []
+    for img in images:
+        ys, xs = torch.nonzero(img[0] > 0, as_tuple=True)
+        top, bottom, left, right = ys.min().item(), ys.max().item() + 1, xs.min().item(), xs.max().item() + 1
+        if generator is not None:
+            grow = torch.randint(0, 3, (4,), generator=generator).tolist()
+            top, left = max(0, top - grow[0]), max(0, left - grow[1])
+            bottom, right = min(28, bottom + grow[2]), min(28, right + grow[3])
+        crop = img[:, top:bottom, left:right]
+        if generator is not None and torch.rand(1, generator=generator).item() < 0.5:
+            crop = crop.flip(-1)
+        crops.append(crop.expand(3, -1, -1).numpy())
+    out = processor(images=crops, return_tensors="pt", input_data_format="channels_first")
+    return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+
+
+def train(model_dir: Path, epochs: int, batch_size: int, lr: float, seed: int) -> Classifier:
+    """Train (or resume, or load) the classifier in ``model_dir``."""
+    model_dir.mkdir(parents=True, exist_ok=True)
+    final, state_path, log_path = model_dir / "model.pt", model_dir / "state.pt", model_dir / "train_log.json"
+    torch.manual_seed(seed)
+    model = Classifier()
+    if final.exists():
+        model.load_state_dict(torch.load(final))
+        return model.eval()
+    images, labels = load_fashion_mnist("train")
+    steps_per_epoch = math.ceil(len(images) / batch_size)
+    total, warmup = epochs * steps_per_epoch, 200
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    log, start = [], 0
+    if state_path.exists():
+        state = torch.load(state_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        log, start = state["log"], state["epoch"]
+    for epoch in range(start, epochs):
+        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+        order = torch.randperm(len(images), generator=generator)
+        model.train()
+        began, losses = time.time(), []
+        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}"):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            loss = F.cross_entropy(model(naflex(images[idx], generator)), labels[idx], label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        log.append({"epoch": epoch + 1, "mean_loss": sum(losses) / len(losses), "seconds": time.time() - began})
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "log": log, "epoch": epoch + 1}, state_path)
+    torch.save(model.state_dict(), final)
+    state_path.unlink()
+    log_path.write_text(json.dumps({"architecture": ARCH, "max_num_patches": MAX_PATCHES, "epochs": epochs,
+                                    "batch_size": batch_size, "lr": lr, "seed": seed, "data_sha256": checksums(),
+                                    "log": log}, indent=1))
+    return model.eval()
+
+
+def log_probs(model: Classifier, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([F.log_softmax(model(b).double(), -1) for b in batches])
+
+
+def timed(model: Classifier, batches: list[dict[str, torch.Tensor]], settings: list[dict | None],
+          rounds: int) -> list[float]:
+    """Images/s of each setting (None: unpatched), all timed in each round, the order rotating per round."""
+    seconds = [0.0] * len(settings)
+    images = sum(len(b["pixel_values"]) for b in batches)
+    for k in tqdm(range(rounds), desc="timing rounds"):
+        for j in range(len(settings)):
+            i = (j + k) % len(settings)
+            with torch.no_grad():
+                handle = None if settings[i] is None else patch(model.tower, **settings[i])
+                began = time.perf_counter()
+                for b in batches:
+                    model(b)
+                seconds[i] += time.perf_counter() - began
+                if handle is not None:
+                    handle.remove()
+    return [rounds * images / s for s in seconds]
+
+
+def plot(result: dict, path: Path) -> None:
+    """Top-1 and KL to the unmerged model against the speed-up, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, label in LABELS.items():
+        rows = [r for r in result["rows"] if r["method"] == method]
+        if not rows:
+            continue
+        speed = [r["speedup"] for r in rows]
+        for ax, metric, scale in ((axes[0], "top1", 100), (axes[1], "kl", 1)):
+            ax.errorbar(speed, [scale * r[metric][0] for r in rows],
+                        yerr=[[scale * (r[metric][0] - r[metric][1]) for r in rows],
+                              [scale * (r[metric][2] - r[metric][0]) for r in rows]], marker="o", capsize=3,
+                        label=label)
+    axes[0].axhline(100 * result["unmerged_top1"][0], color="gray", ls="--", label="unmerged")
+    axes[0].set(xlabel="speed-up over the unpatched model", ylabel="top-1 (%)",
+                title="SigLIP 2 NaFlex tower, Fashion-MNIST (test set)")
+    axes[1].set(xlabel="speed-up over the unpatched model", ylabel="KL(unmerged || merged), nats",
+                title="distance from the unmerged model")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model-dir", type=Path, default=Path("results/siglip2_naflex"))
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--r", type=int, nargs="+", default=[2, 4, 6, 8])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--timing-images", type=int, default=2000)
+    parser.add_argument("--timing-rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the figure here (PNG)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = train(args.model_dir, args.epochs, args.batch_size, args.lr, args.seed)
+    images, labels = load_fashion_mnist("test")
+    batches = [naflex(images[i:i + 250]) for i in range(0, len(images), 250)]
+    real = torch.cat([b["pixel_attention_mask"] for b in batches]).sum(1).double()
+    reference = log_probs(model, batches)
+    unmerged_top1 = (reference.argmax(-1) == labels).double().tolist()
+    names = [(m, r) for r in args.r for m in args.methods]
+    settings = [dict(METHODS[m], r=r) for m, r in names]
+    runs = {}
+    for (name, r), s in tqdm(list(zip(names, settings, strict=True)), desc="merging settings"):
+        with patch(model.tower, **s) as handle:
+            merged = log_probs(model, batches)
+            tokens = handle.mean_tokens
+        kl = (reference.exp() * (reference - merged)).sum(-1)
+        runs[f"{name}/r={r}"] = {
+            "method": name, "settings": s, "r": r, "mean_tokens_per_block": tokens, "kl": kl.tolist(),
+            "agreement": (merged.argmax(-1) == reference.argmax(-1)).double().tolist(),
+            "top1": (merged.argmax(-1) == labels).double().tolist()}
+    timing_batches = batches[: max(1, args.timing_images // 250)]
+    speed = timed(model, timing_batches, [None, *settings], args.timing_rounds)
+    rows, comparisons = [], []
+    for run, images_per_s in zip(runs.values(), speed[1:], strict=True):
+        rows.append({k: v for k, v in run.items() if k not in ("kl", "agreement", "top1")}
+                    | {m: bootstrap_mean(run[m]) for m in ("kl", "agreement", "top1")}
+                    | {"top1_minus_unmerged": bootstrap_difference(run["top1"], unmerged_top1),
+                       "images_per_s": images_per_s, "speedup": images_per_s / speed[0]})
+    for r in args.r:
+        for name in (m for m in args.methods if m != "tome" and "tome" in args.methods):
+            qm, tome = runs[f"{name}/r={r}"], runs[f"tome/r={r}"]
+            comparisons.append({"r": r, "what": f"{name} minus tome",
+                                **{m: bootstrap_difference(qm[m], tome[m]) for m in ("kl", "agreement", "top1")}})
+    result = {"command": "python benchmarks/siglip2_naflex.py " + " ".join(
+                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                  for k, v in vars(args).items() if v is not None),
+              "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
+              "tokens_per_image": MAX_PATCHES, "mean_real_patches": real.mean().item(),
+              "padding_share": 1 - real.mean().item() / MAX_PATCHES,
+              "unmerged_top1": bootstrap_mean(unmerged_top1), "unpatched_images_per_s": speed[0],
+              "rows": rows, "comparisons": comparisons,
+              "note": "each entry (mean, low, high): mean over the test images and its 95% bootstrap interval; "
+                      "comparisons are paired over the same images (kl: lower is closer to the unmerged model); "
+                      "images/s from the interleaved timing rounds, speed-up against the unpatched model timed "
+                      "in the same rounds"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if args.plot is not None:
+        plot(result, args.plot)
+    print(f"unmerged top1 {result['unmerged_top1'][0]:.4f}, padding share {result['padding_share']:.3f}")
+    for row in rows:
+        print(f"{row['method']:>17} r={row['r']:<3} tokens {row['mean_tokens_per_block']:.1f} top1 "
+              f"{row['top1'][0]:.4f} KL {row['kl'][0]:.5f} speed-up {row['speedup']:.2f}x")
+    for c in comparisons:
+        print(f"r={c['r']:<3} {c['what']} KL {c['kl'][0]:+.5f} [{c['kl'][1]:+.5f}, {c['kl'][2]:+.5f}] "
+              f"top1 {c['top1'][0]:+.4f} [{c['top1'][1]:+.4f}, {c['top1'][2]:+.4f}]")
+
+
+if __name__ == "__main__":
+    main()
