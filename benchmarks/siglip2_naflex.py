@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from resumable_training import train_epochs
 from torch import nn
 from tqdm import tqdm
 
@@ -90,35 +90,11 @@ def train(model_dir: Path, epochs: int, batch_size: int, lr: float, seed: int) -
         model.load_state_dict(torch.load(final))
         return model.eval()
     images, labels = load_fashion_mnist("train")
-    steps_per_epoch = math.ceil(len(images) / batch_size)
-    total, warmup = epochs * steps_per_epoch, 200
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    log, start = [], 0
-    if state_path.exists():
-        state = torch.load(state_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        log, start = state["log"], state["epoch"]
-    for epoch in range(start, epochs):
-        generator = torch.Generator().manual_seed(seed * 1000 + epoch)
-        order = torch.randperm(len(images), generator=generator)
-        model.train()
-        began, losses = time.time(), []
-        for i in tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}"):
-            idx = order[i * batch_size:(i + 1) * batch_size]
-            loss = F.cross_entropy(model(naflex(images[idx], generator)), labels[idx], label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-        log.append({"epoch": epoch + 1, "mean_loss": sum(losses) / len(losses), "seconds": time.time() - began})
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "log": log, "epoch": epoch + 1}, state_path)
+    def loss(idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return F.cross_entropy(model(naflex(images[idx], generator)), labels[idx], label_smoothing=0.1)
+
+    log = train_epochs(model, state_path, samples=len(images), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+                       loss=loss, clip_grad_norm=1.0)
     torch.save(model.state_dict(), final)
     state_path.unlink()
     log_path.write_text(json.dumps({"architecture": ARCH, "max_num_patches": MAX_PATCHES, "epochs": epochs,
