@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
 from ..primitives import group_sum, rank01, weighted_mean
-from .adapters import VisionAdapter, find_adapter, supported_families
+from .adapters import VisionAdapter, find_adapter, size_bias, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
@@ -252,15 +252,16 @@ class MergeHandle:
     def attention_bias(self, x: Tensor) -> Tensor | None:
         """Additive mask ``[B, 1, 1, N]``: log(size) for proportional attention (-inf on padding), 0 / -inf for
         padding alone without it, else None."""
-        bias = self._key_bias()
-        return None if bias is None else bias.to(x.dtype)[:, None, None, :]
+        weights = self._key_weights()
+        return None if weights is None else size_bias(weights, x.dtype)
 
-    def _key_bias(self) -> Tensor | None:
-        """``[B, N]`` float32 logit bias of each key: log(size), or 0 / -inf marking padding, or None."""
+    def _key_weights(self) -> Tensor | None:
+        """``[B, N]`` float32 weights whose log each key's logit gets: sizes (proportional attention; padding 0), 1
+        per real token and 0 on padding without it, or None (no bias)."""
         st = self._pass
         if st.size is None or not (self.prop_attn or st.padded):
             return None
-        return st.size.log() if self.prop_attn else torch.where(st.size > 0, 0.0, float("-inf"))
+        return st.size if self.prop_attn else (st.size > 0).float()
 
     def record_qk(self, q: Tensor | None = None, k: Tensor | None = None, scale: float | None = None) -> None:
         """Queries/keys ``[B, H, N, hd]`` of the current block's attention."""
@@ -296,7 +297,8 @@ class MergeHandle:
             else:
                 metric = keys.mean(dim=1)[:, p:]  # [B, m, hd] keys averaged over heads, as ToMe
         if self.method == "quickmerge":
-            log_size = self._key_bias()
+            weights = self._key_weights()
+            log_size = None if weights is None else weights.log()
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
                 sal = attention_saliency(st.q, keys, st.scale, log_size, source,
