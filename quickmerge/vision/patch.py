@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
 from ..primitives import group_sum, rank01, weighted_mean
-from .adapters import VisionAdapter, find_adapter, size_bias, supported_families
+from .adapters import VisionAdapter, find_adapter, mean_by_size, size_bias, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
@@ -138,6 +138,7 @@ class MergeHandle:
         self.tokens_per_layer: list[int] = []
         self.source: Tensor | None = None
         self.sizes: Tensor | None = None
+        self._last_origin: Tensor | None = None  # the last pass's source map, kept for expand_to_patches
         self.padded = False  # whether the last pass's batch had padding (sizes 0 there)
         self._pass = _Pass()
         self._hooks: list[Any] = []
@@ -223,7 +224,7 @@ class MergeHandle:
         self.tokens_per_layer = []
         # the current token of every input token: the source map, and the patches a rotary table averages over
         self._pass = _Pass(origin=torch.arange(n, device=x.device).expand(b, n))
-        self.source, self.sizes, self.padded = None, None, False
+        self.source, self.sizes, self.padded, self._last_origin = None, None, False, None
 
     def set_padding(self, valid: Tensor) -> None:
         """Mark this pass's padding tokens (``valid [B, N]`` bool, False = padding; prefix tokens must be valid).
@@ -378,6 +379,7 @@ class MergeHandle:
     def end(self) -> None:
         """End of a forward pass: publish sizes and source map, drop references."""
         self.sizes, self.padded = self._pass.size, self._pass.padded
+        self._last_origin = None if self.sizes is None else self._pass.origin
         if self.trace_source:
             self.source = self._pass.origin
         self._pass = _Pass()
@@ -392,6 +394,21 @@ class MergeHandle:
         if not self.size_weighted_pool:
             return (self.sizes > 0).float() if self.padded else None
         return self.sizes
+
+    def expand_to_patches(self, x: Tensor) -> Tensor | None:
+        """The last pass's output tokens ``x [B, N, C]`` put back on the pass's ``N0`` input positions, ``[B, N0, C]``.
+
+        Prefix tokens stay as they are and every patch (padding included) takes the row of the token it was
+        merged into, so a plain mean over the patches is the size-weighted mean of the tokens (an unmerge);
+        a dropped patch (``method="random"``) takes that size-weighted mean, which keeps it so. None when nothing
+        merged or ``x`` is not shaped as the last pass's output."""
+        sizes, origin = self.sizes, self._last_origin
+        if sizes is None or origin is None or tuple(sizes.shape) != tuple(x.shape[:2]):
+            return None
+        p = self.num_prefix_tokens
+        rows = x.gather(1, origin.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
+        dropped_value = mean_by_size(x[:, p:], sizes[:, p:]).to(x.dtype)  # [B, C]
+        return torch.where((origin >= 0)[..., None], rows, dropped_value[:, None])
 
     # lifetime -------------------------------------------------------------------------------
     def remove(self) -> None:
@@ -501,12 +518,6 @@ def patch(
         towers = [name for name in ("visual", "vision_model")
                   if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
         hint = f"; its image tower is supported: quickmerge.patch(model.{towers[0]})" if towers else ""
-        if towers and type(model).__name__.endswith("ForImageClassification"):
-            # the head averages the tower's tokens inside the model's own forward, where no hook reaches
-            hint += (f", but {type(model).__name__} averages the tower's tokens in its own forward, unweighted by "
-                     "the patches each merged token stands for (SigLIP 2's with a padding mask made for the unmerged "
-                     f"tokens): pool model.{towers[0]}'s last_hidden_state by handle.sizes "
-                     "(quickmerge.vision.adapters.pooling.mean_by_size) and apply model.classifier to it")
         raise TypeError(
             f"quickmerge.patch supports {supported_families()}; "
             f"got {type(model).__module__}.{type(model).__name__}{hint}"

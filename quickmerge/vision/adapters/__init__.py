@@ -13,7 +13,7 @@ from torch import nn
 from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
 from .openclip_vit import OpenCLIPViTAdapter
-from .pooling import size_bias
+from .pooling import mean_by_size, size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
@@ -52,6 +52,7 @@ __all__ = [
     "TimmViTAdapter",
     "VisionAdapter",
     "find_adapter",
+    "mean_by_size",
     "register_adapter",
     "size_bias",
     "supported_families",

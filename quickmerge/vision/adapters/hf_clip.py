@@ -18,6 +18,10 @@ layer's pre-hook hands it to the merger (:meth:`~quickmerge.vision.patch.MergeHa
 which gives the padding size 0: merged first, weightless, and masked by the attention bias that
 replaces the model's own mask in every layer (made for the unmerged tokens). The pooling head gets
 the same: its mask argument is dropped and the head's attention masks the padding by size.
+
+``...ForImageClassification`` averages the tower's output tokens in its own forward (SigLIP 2's by
+the unmerged padding mask): within its call the tower's merged tokens are put back on the patch grid
+(every patch the token it was merged into), so that mean is the size-weighted one over the patches.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from ...call_arguments import layer_argument, takes_argument, with_layer_argument
+from ...call_arguments import CallArgument, takes_argument
 from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
@@ -35,22 +39,26 @@ from .protocol import BlockMerger, Removable
 # transformers 5.2x; newer releases put a ...VisionModel there
 _CLASSES = {
     "transformers.models.clip.modeling_clip": ("CLIPVisionModel", "CLIPVisionModelWithProjection",
-                                               "CLIPVisionTransformer"),
-    "transformers.models.siglip.modeling_siglip": ("SiglipVisionModel", "SiglipVisionTransformer"),
-    "transformers.models.siglip2.modeling_siglip2": ("Siglip2VisionModel", "Siglip2VisionTransformer"),
+                                               "CLIPVisionTransformer", "CLIPForImageClassification"),
+    "transformers.models.siglip.modeling_siglip": ("SiglipVisionModel", "SiglipVisionTransformer",
+                                                   "SiglipForImageClassification"),
+    "transformers.models.siglip2.modeling_siglip2": ("Siglip2VisionModel", "Siglip2VisionTransformer",
+                                                     "Siglip2ForImageClassification"),
 }
+# image classifiers: a linear head on the mean of the tower's tokens, taken in the model's own forward
+_CLASSIFIERS = ("CLIPForImageClassification", "SiglipForImageClassification", "Siglip2ForImageClassification")
 # what the SigLIP 2 tower's forward calls its padding mask [B, N]: 5.2x's transformer, later releases' model
 _PADDING_ARGUMENTS = ("pixel_attention_mask", "attention_mask")
 
 
 class HFCLIPAdapter:
     """Hugging Face ``CLIPVisionModel`` (with or without projection), ``SiglipVisionModel`` and
-    ``Siglip2VisionModel``, and the towers of ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (their
-    ``vision_model``)."""
+    ``Siglip2VisionModel``, the towers of ``CLIPModel`` / ``SiglipModel`` / ``Siglip2Model`` (their
+    ``vision_model``), and the three families' ``...ForImageClassification``."""
 
     name = "Hugging Face CLIP / SigLIP / SigLIP 2 vision tower"
     tested_classes = ("CLIPVisionModel", "CLIPVisionModelWithProjection", "SiglipVisionModel", "CLIPVisionTransformer",
-                      "SiglipVisionTransformer", "Siglip2VisionModel", "Siglip2VisionTransformer")
+                      "SiglipVisionTransformer", "Siglip2VisionModel", "Siglip2VisionTransformer", *_CLASSIFIERS)
 
     def matches(self, model: nn.Module) -> bool:
         return any(c.__name__ in _CLASSES.get(c.__module__, ()) for c in type(model).__mro__)
@@ -70,8 +78,13 @@ class HFCLIPAdapter:
         if not layers or not all(all(hasattr(layer, p) for p in parts) for layer in layers):
             raise TypeError(f"{type(model).__name__} has no CLIP/SigLIP encoder layers to patch")
         attention_implementation(tower(model).config)
+        if _is_classifier(model) and not isinstance(getattr(model, "classifier", None), nn.Module):
+            raise TypeError(f"{type(model).__name__} has no classifier module on the tower's pooled tokens")
         if _is_siglip2(model):
             _padding_argument(tower(model))  # a release renaming the mask must not leave the padding unmasked
+            if _is_classifier(model) and not takes_argument(model, "pixel_attention_mask"):
+                raise TypeError(f"{type(model).__name__}'s forward takes no 'pixel_attention_mask', the padding "
+                                "mask its head averages by")
             head = getattr(tower(model), "head", None)
             if head is not None and not takes_argument(head, "attention_mask"):
                 raise TypeError(f"{type(head).__name__}'s forward takes no 'attention_mask', the padding mask "
@@ -88,7 +101,13 @@ class HFCLIPAdapter:
             hooks += _proportional_pooling(tower(model).post_layernorm, head.attention, merger)
         if _is_siglip2(model):
             hooks += _padding_hooks(tower(model), blocks[0], head, merger)
+        if _is_classifier(model):
+            hooks += _patch_grid_output(model, merger)
         return hooks
+
+
+def _is_classifier(model: nn.Module) -> bool:
+    return any(c.__name__ in _CLASSIFIERS for c in type(model).__mro__)
 
 
 def _is_siglip2(model: nn.Module) -> bool:
@@ -112,11 +131,11 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
     one that begins the pass) passes it on when the pass merges (otherwise the model runs as unpatched). The
     head's pre-hook drops its mask argument for the last pass's merged tokens: the hook on the head's
     attention (:func:`_proportional_pooling`) masks the padding by size instead."""
-    name = _padding_argument(vision)
+    padding_mask = CallArgument.of(vision, _padding_argument(vision))
     state: dict[str, Any] = {"mask": None}
 
     def vision_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        state["mask"] = layer_argument(vision, args, kwargs, name)
+        state["mask"] = padding_mask.get(args, kwargs)
 
     def block_pre(_m: nn.Module, _args: tuple) -> None:
         mask, state["mask"] = state["mask"], None
@@ -126,14 +145,59 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
     hooks = [vision.register_forward_pre_hook(vision_pre, with_kwargs=True),
              first_block.register_forward_pre_hook(block_pre)]
     if head is not None:
+        head_mask = CallArgument.of(head, "attention_mask")
+
         def head_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
             hidden = args[0] if args else kwargs.get("hidden_state")
             if not merger.padded or hidden is None or merger.pooling_weights(hidden) is None:
                 return None
-            return with_layer_argument(head, args, kwargs, "attention_mask", None), kwargs
+            return head_mask.replace(args, kwargs, None), kwargs
 
         hooks.append(head.register_forward_pre_hook(head_pre, with_kwargs=True))
     return hooks
+
+
+def _patch_grid_output(model: nn.Module, merger: BlockMerger) -> list[Removable]:
+    """Hooks putting a classifier's merged tokens back on the patch grid before its own forward averages them.
+
+    ``...ForImageClassification`` runs ``classifier(mean(tower(x).last_hidden_state))`` in its forward, where no
+    hook reaches between the two (CLIP's mean over the patch tokens, SigLIP's over all tokens, SigLIP 2's over
+    the real ones by the unmerged padding mask). Within the model's call, the tower's output tokens are expanded
+    to its input positions (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`), each patch carrying
+    the token it was merged into, so each of those means is the size-weighted mean over the original patches.
+    The tower called on its own still returns its merged tokens. With ``size_weighted_pool=False`` the head
+    averages the merged tokens as they are; SigLIP 2's padding mask cannot be applied to those, so a call
+    with one is then refused."""
+    vision = tower(model)
+    padding_mask = CallArgument.of(model, "pixel_attention_mask") if _is_siglip2(model) else None
+    state = {"inside": False}
+
+    def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        if padding_mask is not None and not merger.size_weighted_pool and merger.merges() \
+                and padding_mask.get(args, kwargs) is not None:
+            raise ValueError(f"{type(model).__name__} averages its tokens by the pixel_attention_mask made for "
+                             "the unmerged tokens: with size_weighted_pool=False they stay merged and it cannot; "
+                             "set handle.size_weighted_pool = True, or call it without a mask (no padding)")
+        state["inside"] = True
+
+    def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
+        state["inside"] = False
+
+    def vision_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
+        if not state["inside"] or not merger.size_weighted_pool:
+            return None
+        tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        expanded = merger.expand_to_patches(tokens)
+        if expanded is None:
+            return None
+        if hasattr(out, "last_hidden_state"):
+            out.last_hidden_state = expanded
+            return out
+        return (expanded, *out[1:])
+
+    return [model.register_forward_pre_hook(model_pre, with_kwargs=True),
+            model.register_forward_hook(model_post, with_kwargs=True, always_call=True),
+            vision.register_forward_hook(vision_post)]
 
 
 def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,

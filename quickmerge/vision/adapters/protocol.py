@@ -14,7 +14,8 @@ call the merger at fixed points of every block's forward pass:
    the merged stream, or None when nothing merges); the block must then carry on with it;
 4. ``mean_over_patches(table)`` for a block's rotary table (models with rotary position
    embeddings, :mod:`.rotary`): one row per current token, the mean of its patches' rows;
-5. ``end()`` after the last block.
+5. ``end()`` after the last block; then ``pooling_weights(x)`` or ``expand_to_patches(x)`` for a head
+   that averages the output tokens.
 
 Hooks go between the model's own pieces (never a copied forward, never a class swap) and
 are removed by calling ``remove()`` on what ``attach`` returned.
@@ -39,6 +40,7 @@ class BlockMerger(Protocol):
     num_layers: int
     prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
     padded: bool  # whether the last finished pass had padding (its sizes are 0 there)
+    size_weighted_pool: bool  # whether heads that pool the last tokens weight them by size
 
     def begin(self, x: Tensor) -> None: ...
 
@@ -69,6 +71,12 @@ class BlockMerger(Protocol):
 
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
+        ...
+
+    def expand_to_patches(self, x: Tensor) -> Tensor | None:
+        """The last pass's output ``x [B, N, C]`` back on its ``N0`` input positions (each patch the row of its
+        token), ``[B, N0, C]``, for a head that averages the patches in the model's own forward; None when
+        nothing merged."""
         ...
 
     def mean_over_patches(self, table: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ...call_arguments import layer_argument, takes_argument, with_layer_argument
+from ...call_arguments import CallArgument, takes_argument
 from .protocol import BlockMerger, Removable
 
 
@@ -36,14 +36,16 @@ def rotary_table_hook(block: nn.Module, name: str, merger: BlockMerger,
 
     Register it after the hook whose ``merger.begin`` starts the pass (hooks run in registration order)."""
 
+    argument = CallArgument.of(block, name)
+
     def block_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple:
-        table = layer_argument(block, args, kwargs, name)
+        table = argument.get(args, kwargs)
         if isinstance(table, tuple):
             table = tuple(merger.mean_over_patches(t) for t in table)
         elif isinstance(table, Tensor):
             table = merger.mean_over_patches(table)
         if state is not None:
             state["table"] = table
-        return (args if table is None else with_layer_argument(block, args, kwargs, name, table)), kwargs
+        return (args if table is None else argument.replace(args, kwargs, table)), kwargs
 
     return block.register_forward_pre_hook(block_pre, with_kwargs=True)

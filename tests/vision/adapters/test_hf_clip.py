@@ -156,3 +156,77 @@ def test_matching_by_the_residual_stream_joins_only_copies(cls_name, matching, r
             assert torch.allclose(output(model, x), ref, atol=1e-5)
             handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
             assert not torch.allclose(output(model, x), ref, atol=1e-4)
+
+
+def tiny_classifier(family: str, impl: str = "sdpa") -> torch.nn.Module:
+    vision = dict(image_size=16, patch_size=2, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                  num_attention_heads=4)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    config = getattr(transformers, f"{family}Config")(text_config=text, vision_config=vision, num_labels=5)
+    config.vision_config._attn_implementation = impl
+    torch.manual_seed(0)
+    return getattr(transformers, f"{family}ForImageClassification")(config).eval()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("settings", [dict(method="quickmerge"), dict(method="tome"), dict(method="random")],
+                         ids=lambda s: s["method"])
+@pytest.mark.parametrize("family", ["CLIP", "Siglip"])
+def test_a_classifier_averages_its_merged_tokens_over_the_patches_they_stand_for(family, settings, impl):
+    """CLIP/SigLIPForImageClassification average the tower's tokens in their own forward (CLIP over the patch
+    tokens, SigLIP over all): their logits are the classifier on the size-weighted mean of the merged tokens,
+    those the tower patched on its own returns; random drops tokens, whose patches must not count."""
+    import copy
+
+    from quickmerge.vision.adapters.pooling import mean_by_size
+
+    model, x = tiny_classifier(family, impl), torch.randn(2, 3, 16, 16)
+    alone = copy.deepcopy(model.vision_model)
+    prefix = 1 if family == "CLIP" else 0
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+        handle = quickmerge.patch(model, r=0, seed=0, **settings)
+        assert torch.allclose(model(pixel_values=x).logits, ref, atol=1e-6, rtol=0)
+        handle.r = 12
+        logits = model(pixel_values=x).logits
+        assert handle.tokens_per_layer == [64 + prefix, 52 + prefix, 40 + prefix]
+        tower_handle = quickmerge.patch(alone, r=12, seed=0, **settings)
+        tokens = alone(pixel_values=x).last_hidden_state[:, prefix:]
+        expected = model.classifier(mean_by_size(tokens, tower_handle.sizes[:, prefix:]))
+        assert torch.allclose(logits, expected, atol=1e-5, rtol=0)
+        assert not torch.allclose(logits, ref, atol=1e-3)
+        if settings["method"] == "random":  # 36 of the 64 patches dropped: a plain mean over 64 would differ
+            assert tower_handle.sizes[:, prefix:].sum(dim=1).tolist() == [28.0, 28.0]
+        # the tower called on its own still returns its merged tokens
+        assert model.vision_model(pixel_values=x).last_hidden_state.shape[1] == 28 + prefix
+    quickmerge.unpatch(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["CLIP", "Siglip"])
+def test_a_classifier_without_weighted_pooling_averages_the_merged_tokens_and_trains(family):
+    model, x = tiny_classifier(family), torch.randn(2, 3, 16, 16)
+    prefix = 1 if family == "CLIP" else 0
+    handle = quickmerge.patch(model, r=12, size_weighted_pool=False)
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+        tokens = model.vision_model(pixel_values=x).last_hidden_state[:, prefix:]
+        assert torch.allclose(logits, model.classifier(tokens.mean(dim=1)), atol=1e-5, rtol=0)
+    handle.size_weighted_pool = True
+    model.train()
+    loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, torch.tensor([0, 3]))
+    loss.backward()  # gradients reach the patch embedding through the expansion and every merge
+    grad = tower(model.vision_model).embeddings.patch_embedding.weight.grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_a_classifier_call_that_fails_leaves_its_tower_returning_merged_tokens():
+    model = tiny_classifier("CLIP")
+    quickmerge.patch(model, r=12)
+    with torch.no_grad(), pytest.raises(RuntimeError):
+        model(pixel_values=torch.randn(2, 5, 16, 16))  # five channels: the patch embedding raises
+        # (inside the classifier's call, after its pre-hook ran)
+    with torch.no_grad():
+        assert model.vision_model(pixel_values=torch.randn(2, 3, 16, 16)).last_hidden_state.shape[1] == 29

@@ -217,26 +217,78 @@ def test_the_readme_s_naflex_snippet():
 
 
 
-def test_the_classification_wrapper_is_pointed_to_weighted_pooling_and_that_pooling_is_exact():
-    """Siglip2ForImageClassification averages the tower's tokens in its own forward (with the unmerged padding
-    mask): patching it is refused with the way round, and that way gives the head's mean when nothing merges."""
-    from quickmerge.vision.adapters.pooling import mean_by_size
-
+def tiny_classifier(impl: str = "sdpa") -> torch.nn.Module:
     config = transformers.Siglip2Config(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
                            patch_size=2, num_patches=PATCHES), num_labels=3)
+    config.vision_config._attn_implementation = impl
     torch.manual_seed(0)
-    model = transformers.Siglip2ForImageClassification(config).eval()
-    with pytest.raises(TypeError, match=r"model.vision_model.*averages the tower's tokens.*mean_by_size"):
-        quickmerge.patch(model)
-    inputs = batch()
+    return transformers.Siglip2ForImageClassification(config).eval()
+
+
+def tower_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
+    """The tower called on its own, with the padding mask under the name this release gives it."""
+    mask = "pixel_attention_mask" if takes_argument(model, "pixel_attention_mask") else "attention_mask"
+    return model(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
+                 **{mask: inputs.get("pixel_attention_mask")})
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("method", ["quickmerge", "tome", "random"])
+def test_the_classifier_averages_merged_tokens_over_the_real_patches_they_stand_for(method, impl):
+    """Siglip2ForImageClassification averages the tower's tokens in its own forward by the padding mask of the
+    unmerged tokens: its logits are the classifier on the size-weighted mean of the merged tokens (padding
+    weighs nothing), those the tower patched on its own returns, whatever the padding holds."""
+    import copy
+
+    from quickmerge.vision.adapters.pooling import mean_by_size
+
+    model, inputs = tiny_classifier(impl), batch()
+    alone = copy.deepcopy(model.vision_model)
     with torch.no_grad():
+        ref = model(**inputs).logits
+        handle = quickmerge.patch(model, r=0, method=method, seed=0)
+        assert torch.allclose(model(**inputs).logits, ref, atol=1e-6, rtol=0)
+        handle.r = [4, 3, 3]
         logits = model(**inputs).logits
-        handle = quickmerge.patch(model.vision_model, r=[1, 0])  # merges the first padding token only
-        tower_takes = takes_argument(model.vision_model, "pixel_attention_mask")
-        mask = "pixel_attention_mask" if tower_takes else "attention_mask"
-        states = model.vision_model(pixel_values=inputs["pixel_values"], spatial_shapes=inputs["spatial_shapes"],
-                                    **{mask: inputs["pixel_attention_mask"]}).last_hidden_state
-        pooled = model.classifier(mean_by_size(states, handle.sizes))
-    assert torch.allclose(pooled[1], logits[1], atol=1e-5)  # the padded image: only padding merged
+        assert handle.padded and handle.tokens_per_layer == [16, 12, 9]
+        tower_handle = quickmerge.patch(alone, r=[4, 3, 3], method=method, seed=0)
+        tokens = tower_call(alone, inputs).last_hidden_state
+        assert torch.allclose(logits, model.classifier(mean_by_size(tokens, tower_handle.sizes)), atol=1e-5, rtol=0)
+        assert not torch.allclose(logits, ref, atol=1e-3)
+        handle.configure(seed=0)
+        assert torch.allclose(model(**with_garbage_padding(inputs)).logits, logits, atol=1e-5, rtol=0)
+        assert tower_call(model.vision_model, inputs).last_hidden_state.shape[1] == 6  # on its own: merged
+    quickmerge.unpatch(model)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ref)
+
+
+def test_the_classifier_without_weighted_pooling_refuses_a_mask_before_running():
+    """Its mean by the unmerged mask cannot apply to tokens left merged: refused, unless no mask is passed."""
+    model, inputs = tiny_classifier(), batch()
+    handle = quickmerge.patch(model, r=[4, 3, 3], size_weighted_pool=False)
+    full = {**inputs, "pixel_attention_mask": torch.ones_like(inputs["pixel_attention_mask"])}
+    for mask_given in (inputs, full):
+        with torch.no_grad(), pytest.raises(ValueError, match=r"pixel_attention_mask made for.*size_weighted_pool"):
+            model(**mask_given)
+        assert handle.tokens_per_layer == []  # refused before the tower ran
+    unmasked = {k: v for k, v in inputs.items() if k != "pixel_attention_mask"}
+    with torch.no_grad():  # the head's mean of the merged tokens as they are
+        tokens = tower_call(model.vision_model, unmasked).last_hidden_state
+        assert torch.allclose(model(**unmasked).logits, model.classifier(tokens.mean(dim=1)), atol=1e-5, rtol=0)
+        handle.r = 0  # nothing merges: the mask is the model's business
+        assert model(**full).logits.shape == (2, 3)
+
+
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # signatures read when hooked
+def test_the_patched_classifier_compiles_whole():
+    # ToMe-style matching: QuickMerge++'s rank-weighted scores have near-ties compiled arithmetic may flip
+    model, inputs = tiny_classifier(), batch()
+    quickmerge.patch(model, r=[4, 3, 3], method="tome")
+    with torch.no_grad():
+        eager = model(**inputs).logits
+        compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)

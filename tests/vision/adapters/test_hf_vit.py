@@ -181,6 +181,7 @@ def test_a_dinov2_head_written_otherwise_is_not_changed_blindly():
         assert torch.isfinite(output(model, torch.randn(2, 1, 16, 16))).all()
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # signatures read when hooked
 def test_a_patched_dinov2_head_compiles_whole_and_pools_by_size():
     # the head's check that its input is the plain mean reads data: eager only, so fullgraph tracing succeeds
     # (ToMe-style matching: QuickMerge++'s rank-weighted scores have near-ties that compiled arithmetic can flip

@@ -260,6 +260,7 @@ def test_the_readme_s_rotary_models_patch_whole(name):
         assert torch.equal(model(x), ref)
 
 
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # signatures read when hooked
 def test_torch_compile_traces_the_rotary_hooks_whole():
     model = tiny_eva(**CONFIGS["mixed"])
     x = torch.randn(2, 3, SIZE, SIZE)
