@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -101,6 +101,7 @@ class _Pass:
     size: Tensor | None = None  # [B, N] original patches per token (None: all ones; 0: padding)
     padded: bool = False  # the batch has padding tokens (size 0), masked by attention_bias
     origin: Tensor | None = None  # [B, N0] current token of each original token (-1: dropped)
+    stages: list[tuple[Tensor, Tensor | None]] = field(default_factory=list)  # (origin, size) entering each block
     q: Tensor | None = None
     k: Tensor | None = None
     scale: float = 1.0
@@ -138,7 +139,7 @@ class MergeHandle:
         self.tokens_per_layer: list[int] = []
         self.source: Tensor | None = None
         self.sizes: Tensor | None = None
-        self._last_origin: Tensor | None = None  # the last pass's source map, kept for expand_to_patches
+        self._stages: list[tuple[Tensor, Tensor | None]] | None = None  # the last pass's (origin, size) per stage
         self.padded = False  # whether the last pass's batch had padding (sizes 0 there)
         self._pass = _Pass()
         self._hooks: list[Any] = []
@@ -224,7 +225,7 @@ class MergeHandle:
         self.tokens_per_layer = []
         # the current token of every input token: the source map, and the patches a rotary table averages over
         self._pass = _Pass(origin=torch.arange(n, device=x.device).expand(b, n))
-        self.source, self.sizes, self.padded, self._last_origin = None, None, False, None
+        self.source, self.sizes, self.padded, self._stages = None, None, False, None
 
     def set_padding(self, valid: Tensor) -> None:
         """Mark this pass's padding tokens (``valid [B, N]`` bool, False = padding; prefix tokens must be valid).
@@ -249,6 +250,7 @@ class MergeHandle:
 
     def enter_block(self, x: Tensor) -> None:
         self.tokens_per_layer.append(x.shape[1])
+        self._pass.stages.append((self._pass.origin, self._pass.size))
 
     def attention_bias(self, x: Tensor) -> Tensor | None:
         """Additive mask ``[B, 1, 1, N]``: log(size) for proportional attention (-inf on padding), 0 / -inf for
@@ -379,7 +381,8 @@ class MergeHandle:
     def end(self) -> None:
         """End of a forward pass: publish sizes and source map, drop references."""
         self.sizes, self.padded = self._pass.size, self._pass.padded
-        self._last_origin = None if self.sizes is None else self._pass.origin
+        st = self._pass
+        self._stages = None if st.size is None else [*st.stages, (st.origin, st.size)]
         if self.trace_source:
             self.source = self._pass.origin
         self._pass = _Pass()
@@ -395,16 +398,28 @@ class MergeHandle:
             return (self.sizes > 0).float() if self.padded else None
         return self.sizes
 
-    def expand_to_patches(self, x: Tensor) -> Tensor | None:
-        """The last pass's output tokens ``x [B, N, C]`` put back on the pass's ``N0`` input positions, ``[B, N0, C]``.
+    def expand_to_patches(self, x: Tensor, stage: int | None = None) -> Tensor | None:
+        """Tokens ``x [B, N, C]`` of the last pass put back on the pass's ``N0`` input positions, ``[B, N0, C]``.
 
-        Prefix tokens stay as they are and every patch (padding included) takes the row of the token it was
-        merged into, so a plain mean over the patches is the size-weighted mean of the tokens (an unmerge);
-        a dropped patch (``method="random"``) takes that size-weighted mean, which keeps it so. None when nothing
-        merged or ``x`` is not shaped as the last pass's output."""
-        sizes, origin = self.sizes, self._last_origin
-        if sizes is None or origin is None or tuple(sizes.shape) != tuple(x.shape[:2]):
+        ``stage``: which tokens ``x`` holds, those entering block ``stage`` (0: the first block's input,
+        ``num_layers``: the last block's output, the default), as a model's ``hidden_states[stage]``. Prefix tokens
+        stay as they are and every patch (padding included) takes the row of the token it was merged into, so a
+        plain mean over the patches is the size-weighted mean of the tokens (an unmerge); a dropped patch
+        (``method="random"``) takes that size-weighted mean, which keeps it so. None when the pass merged nothing;
+        ``x`` itself for a stage before any merge. Raises ValueError if ``x`` has not that stage's token count."""
+        if self._stages is None:
             return None
+        stage = len(self._stages) - 1 if stage is None else stage
+        if not 0 <= stage < len(self._stages):
+            raise ValueError(f"stage must be in [0, {len(self._stages) - 1}] (the blocks' inputs, then the last "
+                             f"block's output), got {stage}")
+        origin, sizes = self._stages[stage]
+        tokens = origin.shape[1] if sizes is None else sizes.shape[1]
+        if tuple(x.shape[:2]) != (origin.shape[0], tokens):
+            raise ValueError(f"stage {stage} of the last pass has {tokens} tokens per image for a batch of "
+                             f"{origin.shape[0]}; got x of shape {tuple(x.shape)}")
+        if sizes is None:
+            return x
         p = self.num_prefix_tokens
         rows = x.gather(1, origin.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
         dropped_value = mean_by_size(x[:, p:], sizes[:, p:]).to(x.dtype)  # [B, C]

@@ -31,7 +31,7 @@ from typing import Any
 from torch import nn
 
 from ...call_arguments import CallArgument, takes_argument
-from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation
+from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation, hidden_states_check
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
 
@@ -103,6 +103,7 @@ class HFCLIPAdapter:
             hooks += _padding_hooks(tower(model), blocks[0], head, merger)
         if _is_classifier(model):
             hooks += _patch_grid_output(model, merger)
+        hooks.append(hidden_states_check(model, merger))
         return hooks
 
 

@@ -54,6 +54,8 @@ _BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")  
 _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
+# backbones whose encoder returns the hidden states they make feature maps of: those go back on the grid
+_STAGE_BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
 ATTENTION_NAME = "quickmerge_vit"
 _STATE_ATTR = "_quickmerge_attention"
 # The model's attention implementations the patch wraps. Flash attention's are not among them: transformers
@@ -70,7 +72,8 @@ class HFViTAdapter:
     name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3"
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
                       "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
-                      "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel")
+                      "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel",
+                      *_STAGE_BACKBONES)
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
@@ -88,11 +91,16 @@ class HFViTAdapter:
         return activation_checkpointing(model) and model.training
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        if any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
+        if _is_stage_backbone(model):
+            if not isinstance(getattr(model, "encoder", None), nn.Module):
+                raise TypeError(f"{type(model).__name__} has no encoder whose hidden states quickmerge can put back on "
+                                "the patch grid")
+        elif any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
             raise TypeError(
                 f"{type(model).__name__} puts every patch token back on the patch grid (feature maps or pixels), "
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
-                "or ...ForImageClassification), or run this one unpatched")
+                "or ...ForImageClassification, or Dinov2Backbone, whose feature maps it unmerges), or run this one "
+                "unpatched")
         base = _vit(model)
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
@@ -109,7 +117,73 @@ class HFViTAdapter:
             hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
         if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
             hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
+        if _is_stage_backbone(model):
+            hooks.append(_stages_on_the_grid(model.encoder, merger))
+        else:
+            hooks.append(hidden_states_check(model, merger))
         return hooks
+
+
+def hidden_states_check(model: nn.Module, merger: BlockMerger) -> Removable:
+    """Forward hook on a patched model refusing ``hidden_states`` that do not hold each block's merged tokens.
+
+    quickmerge gives a merging block its merged output in a forward hook of its own (the block's code still sums
+    the unmerged stream, without the MLP branch). transformers 5.2 and later record hidden states by forward hooks,
+    which see the merged output (quickmerge's hook runs first); 5.0 records a layer's output inside its
+    forward, before any hook: those would come back of the wrong length and wrong, so they are refused."""
+
+    def model_post(_m: nn.Module, _args: tuple, out: Any) -> None:
+        states = getattr(out, "hidden_states", None)
+        if not states or merger.sizes is None:
+            return
+        expected = [*merger.tokens_per_layer[1:], merger.sizes.shape[1]]
+        if [h.shape[1] for h in states[1:]] != expected:
+            raise RuntimeError(f"{type(model).__name__} recorded hidden states of {[h.shape[1] for h in states]} "
+                               f"tokens where its merged blocks passed on {merger.tokens_per_layer[:1] + expected}: "
+                               "this transformers records each layer's output before quickmerge's hooks replace it "
+                               "with the merged one (as transformers 5.0 does); upgrade to 5.2 or later, or call "
+                               "without output_hidden_states")
+
+    return model.register_forward_hook(model_post)
+
+
+def _is_stage_backbone(model: nn.Module) -> bool:
+    return any(c.__name__ in _STAGE_BACKBONES for c in type(model).__mro__)
+
+
+def _stages_on_the_grid(encoder: nn.Module, merger: BlockMerger) -> Removable:
+    """Forward hook on a backbone's encoder putting its hidden states back on the patch grid.
+
+    A backbone (DINOv2's, under DPT or Depth Anything) reshapes the hidden states of its chosen stages into
+    feature maps ``[B, C, H, W]`` in its own forward, which needs a row for every patch. Entry ``j`` of the
+    encoder's ``hidden_states`` (the tokens entering block ``j``; the last, the last block's output) and
+    ``last_hidden_state`` are expanded to the patch grid, each patch carrying the token it was merged into in that
+    stage (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`; ToMe for Stable Diffusion's unmerge).
+    The blocks themselves still run on the merged tokens."""
+
+    def encoder_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
+        if not hasattr(out, "last_hidden_state"):
+            raise TypeError(f"{type(encoder).__name__} returned a {type(out).__name__}, not a model output whose "
+                            "hidden states quickmerge can put back on the patch grid")
+        last = merger.expand_to_patches(out.last_hidden_state)
+        if last is None:  # nothing merged
+            return None
+        states = getattr(out, "hidden_states", None)
+        if states is not None:
+            if len(states) != merger.num_layers + 1:
+                raise RuntimeError(f"{type(encoder).__name__} returned {len(states)} hidden states for "
+                                   f"{merger.num_layers} blocks; quickmerge expects the blocks' inputs and the last "
+                                   "output")
+            try:
+                out.hidden_states = tuple(merger.expand_to_patches(h, stage=j) for j, h in enumerate(states))
+            except ValueError as error:
+                raise RuntimeError(f"{type(encoder).__name__}'s hidden states do not hold each block's merged tokens "
+                                   f"({error}): this transformers records each layer's output before quickmerge's "
+                                   "hooks replace it with the merged one; upgrade transformers") from error
+        out.last_hidden_state = last
+        return out
+
+    return encoder.register_forward_hook(encoder_post)
 
 
 def activation_checkpointing(model: nn.Module) -> bool:

@@ -41,6 +41,8 @@ class BlockMerger(Protocol):
     prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
     padded: bool  # whether the last finished pass had padding (its sizes are 0 there)
     size_weighted_pool: bool  # whether heads that pool the last tokens weight them by size
+    tokens_per_layer: list[int]  # tokens entering each block in the last pass
+    sizes: Tensor | None  # [B, N] patches per output token of the last pass (None: nothing merged)
 
     def begin(self, x: Tensor) -> None: ...
 
@@ -73,10 +75,10 @@ class BlockMerger(Protocol):
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
         ...
 
-    def expand_to_patches(self, x: Tensor) -> Tensor | None:
-        """The last pass's output ``x [B, N, C]`` back on its ``N0`` input positions (each patch the row of its
-        token), ``[B, N0, C]``, for a head that averages the patches in the model's own forward; None when
-        nothing merged."""
+    def expand_to_patches(self, x: Tensor, stage: int | None = None) -> Tensor | None:
+        """The last pass's tokens ``x [B, N, C]`` entering block ``stage`` (default: the last block's output) back
+        on its ``N0`` input positions (each patch the row of its token), ``[B, N0, C]``, for a head that needs
+        every patch (a mean in the model's own forward, a feature map); None when nothing merged."""
         ...
 
     def mean_over_patches(self, table: Tensor) -> Tensor:

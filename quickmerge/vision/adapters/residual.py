@@ -82,6 +82,8 @@ def residual_merge_hooks(
         block_start_hook(block, index, merger, on_start=clear),
         norm_merge_hook(norm, index, merger, state),
         branch_end.register_forward_hook(branch_hook),
-        block.register_forward_hook(block_hook),
+        # first among the block's forward hooks: any other (transformers' recorder of hidden states, a user's)
+        # sees the merged output, not the block's own sum, which lacks the MLP branch
+        block.register_forward_hook(block_hook, prepend=True),
         block_end_hook(block, index, merger),
     ]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from packaging.version import Version
 
 import quickmerge
 from quickmerge.vision import get_handle
@@ -230,3 +231,23 @@ def test_a_classifier_call_that_fails_leaves_its_tower_returning_merged_tokens()
         # (inside the classifier's call, after its pre-hook ran)
     with torch.no_grad():
         assert model.vision_model(pixel_values=torch.randn(2, 3, 16, 16)).last_hidden_state.shape[1] == 29
+
+
+@pytest.mark.parametrize("cls_name", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_hidden_states_are_the_merged_blocks_inputs_even_after_an_unpatched_run(cls_name):
+    """A model run before patching records hidden states by hooks ahead of quickmerge's (transformers 5.x):
+    they must still see each block's merged output, not the block's own sum of the unmerged length."""
+    model, x = tiny(cls_name, "sdpa"), torch.randn(2, 3, 16, 16)
+    prefix = 1 if cls_name.startswith("CLIP") else 0
+    with torch.no_grad():
+        model(pixel_values=x, output_hidden_states=True)
+        handle = quickmerge.patch(model, r=12)
+        if Version(transformers.__version__) < Version("5.2"):  # records inside each layer's forward: refused
+            counts = ", ".join(str(n + prefix) for n in (64, 64, 52, 40))
+            with pytest.raises(RuntimeError, match=rf"recorded hidden states of \[{counts}\] tokens.*5\.2"):
+                model(pixel_values=x, output_hidden_states=True)
+            return
+        out = model(pixel_values=x, output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [*handle.tokens_per_layer, 28 + prefix]
+    final = out.hidden_states[-1] if prefix else tower(model).post_layernorm(out.hidden_states[-1])  # SigLIP norms
+    assert torch.allclose(final, out.last_hidden_state, atol=1e-6, rtol=0)

@@ -287,8 +287,15 @@ def test_the_classifier_without_weighted_pooling_refuses_a_mask_before_running()
 def test_the_patched_classifier_compiles_whole():
     # ToMe-style matching: QuickMerge++'s rank-weighted scores have near-ties compiled arithmetic may flip
     model, inputs = tiny_classifier(), batch()
-    quickmerge.patch(model, r=[4, 3, 3], method="tome")
+    handle = quickmerge.patch(model, r=[4, 3, 3], method="tome")
     with torch.no_grad():
         eager = model(**inputs).logits
-        compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+        try:
+            compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+        except torch._dynamo.exc.UserError:
+            handle.remove()  # transformers 5.0's position-embedding resize cannot be traced whole, patched or not
+            torch.compiler.reset()
+            with pytest.raises(torch._dynamo.exc.UserError):
+                torch.compile(model, fullgraph=True)(**inputs)
+            pytest.skip("this transformers' SigLIP 2 does not compile whole even unpatched")
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)

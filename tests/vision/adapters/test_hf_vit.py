@@ -199,8 +199,7 @@ def test_a_patched_dinov2_head_compiles_whole_and_pools_by_size():
     assert torch.allclose(compiled, weighted, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "ViTForMaskedImageModeling",
-                                      "DeiTForMaskedImageModeling", "DINOv3ViTBackbone"])
+@pytest.mark.parametrize("cls_name", ["ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "DINOv3ViTBackbone"])
 def test_heads_that_need_the_patch_grid_are_refused(cls_name):
     # merged tokens reshaped onto the grid gave a feature map of the wrong width without an error
     model = tiny(cls_name, "sdpa")
@@ -332,3 +331,112 @@ def test_matching_by_the_residual_stream_joins_only_copies(cls_name, matching, r
         assert handle.tokens_per_layer[-1] < 64
         handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
         assert not torch.allclose(output(model, x)[:, :1], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls_name", ["ViTModel", "Dinov2Model", "Dinov2WithRegistersModel"])
+def test_hidden_states_are_the_merged_blocks_inputs_even_after_an_unpatched_run(cls_name):
+    """transformers (5.x) records hidden states by forward hooks on the layers, installed at the first call: a
+    model run before patching has them ahead of quickmerge's, which then saw the block's own sum, of the unmerged
+    length and without the MLP branch (the merged output replaces it in a hook of quickmerge's)."""
+    model, x = tiny(cls_name, "sdpa"), torch.randn(2, 1, 16, 16)
+    p = PREFIX[family(cls_name)]
+    with torch.no_grad():
+        model(pixel_values=x, output_hidden_states=True)
+        handle = quickmerge.patch(model, r=12)
+        out = model(pixel_values=x, output_hidden_states=True)
+    assert [h.shape[1] for h in out.hidden_states] == [*handle.tokens_per_layer, 28 + p]
+    assert handle.tokens_per_layer == [64 + p, 52 + p, 40 + p]
+    assert torch.allclose(model.layernorm(out.hidden_states[-1]), out.last_hidden_state, atol=1e-6, rtol=0)
+
+
+def tiny_backbone(cls_name: str, impl: str = "sdpa", **extra) -> torch.nn.Module:
+    config = getattr(transformers, f"{family(cls_name)}Config")(
+        image_size=16, patch_size=2, num_channels=1, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        mlp_ratio=2, layerscale_value=0.5, out_features=["stage1", "stage2", "stage3"], attn_implementation=impl,
+        **({"num_register_tokens": 3} if "Registers" in cls_name else {}), **extra)
+    torch.manual_seed(0)
+    return getattr(transformers, cls_name)(config).eval()
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone"])
+def test_a_backbone_s_feature_maps_carry_each_patch_s_merged_token(cls_name, impl):
+    """Dinov2Backbone reshapes the hidden states of its stages into [B, C, 8, 8] maps in its own forward: each
+    patch of stage j's map is the (normed) token it was merged into by block j, every such token on the map."""
+    model, x = tiny_backbone(cls_name, impl), torch.randn(2, 1, 16, 16)
+    p = PREFIX[family(cls_name)]
+    with torch.no_grad():
+        ref = model(pixel_values=x).feature_maps
+        hook_counts = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # 5.24's own
+        handle = quickmerge.patch(model, r=0)
+        assert all(torch.equal(a, b) for a, b in zip(model(pixel_values=x).feature_maps, ref, strict=True))
+        handle.r = 12
+        blocks = []  # each block's merged output, as the next block (or the final norm) receives it
+        hooks = [layer.register_forward_hook(lambda _m, _a, out: blocks.append(out)) for layer in model.encoder.layer]
+        out = model(pixel_values=x, output_hidden_states=True)
+        for hook in hooks:
+            hook.remove()
+    assert [tuple(m.shape) for m in out.feature_maps] == [(2, 32, 8, 8)] * 3
+    assert [h.shape[1] for h in out.hidden_states] == [64 + p] * 4  # on the grid too
+    for stage, (fmap, tokens) in enumerate(zip(out.feature_maps, blocks, strict=True), start=1):
+        normed = model.layernorm(tokens)[:, p:]  # [B, 64 - 12 * stage, C]
+        assert normed.shape[1] == 64 - 12 * stage
+        patches = fmap.flatten(2).transpose(1, 2)  # [B, 64, C]
+        gaps = (patches[:, :, None] - normed[:, None]).abs().amax(dim=-1)  # [B, 64, tokens]
+        assert (gaps.amin(dim=2) < 1e-6).all()  # each patch is one of the stage's tokens
+        assert (gaps.amin(dim=1) < 1e-6).all()  # and each token covers some patch
+    assert not any(torch.allclose(a, b, atol=1e-3) for a, b in zip(out.feature_maps[1:], ref[1:], strict=True))
+    quickmerge.unpatch(model)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()] == hook_counts
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(pixel_values=x).feature_maps, ref, strict=True))
+
+
+def test_merging_copies_leaves_a_backbone_s_feature_maps_exact():
+    """Identical patches merged with their sizes leave every token's state as it was: back on the grid, every
+    stage's map is the unmerged model's (proportional attention, and the unmerge of each stage)."""
+    model = tiny_backbone("Dinov2Backbone")
+    with torch.no_grad():
+        model.embeddings.position_embeddings.zero_()
+        x = torch.full((2, 1, 16, 16), 0.7)
+        ref = model(pixel_values=x).feature_maps
+        with quickmerge.patch(model, r=20, method="pool") as handle:
+            out = model(pixel_values=x).feature_maps
+            assert handle.tokens_per_layer == [65, 45, 25]
+    for merged, unmerged in zip(out, ref, strict=True):
+        assert torch.allclose(merged, unmerged, atol=1e-5, rtol=0)
+
+
+def test_depth_anything_runs_on_its_patched_backbone():
+    """Depth Anything reassembles its backbone's hidden states (with the class token, not reshaped) by the patch
+    grid: patching model.backbone gives it every patch back."""
+    backbone = transformers.Dinov2Config(image_size=16, patch_size=2, num_channels=3, hidden_size=32,
+                                         num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2,
+                                         layerscale_value=0.5, out_indices=[1, 2, 3, 4], reshape_hidden_states=False)
+    config = transformers.DepthAnythingConfig(backbone_config=backbone, reassemble_hidden_size=32, patch_size=2,
+                                              neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16,
+                                              head_hidden_size=8)
+    torch.manual_seed(0)
+    model, x = transformers.DepthAnythingForDepthEstimation(config).eval(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(pixel_values=x).predicted_depth
+        handle = quickmerge.patch(model.backbone, r=0)
+        assert torch.equal(model(pixel_values=x).predicted_depth, ref)
+        handle.r = 8
+        depth = model(pixel_values=x).predicted_depth
+    assert handle.tokens_per_layer == [65, 57, 49, 41]
+    assert depth.shape == ref.shape and torch.isfinite(depth).all()
+
+
+def test_expanding_a_stage_checks_its_index_and_token_count():
+    model = tiny_backbone("Dinov2Backbone")
+    handle = quickmerge.patch(model, r=12)
+    with torch.no_grad():
+        model(pixel_values=torch.randn(2, 1, 16, 16))
+    tokens = torch.randn(2, 53, 32)
+    assert handle.expand_to_patches(tokens, stage=1).shape == (2, 65, 32)
+    assert handle.expand_to_patches(torch.randn(2, 65, 32), stage=0).shape == (2, 65, 32)  # before any merge
+    with pytest.raises(ValueError, match=r"stage must be in \[0, 3\]"):
+        handle.expand_to_patches(tokens, stage=4)
+    with pytest.raises(ValueError, match=r"stage 2 of the last pass has 41 tokens per image for a batch of 2"):
+        handle.expand_to_patches(tokens, stage=2)

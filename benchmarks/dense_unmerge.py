@@ -1,0 +1,260 @@
+"""Dense prediction from merged tokens: a per-pixel segmentation read off the tokens put back on the patch grid.
+
+    python benchmarks/dense_unmerge.py --out docs/results/issue11/dense_unmerge.json \
+        --plot docs/img/dense_unmerge.png        # ~2 min head training, then ~10 min of evaluation on 2 cores
+
+A merged ViT has fewer tokens than patches, so a dense head (segmentation, depth) needs them back on the grid:
+``handle.expand_to_patches(tokens)`` gives every patch the token it was merged into (what ``quickmerge.patch`` does
+inside Dinov2Backbone, DPT and Depth Anything). No pretrained dense model or dense dataset is obtainable here, so the
+task is built from real images: each of Fashion-MNIST's 28x28 pixels is background (value 0) or belongs to the
+image's garment class (11 classes in all). The shipped reference ViT (90.85%; 196 patch tokens of 2x2 pixels, 6
+blocks) stays frozen; a linear head on each final patch token predicts its 2x2 pixels, trained on the unmerged
+model's tokens of ``--train-images`` training images (AdamW, cross-entropy over pixels).
+
+Then, on the 10,000 test images and the same run, for QuickMerge++ (defaults) and ToMe-style matching at each
+``--r``: pixel accuracy (mean over images) and mean IoU over the 11 classes (from the summed confusion matrix), each
+with a 95% bootstrap interval over images, and the paired differences QuickMerge++ minus ToMe-style and merged minus
+unmerged; images/s of the whole dense pass (tokens, unmerge, head) against the unpatched model, timed interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+from quickmerge.pretrained.fashion_vit import load_fashion_vit
+from quickmerge.vision import patch
+
+CLASSES = 11  # background, then the 10 garment classes
+GRID, PATCH = 14, 2
+METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome")}
+LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}
+BATCH = 500
+
+
+def pixel_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``[N, 28, 28]`` long: 0 where the uint8 image is 0, else 1 + the image's class."""
+    return torch.where(images[:, 0] > 0, labels[:, None, None] + 1, 0)
+
+
+def patch_tokens(model: torch.nn.Module, images: torch.Tensor, handle=None) -> torch.Tensor:
+    """``[B, 196, C]`` the final (normed) patch tokens on the patch grid, row-major; merged tokens unmerged."""
+    tokens = model.forward_features(normalize(images))
+    if handle is not None:
+        grid = handle.expand_to_patches(tokens)
+        tokens = tokens if grid is None else grid
+    return tokens[:, model.num_prefix_tokens:]
+
+
+def pixel_logits(head: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, 196, C]`` patch tokens -> ``[B, 11, 28, 28]`` pixel logits (each token predicts its 2x2 pixels)."""
+    b = tokens.shape[0]
+    out = head(tokens).view(b, GRID, GRID, PATCH, PATCH, CLASSES)
+    return out.permute(0, 5, 1, 3, 2, 4).reshape(b, CLASSES, GRID * PATCH, GRID * PATCH)
+
+
+def train_head(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epochs: int,
+               lr: float) -> tuple[torch.nn.Linear, list[float]]:
+    with torch.no_grad():
+        feats = torch.cat([patch_tokens(model, images[i:i + BATCH]) for i in
+                           tqdm(range(0, len(images), BATCH), desc="head features")])
+    torch.manual_seed(0)
+    head = torch.nn.Linear(feats.shape[-1], PATCH * PATCH * CLASSES)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    steps = epochs * ((len(images) + 255) // 256)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in tqdm(range(epochs), desc="head epochs"):
+        total = 0.0
+        for idx in torch.randperm(len(images), generator=gen).split(256):
+            loss = F.cross_entropy(pixel_logits(head, feats[idx]), targets[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+        losses.append(total / len(images))
+    return head.eval(), losses
+
+
+def confusions(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[B, 11, 11]`` per-image confusion counts (rows: true class)."""
+    b = target.shape[0]
+    index = (target.view(b, -1) * CLASSES + pred.view(b, -1))
+    return F.one_hot(index, CLASSES * CLASSES).sum(dim=1).view(b, CLASSES, CLASSES).float()
+
+
+def miou(conf: torch.Tensor) -> torch.Tensor:
+    """``[..., 11, 11]`` summed confusion -> ``[...]`` mean IoU over the classes present."""
+    tp = conf.diagonal(dim1=-2, dim2=-1)
+    union = conf.sum(-1) + conf.sum(-2) - tp
+    iou = tp / union.clamp_min(1)
+    return (iou * (union > 0)).sum(-1) / (union > 0).sum(-1)
+
+
+def bootstrap_miou(conf: torch.Tensor, base: torch.Tensor | None = None, samples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """mIoU of ``conf [N, 11, 11]`` (minus that of ``base`` on the same resampled images) and its 95% interval."""
+    gen = torch.Generator().manual_seed(seed)
+    n = conf.shape[0]
+    counts = torch.stack([torch.bincount(torch.randint(0, n, (n,), generator=gen), minlength=n)
+                          for _ in range(samples)]).double()  # [samples, N] times each image is drawn
+    flat = conf.double().view(n, -1)
+    values = miou((counts @ flat).view(samples, CLASSES, CLASSES))
+    point = miou(flat.sum(0).view(CLASSES, CLASSES))
+    if base is not None:
+        flat_base = base.double().view(n, -1)
+        values = values - miou((counts @ flat_base).view(samples, CLASSES, CLASSES))
+        point = point - miou(flat_base.sum(0).view(CLASSES, CLASSES))
+    low, high = torch.quantile(values, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(point), low, high
+
+
+def evaluate(model, head, images, targets, settings: dict | None) -> dict:
+    handle = None if settings is None else patch(model, **settings)
+    accuracy, confusion, tokens = [], [], []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(images), BATCH):
+                pred = pixel_logits(head, patch_tokens(model, images[i:i + BATCH], handle)).argmax(1)
+                target = targets[i:i + BATCH]
+                accuracy += (pred == target).float().mean(dim=(1, 2)).tolist()
+                confusion.append(confusions(pred, target))
+                if handle is not None:
+                    tokens.append(handle.mean_tokens)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return {"accuracy": accuracy, "confusion": torch.cat(confusion),
+            "mean_tokens": sum(tokens) / len(tokens) if tokens else float(model.patch_embed.num_patches + 1)}
+
+
+def timed(model, head, images, settings: list[dict | None], rounds: int) -> list[float]:
+    """Images/s of the dense pass under each setting (None: unpatched), all in each round, order rotating."""
+    seconds = [0.0] * len(settings)
+    for k in tqdm(range(rounds), desc="timing rounds"):
+        for j in range(len(settings)):
+            i = (j + k) % len(settings)
+            handle = None if settings[i] is None else patch(model, **settings[i])
+            with torch.no_grad():
+                began = time.perf_counter()
+                for s in range(0, len(images), BATCH):
+                    pixel_logits(head, patch_tokens(model, images[s:s + BATCH], handle)).argmax(1)
+                seconds[i] += time.perf_counter() - began
+            if handle is not None:
+                handle.remove()
+    return [rounds * len(images) / s for s in seconds]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for method, label in LABELS.items():
+        rows = [r for r in result["rows"] if r["method"] == method]
+        speed = [r["speedup"] for r in rows]
+        for ax, metric in ((axes[0], "miou"), (axes[1], "pixel_accuracy")):
+            ax.errorbar(speed, [100 * r[metric][0] for r in rows],
+                        yerr=[[100 * (r[metric][0] - r[metric][1]) for r in rows],
+                              [100 * (r[metric][2] - r[metric][0]) for r in rows]],
+                        marker="o", capsize=3, label=label)
+    for ax, metric, name in ((axes[0], "miou", "mean IoU (%)"), (axes[1], "pixel_accuracy", "pixel accuracy (%)")):
+        ax.axhline(100 * result["unmerged"][metric][0], color="gray", ls="--", label="unmerged")
+        ax.set(xlabel="speed-up of the dense pass over the unpatched model", ylabel=name)
+        ax.grid(alpha=0.3)
+    axes[0].set_title("per-pixel segmentation from unmerged tokens")
+    axes[1].set_title("reference ViT (frozen), Fashion-MNIST test set")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--train-images", type=int, default=10000)
+    parser.add_argument("--test-images", type=int, default=10000, help="the first N test images (all: 10000)")
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--r", type=int, nargs="+", default=[8, 16, 24, 28])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--timing-images", type=int, default=2000)
+    parser.add_argument("--timing-rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--plot", type=Path, default=None, help="also draw the figure here (PNG)")
+    args = parser.parse_args()
+    if not 0 < args.train_images <= 60000:
+        parser.error(f"--train-images must be in [1, 60000], got {args.train_images}")
+    if not 0 < args.test_images <= 10000:
+        parser.error(f"--test-images must be in [1, 10000], got {args.test_images}")
+    torch.set_num_threads(args.threads)
+    model = load_fashion_vit().eval()
+    train_images, train_labels = load_fashion_mnist("train")
+    head, losses = train_head(model, train_images[:args.train_images],
+                              pixel_labels(train_images[:args.train_images], train_labels[:args.train_images]),
+                              args.epochs, args.lr)
+    images, labels = load_fashion_mnist("test")
+    images, labels = images[:args.test_images], labels[:args.test_images]
+    targets = pixel_labels(images, labels)
+    unmerged = evaluate(model, head, images, targets, None)
+    names = [(m, r) for r in args.r for m in args.methods]
+    settings = [dict(METHODS[m], r=r) for m, r in names]
+    runs = {(m, r): evaluate(model, head, images, targets, s)
+            for (m, r), s in tqdm(list(zip(names, settings, strict=True)), desc="settings")}
+    speed = timed(model, head, images[:args.timing_images], [None, *settings], args.timing_rounds)
+    rows = []
+    for ((method, r), run), images_per_s in zip(runs.items(), speed[1:], strict=True):
+        row = {"method": method, "r": r, "settings": dict(METHODS[method], r=r), "mean_tokens_per_block":
+               run["mean_tokens"], "pixel_accuracy": bootstrap_mean(run["accuracy"]),
+               "miou": bootstrap_miou(run["confusion"]),
+               "pixel_accuracy_minus_unmerged": bootstrap_difference(run["accuracy"], unmerged["accuracy"]),
+               "miou_minus_unmerged": bootstrap_miou(run["confusion"], unmerged["confusion"]),
+               "images_per_s": images_per_s, "speedup": images_per_s / speed[0]}
+        if method != "tome" and ("tome", r) in runs:
+            tome = runs[("tome", r)]
+            row["minus_tome"] = {"pixel_accuracy": bootstrap_difference(run["accuracy"], tome["accuracy"]),
+                                 "miou": bootstrap_miou(run["confusion"], tome["confusion"])}
+        rows.append(row)
+    result = {"command": "python benchmarks/dense_unmerge.py " + " ".join(
+                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                  for k, v in vars(args).items() if v is not None),
+              "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
+              "head_training_loss_per_epoch": losses,
+              "unmerged": {"pixel_accuracy": bootstrap_mean(unmerged["accuracy"]),
+                           "miou": bootstrap_miou(unmerged["confusion"]), "images_per_s": speed[0]},
+              "rows": rows,
+              "note": "(mean, low, high): the value on the test images and its 95% bootstrap interval over "
+                      "images (mIoU from the summed confusion matrix of each resample); differences paired over "
+                      "the same images; images/s of the dense pass timed interleaved with the unpatched model"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    if args.plot is not None:
+        plot(result, args.plot)
+    u = result["unmerged"]
+    print(f"unmerged: pixel accuracy {u['pixel_accuracy'][0]:.4f} mIoU {u['miou'][0]:.4f}")
+    for row in rows:
+        d = row["miou_minus_unmerged"]
+        line = (f"{row['method']:>10} r={row['r']:<2} tokens {row['mean_tokens_per_block']:.1f} "
+                f"acc {row['pixel_accuracy'][0]:.4f} mIoU {row['miou'][0]:.4f} ({d[0]:+.4f} [{d[1]:+.4f}, "
+                f"{d[2]:+.4f}]) speed-up {row['speedup']:.2f}x")
+        if "minus_tome" in row:
+            t = row["minus_tome"]["miou"]
+            line += f" vs tome mIoU {t[0]:+.4f} [{t[1]:+.4f}, {t[2]:+.4f}]"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
