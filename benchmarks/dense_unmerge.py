@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reporting import command_line, figure, save_figure
 from tqdm import tqdm
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
@@ -156,12 +157,7 @@ def timed(model, head, images, settings: list[dict | None], rounds: int) -> list
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure()
     for method, label in LABELS.items():
         rows = [r for r in result["rows"] if r["method"] == method]
         speed = [r["speedup"] for r in rows]
@@ -173,13 +169,9 @@ def plot(result: dict, path: Path) -> None:
     for ax, metric, name in ((axes[0], "miou", "mean IoU (%)"), (axes[1], "pixel_accuracy", "pixel accuracy (%)")):
         ax.axhline(100 * result["unmerged"][metric][0], color="gray", ls="--", label="unmerged")
         ax.set(xlabel="speed-up of the dense pass over the unpatched model", ylabel=name)
-        ax.grid(alpha=0.3)
     axes[0].set_title("per-pixel segmentation from unmerged tokens")
     axes[1].set_title("reference ViT (frozen), Fashion-MNIST test set")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:
@@ -228,9 +220,7 @@ def main() -> None:
             row["minus_tome"] = {"pixel_accuracy": bootstrap_difference(run["accuracy"], tome["accuracy"]),
                                  "miou": bootstrap_miou(run["confusion"], tome["confusion"])}
         rows.append(row)
-    result = {"command": "python benchmarks/dense_unmerge.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if v is not None),
+    result = {"command": command_line("dense_unmerge.py", args),
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
               "head_training_loss_per_epoch": losses,
               "unmerged": {"pixel_accuracy": bootstrap_mean(unmerged["accuracy"]),

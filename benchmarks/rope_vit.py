@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reporting import command_line, figure, save_figure
 from resumable_training import train_epochs
 from tqdm import tqdm
 
@@ -108,12 +109,7 @@ def log_probs(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 50
 
 def plot(result: dict, path: Path) -> None:
     """Top-1 and KL to the unmerged model against tokens per block, one line per rotation rule / matching."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure()
     lines = sorted({(r["method"], r["rotation"]) for r in result["rows"]})
     for method, rule in lines:
         rows = sorted((r for r in result["rows"] if (r["method"], r["rotation"]) == (method, rule)),
@@ -131,11 +127,7 @@ def plot(result: dict, path: Path) -> None:
                 title="distance from the unmerged model")
     for ax in axes:
         ax.invert_xaxis()
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:
@@ -179,9 +171,7 @@ def main() -> None:
             comparisons.append({"r": r, "what": f"quickmerge/mean minus {other}",
                                 **{m: bootstrap_difference(base[m], runs[other][m]) for m in ("kl", "agreement",
                                                                                               "top1")}})
-    result = {"command": "python benchmarks/rope_vit.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if v is not None),
+    result = {"command": command_line("rope_vit.py", args),
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
               "unmerged_top1": bootstrap_mean(unmerged_top1), "rows": rows, "comparisons": comparisons,
               "note": "each entry (mean, low, high): mean over the test images and its 95% bootstrap interval; "

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reporting import command_line, figure, save_figure
 from siglip2_naflex import ARCH, LABELS, METHODS, naflex, train
 from tqdm import tqdm
 
@@ -115,12 +116,7 @@ def evaluate(classifier: torch.nn.Module, batches: list[dict[str, torch.Tensor]]
 
 def plot(result: dict, path: Path) -> None:
     """KL from the unmerged classifier and top-1 against r: the head's mean by size (solid) and plain (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure()
     for k, (method, label) in enumerate(LABELS.items()):
         rows = [r for r in result["rows"] if r["method"] == method]
         if not rows:
@@ -135,12 +131,7 @@ def plot(result: dict, path: Path) -> None:
                 title="Siglip2ForImageClassification, Fashion-MNIST (test)")
     axes[1].set(xlabel="tokens merged per block (r)", ylabel="KL(unmerged || merged), nats",
                 title="distance from the unmerged classifier")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, axes, path, legend_fontsize=7)
 
 
 def main() -> None:
@@ -192,9 +183,7 @@ def main() -> None:
         if method != "tome" and tome is not None:
             versus_tome.append({"r": r, "what": f"{method} minus tome",
                                 **{m: bootstrap_difference(qm[m], tome[m]) for m in ("kl", "top1")}})
-    result = {"command": "python benchmarks/siglip2_classifier.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if v is not None),
+    result = {"command": command_line("siglip2_classifier.py", args),
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
               "probe_images": args.probe_images, "probe_train_top1": probe_top1,
               "unmerged_top1": bootstrap_mean(unmerged_top1), "rows": rows, "versus_tome": versus_tome,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from reporting import command_line, figure, save_figure
 from resumable_training import train_epochs
 from torch import nn
 from tqdm import tqdm
@@ -129,12 +130,7 @@ def timed(model: Classifier, batches: list[dict[str, torch.Tensor]], settings: l
 
 def plot(result: dict, path: Path) -> None:
     """Top-1 and KL to the unmerged model against the speed-up, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = figure()
     for method, label in LABELS.items():
         rows = [r for r in result["rows"] if r["method"] == method]
         if not rows:
@@ -150,12 +146,7 @@ def plot(result: dict, path: Path) -> None:
                 title="SigLIP 2 NaFlex tower, Fashion-MNIST (test set)")
     axes[1].set(xlabel="speed-up over the unpatched model", ylabel="KL(unmerged || merged), nats",
                 title="distance from the unmerged model")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, axes, path)
 
 
 def main() -> None:
@@ -205,9 +196,7 @@ def main() -> None:
             qm, tome = runs[f"{name}/r={r}"], runs[f"tome/r={r}"]
             comparisons.append({"r": r, "what": f"{name} minus tome",
                                 **{m: bootstrap_difference(qm[m], tome[m]) for m in ("kl", "agreement", "top1")}})
-    result = {"command": "python benchmarks/siglip2_naflex.py " + " ".join(
-                  f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                  for k, v in vars(args).items() if v is not None),
+    result = {"command": command_line("siglip2_naflex.py", args),
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
               "tokens_per_image": MAX_PATCHES, "mean_real_patches": real.mean().item(),
               "padding_share": 1 - real.mean().item() / MAX_PATCHES,
