@@ -379,7 +379,8 @@ class MergeHandle:
         return (sums / counts).view(b, k, lead, d).permute(0, 2, 1, 3).to(table.dtype)
 
     def end(self) -> None:
-        """End of a forward pass: publish sizes and source map, drop references."""
+        """End of a forward pass: publish sizes, the source map and each stage's map (for ``expand_to_patches``);
+        drop the pass's other references."""
         self.sizes, self.padded = self._pass.size, self._pass.padded
         st = self._pass
         self._stages = None if st.size is None else [*st.stages, (st.origin, st.size)]
