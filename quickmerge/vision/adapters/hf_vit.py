@@ -54,8 +54,8 @@ _BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")  
 _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
-# backbones whose encoder returns the hidden states they make feature maps of: those go back on the grid
-_STAGE_BACKBONES = ("Dinov2Backbone", "Dinov2WithRegistersBackbone")
+# backbones -> their module returning the hidden states they make feature maps of (those go back on the grid)
+_STAGE_BACKBONES = {"Dinov2Backbone": "encoder", "Dinov2WithRegistersBackbone": "encoder", "DINOv3ViTBackbone": "model"}
 ATTENTION_NAME = "quickmerge_vit"
 _STATE_ATTR = "_quickmerge_attention"
 # The model's attention implementations the patch wraps. Flash attention's are not among them: transformers
@@ -92,15 +92,17 @@ class HFViTAdapter:
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         if _is_stage_backbone(model):
-            if not isinstance(getattr(model, "encoder", None), nn.Module):
-                raise TypeError(f"{type(model).__name__} has no encoder whose hidden states quickmerge can put back on "
-                                "the patch grid")
+            if _stage_encoder(model) is None:  # DINOv3ViTBackbone up to transformers 5.2x gathers them in its loop
+                raise TypeError(f"{type(model).__name__} has no encoder module returning the hidden states its "
+                                "feature maps are made of, where quickmerge would put them back on the patch grid "
+                                "(DINOv3ViTBackbone has one in later releases, 5.5 among them): upgrade "
+                                "transformers, or run it unpatched")
         elif any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
             raise TypeError(
                 f"{type(model).__name__} puts every patch token back on the patch grid (feature maps or pixels), "
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
-                "or ...ForImageClassification, or Dinov2Backbone, whose feature maps it unmerges), or run this one "
-                "unpatched")
+                "or ...ForImageClassification, or a DINOv2 / DINOv3 backbone, whose feature maps it unmerges), or "
+                "run this one unpatched")
         base = _vit(model)
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
@@ -118,7 +120,7 @@ class HFViTAdapter:
         if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
             hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
         if _is_stage_backbone(model):
-            hooks.append(_stages_on_the_grid(model.encoder, merger))
+            hooks.append(_stages_on_the_grid(_stage_encoder(model), merger))
         else:
             hooks.append(hidden_states_check(model, merger))
         return hooks
@@ -149,6 +151,13 @@ def hidden_states_check(model: nn.Module, merger: BlockMerger) -> Removable:
 
 def _is_stage_backbone(model: nn.Module) -> bool:
     return any(c.__name__ in _STAGE_BACKBONES for c in type(model).__mro__)
+
+
+def _stage_encoder(model: nn.Module) -> nn.Module | None:
+    """The module of a stage backbone whose output holds the hidden states of every stage, or None."""
+    name = next(_STAGE_BACKBONES[c.__name__] for c in type(model).__mro__ if c.__name__ in _STAGE_BACKBONES)
+    encoder = getattr(model, name, None)
+    return encoder if isinstance(encoder, nn.Module) and _layers(encoder) else None
 
 
 def _stages_on_the_grid(encoder: nn.Module, merger: BlockMerger) -> Removable:
