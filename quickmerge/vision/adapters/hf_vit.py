@@ -163,7 +163,7 @@ def _stage_encoder(model: nn.Module) -> nn.Module | None:
 def _stages_on_the_grid(encoder: nn.Module, merger: BlockMerger) -> Removable:
     """Forward hook on a backbone's encoder putting its hidden states back on the patch grid.
 
-    A backbone (DINOv2's, under DPT or Depth Anything) reshapes the hidden states of its chosen stages into
+    A backbone (DINOv2's under DPT or Depth Anything, DINOv3's) reshapes the hidden states of its chosen stages into
     feature maps ``[B, C, H, W]`` in its own forward, which needs a row for every patch. Entry ``j`` of the
     encoder's ``hidden_states`` (the tokens entering block ``j``; the last, the last block's output) and
     ``last_hidden_state`` are expanded to the patch grid, each patch carrying the token it was merged into in that
