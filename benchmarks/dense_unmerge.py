@@ -33,11 +33,15 @@ from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
+from quickmerge.vision.train import HELD_OUT, split_train_heldout
 
 CLASSES = 11  # background, then the 10 garment classes
 GRID, PATCH = 14, 2
-METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome")}
-LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}
+METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome"),
+           "quickmerge-hidden": dict(method="quickmerge", similarity="hidden"),
+           "quickmerge-unweighted": dict(method="quickmerge", saliency_weight=0.0)}
+LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style", "quickmerge-hidden": "QuickMerge++, hidden similarity",
+          "quickmerge-unweighted": "QuickMerge++, saliency weight 0"}
 BATCH = 500
 
 
@@ -178,7 +182,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--train-images", type=int, default=10000)
-    parser.add_argument("--test-images", type=int, default=10000, help="the first N test images (all: 10000)")
+    parser.add_argument("--split", choices=["test", "heldout"], default="test",
+                        help="evaluate on the test set, or on the reference ViT's 5,000 held-out training images "
+                             "(the last ones; to choose a setting before the test set sees it)")
+    parser.add_argument("--test-images", type=int, default=10000, help="the first N images of the split")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--r", type=int, nargs="+", default=[8, 16, 24, 28])
@@ -190,15 +197,16 @@ def main() -> None:
     args = parser.parse_args()
     if not 0 < args.train_images <= 60000:
         parser.error(f"--train-images must be in [1, 60000], got {args.train_images}")
-    if not 0 < args.test_images <= 10000:
-        parser.error(f"--test-images must be in [1, 10000], got {args.test_images}")
+    available = 10000 if args.split == "test" else HELD_OUT
+    if not 0 < args.test_images <= available:
+        parser.error(f"--test-images must be in [1, {available}] for --split {args.split}, got {args.test_images}")
     torch.set_num_threads(args.threads)
     model = load_fashion_vit().eval()
     train_images, train_labels = load_fashion_mnist("train")
     head, losses = train_head(model, train_images[:args.train_images],
                               pixel_labels(train_images[:args.train_images], train_labels[:args.train_images]),
                               args.epochs, args.lr)
-    images, labels = load_fashion_mnist("test")
+    images, labels = load_fashion_mnist("test") if args.split == "test" else split_train_heldout()[1]
     images, labels = images[:args.test_images], labels[:args.test_images]
     targets = pixel_labels(images, labels)
     unmerged = evaluate(model, head, images, targets, None)
