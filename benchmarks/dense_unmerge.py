@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reporting import command_line, figure, save_figure
+from reporting import command_line, figure, interval_line, save_figure
 from tqdm import tqdm
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
@@ -164,12 +164,11 @@ def plot(result: dict, path: Path) -> None:
     fig, axes = figure()
     for method, label in LABELS.items():
         rows = [r for r in result["rows"] if r["method"] == method]
+        if not rows:
+            continue
         speed = [r["speedup"] for r in rows]
         for ax, metric in ((axes[0], "miou"), (axes[1], "pixel_accuracy")):
-            ax.errorbar(speed, [100 * r[metric][0] for r in rows],
-                        yerr=[[100 * (r[metric][0] - r[metric][1]) for r in rows],
-                              [100 * (r[metric][2] - r[metric][0]) for r in rows]],
-                        marker="o", capsize=3, label=label)
+            interval_line(ax, speed, [r[metric] for r in rows], label, scale=100)
     for ax, metric, name in ((axes[0], "miou", "mean IoU (%)"), (axes[1], "pixel_accuracy", "pixel accuracy (%)")):
         ax.axhline(100 * result["unmerged"][metric][0], color="gray", ls="--", label="unmerged")
         ax.set(xlabel="speed-up of the dense pass over the unpatched model", ylabel=name)

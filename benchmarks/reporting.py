@@ -32,3 +32,11 @@ def save_figure(fig: Any, axes: Any, path: Path, legend_fontsize: int = 8) -> No
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
+
+
+def interval_line(ax: Any, xs: list[float], values: list[tuple[float, float, float]], label: str,
+                  scale: float = 1.0) -> None:
+    """One line of ``(mean, low, high)`` values against ``xs``, the 95% interval as error bars, scaled by ``scale``."""
+    ax.errorbar(xs, [scale * v[0] for v in values],
+                yerr=[[scale * (v[0] - v[1]) for v in values], [scale * (v[2] - v[0]) for v in values]],
+                marker="o", capsize=3, label=label)

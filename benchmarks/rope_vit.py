@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reporting import command_line, figure, save_figure
+from reporting import command_line, figure, interval_line, save_figure
 from resumable_training import train_epochs
 from tqdm import tqdm
 
@@ -117,10 +117,7 @@ def plot(result: dict, path: Path) -> None:
         tokens = [r["mean_tokens_per_block"] for r in rows]
         label = f"{'QuickMerge++' if method == 'quickmerge' else 'ToMe-style'}, {rule} rotation"
         for ax, metric, scale in ((axes[0], "top1", 100), (axes[1], "kl", 1)):
-            ax.errorbar(tokens, [scale * r[metric][0] for r in rows],
-                        yerr=[[scale * (r[metric][0] - r[metric][1]) for r in rows],
-                              [scale * (r[metric][2] - r[metric][0]) for r in rows]], marker="o", capsize=3,
-                        label=label)
+            interval_line(ax, tokens, [r[metric] for r in rows], label, scale=scale)
     axes[0].axhline(100 * result["unmerged_top1"][0], color="gray", ls="--", label="unmerged")
     axes[0].set(xlabel="mean tokens per block", ylabel="top-1 (%)", title="RoPE ViT on Fashion-MNIST (test set)")
     axes[1].set(xlabel="mean tokens per block", ylabel="KL(unmerged || merged), nats",

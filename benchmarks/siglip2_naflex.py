@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reporting import command_line, figure, save_figure
+from reporting import command_line, figure, interval_line, save_figure
 from resumable_training import train_epochs
 from torch import nn
 from tqdm import tqdm
@@ -137,10 +137,7 @@ def plot(result: dict, path: Path) -> None:
             continue
         speed = [r["speedup"] for r in rows]
         for ax, metric, scale in ((axes[0], "top1", 100), (axes[1], "kl", 1)):
-            ax.errorbar(speed, [scale * r[metric][0] for r in rows],
-                        yerr=[[scale * (r[metric][0] - r[metric][1]) for r in rows],
-                              [scale * (r[metric][2] - r[metric][0]) for r in rows]], marker="o", capsize=3,
-                        label=label)
+            interval_line(ax, speed, [r[metric] for r in rows], label, scale=scale)
     axes[0].axhline(100 * result["unmerged_top1"][0], color="gray", ls="--", label="unmerged")
     axes[0].set(xlabel="speed-up over the unpatched model", ylabel="top-1 (%)",
                 title="SigLIP 2 NaFlex tower, Fashion-MNIST (test set)")
