@@ -4,8 +4,9 @@
         --plot docs/img/dense_unmerge.png        # ~2 min head training, then ~10 min of evaluation on 2 cores
 
 A merged ViT has fewer tokens than patches, so a dense head (segmentation, depth) needs them back on the grid:
-``handle.expand_to_patches(tokens)`` gives every patch the token it was merged into (what ``quickmerge.patch`` does
-inside Dinov2Backbone, DPT and Depth Anything). No pretrained dense model or dense dataset is obtainable here, so the
+every patch takes the token it was merged into (``handle.expand_to_patches(tokens)``; what ``quickmerge.patch`` does
+inside Dinov2Backbone, DPT and Depth Anything, and in timm's ``forward_intermediates``, which this script reads the
+tokens from, as a dense head on timm does). No pretrained dense model or dense dataset is obtainable here, so the
 task is built from real images: each of Fashion-MNIST's 28x28 pixels is background (value 0) or belongs to the
 image's garment class (11 classes in all). The shipped reference ViT (90.85%; 196 patch tokens of 2x2 pixels, 6
 blocks) stays frozen; a linear head on each final patch token predicts its 2x2 pixels, trained on the unmerged
@@ -50,13 +51,11 @@ def pixel_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(images[:, 0] > 0, labels[:, None, None] + 1, 0)
 
 
-def patch_tokens(model: torch.nn.Module, images: torch.Tensor, handle=None) -> torch.Tensor:
-    """``[B, 196, C]`` the final (normed) patch tokens on the patch grid, row-major; merged tokens unmerged."""
-    tokens = model.forward_features(normalize(images))
-    if handle is not None:
-        grid = handle.expand_to_patches(tokens)
-        tokens = tokens if grid is None else grid
-    return tokens[:, model.num_prefix_tokens:]
+def patch_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``[B, 196, C]`` the final (normed) patch tokens on the patch grid, row-major, read as a dense head on timm
+    reads them, from ``forward_intermediates``' feature map ``[B, C, 14, 14]`` (merged tokens unmerged there)."""
+    grid = model.forward_intermediates(normalize(images), indices=1, norm=True, intermediates_only=True)[0]
+    return grid.flatten(2).transpose(1, 2)
 
 
 def pixel_logits(head: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
@@ -130,7 +129,7 @@ def evaluate(model, head, images, targets, settings: dict | None) -> dict:
     try:
         with torch.no_grad():
             for i in range(0, len(images), BATCH):
-                pred = pixel_logits(head, patch_tokens(model, images[i:i + BATCH], handle)).argmax(1)
+                pred = pixel_logits(head, patch_tokens(model, images[i:i + BATCH])).argmax(1)
                 target = targets[i:i + BATCH]
                 accuracy += (pred == target).float().mean(dim=(1, 2)).tolist()
                 confusion.append(confusions(pred, target))
@@ -153,7 +152,7 @@ def timed(model, head, images, settings: list[dict | None], rounds: int) -> list
             with torch.no_grad():
                 began = time.perf_counter()
                 for s in range(0, len(images), BATCH):
-                    pixel_logits(head, patch_tokens(model, images[s:s + BATCH], handle)).argmax(1)
+                    pixel_logits(head, patch_tokens(model, images[s:s + BATCH])).argmax(1)
                 seconds[i] += time.perf_counter() - began
             if handle is not None:
                 handle.remove()

@@ -21,6 +21,13 @@ def naive_group_means(x: torch.Tensor, mass: torch.Tensor, assignment: torch.Ten
     return out
 
 
+def tokens_on_grid(tokens: torch.Tensor, source: torch.Tensor, prefix: int, side: int) -> torch.Tensor:
+    """Patch tokens ``[B, n, C]`` as a map ``[B, C, side, side]``, each patch the token the source map
+    ``[B, prefix + side * side]`` (indices among all tokens) sends it to (tests only)."""
+    index = (source[:, prefix:] - prefix)[..., None].expand(-1, -1, tokens.shape[-1])
+    return tokens.gather(1, index).unflatten(1, (side, side)).permute(0, 3, 1, 2)
+
+
 @pytest.fixture
 def refused(capsys):
     """``refused(argv, pattern)``: ``quickmerge argv`` exits with status 2, its last line on stderr

@@ -62,6 +62,11 @@ def _vision_schedule() -> dict:
             "images": torch.randn(4, 1, 28, 28)}
 
 
+def _timm_feature_maps() -> dict:
+    pytest.importorskip("timm")
+    return {"images": torch.randn(2, 3, 224, 224)}
+
+
 def _vision_language() -> dict:
     pytest.importorskip("transformers")
     from tests.text.test_kv_press import _image_prompt
@@ -98,6 +103,8 @@ RUN = {
     'handle = quickmerge.patch(model, r=16, similarity="hidden", saliency_rule="scaled")': _vision_schedule,
     "budget = ImageBudget.calibrate(calibration_images, patch_size=2, num_tokens=196, num_layers=6, r=24)  "
     "# 4 buckets": _vision_schedule,
+    'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':
+        _timm_feature_maps,
     "press = QuickMergeInputPress(compression_ratio=0.75, layer=-1,   # -1: merge the embeddings, before layer 0":
         _vision_language,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
@@ -113,6 +120,16 @@ ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=mod
              'model = transformers.Siglip2VisionModel.from_pretrained("google/siglip2-base-patch16-naflex")'}
 
 
+def _feature_maps_as_said(namespace: dict) -> None:
+    assert [tuple(m.shape) for m in namespace["maps"]] == [(2, 384, 14, 14)] * 3
+    assert namespace["handle"].tokens_per_layer[::11] == [197, 109]
+
+
+# what a snippet's comments claim, checked after it ran
+CLAIMS = {'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':
+          _feature_maps_as_said}
+
+
 def test_every_readme_snippet_is_known_to_this_test():
     unknown = set(_blocks()) - set(RUN) - ELSEWHERE
     assert not unknown, f"README snippets this test does not run: {sorted(unknown)}"
@@ -126,6 +143,7 @@ def test_readme_snippet_runs(first_line):
         pytest.importorskip("transformers")
     namespace = RUN[first_line]()
     exec(compile(blocks[first_line], f"README.md: {first_line}", "exec"), namespace)
+    CLAIMS.get(first_line, lambda _: None)(namespace)
 
 
 def test_every_quickmerge_command_in_the_readme_parses():

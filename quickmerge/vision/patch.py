@@ -388,6 +388,12 @@ class MergeHandle:
             self.source = self._pass.origin
         self._pass = _Pass()
 
+    def end_open_pass(self) -> None:
+        """End a pass that stopped before its last block (``forward_intermediates(stop_early=True)``): its stages
+        so far are published as :meth:`end` would; nothing if no pass is open."""
+        if self._pass.origin is not None:
+            self.end()
+
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for an average-pooling head over the output tokens ``x [B, N, C]``: each token's
         size, so the mean is the one over the original patches (with ``size_weighted_pool`` off, 1 per real
@@ -530,10 +536,12 @@ def patch(
         raise TypeError(f"{type(model).__name__} is already patched; call quickmerge.unpatch(model) first")
     adapter = find_adapter(model)
     if adapter is None:
-        # a dual encoder (OpenCLIP's CLIP, Hugging Face's CLIPModel / SiglipModel): its image tower is what merges
-        towers = [name for name in ("visual", "vision_model")
-                  if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
-        hint = f"; its image tower is supported: quickmerge.patch(model.{towers[0]})" if towers else ""
+        # a dual encoder (OpenCLIP's CLIP, Hugging Face's CLIPModel / SiglipModel): its image tower is what merges;
+        # timm's features_only wrapper (FeatureGetterNet): the ViT it holds as .model
+        inner = [name for name in ("visual", "vision_model", "model")
+                 if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
+        what = "the model it wraps" if inner[:1] == ["model"] else "its image tower"
+        hint = f"; {what} is supported: quickmerge.patch(model.{inner[0]})" if inner else ""
         raise TypeError(
             f"quickmerge.patch supports {supported_families()}; "
             f"got {type(model).__module__}.{type(model).__name__}{hint}"

@@ -52,3 +52,26 @@ def test_accuracy_matches_the_record_and_merging_keeps_it():
         merged = top1()
         assert handle.tokens_per_layer[-1] == 197 - 5 * 16
     assert merged > plain - 0.015, (plain, merged)
+
+
+@needs_data
+@torch.inference_mode()
+def test_feature_maps_of_the_merged_model_are_its_tokens_unmerged():
+    # what a dense head built on timm reads: the last block's normed tokens as a map, here from merged tokens
+    import quickmerge
+    from quickmerge.vision.adapters import mean_by_size
+
+    model = load_fashion_vit()
+    x = fm.normalize(fm.load_fashion_mnist("test")[0][:128])
+    unmerged = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[0]
+    assert unmerged.shape == (128, model.embed_dim, 14, 14)
+    with quickmerge.patch(model, r=16) as handle:
+        maps = model.forward_intermediates(x, indices=1, norm=True, intermediates_only=True)[0]
+        tokens = model.forward_features(x)
+        assert maps.shape == unmerged.shape and handle.tokens_per_layer[-1] == 197 - 5 * 16
+        assert torch.equal(maps.flatten(2).transpose(1, 2), handle.expand_to_patches(tokens)[:, 1:])
+        # each map's mean over its positions is the size-weighted mean of the merged patch tokens
+        mean = mean_by_size(tokens[:, 1:], handle.sizes[:, 1:])
+        assert torch.allclose(maps.mean(dim=(2, 3)), mean, atol=1e-5, rtol=0)
+    # merged yet close to the unmerged model's maps, patch by patch
+    assert torch.nn.functional.cosine_similarity(maps, unmerged, dim=1).mean() > 0.95

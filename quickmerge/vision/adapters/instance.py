@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from .protocol import BlockMerger
 
@@ -23,15 +25,19 @@ class InstanceMethod:
             del self.model.__dict__[self.name]
 
 
-class GridGuard(InstanceMethod):
-    """Per instance: ``model.forward_intermediates`` refuses ``output_fmt="NCHW"`` while tokens merge.
+class FeatureMaps(InstanceMethod):
+    """Per instance: ``model.forward_intermediates(output_fmt="NCHW")`` puts merged tokens back on the patch grid.
 
-    timm and OpenCLIP reshape each block's tokens to ``[B, C, H, W]`` with ``reshape(B, H, W, -1)``: merged
-    tokens would come back as a map of the wrong width (no error). The class's method is left alone; the
-    guard is an instance attribute, deleted on removal. ``also`` names the family's other way to the NLC
-    format, for the error message."""
+    timm and OpenCLIP reshape each block's patch tokens ``[B, H*W, C]`` into a map ``[B, C, H, W]``, which merged
+    tokens no longer fill. While the handle merges, the call runs with ``output_fmt="NLC"`` (the model's own
+    code, every other argument as given) and each intermediate is unmerged before that same reshape: every
+    patch takes the row of the token it was merged into at that block (``expand_to_patches``; the block is the
+    one whose output has the intermediate's token count, as every merge removes tokens), so a map's mean over
+    its positions is the size-weighted mean of the block's tokens. Prefix tokens, the final features and every
+    output structure (lists, ``(features, list)``, ``(map, prefix)`` pairs, dicts) are the model's own.
+    ``grid(height, width)`` is the family's patch grid ``(H, W)`` for an input image."""
 
-    def __init__(self, model: nn.Module, merger: BlockMerger, also: str | None = None) -> None:
+    def __init__(self, model: nn.Module, merger: BlockMerger, grid: Callable[[int, int], tuple[int, int]]) -> None:
         original = model.forward_intermediates
         signature = inspect.signature(original)
 
@@ -39,12 +45,40 @@ class GridGuard(InstanceMethod):
         def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            if bound.arguments.get("output_fmt") == "NCHW" and merger.merges():
-                raise ValueError(
-                    f"{type(model).__name__}.forward_intermediates(output_fmt='NCHW') puts every patch token back on "
-                    "the grid, but this model is patched to merge tokens (quickmerge.patch): set handle.r = 0 while "
-                    "taking feature maps, or pass output_fmt='NLC'" + (f" ({also})" if also else "")
-                    + " for each block's merged tokens")
-            return original(*args, **kwargs)
+            if bound.arguments.get("output_fmt") != "NCHW" or not merger.merges():
+                return original(*args, **kwargs)
+            images = next(iter(bound.arguments.values()))
+            bound.arguments["output_fmt"] = "NLC"
+            out = original(*bound.args, **bound.kwargs)
+            merger.end_open_pass()  # stop_early: the blocks after the last intermediate did not run
+            height, width = grid(int(images.shape[-2]), int(images.shape[-1]))
+
+            def on_grid(item: Any) -> Any:
+                if isinstance(item, tuple):  # (patch tokens, prefix tokens)
+                    return (on_grid(item[0]), *item[1:])
+                return _feature_map(merger, item, height, width)
+
+            if isinstance(out, dict):
+                return {**out, "image_intermediates": [on_grid(y) for y in out["image_intermediates"]]}
+            if isinstance(out, tuple):  # (final features, intermediates)
+                return (out[0], [on_grid(y) for y in out[1]], *out[2:])
+            return [on_grid(y) for y in out]
 
         super().__init__(model, "forward_intermediates", forward_intermediates)
+
+
+def _feature_map(merger: BlockMerger, tokens: Tensor, height: int, width: int) -> Tensor:
+    """One block's patch tokens ``[B, n, C]`` (prefix tokens cut off) of the last pass as a map ``[B, C, H, W]``."""
+    b, n, c = tokens.shape
+    p = merger.num_prefix_tokens
+    if merger.sizes is not None:  # the pass merged: find the stage with n patch tokens, unmerge there
+        counts = [*merger.tokens_per_layer, merger.sizes.shape[1]]
+        if n + p not in counts:
+            raise RuntimeError(f"an intermediate with {n} patch tokens matches no block of the last pass "
+                               f"({[k - p for k in counts]} patch tokens entering each block, then the output)")
+        stage = counts.index(n + p)
+        full = merger.expand_to_patches(torch.cat([tokens.new_zeros(b, p, c), tokens], dim=1), stage)
+        tokens = full[:, p:]
+    if tokens.shape[1] != height * width:
+        raise RuntimeError(f"{tokens.shape[1]} patch tokens do not fill a {height} x {width} patch grid")
+    return tokens.reshape(b, height, width, c).permute(0, 3, 1, 2).contiguous()

@@ -10,8 +10,8 @@
 
 The class token (``pool_type="tok"``, the default) needs nothing more; ``pool_type="avg"``
 averages by size (the instance's ``_global_pool`` wraps OpenCLIP's); ``forward_intermediates``
-refuses its feature-map format while tokens merge. Attention-pooling towers (CoCa) and the
-custom blocks of qk-norm or scaled-cosine models are refused.
+unmerges each block's tokens before its feature-map reshape (:class:`.instance.FeatureMaps`).
+Attention-pooling towers (CoCa) and the custom blocks of qk-norm or scaled-cosine models are refused.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .instance import GridGuard, InstanceMethod
+from .instance import FeatureMaps, InstanceMethod
 from .pooling import mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
@@ -71,10 +71,15 @@ class OpenCLIPViTAdapter:
             hooks.append(block.attn.register_forward_pre_hook(_attention_hook(block.attn, merger), with_kwargs=True))
             hooks += residual_merge_hooks(block, i, merger, block.ln_2, block.ls_2)
         if hasattr(model, "forward_intermediates"):
-            hooks.append(GridGuard(model, merger))
+            hooks.append(FeatureMaps(model, merger, functools.partial(_grid, model)))
         if getattr(model, "pool_type", None) == "avg":
             hooks.append(_WeightedMean(model, merger))
         return hooks
+
+
+def _grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """The patch grid ``(H, W)`` OpenCLIP's own ``forward_intermediates`` reshapes an image's tokens onto."""
+    return height // model.patch_size[0], width // model.patch_size[1]
 
 
 def _attention_hook(attn: nn.MultiheadAttention, merger: BlockMerger) -> Any:

@@ -14,8 +14,9 @@ call the merger at fixed points of every block's forward pass:
    the merged stream, or None when nothing merges); the block must then carry on with it;
 4. ``mean_over_patches(table)`` for a block's rotary table (models with rotary position
    embeddings, :mod:`.rotary`): one row per current token, the mean of its patches' rows;
-5. ``end()`` after the last block; then ``pooling_weights(x)`` or ``expand_to_patches(x)`` for a head
-   that averages the output tokens.
+5. ``end()`` after the last block (``end_open_pass()`` where a caller stopped early); then
+   ``pooling_weights(x)`` or ``expand_to_patches(x)`` for a head that averages the output tokens or needs
+   them on the patch grid.
 
 Hooks go between the model's own pieces (never a copied forward, never a class swap) and
 are removed by calling ``remove()`` on what ``attach`` returned.
@@ -38,6 +39,7 @@ class BlockMerger(Protocol):
     """What a patched model's handle offers its adapter's hooks (see the module docstring)."""
 
     num_layers: int
+    num_prefix_tokens: int  # tokens at the front that are never merged
     prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
     padded: bool  # whether the last finished pass had padding (its sizes are 0 there)
     size_weighted_pool: bool  # whether heads that pool the last tokens weight them by size
@@ -87,6 +89,11 @@ class BlockMerger(Protocol):
         ...
 
     def end(self) -> None: ...
+
+    def end_open_pass(self) -> None:
+        """End a pass that stopped before its last block (a caller that runs only the first blocks, as
+        ``forward_intermediates(stop_early=True)``), so ``expand_to_patches`` reads it; nothing if none is open."""
+        ...
 
 
 class VisionAdapter(Protocol):

@@ -17,16 +17,17 @@ refused there (the fused path, the default, adds it as any timm ViT does).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .instance import GridGuard
+from .instance import FeatureMaps
 from .protocol import BlockMerger, Removable
 from .rotary import check_takes_table, rotary_table_hook
-from .timm_vit import WeightedPool, attach_block
+from .timm_vit import WeightedPool, attach_block, timm_grid
 
 _REQUIRED = ("norm1", "attn", "norm2", "mlp", "drop_path2")
 
@@ -97,7 +98,7 @@ class TimmEvaAdapter:
             hooks += attach_block(block, i, merger, rotate=rotate, eager_mask_refusal=refusal)
             hooks.append(rotary_table_hook(block, "rope", merger, state))  # after the block's start hook
         if hasattr(model, "forward_intermediates"):
-            hooks.append(GridGuard(model, merger, "get_intermediate_layers: reshape=False"))
+            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model)))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(WeightedPool(model, merger, attn_pool_includes_prefix=True))
         return hooks

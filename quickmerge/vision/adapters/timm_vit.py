@@ -13,9 +13,10 @@ Average pooling (``global_pool="avg"`` / ``"avgmax"``) weights each token by its
 wraps timm's and takes the mean over the original patches (ToMe does the same for MAE models); attention
 pooling (``"map"``) gets log(size) as its mask.
 
-``forward_intermediates`` (and ``get_intermediate_layers(reshape=True)``) reshape each block's tokens onto the
-patch grid, where merged tokens have no place: while the handle merges, the instance's method refuses that
-format (``output_fmt="NLC"`` returns each block's merged tokens as they are).
+``forward_intermediates`` (and what calls it: ``get_intermediate_layers(reshape=True)``, ``features_only=True``
+models) reshapes each block's tokens onto the patch grid: while the handle merges, the instance's method unmerges
+them first (:class:`.instance.FeatureMaps`: every patch carries the token it was merged into at that block);
+``output_fmt="NLC"`` returns each block's merged tokens as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .instance import GridGuard, InstanceMethod
+from .instance import FeatureMaps, InstanceMethod
 from .pooling import LastOutput, mean_by_size, size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
@@ -75,10 +76,16 @@ class TimmViTAdapter:
         for i, block in enumerate(blocks):
             hooks += attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
-            hooks.append(GridGuard(model, merger, "get_intermediate_layers: reshape=False"))
+            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model)))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(WeightedPool(model, merger))
         return hooks
+
+
+def timm_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
+    """The patch grid ``(H, W)`` timm's own ``forward_intermediates`` reshapes an image's tokens onto."""
+    h, w = model.patch_embed.dynamic_feat_size((height, width))
+    return int(h), int(w)
 
 
 class WeightedPool(InstanceMethod):

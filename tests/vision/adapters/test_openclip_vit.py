@@ -6,6 +6,8 @@ import torch
 
 import quickmerge
 
+from ...conftest import tokens_on_grid
+
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
 
@@ -89,15 +91,22 @@ def test_average_pooling_weights_tokens_by_size():
             assert not torch.allclose(model(x), ref, atol=1e-3)
 
 
-def test_feature_maps_are_refused_while_tokens_merge():
+def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
     model, x = tiny(), torch.randn(2, 3, 16, 16)
-    with torch.no_grad(), quickmerge.patch(model, r=8) as handle:
-        with pytest.raises(ValueError, match="output_fmt='NLC'"):
-            model.forward_intermediates(x)
+    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True) as handle:
         tokens = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)["image_intermediates"]
         assert [t.shape[1] for t in tokens] == [56, 48, 40]
+        out = model.forward_intermediates(x, output_extra_tokens=True)
+        assert torch.allclose(out["image_features"], model(x), atol=1e-6, rtol=0)
+        assert [p.shape for p in out["image_intermediates_prefix"]] == [(2, 1, 32)] * 3
+        for block in range(3):
+            alone = model.forward_intermediates(x, indices=[block], stop_early=True, intermediates_only=True)
+            want = tokens_on_grid(tokens[block], handle.source, 1, 8)
+            assert torch.equal(alone["image_intermediates"][0], want)
+            assert torch.equal(out["image_intermediates"][block], want)
         handle.r = 0
         assert model.forward_intermediates(x)["image_intermediates"][0].shape == (2, 32, 8, 8)
+    assert "forward_intermediates" not in model.__dict__
 
 
 @pytest.mark.parametrize("extra,match", [({"attentional_pool": True}, "CoCa"), ({"qk_norm": True}, "custom blocks")])

@@ -9,6 +9,8 @@ import torch
 import quickmerge
 from quickmerge.vision.adapters.timm_eva import _release
 
+from ...conftest import tokens_on_grid
+
 timm = pytest.importorskip("timm")
 eva = pytest.importorskip("timm.models.eva")
 
@@ -188,14 +190,20 @@ def test_half_precision_and_gradients():
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
-def test_feature_maps_are_refused_while_tokens_merge():
-    model = tiny_eva()
-    x = torch.randn(1, 3, SIZE, SIZE)
-    with quickmerge.patch(model, r=8) as handle:
-        with pytest.raises(ValueError, match="output_fmt='NCHW'"):
-            model.forward_intermediates(x, output_fmt="NCHW")
+def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
+    model = tiny_eva(**CONFIGS["dinov3_registers"])
+    x = torch.randn(2, 3, SIZE, SIZE)
+    side = SIZE // PATCH
+    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True) as handle:
+        tokens = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+        assert [t.shape[1] for t in tokens] == [56, 48, 40]
+        maps = model.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True)
+        for block in range(3):
+            alone = model.forward_intermediates(x, indices=[block], stop_early=True, intermediates_only=True)
+            want = tokens_on_grid(tokens[block], handle.source, 3, side)
+            assert torch.equal(alone[0], want) and torch.equal(maps[block], want)
         handle.r = 0
-        model.forward_intermediates(x, output_fmt="NCHW")
+        assert model.forward_intermediates(x, output_fmt="NCHW")[1][0].shape == (2, 64, side, side)
 
 
 def test_post_norm_blocks_are_refused():

@@ -1,11 +1,14 @@
 """quickmerge.patch on timm VisionTransformer: exactness, restore, token counts, proportional attention."""
 
+import inspect
 import warnings
 
 import pytest
 import torch
 
 import quickmerge
+
+from ...conftest import tokens_on_grid
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -106,25 +109,62 @@ def test_deit_distilled_keeps_both_tokens_and_is_exact_at_r0():
     assert torch.equal(model(x), ref)
 
 
-def test_feature_maps_are_refused_while_tokens_merge():
-    # timm reshapes each block's tokens onto the patch grid: merged ones came back as maps of the wrong width
+def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
+    # timm reshapes each block's patch tokens onto the grid, which merged tokens no longer fill: while merging, each
+    # block's tokens are unmerged first, every patch carrying the token it was merged into by that block
     model, x = tiny_vit(True, reg_tokens=1), torch.randn(2, 1, 16, 16)
     ref = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(f.shape) for f in ref] == [(2, 32, 8, 8)] * 3
-    handle = quickmerge.patch(model, r=0)
+    handle = quickmerge.patch(model, r=0, trace_source=True)
     for got, want in zip(model.forward_intermediates(x, intermediates_only=True), ref, strict=True):
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
     handle.r = 8
-    with pytest.raises(ValueError, match=r"output_fmt='NCHW'.*handle\.r = 0"):
-        model.forward_intermediates(x, intermediates_only=True)
-    with pytest.raises(ValueError, match="output_fmt='NCHW'"):
-        model.get_intermediate_layers(x, n=2, reshape=True)
     tokens = model.get_intermediate_layers(x, n=3)  # NLC: each block's merged tokens, as they are
     assert [t.shape[1] for t in tokens] == [56, 48, 40] and handle.tokens_per_layer == [66, 58, 50]
+    maps = model.forward_intermediates(x, intermediates_only=True)
+    sources = []
+    for block in range(3):
+        # stop_early ends the pass at that block, so the source map is the one after it
+        alone = model.forward_intermediates(x, indices=[block], stop_early=True, intermediates_only=True)
+        assert handle.tokens_per_layer == [66, 58, 50][:block + 1]
+        sources.append(handle.source)
+        want = tokens_on_grid(tokens[block], handle.source, 2, 8)
+        assert torch.equal(alone[0], want) and torch.equal(maps[block], want)
+    assert not torch.equal(sources[0], sources[1])
+    final, pairs = model.forward_intermediates(x, indices=2, return_prefix_tokens=True, norm=True)
+    assert torch.allclose(final, model.forward_features(x), atol=1e-6, rtol=0)  # the final tokens stay merged
+    for (got, prefix), block in zip(pairs, (1, 2), strict=True):
+        assert torch.allclose(got, tokens_on_grid(model.norm(tokens[block]), sources[block], 2, 8), atol=1e-6, rtol=0)
+        assert prefix.shape == (2, 2, 32)
+    if "output_dict" in inspect.signature(model.forward_intermediates).parameters:
+        out = model.forward_intermediates(x, output_dict=True, return_prefix_tokens=True)
+        assert all(torch.equal(a, b) for a, b in zip(out["image_intermediates"], maps, strict=True))
+        assert [p.shape for p in out["image_intermediates_prefix"]] == [(2, 2, 32)] * 3
+    maps2 = model.get_intermediate_layers(x, n=2, reshape=True)
+    assert torch.equal(maps2[0], maps[1]) and torch.equal(maps2[1], maps[2])
     quickmerge.unpatch(model)
     assert "forward_intermediates" not in model.__dict__
     for got, want in zip(model.forward_intermediates(x, intermediates_only=True), ref, strict=True):
         assert torch.equal(got, want)
+
+
+def test_features_only_models_merge_through_the_wrapped_vit():
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_small_patch16_224", pretrained=False, features_only=True, out_indices=(1, 2),
+                              img_size=32, patch_size=4, embed_dim=32, depth=3, num_heads=4).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+        with pytest.raises(TypeError, match=r"the model it wraps is supported: quickmerge\.patch\(model\.model\)"):
+            quickmerge.patch(model, r=8)
+        with quickmerge.patch(model.model, r=8) as handle:
+            maps = model(x)
+            assert handle.tokens_per_layer == [65, 57, 49]
+            assert [tuple(m.shape) for m in maps] == [tuple(r.shape) for r in ref] == [(2, 32, 8, 8)] * 2
+            assert not torch.allclose(maps[1], ref[1], atol=1e-3)
+            # an unmerge: each map holds as many distinct patch vectors as the block left tokens
+            assert [len(torch.unique(m[0].flatten(1).T, dim=0)) for m in maps] == [48, 40]
+        assert all(torch.equal(a, b) for a, b in zip(model(x), ref, strict=True))
 
 
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
