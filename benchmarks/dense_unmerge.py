@@ -51,11 +51,12 @@ def pixel_labels(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(images[:, 0] > 0, labels[:, None, None] + 1, 0)
 
 
-def patch_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """``[B, 196, C]`` the final (normed) patch tokens on the patch grid, row-major, read as a dense head on timm
-    reads them, from ``forward_intermediates``' feature map ``[B, C, 14, 14]`` (merged tokens unmerged there)."""
-    grid = model.forward_intermediates(normalize(images), indices=1, norm=True, intermediates_only=True)[0]
-    return grid.flatten(2).transpose(1, 2)
+def patch_tokens(model: torch.nn.Module, images: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """``[B, 196, len(blocks) * C]`` the outputs of ``blocks`` (normed by the final norm, concatenated per patch) on
+    the patch grid, row-major, read as a dense head on timm reads them, from ``forward_intermediates``' feature maps
+    ``[B, C, 14, 14]`` (merged tokens unmerged there, each block's at its own stage)."""
+    maps = model.forward_intermediates(normalize(images), indices=blocks, norm=True, intermediates_only=True)
+    return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
 
 def pixel_logits(head: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
@@ -66,9 +67,9 @@ def pixel_logits(head: torch.nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def train_head(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor, epochs: int,
-               lr: float) -> tuple[torch.nn.Linear, list[float]]:
+               lr: float, blocks: list[int]) -> tuple[torch.nn.Linear, list[float]]:
     with torch.no_grad():
-        feats = torch.cat([patch_tokens(model, images[i:i + BATCH]) for i in
+        feats = torch.cat([patch_tokens(model, images[i:i + BATCH], blocks) for i in
                            tqdm(range(0, len(images), BATCH), desc="head features")])
     torch.manual_seed(0)
     head = torch.nn.Linear(feats.shape[-1], PATCH * PATCH * CLASSES)
@@ -123,13 +124,13 @@ def bootstrap_miou(conf: torch.Tensor, base: torch.Tensor | None = None, samples
     return float(point), low, high
 
 
-def evaluate(model, head, images, targets, settings: dict | None) -> dict:
+def evaluate(model, head, images, targets, settings: dict | None, blocks: list[int]) -> dict:
     handle = None if settings is None else patch(model, **settings)
     accuracy, confusion, tokens = [], [], []
     try:
         with torch.no_grad():
             for i in range(0, len(images), BATCH):
-                pred = pixel_logits(head, patch_tokens(model, images[i:i + BATCH])).argmax(1)
+                pred = pixel_logits(head, patch_tokens(model, images[i:i + BATCH], blocks)).argmax(1)
                 target = targets[i:i + BATCH]
                 accuracy += (pred == target).float().mean(dim=(1, 2)).tolist()
                 confusion.append(confusions(pred, target))
@@ -142,7 +143,7 @@ def evaluate(model, head, images, targets, settings: dict | None) -> dict:
             "mean_tokens": sum(tokens) / len(tokens) if tokens else float(model.patch_embed.num_patches + 1)}
 
 
-def timed(model, head, images, settings: list[dict | None], rounds: int) -> list[float]:
+def timed(model, head, images, settings: list[dict | None], rounds: int, blocks: list[int]) -> list[float]:
     """Images/s of the dense pass under each setting (None: unpatched), all in each round, order rotating."""
     seconds = [0.0] * len(settings)
     for k in tqdm(range(rounds), desc="timing rounds"):
@@ -152,7 +153,7 @@ def timed(model, head, images, settings: list[dict | None], rounds: int) -> list
             with torch.no_grad():
                 began = time.perf_counter()
                 for s in range(0, len(images), BATCH):
-                    pixel_logits(head, patch_tokens(model, images[s:s + BATCH])).argmax(1)
+                    pixel_logits(head, patch_tokens(model, images[s:s + BATCH], blocks)).argmax(1)
                 seconds[i] += time.perf_counter() - began
             if handle is not None:
                 handle.remove()
@@ -190,9 +191,14 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--timing-images", type=int, default=2000)
     parser.add_argument("--timing-rounds", type=int, default=3)
+    parser.add_argument("--blocks", type=int, nargs="+", default=[5],
+                        help="blocks (0-based) whose normed outputs the head reads, concatenated per patch (a "
+                             "multi-level head, as DPT's, reads several); default: the last of the 6")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--plot", type=Path, default=None, help="also draw the figure here (PNG)")
     args = parser.parse_args()
+    if not args.blocks or any(not 0 <= b < 6 for b in args.blocks) or len(set(args.blocks)) != len(args.blocks):
+        parser.error(f"--blocks must be distinct block indices in [0, 5], got {args.blocks}")
     if not 0 < args.train_images <= 60000:
         parser.error(f"--train-images must be in [1, 60000], got {args.train_images}")
     available = 10000 if args.split == "test" else HELD_OUT
@@ -203,16 +209,16 @@ def main() -> None:
     train_images, train_labels = load_fashion_mnist("train")
     head, losses = train_head(model, train_images[:args.train_images],
                               pixel_labels(train_images[:args.train_images], train_labels[:args.train_images]),
-                              args.epochs, args.lr)
+                              args.epochs, args.lr, args.blocks)
     images, labels = load_fashion_mnist("test") if args.split == "test" else split_train_heldout()[1]
     images, labels = images[:args.test_images], labels[:args.test_images]
     targets = pixel_labels(images, labels)
-    unmerged = evaluate(model, head, images, targets, None)
+    unmerged = evaluate(model, head, images, targets, None, args.blocks)
     names = [(m, r) for r in args.r for m in args.methods]
     settings = [dict(METHODS[m], r=r) for m, r in names]
-    runs = {(m, r): evaluate(model, head, images, targets, s)
+    runs = {(m, r): evaluate(model, head, images, targets, s, args.blocks)
             for (m, r), s in tqdm(list(zip(names, settings, strict=True)), desc="settings")}
-    speed = timed(model, head, images[:args.timing_images], [None, *settings], args.timing_rounds)
+    speed = timed(model, head, images[:args.timing_images], [None, *settings], args.timing_rounds, args.blocks)
     rows = []
     for ((method, r), run), images_per_s in zip(runs.items(), speed[1:], strict=True):
         row = {"method": method, "r": r, "settings": dict(METHODS[method], r=r), "mean_tokens_per_block":
@@ -227,7 +233,7 @@ def main() -> None:
                                  "miou": bootstrap_miou(run["confusion"], tome["confusion"])}
         rows.append(row)
     result = {"command": command_line("dense_unmerge.py", args),
-              "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
+              "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images), "blocks": args.blocks,
               "head_training_loss_per_epoch": losses,
               "unmerged": {"pixel_accuracy": bootstrap_mean(unmerged["accuracy"]),
                            "miou": bootstrap_miou(unmerged["confusion"]), "images_per_s": speed[0]},

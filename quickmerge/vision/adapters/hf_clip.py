@@ -34,6 +34,7 @@ from ...call_arguments import CallArgument, takes_argument
 from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation, hidden_states_check
 from .pooling import LastOutput, size_bias
 from .protocol import BlockMerger, Removable
+from .unmerge import unmerged_within_call
 
 # the ...VisionTransformer classes are the towers inside CLIPModel / SiglipModel (``model.vision_model``) up to
 # transformers 5.2x; newer releases put a ...VisionModel there
@@ -102,7 +103,7 @@ class HFCLIPAdapter:
         if _is_siglip2(model):
             hooks += _padding_hooks(tower(model), blocks[0], head, merger)
         if _is_classifier(model):
-            hooks += _patch_grid_output(model, merger)
+            hooks += _classifier_hooks(model, merger)
         hooks.append(hidden_states_check(model, merger))
         return hooks
 
@@ -158,47 +159,22 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
     return hooks
 
 
-def _patch_grid_output(model: nn.Module, merger: BlockMerger) -> list[Removable]:
-    """Hooks putting a classifier's merged tokens back on the patch grid before its own forward averages them.
-
-    ``...ForImageClassification`` runs ``classifier(mean(tower(x).last_hidden_state))`` in its forward, where no
-    hook reaches between the two (CLIP's mean over the patch tokens, SigLIP's over all tokens, SigLIP 2's over
-    the real ones by the unmerged padding mask). Within the model's call, the tower's output tokens are expanded
-    to its input positions (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`), each patch carrying
-    the token it was merged into, so each of those means is the size-weighted mean over the original patches.
-    The tower called on its own still returns its merged tokens. With ``size_weighted_pool=False`` the head
-    averages the merged tokens as they are; SigLIP 2's padding mask cannot be applied to those, so a call
-    with one is then refused."""
-    vision = tower(model)
+def _classifier_hooks(model: nn.Module, merger: BlockMerger) -> list[Removable]:
+    """A classifier's forward averages the tower's tokens itself: they come back on the patch grid within its call
+    (:mod:`.unmerge`), so each mean is the size-weighted one over the original patches (CLIP's over the patch
+    tokens, SigLIP's over all, SigLIP 2's over the real ones by the unmerged padding mask). With
+    ``size_weighted_pool=False`` the head averages the merged tokens; SigLIP 2's padding mask cannot be applied
+    to those, so a call with one is then refused."""
     padding_mask = CallArgument.of(model, "pixel_attention_mask") if _is_siglip2(model) else None
-    state = {"inside": False}
 
-    def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+    def refuse_unmergeable_mask(args: tuple, kwargs: dict) -> None:
         if padding_mask is not None and not merger.size_weighted_pool and merger.merges() \
                 and padding_mask.get(args, kwargs) is not None:
             raise ValueError(f"{type(model).__name__} averages its tokens by the pixel_attention_mask made for "
                              "the unmerged tokens: with size_weighted_pool=False they stay merged and it cannot; "
                              "set handle.size_weighted_pool = True, or call it without a mask (no padding)")
-        state["inside"] = True
 
-    def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
-        state["inside"] = False
-
-    def vision_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
-        if not state["inside"] or not merger.size_weighted_pool:
-            return None
-        tokens = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        expanded = merger.expand_to_patches(tokens)
-        if expanded is None:
-            return None
-        if hasattr(out, "last_hidden_state"):
-            out.last_hidden_state = expanded
-            return out
-        return (expanded, *out[1:])
-
-    return [model.register_forward_pre_hook(model_pre, with_kwargs=True),
-            model.register_forward_hook(model_post, with_kwargs=True, always_call=True),
-            vision.register_forward_hook(vision_post)]
+    return unmerged_within_call(model, tower(model), merger, before=refuse_unmergeable_mask)
 
 
 def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,

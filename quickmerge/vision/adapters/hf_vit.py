@@ -22,9 +22,10 @@ Hooks between those pieces:
 - new ViT layout and DINOv2: the residual merge of :mod:`.residual` (``layernorm_after`` /
   ``norm2`` where the stream is merged, the branch's last module: ``dropout`` /
   ``layer_scale2``);
-- DINOv2's classification heads (the class token beside the mean of the patch tokens): the final
-  ``layernorm``'s output is kept and a ``classifier`` pre-hook swaps the plain mean for the mean
-  weighted by each token's size (the mean over the original patches).
+- heads that read every patch token of the base model's output in their own forward, DINOv2's classifiers (the
+  class token beside the mean of the patch tokens) and masked image modeling (pixels decoded from the tokens
+  reshaped onto the grid): within the head's call the base model's tokens go back on the patch grid
+  (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded.
 """
 
 from __future__ import annotations
@@ -33,13 +34,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from .pooling import LastOutput, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import block_end_hook, block_start_hook, norm_merge_hook, residual_merge_hooks
 from .rotary import check_takes_table, rotary_table_hook
+from .unmerge import unmerged_within_call
 
 # module of each family -> its pre-trained base class
 _FAMILIES = {
@@ -50,9 +50,12 @@ _FAMILIES = {
     "transformers.models.dinov3_vit.modeling_dinov3_vit": "DINOv3ViTPreTrainedModel",
 }
 _BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")  # where the heads keep the base model
-# heads that classify the class token beside the plain mean of the patch tokens
+# heads that classify the class token beside the plain mean of the patch tokens, in their own forward
 _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
-# heads that put every patch token back on its grid position (feature maps, pixel reconstruction)
+# heads that reshape the patch tokens onto the grid in their own forward (pixels decoded per patch)
+_GRID_HEADS = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling")
+# heads that put every patch token back on its grid position (feature maps, pixel reconstruction); refused unless
+# a backbone of _STAGE_BACKBONES or a head of _GRID_HEADS
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
 # backbones -> their module returning the hidden states they make feature maps of (those go back on the grid)
 _STAGE_BACKBONES = {"Dinov2Backbone": "encoder", "Dinov2WithRegistersBackbone": "encoder", "DINOv3ViTBackbone": "model"}
@@ -73,7 +76,7 @@ class HFViTAdapter:
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
                       "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
                       "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel",
-                      *_STAGE_BACKBONES)
+                      *_STAGE_BACKBONES, *_GRID_HEADS)
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
@@ -97,12 +100,12 @@ class HFViTAdapter:
                                 "feature maps are made of, where quickmerge would put them back on the patch grid "
                                 "(DINOv3ViTBackbone has one in later releases, 5.5 among them): upgrade "
                                 "transformers, or run it unpatched")
-        elif any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
+        elif not _has_head(model, _GRID_HEADS) and any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
             raise TypeError(
                 f"{type(model).__name__} puts every patch token back on the patch grid (feature maps or pixels), "
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
-                "or ...ForImageClassification, or a DINOv2 / DINOv3 backbone, whose feature maps it unmerges), or "
-                "run this one unpatched")
+                "or ...ForImageClassification), a DINOv2 / DINOv3 backbone or ViT / DeiT masked image modeling "
+                "(which get them unmerged), or run this one unpatched")
         base = _vit(model)
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
@@ -117,8 +120,8 @@ class HFViTAdapter:
                                             blocks, merger, parts=_residual_parts)
         if hasattr(_vit(model), "rope_embeddings"):  # DINOv3's (cos, sin) per patch: merged after the start hook
             hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
-        if any(c.__name__ in _MEAN_POOLING_HEADS for c in type(model).__mro__):
-            hooks += _weighted_patch_mean(model, merger, self.num_prefix_tokens(model))
+        if _has_head(model, _MEAN_POOLING_HEADS + _GRID_HEADS):
+            hooks += unmerged_within_call(model, _vit(model), merger, pools=_has_head(model, _MEAN_POOLING_HEADS))
         if _is_stage_backbone(model):
             hooks.append(_stages_on_the_grid(_stage_encoder(model), merger))
         else:
@@ -147,6 +150,10 @@ def hidden_states_check(model: nn.Module, merger: BlockMerger) -> Removable:
                                "without output_hidden_states")
 
     return model.register_forward_hook(model_post)
+
+
+def _has_head(model: nn.Module, names: tuple[str, ...]) -> bool:
+    return any(c.__name__ in names for c in type(model).__mro__)
 
 
 def _is_stage_backbone(model: nn.Module) -> bool:
@@ -385,30 +392,3 @@ def _attach_vit_layer(layer: nn.Module, index: int, merger: BlockMerger) -> list
         layer.output.register_forward_pre_hook(output_pre),
         block_end_hook(layer, index, merger),
     ]
-
-
-def _weighted_patch_mean(model: nn.Module, merger: BlockMerger, prefix: int) -> list[Removable]:
-    """Hooks making a DINOv2 classification head average the patch tokens weighted by their sizes.
-
-    The head runs ``classifier(cat([x[:, 0], x[:, prefix:].mean(1)], -1))`` on the final layernorm's output
-    ``x``; the pre-hook checks that the second half of its input is that plain mean (a head written otherwise
-    raises rather than being changed blindly) and replaces it with the size-weighted one."""
-    final = LastOutput(_vit(model).layernorm)
-
-    def classifier_pre(_m: nn.Module, args: tuple) -> tuple | None:
-        tokens, final.tensor = final.tensor, None
-        weights = None if tokens is None else merger.pooling_weights(tokens)
-        if weights is None:
-            return None
-        features, width = args[0], tokens.shape[-1]
-        patches = tokens[:, prefix:]
-        # the value check reads data, which torch.compile cannot trace whole: it runs in eager passes only
-        if features.shape[-1] != 2 * width or (not torch.compiler.is_compiling() and not torch.allclose(
-                features[:, width:], patches.mean(dim=1), rtol=1e-4, atol=1e-5)):
-            raise RuntimeError(f"{type(model).__name__}'s classifier no longer takes the class token beside the mean "
-                               "of the patch tokens; quickmerge cannot weight that mean by token size (pass "
-                               "size_weighted_pool=False to quickmerge.patch to leave the head as it is)")
-        weighted = mean_by_size(patches, weights[:, prefix:]).to(features.dtype)
-        return (torch.cat([features[:, :width], weighted], dim=-1), *args[1:])
-
-    return [final, model.classifier.register_forward_pre_hook(classifier_pre)]
