@@ -194,6 +194,12 @@ def test_masked_image_modeling_decodes_each_patch_from_the_token_it_was_merged_i
     base = model.vit if hasattr(model, "vit") else model.deit
     with torch.no_grad():
         ref = model(pixel_values=x, bool_masked_pos=mask)
+        # which tokens the head decodes: DeiT's took [:, 1:-1] before transformers 5.1x, [:, 2:] after
+        plain = base(pixel_values=x, bool_masked_pos=mask).last_hidden_state
+        cuts = [cut for cut in (slice(1, None), slice(1, -1), slice(2, None))
+                if plain[:, cut].shape[1] == 64 and torch.allclose(
+            model.decoder(plain[:, cut].transpose(1, 2).reshape(2, -1, 8, 8)), ref.reconstruction, atol=1e-6)]
+        assert len(cuts) == 1
         handle = quickmerge.patch(model, r=0, trace_source=True)
         same = model(pixel_values=x, bool_masked_pos=mask)
         assert torch.allclose(same.reconstruction, ref.reconstruction, atol=1e-5, rtol=0)
@@ -202,7 +208,7 @@ def test_masked_image_modeling_decodes_each_patch_from_the_token_it_was_merged_i
         tokens = base(pixel_values=x, bool_masked_pos=mask).last_hidden_state  # merged: the base alone
         assert tokens.shape[1] == 65 + PREFIX[family(cls_name)] - 1 - 24
         full = tokens.gather(1, handle.source[..., None].expand(-1, -1, tokens.shape[-1]))  # [B, N0, C]
-        patches = full[:, 1:] if cls_name.startswith("ViT") else full[:, 1:-1]  # as each head slices them
+        patches = full[:, cuts[0]]
         want = model.decoder(patches.transpose(1, 2).reshape(2, -1, 8, 8))
         assert out.reconstruction.shape == ref.reconstruction.shape and torch.isfinite(out.loss)
         assert torch.allclose(out.reconstruction, want, atol=1e-5, rtol=0)
