@@ -5,12 +5,15 @@ For blocks written ``h = x + attn_branch(x)`` then ``return h + mlp_branch(norm(
 runs on fewer tokens; the hook on the branch's last module keeps the branch output and
 hands the block a zero, because the block's own residual add still holds the unmerged
 ``h``; the block's hook returns merged ``h`` + branch. The block's code runs unchanged.
+The branch hook is kept last among the branch's forward hooks (moved there as each block starts),
+so a hook a user registers there after patching still sees the branch's output, not the zero.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .protocol import BlockMerger, Removable
@@ -62,8 +65,13 @@ def residual_merge_hooks(
     """Register the hooks on ``block`` (layer ``index`` of ``merger``'s model); returns their handles."""
     state: dict[str, Tensor | None] = {"residual": None, "branch": None}
 
-    def clear() -> None:
+    def start() -> None:
         state["residual"] = state["branch"] = None
+        # hooks run in registration order: one registered after patching would otherwise get the zero.
+        # (Reordering is skipped while compiling: a traced hook may not edit its module's hook table.)
+        hooks = branch_end._forward_hooks
+        if not torch.compiler.is_compiling() and next(reversed(hooks)) != branch.id:
+            hooks.move_to_end(branch.id)
 
     def branch_hook(_m: nn.Module, _args: tuple, out: Tensor) -> Tensor | None:
         if state["residual"] is None:
@@ -75,13 +83,14 @@ def residual_merge_hooks(
         if state["residual"] is None:
             return None
         result = state["residual"] + state["branch"]
-        clear()
+        state["residual"] = state["branch"] = None
         return result
 
+    branch = branch_end.register_forward_hook(branch_hook)
     return [
-        block_start_hook(block, index, merger, on_start=clear),
+        block_start_hook(block, index, merger, on_start=start),
         norm_merge_hook(norm, index, merger, state),
-        branch_end.register_forward_hook(branch_hook),
+        branch,
         # first among the block's forward hooks: any other (transformers' recorder of hidden states, a user's)
         # sees the merged output, not the block's own sum, which lacks the MLP branch
         block.register_forward_hook(block_hook, prepend=True),
