@@ -4,13 +4,14 @@
         --plot docs/img/dense_unmerge.png        # ~2 min head training, then ~10 min of evaluation on 2 cores
 
 A merged ViT has fewer tokens than patches, so a dense head (segmentation, depth) needs them back on the grid:
-every patch takes the token it was merged into (``handle.expand_to_patches(tokens)``; what ``quickmerge.patch`` does
-inside Dinov2Backbone, DPT and Depth Anything, and in timm's ``forward_intermediates``, which this script reads the
-tokens from, as a dense head on timm does). No pretrained dense model or dense dataset is obtainable here, so the
-task is built from real images: each of Fashion-MNIST's 28x28 pixels is background (value 0) or belongs to the
-image's garment class (11 classes in all). The shipped reference ViT (90.85%; 196 patch tokens of 2x2 pixels, 6
-blocks) stays frozen; a linear head on each final patch token predicts its 2x2 pixels, trained on the unmerged
-model's tokens of ``--train-images`` training images (AdamW, cross-entropy over pixels).
+every patch takes the token it was merged into plus what its own residual stream lost at each merge (``unmerge=
+"residual"``, the default; the ``-copy`` methods take the token alone, ToMe for Stable Diffusion's unmerge); what
+``quickmerge.patch`` does inside Dinov2Backbone, DPT and Depth Anything, and in timm's ``forward_intermediates``,
+which this script reads the tokens from, as a dense head on timm does. No pretrained dense model or dense dataset is
+obtainable here, so the task is built from real images: each of Fashion-MNIST's 28x28 pixels is background (value 0)
+or belongs to the image's garment class (11 classes in all). The shipped reference ViT (90.85%; 196 patch tokens of
+2x2 pixels, 6 blocks) stays frozen; a linear head on each final patch token predicts its 2x2 pixels, trained on the
+unmerged model's tokens of ``--train-images`` training images (AdamW, cross-entropy over pixels).
 
 Then, on the 10,000 test images and the same run, for QuickMerge++ (defaults) and ToMe-style matching at each
 ``--r``: pixel accuracy (mean over images) and mean IoU over the 11 classes (from the summed confusion matrix), each
@@ -40,9 +41,12 @@ CLASSES = 11  # background, then the 10 garment classes
 GRID, PATCH = 14, 2
 METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome"),
            "quickmerge-hidden": dict(method="quickmerge", similarity="hidden"),
-           "quickmerge-unweighted": dict(method="quickmerge", saliency_weight=0.0)}
+           "quickmerge-unweighted": dict(method="quickmerge", saliency_weight=0.0),
+           "quickmerge-copy": dict(method="quickmerge", unmerge="copy"),
+           "tome-copy": dict(method="tome", unmerge="copy")}
 LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style", "quickmerge-hidden": "QuickMerge++, hidden similarity",
-          "quickmerge-unweighted": "QuickMerge++, saliency weight 0"}
+          "quickmerge-unweighted": "QuickMerge++, saliency weight 0",
+          "quickmerge-copy": "QuickMerge++, unmerged by copying", "tome-copy": "ToMe-style, unmerged by copying"}
 BATCH = 500
 
 
@@ -172,7 +176,8 @@ def plot(result: dict, path: Path) -> None:
     for ax, metric, name in ((axes[0], "miou", "mean IoU (%)"), (axes[1], "pixel_accuracy", "pixel accuracy (%)")):
         ax.axhline(100 * result["unmerged"][metric][0], color="gray", ls="--", label="unmerged")
         ax.set(xlabel="speed-up of the dense pass over the unpatched model", ylabel=name)
-    axes[0].set_title("per-pixel segmentation from unmerged tokens")
+    blocks = ", ".join(str(b) for b in result["blocks"])
+    axes[0].set_title(f"per-pixel segmentation from block{'s' * (len(result['blocks']) > 1)} {blocks}, unmerged")
     axes[1].set_title("reference ViT (frozen), Fashion-MNIST test set")
     save_figure(fig, axes, path)
 
@@ -227,10 +232,15 @@ def main() -> None:
                "pixel_accuracy_minus_unmerged": bootstrap_difference(run["accuracy"], unmerged["accuracy"]),
                "miou_minus_unmerged": bootstrap_miou(run["confusion"], unmerged["confusion"]),
                "images_per_s": images_per_s, "speedup": images_per_s / speed[0]}
-        if method != "tome" and ("tome", r) in runs:
-            tome = runs[("tome", r)]
+        rival = "tome-copy" if method.endswith("-copy") else "tome"  # ToMe-style unmerged the same way
+        if method != rival and (rival, r) in runs:
+            tome = runs[(rival, r)]
             row["minus_tome"] = {"pixel_accuracy": bootstrap_difference(run["accuracy"], tome["accuracy"]),
                                  "miou": bootstrap_miou(run["confusion"], tome["confusion"])}
+        if (f"{method}-copy", r) in runs:  # the residual unmerge against copying, same merges
+            copy = runs[(f"{method}-copy", r)]
+            row["minus_copy"] = {"pixel_accuracy": bootstrap_difference(run["accuracy"], copy["accuracy"]),
+                                 "miou": bootstrap_miou(run["confusion"], copy["confusion"])}
         rows.append(row)
     result = {"command": command_line("dense_unmerge.py", args),
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images), "blocks": args.blocks,
@@ -252,9 +262,10 @@ def main() -> None:
         line = (f"{row['method']:>10} r={row['r']:<2} tokens {row['mean_tokens_per_block']:.1f} "
                 f"acc {row['pixel_accuracy'][0]:.4f} mIoU {row['miou'][0]:.4f} ({d[0]:+.4f} [{d[1]:+.4f}, "
                 f"{d[2]:+.4f}]) speed-up {row['speedup']:.2f}x")
-        if "minus_tome" in row:
-            t = row["minus_tome"]["miou"]
-            line += f" vs tome mIoU {t[0]:+.4f} [{t[1]:+.4f}, {t[2]:+.4f}]"
+        for key, name in (("minus_tome", "tome"), ("minus_copy", "copy")):
+            if key in row:
+                t = row[key]["miou"]
+                line += f" vs {name} mIoU {t[0]:+.4f} [{t[1]:+.4f}, {t[2]:+.4f}]"
         print(line)
 
 

@@ -123,7 +123,7 @@ class HFViTAdapter:
         if _has_head(model, _MEAN_POOLING_HEADS + _GRID_HEADS):
             hooks += unmerged_within_call(model, _vit(model), merger, pools=_has_head(model, _MEAN_POOLING_HEADS))
         if _is_stage_backbone(model):
-            hooks.append(_stages_on_the_grid(_stage_encoder(model), merger))
+            hooks += [merger.dense_head(), _stages_on_the_grid(_stage_encoder(model), merger)]
         else:
             hooks.append(hidden_states_check(model, merger))
         return hooks
@@ -174,14 +174,16 @@ def _stages_on_the_grid(encoder: nn.Module, merger: BlockMerger) -> Removable:
     feature maps ``[B, C, H, W]`` in its own forward, which needs a row for every patch. Entry ``j`` of the
     encoder's ``hidden_states`` (the tokens entering block ``j``; the last, the last block's output) and
     ``last_hidden_state`` are expanded to the patch grid, each patch carrying the token it was merged into in that
-    stage (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`; ToMe for Stable Diffusion's unmerge).
-    The blocks themselves still run on the merged tokens."""
+    stage (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`), plus, with the handle's
+    ``unmerge="residual"`` (default), what its own residual stream lost at each merge before (the hidden states are
+    the stream itself; the backbone norms them after). The blocks themselves still run on the merged tokens."""
 
     def encoder_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if not hasattr(out, "last_hidden_state"):
             raise TypeError(f"{type(encoder).__name__} returned a {type(out).__name__}, not a model output whose "
                             "hidden states quickmerge can put back on the patch grid")
-        last = merger.expand_to_patches(out.last_hidden_state)
+        residual = merger.unmerge == "residual"
+        last = merger.expand_to_patches(out.last_hidden_state, residual=residual)
         if last is None:  # nothing merged
             return None
         states = getattr(out, "hidden_states", None)
@@ -191,7 +193,7 @@ def _stages_on_the_grid(encoder: nn.Module, merger: BlockMerger) -> Removable:
                                    f"{merger.num_layers} blocks; quickmerge expects the blocks' inputs and the last "
                                    "output")
             try:
-                out.hidden_states = tuple(merger.expand_to_patches(h, stage=j) for j, h in enumerate(states))
+                out.hidden_states = tuple(merger.expand_to_patches(h, j, residual) for j, h in enumerate(states))
             except ValueError as error:
                 raise RuntimeError(f"{type(encoder).__name__}'s hidden states do not hold each block's merged tokens "
                                    f"({error}): this transformers records each layer's output before quickmerge's "

@@ -71,7 +71,8 @@ class OpenCLIPViTAdapter:
             hooks.append(block.attn.register_forward_pre_hook(_attention_hook(block.attn, merger), with_kwargs=True))
             hooks += residual_merge_hooks(block, i, merger, block.ln_2, block.ls_2)
         if hasattr(model, "forward_intermediates"):
-            hooks.append(FeatureMaps(model, merger, functools.partial(_grid, model)))
+            norm = ("normalize_intermediates", lambda: model.ln_post)
+            hooks.append(FeatureMaps(model, merger, functools.partial(_grid, model), norm))
         if getattr(model, "pool_type", None) == "avg":
             hooks.append(_WeightedMean(model, merger))
         return hooks

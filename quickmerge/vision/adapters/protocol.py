@@ -43,6 +43,7 @@ class BlockMerger(Protocol):
     prop_attn: bool  # whether attention_bias adds log(size) (may change between passes)
     padded: bool  # whether the last finished pass had padding (its sizes are 0 there)
     size_weighted_pool: bool  # whether heads that pool the last tokens weight them by size
+    unmerge: str  # "residual" or "copy": how a dense head's reader puts tokens back on the patch grid
     tokens_per_layer: list[int]  # tokens entering each block in the last pass
     sizes: Tensor | None  # [B, N] patches per output token of the last pass (None: nothing merged)
 
@@ -77,10 +78,16 @@ class BlockMerger(Protocol):
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
         ...
 
-    def expand_to_patches(self, x: Tensor, stage: int | None = None) -> Tensor | None:
+    def expand_to_patches(self, x: Tensor, stage: int | None = None, residual: bool = False) -> Tensor | None:
         """The last pass's tokens ``x [B, N, C]`` entering block ``stage`` (default: the last block's output) back
-        on its ``N0`` input positions (each patch the row of its token), ``[B, N0, C]``, for a head that needs
+        on its ``N0`` input positions (each patch the row of its token; with ``residual`` plus what its own stream
+        lost at each merge before, ``x`` then the residual stream itself), ``[B, N0, C]``, for a head that needs
         every patch (a mean in the model's own forward, a feature map); None when nothing merged."""
+        ...
+
+    def dense_head(self) -> Removable:
+        """Declare a reader that unmerges every pass onto the patch grid (a backbone's head; a feature-map call,
+        while it runs): passes keep what ``expand_to_patches(..., residual=True)`` needs. ``remove()`` closes it."""
         ...
 
     def mean_over_patches(self, table: Tensor) -> Tensor:

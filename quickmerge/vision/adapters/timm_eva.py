@@ -98,7 +98,7 @@ class TimmEvaAdapter:
             hooks += attach_block(block, i, merger, rotate=rotate, eager_mask_refusal=refusal)
             hooks.append(rotary_table_hook(block, "rope", merger, state))  # after the block's start hook
         if hasattr(model, "forward_intermediates"):
-            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model)))
+            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model), ("norm", lambda: model.norm)))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(WeightedPool(model, merger, attn_pool_includes_prefix=True))
         return hooks

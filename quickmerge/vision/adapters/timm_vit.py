@@ -76,7 +76,7 @@ class TimmViTAdapter:
         for i, block in enumerate(blocks):
             hooks += attach_block(block, i, merger)
         if hasattr(model, "forward_intermediates"):
-            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model)))
+            hooks.append(FeatureMaps(model, merger, functools.partial(timm_grid, model), ("norm", lambda: model.norm)))
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(WeightedPool(model, merger))
         return hooks

@@ -422,13 +422,14 @@ def encoder_and_norm(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 @pytest.mark.parametrize("cls_name", ["Dinov2Backbone", "Dinov2WithRegistersBackbone", "DINOv3ViTBackbone"])
 def test_a_backbone_s_feature_maps_carry_each_patch_s_merged_token(cls_name, impl):
     """Dinov2Backbone reshapes the hidden states of its stages into [B, C, 8, 8] maps in its own forward: each
-    patch of stage j's map is the (normed) token it was merged into by block j, every such token on the map."""
+    patch of stage j's map is the (normed) token it was merged into by block j, every such token on the map
+    (``unmerge="copy"``; the residual unmerge, the default, below)."""
     model, x = tiny_backbone(cls_name, impl), torch.randn(2, 1, 16, 16)
     p = PREFIX[family(cls_name)]
     with torch.no_grad():
         ref = model(pixel_values=x).feature_maps
         hook_counts = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in model.modules()]  # 5.24's own
-        handle = quickmerge.patch(model, r=0)
+        handle = quickmerge.patch(model, r=0, unmerge="copy")
         assert all(torch.equal(a, b) for a, b in zip(model(pixel_values=x).feature_maps, ref, strict=True))
         handle.r = 12
         blocks = []  # each block's merged output, as the next block (or the final norm) receives it

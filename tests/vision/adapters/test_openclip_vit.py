@@ -93,7 +93,7 @@ def test_average_pooling_weights_tokens_by_size():
 
 def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
     model, x = tiny(), torch.randn(2, 3, 16, 16)
-    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True) as handle:
+    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True, unmerge="copy") as handle:
         tokens = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)["image_intermediates"]
         assert [t.shape[1] for t in tokens] == [56, 48, 40]
         out = model.forward_intermediates(x, output_extra_tokens=True)

@@ -194,7 +194,7 @@ def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
     model = tiny_eva(**CONFIGS["dinov3_registers"])
     x = torch.randn(2, 3, SIZE, SIZE)
     side = SIZE // PATCH
-    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True) as handle:
+    with torch.no_grad(), quickmerge.patch(model, r=8, trace_source=True, unmerge="copy") as handle:
         tokens = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
         assert [t.shape[1] for t in tokens] == [56, 48, 40]
         maps = model.forward_intermediates(x, output_fmt="NCHW", intermediates_only=True)

@@ -115,7 +115,7 @@ def test_feature_maps_put_each_blocks_merged_tokens_back_on_the_grid():
     model, x = tiny_vit(True, reg_tokens=1), torch.randn(2, 1, 16, 16)
     ref = model.forward_intermediates(x, intermediates_only=True)
     assert [tuple(f.shape) for f in ref] == [(2, 32, 8, 8)] * 3
-    handle = quickmerge.patch(model, r=0, trace_source=True)
+    handle = quickmerge.patch(model, r=0, trace_source=True, unmerge="copy")  # the residual unmerge: below
     for got, want in zip(model.forward_intermediates(x, intermediates_only=True), ref, strict=True):
         assert torch.allclose(got, want, atol=1e-5, rtol=0)
     handle.r = 8
@@ -157,7 +157,7 @@ def test_features_only_models_merge_through_the_wrapped_vit():
         ref = model(x)
         with pytest.raises(TypeError, match=r"the model it wraps is supported: quickmerge\.patch\(model\.model\)"):
             quickmerge.patch(model, r=8)
-        with quickmerge.patch(model.model, r=8) as handle:
+        with quickmerge.patch(model.model, r=8, unmerge="copy") as handle:
             maps = model(x)
             assert handle.tokens_per_layer == [65, 57, 49]
             assert [tuple(m.shape) for m in maps] == [tuple(r.shape) for r in ref] == [(2, 32, 8, 8)] * 2

@@ -1,0 +1,115 @@
+"""Putting merged tokens back on the patch grid: the residual unmerge (``unmerge="residual"``, the default of the
+dense heads quickmerge drives) against copying (``"copy"``).
+
+The check that can fail: with every block's branches scaled to zero by its layer scale, each block passes its input
+on unchanged, so merging only averages the residual stream; the residual unmerge then gives every patch its own
+stream back exactly, at every stage and through several merges, and copying does not."""
+
+import re
+
+import pytest
+import torch
+
+import quickmerge
+
+BRANCH_SCALES = re.compile(r"(ls_?[12]\.gamma|layer_scale[12]\.lambda1|\.gamma_[12])$")
+
+
+def identity_blocks(model: torch.nn.Module, depth: int) -> torch.nn.Module:
+    """Zero the layer scales of every block's attention and MLP branches: each block returns its input."""
+    scales = [p for name, p in model.named_parameters() if BRANCH_SCALES.search(name)]
+    assert len(scales) == 2 * depth
+    with torch.no_grad():
+        for p in scales:
+            p.zero_()
+    return model
+
+
+def timm_vit():
+    pytest.importorskip("timm")
+    from .adapters.test_timm_vit import tiny_vit
+
+    return identity_blocks(tiny_vit(True, init_values=0.1, reg_tokens=1), 3), torch.randn(2, 1, 16, 16)
+
+
+def timm_eva():
+    pytest.importorskip("timm")
+    from .adapters.test_timm_eva import CONFIGS, SIZE, tiny_eva
+
+    return identity_blocks(tiny_eva(init_values=0.1, **CONFIGS["dinov3_registers"]), 3), torch.randn(2, 3, SIZE, SIZE)
+
+
+def openclip():
+    pytest.importorskip("open_clip")
+    from .adapters.test_openclip_vit import tiny
+
+    return identity_blocks(tiny(ls_init_value=0.1), 3), torch.randn(2, 3, 16, 16)
+
+
+def maps(model, x, **kwargs) -> list[torch.Tensor]:
+    """Each block's normed patch tokens as a map, then its normed prefix tokens."""
+    if hasattr(model, "transformer"):  # OpenCLIP
+        out = model.forward_intermediates(x, normalize_intermediates=True, output_extra_tokens=True,
+                                          intermediates_only=True, **kwargs)
+        return [*out["image_intermediates"], *out["image_intermediates_prefix"]]
+    pairs = model.forward_intermediates(x, norm=True, return_prefix_tokens=True, intermediates_only=True, **kwargs)
+    return [t for pair in pairs for t in pair]
+
+
+@pytest.mark.parametrize("build", [timm_vit, timm_eva, openclip])
+@torch.no_grad()
+def test_feature_maps_unmerged_by_residual_are_the_unmerged_models_when_blocks_only_average(build):
+    model, x = build()
+    ref = maps(model, x)
+    with quickmerge.patch(model, r=8) as handle:
+        got = maps(model, x)
+        assert handle.tokens_per_layer[1:] == [handle.tokens_per_layer[0] - 8, handle.tokens_per_layer[0] - 16]
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(got, ref, strict=True))
+        alone = maps(model, x, indices=[1], stop_early=True)  # a pass ended early, at its second stage
+        assert torch.allclose(alone[0], ref[2], atol=1e-5, rtol=0)
+        handle.unmerge = "copy"
+        copied = maps(model, x)
+        assert not torch.allclose(copied[2], ref[2], atol=1e-3)  # block 1's map: copying loses each patch's own
+        assert handle._deviations is None  # copying keeps nothing
+
+
+@torch.no_grad()
+def test_a_backbone_s_feature_maps_unmerged_by_residual_are_the_unmerged_models_when_blocks_only_average():
+    pytest.importorskip("transformers")
+    from .adapters.test_hf_vit import tiny_backbone
+
+    model, x = identity_blocks(tiny_backbone("Dinov2Backbone"), 3), torch.randn(2, 1, 16, 16)
+    ref = model(pixel_values=x).feature_maps
+    with quickmerge.patch(model, r=12) as handle:
+        out = model(pixel_values=x, output_hidden_states=True)
+        assert handle.tokens_per_layer == [65, 53, 41]
+        assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(out.feature_maps, ref, strict=True))
+        handle.unmerge = "copy"
+        copied = model(pixel_values=x).feature_maps
+        assert not torch.allclose(copied[2], ref[2], atol=1e-3)
+
+
+@torch.no_grad()
+def test_expand_to_patches_residual_needs_kept_deviations_and_then_restores_the_stream():
+    pytest.importorskip("timm")
+    model, x = timm_vit()
+    stream = []
+    model.blocks[-1].register_forward_hook(lambda _m, _a, out: stream.append(out))
+    reference = model.forward_features(x)  # pre-norm stream: the final norm comes after the last block
+    handle = quickmerge.patch(model, r=8)
+    model.forward_features(x)  # a plain pass keeps no deviations (a classifier pays nothing)
+    assert handle._deviations is None
+    with pytest.raises(ValueError, match="keep_deviations"):
+        handle.expand_to_patches(stream[-1], residual=True)
+    copied = handle.expand_to_patches(stream[-1])
+    handle.keep_deviations = True
+    model.forward_features(x)
+    restored = handle.expand_to_patches(stream[-1], residual=True)
+    assert torch.allclose(restored, stream[0], atol=1e-5, rtol=0) and not torch.allclose(copied, stream[0], atol=1e-3)
+    assert torch.allclose(model.norm(stream[0]), reference, atol=1e-5, rtol=0)
+    # within a group the deviations sum to zero over its patches: the mean over the patches is copying's
+    p = handle.num_prefix_tokens
+    assert torch.allclose(restored[:, p:].mean(1), copied[:, p:].mean(1), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unmerge"):
+        handle.unmerge = "smooth"
+    handle.remove()
