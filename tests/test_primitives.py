@@ -4,6 +4,7 @@ import torch
 from quickmerge.primitives import (
     attention_received,
     focus,
+    gather_rows,
     group_sum,
     normalized_entropy,
     quantile_rank,
@@ -34,6 +35,17 @@ def test_weighted_mean_keeps_the_dtype_and_accumulates_in_at_least_float32(dtype
     merged, total = weighted_mean(x, torch.ones(1, 4096), torch.zeros(1, 4096, dtype=torch.long), 1)
     assert merged.dtype == dtype and total.dtype == torch.promote_types(dtype, torch.float32)
     assert torch.allclose(merged.double(), x[:, :1].double(), rtol=1e-3)  # a half-precision sum of 4096 would not
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_rows_is_the_row_gather_and_passes_gradients(dtype):
+    x = torch.randn(3, 5, 4, dtype=dtype, requires_grad=True)
+    index = torch.tensor([[4, 0, 0, 2, 1, 3], [1, 1, 1, 1, 1, 1], [0, 2, 4, 3, 1, 0]])
+    rows = gather_rows(x, index)
+    assert rows.dtype == dtype and torch.equal(rows, x.gather(1, index[..., None].expand(-1, -1, 4)))
+    rows.sum().backward()
+    counts = torch.zeros(3, 5).scatter_add_(1, index, torch.ones(3, 6))  # times each row was taken
+    assert torch.equal(x.grad.float(), counts[..., None].expand(-1, -1, 4))
 
 
 def test_group_sum_adds_into_groups():

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
-from ..primitives import group_sum, rank01, weighted_mean
+from ..primitives import gather_rows, group_sum, rank01, weighted_mean
 from .adapters import Removable, VisionAdapter, find_adapter, mean_by_size, size_bias, supported_families
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
@@ -370,8 +370,8 @@ class MergeHandle:
         full = torch.cat([torch.arange(p, device=x.device).expand(b, p), torch.where(dst >= 0, dst + p, -1)], 1)
         out = torch.cat([x[:, :p], merged], dim=1)
         if st.deviations is not None:  # what each token's stream loses to its group's mean (0 for a dropped one)
-            back = out.gather(1, full.clamp_min(0)[..., None].expand(-1, -1, x.shape[-1]))
-            st.deviations.append((len(st.stages) - 1, st.origin, torch.where((full >= 0)[..., None], x - back, 0)))
+            back = gather_rows(out, full.clamp_min(0))
+            st.deviations.append((len(st.stages) - 1, st.origin, (x - back).masked_fill_((full < 0)[..., None], 0)))
         st.origin = torch.where(st.origin >= 0, full.gather(1, st.origin.clamp_min(0)), -1)
         st.q = st.k = None
         return out
@@ -461,13 +461,14 @@ class MergeHandle:
                              f"{origin.shape[0]}; got x of shape {tuple(x.shape)}")
         if sizes is None:
             return x
-        p, c = self.num_prefix_tokens, x.shape[-1]
-        rows = x.gather(1, origin.clamp_min(0)[..., None].expand(-1, -1, c))
+        p = self.num_prefix_tokens
+        rows = gather_rows(x, origin.clamp_min(0))
         dropped_value = mean_by_size(x[:, p:], sizes[:, p:]).to(x.dtype)  # [B, C]
         rows = torch.where((origin >= 0)[..., None], rows, dropped_value[:, None])
-        for block, before, deviation in (self._deviations or []) if residual else []:
-            if block < stage:
-                rows = rows + deviation.gather(1, before.clamp_min(0)[..., None].expand(-1, -1, c)).to(x.dtype)
+        if residual:  # each merge before this stage: the patch's token's deviation then, found by its origin then
+            for block, before, deviation in self._deviations:
+                if block < stage:
+                    rows = rows + gather_rows(deviation, before.clamp_min(0)).to(x.dtype)
         return rows
 
     # lifetime -------------------------------------------------------------------------------
