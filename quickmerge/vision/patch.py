@@ -551,7 +551,8 @@ def patch(
         unmerge: how a dense head quickmerge drives (``Dinov2Backbone`` / ``DINOv3ViTBackbone`` under DPT or
             Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps) gets every patch back:
             ``"residual"`` (default: each patch its group's token plus what its own residual stream lost at each
-            merge, kept for those passes only; measured +0.3 to +3.4 pt mIoU over copying, BENCHMARKS.md) or
+            merge, kept for those passes only; +0.1 to +3.4 points of mIoU over copying on a dense proxy,
+            BENCHMARKS.md) or
             ``"copy"`` (the group's token alone, ToMe for Stable Diffusion's unmerge).
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
             ``"queries"`` (16 queries spread over the image).

@@ -95,10 +95,10 @@ class HFViTAdapter:
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
         if _is_stage_backbone(model):
-            if _stage_encoder(model) is None:  # DINOv3ViTBackbone up to transformers 5.2x gathers them in its loop
+            if _stage_encoder(model) is None:  # DINOv3ViTBackbone up to transformers 5.3 gathers them in its loop
                 raise TypeError(f"{type(model).__name__} has no encoder module returning the hidden states its "
                                 "feature maps are made of, where quickmerge would put them back on the patch grid "
-                                "(DINOv3ViTBackbone has one in later releases, 5.5 among them): upgrade "
+                                "(DINOv3ViTBackbone has one from transformers 5.4 on): upgrade "
                                 "transformers, or run it unpatched")
         elif not _has_head(model, _GRID_HEADS) and any(c.__name__.endswith(_DENSE_HEADS) for c in type(model).__mro__):
             raise TypeError(
