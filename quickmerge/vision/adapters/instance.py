@@ -74,8 +74,10 @@ class FeatureMaps(InstanceMethod):
                 return _feature_map(merger, item, height, width, residual, normed)
 
             if isinstance(out, dict):
-                extra = {k: [normed(t) for t in out[k]] for k in ("image_intermediates_prefix",) if k in out}
-                return {**out, **extra, "image_intermediates": [on_grid(y) for y in out["image_intermediates"]]}
+                out = {**out, "image_intermediates": [on_grid(y) for y in out["image_intermediates"]]}
+                if "image_intermediates_prefix" in out:
+                    out["image_intermediates_prefix"] = [normed(t) for t in out["image_intermediates_prefix"]]
+                return out
             if isinstance(out, tuple):  # (final features, intermediates)
                 return (out[0], [on_grid(y) for y in out[1]], *out[2:])
             return [on_grid(y) for y in out]
