@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._validation import ValueChecks, check_num_tokens, check_positive_int, check_real, check_scores, check_tokens
-from .primitives import group_sum, weighted_mean
+from .primitives import gather_rows, group_sum, weighted_mean
 from .selection import select_tokens
 
 # Elements of the [B, rows, K] similarity block materialised at once.
@@ -52,12 +52,12 @@ def cluster_by_similarity(x: Tensor, mass: Tensor, seeds: Tensor, iters: int = 2
     Returns:
         ``[B, N]`` group index (long) of each token.
     """
-    b, _, d = x.shape
+    b = x.shape[0]
     k = seeds.shape[1]
     with torch.no_grad():
         xn = F.normalize(x.detach(), dim=-1)
         own = torch.arange(k, device=x.device).expand(b, k)
-        centres = xn.gather(1, seeds[..., None].expand(b, k, d))
+        centres = gather_rows(xn, seeds)
         assignment = _nearest_centre(xn, centres).scatter_(1, seeds, own)
         weighted = mass.detach()[..., None].to(xn.dtype) * xn
         for _ in range(iters):
@@ -192,7 +192,7 @@ class MergeResult(tuple):
     def unmerge(self, tokens: Tensor | None = None) -> Tensor:
         """Broadcast ``[B, K, C]`` group values (default: merged tokens) back to ``[B, N, C]``."""
         tokens = self.merged if tokens is None else tokens
-        return tokens.gather(1, self.assignment[..., None].expand(-1, -1, tokens.shape[-1]))
+        return gather_rows(tokens, self.assignment)
 
 
 def merge_groups(x: Tensor, mass: Tensor, assignment: Tensor, k: int, mask: Tensor, seeds: Tensor) -> MergeResult:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..primitives import weighted_mean
+from ..primitives import gather_rows, weighted_mean
 
 
 def uniform_pool(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -23,9 +23,9 @@ def uniform_pool(x: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
 
 def random_drop(x: Tensor, k: int, *, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
     """Keep K tokens chosen uniformly at random (in order); returns ``kept [B, K, D]`` and ``index [B, K]``."""
-    b, n, d = x.shape
+    b, n, _ = x.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must satisfy 1 <= k <= N={n}, got {k}")
     noise = torch.rand(b, n, generator=generator, device="cpu" if generator is None else generator.device)
     index = noise.to(x.device).topk(k, dim=-1).indices.sort(dim=-1).values
-    return x.gather(1, index[..., None].expand(b, k, d)), index
+    return gather_rows(x, index), index
