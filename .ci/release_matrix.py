@@ -3,7 +3,8 @@
 ``./run.sh test`` runs the suite on the pinned releases and on the newest transformers. This script covers the
 releases between, for transformers (the last patch of every 5.x minor), timm and OpenCLIP (every release from the
 floor in pyproject.toml): for each one it unpacks the wheel (no dependencies) into a cache, puts it first on
-``PYTHONPATH`` in whichever of ``.venv`` / ``.venv-newest`` has the dependencies it asks for, runs the tests that
+``PYTHONPATH`` in whichever of ``.venv`` / ``.venv-newest`` has the dependencies it asks for (or misses fewest,
+each one it misses installed beside it without dependencies: an overlay, named in the results), runs the tests that
 use the library and writes their counts and failures to ``docs/results/compat/<package>_releases.json``, one
 release at a time (a killed run resumes there).
 
@@ -104,18 +105,46 @@ def installed(env: Path, names: tuple[str, ...]) -> dict[str, str]:
     return json.loads(out)
 
 
-def environment_for(site: Path, dependencies: tuple[str, ...]) -> Path:
-    """The first of ``ENVS`` whose dependencies satisfy the release's requirements."""
+def environment_for(site: Path, dependencies: tuple[str, ...], cache: Path) -> tuple[Path, list[Path]]:
+    """The first of ``ENVS`` whose dependencies satisfy the release's requirements, with no overlays; else the one
+    that misses fewest, with each requirement it misses met by an overlay (:func:`overlay`)."""
     reqs = requirements(site, dependencies)
+    closest = []
     for env in ENVS:
         have = installed(env, tuple(r.name for r in reqs))
-        if all(r.specifier.contains(have[r.name], prereleases=True) for r in reqs):
-            return env
-    raise RuntimeError(f"no environment in {[str(e) for e in ENVS]} satisfies {[str(r) for r in reqs]}")
+        missing = [r for r in reqs if not r.specifier.contains(have[r.name], prereleases=True)]
+        if not missing:
+            return env, []
+        closest.append((len(missing), env, missing))
+    _, env, missing = min(closest, key=lambda option: option[0])
+    return env, [overlay(env, r, cache) for r in missing]
 
 
-def run_tests(env: Path, site: Path, module: str, tests: list[str], report: Path) -> dict:
-    environ = dict(os.environ, PYTHONPATH=str(site), HF_HUB_OFFLINE="1", USE_HUB_KERNELS="NO",
+def overlay(env: Path, requirement: Requirement, cache: Path) -> Path:
+    """The newest release meeting ``requirement`` installed for ``env``'s interpreter into a directory of its own
+    (no dependencies: the environment's own must do), to put on ``PYTHONPATH`` after the release under test.
+    Raises RuntimeError if the package index has none."""
+    target = cache / f"overlay-{env.name}-{requirement.name}{requirement.specifier}".replace(",", "_")
+    if target.is_dir():
+        return target
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        done = subprocess.run([str(env / "bin/python"), "-m", "pip", "install", "-q", "--no-deps", "--target", tmp,
+                               str(requirement)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"no release of {requirement} installs in {env}: {done.stderr.strip()[-300:]}")
+        os.replace(tmp, target)
+    return target
+
+
+def overlaid(overlays: list[Path]) -> str:
+    """``name version`` of what each overlay directory holds, for the results."""
+    return ", ".join(meta.name.removesuffix(".dist-info").replace("-", " ", 1)
+                     for path in overlays for meta in path.glob("*.dist-info"))
+
+
+def run_tests(env: Path, site: Path, overlays: list[Path], module: str, tests: list[str], report: Path) -> dict:
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, [site, *overlays])), HF_HUB_OFFLINE="1",
+                   USE_HUB_KERNELS="NO",
                    TOKENIZERS_PARALLELISM="false")
     seen = subprocess.run([str(env / "bin/python"), "-c", f"import {module}; print({module}.__version__)"],
                           env=environ, capture_output=True, text=True, check=True).stdout.strip()
@@ -127,7 +156,8 @@ def run_tests(env: Path, site: Path, module: str, tests: list[str], report: Path
     failed = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
               if case.find("failure") is not None or case.find("error") is not None]
     counts = {k: int(suite.get(k)) for k in ("tests", "failures", "errors", "skipped")}
-    return {"imported": seen, "environment": env.name, "exit_code": proc.returncode, "seconds": round(seconds),
+    return {"imported": seen, "environment": env.name + (f" + {overlaid(overlays)}" if overlays else ""),
+            "exit_code": proc.returncode, "seconds": round(seconds),
             "passed": counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
             "skipped": counts["skipped"], "failed": failed}
 
@@ -138,7 +168,7 @@ def report(results: dict, package: str) -> str:
     failures = []
     for version, row in sorted(results["releases"].items(), key=lambda kv: Version(kv[0])):
         if row["environment"] is None:
-            lines.append(f"| {version} | none here | | | not run: {row['not_run'].split(' satisfies ')[-1]} |")
+            lines.append(f"| {version} | none here | | | not run: {row['not_run'][-200:]} |")
             continue
         lines.append(f"| {version} | `{row['environment']}` | {row['passed']} | {row['skipped']} | "
                      f"{len(row['failed'])} |")
@@ -179,18 +209,19 @@ def main() -> None:
             continue
         site = unpacked(args.package, version, args.cache)
         try:
-            env = environment_for(site, package.dependencies)
-        except RuntimeError as error:  # recorded, not run: e.g. a huggingface_hub 1.x with tokenizers 0.23
+            env, overlays = environment_for(site, package.dependencies, args.cache)
+        except RuntimeError as error:  # recorded, not run: a requirement the package index cannot meet here
             results["releases"][version] = {"environment": None, "not_run": str(error)}
             args.out.write_text(json.dumps(results, indent=1) + "\n")
             print(f"[{i}/{len(versions)}] {args.package} {version}: not run, {error}", flush=True)
             continue
-        row = run_tests(env, site, package.module, args.tests, args.cache / f"report-{args.package}-{version}.xml")
+        row = run_tests(env, site, overlays, package.module, args.tests,
+                        args.cache / f"report-{args.package}-{version}.xml")
         if row["imported"] != version:
             raise RuntimeError(f"asked for {args.package} {version}, the tests imported {row['imported']}")
         results["releases"][version] = row
         args.out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"[{i}/{len(versions)}] {args.package} {version} in {env.name}: {row['passed']} passed, "
+        print(f"[{i}/{len(versions)}] {args.package} {version} in {row['environment']}: {row['passed']} passed, "
               f"{row['skipped']} skipped, {len(row['failed'])} failed ({row['seconds']} s)", flush=True)
         for name in row["failed"]:
             print(f"    FAILED {name}", flush=True)
