@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -124,7 +125,7 @@ def overlay(env: Path, requirement: Requirement, cache: Path) -> Path:
     """The newest release meeting ``requirement`` installed for ``env``'s interpreter into a directory of its own
     (no dependencies: the environment's own must do), to put on ``PYTHONPATH`` after the release under test.
     Raises RuntimeError if the package index has none."""
-    target = cache / f"overlay-{env.name}-{requirement.name}{requirement.specifier}".replace(",", "_")
+    target = cache / re.sub(r"[^\w.]+", "_", f"overlay-{env.name}-{requirement.name}{requirement.specifier}")
     if target.is_dir():
         return target
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
