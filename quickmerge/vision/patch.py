@@ -549,7 +549,8 @@ def patch(
             over the original patches, as ToMe does for MAE models, and attention-pooling heads (SigLIP's,
             timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
         unmerge: how a dense head quickmerge drives (``Dinov2Backbone`` / ``DINOv3ViTBackbone`` under DPT or
-            Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps) gets every patch back:
+            Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps, ViT / DeiT masked image
+            modeling) gets every patch back:
             ``"residual"`` (default: each patch its group's token plus what its own residual stream lost at each
             merge, kept for those passes only; +0.1 to +3.4 points of mIoU over copying on a dense proxy,
             BENCHMARKS.md) or

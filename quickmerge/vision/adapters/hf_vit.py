@@ -25,7 +25,8 @@ Hooks between those pieces:
 - heads that read every patch token of the base model's output in their own forward, DINOv2's classifiers (the
   class token beside the mean of the patch tokens) and masked image modeling (pixels decoded from the tokens
   reshaped onto the grid): within the head's call the base model's tokens go back on the patch grid
-  (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded.
+  (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded (with the residual
+  unmerge, the default, from the stream before the final norm, each patch's own part of it added back).
 """
 
 from __future__ import annotations
@@ -106,6 +107,8 @@ class HFViTAdapter:
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
                 "or ...ForImageClassification), a DINOv2 / DINOv3 backbone or ViT / DeiT masked image modeling "
                 "(which get them unmerged), or run this one unpatched")
+        if _has_head(model, _GRID_HEADS):
+            _final_norm(model)  # refused here, before any hook, if a release renamed it
         base = _vit(model)
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
@@ -120,8 +123,10 @@ class HFViTAdapter:
                                             blocks, merger, parts=_residual_parts)
         if hasattr(_vit(model), "rope_embeddings"):  # DINOv3's (cos, sin) per patch: merged after the start hook
             hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
-        if _has_head(model, _MEAN_POOLING_HEADS + _GRID_HEADS):
-            hooks += unmerged_within_call(model, _vit(model), merger, pools=_has_head(model, _MEAN_POOLING_HEADS))
+        if _has_head(model, _MEAN_POOLING_HEADS):
+            hooks += unmerged_within_call(model, _vit(model), merger)
+        elif _has_head(model, _GRID_HEADS):
+            hooks += unmerged_within_call(model, _vit(model), merger, pools=False, norm=_final_norm(model))
         if _is_stage_backbone(model):
             hooks += [merger.dense_head(), _stages_on_the_grid(_stage_encoder(model), merger)]
         else:
@@ -150,6 +155,16 @@ def hidden_states_check(model: nn.Module, merger: BlockMerger) -> Removable:
                                "without output_hidden_states")
 
     return model.register_forward_hook(model_post)
+
+
+def _final_norm(model: nn.Module) -> nn.Module:
+    """The base model's norm after the last block (``layernorm`` in ViT and DeiT), where the residual unmerge of
+    a masked-image-modeling head puts the stream back on the grid."""
+    norm = getattr(_vit(model), "layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise TypeError(f"{type(model).__name__}'s base model has no final norm named layernorm, where quickmerge "
+                        "puts the residual stream back on the patch grid: this transformers release is not supported")
+    return norm
 
 
 def _has_head(model: nn.Module, names: tuple[str, ...]) -> bool:

@@ -5,7 +5,10 @@ tokens (CLIP / SigLIP / SigLIP 2 and DINOv2 classifiers) or reshape them onto th
 modeling): no hook reaches between the two. Within the head's call, a forward hook on the base model expands its
 output to the pass's input positions (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`: every patch
 carries the token it was merged into), so a mean over patches is the size-weighted mean over the original patches
-and a reshape finds every patch. The base model called on its own still returns its merged tokens.
+and a reshape finds every patch. A head that reshapes gets, with the handle's ``unmerge="residual"`` (the
+default), each patch's own part of the residual stream back too: the stream is expanded where the base model's
+final norm receives it and normed after, as the model's code norms it. The base model called on its own still
+returns its merged tokens.
 """
 
 from __future__ import annotations
@@ -19,24 +22,48 @@ from .protocol import BlockMerger, Removable
 
 
 def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger, *, pools: bool = True,
-                         before: Callable[[tuple, dict], None] | None = None) -> list[Removable]:
+                         before: Callable[[tuple, dict], None] | None = None,
+                         norm: nn.Module | None = None) -> list[Removable]:
     """Hooks expanding ``base``'s output tokens while ``model`` (the head around it) runs.
 
     ``pools``: the head averages the tokens, so with ``size_weighted_pool=False`` they stay merged (it averages
     them as they are); a head that reshapes them onto the grid (``pools=False``) always gets them unmerged.
-    ``before(args, kwargs)`` runs first in each call of ``model``, to refuse a call that cannot be served."""
-    state = {"inside": False}
+    ``before(args, kwargs)`` runs first in each call of ``model``, to refuse a call that cannot be served.
+    ``norm``: ``base``'s final norm, whose input is the residual stream (a reshaping head only): with
+    ``unmerge="residual"`` the stream is expanded there with each patch's deviations
+    (``expand_to_patches(..., residual=True)``) and the norm runs on every patch; copying expands its output."""
+    if norm is not None and pools:
+        raise ValueError("norm: the residual unmerge is for heads that reshape the tokens (pools=False)")
+    state: dict[str, Any] = {"inside": False, "reader": None, "normed": False}
 
     def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if before is not None:
             before(args, kwargs)
-        state["inside"] = True
+        state["inside"], state["normed"] = True, False
+        if norm is not None and merger.unmerge == "residual":  # this pass keeps the deviations
+            state["reader"] = merger.dense_head()
 
     def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
         state["inside"] = False
+        reader, state["reader"] = state["reader"], None
+        if reader is not None:
+            reader.remove()
+
+    def norm_pre(_m: nn.Module, args: tuple) -> tuple | None:
+        if state["reader"] is None or not state["inside"]:
+            return None
+        state["normed"] = True
+        expanded = merger.expand_to_patches(args[0], residual=True)
+        return None if expanded is None else (expanded, *args[1:])
 
     def base_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if not state["inside"] or (pools and not merger.size_weighted_pool):
+            return None
+        if state["reader"] is not None:
+            if not state["normed"] and merger.sizes is not None:  # the hook above never ran: a renamed norm
+                raise RuntimeError(f"{type(base).__name__} returned its output without calling {type(norm).__name__}"
+                                   ", where quickmerge puts the residual stream back on the patch grid: set "
+                                   "handle.unmerge = 'copy', or report this transformers release")
             return None
         expanded = merger.expand_to_patches(out.last_hidden_state)
         if expanded is None:
@@ -44,7 +71,10 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
         out.last_hidden_state = expanded
         return out
 
-    return [model.register_forward_pre_hook(model_pre, with_kwargs=True),
-            model.register_forward_hook(model_post, with_kwargs=True, always_call=True),  # also after a raise
-            # first among the base's forward hooks, so any other (a user's) sees what the head reads
-            base.register_forward_hook(base_post, prepend=True)]
+    hooks = [model.register_forward_pre_hook(model_pre, with_kwargs=True),
+             model.register_forward_hook(model_post, with_kwargs=True, always_call=True),  # also after a raise
+             # first among the base's forward hooks, so any other (a user's) sees what the head reads
+             base.register_forward_hook(base_post, prepend=True)]
+    if norm is not None:
+        hooks.append(norm.register_forward_pre_hook(norm_pre, prepend=True))
+    return hooks

@@ -1,5 +1,6 @@
 """quickmerge.patch on Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 models (eager and sdpa)."""
 
+import re
 import warnings
 
 import pytest
@@ -189,6 +190,7 @@ def test_a_dinov2_head_reads_the_patches_unmerged_and_its_base_alone_stays_merge
 @pytest.mark.parametrize("cls_name", ["ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"])
 def test_masked_image_modeling_decodes_each_patch_from_the_token_it_was_merged_into(cls_name, impl):
     # the head reshapes the patch tokens onto the grid and decodes pixels: merged tokens go back on the grid first
+    # (unmerge="copy"; the residual unmerge, the default, below)
     model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
     mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) < 0.5
     base = model.vit if hasattr(model, "vit") else model.deit
@@ -200,7 +202,7 @@ def test_masked_image_modeling_decodes_each_patch_from_the_token_it_was_merged_i
                 if plain[:, cut].shape[1] == 64 and torch.allclose(
             model.decoder(plain[:, cut].transpose(1, 2).reshape(2, -1, 8, 8)), ref.reconstruction, atol=1e-6)]
         assert len(cuts) == 1
-        handle = quickmerge.patch(model, r=0, trace_source=True)
+        handle = quickmerge.patch(model, r=0, trace_source=True, unmerge="copy")
         same = model(pixel_values=x, bool_masked_pos=mask)
         assert torch.allclose(same.reconstruction, ref.reconstruction, atol=1e-5, rtol=0)
         handle.r = 8
@@ -218,6 +220,55 @@ def test_masked_image_modeling_decodes_each_patch_from_the_token_it_was_merged_i
     quickmerge.unpatch(model)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=x, bool_masked_pos=mask).reconstruction, ref.reconstruction)
+
+
+# the last linear of each block's two branches (both layer layouts): zeroed, a block returns its input
+BRANCH_OUTPUTS = re.compile(r"(\.output\.dense|\.o_proj|\.fc2)\.(weight|bias)$")
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", ["ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"])
+def test_masked_image_modeling_unmerged_by_residual_decodes_the_unmerged_stream_when_blocks_only_average(cls_name,
+                                                                                                      impl):
+    """With every branch zeroed each block passes its input on, so merging only averages the residual stream: the
+    residual unmerge (the default) puts each patch's own stream back before the final norm, and the decoded pixels
+    are the unmerged model's; copying's are not. Outside the head's call the norm is left alone."""
+    model, x = tiny(cls_name, impl), torch.randn(2, 1, 16, 16)
+    branches = [p for name, p in model.named_parameters() if BRANCH_OUTPUTS.search(name)]
+    assert len(branches) == 4 * 3
+    with torch.no_grad():
+        for p in branches:
+            p.zero_()
+    mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    base = model.vit if hasattr(model, "vit") else model.deit
+    with torch.no_grad():
+        ref = model(pixel_values=x, bool_masked_pos=mask).reconstruction
+        with quickmerge.patch(model, r=8) as handle:
+            out = model(pixel_values=x, bool_masked_pos=mask).reconstruction
+            assert handle.tokens_per_layer[1:] == [handle.tokens_per_layer[0] - 8, handle.tokens_per_layer[0] - 16]
+            assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+            assert base(pixel_values=x).last_hidden_state.shape[1] == handle.tokens_per_layer[0] - 24
+            assert handle._deviations is None  # the base alone keeps nothing
+            handle.unmerge = "copy"
+            copied = model(pixel_values=x, bool_masked_pos=mask).reconstruction
+            assert not torch.allclose(copied, ref, atol=1e-3)
+
+
+def test_masked_image_modeling_with_its_final_norm_renamed_is_refused():
+    model = tiny("ViTForMaskedImageModeling", "sdpa")
+    model.vit.final_norm = model.vit.layernorm
+    del model.vit.layernorm
+    with pytest.raises(TypeError, match="no final norm named layernorm"):
+        quickmerge.patch(model, r=8)
+    assert not hasattr(model, "_quickmerge_handle") and model.config._attn_implementation == "sdpa"
+    model.vit.layernorm = model.vit.final_norm
+    handle = quickmerge.patch(model, r=8)
+    model.vit.layernorm = torch.nn.LayerNorm(32)  # a norm the hook is not on: the stream would stay merged
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without calling LayerNorm"):
+        model(pixel_values=torch.randn(2, 1, 16, 16))
+    handle.unmerge = "copy"
+    with torch.no_grad():
+        assert model(pixel_values=torch.randn(2, 1, 16, 16)).reconstruction.shape == (2, 1, 16, 16)
 
 
 @pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # signatures read when hooked
