@@ -217,7 +217,7 @@ def main() -> None:
             print(f"[{i}/{len(versions)}] {args.package} {version}: not run, {error}", flush=True)
             continue
         row = run_tests(env, site, overlays, package.module, args.tests,
-                        args.cache / f"report-{args.package}-{version}.xml")
+                        args.cache / f"report-{args.out.stem}-{version}.xml")
         if row["imported"] != version:
             raise RuntimeError(f"asked for {args.package} {version}, the tests imported {row['imported']}")
         results["releases"][version] = row
