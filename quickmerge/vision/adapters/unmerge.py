@@ -50,7 +50,7 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
             reader.remove()
 
     def norm_pre(_m: nn.Module, args: tuple) -> tuple | None:
-        if state["reader"] is None or not state["inside"]:
+        if state["reader"] is None:  # opened only inside the head's call, with the residual unmerge
             return None
         state["normed"] = True
         expanded = merger.expand_to_patches(args[0], residual=True)
