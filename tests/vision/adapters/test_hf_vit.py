@@ -271,6 +271,28 @@ def test_masked_image_modeling_with_its_final_norm_renamed_is_refused():
         assert model(pixel_values=torch.randn(2, 1, 16, 16)).reconstruction.shape == (2, 1, 16, 16)
 
 
+@pytest.mark.parametrize("cls_name", ["ViTForMaskedImageModeling", "DeiTForMaskedImageModeling"])
+def test_masked_image_modeling_compiles_whole_and_follows_the_handle(cls_name):
+    """The residual unmerge's norm pre-hook (a dense-head reader opened inside the head's call) traces without a
+    graph break; switching to copying and unpatching recompile instead of replaying a stale graph."""
+    model, x = tiny(cls_name, "sdpa"), torch.randn(2, 1, 16, 16)
+    mask = torch.rand(2, 64, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        ref = model(pixel_values=x, bool_masked_pos=mask).reconstruction
+        handle = quickmerge.patch(model, r=8, method="tome")  # no near-ties for compiled arithmetic to flip
+        compiled = torch.compile(model, fullgraph=True)  # a graph break raises
+        outputs = {}
+        for unmerge in ("residual", "copy"):
+            handle.unmerge = unmerge
+            outputs[unmerge] = model(pixel_values=x, bool_masked_pos=mask).reconstruction
+            assert torch.allclose(compiled(pixel_values=x, bool_masked_pos=mask).reconstruction, outputs[unmerge],
+                                  atol=1e-5, rtol=0)
+        assert not torch.allclose(outputs["residual"], outputs["copy"], atol=1e-3)
+        quickmerge.unpatch(model)
+        assert torch.allclose(compiled(pixel_values=x, bool_masked_pos=mask).reconstruction, ref, atol=1e-5, rtol=0)
+    torch.compiler.reset()
+
+
 @pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")  # signatures read when hooked
 def test_a_patched_dinov2_head_compiles_whole_and_pools_by_size():
     # the head's check that its input is the plain mean reads data: eager only, so fullgraph tracing succeeds
