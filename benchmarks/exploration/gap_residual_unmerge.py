@@ -23,7 +23,6 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize

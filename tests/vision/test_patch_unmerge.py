@@ -113,3 +113,71 @@ def test_expand_to_patches_residual_needs_kept_deviations_and_then_restores_the_
     with pytest.raises(ValueError, match="unmerge"):
         handle.unmerge = "smooth"
     handle.remove()
+
+
+BRANCH_OUTPUTS = re.compile(r"(self_attn\.out_proj|mlp\.fc2)\.(weight|bias)$")  # CLIP / SigLIP layers' branches
+
+
+def zeroed_branches(model: torch.nn.Module, depth: int) -> torch.nn.Module:
+    """Zero the last linear of every layer's attention and MLP branches (no layer scale there)."""
+    params = [p for name, p in model.named_parameters() if "encoder.layers" in name and BRANCH_OUTPUTS.search(name)]
+    assert len(params) == 4 * depth
+    with torch.no_grad():
+        for p in params:
+            p.zero_()
+    return model
+
+
+def timm_avg():
+    model, x = timm_vit()
+    model.reset_classifier(5, global_pool="avg")  # keeps the final norm: every token normed, then averaged
+    return model, (x,), {}, lambda out: out
+
+
+def hf_classifier(family: str):
+    def build():
+        pytest.importorskip("transformers")
+        if family == "Dinov2":
+            from .adapters.test_hf_vit import tiny
+
+            model = identity_blocks(tiny("Dinov2ForImageClassification", "sdpa"), 3)
+            return model, (), {"pixel_values": torch.randn(2, 1, 16, 16)}, lambda out: out.logits
+        if family == "Siglip2":
+            from .adapters.test_hf_siglip2 import batch, tiny_classifier
+
+            return zeroed_branches(tiny_classifier(), 3), (), batch(), lambda out: out.logits
+        from .adapters.test_hf_clip import tiny_classifier
+
+        model = zeroed_branches(tiny_classifier(family), 3)
+        return model, (), {"pixel_values": torch.randn(2, 3, 16, 16)}, lambda out: out.logits
+
+    return build
+
+
+@pytest.mark.parametrize("build", [timm_avg, hf_classifier("Dinov2"), hf_classifier("Siglip"),
+                                   hf_classifier("Siglip2"), hf_classifier("CLIP")],
+                         ids=["timm-avg", "Dinov2", "Siglip", "Siglip2", "CLIP"])
+@torch.no_grad()
+def test_heads_averaging_their_tokens_read_each_patch_s_own_stream_when_blocks_only_average(build):
+    """A head that norms every token and then averages them (timm's avg pooling after its final norm, DINOv2's,
+    SigLIP's and SigLIP 2's classifiers) reads each patch's own stream under the residual unmerge: the unmerged
+    model's logits, where copying's mean of the normed merged tokens is not. CLIP's classifier averages the stream
+    itself: size-weighted merges keep that mean, so both unmerges give it and the pass keeps nothing. ``random``
+    drops tokens: their patches have no stream left, and the mean is copying's, over the kept patches."""
+    model, args, kwargs, logits = build()
+    ref = logits(model(*args, **kwargs))
+    with quickmerge.patch(model, r=[6, 5, 5], method="tome") as handle:
+        got = logits(model(*args, **kwargs))
+        clip = type(model).__name__ == "CLIPForImageClassification"
+        assert handle.sizes is not None and (handle._deviations is None) == clip  # CLIP's pass keeps nothing
+        handle.unmerge = "copy"
+        copied = logits(model(*args, **kwargs))
+        assert torch.allclose(got, ref, atol=1e-5, rtol=0)
+        if clip:
+            assert torch.allclose(copied, ref, atol=1e-5, rtol=0)
+        else:
+            assert not torch.allclose(copied, ref, atol=1e-4)
+        handle.configure(unmerge="residual", method="random", seed=0)
+        dropped = logits(model(*args, **kwargs))
+        handle.configure(unmerge="copy", seed=0)
+        assert torch.allclose(dropped, logits(model(*args, **kwargs)), atol=1e-6, rtol=0)

@@ -81,6 +81,8 @@ class HFCLIPAdapter:
         attention_implementation(tower(model).config)
         if _is_classifier(model) and not isinstance(getattr(model, "classifier", None), nn.Module):
             raise TypeError(f"{type(model).__name__} has no classifier module on the tower's pooled tokens")
+        if _is_classifier(model) and not self.has_class_token(model):
+            _post_layernorm(model)  # refused here, before any hook, if a release renamed it
         if _is_siglip2(model):
             _padding_argument(tower(model))  # a release renaming the mask must not leave the padding unmasked
             if _is_classifier(model) and not takes_argument(model, "pixel_attention_mask"):
@@ -161,10 +163,11 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
 
 def _classifier_hooks(model: nn.Module, merger: BlockMerger) -> list[Removable]:
     """A classifier's forward averages the tower's tokens itself: they come back on the patch grid within its call
-    (:mod:`.unmerge`), so each mean is the size-weighted one over the original patches (CLIP's over the patch
-    tokens, SigLIP's over all, SigLIP 2's over the real ones by the unmerged padding mask). With
-    ``size_weighted_pool=False`` the head averages the merged tokens; SigLIP 2's padding mask cannot be applied
-    to those, so a call with one is then refused."""
+    (:mod:`.unmerge`), so each mean is one over the original patches (CLIP's over the patch tokens, SigLIP's over
+    all, SigLIP 2's over the real ones by the unmerged padding mask), of every patch's own residual stream
+    (``unmerge="residual"``, normed by SigLIP's final norm after) or of its token (``"copy"``: the size-weighted
+    mean of the tokens). With ``size_weighted_pool=False`` the head averages the merged tokens; SigLIP 2's
+    padding mask cannot be applied to those, so a call with one is then refused."""
     padding_mask = CallArgument.of(model, "pixel_attention_mask") if _is_siglip2(model) else None
 
     def refuse_unmergeable_mask(args: tuple, kwargs: dict) -> None:
@@ -174,7 +177,18 @@ def _classifier_hooks(model: nn.Module, merger: BlockMerger) -> list[Removable]:
                              "the unmerged tokens: with size_weighted_pool=False they stay merged and it cannot; "
                              "set handle.size_weighted_pool = True, or call it without a mask (no padding)")
 
-    return unmerged_within_call(model, tower(model), merger, before=refuse_unmergeable_mask)
+    # SigLIP's tower norms its output (the residual unmerge goes in before that norm); CLIP's returns the stream
+    norm = None if hasattr(tower(model).embeddings, "class_embedding") else _post_layernorm(model)
+    return unmerged_within_call(model, tower(model), merger, before=refuse_unmergeable_mask, norm=norm)
+
+
+def _post_layernorm(model: nn.Module) -> nn.Module:
+    """A SigLIP / SigLIP 2 tower's final norm, where a classifier's residual unmerge puts each patch's stream back."""
+    norm = getattr(tower(model), "post_layernorm", None)
+    if not isinstance(norm, nn.Module):
+        raise TypeError(f"{type(model).__name__}'s tower has no final norm named post_layernorm, where quickmerge "
+                        "puts the residual stream back on the patch grid: this transformers release is not supported")
+    return norm
 
 
 def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,

@@ -107,7 +107,7 @@ class HFViTAdapter:
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
                 "or ...ForImageClassification), a DINOv2 / DINOv3 backbone or ViT / DeiT masked image modeling "
                 "(which get them unmerged), or run this one unpatched")
-        if _has_head(model, _GRID_HEADS):
+        if _has_head(model, (*_GRID_HEADS, *_MEAN_POOLING_HEADS)):
             _final_norm(model)  # refused here, before any hook, if a release renamed it
         base = _vit(model)
         layers = _layers(base)
@@ -124,7 +124,7 @@ class HFViTAdapter:
         if hasattr(_vit(model), "rope_embeddings"):  # DINOv3's (cos, sin) per patch: merged after the start hook
             hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
         if _has_head(model, _MEAN_POOLING_HEADS):
-            hooks += unmerged_within_call(model, _vit(model), merger)
+            hooks += unmerged_within_call(model, _vit(model), merger, norm=_final_norm(model))
         elif _has_head(model, _GRID_HEADS):
             hooks += unmerged_within_call(model, _vit(model), merger, pools=False, norm=_final_norm(model))
         if _is_stage_backbone(model):

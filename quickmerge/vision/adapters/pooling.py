@@ -15,18 +15,20 @@ from ...primitives import weighted_mean
 
 
 class LastOutput:
-    """Forward hook keeping the latest output of ``module`` in ``tensor``; ``remove()`` takes it off."""
+    """Forward hook keeping the latest output of ``module`` in ``tensor`` (and its first input in ``input``);
+    ``remove()`` takes it off."""
 
     def __init__(self, module: nn.Module) -> None:
         self.tensor: Tensor | None = None
+        self.input: Tensor | None = None
         self._hook = module.register_forward_hook(self._keep)
 
-    def _keep(self, _m: nn.Module, _args: tuple, out: Tensor) -> None:
-        self.tensor = out
+    def _keep(self, _m: nn.Module, args: tuple, out: Tensor) -> None:
+        self.tensor, self.input = out, args[0] if args else None
 
     def remove(self) -> None:
         self._hook.remove()
-        self.tensor = None
+        self.tensor = self.input = None
 
 
 def mean_by_size(x: Tensor, sizes: Tensor) -> Tensor:

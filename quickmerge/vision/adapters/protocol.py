@@ -69,6 +69,10 @@ class BlockMerger(Protocol):
         """Whether the current settings merge any token (False: the model runs exactly as unpatched)."""
         ...
 
+    def drops(self) -> bool:
+        """Whether the current method drops tokens rather than merging them (their patches have no stream left)."""
+        ...
+
     def needs_qk(self) -> bool:
         """Whether this pass needs the attention's queries and keys (it merges, or a calibration observes
         them); an adapter that must recompute them (OpenCLIP's fused attention) can skip the work otherwise."""

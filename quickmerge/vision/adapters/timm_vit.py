@@ -9,9 +9,10 @@ qk-norm and fused SDPA are the model's own code:
 - ``norm2``, ``drop_path2`` and the block: the residual merge of :mod:`.residual`
   (norm2 and the MLP run on fewer tokens; the block returns the merged stream).
 
-Average pooling (``global_pool="avg"`` / ``"avgmax"``) weights each token by its size: the instance's ``pool``
-wraps timm's and takes the mean over the original patches (ToMe does the same for MAE models); attention
-pooling (``"map"``) gets log(size) as its mask.
+Average pooling (``global_pool="avg"`` / ``"avgmax"``) takes the mean over the original patches: the instance's
+``pool`` wraps timm's, and reads every patch's own residual stream, normed (``unmerge="residual"``, where the final
+norm comes before the pool), or weights each token by its size (ToMe does so for MAE models); attention pooling
+(``"map"``) gets log(size) as its mask.
 
 ``forward_intermediates`` (and what calls it: ``get_intermediate_layers(reshape=True)``, ``features_only=True``
 models) reshapes each block's tokens onto the patch grid: while the handle merges, the instance's method unmerges
@@ -89,17 +90,35 @@ def timm_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
 
 
 class WeightedPool(InstanceMethod):
-    """Per instance: ``model.pool`` averages the patch tokens weighted by their sizes.
+    """Per instance: ``model.pool`` averages over the original patches, not over the merged tokens.
 
     timm's ``global_pool_nlc`` takes ``x[:, num_prefix_tokens:].mean(1)`` (``avgmax``: half that plus half the
-    max); a merged token stands for ``size`` patches, so the plain mean over-weights small groups. Attention
-    pooling (``global_pool="map"``) gets log(size) as its mask instead. The sizes are those of the last forward
-    pass, used only for the tensor that pass's final ``norm`` returned (what ``forward_head`` gets from
-    ``forward_features``); any other input, class-token and max pooling are timm's own."""
+    max); a merged token stands for ``size`` patches. With the handle's ``unmerge="residual"`` (default) a call of
+    the model keeps its pass's deviations and the pool reads every patch's own residual stream (its token plus what
+    it lost at each merge, :meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`), normed by the model's
+    final ``norm`` as the model's code norms it, then averaged; with ``"copy"`` (or ``forward_head`` called on
+    features of a separate call) the mean of the tokens weighted by their sizes. Attention pooling
+    (``global_pool="map"``) gets log(size) as its mask instead. Only the tensor the last pass's final ``norm``
+    returned is pooled this way (what ``forward_head`` gets from ``forward_features``); any other input,
+    class-token and max pooling are timm's own."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger, attn_pool_includes_prefix: bool = False) -> None:
         original = model.pool
         final = LastOutput(model.norm)
+        state: dict[str, Any] = {"reader": None}
+
+        def averages() -> bool:  # the head's own pooling reads every patch token: worth the deviations
+            return getattr(model, "attn_pool", None) is None and model.global_pool in ("avg", "avgmax")
+
+        def model_pre(_m: nn.Module, _args: tuple) -> None:
+            if state["reader"] is None and merger.unmerge == "residual" and merger.size_weighted_pool and averages() \
+                    and not merger.drops() and not isinstance(model.norm, nn.Identity):  # see unmerge.py
+                state["reader"] = merger.dense_head()
+
+        def model_post(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            reader, state["reader"] = state["reader"], None
+            if reader is not None:
+                reader.remove()
 
         @functools.wraps(original)
         def pool(x: Any, pool_type: str | None = None, *args: Any, **kwargs: Any) -> Any:
@@ -110,19 +129,28 @@ class WeightedPool(InstanceMethod):
             weights = merger.pooling_weights(x) if ours else None
             if weights is None:
                 return original(x, pool_type, *args, **kwargs)
+            p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+            if attn_pool is None and state["reader"] is not None and merger.unmerge == "residual":
+                # hooks bypassed: the final norm's hook would take the expanded patches for the pass's output
+                patches = model.norm.forward(merger.expand_to_patches(final.input, residual=True))[:, p:]
+                mean = patches.mean(dim=1)
+                return mean if kind == "avg" else 0.5 * (patches.amax(dim=1) + mean)
             # Eva's attention pooling reads every token; the others drop the prefix unless told otherwise
-            keeps_prefix = attn_pool is not None and attn_pool_includes_prefix
-            if not (keeps_prefix or getattr(model, "pool_include_prefix", False)):
-                x, weights = x[:, model.num_prefix_tokens:], weights[:, model.num_prefix_tokens:]
+            if attn_pool is None or not attn_pool_includes_prefix:
+                x, weights = x[:, p:], weights[:, p:]
             if attn_pool is not None:  # timm's attention pooling: proportional attention, as in the blocks
                 return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
             mean = mean_by_size(x, weights)
             return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
         self.final = final
+        self._hooks = [model.register_forward_pre_hook(model_pre),
+                       model.register_forward_hook(model_post, always_call=True)]  # also after a raise
         super().__init__(model, "pool", pool)
 
     def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
         self.final.remove()
         super().remove()
 

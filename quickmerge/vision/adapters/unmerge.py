@@ -2,13 +2,13 @@
 
 Some Hugging Face heads take the base model's ``last_hidden_state`` and, in the same forward, average its patch
 tokens (CLIP / SigLIP / SigLIP 2 and DINOv2 classifiers) or reshape them onto the grid (ViT / DeiT masked image
-modeling): no hook reaches between the two. Within the head's call, a forward hook on the base model expands its
-output to the pass's input positions (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`: every patch
-carries the token it was merged into), so a mean over patches is the size-weighted mean over the original patches
-and a reshape finds every patch. A head that reshapes gets, with the handle's ``unmerge="residual"`` (the
-default), each patch's own part of the residual stream back too: the stream is expanded where the base model's
-final norm receives it and normed after, as the model's code norms it. The base model called on its own still
-returns its merged tokens.
+modeling): no hook reaches between the two. Within the head's call the base model's output comes back on the
+pass's input positions (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`). With the handle's
+``unmerge="residual"`` (the default) every patch gets its own residual stream back (the token it was merged into
+plus what it lost at each merge): where the base model norms its output, the stream is expanded where the final
+norm receives it and normed after, as the model's code norms it; with ``"copy"`` every patch carries its token, so
+a mean over patches is the size-weighted mean of the tokens. The base model called on its own still returns its
+merged tokens.
 """
 
 from __future__ import annotations
@@ -29,19 +29,18 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     ``pools``: the head averages the tokens, so with ``size_weighted_pool=False`` they stay merged (it averages
     them as they are); a head that reshapes them onto the grid (``pools=False``) always gets them unmerged.
     ``before(args, kwargs)`` runs first in each call of ``model``, to refuse a call that cannot be served.
-    ``norm``: ``base``'s final norm, whose input is the residual stream (a reshaping head only): with
-    ``unmerge="residual"`` the stream is expanded there with each patch's deviations
-    (``expand_to_patches(..., residual=True)``) and the norm runs on every patch; copying expands its output."""
-    if norm is not None and pools:
-        raise ValueError("norm: the residual unmerge is for heads that reshape the tokens (pools=False)")
+    ``norm``: ``base``'s final norm, when its output is normed: with ``unmerge="residual"`` the stream is expanded
+    with each patch's deviations where the norm receives it (``expand_to_patches(..., residual=True)``) and the
+    norm runs on every patch; without ``norm`` the output is the residual stream and is expanded itself. Copying
+    expands the output."""
     state: dict[str, Any] = {"inside": False, "reader": None, "normed": False}
 
     def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if before is not None:
             before(args, kwargs)
         state["inside"], state["normed"] = True, False
-        if norm is not None and merger.unmerge == "residual":  # this pass keeps the deviations
-            state["reader"] = merger.dense_head()
+        if merger.unmerge == "residual" and (not pools or _pools_residually(merger, norm)):
+            state["reader"] = merger.dense_head()  # this pass keeps the deviations
 
     def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
         state["inside"] = False
@@ -59,13 +58,14 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     def base_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if not state["inside"] or (pools and not merger.size_weighted_pool):
             return None
-        if state["reader"] is not None:
+        residual = state["reader"] is not None
+        if residual and norm is not None:
             if not state["normed"] and merger.sizes is not None:  # the hook above never ran: a renamed norm
                 raise RuntimeError(f"{type(base).__name__} returned its output without calling {type(norm).__name__}"
                                    ", where quickmerge puts the residual stream back on the patch grid: set "
                                    "handle.unmerge = 'copy', or report this transformers release")
             return None
-        expanded = merger.expand_to_patches(out.last_hidden_state)
+        expanded = merger.expand_to_patches(out.last_hidden_state, residual=residual)
         if expanded is None:
             return None
         out.last_hidden_state = expanded
@@ -78,3 +78,10 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     if norm is not None:
         hooks.append(norm.register_forward_pre_hook(norm_pre, prepend=True))
     return hooks
+
+
+def _pools_residually(merger: BlockMerger, norm: nn.Module | None) -> bool:
+    """Whether a head averaging the tokens reads every patch's own stream: only through a norm (a mean of the
+    stream itself is the same when a merge weighs tokens by size, the default) and only where tokens merge (a
+    dropped patch has no stream left; copying leaves it out of the mean)."""
+    return norm is not None and merger.size_weighted_pool and not merger.drops()

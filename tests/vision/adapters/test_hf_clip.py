@@ -175,7 +175,7 @@ def tiny_classifier(family: str, impl: str = "sdpa") -> torch.nn.Module:
 @pytest.mark.parametrize("family", ["CLIP", "Siglip"])
 def test_a_classifier_averages_its_merged_tokens_over_the_patches_they_stand_for(family, settings, impl):
     """CLIP/SigLIPForImageClassification average the tower's tokens in their own forward (CLIP over the patch
-    tokens, SigLIP over all): their logits are the classifier on the size-weighted mean of the merged tokens,
+    tokens, SigLIP over all): copying, their logits are the classifier on the size-weighted mean of the merged tokens,
     those the tower patched on its own returns; random drops tokens, whose patches must not count."""
     import copy
 
@@ -186,7 +186,8 @@ def test_a_classifier_averages_its_merged_tokens_over_the_patches_they_stand_for
     prefix = 1 if family == "CLIP" else 0
     with torch.no_grad():
         ref = model(pixel_values=x).logits
-        handle = quickmerge.patch(model, r=0, seed=0, **settings)
+        # copying: SigLIP's residual unmerge (the default) is tested in tests/vision/test_patch_unmerge.py
+        handle = quickmerge.patch(model, r=0, seed=0, unmerge="copy", **settings)
         assert torch.allclose(model(pixel_values=x).logits, ref, atol=1e-6, rtol=0)
         handle.r = 12
         logits = model(pixel_values=x).logits

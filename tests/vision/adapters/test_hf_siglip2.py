@@ -238,7 +238,7 @@ def tower_call(model: torch.nn.Module, inputs: dict[str, torch.Tensor]):
 @pytest.mark.parametrize("method", ["quickmerge", "tome", "random"])
 def test_the_classifier_averages_merged_tokens_over_the_real_patches_they_stand_for(method, impl):
     """Siglip2ForImageClassification averages the tower's tokens in its own forward by the padding mask of the
-    unmerged tokens: its logits are the classifier on the size-weighted mean of the merged tokens (padding
+    unmerged tokens: copying, its logits are the classifier on the size-weighted mean of the merged tokens (padding
     weighs nothing), those the tower patched on its own returns, whatever the padding holds."""
     import copy
 
@@ -248,7 +248,8 @@ def test_the_classifier_averages_merged_tokens_over_the_real_patches_they_stand_
     alone = copy.deepcopy(model.vision_model)
     with torch.no_grad():
         ref = model(**inputs).logits
-        handle = quickmerge.patch(model, r=0, method=method, seed=0)
+        # copying: the residual unmerge (the default) is tested in tests/vision/test_patch_unmerge.py
+        handle = quickmerge.patch(model, r=0, method=method, seed=0, unmerge="copy")
         assert torch.allclose(model(**inputs).logits, ref, atol=1e-6, rtol=0)
         handle.r = [4, 3, 3]
         logits = model(**inputs).logits

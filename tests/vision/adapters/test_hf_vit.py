@@ -178,7 +178,7 @@ def test_a_dinov2_head_reads_the_patches_unmerged_and_its_base_alone_stays_merge
     model, x = tiny("Dinov2ForImageClassification", "sdpa"), torch.randn(2, 1, 16, 16)
     seen = []  # a user's hook on the base model, registered before the patch
     model.dinov2.register_forward_hook(lambda _m, _a, out: seen.append(out.last_hidden_state.shape[1]))
-    with torch.no_grad(), quickmerge.patch(model, r=8) as handle:
+    with torch.no_grad(), quickmerge.patch(model, r=8, unmerge="copy") as handle:  # the residual: test_patch_unmerge
         logits = output(model, x)
         tokens = model.dinov2(pixel_values=x).last_hidden_state  # the same merges, outside the head's call
         assert seen == [65, 41] and handle.tokens_per_layer == [65, 57, 49]
