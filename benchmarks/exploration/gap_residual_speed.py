@@ -15,10 +15,9 @@ import time
 from pathlib import Path
 
 import torch
-from gap_residual_unmerge import pooled_logits
+from gap_residual_unmerge import load_gap_vit, pooled_logits
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
-from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
 
 BATCH = 500
@@ -34,10 +33,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_fashion_vit()
-    model.reset_classifier(10, global_pool="avg")
-    model.load_state_dict(torch.load(args.weights))
-    model.eval()
+    model = load_gap_vit(args.weights)
     batches = [normalize(b) for b in load_fashion_mnist("test")[0][:args.images].split(BATCH)]
     settings = [None] + [dict(r=r, method=m, unmerge=u) for r in args.r for m in ("tome", "quickmerge")
                          for u in ("residual", "copy")]

@@ -34,6 +34,14 @@ from quickmerge.vision.train import split_train_heldout
 BATCH = 500
 
 
+def load_gap_vit(weights: str) -> torch.nn.Module:
+    """The average-pooled reference ViT ``vision_gap_pooling.py`` fine-tuned (its saved state dict), in eval mode."""
+    model = load_fashion_vit()
+    model.reset_classifier(10, global_pool="avg")
+    model.load_state_dict(torch.load(weights))
+    return model.eval()
+
+
 def pooled_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``[B, classes]``: the head on the mean over the unmerged, normed last-block feature map ``[B, C, H, W]``."""
     (maps,) = model.forward_intermediates(x, indices=[len(model.blocks) - 1], norm=True, intermediates_only=True)
@@ -76,10 +84,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_fashion_vit()
-    model.reset_classifier(10, global_pool="avg")
-    model.load_state_dict(torch.load(args.weights))
-    model.eval()
+    model = load_gap_vit(args.weights)
     images, labels = split_train_heldout()[1] if args.split == "heldout" else load_fashion_mnist("test")
     images, labels = images[:args.images], labels[:args.images]
     base = run(model, images, labels, None)["forward"]
