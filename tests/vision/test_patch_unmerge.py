@@ -15,10 +15,12 @@ import quickmerge
 BRANCH_SCALES = re.compile(r"(ls_?[12]\.gamma|layer_scale[12]\.lambda1|\.gamma_[12])$")
 
 
-def identity_blocks(model: torch.nn.Module, depth: int) -> torch.nn.Module:
-    """Zero the layer scales of every block's attention and MLP branches: each block returns its input."""
-    scales = [p for name, p in model.named_parameters() if BRANCH_SCALES.search(name)]
-    assert len(scales) == 2 * depth
+def identity_blocks(model: torch.nn.Module, depth: int, branches: re.Pattern = BRANCH_SCALES,
+                    per_block: int = 2) -> torch.nn.Module:
+    """Zero what scales every block's attention and MLP branches (their layer scales, or where a family has none
+    the last linear of each branch, ``per_block`` parameters a block): each block returns its input."""
+    scales = [p for name, p in model.named_parameters() if branches.search(name)]
+    assert len(scales) == per_block * depth
     with torch.no_grad():
         for p in scales:
             p.zero_()
@@ -115,17 +117,12 @@ def test_expand_to_patches_residual_needs_kept_deviations_and_then_restores_the_
     handle.remove()
 
 
-BRANCH_OUTPUTS = re.compile(r"(self_attn\.out_proj|mlp\.fc2)\.(weight|bias)$")  # CLIP / SigLIP layers' branches
+# the last linears of a CLIP / SigLIP encoder layer's branches (the pooling head's own left alone)
+BRANCH_OUTPUTS = re.compile(r"encoder\.layers\.\d+\.(self_attn\.out_proj|mlp\.fc2)\.(weight|bias)$")
 
 
 def zeroed_branches(model: torch.nn.Module, depth: int) -> torch.nn.Module:
-    """Zero the last linear of every layer's attention and MLP branches (no layer scale there)."""
-    params = [p for name, p in model.named_parameters() if "encoder.layers" in name and BRANCH_OUTPUTS.search(name)]
-    assert len(params) == 4 * depth
-    with torch.no_grad():
-        for p in params:
-            p.zero_()
-    return model
+    return identity_blocks(model, depth, BRANCH_OUTPUTS, per_block=4)
 
 
 def timm_avg():

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ...primitives import weighted_mean
+from .protocol import BlockMerger
 
 
 class LastOutput:
@@ -29,6 +30,14 @@ class LastOutput:
     def remove(self) -> None:
         self._hook.remove()
         self.tensor = self.input = None
+
+
+def pools_own_streams(merger: BlockMerger) -> bool:
+    """Whether a head that norms every token before averaging them reads each patch's own residual stream this
+    pass (``unmerge="residual"``, ``size_weighted_pool``): not where the method drops tokens, whose patches have no
+    stream left (the size-weighted mean leaves them out). A head averaging the stream itself needs none of it: a
+    merge weighs its tokens by size, so their size-weighted mean is the mean of the patches' streams."""
+    return merger.unmerge == "residual" and merger.size_weighted_pool and not merger.drops()
 
 
 def mean_by_size(x: Tensor, sizes: Tensor) -> Tensor:

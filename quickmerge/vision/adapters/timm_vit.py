@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .instance import FeatureMaps, InstanceMethod
-from .pooling import LastOutput, mean_by_size, size_bias
+from .pooling import LastOutput, mean_by_size, pools_own_streams, size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -111,8 +111,8 @@ class WeightedPool(InstanceMethod):
             return getattr(model, "attn_pool", None) is None and model.global_pool in ("avg", "avgmax")
 
         def model_pre(_m: nn.Module, _args: tuple) -> None:
-            if state["reader"] is None and merger.unmerge == "residual" and merger.size_weighted_pool and averages() \
-                    and not merger.drops() and not isinstance(model.norm, nn.Identity):  # see unmerge.py
+            if state["reader"] is None and averages() and not isinstance(model.norm, nn.Identity) \
+                    and pools_own_streams(merger):
                 state["reader"] = merger.dense_head()
 
         def model_post(_m: nn.Module, _args: tuple, _out: Any) -> None:
@@ -130,7 +130,7 @@ class WeightedPool(InstanceMethod):
             if weights is None:
                 return original(x, pool_type, *args, **kwargs)
             p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-            if attn_pool is None and state["reader"] is not None and merger.unmerge == "residual":
+            if attn_pool is None and state["reader"] is not None:  # this call keeps the deviations
                 # hooks bypassed: the final norm's hook would take the expanded patches for the pass's output
                 patches = model.norm.forward(merger.expand_to_patches(final.input, residual=True))[:, p:]
                 mean = patches.mean(dim=1)

@@ -18,6 +18,7 @@ from typing import Any
 
 from torch import nn
 
+from .pooling import pools_own_streams
 from .protocol import BlockMerger, Removable
 
 
@@ -30,16 +31,16 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     them as they are); a head that reshapes them onto the grid (``pools=False``) always gets them unmerged.
     ``before(args, kwargs)`` runs first in each call of ``model``, to refuse a call that cannot be served.
     ``norm``: ``base``'s final norm, when its output is normed: with ``unmerge="residual"`` the stream is expanded
-    with each patch's deviations where the norm receives it (``expand_to_patches(..., residual=True)``) and the
-    norm runs on every patch; without ``norm`` the output is the residual stream and is expanded itself. Copying
-    expands the output."""
+    with each patch's deviations where the norm receives it (``expand_to_patches(..., residual=True)``; for a
+    pooling head where :func:`.pooling.pools_own_streams`) and the norm runs on every patch. Otherwise (copying,
+    or no ``norm``: a head averaging the stream itself) the output is expanded, each patch carrying its token."""
     state: dict[str, Any] = {"inside": False, "reader": None, "normed": False}
 
     def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if before is not None:
             before(args, kwargs)
         state["inside"], state["normed"] = True, False
-        if merger.unmerge == "residual" and (not pools or _pools_residually(merger, norm)):
+        if norm is not None and (pools_own_streams(merger) if pools else merger.unmerge == "residual"):
             state["reader"] = merger.dense_head()  # this pass keeps the deviations
 
     def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
@@ -58,14 +59,13 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     def base_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if not state["inside"] or (pools and not merger.size_weighted_pool):
             return None
-        residual = state["reader"] is not None
-        if residual and norm is not None:
+        if state["reader"] is not None:
             if not state["normed"] and merger.sizes is not None:  # the hook above never ran: a renamed norm
                 raise RuntimeError(f"{type(base).__name__} returned its output without calling {type(norm).__name__}"
                                    ", where quickmerge puts the residual stream back on the patch grid: set "
                                    "handle.unmerge = 'copy', or report this transformers release")
             return None
-        expanded = merger.expand_to_patches(out.last_hidden_state, residual=residual)
+        expanded = merger.expand_to_patches(out.last_hidden_state)
         if expanded is None:
             return None
         out.last_hidden_state = expanded
@@ -79,9 +79,3 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
         hooks.append(norm.register_forward_pre_hook(norm_pre, prepend=True))
     return hooks
 
-
-def _pools_residually(merger: BlockMerger, norm: nn.Module | None) -> bool:
-    """Whether a head averaging the tokens reads every patch's own stream: only through a norm (a mean of the
-    stream itself is the same when a merge weighs tokens by size, the default) and only where tokens merge (a
-    dropped patch has no stream left; copying leaves it out of the mean)."""
-    return norm is not None and merger.size_weighted_pool and not merger.drops()

@@ -252,3 +252,22 @@ def test_hidden_states_are_the_merged_blocks_inputs_even_after_an_unpatched_run(
     assert [h.shape[1] for h in out.hidden_states] == [*handle.tokens_per_layer, 28 + prefix]
     final = out.hidden_states[-1] if prefix else tower(model).post_layernorm(out.hidden_states[-1])  # SigLIP norms
     assert torch.allclose(final, out.last_hidden_state, atol=1e-6, rtol=0)
+
+
+def test_a_siglip_classifier_with_its_final_norm_renamed_is_refused():
+    """The residual pooling goes in where the tower's post_layernorm receives the stream: a release without it is
+    refused before any hook; a norm swapped in after patching (no hook on it) raises rather than pooling merged."""
+    model, x = tiny_classifier("Siglip"), torch.randn(2, 3, 16, 16)
+    model.vision_model.final_norm = model.vision_model.post_layernorm
+    del model.vision_model.post_layernorm
+    with pytest.raises(TypeError, match="no final norm named post_layernorm"):
+        quickmerge.patch(model, r=8)
+    assert not hasattr(model, "_quickmerge_handle")
+    model.vision_model.post_layernorm = model.vision_model.final_norm
+    handle = quickmerge.patch(model, r=8)
+    model.vision_model.post_layernorm = torch.nn.LayerNorm(32)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="without calling LayerNorm"):
+        model(pixel_values=x)
+    handle.unmerge = "copy"
+    with torch.no_grad():
+        assert model(pixel_values=x).logits.shape == (2, 5)
