@@ -557,8 +557,8 @@ def patch(
         unmerge: how a dense head quickmerge drives (``Dinov2Backbone`` / ``DINOv3ViTBackbone`` under DPT or
             Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps, ViT / DeiT masked image
             modeling) gets every patch back, and what a head that norms every token before averaging them
-            (timm's ``"avg"`` / ``"avgmax"`` after its final norm, DINOv2's, SigLIP's and SigLIP 2's classifiers)
-            averages:
+            (timm's and Eva's ``"avg"`` / ``"avgmax"`` after the final norm, OpenCLIP's ``pool_type="avg"`` before
+            ``ln_post``, DINOv2's, SigLIP's and SigLIP 2's classifiers) averages:
             ``"residual"`` (default: each patch its group's token plus what its own residual stream lost at each
             merge, kept for those passes only; +0.1 to +3.4 points of mIoU over copying on a dense proxy, 35-60%
             less KL to the unmerged model for an average-pooled classifier, BENCHMARKS.md) or

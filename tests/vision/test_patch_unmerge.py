@@ -125,10 +125,24 @@ def zeroed_branches(model: torch.nn.Module, depth: int) -> torch.nn.Module:
     return identity_blocks(model, depth, BRANCH_OUTPUTS, per_block=4)
 
 
-def timm_avg():
-    model, x = timm_vit()
-    model.reset_classifier(5, global_pool="avg")  # keeps the final norm: every token normed, then averaged
-    return model, (x,), {}, lambda out: out
+def timm_avg(build=timm_vit):
+    def built():
+        model, x = build()
+        model.reset_classifier(5, global_pool="avg")  # keeps the final norm: every token normed, then averaged
+        return model, (x,), {}, lambda out: out
+
+    return built
+
+
+def openclip_avg(final_ln_after_pool: bool):
+    def build():
+        pytest.importorskip("open_clip")
+        from .adapters.test_openclip_vit import tiny
+
+        model = tiny(ls_init_value=0.1, pool_type="avg", final_ln_after_pool=final_ln_after_pool)
+        return identity_blocks(model, 3), (torch.randn(2, 3, 16, 16),), {}, lambda out: out
+
+    return build
 
 
 def hf_classifier(family: str):
@@ -151,26 +165,29 @@ def hf_classifier(family: str):
     return build
 
 
-@pytest.mark.parametrize("build", [timm_avg, hf_classifier("Dinov2"), hf_classifier("Siglip"),
-                                   hf_classifier("Siglip2"), hf_classifier("CLIP")],
-                         ids=["timm-avg", "Dinov2", "Siglip", "Siglip2", "CLIP"])
+# the head averages the stream itself (no norm between): copying's size-weighted mean is already every patch's own
+@pytest.mark.parametrize(("build", "stream_mean"), [
+    (timm_avg(), False), (timm_avg(timm_eva), False), (openclip_avg(False), False), (openclip_avg(True), True),
+    (hf_classifier("Dinov2"), False), (hf_classifier("Siglip"), False), (hf_classifier("Siglip2"), False),
+    (hf_classifier("CLIP"), True)],
+    ids=["timm-avg", "eva-avg", "openclip-avg", "openclip-avg-ln-after-pool", "Dinov2", "Siglip", "Siglip2", "CLIP"])
 @torch.no_grad()
-def test_heads_averaging_their_tokens_read_each_patch_s_own_stream_when_blocks_only_average(build):
-    """A head that norms every token and then averages them (timm's avg pooling after its final norm, DINOv2's,
-    SigLIP's and SigLIP 2's classifiers) reads each patch's own stream under the residual unmerge: the unmerged
-    model's logits, where copying's mean of the normed merged tokens is not. CLIP's classifier averages the stream
-    itself: size-weighted merges keep that mean, so both unmerges give it and the pass keeps nothing. ``random``
+def test_heads_averaging_their_tokens_read_each_patch_s_own_stream_when_blocks_only_average(build, stream_mean):
+    """A head that norms every token and then averages them (timm's and Eva's avg pooling after their final norm,
+    OpenCLIP's before ``ln_post`` by default, DINOv2's, SigLIP's and SigLIP 2's classifiers) reads each patch's own
+    stream under the residual unmerge: the unmerged model's logits, where copying's mean of the normed merged tokens
+    is not. CLIP's classifier and OpenCLIP's ``final_ln_after_pool`` average the stream itself: size-weighted
+    merges keep that mean, so both unmerges give it and the pass keeps nothing. ``random``
     drops tokens: their patches have no stream left, and the mean is copying's, over the kept patches."""
     model, args, kwargs, logits = build()
     ref = logits(model(*args, **kwargs))
     with quickmerge.patch(model, r=[6, 5, 5], method="tome") as handle:
         got = logits(model(*args, **kwargs))
-        clip = type(model).__name__ == "CLIPForImageClassification"
-        assert handle.sizes is not None and (handle._deviations is None) == clip  # CLIP's pass keeps nothing
+        assert handle.sizes is not None and (handle._deviations is None) == stream_mean  # such a pass keeps nothing
         handle.unmerge = "copy"
         copied = logits(model(*args, **kwargs))
         assert torch.allclose(got, ref, atol=1e-5, rtol=0)
-        if clip:
+        if stream_mean:
             assert torch.allclose(copied, ref, atol=1e-5, rtol=0)
         else:
             assert not torch.allclose(copied, ref, atol=1e-4)

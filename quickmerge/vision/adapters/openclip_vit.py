@@ -9,7 +9,8 @@
 - ``ln_2``, ``ls_2`` and the block: the residual merge of :mod:`.residual`.
 
 The class token (``pool_type="tok"``, the default) needs nothing more; ``pool_type="avg"``
-averages by size (the instance's ``_global_pool`` wraps OpenCLIP's); ``forward_intermediates``
+averages over the patches (the instance's ``_global_pool`` wraps OpenCLIP's: each patch's own residual stream,
+normed, where ``ln_post`` comes first, or the tokens by size); ``forward_intermediates``
 unmerges each block's tokens before its feature-map reshape (:class:`.instance.FeatureMaps`).
 Attention-pooling towers (CoCa) and the custom blocks of qk-norm or scaled-cosine models are refused.
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .instance import FeatureMaps, InstanceMethod
-from .pooling import mean_by_size
+from .pooling import NormedStreams, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -107,18 +108,33 @@ def _attention_hook(attn: nn.MultiheadAttention, merger: BlockMerger) -> Any:
 
 
 class _WeightedMean(InstanceMethod):
-    """Per instance: ``model._global_pool`` averages the patch tokens by size (``pool_type="avg"``), for the
+    """Per instance: ``model._global_pool`` averages over the original patches (``pool_type="avg"``), for the
     output of the last pass only (:meth:`BlockMerger.pooling_weights`); the class token is left out, as in
-    OpenCLIP's own mean."""
+    OpenCLIP's own mean. Where ``ln_post`` norms every token before the pool (``final_ln_after_pool=False``, the
+    default) a call of the tower under ``unmerge="residual"`` averages every patch's own residual stream, normed
+    (:class:`.pooling.NormedStreams`); otherwise (the pool before the norm, copying, a ``forward_intermediates``
+    call) the tokens weighted by their sizes, which for the stream is that same mean. ``tokens`` stay merged."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
         original = model._global_pool
+
+        def averages() -> bool:  # ln_post norms every token, then the pool averages them
+            return model.pool_type == "avg" and not getattr(model, "final_ln_after_pool", False)
+
+        streams = NormedStreams(model, model.ln_post, merger, averages)
 
         @functools.wraps(original)
         def _global_pool(x: Tensor) -> tuple[Tensor, Tensor]:
             weights = merger.pooling_weights(x)
             if weights is None or model.pool_type != "avg":
                 return original(x)
-            return mean_by_size(x[:, 1:], weights[:, 1:]), x[:, 1:]
+            patches = streams.patches(x)
+            pooled = mean_by_size(x[:, 1:], weights[:, 1:]) if patches is None else patches[:, 1:].mean(dim=1)
+            return pooled, x[:, 1:]
 
+        self.streams = streams
         super().__init__(model, "_global_pool", _global_pool)
+
+    def remove(self) -> None:
+        self.streams.remove()
+        super().remove()

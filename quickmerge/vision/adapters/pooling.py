@@ -3,10 +3,15 @@
 A head that averages the output tokens should average over the patches they stand for
 (:func:`mean_by_size`); an attention-pooling head should see each token as ``size`` copies
 (:func:`size_bias`, proportional attention). Both use the sizes of the last pass only for the
-tensor that pass's final norm returned (:class:`LastOutput`), never for other features.
+tensor that pass's final norm returned (:class:`LastOutput`), never for other features. A head that norms every
+token and then averages them reads each patch's own residual stream instead (:class:`NormedStreams`), where
+:func:`pools_own_streams`.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +43,45 @@ def pools_own_streams(merger: BlockMerger) -> bool:
     stream left (the size-weighted mean leaves them out). A head averaging the stream itself needs none of it: a
     merge weighs its tokens by size, so their size-weighted mean is the mean of the patches' streams."""
     return merger.unmerge == "residual" and merger.size_weighted_pool and not merger.drops()
+
+
+class NormedStreams:
+    """Every patch's own residual stream, normed by the model's final ``norm``, for a head that norms every token
+    and then averages them (timm's and OpenCLIP's average pooling after their final norm).
+
+    A pre-hook on ``model`` opens a dense-head reader for the call (:meth:`BlockMerger.dense_head`: the pass keeps
+    its deviations) where ``averages()`` says the head pools that way this call and :func:`pools_own_streams`; a
+    hook after the call closes it, also after a raise. :meth:`patches` then gives ``norm`` run on
+    ``expand_to_patches(<norm's input>, residual=True)`` ``[B, N0, C]``, for the tensor the pass's final norm
+    returned only; ``None`` otherwise (no reader open, other features), where the head pools by size."""
+
+    def __init__(self, model: nn.Module, norm: nn.Module, merger: BlockMerger, averages: Callable[[], bool]) -> None:
+        self.final, self.norm, self.merger = LastOutput(norm), norm, merger
+        self._reader: Any = None
+
+        def model_pre(_m: nn.Module, _args: tuple) -> None:
+            if self._reader is None and not isinstance(norm, nn.Identity) and averages() \
+                    and pools_own_streams(merger):
+                self._reader = merger.dense_head()
+
+        def model_post(_m: nn.Module, _args: tuple, _out: Any) -> None:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.remove()
+
+        self._hooks = [model.register_forward_pre_hook(model_pre),
+                       model.register_forward_hook(model_post, always_call=True)]
+
+    def patches(self, x: Tensor) -> Tensor | None:
+        if self._reader is None or x is not self.final.tensor:
+            return None
+        # the norm's module hooks bypassed: its LastOutput would take the expanded patches for the pass's output
+        return self.norm.forward(self.merger.expand_to_patches(self.final.input, residual=True))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self.final.remove()
 
 
 def mean_by_size(x: Tensor, sizes: Tensor) -> Tensor:

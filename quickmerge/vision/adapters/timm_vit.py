@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .instance import FeatureMaps, InstanceMethod
-from .pooling import LastOutput, mean_by_size, pools_own_streams, size_bias
+from .pooling import NormedStreams, mean_by_size, size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -104,37 +104,26 @@ class WeightedPool(InstanceMethod):
 
     def __init__(self, model: nn.Module, merger: BlockMerger, attn_pool_includes_prefix: bool = False) -> None:
         original = model.pool
-        final = LastOutput(model.norm)
-        state: dict[str, Any] = {"reader": None}
 
         def averages() -> bool:  # the head's own pooling reads every patch token: worth the deviations
             return getattr(model, "attn_pool", None) is None and model.global_pool in ("avg", "avgmax")
 
-        def model_pre(_m: nn.Module, _args: tuple) -> None:
-            if state["reader"] is None and averages() and not isinstance(model.norm, nn.Identity) \
-                    and pools_own_streams(merger):
-                state["reader"] = merger.dense_head()
-
-        def model_post(_m: nn.Module, _args: tuple, _out: Any) -> None:
-            reader, state["reader"] = state["reader"], None
-            if reader is not None:
-                reader.remove()
+        streams = NormedStreams(model, model.norm, merger, averages)
 
         @functools.wraps(original)
         def pool(x: Any, pool_type: str | None = None, *args: Any, **kwargs: Any) -> Any:
             kind = model.global_pool if pool_type is None else pool_type
             attn_pool = getattr(model, "attn_pool", None)
             pools = attn_pool is not None or kind in ("avg", "avgmax")
-            ours = pools and x is final.tensor and not args and not kwargs  # other arguments: a newer timm's own
+            ours = pools and x is streams.final.tensor and not args and not kwargs  # other arguments: a newer timm's
             weights = merger.pooling_weights(x) if ours else None
             if weights is None:
                 return original(x, pool_type, *args, **kwargs)
             p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-            if attn_pool is None and state["reader"] is not None:  # this call keeps the deviations
-                # hooks bypassed: the final norm's hook would take the expanded patches for the pass's output
-                patches = model.norm.forward(merger.expand_to_patches(final.input, residual=True))[:, p:]
-                mean = patches.mean(dim=1)
-                return mean if kind == "avg" else 0.5 * (patches.amax(dim=1) + mean)
+            patches = streams.patches(x) if attn_pool is None else None
+            if patches is not None:  # this call keeps the deviations: the mean of every patch's own stream, normed
+                mean = patches[:, p:].mean(dim=1)
+                return mean if kind == "avg" else 0.5 * (patches[:, p:].amax(dim=1) + mean)
             # Eva's attention pooling reads every token; the others drop the prefix unless told otherwise
             if attn_pool is None or not attn_pool_includes_prefix:
                 x, weights = x[:, p:], weights[:, p:]
@@ -143,15 +132,11 @@ class WeightedPool(InstanceMethod):
             mean = mean_by_size(x, weights)
             return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
 
-        self.final = final
-        self._hooks = [model.register_forward_pre_hook(model_pre),
-                       model.register_forward_hook(model_post, always_call=True)]  # also after a raise
+        self.streams = streams
         super().__init__(model, "pool", pool)
 
     def remove(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self.final.remove()
+        self.streams.remove()
         super().remove()
 
 

@@ -431,6 +431,26 @@ def test_torch_compile_traces_the_hooks_whole_and_follows_the_handle(fused):
     torch._dynamo.reset()
 
 
+def test_average_pooling_after_the_final_norm_compiles_whole_under_either_unmerge():
+    """The pool reading each patch's own stream (a dense-head reader opened by a pre-hook on the model, closed
+    after) traces into one graph; switching the unmerge or unpatching recompiles."""
+    torch._dynamo.reset()
+    model, x = tiny_vit(True, init_values=0.1, reg_tokens=1), torch.randn(2, 1, 16, 16)
+    model.reset_classifier(5, global_pool="avg")  # the final norm stays before the pool
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        ref = model(x)
+        with quickmerge.patch(model, r=8, method="tome") as handle:
+            outputs = {}
+            for unmerge in ("residual", "copy"):
+                handle.unmerge = unmerge
+                outputs[unmerge] = model(x)
+                assert torch.allclose(compiled(x), outputs[unmerge], atol=1e-6, rtol=0)
+            assert not torch.allclose(outputs["residual"], outputs["copy"], atol=1e-3)
+        assert torch.allclose(compiled(x), ref, atol=1e-6, rtol=0)
+    torch._dynamo.reset()
+
+
 def test_matching_defaults_are_patchs_own_and_only_other_options_are_named():
     import inspect
 
