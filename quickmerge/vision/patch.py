@@ -245,6 +245,11 @@ class MergeHandle:
         self._pass = _Pass(origin=torch.arange(n, device=x.device).expand(b, n), deviations=[] if keep else None)
         self.source, self.sizes, self.padded, self._stages, self._deviations = None, None, False, None, None
 
+    def kept_deviations(self) -> bool:
+        """Whether the last pass kept what ``expand_to_patches(..., residual=True)`` reads (a dense head was open,
+        or ``keep_deviations``), for a merged pass; False when it merged nothing."""
+        return self._deviations is not None
+
     def dense_head(self) -> Removable:
         """Declare a reader that puts this model's tokens back on the patch grid (a backbone's head, a feature-map
         call): while it is open, passes keep what :meth:`expand_to_patches` needs for ``unmerge="residual"``.

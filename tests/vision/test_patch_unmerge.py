@@ -195,3 +195,28 @@ def test_heads_averaging_their_tokens_read_each_patch_s_own_stream_when_blocks_o
         dropped = logits(model(*args, **kwargs))
         handle.configure(unmerge="copy", seed=0)
         assert torch.allclose(dropped, logits(model(*args, **kwargs)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("build", [timm_avg(), timm_avg(timm_eva), openclip_avg(False)],
+                         ids=["timm-avg", "eva-avg", "openclip-avg"])
+@torch.no_grad()
+def test_a_normed_mean_outside_a_call_of_the_model_reads_own_streams_from_a_pass_that_kept_them(build):
+    """timm's ``forward_head`` on features of a separate ``forward_features`` pass: by size, unless the handle's
+    ``keep_deviations`` kept that pass's deviations. OpenCLIP's ``forward_intermediates`` pools its final features
+    from a pass the residual unmerge keeps for its feature maps: the same features as a call of the tower."""
+    model, (x,), _, _ = build()
+    ref = model(x)
+    with quickmerge.patch(model, r=[6, 5, 5], method="tome") as handle:
+        if hasattr(model, "forward_head"):
+            def pooled():
+                return model.forward_head(model.forward_features(x))
+
+            assert not torch.allclose(pooled(), ref, atol=1e-4)  # a plain pass keeps nothing: by size
+            handle.keep_deviations = True
+        else:
+            def pooled():
+                return model.forward_intermediates(x)["image_features"]
+
+        assert torch.allclose(pooled(), ref, atol=1e-5, rtol=0)
+        handle.unmerge = "copy"
+        assert not torch.allclose(pooled(), ref, atol=1e-4)

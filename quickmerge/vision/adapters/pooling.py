@@ -53,7 +53,9 @@ class NormedStreams:
     its deviations) where ``averages()`` says the head pools that way this call and :func:`pools_own_streams`; a
     hook after the call closes it, also after a raise. :meth:`patches` then gives ``norm`` run on
     ``expand_to_patches(<norm's input>, residual=True)`` ``[B, N0, C]``, for the tensor the pass's final norm
-    returned only; ``None`` otherwise (no reader open, other features), where the head pools by size."""
+    returned, from any pass that kept its deviations (that call of the model; a feature-map call under the
+    residual unmerge; any pass with the handle's ``keep_deviations``, so ``forward_head(forward_features(x))``
+    too); ``None`` otherwise (copying, other features, a pass that kept nothing), where the head pools by size."""
 
     def __init__(self, model: nn.Module, norm: nn.Module, merger: BlockMerger, averages: Callable[[], bool]) -> None:
         self.final, self.norm, self.merger = LastOutput(norm), norm, merger
@@ -73,7 +75,8 @@ class NormedStreams:
                        model.register_forward_hook(model_post, always_call=True)]
 
     def patches(self, x: Tensor) -> Tensor | None:
-        if self._reader is None or x is not self.final.tensor:
+        if x is not self.final.tensor or isinstance(self.norm, nn.Identity) or not pools_own_streams(self.merger) \
+                or not self.merger.kept_deviations():
             return None
         # the norm's module hooks bypassed: its LastOutput would take the expanded patches for the pass's output
         return self.norm.forward(self.merger.expand_to_patches(self.final.input, residual=True))

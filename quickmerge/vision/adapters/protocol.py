@@ -89,6 +89,10 @@ class BlockMerger(Protocol):
         every patch (a mean in the model's own forward, a feature map); None when nothing merged."""
         ...
 
+    def kept_deviations(self) -> bool:
+        """Whether the last pass kept what ``expand_to_patches(..., residual=True)`` reads (False: nothing merged)."""
+        ...
+
     def dense_head(self) -> Removable:
         """Declare a reader that unmerges every pass onto the patch grid (a backbone's head; a feature-map call,
         while it runs): passes keep what ``expand_to_patches(..., residual=True)`` needs. ``remove()`` closes it."""

@@ -97,7 +97,8 @@ class WeightedPool(InstanceMethod):
     the model keeps its pass's deviations and the pool reads every patch's own residual stream (its token plus what
     it lost at each merge, :meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`), normed by the model's
     final ``norm`` as the model's code norms it, then averaged; with ``"copy"`` (or ``forward_head`` called on
-    features of a separate call) the mean of the tokens weighted by their sizes. Attention pooling
+    features of a separate ``forward_features`` call, unless the handle's ``keep_deviations`` kept them there) the
+    mean of the tokens weighted by their sizes. Attention pooling
     (``global_pool="map"``) gets log(size) as its mask instead. Only the tensor the last pass's final ``norm``
     returned is pooled this way (what ``forward_head`` gets from ``forward_features``); any other input,
     class-token and max pooling are timm's own."""
