@@ -27,17 +27,17 @@ from tqdm import tqdm
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
-from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.train import split_train_heldout
+from vision_gap_pooling import gap_model
 
 BATCH = 500
 
 
-def load_gap_vit(weights: str) -> torch.nn.Module:
-    """The average-pooled reference ViT ``vision_gap_pooling.py`` fine-tuned (its saved state dict), in eval mode."""
-    model = load_fashion_vit()
-    model.reset_classifier(10, global_pool="avg")
+def load_gap_vit(weights: str, class_token: bool = True) -> torch.nn.Module:
+    """The average-pooled reference ViT ``vision_gap_pooling.py`` fine-tuned (its saved state dict), in eval mode;
+    ``class_token=False``: its ``--no-class-token`` model."""
+    model = gap_model(class_token)
     model.load_state_dict(torch.load(weights))
     return model.eval()
 
@@ -79,12 +79,13 @@ def main() -> None:
     ap.add_argument("--r", type=int, nargs="+", default=[32, 48, 64])
     ap.add_argument("--methods", nargs="+", default=["quickmerge", "tome"], choices=["quickmerge", "tome"])
     ap.add_argument("--weights", default="results/vision_gap_vit.pt")
+    ap.add_argument("--no-class-token", action="store_true", help="weights of vision_gap_pooling.py --no-class-token")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--images", type=int, default=None, help="the first N images of the split (default: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = load_gap_vit(args.weights)
+    model = load_gap_vit(args.weights, class_token=not args.no_class_token)
     images, labels = split_train_heldout()[1] if args.split == "heldout" else load_fashion_mnist("test")
     images, labels = images[:args.images], labels[:args.images]
     base = run(model, images, labels, None)["forward"]

@@ -1,11 +1,16 @@
 """Size-weighted vs plain average pooling under merging, on a real average-pooled ViT.
 
     python benchmarks/exploration/vision_gap_pooling.py [--epochs 2] [--r 32 48 64] [--out ...json]
+    python benchmarks/exploration/vision_gap_pooling.py --no-class-token --weights results/vision_gap_nocls_vit.pt \
+        --out results/vision_gap_nocls_pooling.json
 
 No average-pooled pretrained ViT is obtainable here, so the shipped Fashion-MNIST ViT is turned into one: its
 head is reset to ``global_pool="avg"`` (the mean of the final patch tokens, class token left out) and the whole
 model fine-tuned for ``--epochs`` on the 55,000 training images (AdamW, lr 5e-4, cosine, label smoothing 0.1,
-shifts of up to 2 pixels; the weights are kept in results/ to rerun the evaluation). Then, on the 5,000 held-out
+shifts of up to 2 pixels; the weights are kept in results/ to rerun the evaluation). ``--no-class-token`` (stop 62)
+rebuilds it the way timm's SigLIP-gap ViTs are built instead (``class_token=False``, ``global_pool="avg"``,
+``fc_norm=False``: the final norm on every token, then their mean, no prefix token), carrying over every weight but
+the class token's (and its position), the head reset as above. Then, on the 5,000 held-out
 and the 10,000 test images, ToMe-style and QuickMerge++ at each r with the head's mean weighted by token size
 (``size_weighted_pool=True``, the default, what ToMe does for MAE models) and plain (False), paired 95%
 bootstrap intervals of weighted minus plain (points).
@@ -23,9 +28,24 @@ import torch.nn.functional as F
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference
-from quickmerge.pretrained.fashion_vit import load_fashion_vit
+from quickmerge.pretrained.fashion_vit import ASSET_DIR, build_vit, load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.train import augment, correct_per_image, split_train_heldout
+
+
+def gap_model(class_token: bool = True) -> torch.nn.Module:
+    """The reference ViT with an average-pooling head after its final norm (weights as trained, head reset);
+    ``class_token=False``: rebuilt without its class token, as timm's SigLIP-gap ViTs."""
+    model = load_fashion_vit()
+    if not class_token:
+        config = json.loads((ASSET_DIR / "config.json").read_text())["model"]
+        gap = build_vit({**config, "class_token": False, "global_pool": "avg", "fc_norm": False})
+        state = {k: v for k, v in model.state_dict().items() if k != "cls_token"}
+        state["pos_embed"] = state["pos_embed"][:, 1:]  # the class token's position dropped
+        gap.load_state_dict(state)
+        model = gap
+    model.reset_classifier(10, global_pool="avg")  # keeps the final norm before the mean (fc_norm stays Identity)
+    return model
 
 
 def fine_tune(model, images, labels, epochs: int, batch_size: int = 128, lr: float = 5e-4) -> list[float]:
@@ -57,12 +77,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--r", type=int, nargs="+", default=[32, 48, 64])
     ap.add_argument("--weights", default="results/vision_gap_vit.pt")
+    ap.add_argument("--no-class-token", action="store_true", help="the reference rebuilt without its class token")
     ap.add_argument("--out", default="results/vision_gap_pooling.json")
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    model = load_fashion_vit()
-    model.reset_classifier(10, global_pool="avg")
+    model = gap_model(class_token=not args.no_class_token)
     (train_x, train_y), (held_x, held_y) = split_train_heldout()
     losses = None
     if Path(args.weights).exists():
