@@ -111,9 +111,10 @@ class _WeightedMean(InstanceMethod):
     """Per instance: ``model._global_pool`` averages over the original patches (``pool_type="avg"``), for the
     output of the last pass only (:meth:`BlockMerger.pooling_weights`); the class token is left out, as in
     OpenCLIP's own mean. Where ``ln_post`` norms every token before the pool (``final_ln_after_pool=False``, the
-    default) a call of the tower under ``unmerge="residual"`` averages every patch's own residual stream, normed
-    (:class:`.pooling.NormedStreams`); otherwise (the pool before the norm, copying, a ``forward_intermediates``
-    call) the tokens weighted by their sizes, which for the stream is that same mean. ``tokens`` stay merged."""
+    default) a call of the tower under ``unmerge="residual"`` (or its ``forward_intermediates``, whose feature maps
+    keep the pass's deviations) averages every patch's own residual stream, normed (:class:`.pooling.NormedStreams`);
+    otherwise (the pool before the norm, copying) the tokens weighted by their sizes, which for the stream is that
+    same mean. ``tokens`` stay merged."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger) -> None:
         original = model._global_pool

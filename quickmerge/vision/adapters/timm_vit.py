@@ -122,7 +122,7 @@ class WeightedPool(InstanceMethod):
                 return original(x, pool_type, *args, **kwargs)
             p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
             patches = streams.patches(x) if attn_pool is None else None
-            if patches is not None:  # this call keeps the deviations: the mean of every patch's own stream, normed
+            if patches is not None:  # the pass kept its deviations: the mean of every patch's own stream, normed
                 mean = patches[:, p:].mean(dim=1)
                 return mean if kind == "avg" else 0.5 * (patches[:, p:].amax(dim=1) + mean)
             # Eva's attention pooling reads every token; the others drop the prefix unless told otherwise
