@@ -8,13 +8,13 @@ SigLIP's and DINOv2's classifiers (and a timm ViT whose head was reset to ``glob
 its group's token). The residual unmerge (stop 59, the default of the dense heads) would give each patch its own
 residual stream back (the group's token plus what the patch lost at each merge), norm every patch, then average.
 Which is closer to the unmerged model is measured here on the average-pooled reference ViT of
-``vision_gap_pooling.py`` (its weights, ``results/vision_gap_vit.pt``, made by that script): for each matching and
-``--r``, the logits of the model's own forward (``unmerge="copy"`` pooling, the default today) and of the mean over
-the unmerged, normed last-block feature map (``forward_intermediates(..., norm=True)`` with ``unmerge="residual"``)
-fed to the same head; top-1 and KL(unmerged || merged) per image, paired 95% bootstrap intervals of residual minus
-copying and of each minus the unmerged model. The copy path's logits are also read the second way (the
-``"copy"`` feature map's mean), which must equal the forward's: the check that the two readings differ by the
-unmerge alone.
+``vision_gap_pooling.py`` (its weights, ``results/vision_gap_vit.pt``, made by that script; ``--no-class-token``:
+its model without a class token, stop 62): for each matching and ``--r``, the mean over the unmerged, normed
+last-block feature map (``forward_intermediates(..., norm=True)``) under ``unmerge="residual"`` and ``"copy"``, fed
+to the same head; top-1 and KL(unmerged || merged) per image, paired 95% bootstrap intervals of residual minus
+copying and of each minus the unmerged model. The patched model's own forward runs under each unmerge too and must
+equal that unmerge's reading (``*_reading_vs_forward_max_abs_logit_difference``; stop 61 ran before the residual
+default, when the forward was copying's): the readings are what the model computes.
 """
 
 import argparse
@@ -49,18 +49,21 @@ def pooled_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def run(model, images, labels, settings: dict | None) -> dict:
-    """Per image: the forward's logits, and (patched) the feature-map readings under each unmerge."""
-    out = {"forward": [], "residual": [], "copy": []}
+    """Per image: the forward's logits (unpatched: ``forward``; patched: ``forward_residual`` / ``forward_copy``,
+    the model's own forward under each unmerge), and (patched) the feature-map readings under each unmerge."""
+    out = {"forward": [], "residual": [], "copy": [], "forward_residual": [], "forward_copy": []}
     handle = None if settings is None else patch(model, **settings)
     try:
         with torch.inference_mode():
             for i in range(0, len(images), BATCH):
                 x = normalize(images[i:i + BATCH])
-                out["forward"].append(model(x))
-                if handle is not None:
-                    for unmerge in ("residual", "copy"):
-                        handle.unmerge = unmerge
-                        out[unmerge].append(pooled_logits(model, x))
+                if handle is None:
+                    out["forward"].append(model(x))
+                    continue
+                for unmerge in ("residual", "copy"):
+                    handle.unmerge = unmerge
+                    out[f"forward_{unmerge}"].append(model(x))
+                    out[unmerge].append(pooled_logits(model, x))
     finally:
         if handle is not None:
             handle.remove()
@@ -104,7 +107,9 @@ def main() -> None:
             top1 = {k: hit(logits[k]) for k in ("residual", "copy")}
             kls = {k: kl(base, logits[k]) for k in ("residual", "copy")}
             row = {"r": r, "method": method,
-                   "copy_reading_max_abs_logit_difference": float((logits["copy"] - logits["forward"]).abs().max()),
+                   # stop 61 ran before the residual default: its "forward" was copying's (stop 62 splits the two)
+                   **{f"{k}_reading_vs_forward_max_abs_logit_difference":
+                      float((logits[k] - logits[f"forward_{k}"]).abs().max()) for k in ("residual", "copy")},
                    **{f"{k}_top1": bootstrap_mean(top1[k]) for k in top1},
                    **{f"{k}_top1_minus_unmerged": bootstrap_difference(top1[k], hit(base)) for k in top1},
                    "residual_minus_copy_top1": bootstrap_difference(top1["residual"], top1["copy"]),
