@@ -78,4 +78,3 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     if norm is not None:
         hooks.append(norm.register_forward_pre_hook(norm_pre, prepend=True))
     return hooks
-
