@@ -5,7 +5,8 @@ merged along time (a static location becomes one token) before any layer runs, s
 layer prefills fewer tokens. Timed alternately with the plain prefill on the same held-out
 windows (medians over rounds), with the continuation's bits per token of both, in one run.
 
-    .venv/bin/python benchmarks/video_input_prefill.py [--model DIR] [--ratios 0.5 0.75]
+    .venv/bin/python benchmarks/video_input_prefill.py [--model DIR] [--ratios 0.5 0.75] [--device cuda] \
+        [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -26,19 +27,26 @@ from quickmerge.text import QuickMergeInputPress
 from quickmerge.text.cache import cache_kwargs
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def prefill(model, ids, press):
     cache = DynamicCache()
     with torch.no_grad(), press(model) if press is not None else torch.no_grad():
+        sync(ids.device)
         start = time.perf_counter()
         model.model(input_ids=ids, **cache_kwargs(model.model, cache))
+        sync(ids.device)
         return time.perf_counter() - start, cache
 
 
 def bits(model, example, context, press):
     """Bits per continuation token, the continuation decoded inside the press (its masks)."""
-    ids = example.ids[None]
+    ids = example.ids[None].to(model.device)
     cache = DynamicCache()
-    positions = torch.arange(context, ids.shape[1] - 1)[None]
+    positions = torch.arange(context, ids.shape[1] - 1, device=ids.device)[None]
     with torch.no_grad(), press(model) if press is not None else torch.no_grad():
         model.model(input_ids=ids[:, :context], **cache_kwargs(model.model, cache))
         logits = model(input_ids=ids[:, context:-1], **cache_kwargs(model, cache), position_ids=positions).logits
@@ -53,12 +61,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="docs/results/issue12/video_input_prefill.json")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     model, tokenizer, fmt = load_ar(args.model)
+    model.to(device, getattr(torch, args.dtype))
     examples = video_examples(fmt, tokenizer, args.examples)
     context = fmt.context
-    batch = torch.stack([e.ids[:context] for e in examples])  # the timed prefill: every window at once
+    batch = torch.stack([e.ids[:context] for e in examples]).to(device)  # the timed prefill: every window at once
     rows = []
     base_bits = [bits(model, e, context, None) for e in examples]
     for ratio in args.ratios:
@@ -77,7 +89,8 @@ def main() -> None:
                      "bits_per_token_merged": sum(ours) / len(ours), "achieved_ratio": press.achieved_ratio})
         print(rows[-1])
     result = {"rows": rows, "examples": [e.title for e in examples], "batch": list(batch.shape),
-              "threads": args.threads, "torch": torch.__version__}
+              "threads": args.threads, "torch": torch.__version__, "dtype": args.dtype,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     from pathlib import Path
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

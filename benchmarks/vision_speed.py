@@ -9,7 +9,7 @@ QuickMerge++ with the learned saliency of a fine-tune (``train vision --finetune
 scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``).
 
     python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR] \
-        [--hidden-scaled]
+        [--hidden-scaled] [--device cuda]
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (each timed region ends with a synchronize)")
     ap.add_argument("--scorer", default=None, help="fine-tuned checkpoint holding token_scorer.safetensors")
     ap.add_argument("--hidden-scaled", action="store_true",
                     help="add QuickMerge++ with similarity='hidden' and saliency_rule='scaled'")
@@ -46,10 +47,12 @@ def main() -> None:
         rows.insert(1, ("quickmerge hidden + scaled", "quickmerge", None,
                         {"similarity": "hidden", "saliency_rule": "scaled"}))
     torch.set_num_threads(args.threads)
-    model = load_fashion_vit()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    model = load_fashion_vit().to(device)
     images, _ = load_fashion_mnist("test")
     with torch.inference_mode():
-        x = model.norm_pre(model._pos_embed(model.patch_embed(normalize(images[: args.batch]))))
+        x = model.norm_pre(model._pos_embed(model.patch_embed(normalize(images[: args.batch]).to(device))))
         block = copy.deepcopy(model.blocks[0])  # unpatched copy, timed as is
         results = {}
         for name, method, scorer, options in rows:
@@ -61,14 +64,18 @@ def main() -> None:
             q, k, scale = handle._pass.q, handle._pass.k, handle._pass.scale
             block_t, merge_t, patched_t = [], [], []
             for _ in range(args.repeats + 2):
+                sync()
                 t0 = time.perf_counter()
                 block(x)
                 handle.begin(x)  # fresh pass state (the patched block below leaves its own)
                 handle.record_qk(q, k, scale)
+                sync()
                 t1 = time.perf_counter()
                 out = handle.merge(0, residual)
+                sync()
                 t2 = time.perf_counter()
                 blk(x)  # the whole patched block: attention on N tokens, merge, MLP on N - r
+                sync()
                 t3 = time.perf_counter()
                 block_t.append(t1 - t0)
                 merge_t.append(t2 - t1)
@@ -81,6 +88,7 @@ def main() -> None:
             print(f"{name:29s} block {1e3 * b:7.2f} ms  merge {1e3 * m:6.2f} ms = {100 * m / b:5.1f}% of a block;"
                   f"  patched block (r={args.r}) {1e3 * p:7.2f} ms = {p / b:.3f}x")
     info = {"tokens": x.shape[1], "batch": args.batch, "r": args.r, "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "platform": platform.platform(), "results": results}
     if args.json:
         with open(args.json, "w") as f:

@@ -10,7 +10,6 @@ same examples in one run; perplexity intervals are bootstrap 95% over examples.
 from __future__ import annotations
 
 import contextlib
-import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from ..distributed import Context
 from ..text.cache import cache_kwargs, physical_length
 from ..text.decoder import base_model, keeps_fixed_state, stacked_layers
 from .journal import Journal
+from .timing import clock
 
 
 @dataclass
@@ -166,11 +166,11 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
         with contextlib.ExitStack() as pressing:
             if press is not None:
                 pressing.enter_context(press(model))
-            start = time.perf_counter()
+            start = clock(ids.device)
             model.model(input_ids=ids, **cache_kwargs(model.model, cache))
             if not method.decode_inside:
                 pressing.close()  # a press may compress on exit (kvpress's KVzip reads the prompt again here)
-            state = Prefilled(cache, time.perf_counter() - start)
+            state = Prefilled(cache, clock(ids.device) - start)
             if not method.decode_inside:
                 decoding.enter_context(_masks_for_shortened_layers(model, cache))
             yield state
@@ -195,14 +195,14 @@ def score_example(
         full = [layer for layer, kind in cached if "sliding" not in kind and "chunked" not in kind]
         full = full or [layer for layer, _ in cached]
         kept = sum(physical_length(layer) / (getattr(layer, "folded_heads", 0) or 1) for layer in full) / len(full)
-        start = time.perf_counter()
+        start = clock(ids.device)
         if method.masks:  # as kvpress's pipeline decodes: its fake keys need one query per call
             logits = torch.cat([model(input_ids=cont[:, t : t + 1], **cache_kwargs(model, cache),
                                       position_ids=positions[:, t : t + 1]).logits
                                 for t in range(cont.shape[1])], dim=1)
         else:
             logits = model(input_ids=cont, **cache_kwargs(model, cache), position_ids=positions).logits
-        decode = time.perf_counter() - start
+        decode = clock(ids.device) - start
     nll = F.cross_entropy(logits[0].float(), target[0]).item()
     memory_saved = 1 - kept / context  # of the compressed layers' entries
     achieved = getattr(press, "achieved_ratio", None)  # presses that know it (ours)

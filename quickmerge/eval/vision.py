@@ -11,7 +11,6 @@ import copy
 import itertools
 import json
 import statistics
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,16 +24,14 @@ from ..vision.image_budget import ImageBudget, bucketed_forward
 from ..vision.patch import patch
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal
+from .timing import clock
 
 
 def _timed(fn: Any, device: torch.device) -> float:
     """Seconds ``fn()`` takes, including the kernels it queued on ``device`` (CUDA runs asynchronously)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda _: None
-    sync(device)
-    start = time.perf_counter()
+    start = clock(device)
     fn()
-    sync(device)
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 TIMINGS = ("together", "paired")
@@ -117,19 +114,19 @@ def evaluate_setting(
     wait, so they do not slow it down) and returns the row, the others return None.
     """
     ctx = ctx or Context()
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     setting = _Setting(model, reference, method, r, settings, scorer)
     try:
         correct = tokens = batches = 0
         for i in ctx.shard(range(0, len(images), batch_size)):
             if setting.handle is not None:
                 setting.handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
-            logits, mean_tokens = setting.forward(normalize(images[i : i + batch_size].to(device)))
+            logits, mean_tokens = setting.forward(normalize(images[i : i + batch_size].to(device), dtype))
             correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
             tokens += mean_tokens
             batches += 1
         correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
-        batch = normalize(images[:batch_size].to(device))
+        batch = normalize(images[:batch_size].to(device), dtype)
         parts = setting.parts(batch)
         ours, base = [], []
         if ctx.main:
@@ -235,8 +232,8 @@ def run_vision_eval(
         rows.append(row)
     if timing == "together":
         if ctx.main:
-            device = next(model.parameters()).device
-            batch = normalize(images[:batch_size].to(device))
+            parameter = next(model.parameters())
+            batch = normalize(images[:batch_size].to(parameter.device), parameter.dtype)
             timed = time_settings_together(model, jobs, batch, timing_rounds, scorer=scorer)
             rows = [row | fields for row, fields in zip(rows, timed, strict=True)]
         ctx.barrier()

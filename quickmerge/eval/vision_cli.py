@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="the model's and the images' dtype (bfloat16 / float16: as on a GPU; the entropy and "
+                             "per-image budgets are calibrated in float32 first)")
     parser.add_argument("--timing", choices=TIMINGS, default="together",
                         help="together (default): after every accuracy pass, all settings timed in rounds whose order "
                         "rotates, each right before the unpatched model, so all see the same stretch of the machine's "
@@ -55,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 SCHEDULES = ("constant", "entropy", "per-image")
+DTYPES = ("float32", "bfloat16", "float16")
 MATCHINGS = ("bipartite", "greedy")
 FLOOR = DEFAULT_FLOOR  # fewest tokens a greedy schedule leaves
 CALIBRATION_IMAGES = 512  # held-out training images (the last 5,000 of the split) for the entropy schedule
@@ -177,9 +181,10 @@ def run(args: argparse.Namespace) -> dict:
     ctx = distributed.setup()
     try:
         model.to(ctx.device)
-        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        journal = Journal(args.out, journal_config(args, ctx.device), rank=ctx.rank, fresh=args.fresh)
         perplexity = calibrate(model) if "entropy" in args.schedules else None
         budgets = calibrate_image_budgets(model, args.r, args.matching) if "per-image" in args.schedules else None
+        model.to(getattr(torch, args.dtype))
         sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
                             args.matching, len(model.blocks), quickmerge_options(args))
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
@@ -277,8 +282,9 @@ def load_for_merging(args: argparse.Namespace, rs: list[int], methods: list[str]
     return model, scorer, tuned_for
 
 
-def journal_config(args: argparse.Namespace) -> dict:
-    """What every row depends on: rows computed under other settings are never mixed in."""
+def journal_config(args: argparse.Namespace, device: torch.device | str = "cpu") -> dict:
+    """What every row depends on (``device``: where the rows are computed): rows computed under other settings are
+    never mixed in."""
     from ..data.fashion_mnist import sha256
     from ..pretrained.fashion_vit import ASSET_DIR
 
@@ -288,7 +294,8 @@ def journal_config(args: argparse.Namespace) -> dict:
             "scorer": sha256(scorer) if scorer.is_file() else None,
             "images": args.images, "batch_size": args.batch_size, "timing": args.timing,
             "timing_rounds": timing_rounds(args),
-            "threads": args.threads, "torch": torch.__version__, "code": code_fingerprint()}
+            "threads": args.threads, "dtype": args.dtype, "device": str(device),
+            "torch": torch.__version__, "code": code_fingerprint()}
 
 
 def format_table(rows: list[dict]) -> str:

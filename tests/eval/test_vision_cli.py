@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from quickmerge.eval.vision_cli import FLOOR, build_sweep
 from quickmerge.vision.budget import entropy_schedule, token_counts
@@ -158,6 +159,36 @@ def test_a_checkpoint_fine_tuned_with_merging_is_announced_and_recorded(tiny_vit
     (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": ratio}))
     assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == ratio
     assert "with quickmerge at ratio = 0.5" in capsys.readouterr().err
+
+
+def test_eval_vision_in_bfloat16_runs_every_schedule_in_that_dtype_and_keeps_most_answers(tiny_vit_dir, tmp_path,
+                                                                                         monkeypatch):
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision, vision_cli
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(vision_cli, "CALIBRATION_IMAGES", 64)
+    seen = []
+    forward = vision._Setting.forward
+    monkeypatch.setattr(vision._Setting, "forward", lambda self, x: seen.append(x.dtype) or forward(self, x))
+
+    def run(dtype):
+        args = build_parser().parse_args(
+            ["eval", "vision", "--checkpoint", str(tiny_vit_dir), "--images", "64", "--batch-size", "32",
+             "--r-values", "16", "--methods", "quickmerge", "tome", "--timing-rounds", "1", "--threads", "1",
+             "--dtype", dtype, "--out", str(tmp_path / dtype)])
+        return {row["method"]: row for row in vision_cli.run(args)["rows"]}, vision_cli.journal_config(args)
+
+    (full, full_config), (half, half_config) = run("float32"), run("bfloat16")
+    assert set(seen) == {torch.float32, torch.bfloat16}
+    assert set(half) == set(full) == {"none", "quickmerge", "tome", "quickmerge-entropy", "quickmerge-per-image"}
+    for method, row in half.items():  # the budgets are calibrated in float32: the same tokens either way
+        assert row["mean_tokens_per_layer"] == pytest.approx(full[method]["mean_tokens_per_layer"])
+        assert abs(row["accuracy"] - full[method]["accuracy"]) <= 0.1
+    assert half_config != full_config  # a run in one dtype never resumes into the other
 
 
 def test_timing_defaults_to_together_with_more_rounds_than_paired():

@@ -1,0 +1,265 @@
+"""Every public path on a CUDA device, checked against the CPU: the specification's pipeline, a patched
+ViT (timm, eager and compiled; Hugging Face CLIP/SigLIP towers), merge-aware training, and the KV and input
+presses on the shipped autoregressive model, in fp32, fp16 and bf16.
+
+Skipped where torch sees no CUDA device (CI has none); ``benchmarks/gpu_checks.sh`` runs it on a lent GPU.
+``QUICKMERGE_TEST_DEVICE=cpu`` runs it against the CPU itself, to check the checks without a GPU.
+
+fp32 comparisons turn TF32 off (it rounds matmuls and convolutions at ~1e-3). Merging decides by argmax and top-k,
+so a near-tie may flip between devices; the ViT checks therefore ask almost every image, not all, to agree to
+1e-3, and every image to keep its class.
+"""
+
+import os
+
+import pytest
+import torch
+
+import quickmerge
+from quickmerge.data.fashion_mnist import data_dir
+
+DEVICE = torch.device(os.environ.get("QUICKMERGE_TEST_DEVICE", "cuda"))
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(),
+                                reason="no CUDA device (benchmarks/gpu_checks.sh runs this on a GPU)")
+needs_fashion = pytest.mark.skipif(not (data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
+                                   reason="Fashion-MNIST not installed")
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def agree(out: torch.Tensor, ref: torch.Tensor, *, atol: float, share: float = 0.95) -> None:
+    """Rows of ``out`` (any device, any float dtype) against ``ref`` [B, C] on the CPU: every row keeps its
+    argmax, and at least ``share`` of the rows lie within ``atol``."""
+    out = out.detach().float().cpu()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    close = ((out - ref).abs().amax(-1) <= atol).float().mean().item()
+    assert close >= share, f"{close:.3f} of the rows within {atol}"
+    same = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert same >= (1.0 if atol < 1e-2 else 0.97), f"{same:.3f} of the rows keep their class"
+
+
+# the specification's pipeline
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bipartite", "causal"])
+def test_the_spec_pipeline_on_the_device_matches_the_cpu(causal):
+    torch.manual_seed(0)
+    qm = quickmerge.QuickMergePP(32, num_layers=2, causal=causal).eval()
+    x = torch.randn(2, 48, 32)
+    with torch.no_grad():
+        ref, ref_losses = qm(x, 12)
+        out, losses = qm.to(DEVICE)(x.to(DEVICE), 12)
+    assert out.device.type == DEVICE.type
+    torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    for name, value in ref_losses.items():
+        torch.testing.assert_close(losses[name].cpu(), value, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+def test_the_spec_pipeline_keeps_a_half_dtype_on_the_device(dtype):
+    torch.manual_seed(0)
+    qm = quickmerge.QuickMergePP(32, num_layers=2).eval().to(DEVICE)
+    x = torch.randn(2, 48, 32, device=DEVICE)
+    with torch.no_grad():
+        ref, _ = qm(x, 12)
+        out, losses = qm.to(dtype)(x.to(dtype), 12)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert all(torch.isfinite(v.float()).all() for v in (out, *losses.values()))
+    # rounding may move a token to another group; most merged tokens stay where they were
+    near = ((out.float() - ref).norm(dim=-1) <= 0.05 * ref.norm(dim=-1)).float().mean()
+    assert near >= 0.8
+
+
+# a patched ViT: the shipped reference model on real test images
+
+
+@pytest.fixture(scope="module")
+def images():
+    from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+
+    return normalize(load_fashion_mnist("test")[0][:256])
+
+
+def reference_vit():
+    from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+    return load_fashion_vit()
+
+
+VIT_SETTINGS = {
+    "quickmerge": dict(r=16),
+    "tome": dict(r=16, method="tome"),
+    "merge-mass": dict(r=16, epsilon=0.1),
+    "greedy-past-cap": dict(r=[120, 20, 10, 5, 5, 5], matching="greedy"),
+    "random": dict(r=16, method="random"),
+    "pool": dict(r=16, method="pool"),
+    "ratio": dict(ratio=0.25),
+}
+
+
+@needs_fashion
+@pytest.mark.parametrize("name", list(VIT_SETTINGS))
+def test_a_patched_vit_on_the_device_matches_the_cpu(name, images):
+    pytest.importorskip("timm")
+    model = reference_vit()
+    with torch.no_grad():
+        with quickmerge.patch(model, **VIT_SETTINGS[name]) as handle:
+            ref, tokens = model(images), list(handle.tokens_per_layer)
+        model.to(DEVICE)
+        with quickmerge.patch(model, **VIT_SETTINGS[name]) as handle:
+            out = model(images.to(DEVICE))
+            assert handle.tokens_per_layer == tokens
+    agree(out, ref, atol=1e-3)
+
+
+@needs_fashion
+def test_r0_is_exact_and_unpatch_restores_on_the_device(images):
+    pytest.importorskip("timm")
+    model = reference_vit().to(DEVICE)
+    x = images[:64].to(DEVICE)
+    with torch.no_grad():
+        ref = model(x)
+        handle = quickmerge.patch(model, r=0)
+        torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=0)
+        handle.r = 16
+        assert not torch.allclose(model(x), ref, atol=1e-4)
+        quickmerge.unpatch(model)
+        assert torch.equal(model(x), ref)
+
+
+@needs_fashion
+@pytest.mark.parametrize("dtype", HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("method", ["quickmerge", "tome"])
+def test_a_patched_vit_in_half_precision_on_the_device_keeps_its_answers(method, dtype, images):
+    pytest.importorskip("timm")
+    model = reference_vit().to(DEVICE)
+    x = images.to(DEVICE)
+    with torch.no_grad(), quickmerge.patch(model, r=16, method=method):
+        ref = model(x).cpu()
+        model.to(dtype)
+        out = model(x.to(dtype))
+    assert out.dtype == dtype
+    agree(out, ref, atol=0.25, share=0.9)
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", ["quickmerge", "tome"])
+def test_a_patched_vit_compiles_whole_on_the_device_and_matches_eager(method, images):
+    pytest.importorskip("timm")
+    model = reference_vit().to(DEVICE)
+    x = images[:64].to(DEVICE)
+    with torch.no_grad(), quickmerge.patch(model, r=16, method=method) as handle:
+        ref = model(x).cpu()
+        tokens = list(handle.tokens_per_layer)
+        compiled = torch.compile(model, fullgraph=True)
+        out = compiled(x)
+        assert handle.tokens_per_layer == tokens  # the compiled graph merges (hooks traced, not skipped)
+    agree(out, ref, atol=1e-3)
+
+
+# Hugging Face CLIP and SigLIP towers (tiny random configs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", ["CLIPVisionModel", "SiglipVisionModel"])
+def test_hf_vision_towers_on_the_device(cls_name, impl, dtype):
+    from tests.vision.adapters.test_hf_clip import output, tiny
+
+    pytest.importorskip("transformers")
+    model, x = tiny(cls_name, impl), torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        with quickmerge.patch(model, r=12):
+            ref = output(model, x)
+        model.to(DEVICE, dtype)
+        x = x.to(DEVICE, dtype)
+        plain = output(model, x)
+        with quickmerge.patch(model, r=0) as handle:
+            torch.testing.assert_close(output(model, x), plain, atol=1e-5 if dtype == torch.float32 else 2e-2,
+                                       rtol=0)
+            handle.r = 12
+            out = output(model, x)
+        assert torch.equal(output(model, x), plain)
+    assert out.dtype == dtype
+    atol = 1e-4 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
+
+
+# merge-aware training (the differentiable merge)
+
+
+def test_merge_aware_training_on_the_device_draws_the_cpu_noise_and_gradients():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=16, patch_size=2, in_chans=1, num_classes=5, embed_dim=32, depth=3, num_heads=4).train()
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 5, (8,))
+
+    def step(model, x, y):
+        with quickmerge.patch(model, r=12, temperature=0.5, seed=3):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        model.zero_grad()
+        loss.backward()
+        return loss.detach().cpu(), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()}
+
+    ref_loss, ref_grads = step(model, x, y)
+    model.to(DEVICE)
+    loss, grads = step(model, x.to(DEVICE), y.to(DEVICE))
+    # a seed gives the same Gumbel noise on either device (drawn on the handle's CPU generator)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    if DEVICE.type == "cuda":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, grads = step(model, x.to(DEVICE), y.to(DEVICE))
+        assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.05
+        assert all(torch.isfinite(g).all() for g in grads.values())
+        assert grads["patch_embed.proj.weight"].abs().sum() > 0
+
+
+# the presses on the shipped autoregressive image model, real test images
+
+
+@pytest.fixture(scope="module")
+def ar_image():
+    pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+    from quickmerge.eval.generative import image_examples
+    from quickmerge.pretrained.ar_models import load_ar
+
+    model, tokenizer, fmt = load_ar("image")
+    return model, fmt, image_examples(fmt, tokenizer, 4)
+
+
+@needs_fashion
+@pytest.mark.parametrize("name", ["none", "quickmerge", "quickmerge-columns", "quickmerge-replay-row",
+                                  "quickmerge-input", "tome-kv"])
+def test_the_presses_on_the_device_score_as_on_the_cpu(name, ar_image):
+    from quickmerge.eval.generative_cli import ar_method
+    from quickmerge.eval.text import NO_COMPRESSION, score_example
+
+    model, fmt, examples = ar_image
+    method = NO_COMPRESSION if name == "none" else ar_method(name, fmt)
+
+    def scores(model):
+        press = None if name == "none" else method.make(0.5)
+        return [score_example(model, e, fmt.context, press, method, 0.5) for e in examples]
+
+    weights = {k: v.clone() for k, v in model.state_dict().items()}  # a bf16 round trip would round them
+    try:
+        ref = scores(model)
+        out = scores(model.to(DEVICE))
+        half = scores(model.to(torch.bfloat16))
+    finally:
+        model.to("cpu", torch.float32).load_state_dict(weights)
+    for r, o, h in zip(ref, out, half, strict=True):
+        assert o["nll"] == pytest.approx(r["nll"], rel=1e-3, abs=1e-4)
+        assert o["memory_saved"] == pytest.approx(r["memory_saved"])
+        assert h["nll"] == pytest.approx(r["nll"], rel=0.1, abs=0.05)  # bf16's rounding, not a broken press
