@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA GPU, in one call (stop 63; at most about 9 minutes: each stage has a time limit):
+#   1. tests/test_devices.py: every public path on the GPU against the CPU (fp32, fp16, bf16, torch.compile);
+#   2. `quickmerge eval image` / `eval video` on the GPU with our presses: per-example NLL, compared afterwards with
+#      the same commands on the CPU (benchmarks/compare_devices.py);
+#   3. `quickmerge eval vision` on the GPU, fp32 then bf16 (batch 2048): accuracy and GPU throughput per setting;
+#   4. benchmarks/vision_speed.py --device cuda: the merge step's share of a block (batch 256 and 2048);
+#   5. benchmarks/video_input_prefill.py --device cuda: the input-side video merge's prefill speed-up, fp32 and bf16.
+# Each stage has its own time limit, its whole output goes to $OUT/log.txt and its results to $OUT as soon as it
+# ends (at most 8 files come back).
+# The data travel in .gpudata (ignored by git; name it in the call's carry):
+#   mkdir -p .gpudata/fashion .gpudata/video && cp /usr/share/datasets/fashion-mnist/*.gz .gpudata/fashion/ &&
+#   cp /usr/share/doc/opencv-doc/examples/data/{vtest,Megamind}.avi .gpudata/video/
+#   OUT=results/gpu bash benchmarks/gpu_checks.sh      # IMAGES=512 EXAMPLES=4 DEV=cpu: a dry run on the CPU
+set -uo pipefail
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TQDM_DISABLE=1
+export QUICKMERGE_FASHION_MNIST=${QUICKMERGE_FASHION_MNIST:-$PWD/.gpudata/fashion}
+export QUICKMERGE_VIDEO_DIR=${QUICKMERGE_VIDEO_DIR:-$PWD/.gpudata/video}
+OUT=${OUT:-results/gpu}
+PY=${PY:-python3}
+IMAGES=${IMAGES:-10000}
+EXAMPLES=${EXAMPLES:-40}
+DEV=${DEV:-cuda}  # DEV=cpu for the dry run
+R=results/gpu_work
+mkdir -p "$OUT" "$R"
+log() { echo "[$(date +%T)] $*"; }
+stage() {  # seconds, name, command...: a stage that overruns is stopped and reported, the next one runs
+    local limit=$1 name=$2
+    shift 2
+    log "stage $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$R/$name.log" 2>&1
+    local rc=$?
+    grep -v "it/s\]\|setting/s" "$R/$name.log" | tail -n 25  # the reply keeps only the end of the output
+    cat "$R/$name.log" >> "$OUT/log.txt"
+    log "stage $name: rc=$rc"
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+$PY -c "import torch, timm, transformers; print('torch', torch.__version__, 'timm', timm.__version__,
+'transformers', transformers.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
+
+stage 180 devices $PY -m pytest tests/test_devices.py tests/eval/test_timing.py -o addopts="" -q -p no:cacheprovider \
+    --durations=5
+
+for modality in image video; do
+    methods="quickmerge random"
+    [ $modality = image ] && methods="$methods quickmerge-columns quickmerge-replay-row"
+    [ $modality = video ] && methods="$methods quickmerge-time quickmerge-input-time"
+    stage 60 "eval-$modality" $PY -m quickmerge eval $modality --examples "$EXAMPLES" --ratios 0.5 0.75 \
+        --methods $methods --threads 8 --fresh --out "$R/${modality}_gpu" \
+        && cp "$R/${modality}_gpu.json" "$OUT/"
+done
+
+stage 100 vision-fp32 $PY -m quickmerge eval vision --images "$IMAGES" --batch-size 2048 --threads 8 --fresh \
+    --out "$R/vision_gpu_fp32" && cp "$R/vision_gpu_fp32.json" "$OUT/"
+
+for batch in 256 2048; do
+    stage 30 "merge-step-$batch" $PY benchmarks/vision_speed.py --device "$DEV" --batch $batch --repeats 30 --threads 8 \
+        --json "$R/vision_speed_gpu_$batch.json"
+done
+$PY -c "import json, sys; json.dump({b: json.load(open(f'$R/vision_speed_gpu_{b}.json')) for b in ('256', '2048')},
+    open('$OUT/vision_speed_gpu.json', 'w'), indent=2)" || true
+
+for dtype in float32 bfloat16; do
+    stage 40 "video-prefill-$dtype" $PY benchmarks/video_input_prefill.py --device "$DEV" --dtype $dtype --rounds 15 \
+        --threads 8 --out "$R/video_input_prefill_gpu_$dtype.json"
+done
+$PY -c "import json; json.dump({d: json.load(open(f'$R/video_input_prefill_gpu_{d}.json')) for d in ('float32',
+    'bfloat16')}, open('$OUT/video_input_prefill_gpu.json', 'w'), indent=2)" || true
+
+stage 80 vision-bf16 $PY -m quickmerge eval vision --images "$IMAGES" --batch-size 2048 --threads 8 --fresh \
+    --dtype bfloat16 --timing-rounds 9 --out "$R/vision_gpu_bf16" && cp "$R/vision_gpu_bf16.json" "$OUT/"
+ls -la "$OUT"
+log done
