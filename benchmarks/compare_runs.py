@@ -1,10 +1,13 @@
-"""Compare two result JSONs of `quickmerge eval text` or `quickmerge eval vision` (refactor checks).
+"""Compare two result JSONs of `quickmerge eval text|image|video` or `quickmerge eval vision` (refactor checks,
+one run on the CPU against one on a GPU).
 
-    python benchmarks/compare_runs.py before.json after.json
+    python benchmarks/compare_runs.py before.json after.json [--json differences.json]
 
 Text: per-example NLLs of every (method, ratio) present in both runs must be equal to the
 last bit. Vision: top-1 accuracy (and the number of images) of every (method, r) in both.
-Exit status 0 when identical, 1 otherwise; one line per compared setting.
+Exit status 0 when identical, 1 otherwise; one line per compared setting. ``--json`` writes how far each setting
+moved: text, the largest per-example NLL difference (nats), how many examples moved by more than 1e-4 and both
+runs' ``ratio_to_uncompressed``; vision, both accuracies.
 """
 
 from __future__ import annotations
@@ -20,6 +23,25 @@ def _text_rows(results: dict) -> dict:
 def _vision_rows(results: dict) -> dict:
     return {(r["method"], json.dumps(r["r"]), json.dumps(r.get("settings", {}), sort_keys=True)):
             (r["accuracy"], r["images"]) for r in results["rows"]}
+
+
+def differences(before: dict, after: dict) -> list[dict]:
+    """How far each setting present in both runs moved (see the module docstring)."""
+    if "summary" not in before:
+        a, b = _vision_rows(before), _vision_rows(after)
+        return [{"setting": list(key), "accuracy": [a[key][0], b[key][0]]} for key in sorted(set(a) & set(b), key=str)]
+    ratio = {}
+    for name, run in (("before", before), ("after", after)):
+        for r in run["summary"]:
+            ratio.setdefault((r["method"], r["compression_ratio"]), {})[name] = r["ratio_to_uncompressed"]
+    a, b = _text_rows(before), _text_rows(after)
+    rows = []
+    for key in sorted(set(a) & set(b), key=str):
+        moved = [abs(x - y) for x, y in zip(a[key], b[key], strict=True)]
+        rows.append({"method": key[0], "compression_ratio": key[1], "max_abs_nll_difference": max(moved),
+                     "examples_moved_over_1e-4": sum(m > 1e-4 for m in moved), "examples": len(moved),
+                     "ratio_to_uncompressed": [ratio[key]["before"], ratio[key]["after"]]})
+    return rows
 
 
 def compare(before: dict, after: dict) -> bool:
@@ -41,7 +63,17 @@ def compare(before: dict, after: dict) -> bool:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    out = None
+    if "--json" in args:
+        i = args.index("--json")
+        out = args[i + 1] if i + 1 < len(args) else sys.exit(__doc__)
+        del args[i : i + 2]
+    if len(args) != 2:
         sys.exit(__doc__)
-    with open(sys.argv[1]) as f1, open(sys.argv[2]) as f2:
-        sys.exit(0 if compare(json.load(f1), json.load(f2)) else 1)
+    with open(args[0]) as f1, open(args[1]) as f2:
+        first, second = json.load(f1), json.load(f2)
+    if out is not None:
+        with open(out, "w") as f:
+            json.dump({"before": args[0], "after": args[1], "settings": differences(first, second)}, f, indent=2)
+    sys.exit(0 if compare(first, second) else 1)

@@ -6,8 +6,8 @@ Skipped where torch sees no CUDA device (CI has none); ``benchmarks/gpu_checks.s
 ``QUICKMERGE_TEST_DEVICE=cpu`` runs it against the CPU itself, to check the checks without a GPU.
 
 fp32 comparisons turn TF32 off (it rounds matmuls and convolutions at ~1e-3). Merging decides by argmax and top-k,
-so a near-tie may flip between devices; the ViT checks therefore ask almost every image, not all, to agree to
-1e-3, and every image to keep its class.
+so a near-tie may flip between devices, and exact ties (identical tokens) are broken in a device's own order; the
+checks therefore ask almost every image, not all, to agree closely (tolerances from a run on an H200, stop 63).
 """
 
 import os
@@ -187,9 +187,12 @@ def test_hf_vision_towers_on_the_device(cls_name, impl, dtype):
             handle.r = 12
             out = output(model, x)
         assert torch.equal(output(model, x), plain)
-    assert out.dtype == dtype
-    atol = 1e-4 if dtype == torch.float32 else 0.1
-    torch.testing.assert_close(out.float().cpu(), ref, atol=atol, rtol=atol)
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+    else:  # rounding may flip a near-tied merge, which moves a few features of that image (seen: 2 of 128 by 0.14)
+        close = ((out.float().cpu() - ref).abs() <= 0.1 + 0.1 * ref.abs()).float().mean()
+        assert close >= 0.95
 
 
 # merge-aware training (the differentiable merge)
@@ -203,25 +206,27 @@ def test_merge_aware_training_on_the_device_draws_the_cpu_noise_and_gradients():
     x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 5, (8,))
 
     def step(model, x, y):
-        with quickmerge.patch(model, r=12, temperature=0.5, seed=3):
+        with quickmerge.patch(model, r=12, temperature=0.5, seed=3, trace_source=True) as handle:
             loss = torch.nn.functional.cross_entropy(model(x), y)
+            source = handle.source.cpu()  # [B, N]: the output token each input token ended in
         model.zero_grad()
         loss.backward()
-        return loss.detach().cpu(), {n: p.grad.detach().float().cpu() for n, p in model.named_parameters()}
+        grads = torch.cat([p.grad.detach().float().cpu().flatten() for p in model.parameters()])
+        return loss.detach().float().cpu(), source, grads
 
-    ref_loss, ref_grads = step(model, x, y)
+    ref_loss, ref_source, ref_grads = step(model, x, y)
     model.to(DEVICE)
-    loss, grads = step(model, x.to(DEVICE), y.to(DEVICE))
-    # a seed gives the same Gumbel noise on either device (drawn on the handle's CPU generator)
-    torch.testing.assert_close(loss, ref_loss, atol=1e-4, rtol=1e-4)
-    for name, grad in ref_grads.items():
-        torch.testing.assert_close(grads[name], grad, atol=1e-4, rtol=1e-3, msg=name)
+    loss, source, grads = step(model, x.to(DEVICE), y.to(DEVICE))
+    # a seed gives the same Gumbel noise on either device (drawn on the handle's CPU generator), so the tokens merge
+    # alike (another seed keeps ~30% of the merges here); a near-tie may still flip a merge, hence not all
+    assert (source == ref_source).float().mean() >= 0.95
+    assert abs(loss.item() - ref_loss.item()) < 1e-3
+    assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.999
     if DEVICE.type == "cuda":
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, grads = step(model, x.to(DEVICE), y.to(DEVICE))
-        assert torch.isfinite(loss) and abs(loss.item() - ref_loss.item()) < 0.05
-        assert all(torch.isfinite(g).all() for g in grads.values())
-        assert grads["patch_embed.proj.weight"].abs().sum() > 0
+            loss, source, grads = step(model, x.to(DEVICE), y.to(DEVICE))
+        assert abs(loss.item() - ref_loss.item()) < 0.05 and torch.isfinite(grads).all()
+        assert torch.nn.functional.cosine_similarity(grads, ref_grads, dim=0) > 0.9
 
 
 # the presses on the shipped autoregressive image model, real test images
@@ -238,9 +243,16 @@ def ar_image():
     return model, fmt, image_examples(fmt, tokenizer, 4)
 
 
+# NLL per example within this of the CPU's (nats). Fashion-MNIST's black background gives many identical tokens,
+# so some presses meet exact ties (equal link strengths between identical tokens in a column, equal key similarities
+# under ToMe's matching), which CPU and CUDA top-k break differently: one example may then move by ~0.02 (seen on an
+# H200 over 40 images: columns <= 0.018 at 0.5; the tie-free presses <= 2.2e-4).
+PRESS_TOLERANCE = {"none": 1e-4, "quickmerge": 1e-3, "quickmerge-replay-row": 1e-3, "quickmerge-input": 1e-3,
+                   "quickmerge-columns": 0.03, "tome-kv": 0.03}
+
+
 @needs_fashion
-@pytest.mark.parametrize("name", ["none", "quickmerge", "quickmerge-columns", "quickmerge-replay-row",
-                                  "quickmerge-input", "tome-kv"])
+@pytest.mark.parametrize("name", list(PRESS_TOLERANCE))
 def test_the_presses_on_the_device_score_as_on_the_cpu(name, ar_image):
     from quickmerge.eval.generative_cli import ar_method
     from quickmerge.eval.text import NO_COMPRESSION, score_example
@@ -260,6 +272,6 @@ def test_the_presses_on_the_device_score_as_on_the_cpu(name, ar_image):
     finally:
         model.to("cpu", torch.float32).load_state_dict(weights)
     for r, o, h in zip(ref, out, half, strict=True):
-        assert o["nll"] == pytest.approx(r["nll"], rel=1e-3, abs=1e-4)
+        assert o["nll"] == pytest.approx(r["nll"], rel=0, abs=PRESS_TOLERANCE[name])
         assert o["memory_saved"] == pytest.approx(r["memory_saved"])
         assert h["nll"] == pytest.approx(r["nll"], rel=0.1, abs=0.05)  # bf16's rounding, not a broken press
