@@ -15,31 +15,24 @@ import argparse
 import json
 import math
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 from quickmerge.eval.generative import video_examples
+from quickmerge.eval.timing import clock
 from quickmerge.pretrained.ar_models import load_ar
 from quickmerge.text import QuickMergeInputPress
 from quickmerge.text.cache import cache_kwargs
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def prefill(model, ids, press):
     cache = DynamicCache()
     with torch.no_grad(), press(model) if press is not None else torch.no_grad():
-        sync(ids.device)
-        start = time.perf_counter()
+        start = clock(ids.device)
         model.model(input_ids=ids, **cache_kwargs(model.model, cache))
-        sync(ids.device)
-        return time.perf_counter() - start, cache
+        return clock(ids.device) - start, cache
 
 
 def bits(model, example, context, press):

@@ -19,11 +19,11 @@ import copy
 import json
 import platform
 import statistics
-import time
 
 import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.eval.timing import clock
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
 
@@ -48,7 +48,6 @@ def main() -> None:
                         {"similarity": "hidden", "saliency_rule": "scaled"}))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     model = load_fashion_vit().to(device)
     images, _ = load_fashion_mnist("test")
     with torch.inference_mode():
@@ -64,19 +63,15 @@ def main() -> None:
             q, k, scale = handle._pass.q, handle._pass.k, handle._pass.scale
             block_t, merge_t, patched_t = [], [], []
             for _ in range(args.repeats + 2):
-                sync()
-                t0 = time.perf_counter()
+                t0 = clock(device)
                 block(x)
                 handle.begin(x)  # fresh pass state (the patched block below leaves its own)
                 handle.record_qk(q, k, scale)
-                sync()
-                t1 = time.perf_counter()
+                t1 = clock(device)
                 out = handle.merge(0, residual)
-                sync()
-                t2 = time.perf_counter()
+                t2 = clock(device)
                 blk(x)  # the whole patched block: attention on N tokens, merge, MLP on N - r
-                sync()
-                t3 = time.perf_counter()
+                t3 = clock(device)
                 block_t.append(t1 - t0)
                 merge_t.append(t2 - t1)
                 patched_t.append(t3 - t2)
