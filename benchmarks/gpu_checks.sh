@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one call (stop 63; each stage has a time limit: about 8 minutes without the compiled cases, which close it):
+# The checks that need a CUDA GPU, in one call (stop 63). Each stage has a time limit; about 8 minutes on an H200
+# without the compiled cases, which close it:
 #   1. tests/test_devices.py: every public path on the GPU against the CPU (fp32, fp16, bf16; torch.compile last);
 #   2. `quickmerge eval image` / `eval video` on the GPU with our presses: per-example NLL, compared afterwards with
-#      the same commands on the CPU (benchmarks/compare_devices.py);
+#      the same commands on the CPU (benchmarks/compare_runs.py CPU.json GPU.json --json DIFF.json);
 #   3. `quickmerge eval vision` on the GPU, fp32 then bf16 (batch 2048): accuracy and GPU throughput per setting;
 #   4. benchmarks/vision_speed.py --device cuda: the merge step's share of a block (batch 256 and 2048);
-#   5. benchmarks/video_input_prefill.py --device cuda: the input-side video merge's prefill speed-up, fp32 and bf16.
+#   5. benchmarks/video_input_prefill.py --device cuda: the input-side video merge's prefill speed-up, fp32 and bf16;
+#   6. benchmarks/vit_speed.py: ViT-B/16 (random weights) patched vs unpatched, fp32 and bf16 (added after stop 63's
+#      run, which had no time for it).
 # Each stage has its own time limit, its whole output goes to $OUT/log.txt and its results to $OUT as soon as it
 # ends (at most 8 files come back).
 # The data travel in .gpudata (ignored by git; name it in the call's carry):
@@ -73,6 +76,13 @@ $PY -c "import json; json.dump({d: json.load(open(f'$R/video_input_prefill_gpu_{
 
 stage 80 vision-bf16 $PY -m quickmerge eval vision --images "$IMAGES" --batch-size 2048 --threads 8 --fresh \
     --dtype bfloat16 --timing-rounds 9 --out "$R/vision_gpu_bf16" && cp "$R/vision_gpu_bf16.json" "$OUT/"
+for dtype in float32 bfloat16; do  # does merging pay on a GPU for a ViT-B (ToMe's r = 8, 16)? random weights
+    stage 60 "vit-b-$dtype" $PY benchmarks/vit_speed.py --device "$DEV" --dtype $dtype --batch 256 --r 8 16 \
+        --threads 8 --json "$R/vit_b_speed_$dtype.json"
+done
+$PY -c "import json; json.dump({d: json.load(open(f'$R/vit_b_speed_{d}.json')) for d in ('float32', 'bfloat16')},
+    open('$OUT/vit_b_speed_gpu.json', 'w'), indent=2)" || true
+
 [ "${COMPILED:-1}" = 1 ] && stage 280 devices-compiled $PY -m pytest tests/test_devices.py -k compiles -v \
     -o addopts="" -p no:cacheprovider --timeout 150 --durations=5
 ls -la "$OUT"
