@@ -35,8 +35,8 @@ def no_tf32():
 
 
 def agree(out: torch.Tensor, ref: torch.Tensor, *, atol: float, share: float = 0.95) -> None:
-    """Rows of ``out`` (any device, any float dtype) against ``ref`` [B, C] on the CPU: every row keeps its
-    argmax, and at least ``share`` of the rows lie within ``atol``."""
+    """Rows of ``out`` (any device, any float dtype) against ``ref`` [B, C] on the CPU: at least ``share`` of the
+    rows lie within ``atol``, and every row keeps its argmax (97% of them at half precision's tolerances)."""
     out = out.detach().float().cpu()
     assert out.shape == ref.shape and torch.isfinite(out).all()
     close = ((out - ref).abs().amax(-1) <= atol).float().mean().item()
