@@ -12,6 +12,7 @@ runs' ``ratio_to_uncompressed``; vision, both accuracies.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -62,18 +63,20 @@ def compare(before: dict, after: dict) -> bool:
     return same and set(a) == set(b)
 
 
-if __name__ == "__main__":
-    args = sys.argv[1:]
-    out = None
-    if "--json" in args:
-        i = args.index("--json")
-        out = args[i + 1] if i + 1 < len(args) else sys.exit(__doc__)
-        del args[i : i + 2]
-    if len(args) != 2:
-        sys.exit(__doc__)
-    with open(args[0]) as f1, open(args[1]) as f2:
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("before")
+    parser.add_argument("after")
+    parser.add_argument("--json", default=None, help="write how far each setting moved here")
+    args = parser.parse_args()
+    with open(args.before) as f1, open(args.after) as f2:
         first, second = json.load(f1), json.load(f2)
-    if out is not None:
-        with open(out, "w") as f:
-            json.dump({"before": args[0], "after": args[1], "settings": differences(first, second)}, f, indent=2)
+    if args.json is not None:
+        with open(args.json, "w") as f:
+            json.dump({"before": args.before, "after": args.after, "settings": differences(first, second)}, f,
+                      indent=2)
     sys.exit(0 if compare(first, second) else 1)
+
+
+if __name__ == "__main__":
+    main()
