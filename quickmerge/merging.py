@@ -82,7 +82,8 @@ def contiguous_spans(
         cut_first: ``[N - 1]`` or ``[B, N - 1]`` bool, links cut before any other (boundaries between
             frames' locations in time-major order; tokens that may not merge), as far as k allows.
     Returns:
-        ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1.
+        ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1. Among exactly tied
+        links the lowest positions are cut first, on every device.
     """
     b, n, _ = x.shape
     if k == 1 or n == 1:
@@ -94,7 +95,9 @@ def contiguous_spans(
         link = link - saliency_weight * torch.maximum(s[:, :-1], s[:, 1:])
         if cut_first is not None:
             link = link - (2.0 + saliency_weight) * cut_first.to(link.device, link.dtype)  # below any other link
-        cuts = link.topk(k - 1, dim=-1, largest=False).indices
+        # Exactly tied links (identical neighbours: a static pixel through time) are cut lowest position first.
+        # topk breaks ties in an order of its own that differs between CPU and CUDA kernels; a stable sort does not.
+        cuts = link.sort(dim=-1, stable=True).indices[:, : k - 1]
         starts = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter_(1, cuts + 1, 1)
     return starts.cumsum(dim=1)
 

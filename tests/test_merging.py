@@ -105,6 +105,31 @@ def test_causal_salient_token_stays_alone():
     assert (assignment[0] == assignment[0, 5]).sum() == 1
 
 
+@pytest.mark.parametrize("n, k", [(12, 3), (300, 100)])
+def test_causal_spans_cut_tied_links_lowest_position_first(n, k):
+    # Every link ties (identical tokens): the k - 1 cuts are links 0..k-2, the same on every device.
+    # (torch.topk on the CPU cut links 7-8 of 11 and 151-249 of 299 here.)
+    assignment = contiguous_spans(torch.ones(2, n, 4), torch.zeros(2, n), k, saliency_weight=0.0)
+    expected = torch.cat([torch.arange(k - 1), torch.full((n - k + 1,), k - 1)])
+    assert torch.equal(assignment, expected.expand(2, n))
+
+
+def test_causal_spans_tie_order_ignores_the_other_rows_and_the_dtype():
+    # Ties among part of the links only, in a batch whose rows differ: each row as if alone, in every dtype.
+    x = torch.randn(3, 64, 8)
+    x[:, 10:40] = x[:, 10:11]  # a run of identical tokens: 29 tied links, the strongest of each row
+    s = torch.zeros(3, 64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        together = contiguous_spans(x.to(dtype), s, 40, saliency_weight=0.0)
+        for b in range(3):
+            alone = contiguous_spans(x[b : b + 1].to(dtype), s[b : b + 1], 40, saliency_weight=0.0)
+            assert torch.equal(together[b : b + 1], alone)
+            run = together[b, 10:40] - together[b, 10]
+            cut = int(run[-1])  # how many of the tied links were cut: always the run's first ones
+            assert 0 < cut < 29
+            assert torch.equal(run, torch.cat([torch.arange(cut + 1), torch.full((29 - cut,), cut)]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True])
 def test_half_precision(dtype, causal):
