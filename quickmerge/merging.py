@@ -67,7 +67,8 @@ def cluster_by_similarity(x: Tensor, mass: Tensor, seeds: Tensor, iters: int = 2
 
 
 def contiguous_spans(
-    x: Tensor, saliency: Tensor, k: int, saliency_weight: float = 1.0, cut_first: Tensor | None = None
+    x: Tensor, saliency: Tensor, k: int, saliency_weight: float = 1.0, cut_first: Tensor | None = None,
+    tie_rank: Tensor | None = None,
 ) -> Tensor:
     """Order-preserving grouping into K contiguous spans, cut at the K - 1 weakest links.
 
@@ -81,9 +82,10 @@ def contiguous_spans(
         x: ``[B, N, D]`` tokens; saliency: ``[B, N]`` in [0, 1]; k: number of spans.
         cut_first: ``[N - 1]`` or ``[B, N - 1]`` bool, links cut before any other (boundaries between
             frames' locations in time-major order; tokens that may not merge), as far as k allows.
+        tie_rank: ``[N - 1]`` distinct integers: among exactly tied links, lower ranks are cut first
+            (default: the link's position, lowest first). Either way the same on every device.
     Returns:
-        ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1. Among exactly tied
-        links the lowest positions are cut first, on every device.
+        ``[B, N]`` group index, non-decreasing along N, taking every value 0..K-1.
     """
     b, n, _ = x.shape
     if k == 1 or n == 1:
@@ -95,9 +97,13 @@ def contiguous_spans(
         link = link - saliency_weight * torch.maximum(s[:, :-1], s[:, 1:])
         if cut_first is not None:
             link = link - (2.0 + saliency_weight) * cut_first.to(link.device, link.dtype)  # below any other link
-        # Exactly tied links (identical neighbours: a static pixel through time) are cut lowest position first.
-        # topk breaks ties in an order of its own that differs between CPU and CUDA kernels; a stable sort does not.
-        cuts = link.sort(dim=-1, stable=True).indices[:, : k - 1]
+        # Exactly tied links (identical neighbours: a static pixel through time) are cut in a fixed order. topk
+        # breaks ties in an order of its own that differs between CPU and CUDA kernels; a stable sort does not.
+        if tie_rank is None:
+            cuts = link.sort(dim=-1, stable=True).indices[:, : k - 1]
+        else:
+            by_rank = tie_rank.to(link.device).argsort()
+            cuts = by_rank[link[:, by_rank].sort(dim=-1, stable=True).indices[:, : k - 1]]
         starts = torch.zeros(b, n, dtype=torch.long, device=x.device).scatter_(1, cuts + 1, 1)
     return starts.cumsum(dim=1)
 

@@ -114,6 +114,15 @@ def test_causal_spans_cut_tied_links_lowest_position_first(n, k):
     assert torch.equal(assignment, expected.expand(2, n))
 
 
+def test_causal_spans_cut_tied_links_in_the_order_given():
+    x, s = torch.ones(1, 10, 4), torch.zeros(1, 10)
+    latest_first = contiguous_spans(x, s, 4, saliency_weight=0.0, tie_rank=-torch.arange(9))
+    assert latest_first[0].tolist() == [0] * 7 + [1, 2, 3]
+    x[0, 3] = -1.0  # an untied weakest pair of links goes first whatever the rank: links 2 and 3
+    assert contiguous_spans(x, s, 4, saliency_weight=0.0, tie_rank=-torch.arange(9))[0].tolist() == (
+        [0] * 3 + [1] + [2] * 5 + [3])
+
+
 def test_causal_spans_tie_order_ignores_the_other_rows_and_the_dtype():
     # Ties among part of the links only, in a batch whose rows differ: each row as if alone, in every dtype.
     x = torch.randn(3, 64, 8)
