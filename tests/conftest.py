@@ -45,3 +45,18 @@ def refused(capsys):
         return line
 
     return check
+
+
+def alive_after_call(norm: torch.nn.Module, call) -> list:
+    """Run ``call()``; return the input and output tensors of every ``norm`` call in it that are still alive after it
+    returned and its result was dropped (a patched model should hold none of them between calls)."""
+    import weakref
+
+    seen = []
+    hook = norm.register_forward_hook(lambda _m, args, out: seen.extend([weakref.ref(args[0]), weakref.ref(out)]))
+    try:
+        call()
+    finally:
+        hook.remove()
+    assert seen, "the norm never ran"
+    return [ref() for ref in seen if ref() is not None]

@@ -101,7 +101,7 @@ class HFCLIPAdapter:
         )
         head = getattr(tower(model), "head", None)
         if isinstance(getattr(head, "attention", None), nn.MultiheadAttention):
-            hooks += _proportional_pooling(tower(model).post_layernorm, head.attention, merger)
+            hooks += _proportional_pooling(tower(model), tower(model).post_layernorm, head.attention, merger)
         if _is_siglip2(model):
             hooks += _padding_hooks(tower(model), blocks[0], head, merger)
         if _is_classifier(model):
@@ -191,13 +191,14 @@ def _post_layernorm(model: nn.Module) -> nn.Module:
     return norm
 
 
-def _proportional_pooling(final_norm: nn.Module, attention: nn.MultiheadAttention,
+def _proportional_pooling(vision: nn.Module, final_norm: nn.Module, attention: nn.MultiheadAttention,
                           merger: BlockMerger) -> list[Removable]:
-    """Hooks adding log(size) to the pooling head's attention logits (``attn_mask [B * heads, 1, N]``).
+    """Hooks adding log(size) to the pooling head's attention logits (``attn_mask [B * heads, 1, N]``), within a
+    call of the tower ``vision``, which holds the head.
 
     Only for the keys the final norm returned in this pass, whose sizes the merger holds; a mask the
     head was given by someone else is refused rather than replaced."""
-    final = LastOutput(final_norm)
+    final = LastOutput(final_norm, owner=vision, keep_input=False)
 
     def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         key = args[1] if len(args) > 1 else kwargs.get("key")

@@ -21,20 +21,29 @@ from .protocol import BlockMerger
 
 
 class LastOutput:
-    """Forward hook keeping the latest output of ``module`` in ``tensor`` (and its first input in ``input``);
-    ``remove()`` takes it off."""
+    """Forward hook keeping the latest output of ``module`` in ``tensor`` (and its first input in ``input``, with
+    ``keep_input``) until the end of ``owner``'s call, where the head that reads them runs; nothing is held between
+    calls of ``owner`` (a head called on its own, e.g. timm's ``forward_head(forward_features(x))``, still finds the
+    last pass's). ``remove()`` takes the hooks off."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, owner: nn.Module | None = None, keep_input: bool = True) -> None:
         self.tensor: Tensor | None = None
         self.input: Tensor | None = None
-        self._hook = module.register_forward_hook(self._keep)
+        self._keep_input = keep_input
+        self._hooks = [module.register_forward_hook(self._keep)]
+        if owner is not None:
+            self._hooks.append(owner.register_forward_hook(lambda *_: self.release(), always_call=True))
 
     def _keep(self, _m: nn.Module, args: tuple, out: Tensor) -> None:
-        self.tensor, self.input = out, args[0] if args else None
+        self.tensor, self.input = out, args[0] if args and self._keep_input else None
+
+    def release(self) -> None:
+        self.tensor = self.input = None
 
     def remove(self) -> None:
-        self._hook.remove()
-        self.tensor = self.input = None
+        for hook in self._hooks:
+            hook.remove()
+        self.release()
 
 
 def pools_own_streams(merger: BlockMerger) -> bool:
@@ -58,7 +67,7 @@ class NormedStreams:
     too); ``None`` otherwise (copying, other features, a pass that kept nothing), where the head pools by size."""
 
     def __init__(self, model: nn.Module, norm: nn.Module, merger: BlockMerger, averages: Callable[[], bool]) -> None:
-        self.final, self.norm, self.merger = LastOutput(norm), norm, merger
+        self.final, self.norm, self.merger = LastOutput(norm, owner=model), norm, merger
         self._reader: Any = None
 
         def model_pre(_m: nn.Module, _args: tuple) -> None:

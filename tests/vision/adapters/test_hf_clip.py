@@ -271,3 +271,12 @@ def test_a_siglip_classifier_with_its_final_norm_renamed_is_refused():
     handle.unmerge = "copy"
     with torch.no_grad():
         assert model(pixel_values=x).logits.shape == (2, 5)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+def test_nothing_of_a_call_is_held_after_it(cls_name):
+    from ...conftest import alive_after_call
+
+    model, x = tiny(cls_name, "sdpa"), torch.randn(2, 3, 16, 16)
+    with quickmerge.patch(model, r=10):
+        assert alive_after_call(tower(model).post_layernorm, lambda: output(model, x)) == []

@@ -6,7 +6,7 @@ import torch
 
 import quickmerge
 
-from ...conftest import tokens_on_grid
+from ...conftest import alive_after_call, tokens_on_grid
 
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
@@ -170,3 +170,10 @@ def test_matching_by_the_residual_stream_joins_only_copies(matching, r):
             assert torch.allclose(model(x), ref, atol=1e-5)
             handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
             assert not torch.allclose(model(x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [{}, {"pool_type": "avg"}], ids=["tok", "avg"])
+def test_nothing_of_a_call_is_held_after_it(extra):
+    model, x = tiny(**extra), torch.randn(2, 3, 16, 16)
+    with quickmerge.patch(model, r=10):
+        assert alive_after_call(model.ln_post, lambda: model(x)) == []

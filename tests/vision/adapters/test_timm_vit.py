@@ -8,7 +8,7 @@ import torch
 
 import quickmerge
 
-from ...conftest import tokens_on_grid
+from ...conftest import alive_after_call, tokens_on_grid
 
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
@@ -462,3 +462,15 @@ def test_matching_defaults_are_patchs_own_and_only_other_options_are_named():
     assert non_default_matching(chosen) == {"similarity": "hidden"}  # other keys and defaults are not options
     assert non_default_matching({"saliency_weight": 0.25}) == {"saliency_weight": 0.25}
     assert non_default_matching({}) == {}
+
+
+@pytest.mark.parametrize("pool", ["token", "avg"])
+def test_nothing_of_a_call_is_held_after_it(pool):
+    """The final norm's input and output serve the head within the call; a patched model keeps neither afterwards
+    (they are ``[B, N, C]`` each: a ViT-B batch of 256 in fp32 would keep 300 MB alive between calls)."""
+    model, x = tiny_vit(True, global_pool=pool), torch.randn(4, 1, 16, 16)
+    assert alive_after_call(model.norm, lambda: model(x)) == []
+    with quickmerge.patch(model, r=10):
+        assert alive_after_call(model.norm, lambda: model(x)) == []
+        features = model.forward_features(x)  # a head called on its own still pools by size: the pass's are kept
+        assert torch.equal(model.forward_head(features), model(x))
