@@ -45,6 +45,31 @@ def agree(out: torch.Tensor, ref: torch.Tensor, *, atol: float, share: float = 0
     assert same >= (1.0 if atol < 1e-2 else 0.97), f"{same:.3f} of the rows keep their class"
 
 
+# exact ties
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_spans_cut_exactly_tied_links_as_on_the_cpu(dtype):
+    """Identical neighbours tie exactly; since stop 64 the cuts among them are the same on every device (stop 63 saw
+    CPU and CUDA top-k pick different tied links), in plain spans and along time."""
+    from quickmerge.merging import contiguous_spans, spans_along_time
+
+    torch.manual_seed(0)
+    x, s = torch.randn(3, 301, 16, dtype=dtype), torch.zeros(3, 301)
+    x[:, 50:250] = x[:, 50:51]  # 199 tied links
+    x[1, 260:] = x[1, 260:261]
+    for k in (60, 120, 200):  # 120 and 200 cut inside the 199 tied links
+        ref = contiguous_spans(x, s, k, saliency_weight=0.0)
+        assert torch.equal(contiguous_spans(x.to(DEVICE), s.to(DEVICE), k, saliency_weight=0.0).cpu(), ref)
+    # a BOS and 3 frames of the same 100 tokens, then noise on every other token of the last frame and a half
+    video = x[:, :1].repeat(1, 1 + 3 * 100, 1)
+    video[:, 1:] = torch.randn(3, 1, 100, 16, dtype=dtype).expand(3, 3, 100, 16).reshape(3, 300, 16)
+    video[:, 151:] += torch.randn(3, 150, 16, dtype=dtype) * torch.arange(150).remainder(2)[:, None].to(dtype)
+    for k in (101, 220, 250):  # 220 and 250 cut inside runs of 25-81 tied links in every row and dtype
+        ref = spans_along_time(video, s, k, period=100, offset=1)
+        assert torch.equal(spans_along_time(video.to(DEVICE), s.to(DEVICE), k, period=100, offset=1).cpu(), ref)
+
+
 # the specification's pipeline
 
 
