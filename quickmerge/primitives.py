@@ -8,7 +8,12 @@ One home for each computation that several places need:
 - :func:`normalized_entropy`, :func:`focus` and :func:`attention_received`: how much
   attention each key receives from a set of queries, each query weighted by how focused
   its attention is (QuickMerge++'s entropy-aware saliency);
-- :func:`rank01`: ranks scaled to [0, 1], for scores whose scale carries no meaning.
+- :func:`rank01`: ranks scaled to [0, 1], for scores whose scale carries no meaning;
+- :func:`top_indices`: the k largest entries of each row.
+
+Exact ties are broken the same way on every device: the lower index first (ranks: the lower index ranks higher).
+``torch.topk`` and ``argsort`` pick among tied entries in their kernel's own order, which differs between the CPU
+and CUDA kernels; ties are common where scores are max-pooled (plateaus) and in bf16 / fp16.
 
 All are batched, keep the input's device and accumulate in at least float32.
 """
@@ -84,14 +89,20 @@ def attention_received(probs: Tensor, weight: Tensor) -> Tensor:
     return (weight[..., None] * probs).sum(dim=-2)
 
 
-def _ranks(scores: Tensor) -> Tensor:
-    """Integer rank of each entry within its row (last dim), 0 = smallest: one sort and a scatter.
+def top_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices ``[..., k]`` of the k largest entries of each row (last dim), largest first; tied entries lowest
+    index first, on every device (a stable descending sort)."""
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
-    The inverse of the sorting permutation, which ``argsort().argsort()`` also gives, at half the cost.
-    """
-    order = scores.argsort(dim=-1)
-    positions = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return torch.empty_like(order).scatter_(-1, order, positions)
+
+def _ranks(scores: Tensor) -> Tensor:
+    """Integer rank of each entry within its row (last dim), 0 = smallest, tied entries the lower index higher
+    (so a top-k of ranks picks what :func:`top_indices` picks): one stable sort and a scatter, half the cost of
+    ``argsort().argsort()``."""
+    n = scores.shape[-1]
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.arange(n - 1, -1, -1, device=scores.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
 
 
 def quantile_rank(scores: Tensor) -> Tensor:

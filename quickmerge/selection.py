@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .primitives import top_indices
+
 _BISECTION_STEPS = 40
 _SUM_TOLERANCE = 1e-5  # |sum - K| at which the threshold search stops
 
@@ -98,8 +100,8 @@ def select_tokens(
     if training:
         logits = logits + gumbel_noise(logits.shape, like=logits, generator=generator)
         mask = relaxed_topk_mask(logits, k, temperature)
-        seeds = logits.detach().topk(k, dim=-1, sorted=False).indices
+        seeds = top_indices(logits.detach(), k)
     else:
-        seeds = logits.topk(k, dim=-1, sorted=False).indices
+        seeds = top_indices(logits, k)
         mask = torch.zeros_like(logits).scatter_(-1, seeds, 1.0)
     return mask, seeds.sort(dim=-1).values

@@ -70,6 +70,41 @@ def test_spans_cut_exactly_tied_links_as_on_the_cpu(dtype):
         assert torch.equal(spans_along_time(video.to(DEVICE), s.to(DEVICE), k, period=100, offset=1).cpu(), ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+def test_every_selection_breaks_exact_ties_as_on_the_cpu(dtype):
+    """Since stop 65 every top-k, rank and edge ranking takes tied entries lowest index first on every device: the
+    ranks, ToMe-style's and QuickMerge++'s matchings, eviction and the flat KV seeds, on rows where most entries
+    tie."""
+    from quickmerge.baselines import bipartite_round
+    from quickmerge.primitives import rank01, top_indices
+    from quickmerge.text.baseline_presses import RandomEvictionPress
+    from quickmerge.text.flat import select_and_merge
+    from quickmerge.vision.token_merge import quickmerge_assign, quickmerge_bipartite_assign
+
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.randn(4, 300, generator=gen) * 1.5).round().to(dtype)  # five or so levels: mostly ties
+    assert torch.equal(top_indices(scores.to(DEVICE), 100).cpu(), top_indices(scores, 100))
+    assert torch.equal(rank01(scores.to(DEVICE)).cpu(), rank01(scores))
+    tokens = torch.randn(4, 196, 16, generator=gen).to(dtype)
+    tokens[:, 20:150] = tokens[:, 20:21]  # 130 identical tokens
+    sal = torch.rand(4, 196, generator=gen).round()  # two levels: the saliency ranks tie too
+    for r in (16, 48, 90):
+        assert torch.equal(bipartite_round(tokens.to(DEVICE), r).cpu(), bipartite_round(tokens, r))
+        for rule in ("additive", "scaled"):
+            got = quickmerge_bipartite_assign(tokens.to(DEVICE), sal.to(DEVICE), r, 0.5, rule=rule).cpu()
+            assert torch.equal(got, quickmerge_bipartite_assign(tokens, sal, r, 0.5, rule=rule))
+            got = quickmerge_assign(tokens.to(DEVICE), sal.to(DEVICE), r, 0.5, rule=rule).cpu()
+            assert torch.equal(got, quickmerge_assign(tokens, sal, r, 0.5, rule=rule))
+    keys, values = (torch.randn(2, 3, 300, 8, generator=gen).to(dtype) for _ in range(2))
+    kv_scores = scores[:2, None].expand(2, 3, 300).clone()
+    kv_scores[..., 0] = 10.0  # every head's sink first
+    out = RandomEvictionPress(0.6).merge(None, keys.to(DEVICE), values.to(DEVICE), kv_scores.to(DEVICE), 120)
+    assert torch.equal(out.keys.cpu(), RandomEvictionPress(0.6).merge(None, keys, values, kv_scores, 120).keys)
+    ones = torch.ones(2, 3, 300)
+    flat = select_and_merge(keys.to(DEVICE), values.to(DEVICE), kv_scores.to(DEVICE), ones.to(DEVICE), 200, 1e-6)
+    assert torch.equal(flat.owners.cpu(), select_and_merge(keys, values, kv_scores, ones, 200, 1e-6).owners)
+
+
 # the specification's pipeline
 
 

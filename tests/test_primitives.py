@@ -9,6 +9,7 @@ from quickmerge.primitives import (
     normalized_entropy,
     quantile_rank,
     rank01,
+    top_indices,
     weighted_mean,
 )
 
@@ -73,10 +74,33 @@ def test_quantile_rank_is_in_unit_interval_per_row():
     assert torch.allclose(got, torch.tensor([[[1.0, 1 / 3, 2 / 3], [2 / 3, 1.0, 1 / 3]]]))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_ranks_equal_the_double_argsort_they_replace(dtype):
-    # bf16 has many ties: the ranks must still be the inverse of the same sorting permutation
-    scores = torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0)).to(dtype)
-    reference = scores.argsort(dim=-1).argsort(dim=-1)
-    assert torch.equal(rank01(scores), reference.float() / 49)
-    assert torch.equal(quantile_rank(scores), (reference + 1).float() / 50)
+def _ranks_by_the_rule(row: list[float]) -> list[int]:
+    """Rank of each entry: how many entries are smaller, plus how many tied entries stand after it."""
+    n = len(row)
+    return [sum(row[j] < row[i] or (row[j] == row[i] and j > i) for j in range(n)) for i in range(n)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ranks_follow_the_scores_and_rank_tied_entries_the_lower_index_higher(dtype):
+    # rounded to a few levels, most entries tie; each rank is a distinct integer decided by score, then position
+    scores = (torch.randn(4, 3, 50, generator=torch.Generator().manual_seed(0)) * 2).round().to(dtype)
+    expected = torch.tensor([_ranks_by_the_rule(row) for row in scores.float().reshape(-1, 50).tolist()])
+    assert torch.equal(rank01(scores).reshape(-1, 50), expected.float() / 49)
+    assert torch.equal(quantile_rank(scores).reshape(-1, 50), (expected + 1).float() / 50)
+
+
+@pytest.mark.parametrize("n", [7, 300])
+def test_top_indices_takes_every_tied_entry_lowest_index_first(n):
+    # torch.topk on the CPU takes 198, 200, 199, 201, 197 of 300 zeros, a CUDA kernel others
+    assert torch.equal(top_indices(torch.zeros(3, n), 5), torch.arange(5).expand(3, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_indices_are_the_largest_first_then_tied_ones_by_position(dtype):
+    scores = (torch.randn(6, 64, generator=torch.Generator().manual_seed(1)) * 1.5).round().to(dtype)
+    got = top_indices(scores, 20)
+    for row, picked in zip(scores.float().tolist(), got.tolist(), strict=True):
+        expected = sorted(range(64), key=lambda i: (-row[i], i))[:20]
+        assert picked == expected
+    # the same entries as a top-k of the ranks, so scores and their ranks select alike
+    assert torch.equal(top_indices(rank01(scores), 20), got)

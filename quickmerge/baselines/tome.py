@@ -55,7 +55,7 @@ def bipartite_round(
         best = best - penalty[:, ::2].to(best.dtype)
     if padding is not None:
         best = best.masked_fill(padding[:, ::2], float("inf"))
-    order = best.argsort(dim=-1, descending=True)
+    order = best.sort(dim=-1, descending=True, stable=True).indices  # tied edges: the lower A token first
     src, keep = order[:, :r], order[:, r:].sort(dim=-1).values
     kept = ta - r
     new_a = torch.empty(b, ta, dtype=torch.long, device=metric.device)

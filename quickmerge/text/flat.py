@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..merging import merge_mass
-from ..primitives import group_sum, weighted_mean
+from ..primitives import group_sum, top_indices, weighted_mean
 
 
 class FlatMerge(NamedTuple):
@@ -54,7 +54,7 @@ def select_and_merge(
     """
     b, hkv, length, d = keys.shape
     flat_scores = scores.reshape(b, hkv * length).float()
-    top = flat_scores.topk(total, dim=-1).indices
+    top = top_indices(flat_scores, total)
     seed = torch.zeros_like(flat_scores, dtype=torch.bool).scatter_(1, top, True)  # [B, Hkv*L]
     # nearest kept entry of the same head, by cosine similarity of keys
     unit = F.normalize(keys.float(), dim=-1).reshape(b * hkv, length, d)

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..call_arguments import layer_argument, with_layer_argument
 from ..merging import contiguous_spans, merge_mass, spans_along_time
-from ..primitives import weighted_mean
+from ..primitives import top_indices, weighted_mean
 from .cache import DYNAMIC_OR_SLIDING, cache_arg, check_compressible, merged_layer, physical_length
 from .decoder import (
     POSITION_KWARGS,
@@ -314,7 +314,7 @@ class QuickMergeInputPress(Press):
             saliency = window_saliency(attn, normed, keys, attn_kwargs, window=self.window, salient=self.salient)
             saliency = saliency.mean(dim=1)  # [B, N]
             assignment, last = self._group(hidden, saliency, kept)
-            top = saliency.topk(kept, dim=-1).indices
+            top = top_indices(saliency, kept)
             mask = torch.zeros_like(saliency).scatter_(1, top, 1.0)
             mass = merge_mass(mask, saliency, self.epsilon)
         merged = like_hidden(weighted_mean(hidden, mass, assignment, kept)[0], raw)

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..primitives import top_indices
 from . import flat
 from .attention import grouped_sdpa, is_sdpa
 from .cache import (
@@ -160,7 +161,7 @@ class KVPress(Press):
         Default: keep the top-scored entries in their order (eviction)."""
         if scores is None:
             raise NotImplementedError(f"{type(self).__name__} must override score() or merge()")
-        index = scores.topk(kept, dim=-1).indices.sort(dim=-1).values[..., None]
+        index = top_indices(scores, kept).sort(dim=-1).values[..., None]
         keys = keys.gather(2, index.expand(-1, -1, -1, keys.shape[-1]))
         values = values.gather(2, index.expand(-1, -1, -1, values.shape[-1]))
         return Compressed(keys, values, None)

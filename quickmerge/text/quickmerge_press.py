@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..budget import allocate
 from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
-from ..primitives import group_sum, quantile_rank, rank01, weighted_mean
+from ..primitives import group_sum, quantile_rank, rank01, top_indices, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
 from .decoder import (
     UnsupportedAttentionError,
@@ -309,7 +309,7 @@ class QuickMergePress(KVPress):
                 raw.copy_(neighbourhood_max(raw, self.replay_pool))
             reserved = int(self.leverage * self.kept(length))
             if reserved:  # after the replay pooling, so a reserved entry does not lift its neighbours' replay scores
-                best = self._leverages[index].topk(reserved, dim=-1).indices
+                best = top_indices(self._leverages[index], reserved)
                 raw.scatter_(-1, best, top.expand_as(best).to(raw.dtype))
             out[index] = self._with_novelty(quantile_rank(raw), keys)
         return out
@@ -338,7 +338,7 @@ class QuickMergePress(KVPress):
         flat_k = keys.reshape(b * hkv, length, d)
         flat_v = values.reshape(b * hkv, length, values.shape[-1])
         s = scores.reshape(b * hkv, length)
-        top = s.topk(kept, dim=-1).indices
+        top = top_indices(s, kept)
         mask = torch.zeros_like(s).scatter_(1, top, 1.0)
         kept_share = mask.view(b, hkv, length).mean(dim=1)  # [B, L]: share of heads keeping each entry as a seed
         self.kept_share = kept_share if self.kept_share is None else self.kept_share + kept_share

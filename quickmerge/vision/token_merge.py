@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..baselines.tome import bipartite_round
-from ..primitives import attention_received, focus, rank01
+from ..primitives import attention_received, focus, rank01, top_indices
 
 METHODS = ("quickmerge", "tome", "random", "pool")
 SALIENCY_SOURCES = ("cls", "queries")
@@ -151,15 +151,17 @@ def _greedy_groups(metric: Tensor, saliency: Tensor, r: int, saliency_weight: fl
     sim.diagonal(dim1=1, dim2=2).fill_(float("-inf"))
     redundancy, nearest = sim.max(dim=-1)
     removal = redundancy - penalty
-    # of two tokens that are each other's nearest, only the one more worth removing may go
+    # of two tokens that are each other's nearest, only the one more worth removing may go, unless r exceeds the
+    # tokens that rule allows: then the held ones go too, in the order of their own scores
     partner = removal.gather(1, nearest)
     index = torch.arange(n, device=metric.device)
     mutual = nearest.gather(1, nearest) == index
-    partner_goes = (partner > removal) | ((partner == removal) & (nearest > index))  # ties: the later one goes
-    removal = removal.masked_fill(mutual & partner_goes, float("-inf"))
+    held = mutual & ((partner > removal) | ((partner == removal) & (nearest > index)))  # ties: the later one goes
     if padding is not None:  # after the mutual rule: two padding tokens may both go, whatever they join
         removal = removal.masked_fill(padding, float("inf"))
-    removed = removal.topk(r, dim=-1).indices  # [B, r]
+        held = held & ~padding
+    by_score = removal.sort(dim=-1, descending=True, stable=True).indices  # tied scores: the lower index first
+    removed = by_score.gather(1, held.gather(1, by_score).to(torch.uint8).sort(dim=-1, stable=True).indices[:, :r])
     is_removed = torch.zeros(b, n, dtype=torch.bool, device=metric.device).scatter_(1, removed, True)
     group_of_kept = (~is_removed).long().cumsum(dim=1) - 1  # rank among kept tokens
     # each removed token joins its most similar kept token
@@ -228,7 +230,7 @@ def relaxed_bipartite_merge(
         best = best - penalty[:, ::2].float()
     score = best + temperature * gumbel_noise(best.shape, like=best, generator=generator)
     soft = relaxed_topk_mask(score, r, temperature)
-    removed = score.detach().topk(r, dim=-1).indices
+    removed = top_indices(score.detach(), r)
     hard = torch.zeros_like(soft).scatter_(1, removed, 1.0)
     rho = hard + soft - soft.detach()  # [B, ta]
     # dst as bipartite_round builds it: kept A tokens first, in order, then B

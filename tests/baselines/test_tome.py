@@ -6,6 +6,21 @@ from quickmerge.baselines import bipartite_round, tome_merge
 from ..conftest import naive_group_means
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t", [196, 600])
+def test_tied_edges_merge_the_lowest_a_tokens_first(dtype, t):
+    """Identical tokens tie on every edge: the r merged A tokens are the first r, on every device (argsort's
+    own order among ties is the CPU's 61, 73, 72, ... of 98 and another on CUDA)."""
+    x = torch.ones(2, t, 8, dtype=dtype)
+    x[1, 100:] = torch.randn(t - 100, 8).to(dtype)  # the second row: ties among its first 50 A tokens only
+    r, ta = 40, (t + 1) // 2
+    new_a = bipartite_round(x, r)[:, ::2]
+    assert torch.equal(new_a[0, :r], torch.full((r,), ta - r))  # merged into B token 0, the first best match
+    assert torch.equal(new_a[0, r:], torch.arange(ta - r))
+    merged = (new_a[1] >= ta - r).nonzero().flatten()
+    assert torch.equal(merged, torch.arange(r))  # the tied ones (edge 1.0) first, lowest first
+
+
 @pytest.mark.parametrize("n,k", [(10, 3), (1024, 256), (7, 7), (5, 1), (33, 16)])
 def test_tome_merge_reaches_k_with_size_weighted_means(n, k):
     x = torch.randn(2, n, 6, dtype=torch.float64)

@@ -503,3 +503,14 @@ def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
     assert piped == tokenizer.decode(out, skip_special_tokens=True)
     with pytest.raises(TypeError, match="quickmerge press"):
         for_kvpress_pipeline("not a press")
+
+
+def test_eviction_keeps_tied_entries_lowest_position_first():
+    """A press's default merge keeps the top-scored entries; among tied scores the earliest positions, on every
+    device (topk's own choice among ties differs between CPU and CUDA kernels)."""
+    keys, values = torch.randn(2, 3, 300, 8), torch.randn(2, 3, 300, 8)
+    scores = torch.zeros(2, 3, 300)
+    scores[:, :, 250:] = 1.0  # the last 50 win, then 70 of the 250 tied
+    out = RandomEvictionPress(0.6).merge(None, keys, values, scores, 120)
+    kept = torch.cat([torch.arange(70), torch.arange(250, 300)])
+    assert torch.equal(out.keys, keys[:, :, kept]) and torch.equal(out.values, values[:, :, kept])

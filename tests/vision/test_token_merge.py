@@ -33,6 +33,28 @@ def test_quickmerge_assign_keeps_one_token_per_group_and_joins_the_nearest():
             assert dst[i, t] == (mn[i, t] @ mn[i, kept].T).argmax()  # joined its most similar kept token
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_matching_removes_tied_tokens_lowest_index_first(dtype):
+    """Identical tokens tie on every pair: token 0 stays (of the mutual pair 0-1 the later one goes), tokens 1..r
+    go, each into token 0, the first of its most similar kept tokens; the same on every device."""
+    metric, r = torch.ones(2, 196, 8, dtype=dtype), 48
+    dst, removed = quickmerge_assign(metric, torch.rand(2, 196), r, saliency_weight=0.0, return_removed=True)
+    assert torch.equal(removed, torch.arange(1, r + 1).expand(2, r))
+    assert (dst[:, : r + 1] == 0).all() and torch.equal(dst[:, r + 1 :], torch.arange(1, 196 - r).expand(2, -1))
+
+
+def test_past_the_tokens_the_mutual_rule_allows_the_held_ones_go_by_their_own_score():
+    """Four mutually nearest pairs (cosines 0.9, 0.99, 0.8, 0.95): of each pair one may go, and with r = 6 the
+    first of the two most similar pairs go too, not whichever a top-k over -inf picks."""
+    metric = torch.zeros(1, 8, 8)
+    for pair, cos in enumerate((0.9, 0.99, 0.8, 0.95)):
+        metric[0, 2 * pair, pair] = 1.0
+        metric[0, 2 * pair + 1, pair], metric[0, 2 * pair + 1, pair + 4] = cos, (1 - cos**2) ** 0.5
+    removed = quickmerge_assign(metric, torch.rand(1, 8), 6, saliency_weight=0.0, return_removed=True)[1]
+    assert set(removed[0].tolist()) == {1, 3, 5, 7, 2, 6}
+    assert set(removed[0, :4].tolist()) == {1, 3, 5, 7}  # the allowed ones first
+
+
 def test_salient_tokens_are_not_merged_away_when_saliency_dominates():
     b, n, r = 2, 30, 7
     metric = torch.randn(b, n, 8)
