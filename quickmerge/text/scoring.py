@@ -130,7 +130,9 @@ def saliency(win: Window, hkv: int, *, salient: Salient = "low_entropy", kernel_
         pad = kernel_size // 2
         received = F.avg_pool1d(received, kernel_size, stride=1, padding=pad, count_include_pad=False)
     received = received.view(b, hkv, -1, length).mean(dim=2)
-    received[..., length - w :] = received.amax(dim=-1, keepdim=True) + 1  # the window itself is kept
+    # the window itself ranks first, in the order of the attention it receives: if the budget cannot keep all of it
+    # (a one-frame window of a video), the entries it keeps are its most attended, not a tie order's choice
+    received[..., length - w :] += received.amax(dim=-1, keepdim=True) + 1
     # Attention mass is heavy-tailed; the quantile rank in (0, 1] keeps seeds well above epsilon.
     return quantile_rank(received)
 

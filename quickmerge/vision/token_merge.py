@@ -10,7 +10,8 @@ token that is dropped. Groups are numbered in the order the kept tokens take.
   rank; the r highest-scoring tokens join their most similar kept token (K-hot selection +
   clustering to the kept count); merged values are weighted by size times merge mass.
   Matches are searched ToMe's way (alternating sets, ``bipartite``, the default) or over
-  all tokens (``greedy``, with mutual nearest pairs never both removed). Options: the
+  all tokens (``greedy``: of two mutually nearest tokens the second goes only after every
+  other candidate, when r leaves no choice, the held ones by their own scores). Options: the
   ``scaled`` saliency rule (a pair costs its dissimilarity times the attention both ends
   receive) and ``similarity="hidden"`` (tokens compared by the residual stream, not keys).
 - ``tome``: ToMe's bipartite soft matching (alternate tokens, r best edges).

@@ -71,3 +71,22 @@ def test_key_leverage_equals_the_ridge_formula_and_finds_an_outlier():
     assert got[1, 2].argmax() == 17
     assert torch.allclose(key_leverage(keys + 3.0, ridge=0.5), got, atol=1e-5)
     assert ((got >= 0) & (got < 1)).all()
+
+
+def test_the_window_ranks_first_and_in_the_order_of_the_attention_it_receives():
+    """A window the budget cannot keep whole (a one-frame window of a video at 0.75) is cut by its own received
+    attention, not by a tie order: the window's entries rank above every other one, among themselves as received."""
+    from quickmerge.text.scoring import Window, saliency
+
+    b, h, w, length = 1, 2, 6, 10
+    probs = torch.rand(b, h, w, length, generator=torch.Generator().manual_seed(0))
+    probs = torch.tril(probs, diagonal=length - w)  # causal: query i sees keys 0 .. L - w + i
+    probs = probs / probs.sum(-1, keepdim=True)
+    ranks = saliency(Window(torch.zeros(b, h, w, 4), probs, 1.0), h, salient="uniform", kernel_size=1)  # a KV head each
+    received = probs.sum(2)  # uniform query weights
+    for head in range(h):
+        order = ranks[0, head].argsort(descending=True).tolist()
+        window = list(range(length - w, length))
+        assert sorted(order[:w]) == window  # the window first
+        assert order[:w] == sorted(window, key=lambda i: -float(received[0, head, i]))  # by what it receives
+        assert order[w:] == sorted(range(length - w), key=lambda i: -float(received[0, head, i]))
