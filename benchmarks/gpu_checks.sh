@@ -4,7 +4,7 @@
 #   1. tests/test_devices.py: every public path on the GPU against the CPU (fp32, fp16, bf16; torch.compile last);
 #   2. `quickmerge eval image` / `eval video` on the GPU with our presses: per-example NLL, compared afterwards with
 #      the same commands on the CPU (benchmarks/compare_runs.py CPU.json GPU.json --json DIFF.json; the CPU runs at
-#      stop 64's code, with the span presses' fixed tie order: docs/results/gpu/{image,video}_cpu_s64.json);
+#      stop 65's code, every selection breaking exact ties by position: docs/results/gpu/{image,video}_cpu_s65.json);
 #   3. `quickmerge eval vision` on the GPU, fp32 then bf16 (batch 2048): accuracy and GPU throughput per setting;
 #   4. benchmarks/vision_speed.py --device cuda: the merge step's share of a block (batch 256 and 2048);
 #   5. benchmarks/video_input_prefill.py --device cuda: the input-side video merge's prefill speed-up, fp32 and bf16;
