@@ -46,7 +46,6 @@ summary = {
     "video40_rerun": {"command": "torchrun --standalone --nproc_per_node 2 -m quickmerge eval video --examples 40 "
                                  "--ratios 0.25 0.5 0.75 --threads 1 --methods (every QuickMerge++ press, ToMe-KV)",
                       "moved_against_video40_s64": moved(R + "video40_final_moved.json")},
-    "image40_rerun": {"moved_against_image": moved(R + "image_moved.json") if False else None},
     "window_dev_48_windows": {"command": "python benchmarks/exploration/ar_variants.py video --first 40 --count 48 "
                                          "--ratios 0.25 0.5 0.75 --methods quickmerge-frame quickmerge-input "
                                          "(old 9493a7a, lowest-first 835df4c, own scores 98fcd9f)",
