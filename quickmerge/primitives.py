@@ -92,6 +92,9 @@ def attention_received(probs: Tensor, weight: Tensor) -> Tensor:
 def top_indices(scores: Tensor, k: int) -> Tensor:
     """Indices ``[..., k]`` of the k largest entries of each row (last dim), largest first; tied entries lowest
     index first, on every device (a stable descending sort)."""
+    n = scores.shape[-1]
+    if not 0 <= k <= n:
+        raise ValueError(f"k must lie in [0, {n}] (the entries of a row), got {k}")
     return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
 

@@ -104,3 +104,10 @@ def test_top_indices_are_the_largest_first_then_tied_ones_by_position(dtype):
         assert picked == expected
     # the same entries as a top-k of the ranks, so scores and their ranks select alike
     assert torch.equal(top_indices(rank01(scores), 20), got)
+
+
+def test_top_indices_refuses_more_entries_than_a_row_has():
+    # a sort would silently return all 5; topk raised, and so does this, naming the bound
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 5\].*got 7"):
+        top_indices(torch.rand(2, 5), 7)
+    assert top_indices(torch.rand(2, 5), 0).shape == (2, 0)

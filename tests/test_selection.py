@@ -93,3 +93,9 @@ def test_gumbel_noise_is_drawn_on_the_generators_device_and_moved(monkeypatch):
     a = selection.gumbel_noise(torch.Size([4]), like=torch.empty(4), generator=torch.Generator().manual_seed(1))
     b = selection.gumbel_noise(torch.Size([4]), like=torch.empty(4), generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_select_tokens_refuses_more_seeds_than_tokens(training):
+    with pytest.raises(ValueError, match=r"k must lie in \[0, 5\].*got 7"):
+        select_tokens(torch.rand(2, 5), 7, temperature=0.1, floor=0.01, training=training)

@@ -127,6 +127,8 @@ def quickmerge_assign(
     match or target.
     """
     b, n, _ = metric.shape
+    if not 0 <= r <= n - 1:
+        raise ValueError(f"r must lie in [0, {n - 1}] (every token but one may be merged away), got {r}")
     step = max(1, _PAIRS_PER_CHUNK // (n * n)) if metric.device.type == "cpu" else max(1, b)
     parts = [_greedy_groups(metric[i : i + step], saliency[i : i + step], r, saliency_weight,
                             None if keep_score is None else keep_score[i : i + step], rule,

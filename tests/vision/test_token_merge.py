@@ -55,6 +55,12 @@ def test_past_the_tokens_the_mutual_rule_allows_the_held_ones_go_by_their_own_sc
     assert set(removed[0, :4].tolist()) == {1, 3, 5, 7}  # the allowed ones first
 
 
+def test_greedy_matching_refuses_an_r_that_leaves_no_token():
+    with pytest.raises(ValueError, match=r"r must lie in \[0, 4\].*got 5"):
+        quickmerge_assign(torch.randn(1, 5, 4), torch.rand(1, 5), 5, saliency_weight=0.5)
+    assert quickmerge_assign(torch.randn(1, 5, 4), torch.rand(1, 5), 4, saliency_weight=0.5).unique().tolist() == [0]
+
+
 def test_salient_tokens_are_not_merged_away_when_saliency_dominates():
     b, n, r = 2, 30, 7
     metric = torch.randn(b, n, 8)
