@@ -6,10 +6,11 @@ saliency, grouping, weighted means, size/source bookkeeping) for each method at 
 the whole patched block (attention on 197 tokens, merge, MLP on 181). ``--scorer DIR`` adds
 QuickMerge++ with the learned saliency of a fine-tune (``train vision --finetune ...
 --learned-saliency``) as one more row; ``--hidden-scaled`` QuickMerge++ matching on the residual stream with the
-scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``).
+scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``); ``--keep-order`` QuickMerge++ and
+ToMe-style with the tokens kept in patch order (``patch(keep_order=True)``).
 
     python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR] \
-        [--hidden-scaled] [--device cuda]
+        [--hidden-scaled] [--keep-order] [--device cuda]
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ def main() -> None:
     ap.add_argument("--scorer", default=None, help="fine-tuned checkpoint holding token_scorer.safetensors")
     ap.add_argument("--hidden-scaled", action="store_true",
                     help="add QuickMerge++ with similarity='hidden' and saliency_rule='scaled'")
+    ap.add_argument("--keep-order", action="store_true",
+                    help="add QuickMerge++ and ToMe-style with keep_order=True (tokens in patch order)")
     args = ap.parse_args()
     rows = [(m, m, None, {}) for m in ("quickmerge", "tome", "random", "pool")]
     if args.scorer is not None:
@@ -46,6 +49,9 @@ def main() -> None:
     if args.hidden_scaled:
         rows.insert(1, ("quickmerge hidden + scaled", "quickmerge", None,
                         {"similarity": "hidden", "saliency_rule": "scaled"}))
+    if args.keep_order:
+        rows[1:1] = [("quickmerge keep_order", "quickmerge", None, {"keep_order": True})]
+        rows.insert(3, ("tome keep_order", "tome", None, {"keep_order": True}))
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = load_fashion_vit().to(device)

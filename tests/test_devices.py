@@ -157,6 +157,7 @@ def reference_vit():
 VIT_SETTINGS = {
     "quickmerge": dict(r=16),
     "tome": dict(r=16, method="tome"),
+    "tome-in-order": dict(r=16, method="tome", keep_order=True),
     "merge-mass": dict(r=16, epsilon=0.1),
     "greedy-past-cap": dict(r=[120, 20, 10, 5, 5, 5], matching="greedy"),
     "random": dict(r=16, method="random"),

@@ -34,6 +34,7 @@ from .token_merge import (
     SALIENCY_SOURCES,
     SIMILARITIES,
     attention_saliency,
+    in_first_member_order,
     pool_assign,
     quickmerge_assign,
     quickmerge_bipartite_assign,
@@ -95,6 +96,7 @@ _SETTINGS: dict[str, Any] = {
     "prop_attn": _flag("prop_attn"),
     "trace_source": _flag("trace_source"),
     "size_weighted_pool": _flag("size_weighted_pool"),
+    "keep_order": _flag("keep_order"),
     "unmerge": _choice("unmerge", UNMERGE_MODES),
     "keep_deviations": _flag("keep_deviations"),
 }
@@ -119,7 +121,7 @@ class MergeHandle:
     """Settings and per-pass state of a patched model. Returned by :func:`patch`.
 
     Attributes that may be changed at any time: ``r``, ``ratio``, ``method``, ``prop_attn``,
-    ``trace_source``, ``size_weighted_pool``, ``unmerge``, ``keep_deviations``. After a forward pass:
+    ``trace_source``, ``size_weighted_pool``, ``keep_order``, ``unmerge``, ``keep_deviations``. After a forward pass:
     ``tokens_per_layer`` (tokens entering each block), ``mean_tokens``, ``sizes`` ``[B, N]`` (patches each output
     token stands for; None when nothing merged; 0 for padding) and with ``trace_source`` the ``source`` map ``[B, N0]``
     (final token of each input token, -1 if dropped).
@@ -143,6 +145,7 @@ class MergeHandle:
         self.prop_attn = True
         self.trace_source = False
         self.size_weighted_pool = True
+        self.keep_order = False
         self.unmerge = "residual"
         self.keep_deviations = False
         self._dense_heads = 0  # open dense readers (a backbone's grid head, a feature-map call): keep deviations
@@ -374,6 +377,9 @@ class MergeHandle:
         p, st = self.num_prefix_tokens, self._pass
         b, n, _ = x.shape
         k_new = n - p - r
+        if self.keep_order:  # sizes, sources, unmerge maps and rotary positions all follow dst
+            dst, order = in_first_member_order(dst, k_new)
+            merged = gather_rows(merged, order)
         kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them
         new_size = group_sum(kept_size, dst.clamp_min(0), k_new)[..., 0]
         st.size = torch.cat([size[:, :p], new_size], dim=1)
@@ -525,6 +531,7 @@ def patch(
     prop_attn: bool = True,
     trace_source: bool = False,
     size_weighted_pool: bool = True,
+    keep_order: bool = False,
     unmerge: str = "residual",
     saliency: str = "cls",
     saliency_weight: float | None = None,
@@ -559,6 +566,10 @@ def patch(
             weighted by its size, as ToMe does for MAE models, or each patch's own stream, ``unmerge``), and
             attention-pooling heads (SigLIP's,
             timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
+        keep_order: each merged token takes the place of its first member, so the tokens stay in patch order
+            inside the blocks (bipartite matching otherwise puts one alternate set's kept tokens before the other
+            set's; the other methods keep the order already). For blocks that read token order; it changes which
+            tokens the next block's alternating sets hold (measured: BENCHMARKS.md, "Tokens in patch order").
         unmerge: how a dense head quickmerge drives (``Dinov2Backbone`` / ``DINOv3ViTBackbone`` under DPT or
             Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps, ViT / DeiT masked image
             modeling) gets every patch back, and what a head that norms every token before averaging them
@@ -637,7 +648,7 @@ def patch(
         saliency_weight = DEFAULT_SALIENCY_WEIGHT.get(saliency_rule, 0.5)  # an unknown rule is refused below
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source,
-                     size_weighted_pool=size_weighted_pool, unmerge=unmerge, saliency=saliency,
+                     size_weighted_pool=size_weighted_pool, keep_order=keep_order, unmerge=unmerge, saliency=saliency,
                      saliency_weight=saliency_weight, saliency_rule=saliency_rule, similarity=similarity,
                      matching=matching, epsilon=epsilon, temperature=temperature, seed=seed)
     if ratio is not None:

@@ -2,7 +2,9 @@
 
 Every method maps the n mergeable tokens of a layer (class and register tokens excluded)
 to ``n - r`` groups and returns ``dst [B, n]``, the group of each token, or ``-1`` for a
-token that is dropped. Groups are numbered in the order the kept tokens take.
+token that is dropped. Groups are numbered in the order the kept tokens take (bipartite
+matching: set A's kept tokens, then set B); :func:`in_first_member_order` renumbers them in
+the order of each group's first member, which keeps the tokens in patch order.
 
 - ``quickmerge``: entropy-aware saliency from the attention the class token gives each
   token (heads weighted by focus); a token's removal score is its redundancy (cosine
@@ -177,6 +179,19 @@ def tome_assign(metric: Tensor, r: int, padding: Tensor | None = None) -> Tensor
     """ToMe's bipartite soft matching; ``r`` is capped at half the tokens by the caller; ``padding [B, n]``
     (bool) as in :func:`~quickmerge.baselines.tome.bipartite_round`."""
     return bipartite_round(metric, r, padding=padding)
+
+
+def in_first_member_order(dst: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Renumber the ``k`` groups of ``dst [B, n]`` (group of each token, -1: dropped) by their first member's
+    position: ``(dst, order)``, ``order [B, k]`` the old number of the group now at each place (gather the merged
+    tokens with it). Every group has a member and no two share one, so the order has no ties."""
+    b, n = dst.shape
+    position = torch.arange(n, device=dst.device).expand(b, n)
+    first = torch.full((b, k + 1), n, dtype=torch.long, device=dst.device)  # a spare group for dropped tokens
+    first.scatter_reduce_(1, torch.where(dst >= 0, dst, k), position, "amin")
+    order = first[:, :k].argsort(dim=-1)
+    number = torch.empty_like(order).scatter_(1, order, position[:, :k])
+    return torch.where(dst >= 0, number.gather(1, dst.clamp_min(0)), -1), order
 
 
 def random_assign(b: int, n: int, r: int, device: torch.device, generator: torch.Generator | None,

@@ -58,12 +58,13 @@ def maps(model, x, **kwargs) -> list[torch.Tensor]:
     return [t for pair in pairs for t in pair]
 
 
+@pytest.mark.parametrize("keep_order", [False, True], ids=["shuffled", "in_order"])
 @pytest.mark.parametrize("build", [timm_vit, timm_eva, openclip])
 @torch.no_grad()
-def test_feature_maps_unmerged_by_residual_are_the_unmerged_models_when_blocks_only_average(build):
+def test_feature_maps_unmerged_by_residual_are_the_unmerged_models_when_blocks_only_average(build, keep_order):
     model, x = build()
     ref = maps(model, x)
-    with quickmerge.patch(model, r=8) as handle:
+    with quickmerge.patch(model, r=8, keep_order=keep_order) as handle:
         got = maps(model, x)
         assert handle.tokens_per_layer[1:] == [handle.tokens_per_layer[0] - 8, handle.tokens_per_layer[0] - 16]
         assert all(torch.allclose(a, b, atol=1e-5, rtol=0) for a, b in zip(got, ref, strict=True))

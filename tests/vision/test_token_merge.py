@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from quickmerge.vision.token_merge import (
     attention_saliency,
+    in_first_member_order,
     pool_assign,
     quickmerge_assign,
     quickmerge_bipartite_assign,
@@ -137,6 +138,26 @@ def test_greedy_scaled_rule_ranks_pairs_by_cost_so_salient_duplicates_still_merg
     assert int(removed[0, 0]) in (0, 5)  # cost 0 whatever the attention: one of the duplicates goes
     with pytest.raises(ValueError, match="additive rule"):
         quickmerge_assign(metric, sal, 1, 0.5, keep_score=torch.zeros(1, 8), rule="scaled")
+
+
+@pytest.mark.parametrize("dropped", [0, 6])
+def test_groups_renumbered_by_their_first_member_keep_every_group(dropped):
+    gen = torch.Generator().manual_seed(0)
+    b, n, k = 4, 40, 13
+    parts = [torch.arange(k).expand(b, k), torch.randint(0, k, (b, n - k - dropped), generator=gen),
+             torch.full((b, dropped), -1)]
+    dst = torch.cat(parts, 1).gather(1, torch.rand(b, n, generator=gen).argsort(-1))  # every group has a member
+    new, order = in_first_member_order(dst, k)
+    assert torch.equal(new < 0, dst < 0)
+    assert torch.equal(order.gather(1, new.clamp_min(0))[dst >= 0], dst[dst >= 0])  # the same groups
+    assert not torch.equal(new, dst)
+    for row in new:
+        firsts = [int((row == g).nonzero()[0]) for g in range(k)]
+        assert firsts == sorted(firsts)
+    merged = torch.randn(b, k, 3, generator=gen)  # the merged tokens move with their numbers
+    moved = merged.gather(1, order[..., None].expand(-1, -1, 3))
+    assert torch.equal(moved.gather(1, new.clamp_min(0)[..., None].expand(-1, -1, 3))[dst >= 0],
+                       merged.gather(1, dst.clamp_min(0)[..., None].expand(-1, -1, 3))[dst >= 0])
 
 
 def test_random_and_pool_assign():

@@ -73,6 +73,7 @@ SETTINGS = [
     dict(method="quickmerge", saliency_rule="scaled"),
     dict(method="quickmerge", similarity="hidden", epsilon=0.5),
     dict(method="tome"),
+    dict(method="tome", keep_order=True),
     dict(method="random"),
     dict(method="pool"),
     dict(method="quickmerge", prop_attn=False, size_weighted_pool=False),

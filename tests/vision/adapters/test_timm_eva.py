@@ -123,8 +123,9 @@ def test_merging_copies_that_share_a_rotation_is_exact(name, method, fused):
         assert not torch.allclose(model(x), ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("keep_order", [False, True], ids=["shuffled", "in_order"])
 @pytest.mark.parametrize("name", ["eva02", "mixed", "dinov3_registers"])
-def test_each_block_gets_the_mean_of_its_tokens_patches_rotations(name):
+def test_each_block_gets_the_mean_of_its_tokens_patches_rotations(name, keep_order):
     model = tiny_eva(**CONFIGS[name])
     seen = []
     for block in model.blocks:
@@ -132,7 +133,7 @@ def test_each_block_gets_the_mean_of_its_tokens_patches_rotations(name):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         full = model.rope.get_embed()  # [N0, D], or [depth, H, N0, D] in mixed mode
-        with quickmerge.patch(model, r=[8, 8, 0], trace_source=True) as handle:
+        with quickmerge.patch(model, r=[8, 8, 0], trace_source=True, keep_order=keep_order) as handle:
             model(x)
     table = full[2] if name == "mixed" else full[None]  # the last block's, [H or 1, N0, D]
     p = model.num_prefix_tokens

@@ -187,6 +187,54 @@ def test_tokens_per_layer_follow_the_schedule_and_prefix_tokens_stay(method):
             assert (kept >= 0).all() and torch.allclose(handle.sizes.sum(1), torch.full((3,), 67.0))
 
 
+@pytest.mark.parametrize("method", ["quickmerge", "tome", "random", "pool"])
+def test_keep_order_keeps_the_tokens_in_patch_order_and_only_permutes_a_merge(method):
+    model, x = tiny_vit(True, reg_tokens=2), torch.randn(3, 1, 16, 16)
+    p = 3
+    with quickmerge.patch(model, r=[10, 0, 0], method=method, trace_source=True) as handle:
+
+        def run():
+            handle.configure(seed=0)  # random dropping draws the same tokens each pass
+            out = model(x)
+            handle.configure(seed=0)
+            return out, model.forward_features(x), handle.source
+
+        ref, ref_tokens, ref_source = run()
+        handle.keep_order = True
+        out, tokens, source = run()
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)  # the blocks after the merge treat tokens alike
+        assert torch.allclose(tokens[:, :p], ref_tokens[:, :p], atol=1e-5, rtol=0)
+        for b in range(3):  # the same groups, numbered by their first patch
+            first = torch.full((tokens.shape[1] - p,), 64).scatter_reduce(
+                0, (source[b, p:] - p).clamp_min(0), torch.arange(64).masked_fill(source[b, p:] < 0, 64), "amin")
+            assert (first.diff() > 0).all()
+            pairs = {(int(a), int(c)) for a, c in zip(source[b, p:], ref_source[b, p:], strict=True) if a >= 0}
+            assert len({a for a, _ in pairs}) == len(pairs) == len({c for _, c in pairs})  # a bijection of groups
+            for a, c in pairs:
+                assert torch.allclose(tokens[b, a], ref_tokens[b, c], atol=1e-5, rtol=0)
+        if method in ("quickmerge", "tome"):  # bipartite matching shuffles the order, which keep_order undoes
+            assert not torch.equal(source, ref_source)
+            handle.r, handle.keep_order = [10, 5, 5], False
+            shuffled = model(x)
+            handle.keep_order = True
+            assert not torch.allclose(model(x), shuffled, atol=1e-4)  # later blocks pair other tokens
+        else:  # these keep the order already
+            assert torch.equal(source, ref_source)
+
+
+def test_keep_order_trains_through_the_differentiable_merge():
+    model, x = tiny_vit(True), torch.randn(3, 1, 16, 16)
+    with quickmerge.patch(model, r=[10, 0, 0], temperature=0.5, seed=1) as handle:
+        model.train()
+        ref = model(x)
+        handle.keep_order = True
+        handle.generator.manual_seed(1)
+        out = model(x)
+        assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+        out.sum().backward()
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
 def test_quickmerge_without_saliency_is_tome_and_with_saliency_differs():
     model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
     with quickmerge.patch(model, r=12, method="tome"):
@@ -367,6 +415,7 @@ def test_an_attention_without_attn_mask_is_refused_when_patching():
         ("epsilon", 1.5, ValueError),
         ("prop_attn", 1, TypeError),
         ("trace_source", "yes", TypeError),
+        ("keep_order", 1, TypeError),
     ],
 )
 def test_every_setting_is_validated_when_assigned(name, value, error):
@@ -420,7 +469,7 @@ def test_torch_compile_traces_the_hooks_whole_and_follows_the_handle(fused):
     compiled = torch.compile(model, backend="eager", fullgraph=True)
     with torch.no_grad(), quickmerge.patch(model, r=8) as handle:
         for settings in ({"r": 8}, {"r": 4}, {"r": [20, 10, 5], "matching": "greedy"}, {"method": "tome"},
-                         {"prop_attn": False}):
+                         {"keep_order": True}, {"prop_attn": False}):
             handle.configure(**settings)
             y, tokens = compiled(x), list(handle.tokens_per_layer)
             assert torch.allclose(y, model(x), atol=1e-6) and tokens == handle.tokens_per_layer
