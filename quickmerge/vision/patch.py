@@ -352,6 +352,9 @@ class MergeHandle:
                     x[:, p:], weight, metric, None if scaled else removal_penalty(sal, self.saliency_weight, keep), r,
                     self.temperature, self.generator,
                     cost_scale=scaled_cost(sal, self.saliency_weight, keep) if scaled else None)
+                if self.keep_order:
+                    dst, order = in_first_member_order(dst, m - r)
+                    merged = gather_rows(merged, order)
                 return self._finish(x, merged, dst, size, r)
             if self.matching == "bipartite":
                 dst = quickmerge_bipartite_assign(metric, sal, r, self.saliency_weight, keep, self.saliency_rule,
@@ -367,6 +370,8 @@ class MergeHandle:
             dst = pool_assign(b, m, r, x.device)
         else:
             raise AssertionError(self.method)  # unreachable: validated on assignment
+        if self.keep_order:  # renumbered before the means, which then come in patch order with no extra copy;
+            dst, _ = in_first_member_order(dst, m - r)  # sizes, sources, unmerge maps and positions follow dst
         if padding is not None:  # a group of padding alone still needs a weight to average by
             weight = weight.clamp_min(_PADDING_WEIGHT)
         merged, _ = weighted_mean(x[:, p:], weight, dst, m - r)
@@ -377,9 +382,6 @@ class MergeHandle:
         p, st = self.num_prefix_tokens, self._pass
         b, n, _ = x.shape
         k_new = n - p - r
-        if self.keep_order:  # sizes, sources, unmerge maps and rotary positions all follow dst
-            dst, order = in_first_member_order(dst, k_new)
-            merged = gather_rows(merged, order)
         kept_size = (size[:, p:] * (dst >= 0))[..., None]  # dropped tokens take their size with them
         new_size = group_sum(kept_size, dst.clamp_min(0), k_new)[..., 0]
         st.size = torch.cat([size[:, :p], new_size], dim=1)
