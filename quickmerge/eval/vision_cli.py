@@ -37,6 +37,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "constant r's mean cost (both quickmerge only)")
     add_matching_arguments(parser, ", and every quickmerge, random and pool schedule (constant, entropy, "
                                    f"per-image) runs down to a floor of {FLOOR} tokens (tome stays bipartite)")
+    parser.add_argument("--keep-order", action="store_true",
+                        help="every method keeps the tokens in patch order inside the blocks (quickmerge.patch's "
+                             "keep_order); default: bipartite matching's own order, one alternate set's kept tokens "
+                             "before the other set")
     parser.add_argument("--images", type=positive_int, default=10_000, help="test images (default: all 10,000)")
     parser.add_argument("--batch-size", type=positive_int, default=256)
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads")
@@ -84,8 +88,8 @@ def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) ->
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
                 perplexity: list[float] | None = None, num_tokens: int = 196,
                 image_budgets: dict[int, dict] | None = None, matching: str = "bipartite",
-                num_layers: int | None = None,
-                quickmerge_options: dict[str, Any] | None = None) -> list[tuple[str, Any, dict[str, Any]]]:
+                num_layers: int | None = None, quickmerge_options: dict[str, Any] | None = None,
+                keep_order: bool = False) -> list[tuple[str, Any, dict[str, Any]]]:
     """(method, r, settings): constant r per method, then QuickMerge++'s entropy schedules and per-image budgets.
 
     ``image_budgets``: r -> :class:`~quickmerge.vision.image_budget.ImageBudget` dict, needed
@@ -93,6 +97,7 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
     schedule except ToMe-style's runs as a per-block list down to :data:`FLOOR` tokens (``num_layers`` blocks).
     ``quickmerge_options``: more :func:`~quickmerge.vision.patch.patch` settings of every QuickMerge++ row (only
     those that differ from the defaults, so rows keep their journal keys), e.g. ``{"similarity": "hidden"}``.
+    ``keep_order``: every row keeps its tokens in patch order (its settings say so only when True).
     """
     from ..vision.budget import constant_schedule, entropy_schedule
 
@@ -121,6 +126,8 @@ def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None =
             raise ValueError("the per-image schedule needs calibrated image budgets")
         sweep += [("quickmerge", r, {"label": "quickmerge-per-image", "image_budget": image_budgets[r], **options})
                   for r in rs]
+    if keep_order:
+        sweep = [(method, r, {**settings, "keep_order": True}) for method, r, settings in sweep]
     return sweep
 
 
@@ -186,7 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         budgets = calibrate_image_budgets(model, args.r, args.matching) if "per-image" in args.schedules else None
         model.to(getattr(torch, args.dtype))
         sweep = build_sweep(args.methods, args.r, args.schedules, perplexity, model.patch_embed.num_patches, budgets,
-                            args.matching, len(model.blocks), quickmerge_options(args))
+                            args.matching, len(model.blocks), quickmerge_options(args), args.keep_order)
         rows = run_vision_eval(model, images, labels, sweep, batch_size=args.batch_size,
                                timing_rounds=timing_rounds(args), timing=args.timing, journal=journal, ctx=ctx,
                                scorer=scorer)

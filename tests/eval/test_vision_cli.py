@@ -58,6 +58,21 @@ def test_quickmerge_options_of_the_command_line_reach_every_quickmerge_row_and_n
     assert greedy[0][2] == {"matching": "greedy", **chosen}  # the scaled rule runs with greedy matching too
 
 
+def test_keep_order_reaches_every_row_and_only_when_asked():
+    from quickmerge.cli import build_parser
+
+    budgets = {16: {"thresholds": [1.0], "r": [20, 12], "patch_size": 2}}
+    args = build_parser().parse_args(["eval", "vision", "--keep-order"])
+    assert args.keep_order and not build_parser().parse_args(["eval", "vision"]).keep_order
+    plain = build_sweep(["quickmerge", "tome", "random", "pool"], [16], ["constant", "entropy", "per-image"],
+                        PERPLEXITY, 196, budgets)
+    ordered = build_sweep(["quickmerge", "tome", "random", "pool"], [16], ["constant", "entropy", "per-image"],
+                          PERPLEXITY, 196, budgets, keep_order=True)
+    assert len(ordered) == len(plain) == 6
+    for (m, r, s), (m2, r2, s2) in zip(plain, ordered, strict=True):
+        assert (m, r, {**s, "keep_order": True}) == (m2, r2, s2) and "keep_order" not in s
+
+
 def test_greedy_eval_vision_runs_past_the_cap_end_to_end(tiny_vit_dir, tmp_path, monkeypatch):
     from quickmerge.cli import build_parser
     from quickmerge.data import fashion_mnist
