@@ -570,8 +570,9 @@ def patch(
             timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
         keep_order: each merged token takes the place of its first member, so the tokens stay in patch order
             inside the blocks (bipartite matching otherwise puts one alternate set's kept tokens before the other
-            set's; the other methods keep the order already). For blocks that read token order; it changes which
-            tokens the next block's alternating sets hold (measured: BENCHMARKS.md, "Tokens in patch order").
+            set's; the other methods keep their kept tokens in order already). For blocks that read token order;
+            it changes which tokens the next block's alternating sets hold (measured: BENCHMARKS.md, "Tokens in
+            patch order").
         unmerge: how a dense head quickmerge drives (``Dinov2Backbone`` / ``DINOv3ViTBackbone`` under DPT or
             Depth Anything, timm's and OpenCLIP's ``forward_intermediates`` feature maps, ViT / DeiT masked image
             modeling) gets every patch back, and what a head that norms every token before averaging them
