@@ -107,7 +107,8 @@ class QuickMergePress(KVPress):
         replay_prefix: token ids read before the replayed prompt (e.g. an instruction to repeat it).
         sinks: ``scoring="replay"``: leading entries that always seed a group (attention sinks).
         recent: ``scoring="replay"``: trailing entries that always seed a group (e.g. the last frame of a video,
-            which the next frame reads almost whole); 0 (default): none.
+            which the next frame reads almost whole); 0 (default): none. A layer whose budget cannot hold
+            ``sinks`` and ``recent`` is refused (ValueError) rather than cut into them.
         replay_pool: ``scoring="replay"``: each entry's replay score becomes the largest within
             ``replay_pool`` neighbouring positions (odd width) before budgets and selection, so an
             entry the re-reading attends to keeps the words around it (a key with its sentence
@@ -333,6 +334,8 @@ class QuickMergePress(KVPress):
     def merge(self, module: nn.Module, keys: Tensor, values: Tensor, scores: Tensor | None, kept: int) -> Compressed:
         """Merge ``[B, Hkv, L, d]`` keys/values into ``kept`` groups per head (see ``mode``)."""
         b, hkv, length, d = keys.shape
+        if self.scoring == "replay":
+            self._check_protected(module.layer_idx, length, kept)
         if self.head_budgets:
             return self._merge_flat(module, keys, values, scores, kept)
         flat_k = keys.reshape(b * hkv, length, d)
@@ -379,6 +382,18 @@ class QuickMergePress(KVPress):
             None if sizes is None else sizes.view(b, hkv, kept),
         )
 
+
+    def _check_protected(self, layer: int, length: int, kept: int) -> None:
+        """Refuse a layer budget smaller than the entries replay scoring always keeps (the first ``sinks`` and the
+        last ``recent``): it would have to cut some of them."""
+        protected = min(length, self.sinks + self.recent)
+        if kept < protected:
+            raise ValueError(
+                f"replay scoring always keeps the first sinks={self.sinks} and the last recent={self.recent} entries "
+                f"({protected} of this prompt's {length}), but layer {layer} keeps {kept} per head at "
+                f"compression_ratio={self.compression_ratio}" + (f" (budget={self.budget!r}, budget_floor="
+                f"{self.budget_floor})" if self.budget != "uniform" else "") + ": lower sinks or recent, or the "
+                "compression ratio, or give the prompt more entries")
 
     def _merge_flat(self, module: nn.Module, keys: Tensor, values: Tensor, ranks: Tensor, kept: int) -> Compressed:
         """``hkv x kept`` entries of the layer's heads together, the best replay scores (flat layout)."""

@@ -88,6 +88,18 @@ def test_replay_keeps_the_recent_entries(heads):
     assert last_kept(_prefill(model, QuickMergePress(0.5, **options, recent=12), ids)).all()
 
 
+@pytest.mark.parametrize("heads", [False, True])
+def test_a_layer_budget_that_cannot_hold_the_sinks_and_recent_entries_is_refused(heads):
+    model = tiny("llama", layers=2)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(3))
+    options = dict(scoring="replay", budget="replay", head_budgets=True) if heads else dict(scoring="replay")
+    with pytest.raises(ValueError, match=r"sinks=4 and the last recent=8 entries \(12 of this prompt's 40\).*keeps 10"):
+        _prefill(model, QuickMergePress(0.75, **options, recent=8, budget_floor=1.0), ids)
+    _prefill(model, QuickMergePress(0.7, **options, recent=8, budget_floor=1.0), ids)  # 12 kept: they fit
+    with pytest.raises(ValueError, match="sinks=4"):
+        _prefill(model, QuickMergePress(0.95, **options), ids)  # 2 kept of 40: not even the sinks fit
+
+
 def test_replay_scores_are_not_the_window_scores():
     model = tiny("llama", layers=2)
     ids = torch.randint(0, 97, (1, 48))
