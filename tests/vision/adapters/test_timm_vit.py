@@ -224,13 +224,16 @@ def test_keep_order_keeps_the_tokens_in_patch_order_and_only_permutes_a_merge(me
 
 def test_keep_order_trains_through_the_differentiable_merge():
     model, x = tiny_vit(True), torch.randn(3, 1, 16, 16)
-    with quickmerge.patch(model, r=[10, 0, 0], temperature=0.5, seed=1) as handle:
+    with quickmerge.patch(model, r=[10, 0, 0], temperature=0.5, seed=1, trace_source=True) as handle:
         model.train()
-        ref = model(x)
+        ref, shuffled = model(x), handle.source
         handle.keep_order = True
         handle.generator.manual_seed(1)
         out = model(x)
         assert torch.allclose(out, ref, atol=1e-5, rtol=0)
+        for row in handle.source[:, 1:] - 1:  # each merged token where its first patch was
+            assert (torch.full((54,), 64).scatter_reduce(0, row, torch.arange(64), "amin").diff() > 0).all()
+        assert not torch.equal(handle.source, shuffled)
         out.sum().backward()
         assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
 
