@@ -382,7 +382,6 @@ class QuickMergePress(KVPress):
             None if sizes is None else sizes.view(b, hkv, kept),
         )
 
-
     def _check_protected(self, layer: int, length: int, kept: int) -> None:
         """Refuse a layer budget smaller than the entries replay scoring always keeps (the first ``sinks`` and the
         last ``recent``): it would have to cut some of them."""

@@ -121,6 +121,16 @@ def test_padding_goes_first_so_the_padded_image_is_unchanged(method, matching, r
     assert not torch.allclose(out.pooler_output[0], ref.pooler_output[0], atol=1e-3)  # the full image merged
 
 
+def test_ratio_counts_the_padded_length_so_a_padded_image_keeps_more_of_its_real_patches():
+    """The README's sentence: ``ratio`` is a share of the padded length, and padding goes first."""
+    model, inputs = tiny("sdpa"), batch()
+    with torch.no_grad(), quickmerge.patch(model, ratio=0.5, trace_source=True) as handle:
+        model(**inputs)
+        assert handle.sizes.shape[1] == PATCHES // 2  # half of the padded length, for every image
+        assert (handle.sizes > 0).sum(dim=1).tolist() == [PATCHES // 2, 7]  # of 16 and of 10 real patches
+        assert handle.sizes.sum(dim=1).tolist() == [float(n) for n in REAL]
+
+
 def test_a_batch_without_padding_merges_as_before():
     """An all-ones mask changes nothing against no mask (the padding path adds no rounding of its own)."""
     model, inputs = tiny(), batch()
