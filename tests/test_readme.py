@@ -82,6 +82,26 @@ def _vision_language() -> dict:
     return {"model": tiny("gemma3-vlm"), "processor": processor, "image": pixels, "prompt": "Describe the image."}
 
 
+def _video_transformer() -> dict:
+    """VideoMAE-Base's architecture with random weights (none can be downloaded here) for ``from_pretrained``, and a
+    stand-in for its video processor: 16 frames of 224 x 224."""
+    transformers = pytest.importorskip("transformers")
+    import quickmerge
+
+    class Hub:  # the snippet's ``transformers``, loading the architecture its checkpoint names
+        VideoMAEForVideoClassification = type("Loader", (), {"from_pretrained": staticmethod(
+            lambda name: transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(
+                num_labels=400, attn_implementation="sdpa")).eval())})
+
+    def processor(frames, return_tensors):
+        assert len(frames) == 16 and return_tensors == "pt"
+        return {"pixel_values": torch.stack(frames)[None]}
+
+    torch.manual_seed(0)
+    return {"transformers": Hub, "quickmerge": quickmerge, "processor": processor,
+            "frames": torch.rand(16, 3, 224, 224)}
+
+
 def _video() -> dict:
     pytest.importorskip("transformers")
     pytest.importorskip("safetensors")
@@ -108,6 +128,8 @@ RUN = {
     "press = QuickMergeInputPress(compression_ratio=0.75, layer=-1,   # -1: merge the embeddings, before layer 0":
         _vision_language,
     'model, tokenizer, fmt = load_ar("video")                 # shipped in quickmerge/assets/ar_video': _video,
+    'model = transformers.VideoMAEForVideoClassification.from_pretrained("MCG-NJU/videomae-base-finetuned-kinetics")':
+        _video_transformer,
 }
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
 # tests/vision/adapters/test_openclip_vit.py::test_the_readme_s_openclip_model_... (no pretrained weights offline)
@@ -125,9 +147,16 @@ def _feature_maps_as_said(namespace: dict) -> None:
     assert namespace["handle"].tokens_per_layer[::11] == [197, 109]
 
 
+def _tubelets_as_said(namespace: dict) -> None:
+    assert namespace["handle"].tokens_per_layer == [1568 - 64 * i for i in range(12)]  # 1,568, 64 fewer per block
+    assert tuple(namespace["logits"].shape) == (1, 400)
+
+
 # what a snippet's comments claim, checked after it ran
 CLAIMS = {'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':
-          _feature_maps_as_said}
+          _feature_maps_as_said,
+          'model = transformers.VideoMAEForVideoClassification.from_pretrained("MCG-NJU/videomae-base-finetuned-'
+          'kinetics")': _tubelets_as_said}
 
 
 def test_every_readme_snippet_is_known_to_this_test():

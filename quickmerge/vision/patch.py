@@ -549,11 +549,12 @@ def patch(
 
     Args:
         model: a timm ``VisionTransformer`` or ``Eva`` (rotary positions: EVA-02, DINOv3, RoPE-ViT); a Hugging
-            Face ViT, DeiT, DINOv2, DINOv2-with-registers or DINOv3 model, a CLIP or SigLIP vision tower (also
-            ``CLIPModel.vision_model``), or an OpenCLIP image tower, ``model.visual``
+            Face ViT, DeiT, DINOv2, DINOv2-with-registers or DINOv3 model, a VideoMAE or ViViT video model, a CLIP
+            or SigLIP vision tower (also ``CLIPModel.vision_model``), or an OpenCLIP image tower, ``model.visual``
             (``quickmerge.vision.adapters.supported_families()``; other
             subclasses of these families work with a warning). Heads that need every patch on its grid
-            (``Dinov2Backbone``, feature maps, masked image modeling) get the tokens unmerged (``unmerge``).
+            (``Dinov2Backbone``, feature maps, masked image modeling, VideoMAE's pre-training decoder) get the
+            tokens unmerged (``unmerge``).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in
             ToMe, a block merges at most half its tokens by bipartite matching (all but one
             otherwise), and ``handle.tokens_per_layer`` shows what each block kept.
@@ -564,10 +565,10 @@ def patch(
             attention is refused).
         trace_source: record which input token ended in which output token (``handle.source``).
         size_weighted_pool: heads that average the output tokens (timm ``global_pool="avg"`` or
-            ``"avgmax"``, DINOv2's classification heads) average over the original patches (each token
-            weighted by its size, as ToMe does for MAE models, or each patch's own stream, ``unmerge``), and
-            attention-pooling heads (SigLIP's,
-            timm's ``"map"``) add log(size) to their logits; False: the heads see merged tokens as they are.
+            ``"avgmax"``, DINOv2's classification heads, VideoMAE's mean-pooled classifier) average over the original
+            patches (each token weighted by its size, as ToMe does for MAE models, or each patch's own stream,
+            ``unmerge``), and attention-pooling heads (SigLIP's, timm's ``"map"``) add log(size) to their logits;
+            False: the heads see merged tokens as they are.
         keep_order: each merged token takes the place of its first member, so the tokens stay in patch order
             inside the blocks (bipartite matching otherwise puts one alternate set's kept tokens before the other
             set's; the other methods keep their kept tokens in order already). For blocks that read token order;

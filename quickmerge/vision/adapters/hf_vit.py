@@ -1,4 +1,5 @@
-"""Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 adapter (transformers 5.x, both layer layouts).
+"""Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 adapter, and the video transformers built from
+ViT's layer, VideoMAE and ViViT (transformers 5.x, both layer layouts).
 
 Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``
 (``attention.attention`` holding the projections), adds the residual, then
@@ -7,7 +8,9 @@ Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(
 and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 ``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
 ``drop_path(layer_scale2(mlp(norm2(h)))) + h``. DeiT's layers are ViT's, DINOv2 with registers' and DINOv3's are
-DINOv2's; their distillation and register tokens sit after the class token and are never merged.
+DINOv2's; their distillation and register tokens sit after the class token and are never merged. VideoMAE's
+layers are ViT's older ones in every 5.x release, ViViT's the older ones up to 5.5 and the newer ones by 5.12;
+their tokens are tubelets (frames x patches), VideoMAE's without a class token.
 DINOv3 rotates its patch tokens' queries and keys by a rotary table (cos, sin) handed to every layer
 as ``position_embeddings``: a layer pre-hook merges it with the tokens (:mod:`.rotary`); the
 attention function captures the rotated queries and keys.
@@ -24,9 +27,11 @@ Hooks between those pieces:
   ``layer_scale2``);
 - heads that read every patch token of the base model's output in their own forward, DINOv2's classifiers (the
   class token beside the mean of the patch tokens) and masked image modeling (pixels decoded from the tokens
-  reshaped onto the grid): within the head's call the base model's tokens go back on the patch grid
-  (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded (with the residual
-  unmerge, the default, from the stream before the final norm, each patch's own part of it added back).
+  reshaped onto the grid), VideoMAE's classifier (the mean of the tokens, or token 0 without mean pooling) and
+  its pre-training decoder (a token on every visible tubelet): within the head's call the base model's tokens go
+  back on the patch grid (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded
+  (with the residual unmerge, the default, from the stream before the final norm, each patch's own part of it
+  added back).
 """
 
 from __future__ import annotations
@@ -49,12 +54,17 @@ _FAMILIES = {
     "transformers.models.dinov2.modeling_dinov2": "Dinov2PreTrainedModel",
     "transformers.models.dinov2_with_registers.modeling_dinov2_with_registers": "Dinov2WithRegistersPreTrainedModel",
     "transformers.models.dinov3_vit.modeling_dinov3_vit": "DINOv3ViTPreTrainedModel",
+    "transformers.models.videomae.modeling_videomae": "VideoMAEPreTrainedModel",
+    "transformers.models.vivit.modeling_vivit": "VivitPreTrainedModel",
 }
-_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")  # where the heads keep the base model
+# where the heads keep the base model
+_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "videomae", "vivit")
 # heads that classify the class token beside the plain mean of the patch tokens, in their own forward
 _MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
 # heads that reshape the patch tokens onto the grid in their own forward (pixels decoded per patch)
-_GRID_HEADS = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling")
+_GRID_HEADS = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "VideoMAEForPreTraining")
+# a head that averages the tokens (mean pooling, the default) or reads token 0, a tubelet, as its config says
+_VIDEO_CLASSIFIERS = ("VideoMAEForVideoClassification",)
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction); refused unless
 # a backbone of _STAGE_BACKBONES or a head of _GRID_HEADS
 _DENSE_HEADS = ("Backbone", "ForMaskedImageModeling")
@@ -71,25 +81,28 @@ TAKES_FLOAT_MASK = ("eager", "sdpa")
 
 
 class HFViTAdapter:
-    """Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 ViT models (and subclasses)."""
+    """Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers, DINOv3 ViT, VideoMAE and ViViT models (and
+    subclasses)."""
 
-    name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3"
+    name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3 / VideoMAE / ViViT"
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
                       "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
                       "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel",
+                      "VideoMAEModel", *_VIDEO_CLASSIFIERS, "VivitModel", "VivitForVideoClassification",
                       *_STAGE_BACKBONES, *_GRID_HEADS)
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
-        """[CLS], then DeiT's distillation token or DINOv2's register tokens."""
+        """[CLS] (none in VideoMAE), then DeiT's distillation token or DINOv2's register tokens."""
         embeddings = _vit(model).embeddings
         registers = getattr(embeddings, "register_tokens", None)
-        return 1 + int(hasattr(embeddings, "distillation_token")) + (0 if registers is None else registers.shape[1])
+        return (int(self.has_class_token(model)) + int(hasattr(embeddings, "distillation_token"))
+                + (0 if registers is None else registers.shape[1]))
 
     def has_class_token(self, model: nn.Module) -> bool:
-        return True
+        return hasattr(_vit(model).embeddings, "cls_token")
 
     def gradient_checkpointing(self, model: nn.Module) -> bool:
         return activation_checkpointing(model) and model.training
@@ -107,7 +120,7 @@ class HFViTAdapter:
                 "where merged tokens have no place: merge tokens in a model that pools them (the family's ...Model "
                 "or ...ForImageClassification), a DINOv2 / DINOv3 backbone or ViT / DeiT masked image modeling "
                 "(which get them unmerged), or run this one unpatched")
-        if _has_head(model, (*_GRID_HEADS, *_MEAN_POOLING_HEADS)):
+        if _has_head(model, (*_GRID_HEADS, *_MEAN_POOLING_HEADS, *_VIDEO_CLASSIFIERS)):
             _final_norm(model)  # refused here, before any hook, if a release renamed it
         base = _vit(model)
         layers = _layers(base)
@@ -125,6 +138,9 @@ class HFViTAdapter:
             hooks += [rotary_table_hook(layer, "position_embeddings", merger) for layer in blocks]
         if _has_head(model, _MEAN_POOLING_HEADS):
             hooks += unmerged_within_call(model, _vit(model), merger, norm=_final_norm(model))
+        elif _has_head(model, _VIDEO_CLASSIFIERS):  # averages the stream itself (no final norm), or reads token 0
+            pools = getattr(model, "fc_norm", None) is not None
+            hooks += unmerged_within_call(model, _vit(model), merger, pools=pools, norm=_final_norm(model))
         elif _has_head(model, _GRID_HEADS):
             hooks += unmerged_within_call(model, _vit(model), merger, pools=False, norm=_final_norm(model))
         if _is_stage_backbone(model):
@@ -157,10 +173,15 @@ def hidden_states_check(model: nn.Module, merger: BlockMerger) -> Removable:
     return model.register_forward_hook(model_post)
 
 
-def _final_norm(model: nn.Module) -> nn.Module:
+def _final_norm(model: nn.Module) -> nn.Module | None:
     """The base model's norm after the last block (``layernorm`` in ViT and DeiT), where the residual unmerge of
-    a masked-image-modeling head puts the stream back on the grid."""
-    norm = getattr(_vit(model), "layernorm", None)
+    a masked-image-modeling head puts the stream back on the grid; None where the base model returns the stream
+    itself (VideoMAE with mean pooling sets ``layernorm = None``; its head norms the mean)."""
+    base = _vit(model)
+    if _has_head(model, (*_VIDEO_CLASSIFIERS, "VideoMAEForPreTraining")) and hasattr(base, "layernorm") \
+            and base.layernorm is None:
+        return None
+    norm = getattr(base, "layernorm", None)
     if not isinstance(norm, nn.Module):
         raise TypeError(f"{type(model).__name__}'s base model has no final norm named layernorm, where quickmerge "
                         "puts the residual stream back on the patch grid: this transformers release is not supported")

@@ -32,15 +32,17 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     ``before(args, kwargs)`` runs first in each call of ``model``, to refuse a call that cannot be served.
     ``norm``: ``base``'s final norm, when its output is normed: with ``unmerge="residual"`` the stream is expanded
     with each patch's deviations where the norm receives it (``expand_to_patches(..., residual=True)``; for a
-    pooling head where :func:`.pooling.pools_own_streams`) and the norm runs on every patch. Otherwise (copying,
-    or no ``norm``: a head averaging the stream itself) the output is expanded, each patch carrying its token."""
+    pooling head where :func:`.pooling.pools_own_streams`) and the norm runs on every patch; a head reading
+    every patch of a base model without a final norm (``pools=False``, no ``norm``: its output is the stream) gets
+    the output expanded with the deviations. Otherwise (copying, or a head averaging the stream itself, whose
+    size-weighted mean needs none) the output is expanded, each patch carrying its token."""
     state: dict[str, Any] = {"inside": False, "reader": None, "normed": False}
 
     def model_pre(_m: nn.Module, args: tuple, kwargs: dict) -> None:
         if before is not None:
             before(args, kwargs)
         state["inside"], state["normed"] = True, False
-        if norm is not None and (pools_own_streams(merger) if pools else merger.unmerge == "residual"):
+        if (norm is not None and pools_own_streams(merger)) if pools else merger.unmerge == "residual":
             state["reader"] = merger.dense_head()  # this pass keeps the deviations
 
     def model_post(_m: nn.Module, _args: tuple, _kwargs: dict, _out: Any) -> None:
@@ -59,6 +61,12 @@ def unmerged_within_call(model: nn.Module, base: nn.Module, merger: BlockMerger,
     def base_post(_m: nn.Module, _args: tuple, out: Any) -> Any:
         if not state["inside"] or (pools and not merger.size_weighted_pool):
             return None
+        if state["reader"] is not None and norm is None:  # the output is the residual stream itself
+            expanded = merger.expand_to_patches(out.last_hidden_state, residual=True)
+            if expanded is None:
+                return None
+            out.last_hidden_state = expanded
+            return out
         if state["reader"] is not None:
             if not state["normed"] and merger.sizes is not None:  # the hook above never ran: a renamed norm
                 raise RuntimeError(f"{type(base).__name__} returned its output without calling {type(norm).__name__}"
