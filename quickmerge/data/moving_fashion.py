@@ -24,12 +24,15 @@ def moving_fashion_mnist(
     per_sequence: int = 2,
     speed: float = 3.6,
     seed: int = 0,
-) -> torch.Tensor:
+    return_items: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``count`` sequences ``[count, frames, canvas, canvas]`` uint8 of moving items.
 
     ``items``: uint8 ``[N, 1, 28, 28]`` or ``[N, 28, 28]`` (e.g. a Fashion-MNIST split);
     each sequence draws ``per_sequence`` of them. ``speed``: pixels per frame (3.6 is the
-    original's 0.1 of the free range of a 64-pixel canvas, 36 pixels).
+    original's 0.1 of the free range of a 64-pixel canvas, 36 pixels). ``return_items``: also
+    return which items each sequence drew, ``[count, per_sequence]`` indices into ``items`` (their
+    labels make a classification set).
     """
     if items.dtype != torch.uint8 or items.shape[-2:] != (28, 28):
         raise ValueError(f"items must be uint8 [N, 28, 28] or [N, 1, 28, 28], got {items.dtype} {tuple(items.shape)}")
@@ -60,4 +63,4 @@ def moving_fashion_mnist(
             cols = (pos[f, :, k, 1][:, None] + offs)[:, None, :]  # [count, 1, 28]
             current = video[seq, f, rows, cols]
             video[seq, f, rows, cols] = torch.maximum(current, items[which[:, k]])
-    return video
+    return (video, which) if return_items else video

@@ -46,3 +46,11 @@ def test_bad_arguments_are_named():
         moving_fashion_mnist(_items(), 1, canvas=20)
     with pytest.raises(ValueError, match="count"):
         moving_fashion_mnist(_items(), 0)
+
+
+def test_return_items_names_the_item_each_sequence_shows():
+    items = _items(5)
+    video, which = moving_fashion_mnist(items, 6, frames=2, canvas=28, per_sequence=1, seed=3, return_items=True)
+    assert which.shape == (6, 1) and which.dtype == torch.long
+    assert torch.equal(video, items[which[:, 0]][:, None].expand(-1, 2, -1, -1))  # no room to move: the item itself
+    assert torch.equal(video, moving_fashion_mnist(items, 6, frames=2, canvas=28, per_sequence=1, seed=3))
