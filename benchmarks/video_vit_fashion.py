@@ -1,0 +1,178 @@
+"""A small VideoMAE classifier trained here on Moving Fashion-MNIST, then merged: QuickMerge++ vs ToMe-style.
+
+No pretrained video transformer is obtainable here, so this trains one on real pixels: each clip is one
+Fashion-MNIST item moving on a 64 x 64 black canvas for 8 frames (the Moving-MNIST procedure,
+:func:`quickmerge.data.moving_fashion.moving_fashion_mnist`), labelled with the item's class. Training clips draw
+items of the training split, test clips items of the test split (10,000 clips, seed 0, never drawn in training).
+The model is Hugging Face's ``VideoMAEForVideoClassification`` (mean-pooled head, no class token), 6 layers 128
+wide, 8 x 8 patches, tubelets of 2 frames: 256 tokens.
+
+    python benchmarks/video_vit_fashion.py train --steps 3000 --out results/s67/videomae_fashion
+    python benchmarks/video_vit_fashion.py eval results/s67/videomae_fashion --r 8 16 24 32 \
+        --json results/s67/videomae_fashion_eval.json --png docs/img/video_vit_fashion.png
+
+``eval``: top-1 of the unpatched model and of ToMe-style and QuickMerge++ (``patch`` defaults) at each r, the paired
+difference QuickMerge++ minus ToMe-style with its 95% bootstrap interval, and speed-ups timed together in rotating
+rounds (``quickmerge.eval.vision.time_settings_together``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from quickmerge.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+from quickmerge.data.moving_fashion import moving_fashion_mnist
+
+FRAMES, CANVAS = 8, 64
+
+
+def config():
+    import transformers
+
+    return transformers.VideoMAEConfig(image_size=CANVAS, patch_size=8, num_channels=1, num_frames=FRAMES,
+                                       tubelet_size=2, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                                       intermediate_size=512, num_labels=10, use_mean_pooling=True,
+                                       attn_implementation="sdpa")
+
+
+def clips(items: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[count, FRAMES, 1, CANVAS, CANVAS]`` standardised pixels and the labels ``[count]`` of their items."""
+    video, which = moving_fashion_mnist(items, count, frames=FRAMES, canvas=CANVAS, per_sequence=1, seed=seed,
+                                        return_items=True)
+    return ((video.float() / 255.0 - MEAN) / STD)[:, :, None], labels[which[:, 0]]
+
+
+def train(args: argparse.Namespace) -> None:
+    import transformers
+
+    torch.manual_seed(args.seed)
+    items, labels = load_fashion_mnist("train")
+    model = transformers.VideoMAEForVideoClassification(config()).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.05)
+    warmup = args.steps // 20
+
+    def lr_at(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    log, start = [], time.time()
+    for step in range(args.steps):
+        x, y = clips(items, labels, args.batch, seed=1_000_000 + args.seed * args.steps + step)
+        loss = F.cross_entropy(model(pixel_values=x).logits, y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == args.steps - 1:
+            log.append({"step": step, "loss": loss.item(), "minutes": (time.time() - start) / 60})
+            print(f"step {step}: loss {loss.item():.4f} ({log[-1]['minutes']:.1f} min)", flush=True)
+    out = Path(args.out)
+    model.eval().save_pretrained(out)
+    (out / "training_log.json").write_text(json.dumps({"args": vars(args), "log": log}, indent=2))
+
+
+@torch.inference_mode()
+def evaluate(args: argparse.Namespace) -> None:
+    import transformers
+
+    import quickmerge
+    from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+    from quickmerge.eval.vision import time_settings_together
+
+    torch.set_num_threads(args.threads)
+    model = transformers.VideoMAEForVideoClassification.from_pretrained(args.model, attn_implementation="sdpa").eval()
+    items, labels = load_fashion_mnist("test")
+    x, y = clips(items, labels, args.count, seed=0)
+
+    def correct() -> list[float]:
+        hits = []
+        for i in range(0, len(x), args.batch):
+            hits += (model(pixel_values=x[i : i + args.batch]).logits.argmax(-1) == y[i : i + args.batch]).tolist()
+        return [float(h) for h in hits]
+
+    rows = [{"method": "none", "r": 0, "hits": correct()}]
+    for r in args.r:
+        for method in ("tome", "quickmerge"):
+            with quickmerge.patch(model, r=r, method=method) as handle:
+                rows.append({"method": method, "r": r, "hits": correct(), "tokens_per_layer": handle.tokens_per_layer})
+            print(f"{method:>10} r={r:>2}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
+    jobs = [(None, 0, {})] + [(row["method"], row["r"], {}) for row in rows[1:]]
+    timing = time_settings_together(model, jobs, x[: args.batch], args.rounds)
+    for row, t in zip(rows, timing, strict=True):
+        row["top1"], row["top1_low"], row["top1_high"] = (100 * v for v in bootstrap_mean(row["hits"]))
+        row["speedup"], row["speedup_per_round"] = t["speedup"], t["speedup_per_round"]
+    for row in rows[1:]:
+        if row["method"] == "quickmerge":
+            tome = next(o for o in rows if o["method"] == "tome" and o["r"] == row["r"])
+            row["minus_tome"] = [100 * v for v in bootstrap_difference(row["hits"], tome["hits"])]
+        row["minus_unpatched"] = [100 * v for v in bootstrap_difference(row["hits"], rows[0]["hits"])]
+    for row in rows:
+        extra = "".join(f", {k} {v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
+                        for k, v in row.items() if k.startswith("minus"))
+        print(f"{row['method']:>10} r={row['r']:>2}: {row['top1']:.2f}%, {row['speedup']:.2f}x{extra}")
+    if args.json:
+        info = {"args": vars(args), "clips": len(x), "tokens": 256, "cores": os.cpu_count(),
+                "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
+                "rows": [{k: v for k, v in row.items() if k != "hits"} for row in rows],
+                "hits": {f"{row['method']}@{row['r']}": "".join(str(int(h)) for h in row["hits"]) for row in rows}}
+        Path(args.json).write_text(json.dumps(info, indent=2))
+    if args.png:
+        plot(rows, len(x), Path(args.png))
+
+
+def plot(rows: list[dict], clip_count: int, path: Path) -> None:
+    """Top-1 against speed-up for each method (the unpatched model at 1x), and QuickMerge++ minus ToMe-style at each
+    r with its interval."""
+    from reporting import figure, interval_line, save_figure
+
+    fig, axes = figure()
+    for method, label in (("tome", "ToMe-style"), ("quickmerge", "QuickMerge++")):
+        mine = [row for row in rows if row["method"] == method]
+        axes[0].plot([1.0] + [row["speedup"] for row in mine], [rows[0]["top1"]] + [row["top1"] for row in mine],
+                     "o-", label=label)
+    axes[0].set(xlabel="speed-up over the unpatched model (batch 256, 2 cores)", ylabel="top-1 (%)",
+                title=f"VideoMAE on Moving Fashion-MNIST, {clip_count:,} test clips")
+    ours = [row for row in rows if row["method"] == "quickmerge"]
+    interval_line(axes[1], [row["r"] for row in ours], [tuple(row["minus_tome"]) for row in ours],
+                  "QuickMerge++ minus ToMe-style")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xlabel="r (tokens merged per block, of 256)", ylabel="top-1 difference (points, paired 95% CI)")
+    save_figure(fig, axes, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train")
+    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--batch", type=int, default=64)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", required=True)
+    e = sub.add_parser("eval")
+    e.add_argument("model")
+    e.add_argument("--r", type=int, nargs="+", default=[8, 16, 24, 32])
+    e.add_argument("--count", type=int, default=10_000)
+    e.add_argument("--batch", type=int, default=256)
+    e.add_argument("--rounds", type=int, default=10)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", default=None)
+    e.add_argument("--png", default=None, help="plot (needs matplotlib)")
+    args = ap.parse_args()
+    train(args) if args.command == "train" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
