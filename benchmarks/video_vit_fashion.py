@@ -91,10 +91,12 @@ def evaluate(args: argparse.Namespace) -> None:
     from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
     from quickmerge.eval.vision import time_settings_together
 
+    if args.png and not args.rounds:
+        raise SystemExit("--png plots top-1 against speed-up: give --rounds > 0")
     torch.set_num_threads(args.threads)
     model = transformers.VideoMAEForVideoClassification.from_pretrained(args.model, attn_implementation="sdpa").eval()
     items, labels = load_fashion_mnist("test")
-    x, y = clips(items, labels, args.count, seed=0)
+    x, y = clips(items, labels, args.count, seed=args.clip_seed)
 
     def correct() -> list[float]:
         hits = []
@@ -109,10 +111,11 @@ def evaluate(args: argparse.Namespace) -> None:
                 rows.append({"method": method, "r": r, "hits": correct(), "tokens_per_layer": handle.tokens_per_layer})
             print(f"{method:>10} r={r:>2}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
     jobs = [(None, 0, {})] + [(row["method"], row["r"], {}) for row in rows[1:]]
-    timing = time_settings_together(model, jobs, x[: args.batch], args.rounds)
-    for row, t in zip(rows, timing, strict=True):
+    timing = time_settings_together(model, jobs, x[: args.batch], args.rounds) if args.rounds else None
+    for i, row in enumerate(rows):
         row["top1"], row["top1_low"], row["top1_high"] = (100 * v for v in bootstrap_mean(row["hits"]))
-        row["speedup"], row["speedup_per_round"] = t["speedup"], t["speedup_per_round"]
+        if timing is not None:
+            row["speedup"], row["speedup_per_round"] = timing[i]["speedup"], timing[i]["speedup_per_round"]
     for row in rows[1:]:
         if row["method"] == "quickmerge":
             tome = next(o for o in rows if o["method"] == "tome" and o["r"] == row["r"])
@@ -121,7 +124,8 @@ def evaluate(args: argparse.Namespace) -> None:
     for row in rows:
         extra = "".join(f", {k} {v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
                         for k, v in row.items() if k.startswith("minus"))
-        print(f"{row['method']:>10} r={row['r']:>2}: {row['top1']:.2f}%, {row['speedup']:.2f}x{extra}")
+        speed = f", {row['speedup']:.2f}x" if "speedup" in row else ""
+        print(f"{row['method']:>10} r={row['r']:>2}: {row['top1']:.2f}%{speed}{extra}")
     if args.json:
         info = {"args": vars(args), "clips": len(x), "tokens": 256, "cores": os.cpu_count(),
                 "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
@@ -166,7 +170,8 @@ def main() -> None:
     e.add_argument("--r", type=int, nargs="+", default=[8, 16, 24, 32])
     e.add_argument("--count", type=int, default=10_000)
     e.add_argument("--batch", type=int, default=256)
-    e.add_argument("--rounds", type=int, default=10)
+    e.add_argument("--rounds", type=int, default=10, help="timing rounds; 0: accuracy only")
+    e.add_argument("--clip-seed", type=int, default=0, help="seed of the test clips (0: the reported set)")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--png", default=None, help="plot (needs matplotlib)")
