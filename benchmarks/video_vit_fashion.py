@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from quickmerge.data.fashion_mnist import MEAN, STD, load_fashion_mnist
+from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.data.moving_fashion import moving_fashion_mnist
 
 FRAMES, CANVAS = 8, 64
@@ -48,7 +48,7 @@ def clips(items: torch.Tensor, labels: torch.Tensor, count: int, seed: int) -> t
     """``[count, FRAMES, 1, CANVAS, CANVAS]`` standardised pixels and the labels ``[count]`` of their items."""
     video, which = moving_fashion_mnist(items, count, frames=FRAMES, canvas=CANVAS, per_sequence=1, seed=seed,
                                         return_items=True)
-    return ((video.float() / 255.0 - MEAN) / STD)[:, :, None], labels[which[:, 0]]
+    return normalize(video)[:, :, None], labels[which[:, 0]]
 
 
 def train(args: argparse.Namespace) -> None:
