@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="QuickMerge++'s budget at the cost of r per block: constant (r in every block), entropy "
                            "(per block, from the attention entropy on held-out training images) or per-image (each "
                            "image's from its content); ToMe-style's column stays at r")
+    show.add_argument("--keep-order", action="store_true",
+                      help="both columns keep the tokens in patch order inside the blocks (as eval vision "
+                           "--keep-order, whose merges it then draws)")
     show.add_argument("--images", type=positive_int, default=4, help="Fashion-MNIST test images to show")
     show.add_argument("--no-photos", action="store_true", help="leave out scikit-image's photos")
     show.add_argument("--checkpoint", default=None, help="directory with model.safetensors + config.json (and a "
@@ -244,7 +247,7 @@ def _run(args: argparse.Namespace) -> int:
         photos = None if args.no_photos else load_photos()
         path = visualize(model, images[: args.images], labels[: args.images], args.out, r=args.r, photos=photos,
                          scorer=scorer, options={"matching": args.matching, **quickmerge_options(args)},
-                         **quickmerge_budget(model, args.schedule, args.r, args.matching))
+                         keep_order=args.keep_order, **quickmerge_budget(model, args.schedule, args.r, args.matching))
         print(f"wrote {path}")
     elif args.command == "train":
         import torch

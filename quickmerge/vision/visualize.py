@@ -99,7 +99,7 @@ def draw_groups(image: np.ndarray, groups: np.ndarray) -> np.ndarray:
 def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, path: str, *, r: int = 24,
               photos: list[np.ndarray] | None = None, scorer: TokenScorer | None = None,
               options: Mapping[str, Any] | None = None, schedule: list[int] | None = None,
-              image_budget: ImageBudget | None = None) -> str:
+              image_budget: ImageBudget | None = None, keep_order: bool = False) -> str:
     """Write a PNG: per image, the input and the groups of QuickMerge++ and ToMe-style at ``r`` per block.
 
     ``fashion``: uint8 ``[B, 1, 28, 28]`` test images; ``photos``: RGB arrays (optional);
@@ -110,6 +110,8 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
     ToMe-style's bipartite matching can merge; its column then shows ToMe-style at that most, said in its title.
     QuickMerge++'s budget at the cost of ``r``, instead of ``r`` in every block: ``schedule``, tokens merged per
     block (:func:`~quickmerge.vision.budget.entropy_schedule`), or ``image_budget``, each image's own r.
+    ``keep_order``: both columns keep the tokens in patch order inside the blocks (:func:`patch`'s ``keep_order``,
+    ``quickmerge eval vision --keep-order``), which changes the alternate sets later blocks match between.
     """
     plt = require("matplotlib.pyplot", "plot", "quickmerge visualize")
     grid = 28 // int(model.patch_embed.patch_size[0])
@@ -138,8 +140,9 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
     ours_r = schedule or (constant_schedule(tokens, r, blocks, bipartite=False) if greedy else r)
     tome = "ToMe-style" if tome_r == r else f"ToMe-style at its most (r={tome_r})"
     columns = [(f"{ours} ({budget})" if budget else ours,
-                {"method": "quickmerge", "scorer": scorer, "r": ours_r, "image_budget": image_budget, **options}),
-               (tome, {"method": "tome", "r": tome_r})]
+                {"method": "quickmerge", "scorer": scorer, "r": ours_r, "image_budget": image_budget, **options,
+                 "keep_order": keep_order}),
+               (tome, {"method": "tome", "r": tome_r, "keep_order": keep_order})]
     maps = {name: source_groups(model, batch, grid, **cfg) for name, cfg in columns}
     fig, axes = plt.subplots(len(shown), 3, figsize=(7.5, 2.5 * len(shown)))
     axes = np.atleast_2d(axes)
@@ -158,7 +161,7 @@ def visualize(model: nn.Module, fashion: torch.Tensor, labels: torch.Tensor, pat
                         + ([f"r={schedule} by block"] if schedule is not None else [])
                         + ([f"r={image_budget.r} by bucket, simplest first"] if image_budget is not None else []))
     title = f"Which patches merged into which token after {blocks} blocks: r={r} per block" + (
-        " or its cost" if budget else "")
+        " or its cost" if budget else "") + (", tokens kept in patch order" if keep_order else "")
     title += f"\n{ours}: {setting}" if setting else ""
     fig.suptitle(title, fontsize=10)
     top_inches = 0.25 + 0.2 * title.count("\n")

@@ -68,6 +68,20 @@ def test_visualize_draws_greedy_matching_past_tomes_cap_and_says_where_tome_stop
     assert tokens["tome"] == [4, 4]  # 196 -> 98 -> 49 -> 25 -> 13 -> 7 -> 4
 
 
+def test_visualize_keep_order_draws_the_merges_of_patch_ordered_tokens(monkeypatch, tmp_path, shipped_vit):
+    from quickmerge.vision.visualize import source_groups
+
+    images = torch.randn(4, 1, 28, 28)
+    for method in ("quickmerge", "tome"):
+        ordered, _ = source_groups(shipped_vit, images, 14, method=method, r=40, keep_order=True)
+        default, _ = source_groups(shipped_vit, images, 14, method=method, r=40)
+        assert not np.array_equal(ordered, default)  # later blocks match other alternate sets
+    seen = _drawn_settings(monkeypatch, shipped_vit, path=str(tmp_path / "groups.png"), r=40, keep_order=True)
+    assert seen["quickmerge"]["keep_order"] and seen["tome"]["keep_order"]
+    assert not any(_drawn_settings(monkeypatch, shipped_vit, path=str(tmp_path / "g.png"), r=40)[m]["keep_order"]
+                   for m in ("quickmerge", "tome"))
+
+
 def test_visualize_refuses_an_r_its_matching_would_cap(tmp_path, shipped_vit):
     from quickmerge.vision.visualize import visualize
 
@@ -106,3 +120,6 @@ def test_visualize_cli_draws_the_entropy_schedule_eval_vision_calibrates(monkeyp
     assert main(["visualize", "--schedule", "entropy", "--r", "32", "--no-photos", "--out", str(tmp_path)]) == 0
     assert drawn["schedule"] == entropy_schedule(perplexity, 196, 32)
     assert drawn["r"] == 32 and drawn["options"] == {"matching": "bipartite"}
+    assert drawn["keep_order"] is False
+    assert main(["visualize", "--keep-order", "--no-photos", "--out", str(tmp_path)]) == 0
+    assert drawn["keep_order"] is True
