@@ -7,13 +7,15 @@ items of the training split, test clips items of the test split (10,000 clips, s
 The model is Hugging Face's ``VideoMAEForVideoClassification`` (mean-pooled head, no class token), 6 layers 128
 wide, 8 x 8 patches, tubelets of 2 frames: 256 tokens.
 
-    python benchmarks/video_vit_fashion.py train --steps 3000 --out results/s67/videomae_fashion
+    python benchmarks/video_vit_fashion.py train --steps 1500 --out results/s67/videomae_fashion
     python benchmarks/video_vit_fashion.py eval results/s67/videomae_fashion --r 8 16 24 32 \
         --json results/s67/videomae_fashion_eval.json --png docs/img/video_vit_fashion.png
+    python benchmarks/video_vit_fashion.py pool EVAL_SEED0.json EVAL_SEED1.json --json pooled.json
 
 ``eval``: top-1 of the unpatched model and of ToMe-style and QuickMerge++ (``patch`` defaults) at each r, the paired
 difference QuickMerge++ minus ToMe-style with its 95% bootstrap interval, and speed-ups timed together in rotating
-rounds (``quickmerge.eval.vision.time_settings_together``).
+rounds (``quickmerge.eval.vision.time_settings_together``). ``pool``: models of several training seeds evaluated on
+the same clips; at each r the per-clip difference averaged over the models, with its bootstrap interval over clips.
 """
 
 from __future__ import annotations
@@ -136,6 +138,46 @@ def evaluate(args: argparse.Namespace) -> None:
         plot(rows, len(x), Path(args.png))
 
 
+def pool(args: argparse.Namespace) -> None:
+    from quickmerge.eval.stats import bootstrap_mean
+
+    runs = [json.loads(Path(path).read_text()) for path in args.evals]
+    clip_sets = {(run["args"].get("clip_seed", 0), run["clips"]) for run in runs}
+    if len(clip_sets) != 1:
+        raise SystemExit(f"evals: every run must score the same clips (clip seed, count), got {sorted(clip_sets)}")
+    common = set.intersection(*({row["r"] for row in run["rows"] if row["method"] != "none"} for run in runs))
+    if not common:
+        raise SystemExit("evals: the runs share no r")
+
+    def hits(run: dict, method: str, r: int) -> torch.Tensor:
+        return torch.tensor([float(c) for c in run["hits"][f"{method}@{r}"]], dtype=torch.float64)
+
+    def averaged(pairs: list[tuple[str, str]], r: int) -> list[float]:
+        """Per-clip difference (first minus second method) averaged over the runs."""
+        return torch.stack([hits(run, a, r if a != "none" else 0) - hits(run, b, r if b != "none" else 0)
+                            for run in runs for a, b in pairs]).mean(0).tolist()
+
+    rows = []
+    for r in sorted(common):
+        row = {"r": r, "models": len(runs)}
+        for method in ("tome", "quickmerge"):
+            row[f"{method}_top1"] = 100 * sum(hits(run, method, r).mean().item() for run in runs) / len(runs)
+            row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged([(method, "none")], r))]
+            speeds = [next(o["speedup"] for o in run["rows"] if o["method"] == method and o["r"] == r)
+                      for run in runs if "speedup" in run["rows"][0]]
+            row[f"{method}_speedup"] = sum(speeds) / len(speeds) if speeds else None
+        row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged([("quickmerge", "tome")], r))]
+        rows.append(row)
+        d = row["quickmerge_minus_tome"]
+        print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
+              f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(runs)} models)")
+    unpatched = 100 * sum(hits(run, "none", 0).mean().item() for run in runs) / len(runs)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"evals": args.evals, "clips": runs[0]["clips"],
+                                               "clip_seed": runs[0]["args"].get("clip_seed", 0),
+                                               "unpatched_top1": unpatched, "rows": rows}, indent=2))
+
+
 def plot(rows: list[dict], clip_count: int, path: Path) -> None:
     """Top-1 against speed-up for each method (the unpatched model at 1x), and QuickMerge++ minus ToMe-style at each
     r with its interval."""
@@ -160,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--seed", type=int, default=0)
@@ -175,8 +217,11 @@ def main() -> None:
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--png", default=None, help="plot (needs matplotlib)")
+    pl = sub.add_parser("pool", help="evaluations of several training seeds on the same clips, averaged per clip")
+    pl.add_argument("evals", nargs="+", help="eval JSONs")
+    pl.add_argument("--json", default=None)
     args = ap.parse_args()
-    train(args) if args.command == "train" else evaluate(args)
+    {"train": train, "eval": evaluate, "pool": pool}[args.command](args)
 
 
 if __name__ == "__main__":
