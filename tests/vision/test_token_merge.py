@@ -179,6 +179,39 @@ def test_attention_saliency_sums_to_one_and_finds_the_attended_key():
     assert (attention_saliency(q, k, d**-0.5, None, "cls").argmax(-1) == 7).all()
 
 
+def _saliency_by_the_definition(q, k, scale, log_size, index, valid=None):
+    """softmax, entropy by xlogy, weighted sum: the formula :func:`attention_saliency` computes in fewer passes."""
+    logits = (q[:, :, index].double() @ k.double().transpose(-1, -2)) * scale
+    if log_size is not None:
+        logits = logits + log_size[:, None, None, :].double()
+    p = logits.softmax(-1)
+    support = torch.tensor(k.shape[2]) if valid is None else valid.sum(1)[:, None, None]
+    weight = (1 + torch.special.xlogy(p, p).sum(-1) / support.double().log()).clamp_min(1e-6)
+    return (weight[..., None] * p).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))[:, None]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_attention_saliency_equals_its_definition(dtype):
+    torch.manual_seed(0)
+    b, h, n, d = 3, 4, 40, 16
+    q, k = (torch.randn(b, h, n, d) * 2).to(dtype), (torch.randn(b, h, n, d) * 2).to(dtype)
+    log_size = torch.rand(b, n).mul(3).add(1).floor().log()  # sizes 1-3
+    spread = torch.linspace(0, n - 1, 16).long()
+    for source, index in (("cls", torch.tensor([0])), ("queries", spread)):
+        for bias in (None, log_size):
+            got = attention_saliency(q, k, d**-0.5, bias, source).double()
+            assert torch.allclose(got, _saliency_by_the_definition(q, k, d**-0.5, bias, index), atol=1e-6)
+    valid = torch.ones(b, n, dtype=torch.bool)
+    valid[0, 25:] = False  # padding keys: -inf in the bias
+    bias = torch.where(valid, log_size, float("-inf"))
+    got = attention_saliency(q, k, d**-0.5, bias, "queries", valid=valid).double()
+    want = _saliency_by_the_definition(q, k, d**-0.5, bias, spread, valid)  # rows 1-2 spread over all 40 tokens
+    assert not got.isnan().any() and torch.allclose(got[1:], want[1:], atol=1e-6)
+    want0 = _saliency_by_the_definition(q[:1, :, :25], k[:1, :, :25], d**-0.5, log_size[:1, :25],
+                                        torch.linspace(0, 24, 16).long())
+    assert torch.allclose(got[0, :25], want0[0], atol=1e-6) and (got[0, 25:] == 0).all()
+
+
 def test_attention_saliency_proportional_bias_raises_a_big_token():
     q, k = torch.zeros(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
     size = torch.tensor([[1.0, 1.0, 8.0, 1.0, 1.0]])
