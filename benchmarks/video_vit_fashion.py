@@ -172,10 +172,40 @@ def pool(args: argparse.Namespace) -> None:
         print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
               f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(runs)} models)")
     unpatched = 100 * sum(hits(run, "none", 0).mean().item() for run in runs) / len(runs)
+    if args.png:
+        plot_pooled(runs, rows, Path(args.png))
     if args.json:
         Path(args.json).write_text(json.dumps({"evals": args.evals, "clips": runs[0]["clips"],
                                                "clip_seed": runs[0]["args"].get("clip_seed", 0),
                                                "unpatched_top1": unpatched, "rows": rows}, indent=2))
+
+
+def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
+    """Top-1 against speed-up for each method and model, and QuickMerge++ minus ToMe-style averaged over the models
+    at each r with its interval (and each model's alone)."""
+    from reporting import figure, interval_line, save_figure
+
+    fig, axes = figure()
+    for m, run in enumerate(runs):
+        rows = run["rows"]
+        for method, label, colour in (("tome", "ToMe-style", "C0"), ("quickmerge", "QuickMerge++", "C1")):
+            mine = [row for row in rows if row["method"] == method]
+            axes[0].plot([1.0] + [row["speedup"] for row in mine], [rows[0]["top1"]] + [row["top1"] for row in mine],
+                         "o-" if m == 0 else "s--", color=colour, label=f"{label}, model {m + 1}")
+    axes[0].set(xlabel="speed-up over the unpatched model (batch 256, 2 cores)", ylabel="top-1 (%)",
+                title=f"VideoMAE on Moving Fashion-MNIST, {len(runs)} training seeds, {runs[0]['clips']:,} clips")
+    rs = [row["r"] for row in pooled]
+    for m, run in enumerate(runs):
+        ours = [row for row in run["rows"] if row["method"] == "quickmerge" and row["r"] in rs]
+        axes[1].plot([row["r"] + 0.6 * (m - (len(runs) - 1) / 2) for row in ours],
+                     [row["minus_tome"][0] for row in ours], "x", color="grey",
+                     label="each model alone" if m == 0 else None)
+    interval_line(axes[1], rs, [tuple(row["quickmerge_minus_tome"]) for row in pooled],
+                  f"QuickMerge++ minus ToMe-style, mean of {len(runs)} models")
+    axes[1].axhline(0, color="grey", lw=0.8)
+    axes[1].set(xlabel="r (tokens merged per block, of 256)", ylabel="top-1 difference (points, paired 95% CI)")
+    axes[1].legend(fontsize=8)
+    save_figure(fig, axes, path)
 
 
 def plot(rows: list[dict], clip_count: int, path: Path) -> None:
@@ -220,6 +250,7 @@ def main() -> None:
     pl = sub.add_parser("pool", help="evaluations of several training seeds on the same clips, averaged per clip")
     pl.add_argument("evals", nargs="+", help="eval JSONs")
     pl.add_argument("--json", default=None)
+    pl.add_argument("--png", default=None, help="plot (needs matplotlib; the evals must carry speed-ups)")
     args = ap.parse_args()
     {"train": train, "eval": evaluate, "pool": pool}[args.command](args)
 
