@@ -39,6 +39,9 @@ SIMILARITIES = ("keys", "hidden")
 # tokens on 2 cores; identical groups; BENCHMARKS.md, stop 49). Other devices match the batch at once: there a
 # chunk buys no cache hits and costs a launch per operation.
 _PAIRS_PER_CHUNK = 1 << 20
+# Attention entries ([b, H, M, N] logits) the saliency holds at once on a CPU, for the same reason: with 16 queries
+# per image a batch of 256 makes tens of MB per pass, in chunks of ~2 MB the passes run ~2.5x faster (stop 68).
+_LOGITS_PER_CHUNK = 1 << 19
 
 
 def attention_saliency(
@@ -57,22 +60,27 @@ def attention_saliency(
     Each (head, query) distribution is weighted by ``1 - H/log N`` (H its entropy), so focused
     heads and queries count more than diffuse ones.
     """
-    n = k.shape[2]
+    if source not in SALIENCY_SOURCES:
+        raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")
+    b, h, n, _ = k.shape
+    m = 1 if source == "cls" else min(num_queries, n)
+    step = max(1, _LOGITS_PER_CHUNK // (h * m * n)) if k.device.type == "cpu" else b
+    if step < b:  # each image's saliency is its own: chunks give the same values
+        return torch.cat([attention_saliency(
+            q[i : i + step], k[i : i + step], scale, None if log_size is None else log_size[i : i + step], source,
+            num_queries, None if valid is None else valid[i : i + step]) for i in range(0, b, step)])
     if source == "cls":
         qs = q[:, :, :1]
-    elif source == "queries" and valid is not None:
-        m = min(num_queries, n)
+    elif valid is not None:
         real = valid.sum(dim=1, keepdim=True)  # [B, 1]
         order = (~valid).to(torch.uint8).argsort(dim=1, stable=True)  # real tokens first, in order
         spread = torch.arange(m, device=q.device) * (real - 1).clamp_min(0) // max(m - 1, 1)  # [B, m]
         index = order.gather(1, spread)  # [B, m] evenly spread over each image's real tokens
         qs = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
-    elif source == "queries":
-        qs = q[:, :, torch.linspace(0, n - 1, min(num_queries, n), device=q.device).long()]
     else:
-        raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")
-    # Each pass over the [B, H, M, N] logits counts where M is 16 (a CPU spends ~5% of a forward here): the scale
-    # goes on the queries, the bias is added in place, and the entropy comes from the log-probabilities.
+        qs = q[:, :, torch.linspace(0, n - 1, m, device=q.device).long()]
+    # Each pass over the [B, H, M, N] logits counts where M is 16: the scale goes on the queries, the bias is added
+    # in place, and the entropy comes from the log-probabilities.
     logits = torch.matmul(qs.float() * scale, k.float().transpose(-1, -2))  # [B, H, M, N]
     if log_size is not None:
         logits += log_size[:, None, None, :].float()

@@ -212,6 +212,28 @@ def test_attention_saliency_equals_its_definition(dtype):
     assert torch.allclose(got[0, :25], want0[0], atol=1e-6) and (got[0, 25:] == 0).all()
 
 
+def test_attention_saliency_in_batch_chunks_is_the_same(monkeypatch):
+    from quickmerge.vision import token_merge
+
+    torch.manual_seed(0)
+    b, h, n, d = 7, 2, 30, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    valid = torch.rand(b, n) > 0.2
+    bias = torch.where(valid, torch.rand(b, n), float("-inf"))
+    whole = {source: attention_saliency(q, k, 0.3, bias, source, num_queries=5, valid=valid)
+             for source in ("cls", "queries")}
+    calls = []
+    real = token_merge.attention_saliency
+    monkeypatch.setattr(token_merge, "_LOGITS_PER_CHUNK", 2 * h * 5 * n)  # two images per chunk
+    monkeypatch.setattr(token_merge, "attention_saliency",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    for source in ("cls", "queries"):
+        assert torch.equal(real(q, k, 0.3, bias, source, num_queries=5, valid=valid), whole[source])
+    assert calls == [2, 2, 2, 1]  # the queries' chunks (the class token's 1 query fits 10 images in one)
+    with pytest.raises(ValueError, match="saliency must be one of"):
+        real(q, k, 0.3, None, "keys")
+
+
 def test_attention_saliency_proportional_bias_raises_a_big_token():
     q, k = torch.zeros(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
     size = torch.tensor([[1.0, 1.0, 8.0, 1.0, 1.0]])
