@@ -5,7 +5,7 @@
 Random queries and keys (speed does not depend on them) at three shapes: the small VideoMAE of
 ``video_vit_fashion.py`` (batch 256, 4 heads, 256 tokens, 16 spread queries), a ViT-B-like batch (256, 12 heads,
 197 tokens) and VideoMAE-Base's clip (batch 1, 12 heads, 1,568 tokens). Milliseconds per call, median of the
-rounds; ``chunk`` is the images per call (``batch``: the whole batch at once, as before stop 68).
+rounds: stop 67's formula on the whole batch at once, against ``attention_saliency`` as it is (on a CPU, in chunks).
 """
 
 from __future__ import annotations

@@ -142,6 +142,8 @@ def pool(args: argparse.Namespace) -> None:
     from quickmerge.eval.stats import bootstrap_mean
 
     runs = [json.loads(Path(path).read_text()) for path in args.evals]
+    if args.png and not all("speedup" in run["rows"][0] for run in runs):
+        raise SystemExit("--png plots top-1 against speed-up: every eval must have been timed (--rounds > 0)")
     clip_sets = {(run["args"].get("clip_seed", 0), run["clips"]) for run in runs}
     if len(clip_sets) != 1:
         raise SystemExit(f"evals: every run must score the same clips (clip seed, count), got {sorted(clip_sets)}")
@@ -152,21 +154,18 @@ def pool(args: argparse.Namespace) -> None:
     def hits(run: dict, method: str, r: int) -> torch.Tensor:
         return torch.tensor([float(c) for c in run["hits"][f"{method}@{r}"]], dtype=torch.float64)
 
-    def averaged(pairs: list[tuple[str, str]], r: int) -> list[float]:
-        """Per-clip difference (first minus second method) averaged over the runs."""
-        return torch.stack([hits(run, a, r if a != "none" else 0) - hits(run, b, r if b != "none" else 0)
-                            for run in runs for a, b in pairs]).mean(0).tolist()
+    def averaged(method: str, base: str, r: int) -> list[float]:
+        """Per-clip difference ``method - base`` at r (the unpatched model at r = 0), averaged over the runs."""
+        return torch.stack([hits(run, method, r) - hits(run, base, 0 if base == "none" else r)
+                            for run in runs]).mean(0).tolist()
 
     rows = []
     for r in sorted(common):
         row = {"r": r, "models": len(runs)}
         for method in ("tome", "quickmerge"):
             row[f"{method}_top1"] = 100 * sum(hits(run, method, r).mean().item() for run in runs) / len(runs)
-            row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged([(method, "none")], r))]
-            speeds = [next(o["speedup"] for o in run["rows"] if o["method"] == method and o["r"] == r)
-                      for run in runs if "speedup" in run["rows"][0]]
-            row[f"{method}_speedup"] = sum(speeds) / len(speeds) if speeds else None
-        row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged([("quickmerge", "tome")], r))]
+            row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged(method, "none", r))]
+        row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged("quickmerge", "tome", r))]
         rows.append(row)
         d = row["quickmerge_minus_tome"]
         print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
@@ -187,13 +186,8 @@ def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
 
     fig, axes = figure()
     for m, run in enumerate(runs):
-        rows = run["rows"]
-        for method, label, colour in (("tome", "ToMe-style", "C0"), ("quickmerge", "QuickMerge++", "C1")):
-            mine = [row for row in rows if row["method"] == method]
-            axes[0].plot([1.0] + [row["speedup"] for row in mine], [rows[0]["top1"]] + [row["top1"] for row in mine],
-                         "o-" if m == 0 else "s--", color=colour, label=f"{label}, model {m + 1}")
-    axes[0].set(xlabel="speed-up over the unpatched model (batch 256, 2 cores)", ylabel="top-1 (%)",
-                title=f"VideoMAE on Moving Fashion-MNIST, {len(runs)} training seeds, {runs[0]['clips']:,} clips")
+        accuracy_against_speed(axes[0], run["rows"], "o-" if m == 0 else "s--", f", model {m + 1}")
+    axes[0].set_title(f"VideoMAE on Moving Fashion-MNIST, {len(runs)} training seeds, {runs[0]['clips']:,} clips")
     rs = [row["r"] for row in pooled]
     for m, run in enumerate(runs):
         ours = [row for row in run["rows"] if row["method"] == "quickmerge" and row["r"] in rs]
@@ -208,18 +202,23 @@ def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
     save_figure(fig, axes, path)
 
 
+def accuracy_against_speed(ax, rows: list[dict], style: str = "o-", suffix: str = "") -> None:
+    """One model's top-1 against speed-up, a line per method starting at the unpatched model (1x)."""
+    for method, label, colour in (("tome", "ToMe-style", "C0"), ("quickmerge", "QuickMerge++", "C1")):
+        mine = [row for row in rows if row["method"] == method]
+        ax.plot([1.0] + [row["speedup"] for row in mine], [rows[0]["top1"]] + [row["top1"] for row in mine],
+                style, color=colour, label=label + suffix)
+    ax.set(xlabel="speed-up over the unpatched model (batch 256, 2 cores)", ylabel="top-1 (%)")
+
+
 def plot(rows: list[dict], clip_count: int, path: Path) -> None:
     """Top-1 against speed-up for each method (the unpatched model at 1x), and QuickMerge++ minus ToMe-style at each
     r with its interval."""
     from reporting import figure, interval_line, save_figure
 
     fig, axes = figure()
-    for method, label in (("tome", "ToMe-style"), ("quickmerge", "QuickMerge++")):
-        mine = [row for row in rows if row["method"] == method]
-        axes[0].plot([1.0] + [row["speedup"] for row in mine], [rows[0]["top1"]] + [row["top1"] for row in mine],
-                     "o-", label=label)
-    axes[0].set(xlabel="speed-up over the unpatched model (batch 256, 2 cores)", ylabel="top-1 (%)",
-                title=f"VideoMAE on Moving Fashion-MNIST, {clip_count:,} test clips")
+    accuracy_against_speed(axes[0], rows)
+    axes[0].set_title(f"VideoMAE on Moving Fashion-MNIST, {clip_count:,} test clips")
     ours = [row for row in rows if row["method"] == "quickmerge"]
     interval_line(axes[1], [row["r"] for row in ours], [tuple(row["minus_tome"]) for row in ours],
                   "QuickMerge++ minus ToMe-style")

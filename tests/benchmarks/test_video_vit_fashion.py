@@ -13,13 +13,13 @@ def eval_run(hits: dict[str, str], clip_seed: int = 0) -> dict:
     return {"args": {"clip_seed": clip_seed}, "clips": len(hits["none@0"]), "rows": rows, "hits": hits}
 
 
-def run_pool(tmp_path, runs: list[dict]) -> dict:
+def run_pool(tmp_path, runs: list[dict], png: str | None = None) -> dict:
     paths = []
     for i, run in enumerate(runs):
         paths.append(tmp_path / f"eval{i}.json")
         paths[-1].write_text(json.dumps(run))
     out = tmp_path / "pooled.json"
-    pool(argparse.Namespace(evals=[str(p) for p in paths], json=str(out), png=None))
+    pool(argparse.Namespace(evals=[str(p) for p in paths], json=str(out), png=png))
     return json.loads(out.read_text())
 
 
@@ -43,3 +43,10 @@ def test_pool_refuses_evaluations_of_different_clips(tmp_path):
     first = eval_run({"none@0": "11", "tome@32": "10", "quickmerge@32": "11"})
     with pytest.raises(SystemExit, match="same clips"):
         run_pool(tmp_path, [first, eval_run(first["hits"], clip_seed=1)])
+
+
+def test_pool_refuses_a_plot_of_untimed_evaluations_before_any_work(tmp_path):
+    untimed = eval_run({"none@0": "11", "tome@32": "10", "quickmerge@32": "11"})
+    with pytest.raises(SystemExit, match="--rounds > 0"):
+        run_pool(tmp_path, [untimed, untimed], png=str(tmp_path / "plot.png"))
+    assert not (tmp_path / "pooled.json").exists() and not (tmp_path / "plot.png").exists()
