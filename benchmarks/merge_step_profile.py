@@ -1,0 +1,106 @@
+"""Where a merge step's time goes: QuickMerge++ against ToMe-style inside the small VideoMAE of stops 67-69.
+
+    python benchmarks/merge_step_profile.py --json docs/results/stop69/merge_step_profile.json
+
+``torch.profiler`` over forwards of ``video_vit_fashion.py``'s model (a fresh initialisation unless ``--model`` names
+a trained one: the cost does not depend on the weights) on a batch of its test clips, each method at the same r.
+The merge step's pieces, as ``quickmerge.vision.patch`` calls them, are wrapped in ``record_function`` labels for the
+run; the report is milliseconds per forward (CPU total, children included) of each piece and of the whole forward,
+for both methods, and QuickMerge++ minus ToMe-style.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from video_vit_fashion import clips, config
+
+import quickmerge
+from quickmerge.data.fashion_mnist import load_fashion_mnist
+
+patch_module = importlib.import_module("quickmerge.vision.patch")  # the package exports a function of that name
+token_merge = importlib.import_module("quickmerge.vision.token_merge")
+
+# the functions of one merge step, by the module that calls them and the name it calls them by
+PIECES = (
+    (patch_module, ("attention_saliency", "quickmerge_bipartite_assign", "tome_assign", "weighted_mean",
+                               "group_sum", "in_first_member_order")),
+    (token_merge, ("removal_penalty", "bipartite_round")),
+    (patch_module.MergeHandle, ("merge",)),
+)
+NAMES = tuple(name for _, names in PIECES for name in names)
+LABELS = {"merge": "merge step (whole)"}
+FORWARD = "forward (whole)"
+
+
+@torch.inference_mode()
+def profile_method(model: torch.nn.Module, x: torch.Tensor, method: str, r: int, forwards: int) -> dict[str, float]:
+    """Milliseconds per forward of each labelled piece and of the whole forward."""
+    with quickmerge.patch(model, r=r, method=method):
+        model(pixel_values=x)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(forwards):
+                with record_function(FORWARD):
+                    model(pixel_values=x)
+    totals = {e.key: e.cpu_time_total / 1e3 / forwards for e in prof.key_averages()}
+    return {name: totals.get(name, 0.0) for name in (FORWARD, *(LABELS.get(n, n) for n in NAMES))}
+
+
+def labelled(name: str, fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with record_function(name):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None, help="a trained video_vit_fashion.py model (default: fresh weights)")
+    ap.add_argument("--r", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--forwards", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.model:
+        model = transformers.VideoMAEForVideoClassification.from_pretrained(args.model, attn_implementation="sdpa")
+    else:
+        model = transformers.VideoMAEForVideoClassification(config())
+    model.eval()
+    items, labels = load_fashion_mnist("test")
+    x, _ = clips(items, labels, args.batch, seed=0)
+    originals = [(module, name, getattr(module, name)) for module, names in PIECES for name in names]
+    try:
+        for module, name, fn in originals:
+            setattr(module, name, labelled(LABELS.get(name, name), fn))
+        results = {method: profile_method(model, x, method, args.r, args.forwards) for method in ("tome", "quickmerge")}
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+    rows = [{"piece": name, "tome_ms": results["tome"][name], "quickmerge_ms": results["quickmerge"][name],
+             "difference_ms": results["quickmerge"][name] - results["tome"][name]} for name in results["tome"]]
+    print(f"{'ms per forward':>28} {'ToMe-style':>10} {'QuickMerge++':>12} {'difference':>10}")
+    for row in rows:
+        print(f"{row['piece']:>28} {row['tome_ms']:10.1f} {row['quickmerge_ms']:12.1f} {row['difference_ms']:+10.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "torch": torch.__version__,
+                                               "transformers": transformers.__version__,
+                                               "platform": platform.platform(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
