@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-
 from video_vit_fashion import clips, config
 
 import quickmerge
