@@ -14,8 +14,9 @@ wide, 8 x 8 patches, tubelets of 2 frames: 256 tokens.
 
 ``eval``: top-1 of the unpatched model and of ToMe-style and QuickMerge++ (``patch`` defaults) at each r, the paired
 difference QuickMerge++ minus ToMe-style with its 95% bootstrap interval, and speed-ups timed together in rotating
-rounds (``quickmerge.eval.vision.time_settings_together``). ``pool``: models of several training seeds evaluated on
-the same clips; at each r the per-clip difference averaged over the models, with its bootstrap interval over clips.
+rounds (``quickmerge.eval.vision.time_settings_together``). ``pool``: models of several training seeds, each clip set
+scored by every model; at each r the per-clip difference averaged over the models (the clip sets one after
+another), with its bootstrap interval over clips, and each model's own mean difference.
 """
 
 from __future__ import annotations
@@ -144,9 +145,14 @@ def pool(args: argparse.Namespace) -> None:
     runs = [json.loads(Path(path).read_text()) for path in args.evals]
     if args.png and not all("speedup" in run["rows"][0] for run in runs):
         raise SystemExit("--png plots top-1 against speed-up: every eval must have been timed (--rounds > 0)")
-    clip_sets = {(run["args"].get("clip_seed", 0), run["clips"]) for run in runs}
-    if len(clip_sets) != 1:
-        raise SystemExit(f"evals: every run must score the same clips (clip seed, count), got {sorted(clip_sets)}")
+    sets: dict[tuple[int, int], list[dict]] = {}  # runs by the clips they score (clip seed, count)
+    for run in runs:
+        sets.setdefault((run["args"].get("clip_seed", 0), run["clips"]), []).append(run)
+    models = [sorted(run["args"]["model"] for run in group) for group in sets.values()]
+    if any(len(set(group)) != len(group) for group in models) or any(group != models[0] for group in models):
+        raise SystemExit(f"evals: each clip set must be scored once by each of the same models, got {models}")
+    if args.png and len(sets) > 1:
+        raise SystemExit("--png draws one clip set: pool the evals of one clip seed to plot them")
     common = set.intersection(*({row["r"] for row in run["rows"] if row["method"] != "none"} for run in runs))
     if not common:
         raise SystemExit("evals: the runs share no r")
@@ -154,29 +160,41 @@ def pool(args: argparse.Namespace) -> None:
     def hits(run: dict, method: str, r: int) -> torch.Tensor:
         return torch.tensor([float(c) for c in run["hits"][f"{method}@{r}"]], dtype=torch.float64)
 
+    def difference(run: dict, method: str, base: str, r: int) -> torch.Tensor:
+        """Per-clip ``method - base`` at r (the unpatched model at r = 0)."""
+        return hits(run, method, r) - hits(run, base, 0 if base == "none" else r)
+
     def averaged(method: str, base: str, r: int) -> list[float]:
-        """Per-clip difference ``method - base`` at r (the unpatched model at r = 0), averaged over the runs."""
-        return torch.stack([hits(run, method, r) - hits(run, base, 0 if base == "none" else r)
-                            for run in runs]).mean(0).tolist()
+        """Per-clip difference averaged over the models, the clip sets one after another."""
+        return torch.cat([torch.stack([difference(run, method, base, r) for run in group]).mean(0)
+                          for group in sets.values()]).tolist()
+
+    def per_model(method: str, base: str, r: int) -> list[float]:
+        """Each model's mean difference over all its clips, in points, models in name order."""
+        return [100 * torch.cat([difference(run, method, base, r) for group in sets.values() for run in group
+                                 if run["args"]["model"] == model]).mean().item() for model in models[0]]
 
     rows = []
     for r in sorted(common):
-        row = {"r": r, "models": len(runs)}
+        row = {"r": r, "models": len(models[0]), "clip_sets": len(sets)}
         for method in ("tome", "quickmerge"):
             row[f"{method}_top1"] = 100 * sum(hits(run, method, r).mean().item() for run in runs) / len(runs)
             row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged(method, "none", r))]
         row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged("quickmerge", "tome", r))]
+        row["quickmerge_minus_tome_per_model"] = per_model("quickmerge", "tome", r)
         rows.append(row)
-        d = row["quickmerge_minus_tome"]
+        d, each = row["quickmerge_minus_tome"], row["quickmerge_minus_tome_per_model"]
         print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
-              f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(runs)} models)")
+              f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(each)} models on "
+              f"{len(sets)} clip set(s); each model: {', '.join(f'{v:+.2f}' for v in each)})")
     unpatched = 100 * sum(hits(run, "none", 0).mean().item() for run in runs) / len(runs)
     if args.png:
         plot_pooled(runs, rows, Path(args.png))
     if args.json:
-        Path(args.json).write_text(json.dumps({"evals": args.evals, "clips": runs[0]["clips"],
-                                               "clip_seed": runs[0]["args"].get("clip_seed", 0),
-                                               "unpatched_top1": unpatched, "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({
+            "evals": args.evals, "models": models[0], "clip_sets": [{"clip_seed": seed, "clips": count}
+                                                                     for seed, count in sets],
+            "clips": sum(count for _, count in sets), "unpatched_top1": unpatched, "rows": rows}, indent=2))
 
 
 def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:

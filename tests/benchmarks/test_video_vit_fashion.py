@@ -8,9 +8,10 @@ import pytest
 from benchmarks.video_vit_fashion import pool
 
 
-def eval_run(hits: dict[str, str], clip_seed: int = 0) -> dict:
+def eval_run(hits: dict[str, str], clip_seed: int = 0, model: str = "seed0") -> dict:
     rows = [{"method": "none", "r": 0}] + [{"method": m, "r": 32} for m in ("tome", "quickmerge")]
-    return {"args": {"clip_seed": clip_seed}, "clips": len(hits["none@0"]), "rows": rows, "hits": hits}
+    return {"args": {"clip_seed": clip_seed, "model": model}, "clips": len(hits["none@0"]), "rows": rows,
+            "hits": hits}
 
 
 def run_pool(tmp_path, runs: list[dict], png: str | None = None) -> dict:
@@ -25,7 +26,7 @@ def run_pool(tmp_path, runs: list[dict], png: str | None = None) -> dict:
 
 def test_pool_averages_each_clips_difference_over_the_models(tmp_path):
     first = eval_run({"none@0": "1111", "tome@32": "1100", "quickmerge@32": "1110"})   # QuickMerge++ +1 clip
-    second = eval_run({"none@0": "1110", "tome@32": "1110", "quickmerge@32": "1010"})  # QuickMerge++ -1 clip
+    second = eval_run({"none@0": "1110", "tome@32": "1110", "quickmerge@32": "1010"}, model="seed1")  # -1 clip
     pooled = run_pool(tmp_path, [first, second])
     row = pooled["rows"][0]
     assert row["r"] == 32 and row["models"] == 2
@@ -35,14 +36,31 @@ def test_pool_averages_each_clips_difference_over_the_models(tmp_path):
     assert row["quickmerge_minus_tome"][0] == pytest.approx(0.0)
     assert row["tome_minus_unpatched"][0] == pytest.approx(100 * ((-2 / 4) + 0) / 2)
     assert pooled["unpatched_top1"] == pytest.approx(100 * (1 + 3 / 4) / 2)
-    alone = run_pool(tmp_path, [first, first])["rows"][0]  # one model twice: that model's own difference
+    assert row["quickmerge_minus_tome_per_model"] == pytest.approx([25.0, -25.0])  # each model alone
+    alone = run_pool(tmp_path, [first])["rows"][0]
     assert alone["quickmerge_minus_tome"][0] == pytest.approx(25.0)
 
 
-def test_pool_refuses_evaluations_of_different_clips(tmp_path):
-    first = eval_run({"none@0": "11", "tome@32": "10", "quickmerge@32": "11"})
-    with pytest.raises(SystemExit, match="same clips"):
-        run_pool(tmp_path, [first, eval_run(first["hits"], clip_seed=1)])
+def test_pool_puts_the_clip_sets_of_the_same_models_one_after_another(tmp_path):
+    a0 = eval_run({"none@0": "11", "tome@32": "10", "quickmerge@32": "11"}, model="a")  # +1 of 2 clips
+    b0 = eval_run({"none@0": "11", "tome@32": "11", "quickmerge@32": "11"}, model="b")  # level
+    a1 = eval_run({"none@0": "1111", "tome@32": "1111", "quickmerge@32": "0111"}, clip_seed=1, model="a")  # -1 of 4
+    b1 = eval_run({"none@0": "1111", "tome@32": "0011", "quickmerge@32": "1111"}, clip_seed=1, model="b")  # +2 of 4
+    pooled = run_pool(tmp_path, [b1, a0, b0, a1])
+    row = pooled["rows"][0]
+    assert pooled["clips"] == 6 and row["models"] == 2 and row["clip_sets"] == 2
+    # per clip, averaged over a and b: set 0 (+0.5, 0), set 1 (0, +0.5, 0, 0) -> mean 1/6
+    assert row["quickmerge_minus_tome"][0] == pytest.approx(100 / 6)
+    assert row["quickmerge_minus_tome_per_model"] == pytest.approx([0.0, 100 * 2 / 6])  # a: +1 -1, b: +2 of 6
+
+
+@pytest.mark.parametrize("case", ["a model missing from a clip set", "one model twice"])
+def test_pool_refuses_clip_sets_not_scored_by_the_same_models(tmp_path, case):
+    hits = {"none@0": "11", "tome@32": "10", "quickmerge@32": "11"}
+    runs = ([eval_run(hits, model="a"), eval_run(hits, model="b"), eval_run(hits, clip_seed=1, model="a")]
+            if case == "a model missing from a clip set" else [eval_run(hits, model="a"), eval_run(hits, model="a")])
+    with pytest.raises(SystemExit, match="same models"):
+        run_pool(tmp_path, runs)
 
 
 def test_pool_refuses_a_plot_of_untimed_evaluations_before_any_work(tmp_path):
@@ -50,3 +68,14 @@ def test_pool_refuses_a_plot_of_untimed_evaluations_before_any_work(tmp_path):
     with pytest.raises(SystemExit, match="--rounds > 0"):
         run_pool(tmp_path, [untimed, untimed], png=str(tmp_path / "plot.png"))
     assert not (tmp_path / "pooled.json").exists() and not (tmp_path / "plot.png").exists()
+
+
+def test_pool_refuses_a_plot_of_several_clip_sets(tmp_path):
+    hits = {"none@0": "11", "tome@32": "10", "quickmerge@32": "11"}
+    runs = [eval_run(hits, clip_seed=seed) for seed in (0, 1)]
+    for run in runs:
+        for row in run["rows"]:
+            row["speedup"] = 1.0
+    with pytest.raises(SystemExit, match="one clip set"):
+        run_pool(tmp_path, runs, png=str(tmp_path / "plot.png"))
+    assert not (tmp_path / "plot.png").exists()
