@@ -12,6 +12,7 @@ for both methods, and QuickMerge++ minus ToMe-style.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import json
@@ -21,7 +22,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-from video_vit_fashion import clips, config
 
 import quickmerge
 from quickmerge.data.fashion_mnist import load_fashion_mnist
@@ -62,6 +62,19 @@ def labelled(name: str, fn):
     return wrapper
 
 
+@contextlib.contextmanager
+def labelled_pieces():
+    """Wrap each piece of :data:`PIECES` in a ``record_function`` label; the originals are back on exit."""
+    originals = [(module, name, getattr(module, name)) for module, names in PIECES for name in names]
+    try:
+        for module, name, fn in originals:
+            setattr(module, name, labelled(LABELS.get(name, name), fn))
+        yield
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="a trained video_vit_fashion.py model (default: fresh weights)")
@@ -72,6 +85,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers
+    from video_vit_fashion import clips, config  # a sibling script: run this one from the repository root
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -82,14 +96,8 @@ def main() -> None:
     model.eval()
     items, labels = load_fashion_mnist("test")
     x, _ = clips(items, labels, args.batch, seed=0)
-    originals = [(module, name, getattr(module, name)) for module, names in PIECES for name in names]
-    try:
-        for module, name, fn in originals:
-            setattr(module, name, labelled(LABELS.get(name, name), fn))
+    with labelled_pieces():
         results = {method: profile_method(model, x, method, args.r, args.forwards) for method in ("tome", "quickmerge")}
-    finally:
-        for module, name, fn in originals:
-            setattr(module, name, fn)
     rows = [{"piece": name, "tome_ms": results["tome"][name], "quickmerge_ms": results["quickmerge"][name],
              "difference_ms": results["quickmerge"][name] - results["tome"][name]} for name in results["tome"]]
     print(f"{'ms per forward':>28} {'ToMe-style':>10} {'QuickMerge++':>12} {'difference':>10}")

@@ -1,0 +1,31 @@
+"""The merge-step profile labels the pieces QuickMerge++ and ToMe-style really call, and puts them back after."""
+
+import pytest
+import torch
+
+from benchmarks import merge_step_profile as profile
+
+transformers = pytest.importorskip("transformers")
+
+
+def small_videomae() -> torch.nn.Module:
+    config = transformers.VideoMAEConfig(image_size=16, patch_size=8, num_channels=1, num_frames=4, tubelet_size=2,
+                                         hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, num_labels=3, use_mean_pooling=True,
+                                         attn_implementation="sdpa")
+    return transformers.VideoMAEForVideoClassification(config).eval()
+
+
+def test_each_method_shows_the_pieces_it_calls():
+    model, x = small_videomae(), torch.randn(4, 4, 1, 16, 16)  # 8 tokens per clip
+    before = {(module, name): getattr(module, name) for module, names in profile.PIECES for name in names}
+    with profile.labelled_pieces():
+        tome = profile.profile_method(model, x, "tome", r=2, forwards=1)
+        ours = profile.profile_method(model, x, "quickmerge", r=2, forwards=1)
+    assert all(getattr(module, name) is fn for (module, name), fn in before.items())
+    for times in (tome, ours):
+        assert times[profile.FORWARD] > times["merge step (whole)"] > times["weighted_mean"] > 0
+        assert times["bipartite_round"] > 0
+    assert tome["tome_assign"] > 0 and tome["attention_saliency"] == tome["removal_penalty"] == 0
+    assert ours["tome_assign"] == 0
+    assert ours["attention_saliency"] > 0 and ours["removal_penalty"] > 0 and ours["quickmerge_bipartite_assign"] > 0
