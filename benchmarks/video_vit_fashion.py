@@ -36,6 +36,7 @@ from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.data.moving_fashion import moving_fashion_mnist
 
 FRAMES, CANVAS = 8, 64
+MODEL_STYLES = ("o-", "s--", "^:", "D-.")  # one line style per model in the pooled plot
 
 
 def config():
@@ -204,7 +205,7 @@ def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
 
     fig, axes = figure()
     for m, run in enumerate(runs):
-        accuracy_against_speed(axes[0], run["rows"], "o-" if m == 0 else "s--", f", model {m + 1}")
+        accuracy_against_speed(axes[0], run["rows"], MODEL_STYLES[m % len(MODEL_STYLES)], f", model {m + 1}")
     axes[0].set_title(f"VideoMAE on Moving Fashion-MNIST, {len(runs)} training seeds, {runs[0]['clips']:,} clips")
     rs = [row["r"] for row in pooled]
     for m, run in enumerate(runs):
