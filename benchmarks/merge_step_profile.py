@@ -1,9 +1,12 @@
 """Where a merge step's time goes: QuickMerge++ against ToMe-style inside the small VideoMAE of stops 67-69.
 
-    python benchmarks/merge_step_profile.py --json docs/results/stop69/merge_step_profile.json
+    python benchmarks/merge_step_profile.py --model results/s67/videomae_fashion --r 32 --forwards 6 \
+        --json results/s69/merge_step_profile_r32_f6.json
 
 ``torch.profiler`` over forwards of ``video_vit_fashion.py``'s model (a fresh initialisation unless ``--model`` names
-a trained one: the cost does not depend on the weights) on a batch of its test clips, each method at the same r.
+a trained one; the weights change which tokens merge, hardly the cost) on a batch of its test clips, each method at
+the same r. Profiled forwards run slower than timed ones, and a run of 3 forwards may carry noise outside the merge
+step: compare the merge step's pieces, or give more ``--forwards``.
 The merge step's pieces, as ``quickmerge.vision.patch`` calls them, are wrapped in ``record_function`` labels for the
 run; the report is milliseconds per forward (CPU total, children included) of each piece and of the whole forward,
 for both methods, and QuickMerge++ minus ToMe-style.
@@ -31,8 +34,8 @@ token_merge = importlib.import_module("quickmerge.vision.token_merge")
 
 # the functions of one merge step, by the module that calls them and the name it calls them by
 PIECES = (
-    (patch_module, ("attention_saliency", "quickmerge_bipartite_assign", "tome_assign", "weighted_mean",
-                               "group_sum", "in_first_member_order")),
+    (patch_module, ("attention_saliency", "quickmerge_bipartite_assign", "tome_assign", "weighted_mean", "group_sum",
+                    "in_first_member_order")),
     (token_merge, ("removal_penalty", "bipartite_round")),
     (patch_module.MergeHandle, ("merge",)),
 )
