@@ -45,9 +45,10 @@ FORWARD = "forward (whole)"
 
 
 @torch.inference_mode()
-def profile_method(model: torch.nn.Module, x: torch.Tensor, method: str, r: int, forwards: int) -> dict[str, float]:
-    """Milliseconds per forward of each labelled piece and of the whole forward."""
-    with quickmerge.patch(model, r=r, method=method):
+def profile_method(model: torch.nn.Module, x: torch.Tensor, method: str, r: int, forwards: int,
+                   **settings) -> dict[str, float]:
+    """Milliseconds per forward of each labelled piece and of the whole forward (``settings``: more of ``patch``'s)."""
+    with quickmerge.patch(model, r=r, method=method, **settings):
         model(pixel_values=x)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(forwards):
@@ -85,6 +86,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--forwards", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--saliency-queries", type=int, default=None, help="QuickMerge++'s (patch's saliency_queries)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers
@@ -100,7 +102,9 @@ def main() -> None:
     items, labels = load_fashion_mnist("test")
     x, _ = clips(items, labels, args.batch, seed=0)
     with labelled_pieces():
-        results = {method: profile_method(model, x, method, args.r, args.forwards) for method in ("tome", "quickmerge")}
+        ours = {} if args.saliency_queries is None else {"saliency_queries": args.saliency_queries}
+        results = {"tome": profile_method(model, x, "tome", args.r, args.forwards),
+                   "quickmerge": profile_method(model, x, "quickmerge", args.r, args.forwards, **ours)}
     rows = [{"piece": name, "tome_ms": results["tome"][name], "quickmerge_ms": results["quickmerge"][name],
              "difference_ms": results["quickmerge"][name] - results["tome"][name]} for name in results["tome"]]
     print(f"{'ms per forward':>28} {'ToMe-style':>10} {'QuickMerge++':>12} {'difference':>10}")

@@ -11,12 +11,17 @@ wide, 8 x 8 patches, tubelets of 2 frames: 256 tokens.
     python benchmarks/video_vit_fashion.py eval results/s67/videomae_fashion --r 8 16 24 32 \
         --json results/s67/videomae_fashion_eval.json --png docs/img/video_vit_fashion.png
     python benchmarks/video_vit_fashion.py pool EVAL_SEED0.json EVAL_SEED1.json --json pooled.json
+    python benchmarks/video_vit_fashion.py eval results/s67/videomae_fashion --r 32 --saliency-queries 4 8 16 32 \
+        --json results/s70/seed0_queries.json
 
 ``eval``: top-1 of the unpatched model and of ToMe-style and QuickMerge++ (``patch`` defaults) at each r, the paired
 difference QuickMerge++ minus ToMe-style with its 95% bootstrap interval, and speed-ups timed together in rotating
-rounds (``quickmerge.eval.vision.time_settings_together``). ``pool``: models of several training seeds, each clip set
+rounds (``quickmerge.eval.vision.time_settings_together``); with ``--saliency-queries``, QuickMerge++ at each count of
+saliency queries (``patch(saliency_queries=...)``; 16, the default, is the plain ``quickmerge`` row, the others are
+also compared with it). ``pool``: models of several training seeds, each clip set
 scored by every model; at each r the per-clip difference averaged over the models (the clip sets one after
-another), with its bootstrap interval over clips, and each model's own mean difference.
+another), with its bootstrap interval over clips, and each model's own mean difference; the same for every other
+count of saliency queries all the evals share, against ToMe-style and against the default count.
 """
 
 from __future__ import annotations
@@ -34,9 +39,28 @@ import torch.nn.functional as F
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.data.moving_fashion import moving_fashion_mnist
+from quickmerge.vision.patch import DEFAULT_SALIENCY_QUERIES as DEFAULT_QUERIES
 
 FRAMES, CANVAS = 8, 64
 MODEL_STYLES = ("o-", "s--", "^:", "D-.")  # one line style per model in the pooled plot
+
+
+def hits_key(method: str, r: int, queries: int = DEFAULT_QUERIES) -> str:
+    """The eval JSON's key of a setting's per-clip hits; QuickMerge++ at the default query count keeps the plain
+    ``method@r`` of the evals made before the count was a setting."""
+    return f"{method}@{r}" + (f"/queries={queries}" if queries != DEFAULT_QUERIES else "")
+
+
+def default_rows(rows: list[dict]) -> list[dict]:
+    """The rows of ``patch``'s defaults: every method's, QuickMerge++'s at the default query count only."""
+    return [row for row in rows if row.get("saliency_queries", DEFAULT_QUERIES) == DEFAULT_QUERIES]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
 
 
 def config():
@@ -109,12 +133,16 @@ def evaluate(args: argparse.Namespace) -> None:
         return [float(h) for h in hits]
 
     rows = [{"method": "none", "r": 0, "hits": correct()}]
+    queries = sorted(set(args.saliency_queries), key=lambda q: (q != DEFAULT_QUERIES, q))  # the default row first
     for r in args.r:
-        for method in ("tome", "quickmerge"):
-            with quickmerge.patch(model, r=r, method=method) as handle:
-                rows.append({"method": method, "r": r, "hits": correct(), "tokens_per_layer": handle.tokens_per_layer})
-            print(f"{method:>10} r={r:>2}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
-    jobs = [(None, 0, {})] + [(row["method"], row["r"], {}) for row in rows[1:]]
+        for method, count in [("tome", DEFAULT_QUERIES)] + [("quickmerge", q) for q in queries]:
+            options = {} if method == "tome" else {"saliency_queries": count}
+            with quickmerge.patch(model, r=r, method=method, **options) as handle:
+                rows.append({"method": method, "r": r, **options, "hits": correct(),
+                             "tokens_per_layer": handle.tokens_per_layer})
+            print(f"{hits_key(method, r, count):>24}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
+    jobs = [(None, 0, {})] + [(row["method"], row["r"], {k: row[k] for k in ("saliency_queries",) if k in row})
+                              for row in rows[1:]]
     timing = time_settings_together(model, jobs, x[: args.batch], args.rounds) if args.rounds else None
     for i, row in enumerate(rows):
         row["top1"], row["top1_low"], row["top1_high"] = (100 * v for v in bootstrap_mean(row["hits"]))
@@ -124,20 +152,26 @@ def evaluate(args: argparse.Namespace) -> None:
         if row["method"] == "quickmerge":
             tome = next(o for o in rows if o["method"] == "tome" and o["r"] == row["r"])
             row["minus_tome"] = [100 * v for v in bootstrap_difference(row["hits"], tome["hits"])]
+            default = next((o for o in rows if o["method"] == "quickmerge" and o["r"] == row["r"]
+                            and o["saliency_queries"] == DEFAULT_QUERIES), None)
+            if default is not None and row is not default:
+                row["minus_default_queries"] = [100 * v for v in bootstrap_difference(row["hits"], default["hits"])]
         row["minus_unpatched"] = [100 * v for v in bootstrap_difference(row["hits"], rows[0]["hits"])]
     for row in rows:
         extra = "".join(f", {k} {v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
                         for k, v in row.items() if k.startswith("minus"))
         speed = f", {row['speedup']:.2f}x" if "speedup" in row else ""
-        print(f"{row['method']:>10} r={row['r']:>2}: {row['top1']:.2f}%{speed}{extra}")
+        key = hits_key(row["method"], row["r"], row.get("saliency_queries", DEFAULT_QUERIES))
+        print(f"{key:>24}: {row['top1']:.2f}%{speed}{extra}")
     if args.json:
         info = {"args": vars(args), "clips": len(x), "tokens": 256, "cores": os.cpu_count(),
                 "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "rows": [{k: v for k, v in row.items() if k != "hits"} for row in rows],
-                "hits": {f"{row['method']}@{row['r']}": "".join(str(int(h)) for h in row["hits"]) for row in rows}}
+                "hits": {hits_key(row["method"], row["r"], row.get("saliency_queries", DEFAULT_QUERIES)):
+                         "".join(str(int(h)) for h in row["hits"]) for row in rows}}
         Path(args.json).write_text(json.dumps(info, indent=2))
     if args.png:
-        plot(rows, len(x), Path(args.png))
+        plot(default_rows(rows), len(x), Path(args.png))
 
 
 def pool(args: argparse.Namespace) -> None:
@@ -158,22 +192,23 @@ def pool(args: argparse.Namespace) -> None:
     if not common:
         raise SystemExit("evals: the runs share no r")
 
-    def hits(run: dict, method: str, r: int) -> torch.Tensor:
-        return torch.tensor([float(c) for c in run["hits"][f"{method}@{r}"]], dtype=torch.float64)
+    def hits(run: dict, method: str, r: int, queries: int = DEFAULT_QUERIES) -> torch.Tensor:
+        return torch.tensor([float(c) for c in run["hits"][hits_key(method, r, queries)]], dtype=torch.float64)
 
-    def difference(run: dict, method: str, base: str, r: int) -> torch.Tensor:
-        """Per-clip ``method - base`` at r (the unpatched model at r = 0)."""
-        return hits(run, method, r) - hits(run, base, 0 if base == "none" else r)
+    def difference(run: dict, method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> torch.Tensor:
+        """Per-clip ``method - base`` at r (the unpatched model at r = 0; ``queries``: QuickMerge++'s count)."""
+        return hits(run, method, r, queries) - hits(run, base, 0 if base == "none" else r)
 
-    def averaged(method: str, base: str, r: int) -> list[float]:
+    def averaged(method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> list[float]:
         """Per-clip difference averaged over the models, the clip sets one after another."""
-        return torch.cat([torch.stack([difference(run, method, base, r) for run in group]).mean(0)
+        return torch.cat([torch.stack([difference(run, method, base, r, queries) for run in group]).mean(0)
                           for group in sets.values()]).tolist()
 
-    def per_model(method: str, base: str, r: int) -> list[float]:
+    def per_model(method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> list[float]:
         """Each model's mean difference over all its clips, in points, models in name order."""
-        return [100 * torch.cat([difference(run, method, base, r) for group in sets.values() for run in group
-                                 if run["args"]["model"] == model]).mean().item() for model in models[0]]
+        return [100 * torch.cat([difference(run, method, base, r, queries) for group in sets.values()
+                                 for run in group if run["args"]["model"] == model]).mean().item()
+                for model in models[0]]
 
     rows = []
     for r in sorted(common):
@@ -188,6 +223,27 @@ def pool(args: argparse.Namespace) -> None:
         print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
               f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(each)} models on "
               f"{len(sets)} clip set(s); each model: {', '.join(f'{v:+.2f}' for v in each)})")
+    # QuickMerge++ at other counts of saliency queries, where every eval has them: against ToMe-style and against
+    # QuickMerge++ at the default count (per clip, (ours - ToMe) - (default - ToMe))
+    variants = set.intersection(*({key for key in run["hits"] if "/queries=" in key} for run in runs))
+    query_rows = []
+    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), int(k.split("=")[1]))):
+        r, queries = int(key.split("@")[1].split("/")[0]), int(key.split("=")[1])
+        against_default = torch.tensor(averaged("quickmerge", "tome", r, queries)) - torch.tensor(
+            averaged("quickmerge", "tome", r))
+        row = {"r": r, "saliency_queries": queries, "models": len(models[0]), "clip_sets": len(sets),
+               "top1": 100 * sum(hits(run, "quickmerge", r, queries).mean().item() for run in runs) / len(runs),
+               "minus_tome": [100 * v for v in bootstrap_mean(averaged("quickmerge", "tome", r, queries))],
+               "minus_tome_per_model": per_model("quickmerge", "tome", r, queries),
+               "minus_default_queries": [100 * v for v in bootstrap_mean(against_default.tolist())],
+               "minus_default_queries_per_model": [a - b for a, b in zip(per_model("quickmerge", "tome", r, queries),
+                                                                          per_model("quickmerge", "tome", r),
+                                                                          strict=True)]}
+        query_rows.append(row)
+        d, e = row["minus_tome"], row["minus_default_queries"]
+        print(f"r={r:>2}, QuickMerge++ with {queries} saliency queries: {row['top1']:.2f}%, minus ToMe-style "
+              f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}], minus {DEFAULT_QUERIES} queries {e[0]:+.2f} [{e[1]:+.2f}, "
+              f"{e[2]:+.2f}] (each model: {', '.join(f'{v:+.2f}' for v in row['minus_default_queries_per_model'])})")
     unpatched = 100 * sum(hits(run, "none", 0).mean().item() for run in runs) / len(runs)
     if args.png:
         plot_pooled(runs, rows, Path(args.png))
@@ -195,7 +251,8 @@ def pool(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps({
             "evals": args.evals, "models": models[0], "clip_sets": [{"clip_seed": seed, "clips": count}
                                                                      for seed, count in sets],
-            "clips": sum(count for _, count in sets), "unpatched_top1": unpatched, "rows": rows}, indent=2))
+            "clips": sum(count for _, count in sets), "unpatched_top1": unpatched, "rows": rows,
+            **({"saliency_queries_rows": query_rows} if query_rows else {})}, indent=2))
 
 
 def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
@@ -205,11 +262,12 @@ def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:
 
     fig, axes = figure()
     for m, run in enumerate(runs):
-        accuracy_against_speed(axes[0], run["rows"], MODEL_STYLES[m % len(MODEL_STYLES)], f", model {m + 1}")
+        style = MODEL_STYLES[m % len(MODEL_STYLES)]
+        accuracy_against_speed(axes[0], default_rows(run["rows"]), style, f", model {m + 1}")
     axes[0].set_title(f"VideoMAE on Moving Fashion-MNIST, {len(runs)} training seeds, {runs[0]['clips']:,} clips")
     rs = [row["r"] for row in pooled]
     for m, run in enumerate(runs):
-        ours = [row for row in run["rows"] if row["method"] == "quickmerge" and row["r"] in rs]
+        ours = [row for row in default_rows(run["rows"]) if row["method"] == "quickmerge" and row["r"] in rs]
         axes[1].plot([row["r"] + 0.6 * (m - (len(runs) - 1) / 2) for row in ours],
                      [row["minus_tome"][0] for row in ours], "x", color="grey",
                      label="each model alone" if m == 0 else None)
@@ -262,6 +320,8 @@ def main() -> None:
     e.add_argument("--batch", type=int, default=256)
     e.add_argument("--rounds", type=int, default=10, help="timing rounds; 0: accuracy only")
     e.add_argument("--clip-seed", type=int, default=0, help="seed of the test clips (0: the reported set)")
+    e.add_argument("--saliency-queries", type=positive_int, nargs="+", default=[DEFAULT_QUERIES],
+                   help="QuickMerge++ at each of these counts of saliency queries (patch's saliency_queries)")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--png", default=None, help="plot (needs matplotlib)")

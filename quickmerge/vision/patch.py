@@ -66,6 +66,7 @@ def _flag(name: str) -> Any:
     return check
 
 
+DEFAULT_SALIENCY_QUERIES = 16  # queries of the "queries" saliency (BENCHMARKS.md: stop 70)
 DEFAULT_SALIENCY_WEIGHT = {"additive": 0.5, "scaled": 0.125}  # per saliency rule (BENCHMARKS.md: issue 11)
 # patch()'s defaults of QuickMerge++'s matching options (None: the rule's weight above); tests keep the two equal
 MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive", "saliency_weight": None}
@@ -84,6 +85,7 @@ UNMERGE_MODES = ("residual", "copy")
 _SETTINGS: dict[str, Any] = {
     "method": _choice("method", METHODS),
     "saliency": _choice("saliency", SALIENCY_SOURCES),
+    "saliency_queries": lambda v: check_positive_int(v, "saliency_queries"),
     "saliency_rule": _choice("saliency_rule", SALIENCY_RULES),
     "similarity": _choice("similarity", SIMILARITIES),
     "matching": _choice("matching", ("bipartite", "greedy")),
@@ -120,9 +122,9 @@ class _Pass:
 class MergeHandle:
     """Settings and per-pass state of a patched model. Returned by :func:`patch`.
 
-    Attributes that may be changed at any time: ``r``, ``ratio``, ``method``, ``prop_attn``,
-    ``trace_source``, ``size_weighted_pool``, ``keep_order``, ``unmerge``, ``keep_deviations``. After a forward pass:
-    ``tokens_per_layer`` (tokens entering each block), ``mean_tokens``, ``sizes`` ``[B, N]`` (patches each output
+    Attributes that may be changed at any time (validated on assignment): ``r``, ``ratio``, every other setting of
+    :func:`patch` but ``scorer`` and ``seed`` (``configure(seed=...)``), and ``keep_deviations``. After a forward
+    pass: ``tokens_per_layer`` (tokens entering each block), ``mean_tokens``, ``sizes`` ``[B, N]`` (patches each output
     token stands for; None when nothing merged; 0 for padding) and with ``trace_source`` the ``source`` map ``[B, N0]``
     (final token of each input token, -1 if dropped).
     """
@@ -135,6 +137,7 @@ class MergeHandle:
         self._ratio: float | None = None
         self.method = "quickmerge"
         self.saliency = "cls"
+        self.saliency_queries = DEFAULT_SALIENCY_QUERIES
         self.saliency_weight = 0.5
         self.saliency_rule = "additive"
         self.similarity = "keys"
@@ -337,7 +340,7 @@ class MergeHandle:
             log_size = None if weights is None else weights.log()
             source = self.saliency if self.has_class_token else "queries"  # no class token to ask
             with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
-                sal = attention_saliency(st.q, keys, st.scale, log_size, source,
+                sal = attention_saliency(st.q, keys, st.scale, log_size, source, self.saliency_queries,
                                          valid=(size > 0) if st.padded else None)[:, p:]  # gradient is NaN at p = 0)
             keep = self.scorer(layer, x[:, p:]) if self.scorer is not None else None
             if self.epsilon < 1.0:
@@ -536,6 +539,7 @@ def patch(
     keep_order: bool = False,
     unmerge: str = "residual",
     saliency: str = "cls",
+    saliency_queries: int = DEFAULT_SALIENCY_QUERIES,
     saliency_weight: float | None = None,
     saliency_rule: str = "additive",
     similarity: str = "keys",
@@ -585,7 +589,11 @@ def patch(
             ``"copy"`` (the group's token alone, ToMe for Stable Diffusion's unmerge; for a pooling head the
             size-weighted mean of the tokens).
         saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
-            ``"queries"`` (16 queries spread over the image).
+            ``"queries"`` (``saliency_queries`` queries spread over the image).
+        saliency_queries: how many queries, evenly spread over the tokens, the ``"queries"`` saliency asks
+            (default 16; all tokens when there are fewer). Its cost grows with the count: on a video model
+            without a class token it is most of what QuickMerge++'s merge step adds to ToMe's (BENCHMARKS.md,
+            "How many queries the saliency asks").
         saliency_weight: how strongly saliency protects a token from being merged away (default: 0.5 with
             the additive rule, 0.125 with the scaled one, the weights measured).
         saliency_rule: how saliency enters the matching: ``"additive"`` (default: the cosine similarity
@@ -653,8 +661,8 @@ def patch(
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
     handle.configure(r=r, method=method, prop_attn=prop_attn, trace_source=trace_source,
                      size_weighted_pool=size_weighted_pool, keep_order=keep_order, unmerge=unmerge, saliency=saliency,
-                     saliency_weight=saliency_weight, saliency_rule=saliency_rule, similarity=similarity,
-                     matching=matching, epsilon=epsilon, temperature=temperature, seed=seed)
+                     saliency_queries=saliency_queries, saliency_weight=saliency_weight, saliency_rule=saliency_rule,
+                     similarity=similarity, matching=matching, epsilon=epsilon, temperature=temperature, seed=seed)
     if ratio is not None:
         handle.ratio = ratio
     handle._hooks = adapter.attach(model, blocks, handle)  # may still refuse, before it registers anything

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._validation import check_positive_int
 from ..baselines.tome import bipartite_round
 from ..primitives import attention_received, focus, rank01, top_indices
 
@@ -62,6 +63,7 @@ def attention_saliency(
     """
     if source not in SALIENCY_SOURCES:
         raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")
+    check_positive_int(num_queries, "num_queries")
     b, h, n, _ = k.shape
     m = 1 if source == "cls" else min(num_queries, n)
     step = max(1, _LOGITS_PER_CHUNK // (h * m * n)) if k.device.type == "cpu" else b

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.video_vit_fashion import pool
+from benchmarks.video_vit_fashion import DEFAULT_QUERIES, default_rows, hits_key, pool
 
 
 def eval_run(hits: dict[str, str], clip_seed: int = 0, model: str = "seed0") -> dict:
@@ -79,3 +79,30 @@ def test_pool_refuses_a_plot_of_several_clip_sets(tmp_path):
     with pytest.raises(SystemExit, match="one clip set"):
         run_pool(tmp_path, runs, png=str(tmp_path / "plot.png"))
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_pool_compares_other_saliency_query_counts_with_tome_and_the_default_count(tmp_path):
+    a = eval_run({"none@0": "1111", "tome@32": "1100", "quickmerge@32": "1110", "quickmerge@32/queries=8": "1111",
+                  "quickmerge@32/queries=4": "0000"}, model="a")
+    b = eval_run({"none@0": "1111", "tome@32": "1111", "quickmerge@32": "1111", "quickmerge@32/queries=8": "1101"},
+                 model="b")
+    pooled = run_pool(tmp_path, [a, b])
+    assert pooled["rows"][0]["quickmerge_minus_tome"][0] == pytest.approx(100 * (1 / 4 + 0) / 2)  # the default rows
+    (row,) = pooled["saliency_queries_rows"]  # 4 queries: model a only, so not pooled
+    assert (row["r"], row["saliency_queries"], row["models"]) == (32, 8, 2)
+    assert row["top1"] == pytest.approx(100 * (4 / 4 + 3 / 4) / 2)
+    assert row["minus_tome_per_model"] == pytest.approx([50.0, -25.0])
+    assert row["minus_tome"][0] == pytest.approx(100 * (2 / 4 - 1 / 4) / 2)
+    assert row["minus_default_queries_per_model"] == pytest.approx([25.0, -25.0])
+    # per clip, averaged over the models: a (0, 0, 0, +1), b (0, 0, -1, 0) -> 0, 0, -0.5, +0.5
+    assert row["minus_default_queries"][0] == pytest.approx(0.0)
+    assert row["minus_default_queries"][1] < 0 < row["minus_default_queries"][2]
+
+
+def test_hits_keys_keep_the_plain_name_for_the_default_query_count():
+    assert hits_key("quickmerge", 32) == hits_key("quickmerge", 32, DEFAULT_QUERIES) == "quickmerge@32"
+    assert hits_key("quickmerge", 24, 8) == "quickmerge@24/queries=8"
+    rows = [{"method": "none", "r": 0}, {"method": "tome", "r": 32},
+            {"method": "quickmerge", "r": 32, "saliency_queries": DEFAULT_QUERIES},
+            {"method": "quickmerge", "r": 32, "saliency_queries": 8}]
+    assert default_rows(rows) == rows[:3]

@@ -179,6 +179,13 @@ def test_attention_saliency_sums_to_one_and_finds_the_attended_key():
     assert (attention_saliency(q, k, d**-0.5, None, "cls").argmax(-1) == 7).all()
 
 
+@pytest.mark.parametrize("count,error", [(0, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_attention_saliency_refuses_a_bad_query_count(count, error):
+    q = k = torch.randn(1, 2, 6, 4)
+    with pytest.raises(error, match="num_queries"):
+        attention_saliency(q, k, 0.5, None, "queries", num_queries=count)
+
+
 def _saliency_by_the_definition(q, k, scale, log_size, index, valid=None):
     """softmax, entropy by xlogy, weighted sum: the formula :func:`attention_saliency` computes in fewer passes."""
     logits = (q[:, :, index].double() @ k.double().transpose(-1, -2)) * scale

@@ -96,6 +96,32 @@ def test_videomae_merges_every_tubelet_having_no_class_token(method):
             assert (handle.sizes.sum(1) == TUBELETS).all()
 
 
+def test_videomae_saliency_asks_as_many_queries_as_set(monkeypatch):
+    """No class token: every merge step's saliency comes from ``saliency_queries`` spread queries."""
+    import importlib
+
+    patch_module = importlib.import_module("quickmerge.vision.patch")
+    real, asked = patch_module.attention_saliency, []
+
+    def spy(q, k, scale, log_size, source, num_queries, **kwargs):
+        asked.append((source, num_queries))
+        return real(q, k, scale, log_size, source, num_queries, **kwargs)
+
+    model, x = tiny("VideoMAEForVideoClassification"), clip()
+    monkeypatch.setattr(patch_module, "attention_saliency", spy)
+    with torch.no_grad(), quickmerge.patch(model, r=6, saliency_queries=3) as handle:
+        model(pixel_values=x)
+        assert asked == [("queries", 3)] * 3
+        handle.saliency_queries = 8
+        model(pixel_values=x)
+        assert asked[3:] == [("queries", 8)] * 3
+        with pytest.raises(ValueError, match="saliency_queries must be an integer >= 1"):
+            handle.saliency_queries = 0
+    with pytest.raises(TypeError, match="saliency_queries must be an integer"):
+        quickmerge.patch(model, r=6, saliency_queries="8")
+    assert patch_module.get_handle(model) is None  # refused before anything was hooked
+
+
 @pytest.mark.parametrize("method", ["quickmerge", "tome"])
 def test_vivit_keeps_its_class_token_alone(method):
     model = tiny("VivitForVideoClassification")

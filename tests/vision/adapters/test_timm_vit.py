@@ -409,6 +409,8 @@ def test_an_attention_without_attn_mask_is_refused_when_patching():
     [
         ("method", "nope", ValueError),
         ("saliency", "everything", ValueError),
+        ("saliency_queries", 0, ValueError),
+        ("saliency_queries", 2.0, TypeError),
         ("matching", "hungarian", ValueError),
         ("saliency_weight", -1.0, ValueError),
         ("saliency_weight", "0.5", TypeError),
@@ -432,6 +434,21 @@ def test_every_setting_is_validated_when_assigned(name, value, error):
             handle.configure(**{name: value})
         with pytest.raises(TypeError, match="unknown setting"):
             handle.configure(colour="red")
+
+
+def test_saliency_queries_count_for_the_queries_saliency_only():
+    """With a class token and ``saliency="cls"`` the count changes nothing; with ``"queries"`` it does, and every
+    count at or above the token count asks every token."""
+    model, x = tiny_vit(True), torch.randn(2, 1, 16, 16)
+    out = {}
+    for source in ("cls", "queries"):
+        for count in (1, 65, 1000):  # 64 patches + the class token
+            with quickmerge.patch(model, r=12, saliency=source, saliency_queries=count) as handle:
+                assert handle.saliency_queries == count
+                out[source, count] = model(x)
+    assert torch.equal(out["cls", 1], out["cls", 65]) and torch.equal(out["cls", 1], out["cls", 1000])
+    assert torch.equal(out["queries", 65], out["queries", 1000])
+    assert not torch.allclose(out["queries", 1], out["queries", 65])
 
 
 def test_register_tokens_without_class_token_do_not_stand_in_for_one():
