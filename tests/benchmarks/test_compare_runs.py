@@ -36,3 +36,14 @@ def test_vision_runs_report_both_accuracies():
     row = {"method": "tome", "r": 16, "settings": {}, "images": 10}
     before, after = {"rows": [{**row, "accuracy": 0.9}]}, {"rows": [{**row, "accuracy": 0.8}]}
     assert differences(before, after) == [{"setting": ["tome", "16", "{}"], "accuracy": [0.9, 0.8]}]
+
+
+def test_per_clip_hits_must_match_clip_by_clip_and_shared_only_ignores_the_settings_of_one_run():
+    before = {"args": {}, "rows": [], "hits": {"none@0": "1101", "tome@32": "1001"}}
+    after = {"args": {}, "rows": [], "hits": {"none@0": "1101", "tome@32": "1001", "quickmerge@32/queries=8": "1111"}}
+    assert not compare(before, after) and compare(before, after, shared_only=True)
+    moved = {**after, "hits": {**after["hits"], "tome@32": "0011"}}  # the same accuracy, two clips swapped
+    assert not compare(before, moved, shared_only=True)
+    assert differences(before, moved) == [{"setting": "none@0", "clips_changed": 0, "clips": 4},
+                                          {"setting": "tome@32", "clips_changed": 2, "clips": 4}]
+    assert not compare(before, {"hits": {"quickmerge@8": "1"}}, shared_only=True)  # nothing shared: no check
