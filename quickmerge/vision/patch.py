@@ -338,7 +338,7 @@ class MergeHandle:
         if self.method == "quickmerge":
             weights = self._key_weights()
             log_size = None if weights is None else weights.log()
-            source = self.saliency if self.has_class_token else "queries"  # no class token to ask
+            source = "queries" if self.saliency == "cls" and not self.has_class_token else self.saliency
             with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
                 sal = attention_saliency(st.q, keys, st.scale, log_size, source, self.saliency_queries,
                                          valid=(size > 0) if st.padded else None)[:, p:]  # gradient is NaN at p = 0)
@@ -588,8 +588,9 @@ def patch(
             less KL to the unmerged model for an average-pooled classifier, BENCHMARKS.md) or
             ``"copy"`` (the group's token alone, ToMe for Stable Diffusion's unmerge; for a pooling head the
             size-weighted mean of the tokens).
-        saliency: ``"cls"`` (class token's query; models without one use ``"queries"``) or
-            ``"queries"`` (``saliency_queries`` queries spread over the image).
+        saliency: ``"cls"`` (class token's query; models without one use ``"queries"``),
+            ``"queries"`` (``saliency_queries`` queries spread over the image) or ``"mean"`` (one query, the mean of
+            all tokens' queries over the patches).
         saliency_queries: how many queries, evenly spread over the tokens, the ``"queries"`` saliency asks
             (default 16; all tokens when there are fewer). Its cost grows with the count: on a video model
             without a class token it is most of what QuickMerge++'s merge step adds to ToMe's (BENCHMARKS.md,

@@ -32,7 +32,7 @@ from ..baselines.tome import bipartite_round
 from ..primitives import attention_received, focus, rank01, top_indices
 
 METHODS = ("quickmerge", "tome", "random", "pool")
-SALIENCY_SOURCES = ("cls", "queries")
+SALIENCY_SOURCES = ("cls", "queries", "mean")
 SALIENCY_RULES = ("additive", "scaled")
 SIMILARITIES = ("keys", "hidden")
 # Token pairs ([b, n, n] scores) greedy matching holds at once on a CPU: images are matched in chunks whose scores
@@ -57,7 +57,8 @@ def attention_saliency(
         source: ``"cls"`` uses the class token's query only; ``"queries"`` uses ``num_queries``
             queries spread evenly over the sequence (recomputed, so fused attention stays usable), over
             the real tokens only where ``valid [B, N]`` (bool, False = padding) is given; ``log_size`` must
-            then mask the padding keys (-inf there).
+            then mask the padding keys (-inf there); ``"mean"`` uses one query, the mean of all queries over the
+            patches (each token weighted by its size, ``exp(log_size)``, when given; padding excluded).
     Each (head, query) distribution is weighted by ``1 - H/log N`` (H its entropy), so focused
     heads and queries count more than diffuse ones.
     """
@@ -65,7 +66,7 @@ def attention_saliency(
         raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")
     check_positive_int(num_queries, "num_queries")
     b, h, n, _ = k.shape
-    m = 1 if source == "cls" else min(num_queries, n)
+    m = min(num_queries, n) if source == "queries" else 1
     step = max(1, _LOGITS_PER_CHUNK // (h * m * n)) if k.device.type == "cpu" else b
     if step < b:  # each image's saliency is its own: chunks give the same values
         return torch.cat([attention_saliency(
@@ -73,6 +74,12 @@ def attention_saliency(
             num_queries, None if valid is None else valid[i : i + step]) for i in range(0, b, step)])
     if source == "cls":
         qs = q[:, :, :1]
+    elif source == "mean":
+        size = log_size.float().exp() if log_size is not None else valid.float() if valid is not None else None
+        if size is None:
+            qs = q.float().mean(dim=2, keepdim=True)
+        else:  # [B, H, 1, hd] the mean over the patches
+            qs = torch.einsum("bhnd,bn->bhd", q.float(), size / size.sum(dim=1, keepdim=True))[:, :, None]
     elif valid is not None:
         real = valid.sum(dim=1, keepdim=True)  # [B, 1]
         order = (~valid).to(torch.uint8).argsort(dim=1, stable=True)  # real tokens first, in order

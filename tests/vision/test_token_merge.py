@@ -219,6 +219,23 @@ def test_attention_saliency_equals_its_definition(dtype):
     assert torch.allclose(got[0, :25], want0[0], atol=1e-6) and (got[0, 25:] == 0).all()
 
 
+def test_the_mean_saliency_asks_the_mean_query_over_the_patches():
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 12, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    size = torch.randint(1, 4, (b, n)).float()
+    size[1, 9:] = 0  # padding: -inf in the bias, left out of the mean
+    bias, valid = size.log(), size > 0
+    by_hand = (q * size[:, None, :, None]).sum(2, keepdim=True) / size.sum(1)[:, None, None, None]  # [B, H, 1, d]
+    want = _saliency_by_the_definition(by_hand, k, 0.3, bias, torch.tensor([0]), valid)
+    got = attention_saliency(q, k, 0.3, bias, "mean", valid=valid).double()
+    assert torch.allclose(got, want, atol=1e-6) and (got[1, 9:] == 0).all()
+    plain = attention_saliency(q, k, 0.3, None, "mean")
+    assert torch.allclose(plain.double(), _saliency_by_the_definition(q.mean(2, keepdim=True), k, 0.3, None,
+                                                                      torch.tensor([0])), atol=1e-6)
+    assert torch.equal(attention_saliency(q, k, 0.3, None, "mean", num_queries=3), plain)  # one query whatever
+
+
 def test_attention_saliency_in_batch_chunks_is_the_same(monkeypatch):
     from quickmerge.vision import token_merge
 
@@ -228,15 +245,15 @@ def test_attention_saliency_in_batch_chunks_is_the_same(monkeypatch):
     valid = torch.rand(b, n) > 0.2
     bias = torch.where(valid, torch.rand(b, n), float("-inf"))
     whole = {source: attention_saliency(q, k, 0.3, bias, source, num_queries=5, valid=valid)
-             for source in ("cls", "queries")}
+             for source in ("cls", "queries", "mean")}
     calls = []
     real = token_merge.attention_saliency
     monkeypatch.setattr(token_merge, "_LOGITS_PER_CHUNK", 2 * h * 5 * n)  # two images per chunk
     monkeypatch.setattr(token_merge, "attention_saliency",
                         lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
-    for source in ("cls", "queries"):
+    for source in ("cls", "queries", "mean"):
         assert torch.equal(real(q, k, 0.3, bias, source, num_queries=5, valid=valid), whole[source])
-    assert calls == [2, 2, 2, 1]  # the queries' chunks (the class token's 1 query fits 10 images in one)
+    assert calls == [2, 2, 2, 1]  # the queries' chunks (one query, the class token's or the mean, fits 10 images)
     with pytest.raises(ValueError, match="saliency must be one of"):
         real(q, k, 0.3, None, "keys")
 

@@ -115,6 +115,9 @@ def test_videomae_saliency_asks_as_many_queries_as_set(monkeypatch):
         handle.saliency_queries = 8
         model(pixel_values=x)
         assert asked[3:] == [("queries", 8)] * 3
+        handle.saliency = "mean"  # one query, asked as such, not replaced by spread queries
+        model(pixel_values=x)
+        assert asked[6:] == [("mean", 8)] * 3
         with pytest.raises(ValueError, match="saliency_queries must be an integer >= 1"):
             handle.saliency_queries = 0
     with pytest.raises(TypeError, match="saliency_queries must be an integer"):
