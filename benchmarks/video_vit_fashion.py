@@ -21,7 +21,8 @@ saliency queries (``patch(saliency_queries=...)``; 16, the default, is the plain
 also compared with it). ``pool``: models of several training seeds, each clip set
 scored by every model; at each r the per-clip difference averaged over the models (the clip sets one after
 another), with its bootstrap interval over clips, and each model's own mean difference; the same for every other
-count of saliency queries all the evals share, against ToMe-style and against the default count.
+QuickMerge++ variant all the evals share (another count of saliency queries), against ToMe-style and against
+QuickMerge++ at ``patch``'s defaults.
 """
 
 from __future__ import annotations
@@ -45,15 +46,39 @@ FRAMES, CANVAS = 8, 64
 MODEL_STYLES = ("o-", "s--", "^:", "D-.")  # one line style per model in the pooled plot
 
 
-def hits_key(method: str, r: int, queries: int = DEFAULT_QUERIES) -> str:
-    """The eval JSON's key of a setting's per-clip hits; QuickMerge++ at the default query count keeps the plain
-    ``method@r`` of the evals made before the count was a setting."""
-    return f"{method}@{r}" + (f"/queries={queries}" if queries != DEFAULT_QUERIES else "")
+# QuickMerge++'s options an eval may vary, by their name in the hits keys, with patch()'s defaults
+VARIANT_OPTIONS = {"saliency": ("saliency", "cls"), "queries": ("saliency_queries", DEFAULT_QUERIES)}
+
+
+def variant_suffix(options: dict) -> str:
+    """``""`` at ``patch``'s defaults, else ``"/queries=8"``, ``"/saliency=mean"``: the options that differ."""
+    return "".join(f"/{name}={options[key]}" for name, (key, default) in VARIANT_OPTIONS.items()
+                   if options.get(key, default) != default)
+
+
+def parse_variant(suffix: str) -> dict:
+    """The options of a :func:`variant_suffix`."""
+    options = {}
+    for part in suffix.strip("/").split("/"):
+        name, value = part.split("=")
+        key, default = VARIANT_OPTIONS[name]
+        options[key] = type(default)(value)
+    return options
+
+
+def hits_key(method: str, r: int, options: dict | None = None) -> str:
+    """The eval JSON's key of a setting's per-clip hits; QuickMerge++ at ``patch``'s defaults keeps the plain
+    ``method@r`` of the evals made before its options varied."""
+    return f"{method}@{r}" + variant_suffix(options or {})
+
+
+def row_options(row: dict) -> dict:
+    return {key: row[key] for key, _ in VARIANT_OPTIONS.values() if key in row}
 
 
 def default_rows(rows: list[dict]) -> list[dict]:
-    """The rows of ``patch``'s defaults: every method's, QuickMerge++'s at the default query count only."""
-    return [row for row in rows if row.get("saliency_queries", DEFAULT_QUERIES) == DEFAULT_QUERIES]
+    """The rows of ``patch``'s defaults: every method's, QuickMerge++'s at its default options only."""
+    return [row for row in rows if not variant_suffix(row_options(row))]
 
 
 def positive_int(text: str) -> int:
@@ -134,15 +159,14 @@ def evaluate(args: argparse.Namespace) -> None:
 
     rows = [{"method": "none", "r": 0, "hits": correct()}]
     queries = sorted(set(args.saliency_queries), key=lambda q: (q != DEFAULT_QUERIES, q))  # the default row first
+    variants = [{"saliency_queries": q} for q in queries]
     for r in args.r:
-        for method, count in [("tome", DEFAULT_QUERIES)] + [("quickmerge", q) for q in queries]:
-            options = {} if method == "tome" else {"saliency_queries": count}
+        for method, options in [("tome", {})] + [("quickmerge", v) for v in variants]:
             with quickmerge.patch(model, r=r, method=method, **options) as handle:
                 rows.append({"method": method, "r": r, **options, "hits": correct(),
                              "tokens_per_layer": handle.tokens_per_layer})
-            print(f"{hits_key(method, r, count):>24}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
-    jobs = [(None, 0, {})] + [(row["method"], row["r"], {k: row[k] for k in ("saliency_queries",) if k in row})
-                              for row in rows[1:]]
+            print(f"{hits_key(method, r, options):>24}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
+    jobs = [(None, 0, {})] + [(row["method"], row["r"], row_options(row)) for row in rows[1:]]
     timing = time_settings_together(model, jobs, x[: args.batch], args.rounds) if args.rounds else None
     for i, row in enumerate(rows):
         row["top1"], row["top1_low"], row["top1_high"] = (100 * v for v in bootstrap_mean(row["hits"]))
@@ -152,22 +176,22 @@ def evaluate(args: argparse.Namespace) -> None:
         if row["method"] == "quickmerge":
             tome = next(o for o in rows if o["method"] == "tome" and o["r"] == row["r"])
             row["minus_tome"] = [100 * v for v in bootstrap_difference(row["hits"], tome["hits"])]
-            default = next((o for o in rows if o["method"] == "quickmerge" and o["r"] == row["r"]
-                            and o["saliency_queries"] == DEFAULT_QUERIES), None)
+            default = next((o for o in default_rows(rows) if o["method"] == "quickmerge" and o["r"] == row["r"]),
+                           None)
             if default is not None and row is not default:
-                row["minus_default_queries"] = [100 * v for v in bootstrap_difference(row["hits"], default["hits"])]
+                row["minus_default_options"] = [100 * v for v in bootstrap_difference(row["hits"], default["hits"])]
         row["minus_unpatched"] = [100 * v for v in bootstrap_difference(row["hits"], rows[0]["hits"])]
     for row in rows:
         extra = "".join(f", {k} {v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
                         for k, v in row.items() if k.startswith("minus"))
         speed = f", {row['speedup']:.2f}x" if "speedup" in row else ""
-        key = hits_key(row["method"], row["r"], row.get("saliency_queries", DEFAULT_QUERIES))
+        key = hits_key(row["method"], row["r"], row_options(row))
         print(f"{key:>24}: {row['top1']:.2f}%{speed}{extra}")
     if args.json:
         info = {"args": vars(args), "clips": len(x), "tokens": 256, "cores": os.cpu_count(),
                 "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
                 "rows": [{k: v for k, v in row.items() if k != "hits"} for row in rows],
-                "hits": {hits_key(row["method"], row["r"], row.get("saliency_queries", DEFAULT_QUERIES)):
+                "hits": {hits_key(row["method"], row["r"], row_options(row)):
                          "".join(str(int(h)) for h in row["hits"]) for row in rows}}
         Path(args.json).write_text(json.dumps(info, indent=2))
     if args.png:
@@ -192,59 +216,53 @@ def pool(args: argparse.Namespace) -> None:
     if not common:
         raise SystemExit("evals: the runs share no r")
 
-    def hits(run: dict, method: str, r: int, queries: int = DEFAULT_QUERIES) -> torch.Tensor:
-        return torch.tensor([float(c) for c in run["hits"][hits_key(method, r, queries)]], dtype=torch.float64)
+    def hits(run: dict, key: str) -> torch.Tensor:
+        return torch.tensor([float(c) for c in run["hits"][key]], dtype=torch.float64)
 
-    def difference(run: dict, method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> torch.Tensor:
-        """Per-clip ``method - base`` at r (the unpatched model at r = 0; ``queries``: QuickMerge++'s count)."""
-        return hits(run, method, r, queries) - hits(run, base, 0 if base == "none" else r)
-
-    def averaged(method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> list[float]:
-        """Per-clip difference averaged over the models, the clip sets one after another."""
-        return torch.cat([torch.stack([difference(run, method, base, r, queries) for run in group]).mean(0)
+    def averaged(key: str, base: str) -> list[float]:
+        """Per-clip hits of ``key`` minus those of ``base``, averaged over the models, the clip sets one after
+        another."""
+        return torch.cat([torch.stack([hits(run, key) - hits(run, base) for run in group]).mean(0)
                           for group in sets.values()]).tolist()
 
-    def per_model(method: str, base: str, r: int, queries: int = DEFAULT_QUERIES) -> list[float]:
-        """Each model's mean difference over all its clips, in points, models in name order."""
-        return [100 * torch.cat([difference(run, method, base, r, queries) for group in sets.values()
-                                 for run in group if run["args"]["model"] == model]).mean().item()
-                for model in models[0]]
+    def per_model(key: str, base: str) -> list[float]:
+        """Each model's mean difference ``key - base`` over all its clips, in points, models in name order."""
+        return [100 * torch.cat([hits(run, key) - hits(run, base) for group in sets.values() for run in group
+                                 if run["args"]["model"] == model]).mean().item() for model in models[0]]
 
     rows = []
     for r in sorted(common):
         row = {"r": r, "models": len(models[0]), "clip_sets": len(sets)}
         for method in ("tome", "quickmerge"):
-            row[f"{method}_top1"] = 100 * sum(hits(run, method, r).mean().item() for run in runs) / len(runs)
-            row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged(method, "none", r))]
-        row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged("quickmerge", "tome", r))]
-        row["quickmerge_minus_tome_per_model"] = per_model("quickmerge", "tome", r)
+            key = hits_key(method, r)
+            row[f"{method}_top1"] = 100 * sum(hits(run, key).mean().item() for run in runs) / len(runs)
+            row[f"{method}_minus_unpatched"] = [100 * v for v in bootstrap_mean(averaged(key, "none@0"))]
+        ours, tome = hits_key("quickmerge", r), hits_key("tome", r)
+        row["quickmerge_minus_tome"] = [100 * v for v in bootstrap_mean(averaged(ours, tome))]
+        row["quickmerge_minus_tome_per_model"] = per_model(ours, tome)
         rows.append(row)
         d, each = row["quickmerge_minus_tome"], row["quickmerge_minus_tome_per_model"]
         print(f"r={r:>2}: ToMe-style {row['tome_top1']:.2f}%, QuickMerge++ {row['quickmerge_top1']:.2f}%, "
               f"QuickMerge++ minus ToMe-style {d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}] (mean of {len(each)} models on "
               f"{len(sets)} clip set(s); each model: {', '.join(f'{v:+.2f}' for v in each)})")
-    # QuickMerge++ at other counts of saliency queries, where every eval has them: against ToMe-style and against
-    # QuickMerge++ at the default count (per clip, (ours - ToMe) - (default - ToMe))
-    variants = set.intersection(*({key for key in run["hits"] if "/queries=" in key} for run in runs))
-    query_rows = []
-    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), int(k.split("=")[1]))):
-        r, queries = int(key.split("@")[1].split("/")[0]), int(key.split("=")[1])
-        against_default = torch.tensor(averaged("quickmerge", "tome", r, queries)) - torch.tensor(
-            averaged("quickmerge", "tome", r))
-        row = {"r": r, "saliency_queries": queries, "models": len(models[0]), "clip_sets": len(sets),
-               "top1": 100 * sum(hits(run, "quickmerge", r, queries).mean().item() for run in runs) / len(runs),
-               "minus_tome": [100 * v for v in bootstrap_mean(averaged("quickmerge", "tome", r, queries))],
-               "minus_tome_per_model": per_model("quickmerge", "tome", r, queries),
-               "minus_default_queries": [100 * v for v in bootstrap_mean(against_default.tolist())],
-               "minus_default_queries_per_model": [a - b for a, b in zip(per_model("quickmerge", "tome", r, queries),
-                                                                          per_model("quickmerge", "tome", r),
-                                                                          strict=True)]}
-        query_rows.append(row)
-        d, e = row["minus_tome"], row["minus_default_queries"]
-        print(f"r={r:>2}, QuickMerge++ with {queries} saliency queries: {row['top1']:.2f}%, minus ToMe-style "
-              f"{d[0]:+.2f} [{d[1]:+.2f}, {d[2]:+.2f}], minus {DEFAULT_QUERIES} queries {e[0]:+.2f} [{e[1]:+.2f}, "
-              f"{e[2]:+.2f}] (each model: {', '.join(f'{v:+.2f}' for v in row['minus_default_queries_per_model'])})")
-    unpatched = 100 * sum(hits(run, "none", 0).mean().item() for run in runs) / len(runs)
+    # QuickMerge++ at other options, where every eval has them: against ToMe-style and against its defaults
+    variants = set.intersection(*({key for key in run["hits"] if "/" in key} for run in runs))
+    variant_rows = []
+    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), k)):
+        r, suffix = int(key.split("@")[1].split("/")[0]), key[key.index("/"):]
+        tome, default = hits_key("tome", r), hits_key("quickmerge", r)
+        row = {"r": r, "variant": suffix.strip("/"), **parse_variant(suffix), "models": len(models[0]),
+               "clip_sets": len(sets), "top1": 100 * sum(hits(run, key).mean().item() for run in runs) / len(runs),
+               "minus_tome": [100 * v for v in bootstrap_mean(averaged(key, tome))],
+               "minus_tome_per_model": per_model(key, tome),
+               "minus_default_options": [100 * v for v in bootstrap_mean(averaged(key, default))],
+               "minus_default_options_per_model": per_model(key, default)}
+        variant_rows.append(row)
+        d, e = row["minus_tome"], row["minus_default_options"]
+        print(f"r={r:>2}, QuickMerge++ {row['variant']}: {row['top1']:.2f}%, minus ToMe-style {d[0]:+.2f} "
+              f"[{d[1]:+.2f}, {d[2]:+.2f}], minus its defaults {e[0]:+.2f} [{e[1]:+.2f}, {e[2]:+.2f}] "
+              f"(each model: {', '.join(f'{v:+.2f}' for v in row['minus_default_options_per_model'])})")
+    unpatched = 100 * sum(hits(run, "none@0").mean().item() for run in runs) / len(runs)
     if args.png:
         plot_pooled(runs, rows, Path(args.png))
     if args.json:
@@ -252,7 +270,7 @@ def pool(args: argparse.Namespace) -> None:
             "evals": args.evals, "models": models[0], "clip_sets": [{"clip_seed": seed, "clips": count}
                                                                      for seed, count in sets],
             "clips": sum(count for _, count in sets), "unpatched_top1": unpatched, "rows": rows,
-            **({"saliency_queries_rows": query_rows} if query_rows else {})}, indent=2))
+            **({"variant_rows": variant_rows} if variant_rows else {})}, indent=2))
 
 
 def plot_pooled(runs: list[dict], pooled: list[dict], path: Path) -> None:

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.video_vit_fashion import DEFAULT_QUERIES, default_rows, hits_key, pool
+from benchmarks.video_vit_fashion import DEFAULT_QUERIES, default_rows, hits_key, parse_variant, pool
 
 
 def eval_run(hits: dict[str, str], clip_seed: int = 0, model: str = "seed0") -> dict:
@@ -88,21 +88,26 @@ def test_pool_compares_other_saliency_query_counts_with_tome_and_the_default_cou
                  model="b")
     pooled = run_pool(tmp_path, [a, b])
     assert pooled["rows"][0]["quickmerge_minus_tome"][0] == pytest.approx(100 * (1 / 4 + 0) / 2)  # the default rows
-    (row,) = pooled["saliency_queries_rows"]  # 4 queries: model a only, so not pooled
-    assert (row["r"], row["saliency_queries"], row["models"]) == (32, 8, 2)
+    (row,) = pooled["variant_rows"]  # 4 queries: model a only, so not pooled
+    assert (row["r"], row["variant"], row["saliency_queries"], row["models"]) == (32, "queries=8", 8, 2)
     assert row["top1"] == pytest.approx(100 * (4 / 4 + 3 / 4) / 2)
     assert row["minus_tome_per_model"] == pytest.approx([50.0, -25.0])
     assert row["minus_tome"][0] == pytest.approx(100 * (2 / 4 - 1 / 4) / 2)
-    assert row["minus_default_queries_per_model"] == pytest.approx([25.0, -25.0])
+    assert row["minus_default_options_per_model"] == pytest.approx([25.0, -25.0])
     # per clip, averaged over the models: a (0, 0, 0, +1), b (0, 0, -1, 0) -> 0, 0, -0.5, +0.5
-    assert row["minus_default_queries"][0] == pytest.approx(0.0)
-    assert row["minus_default_queries"][1] < 0 < row["minus_default_queries"][2]
+    assert row["minus_default_options"][0] == pytest.approx(0.0)
+    assert row["minus_default_options"][1] < 0 < row["minus_default_options"][2]
 
 
-def test_hits_keys_keep_the_plain_name_for_the_default_query_count():
-    assert hits_key("quickmerge", 32) == hits_key("quickmerge", 32, DEFAULT_QUERIES) == "quickmerge@32"
-    assert hits_key("quickmerge", 24, 8) == "quickmerge@24/queries=8"
+def test_hits_keys_keep_the_plain_name_at_the_defaults_and_name_each_other_option():
+    assert hits_key("quickmerge", 32) == hits_key("quickmerge", 32, {"saliency_queries": DEFAULT_QUERIES}) \
+        == hits_key("quickmerge", 32, {"saliency": "cls"}) == "quickmerge@32"
+    assert hits_key("quickmerge", 24, {"saliency_queries": 8}) == "quickmerge@24/queries=8"
+    assert hits_key("quickmerge", 24, {"saliency": "mean", "saliency_queries": 4}) == \
+        "quickmerge@24/saliency=mean/queries=4"
+    assert parse_variant("/saliency=mean/queries=4") == {"saliency": "mean", "saliency_queries": 4}
     rows = [{"method": "none", "r": 0}, {"method": "tome", "r": 32},
             {"method": "quickmerge", "r": 32, "saliency_queries": DEFAULT_QUERIES},
-            {"method": "quickmerge", "r": 32, "saliency_queries": 8}]
+            {"method": "quickmerge", "r": 32, "saliency_queries": 8}, {"method": "quickmerge", "r": 32,
+                                                                        "saliency": "mean"}]
     assert default_rows(rows) == rows[:3]
