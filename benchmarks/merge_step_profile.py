@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--forwards", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--saliency-queries", type=int, default=None, help="QuickMerge++'s (patch's saliency_queries)")
+    ap.add_argument("--saliency", default=None, help="QuickMerge++'s (patch's saliency)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers
@@ -102,7 +103,8 @@ def main() -> None:
     items, labels = load_fashion_mnist("test")
     x, _ = clips(items, labels, args.batch, seed=0)
     with labelled_pieces():
-        ours = {} if args.saliency_queries is None else {"saliency_queries": args.saliency_queries}
+        ours = {key: value for key, value in (("saliency_queries", args.saliency_queries),
+                                              ("saliency", args.saliency)) if value is not None}
         results = {"tome": profile_method(model, x, "tome", args.r, args.forwards),
                    "quickmerge": profile_method(model, x, "quickmerge", args.r, args.forwards, **ours)}
     rows = [{"piece": name, "tome_ms": results["tome"][name], "quickmerge_ms": results["quickmerge"][name],

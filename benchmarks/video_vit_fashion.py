@@ -159,7 +159,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     rows = [{"method": "none", "r": 0, "hits": correct()}]
     queries = sorted(set(args.saliency_queries), key=lambda q: (q != DEFAULT_QUERIES, q))  # the default row first
-    variants = [{"saliency_queries": q} for q in queries]
+    variants = [{"saliency_queries": q} for q in queries] + ([{"saliency": "mean"}] if args.saliency_mean else [])
     for r in args.r:
         for method, options in [("tome", {})] + [("quickmerge", v) for v in variants]:
             with quickmerge.patch(model, r=r, method=method, **options) as handle:
@@ -340,6 +340,7 @@ def main() -> None:
     e.add_argument("--clip-seed", type=int, default=0, help="seed of the test clips (0: the reported set)")
     e.add_argument("--saliency-queries", type=positive_int, nargs="+", default=[DEFAULT_QUERIES],
                    help="QuickMerge++ at each of these counts of saliency queries (patch's saliency_queries)")
+    e.add_argument("--saliency-mean", action="store_true", help="QuickMerge++ with saliency='mean' too")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--png", default=None, help="plot (needs matplotlib)")
