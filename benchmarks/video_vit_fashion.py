@@ -248,7 +248,7 @@ def pool(args: argparse.Namespace) -> None:
     # QuickMerge++ at other options, where every eval has them: against ToMe-style and against its defaults
     variants = set.intersection(*({key for key in run["hits"] if "/" in key} for run in runs))
     variant_rows = []
-    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), k)):
+    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), len(k), k)):  # 4 before 32
         r, suffix = int(key.split("@")[1].split("/")[0]), key[key.index("/"):]
         tome, default = hits_key("tome", r), hits_key("quickmerge", r)
         row = {"r": r, "variant": suffix.strip("/"), **parse_variant(suffix), "models": len(models[0]),
