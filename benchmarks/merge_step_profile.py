@@ -27,6 +27,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import quickmerge
+from quickmerge.cli_types import positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist
 
 patch_module = importlib.import_module("quickmerge.vision.patch")  # the package exports a function of that name
@@ -86,8 +87,10 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--forwards", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--saliency-queries", type=int, default=None, help="QuickMerge++'s (patch's saliency_queries)")
-    ap.add_argument("--saliency", default=None, help="QuickMerge++'s (patch's saliency)")
+    ap.add_argument("--saliency-queries", type=positive_int, default=None,
+                    help="QuickMerge++'s (patch's saliency_queries)")
+    ap.add_argument("--saliency", choices=token_merge.SALIENCY_SOURCES, default=None,
+                    help="QuickMerge++'s (patch's saliency)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers

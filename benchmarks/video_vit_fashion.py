@@ -21,8 +21,8 @@ saliency queries (``patch(saliency_queries=...)``; 16, the default, is the plain
 also compared with it). ``pool``: models of several training seeds, each clip set
 scored by every model; at each r the per-clip difference averaged over the models (the clip sets one after
 another), with its bootstrap interval over clips, and each model's own mean difference; the same for every other
-QuickMerge++ variant all the evals share (another count of saliency queries), against ToMe-style and against
-QuickMerge++ at ``patch``'s defaults.
+QuickMerge++ variant all the evals share (another count of saliency queries, the mean query), against ToMe-style
+and against QuickMerge++ at ``patch``'s defaults.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from quickmerge.cli_types import positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.data.moving_fashion import moving_fashion_mnist
 from quickmerge.vision.patch import DEFAULT_SALIENCY_QUERIES as DEFAULT_QUERIES
@@ -79,13 +80,6 @@ def row_options(row: dict) -> dict:
 def default_rows(rows: list[dict]) -> list[dict]:
     """The rows of ``patch``'s defaults: every method's, QuickMerge++'s at its default options only."""
     return [row for row in rows if not variant_suffix(row_options(row))]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
-    return value
 
 
 def config():
@@ -248,8 +242,9 @@ def pool(args: argparse.Namespace) -> None:
     # QuickMerge++ at other options, where every eval has them: against ToMe-style and against its defaults
     variants = set.intersection(*({key for key in run["hits"] if "/" in key} for run in runs))
     variant_rows = []
-    for key in sorted(variants, key=lambda k: (int(k.split("@")[1].split("/")[0]), len(k), k)):  # 4 before 32
-        r, suffix = int(key.split("@")[1].split("/")[0]), key[key.index("/"):]
+    keyed = sorted((int(key.split("@")[1].split("/")[0]), len(key), key) for key in variants)  # 4 before 32
+    for r, _, key in keyed:
+        suffix = key[key.index("/"):]
         tome, default = hits_key("tome", r), hits_key("quickmerge", r)
         row = {"r": r, "variant": suffix.strip("/"), **parse_variant(suffix), "models": len(models[0]),
                "clip_sets": len(sets), "top1": 100 * sum(hits(run, key).mean().item() for run in runs) / len(runs),

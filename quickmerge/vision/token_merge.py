@@ -88,7 +88,7 @@ def attention_saliency(
         qs = q.gather(2, index[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]))
     else:
         qs = q[:, :, torch.linspace(0, n - 1, m, device=q.device).long()]
-    # Each pass over the [B, H, M, N] logits counts where M is 16: the scale goes on the queries, the bias is added
+    # Each pass over the [B, H, M, N] logits counts when M is many: the scale goes on the queries, the bias is added
     # in place, and the entropy comes from the log-probabilities.
     logits = torch.matmul(qs.float() * scale, k.float().transpose(-1, -2))  # [B, H, M, N]
     if log_size is not None:
