@@ -15,8 +15,8 @@ from ..cli_types import non_negative_float, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
 from ..vision.budget import DEFAULT_FLOOR
-from ..vision.patch import MATCHING_DEFAULTS, non_default_matching
-from ..vision.token_merge import METHODS, SALIENCY_RULES, SIMILARITIES
+from ..vision.patch import DEFAULT_SALIENCY_QUERIES, MATCHING_DEFAULTS, non_default_matching
+from ..vision.token_merge import METHODS, SALIENCY_RULES, SALIENCY_SOURCES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal, code_fingerprint
@@ -83,6 +83,14 @@ def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) ->
     parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
                         help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
                              "as ToMe) or hidden (the residual stream that is merged)")
+    parser.add_argument("--saliency", choices=SALIENCY_SOURCES, default="cls",
+                        help="which queries QuickMerge++'s saliency asks (quickmerge.patch's saliency): cls (default: "
+                             "the class token's; a model without one asks spread queries), queries "
+                             "(--saliency-queries queries spread over the patches) or mean (one query, the mean of "
+                             "all)")
+    parser.add_argument("--saliency-queries", type=positive_int, default=DEFAULT_SALIENCY_QUERIES,
+                        help="how many spread queries the queries saliency asks (quickmerge.patch's "
+                             f"saliency_queries; default {DEFAULT_SALIENCY_QUERIES})")
 
 
 def build_sweep(methods: list[str], rs: list[int], schedules: list[str] | None = None,
@@ -272,6 +280,17 @@ def check_r_values(rs: list[int], methods: list[str], matching: str, num_tokens:
                          f"{num_tokens - FLOOR} runs as r = {num_tokens - FLOOR}; got {max(rs)}")
 
 
+def check_saliency_queries(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """Refuse a ``--saliency-queries`` that no spread query would use: the class token's saliency or the mean
+    query's asks none."""
+    if args.saliency_queries == DEFAULT_SALIENCY_QUERIES:
+        return
+    spread = args.saliency == "queries" or (args.saliency == "cls" and getattr(model, "cls_token", None) is None)
+    if not spread:
+        raise UsageError(f"--saliency-queries {args.saliency_queries}: the {args.saliency} saliency of this model "
+                         "asks no spread queries; add --saliency queries")
+
+
 def load_for_merging(args: argparse.Namespace, rs: list[int], methods: list[str],
                      flag: str = "--r-values") -> tuple[torch.nn.Module, TokenScorer | None, dict | None]:
     """The ViT of ``--checkpoint`` (the shipped one by default), its learned saliency and the merging it was
@@ -286,6 +305,7 @@ def load_for_merging(args: argparse.Namespace, rs: list[int], methods: list[str]
                          f"{args.saliency_rule} takes none")
     tuned_for = announce_fine_tuned_merging(args.checkpoint)
     check_r_values(rs, methods, args.matching, model.patch_embed.num_patches, flag)
+    check_saliency_queries(args, model)
     return model, scorer, tuned_for
 
 

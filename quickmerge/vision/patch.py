@@ -69,7 +69,8 @@ def _flag(name: str) -> Any:
 DEFAULT_SALIENCY_QUERIES = 16  # queries of the "queries" saliency (BENCHMARKS.md: stop 70)
 DEFAULT_SALIENCY_WEIGHT = {"additive": 0.5, "scaled": 0.125}  # per saliency rule (BENCHMARKS.md: issue 11)
 # patch()'s defaults of QuickMerge++'s matching options (None: the rule's weight above); tests keep the two equal
-MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive", "saliency_weight": None}
+MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive", "saliency_weight": None,
+                                     "saliency": "cls", "saliency_queries": DEFAULT_SALIENCY_QUERIES}
 
 
 def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 """``quickmerge eval vision``'s sweep: ToMe's cap by default, greedy schedules past it with ``--matching greedy``."""
 
+import importlib
 import json
 
 import pytest
@@ -237,3 +238,71 @@ def test_scaled_rule_with_a_learned_saliency_is_refused_before_any_work(tiny_vit
     args = build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled", "--checkpoint", str(checkpoint)])
     with pytest.raises(UsageError, match="additive rule"):
         vision_cli.run(args)
+
+
+def test_saliency_flags_reach_quickmerge_rows_and_a_count_nothing_asks_is_refused(tiny_vit_dir, tmp_path,
+                                                                                 monkeypatch):
+    import shutil
+
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.errors import UsageError
+    from quickmerge.eval import vision_cli
+    from quickmerge.eval.vision_cli import load_for_merging, quickmerge_options
+    from quickmerge.pretrained.fashion_vit import build_vit
+
+    parse = build_parser().parse_args
+    assert quickmerge_options(parse(["eval", "vision", "--saliency", "mean"])) == {"saliency": "mean"}
+    assert quickmerge_options(parse(["eval", "vision", "--saliency", "queries", "--saliency-queries", "4"])) == {
+        "saliency": "queries", "saliency_queries": 4}
+    for bad in ("0", "2.5"):
+        with pytest.raises(SystemExit):
+            parse(["eval", "vision", "--saliency-queries", bad])
+    monkeypatch.setattr(fashion_mnist, "load_fashion_mnist", lambda *a: pytest.fail("read the data first"))
+    # the class token's saliency and the mean query ask no spread queries: a count there would change nothing
+    for flags in (["--saliency-queries", "8"], ["--saliency", "mean", "--saliency-queries", "8"]):
+        args = parse(["eval", "vision", "--checkpoint", str(tiny_vit_dir), *flags])
+        with pytest.raises(UsageError, match="--saliency-queries 8"):
+            vision_cli.run(args)
+    load_for_merging(parse(["eval", "vision", "--checkpoint", str(tiny_vit_dir), "--saliency", "queries",
+                            "--saliency-queries", "8"]), [16], ["quickmerge"])
+    # a model without a class token asks spread queries by default: the count applies
+    st = pytest.importorskip("safetensors.torch")
+    no_cls = tmp_path / "no_cls"
+    shutil.copytree(tiny_vit_dir, no_cls)
+    config = {**json.loads((no_cls / "config.json").read_text())["model"], "class_token": False, "global_pool": "avg",
+              "fc_norm": False}
+    st.save_file(build_vit(config).state_dict(), str(no_cls / "model.safetensors"))
+    (no_cls / "config.json").write_text(json.dumps({"model": config}))
+    model, _, _ = load_for_merging(parse(["eval", "vision", "--checkpoint", str(no_cls), "--saliency-queries", "8"]),
+                                   [16], ["quickmerge"])
+    assert model.cls_token is None
+
+
+def test_eval_vision_merges_with_the_saliency_of_its_flags(tiny_vit_dir, tmp_path, monkeypatch):
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision_cli
+
+    patch_module = importlib.import_module("quickmerge.vision.patch")  # the module, not the function it exports
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    asked = set()
+    saliency = patch_module.attention_saliency
+
+    def spy(q, k, scale, log_size, source="cls", num_queries=16, valid=None):
+        asked.add((source, num_queries))
+        return saliency(q, k, scale, log_size, source, num_queries, valid)
+
+    monkeypatch.setattr(patch_module, "attention_saliency", spy)
+    args = build_parser().parse_args(
+        ["eval", "vision", "--checkpoint", str(tiny_vit_dir), "--images", "64", "--batch-size", "64", "--r-values",
+         "16", "--methods", "quickmerge", "tome", "--schedules", "constant", "--saliency", "queries",
+         "--saliency-queries", "4", "--timing-rounds", "1", "--threads", "1", "--out", str(tmp_path / "queries")])
+    results = vision_cli.run(args)
+    assert asked == {("queries", 4)}
+    rows = {row["method"]: row for row in results["rows"]}
+    assert rows["quickmerge"]["settings"] == {"saliency": "queries", "saliency_queries": 4}
+    assert rows["tome"]["settings"] == {}
+    assert json.loads((tmp_path / "queries.json").read_text())["config"]["saliency_queries"] == 4
