@@ -10,8 +10,9 @@ no-class-token ViT (the shipped reference rebuilt as timm's SigLIP-gap ViTs are,
 ``benchmarks/exploration/vision_gap_pooling.py --no-class-token``, whose saved weights ``--weights`` names), with
 ToMe-style in the same run. Per image: KL(unmerged || merged) of the ten-class output, in millinats, and top-1;
 paired 95% bootstrap intervals of each QuickMerge++ variant minus 16 queries, minus ToMe-style, and of the mean query
-minus 4 queries. ``--timing-rounds N``: every setting at ``--timed-r`` timed together (rounds in rotating order, each
-right before the unpatched model; the median of the rounds' ratios), after the accuracy passes.
+minus 4 queries; also stop 47's chosen matching (``similarity="hidden", saliency_rule="scaled"``), which stop 48 had
+no second model to confirm on. ``--timing-rounds N``: every setting at ``--timed-r`` timed together (rounds in
+rotating order, each right before the unpatched model; the median of the rounds' ratios), after the accuracy passes.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SETTINGS: dict[str, tuple[str, dict]] = {
     "queries=4": ("quickmerge", {"saliency_queries": 4}),
     "queries=8": ("quickmerge", {"saliency_queries": 8}),
     "mean": ("quickmerge", {"saliency": "mean"}),
+    "hidden+scaled": ("quickmerge", {"similarity": "hidden", "saliency_rule": "scaled"}),  # stop 47's chosen rule
 }
 # (variant, baseline) pairs reported with paired intervals
 COMPARISONS = [*((label, DEFAULT) for label in SETTINGS if label not in ("tome", DEFAULT)),

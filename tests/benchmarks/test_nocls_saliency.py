@@ -34,7 +34,8 @@ def test_every_variant_is_measured_on_the_same_images_and_the_default_row_is_pat
                    env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
     result = json.loads(out.read_text())
     rows = {row["setting"]: row for row in result["rows"]}
-    assert set(rows) == {"tome", "queries=16", "queries=4", "queries=8", "mean"} and result["images"] == 48
+    assert set(rows) == {"tome", "queries=16", "queries=4", "queries=8", "mean", "hidden+scaled"}
+    assert result["images"] == 48
     images, labels = split_train_heldout()[1]
     with torch.inference_mode():
         plain = model(normalize(images[:48])).argmax(-1)
