@@ -3,18 +3,22 @@
 QuickMerge++ sizes a budget by the effective number of tokens attention uses, ``exp(H)``
 (the perplexity of the attention distribution). For a whole ViT this gives a per-block
 schedule: :func:`block_attention_perplexity` measures, on calibration images, the effective
-number of patch tokens the class token attends to in each block; :func:`entropy_schedule`
+number of patch tokens the class token attends to in each block (a model without one: the patch
+tokens' own attention, averaged over them); :func:`entropy_schedule`
 merges in inverse proportion to it (blocks that attend narrowly merge more, blocks that
 attend widely fewer), scaled so the schedule costs what a constant-``r`` schedule costs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .patch import patch
 
+Observer = Callable[[int, Tensor, Tensor, float], None]  # (block, q, k, scale), q and k [B, H, N, hd]
 DEFAULT_FLOOR = 8  # fewest tokens a block leaves in a schedule (a greedy one would otherwise reach a single token)
 
 
@@ -23,21 +27,15 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
     """Per block, the mean ``exp(entropy)`` of the class token's attention over patch tokens, in tokens.
 
     ``images``: model-ready inputs ``[N, C, H, W]``. Averaged over heads and images; measured
-    on the unmerged model (``r = 0``).
+    on the unmerged model (``r = 0``). A model without a class token has no query that reads for
+    the head: there every patch token's attention over the patch tokens is measured and averaged
+    over the queries too.
     """
     sums: dict[int, float] = {}
     count = 0
     with patch(model, r=0) as handle:
-        if not handle.has_class_token:
-            raise ValueError("block_attention_perplexity needs a model with a class token")
         prefix = handle.num_prefix_tokens
-
-        def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
-            logits = torch.matmul(q[:, :, :1].float(), k[:, :, prefix:].float().transpose(-1, -2)) * scale
-            p = logits.softmax(dim=-1)[:, :, 0]  # [B, H, n] over patch tokens
-            entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [B, H] nats
-            sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=1).sum())
-
+        observe = _class_token_perplexity(sums, prefix) if handle.has_class_token else _patch_perplexity(sums, prefix)
         handle._observers.append(observe)
         device = next(model.parameters()).device
         for i in range(0, len(images), batch_size):
@@ -45,6 +43,37 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
             model(batch)
             count += len(batch)
     return [sums[layer] / count for layer in sorted(sums)]
+
+
+def _class_token_perplexity(sums: dict[int, float], prefix: int) -> Observer:
+    """An observer adding each image's class-token attention perplexity (mean over heads) to ``sums[layer]``."""
+
+    def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
+        logits = torch.matmul(q[:, :, :1].float(), k[:, :, prefix:].float().transpose(-1, -2)) * scale
+        p = logits.softmax(dim=-1)[:, :, 0]  # [B, H, n] over patch tokens
+        entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [B, H] nats
+        sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=1).sum())
+
+    return observe
+
+
+_LOGITS_PER_CHUNK = 1 << 22  # [b, H, n, n] attention entries held at once: every query of a long sequence is many
+
+
+def _patch_perplexity(sums: dict[int, float], prefix: int) -> Observer:
+    """An observer adding each image's patch-token attention perplexity (mean over heads and patch queries) to
+    ``sums[layer]``, in chunks of images so that a long sequence's ``[b, H, n, n]`` attention stays small."""
+
+    def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
+        b, h, n = q.shape[0], q.shape[1], q.shape[2] - prefix
+        step = max(1, _LOGITS_PER_CHUNK // (h * n * n))
+        for i in range(0, b, step):
+            qs, ks = q[i : i + step, :, prefix:].float(), k[i : i + step, :, prefix:].float()
+            p = (torch.matmul(qs, ks.transpose(-1, -2)) * scale).softmax(dim=-1)  # [b, H, n, n]
+            entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [b, H, n] nats
+            sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=(1, 2)).sum())
+
+    return observe
 
 
 def token_counts(num_tokens: int, merges: list[float], floor: int = DEFAULT_FLOOR, *,

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from quickmerge.vision import patch as quickmerge_patch
 from quickmerge.vision.budget import block_attention_perplexity, constant_schedule, entropy_schedule
 
 
@@ -76,6 +77,45 @@ def test_block_perplexity_is_measured_on_the_model():
         torch.nn.init.zeros_(block.attn.qkv.weight)
         torch.nn.init.zeros_(block.attn.qkv.bias)
     assert block_attention_perplexity(model, torch.randn(2, 1, 16, 16)) == pytest.approx([64.0] * 3, rel=1e-4)
+
+
+def first_block_perplexity(model, x, queries: str) -> float:
+    """The first block's mean attention perplexity over patch keys computed from its weights: ``queries="cls"``
+    the class token's, ``"patches"`` every patch token's (heads, queries and images averaged)."""
+    tokens = model._pos_embed(model.patch_embed(x))
+    attn, prefix = model.blocks[0].attn, model.num_prefix_tokens
+    b, n, _ = tokens.shape
+    q, k, _ = attn.qkv(model.blocks[0].norm1(tokens)).reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q = q[:, :, :1] if queries == "cls" else q[:, :, prefix:]
+    p = (q @ k[:, :, prefix:].transpose(-1, -2) * attn.scale).softmax(dim=-1)
+    return float(torch.exp(-(p * p.log()).sum(dim=-1)).mean(dim=(1, 2)).mean())
+
+
+def test_block_perplexity_reads_the_class_token_or_without_one_every_patch_token(monkeypatch):
+    """A model without a class token (timm's SigLIP-gap ViTs) has no query that reads for its head: the budget
+    is calibrated on the patch tokens' own attention, averaged over them, in chunks of images that change nothing."""
+    from quickmerge.vision import budget
+    from tests.vision.adapters.test_timm_vit import tiny_vit
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 1, 16, 16)
+    with_cls = tiny_vit(fused=True).eval()
+    no_cls = tiny_vit(fused=True, class_token=False, global_pool="avg").eval()
+    with torch.no_grad():
+        for block in [*with_cls.blocks, *no_cls.blocks]:  # sharper attention than random weights give
+            block.attn.qkv.weight.mul_(20.0)
+        assert block_attention_perplexity(with_cls, x)[0] == pytest.approx(first_block_perplexity(with_cls, x, "cls"),
+                                                                          rel=1e-5)
+        values = block_attention_perplexity(no_cls, x)
+        assert values[0] == pytest.approx(first_block_perplexity(no_cls, x, "patches"), rel=1e-5)
+        assert values[0] != pytest.approx(first_block_perplexity(no_cls, x, "cls"), rel=0.02)  # not token 0's
+        monkeypatch.setattr(budget, "_LOGITS_PER_CHUNK", 1)  # one image at a time
+        assert block_attention_perplexity(no_cls, x, batch_size=2) == pytest.approx(values, rel=1e-6)
+        assert all(1.0 <= v <= 64.0 + 1e-4 for v in values) and len(values) == 3
+        schedule = entropy_schedule(values, 64, 16)  # the budget runs on it
+        with quickmerge_patch(no_cls, r=schedule) as handle:
+            no_cls(x)
+        assert sum(64 - t for t in handle.tokens_per_layer) > 0
 
 
 SHIPPED_VIT = [32.4, 167.2, 33.4, 45.6, 31.5, 24.9]  # the shipped ViT's block perplexities (calibration images)
