@@ -46,6 +46,7 @@ def main() -> None:
                     help="heldout: held-out training images 512..4999; test: the 10,000 test images")
     ap.add_argument("--bipartite-r", type=positive_int, nargs="*", default=[48], help="costs within the cap")
     ap.add_argument("--greedy-r", type=positive_int, nargs="*", default=[96, 128], help="costs past the cap")
+    ap.add_argument("--images", type=positive_int, default=None, help="only the split's first N images (default: all)")
     ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", required=True, help="JSON path")
     args = ap.parse_args()
@@ -63,6 +64,7 @@ def main() -> None:
         images, labels = held_images[CALIBRATION:], held_labels[CALIBRATION:]
     else:
         images, labels = load_fashion_mnist("test")
+    images, labels = images[: args.images], labels[: args.images]
     n, depth = model.patch_embed.num_patches, len(model.blocks)
     settings = []  # (cost r, matching, label, method, schedule, options)
     for r in args.bipartite_r:

@@ -242,14 +242,11 @@ def test_scaled_rule_with_a_learned_saliency_is_refused_before_any_work(tiny_vit
 
 def test_saliency_flags_reach_quickmerge_rows_and_a_count_nothing_asks_is_refused(tiny_vit_dir, tmp_path,
                                                                                  monkeypatch):
-    import shutil
-
     from quickmerge.cli import build_parser
     from quickmerge.data import fashion_mnist
     from quickmerge.errors import UsageError
     from quickmerge.eval import vision_cli
     from quickmerge.eval.vision_cli import load_for_merging, quickmerge_options
-    from quickmerge.pretrained.fashion_vit import build_vit
 
     parse = build_parser().parse_args
     assert quickmerge_options(parse(["eval", "vision", "--saliency", "mean"])) == {"saliency": "mean"}
@@ -267,13 +264,7 @@ def test_saliency_flags_reach_quickmerge_rows_and_a_count_nothing_asks_is_refuse
     load_for_merging(parse(["eval", "vision", "--checkpoint", str(tiny_vit_dir), "--saliency", "queries",
                             "--saliency-queries", "8"]), [16], ["quickmerge"])
     # a model without a class token asks spread queries by default: the count applies
-    st = pytest.importorskip("safetensors.torch")
-    no_cls = tmp_path / "no_cls"
-    shutil.copytree(tiny_vit_dir, no_cls)
-    config = {**json.loads((no_cls / "config.json").read_text())["model"], "class_token": False, "global_pool": "avg",
-              "fc_norm": False}
-    st.save_file(build_vit(config).state_dict(), str(no_cls / "model.safetensors"))
-    (no_cls / "config.json").write_text(json.dumps({"model": config}))
+    no_cls = save_without_class_token(tiny_vit_dir, tmp_path / "no_cls")
     model, _, _ = load_for_merging(parse(["eval", "vision", "--checkpoint", str(no_cls), "--saliency-queries", "8"]),
                                    [16], ["quickmerge"])
     assert model.cls_token is None
@@ -306,3 +297,44 @@ def test_eval_vision_merges_with_the_saliency_of_its_flags(tiny_vit_dir, tmp_pat
     assert rows["quickmerge"]["settings"] == {"saliency": "queries", "saliency_queries": 4}
     assert rows["tome"]["settings"] == {}
     assert json.loads((tmp_path / "queries.json").read_text())["config"]["saliency_queries"] == 4
+
+
+def save_without_class_token(tiny_vit_dir, path):
+    """A copy of the tiny checkpoint rebuilt as timm's SigLIP-gap ViTs are: no class token, average pooling."""
+    import shutil
+
+    st = pytest.importorskip("safetensors.torch")
+    from quickmerge.pretrained.fashion_vit import build_vit
+
+    shutil.copytree(tiny_vit_dir, path)
+    config = {**json.loads((path / "config.json").read_text())["model"], "class_token": False, "global_pool": "avg",
+              "fc_norm": False}
+    torch.manual_seed(0)
+    st.save_file(build_vit(config).state_dict(), str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps({"model": config}))
+    return path
+
+
+def test_eval_vision_runs_every_default_schedule_on_a_model_without_a_class_token(tiny_vit_dir, tmp_path,
+                                                                                   monkeypatch):
+    """The entropy schedule's calibration used to refuse such a model, so the default command failed on it."""
+    from quickmerge.cli import build_parser
+    from quickmerge.data import fashion_mnist
+    from quickmerge.eval import vision_cli
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setattr(vision_cli, "CALIBRATION_IMAGES", 64)
+    no_cls = save_without_class_token(tiny_vit_dir, tmp_path / "no_cls")
+    args = build_parser().parse_args(
+        ["eval", "vision", "--checkpoint", str(no_cls), "--images", "64", "--batch-size", "64", "--r-values", "16",
+         "--methods", "quickmerge", "tome", "--timing-rounds", "1", "--threads", "1", "--out", str(tmp_path / "gap")])
+    results = vision_cli.run(args)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) == {"none", "quickmerge", "tome", "quickmerge-entropy", "quickmerge-per-image"}
+    assert len(results["block_attention_perplexity"]) == 3 and all(
+        1.0 <= p <= 196.0 + 1e-3 for p in results["block_attention_perplexity"])
+    assert rows["none"]["mean_tokens_per_layer"] == 196  # no class token among the tokens
+    for method in ("quickmerge", "quickmerge-entropy", "quickmerge-per-image"):
+        assert rows[method]["mean_tokens_per_layer"] < 196

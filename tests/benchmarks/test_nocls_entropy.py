@@ -1,0 +1,49 @@
+"""``benchmarks/nocls_entropy.py``: the entropy schedule of a ViT without a class token against constant r."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_same_images(tmp_path):
+    pytest.importorskip("timm")
+    from quickmerge.data import fashion_mnist
+
+    if not (fashion_mnist.data_dir() / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks" / "exploration"))
+    from vision_gap_pooling import gap_model
+
+    from quickmerge.data.fashion_mnist import normalize
+    from quickmerge.vision import patch
+    from quickmerge.vision.budget import block_attention_perplexity, entropy_schedule
+    from quickmerge.vision.train import split_train_heldout
+
+    model = gap_model(class_token=False).eval()
+    weights, out = tmp_path / "gap.pt", tmp_path / "entropy.json"
+    torch.save(model.state_dict(), weights)
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights", str(weights),
+                    "--images", "40", "--bipartite-r", "24", "--greedy-r", "120", "--threads", "1", "--out", str(out)],
+                   check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
+    result = json.loads(out.read_text())
+    rows = {(row["r"], row["matching"], row["setting"]): row for row in result["rows"]}
+    assert set(rows) == {(24, "bipartite", "tome"), (24, "bipartite", "constant"), (24, "bipartite", "entropy"),
+                         (120, "greedy", "constant"), (120, "greedy", "entropy")} and result["images"] == 40
+    images, labels = split_train_heldout()[1]
+    perplexity = block_attention_perplexity(model, normalize(images[:512]))
+    assert result["block_perplexity"] == pytest.approx(perplexity, rel=1e-6)
+    assert rows[24, "bipartite", "entropy"]["schedule"] == entropy_schedule(perplexity, 196, 24)
+    with torch.inference_mode(), patch(model, r=24):  # evaluated on held-out images 512.., never the calibration's
+        hits = (model(normalize(images[512:552])).argmax(-1) == labels[512:552]).double().mean().item()
+    assert rows[24, "bipartite", "constant"]["top1"] == pytest.approx(100 * hits, abs=1e-3)
+    assert rows[120, "greedy", "entropy"]["mean_tokens_per_block"] <= rows[120, "greedy", "constant"][
+        "mean_tokens_per_block"] + 0.5  # the same cost
+    assert {c["r"] for c in result["comparisons"]} == {24, 120}
