@@ -21,12 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "exploration"))
-
-from nocls_saliency import interval, log_probs
+from nocls_saliency import add_model_arguments, interval, load_model, log_probs
 from tqdm import tqdm
-from vision_gap_pooling import gap_model
 
 from quickmerge.cli_types import positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
@@ -40,23 +36,14 @@ CALIBRATION = 512  # the first held-out images, as eval vision's calibration
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default="results/vision_gap_nocls_vit.pt",
-                    help="the no-class-token model's state dict (vision_gap_pooling.py --no-class-token --weights)")
+    add_model_arguments(ap)
     ap.add_argument("--split", choices=("heldout", "test"), default="heldout",
                     help="heldout: held-out training images 512..4999; test: the 10,000 test images")
     ap.add_argument("--bipartite-r", type=positive_int, nargs="*", default=[48], help="costs within the cap")
     ap.add_argument("--greedy-r", type=positive_int, nargs="*", default=[96, 128], help="costs past the cap")
-    ap.add_argument("--images", type=positive_int, default=None, help="only the split's first N images (default: all)")
-    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--out", required=True, help="JSON path")
     args = ap.parse_args()
-    if not Path(args.weights).is_file():
-        ap.error(f"--weights: {args.weights} does not exist; make it with benchmarks/exploration/"
-                 "vision_gap_pooling.py --no-class-token --weights PATH")
-    torch.set_num_threads(args.threads)
-    model = gap_model(class_token=False)
-    model.load_state_dict(torch.load(args.weights))
-    model.eval()
+    model = load_model(ap, args)
     held_images, held_labels = split_train_heldout()[1]
     perplexity = block_attention_perplexity(model, normalize(held_images[:CALIBRATION]))
     print("block perplexity", [round(p, 1) for p in perplexity], flush=True)

@@ -65,26 +65,36 @@ def interval(values: list[float], base: list[float], scale: float) -> list[float
     return [round(scale * v, 4) for v in bootstrap_difference(values, base)]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--weights``, ``--images`` and ``--threads``: which model, how many of the split's images, torch threads."""
     ap.add_argument("--weights", default="results/vision_gap_nocls_vit.pt",
                     help="the no-class-token model's state dict (vision_gap_pooling.py --no-class-token --weights)")
-    ap.add_argument("--split", choices=("heldout", "test"), default="heldout",
-                    help="heldout: the last 5,000 training images; test: the 10,000 test images")
-    ap.add_argument("--r", type=positive_int, nargs="+", default=[32, 48, 64], help="tokens merged per block")
-    ap.add_argument("--timing-rounds", type=int, default=0, help="rounds of the together timing (0: no timing)")
-    ap.add_argument("--timed-r", type=positive_int, default=48, help="the r every setting is timed at")
     ap.add_argument("--images", type=positive_int, default=None, help="only the split's first N images (default: all)")
     ap.add_argument("--threads", type=positive_int, default=2)
-    ap.add_argument("--out", required=True, help="JSON path")
-    args = ap.parse_args()
+
+
+def load_model(ap: argparse.ArgumentParser, args: argparse.Namespace) -> torch.nn.Module:
+    """The no-class-token ViT of ``--weights`` in eval mode (refused, naming the flag, if the file is missing)."""
     if not Path(args.weights).is_file():
         ap.error(f"--weights: {args.weights} does not exist; make it with benchmarks/exploration/"
                  "vision_gap_pooling.py --no-class-token --weights PATH")
     torch.set_num_threads(args.threads)
     model = gap_model(class_token=False)
     model.load_state_dict(torch.load(args.weights))
-    model.eval()
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(ap)
+    ap.add_argument("--split", choices=("heldout", "test"), default="heldout",
+                    help="heldout: the last 5,000 training images; test: the 10,000 test images")
+    ap.add_argument("--r", type=positive_int, nargs="+", default=[32, 48, 64], help="tokens merged per block")
+    ap.add_argument("--timing-rounds", type=int, default=0, help="rounds of the together timing (0: no timing)")
+    ap.add_argument("--timed-r", type=positive_int, default=48, help="the r every setting is timed at")
+    ap.add_argument("--out", required=True, help="JSON path")
+    args = ap.parse_args()
+    model = load_model(ap, args)
     images, labels = split_train_heldout()[1] if args.split == "heldout" else load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
     base = log_probs(model, images)
