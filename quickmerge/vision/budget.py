@@ -24,7 +24,7 @@ DEFAULT_FLOOR = 8  # fewest tokens a block leaves in a schedule (a greedy one wo
 
 @torch.inference_mode()
 def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> list[float]:
-    """Per block, the mean ``exp(entropy)`` of the class token's attention over patch tokens, in tokens.
+    """Per block, the mean ``exp(entropy)`` of the class token's (or every patch token's) attention over patch tokens.
 
     ``images``: model-ready inputs ``[N, C, H, W]``. Averaged over heads and images; measured
     on the unmerged model (``r = 0``). A model without a class token has no query that reads for

@@ -247,3 +247,23 @@ def test_vivit_hidden_states_hold_the_merged_blocks_inputs():
         out = model(pixel_values=x, output_hidden_states=True)
     assert [h.shape[1] for h in out.hidden_states] == [*handle.tokens_per_layer, 15]
     assert handle.tokens_per_layer == [33, 27, 21]
+
+
+def test_entropy_budget_is_calibrated_on_videomae_without_a_class_token():
+    """VideoMAE has no class token: the per-block budget reads its tubelets' own attention, and a schedule from
+    it runs."""
+    from quickmerge.vision.budget import block_attention_perplexity, entropy_schedule
+
+    model = tiny("VideoMAEForVideoClassification")
+    with torch.no_grad():
+        for layer in model.videomae.encoder.layer:
+            layer.attention.attention.query.weight.mul_(30.0)  # sharper attention than random weights give
+            layer.attention.attention.key.weight.mul_(30.0)
+        values = block_attention_perplexity(model, clip(3))
+        assert len(values) == 3 and all(1.0 <= v < TUBELETS - 1 for v in values)
+        for layer in model.videomae.encoder.layer:  # zero keys (VideoMAE's have no bias): uniform attention
+            torch.nn.init.zeros_(layer.attention.attention.key.weight)
+        assert block_attention_perplexity(model, clip(3)) == pytest.approx([float(TUBELETS)] * 3, rel=1e-5)
+        with quickmerge.patch(model, r=entropy_schedule(values, TUBELETS, 6)) as handle:
+            model(pixel_values=clip(2))
+    assert handle.tokens_per_layer[-1] < TUBELETS
