@@ -10,6 +10,8 @@ ToMe-style's cap) and r = 96 / 128 greedy (past it, down to the floor of 8 token
 against its constant schedule (and ToMe-style at r = 48), calibrated on the first 512 held-out training images as
 ``quickmerge eval vision`` calibrates; the held-out split is the other 4,488. Per image: KL(unmerged || merged) in
 millinats and top-1, paired 95% bootstrap intervals of the entropy schedule minus the constant one.
+``--timing-rounds N``: every setting also timed together against the unpatched model (speed-up, the median of the
+rounds' ratios).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from quickmerge.cli_types import positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_mean
+from quickmerge.eval.vision import time_settings_together
 from quickmerge.vision import patch
 from quickmerge.vision.budget import DEFAULT_FLOOR, block_attention_perplexity, constant_schedule, entropy_schedule
 from quickmerge.vision.train import split_train_heldout
@@ -41,6 +44,9 @@ def main() -> None:
                     help="heldout: held-out training images 512..4999; test: the 10,000 test images")
     ap.add_argument("--bipartite-r", type=positive_int, nargs="*", default=[48], help="costs within the cap")
     ap.add_argument("--greedy-r", type=positive_int, nargs="*", default=[96, 128], help="costs past the cap")
+    ap.add_argument("--timing-rounds", type=int, default=0,
+                    help="also time every setting together on a batch of 256 (rounds in rotating order, each right "
+                         "before the unpatched model; 0: no timing)")
     ap.add_argument("--out", required=True, help="JSON path")
     args = ap.parse_args()
     model = load_model(ap, args)
@@ -91,6 +97,14 @@ def main() -> None:
                           "kl_millinats": interval(kl_e, kl_c, 1e3), "top1_pt": interval(hits_e, hits_c, 100)}
             result["comparisons"].append(comparison)
             print(comparison, flush=True)
+    if args.timing_rounds:
+        jobs = [(method, schedule, options) for _, _, _, method, schedule, options in settings]
+        timed = time_settings_together(model, jobs, normalize(images[:256]), args.timing_rounds)
+        for row, fields in zip(result["rows"], timed, strict=True):
+            row.update({k: fields[k] for k in ("speedup", "speedup_per_round", "images_per_s",
+                                               "unpatched_images_per_s")})
+        result["timing"] = {"rounds": args.timing_rounds, "batch": 256}
+        print({f"{row['r']} {row['matching']} {row['setting']}": row["speedup"] for row in result["rows"]}, flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
