@@ -31,7 +31,8 @@ def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_sam
     weights, out = tmp_path / "gap.pt", tmp_path / "entropy.json"
     torch.save(model.state_dict(), weights)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights", str(weights),
-                    "--images", "40", "--bipartite-r", "24", "--greedy-r", "120", "--threads", "1", "--out", str(out)],
+                    "--images", "40", "--bipartite-r", "24", "--greedy-r", "120", "--threads", "1",
+                    "--timing-rounds", "1", "--out", str(out)],
                    check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
     result = json.loads(out.read_text())
     rows = {(row["r"], row["matching"], row["setting"]): row for row in result["rows"]}
@@ -47,3 +48,5 @@ def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_sam
     assert rows[120, "greedy", "entropy"]["mean_tokens_per_block"] <= rows[120, "greedy", "constant"][
         "mean_tokens_per_block"] + 0.5  # the same cost
     assert {c["r"] for c in result["comparisons"]} == {24, 120}
+    assert result["timing"]["rounds"] == 1 and all(len(row["speedup_per_round"]) == 1 and row["speedup"] > 0
+                                                   for row in result["rows"])
