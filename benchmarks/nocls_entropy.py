@@ -26,7 +26,7 @@ import torch
 from nocls_saliency import add_model_arguments, interval, load_model, log_probs
 from tqdm import tqdm
 
-from quickmerge.cli_types import positive_int
+from quickmerge.cli_types import non_negative_int, positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_mean
 from quickmerge.eval.vision import time_settings_together
@@ -44,7 +44,7 @@ def main() -> None:
                     help="heldout: held-out training images 512..4999; test: the 10,000 test images")
     ap.add_argument("--bipartite-r", type=positive_int, nargs="*", default=[48], help="costs within the cap")
     ap.add_argument("--greedy-r", type=positive_int, nargs="*", default=[96, 128], help="costs past the cap")
-    ap.add_argument("--timing-rounds", type=int, default=0,
+    ap.add_argument("--timing-rounds", type=non_negative_int, default=0,
                     help="also time every setting together on a batch of 256 (rounds in rotating order, each right "
                          "before the unpatched model; 0: no timing)")
     ap.add_argument("--out", required=True, help="JSON path")

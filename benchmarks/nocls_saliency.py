@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "exploration"))
 
 from vision_gap_pooling import gap_model
 
-from quickmerge.cli_types import positive_int
+from quickmerge.cli_types import non_negative_int, positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.eval.vision import time_settings_together
@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--split", choices=("heldout", "test"), default="heldout",
                     help="heldout: the last 5,000 training images; test: the 10,000 test images")
     ap.add_argument("--r", type=positive_int, nargs="+", default=[32, 48, 64], help="tokens merged per block")
-    ap.add_argument("--timing-rounds", type=int, default=0, help="rounds of the together timing (0: no timing)")
+    ap.add_argument("--timing-rounds", type=non_negative_int, default=0,
+                    help="rounds of the together timing (0: no timing)")
     ap.add_argument("--timed-r", type=positive_int, default=48, help="the r every setting is timed at")
     ap.add_argument("--out", required=True, help="JSON path")
     args = ap.parse_args()

@@ -280,3 +280,18 @@ def test_nothing_of_a_call_is_held_after_it(cls_name):
     model, x = tiny(cls_name, "sdpa"), torch.randn(2, 3, 16, 16)
     with quickmerge.patch(model, r=10):
         assert alive_after_call(tower(model).post_layernorm, lambda: output(model, x)) == []
+
+
+def test_entropy_budget_is_calibrated_on_a_siglip_tower_without_a_class_token():
+    """SigLIP's vision tower has no class token: the budget reads its patch tokens' own attention."""
+    from quickmerge.vision.budget import block_attention_perplexity
+
+    model = tiny("SiglipVisionModel", "sdpa")
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        values = block_attention_perplexity(model, x)
+        assert len(values) == 3 and all(1.0 <= v <= 64.0 + 1e-3 for v in values)  # 64 patches
+        for layer in model.vision_model.encoder.layers:  # zero keys: uniform attention over every patch
+            torch.nn.init.zeros_(layer.self_attn.k_proj.weight)
+            torch.nn.init.zeros_(layer.self_attn.k_proj.bias)
+        assert block_attention_perplexity(model, x) == pytest.approx([64.0] * 3, rel=1e-5)
