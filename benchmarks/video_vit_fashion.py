@@ -14,15 +14,17 @@ wide, 8 x 8 patches, tubelets of 2 frames: 256 tokens.
     python benchmarks/video_vit_fashion.py eval results/s67/videomae_fashion --r 32 --saliency-queries 4 8 16 32 \
         --json results/s70/seed0_queries.json
 
-``eval``: top-1 of the unpatched model and of ToMe-style and QuickMerge++ (``patch`` defaults) at each r, the paired
-difference QuickMerge++ minus ToMe-style with its 95% bootstrap interval, and speed-ups timed together in rotating
-rounds (``quickmerge.eval.vision.time_settings_together``); with ``--saliency-queries``, QuickMerge++ at each count of
-saliency queries (``patch(saliency_queries=...)``; 16, the default, is the plain ``quickmerge`` row, the others are
-also compared with it). ``pool``: models of several training seeds, each clip set
+``eval``: top-1 and KL(unmerged || merged) per clip of the unpatched model and of ToMe-style and QuickMerge++ at each
+r (the plain ``quickmerge`` rows: keys, additive saliency, 16 queries, ``patch``'s defaults of stops 67-71, given
+explicitly), the paired differences QuickMerge++ minus ToMe-style with their 95% bootstrap intervals, and speed-ups
+timed together in rotating rounds (``quickmerge.eval.vision.time_settings_together``); with ``--saliency-queries``,
+QuickMerge++ at each count of saliency queries (``patch(saliency_queries=...)``; 16 is the plain row, the others are
+also compared with it), with ``--hidden-scaled`` stop 47's matching, compared the same way.
+``pool``: models of several training seeds, each clip set
 scored by every model; at each r the per-clip difference averaged over the models (the clip sets one after
 another), with its bootstrap interval over clips, and each model's own mean difference; the same for every other
 QuickMerge++ variant all the evals share (another count of saliency queries, the mean query), against ToMe-style
-and against QuickMerge++ at ``patch``'s defaults.
+and against the plain QuickMerge++ rows.
 """
 
 from __future__ import annotations
@@ -47,12 +49,16 @@ FRAMES, CANVAS = 8, 64
 MODEL_STYLES = ("o-", "s--", "^:", "D-.")  # one line style per model in the pooled plot
 
 
-# QuickMerge++'s options an eval may vary, by their name in the hits keys, with patch()'s defaults
-VARIANT_OPTIONS = {"saliency": ("saliency", "cls"), "queries": ("saliency_queries", DEFAULT_QUERIES)}
+# QuickMerge++'s options an eval may vary, by their name in the hits keys, with the values of the plain
+# ``quickmerge`` rows (patch()'s defaults of stops 67-71; passed to patch explicitly, so a row's meaning never follows
+# a later default)
+VARIANT_OPTIONS = {"saliency": ("saliency", "cls"), "queries": ("saliency_queries", DEFAULT_QUERIES),
+                   "similarity": ("similarity", "keys"), "saliency_rule": ("saliency_rule", "additive")}
+CHOSEN_MATCHING = {"similarity": "hidden", "saliency_rule": "scaled"}  # stop 47's rule (--hidden-scaled)
 
 
 def variant_suffix(options: dict) -> str:
-    """``""`` at ``patch``'s defaults, else ``"/queries=8"``, ``"/saliency=mean"``: the options that differ."""
+    """``""`` at the plain row's options, else ``"/queries=8"``, ``"/saliency=mean"``: the options that differ."""
     return "".join(f"/{name}={options[key]}" for name, (key, default) in VARIANT_OPTIONS.items()
                    if options.get(key, default) != default)
 
@@ -71,6 +77,14 @@ def hits_key(method: str, r: int, options: dict | None = None) -> str:
     """The eval JSON's key of a setting's per-clip hits; QuickMerge++ at ``patch``'s defaults keeps the plain
     ``method@r`` of the evals made before its options varied."""
     return f"{method}@{r}" + variant_suffix(options or {})
+
+
+def patch_options(method: str, options: dict) -> dict:
+    """What ``patch`` is given for a row: QuickMerge++'s every option explicit (the plain row's values where the row
+    names none), nothing for the other methods."""
+    if method != "quickmerge":
+        return {}
+    return {key: options.get(key, default) for key, default in VARIANT_OPTIONS.values()}
 
 
 def row_options(row: dict) -> dict:
@@ -145,46 +159,54 @@ def evaluate(args: argparse.Namespace) -> None:
     items, labels = load_fashion_mnist("test")
     x, y = clips(items, labels, args.count, seed=args.clip_seed)
 
-    def correct() -> list[float]:
-        hits = []
-        for i in range(0, len(x), args.batch):
-            hits += (model(pixel_values=x[i : i + args.batch]).logits.argmax(-1) == y[i : i + args.batch]).tolist()
-        return [float(h) for h in hits]
+    def scored() -> tuple[list[float], torch.Tensor]:
+        """Per-clip hits and the ``[clips, classes]`` float64 log-probabilities."""
+        logp = torch.cat([model(pixel_values=x[i : i + args.batch]).logits.double().log_softmax(-1)
+                          for i in range(0, len(x), args.batch)])
+        return (logp.argmax(-1) == y).double().tolist(), logp
 
-    rows = [{"method": "none", "r": 0, "hits": correct()}]
+    hits, unmerged = scored()
+    rows = [{"method": "none", "r": 0, "hits": hits, "kl": [0.0] * len(x)}]
     queries = sorted(set(args.saliency_queries), key=lambda q: (q != DEFAULT_QUERIES, q))  # the default row first
-    variants = [{"saliency_queries": q} for q in queries] + ([{"saliency": "mean"}] if args.saliency_mean else [])
+    variants = ([{"saliency_queries": q} for q in queries] + ([{"saliency": "mean"}] if args.saliency_mean else [])
+                + ([dict(CHOSEN_MATCHING)] if args.hidden_scaled else []))
     for r in args.r:
         for method, options in [("tome", {})] + [("quickmerge", v) for v in variants]:
-            with quickmerge.patch(model, r=r, method=method, **options) as handle:
-                rows.append({"method": method, "r": r, **options, "hits": correct(),
+            with quickmerge.patch(model, r=r, method=method, **patch_options(method, options)) as handle:
+                hits, merged = scored()
+                kl = (unmerged.exp() * (unmerged - merged)).sum(-1)  # KL(unmerged || merged) per clip, nats
+                rows.append({"method": method, "r": r, **options, "hits": hits, "kl": kl.tolist(),
                              "tokens_per_layer": handle.tokens_per_layer})
             print(f"{hits_key(method, r, options):>24}: {100 * sum(rows[-1]['hits']) / len(x):.2f}%", flush=True)
-    jobs = [(None, 0, {})] + [(row["method"], row["r"], row_options(row)) for row in rows[1:]]
+    jobs = [(None, 0, {})] + [(row["method"], row["r"], patch_options(row["method"], row_options(row)))
+                              for row in rows[1:]]
     timing = time_settings_together(model, jobs, x[: args.batch], args.rounds) if args.rounds else None
     for i, row in enumerate(rows):
         row["top1"], row["top1_low"], row["top1_high"] = (100 * v for v in bootstrap_mean(row["hits"]))
+        row["kl_millinats"] = [1e3 * v for v in bootstrap_mean(row["kl"])]
         if timing is not None:
             row["speedup"], row["speedup_per_round"] = timing[i]["speedup"], timing[i]["speedup_per_round"]
     for row in rows[1:]:
         if row["method"] == "quickmerge":
             tome = next(o for o in rows if o["method"] == "tome" and o["r"] == row["r"])
             row["minus_tome"] = [100 * v for v in bootstrap_difference(row["hits"], tome["hits"])]
+            row["kl_minus_tome"] = [1e3 * v for v in bootstrap_difference(row["kl"], tome["kl"])]
             default = next((o for o in default_rows(rows) if o["method"] == "quickmerge" and o["r"] == row["r"]),
                            None)
             if default is not None and row is not default:
                 row["minus_default_options"] = [100 * v for v in bootstrap_difference(row["hits"], default["hits"])]
+                row["kl_minus_default_options"] = [1e3 * v for v in bootstrap_difference(row["kl"], default["kl"])]
         row["minus_unpatched"] = [100 * v for v in bootstrap_difference(row["hits"], rows[0]["hits"])]
     for row in rows:
         extra = "".join(f", {k} {v[0]:+.2f} [{v[1]:+.2f}, {v[2]:+.2f}]"
-                        for k, v in row.items() if k.startswith("minus"))
+                        for k, v in row.items() if k.startswith(("minus", "kl_minus")))
         speed = f", {row['speedup']:.2f}x" if "speedup" in row else ""
         key = hits_key(row["method"], row["r"], row_options(row))
-        print(f"{key:>24}: {row['top1']:.2f}%{speed}{extra}")
+        print(f"{key:>24}: {row['top1']:.2f}%, KL {row['kl_millinats'][0]:.2f} millinats{speed}{extra}")
     if args.json:
         info = {"args": vars(args), "clips": len(x), "tokens": 256, "cores": os.cpu_count(),
                 "platform": platform.platform(), "torch": torch.__version__, "transformers": transformers.__version__,
-                "rows": [{k: v for k, v in row.items() if k != "hits"} for row in rows],
+                "rows": [{k: v for k, v in row.items() if k not in ("hits", "kl")} for row in rows],
                 "hits": {hits_key(row["method"], row["r"], row_options(row)):
                          "".join(str(int(h)) for h in row["hits"]) for row in rows}}
         Path(args.json).write_text(json.dumps(info, indent=2))
@@ -336,6 +358,8 @@ def main() -> None:
     e.add_argument("--saliency-queries", type=positive_int, nargs="+", default=[DEFAULT_QUERIES],
                    help="QuickMerge++ at each of these counts of saliency queries (patch's saliency_queries)")
     e.add_argument("--saliency-mean", action="store_true", help="QuickMerge++ with saliency='mean' too")
+    e.add_argument("--hidden-scaled", action="store_true",
+                   help="QuickMerge++ with stop 47's matching too (similarity='hidden', saliency_rule='scaled')")
     e.add_argument("--threads", type=int, default=2)
     e.add_argument("--json", default=None)
     e.add_argument("--png", default=None, help="plot (needs matplotlib)")

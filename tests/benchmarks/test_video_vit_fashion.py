@@ -111,3 +111,51 @@ def test_hits_keys_keep_the_plain_name_at_the_defaults_and_name_each_other_optio
             {"method": "quickmerge", "r": 32, "saliency_queries": 8}, {"method": "quickmerge", "r": 32,
                                                                         "saliency": "mean"}]
     assert default_rows(rows) == rows[:3]
+
+
+def test_eval_scores_kl_per_clip_and_gives_quickmerge_its_options_explicitly(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from quickmerge.data import fashion_mnist
+
+    if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    import torch
+
+    import quickmerge
+    from benchmarks import video_vit_fashion as vvf
+    from quickmerge.data.fashion_mnist import load_fashion_mnist
+
+    torch.manual_seed(0)
+    transformers.VideoMAEForVideoClassification(vvf.config()).eval().save_pretrained(tmp_path / "model")
+    out = tmp_path / "eval.json"
+    seen = []
+    real_patch = quickmerge.patch
+    monkeypatch.setattr(quickmerge, "patch", lambda model, **kw: seen.append(kw) or real_patch(model, **kw))
+    vvf.evaluate(argparse.Namespace(model=str(tmp_path / "model"), r=[32], count=6, batch=4, rounds=0, clip_seed=0,
+                                    saliency_queries=[DEFAULT_QUERIES], saliency_mean=False, hidden_scaled=True,
+                                    threads=1, json=str(out), png=None))
+    result = json.loads(out.read_text())
+    rows = {vvf.hits_key(row["method"], row["r"], vvf.row_options(row)): row for row in result["rows"]}
+    assert set(rows) == {"none@0", "tome@32", "quickmerge@32", "quickmerge@32/similarity=hidden/saliency_rule=scaled"}
+    # the plain row names every QuickMerge++ option, so it stays stop 67-71's QuickMerge++ whatever patch defaults to
+    assert seen[1] == {"r": 32, "method": "quickmerge", "saliency": "cls", "saliency_queries": DEFAULT_QUERIES,
+                       "similarity": "keys", "saliency_rule": "additive"}
+    assert seen[0] == {"r": 32, "method": "tome"}
+    assert seen[2]["similarity"] == "hidden" and seen[2]["saliency_rule"] == "scaled"
+    assert rows["none@0"]["kl_millinats"][0] == 0.0
+    model = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / "model").eval()
+    items, labels = load_fashion_mnist("test")
+    x, _ = vvf.clips(items, labels, 6, seed=0)
+    with torch.inference_mode():
+        base = model(pixel_values=x).logits.double().log_softmax(-1)
+        for key, options in (("quickmerge@32", {"similarity": "keys", "saliency_rule": "additive"}),
+                             ("quickmerge@32/similarity=hidden/saliency_rule=scaled", vvf.CHOSEN_MATCHING)):
+            with real_patch(model, r=32, **options):
+                merged = model(pixel_values=x).logits.double().log_softmax(-1)
+            kl = (base.exp() * (base - merged)).sum(-1).mean().item()
+            assert rows[key]["kl_millinats"][0] == pytest.approx(1e3 * kl, rel=1e-4, abs=1e-6)
+    hidden = rows["quickmerge@32/similarity=hidden/saliency_rule=scaled"]
+    difference = hidden["kl_millinats"][0] - rows["quickmerge@32"]["kl_millinats"][0]
+    assert hidden["kl_minus_default_options"][0] == pytest.approx(difference, abs=1e-6)
+    assert hidden["kl_minus_tome"][0] == pytest.approx(hidden["kl_millinats"][0] - rows["tome@32"]["kl_millinats"][0],
+                                                       abs=1e-6)
