@@ -11,26 +11,39 @@ attend widely fewer), scaled so the schedule costs what a constant-``r`` schedul
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from .patch import patch
 
-Observer = Callable[[int, Tensor, Tensor, float], None]  # (block, q, k, scale), q and k [B, H, N, hd]
+# (block, q, k, scale, valid): q and k [B, H, N, hd]; valid [B, N] bool (False: padding) or None (no padding)
+Observer = Callable[[int, Tensor, Tensor, float, "Tensor | None"], None]
 DEFAULT_FLOOR = 8  # fewest tokens a block leaves in a schedule (a greedy one would otherwise reach a single token)
 
 
 @torch.inference_mode()
-def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> list[float]:
+def block_attention_perplexity(model: nn.Module, images: Tensor | Mapping[str, Tensor], *,
+                               batch_size: int = 256) -> list[float]:
     """Per block, the mean ``exp(entropy)`` of the class token's (or every patch token's) attention over patch tokens.
 
-    ``images``: model-ready inputs ``[N, C, H, W]``. Averaged over heads and images; measured
-    on the unmerged model (``r = 0``). A model without a class token has no query that reads for
-    the head: there every patch token's attention over the patch tokens is measured and averaged
-    over the queries too.
+    ``images``: model-ready inputs ``[N, C, H, W]``, or a mapping of the model's keyword inputs, each ``[N, ...]``
+    (a SigLIP 2 NaFlex batch: ``pixel_values``, ``pixel_attention_mask``, ``spatial_shapes``). Averaged over heads and
+    images; measured on the unmerged model (``r = 0``). A model without a class token has no query that reads for
+    the head: there every patch token's attention over the patch tokens is measured and averaged over the queries
+    too. Padding (a NaFlex batch) is neither a query nor a key: a padded image gives its real tokens' perplexity.
     """
+    if isinstance(images, Mapping):
+        if not images or not all(isinstance(v, Tensor) for v in images.values()):
+            raise TypeError("images must be a tensor or a non-empty mapping of the model's tensor inputs, got "
+                            f"{ {k: type(v).__name__ for k, v in images.items()} }")
+        lengths = {k: len(v) for k, v in images.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"images: every input must hold the same number of images, got {lengths}")
+        total = next(iter(lengths.values()))
+    else:
+        total = len(images)
     sums: dict[int, float] = {}
     count = 0
     with patch(model, r=0) as handle:
@@ -38,19 +51,29 @@ def block_attention_perplexity(model: nn.Module, images: Tensor, *, batch_size: 
         observe = _class_token_perplexity(sums, prefix) if handle.has_class_token else _patch_perplexity(sums, prefix)
         handle._observers.append(observe)
         device = next(model.parameters()).device
-        for i in range(0, len(images), batch_size):
-            batch = images[i : i + batch_size].to(device)
-            model(batch)
-            count += len(batch)
+        for i in range(0, total, batch_size):
+            if isinstance(images, Mapping):
+                model(**{k: v[i : i + batch_size].to(device) for k, v in images.items()})
+            else:
+                model(images[i : i + batch_size].to(device))
+            count += min(batch_size, total - i)
     return [sums[layer] / count for layer in sorted(sums)]
+
+
+def _masked_logits(logits: Tensor, keys_valid: Tensor | None) -> Tensor:
+    """``logits [b, H, q, n]`` with padding keys (``keys_valid [b, n]`` False) at -inf."""
+    if keys_valid is None:
+        return logits
+    return logits.masked_fill(~keys_valid[:, None, None, :], float("-inf"))
 
 
 def _class_token_perplexity(sums: dict[int, float], prefix: int) -> Observer:
     """An observer adding each image's class-token attention perplexity (mean over heads) to ``sums[layer]``."""
 
-    def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
+    def observe(layer: int, q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> None:
         logits = torch.matmul(q[:, :, :1].float(), k[:, :, prefix:].float().transpose(-1, -2)) * scale
-        p = logits.softmax(dim=-1)[:, :, 0]  # [B, H, n] over patch tokens
+        keys_valid = None if valid is None else valid[:, prefix:]
+        p = _masked_logits(logits, keys_valid).softmax(dim=-1)[:, :, 0]  # [B, H, n] over patch tokens
         entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [B, H] nats
         sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=1).sum())
 
@@ -61,17 +84,20 @@ _LOGITS_PER_CHUNK = 1 << 22  # [b, H, n, n] attention entries held at once: ever
 
 
 def _patch_perplexity(sums: dict[int, float], prefix: int) -> Observer:
-    """An observer adding each image's patch-token attention perplexity (mean over heads and patch queries) to
+    """An observer adding each image's patch-token attention perplexity (mean over heads and real patch queries) to
     ``sums[layer]``, in chunks of images so that a long sequence's ``[b, H, n, n]`` attention stays small."""
 
-    def observe(layer: int, q: Tensor, k: Tensor, scale: float) -> None:
+    def observe(layer: int, q: Tensor, k: Tensor, scale: float, valid: Tensor | None) -> None:
         b, h, n = q.shape[0], q.shape[1], q.shape[2] - prefix
         step = max(1, _LOGITS_PER_CHUNK // (h * n * n))
         for i in range(0, b, step):
             qs, ks = q[i : i + step, :, prefix:].float(), k[i : i + step, :, prefix:].float()
-            p = (torch.matmul(qs, ks.transpose(-1, -2)) * scale).softmax(dim=-1)  # [b, H, n, n]
-            entropy = -torch.special.xlogy(p, p).sum(dim=-1)  # [b, H, n] nats
-            sums[layer] = sums.get(layer, 0.0) + float(entropy.exp().mean(dim=(1, 2)).sum())
+            real = None if valid is None else valid[i : i + step, prefix:]
+            p = _masked_logits(torch.matmul(qs, ks.transpose(-1, -2)) * scale, real).softmax(dim=-1)  # [b, H, n, n]
+            perplexity = (-torch.special.xlogy(p, p).sum(dim=-1)).exp().mean(dim=1)  # [b, n], over heads
+            # padding queries left out
+            per_image = perplexity.mean(dim=1) if real is None else (perplexity * real).sum(dim=1) / real.sum(dim=1)
+            sums[layer] = sums.get(layer, 0.0) + float(per_image.sum())
 
     return observe
 

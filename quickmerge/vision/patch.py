@@ -162,7 +162,7 @@ class MergeHandle:
         self.padded = False  # whether the last pass's batch had padding (sizes 0 there)
         self._pass = _Pass()
         self._hooks: list[Any] = []
-        self._observers: list[Any] = []  # f(layer, q, k, scale) per block, before merging (calibration)
+        self._observers: list[Any] = []  # f(layer, q, k, scale, valid) per block, before merging (calibration)
 
     # settings -----------------------------------------------------------------------
     @property
@@ -320,8 +320,10 @@ class MergeHandle:
         r = self._schedule[layer] if layer < len(self._schedule) else 0
         bipartite = self.method == "tome" or (self.method == "quickmerge" and self.matching == "bipartite")
         r = min(r, m // 2 if bipartite else m - 1)
-        for observe in self._observers:
-            observe(layer, st.q, st.k, st.scale)
+        if self._observers:
+            valid = st.size > 0 if st.padded else None
+            for observe in self._observers:
+                observe(layer, st.q, st.k, st.scale, valid)
         if r <= 0:
             st.q = st.k = None
             return None

@@ -132,8 +132,8 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
     """Hooks handing a SigLIP 2 tower's padding mask to ``merger`` and keeping it from the pooling head.
 
     The tower's pre-hook keeps the mask ``[B, N]`` it was called with; the first layer's pre-hook (after the
-    one that begins the pass) passes it on when the pass merges (otherwise the model runs as unpatched). The
-    head's pre-hook drops its mask argument for the last pass's merged tokens: the hook on the head's
+    one that begins the pass) passes it on when the pass merges or is observed (otherwise the model runs as
+    unpatched). The head's pre-hook drops its mask argument for the last pass's merged tokens: the hook on the head's
     attention (:func:`_proportional_pooling`) masks the padding by size instead."""
     padding_mask = CallArgument.of(vision, _padding_argument(vision))
     state: dict[str, Any] = {"mask": None}
@@ -143,7 +143,7 @@ def _padding_hooks(vision: nn.Module, first_block: nn.Module, head: nn.Module | 
 
     def block_pre(_m: nn.Module, _args: tuple) -> None:
         mask, state["mask"] = state["mask"], None
-        if mask is not None and merger.merges():
+        if mask is not None and merger.needs_qk():  # it merges, or a calibration observer reads the attention
             merger.set_padding(mask.to(first_block.layer_norm1.weight.device).bool())
 
     hooks = [vision.register_forward_pre_hook(vision_pre, with_kwargs=True),

@@ -311,3 +311,26 @@ def test_the_patched_classifier_compiles_whole():
                 torch.compile(model, fullgraph=True)(**inputs)
             pytest.skip("this transformers' SigLIP 2 does not compile whole even unpatched")
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)
+
+
+def test_entropy_calibration_leaves_the_padding_out():
+    """A padded NaFlex batch calibrates as its images do alone, unpadded: padding is neither a query nor a key."""
+    from quickmerge.vision.budget import block_attention_perplexity
+
+    model, inputs = tiny(), batch()
+    with torch.no_grad():
+        for layer in tower(model).encoder.layers:  # sharper attention than random weights give
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    padded = block_attention_perplexity(model, inputs)
+    alone = []
+    for i, real in enumerate(REAL):
+        one = {"pixel_values": inputs["pixel_values"][i : i + 1, :real],
+               "spatial_shapes": inputs["spatial_shapes"][i : i + 1],
+               "pixel_attention_mask": torch.ones(1, real, dtype=torch.long)}
+        alone.append(block_attention_perplexity(model, one))
+    assert padded == pytest.approx([(a + b) / 2 for a, b in zip(*alone, strict=True)], rel=1e-5)
+    assert block_attention_perplexity(model, with_garbage_padding(inputs)) == pytest.approx(padded, rel=1e-5)
+    assert block_attention_perplexity(model, inputs, batch_size=1) == pytest.approx(padded, rel=1e-5)
+    assert all(1.0 <= v <= 10.0 + 1e-4 for v in alone[1])  # the padded image's own 10 tokens bound its perplexity
+    with pytest.raises(ValueError, match="images: every input must hold the same number"):
+        block_attention_perplexity(model, {**inputs, "spatial_shapes": inputs["spatial_shapes"][:1]})
