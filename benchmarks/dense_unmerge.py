@@ -39,13 +39,18 @@ from quickmerge.vision.train import HELD_OUT, split_train_heldout
 
 CLASSES = 11  # background, then the 10 garment classes
 GRID, PATCH = 14, 2
-METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome"),
-           "quickmerge-hidden": dict(method="quickmerge", similarity="hidden"),
-           "quickmerge-unweighted": dict(method="quickmerge", saliency_weight=0.0),
-           "quickmerge-copy": dict(method="quickmerge", unmerge="copy"),
+# QuickMerge++ as stops 57-60 ran it: patch's defaults of then (keys, additive saliency), named so the rows keep
+# their meaning; "quickmerge-chosen" is patch's default since stop 72
+LEGACY = dict(method="quickmerge", similarity="keys", saliency_rule="additive")
+METHODS = {"quickmerge": LEGACY, "tome": dict(method="tome"),
+           "quickmerge-hidden": {**LEGACY, "similarity": "hidden"},
+           "quickmerge-chosen": dict(method="quickmerge", similarity="hidden", saliency_rule="scaled"),
+           "quickmerge-unweighted": {**LEGACY, "saliency_weight": 0.0},
+           "quickmerge-copy": {**LEGACY, "unmerge": "copy"},
            "tome-copy": dict(method="tome", unmerge="copy")}
 LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style", "quickmerge-hidden": "QuickMerge++, hidden similarity",
           "quickmerge-unweighted": "QuickMerge++, saliency weight 0",
+          "quickmerge-chosen": "QuickMerge++, hidden + scaled (the default since stop 72)",
           "quickmerge-copy": "QuickMerge++, unmerged by copying", "tome-copy": "ToMe-style, unmerged by copying"}
 BATCH = 500
 

@@ -37,7 +37,7 @@ token_merge = importlib.import_module("quickmerge.vision.token_merge")
 PIECES = (
     (patch_module, ("attention_saliency", "quickmerge_bipartite_assign", "tome_assign", "weighted_mean", "group_sum",
                     "in_first_member_order")),
-    (token_merge, ("removal_penalty", "bipartite_round")),
+    (token_merge, ("removal_penalty", "scaled_cost", "bipartite_round")),  # the additive / the scaled rule
     (patch_module.MergeHandle, ("merge",)),
 )
 NAMES = tuple(name for _, names in PIECES for name in names)

@@ -32,6 +32,7 @@ from quickmerge.eval.stats import bootstrap_mean
 from quickmerge.eval.vision import time_settings_together
 from quickmerge.vision import patch
 from quickmerge.vision.budget import DEFAULT_FLOOR, block_attention_perplexity, constant_schedule, entropy_schedule
+from quickmerge.vision.patch import LEGACY_MATCHING
 from quickmerge.vision.train import split_train_heldout
 
 CALIBRATION = 512  # the first held-out images, as eval vision's calibration
@@ -60,12 +61,13 @@ def main() -> None:
     images, labels = images[: args.images], labels[: args.images]
     n, depth = model.patch_embed.num_patches, len(model.blocks)
     settings = []  # (cost r, matching, label, method, schedule, options)
+    legacy = dict(LEGACY_MATCHING)  # QuickMerge++ as stop 71 ran it, patch's defaults of then
     for r in args.bipartite_r:
         settings += [(r, "bipartite", "tome", "tome", r, {}),
-                     (r, "bipartite", "constant", "quickmerge", r, {}),
-                     (r, "bipartite", "entropy", "quickmerge", entropy_schedule(perplexity, n, r), {})]
+                     (r, "bipartite", "constant", "quickmerge", r, legacy),
+                     (r, "bipartite", "entropy", "quickmerge", entropy_schedule(perplexity, n, r), legacy)]
     for r in args.greedy_r:
-        greedy = {"matching": "greedy"}
+        greedy = {"matching": "greedy", **legacy}
         settings += [(r, "greedy", "constant", "quickmerge",
                       constant_schedule(n, r, depth, DEFAULT_FLOOR, bipartite=False), greedy),
                      (r, "greedy", "entropy", "quickmerge",

@@ -38,8 +38,10 @@ from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.vision import patch
 
 PATCH, MAX_PATCHES = 4, 64
-METHODS = {"quickmerge": dict(method="quickmerge"), "quickmerge-hidden": dict(method="quickmerge", similarity="hidden"),
-           "tome": dict(method="tome")}
+# QuickMerge++ as stop 56 ran it: patch's defaults of then (keys, additive saliency), named so the rows keep their
+# meaning
+LEGACY = dict(method="quickmerge", similarity="keys", saliency_rule="additive")
+METHODS = {"quickmerge": LEGACY, "quickmerge-hidden": {**LEGACY, "similarity": "hidden"}, "tome": dict(method="tome")}
 LABELS = {"quickmerge": "QuickMerge++", "quickmerge-hidden": "QuickMerge++, hidden similarity", "tome": "ToMe-style"}
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_channels=3,
             patch_size=PATCH, num_patches=MAX_PATCHES, attn_implementation="sdpa")

@@ -131,12 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--finetune with quickmerge: also learn a keep score per block (token_scorer.safetensors)")
     vision.add_argument("--scorer-lr-scale", type=float, default=1.0, metavar="X",
                         help="--learned-saliency: the keep scores learn at X times --lr")
-    vision.add_argument("--similarity", choices=SIMILARITIES, default="keys",
-                        help="--finetune with quickmerge: what the matching compares, as quickmerge.patch's (keys or "
-                        "hidden)")
-    vision.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+    vision.add_argument("--similarity", choices=SIMILARITIES, default=None,
+                        help="--finetune with quickmerge: what the matching compares, as quickmerge.patch's (hidden, "
+                        "the default, or keys)")
+    vision.add_argument("--saliency-rule", choices=SALIENCY_RULES, default=None,
                         help="--finetune with quickmerge: how saliency enters the matching, as quickmerge.patch's "
-                        "(additive or scaled)")
+                        "(scaled, the default, or additive; additive with --learned-saliency)")
     vision.add_argument("--ema", type=float, default=None,
                         help=f"EMA decay of the weights (0: none); default {defaults.ema_decay}, "
                         f"{FINETUNE_EMA} with --finetune")
@@ -287,7 +287,7 @@ def _run(args: argparse.Namespace) -> int:
                     raise UsageError("--self-distill applies to --finetune only")
                 if finetune is None and args.learned_saliency:
                     raise UsageError("--learned-saliency applies to --finetune only")
-                if finetune is None and (args.similarity, args.saliency_rule) != ("keys", "additive"):
+                if finetune is None and (args.similarity, args.saliency_rule) != (None, None):
                     raise UsageError("--similarity and --saliency-rule apply to --finetune only")
                 if finetune is not None and args.teacher_epochs:
                     raise UsageError("--finetune uses no teacher; drop --teacher-epochs")

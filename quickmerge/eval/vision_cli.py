@@ -74,15 +74,17 @@ def add_matching_arguments(parser: argparse.ArgumentParser, greedy_help: str) ->
     parser.add_argument("--matching", choices=MATCHINGS, default="bipartite",
                         help="QuickMerge++'s matching. bipartite: ToMe's alternating sets, a block merges at most half "
                              "its tokens; greedy: no such cap, so r may pass half the patch tokens" + greedy_help)
-    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
+    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default=None,
                         help="how QuickMerge++'s saliency enters the matching (quickmerge.patch's saliency_rule): "
-                             "additive (default) or scaled (edge costs scaled by attention; the measured weight 0.125)")
+                             "scaled (default: edge costs scaled by attention, the measured weight 0.125) or "
+                             "additive (the saliency rank subtracted; the default before stop 72, and with a "
+                             "learned saliency)")
     parser.add_argument("--saliency-weight", type=non_negative_float, default=None,
                         help="QuickMerge++'s saliency weight (quickmerge.patch's saliency_weight; default: the "
                              "rule's, 0.5 additive, 0.125 scaled; 0: no saliency in the matching)")
-    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys",
-                        help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): keys (default, "
-                             "as ToMe) or hidden (the residual stream that is merged)")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default=MATCHING_DEFAULTS["similarity"],
+                        help="what QuickMerge++'s matching compares (quickmerge.patch's similarity): hidden (default: "
+                             "the residual stream that is merged) or keys (as ToMe; the default before stop 72)")
     parser.add_argument("--saliency", choices=SALIENCY_SOURCES, default="cls",
                         help="which queries QuickMerge++'s saliency asks (quickmerge.patch's saliency): cls (default: "
                              "the class token's; a model without one asks spread queries), queries "
@@ -300,7 +302,7 @@ def load_for_merging(args: argparse.Namespace, rs: list[int], methods: list[str]
 
     model = load_fashion_vit(args.checkpoint)
     scorer = learned_saliency(args.checkpoint, model)
-    if scorer is not None and args.saliency_rule != "additive":
+    if scorer is not None and args.saliency_rule == "scaled":
         raise UsageError(f"--checkpoint holds a learned saliency, trained with the additive rule; --saliency-rule "
                          f"{args.saliency_rule} takes none")
     tuned_for = announce_fine_tuned_merging(args.checkpoint)

@@ -68,14 +68,21 @@ def _flag(name: str) -> Any:
 
 DEFAULT_SALIENCY_QUERIES = 16  # queries of the "queries" saliency (BENCHMARKS.md: stop 70)
 DEFAULT_SALIENCY_WEIGHT = {"additive": 0.5, "scaled": 0.125}  # per saliency rule (BENCHMARKS.md: issue 11)
-# patch()'s defaults of QuickMerge++'s matching options (None: the rule's weight above); tests keep the two equal
-MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive", "saliency_weight": None,
+# patch()'s defaults of QuickMerge++'s matching options (None: the rule's weight above; a learned scorer keeps the
+# additive rule it is trained with); tests keep the two equal. Since stop 72 the matching stop 47 chose (tokens
+# compared by their residual stream, saliency scaling each merge's cost): closer to the unmerged model than
+# ToMe-style's and the previous defaults' on every model measured (BENCHMARKS.md, "The chosen matching as the default")
+MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "hidden", "saliency_rule": "scaled", "saliency_weight": None,
                                      "saliency": "cls", "saliency_queries": DEFAULT_SALIENCY_QUERIES}
+# the defaults before stop 72 (keys, as ToMe; saliency rank subtracted from the similarity): every figure published
+# before then, and fine-tune configs that name no matching
+LEGACY_MATCHING: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive"}
 
 
 def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s."""
-    return {k: settings[k] for k, default in MATCHING_DEFAULTS.items() if settings.get(k, default) != default}
+    """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s
+    (None: the default)."""
+    return {k: settings[k] for k, default in MATCHING_DEFAULTS.items() if settings.get(k) not in (None, default)}
 
 
 # How merged tokens go back on the patch grid for a dense head (``expand_to_patches``): "residual", each patch its
@@ -139,9 +146,9 @@ class MergeHandle:
         self.method = "quickmerge"
         self.saliency = "cls"
         self.saliency_queries = DEFAULT_SALIENCY_QUERIES
-        self.saliency_weight = 0.5
-        self.saliency_rule = "additive"
-        self.similarity = "keys"
+        self.saliency_rule = MATCHING_DEFAULTS["saliency_rule"]
+        self.saliency_weight = DEFAULT_SALIENCY_WEIGHT[self.saliency_rule]
+        self.similarity = MATCHING_DEFAULTS["similarity"]
         self.matching = "bipartite"
         self.epsilon = 1.0
         self.temperature: float | None = None
@@ -544,8 +551,8 @@ def patch(
     saliency: str = "cls",
     saliency_queries: int = DEFAULT_SALIENCY_QUERIES,
     saliency_weight: float | None = None,
-    saliency_rule: str = "additive",
-    similarity: str = "keys",
+    saliency_rule: str | None = None,
+    similarity: str = MATCHING_DEFAULTS["similarity"],
     matching: str = "bipartite",
     epsilon: float = 1.0,
     temperature: float | None = None,
@@ -598,16 +605,19 @@ def patch(
             (default 16; all tokens when there are fewer). Its cost grows with the count: on a video model
             without a class token it is most of what QuickMerge++'s merge step adds to ToMe's (BENCHMARKS.md,
             "How many queries the saliency asks").
-        saliency_weight: how strongly saliency protects a token from being merged away (default: 0.5 with
-            the additive rule, 0.125 with the scaled one, the weights measured).
-        saliency_rule: how saliency enters the matching: ``"additive"`` (default: the cosine similarity
-            minus ``saliency_weight`` times the source's saliency rank) or ``"scaled"`` (a pair costs its
+        saliency_weight: how strongly saliency protects a token from being merged away (default: 0.125 with
+            the scaled rule, 0.5 with the additive one, the weights measured).
+        saliency_rule: how saliency enters the matching: ``"scaled"`` (default: a pair costs its
             dissimilarity ``1 - cos`` times ``1 + saliency_weight * n * (s_a + s_b)``: the cost grows with the
             attention both receive, so near-duplicates merge even when salient; every matching and the
-            differentiable merge, not with a learned ``scorer``).
-        similarity: what QuickMerge++'s matching compares by cosine: ``"keys"`` (default: the attention
-            keys averaged over heads, as ToMe) or ``"hidden"`` (the residual stream after attention, the
-            tokens that are averaged; measured closer to the unmerged model's outputs, BENCHMARKS.md).
+            differentiable merge) or ``"additive"`` (the cosine similarity minus ``saliency_weight`` times the
+            source's saliency rank; the default before stop 72, and with a learned ``scorer``, which is
+            trained with it and takes no other).
+        similarity: what QuickMerge++'s matching compares by cosine: ``"hidden"`` (default: the residual
+            stream after attention, the tokens that are averaged) or ``"keys"`` (the attention keys averaged
+            over heads, as ToMe; the default before stop 72). With the scaled rule, ``"hidden"`` was
+            closer to the unmerged model's outputs than ToMe-style matching and than keys with the additive
+            rule on every model measured (BENCHMARKS.md, "The chosen matching as the default").
         matching: ``"bipartite"`` (default: ToMe's alternating sets, each token's best-match
             score lowered by its saliency) or ``"greedy"`` (the r most redundant tokens join
             their nearest kept token; measured slightly worse, BENCHMARKS.md).
@@ -658,8 +668,11 @@ def patch(
         if saliency_rule == "scaled":
             raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
                              "takes none")
+        saliency_rule = "additive" if saliency_rule is None else saliency_rule
         if hasattr(model, _SCORER_ATTR):
             raise TypeError(f"{type(model).__name__} already has an attribute {_SCORER_ATTR!r}")
+    if saliency_rule is None:
+        saliency_rule = MATCHING_DEFAULTS["saliency_rule"]
     if saliency_weight is None:
         saliency_weight = DEFAULT_SALIENCY_WEIGHT.get(saliency_rule, 0.5)  # an unknown rule is refused below
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))

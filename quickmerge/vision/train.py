@@ -38,6 +38,7 @@ from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
 from ..distributed import Context
 from ..pretrained.fashion_vit import DEFAULT_CONFIG, build_vit
 from ..training_state import load_training_state, save_training_state
+from .patch import MATCHING_DEFAULTS
 from .token_merge import SALIENCY_RULES, SIMILARITIES
 from .token_scorer import ATTRIBUTE as SCORER_ATTRIBUTE
 from .token_scorer import TokenScorer
@@ -85,7 +86,8 @@ class FineTune:
     (:class:`~quickmerge.vision.token_scorer.TokenScorer`, zero at the start), saved beside the
     model as ``token_scorer.safetensors``; it learns at ``scorer_lr_scale`` times the learning rate.
     ``similarity`` and ``saliency_rule`` (quickmerge only): what the matching compares and how saliency enters
-    it, as :func:`~quickmerge.vision.patch.patch`'s (the saliency weight is the rule's default).
+    it, as :func:`~quickmerge.vision.patch.patch`'s (None: its defaults, filled in here so the checkpoint's config
+    records them; the saliency weight is the rule's default).
     """
 
     checkpoint: str
@@ -97,19 +99,24 @@ class FineTune:
     self_distill: float = 0.0
     learned_saliency: bool = False
     scorer_lr_scale: float = 1.0
-    similarity: str = "keys"
-    saliency_rule: str = "additive"
+    similarity: str | None = None
+    saliency_rule: str | None = None
 
     def __post_init__(self) -> None:
         if self.method not in ("quickmerge", "tome"):
             raise ValueError(f"finetune method must be 'quickmerge' or 'tome', got {self.method!r}")
-        if self.similarity not in SIMILARITIES or self.saliency_rule not in SALIENCY_RULES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES} and saliency_rule one of {SALIENCY_RULES}, "
-                             f"got {self.similarity!r}, {self.saliency_rule!r}")
-        if (self.similarity, self.saliency_rule) != ("keys", "additive") and self.method != "quickmerge":
+        if (self.similarity, self.saliency_rule) != (None, None) and self.method != "quickmerge":
             raise ValueError(f"similarity and saliency_rule are QuickMerge++'s settings; method {self.method!r} "
                              "matches keys by ToMe's rule")
-        if self.learned_saliency and self.saliency_rule != "additive":
+        if self.method == "quickmerge":
+            if self.similarity is None:
+                self.similarity = MATCHING_DEFAULTS["similarity"]
+            if self.saliency_rule is None:  # a learned saliency is trained with the additive rule
+                self.saliency_rule = "additive" if self.learned_saliency else MATCHING_DEFAULTS["saliency_rule"]
+            if self.similarity not in SIMILARITIES or self.saliency_rule not in SALIENCY_RULES:
+                raise ValueError(f"similarity must be one of {SIMILARITIES} and saliency_rule one of "
+                                 f"{SALIENCY_RULES}, got {self.similarity!r}, {self.saliency_rule!r}")
+        if self.learned_saliency and self.saliency_rule not in (None, "additive"):
             raise ValueError("a learned saliency is trained with the additive rule, not saliency_rule "
                              f"{self.saliency_rule!r}")
         if not 0 < self.scorer_lr_scale < math.inf:

@@ -22,10 +22,14 @@ def test_each_method_shows_the_pieces_it_calls():
     with profile.labelled_pieces():
         tome = profile.profile_method(model, x, "tome", r=2, forwards=1)
         ours = profile.profile_method(model, x, "quickmerge", r=2, forwards=1)
+        additive = profile.profile_method(model, x, "quickmerge", r=2, forwards=1, similarity="keys",
+                                          saliency_rule="additive")
     assert all(getattr(module, name) is fn for (module, name), fn in before.items())
     for times in (tome, ours):
         assert times[profile.FORWARD] > times["merge step (whole)"] > times["weighted_mean"] > 0
         assert times["bipartite_round"] > 0
     assert tome["tome_assign"] > 0 and tome["attention_saliency"] == tome["removal_penalty"] == 0
     assert ours["tome_assign"] == 0
-    assert ours["attention_saliency"] > 0 and ours["removal_penalty"] > 0 and ours["quickmerge_bipartite_assign"] > 0
+    assert ours["attention_saliency"] > 0 and ours["scaled_cost"] > 0 and ours["quickmerge_bipartite_assign"] > 0
+    assert ours["removal_penalty"] == 0  # the default rule scales the costs; the additive one subtracts a penalty
+    assert additive["removal_penalty"] > 0 and additive["scaled_cost"] == 0

@@ -39,7 +39,7 @@ def test_every_variant_is_measured_on_the_same_images_and_the_default_row_is_pat
     images, labels = split_train_heldout()[1]
     with torch.inference_mode():
         plain = model(normalize(images[:48])).argmax(-1)
-        with patch(model, r=24):  # QuickMerge++'s default on a model without a class token: 16 spread queries
+        with patch(model, r=24, similarity="keys", saliency_rule="additive"):  # stop 71's defaults: 16 queries
             merged = model(normalize(images[:48])).argmax(-1)
     assert result["unpatched_top1"] == pytest.approx(100 * (plain == labels[:48]).double().mean().item(), abs=1e-3)
     assert rows["queries=16"]["top1"] == pytest.approx(100 * (merged == labels[:48]).double().mean().item(), abs=1e-3)

@@ -30,9 +30,12 @@ def test_quickmerge_scores_with_the_matching_its_fine_tune_trained_with(tmp_path
 
     (tmp_path / "config.json").write_text(json.dumps({"finetune": {"method": "quickmerge", "r": 40,
                                                                    "similarity": "hidden", "saliency_rule": "scaled"}}))
-    assert quickmerge_options(str(tmp_path)) == {"similarity": "hidden", "saliency_rule": "scaled"}
+    assert quickmerge_options(str(tmp_path)) == {}  # patch's defaults since stop 72
+    (tmp_path / "config.json").write_text(json.dumps({"finetune": {"method": "quickmerge", "r": 40,
+                                                                   "similarity": "keys", "saliency_rule": "additive"}}))
+    assert quickmerge_options(str(tmp_path)) == {"similarity": "keys", "saliency_rule": "additive"}
     (tmp_path / "config.json").write_text(json.dumps({"finetune": {"method": "quickmerge", "r": 40}}))  # before stop 48
-    assert quickmerge_options(str(tmp_path)) == {}
+    assert quickmerge_options(str(tmp_path)) == {"similarity": "keys", "saliency_rule": "additive"}  # then's defaults
     calls = []
     monkeypatch.setattr(vision_finetune, "patch", lambda model, **kw: calls.append(kw) or type("H", (), {
         "remove": lambda self: None})())

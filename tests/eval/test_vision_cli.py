@@ -42,9 +42,11 @@ def test_quickmerge_options_of_the_command_line_reach_every_quickmerge_row_and_n
     from quickmerge.cli import build_parser
     from quickmerge.eval.vision_cli import quickmerge_options
 
-    chosen = quickmerge_options(build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled",
-                                                           "--similarity", "hidden", "--saliency-weight", "0"]))
-    assert chosen == {"saliency_rule": "scaled", "saliency_weight": 0.0, "similarity": "hidden"}
+    chosen = quickmerge_options(build_parser().parse_args(["eval", "vision", "--saliency-rule", "additive",
+                                                           "--similarity", "keys", "--saliency-weight", "0"]))
+    assert chosen == {"saliency_rule": "additive", "saliency_weight": 0.0, "similarity": "keys"}  # not the defaults
+    assert quickmerge_options(build_parser().parse_args(["eval", "vision", "--saliency-rule", "scaled",
+                                                         "--similarity", "hidden"])) == {}  # the defaults
     with pytest.raises(SystemExit):
         build_parser().parse_args(["eval", "vision", "--saliency-weight", "-1"])
     assert quickmerge_options(build_parser().parse_args(["eval", "vision"])) == {}  # defaults: rows keep their keys
@@ -56,7 +58,7 @@ def test_quickmerge_options_of_the_command_line_reach_every_quickmerge_row_and_n
         assert {k: labels[label][k] for k in chosen} == chosen
     assert build_sweep(["quickmerge"], [16])[0] == ("quickmerge", 16, {})  # the defaults: rows as before
     greedy = build_sweep(["quickmerge"], [40], matching="greedy", num_layers=3, quickmerge_options=chosen)
-    assert greedy[0][2] == {"matching": "greedy", **chosen}  # the scaled rule runs with greedy matching too
+    assert greedy[0][2] == {"matching": "greedy", **chosen}  # the options run with greedy matching too
 
 
 def test_keep_order_reaches_every_row_and_only_when_asked():
@@ -173,8 +175,14 @@ def test_a_checkpoint_fine_tuned_with_merging_is_announced_and_recorded(tiny_vit
     assert results["config"]["fine_tuned_merging"]["r"] == 8
     ratio = {**unmerged, "r": None, "ratio": 0.5}
     (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": ratio}))
-    assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == ratio
-    assert "with quickmerge at ratio = 0.5" in capsys.readouterr().err
+    # a QuickMerge++ fine-tune that names no matching (before stop 48) ran with the defaults of then
+    legacy = {**ratio, "similarity": "keys", "saliency_rule": "additive"}
+    assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == legacy
+    assert "with quickmerge at ratio = 0.5, similarity = keys, saliency_rule = additive" in capsys.readouterr().err
+    named = {**ratio, "similarity": "hidden", "saliency_rule": "scaled"}  # one that names today's defaults
+    (checkpoint / "config.json").write_text(json.dumps({**config, "finetune": named}))
+    assert vision_cli.announce_fine_tuned_merging(str(checkpoint)) == named
+    assert "with quickmerge at ratio = 0.5 (its config.json)" in capsys.readouterr().err
 
 
 def test_eval_vision_in_bfloat16_runs_every_schedule_in_that_dtype_and_keeps_most_answers(tiny_vit_dir, tmp_path,

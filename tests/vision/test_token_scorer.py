@@ -14,10 +14,11 @@ from tests.vision.adapters.test_timm_vit import tiny_vit
 
 def test_a_zero_scorer_changes_nothing_and_a_trained_one_changes_the_merges():
     vit, x = tiny_vit(fused=True), torch.randn(2, 1, 16, 16)
-    with quickmerge.patch(vit, r=6, trace_source=True) as handle:
+    with quickmerge.patch(vit, r=6, saliency_rule="additive", trace_source=True) as handle:
         plain, source = vit(x), handle.source
     scorer = TokenScorer(3, 32)
     with quickmerge.patch(vit, r=6, scorer=scorer, trace_source=True) as handle:
+        assert handle.saliency_rule == "additive"  # the rule a scorer is trained with, not the default scaled one
         assert torch.equal(vit(x), plain) and torch.equal(handle.source, source)
         with torch.no_grad():
             scorer.weight.normal_(0, 5.0, generator=torch.Generator().manual_seed(0))

@@ -242,10 +242,12 @@ def test_quickmerge_without_saliency_is_tome_and_with_saliency_differs():
     model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
     with quickmerge.patch(model, r=12, method="tome"):
         tome = model(x)
-    with quickmerge.patch(model, r=12, saliency_weight=0.0):
+    with quickmerge.patch(model, r=12, saliency_weight=0.0, similarity="keys"):
         assert torch.allclose(model(x), tome, atol=1e-6)
-    with quickmerge.patch(model, r=12, saliency_weight=1.0):
+    with quickmerge.patch(model, r=12, saliency_weight=1.0, similarity="keys"):
         assert not torch.allclose(model(x), tome, atol=1e-4)
+    with quickmerge.patch(model, r=12, saliency_weight=0.0):  # the default similarity: the residual stream
+        assert not torch.allclose(model(x), tome, atol=1e-6)
     with quickmerge.patch(model, r=12, matching="greedy", trace_source=True) as handle:
         model(x)
         assert handle.tokens_per_layer == [65, 53, 41]
@@ -255,22 +257,23 @@ def test_the_scaled_saliency_rule_runs_with_every_matching_and_is_refused_with_a
     model, x = tiny_vit(True), torch.randn(4, 1, 16, 16)
     with quickmerge.patch(model, r=12, method="tome"):
         tome = model(x)
-    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=0.0):
+    keys = {"similarity": "keys"}  # as ToMe-style compares, so that weight 0 gives its merges
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=0.0, **keys):
         assert torch.allclose(model(x), tome, atol=1e-6)  # weight 0: ToMe-style's matching
-    with quickmerge.patch(model, r=12, saliency_weight=4.0):
+    with quickmerge.patch(model, r=12, saliency_rule="additive", saliency_weight=4.0, **keys):
         additive = model(x)
-    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0):
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0, **keys):
         scaled = model(x)
         assert not torch.allclose(scaled, tome, atol=1e-4) and not torch.allclose(scaled, additive, atol=1e-4)
-    greedy = {"matching": "greedy", "r": 20}
-    with quickmerge.patch(model, saliency_weight=0.0, **greedy):
+    greedy = {"matching": "greedy", "r": 20, **keys}
+    with quickmerge.patch(model, saliency_rule="additive", saliency_weight=0.0, **greedy):
         plain = model(x)
     with quickmerge.patch(model, saliency_rule="scaled", saliency_weight=0.0, **greedy) as handle:
         assert torch.allclose(model(x), plain, atol=1e-6)  # weight 0: cosine order, as the additive rule's
         assert handle.tokens_per_layer[1] == handle.tokens_per_layer[0] - 20  # past bipartite's cap of 16
         handle.saliency_weight = 4.0
         assert not torch.allclose(model(x), plain, atol=1e-4)
-    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0, temperature=0.5):
+    with quickmerge.patch(model, r=12, saliency_rule="scaled", saliency_weight=4.0, temperature=0.5, **keys):
         with torch.no_grad():
             assert torch.allclose(model(x), scaled, atol=1e-6)  # evaluation stays the hard merge
         model.train()
@@ -306,7 +309,7 @@ def test_hidden_similarity_matches_the_residual_stream_as_tomes_bipartite_rule_w
         out = model(x)
         expected = bipartite_round(seen[0][:, 1:], 12)  # the tokens entering block 0's merge, class token aside
         assert torch.equal(handle.source[:, 1:] - 1, expected)  # merged only in block 0: the source map is its dst
-    with quickmerge.patch(model, r=[12, 0, 0], saliency_weight=0.0, trace_source=True) as handle:
+    with quickmerge.patch(model, r=[12, 0, 0], saliency_weight=0.0, similarity="keys", trace_source=True) as handle:
         assert not torch.allclose(model(x), out, atol=1e-4)  # the keys' matching merges other pairs
         assert not torch.equal(handle.source[:, 1:] - 1, expected)
 
@@ -443,7 +446,8 @@ def test_saliency_queries_count_for_the_queries_saliency_only():
     out = {}
     for source in ("cls", "queries"):
         for count in (1, 65, 1000):  # 64 patches + the class token
-            with quickmerge.patch(model, r=12, saliency=source, saliency_queries=count) as handle:
+            with quickmerge.patch(model, r=12, saliency=source, saliency_queries=count, saliency_rule="additive",
+                                  similarity="keys") as handle:  # the rule on which saliency weighs most here
                 assert handle.saliency_queries == count
                 out[source, count] = model(x)
     assert torch.equal(out["cls", 1], out["cls", 65]) and torch.equal(out["cls", 1], out["cls", 1000])
@@ -526,11 +530,18 @@ def test_matching_defaults_are_patchs_own_and_only_other_options_are_named():
     from quickmerge.vision.patch import MATCHING_DEFAULTS, non_default_matching
 
     parameters = inspect.signature(quickmerge.patch).parameters
-    assert {k: parameters[k].default for k in MATCHING_DEFAULTS} == MATCHING_DEFAULTS
+    assert {k: parameters[k].default for k in MATCHING_DEFAULTS if k != "saliency_rule"} == \
+        {k: v for k, v in MATCHING_DEFAULTS.items() if k != "saliency_rule"}
+    assert parameters["saliency_rule"].default is None  # the default rule, or a learned scorer's additive one
+    model = tiny_vit(True)
+    with quickmerge.patch(model, r=4) as handle:
+        assert {k: getattr(handle, k) for k in ("similarity", "saliency_rule", "saliency_weight")} == \
+            {"similarity": "hidden", "saliency_rule": "scaled", "saliency_weight": 0.125}
+    assert MATCHING_DEFAULTS["similarity"] == "hidden" and MATCHING_DEFAULTS["saliency_rule"] == "scaled"
     chosen = {"similarity": "hidden", "saliency_rule": "additive", "saliency_weight": None, "method": "tome"}
-    assert non_default_matching(chosen) == {"similarity": "hidden"}  # other keys and defaults are not options
+    assert non_default_matching(chosen) == {"saliency_rule": "additive"}  # other keys and defaults are not options
     assert non_default_matching({"saliency_weight": 0.25}) == {"saliency_weight": 0.25}
-    assert non_default_matching({}) == {}
+    assert non_default_matching({}) == non_default_matching({"similarity": None, "saliency_rule": None}) == {}
 
 
 @pytest.mark.parametrize("pool", ["token", "avg"])
