@@ -7,11 +7,13 @@ the whole patched block (attention on 197 tokens, merge, MLP on 181). Every row 
 each round, the rows' order rotating (``--sequential``: each row's repeats in turn, as before
 stop 66). ``--scorer DIR`` adds QuickMerge++ with the learned saliency of a fine-tune (``train vision --finetune ...
 --learned-saliency``) as one more row; ``--hidden-scaled`` QuickMerge++ matching on the residual stream with the
-scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``); ``--keep-order`` QuickMerge++ and
+scaled saliency rule (``patch(similarity="hidden", saliency_rule="scaled")``, the default since stop 72, named);
+``--legacy-matching`` QuickMerge++ with the default before it (``similarity="keys", saliency_rule="additive"``);
+``--keep-order`` QuickMerge++ and
 ToMe-style with the tokens kept in patch order (``patch(keep_order=True)``).
 
     python benchmarks/vision_speed.py [--threads 2] [--batch 256] [--r 16] [--repeats 15] [--scorer DIR] \
-        [--hidden-scaled] [--keep-order] [--sequential] [--device cuda]
+        [--hidden-scaled] [--legacy-matching] [--keep-order] [--sequential] [--device cuda]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.timing import clock
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
+from quickmerge.vision.patch import LEGACY_MATCHING
 
 
 def main() -> None:
@@ -44,6 +47,8 @@ def main() -> None:
     ap.add_argument("--sequential", action="store_true",
                     help="time each row's repeats before the next row's (the protocol before stop 66); default: every "
                          "row in each round, the order rotating")
+    ap.add_argument("--legacy-matching", action="store_true",
+                    help="add QuickMerge++ with the default matching before stop 72 (keys, additive saliency)")
     ap.add_argument("--keep-order", action="store_true",
                     help="add QuickMerge++ and ToMe-style with keep_order=True (tokens in patch order)")
     args = ap.parse_args()
@@ -53,6 +58,8 @@ def main() -> None:
     if args.hidden_scaled:
         rows.insert(1, ("quickmerge hidden + scaled", "quickmerge", None,
                         {"similarity": "hidden", "saliency_rule": "scaled"}))
+    if args.legacy_matching:
+        rows.insert(1, ("quickmerge keys + additive", "quickmerge", None, dict(LEGACY_MATCHING)))
     if args.keep_order:
         rows[1:1] = [("quickmerge keep_order", "quickmerge", None, {"keep_order": True})]
         rows.insert(3, ("tome keep_order", "tome", None, {"keep_order": True}))
