@@ -32,7 +32,7 @@ from quickmerge.data.fashion_mnist import load_fashion_mnist, sha256
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.pretrained.fashion_vit import ASSET_DIR, fine_tuned_merging, load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
-from quickmerge.vision.patch import non_default_matching
+from quickmerge.vision.patch import non_default_matching, recorded_matching
 from quickmerge.vision.token_scorer import FILENAME as SCORER_FILE
 from quickmerge.vision.train import correct_per_image as hits_per_image
 
@@ -114,7 +114,7 @@ def compare(hits: dict[str, list[float]], a: str, b: str) -> dict:
 
 def quickmerge_options(checkpoint: str) -> dict:
     """The patch settings a QuickMerge++ fine-tune trained with, where they differ from the defaults."""
-    return non_default_matching(fine_tuned_merging(checkpoint) or {})
+    return non_default_matching(recorded_matching(fine_tuned_merging(checkpoint) or {}))
 
 
 def per_image_hits(args: argparse.Namespace, checkpoints: dict[str, str]

@@ -120,7 +120,7 @@ RUN = {
     "a CLIP tower": _vision,
     "perplexity = block_attention_perplexity(model, calibration_images)  # [blocks]: effective tokens the class "
     "token reads": _vision_schedule,
-    'handle = quickmerge.patch(model, r=16, similarity="hidden", saliency_rule="scaled")': _vision_schedule,
+    'handle = quickmerge.patch(model, r=16)  # = similarity="hidden", saliency_rule="scaled"': _vision_schedule,
     "budget = ImageBudget.calibrate(calibration_images, patch_size=2, num_tokens=196, num_layers=6, r=24)  "
     "# 4 buckets": _vision_schedule,
     'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':

@@ -15,7 +15,7 @@ from ..cli_types import non_negative_float, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
 from ..vision.budget import DEFAULT_FLOOR
-from ..vision.patch import DEFAULT_SALIENCY_QUERIES, MATCHING_DEFAULTS, non_default_matching
+from ..vision.patch import DEFAULT_SALIENCY_QUERIES, MATCHING_DEFAULTS, non_default_matching, recorded_matching
 from ..vision.token_merge import METHODS, SALIENCY_RULES, SALIENCY_SOURCES, SIMILARITIES
 from ..vision.token_scorer import FILENAME as SCORER_FILE
 from ..vision.token_scorer import TokenScorer
@@ -255,6 +255,7 @@ def announce_fine_tuned_merging(checkpoint: str | None) -> dict | None:
 
     setting = fine_tuned_merging(checkpoint)
     if setting is not None:
+        setting = recorded_matching(setting)
         budget = f"r = {setting['r']} per block" if setting.get("r") else f"ratio = {setting['ratio']}"
         options = "".join(f", {k} = {v}" for k, v in non_default_matching(setting).items())
         print(f"--checkpoint {checkpoint} was fine-tuned merging with {setting['method']} at {budget}{options} (its "

@@ -94,17 +94,12 @@ def load_fashion_vit(directory: str | Path | None = None) -> torch.nn.Module:
 
 def fine_tuned_merging(directory: str | Path | None) -> dict[str, Any] | None:
     """How a checkpoint was fine-tuned with merging: its config's ``finetune`` entry (``method``, ``r`` per block
-    or ``ratio``, ...) when it merged, else None (the shipped reference, a plain or unmerged training run). A
-    QuickMerge++ fine-tune whose config names no matching (before stop 48) ran with the defaults of then,
-    ``LEGACY_MATCHING``, filled in here."""
+    or ``ratio``, ...) when it merged, else None (the shipped reference, a plain or unmerged training run), as
+    recorded (:func:`quickmerge.vision.patch.recorded_matching` reads a QuickMerge++ one's matching)."""
     if directory is None:
         return None
     config_file = Path(directory) / "config.json"
     finetune = json.loads(config_file.read_text()).get("finetune") if config_file.is_file() else None
     if not finetune or not (finetune.get("r") or finetune.get("ratio")):
         return None
-    if finetune.get("method") == "quickmerge":
-        from ..vision.patch import LEGACY_MATCHING
-
-        finetune = {**finetune, **{k: v for k, v in LEGACY_MATCHING.items() if finetune.get(k) is None}}
     return finetune

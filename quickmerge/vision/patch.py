@@ -79,6 +79,14 @@ MATCHING_DEFAULTS: dict[str, Any] = {"similarity": "hidden", "saliency_rule": "s
 LEGACY_MATCHING: dict[str, Any] = {"similarity": "keys", "saliency_rule": "additive"}
 
 
+def recorded_matching(finetune: Mapping[str, Any]) -> dict[str, Any]:
+    """A fine-tune config's ``finetune`` entry with its QuickMerge++ matching filled in: one that names none (before
+    stop 48) ran with the defaults of then, :data:`LEGACY_MATCHING`."""
+    if finetune.get("method") != "quickmerge":
+        return dict(finetune)
+    return {**finetune, **{k: v for k, v in LEGACY_MATCHING.items() if finetune.get(k) is None}}
+
+
 def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s
     (None: the default)."""

@@ -81,8 +81,9 @@ def test_feature_maps_of_the_merged_model_are_its_tokens_unmerged():
         hook.remove()
         want = model.norm(handle.expand_to_patches(last[0], residual=True))[:, 1:]
         assert torch.allclose(residual.flatten(2).transpose(1, 2), want, atol=1e-5, rtol=0)
-    # merged yet close to the unmerged model's maps, patch by patch; the residual unmerge closer (0.986 -> 0.994)
+    # merged yet close to the unmerged model's maps, patch by patch; the residual unmerge closer (with the default
+    # matching 0.9950 -> 0.9982, with keys + additive 0.986 -> 0.994): it at least halves the distance left
     copied = torch.nn.functional.cosine_similarity(maps, unmerged, dim=1).mean()
     restored = torch.nn.functional.cosine_similarity(residual, unmerged, dim=1).mean()
     print(f"cosine to the unmerged maps: copy {copied:.4f}, residual {restored:.4f}")
-    assert copied > 0.95 and restored > copied + 0.005
+    assert copied > 0.95 and 1 - restored < 0.5 * (1 - copied)
