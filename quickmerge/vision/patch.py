@@ -676,11 +676,10 @@ def patch(
         if saliency_rule == "scaled":
             raise ValueError("a learned saliency (scorer) is trained with the additive rule; saliency_rule='scaled' "
                              "takes none")
-        saliency_rule = "additive" if saliency_rule is None else saliency_rule
         if hasattr(model, _SCORER_ATTR):
             raise TypeError(f"{type(model).__name__} already has an attribute {_SCORER_ATTR!r}")
-    if saliency_rule is None:
-        saliency_rule = MATCHING_DEFAULTS["saliency_rule"]
+    if saliency_rule is None:  # a learned saliency keeps the additive rule it is trained with
+        saliency_rule = "additive" if scorer is not None else MATCHING_DEFAULTS["saliency_rule"]
     if saliency_weight is None:
         saliency_weight = DEFAULT_SALIENCY_WEIGHT.get(saliency_rule, 0.5)  # an unknown rule is refused below
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))
