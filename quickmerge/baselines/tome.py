@@ -14,6 +14,23 @@ from torch import Tensor
 
 from ..primitives import weighted_mean
 
+# On a CPU a round splits its batch into chunks of images whose temporaries (normalised states, the [b, T/2, T/2]
+# scores, the scaled rule's cost factors) stay in cache, at most _ELEMENTS_PER_CHUNK of them, where that pays: with
+# the scaled rule (more passes over the scores) or states of _STATES_TO_SPLIT elements or more (tens of MB, each pass
+# to memory); small plain rounds lose to the chunks' per-call overhead
+# (benchmarks/exploration/bipartite_chunk_check.py).
+# Each image's round is its own, so the chunks give the same assignment as the whole batch.
+_ELEMENTS_PER_CHUNK = 1 << 21
+_STATES_TO_SPLIT = 1 << 22
+
+
+def images_per_chunk(b: int, t: int, c: int, scaled: bool, device: torch.device | str = "cpu") -> int:
+    """Images of ``[b, t, c]`` states one round takes at a time (``b``: the whole batch at once)."""
+    if torch.device(device).type != "cpu" or not (scaled or b * t * c >= _STATES_TO_SPLIT):
+        return b
+    ta, tb = (t + 1) // 2, t // 2
+    return max(1, min(b, _ELEMENTS_PER_CHUNK // max(1, t * c + 2 * ta * tb)))
+
 
 def bipartite_round(
     metric: Tensor, r: int, *, protect_first: bool = False, penalty: Tensor | None = None,
@@ -34,14 +51,29 @@ def bipartite_round(
             A token of padding is merged before any other (that costs nothing) and a real A token
             never takes one as its match (its merges must not depend on what padding holds).
     """
-    b, t, _ = metric.shape
+    b, t, c = metric.shape
     if r <= 0:
         return torch.arange(t, device=metric.device).expand(b, t)
+    ta = (t + 1) // 2
+    if r > ta:
+        raise ValueError(f"r must be at most ceil(T/2)={ta}, got {r}")
+    step = images_per_chunk(b, t, c, cost_scale is not None, metric.device)
+    if step < b:
+        def part(v: Tensor | None, i: int) -> Tensor | None:
+            return None if v is None else v[i : i + step]
+
+        return torch.cat([_bipartite_round(metric[i : i + step], r, protect_first, part(penalty, i),
+                                           part(cost_scale, i), part(padding, i)) for i in range(0, b, step)])
+    return _bipartite_round(metric, r, protect_first, penalty, cost_scale, padding)
+
+
+def _bipartite_round(metric: Tensor, r: int, protect_first: bool, penalty: Tensor | None,
+                     cost_scale: Tensor | None, padding: Tensor | None) -> Tensor:
+    """:func:`bipartite_round` on one chunk of images (arguments checked there)."""
+    b, t, _ = metric.shape
     mn = F.normalize(metric.detach(), dim=-1)
     a, bset = mn[:, ::2], mn[:, 1::2]
     ta, tb = a.shape[1], bset.shape[1]
-    if r > ta:
-        raise ValueError(f"r must be at most ceil(T/2)={ta}, got {r}")
     scores = torch.matmul(a, bset.transpose(1, 2))
     if padding is not None:
         scores.masked_fill_(~padding[:, ::2, None] & padding[:, None, 1::2], float("-inf"))

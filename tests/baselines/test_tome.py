@@ -88,3 +88,58 @@ def test_padding_goes_first_and_is_never_a_real_tokens_match():
     again = bipartite_round(x, 6, padding=padding)
     assert torch.equal(again[:, :12], idx[:, :12])
     assert not torch.equal(bipartite_round(x, 6), idx)  # without the mask it does
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", ["plain", "penalty", "cost_scale", "padding", "protect_first"])
+def test_bipartite_round_in_chunks_of_images_gives_the_assignment_of_one_pass(monkeypatch, dtype, options):
+    from quickmerge.baselines import tome
+
+    g = torch.Generator().manual_seed(5)
+    b, t, c = 7, 21, 8  # odd T: one more A token than B tokens
+    metric = torch.randn(b, t, c, generator=g).to(dtype)
+    metric[:, 3] = metric[:, 5]  # exact ties in every image
+    kwargs = {}
+    if options == "penalty":
+        kwargs["penalty"] = torch.rand(b, t, generator=g)
+    elif options == "cost_scale":
+        kwargs["cost_scale"] = torch.rand(b, t, generator=g)
+    elif options == "padding":
+        padding = torch.zeros(b, t, dtype=torch.bool)
+        padding[1::2, 15:] = True  # every other image padded
+        kwargs["padding"] = padding
+    elif options == "protect_first":
+        kwargs["protect_first"] = True
+    whole = bipartite_round(metric, 9, **kwargs)
+    per_image = t * c + 2 * 11 * 10
+    monkeypatch.setattr(tome, "_ELEMENTS_PER_CHUNK", 2 * per_image)  # chunks of 2 images, the last one alone
+    monkeypatch.setattr(tome, "_STATES_TO_SPLIT", 1)  # every round splits
+    assert tome.images_per_chunk(b, t, c, options == "cost_scale") == 2
+    assert torch.equal(bipartite_round(metric, 9, **kwargs), whole)
+    assert not torch.equal(whole[0], whole[2])  # images differ: a chunk's rows cannot stand in for another's
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("case", ["scaled", "large states", "small plain"])
+def test_bipartite_round_chunks_images_on_a_cpu_where_it_pays(monkeypatch, device, case):
+    from quickmerge.baselines import tome
+
+    seen = []
+
+    def one_chunk(metric, r, *args):
+        seen.append(metric.shape[0])
+        return torch.zeros(metric.shape[:2], dtype=torch.long, device=metric.device)
+
+    monkeypatch.setattr(tome, "_bipartite_round", one_chunk)
+    monkeypatch.setattr(tome, "_ELEMENTS_PER_CHUNK", 2 * (20 * 8 + 2 * 10 * 10))
+    monkeypatch.setattr(tome, "_STATES_TO_SPLIT", 7 * 20 * 8 + (case != "large states"))
+    cost_scale = torch.rand(7, 20, device=device) if case == "scaled" else None
+    dst = bipartite_round(torch.randn(7, 20, 8, device=device), 5, cost_scale=cost_scale)
+    # a GPU (any device but a CPU) gains no cache hits from chunks, only launches: the batch goes at once; so does a
+    # small plain round on a CPU (ToMe-style's keys), where the chunks' per-call overhead costs more than they save
+    assert seen == ([2, 2, 2, 1] if device == "cpu" and case != "small plain" else [7]) and dst.shape == (7, 20)
+
+
+def test_bipartite_round_checks_r_before_any_chunk():
+    with pytest.raises(ValueError, match=r"ceil\(T/2\)=10"):
+        bipartite_round(torch.randn(300, 20, 8), 11)
