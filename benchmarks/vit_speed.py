@@ -1,12 +1,14 @@
 """Throughput of any timm ViT with random weights, patched by quickmerge, against the unpatched model, on any device.
 
     python benchmarks/vit_speed.py [--model vit_base_patch16_224] [--r 8 16] [--methods quickmerge tome] \
-        [--batch 64] [--rounds 10] [--device cuda] [--dtype bfloat16] [--json PATH]
+        [--legacy-matching] [--batch 64] [--rounds 10] [--device cuda] [--dtype bfloat16] [--json PATH]
 
 Speed only (random weights; no pretrained ViT can be downloaded here). Every setting is timed in the same rounds on
 the same batch of random images, each right before the unpatched model, the order rotating
 (``quickmerge.eval.vision.time_settings_together``, the protocol of ``eval vision``); speed-ups are medians of the
-rounds' ratios. Eager only: the protocol times deep copies, and a compiled forward would not follow its copy.
+rounds' ratios. ``--legacy-matching`` adds QuickMerge++ with the default before stop 72 (``similarity="keys",
+saliency_rule="additive"``) at each r. Eager only: the protocol times deep copies, and a compiled forward would not
+follow its copy.
 Written after stop 63: on an H200 the 128-wide shipped ViT gained little from merging, and ToMe's GPU gains are reported
 for ViT-B and larger; this measures that on the next lent GPU.
 """
@@ -21,6 +23,7 @@ import platform
 import torch
 
 from quickmerge.eval.vision import time_settings_together
+from quickmerge.vision.patch import LEGACY_MATCHING
 
 
 def main() -> None:
@@ -28,6 +31,8 @@ def main() -> None:
     ap.add_argument("--model", default="vit_base_patch16_224", help="a timm architecture name")
     ap.add_argument("--r", type=int, nargs="+", default=[8, 16])
     ap.add_argument("--methods", nargs="+", default=["quickmerge", "tome"])
+    ap.add_argument("--legacy-matching", action="store_true",
+                    help="add QuickMerge++ with the default before stop 72 (keys, additive)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--threads", type=int, default=2)
@@ -44,12 +49,15 @@ def main() -> None:
     size = model.patch_embed.img_size
     batch = torch.randn(args.batch, 3, *size, device=device, dtype=dtype)
     jobs = [(None, 0, {})] + [(m, r, {}) for r in args.r for m in args.methods]
+    if args.legacy_matching:
+        jobs += [("quickmerge", r, dict(LEGACY_MATCHING)) for r in args.r]
     rows = time_settings_together(model, jobs, batch, args.rounds)
     out = []
-    for (method, r, _), row in zip(jobs, rows, strict=True):
-        out.append({"method": method or "none", "r": r, **{k: row[k] for k in ("images_per_s", "speedup")},
+    for (method, r, options), row in zip(jobs, rows, strict=True):
+        out.append({"method": method or "none", "r": r, **options, **{k: row[k] for k in ("images_per_s", "speedup")},
                     "unpatched_images_per_s": row["unpatched_images_per_s"]})
-        print(f"{method or 'none':>10} r={r:>3}: {row['images_per_s']:9.1f} img/s, {row['speedup']:.2f}x "
+        label = (method or "none") + (" " + " + ".join(map(str, options.values())) if options else "")
+        print(f"{label:>25} r={r:>3}: {row['images_per_s']:9.1f} img/s, {row['speedup']:.2f}x "
               f"(unpatched {row['unpatched_images_per_s']:.1f} img/s)")
     if args.json:
         info = {"args": vars(args), "tokens": model.patch_embed.num_patches + model.num_prefix_tokens,
