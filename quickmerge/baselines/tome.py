@@ -18,7 +18,8 @@ from ..primitives import weighted_mean
 # scores, the scaled rule's cost factors) stay in cache, at most _ELEMENTS_PER_CHUNK of them, where that pays: with
 # the scaled rule (more passes over the scores) or states of _STATES_TO_SPLIT elements or more (tens of MB, each pass
 # to memory); small plain rounds lose to the chunks' per-call overhead
-# (benchmarks/exploration/bipartite_chunk_check.py).
+# (benchmarks/exploration/bipartite_chunk_check.py). Under torch.compile the batch goes whole: the compiled graph
+# runs as fast without chunks, and unrolled chunks cost compile time (BENCHMARKS.md, stop 73).
 # Each image's round is its own, so the chunks give the same assignment as the whole batch.
 _ELEMENTS_PER_CHUNK = 1 << 21
 _STATES_TO_SPLIT = 1 << 22
@@ -26,7 +27,8 @@ _STATES_TO_SPLIT = 1 << 22
 
 def images_per_chunk(b: int, t: int, c: int, scaled: bool, device: torch.device | str = "cpu") -> int:
     """Images of ``[b, t, c]`` states one round takes at a time (``b``: the whole batch at once)."""
-    if torch.device(device).type != "cpu" or not (scaled or b * t * c >= _STATES_TO_SPLIT):
+    if torch.device(device).type != "cpu" or not (scaled or b * t * c >= _STATES_TO_SPLIT) \
+            or torch.compiler.is_compiling():
         return b
     ta, tb = (t + 1) // 2, t // 2
     return max(1, min(b, _ELEMENTS_PER_CHUNK // max(1, t * c + 2 * ta * tb)))

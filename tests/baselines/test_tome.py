@@ -143,3 +143,24 @@ def test_bipartite_round_chunks_images_on_a_cpu_where_it_pays(monkeypatch, devic
 def test_bipartite_round_checks_r_before_any_chunk():
     with pytest.raises(ValueError, match=r"ceil\(T/2\)=10"):
         bipartite_round(torch.randn(300, 20, 8), 11)
+
+
+def test_a_compiled_round_takes_the_batch_whole(monkeypatch):
+    """Chunks unroll into a compiled graph (compile time) and buy nothing there: traced, the batch goes whole."""
+    from quickmerge.baselines import tome
+
+    monkeypatch.setattr(tome, "_ELEMENTS_PER_CHUNK", 1)
+    assert tome.images_per_chunk(7, 20, 8, scaled=True) == 1
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert tome.images_per_chunk(7, 20, 8, scaled=True) == 7
+
+
+def test_a_compiled_split_round_gives_the_eager_assignment(monkeypatch):
+    from quickmerge.baselines import tome
+
+    g = torch.Generator().manual_seed(2)
+    metric, scale = torch.randn(5, 16, 8, generator=g), torch.rand(5, 16, generator=g)
+    monkeypatch.setattr(tome, "_ELEMENTS_PER_CHUNK", 2 * (16 * 8 + 2 * 8 * 8))  # eager: chunks of 2 images
+    eager = bipartite_round(metric, 6, cost_scale=scale)
+    compiled = torch.compile(lambda m, s: bipartite_round(m, 6, cost_scale=s), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(metric, scale), eager)
