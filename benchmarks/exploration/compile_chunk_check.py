@@ -25,14 +25,12 @@ def main() -> None:
     if mode not in ("chunked", "whole", "library"):
         raise SystemExit(f"mode must be chunked, whole or library, got {mode!r}")
     torch.set_num_threads(2)
-    split = tome.images_per_chunk
     if mode == "whole":
         tome.images_per_chunk = lambda b, *args, **kwargs: b
     elif mode == "chunked":  # the eager rule, whether compiling or not
         tome.images_per_chunk = lambda b, t, c, scaled, device="cpu": min(
             b, max(1, tome._ELEMENTS_PER_CHUNK // (t * c + 2 * ((t + 1) // 2) * (t // 2))))
     print(mode, "images per chunk of the first block's round:", tome.images_per_chunk(256, 196, 128, True))
-    tome.images_per_chunk = tome.images_per_chunk if mode != "library" else split
     model = load_fashion_vit().eval()
     x = normalize(load_fashion_mnist("test")[0][:256])
     patch(model, r=48)
