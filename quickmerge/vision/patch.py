@@ -87,6 +87,12 @@ def recorded_matching(finetune: Mapping[str, Any]) -> dict[str, Any]:
     return {**finetune, **{k: v for k, v in LEGACY_MATCHING.items() if finetune.get(k) is None}}
 
 
+def default_saliency_rule(learned_saliency: bool) -> str:
+    """The saliency rule of QuickMerge++'s matching when none is named: a learned saliency (``scorer``) keeps the
+    additive rule it is trained with; otherwise :data:`MATCHING_DEFAULTS`'s."""
+    return "additive" if learned_saliency else MATCHING_DEFAULTS["saliency_rule"]
+
+
 def non_default_matching(settings: Mapping[str, Any]) -> dict[str, Any]:
     """The matching options of ``settings`` (command line, fine-tune config) that differ from :func:`patch`'s
     (None: the default)."""
@@ -678,8 +684,8 @@ def patch(
                              "takes none")
         if hasattr(model, _SCORER_ATTR):
             raise TypeError(f"{type(model).__name__} already has an attribute {_SCORER_ATTR!r}")
-    if saliency_rule is None:  # a learned saliency keeps the additive rule it is trained with
-        saliency_rule = "additive" if scorer is not None else MATCHING_DEFAULTS["saliency_rule"]
+    if saliency_rule is None:
+        saliency_rule = default_saliency_rule(scorer is not None)
     if saliency_weight is None:
         saliency_weight = DEFAULT_SALIENCY_WEIGHT.get(saliency_rule, 0.5)  # an unknown rule is refused below
     handle = MergeHandle(model, adapter, len(blocks), adapter.num_prefix_tokens(model))

@@ -38,7 +38,7 @@ from ..data.fashion_mnist import checksums, load_fashion_mnist, normalize
 from ..distributed import Context
 from ..pretrained.fashion_vit import DEFAULT_CONFIG, build_vit
 from ..training_state import load_training_state, save_training_state
-from .patch import MATCHING_DEFAULTS
+from .patch import MATCHING_DEFAULTS, default_saliency_rule
 from .token_merge import SALIENCY_RULES, SIMILARITIES
 from .token_scorer import ATTRIBUTE as SCORER_ATTRIBUTE
 from .token_scorer import TokenScorer
@@ -111,8 +111,8 @@ class FineTune:
         if self.method == "quickmerge":
             if self.similarity is None:
                 self.similarity = MATCHING_DEFAULTS["similarity"]
-            if self.saliency_rule is None:  # a learned saliency is trained with the additive rule
-                self.saliency_rule = "additive" if self.learned_saliency else MATCHING_DEFAULTS["saliency_rule"]
+            if self.saliency_rule is None:
+                self.saliency_rule = default_saliency_rule(self.learned_saliency)
             if self.similarity not in SIMILARITIES or self.saliency_rule not in SALIENCY_RULES:
                 raise ValueError(f"similarity must be one of {SIMILARITIES} and saliency_rule one of "
                                  f"{SALIENCY_RULES}, got {self.similarity!r}, {self.saliency_rule!r}")
