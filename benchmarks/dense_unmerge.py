@@ -35,13 +35,14 @@ from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
+from quickmerge.vision.patch import LEGACY_MATCHING
 from quickmerge.vision.train import HELD_OUT, split_train_heldout
 
 CLASSES = 11  # background, then the 10 garment classes
 GRID, PATCH = 14, 2
 # QuickMerge++ as stops 57-60 ran it: patch's defaults of then (keys, additive saliency), named so the rows keep
 # their meaning; "quickmerge-chosen" is patch's default since stop 72
-LEGACY = dict(method="quickmerge", similarity="keys", saliency_rule="additive")
+LEGACY = dict(method="quickmerge", **LEGACY_MATCHING)
 METHODS = {"quickmerge": LEGACY, "tome": dict(method="tome"),
            "quickmerge-hidden": {**LEGACY, "similarity": "hidden"},
            "quickmerge-chosen": dict(method="quickmerge", similarity="hidden", saliency_rule="scaled"),

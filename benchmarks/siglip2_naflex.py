@@ -36,11 +36,12 @@ from tqdm import tqdm
 from quickmerge.data.fashion_mnist import checksums, load_fashion_mnist
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
 from quickmerge.vision import patch
+from quickmerge.vision.patch import LEGACY_MATCHING
 
 PATCH, MAX_PATCHES = 4, 64
 # QuickMerge++ as stop 56 ran it: patch's defaults of then (keys, additive saliency), named so the rows keep their
 # meaning
-LEGACY = dict(method="quickmerge", similarity="keys", saliency_rule="additive")
+LEGACY = dict(method="quickmerge", **LEGACY_MATCHING)
 METHODS = {"quickmerge": LEGACY, "quickmerge-hidden": {**LEGACY, "similarity": "hidden"}, "tome": dict(method="tome")}
 LABELS = {"quickmerge": "QuickMerge++", "quickmerge-hidden": "QuickMerge++, hidden similarity", "tome": "ToMe-style"}
 ARCH = dict(hidden_size=128, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_channels=3,

@@ -29,6 +29,7 @@ from quickmerge.eval.vision_cli import SCHEDULES, build_sweep, calibrate, calibr
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import patch
 from quickmerge.vision.image_budget import ImageBudget, bucketed_forward
+from quickmerge.vision.patch import LEGACY_MATCHING
 from quickmerge.vision.token_merge import SALIENCY_RULES, SIMILARITIES
 
 METRICS = ("kl", "nll", "agreement", "top1")
@@ -123,10 +124,11 @@ def main() -> None:
                         help="r values at which QuickMerge++'s per-image budgets run too")
     parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES),
                         help="QuickMerge++ rows: constant r, entropy schedule, per-image budgets (at --per-image-r)")
-    parser.add_argument("--similarity", choices=SIMILARITIES, default="keys", help="QuickMerge++'s, as patch's")
+    parser.add_argument("--similarity", choices=SIMILARITIES, default=LEGACY_MATCHING["similarity"],
+                        help="QuickMerge++'s, as patch's (default: the default before stop 72, as this script's rows)")
     parser.add_argument("--saliency-weight", type=non_negative_float, default=None, help="QuickMerge++'s, as patch's")
-    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default="additive",
-                        help="QuickMerge++'s, as patch's")
+    parser.add_argument("--saliency-rule", choices=SALIENCY_RULES, default=LEGACY_MATCHING["saliency_rule"],
+                        help="QuickMerge++'s, as patch's (default: the default before stop 72, as this script's rows)")
     parser.add_argument("--checkpoint", default=None, help="model directory (default: the shipped reference)")
     parser.add_argument("--images", type=int, default=10_000)
     parser.add_argument("--out", default="results/vision_fidelity.json")
