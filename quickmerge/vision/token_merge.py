@@ -29,7 +29,7 @@ from torch import Tensor
 
 from .._validation import check_positive_int
 from ..baselines.tome import bipartite_round
-from ..primitives import attention_received, focus, rank01, top_indices
+from ..primitives import normalize_entropy, rank01, top_indices
 
 METHODS = ("quickmerge", "tome", "random", "pool")
 SALIENCY_SOURCES = ("cls", "queries", "mean")
@@ -89,17 +89,21 @@ def attention_saliency(
     else:
         qs = q[:, :, torch.linspace(0, n - 1, m, device=q.device).long()]
     # Each pass over the [B, H, M, N] logits counts when M is many: the scale goes on the queries, the bias is added
-    # in place, and the entropy comes from the log-probabilities.
+    # in place, one exponential per logit gives p, the entropy is log Z - sum(p * shifted logits) (a dot product
+    # per row, no log per entry) and the attention received is a matrix product of the weights with p.
     logits = torch.matmul(qs.float() * scale, k.float().transpose(-1, -2))  # [B, H, M, N]
     if log_size is not None:
         logits += log_size[:, None, None, :].float()
-    log_p = logits.log_softmax(dim=-1)
-    p = log_p.exp()
-    if valid is not None:  # padding keys: p = 0, log p = -inf; clamped to a finite log, p log p is 0
-        log_p = log_p.clamp_min(torch.finfo(log_p.dtype).min)
+        if valid is not None:  # padding keys: -inf clamped to a finite logit whose p is 0, so p * logit is 0
+            logits.clamp_min_(torch.finfo(logits.dtype).min)
+    logits -= logits.amax(dim=-1, keepdim=True)  # each row's largest logit 0
+    p = logits.exp()
+    total = p.sum(dim=-1, keepdim=True)
+    p /= total
+    entropy = total[..., 0].log() - torch.linalg.vecdot(p, logits)  # [B, H, M] nats
     support = n if valid is None else valid.sum(dim=1)[:, None, None]  # keys a query may attend to
-    weight = focus(p, support, log_p).clamp_min(1e-6)  # [B, H, M]
-    received = attention_received(p.flatten(1, 2), weight.flatten(1, 2))  # [B, N]
+    weight = (1.0 - normalize_entropy(entropy, support)).clamp_min(1e-6)  # focus: 1 - normalised entropy
+    received = torch.matmul(weight.flatten(1, 2)[:, None, :], p.flatten(1, 2))[:, 0]  # [B, N]
     return received / weight.sum(dim=(1, 2))[:, None]
 
 

@@ -219,6 +219,21 @@ def test_attention_saliency_equals_its_definition(dtype):
     assert torch.allclose(got[0, :25], want0[0], atol=1e-6) and (got[0, 25:] == 0).all()
 
 
+def test_attention_saliency_holds_for_sharp_and_flat_attention():
+    """Logits of very different spreads (a query on one key, a uniform one, a huge offset): the entropy from the
+    shifted logits loses nothing to cancellation."""
+    torch.manual_seed(0)
+    b, h, n, d = 2, 3, 50, 8
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    spread = torch.linspace(0, n - 1, 16).long()
+    for scale in (40.0, 1e-4):  # near one-hot rows; near uniform rows (focus ~0, clamped)
+        got = attention_saliency(q, k, scale, None, "queries").double()
+        assert torch.allclose(got, _saliency_by_the_definition(q, k, scale, None, spread), atol=1e-6)
+    offset = torch.full((b, n), 50.0)  # every logit shifted alike (within float32 steps): nothing changes
+    assert torch.allclose(attention_saliency(q, k, 0.5, offset, "queries"), attention_saliency(q, k, 0.5, None,
+                                                                                               "queries"), atol=1e-6)
+
+
 def test_the_mean_saliency_asks_the_mean_query_over_the_patches():
     torch.manual_seed(0)
     b, h, n, d = 2, 3, 12, 8
