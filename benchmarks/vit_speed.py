@@ -6,7 +6,8 @@
 Speed only (random weights; no pretrained ViT can be downloaded here). Every setting is timed in the same rounds on
 the same batch of random images, each right before the unpatched model, the order rotating
 (``quickmerge.eval.vision.time_settings_together``, the protocol of ``eval vision``); speed-ups are medians of the
-rounds' ratios. ``--legacy-matching`` adds QuickMerge++ with the default before stop 72 (``similarity="keys",
+rounds' ratios; each row also has the mean tokens entering a block (``handle.mean_tokens``, one untimed forward).
+``--legacy-matching`` adds QuickMerge++ with the default before stop 72 (``similarity="keys",
 saliency_rule="additive"``) at each r. Eager only: the protocol times deep copies, and a compiled forward would not
 follow its copy.
 Written after stop 63: on an H200 the 128-wide shipped ViT gained little from merging, and ToMe's GPU gains are reported
@@ -23,7 +24,18 @@ import platform
 import torch
 
 from quickmerge.eval.vision import time_settings_together
+from quickmerge.vision import patch
 from quickmerge.vision.patch import LEGACY_MATCHING
+
+
+@torch.inference_mode()
+def mean_tokens(model: torch.nn.Module, batch: torch.Tensor, method: str | None, r: int, options: dict) -> float:
+    """Mean tokens entering a block of ``model`` patched by ``(method, r, options)`` (unpatched: its length)."""
+    if method is None:
+        return float(model.patch_embed.num_patches + model.num_prefix_tokens)
+    with patch(model, r=r, method=method, **options) as handle:
+        model(batch)
+        return handle.mean_tokens
 
 
 def main() -> None:
@@ -55,7 +67,8 @@ def main() -> None:
     out = []
     for (method, r, options), row in zip(jobs, rows, strict=True):
         out.append({"method": method or "none", "r": r, **options, **{k: row[k] for k in ("images_per_s", "speedup")},
-                    "unpatched_images_per_s": row["unpatched_images_per_s"]})
+                    "unpatched_images_per_s": row["unpatched_images_per_s"],
+                    "mean_tokens_per_layer": mean_tokens(model, batch, method, r, options)})
         label = (method or "none") + (" " + " + ".join(map(str, options.values())) if options else "")
         print(f"{label:>25} r={r:>3}: {row['images_per_s']:9.1f} img/s, {row['speedup']:.2f}x "
               f"(unpatched {row['unpatched_images_per_s']:.1f} img/s)")

@@ -21,6 +21,9 @@ def test_every_setting_is_timed_against_the_unpatched_model(tmp_path, monkeypatc
     rows = {row["method"] + row.get("similarity", ""): row for row in result["rows"]}
     assert set(rows) == {"none", "quickmerge", "quickmergekeys", "tome"} and rows["tome"]["r"] == 48
     assert rows["quickmergekeys"]["saliency_rule"] == "additive" and "similarity" not in rows["quickmerge"]
-    assert all(row["images_per_s"] > 0 and row["speedup"] > 0 for row in rows.values())
-    # r = 48 in each of 12 blocks leaves a few tokens of 197: far less work than the unpatched model
-    assert all(rows[m]["speedup"] > 1.5 for m in ("tome", "quickmerge", "quickmergekeys"))
+    assert all(row["images_per_s"] > 0 and row["speedup"] > 0 for row in rows.values())  # speed is not tested
+    # r = 48 in each of 12 blocks, at most half a block's patch tokens (the class token stays): 197 tokens entering
+    # the first block, then 149, 101, 53, 27, 14, 8, 5, 3, 2, 2, 2
+    assert rows["none"]["mean_tokens_per_layer"] == 197
+    assert all(rows[m]["mean_tokens_per_layer"] == pytest.approx(563 / 12) for m in ("tome", "quickmerge",
+                                                                                       "quickmergekeys"))
