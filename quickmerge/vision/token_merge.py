@@ -45,6 +45,7 @@ _PAIRS_PER_CHUNK = 1 << 20
 _LOGITS_PER_CHUNK = 1 << 19
 
 
+@torch.no_grad()  # a statistic that sets ranks and costs; computed in place, never differentiated
 def attention_saliency(
     q: Tensor, k: Tensor, scale: float, log_size: Tensor | None, source: str = "cls", num_queries: int = 16,
     valid: Tensor | None = None,
@@ -60,7 +61,7 @@ def attention_saliency(
             then mask the padding keys (-inf there); ``"mean"`` uses one query, the mean of all queries over the
             patches (each token weighted by its size, ``exp(log_size)``, when given; padding excluded).
     Each (head, query) distribution is weighted by ``1 - H/log N`` (H its entropy), so focused
-    heads and queries count more than diffuse ones.
+    heads and queries count more than diffuse ones. The result carries no gradient (it sets ranks and costs).
     """
     if source not in SALIENCY_SOURCES:
         raise ValueError(f"saliency must be one of {SALIENCY_SOURCES}, got {source!r}")

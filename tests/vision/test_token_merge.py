@@ -234,6 +234,14 @@ def test_attention_saliency_holds_for_sharp_and_flat_attention():
                                                                                                "queries"), atol=1e-6)
 
 
+def test_attention_saliency_carries_no_gradient():
+    """Computed in place for speed: with inputs that require a gradient it must not hand autograd a graph whose
+    saved tensors were overwritten (backward would raise)."""
+    q, k = torch.randn(2, 3, 10, 4, requires_grad=True), torch.randn(2, 3, 10, 4, requires_grad=True)
+    for source in ("cls", "queries", "mean"):
+        assert not attention_saliency(q, k, 0.5, None, source, num_queries=4).requires_grad
+
+
 def test_the_mean_saliency_asks_the_mean_query_over_the_patches():
     torch.manual_seed(0)
     b, h, n, d = 2, 3, 12, 8
