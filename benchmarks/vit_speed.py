@@ -28,11 +28,16 @@ from quickmerge.vision import patch
 from quickmerge.vision.patch import LEGACY_MATCHING
 
 
+def sequence_length(model: torch.nn.Module) -> int:
+    """Tokens entering a timm ViT's first block: its patches and prefix (class, register) tokens."""
+    return model.patch_embed.num_patches + model.num_prefix_tokens
+
+
 @torch.inference_mode()
 def mean_tokens(model: torch.nn.Module, batch: torch.Tensor, method: str | None, r: int, options: dict) -> float:
     """Mean tokens entering a block of ``model`` patched by ``(method, r, options)`` (unpatched: its length)."""
     if method is None:
-        return float(model.patch_embed.num_patches + model.num_prefix_tokens)
+        return float(sequence_length(model))
     with patch(model, r=r, method=method, **options) as handle:
         model(batch)
         return handle.mean_tokens
@@ -73,7 +78,7 @@ def main() -> None:
         print(f"{label:>25} r={r:>3}: {row['images_per_s']:9.1f} img/s, {row['speedup']:.2f}x "
               f"(unpatched {row['unpatched_images_per_s']:.1f} img/s)")
     if args.json:
-        info = {"args": vars(args), "tokens": model.patch_embed.num_patches + model.num_prefix_tokens,
+        info = {"args": vars(args), "tokens": sequence_length(model),
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
                 "cores": os.cpu_count(), "torch": torch.__version__, "timm": timm.__version__, "rows": out}
         with open(args.json, "w") as f:

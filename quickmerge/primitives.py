@@ -74,21 +74,14 @@ def normalize_entropy(entropy: Tensor, support: Tensor | int) -> Tensor:
     return torch.where(support > 1, entropy / log_support.clamp_min(1e-12), torch.zeros_like(entropy))
 
 
-def normalized_entropy(probs: Tensor, support: Tensor | int, log_probs: Tensor | None = None) -> Tensor:
-    """Entropy of each distribution over the last dim of ``probs``, normalised by its support, in [0, 1].
-
-    ``log_probs``: the same distributions' logs where the caller has them (``log_softmax``), finite (a key masked
-    to -inf clamped to the dtype's lowest value): the entropy is then one dot product per row, with no log per
-    entry (on a CPU about a tenth of ``xlogy``'s time).
-    """
-    if log_probs is None:
-        return normalize_entropy(-torch.special.xlogy(probs, probs).sum(dim=-1), support)
-    return normalize_entropy(-torch.linalg.vecdot(probs, log_probs), support)
+def normalized_entropy(probs: Tensor, support: Tensor | int) -> Tensor:
+    """Entropy of each distribution over the last dim of ``probs``, normalised by its support, in [0, 1]."""
+    return normalize_entropy(-torch.special.xlogy(probs, probs).sum(dim=-1), support)
 
 
-def focus(probs: Tensor, support: Tensor | int, log_probs: Tensor | None = None) -> Tensor:
+def focus(probs: Tensor, support: Tensor | int) -> Tensor:
     """``1 - normalized_entropy``: 1 for a query that attends to one key, 0 for a uniform one."""
-    return 1.0 - normalized_entropy(probs, support, log_probs)
+    return 1.0 - normalized_entropy(probs, support)
 
 
 def attention_received(probs: Tensor, weight: Tensor) -> Tensor:

@@ -55,20 +55,6 @@ def test_group_sum_adds_into_groups():
     assert out.flatten().tolist() == [2.0, 6.0, 7.0]
 
 
-def test_entropy_from_log_probabilities_matches_the_entries_logs():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 4, 6, 50) * 3
-    logits[0, :, :, 10:] = float("-inf")  # masked keys: p = 0
-    log_p = logits.log_softmax(-1)
-    p = log_p.exp()
-    finite = log_p.clamp_min(torch.finfo(log_p.dtype).min)
-    support = torch.tensor([10, 50, 50])[:, None, None]
-    expected = normalized_entropy(p, support)
-    assert torch.allclose(normalized_entropy(p, support, finite), expected, atol=1e-6)
-    assert torch.allclose(focus(p, support, finite), 1 - expected, atol=1e-6)
-    assert normalized_entropy(p, support, log_p)[0].isnan().all()  # unclamped -inf: why callers clamp
-
-
 def test_entropy_focus_and_received_attention():
     probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25]])
     assert torch.allclose(normalized_entropy(probs, 4), torch.tensor([0.0, 1.0]))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from quickmerge.primitives import attention_received, focus
+from quickmerge.primitives import attention_received, normalize_entropy
 from quickmerge.vision import token_merge
 from quickmerge.vision.token_merge import attention_saliency
 
@@ -47,7 +47,7 @@ def stop73_saliency(q: torch.Tensor, k: torch.Tensor, scale: float, log_size: to
         logits += log_size[i : i + step, None, None, :].float()
         log_p = logits.log_softmax(dim=-1)
         p = log_p.exp()
-        weight = focus(p, n, log_p).clamp_min(1e-6)
+        weight = (1.0 - normalize_entropy(-torch.linalg.vecdot(p, log_p), n)).clamp_min(1e-6)  # stop 73's focus
         received = attention_received(p.flatten(1, 2), weight.flatten(1, 2))
         parts.append(received / weight.sum(dim=(1, 2))[:, None])
     return torch.cat(parts)

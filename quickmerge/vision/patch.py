@@ -363,9 +363,8 @@ class MergeHandle:
             weights = self._key_weights()
             log_size = None if weights is None else weights.log()
             source = "queries" if self.saliency == "cls" and not self.has_class_token else self.saliency
-            with torch.no_grad():  # a statistic that sets ranks or costs, never differentiated (its entropy's
-                sal = attention_saliency(st.q, keys, st.scale, log_size, source, self.saliency_queries,
-                                         valid=(size > 0) if st.padded else None)[:, p:]  # gradient is NaN at p = 0)
+            sal = attention_saliency(st.q, keys, st.scale, log_size, source, self.saliency_queries,
+                                     valid=(size > 0) if st.padded else None)[:, p:]  # no gradient
             keep = self.scorer(layer, x[:, p:]) if self.scorer is not None else None
             if self.epsilon < 1.0:
                 weight = weight * (self.epsilon + (1.0 - self.epsilon) * rank01(sal))

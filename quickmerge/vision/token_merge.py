@@ -45,7 +45,7 @@ _PAIRS_PER_CHUNK = 1 << 20
 _LOGITS_PER_CHUNK = 1 << 19
 
 
-@torch.no_grad()  # a statistic that sets ranks and costs; computed in place, never differentiated
+@torch.no_grad()  # sets ranks and costs, never differentiated: computed in place; entropy's gradient is NaN at p = 0
 def attention_saliency(
     q: Tensor, k: Tensor, scale: float, log_size: Tensor | None, source: str = "cls", num_queries: int = 16,
     valid: Tensor | None = None,
