@@ -7,6 +7,7 @@ window of hidden states recomputed from the layer's own projection.
 
 from __future__ import annotations
 
+import difflib
 import warnings
 
 import torch
@@ -284,7 +285,7 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     if not any(has_attention(layer) for layer in layers):
         raise TypeError(
             f"{type(model).__name__} has no decoder layers with q/k/v-projected self-attention to patch; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"{architecture_hint(model)}"
         )
     unknown = [i for i, layer in enumerate(layers) if not (
         has_attention(layer) or shares_kv(attention_of(layer)) or keeps_fixed_state(layer) or mixes_no_tokens(layer))]
@@ -293,15 +294,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
             f"layers {unknown} of {type(model).__name__} neither attend with q/k/v projections into a cache layer of "
             "their own nor run a linear attention, a state-space block or a short convolution the presses know (a "
             "hybrid model's layers of another kind, or MiniMax's lightning attention, whose state the model keeps "
-            f"in a cache class of its own); supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"in a cache class of its own); {architecture_hint(model)}"
         )
     crossing = [i for i, layer in enumerate(layers) if any(
         getattr(layer, name, None) is not None for name in ("encoder_attn", "crossattention"))]
     if crossing:
         raise TypeError(
             f"layers {crossing} of {type(model).__name__} attend to an encoder's output too (cross-attention: the "
-            "decoder of an encoder-decoder model), whose cache the presses do not know; supported: "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+            "decoder of an encoder-decoder model), whose cache the presses do not know; "
+            f"{architecture_hint(model)}"
         )
     kv_sources(model, layers)  # refuses sharing it cannot follow, before any work
     return layers
@@ -314,13 +315,27 @@ def decoder_attention_layers(model: nn.Module) -> list[nn.Module]:
     return [attention_of(layer) for layer in decoder_layers(model) if has_attention(layer)]
 
 
+def architecture_hint(model: nn.Module) -> str:
+    """Where the tested architectures are listed, and those nearest ``model``'s class: a tested class it
+    subclasses, else the tested names closest to its own (for warnings and refusals; the whole list is long)."""
+    cls = type(model)
+    where = f"{len(SUPPORTED_ARCHITECTURES)} tested architectures in quickmerge.text.SUPPORTED_ARCHITECTURES"
+    if cls.__name__ in SUPPORTED_ARCHITECTURES:
+        return f"{cls.__name__} is one of the {where}"
+    base = next((b.__name__ for b in cls.__mro__[1:] if b.__name__ in SUPPORTED_ARCHITECTURES), None)
+    if base is not None:
+        return f"{cls.__name__} subclasses {base}, one of the {where}"
+    near = difflib.get_close_matches(cls.__name__, SUPPORTED_ARCHITECTURES, n=3, cutoff=0.6)
+    return where + (f"; nearest by name: {', '.join(near)}" if near else "")
+
+
 def warn_if_untested(model: nn.Module, who: str) -> None:
     """Warn once per call when ``model``'s class is not among the tested architectures."""
     if type(model).__name__ not in SUPPORTED_ARCHITECTURES:
         warnings.warn(
             f"{who} is untested on {type(model).__name__} (where it recomputes queries, each prompt "
             f"checks the layer's keys first and a layer it cannot follow is refused); "
-            f"tested: {', '.join(SUPPORTED_ARCHITECTURES)}",
+            f"{architecture_hint(model)}",
             stacklevel=4,
         )
 
@@ -557,7 +572,8 @@ def logit_cap_and_sinks(module: nn.Module) -> tuple[float | None, Tensor | None]
 
 def unsupported_message(module: nn.Module, why: str) -> str:
     return (f"the press cannot follow the attention of {type(module).__name__} (layer "
-            f"{getattr(module, 'layer_idx', '?')}): {why}. Tested: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            f"{getattr(module, 'layer_idx', '?')}): {why}. The {len(SUPPORTED_ARCHITECTURES)} tested "
+            "architectures: quickmerge.text.SUPPORTED_ARCHITECTURES")
 
 
 class UnsupportedAttentionError(NotImplementedError):
