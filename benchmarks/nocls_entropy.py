@@ -42,7 +42,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_arguments(ap)
     ap.add_argument("--split", choices=("heldout", "test"), default="heldout",
-                    help="heldout: held-out training images 512..4999; test: the 10,000 test images")
+                    help="heldout: the held-out training images after the calibration's (512..4999 by default); "
+                         "test: the 10,000 test images")
+    ap.add_argument("--calibration-images", type=positive_int, default=CALIBRATION,
+                    help="the first held-out images the entropy budget is calibrated on (default: 512, as eval vision)")
     ap.add_argument("--bipartite-r", type=positive_int, nargs="*", default=[48], help="costs within the cap")
     ap.add_argument("--greedy-r", type=positive_int, nargs="*", default=[96, 128], help="costs past the cap")
     ap.add_argument("--timing-rounds", type=non_negative_int, default=0,
@@ -50,12 +53,16 @@ def main() -> None:
                          "before the unpatched model; 0: no timing)")
     ap.add_argument("--out", required=True, help="JSON path")
     args = ap.parse_args()
-    model = load_model(ap, args)
     held_images, held_labels = split_train_heldout()[1]
-    perplexity = block_attention_perplexity(model, normalize(held_images[:CALIBRATION]))
+    calibration = args.calibration_images
+    if calibration >= len(held_images):
+        ap.error(f"--calibration-images: expected fewer than the {len(held_images)} held-out images, "
+                 f"got {calibration}")
+    model = load_model(ap, args)
+    perplexity = block_attention_perplexity(model, normalize(held_images[:calibration]))
     print("block perplexity", [round(p, 1) for p in perplexity], flush=True)
     if args.split == "heldout":
-        images, labels = held_images[CALIBRATION:], held_labels[CALIBRATION:]
+        images, labels = held_images[calibration:], held_labels[calibration:]
     else:
         images, labels = load_fashion_mnist("test")
     images, labels = images[: args.images], labels[: args.images]
@@ -75,7 +82,7 @@ def main() -> None:
     base = log_probs(model, images)
     base_hits = (base.argmax(-1) == labels).double()
     result = {"command": " ".join(["python", "benchmarks/nocls_entropy.py", *sys.argv[1:]]), "split": args.split,
-              "images": len(images), "calibration_images": CALIBRATION, "block_perplexity": perplexity,
+              "images": len(images), "calibration_images": calibration, "block_perplexity": perplexity,
               "unpatched_top1": round(100 * base_hits.mean().item(), 3), "torch": torch.__version__,
               "threads": torch.get_num_threads(), "platform": platform.platform(), "rows": [], "comparisons": []}
     per_image = {}

@@ -31,20 +31,21 @@ def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_sam
     weights, out = tmp_path / "gap.pt", tmp_path / "entropy.json"
     torch.save(model.state_dict(), weights)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights", str(weights),
-                    "--images", "40", "--bipartite-r", "24", "--greedy-r", "120", "--threads", "1",
-                    "--timing-rounds", "1", "--out", str(out)],
+                    "--images", "40", "--calibration-images", "64", "--bipartite-r", "24", "--greedy-r", "120",
+                    "--threads", "1", "--timing-rounds", "1", "--out", str(out)],
                    check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
     result = json.loads(out.read_text())
     rows = {(row["r"], row["matching"], row["setting"]): row for row in result["rows"]}
     assert set(rows) == {(24, "bipartite", "tome"), (24, "bipartite", "constant"), (24, "bipartite", "entropy"),
                          (120, "greedy", "constant"), (120, "greedy", "entropy")} and result["images"] == 40
+    assert result["calibration_images"] == 64
     images, labels = split_train_heldout()[1]
-    perplexity = block_attention_perplexity(model, normalize(images[:512]))
+    perplexity = block_attention_perplexity(model, normalize(images[:64]))
     assert result["block_perplexity"] == pytest.approx(perplexity, rel=1e-6)
     assert rows[24, "bipartite", "entropy"]["schedule"] == entropy_schedule(perplexity, 196, 24)
-    # evaluated on held-out images 512.., never the calibration's; stop 71's defaults
+    # evaluated on the held-out images after the calibration's (64..), never those; stop 71's defaults
     with torch.inference_mode(), patch(model, r=24, similarity="keys", saliency_rule="additive"):
-        hits = (model(normalize(images[512:552])).argmax(-1) == labels[512:552]).double().mean().item()
+        hits = (model(normalize(images[64:104])).argmax(-1) == labels[64:104]).double().mean().item()
     assert rows[24, "bipartite", "constant"]["top1"] == pytest.approx(100 * hits, abs=1e-3)
     assert rows[120, "greedy", "entropy"]["mean_tokens_per_block"] <= rows[120, "greedy", "constant"][
         "mean_tokens_per_block"] + 0.5  # the same cost

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _command(checkpoint, out, *extra):
-    return [sys.executable, "-m", "quickmerge", "eval", "vision", "--checkpoint", str(checkpoint), "--images", "512",
+    return [sys.executable, "-m", "quickmerge", "eval", "vision", "--checkpoint", str(checkpoint), "--images", "256",
             "--batch-size", "64", "--r-values", "4", "8", "--methods", "quickmerge", "tome",
             "--timing-rounds", "1", "--threads", "1", "--out", str(out), *extra]
 
