@@ -28,7 +28,8 @@ from quickmerge.eval.vision import compare_at_tome_speeds, plot_vision_eval, tim
 from quickmerge.eval.vision_cli import learned_saliency
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
-TIMING_FIELDS = ("images_per_s", "unpatched_images_per_s", "speedup", "speedup_per_round", "timing_sub_batches")
+TIMING_FIELDS = ("images_per_s", "unpatched_images_per_s", "speedup", "speedup_per_round", "seconds_per_round",
+                 "unpatched_seconds_per_round", "timing_sub_batches")
 COMPARED = ("quickmerge", "quickmerge-entropy", "quickmerge-per-image")
 
 

@@ -76,11 +76,14 @@ class _Setting:
 
 def _timing_fields(batch_size: int, ours: list[float], base: list[float], parts: list) -> dict[str, Any]:
     """Images/s (medians of each side's seconds) and the speed-up: the median over rounds of each round's
-    ratio (unpatched / merged, timed a moment apart, so the machine's drifts cancel within a pair)."""
+    ratio (unpatched / merged, timed a moment apart, so the machine's drifts cancel within a pair). The seconds
+    of every round are kept too (``seconds_per_round``, ``unpatched_seconds_per_round``; timed together, round
+    ``i`` of every setting ran in the same round), so other estimators can be computed from a finished run."""
     ratios = [b / o for b, o in zip(base, ours, strict=True)]
     return {"images_per_s": batch_size / statistics.median(ours),
             "unpatched_images_per_s": batch_size / statistics.median(base),
             "speedup": statistics.median(ratios), "speedup_per_round": ratios,
+            "seconds_per_round": list(ours), "unpatched_seconds_per_round": list(base),
             "timing_sub_batches": [batch_size if index is None else index.numel() for index in parts]}
 
 

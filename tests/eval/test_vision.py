@@ -69,6 +69,8 @@ def test_speedup_is_the_median_of_each_rounds_paired_ratio(monkeypatch):
                            timing_rounds=4)
     assert row["speedup_per_round"] == [2.0, 2.0, 2.0, 4.0 / 3.0]
     assert row["speedup"] == 2.0
+    assert row["seconds_per_round"] == [1.0, 1.0, 2.0, 3.0]
+    assert row["unpatched_seconds_per_round"] == [2.0, 2.0, 4.0, 4.0]
     times = iter([1.0, 2.0, 3.0, 3.0, 3.0, 6.0])  # medians 3 and 3, ratios 2, 1, 2
     row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
                            timing_rounds=3)
@@ -101,6 +103,7 @@ def test_together_timing_rotates_the_order_and_times_each_setting_right_before_t
     assert merged == [0, 4, 8, 4, 8, 0, 8, 0, 4]  # the order rotates from round to round
     assert all(events[i + 1][0] == "unpatched" for i in range(6, len(events), 2))  # each merged run, then the reference
     assert [t["speedup_per_round"] for t in timed] == [[3.0] * 3] * 3 and all(t["speedup"] == 3.0 for t in timed)
+    assert all(t["seconds_per_round"] == [1.0] * 3 and t["unpatched_seconds_per_round"] == [3.0] * 3 for t in timed)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the copies were patched
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     labels = torch.zeros(8, dtype=torch.long)
