@@ -47,7 +47,18 @@ def main() -> None:
     pooled = pooled_ratios(rows)
     pooled_rows = [row | {"speedup": statistics.median(r), "speedup_per_round": r}
                    for row, r in zip(rows, pooled, strict=True)]
-    out = {"source": args.result, "estimators": {}}
+    unpatched = next(row for row in rows if row["method"] == "none")["speedup_per_round"]
+    by_key = {(row["method"], json.dumps(row["r"])): row for row in rows}
+    images_per_s = {row["r"]: row["images_per_s"] / by_key["tome", json.dumps(row["r"])]["images_per_s"]
+                    for row in rows if row["method"] == "quickmerge" and ("tome", json.dumps(row["r"])) in by_key}
+    out = {"source": args.result,
+           "unpatched_against_itself": {"speedup": statistics.median(unpatched), "rounds_min": min(unpatched),
+                                        "rounds_max": max(unpatched)},
+           "quickmerge_over_tome_images_per_s_at_equal_r": images_per_s, "estimators": {}}
+    print(f"unpatched against itself: {statistics.median(unpatched):.2f}x, rounds {min(unpatched):.2f}-"
+          f"{max(unpatched):.2f}x")
+    print("QuickMerge++ constant r / ToMe-style images/s at equal r: "
+          + ", ".join(f"r = {r}: {v:.3f}" for r, v in images_per_s.items()))
     for name, table in (("own", rows), ("pooled", pooled_rows)):
         comparisons = {f"{m}_vs_{ref}": compare_at_tome_speeds(table, m, ref) for m, ref in COMPARED}
         scatter = statistics.median(relative_iqr(row["speedup_per_round"]) for row in table)

@@ -52,3 +52,15 @@ def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_sam
     assert {c["r"] for c in result["comparisons"]} == {24, 120}
     assert result["timing"]["rounds"] == 1 and all(len(row["speedup_per_round"]) == 1 and row["speedup"] > 0
                                                    for row in result["rows"])
+
+
+def test_a_calibration_as_large_as_the_held_out_split_is_refused_before_the_model_loads(tmp_path):
+    from quickmerge.data import fashion_mnist
+
+    if not (fashion_mnist.data_dir() / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("dataset-fashion-mnist absent")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights",
+                             str(tmp_path / "absent.pt"), "--calibration-images", "5000", "--out", str(tmp_path / "o")],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--calibration-images: expected fewer than the 5000 held-out images, got 5000" in result.stderr
