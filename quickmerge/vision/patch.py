@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from .._validation import check_choice, check_positive_int, check_real
 from ..compile_guard import guard_hooks
 from ..primitives import gather_rows, group_sum, rank01, weighted_mean
-from .adapters import Removable, VisionAdapter, find_adapter, mean_by_size, size_bias, supported_families
+from .adapters import REGISTRY, Removable, VisionAdapter, family_hint, find_adapter, mean_by_size, size_bias
 from .schedule import r_for_ratio, validate_r
 from .token_merge import (
     METHODS,
@@ -665,14 +665,17 @@ def patch(
                  if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
         what = "the model it wraps" if inner[:1] == ["model"] else "its image tower"
         hint = f"; {what} is supported: quickmerge.patch(model.{inner[0]})" if inner else ""
+        families = "; ".join(a.name for a in REGISTRY)
         raise TypeError(
-            f"quickmerge.patch supports {supported_families()}; "
+            f"quickmerge.patch supports {len(REGISTRY)} model families ({families}); the "
+            f"{sum(len(a.tested_classes) for a in REGISTRY)} tested classes are {family_hint(model)}; "
             f"got {type(model).__module__}.{type(model).__name__}{hint}"
         )
     blocks = adapter.blocks(model)  # raises on a structure the adapter cannot hook, before any warning
     if type(model).__name__ not in adapter.tested_classes:
-        warnings.warn(f"{type(model).__name__} is not among the tested classes {adapter.tested_classes}; "
-                      "check its outputs with r=0 against the unpatched model", stacklevel=2)
+        warnings.warn(f"{type(model).__name__} is not among the {len(adapter.tested_classes)} tested classes of "
+                      f"the {adapter.name} family ({family_hint(model, adapter)}); check its outputs with r=0 "
+                      "against the unpatched model", stacklevel=2)
     if scorer is not None:
         if not isinstance(scorer, TokenScorer):
             raise TypeError(f"scorer must be a quickmerge.vision.TokenScorer, got {type(scorer).__name__}")

@@ -8,6 +8,8 @@ adapter class, registered here (or at run time with :func:`register_adapter`).
 
 from __future__ import annotations
 
+import difflib
+
 from torch import nn
 
 from .hf_clip import HFCLIPAdapter
@@ -37,8 +39,23 @@ def find_adapter(model: nn.Module) -> VisionAdapter | None:
 
 
 def supported_families() -> str:
-    """The registered families and their tested classes, for error messages."""
+    """The registered families and their tested classes (the whole list; messages point to it)."""
     return "; ".join(f"{a.name} ({', '.join(a.tested_classes)})" for a in REGISTRY)
+
+
+def family_hint(model: nn.Module, adapter: VisionAdapter | None = None) -> str:
+    """Where the tested classes are listed, and those nearest ``model``'s class: a tested class it subclasses,
+    else the tested names closest to its own (for warnings and refusals; the whole list is long). Among
+    ``adapter``'s tested classes, or every family's without one."""
+    cls = type(model)
+    families = REGISTRY if adapter is None else [adapter]
+    tested = list(dict.fromkeys(name for a in families for name in a.tested_classes))  # two families share names
+    where = "listed by quickmerge.vision.adapters.supported_families()"
+    base = next((b.__name__ for b in cls.__mro__[1:] if b.__name__ in tested), None)
+    if base is not None:
+        return f"{where}; {cls.__name__} subclasses {base}, a tested class"
+    near = difflib.get_close_matches(cls.__name__, tested, n=3, cutoff=0.6)
+    return where + (f"; nearest by name: {', '.join(near)}" if near else "")
 
 
 __all__ = [
@@ -51,6 +68,7 @@ __all__ = [
     "TimmEvaAdapter",
     "TimmViTAdapter",
     "VisionAdapter",
+    "family_hint",
     "find_adapter",
     "mean_by_size",
     "register_adapter",

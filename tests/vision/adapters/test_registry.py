@@ -74,3 +74,32 @@ def test_register_checks_the_protocol():
         register_adapter(type("Half", (), {"name": "x", "tested_classes": (), "matches": None,
                                            "num_prefix_tokens": None, "has_class_token": None,
                                            "gradient_checkpointing": None, "blocks": None})())
+
+
+class VisionTransfomer(nn.Module):
+    """A misspelt class no family matches: the refusal names the tested class it is nearest."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_a_refusal_names_the_families_and_the_nearest_tested_classes_not_all_of_them():
+    with pytest.raises(TypeError) as caught:
+        quickmerge.patch(VisionTransfomer())
+    message = str(caught.value)
+    assert f"supports {len(adapters.REGISTRY)} model families" in message, message
+    assert all(a.name in message for a in adapters.REGISTRY), message
+    assert "supported_families()" in message and "nearest by name: VisionTransformer, " in message, message
+    nearest = message.split("nearest by name: ")[1].split("; got")[0].split(", ")
+    assert len(nearest) == len(set(nearest)), f"a name two families test is offered twice: {nearest}"
+    assert "SiglipVisionModel" in adapters.supported_families() and "SiglipVisionModel" not in message, message
+    assert len(message) < len(adapters.supported_families()) and len(message) < 600, message
+
+
+def test_the_hint_names_a_tested_base_class_or_nothing_when_nothing_is_near():
+    class MyClassifier(timm_vit.VisionTransformer):
+        pass
+
+    model = MyClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2)
+    assert adapters.family_hint(model).endswith("MyClassifier subclasses VisionTransformer, a tested class")
+    assert "nearest" not in adapters.family_hint(nn.Linear(2, 2))

@@ -379,8 +379,11 @@ def test_unsupported_subclass_warns():
         pass
 
     model = MyViT(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2)
-    with pytest.warns(UserWarning, match="not among the tested"):
+    with pytest.warns(UserWarning, match="not among the 2 tested classes") as caught:
         quickmerge.patch(model, r=2).remove()
+    message = str(caught[0].message)
+    assert "MyViT subclasses VisionTransformer, a tested class" in message, message
+    assert "supported_families()" in message and len(message) < 400, message
 
 
 def test_nothing_to_patch_raises():
