@@ -24,12 +24,13 @@ import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
 from quickmerge.eval.report import write_report
+from quickmerge.eval.timing import warn_if_stolen
 from quickmerge.eval.vision import compare_at_tome_speeds, plot_vision_eval, time_settings_together
 from quickmerge.eval.vision_cli import learned_saliency
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
 TIMING_FIELDS = ("images_per_s", "unpatched_images_per_s", "speedup", "speedup_per_round", "seconds_per_round",
-                 "unpatched_seconds_per_round", "timing_sub_batches")
+                 "unpatched_seconds_per_round", "timing_sub_batches", "timing_steal_share")
 COMPARED = ("quickmerge", "quickmerge-entropy", "quickmerge-per-image")
 
 
@@ -85,6 +86,7 @@ def main() -> None:
     paths = write_report(out, args.out, lambda png: plot_vision_eval(rows, png, title))
     for row in rows:
         print(f"{row['method']:22s} {row['r']!s:28s} {100 * row['accuracy']:.2f}  {row['speedup']:.2f}x")
+    warn_if_stolen(rows)
     print(f"wrote {paths[0]} and {paths[1]}")
 
 

@@ -24,7 +24,7 @@ from ..vision.image_budget import ImageBudget, bucketed_forward
 from ..vision.patch import patch
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal
-from .timing import clock
+from .timing import clock, cpu_counters, steal_share
 
 
 def _timed(fn: Any, device: torch.device) -> float:
@@ -74,17 +74,21 @@ class _Setting:
             self.handle.remove()
 
 
-def _timing_fields(batch_size: int, ours: list[float], base: list[float], parts: list) -> dict[str, Any]:
+def _timing_fields(batch_size: int, ours: list[float], base: list[float], parts: list,
+                   steal: float | None = None) -> dict[str, Any]:
     """Images/s (medians of each side's seconds) and the speed-up: the median over rounds of each round's
     ratio (unpatched / merged, timed a moment apart, so the machine's drifts cancel within a pair). The seconds
     of every round are kept too (``seconds_per_round``, ``unpatched_seconds_per_round``; timed together, round
-    ``i`` of every setting ran in the same round), so other estimators can be computed from a finished run."""
+    ``i`` of every setting ran in the same round), so other estimators can be computed from a finished run;
+    ``timing_steal_share``: the host's steal while they were timed (:func:`~quickmerge.eval.timing.steal_share`),
+    where it could be read."""
     ratios = [b / o for b, o in zip(base, ours, strict=True)]
-    return {"images_per_s": batch_size / statistics.median(ours),
-            "unpatched_images_per_s": batch_size / statistics.median(base),
-            "speedup": statistics.median(ratios), "speedup_per_round": ratios,
-            "seconds_per_round": list(ours), "unpatched_seconds_per_round": list(base),
-            "timing_sub_batches": [batch_size if index is None else index.numel() for index in parts]}
+    fields = {"images_per_s": batch_size / statistics.median(ours),
+              "unpatched_images_per_s": batch_size / statistics.median(base),
+              "speedup": statistics.median(ratios), "speedup_per_round": ratios,
+              "seconds_per_round": list(ours), "unpatched_seconds_per_round": list(base),
+              "timing_sub_batches": [batch_size if index is None else index.numel() for index in parts]}
+    return fields if steal is None else fields | {"timing_steal_share": steal}
 
 
 @torch.inference_mode()
@@ -131,11 +135,13 @@ def evaluate_setting(
         correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
         batch = normalize(images[:batch_size].to(device), dtype)
         parts = setting.parts(batch)
-        ours, base = [], []
-        if ctx.main:
+        ours, base, steal = [], [], None
+        if ctx.main and timing_rounds:
+            before = cpu_counters()
             for _ in range(timing_rounds):
                 ours.append(_timed(lambda: setting.forward(batch), device))
                 base.append(_timed(lambda: setting.reference(batch, parts), device))
+            steal = steal_share(before, cpu_counters())
         ctx.barrier()
     finally:
         setting.remove()
@@ -153,7 +159,7 @@ def evaluate_setting(
         "images": len(images),
         "mean_tokens_per_layer": tokens / batches,
     }
-    return row | _timing_fields(batch.shape[0], ours, base, parts) if timing_rounds else row
+    return row | _timing_fields(batch.shape[0], ours, base, parts, steal) if timing_rounds else row
 
 
 @torch.inference_mode()
@@ -180,14 +186,16 @@ def time_settings_together(
         for k, setting in enumerate(settings):  # warm-up
             setting.forward(batch)
             setting.reference(batch, parts[k])
+        before = cpu_counters()
         for i in tqdm(range(rounds), desc="timing together", unit="round"):
             for k in [*range(i % len(settings), len(settings)), *range(i % len(settings))]:
                 ours[k].append(_timed(lambda k=k: settings[k].forward(batch), device))
                 base[k].append(_timed(lambda k=k: settings[k].reference(batch, parts[k]), device))
+        steal = steal_share(before, cpu_counters())  # one figure for all: their rounds share the stretch
     finally:
         for setting in settings:
             setting.remove()
-    return [_timing_fields(batch.shape[0], o, b, p) for o, b, p in zip(ours, base, parts, strict=True)]
+    return [_timing_fields(batch.shape[0], o, b, p, steal) for o, b, p in zip(ours, base, parts, strict=True)]
 
 
 def run_vision_eval(

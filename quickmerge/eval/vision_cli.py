@@ -187,6 +187,7 @@ def calibrate_image_budgets(model: Any, rs: list[int], matching: str = "bipartit
 def run(args: argparse.Namespace) -> dict:
     from ..data.fashion_mnist import load_fashion_mnist
     from .report import write_report
+    from .timing import warn_if_stolen
     from .vision import compare_at_tome_speeds, plot_vision_eval, run_vision_eval
 
     if not 1 <= args.images <= 10_000:
@@ -227,6 +228,7 @@ def run(args: argparse.Namespace) -> dict:
     title = f"Fashion-MNIST ViT, {len(images)} test images"
     paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))
     print(format_table(rows))
+    warn_if_stolen(rows)
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 

@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -56,6 +58,14 @@ def test_evaluate_setting_counts_correct_predictions_and_tokens():
     assert row["r"] == 20 and 0.0 <= row["accuracy"] <= 1.0
 
 
+def _readings():
+    """Stand-in ``cpu_counters``: readings that alternate between two with 10 of 100 ticks stolen between them (a
+    timing phase reads once before its rounds and once after)."""
+    zero = dict.fromkeys(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), 0)
+    readings = itertools.cycle([zero, {**zero, "user": 90, "steal": 10}])
+    return lambda: next(readings)
+
+
 def test_speedup_is_the_median_of_each_rounds_paired_ratio(monkeypatch):
     from quickmerge.eval import vision
 
@@ -75,6 +85,15 @@ def test_speedup_is_the_median_of_each_rounds_paired_ratio(monkeypatch):
     row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
                            timing_rounds=3)
     assert row["speedup"] == 2.0 and row["images_per_s"] == row["unpatched_images_per_s"] == 4 / 3.0
+    monkeypatch.setattr(vision, "_timed", lambda fn, device: 1.0)
+    monkeypatch.setattr(vision, "cpu_counters", _readings())
+    row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
+                           timing_rounds=1)
+    assert row["timing_steal_share"] == 0.1  # the host's steal over the timing rounds
+    monkeypatch.setattr(vision, "cpu_counters", lambda: None)  # no /proc/stat: no figure claimed
+    row = evaluate_setting(model, model, images, torch.zeros(4, dtype=torch.long), method="tome", r=2, batch_size=4,
+                           timing_rounds=1)
+    assert "timing_steal_share" not in row
 
 
 def test_together_timing_rotates_the_order_and_times_each_setting_right_before_the_unpatched_model(monkeypatch):
@@ -104,6 +123,9 @@ def test_together_timing_rotates_the_order_and_times_each_setting_right_before_t
     assert all(events[i + 1][0] == "unpatched" for i in range(6, len(events), 2))  # each merged run, then the reference
     assert [t["speedup_per_round"] for t in timed] == [[3.0] * 3] * 3 and all(t["speedup"] == 3.0 for t in timed)
     assert all(t["seconds_per_round"] == [1.0] * 3 and t["unpatched_seconds_per_round"] == [3.0] * 3 for t in timed)
+    monkeypatch.setattr(vision, "cpu_counters", _readings())
+    timed = vision.time_settings_together(model, jobs, batch, 1)
+    assert [t["timing_steal_share"] for t in timed] == [0.1] * 3  # the rounds of all share one stretch
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # the copies were patched
     images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
     labels = torch.zeros(8, dtype=torch.long)
@@ -111,6 +133,7 @@ def test_together_timing_rotates_the_order_and_times_each_setting_right_before_t
     paired = run_vision_eval(model, images, labels, jobs[1:], batch_size=4, timing_rounds=2, timing="paired")
     for a, b in zip(together, paired, strict=True):
         assert a["speedup_per_round"] == [3.0, 3.0] and a.keys() == b.keys()
+        assert a["timing_steal_share"] == b["timing_steal_share"] == 0.1
         assert {k: a[k] for k in ("method", "r", "accuracy", "mean_tokens_per_layer")} == \
             {k: b[k] for k in ("method", "r", "accuracy", "mean_tokens_per_layer")}
     with pytest.raises(ValueError, match="timing must be one of"):

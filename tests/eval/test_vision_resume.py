@@ -29,7 +29,7 @@ def _command(checkpoint, out, *extra):
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
 MEASURED = ("images_per_s", "unpatched_images_per_s", "speedup", "speedup_per_round", "seconds_per_round",
-            "unpatched_seconds_per_round")
+            "unpatched_seconds_per_round", "timing_steal_share")
 
 
 def _rows(path):
