@@ -68,6 +68,11 @@ def summarise(result: dict) -> None:
             f"{row[c]['speedup']:13.3f}x {row[c]['ratio_min']:6.3f}-{row[c]['ratio_max']:6.3f}"
             f" {row[c]['relative_iqr']:12.3f} {row[c]['speedup_of_minima']:9.3f}x" for c in CLOCKS)
             + f"  {row['cpu_per_wall']:.2f}")
+    for clock in CLOCKS:  # the host's own drift: one model, the same batch, every round of the run
+        seconds = [t for row in result["settings"].values() for t in row[clock]["reference_seconds_per_round"]]
+        result[f"{clock}_reference_seconds_range"] = [min(seconds), statistics.median(seconds), max(seconds)]
+        print(f"the unpatched reference, {clock} seconds over the run: min {min(seconds):.3f}, "
+              f"median {statistics.median(seconds):.3f}, max {max(seconds):.3f}")
     print("median relative IQR: " + ", ".join(f"{c} {result[f'{c}_median_relative_iqr']:.3f}" for c in CLOCKS)
           + (f"; steal {result['steal_share']:.1%} of CPU time over the run" if "steal_share" in result else ""))
 
