@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from quickmerge.eval.generative import video_examples
-from quickmerge.eval.timing import clock
+from quickmerge.eval.timing import clock, cpu_counters, steal_share
 from quickmerge.pretrained.ar_models import load_ar
 from quickmerge.text import QuickMergeInputPress
 from quickmerge.text.cache import cache_kwargs
@@ -71,15 +71,18 @@ def main() -> None:
         plain, merged = [], []
         prefill(model, batch, None)
         prefill(model, batch, press)  # warm-up
+        before = cpu_counters()
         for _ in range(args.rounds):
             plain.append(prefill(model, batch, None)[0])
             merged.append(prefill(model, batch, press)[0])
+        steal = steal_share(before, cpu_counters())
         ours = [bits(model, e, context, press) for e in examples]
         rows.append({"ratio": ratio, "prefill_s_plain": statistics.median(plain),
                      "prefill_s_merged": statistics.median(merged),
                      "speedup": statistics.median(plain) / statistics.median(merged),
                      "bits_per_token_plain": sum(base_bits) / len(base_bits),
-                     "bits_per_token_merged": sum(ours) / len(ours), "achieved_ratio": press.achieved_ratio})
+                     "bits_per_token_merged": sum(ours) / len(ours), "achieved_ratio": press.achieved_ratio,
+                     **({} if steal is None else {"timing_steal_share": steal})})
         print(rows[-1])
     result = {"rows": rows, "examples": [e.title for e in examples], "batch": list(batch.shape),
               "threads": args.threads, "torch": torch.__version__, "dtype": args.dtype,

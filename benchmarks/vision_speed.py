@@ -27,7 +27,7 @@ import statistics
 import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
-from quickmerge.eval.timing import clock
+from quickmerge.eval.timing import clock, cpu_counters, steal_share
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
 from quickmerge.vision.patch import LEGACY_MATCHING
@@ -72,6 +72,7 @@ def main() -> None:
         block = copy.deepcopy(model.blocks[0])  # unpatched copy, timed as is
         states = [prepare(copy.deepcopy(model), x, args.r, method, scorer, options)
                   for _, method, scorer, options in rows]
+        before = cpu_counters()
         if args.sequential:  # each row's repeats, then the next row's (the protocol before stop 66)
             for state in states:
                 for _ in range(args.repeats + 2):
@@ -80,6 +81,7 @@ def main() -> None:
             for i in range(args.repeats + 2):
                 for k in [*range(i % len(states), len(states)), *range(i % len(states))]:
                     time_once(states[k], block, x, device)
+        steal = steal_share(before, cpu_counters())
         results = {}
         for (name, *_), state in zip(rows, states, strict=True):
             state["handle"].remove()
@@ -91,7 +93,9 @@ def main() -> None:
     info = {"tokens": x.shape[1], "batch": args.batch, "r": args.r, "threads": torch.get_num_threads(),
             "timing": "sequential" if args.sequential else "rounds",
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "platform": platform.platform(), "results": results}
+            "torch": torch.__version__, "platform": platform.platform(), "steal_share": steal, "results": results}
+    if steal is not None:
+        print(f"steal: {steal:.1%} of the machine's CPU time while timing (/proc/stat)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(info, f, indent=2)
