@@ -54,6 +54,9 @@ def family_hint(model: nn.Module, adapter: VisionAdapter | None = None) -> str:
     base = next((b.__name__ for b in cls.__mro__[1:] if b.__name__ in tested), None)
     if base is not None:
         return f"{where}; {cls.__name__} subclasses {base}, a tested class"
+    if cls.__name__ in tested:  # torchvision's VisionTransformer, say: another library's class of a tested name
+        owners = " and ".join(a.name for a in families if cls.__name__ in a.tested_classes)
+        return f"{where}; the {cls.__name__} tested is that of {owners} (not {cls.__module__})"
     near = difflib.get_close_matches(cls.__name__, tested, n=3, cutoff=0.6)
     return where + (f"; nearest by name: {', '.join(near)}" if near else "")
 

@@ -103,3 +103,13 @@ def test_the_hint_names_a_tested_base_class_or_nothing_when_nothing_is_near():
     model = MyClassifier(img_size=8, patch_size=2, in_chans=1, num_classes=2, embed_dim=16, depth=1, num_heads=2)
     assert adapters.family_hint(model).endswith("MyClassifier subclasses VisionTransformer, a tested class")
     assert "nearest" not in adapters.family_hint(nn.Linear(2, 2))
+
+
+def test_a_class_of_a_tested_name_from_another_library_is_told_whose_class_was_tested():
+    VisionTransformer = type("VisionTransformer", (nn.Module,), {"__module__": "torchvision.models.vision_transformer"})
+    with pytest.raises(TypeError) as caught:
+        quickmerge.patch(VisionTransformer())
+    message = str(caught.value)
+    assert "the VisionTransformer tested is that of timm VisionTransformer and OpenCLIP VisionTransformer (not " \
+           "torchvision.models.vision_transformer)" in message, message
+    assert "nearest by name" not in message, message
