@@ -14,6 +14,7 @@ comparison at ToMe-style's speed-ups (``compare_at_tome_speeds``). Needs rows wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -59,6 +60,12 @@ def main() -> None:
           f"{max(unpatched):.2f}x")
     print("QuickMerge++ constant r / ToMe-style images/s at equal r: "
           + ", ".join(f"r = {r}: {v:.3f}" for r, v in images_per_s.items()))
+    references = [statistics.median(row["unpatched_seconds_per_round"]) for row in rows]
+    print(f"the unpatched reference's median seconds, one per setting: {min(references):.3f}-{max(references):.3f}")
+    print("median seconds, QuickMerge++ constant r / ToMe-style at equal r: " + ", ".join(
+        f"r = {row['r']}: {statistics.median(row['seconds_per_round']):.3f} / "
+        f"{statistics.median(by_key['tome', json.dumps(row['r'])]['seconds_per_round']):.3f}"
+        for row in rows if row["method"] == "quickmerge" and ("tome", json.dumps(row["r"])) in by_key))
     for name, table in (("own", rows), ("pooled", pooled_rows)):
         comparisons = {f"{m}_vs_{ref}": compare_at_tome_speeds(table, m, ref) for m, ref in COMPARED}
         scatter = statistics.median(relative_iqr(row["speedup_per_round"]) for row in table)
@@ -67,7 +74,7 @@ def main() -> None:
             "speedups": [{"method": row["method"], "r": row["r"], "accuracy": row["accuracy"],
                           "speedup": row["speedup"]} for row in table],
             "median_relative_iqr_of_rounds": scatter,
-            "tome_speedups_rise_with_r": all(a < b for a, b in zip(tome, tome[1:])),
+            "tome_speedups_rise_with_r": all(a < b for a, b in itertools.pairwise(tome)),
             "comparisons": comparisons}
         print(f"{name}: rounds' relative IQR, median over settings {scatter:.3f}; ToMe-style's speed-ups rise "
               f"with r: {out['estimators'][name]['tome_speedups_rise_with_r']}")
