@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from pooled_speedup import relative_iqr  # a sibling script (this directory is on sys.path when run)
 from tqdm import tqdm
 
 import quickmerge
@@ -41,11 +42,6 @@ def timed(fn) -> dict[str, float]:
     start = {name: read() for name, read in CLOCKS.items()}
     fn()
     return {name: read() - start[name] for name, read in CLOCKS.items()}
-
-
-def relative_iqr(values: list[float]) -> float:
-    q1, _, q3 = statistics.quantiles(values, n=4)
-    return (q3 - q1) / statistics.median(values)
 
 
 def summarise(result: dict) -> None:
@@ -119,8 +115,9 @@ def main() -> None:
         h.remove()
     result = {"args": vars(args), "cores": os.cpu_count(), "torch": torch.__version__, "platform": platform.platform(),
               "wall_seconds": wall, "settings": {}}
-    if steal_share(before, after) is not None:
-        result["steal_share"] = steal_share(before, after)
+    steal = steal_share(before, after)
+    if steal is not None:
+        result["steal_share"] = steal
     for (name, _, _), o, b in zip(jobs, ours, base, strict=True):
         result["settings"][name] = {clock: {"seconds_per_round": [oo[clock] for oo in o],
                                             "reference_seconds_per_round": [bb[clock] for bb in b]}
