@@ -13,7 +13,9 @@ from typing import Any
 import torch
 
 PROC_STAT = Path("/proc/stat")
-STEAL_WARNING_SHARE = 0.05  # above this share of the machine's CPU time, a run's speed-ups move by tens of percent
+# runs under 15-20% steal moved the same model's speed-ups by tens of percent (BENCHMARKS.md, stop 76); 5% is a
+# margin below what was seen, not a measured edge (an idle moment of this host showed under 1%)
+STEAL_WARNING_SHARE = 0.05
 _COUNTERS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
 
 
