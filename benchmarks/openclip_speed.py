@@ -1,13 +1,15 @@
 """Throughput of OpenCLIP's ViT-B-16 image tower patched by quickmerge, against the unpatched tower.
 
-    python benchmarks/openclip_speed.py [--r 8 16] [--batch 8] [--rounds 5] [--threads 2] [--json PATH]
+    python benchmarks/openclip_speed.py [--r 8 16] [--batch 8] [--rounds 5] [--threads 2] [--json PATH] \
+        [--full-projection]
 
 The architecture of ``open_clip.create_model("ViT-B-16")`` with random weights (no pretrained weights can be
 downloaded here, so this measures speed only, not accuracy): the unpatched tower and, for each r, QuickMerge++
 and ToMe-style merging. Every setting is timed in the same rounds on the same batch of random 224x224 images,
 the order rotating each round; medians and speed-ups against the unpatched tower timed in the same run. The
-OpenCLIP adapter projects queries and keys once more per block (``nn.MultiheadAttention`` does not expose
-them), which this includes.
+OpenCLIP adapter computes what the merge reads of queries and keys once more per block (``nn.MultiheadAttention``
+does not expose them), which this includes; ``--full-projection`` also times each method with every query and key
+projected, as the adapter did before stop 77 (settings ``quickmerge+all``, ``tome+all``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--full-projection", action="store_true")
     args = ap.parse_args()
     import open_clip
 
@@ -40,11 +44,14 @@ def main() -> None:
     model = open_clip.create_model("ViT-B-16").eval()
     tower = model.visual
     images = torch.randn(args.batch, 3, 224, 224)
-    settings = [("none", 0)] + [(m, r) for r in args.r for m in ("quickmerge", "tome")]
+    methods = ("quickmerge", "tome") + (("quickmerge+all", "tome+all") if args.full_projection else ())
+    settings = [("none", 0)] + [(m, r) for r in args.r for m in methods]
 
     def run(method: str, r: int) -> float:
         if method != "none":
-            patch(tower, r=r, method=method)
+            handle = patch(tower, r=r, method=method.removesuffix("+all"))
+            if method.endswith("+all"):
+                handle.attention_reads = lambda: "all"  # this instance projects every query and key
         try:
             tower(images)  # warm-up at these settings
             start = time.perf_counter()
@@ -64,11 +71,9 @@ def main() -> None:
              "images_per_s": args.batch / statistics.median(times[f"{m}@{r}"]),
              "speedup": base / statistics.median(times[f"{m}@{r}"])} for m, r in settings]
     for row in rows:
-        print(f"{row['method']:>10} r={row['r']:>2}: {row['images_per_s']:.2f} img/s, {row['speedup']:.2f}x")
+        print(f"{row['method']:>14} r={row['r']:>2}: {row['images_per_s']:.2f} img/s, {row['speedup']:.2f}x")
     if args.json:
-        out = {"command": "python benchmarks/openclip_speed.py " + " ".join(
-                   f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                   if v is not None),
+        out = {"command": "python benchmarks/openclip_speed.py " + " ".join(sys.argv[1:]),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
                "torch": torch.__version__, "open_clip": getattr(open_clip, "__version__", "?"),
                "rows": rows, "times_s": times}

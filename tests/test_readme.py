@@ -134,11 +134,13 @@ RUN = {
 # run elsewhere with the real package: tests/text/test_kv_press.py::test_kvpress_pipeline_keeps_proportional_...
 # tests/vision/adapters/test_openclip_vit.py::test_the_readme_s_openclip_model_... (no pretrained weights offline)
 # tests/vision/adapters/test_timm_eva.py::test_the_readme_s_rotary_models_patch_whole (random weights)
+# tests/vision/adapters/test_torchvision_vit.py::test_the_readme_s_vit_b_16_patches_as_said (random weights)
 # tests/vision/adapters/test_hf_siglip2.py::test_the_readme_s_naflex_snippet (a tiny tower, the real processor)
 ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)',
              'model = timm.create_model("vit_base_patch16_rope_mixed_224", pretrained=True)  # or eva02_*, '
              'vit_*_dinov3',
              'model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="laion2b_s34b_b88k")',
+             'model = torchvision.models.vit_b_16(weights="IMAGENET1K_SWAG_LINEAR_V1").eval()',
              'model = transformers.Siglip2VisionModel.from_pretrained("google/siglip2-base-patch16-naflex")'}
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -103,3 +104,52 @@ def fine_tuned_merging(directory: str | Path | None) -> dict[str, Any] | None:
     if not finetune or not (finetune.get("r") or finetune.get("ratio")):
         return None
     return finetune
+
+
+def as_torchvision_vit(model: torch.nn.Module) -> torch.nn.Module:
+    """The timm ViT ``model`` (the reference one, or any of :func:`build_vit`'s) as torchvision's
+    ``VisionTransformer``, weight for weight, in eval mode: the same function of the same images
+    ``[B, in_chans, H, W]``, for checking torchvision's adapter against timm's on a trained model.
+
+    The patch projection (with its convolutional stem, if any) becomes ``conv_proj``; queries, keys and values
+    map to ``nn.MultiheadAttention``'s packed ``in_proj``. Raises ``ValueError`` for a timm ViT this mapping does
+    not cover (no class token, other pooling, register tokens, LayerScale, qk-norm, a final norm before a pool).
+    """
+    vt = require("torchvision.models.vision_transformer", "vision", "The torchvision copy of the reference ViT")
+    unsupported = {
+        "a class token": getattr(model, "cls_token", None) is not None,
+        "class-token pooling": getattr(model, "global_pool", None) == "token",
+        "no register tokens": getattr(model, "num_reg_tokens", 0) == 0,
+        "no fc_norm": isinstance(getattr(model, "fc_norm", None), torch.nn.Identity),
+        "plain blocks": all(isinstance(b.ls1, torch.nn.Identity) and isinstance(b.attn.q_norm, torch.nn.Identity)
+                            and isinstance(b.attn.k_norm, torch.nn.Identity) for b in model.blocks),
+    }
+    lacking = [what for what, ok in unsupported.items() if not ok]
+    if lacking:
+        raise ValueError(f"as_torchvision_vit needs a timm ViT with {', '.join(unsupported)}; not so here: "
+                         f"{', '.join(lacking)}")
+    width, first = model.embed_dim, model.blocks[0]
+    tv = vt.VisionTransformer(
+        image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+        num_layers=len(model.blocks), num_heads=first.attn.num_heads, hidden_dim=width,
+        mlp_dim=first.mlp.fc1.out_features, num_classes=model.head.out_features)
+    tv.conv_proj = copy.deepcopy(model.patch_embed.proj)
+    state = {"class_token": model.cls_token, "encoder.pos_embedding": model.pos_embed,
+             "encoder.ln.weight": model.norm.weight, "encoder.ln.bias": model.norm.bias,
+             "heads.head.weight": model.head.weight, "heads.head.bias": model.head.bias}
+    for i, block in enumerate(model.blocks):
+        into = f"encoder.layers.encoder_layer_{i}."
+        state |= {into + "ln_1.weight": block.norm1.weight, into + "ln_1.bias": block.norm1.bias,
+                  into + "self_attention.in_proj_weight": block.attn.qkv.weight,
+                  into + "self_attention.in_proj_bias": block.attn.qkv.bias,
+                  into + "self_attention.out_proj.weight": block.attn.proj.weight,
+                  into + "self_attention.out_proj.bias": block.attn.proj.bias,
+                  into + "ln_2.weight": block.norm2.weight, into + "ln_2.bias": block.norm2.bias,
+                  into + "mlp.0.weight": block.mlp.fc1.weight, into + "mlp.0.bias": block.mlp.fc1.bias,
+                  into + "mlp.3.weight": block.mlp.fc2.weight, into + "mlp.3.bias": block.mlp.fc2.bias}
+    missing, unexpected = tv.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("conv_proj.")]
+    if missing or unexpected:
+        raise ValueError(f"torchvision's VisionTransformer does not take this mapping: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return tv.eval()

@@ -250,6 +250,21 @@ class MergeHandle:
         """Whether this pass needs the attention's queries and keys: it merges, or an observer reads them."""
         return self.merges() or bool(self._observers)
 
+    def attention_reads(self) -> str:
+        """What this pass reads of each block's attention, for an adapter that projects it itself
+        (``nn.MultiheadAttention``'s, :mod:`.adapters.multihead`): ``"all"`` (every query and key, per head; an
+        observer, or saliency from other queries), ``"class_query"`` (keys per head and the class token's query:
+        QuickMerge++ comparing keys), ``"class_logits"`` (only the class token's attention logits over the keys, up
+        to a constant per head: QuickMerge++'s default, which compares the residual stream), ``"mean_keys"`` (keys
+        averaged over heads: ToMe-style) or ``"none"`` (random, pool)."""
+        if self._observers:
+            return "all"
+        if self.method != "quickmerge":
+            return "mean_keys" if self.method == "tome" else "none"
+        if not (self.saliency == "cls" and self.has_class_token):
+            return "all"
+        return "class_logits" if self.similarity == "hidden" else "class_query"
+
     @property
     def mean_tokens(self) -> float:
         """Mean number of tokens entering a block in the last forward pass."""

@@ -19,9 +19,10 @@ from .pooling import mean_by_size, size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_eva import TimmEvaAdapter
 from .timm_vit import TimmViTAdapter
+from .torchvision_vit import TorchvisionViTAdapter
 
 REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), HFViTAdapter(), HFCLIPAdapter(),
-                                 OpenCLIPViTAdapter()]
+                                 OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -54,8 +55,9 @@ def family_hint(model: nn.Module, adapter: VisionAdapter | None = None) -> str:
     base = next((b.__name__ for b in cls.__mro__[1:] if b.__name__ in tested), None)
     if base is not None:
         return f"{where}; {cls.__name__} subclasses {base}, a tested class"
-    if cls.__name__ in tested:  # torchvision's VisionTransformer, say: another library's class of a tested name
-        owners = " and ".join(a.name for a in families if cls.__name__ in a.tested_classes)
+    if cls.__name__ in tested:  # another library's class of a tested name (three families have a VisionTransformer)
+        owners = [a.name for a in families if cls.__name__ in a.tested_classes]
+        owners = ", ".join(owners[:-1]) + " and " + owners[-1] if len(owners) > 1 else owners[0]
         return f"{where}; the {cls.__name__} tested is that of {owners} (not {cls.__module__})"
     near = difflib.get_close_matches(cls.__name__, tested, n=3, cutoff=0.6)
     return where + (f"; nearest by name: {', '.join(near)}" if near else "")
@@ -70,6 +72,7 @@ __all__ = [
     "Removable",
     "TimmEvaAdapter",
     "TimmViTAdapter",
+    "TorchvisionViTAdapter",
     "VisionAdapter",
     "family_hint",
     "find_adapter",

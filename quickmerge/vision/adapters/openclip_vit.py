@@ -3,9 +3,9 @@
 ``ResidualAttentionBlock.forward`` is ``x = q_x + ls_1(attention(ln_1(q_x)))`` then
 ``x + ls_2(mlp(ln_2(x)))``, its attention a batch-first ``torch.nn.MultiheadAttention``:
 
-- the attention's pre-hook passes log(size) as ``attn_mask [B * heads, N, N]`` (proportional
-  attention), and projects its input to queries and keys with the module's own ``in_proj``
-  weights, which ``nn.MultiheadAttention`` does not expose (one ``[2C, C]`` matmul per block);
+- the attention's pre-hook (:mod:`.multihead`) passes log(size) as its mask (proportional attention) and
+  computes what the merge reads of the queries and keys, which ``nn.MultiheadAttention`` does not expose,
+  with the module's own ``in_proj`` weights;
 - ``ln_2``, ``ls_2`` and the block: the residual merge of :mod:`.residual`.
 
 The class token (``pool_type="tok"``, the default) needs nothing more; ``pool_type="avg"``
@@ -18,12 +18,11 @@ Attention-pooling towers (CoCa) and the custom blocks of qk-norm or scaled-cosin
 from __future__ import annotations
 
 import functools
-from typing import Any
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .instance import FeatureMaps, InstanceMethod
+from .multihead import is_plain_multihead, multihead_attention_hook
 from .pooling import NormedStreams, mean_by_size
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
@@ -58,8 +57,7 @@ class OpenCLIPViTAdapter:
             raise TypeError("quickmerge.patch needs OpenCLIP's batch-first transformer (open_clip_torch 2.29 or "
                             "later; pip install -U 'quickmerge[openclip]')")
         blocks = list(model.transformer.resblocks)
-        plain = [b for b in blocks if all(hasattr(b, p) for p in _PARTS) and isinstance(b.attn, nn.MultiheadAttention)
-                 and b.attn.batch_first and b.attn._qkv_same_embed_dim and b.attn.in_proj_bias is not None]
+        plain = [b for b in blocks if all(hasattr(b, p) for p in _PARTS) and is_plain_multihead(b.attn)]
         if not blocks or len(plain) != len(blocks):
             raise TypeError(f"{type(model).__name__} has {len(blocks) - len(plain)} of {len(blocks)} blocks that are "
                             "not a ResidualAttentionBlock with a batch-first nn.MultiheadAttention (qk-norm and "
@@ -69,7 +67,8 @@ class OpenCLIPViTAdapter:
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         hooks: list[Removable] = []
         for i, block in enumerate(blocks):
-            hooks.append(block.attn.register_forward_pre_hook(_attention_hook(block.attn, merger), with_kwargs=True))
+            hooks.append(block.attn.register_forward_pre_hook(multihead_attention_hook(block.attn, merger, "tower"),
+                                                               with_kwargs=True))
             hooks += residual_merge_hooks(block, i, merger, block.ln_2, block.ls_2)
         if hasattr(model, "forward_intermediates"):
             norm = ("normalize_intermediates", lambda: model.ln_post)
@@ -82,29 +81,6 @@ class OpenCLIPViTAdapter:
 def _grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
     """The patch grid ``(H, W)`` OpenCLIP's own ``forward_intermediates`` reshapes an image's tokens onto."""
     return height // model.patch_size[0], width // model.patch_size[1]
-
-
-def _attention_hook(attn: nn.MultiheadAttention, merger: BlockMerger) -> Any:
-    heads, width = attn.num_heads, attn.embed_dim
-    head_dim = width // heads
-
-    def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
-        if not merger.needs_qk():
-            return None  # r = 0: the tower runs as unpatched, without the projection below
-        x = args[0] if args else kwargs["query"]  # [B, N, C]: ln_1's output, also the keys' and values' input
-        b, n, _ = x.shape
-        qk = F.linear(x, attn.in_proj_weight[: 2 * width], attn.in_proj_bias[: 2 * width])
-        q, k = qk.view(b, n, 2, heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, N, hd]
-        merger.record_qk(q=q, k=k, scale=head_dim**-0.5)
-        bias = merger.attention_bias(x)  # [B, 1, 1, N] or None
-        if bias is None:
-            return None
-        if kwargs.get("attn_mask") is not None or kwargs.get("key_padding_mask") is not None or len(args) > 3:
-            raise ValueError("quickmerge's proportional attention cannot be combined with a mask the tower passes")
-        mask = bias.to(x.dtype).expand(b, heads, n, n).reshape(b * heads, n, n)
-        return args, {**kwargs, "attn_mask": mask}
-
-    return attention_pre
 
 
 class _WeightedMean(InstanceMethod):

@@ -78,6 +78,12 @@ class BlockMerger(Protocol):
         them); an adapter that must recompute them (OpenCLIP's fused attention) can skip the work otherwise."""
         ...
 
+    def attention_reads(self) -> str:
+        """What of the attention ``record_qk`` must hold this pass: ``"all"``, ``"class_query"``,
+        ``"class_logits"``, ``"mean_keys"`` or ``"none"`` (see :meth:`quickmerge.vision.patch.MergeHandle.
+        attention_reads`); an adapter that projects queries and keys itself projects only that."""
+        ...
+
     def pooling_weights(self, x: Tensor) -> Tensor | None:
         """Weights ``[B, N]`` for a head that averages the last block's tokens ``x [B, N, C]``, or None."""
         ...

@@ -106,10 +106,10 @@ def test_the_hint_names_a_tested_base_class_or_nothing_when_nothing_is_near():
 
 
 def test_a_class_of_a_tested_name_from_another_library_is_told_whose_class_was_tested():
-    VisionTransformer = type("VisionTransformer", (nn.Module,), {"__module__": "torchvision.models.vision_transformer"})
+    VisionTransformer = type("VisionTransformer", (nn.Module,), {"__module__": "vitlib.models"})
     with pytest.raises(TypeError) as caught:
         quickmerge.patch(VisionTransformer())
     message = str(caught.value)
-    assert "the VisionTransformer tested is that of timm VisionTransformer and OpenCLIP VisionTransformer (not " \
-           "torchvision.models.vision_transformer)" in message, message
+    assert "the VisionTransformer tested is that of timm VisionTransformer, OpenCLIP VisionTransformer and " \
+           "torchvision VisionTransformer (not vitlib.models)" in message, message
     assert "nearest by name" not in message, message

@@ -1,0 +1,203 @@
+"""quickmerge.patch on torchvision's VisionTransformer: exactness, restore, the queries and keys it recomputes,
+proportional attention, the refusals, and the shipped reference ViT converted from timm merging as timm's does."""
+
+import pytest
+import torch
+
+import quickmerge
+from quickmerge.data import fashion_mnist as fm
+
+from ...conftest import alive_after_call
+
+tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
+
+
+def with_random_head(model: torch.nn.Module) -> torch.nn.Module:
+    torch.nn.init.normal_(model.heads.head.weight)  # torchvision starts it at zero: every output would be 0
+    return model.eval()
+
+
+def tiny(**extra) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return with_random_head(tv_vit.VisionTransformer(image_size=16, patch_size=2, num_layers=3, num_heads=4,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=5, **extra))
+
+
+def test_r0_is_exact_and_unpatch_restores():
+    model, x = tiny(), torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        ref = model(x)
+        handle = quickmerge.patch(model, r=0)
+        assert torch.equal(model(x), ref)
+        handle.r = 12
+        out = model(x)
+        assert handle.tokens_per_layer == [65, 53, 41]
+        assert not torch.allclose(out, ref, atol=1e-4)
+    quickmerge.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_recomputed_queries_and_keys_are_the_attention_s_own():
+    """The class token's attention over the patches, from the queries and keys the adapter recomputes, equals
+    the weights nn.MultiheadAttention itself returns (calibration reads them at r = 0)."""
+    from quickmerge.vision.budget import block_attention_perplexity
+
+    model, x = tiny(), torch.randn(3, 3, 16, 16)
+    weights = []
+
+    def keep(module, args, kwargs, out):
+        _, w = module.forward(*args, need_weights=True, average_attn_weights=False)  # no hooks: no recursion
+        weights.append(w[:, :, 0, 1:] / w[:, :, 0, 1:].sum(-1, keepdim=True))  # [B, H, patches]
+
+    handles = [b.self_attention.register_forward_hook(keep, with_kwargs=True) for b in model.encoder.layers]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    want = [float((-torch.special.xlogy(w, w).sum(-1)).exp().mean(1).sum() / 3) for w in weights]
+    got = block_attention_perplexity(model, x)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert max(want) < 60  # attention is not uniform over the 64 patches: the check can fail
+
+
+@pytest.mark.parametrize("method", ["quickmerge", "tome"])
+def test_proportional_attention_makes_merging_duplicates_exact(method):
+    """Patches that are copies of each other, merged with their sizes, leave the class token unchanged."""
+    model = tiny()
+    with torch.no_grad():
+        model.encoder.pos_embedding.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        x[:, :, :, 12:] = 0.7
+        ref = model(x)
+        with quickmerge.patch(model, r=[16, 12, 8], method=method) as handle:
+            assert torch.allclose(model(x), ref, atol=1e-5)
+            handle.prop_attn = False
+            assert not torch.allclose(model(x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("matching,r", [("bipartite", [28, 14, 8]), ("greedy", [40, 16, 4])])
+def test_matching_by_the_residual_stream_joins_only_copies(matching, r):
+    model = tiny()
+    with torch.no_grad():
+        model.encoder.pos_embedding.zero_()
+        x = torch.full((2, 3, 16, 16), -0.4)
+        x[:, :, :, 10:] = 0.7
+        ref = model(x)
+        with quickmerge.patch(model, r=r, similarity="hidden", saliency_rule="scaled", matching=matching) as handle:
+            assert torch.allclose(model(x), ref, atol=1e-5)
+            handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
+            assert not torch.allclose(model(x), ref, atol=1e-4)
+
+
+def test_a_patched_model_trains_through_its_merges():
+    model, x = tiny().train(), torch.randn(4, 3, 16, 16)
+    with quickmerge.patch(model, r=8, temperature=1.0) as handle:
+        model(x).logsumexp(-1).sum().backward()
+        assert handle.tokens_per_layer == [65, 57, 49]
+    assert model.conv_proj.weight.grad is not None and model.conv_proj.weight.grad.abs().sum() > 0
+
+
+def test_blocks_it_cannot_hook_are_refused_untouched():
+    model = tiny()
+
+    class OwnAttention(torch.nn.Module):  # a user's replacement: no in_proj weights to recompute keys from
+        def forward(self, q, k, v, need_weights=False):
+            return q, None
+
+    model.encoder.layers[1].self_attention = OwnAttention()
+    with pytest.raises(TypeError, match=r"1 of 3 encoder layers.*not supported"):
+        quickmerge.patch(model, r=4)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_readme_s_vit_b_16_patches_as_said():
+    """The README's snippet on torchvision's ViT-B/16 architecture, that of its SWAG linear-probe weights at 224
+    pixels, randomly initialised (no weights can be downloaded here)."""
+    from torchvision.models import vit_b_16
+
+    model, images = with_random_head(vit_b_16()), torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = model(images)
+        handle = quickmerge.patch(model, r=16)
+        out = model(images)
+        assert handle.tokens_per_layer == [197 - 16 * i for i in range(12)]
+        assert out.shape == ref.shape == (1, 1000) and not torch.allclose(out, ref, atol=1e-4)
+        handle.r = 0
+        assert torch.equal(model(images), ref)
+
+
+def test_nothing_of_a_call_is_held_after_it():
+    model, x = tiny(), torch.randn(2, 3, 16, 16)
+    with quickmerge.patch(model, r=10):
+        assert alive_after_call(model.encoder.ln, lambda: model(x)) == []
+
+
+@pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
+@pytest.mark.parametrize("method,r", [("quickmerge", 16), ("quickmerge", 48), ("tome", 48)])
+@torch.inference_mode()
+def test_the_reference_vit_in_torchvision_merges_as_in_timm(method, r):
+    """The shipped ViT converted weight for weight: the same logits unpatched, and, patched alike, the same
+    merges (sizes) and predictions on real test images as timm's adapter gives."""
+    pytest.importorskip("timm")
+    from quickmerge.pretrained.fashion_vit import as_torchvision_vit, load_fashion_vit
+
+    timm_model = load_fashion_vit()
+    tv_model = as_torchvision_vit(timm_model)
+    x = fm.normalize(fm.load_fashion_mnist("test")[0][:256])
+    assert torch.allclose(tv_model(x), timm_model(x), atol=1e-4, rtol=0)
+    with quickmerge.patch(timm_model, r=r, method=method) as timm_handle:
+        want = timm_model(x)
+        want_sizes = timm_handle.sizes
+    with quickmerge.patch(tv_model, r=r, method=method) as tv_handle:
+        got = tv_model(x)
+        assert tv_handle.tokens_per_layer == timm_handle.tokens_per_layer
+        same_sizes = int((tv_handle.sizes == want_sizes).all(dim=1).sum())
+    # a merge decided by a floating-point tie may differ (the keys come from other products): 0-2 of 1,024 images
+    same_logits = int(((got - want).abs().amax(dim=-1) <= 1e-4).sum())
+    assert same_sizes >= 254 and same_logits >= 254, (same_sizes, same_logits)
+    assert int((got.argmax(-1) == want.argmax(-1)).sum()) >= 255
+    assert not torch.allclose(got, tv_model(x), atol=1e-3)  # merging changed the logits: the check can fail
+
+
+def test_the_converter_refuses_vits_it_does_not_map():
+    pytest.importorskip("timm")
+    from quickmerge.pretrained.fashion_vit import as_torchvision_vit, build_vit
+
+    model = build_vit({"img_size": 8, "patch_size": 2, "in_chans": 1, "num_classes": 3, "embed_dim": 16, "depth": 1,
+                       "num_heads": 2, "global_pool": "avg", "class_token": False})
+    with pytest.raises(ValueError, match="not so here: a class token, class-token pooling"):
+        as_torchvision_vit(model)
+
+
+@pytest.mark.parametrize("settings,reads", [({}, "class_logits"), ({"similarity": "keys"}, "class_query"),
+                                            ({"method": "tome"}, "mean_keys"), ({"method": "pool"}, "none"),
+                                            ({"saliency": "mean"}, "all")])
+def test_only_what_a_merge_reads_is_projected(settings, reads, monkeypatch):
+    """Each reduced projection of nn.MultiheadAttention's queries and keys (the class token's logits folded into
+    the key weights, keys averaged over heads, ...) merges the same tokens into the same outputs as every query
+    and key projected."""
+    from quickmerge.vision.patch import MergeHandle
+
+    model, x = tiny(), torch.randn(3, 3, 16, 16)
+    with torch.no_grad(), quickmerge.patch(model, r=[16, 12, 8], **settings) as handle:
+        assert handle.attention_reads() == reads
+        out, sizes = model(x), handle.sizes
+        monkeypatch.setattr(MergeHandle, "attention_reads", lambda self: "all")
+        assert torch.allclose(model(x), out, atol=1e-5, rtol=0) and torch.equal(handle.sizes, sizes)
+    if reads != "none":  # merges that the attention decides: the comparison can fail
+        with torch.no_grad(), quickmerge.patch(model, r=[16, 12, 8], method="pool"):
+            assert not torch.allclose(model(x), out, atol=1e-3)
+
+
+def test_a_calibration_reads_every_query():
+    from quickmerge.vision.budget import block_attention_perplexity
+    from quickmerge.vision.patch import get_handle
+
+    model, x = tiny(), torch.randn(2, 3, 16, 16)
+    seen = []
+    model.encoder.layers[0].self_attention.register_forward_pre_hook(
+        lambda _m, args: seen.append(get_handle(model).attention_reads()))
+    block_attention_perplexity(model, x)
+    assert seen == ["all"]
