@@ -54,8 +54,8 @@ PACKAGES = {
                      "tests/vision/adapters/test_residual.py", "tests/vision/test_patch_unmerge.py",
                      "tests/test_compile_guard.py", "tests/pretrained/test_fashion_vit.py")),
     "open_clip_torch": Package("open_clip", "3.0", False, ("huggingface-hub", "timm", "torch", "torchvision"),
-                               ("tests/vision/adapters/test_openclip_vit.py", "tests/vision/adapters/test_residual.py",
-                                "tests/vision/test_patch_unmerge.py")),
+                               ("tests/vision/adapters/test_openclip_vit.py", "tests/vision/adapters/test_multihead.py",
+                                "tests/vision/adapters/test_residual.py", "tests/vision/test_patch_unmerge.py")),
 }
 
 

@@ -1,5 +1,5 @@
-"""quickmerge.patch on OpenCLIP's image tower (tiny random towers): exactness, restore, the queries and keys it
-recomputes, proportional attention, size-weighted average pooling and the refusals."""
+"""quickmerge.patch on OpenCLIP's image tower (tiny random towers): exactness, restore, size-weighted average pooling,
+feature maps and the refusals (its nn.MultiheadAttention hook: test_multihead.py)."""
 
 import pytest
 import torch
@@ -37,44 +37,6 @@ def test_r0_is_exact_and_unpatch_restores(extra):
         assert torch.equal(first(model(x)), ref)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
     assert "_global_pool" not in model.__dict__ and "forward_intermediates" not in model.__dict__
-
-
-def test_recomputed_queries_and_keys_are_the_attention_s_own():
-    """The class token's attention over the patches, from the queries and keys the adapter recomputes, equals
-    the weights nn.MultiheadAttention itself returns (calibration reads them at r = 0)."""
-    from quickmerge.vision.budget import block_attention_perplexity
-
-    model, x = tiny(), torch.randn(3, 3, 16, 16)
-    weights = []
-
-    def keep(module, args, kwargs, out):
-        _, w = module.forward(*args, need_weights=True, average_attn_weights=False)  # no hooks: no recursion
-        weights.append(w[:, :, 0, 1:] / w[:, :, 0, 1:].sum(-1, keepdim=True))  # [B, H, patches]
-
-    handles = [b.attn.register_forward_hook(keep, with_kwargs=True) for b in model.transformer.resblocks]
-    with torch.no_grad():
-        model(x)
-    for handle in handles:
-        handle.remove()
-    want = [float((-torch.special.xlogy(w, w).sum(-1)).exp().mean(1).sum() / 3) for w in weights]
-    got = block_attention_perplexity(model, x)
-    assert got == pytest.approx(want, rel=1e-4)
-    assert max(want) < 60  # attention is not uniform over the 64 patches: the check can fail
-
-
-@pytest.mark.parametrize("method", ["quickmerge", "tome"])
-def test_proportional_attention_makes_merging_duplicates_exact(method):
-    """Patches that are copies of each other, merged with their sizes, leave the class token unchanged."""
-    model = tiny()
-    with torch.no_grad():
-        model.positional_embedding.zero_()
-        x = torch.full((2, 3, 16, 16), -0.4)
-        x[:, :, :, 12:] = 0.7
-        ref = model(x)
-        with quickmerge.patch(model, r=[16, 12, 8], method=method) as handle:
-            assert torch.allclose(model(x), ref, atol=1e-5)
-            handle.prop_attn = False
-            assert not torch.allclose(model(x), ref, atol=1e-4)
 
 
 def test_average_pooling_weights_tokens_by_size():
@@ -154,22 +116,6 @@ def test_a_whole_openclip_model_is_refused_with_the_way_to_its_image_tower():
         model.encode_image(torch.randn(2, 3, 16, 16))
     assert handle.tokens_per_layer == [65, 61]
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.transformer.modules())  # text tower
-
-
-@pytest.mark.parametrize("matching,r", [("bipartite", [28, 14, 8]), ("greedy", [40, 16, 4])])
-def test_matching_by_the_residual_stream_joins_only_copies(matching, r):
-    """Two flat regions, positions zeroed: ``similarity="hidden"`` (with the scaled rule) must pair tokens of one
-    region only, so the class token's embedding is the unmerged one's."""
-    model = tiny()
-    with torch.no_grad():
-        model.positional_embedding.zero_()
-        x = torch.full((2, 3, 16, 16), -0.4)
-        x[:, :, :, 10:] = 0.7
-        ref = model(x)
-        with quickmerge.patch(model, r=r, similarity="hidden", saliency_rule="scaled", matching=matching) as handle:
-            assert torch.allclose(model(x), ref, atol=1e-5)
-            handle.method = "pool"  # contiguous runs cross the regions' edge: the check can fail
-            assert not torch.allclose(model(x), ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("extra", [{}, {"pool_type": "avg"}], ids=["tok", "avg"])

@@ -56,11 +56,19 @@ def openclip():
     return model, torch.randn(2, 3, 16, 16), [b.ls_2 for b in model.transformer.resblocks]
 
 
+def torchvision_vit():
+    pytest.importorskip("torchvision")
+    from .test_torchvision_vit import tiny
+
+    model = tiny()
+    return model, torch.randn(2, 3, 16, 16), [b.mlp for b in model.encoder.layers]
+
+
 def output(out) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else out.last_hidden_state
 
 
-@pytest.mark.parametrize("build", [timm_vit, hf_clip, hf_dinov2, hf_vit, openclip])
+@pytest.mark.parametrize("build", [timm_vit, hf_clip, hf_dinov2, hf_vit, openclip, torchvision_vit])
 @torch.no_grad()
 def test_a_hook_registered_on_the_mlp_branch_after_patching_sees_its_output(build):
     model, x, branches = build()
