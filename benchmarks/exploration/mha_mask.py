@@ -1,7 +1,8 @@
 """How proportional attention reaches an ``nn.MultiheadAttention``: a per-head, per-query ``attn_mask`` or a float
 ``key_padding_mask``, timed on the reference ViT converted to torchvision's class.
 
-    python benchmarks/exploration/mha_mask.py [--r 16 48] [--rounds 7] [--threads 2] [--json PATH]
+    python benchmarks/exploration/mha_mask.py [--r 16 48] [--rounds 7] [--threads 2] [--json PATH] \
+        [--model {reference,openclip-vit-b-16}]
 
 ``attn_mask``: log(size) expanded to ``[B * heads, N, N]`` (a copy per block: 40M floats at batch 256, 4 heads, 197
 tokens; the hook's until stop 77). ``key_padding_mask``: the same bias as ``[B, N]``, which the attention broadcasts
@@ -52,10 +53,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", choices=("reference", "openclip-vit-b-16"), default="reference",
+                    help="the reference ViT as torchvision's class (batch 256 of test images), or OpenCLIP's ViT-B-16 "
+                         "image tower with random weights (8 random 224x224 images)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model = as_torchvision_vit(load_fashion_vit())
-    batch = fm.normalize(fm.load_fashion_mnist("test")[0][:256])
+    if args.model == "reference":
+        model = as_torchvision_vit(load_fashion_vit())
+        batch = fm.normalize(fm.load_fashion_mnist("test")[0][:256])
+    else:
+        import open_clip
+
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-16").eval().visual
+        batch = torch.randn(8, 3, 224, 224)
 
     shipped = multihead.mask_arguments
 
