@@ -84,6 +84,8 @@ def multihead_attention_hook(attn: nn.MultiheadAttention, merger: BlockMerger, o
 
 def mask_arguments(bias: Tensor, heads: int, n: int) -> dict[str, Tensor]:
     """The keyword arguments through which ``nn.MultiheadAttention`` adds ``bias [B, 1, 1, N]`` to its logits: a
-    float ``key_padding_mask [B, N]``, which it broadcasts over heads and queries (an ``attn_mask`` would be a
-    ``[B * heads, N, N]`` copy per block; 4-16% slower forwards on the reference ViT, BENCHMARKS.md, stop 77)."""
+    float ``key_padding_mask [B, N]``, which it broadcasts over heads and queries. An ``attn_mask`` would be a
+    ``[B * heads, N, N]`` copy per block (477 MB for ViT-B at batch 256). With the key padding mask, forwards were
+    4-16% faster on the reference ViT at batch 256 and 2-6% slower, within the rounds' spread, on ViT-B at batch 8
+    (BENCHMARKS.md, stop 77)."""
     return {"key_padding_mask": bias[:, 0, 0]}
