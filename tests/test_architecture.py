@@ -95,7 +95,7 @@ def test_the_cycle_finder_finds_cycles():
 def test_vision_adapters_are_reached_only_through_the_registry():
     graph = _graph()
     adapters = {m for m in graph if m.startswith("quickmerge.vision.adapters.")}
-    shared = {"protocol", "residual", "pooling", "instance", "rotary", "unmerge"}  # what the family modules share
+    shared = {"protocol", "residual", "pooling", "instance", "rotary", "unmerge", "multihead"}  # what families share
     family_modules = adapters - {f"quickmerge.vision.adapters.{name}" for name in shared}
     for module, targets in graph.items():
         if module.startswith("quickmerge.vision.adapters"):
