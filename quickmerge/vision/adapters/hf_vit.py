@@ -1,5 +1,6 @@
-"""Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 adapter, and the video transformers built from
-ViT's layer, VideoMAE and ViViT (transformers 5.x, both layer layouts).
+"""Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers and DINOv3 adapter, the self-supervised ViTs built from
+ViT's layer (I-JEPA, MSN, MAE), and the video transformers built from it, VideoMAE and ViViT (transformers 5.x, both
+layer layouts).
 
 Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(x))``
 (``attention.attention`` holding the projections), adds the residual, then
@@ -8,9 +9,10 @@ Up to transformers 5.2x, ``ViTLayer.forward`` runs ``attention(layernorm_before(
 and the layers sit in ``vit.layers``. ``Dinov2Layer`` runs
 ``h = drop_path(layer_scale1(attention(norm1(x)))) + x`` then
 ``drop_path(layer_scale2(mlp(norm2(h)))) + h``. DeiT's layers are ViT's, DINOv2 with registers' and DINOv3's are
-DINOv2's; their distillation and register tokens sit after the class token and are never merged. VideoMAE's
-layers are ViT's older ones in every 5.x release, ViViT's the older ones up to 5.5 and the newer ones by 5.12;
-their tokens are tubelets (frames x patches), VideoMAE's without a class token.
+DINOv2's; their distillation and register tokens sit after the class token and are never merged. I-JEPA's, MSN's
+and MAE's layers are ViT's; I-JEPA has no class token, MAE's encoder runs on the patches its random mask keeps.
+VideoMAE's layers are ViT's older ones in every 5.x release, ViViT's the older ones up to 5.5 and the newer ones by
+5.12; their tokens are tubelets (frames x patches), VideoMAE's without a class token.
 DINOv3 rotates its patch tokens' queries and keys by a rotary table (cos, sin) handed to every layer
 as ``position_embeddings``: a layer pre-hook merges it with the tokens (:mod:`.rotary`); the
 attention function captures the rotated queries and keys.
@@ -26,9 +28,10 @@ Hooks between those pieces:
   ``norm2`` where the stream is merged, the branch's last module: ``dropout`` /
   ``layer_scale2``);
 - heads that read every patch token of the base model's output in their own forward, DINOv2's classifiers (the
-  class token beside the mean of the patch tokens) and masked image modeling (pixels decoded from the tokens
-  reshaped onto the grid), VideoMAE's classifier (the mean of the tokens, or token 0 without mean pooling) and
-  its pre-training decoder (a token on every visible tubelet): within the head's call the base model's tokens go
+  class token beside the mean of the patch tokens), I-JEPA's (the mean of every token) and masked image modeling
+  (pixels decoded from the tokens reshaped onto the grid), VideoMAE's classifier (the mean of the tokens, or token 0
+  without mean pooling) and the pre-training decoders of VideoMAE and MAE (a token on every visible patch or
+  tubelet, put back in place): within the head's call the base model's tokens go
   back on the patch grid (:mod:`.unmerge`), so the mean is over the original patches and every patch is decoded
   (with the residual unmerge, the default, from the stream before the final norm, each patch's own part of it
   added back).
@@ -56,13 +59,19 @@ _FAMILIES = {
     "transformers.models.dinov3_vit.modeling_dinov3_vit": "DINOv3ViTPreTrainedModel",
     "transformers.models.videomae.modeling_videomae": "VideoMAEPreTrainedModel",
     "transformers.models.vivit.modeling_vivit": "VivitPreTrainedModel",
+    "transformers.models.ijepa.modeling_ijepa": "IJepaPreTrainedModel",
+    "transformers.models.vit_msn.modeling_vit_msn": "ViTMSNPreTrainedModel",
+    "transformers.models.vit_mae.modeling_vit_mae": "ViTMAEPreTrainedModel",
 }
 # where the heads keep the base model
-_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "videomae", "vivit")
-# heads that classify the class token beside the plain mean of the patch tokens, in their own forward
-_MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
-# heads that reshape the patch tokens onto the grid in their own forward (pixels decoded per patch)
-_GRID_HEADS = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "VideoMAEForPreTraining")
+_BASE_ATTRS = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "videomae", "vivit", "ijepa")
+# heads that classify the plain mean of the patch tokens (beside the class token, DINOv2's), in their own forward
+_MEAN_POOLING_HEADS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification",
+                       "IJepaForImageClassification")
+# heads that reshape the patch tokens onto the grid in their own forward (pixels decoded per patch; MAE's decoder
+# puts each visible patch's token back in its place)
+_GRID_HEADS = ("ViTForMaskedImageModeling", "DeiTForMaskedImageModeling", "VideoMAEForPreTraining",
+               "ViTMAEForPreTraining")
 # a head that averages the tokens (mean pooling, the default) or reads token 0, a tubelet, as its config says
 _VIDEO_CLASSIFIERS = ("VideoMAEForVideoClassification",)
 # heads that put every patch token back on its grid position (feature maps, pixel reconstruction); refused unless
@@ -81,15 +90,16 @@ TAKES_FLOAT_MASK = ("eager", "sdpa")
 
 
 class HFViTAdapter:
-    """Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers, DINOv3 ViT, VideoMAE and ViViT models (and
-    subclasses)."""
+    """Hugging Face ViT, DeiT, DINOv2, DINOv2-with-registers, DINOv3 ViT, I-JEPA, ViT-MSN, ViT-MAE, VideoMAE and
+    ViViT models (and subclasses)."""
 
-    name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3 / VideoMAE / ViViT"
+    name = "Hugging Face ViT / DeiT / DINOv2 / DINOv3 / I-JEPA / MSN / MAE / VideoMAE / ViViT"
     tested_classes = ("ViTModel", "ViTForImageClassification", "DeiTModel", "DeiTForImageClassification",
                       "DeiTForImageClassificationWithTeacher", "Dinov2Model", "Dinov2ForImageClassification",
                       "Dinov2WithRegistersModel", "Dinov2WithRegistersForImageClassification", "DINOv3ViTModel",
-                      "VideoMAEModel", *_VIDEO_CLASSIFIERS, "VivitModel", "VivitForVideoClassification",
-                      *_STAGE_BACKBONES, *_GRID_HEADS)
+                      "IJepaModel", "IJepaForImageClassification", "ViTMSNModel", "ViTMSNForImageClassification",
+                      "ViTMAEModel", "VideoMAEModel", *_VIDEO_CLASSIFIERS, "VivitModel",
+                      "VivitForVideoClassification", *_STAGE_BACKBONES, *_GRID_HEADS)
 
     def matches(self, model: nn.Module) -> bool:
         return any(_FAMILIES.get(c.__module__) == c.__name__ for c in type(model).__mro__)
@@ -123,9 +133,14 @@ class HFViTAdapter:
         if _has_head(model, (*_GRID_HEADS, *_MEAN_POOLING_HEADS, *_VIDEO_CLASSIFIERS)):
             _final_norm(model)  # refused here, before any hook, if a release renamed it
         base = _vit(model)
+        if _has_head(base, ("IJepaModel",)) and getattr(base, "pooler", None) is not None:
+            raise TypeError(f"{type(model).__name__}'s pooler reads the first patch token (I-JEPA has no class "
+                            "token), which merging averages with others: build it with add_pooling_layer=False "
+                            "(IJepaModel's default) and pool the tokens yourself, or run it unpatched")
         layers = _layers(base)
         if not layers or not all(_has_output_module(x) or _residual_parts(x) is not None for x in layers):
-            raise TypeError(f"{type(model).__name__} has no ViT, DeiT or DINOv2/v3 encoder layers to patch")
+            raise TypeError(f"{type(model).__name__} has no ViT, DeiT, DINOv2/v3, I-JEPA, MSN or MAE encoder layers "
+                            "to patch")
         if hasattr(base, "rope_embeddings"):  # DINOv3
             check_takes_table(layers, "position_embeddings")
         attention_implementation(base.config)
