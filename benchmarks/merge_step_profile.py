@@ -1,12 +1,15 @@
-"""Where a merge step's time goes: QuickMerge++ against ToMe-style inside the small VideoMAE of stops 67-69.
+"""Where a merge step's time goes: QuickMerge++ against ToMe-style inside the small VideoMAE of stops 67-69, or
+inside the shipped reference ViT.
 
     python benchmarks/merge_step_profile.py --model results/s67/videomae_fashion --r 32 --forwards 6 \
         --json results/s69/merge_step_profile_r32_f6.json
+    python benchmarks/merge_step_profile.py --family fashion-vit --r 48 --forwards 6 --json OUT.json
 
 ``torch.profiler`` over forwards of ``video_vit_fashion.py``'s model (a fresh initialisation unless ``--model`` names
-a trained one; the weights change which tokens merge, hardly the cost) on a batch of its test clips, each method at
-the same r. Profiled forwards run slower than timed ones, and a run of 3 forwards may carry noise outside the merge
-step: compare the merge step's pieces, or give more ``--forwards``.
+a trained one; the weights change which tokens merge, hardly the cost) on a batch of its test clips, or with
+``--family fashion-vit`` of the reference ViT (timm) on the first test images, each method at the same r.
+Profiled forwards run slower than timed ones, and a run of 3 forwards may carry noise outside the merge step:
+compare the merge step's pieces, or give more ``--forwards``.
 The merge step's pieces, as ``quickmerge.vision.patch`` calls them, are wrapped in ``record_function`` labels for the
 run; the report is milliseconds per forward (CPU total, children included) of each piece and of the whole forward,
 for both methods, and QuickMerge++ minus ToMe-style.
@@ -49,12 +52,13 @@ FORWARD = "forward (whole)"
 def profile_method(model: torch.nn.Module, x: torch.Tensor, method: str, r: int, forwards: int,
                    **settings) -> dict[str, float]:
     """Milliseconds per forward of each labelled piece and of the whole forward (``settings``: more of ``patch``'s)."""
+    call = (lambda: model(pixel_values=x)) if hasattr(model, "config") else (lambda: model(x))  # HF or timm
     with quickmerge.patch(model, r=r, method=method, **settings):
-        model(pixel_values=x)  # warm-up
+        call()  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(forwards):
                 with record_function(FORWARD):
-                    model(pixel_values=x)
+                    call()
     totals = {e.key: e.cpu_time_total / 1e3 / forwards for e in prof.key_averages()}
     return {name: totals.get(name, 0.0) for name in (FORWARD, *(LABELS.get(n, n) for n in NAMES))}
 
@@ -82,6 +86,8 @@ def labelled_pieces():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", choices=("videomae", "fashion-vit"), default="videomae",
+                    help="video_vit_fashion.py's VideoMAE (default) or the shipped reference ViT (timm)")
     ap.add_argument("--model", default=None, help="a trained video_vit_fashion.py model (default: fresh weights)")
     ap.add_argument("--r", type=int, default=32)
     ap.add_argument("--batch", type=int, default=256)
@@ -93,18 +99,26 @@ def main() -> None:
                     help="QuickMerge++'s (patch's saliency)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    import transformers
-    from video_vit_fashion import clips, config  # a sibling script: run this one from the repository root
-
+    if args.family == "fashion-vit" and args.model:
+        ap.error("--model names a VideoMAE; --family fashion-vit profiles the shipped reference ViT")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.model:
-        model = transformers.VideoMAEForVideoClassification.from_pretrained(args.model, attn_implementation="sdpa")
-    else:
-        model = transformers.VideoMAEForVideoClassification(config())
-    model.eval()
     items, labels = load_fashion_mnist("test")
-    x, _ = clips(items, labels, args.batch, seed=0)
+    if args.family == "fashion-vit":
+        from quickmerge.data.fashion_mnist import normalize
+        from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+        model, x = load_fashion_vit(), normalize(items[: args.batch])
+    else:
+        import transformers
+        from video_vit_fashion import clips, config  # a sibling script: run this one from the repository root
+
+        if args.model:
+            model = transformers.VideoMAEForVideoClassification.from_pretrained(args.model, attn_implementation="sdpa")
+        else:
+            model = transformers.VideoMAEForVideoClassification(config())
+        x, _ = clips(items, labels, args.batch, seed=0)
+    model.eval()
     with labelled_pieces():
         ours = {key: value for key, value in (("saliency_queries", args.saliency_queries),
                                               ("saliency", args.saliency)) if value is not None}
@@ -116,6 +130,8 @@ def main() -> None:
     for row in rows:
         print(f"{row['piece']:>28} {row['tome_ms']:10.1f} {row['quickmerge_ms']:12.1f} {row['difference_ms']:+10.1f}")
     if args.json:
+        import transformers
+
         Path(args.json).write_text(json.dumps({"args": vars(args), "cores": os.cpu_count(), "torch": torch.__version__,
                                                "transformers": transformers.__version__,
                                                "platform": platform.platform(), "rows": rows}, indent=2))
