@@ -33,3 +33,15 @@ def test_each_method_shows_the_pieces_it_calls():
     assert ours["attention_saliency"] > 0 and ours["scaled_cost"] > 0 and ours["quickmerge_bipartite_assign"] > 0
     assert ours["removal_penalty"] == 0  # the default rule scales the costs; the additive one subtracts a penalty
     assert additive["removal_penalty"] > 0 and additive["scaled_cost"] == 0
+
+
+def test_a_timm_vit_is_called_on_its_images_and_profiled_alike():
+    # --family fashion-vit: a timm model takes the images positionally (no pixel_values)
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2).eval()
+    x = torch.randn(4, 3, 32, 32)  # 16 patches and the class token
+    with profile.labelled_pieces():
+        tome = profile.profile_method(model, x, "tome", r=4, forwards=1)
+        ours = profile.profile_method(model, x, "quickmerge", r=4, forwards=1)
+    assert tome["tome_assign"] > 0 and tome["attention_saliency"] == 0
+    assert ours["quickmerge_bipartite_assign"] > 0 and ours["attention_saliency"] > 0 and ours["tome_assign"] == 0
