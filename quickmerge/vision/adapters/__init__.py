@@ -12,6 +12,7 @@ import difflib
 
 from torch import nn
 
+from .hf_aimv2 import HFAimv2Adapter
 from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
 from .openclip_vit import OpenCLIPViTAdapter
@@ -22,7 +23,7 @@ from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), HFViTAdapter(), HFCLIPAdapter(),
-                                 OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
+                                 HFAimv2Adapter(), OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -66,6 +67,7 @@ def family_hint(model: nn.Module, adapter: VisionAdapter | None = None) -> str:
 __all__ = [
     "REGISTRY",
     "BlockMerger",
+    "HFAimv2Adapter",
     "HFCLIPAdapter",
     "HFViTAdapter",
     "OpenCLIPViTAdapter",
