@@ -10,7 +10,9 @@ The optional pooling head (``use_head``) attends from one learned query over the
 patch a copy of the token it was merged into (:meth:`~quickmerge.vision.patch.MergeHandle.expand_to_patches`): for
 one query, n copies of a key weigh what that key weighs with log(n) added to its logit, so this is the proportional
 attention of the blocks, exactly (it costs the head's two projections on every patch; the head is a sliver of the
-tower). With ``size_weighted_pool=False`` the head reads the merged tokens as they are.
+tower). With ``size_weighted_pool=False`` the head reads the merged tokens as they are. Where ``method="random"``
+dropped patches, each of those reads the size-weighted mean of the tokens (what ``expand_to_patches`` gives a
+dropped patch), a key no patch had.
 """
 
 from __future__ import annotations
