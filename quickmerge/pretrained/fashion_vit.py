@@ -116,18 +116,7 @@ def as_torchvision_vit(model: torch.nn.Module) -> torch.nn.Module:
     not cover (no class token, other pooling, register tokens, LayerScale, qk-norm, a final norm before a pool).
     """
     vt = require("torchvision.models.vision_transformer", "vision", "The torchvision copy of the reference ViT")
-    unsupported = {
-        "a class token": getattr(model, "cls_token", None) is not None,
-        "class-token pooling": getattr(model, "global_pool", None) == "token",
-        "no register tokens": getattr(model, "num_reg_tokens", 0) == 0,
-        "no fc_norm": isinstance(getattr(model, "fc_norm", None), torch.nn.Identity),
-        "plain blocks": all(isinstance(b.ls1, torch.nn.Identity) and isinstance(b.attn.q_norm, torch.nn.Identity)
-                            and isinstance(b.attn.k_norm, torch.nn.Identity) for b in model.blocks),
-    }
-    lacking = [what for what, ok in unsupported.items() if not ok]
-    if lacking:
-        raise ValueError(f"as_torchvision_vit needs a timm ViT with {', '.join(unsupported)}; not so here: "
-                         f"{', '.join(lacking)}")
+    _check_plain_vit(model, "as_torchvision_vit")
     width, first = model.embed_dim, model.blocks[0]
     tv = vt.VisionTransformer(
         image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
@@ -153,3 +142,93 @@ def as_torchvision_vit(model: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"torchvision's VisionTransformer does not take this mapping: missing {missing}, "
                          f"unexpected {unexpected}")
     return tv.eval()
+
+
+def _check_plain_vit(model: torch.nn.Module, converter: str) -> None:
+    """Raise ``ValueError`` unless ``model`` is a timm ViT the converters map: a class token read by the head, no
+    register tokens, LayerScale, qk-norm, pre-norm or norm before the head's pool."""
+    plain = {
+        "a class token": getattr(model, "cls_token", None) is not None,
+        "class-token pooling": getattr(model, "global_pool", None) == "token",
+        "no register tokens": getattr(model, "num_reg_tokens", 0) == 0,
+        "no fc_norm": isinstance(getattr(model, "fc_norm", None), torch.nn.Identity),
+        "no norm_pre": isinstance(getattr(model, "norm_pre", torch.nn.Identity()), torch.nn.Identity),
+        "plain blocks": all(isinstance(b.ls1, torch.nn.Identity) and isinstance(b.attn.q_norm, torch.nn.Identity)
+                            and isinstance(b.attn.k_norm, torch.nn.Identity) for b in model.blocks),
+    }
+    lacking = [what for what, ok in plain.items() if not ok]
+    if lacking:
+        raise ValueError(f"{converter} needs a timm ViT with {', '.join(plain)}; not so here: {', '.join(lacking)}")
+
+
+class _StemProjection(torch.nn.Sequential):
+    """A convolutional stem as Hugging Face ViT's patch projection, which reads ``projection.weight.dtype`` to cast the
+    pixels: the first layer's weight."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self[0].weight
+
+
+# Hugging Face classes as_hf_vit builds: a final layernorm, then a linear classifier on the class token
+HF_CLASSIFIERS = ("ViTForImageClassification", "ViTMSNForImageClassification")
+
+
+@torch.no_grad()
+def as_hf_vit(model: torch.nn.Module, cls_name: str = "ViTForImageClassification") -> torch.nn.Module:
+    """The timm ViT ``model`` (the reference one, or any of :func:`build_vit`'s) as a Hugging Face
+    ``ViTForImageClassification`` or ``ViTMSNForImageClassification`` (``cls_name``), weight for weight, in eval mode
+    with SDPA attention: the same function of the same images ``[B, in_chans, H, W]``, for checking the Hugging Face
+    ViT adapter against timm's on a trained model.
+
+    The patch projection (with its convolutional stem, if any) becomes ``patch_embeddings.projection``; the fused
+    ``qkv`` is split into queries, keys and values. Both layouts of transformers' ViT layer are filled (up to 5.2x:
+    ``attention.attention.query`` ..., ``intermediate`` / ``output``; later: ``attention.q_proj`` ..., ``mlp``).
+    Raises ``ValueError`` for a timm ViT the mapping does not cover, or another ``cls_name``.
+    """
+    transformers = require("transformers", "text", "The Hugging Face copy of the reference ViT")
+    if cls_name not in HF_CLASSIFIERS:
+        raise ValueError(f"cls_name must be one of {HF_CLASSIFIERS}, got {cls_name!r}")
+    _check_plain_vit(model, "as_hf_vit")
+    first = model.blocks[0]
+    config_cls = transformers.ViTMSNConfig if cls_name.startswith("ViTMSN") else transformers.ViTConfig
+    config = config_cls(image_size=model.patch_embed.img_size[0], patch_size=model.patch_embed.patch_size[0],
+                        num_channels=model.patch_embed.proj[0].in_channels if isinstance(
+                            model.patch_embed.proj, torch.nn.Sequential) else model.patch_embed.proj.in_channels,
+                        hidden_size=model.embed_dim, num_hidden_layers=len(model.blocks),
+                        num_attention_heads=first.attn.num_heads, intermediate_size=first.mlp.fc1.out_features,
+                        hidden_act="gelu", layer_norm_eps=first.norm1.eps, qkv_bias=first.attn.qkv.bias is not None,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        num_labels=model.head.out_features, attn_implementation="sdpa")
+    hf = getattr(transformers, cls_name)(config).eval()
+    base = hf.vit
+    proj = copy.deepcopy(model.patch_embed.proj)
+    base.embeddings.patch_embeddings.projection = _StemProjection(*proj) if isinstance(proj, torch.nn.Sequential) \
+        else proj
+    base.embeddings.cls_token.copy_(model.cls_token)
+    base.embeddings.position_embeddings.copy_(model.pos_embed)
+    layers = base.encoder.layer if hasattr(base, "encoder") else base.layers
+    for block, layer in zip(model.blocks, layers, strict=True):
+        attention = layer.attention
+        old = hasattr(attention, "attention")  # the layout up to 5.2x
+        q, k, v = ((attention.attention.query, attention.attention.key, attention.attention.value) if old
+                   else (attention.q_proj, attention.k_proj, attention.v_proj))
+        out = attention.output.dense if old else attention.o_proj
+        fc1, fc2 = (layer.intermediate.dense, layer.output.dense) if old else (layer.mlp.fc1, layer.mlp.fc2)
+        for target, weight, bias in [*zip((q, k, v), block.attn.qkv.weight.chunk(3),
+                                          block.attn.qkv.bias.chunk(3) if block.attn.qkv.bias is not None
+                                          else (None,) * 3, strict=True),
+                                     (out, block.attn.proj.weight, block.attn.proj.bias),
+                                     (fc1, block.mlp.fc1.weight, block.mlp.fc1.bias),
+                                     (fc2, block.mlp.fc2.weight, block.mlp.fc2.bias)]:
+            target.weight.copy_(weight)
+            if bias is not None:
+                target.bias.copy_(bias)
+        for target, norm in ((layer.layernorm_before, block.norm1), (layer.layernorm_after, block.norm2)):
+            target.weight.copy_(norm.weight)
+            target.bias.copy_(norm.bias)
+    base.layernorm.weight.copy_(model.norm.weight)
+    base.layernorm.bias.copy_(model.norm.bias)
+    hf.classifier.weight.copy_(model.head.weight)
+    hf.classifier.bias.copy_(model.head.bias)
+    return hf
