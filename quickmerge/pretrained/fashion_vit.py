@@ -113,7 +113,8 @@ def as_torchvision_vit(model: torch.nn.Module) -> torch.nn.Module:
 
     The patch projection (with its convolutional stem, if any) becomes ``conv_proj``; queries, keys and values
     map to ``nn.MultiheadAttention``'s packed ``in_proj``. Raises ``ValueError`` for a timm ViT this mapping does
-    not cover (no class token, other pooling, register tokens, LayerScale, qk-norm, a final norm before a pool).
+    not cover (no class token, other pooling, register tokens, LayerScale, qk-norm, a final norm before a pool, a
+    norm before the blocks).
     """
     vt = require("torchvision.models.vision_transformer", "vision", "The torchvision copy of the reference ViT")
     _check_plain_vit(model, "as_torchvision_vit")
