@@ -11,19 +11,11 @@ rule's ``cost_scale``, at r = 16 / 48 / 98; then the 128-wide scaled round with 
 
 import argparse
 import json
-import time
 
 import torch
 
 import quickmerge.baselines.tome as tome
-
-
-def ms(fn, calls: int = 20) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e3
+from quickmerge.eval.timing import per_call_ms
 
 
 def main() -> None:
@@ -39,8 +31,8 @@ def main() -> None:
     for r in (16, 48, 98):
         row = {"r": r}
         for c, x in states.items():
-            row[f"width_{c}"] = ms(lambda x=x, r=r: tome.bipartite_round(x, r))
-            row[f"width_{c}_scaled"] = ms(lambda x=x, r=r: tome.bipartite_round(x, r, cost_scale=scale))
+            row[f"width_{c}"] = per_call_ms(lambda x=x, r=r: tome.bipartite_round(x, r), 20)
+            row[f"width_{c}_scaled"] = per_call_ms(lambda x=x, r=r: tome.bipartite_round(x, r, cost_scale=scale), 20)
         widths.append(row)
         print({k: round(v, 2) for k, v in row.items()})
     shipped, chunks = tome._ELEMENTS_PER_CHUNK, []
@@ -49,7 +41,7 @@ def main() -> None:
             tome._ELEMENTS_PER_CHUNK = int(shipped * factor)
             images = tome.images_per_chunk(b, t, 128, True)
             chunks.append({"factor": factor, "images_per_chunk": images,
-                           "ms": ms(lambda: tome.bipartite_round(states[128], 48, cost_scale=scale))})
+                           "ms": per_call_ms(lambda: tome.bipartite_round(states[128], 48, cost_scale=scale), 20)})
             print(chunks[-1])
     finally:
         tome._ELEMENTS_PER_CHUNK = shipped

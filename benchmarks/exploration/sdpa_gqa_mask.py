@@ -11,18 +11,11 @@ between the two masked outputs.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
-
-def per_call_ms(fn, calls: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    return (time.perf_counter() - start) / calls * 1e3
+from quickmerge.eval.timing import per_call_ms
 
 
 def main() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,19 @@ def clock(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def per_call_ms(fn: Callable[[], Any], calls: int, device: torch.device | None = None) -> float:
+    """Milliseconds per call of ``fn()``: the mean of ``calls`` calls after one warm-up call, the device's queued
+    work included (:func:`clock`; the CPU when ``device`` is None)."""
+    if calls < 1:
+        raise ValueError(f"calls must be a positive number of calls, got {calls}")
+    device = device or torch.device("cpu")
+    fn()
+    start = clock(device)
+    for _ in range(calls):
+        fn()
+    return (clock(device) - start) / calls * 1e3
 
 
 def cpu_counters(path: Path = PROC_STAT) -> dict[str, int] | None:

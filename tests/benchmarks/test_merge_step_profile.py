@@ -20,10 +20,10 @@ def test_each_method_shows_the_pieces_it_calls():
     model, x = small_videomae(), torch.randn(4, 4, 1, 16, 16)  # 8 tokens per clip
     before = {(module, name): getattr(module, name) for module, names in profile.PIECES for name in names}
     with profile.labelled_pieces():
-        tome = profile.profile_method(model, x, "tome", r=2, forwards=1)
-        ours = profile.profile_method(model, x, "quickmerge", r=2, forwards=1)
-        additive = profile.profile_method(model, x, "quickmerge", r=2, forwards=1, similarity="keys",
-                                          saliency_rule="additive")
+        tome, _ = profile.profile_method(model, x, "tome", r=2, forwards=1)
+        ours, _ = profile.profile_method(model, x, "quickmerge", r=2, forwards=1)
+        additive, _ = profile.profile_method(model, x, "quickmerge", r=2, forwards=1, similarity="keys",
+                                             saliency_rule="additive")
     assert all(getattr(module, name) is fn for (module, name), fn in before.items())
     for times in (tome, ours):
         assert times[profile.FORWARD] > times["merge step (whole)"] > times["weighted_mean"] > 0
@@ -41,7 +41,19 @@ def test_a_timm_vit_is_called_on_its_images_and_profiled_alike():
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3, depth=2).eval()
     x = torch.randn(4, 3, 32, 32)  # 16 patches and the class token
     with profile.labelled_pieces():
-        tome = profile.profile_method(model, x, "tome", r=4, forwards=1)
-        ours = profile.profile_method(model, x, "quickmerge", r=4, forwards=1)
+        tome, _ = profile.profile_method(model, x, "tome", r=4, forwards=1)
+        ours, _ = profile.profile_method(model, x, "quickmerge", r=4, forwards=1)
     assert tome["tome_assign"] > 0 and tome["attention_saliency"] == 0
     assert ours["quickmerge_bipartite_assign"] > 0 and ours["attention_saliency"] > 0 and ours["tome_assign"] == 0
+
+
+def test_operators_of_the_unpatched_and_the_patched_forward():
+    # --operators: the costliest operators' self time, for comparing one family's forward with another's
+    model, x = small_videomae(), torch.randn(4, 4, 1, 16, 16)
+    with profile.labelled_pieces():
+        pieces, ops = profile.profile_method(model, x, None, r=2, forwards=2, operators=3)
+        _, merged_ops = profile.profile_method(model, x, "tome", r=2, forwards=1, operators=50)
+    assert pieces["merge step (whole)"] == 0 and pieces[profile.FORWARD] > 0  # unpatched: nothing merges
+    assert len(ops) == 3 and all(name.startswith("aten::") for name in ops)
+    assert list(ops.values()) == sorted(ops.values(), reverse=True) and min(ops.values()) > 0
+    assert "aten::argsort" in merged_ops or "aten::sort" in merged_ops  # the matching ranks its edges

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quickmerge.eval import timing
-from quickmerge.eval.timing import clock, cpu_counters, steal_share, warn_if_stolen
+from quickmerge.eval.timing import clock, cpu_counters, per_call_ms, steal_share, warn_if_stolen
 
 
 def test_clock_waits_for_the_device_before_reading_the_time(monkeypatch):
@@ -16,6 +16,21 @@ def test_clock_waits_for_the_device_before_reading_the_time(monkeypatch):
     assert clock(torch.device("cpu")) >= before and calls == []  # nothing to wait for on the CPU
     device = torch.device("cuda", 0)
     assert clock(device) >= before and calls == [device]
+
+
+def test_per_call_ms_is_the_mean_of_the_timed_calls_after_one_untimed_warm_up(monkeypatch):
+    readings, called, clocked = iter([10.0, 10.5]), [], []  # seconds: 4 calls in 0.5 s
+
+    def fake_clock(device):
+        clocked.append((device, len(called)))
+        return next(readings)
+
+    monkeypatch.setattr(timing, "clock", fake_clock)
+    device = torch.device("cuda", 0)
+    assert per_call_ms(lambda: called.append(1), 4, device) == pytest.approx(125.0)
+    assert clocked == [(device, 1), (device, 5)]  # started after the warm-up, read with the device's work done
+    with pytest.raises(ValueError, match="calls must be a positive"):
+        per_call_ms(lambda: None, 0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
