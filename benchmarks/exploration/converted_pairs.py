@@ -34,6 +34,12 @@ from quickmerge.eval.timing import cpu_counters, steal_share
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
 
+def _versions(family: str) -> dict[str, str]:
+    """The converted family's library version (the layer layout of transformers' ViT depends on it)."""
+    name = "torchvision" if family == "torchvision" else "transformers"
+    return {name: __import__(name).__version__}
+
+
 def seconds(model: torch.nn.Module, batch: torch.Tensor) -> float:
     start = time.perf_counter()
     _logits(model, batch)
@@ -105,7 +111,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({
             "command": "python benchmarks/exploration/converted_pairs.py " + " ".join(sys.argv[1:]),
             "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
-            "torch": torch.__version__, "steal_share": steal, "rows": rows, "ratios_per_pair": ratios}, indent=1))
+            "torch": torch.__version__, **_versions(args.family), "steal_share": steal, "rows": rows,
+            "ratios_per_pair": ratios}, indent=1))
 
 
 if __name__ == "__main__":
