@@ -13,6 +13,7 @@ import difflib
 from torch import nn
 
 from .hf_aimv2 import HFAimv2Adapter
+from .hf_blip import HFBlipAdapter
 from .hf_clip import HFCLIPAdapter
 from .hf_vit import HFViTAdapter
 from .openclip_vit import OpenCLIPViTAdapter
@@ -23,7 +24,7 @@ from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
 REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), HFViTAdapter(), HFCLIPAdapter(),
-                                 HFAimv2Adapter(), OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
+                                 HFBlipAdapter(), HFAimv2Adapter(), OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -68,6 +69,7 @@ __all__ = [
     "REGISTRY",
     "BlockMerger",
     "HFAimv2Adapter",
+    "HFBlipAdapter",
     "HFCLIPAdapter",
     "HFViTAdapter",
     "OpenCLIPViTAdapter",

@@ -93,7 +93,7 @@ def test_a_refusal_names_the_families_and_the_nearest_tested_classes_not_all_of_
     nearest = message.split("nearest by name: ")[1].split("; got")[0].split(", ")
     assert len(nearest) == len(set(nearest)), f"a name two families test is offered twice: {nearest}"
     assert "SiglipVisionModel" in adapters.supported_families() and "SiglipVisionModel" not in message, message
-    assert len(message) < len(adapters.supported_families()) and len(message) < 600, message
+    assert len(message) < len(adapters.supported_families()) / 2, message  # the families' names, not every class
 
 
 def test_the_hint_names_a_tested_base_class_or_nothing_when_nothing_is_near():

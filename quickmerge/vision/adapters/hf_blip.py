@@ -1,0 +1,110 @@
+"""Hugging Face BLIP, BLIP-2, InstructBLIP and InstructBLIP-Video vision towers (the image encoders of Salesforce's
+captioning, VQA and retrieval models).
+
+Their layers are CLIP's: ``h = x + self_attn(layer_norm1(x))`` then ``h + mlp(layer_norm2(h))``, the class token
+first (never merged; its query gives the saliency), the pooled output the class token after ``post_layernorm``: the
+residual merge of :mod:`.residual` with ``layer_norm2`` and ``mlp``. BLIP-2's and both InstructBLIPs' attention goes
+through transformers' attention interface: the registered attention function of :mod:`.hf_vit`, as CLIP's does.
+BLIP's attention is written out (``qkv``, a matmul, softmax, ``dropout`` on the probabilities, no mask argument):
+
+- a hook on ``qkv`` reads queries and keys ``[B, H, N, hd]`` off its output;
+- a pre-hook on the attention's ``dropout`` re-weights the probabilities ``p [B, H, N, N]`` by the keys' sizes
+  ``w``: ``w p / sum(w p)`` is ``softmax(logits + log w)``, proportional attention, before the dropout as the logits'
+  mask would be.
+
+What reads the tower's output downstream (BLIP-2's and InstructBLIP's Q-Former, BLIP's text decoder) gets the merged
+tokens, each once: its cross-attention does not weigh them by size.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from .hf_clip import tower
+from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation, hidden_states_check
+from .protocol import BlockMerger, Removable
+from .residual import residual_merge_hooks
+
+# module -> the family's vision tower (the ``vision_model`` of its captioning / VQA / retrieval models)
+_TOWERS = {
+    "transformers.models.blip.modeling_blip": "BlipVisionModel",
+    "transformers.models.blip_2.modeling_blip_2": "Blip2VisionModel",
+    "transformers.models.instructblip.modeling_instructblip": "InstructBlipVisionModel",
+    "transformers.models.instructblipvideo.modeling_instructblipvideo": "InstructBlipVideoVisionModel",
+}
+_LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
+
+
+class HFBlipAdapter:
+    """Hugging Face ``BlipVisionModel``, ``Blip2VisionModel``, ``InstructBlipVisionModel`` and
+    ``InstructBlipVideoVisionModel`` (and subclasses)."""
+
+    name = "Hugging Face BLIP / BLIP-2 / InstructBLIP vision tower"
+    tested_classes = tuple(_TOWERS.values())
+
+    def matches(self, model: nn.Module) -> bool:
+        return any(_TOWERS.get(c.__module__) == c.__name__ for c in type(model).__mro__)
+
+    def num_prefix_tokens(self, model: nn.Module) -> int:
+        return 1
+
+    def has_class_token(self, model: nn.Module) -> bool:
+        return True
+
+    def gradient_checkpointing(self, model: nn.Module) -> bool:
+        return activation_checkpointing(model) and model.training
+
+    def blocks(self, model: nn.Module) -> list[nn.Module]:
+        layers = list(getattr(getattr(tower(model), "encoder", None), "layers", None) or [])
+        if not layers or not all(all(hasattr(layer, p) for p in _LAYER_PARTS) for layer in layers):
+            raise TypeError(f"{type(model).__name__} has no BLIP encoder layers ({', '.join(_LAYER_PARTS)}) to patch")
+        if not hasattr(tower(model).embeddings, "class_embedding"):
+            raise TypeError(f"{type(model).__name__}'s embeddings have no class_embedding, the token quickmerge "
+                            "keeps first: this transformers release is not supported")
+        if _written_out(layers[0].self_attn):
+            for layer in layers:
+                for part in ("qkv", "dropout"):
+                    if not isinstance(getattr(layer.self_attn, part, None), nn.Module):
+                        raise TypeError(f"{type(layer.self_attn).__name__} has no {part} module, where quickmerge "
+                                        "reads queries and keys and weighs the attention by size")
+        else:
+            attention_implementation(tower(model).config)
+        return layers
+
+    def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
+        if _written_out(blocks[0].self_attn):
+            hooks: list[Removable] = []
+            for i, layer in enumerate(blocks):
+                hooks += [*_written_out_attention_hooks(layer.self_attn, merger),
+                          *residual_merge_hooks(layer, i, merger, layer.layer_norm2, layer.mlp)]
+        else:
+            hooks = attach_attention_and_layers(tower(model).config, [layer.self_attn for layer in blocks], blocks,
+                                                merger, parts=lambda layer: (layer.layer_norm2, layer.mlp))
+        hooks.append(hidden_states_check(model, merger))
+        return hooks
+
+
+def _written_out(attention: nn.Module) -> bool:
+    """BLIP's attention computes its softmax itself (BLIP-2's calls transformers' attention interface)."""
+    return type(attention).__module__ == "transformers.models.blip.modeling_blip"
+
+
+def _written_out_attention_hooks(attention: nn.Module, merger: BlockMerger) -> list[Removable]:
+    """Hooks of one BLIP attention: queries and keys from ``qkv``'s output ``[B, N, 3 * H * hd]``, and the
+    probabilities ``[B, H, N, N]`` re-weighted by the keys' sizes before ``dropout`` (proportional attention)."""
+    heads = attention.num_heads
+
+    def qkv_hook(_m: nn.Module, _args: tuple, out: Tensor) -> None:
+        if merger.needs_qk():
+            b, n, width = out.shape
+            q, k, _ = out.reshape(b, n, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+            merger.record_qk(q=q, k=k, scale=float(attention.scale))
+
+    def dropout_pre(_m: nn.Module, args: tuple) -> tuple | None:
+        bias = merger.attention_bias(args[0])  # [B, 1, 1, N]: log(size)
+        if bias is None:
+            return None
+        weighted = args[0] * bias.exp()
+        return (weighted / weighted.sum(dim=-1, keepdim=True),)
+
+    return [attention.qkv.register_forward_hook(qkv_hook), attention.dropout.register_forward_pre_hook(dropout_pre)]
