@@ -18,6 +18,8 @@ tokens, each once: its cross-attention does not weigh them by size.
 
 from __future__ import annotations
 
+import inspect
+
 from torch import Tensor, nn
 
 from .hf_clip import tower
@@ -61,18 +63,22 @@ class HFBlipAdapter:
         if not hasattr(tower(model).embeddings, "class_embedding"):
             raise TypeError(f"{type(model).__name__}'s embeddings have no class_embedding, the token quickmerge "
                             "keeps first: this transformers release is not supported")
-        if _written_out(layers[0].self_attn):
+        kinds = {_attention_kind(layer.self_attn) for layer in layers}
+        if kinds == {"written out"}:
             for layer in layers:
                 for part in ("qkv", "dropout"):
                     if not isinstance(getattr(layer.self_attn, part, None), nn.Module):
                         raise TypeError(f"{type(layer.self_attn).__name__} has no {part} module, where quickmerge "
                                         "reads queries and keys and weighs the attention by size")
-        else:
+        elif kinds == {"interface"}:
             attention_implementation(tower(model).config)
+        else:
+            raise TypeError(f"{type(model).__name__} mixes attentions written out and through the attention "
+                            "interface: not a BLIP tower quickmerge knows")
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
-        if _written_out(blocks[0].self_attn):
+        if _attention_kind(blocks[0].self_attn) == "written out":
             hooks: list[Removable] = []
             for i, layer in enumerate(blocks):
                 hooks += [*_written_out_attention_hooks(layer.self_attn, merger),
@@ -84,9 +90,19 @@ class HFBlipAdapter:
         return hooks
 
 
-def _written_out(attention: nn.Module) -> bool:
-    """BLIP's attention computes its softmax itself (BLIP-2's calls transformers' attention interface)."""
-    return type(attention).__module__ == "transformers.models.blip.modeling_blip"
+def _attention_kind(attention: nn.Module) -> str:
+    """``"interface"`` where the attention's forward calls transformers' attention interface (BLIP-2's),
+    ``"written out"`` where it takes its own softmax and dropout of the ``qkv`` projection (BLIP's); read off the
+    names its code uses, so that a release moving BLIP to the interface is not hooked the old way. TypeError if
+    neither."""
+    names = set(inspect.unwrap(type(attention).forward).__code__.co_names)
+    if "ALL_ATTENTION_FUNCTIONS" in names:
+        return "interface"
+    if {"qkv", "softmax", "dropout"} <= names:
+        return "written out"
+    raise TypeError(f"{type(attention).__name__}.forward neither calls transformers' attention interface nor takes "
+                    "its own softmax and dropout of qkv: quickmerge cannot reach its attention (this transformers "
+                    "release is not supported)")
 
 
 def _written_out_attention_hooks(attention: nn.Module, merger: BlockMerger) -> list[Removable]:

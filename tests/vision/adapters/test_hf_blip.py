@@ -165,3 +165,20 @@ def test_flash_attention_and_a_blip_attention_without_its_dropout_are_refused_be
     with pytest.raises(TypeError, match="no dropout module"):
         quickmerge.patch(model, r=4)
     assert get_handle(model) is None and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_a_blip_attention_reached_neither_way_is_refused_before_any_hook():
+    # a release whose BLIP attention neither calls the attention interface nor takes its own softmax and dropout
+    # (as its code reads) must not be hooked the old way, where the re-weighting would silently never run
+    model = tiny("BlipVisionModel")
+    attention = model.encoder.layers[1].self_attn
+
+    class Fused(type(attention)):
+        def forward(self, hidden_states, **kwargs):
+            q, k, v = self.qkv(hidden_states).chunk(3, dim=-1)
+            return self.projection(torch.nn.functional.scaled_dot_product_attention(q, k, v)), None
+
+    attention.__class__ = Fused
+    with pytest.raises(TypeError, match=r"Fused\.forward neither calls"):
+        quickmerge.patch(model, r=4)
+    assert get_handle(model) is None and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
