@@ -12,18 +12,25 @@ BLIP's attention is written out (``qkv``, a matmul, softmax, ``dropout`` on the 
   ``w``: ``w p / sum(w p)`` is ``softmax(logits + log w)``, proportional attention, before the dropout as the logits'
   mask would be.
 
-What reads the tower's output downstream (BLIP-2's and InstructBLIP's Q-Former, BLIP's text decoder) gets the merged
-tokens, each once: its cross-attention does not weigh them by size.
+A whole BLIP-2 / InstructBLIP model (``Blip2ForConditionalGeneration`` ...) merges in its tower, and its Q-Former,
+whose learned queries cross-attend to the tower's tokens, reads them by size: a pre-hook on each cross-attention
+adds log(size) to the ``encoder_attention_mask`` it is called with (proportional attention, as SigLIP's pooling head
+gets; ``size_weighted_pool=False`` leaves it as it is). Patching only ``model.vision_model`` leaves the Q-Former
+reading each merged token once; so does BLIP's text decoder, whose model is not patched whole.
 """
 
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
+from ...call_arguments import CallArgument, takes_argument
 from .hf_clip import tower
 from .hf_vit import activation_checkpointing, attach_attention_and_layers, attention_implementation, hidden_states_check
+from .pooling import size_bias
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -34,18 +41,26 @@ _TOWERS = {
     "transformers.models.instructblip.modeling_instructblip": "InstructBlipVisionModel",
     "transformers.models.instructblipvideo.modeling_instructblipvideo": "InstructBlipVideoVisionModel",
 }
+# module -> whole models whose Q-Former cross-attends to their tower's tokens (merged in the tower, read by size)
+_WITH_QFORMER = {
+    "transformers.models.blip_2.modeling_blip_2": ("Blip2Model", "Blip2ForConditionalGeneration"),
+    "transformers.models.instructblip.modeling_instructblip": ("InstructBlipForConditionalGeneration",),
+    "transformers.models.instructblipvideo.modeling_instructblipvideo": ("InstructBlipVideoForConditionalGeneration",),
+}
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 
 
 class HFBlipAdapter:
     """Hugging Face ``BlipVisionModel``, ``Blip2VisionModel``, ``InstructBlipVisionModel`` and
-    ``InstructBlipVideoVisionModel`` (and subclasses)."""
+    ``InstructBlipVideoVisionModel`` (and subclasses); ``Blip2Model``, ``Blip2ForConditionalGeneration``,
+    ``InstructBlipForConditionalGeneration`` and ``InstructBlipVideoForConditionalGeneration`` whole (their tower
+    merges, their Q-Former reads by size)."""
 
     name = "Hugging Face BLIP / BLIP-2 / InstructBLIP vision tower"
-    tested_classes = tuple(_TOWERS.values())
+    tested_classes = (*_TOWERS.values(), *(name for names in _WITH_QFORMER.values() for name in names))
 
     def matches(self, model: nn.Module) -> bool:
-        return any(_TOWERS.get(c.__module__) == c.__name__ for c in type(model).__mro__)
+        return any(_TOWERS.get(c.__module__) == c.__name__ or _has_qformer(c) for c in type(model).__mro__)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1
@@ -75,6 +90,14 @@ class HFBlipAdapter:
         else:
             raise TypeError(f"{type(model).__name__} mixes attentions written out and through the attention "
                             "interface: not a BLIP tower quickmerge knows")
+        if _has_qformer(type(model)):
+            cross = _cross_attentions(model)
+            if not cross or not all(takes_argument(a, n) for a in cross
+                                    for n in ("encoder_hidden_states", "encoder_attention_mask")):
+                raise TypeError(f"{type(model).__name__}'s Q-Former has no cross-attention taking "
+                                "encoder_hidden_states and encoder_attention_mask (qformer.encoder.layer[i]."
+                                "crossattention.attention), where quickmerge weighs the merged image tokens by size: "
+                                "patch model.vision_model alone, or run it unpatched")
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
@@ -86,8 +109,46 @@ class HFBlipAdapter:
         else:
             hooks = attach_attention_and_layers(tower(model).config, [layer.self_attn for layer in blocks], blocks,
                                                 merger, parts=lambda layer: (layer.layer_norm2, layer.mlp))
-        hooks.append(hidden_states_check(model, merger))
+        if _has_qformer(type(model)):
+            hooks += [_size_weighted_cross_attention(a, merger) for a in _cross_attentions(model)]
+        hooks.append(hidden_states_check(tower(model), merger))
         return hooks
+
+
+def _has_qformer(cls: type) -> bool:
+    return cls.__name__ in _WITH_QFORMER.get(cls.__module__, ())
+
+
+def _cross_attentions(model: nn.Module) -> list[nn.Module]:
+    """The attention modules of the Q-Former's cross-attentions (every ``cross_attention_frequency``-th layer)."""
+    layers = getattr(getattr(getattr(model, "qformer", None), "encoder", None), "layer", None) or []
+    found = [getattr(getattr(layer, "crossattention", None), "attention", None) for layer in layers]
+    return [a for a in found if isinstance(a, nn.Module)]
+
+
+def _size_weighted_cross_attention(attention: nn.Module, merger: BlockMerger) -> Removable:
+    """Pre-hook adding log(size) of the tower's last tokens (``encoder_hidden_states [B, N, C]``) to a Q-Former
+    cross-attention's ``encoder_attention_mask``: none given becomes the bias ``[B, 1, 1, N]``, a float one gets it
+    added, a boolean one (True: attend) becomes the bias with -inf where it is False."""
+    images = CallArgument.of(attention, "encoder_hidden_states")
+    mask = CallArgument.of(attention, "encoder_attention_mask")
+
+    def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        keys = images.get(args, kwargs)
+        weights = None if keys is None else merger.pooling_weights(keys)
+        if weights is None:
+            return None
+        bias: Any = size_bias(weights, keys.dtype)
+        given = mask.get(args, kwargs)
+        if given is not None and not isinstance(given, Tensor):
+            raise TypeError(f"{type(attention).__name__} got an encoder_attention_mask of type "
+                            f"{type(given).__name__}, to which quickmerge cannot add the merged tokens' log(size): "
+                            "use attn_implementation='eager' or 'sdpa' for the Q-Former")
+        if given is not None:
+            bias = torch.where(given, bias, float("-inf")) if given.dtype == torch.bool else given + bias
+        return mask.replace(args, kwargs, bias), kwargs
+
+    return attention.register_forward_pre_hook(attention_pre, with_kwargs=True)
 
 
 def _attention_kind(attention: nn.Module) -> str:

@@ -120,29 +120,123 @@ def test_hidden_states_are_the_merged_blocks_inputs():
         assert [h.shape[1] for h in out.hidden_states] == [*handle.tokens_per_layer, 41]
 
 
-def test_the_tower_of_blip2_feeds_the_q_former_its_merged_tokens_and_the_model_points_to_it():
-    config = transformers.Blip2Config(
+WHOLE = {"Blip2ForConditionalGeneration": "Blip2Config", "Blip2Model": "Blip2Config",
+         "InstructBlipForConditionalGeneration": "InstructBlipConfig",
+         "InstructBlipVideoForConditionalGeneration": "InstructBlipVideoConfig"}
+
+
+def tiny_whole(cls_name: str, impl: str = "eager") -> torch.nn.Module:
+    """A BLIP-2 / InstructBLIP model: a 2-layer tower, a Q-Former cross-attending in both its layers, a tiny OPT."""
+    config = getattr(transformers, WHOLE[cls_name])(
         vision_config={**VISION, "num_hidden_layers": 2},
-        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
-                            encoder_hidden_size=32, vocab_size=99, max_position_embeddings=16),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            encoder_hidden_size=32, vocab_size=99, max_position_embeddings=16,
+                            cross_attention_frequency=1),
         text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=4,
                          vocab_size=99, word_embed_proj_dim=32, max_position_embeddings=32),
-        num_query_tokens=4)
+        num_query_tokens=4, image_token_index=98)
+    for sub in (config.vision_config, config.text_config):
+        sub._attn_implementation = impl
+    qformer = getattr(transformers, cls_name.replace("ForConditionalGeneration", "").replace("Model", "")
+                      + "QFormerModel")
+    config.qformer_config._attn_implementation = impl if qformer._supports_sdpa else "eager"  # 5.2: eager only
     torch.manual_seed(0)
-    model = transformers.Blip2ForConditionalGeneration(config).eval()
-    with pytest.raises(TypeError, match=r"quickmerge.patch\(model.vision_model\)"):
-        quickmerge.patch(model, r=4)
-    x = torch.randn(2, 3, 16, 16)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.zero_()
+    return model
+
+
+def two_regions(video: bool = False) -> torch.Tensor:
+    x = torch.full((2, 3, 16, 16), -0.4)
+    x[:, :, :, 12:] = 0.7
+    return x[:, None].expand(-1, 2, -1, -1, -1) if video else x  # InstructBLIP-Video: [B, frames, C, H, W]
+
+
+def image_features(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the Q-Former returns: its query outputs (projected for the language model, but in ``Blip2Model``)."""
+    name = type(model).__name__
+    extra = {} if "Blip2" in name else {"qformer_input_ids": torch.tensor([[1, 5, 6]] * 2)}
+    read = (model.get_qformer_features if name == "Blip2Model" else
+            model.get_video_features if "Video" in name else model.get_image_features)
+    out = read(pixel_values=x, **extra)
+    for field in ("pooler_output", "last_hidden_state"):  # the releases return a tensor, a tuple or an output
+        if (name != "Blip2Model" or field == "last_hidden_state") and getattr(out, field, None) is not None:
+            return getattr(out, field)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+@pytest.mark.parametrize("cls_name", list(WHOLE))
+def test_a_whole_model_merges_in_its_tower_and_its_q_former_reads_the_merged_tokens_by_size(cls_name, impl):
+    # merging copies (two flat regions, positions zeroed) leaves what the Q-Former returns exact only if its
+    # cross-attention weighs each merged token by the patches it stands for
+    model, x = tiny_whole(cls_name, impl), two_regions("Video" in cls_name)
+    if cls_name == "Blip2Model":
+        model = tiny_whole("Blip2ForConditionalGeneration", impl)  # the same parts; Blip2Model below
+        whole = transformers.Blip2Model(model.config).eval()
+        whole.load_state_dict(model.state_dict(), strict=False)
+        model = whole
+    with torch.no_grad():
+        ref = image_features(model, x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a tested class
+            handle = quickmerge.patch(model, r=[16, 12], method="tome")
+        merged = image_features(model, x)
+        assert handle.tokens_per_layer == [65, 49] and handle.sizes.shape[1] == 37
+        assert torch.allclose(merged, ref, atol=1e-5 * ref.abs().max(), rtol=0)
+        handle.size_weighted_pool = False  # the Q-Former reads each merged token once
+        assert not torch.allclose(image_features(model, x), ref, atol=1e-3 * ref.abs().max())
+        handle.size_weighted_pool = True
+        if hasattr(model, "generate") and "Video" not in cls_name:
+            extra = {} if "Blip2" in cls_name else {"qformer_input_ids": torch.tensor([[1, 5, 6]] * 2)}
+            assert model.generate(pixel_values=x, max_new_tokens=2, **extra).shape[0] == 2
+    quickmerge.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(image_features(model, x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_the_tower_patched_alone_feeds_the_q_former_each_merged_token_once():
+    model, x = tiny_whole("Blip2ForConditionalGeneration"), two_regions()
     read = []  # what the Q-Former's cross-attention reads
     model.qformer.register_forward_pre_hook(lambda _m, a, kw: read.append(kw["encoder_hidden_states"]),
                                             with_kwargs=True)
     with torch.no_grad():
-        ref = model.get_image_features(pixel_values=x)
-        with quickmerge.patch(model.vision_model, r=8) as handle:
-            features = model.get_image_features(pixel_values=x)
-    ref, features = (getattr(f, "pooler_output", f) for f in (ref, features))
-    assert handle.tokens_per_layer == [65, 57] and read[0].shape[1] == 65 and read[1].shape[1] == 49
-    assert features.shape == ref.shape == (2, 4, 32) and not torch.allclose(features, ref, atol=1e-4)
+        ref = image_features(model, x)
+        with quickmerge.patch(model.vision_model, r=[16, 12], method="tome"):
+            alone = image_features(model, x)
+    assert read[0].shape[1] == 65 and read[1].shape[1] == 37
+    assert not torch.allclose(alone, ref, atol=1e-2 * ref.abs().max())
+
+
+def test_the_q_formers_mask_keeps_what_it_masks_and_gets_log_size_added():
+    # called on the last pass's tokens, a cross-attention's mask becomes log(size), plus -inf where a boolean mask
+    # says False or where a float mask has it: the same answer whichever form the mask takes
+    model, x = tiny_whole("Blip2ForConditionalGeneration"), torch.randn(2, 3, 16, 16)
+    attention = model.qformer.encoder.layer[0].crossattention.attention
+    queries = torch.randn(2, 4, 32)
+    with torch.no_grad(), quickmerge.patch(model, r=[16, 12]) as handle:
+        tokens = model.vision_model(pixel_values=x).last_hidden_state
+        keep = torch.ones(2, 1, 1, tokens.shape[1], dtype=torch.bool)
+        keep[:, :, :, 3] = False
+        floats = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+        by_bool = attention(queries, encoder_hidden_states=tokens, encoder_attention_mask=keep)[0]
+        by_float = attention(queries, encoder_hidden_states=tokens, encoder_attention_mask=floats)[0]
+        everything = attention(queries, encoder_hidden_states=tokens, encoder_attention_mask=None)[0]
+        handle.size_weighted_pool = False
+        unweighted = attention(queries, encoder_hidden_states=tokens, encoder_attention_mask=floats)[0]
+    assert torch.allclose(by_bool, by_float, atol=1e-6) and not torch.allclose(by_float, everything, atol=1e-4)
+    assert not torch.allclose(by_float, unweighted, atol=1e-4)
+
+
+def test_a_q_former_without_cross_attention_is_refused_before_any_hook():
+    model = tiny_whole("Blip2ForConditionalGeneration")
+    for layer in model.qformer.encoder.layer:
+        del layer.crossattention
+    with pytest.raises(TypeError, match=r"patch model\.vision_model alone"):
+        quickmerge.patch(model, r=4)
+    assert get_handle(model) is None and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_gradient_checkpointing_refuses_to_train():
