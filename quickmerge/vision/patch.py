@@ -593,9 +593,9 @@ def patch(
         model: a timm ``VisionTransformer`` or ``Eva`` (rotary positions: EVA-02, DINOv3, RoPE-ViT); a Hugging
             Face ViT, DeiT, DINOv2, DINOv2-with-registers, DINOv3, I-JEPA, ViT-MSN or ViT-MAE model, a VideoMAE or
             ViViT video model, a CLIP, SigLIP, AIMv2, BLIP, BLIP-2 or InstructBLIP vision tower (also
-            ``CLIPModel.vision_model``), a whole BLIP-2 or InstructBLIP model (its Q-Former reads by size), an OpenCLIP
-            image tower, ``model.visual``, or a torchvision ``VisionTransformer`` (``vit_b_16`` and kin)
-            (``quickmerge.vision.adapters.supported_families()``; other subclasses of these families work with a
+            ``CLIPModel.vision_model``), a whole BLIP, BLIP-2 or InstructBLIP model (what reads the tower, by
+            size), an OpenCLIP image tower, ``model.visual``, or a torchvision ``VisionTransformer`` (``vit_b_16`` and
+            kin) (``quickmerge.vision.adapters.supported_families()``; other subclasses of these families work with a
             warning). Heads that need every patch on its grid (``Dinov2Backbone``, feature maps, masked image
             modeling, the pre-training decoders of VideoMAE and MAE) get the tokens unmerged (``unmerge``).
         r: tokens merged per block (int), one int per block, or ToMe's ``(r, inflect)``; as in

@@ -12,11 +12,12 @@ BLIP's attention is written out (``qkv``, a matmul, softmax, ``dropout`` on the 
   ``w``: ``w p / sum(w p)`` is ``softmax(logits + log w)``, proportional attention, before the dropout as the logits'
   mask would be.
 
-A whole BLIP-2 / InstructBLIP model (``Blip2ForConditionalGeneration`` ...) merges in its tower, and its Q-Former,
-whose learned queries cross-attend to the tower's tokens, reads them by size: a pre-hook on each cross-attention
-adds log(size) to the ``encoder_attention_mask`` it is called with (proportional attention, as SigLIP's pooling head
-gets; ``size_weighted_pool=False`` leaves it as it is). Patching only ``model.vision_model`` leaves the Q-Former
-reading each merged token once; so does BLIP's text decoder, whose model is not patched whole.
+A whole model (``Blip2ForConditionalGeneration``, ``BlipForConditionalGeneration`` ...: :data:`_WHOLE`) merges in
+its tower, and what cross-attends to the tower's tokens reads them by size (BLIP-2's and InstructBLIP's Q-Former,
+BLIP's captioning decoder and its VQA / retrieval text encoder): a pre-hook on each such cross-attention adds
+log(size) to the ``encoder_attention_mask`` it is called with (proportional attention, as SigLIP's pooling head
+gets; ``size_weighted_pool=False`` leaves it as it is), each image's sizes repeated where generation repeats its
+tokens per beam. Patching only ``model.vision_model`` leaves them reading each merged token once.
 """
 
 from __future__ import annotations
@@ -41,26 +42,34 @@ _TOWERS = {
     "transformers.models.instructblip.modeling_instructblip": "InstructBlipVisionModel",
     "transformers.models.instructblipvideo.modeling_instructblipvideo": "InstructBlipVideoVisionModel",
 }
-# module -> whole models whose Q-Former cross-attends to their tower's tokens (merged in the tower, read by size)
-_WITH_QFORMER = {
-    "transformers.models.blip_2.modeling_blip_2": ("Blip2Model", "Blip2ForConditionalGeneration"),
-    "transformers.models.instructblip.modeling_instructblip": ("InstructBlipForConditionalGeneration",),
-    "transformers.models.instructblipvideo.modeling_instructblipvideo": ("InstructBlipVideoForConditionalGeneration",),
+# module -> whole models -> the submodule whose cross-attentions read the tower's tokens (merged in the tower, read
+# there by size): BLIP-2's and InstructBLIP's Q-Former; BLIP's captioning decoder, its VQA and retrieval text encoder
+# (VQA's decoder reads the question's encoding, not the image)
+_WHOLE = {
+    "transformers.models.blip.modeling_blip": {"BlipForConditionalGeneration": "text_decoder",
+                                               "BlipForQuestionAnswering": "text_encoder",
+                                               "BlipForImageTextRetrieval": "text_encoder"},
+    "transformers.models.blip_2.modeling_blip_2": {"Blip2Model": "qformer", "Blip2ForConditionalGeneration": "qformer"},
+    "transformers.models.instructblip.modeling_instructblip": {"InstructBlipForConditionalGeneration": "qformer"},
+    "transformers.models.instructblipvideo.modeling_instructblipvideo": {
+        "InstructBlipVideoForConditionalGeneration": "qformer"},
 }
+# the cross-attention modules inside a reader: the Q-Former's (crossattention.attention), BLIP's text's
+# (crossattention.self); both take encoder_hidden_states and encoder_attention_mask
+_CROSS_ATTENTIONS = ("crossattention.attention", "crossattention.self")
 _LAYER_PARTS = ("layer_norm1", "self_attn", "layer_norm2", "mlp")
 
 
 class HFBlipAdapter:
     """Hugging Face ``BlipVisionModel``, ``Blip2VisionModel``, ``InstructBlipVisionModel`` and
-    ``InstructBlipVideoVisionModel`` (and subclasses); ``Blip2Model``, ``Blip2ForConditionalGeneration``,
-    ``InstructBlipForConditionalGeneration`` and ``InstructBlipVideoForConditionalGeneration`` whole (their tower
-    merges, their Q-Former reads by size)."""
+    ``InstructBlipVideoVisionModel`` (and subclasses); the whole models of :data:`_WHOLE` (their tower merges, what
+    cross-attends to it reads by size)."""
 
     name = "Hugging Face BLIP / BLIP-2 / InstructBLIP vision tower"
-    tested_classes = (*_TOWERS.values(), *(name for names in _WITH_QFORMER.values() for name in names))
+    tested_classes = (*_TOWERS.values(), *(name for names in _WHOLE.values() for name in names))
 
     def matches(self, model: nn.Module) -> bool:
-        return any(_TOWERS.get(c.__module__) == c.__name__ or _has_qformer(c) for c in type(model).__mro__)
+        return any(_TOWERS.get(c.__module__) == c.__name__ or _reader_of(c) for c in type(model).__mro__)
 
     def num_prefix_tokens(self, model: nn.Module) -> int:
         return 1
@@ -90,14 +99,15 @@ class HFBlipAdapter:
         else:
             raise TypeError(f"{type(model).__name__} mixes attentions written out and through the attention "
                             "interface: not a BLIP tower quickmerge knows")
-        if _has_qformer(type(model)):
+        reader = _reader_of(_whole_class(model))
+        if reader:
             cross = _cross_attentions(model)
             if not cross or not all(takes_argument(a, n) for a in cross
                                     for n in ("encoder_hidden_states", "encoder_attention_mask")):
-                raise TypeError(f"{type(model).__name__}'s Q-Former has no cross-attention taking "
-                                "encoder_hidden_states and encoder_attention_mask (qformer.encoder.layer[i]."
-                                "crossattention.attention), where quickmerge weighs the merged image tokens by size: "
-                                "patch model.vision_model alone, or run it unpatched")
+                raise TypeError(f"{type(model).__name__}'s {reader} has no cross-attention taking "
+                                f"encoder_hidden_states and encoder_attention_mask ({' or '.join(_CROSS_ATTENTIONS)}), "
+                                "where quickmerge weighs the merged image tokens by size: patch model.vision_model "
+                                "alone, or run it unpatched")
         return layers
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
@@ -109,25 +119,33 @@ class HFBlipAdapter:
         else:
             hooks = attach_attention_and_layers(tower(model).config, [layer.self_attn for layer in blocks], blocks,
                                                 merger, parts=lambda layer: (layer.layer_norm2, layer.mlp))
-        if _has_qformer(type(model)):
+        if _reader_of(_whole_class(model)):
             hooks += [_size_weighted_cross_attention(a, merger) for a in _cross_attentions(model)]
         hooks.append(hidden_states_check(tower(model), merger))
         return hooks
 
 
-def _has_qformer(cls: type) -> bool:
-    return cls.__name__ in _WITH_QFORMER.get(cls.__module__, ())
+def _reader_of(cls: type) -> str | None:
+    """The submodule of a whole model of :data:`_WHOLE` whose cross-attentions read the tower's tokens, else None."""
+    return _WHOLE.get(cls.__module__, {}).get(cls.__name__)
+
+
+def _whole_class(model: nn.Module) -> type:
+    """The class of :data:`_WHOLE` ``model`` is or subclasses (its own class if none)."""
+    return next((c for c in type(model).__mro__ if _reader_of(c)), type(model))
 
 
 def _cross_attentions(model: nn.Module) -> list[nn.Module]:
-    """The attention modules of the Q-Former's cross-attentions (every ``cross_attention_frequency``-th layer)."""
-    layers = getattr(getattr(getattr(model, "qformer", None), "encoder", None), "layer", None) or []
-    found = [getattr(getattr(layer, "crossattention", None), "attention", None) for layer in layers]
-    return [a for a in found if isinstance(a, nn.Module)]
+    """The cross-attention modules of the model's reader of the image (every ``cross_attention_frequency``-th
+    Q-Former layer; every layer of BLIP's text transformer)."""
+    reader = getattr(model, _reader_of(_whole_class(model)) or "", None)
+    if not isinstance(reader, nn.Module):
+        return []
+    return [m for name, m in reader.named_modules() if name.endswith(_CROSS_ATTENTIONS)]
 
 
 def _size_weighted_cross_attention(attention: nn.Module, merger: BlockMerger) -> Removable:
-    """Pre-hook adding log(size) of the tower's last tokens (``encoder_hidden_states [B, N, C]``) to a Q-Former
+    """Pre-hook adding log(size) of the tower's last tokens (``encoder_hidden_states [B, N, C]``) to a
     cross-attention's ``encoder_attention_mask``: none given becomes the bias ``[B, 1, 1, N]``, a float one gets it
     added, a boolean one (True: attend) becomes the bias with -inf where it is False."""
     images = CallArgument.of(attention, "encoder_hidden_states")
@@ -135,7 +153,7 @@ def _size_weighted_cross_attention(attention: nn.Module, merger: BlockMerger) ->
 
     def attention_pre(_m: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         keys = images.get(args, kwargs)
-        weights = None if keys is None else merger.pooling_weights(keys)
+        weights = None if keys is None else _image_weights(keys, merger)
         if weights is None:
             return None
         bias: Any = size_bias(weights, keys.dtype)
@@ -143,7 +161,7 @@ def _size_weighted_cross_attention(attention: nn.Module, merger: BlockMerger) ->
         if given is not None and not isinstance(given, Tensor):
             raise TypeError(f"{type(attention).__name__} got an encoder_attention_mask of type "
                             f"{type(given).__name__}, to which quickmerge cannot add the merged tokens' log(size): "
-                            "use attn_implementation='eager' or 'sdpa' for the Q-Former")
+                            "use attn_implementation='eager' or 'sdpa' for it")
         if given is not None:
             bias = torch.where(given, bias, float("-inf")) if given.dtype == torch.bool else given + bias
         return mask.replace(args, kwargs, bias), kwargs
@@ -185,3 +203,14 @@ def _written_out_attention_hooks(attention: nn.Module, merger: BlockMerger) -> l
         return (weighted / weighted.sum(dim=-1, keepdim=True),)
 
     return [attention.qkv.register_forward_hook(qkv_hook), attention.dropout.register_forward_pre_hook(dropout_pre)]
+
+
+def _image_weights(keys: Tensor, merger: BlockMerger) -> Tensor | None:
+    """Sizes ``[B', N]`` of the tower's last tokens for ``keys [B', N, C]``: the last pass's, or each image's
+    repeated where generation repeats every image's tokens per beam (``B' = B * beams``, images in order); None
+    where the keys are not those tokens or nothing is weighed."""
+    sizes = merger.sizes
+    if sizes is None or keys.shape[1] != sizes.shape[1] or keys.shape[0] % sizes.shape[0]:
+        return None
+    weights = merger.pooling_weights(keys[: sizes.shape[0]])
+    return None if weights is None else weights.repeat_interleave(keys.shape[0] // sizes.shape[0], dim=0)

@@ -239,6 +239,91 @@ def test_a_q_former_without_cross_attention_is_refused_before_any_hook():
     assert get_handle(model) is None and not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
+BLIP_WHOLE = ("BlipForConditionalGeneration", "BlipForQuestionAnswering", "BlipForImageTextRetrieval")
+
+
+def tiny_blip(cls_name: str) -> torch.nn.Module:
+    """A BLIP model: a 2-layer tower, a 2-layer text transformer cross-attending in every layer."""
+    config = transformers.BlipConfig(
+        vision_config={**VISION, "num_hidden_layers": 2},
+        text_config=dict(vocab_size=99, hidden_size=32, encoder_hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
+                         initializer_range=0.02, bos_token_id=1, sep_token_id=2, eos_token_id=2, pad_token_id=0))
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(config).eval()
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.zero_()
+    return model
+
+
+QUESTION = torch.tensor([[1, 5, 6, 7]] * 2)
+
+
+def blip_output(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What reads the image: the caption's logits, the question's encoding (VQA's decoder reads that), the
+    image-text matching score."""
+    name = type(model).__name__
+    if name == "BlipForConditionalGeneration":
+        return model(pixel_values=x, input_ids=QUESTION).logits
+    if name == "BlipForQuestionAnswering":
+        images = model.vision_model(pixel_values=x).last_hidden_state
+        return model.text_encoder(input_ids=QUESTION, encoder_hidden_states=images).last_hidden_state
+    return model(pixel_values=x, input_ids=QUESTION).itm_score
+
+
+@pytest.mark.parametrize("cls_name", BLIP_WHOLE)
+def test_a_whole_blip_model_merges_in_its_tower_and_its_text_reads_the_merged_tokens_by_size(cls_name):
+    model, x = tiny_blip(cls_name), two_regions()
+    settings = {} if cls_name == "BlipForConditionalGeneration" else {"input_ids": QUESTION}
+    with torch.no_grad():
+        ref = blip_output(model, x)
+        beams = (1, 2) if hasattr(model, "generate") else ()  # retrieval generates nothing
+        captions = [model.generate(pixel_values=x, max_new_tokens=4, num_beams=b, **settings) for b in beams]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a tested class
+            handle = quickmerge.patch(model, r=[16, 12], method="tome")
+        assert torch.allclose(blip_output(model, x), ref, atol=1e-5 * ref.abs().max(), rtol=0)
+        assert handle.tokens_per_layer == [65, 49] and handle.sizes.shape == (2, 37)
+        for b, caption in zip(beams, captions, strict=True):  # greedy, and beams repeating the image
+            assert torch.equal(model.generate(pixel_values=x, max_new_tokens=4, num_beams=b, **settings), caption)
+        handle.size_weighted_pool = False  # the text reads each merged token once
+        assert not torch.allclose(blip_output(model, x), ref, atol=1e-4 * ref.abs().max())
+    quickmerge.unpatch(model)
+    with torch.no_grad():
+        assert torch.equal(blip_output(model, x), ref)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def record_cross_attention_masks(text: torch.nn.Module) -> list:
+    """The ``encoder_attention_mask`` each cross-attention of ``text`` is called with (after quickmerge's hook: a
+    pre-hook registered after patching runs after it)."""
+    masks = []
+    for name, module in text.named_modules():
+        if name.endswith("crossattention.self"):
+            module.register_forward_pre_hook(lambda _m, _a, kw: masks.append(kw.get("encoder_attention_mask")),
+                                             with_kwargs=True)
+    return masks
+
+
+def test_beam_search_repeats_each_images_sizes_for_its_beams():
+    # generation repeats every image's tokens per beam (images in order): the mask the captioning decoder's
+    # cross-attention gets holds the sizes repeated alike; VQA's decoder, which reads the question's encoding, none
+    model = tiny_blip("BlipForConditionalGeneration")
+    with torch.no_grad(), quickmerge.patch(model, r=[16, 12], method="tome") as handle:
+        masks = record_cross_attention_masks(model.text_decoder)
+        model.generate(pixel_values=torch.randn(2, 3, 16, 16), max_new_tokens=3, num_beams=3)
+    assert masks and all(m is not None and m.shape == (6, 1, 1, 37) for m in masks)
+    assert torch.allclose(masks[0].exp()[:, 0, 0], handle.sizes.repeat_interleave(3, dim=0))
+    model = tiny_blip("BlipForQuestionAnswering")
+    with torch.no_grad(), quickmerge.patch(model, r=[16, 12], method="tome") as handle:
+        encoder, decoder = record_cross_attention_masks(model.text_encoder), record_cross_attention_masks(
+            model.text_decoder)
+        model.generate(pixel_values=torch.randn(2, 3, 16, 16), input_ids=QUESTION, max_new_tokens=3, num_beams=3)
+    assert encoder and all(m is not None and m.shape == (2, 1, 1, 37) for m in encoder)
+    assert torch.allclose(encoder[0].exp()[:, 0, 0], handle.sizes)
+    assert decoder and all(m is None for m in decoder)
+
+
 def test_gradient_checkpointing_refuses_to_train():
     model = tiny("BlipVisionModel")
     (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
