@@ -65,7 +65,7 @@ class HFBlipAdapter:
     ``InstructBlipVideoVisionModel`` (and subclasses); the whole models of :data:`_WHOLE` (their tower merges, what
     cross-attends to it reads by size)."""
 
-    name = "Hugging Face BLIP / BLIP-2 / InstructBLIP vision tower"
+    name = "Hugging Face BLIP / BLIP-2 / InstructBLIP (tower or whole model)"
     tested_classes = (*_TOWERS.values(), *(name for names in _WHOLE.values() for name in names))
 
     def matches(self, model: nn.Module) -> bool:
