@@ -109,6 +109,8 @@ def main() -> None:
                     help="also the unpatched model, and per method the K operators with the most self CPU time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.operators < 0:
+        ap.error(f"--operators must be 0 (off) or a number of operators, got {args.operators}")
     if args.family != "videomae" and args.model:
         ap.error(f"--model names a VideoMAE; --family {args.family} profiles the shipped reference ViT")
     torch.set_num_threads(args.threads)
