@@ -25,6 +25,7 @@ import time
 import torch
 
 import quickmerge
+from quickmerge.cli_types import positive_int
 from quickmerge.eval.timing import cpu_counters, steal_share
 from quickmerge.vision.visualize import PHOTOS, load_photos
 
@@ -42,11 +43,11 @@ def photos(batch: int, size: int) -> torch.Tensor:
 @torch.inference_mode()
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--r", type=int, nargs="+", default=[8, 16, 24])
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--tokens", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--r", type=positive_int, nargs="+", default=[8, 16, 24])
+    ap.add_argument("--batch", type=positive_int, default=4)
+    ap.add_argument("--tokens", type=positive_int, default=20)
+    ap.add_argument("--rounds", type=positive_int, default=5)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     import transformers

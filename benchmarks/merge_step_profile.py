@@ -33,7 +33,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import quickmerge
-from quickmerge.cli_types import positive_int
+from quickmerge.cli_types import non_negative_int, positive_int
 from quickmerge.data.fashion_mnist import load_fashion_mnist
 
 patch_module = importlib.import_module("quickmerge.vision.patch")  # the package exports a function of that name
@@ -105,12 +105,10 @@ def main() -> None:
                     help="QuickMerge++'s (patch's saliency_queries)")
     ap.add_argument("--saliency", choices=token_merge.SALIENCY_SOURCES, default=None,
                     help="QuickMerge++'s (patch's saliency)")
-    ap.add_argument("--operators", type=int, default=0,
+    ap.add_argument("--operators", type=non_negative_int, default=0,
                     help="also the unpatched model, and per method the K operators with the most self CPU time")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    if args.operators < 0:
-        ap.error(f"--operators must be 0 (off) or a number of operators, got {args.operators}")
     if args.family != "videomae" and args.model:
         ap.error(f"--model names a VideoMAE; --family {args.family} profiles the shipped reference ViT")
     torch.set_num_threads(args.threads)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for
 from converted_vit import CONVERTERS, _logits
 
 import quickmerge
+from quickmerge.cli_types import positive_int
 from quickmerge.data import fashion_mnist as fm
 from quickmerge.eval.timing import cpu_counters, steal_share
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
@@ -58,9 +59,9 @@ def bootstrap_median(values: list[float], draws: int, gen: torch.Generator) -> t
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", choices=tuple(CONVERTERS), default="hf-vit")
-    ap.add_argument("--r", type=int, nargs="+", default=[16, 48])
-    ap.add_argument("--pairs", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--r", type=positive_int, nargs="+", default=[16, 48])
+    ap.add_argument("--pairs", type=positive_int, default=40)
+    ap.add_argument("--threads", type=positive_int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
