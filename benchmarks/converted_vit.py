@@ -26,6 +26,7 @@ import sys
 import time
 
 import torch
+from reporting import command_line
 
 import quickmerge
 from quickmerge.data import fashion_mnist as fm
@@ -39,7 +40,7 @@ CONVERTERS = {"torchvision": as_torchvision_vit,
               "hf-msn": lambda model: as_hf_vit(model, "ViTMSNForImageClassification")}
 
 
-def _logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``[B, classes]``: timm's and torchvision's models take the images, Hugging Face's ``pixel_values``."""
     return model(pixel_values=x).logits if hasattr(model, "config") else model(x)
 
@@ -51,7 +52,7 @@ def _predict(model: torch.nn.Module, images: torch.Tensor, batch: int, method: s
     try:
         preds, sizes = [], []
         for i in range(0, len(images), batch):
-            preds.append(_logits(model, fm.normalize(images[i: i + batch])).argmax(-1))
+            preds.append(logits(model, fm.normalize(images[i: i + batch])).argmax(-1))
             if handle is not None:
                 sizes.append(handle.sizes)
         return torch.cat(preds), torch.cat(sizes) if sizes else None
@@ -97,9 +98,9 @@ def main() -> None:
         model = families[family]
         handle = quickmerge.patch(model, r=r, method=method) if method else None
         try:
-            _logits(model, batch)  # warm-up at these settings
+            logits(model, batch)  # warm-up at these settings
             start = time.perf_counter()
-            _logits(model, batch)
+            logits(model, batch)
             return time.perf_counter() - start
         finally:
             if handle is not None:
@@ -124,9 +125,7 @@ def main() -> None:
     for row in timing:
         print(json.dumps(row))
     if args.json:
-        out = {"command": "python benchmarks/converted_vit.py " + " ".join(
-                   f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-                   if v is not None),
+        out = {"command": command_line("converted_vit.py", args),
                "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads",
                "torch": torch.__version__, "accuracy": rows, "timing": timing, "timing_steal_share": steal,
                "speedups_per_round": ratios, "seconds_per_round": times}

@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for converted_vit
 
-from converted_vit import CONVERTERS, _logits
+from converted_vit import CONVERTERS, logits
 
 import quickmerge
 from quickmerge.cli_types import positive_int
@@ -43,7 +43,7 @@ def _versions(family: str) -> dict[str, str]:
 
 def seconds(model: torch.nn.Module, batch: torch.Tensor) -> float:
     start = time.perf_counter()
-    _logits(model, batch)
+    logits(model, batch)
     return time.perf_counter() - start
 
 
@@ -78,7 +78,7 @@ def main() -> None:
         handles = [quickmerge.patch(m, r=r, method=method) for m in models.values()] if method else []
         try:
             for model in models.values():
-                _logits(model, batch)  # warm-up at this setting
+                logits(model, batch)  # warm-up at this setting
             pairs = []
             for k in range(args.pairs):
                 order = list(models) if k % 2 == 0 else list(reversed(models))
