@@ -68,10 +68,25 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
 
 
+def decoder_config(model: nn.Module) -> Any:
+    """The config the decoder's attention reads its implementation from: a vision-language model's text config (its
+    decoder may run another implementation than its tower, e.g. PaliGemma 2's eager Gemma 2 beside an SDPA SigLIP,
+    which the model's own config does not say: it names one implementation for all)."""
+    from .decoder import base_model
+
+    return getattr(base_model(model), "config", None) or model.config
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention implementation ``model``'s decoder layers run (:func:`decoder_config`'s)."""
+    return getattr(decoder_config(model), "_attn_implementation", None)
+
+
 @contextlib.contextmanager
 def grouped_sdpa(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model`` (an ``sdpa`` model) attends through :func:`_sdpa_keeping_groups`."""
-    config = model.config
+    """Within the block, ``model``'s decoder (where it runs ``sdpa``) attends through :func:`_sdpa_keeping_groups`;
+    only the decoder's config is changed, and restored on exit (a tower's and the model's own are left alone)."""
+    config = decoder_config(model)
     before = getattr(config, "_attn_implementation", None)
     if before != "sdpa":
         yield

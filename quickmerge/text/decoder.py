@@ -107,6 +107,15 @@ SUPPORTED_ARCHITECTURES = (
     "Qwen2VLForConditionalGeneration",
     "Qwen2_5_VLForConditionalGeneration",
     "Qwen3VLForConditionalGeneration",
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "InternVLForConditionalGeneration",
+    "AyaVisionForConditionalGeneration",
 )
 ROTATIONS = ("half", "interleaved", "split", "deinterleaved", "none")
 FIXED_STATE_MIXERS = ("linear_attn", "mamba", "conv")  # a hybrid layer's token mixers whose state has a fixed size
@@ -115,13 +124,16 @@ ROTATION_TOLERANCE = 0.02  # relative error: low-precision caches round near 1e-
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The decoder stack of a causal LM (``model.model``, or its ``language_model``, or that one's ``model`` where a
-    vision-language model holds a whole causal LM: Llama 4's; OPT's ``model.decoder``; GPT-NeoX's ``gpt_neox``, its
-    ``base_model_prefix``)."""
+    """The decoder stack of a causal LM (``model.model``, or its ``language_model`` (Idefics3's and SmolVLM's
+    ``text_model``), or that one's ``model`` where a vision-language model holds a whole causal LM: Llama 4's; OPT's
+    ``model.decoder``; GPT-NeoX's ``gpt_neox``, its ``base_model_prefix``)."""
     base = getattr(model, "model", None)
     if base is None:
         base = getattr(model, getattr(model, "base_model_prefix", "") or "model", model)
-    base = getattr(base, "language_model", base)
+    for text in ("language_model", "text_model"):
+        if isinstance(getattr(base, text, None), nn.Module):
+            base = getattr(base, text)
+            break
     for inner in ("model", "decoder"):  # a whole causal LM inside (Llama 4's); OPT's decoder
         if not stacked_layers(base) and hasattr(base, inner):
             base = getattr(base, inner)

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..primitives import top_indices
 from . import flat
-from .attention import grouped_sdpa, is_sdpa
+from .attention import attention_implementation, grouped_sdpa, is_sdpa
 from .cache import (
     UnsupportedCacheError,
     cache_arg,
@@ -249,7 +249,7 @@ class KVPress(Press):
         return grouped_sdpa(model) if self.adds_bias() else contextlib.nullcontext()
 
     def refusal(self, model: nn.Module) -> str | None:
-        implementation = getattr(model.config, "_attn_implementation", None)
+        implementation = attention_implementation(model)
         if not self.adds_bias() or implementation == "eager" or is_sdpa(implementation):
             return None
         return (f"{type(self).__name__} passes attention an additive float mask ({self.bias_reason()}), which "

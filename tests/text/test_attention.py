@@ -8,6 +8,7 @@ transformers = pytest.importorskip("transformers")
 from quickmerge.text import QuickMergePress  # noqa: E402
 from quickmerge.text.attention import NAME  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
+from quickmerge.text.decoder import base_model  # noqa: E402
 from tests.text.tiny import duplicated_cache, tiny  # noqa: E402
 
 
@@ -23,14 +24,15 @@ def test_grouped_sdpa_inside_the_press_equals_the_duplicated_cache_and_is_restor
         return sdpa(query, key, value, *args, **kwargs)
 
     cache = transformers.DynamicCache()
+    decoder = base_model(model).config  # a vision-language model's text config: the tower's is left alone
     with torch.no_grad(), QuickMergePress(0.5, window=4)(model):
-        assert model.config._attn_implementation == NAME
+        assert decoder._attn_implementation == NAME
         model(ids, **cache_kwargs(model, cache))
         oracle = duplicated_cache(cache)
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
         merged = model(cont, **cache_kwargs(model, cache)).logits
         monkeypatch.undo()
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == decoder._attn_implementation == "sdpa"
     biased = [c for c in calls if c[3] is not None and c[3].dtype != torch.bool]
     assert biased and all(q == 4 and kv == 2 and gqa for q, kv, gqa, _ in biased)  # never repeated to 4 heads
     with torch.no_grad():

@@ -28,6 +28,8 @@ from tests.text.tiny import (  # noqa: E402
     tiny,
     too_old,
 )
+from tests.text.tiny_vlm import KINDS as VISION_LANGUAGE_KINDS  # noqa: E402
+from tests.text.tiny_vlm import vision_language  # noqa: E402
 
 
 def _tiny(kind: str, attn: str):
@@ -144,6 +146,13 @@ def test_every_supported_architecture_is_built_by_the_tests():
             else:
                 with QuickMergePress(0.0)(model):
                     pass
+        built[type(model).__name__] = kind
+    for kind in VISION_LANGUAGE_KINDS:  # tests/text/test_vision_language.py
+        model = vision_language(kind).model
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with QuickMergePress(0.0)(model):
+                pass
         built[type(model).__name__] = kind
     too_new = {NEWER[kind][0] for kind in NEWER if too_old(kind)}
     assert {name for name in SUPPORTED_ARCHITECTURES if hasattr(transformers, name)} - too_new == set(built)
