@@ -1,4 +1,4 @@
-"""Helpers for tests that start ``torchrun``."""
+"""Helpers for tests that start ``torchrun`` or the command line."""
 
 LAUNCHER = "torch/distributed/elastic/"
 
@@ -9,3 +9,14 @@ def rank_errors(stderr: str, limit: int = 3000) -> str:
     lines = stderr.splitlines()
     first = next((i for i, line in enumerate(lines) if LAUNCHER in line), len(lines))
     return "\n".join(lines[:first])[-limit:]
+
+
+def run_here(command: list[str]) -> int:
+    """``[python, -m, quickmerge, ...]`` run in this process (``quickmerge.cli.main``): the same code without a second
+    interpreter's start-up (about 6 s of imports with transformers); the exit status. For the runs whose point is not
+    a process of their own (a killed run and torchrun's stay subprocesses)."""
+    from quickmerge.cli import main
+
+    if command[1:3] != ["-m", "quickmerge"]:
+        raise ValueError(f"not a python -m quickmerge command: {command[:3]}")
+    return main(command[3:])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import rank_errors
+from tests.launch import rank_errors, run_here
 
 pytest.importorskip("transformers")
 pytest.importorskip("gensim")
@@ -65,7 +65,7 @@ def _without_timings(results: dict) -> dict:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_lm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    assert run_here(_command(tiny_lm_dir, out)) == 0
     return json.loads(out.with_suffix(".json").read_text())
 
 
@@ -86,7 +86,7 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, unin
     before = {entry["key"]: entry["row"] for entry in _journal_lines(out)}
     assert 4 <= len(before) < 36, "the run was not interrupted mid-way"
     assert not out.with_suffix(".json").exists()
-    subprocess.run(_command(tiny_lm_dir, out), check=True, cwd=ROOT, env=_env(), capture_output=True)
+    assert run_here(_command(tiny_lm_dir, out)) == 0
     after = _journal_lines(out)
     keys = [entry["key"] for entry in after]
     assert len(keys) == len(set(keys)) == 36, "a finished row was computed again (or one is missing)"
@@ -95,14 +95,13 @@ def test_a_killed_run_resumes_and_ends_as_an_uninterrupted_one(tiny_lm_dir, unin
     assert _without_timings(resumed) == _without_timings(uninterrupted)
 
 
-def test_other_settings_are_refused_until_fresh(tiny_lm_dir, tmp_path):
+def test_other_settings_are_refused_until_fresh(tiny_lm_dir, tmp_path, refused):
     out = tmp_path / "run"
     command = [a if a != "12" else "2" for a in _command(tiny_lm_dir, out)]  # --examples 2: only the check matters
-    subprocess.run(command, check=True, cwd=ROOT, env=_env(), capture_output=True)
+    assert run_here(command) == 0
     changed = [a if a != "96" else "64" for a in command]  # --context 64
-    result = subprocess.run(changed, cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert result.returncode == 2 and "--fresh" in result.stderr and "Traceback" not in result.stderr
-    subprocess.run([*changed, "--fresh"], check=True, cwd=ROOT, env=_env(), capture_output=True)
+    refused(changed[3:], "--fresh")
+    assert run_here([*changed, "--fresh"]) == 0
     config = json.loads(out.with_suffix(".json").read_text())["config"]
     assert config["context"] == 64
     import transformers

@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("safetensors")
 from quickmerge.data import fashion_mnist
-from tests.launch import rank_errors
+from tests.launch import rank_errors, run_here
 
 if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
     pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
@@ -41,7 +41,7 @@ def _rows(path):
 def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(tiny_vit_dir, tmp_path):
     checkpoint = tiny_vit_dir
     full = tmp_path / "full"
-    subprocess.run(_command(checkpoint, full), check=True, cwd=ROOT, env=ENV, capture_output=True)
+    assert run_here(_command(checkpoint, full)) == 0
     out = tmp_path / "killed"
     proc = subprocess.Popen(_command(checkpoint, out), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -54,7 +54,7 @@ def test_killed_vision_eval_resumes_and_torchrun_gives_the_same_rows(tiny_vit_di
     proc.wait()
     finished = len(journal.read_text().splitlines())
     assert 3 <= finished < 9 and not out.with_suffix(".json").exists()
-    subprocess.run(_command(checkpoint, out), check=True, cwd=ROOT, env=ENV, capture_output=True)
+    assert run_here(_command(checkpoint, out)) == 0
     keys = [json.loads(line)["key"] for line in journal.read_text().splitlines() if line.strip()]
     assert len(keys) == len(set(keys)) == 9  # 1 + 2 x 2 constant + 2 entropy schedules + 2 per-image, none twice
     assert _rows(out.with_suffix(".json")) == _rows(full.with_suffix(".json"))
