@@ -1,6 +1,18 @@
 """Helpers for tests that start ``torchrun`` or the command line."""
 
+import os
+from pathlib import Path
+
 LAUNCHER = "torch/distributed/elastic/"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a child, the repository first on ``PYTHONPATH`` and after it whatever
+    ``PYTHONPATH`` the run has: a release overlaid on the environment (``.ci/release_matrix.py``, the newest torch's
+    check) reaches the child too, which would otherwise import the environment's own release. ``extra`` is added."""
+    paths = [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
 
 
 def rank_errors(stderr: str, limit: int = 3000) -> str:

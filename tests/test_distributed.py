@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.launch import rank_errors
+from tests.launch import child_env, rank_errors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,8 @@ def test_two_ranks_exchange_objects_and_exit_cleanly(tmp_path):
     script.write_text(SCRIPT)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+                            env={"PYTHONPATH": child_env()["PYTHONPATH"], "PATH": "/usr/bin:/bin",
+                                 "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, rank_errors(result.stderr)
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 

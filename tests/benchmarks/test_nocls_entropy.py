@@ -1,12 +1,13 @@
 """``benchmarks/nocls_entropy.py``: the entropy schedule of a ViT without a class token against constant r."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,7 +34,7 @@ def test_schedules_are_calibrated_on_the_held_out_images_and_compared_on_the_sam
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights", str(weights),
                     "--images", "40", "--calibration-images", "64", "--bipartite-r", "24", "--greedy-r", "120",
                     "--threads", "1", "--timing-rounds", "1", "--out", str(out)],
-                   check=True, cwd=ROOT, env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
+                   check=True, cwd=ROOT, env=child_env(TQDM_DISABLE="1"))
     result = json.loads(out.read_text())
     rows = {(row["r"], row["matching"], row["setting"]): row for row in result["rows"]}
     assert set(rows) == {(24, "bipartite", "tome"), (24, "bipartite", "constant"), (24, "bipartite", "entropy"),
@@ -61,6 +62,6 @@ def test_a_calibration_as_large_as_the_held_out_split_is_refused_before_the_mode
         pytest.skip("dataset-fashion-mnist absent")
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_entropy.py"), "--weights",
                              str(tmp_path / "absent.pt"), "--calibration-images", "5000", "--out", str(tmp_path / "o")],
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+                            cwd=ROOT, env=child_env(), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--calibration-images: expected fewer than the 5000 held-out images, got 5000" in result.stderr

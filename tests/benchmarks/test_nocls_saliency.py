@@ -1,12 +1,13 @@
 """``benchmarks/nocls_saliency.py``: the saliency variants of a ViT without a class token, paired per image."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +32,7 @@ def test_every_variant_is_measured_on_the_same_images_and_the_default_row_is_pat
     torch.save(model.state_dict(), weights)
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nocls_saliency.py"), "--weights", str(weights),
                     "--images", "48", "--r", "24", "--threads", "1", "--out", str(out)], check=True, cwd=ROOT,
-                   env={**os.environ, "TQDM_DISABLE": "1", "PYTHONPATH": str(ROOT)})
+                   env=child_env(TQDM_DISABLE="1"))
     result = json.loads(out.read_text())
     rows = {row["setting"]: row for row in result["rows"]}
     assert set(rows) == {"tome", "queries=16", "queries=4", "queries=8", "mean", "hidden+scaled"}

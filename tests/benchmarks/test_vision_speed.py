@@ -1,12 +1,13 @@
 """``benchmarks/vision_speed.py``: the merge step's share of a block, and the host's steal while it was timed."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -21,7 +22,7 @@ def test_every_method_is_timed_inside_a_block_and_the_json_says_how_much_of_the_
     out = tmp_path / "speed.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vision_speed.py"), "--batch", "4", "--r", "8",
                     "--repeats", "1", "--threads", "1", "--json", str(out)],
-                   check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True)
+                   check=True, cwd=ROOT, env=child_env(), capture_output=True)
     info = json.loads(out.read_text())
     assert info["tokens"] == 197 and info["batch"] == 4 and info["r"] == 8
     assert set(info["results"]) == {"quickmerge", "tome", "random", "pool"}

@@ -1,7 +1,6 @@
 """``quickmerge eval vision`` loses nothing when killed and gives one process's rows under torchrun."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 pytest.importorskip("timm")
 pytest.importorskip("safetensors")
 from quickmerge.data import fashion_mnist
-from tests.launch import rank_errors, run_here
+from tests.launch import child_env, rank_errors, run_here
 
 if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
     pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
@@ -27,7 +26,7 @@ def _command(checkpoint, out, *extra):
             "--timing-rounds", "1", "--threads", "1", "--out", str(out), *extra]
 
 
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+ENV = child_env(TQDM_DISABLE="1")
 MEASURED = ("images_per_s", "unpatched_images_per_s", "speedup", "speedup_per_round", "seconds_per_round",
             "unpatched_seconds_per_round", "timing_steal_share")
 

@@ -2,7 +2,6 @@
 same global batch), resumption after an interrupted epoch, and the shipped checkpoint left alone."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ pytest.importorskip("timm")
 st = pytest.importorskip("safetensors.torch")
 
 from quickmerge.vision.train import DEFAULT_OUT, Recipe, augment, train  # noqa: E402
-from tests.launch import rank_errors  # noqa: E402
+from tests.launch import child_env, rank_errors  # noqa: E402
 from tests.vision.ddp_train import CONFIG, synthetic  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +32,7 @@ def test_augment_flips_and_shifts_each_image_on_its_own():
 
 
 def test_two_processes_make_the_update_of_one(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    env = child_env(TQDM_DISABLE="1")
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "tests/vision/ddp_train.py", str(one)], check=True, cwd=ROOT, env=env,
                    capture_output=True)
