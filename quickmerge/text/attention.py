@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decoder import base_model
+
 NAME = "quickmerge_sdpa"
 
 
@@ -72,8 +74,6 @@ def decoder_config(model: nn.Module) -> Any:
     """The config the decoder's attention reads its implementation from: a vision-language model's text config (its
     decoder may run another implementation than its tower, e.g. PaliGemma 2's eager Gemma 2 beside an SDPA SigLIP,
     which the model's own config does not say: it names one implementation for all)."""
-    from .decoder import base_model
-
     return getattr(base_model(model), "config", None) or model.config
 
 

@@ -565,6 +565,21 @@ class _DenseHead:
             self.handle = None
 
 
+
+def _press_hint(model: nn.Module) -> str:
+    """For a class the presses support (a causal language or vision-language model), where its tokens do merge."""
+    from ..text.decoder import SUPPORTED_ARCHITECTURES
+
+    if not any(c.__name__ in SUPPORTED_ARCHITECTURES for c in type(model).__mro__):
+        return ""
+    hint = ("; it is a causal language model of quickmerge.text.SUPPORTED_ARCHITECTURES: QuickMergePress merges its "
+            "KV cache, QuickMergeInputPress its prompt's tokens")
+    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+        return hint
+    return hint + (", its image tokens alone with token_ids=(model.config.image_token_id,) and layer=-1 before the "
+                   "language model reads them (a vision tower merged alone would hand the projector fewer features "
+                   "than the prompt has image tokens)")
+
 def patch(
     model: nn.Module,
     r: Any = 0,
@@ -680,7 +695,7 @@ def patch(
         inner = [name for name in ("visual", "vision_model", "model")
                  if isinstance(getattr(model, name, None), nn.Module) and find_adapter(getattr(model, name))]
         what = "the model it wraps" if inner[:1] == ["model"] else "its image tower"
-        hint = f"; {what} is supported: quickmerge.patch(model.{inner[0]})" if inner else ""
+        hint = f"; {what} is supported: quickmerge.patch(model.{inner[0]})" if inner else _press_hint(model)
         families = "; ".join(a.name for a in REGISTRY)
         raise TypeError(
             f"quickmerge.patch supports {len(REGISTRY)} model families ({families}); the "

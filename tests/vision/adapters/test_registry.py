@@ -96,6 +96,24 @@ def test_a_refusal_names_the_families_and_the_nearest_tested_classes_not_all_of_
     assert len(message) < len(adapters.supported_families()) / 2, message  # the families' names, not every class
 
 
+def test_a_language_or_vision_language_model_is_pointed_to_the_presses():
+    """A class the presses support is refused with where its tokens do merge: the presses, and for a vision-language
+    model its image tokens before the language model (its tower merged alone would break the projector's count)."""
+    pytest.importorskip("transformers")
+    from tests.text.tiny import tiny
+    from tests.text.tiny_vlm import vision_language
+
+    for model, image in ((vision_language("llava").model, True), (tiny("llama"), False)):
+        with pytest.raises(TypeError) as caught:
+            quickmerge.patch(model)
+        message = str(caught.value)
+        assert "QuickMergePress merges its KV cache, QuickMergeInputPress its prompt's tokens" in message, message
+        assert ("token_ids=(model.config.image_token_id,) and layer=-1" in message) == image, message
+    with pytest.raises(TypeError) as caught:
+        quickmerge.patch(VisionTransfomer())
+    assert "QuickMergePress" not in str(caught.value)
+
+
 def test_the_hint_names_a_tested_base_class_or_nothing_when_nothing_is_near():
     class MyClassifier(timm_vit.VisionTransformer):
         pass
