@@ -62,8 +62,8 @@ def test_the_kv_press_merges_the_cache_of_a_prompt_with_an_image(kind, attn):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_input_press_merges_the_image_tokens_only(kind):
-    """``QuickMergeInputPress(token_ids=(image token,))`` after layer 0: every layer above holds the text whole and
-    half of the image's tokens (each merged token the mean of a run of them); ratio 0 exact."""
+    """``QuickMergeInputPress(token_ids=(image token,))`` after layer 0: every layer above holds the prompt less half
+    of its image tokens and reads it at prefill, then the continuation; ratio 0 exact."""
     built = vision_language(kind)
     model = built.model
     ids, inputs = prompt(built, batch=1)
