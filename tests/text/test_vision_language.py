@@ -1,6 +1,6 @@
 """The presses on the open vision-language models most run (tests/text/tiny_vlm.py): LLaVA 1.5, LLaVA-NeXT,
 LLaVA-NeXT-Video, LLaVA-OneVision, PaliGemma 1 and 2, Idefics3, SmolVLM, InternVL and Aya Vision, each with an image
-(LLaVA-NeXT-Video: a clip) in the prompt."""
+(LLaVA-NeXT-Video and one LLaVA-OneVision case: a clip) in the prompt."""
 
 import warnings
 
@@ -62,8 +62,8 @@ def test_the_kv_press_merges_the_cache_of_a_prompt_with_an_image(kind, attn):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_input_press_merges_the_image_tokens_only(kind):
-    """``QuickMergeInputPress(token_ids=(image token,))`` after layer 0: every layer above holds the prompt less half
-    of its image tokens and reads it at prefill, then the continuation; ratio 0 exact."""
+    """``QuickMergeInputPress(token_ids=(image token,))`` after layer 0: every layer above holds as many tokens as the
+    text plus half the image's (rounded down) and reads them at prefill, then the continuation; ratio 0 exact."""
     built = vision_language(kind)
     model = built.model
     ids, inputs = prompt(built, batch=1)
@@ -83,7 +83,7 @@ def test_the_input_press_merges_the_image_tokens_only(kind):
         finally:
             handle.remove()
     assert torch.allclose(exact, reference, atol=1e-5)
-    kept = n - image // 2
+    kept = n - image + int(image * 0.5)  # the press keeps int(k (1 - ratio)) of k image tokens
     assert [layer.keys.shape[2] for layer in cache.layers] == [n + 4] + [kept + 4] * (len(cache.layers) - 1)
     assert seen == [kept, 4]  # layer 1 runs the merged prompt, then the continuation on the merged cache
     assert base_model(model) is getattr(model.model, "language_model", getattr(model.model, "text_model", None))

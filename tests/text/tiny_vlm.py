@@ -81,6 +81,12 @@ def vision_language(kind: str, attn: str = "sdpa") -> VisionLanguage:
         built = VisionLanguage(t.LlavaOnevisionForConditionalGeneration(t.LlavaOnevisionConfig(
             vision_config=siglip, text_config=_text("qwen2"), image_token_index=IMAGE, vision_feature_layer=-1,
             vision_feature_select_strategy="full", image_grid_pinpoints=[[16, 16]])), 10, _anyres("pixel_values"))
+    elif kind == "llava-onevision-video":  # a clip of 3 frames, 16 patches each pooled 2 x 2, then a newline: 13
+        built = VisionLanguage(t.LlavaOnevisionForConditionalGeneration(t.LlavaOnevisionConfig(
+            vision_config=dict(**TOWER, image_size=32), text_config=_text("qwen2"), image_token_index=95,
+            video_token_index=IMAGE, vision_feature_layer=-1, vision_feature_select_strategy="full",
+            image_grid_pinpoints=[[32, 32]])), 13, lambda batch, g: {
+                "pixel_values_videos": torch.randn(batch, 3, 3, 32, 32, generator=g)})
     elif kind in ("paligemma", "paligemma2"):
         text = _text("gemma" if kind == "paligemma" else "gemma2")
         built = VisionLanguage(t.PaliGemmaForConditionalGeneration(t.PaliGemmaConfig(
@@ -108,8 +114,8 @@ def vision_language(kind: str, attn: str = "sdpa") -> VisionLanguage:
     return built
 
 
-KINDS = ("llava", "llava-next", "llava-next-video", "llava-onevision", "paligemma", "paligemma2", "idefics3",
-         "smolvlm", "internvl", "aya-vision")
+KINDS = ("llava", "llava-next", "llava-next-video", "llava-onevision", "llava-onevision-video", "paligemma",
+         "paligemma2", "idefics3", "smolvlm", "internvl", "aya-vision")
 
 
 def prompt(built: VisionLanguage, batch: int = 2, seed: int = 0) -> tuple[torch.Tensor, dict]:
