@@ -9,6 +9,13 @@ def _seed_and_threads():
     yield
 
 
+# torch.compile's backend for tests whose point is tracing (no graph break under ``fullgraph=True``, guards that
+# follow the handle) and whose numbers are compared with eager: dynamo, then AOTAutograd's functionalisation with
+# inductor's decompositions and partitioner, without inductor's C++ code generation (a clean machine's empty
+# inductor cache made each such test cost 16-48 s). Inductor itself compiles one timm and one Hugging Face model.
+TRACING = "aot_eager_decomp_partition"
+
+
 def naive_group_means(x: torch.Tensor, mass: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:
     """Reference weighted means with explicit loops (tests only)."""
     b, _, d = x.shape

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..data import wikipedia_articles
 from ..distributed import Context
+from ..text.attention import decoder_config
 from ..text.cache import cache_kwargs, physical_length
 from ..text.decoder import base_model, keeps_fixed_state, stacked_layers
 from .journal import Journal
@@ -90,14 +91,18 @@ class Method:
 
 @contextlib.contextmanager
 def _attn_implementation(model: Any, name: str) -> Iterator[None]:
-    before = model.config._attn_implementation
-    if before != name:
-        model.set_attn_implementation(name)
+    """Within the block ``model``'s decoder runs attention ``name``; only the decoder's config is set and restored (a
+    vision-language model's tower keeps its own: the model-wide setter would set, then restore, one for all)."""
+    config = decoder_config(model)
+    before = config._attn_implementation
+    if before == name:
+        yield
+        return
+    config._attn_implementation = name
     try:
         yield
     finally:
-        if before != name:
-            model.set_attn_implementation(before)
+        config._attn_implementation = before
 
 
 @contextlib.contextmanager

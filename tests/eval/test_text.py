@@ -101,3 +101,28 @@ def test_no_compression_is_scored_on_a_model_the_presses_refuse():
         logits = model(example.ids[None, :-1]).logits[0, 32:]
     assert row["memory_saved"] == 0.0
     assert row["nll"] == pytest.approx(torch.nn.functional.cross_entropy(logits, example.ids[33:]).item(), abs=1e-4)
+
+
+@pytest.mark.parametrize("tower", ["sdpa", "eager"])
+def test_a_method_reading_attention_weights_switches_the_decoder_alone_and_restores_it(tower):
+    """kvpress's observed-attention presses need eager weights from the decoder: on a vision-language model whose
+    decoder runs SDPA the prefill runs the decoder eager and leaves the tower's implementation alone, and afterwards
+    every config says what it said (the model-wide setter would switch the tower too, then restore one for all)."""
+    pytest.importorskip("transformers")
+    from quickmerge.eval.text import Method, prefilled
+    from quickmerge.text.decoder import attention_of, decoder_layers
+    from tests.text.tiny_vlm import vision_language
+
+    model = vision_language("llava").model
+    model.set_attn_implementation({"text_config": "sdpa", "vision_config": tower})
+    configs = (model.config, model.config.text_config, model.config.vision_config)
+    before = [c._attn_implementation for c in configs]
+    seen = []
+    handle = attention_of(decoder_layers(model)[0]).register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(module.config._attn_implementation), with_kwargs=True)
+    reading = Method("reads-weights", make=lambda ratio: None, eager=True)
+    with torch.no_grad(), prefilled(model, torch.randint(3, 90, (1, 12)), None, reading):
+        assert model.config.vision_config._attn_implementation == tower
+    handle.remove()
+    assert seen == ["eager"]
+    assert [c._attn_implementation for c in configs] == before

@@ -11,6 +11,8 @@ from quickmerge.call_arguments import takes_argument
 from quickmerge.vision.adapters import hf_vit
 from quickmerge.vision.adapters.hf_clip import tower
 
+from ...conftest import TRACING
+
 transformers = pytest.importorskip("transformers")
 if not hasattr(transformers, "Siglip2VisionModel"):
     pytest.skip("this transformers has no SigLIP 2", allow_module_level=True)
@@ -303,12 +305,12 @@ def test_the_patched_classifier_compiles_whole():
     with torch.no_grad():
         eager = model(**inputs).logits
         try:
-            compiled = torch.compile(model, fullgraph=True)(**inputs).logits
+            compiled = torch.compile(model, backend=TRACING, fullgraph=True)(**inputs).logits
         except torch._dynamo.exc.UserError:
             handle.remove()  # transformers 5.0's position-embedding resize cannot be traced whole, patched or not
             torch.compiler.reset()
             with pytest.raises(torch._dynamo.exc.UserError):
-                torch.compile(model, fullgraph=True)(**inputs)
+                torch.compile(model, backend=TRACING, fullgraph=True)(**inputs)
             pytest.skip("this transformers' SigLIP 2 does not compile whole even unpatched")
     assert torch.allclose(compiled, eager, atol=1e-5, rtol=0)
 

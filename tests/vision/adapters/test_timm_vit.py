@@ -507,6 +507,21 @@ def test_torch_compile_traces_the_hooks_whole_and_follows_the_handle(fused):
     torch._dynamo.reset()
 
 
+def test_inductor_compiles_the_patched_model_whole():
+    """What users run: torch.compile's default backend (inductor, C++ code on the CPU) on a patched model; the other
+    compile tests trace through ``TRACING``, without code generation."""
+    torch._dynamo.reset()
+    model, x = tiny_vit(True), torch.randn(2, 1, 16, 16)
+    with torch.no_grad(), quickmerge.patch(model, r=8, method="tome") as handle:  # no near-ties to flip
+        eager, tokens = model(x), list(handle.tokens_per_layer)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    with torch.no_grad():
+        unmerged = model(x)  # unpatched: merging changed the answer, so the compiled graph did merge
+    assert handle.tokens_per_layer == tokens and tokens[-1] < tokens[0]
+    assert torch.allclose(compiled, eager, atol=1e-5, rtol=0) and not torch.allclose(unmerged, eager, atol=1e-3)
+    torch._dynamo.reset()
+
+
 def test_average_pooling_after_the_final_norm_compiles_whole_under_either_unmerge():
     """The pool reading each patch's own stream (a dense-head reader opened by a pre-hook on the model, closed
     after) traces into one graph; switching the unmerge or unpatching recompiles."""
