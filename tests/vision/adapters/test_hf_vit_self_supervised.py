@@ -177,31 +177,24 @@ def test_mae_pre_training_decodes_the_unmerged_stream_by_residual_when_blocks_on
                                                ("ViTForImageClassification", "tome", 48),
                                                ("ViTMSNForImageClassification", "quickmerge", 48)])
 @torch.inference_mode()
-def test_the_reference_vit_in_hugging_face_merges_as_in_timm(cls_name, method, r):
+def test_the_reference_vit_in_hugging_face_merges_as_in_timm(cls_name, method, r, reference_runs):
     """The shipped ViT converted weight for weight into HF's ViT / ViT-MSN classifier: the same logits unpatched, and,
     patched alike, the same merges (sizes) and predictions on real test images as timm's adapter gives."""
-    pytest.importorskip("timm")
-    from quickmerge.data import fashion_mnist as fm
-    from quickmerge.pretrained.fashion_vit import as_hf_vit, load_fashion_vit
+    from quickmerge.pretrained.fashion_vit import as_hf_vit
 
-    if not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip("dataset-fashion-mnist absent")
-    timm_model = load_fashion_vit()
-    hf_model = as_hf_vit(timm_model, cls_name)
-    x = fm.normalize(fm.load_fashion_mnist("test")[0][:256])
-    assert torch.allclose(hf_model(pixel_values=x).logits, timm_model(x), atol=1e-4, rtol=0)
-    with quickmerge.patch(timm_model, r=r, method=method) as timm_handle:
-        want = timm_model(x)
-        want_sizes = timm_handle.sizes
+    hf_model, x = as_hf_vit(reference_runs.model, cls_name), reference_runs.images
+    unpatched = hf_model(pixel_values=x).logits
+    assert torch.allclose(unpatched, reference_runs.logits, atol=1e-4, rtol=0)
+    want, want_sizes, want_tokens = reference_runs.patched(method, r)
     with quickmerge.patch(hf_model, r=r, method=method) as hf_handle:
         got = hf_model(pixel_values=x).logits
-        assert hf_handle.tokens_per_layer == timm_handle.tokens_per_layer
+        assert hf_handle.tokens_per_layer == want_tokens
         same_sizes = int((hf_handle.sizes == want_sizes).all(dim=1).sum())
     # a merge decided by a floating-point tie may differ (the keys come from other products)
     same_logits = int(((got - want).abs().amax(dim=-1) <= 1e-4).sum())
     assert same_sizes >= 254 and same_logits >= 254, (same_sizes, same_logits)
     assert int((got.argmax(-1) == want.argmax(-1)).sum()) >= 255
-    assert not torch.allclose(got, hf_model(pixel_values=x).logits, atol=1e-3)  # merging changed the logits
+    assert not torch.allclose(got, unpatched, atol=1e-3)  # merging changed the logits
 
 
 def test_the_hugging_face_converter_refuses_vits_and_classes_it_does_not_map():

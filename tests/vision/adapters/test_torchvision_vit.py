@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import quickmerge
-from quickmerge.data import fashion_mnist as fm
 
 from ...conftest import alive_after_call
 
@@ -82,31 +81,26 @@ def test_nothing_of_a_call_is_held_after_it():
         assert alive_after_call(model.encoder.ln, lambda: model(x)) == []
 
 
-@pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
 @pytest.mark.parametrize("method,r", [("quickmerge", 16), ("quickmerge", 48), ("tome", 48)])
 @torch.inference_mode()
-def test_the_reference_vit_in_torchvision_merges_as_in_timm(method, r):
+def test_the_reference_vit_in_torchvision_merges_as_in_timm(method, r, reference_runs):
     """The shipped ViT converted weight for weight: the same logits unpatched, and, patched alike, the same
     merges (sizes) and predictions on real test images as timm's adapter gives."""
-    pytest.importorskip("timm")
-    from quickmerge.pretrained.fashion_vit import as_torchvision_vit, load_fashion_vit
+    from quickmerge.pretrained.fashion_vit import as_torchvision_vit
 
-    timm_model = load_fashion_vit()
-    tv_model = as_torchvision_vit(timm_model)
-    x = fm.normalize(fm.load_fashion_mnist("test")[0][:256])
-    assert torch.allclose(tv_model(x), timm_model(x), atol=1e-4, rtol=0)
-    with quickmerge.patch(timm_model, r=r, method=method) as timm_handle:
-        want = timm_model(x)
-        want_sizes = timm_handle.sizes
+    tv_model, x = as_torchvision_vit(reference_runs.model), reference_runs.images
+    unpatched = tv_model(x)
+    assert torch.allclose(unpatched, reference_runs.logits, atol=1e-4, rtol=0)
+    want, want_sizes, want_tokens = reference_runs.patched(method, r)
     with quickmerge.patch(tv_model, r=r, method=method) as tv_handle:
         got = tv_model(x)
-        assert tv_handle.tokens_per_layer == timm_handle.tokens_per_layer
+        assert tv_handle.tokens_per_layer == want_tokens
         same_sizes = int((tv_handle.sizes == want_sizes).all(dim=1).sum())
     # a merge decided by a floating-point tie may differ (the keys come from other products): 0-2 of 1,024 images
     same_logits = int(((got - want).abs().amax(dim=-1) <= 1e-4).sum())
     assert same_sizes >= 254 and same_logits >= 254, (same_sizes, same_logits)
     assert int((got.argmax(-1) == want.argmax(-1)).sum()) >= 255
-    assert not torch.allclose(got, tv_model(x), atol=1e-3)  # merging changed the logits: the check can fail
+    assert not torch.allclose(got, unpatched, atol=1e-3)  # merging changed the logits: the check can fail
 
 
 def test_the_converter_refuses_vits_it_does_not_map():
