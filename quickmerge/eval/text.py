@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..data import wikipedia_articles
 from ..distributed import Context
-from ..text.attention import decoder_config
+from ..text.attention import decoder_attention_as
 from ..text.cache import cache_kwargs, physical_length
 from ..text.decoder import base_model, keeps_fixed_state, stacked_layers
 from .journal import Journal
@@ -90,22 +90,6 @@ class Method:
 
 
 @contextlib.contextmanager
-def _attn_implementation(model: Any, name: str) -> Iterator[None]:
-    """Within the block ``model``'s decoder runs attention ``name``; only the decoder's config is set and restored (a
-    vision-language model's tower keeps its own: the model-wide setter would set, then restore, one for all)."""
-    config = decoder_config(model)
-    before = config._attn_implementation
-    if before == name:
-        yield
-        return
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = before
-
-
-@contextlib.contextmanager
 def _masks_for_shortened_layers(model: Any, cache: Any) -> Iterator[None]:
     """Give layers whose cache a press shortened more than others a mask of their own length.
 
@@ -167,7 +151,7 @@ def prefilled(model: Any, ids: Tensor, press: Any, method: Method) -> Iterator[P
     cache = DynamicCache(config=model.config) if hybrid else DynamicCache()
     with contextlib.ExitStack() as decoding:
         if method.eager:
-            decoding.enter_context(_attn_implementation(model, "eager"))
+            decoding.enter_context(decoder_attention_as(model, "eager"))
         with contextlib.ExitStack() as pressing:
             if press is not None:
                 pressing.enter_context(press(model))

@@ -83,20 +83,28 @@ def attention_implementation(model: nn.Module) -> str | None:
 
 
 @contextlib.contextmanager
-def grouped_sdpa(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model``'s decoder (where it runs ``sdpa``) attends through :func:`_sdpa_keeping_groups`;
-    only the decoder's config is changed, and restored on exit (a tower's and the model's own are left alone)."""
+def decoder_attention_as(model: nn.Module, name: str) -> Iterator[None]:
+    """Within the block ``model``'s decoder runs attention ``name``: only the decoder's config is set, and restored on
+    exit (a vision-language model's tower keeps its own; the model-wide setter would set, then restore, one for all)."""
     config = decoder_config(model)
     before = getattr(config, "_attn_implementation", None)
-    if before != "sdpa":
+    if before == name:
         yield
         return
-    _register()
-    config._attn_implementation = NAME
+    config._attn_implementation = name
     try:
         yield
     finally:
         config._attn_implementation = before
+
+
+def grouped_sdpa(model: nn.Module) -> contextlib.AbstractContextManager:
+    """Within the block, ``model``'s decoder (where it runs ``sdpa``) attends through :func:`_sdpa_keeping_groups`
+    (:func:`decoder_attention_as`); a decoder running another implementation is left as it is."""
+    if attention_implementation(model) != "sdpa":
+        return contextlib.nullcontext()
+    _register()
+    return decoder_attention_as(model, NAME)
 
 
 def is_sdpa(implementation: str | None) -> bool:

@@ -565,7 +565,6 @@ class _DenseHead:
             self.handle = None
 
 
-
 def _press_hint(model: nn.Module) -> str:
     """For a class the presses support (a causal language or vision-language model), where its tokens do merge."""
     from ..text.decoder import SUPPORTED_ARCHITECTURES
@@ -574,11 +573,14 @@ def _press_hint(model: nn.Module) -> str:
         return ""
     hint = ("; it is a causal language model of quickmerge.text.SUPPORTED_ARCHITECTURES: QuickMergePress merges its "
             "KV cache, QuickMergeInputPress its prompt's tokens")
-    if getattr(getattr(model, "config", None), "vision_config", None) is None:
+    config = getattr(model, "config", None)
+    if getattr(config, "vision_config", None) is None:
         return hint
-    return hint + (", its image tokens alone with token_ids=(model.config.image_token_id,) and layer=-1 before the "
-                   "language model reads them (a vision tower merged alone would hand the projector fewer features "
-                   "than the prompt has image tokens)")
+    video = " (a clip's: video_token_id)" if getattr(config, "video_token_id", None) is not None else ""
+    return hint + (f", its image tokens alone with token_ids=(model.config.image_token_id,){video} and layer=-1 "
+                   "before the language model reads them (a vision tower merged alone would hand the projector fewer "
+                   "features than the prompt has image tokens)")
+
 
 def patch(
     model: nn.Module,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import rank_errors, run_here
+from tests.launch import child_env, rank_errors, run_here
 
 pytest.importorskip("transformers")
 pytest.importorskip("gensim")
@@ -29,10 +29,11 @@ def _command(model_dir: str, out: Path, *extra: str) -> list[str]:
 
 
 def _env(slow_rows: Path | None = None) -> dict:
-    paths = [str(ROOT)] if slow_rows is None else [str(slow_rows), str(ROOT)]
-    if os.environ.get("PYTHONPATH"):  # e.g. another transformers release installed over the environment's
-        paths.append(os.environ["PYTHONPATH"])
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(paths), "TQDM_DISABLE": "1"}
+    """A child's environment (:func:`tests.launch.child_env`), ``slow_rows``' sitecustomize first where given."""
+    env = child_env(HF_HUB_OFFLINE="1", TQDM_DISABLE="1")
+    if slow_rows is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(slow_rows), env["PYTHONPATH"]])
+    return env
 
 
 # A tiny model writes a row in milliseconds: under load the whole run could end before the signal

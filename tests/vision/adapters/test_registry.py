@@ -103,12 +103,14 @@ def test_a_language_or_vision_language_model_is_pointed_to_the_presses():
     from tests.text.tiny import tiny
     from tests.text.tiny_vlm import vision_language
 
-    for model, image in ((vision_language("llava").model, True), (tiny("llama"), False)):
+    for model, image, clip in ((vision_language("llava").model, True, False), (tiny("llama"), False, False),
+                               (vision_language("llava-next-video").model, True, True)):
         with pytest.raises(TypeError) as caught:
             quickmerge.patch(model)
         message = str(caught.value)
         assert "QuickMergePress merges its KV cache, QuickMergeInputPress its prompt's tokens" in message, message
-        assert ("token_ids=(model.config.image_token_id,) and layer=-1" in message) == image, message
+        assert ("token_ids=(model.config.image_token_id,)" in message) == image, message
+        assert ("(a clip's: video_token_id) and layer=-1" in message) == clip, message
     with pytest.raises(TypeError) as caught:
         quickmerge.patch(VisionTransfomer())
     assert "QuickMergePress" not in str(caught.value)
