@@ -1,5 +1,109 @@
+import os
+import sys
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch
+
+from tests.launch import IMPORT_LOG, WATCHED
+
+# ./run.sh test runs the suite twice: on the pinned releases, then with the newest transformers and what pip upgrades
+# or adds with it. A file marked ``pytestmark = pytest.mark.transformers_free`` builds nothing of transformers or
+# tokenizers (no config, model, tokenizer or processor) and starts no child that imports them, so when the second
+# environment changes nothing else (tests/newest_scope.py decides) that run (``--transformers-only``) leaves it out.
+# Every run that includes such a test checks the mark: the test errors if it builds one, imports either package for
+# the first time, or starts a child through tests.launch.child_env that imports either (unless the child's
+# PYTHONPATH puts a sitecustomize of its own first: Python runs only the first).
+FREE = "transformers_free"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--transformers-only", action="store_true",
+                     help=f"leave out the tests marked {FREE} (./run.sh test's run on the newest transformers)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"{FREE}: builds nothing of transformers or tokenizers, nor do its children "
+                            "(left out by --transformers-only)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--transformers-only"):
+        free = [item for item in items if item.get_closest_marker(FREE)]
+        config.hook.pytest_deselected(items=free)
+        items[:] = [item for item in items if not item.get_closest_marker(FREE)]
+
+
+class _TransformersGuard:
+    """While a ``transformers_free`` test runs: what of transformers / tokenizers it built or imported, in this process
+    and in its children."""
+
+    def __init__(self, log_path):
+        self.seen: list[str] = []
+        self.log_path = log_path
+        self.restore: list = []
+        if "transformers" in sys.modules:  # built objects; a first import is caught below
+            from transformers import PretrainedConfig
+            from transformers.image_processing_base import ImageProcessingMixin
+            from transformers.processing_utils import ProcessorMixin
+            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+            for cls in (PretrainedConfig, PreTrainedTokenizerBase, ImageProcessingMixin, ProcessorMixin):
+                self._watch(cls)
+        sys.meta_path.insert(0, self)
+        self.restore.append(lambda: sys.meta_path.remove(self))
+        os.environ[IMPORT_LOG] = str(log_path)
+        self.restore.append(lambda: os.environ.pop(IMPORT_LOG, None))
+
+    def _watch(self, cls) -> None:
+        original = cls.__dict__.get("__init__")
+        inherited = cls.__init__
+
+        def init(obj, *args, **kwargs):
+            self.seen.append(f"built a {type(obj).__name__}")
+            inherited(obj, *args, **kwargs)
+
+        cls.__init__ = init
+        self.restore.append(lambda: setattr(cls, "__init__", original) if original else delattr(cls, "__init__"))
+
+    def find_spec(self, name, path=None, target=None):
+        if name in WATCHED:
+            self.seen.append(f"imported {name}")
+        return None  # the regular finders import it
+
+    def close(self) -> list[str]:
+        for undo in reversed(self.restore):
+            undo()
+        self.seen += [f"a child imported {line}" for line in self.log_path.read_text().splitlines()]
+        self.log_path.unlink()
+        return self.seen
+
+
+_GUARD = pytest.StashKey[_TransformersGuard]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    if item.get_closest_marker(FREE):  # before the test's fixtures are set up
+        handle, name = tempfile.mkstemp(prefix="quickmerge-imports-")
+        os.close(handle)
+        item.stash[_GUARD] = _TransformersGuard(Path(name))
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    try:
+        return (yield)
+    finally:
+        guard = item.stash.get(_GUARD, None)
+        if guard is not None:
+            del item.stash[_GUARD]
+            seen = guard.close()
+            if seen:
+                pytest.fail(f"marked {FREE} but it {'; '.join(dict.fromkeys(seen))}: remove the mark (the file's "
+                            "pytestmark) so that the run on the newest transformers includes it", pytrace=False)
 
 
 @pytest.fixture(autouse=True)

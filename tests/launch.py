@@ -5,6 +5,9 @@ from pathlib import Path
 
 LAUNCHER = "torch/distributed/elastic/"
 ROOT = Path(__file__).resolve().parents[1]
+# set while a ``transformers_free`` test runs (tests/conftest.py): the file its children log watched imports to
+IMPORT_LOG = "QUICKMERGE_TESTS_IMPORT_LOG"
+WATCHED = ("transformers", "tokenizers")  # the packages such a test must not import
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -12,6 +15,8 @@ def child_env(**extra: str) -> dict[str, str]:
     ``PYTHONPATH`` the run has: a release overlaid on the environment (``.ci/release_matrix.py``, the newest torch's
     check) reaches the child too, which would otherwise import the environment's own release. ``extra`` is added."""
     paths = [str(ROOT), *([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])]
+    if os.environ.get(IMPORT_LOG):  # a transformers_free test's child logs what it must not import
+        paths.insert(0, str(ROOT / "tests" / "transformers_free_site"))
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), **extra}
 
 

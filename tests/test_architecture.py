@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parent.parent / "quickmerge"
 
 

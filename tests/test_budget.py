@@ -3,6 +3,8 @@ import torch
 
 from quickmerge import adaptive_tokens, tokens_for_budget
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_fixed_budget():
     assert tokens_for_budget(100, 0.2) == 20

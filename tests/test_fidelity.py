@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 
 from quickmerge import NormBasedFidelityConstraint
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_identity_retains_everything():
     x = torch.randn(2, 6, 4)

@@ -8,6 +8,8 @@ from quickmerge.merging import contiguous_spans, merge_mass
 
 from .conftest import naive_group_means
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _check_structure(result, b, n, k):
     assert result.merged.shape[:2] == (b, k)

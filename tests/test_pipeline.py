@@ -4,6 +4,8 @@ from torch import nn
 
 from quickmerge import CausalPrior, QuickMergePP, quickmerge_inference
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 @pytest.mark.parametrize("b,n,d,k", [(1, 1, 8, 1), (2, 100, 32, 20), (3, 17, 16, 16), (2, 33, 24, 1), (1, 64, 8, 63)])
 @pytest.mark.parametrize("causal", [False, True])

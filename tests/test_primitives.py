@@ -13,6 +13,8 @@ from quickmerge.primitives import (
     weighted_mean,
 )
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_weighted_mean_matches_a_loop_and_skips_dropped_tokens():
     b, n, c, k = 2, 12, 5, 4

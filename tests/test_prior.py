@@ -1,6 +1,9 @@
+import pytest
 import torch
 
 from quickmerge import BidirectionalARAlignment, CausalPrior
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 
 def test_forward_prior_is_causal():

@@ -1,4 +1,5 @@
-"""run.sh, the README's set-up command: it must stop before installing when the disk cannot hold .venv."""
+"""run.sh, the README's set-up command: it must stop before installing when the disk cannot hold .venv; its second
+test run leaves out the marked tests only when it changes nothing they meet (tests/newest_scope.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,3 +50,27 @@ def test_set_up_stops_before_installing_on_a_full_disk(tmp_path: Path, free_gib:
         assert "GiB free" not in done.stderr.split("venv reached")[0]
         assert "venv reached" in done.stderr
     assert not (tmp_path / ".venv").exists()
+
+
+def _site(root: Path, *dists: str) -> str:
+    """A site-packages directory holding the distributions ``name==version`` (their metadata only)."""
+    for dist in dists:
+        name, version = dist.split("==")
+        info = root / f"{name}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    return str(root)
+
+
+def test_the_second_run_leaves_out_the_marked_tests_only_when_it_changes_transformers_family_alone(tmp_path, capsys):
+    from tests.newest_scope import main, other_overrides
+
+    family_only = _site(tmp_path / "a", "transformers==99.0", "huggingface_hub==99.0", "kernels==99.0",
+                        "a_package_only_the_newest_needs==1.0")
+    assert other_overrides(family_only) == []
+    assert main([family_only]) == 0 and capsys.readouterr().out.strip() == "--transformers-only"
+    with_numpy = _site(tmp_path / "b", "transformers==99.0", "numpy==99.0", "PyYAML==99.0")
+    assert other_overrides(with_numpy) == ["numpy", "pyyaml"]  # what .venv has too; names compared canonically
+    assert main([with_numpy]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and "numpy, pyyaml: the whole suite runs there again" in out.err

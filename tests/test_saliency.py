@@ -8,6 +8,8 @@ from quickmerge import EntropyAwareSaliency, attention_entropy, qk_attention_ent
 from quickmerge import saliency as saliency_module
 from quickmerge.saliency import landmark_counts, normalise_per_sequence
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_entropy_of_uniform_and_one_hot_rows():
     uniform = torch.full((1, 2, 5, 5), 0.2)

@@ -5,6 +5,8 @@ from hypothesis import strategies as st
 
 from quickmerge.selection import relaxed_topk_mask, select_tokens
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_relaxed_mask_sums_to_k_and_keeps_sum_under_gradient():
     z = torch.randn(3, 50, requires_grad=True)

@@ -9,6 +9,8 @@ import torch
 
 from quickmerge import CausalPrior
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 SEED = Path(__file__).resolve().parents[1].parent / "shared" / "spec" / "SEED.md"
 
 

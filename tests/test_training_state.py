@@ -6,6 +6,8 @@ from torch import nn
 
 from quickmerge.training_state import load_training_state, save_training_state
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _parts(seed: int):
     torch.manual_seed(seed)

@@ -14,6 +14,8 @@ from quickmerge import (
     quickmerge_inference,
 )
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 QM = QuickMergePP(8, num_layers=2)
 X = torch.randn(2, 10, 8)
 

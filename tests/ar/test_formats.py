@@ -6,6 +6,8 @@ import torch
 from quickmerge.ar.formats import IMAGE, VIDEO, SequenceFormat, to_pixels, to_sequences, windows
 from quickmerge.ar.tokenizer import PatchCodebook
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_the_shipped_formats_have_long_contexts_and_add_up():
     for fmt in (IMAGE, VIDEO):

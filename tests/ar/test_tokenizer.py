@@ -5,6 +5,8 @@ import torch
 
 from quickmerge.ar.tokenizer import PatchCodebook, from_patches, kmeans, nearest, to_patches
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_patches_round_trip_in_raster_order():
     x = torch.arange(2 * 3 * 8 * 12).reshape(2, 3, 8, 12).float()

@@ -3,6 +3,8 @@ import torch
 
 from quickmerge.baselines import random_drop, uniform_pool
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_uniform_pool_equal_contiguous_spans():
     x = torch.arange(12.0).view(1, 12, 1)

@@ -5,6 +5,8 @@ from quickmerge.baselines import bipartite_round, tome_merge
 
 from ..conftest import naive_group_means
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("t", [196, 600])

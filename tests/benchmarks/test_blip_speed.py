@@ -8,6 +8,8 @@ pytest.importorskip("matplotlib")
 
 from benchmarks import blip_speed
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_the_photos_cycle_to_the_batch_and_are_normalised_by_clips_statistics():
     x = blip_speed.photos(6, 32)

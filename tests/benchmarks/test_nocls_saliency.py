@@ -9,6 +9,8 @@ import pytest
 
 from tests.launch import child_env
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

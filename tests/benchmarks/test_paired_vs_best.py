@@ -7,6 +7,8 @@ import pytest
 from benchmarks.paired_vs_best import compare, pool_runs
 from benchmarks.video_test_sets import against_best
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _row(method, ratio, nll, saved):
     return {"method": method, "compression_ratio": ratio, "perplexity": math.exp(sum(nll) / len(nll)),

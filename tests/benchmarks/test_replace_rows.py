@@ -9,6 +9,8 @@ import pytest
 
 from benchmarks.replace_rows import replace_rows
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def run(rows: dict, examples=("a", "b"), none=(1.0, 2.0), protocol="video"):
     summary = [{"method": "none", "compression_ratio": None, "nll_per_example": list(none),

@@ -7,6 +7,8 @@ pytest.importorskip("safetensors")
 from benchmarks.vision_finetune import compared_hits, correct_per_image, quickmerge_options
 from benchmarks.vision_finetune_seeds import pooled_difference
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_each_curve_is_compared_at_each_r_and_interpolated_to_the_speed_up():
     unpatched = {"reference, unpatched": [1.0, 1.0, 0.0, 0.0]}

@@ -1,6 +1,10 @@
 """Re-timing eval vision runs together: each setting once, rebuilt as the job that produced it."""
 
+import pytest
+
 from benchmarks.vision_retime import job_of, merge_runs
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 
 def test_rows_are_rebuilt_as_their_jobs_and_each_setting_is_timed_once():

@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_every_setting_is_timed_against_the_unpatched_model(tmp_path, monkeypatch):
     pytest.importorskip("timm")

@@ -6,6 +6,8 @@ import torch
 
 from quickmerge.data import fashion_mnist as fm
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def write_idx(path, data: torch.Tensor) -> None:
     header = struct.pack(">I", 0x0800 | data.dim()) + b"".join(struct.pack(">I", s) for s in data.shape)

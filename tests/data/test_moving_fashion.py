@@ -5,6 +5,8 @@ import torch
 
 from quickmerge.data.moving_fashion import moving_fashion_mnist
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _items(n: int = 4) -> torch.Tensor:
     items = torch.zeros(n, 28, 28, dtype=torch.uint8)

@@ -8,6 +8,8 @@ cv2 = pytest.importorskip("cv2")
 from quickmerge.data import video  # noqa: E402
 from quickmerge.errors import MissingDataError  # noqa: E402
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _write_clip(path, frames):
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (frames.shape[2], frames.shape[1]))

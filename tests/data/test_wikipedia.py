@@ -5,6 +5,8 @@ pytest.importorskip("gensim")
 from quickmerge.data import wikipedia_articles
 from quickmerge.data.wikipedia import clean_wikitext
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_articles_are_clean_real_text():
     articles = wikipedia_articles()

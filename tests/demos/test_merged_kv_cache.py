@@ -1,7 +1,11 @@
 """The main demo's rows name methods the evaluation knows (the demo itself loads a real LM: run by ./run.sh demo)."""
 
+import pytest
+
 from quickmerge.demos import merged_kv_cache as demo
 from quickmerge.eval.text_methods import KVPRESS, OURS, build_method
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 
 def test_every_demo_row_is_a_known_method_and_ours_decode_inside_the_press():

@@ -5,6 +5,8 @@ import pytest
 from quickmerge.errors import UsageError
 from quickmerge.eval.cli_common import add_press_run_arguments, check_press_run_arguments
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def parse(*argv: str, extra: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()

@@ -7,6 +7,8 @@ import pytest
 
 from quickmerge.eval.journal import ConfigMismatchError, Journal, code_fingerprint
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_rows_written_by_other_code_are_refused_until_fresh(tmp_path):
     out = tmp_path / "run"

@@ -6,6 +6,8 @@ import pytest
 
 from quickmerge.eval.text import highlighted_methods, plot_text_eval
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _row(method: str, ratio: float, value: float, saved: float | None = None) -> dict:
     return {"method": method, "compression_ratio": ratio, "ratio_to_uncompressed": value,

@@ -8,6 +8,8 @@ import torch
 from quickmerge.eval import timing
 from quickmerge.eval.timing import clock, cpu_counters, per_call_ms, steal_share, warn_if_stolen
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_clock_waits_for_the_device_before_reading_the_time(monkeypatch):
     calls = []

@@ -11,6 +11,8 @@ from quickmerge.eval.vision import (
     run_vision_eval,
 )
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 

@@ -9,6 +9,8 @@ import torch
 from quickmerge.eval.vision_cli import FLOOR, build_sweep
 from quickmerge.vision.budget import entropy_schedule, token_counts
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 PERPLEXITY = [40.0, 8.0, 20.0]
 
 

@@ -14,6 +14,8 @@ pytest.importorskip("safetensors")
 from quickmerge.data import fashion_mnist
 from tests.launch import child_env, rank_errors, run_here
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 if not (fashion_mnist.data_dir() / "t10k-images-idx3-ubyte.gz").is_file():
     pytest.skip("dataset-fashion-mnist absent", allow_module_level=True)
 

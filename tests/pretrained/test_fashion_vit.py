@@ -8,6 +8,8 @@ import torch
 from quickmerge.data import fashion_mnist as fm
 from quickmerge.pretrained.fashion_vit import ASSET_DIR, load_fashion_vit
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 pytest.importorskip("timm")
 needs_data = pytest.mark.skipif(not (fm.data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
                                 reason="dataset-fashion-mnist absent")

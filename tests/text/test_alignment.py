@@ -1,9 +1,12 @@
 """Merged keys fitted to the window's log-sum-exp; values weighted by the attention they receive."""
 
+import pytest
 import torch
 
 from quickmerge.primitives import weighted_mean
 from quickmerge.text.alignment import fit_keys, fit_values, read_weights
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 
 def test_fitted_keys_are_the_least_squares_fit_of_each_groups_log_sum_exp():

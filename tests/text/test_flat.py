@@ -1,6 +1,9 @@
+import pytest
 import torch
 
 from quickmerge.text.flat import select_and_merge
+
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
 
 def test_tied_scores_keep_the_lowest_entries_of_the_row_on_every_device():

@@ -6,6 +6,8 @@ import torch
 from quickmerge.vision import patch as quickmerge_patch
 from quickmerge.vision.budget import block_attention_perplexity, constant_schedule, entropy_schedule
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def _cost(num_tokens, schedule):
     counts = [num_tokens]

@@ -7,6 +7,8 @@ from quickmerge.vision import patch
 from quickmerge.vision.budget import constant_schedule, entropy_schedule, schedule_cost, token_counts
 from quickmerge.vision.image_budget import ImageBudget, bucketed_forward, content_perplexity
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_content_perplexity_counts_the_patches_that_hold_content():
     images = torch.zeros(4, 1, 8, 8)

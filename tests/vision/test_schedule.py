@@ -2,6 +2,8 @@ import pytest
 
 from quickmerge.vision.schedule import inflected_schedule, r_for_ratio, validate_r
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_r_forms():
     assert validate_r(8, 3) == [8, 8, 8]

@@ -11,6 +11,8 @@ from quickmerge.vision.token_merge import (
     random_assign,
 )
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_quickmerge_assign_keeps_one_token_per_group_and_joins_the_nearest():
     b, n, r = 3, 40, 15

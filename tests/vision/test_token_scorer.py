@@ -11,6 +11,8 @@ from quickmerge.vision.token_merge import quickmerge_assign, quickmerge_bipartit
 pytest.importorskip("timm")
 from tests.vision.adapters.test_timm_vit import tiny_vit
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_a_zero_scorer_changes_nothing_and_a_trained_one_changes_the_merges():
     vit, x = tiny_vit(fused=True), torch.randn(2, 1, 16, 16)

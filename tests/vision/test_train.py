@@ -16,6 +16,8 @@ from quickmerge.vision.train import DEFAULT_OUT, Recipe, augment, train  # noqa:
 from tests.launch import child_env, rank_errors  # noqa: E402
 from tests.vision.ddp_train import CONFIG, synthetic  # noqa: E402
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -4,6 +4,8 @@ import torch
 
 from quickmerge.vision.visualize import draw_groups
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def test_draw_groups_fills_means_and_outlines():
     image = np.zeros((4, 4, 3), dtype=np.float32)

@@ -7,6 +7,8 @@ import torch
 
 import quickmerge
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 
 def openclip():
     pytest.importorskip("open_clip")

@@ -8,6 +8,8 @@ import quickmerge
 
 from ...conftest import alive_after_call, tokens_on_grid
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 open_clip_transformer = pytest.importorskip("open_clip.transformer")
 
 

@@ -11,6 +11,8 @@ from quickmerge.vision.adapters.timm_eva import _release
 
 from ...conftest import TRACING, tokens_on_grid
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 timm = pytest.importorskip("timm")
 eva = pytest.importorskip("timm.models.eva")
 

@@ -10,6 +10,8 @@ import quickmerge
 
 from ...conftest import alive_after_call, tokens_on_grid
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 CONFIGS = {

@@ -8,6 +8,8 @@ import quickmerge
 
 from ...conftest import alive_after_call
 
+pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
+
 tv_vit = pytest.importorskip("torchvision.models.vision_transformer")
 
 

@@ -1,0 +1,44 @@
+"""The ``transformers_free`` mark (tests/conftest.py): what its guard catches, and the second run leaving it out."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FREE, _TransformersGuard
+from tests.launch import IMPORT_LOG, child_env
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_the_guard_sees_a_built_config_and_a_child_s_import_and_restores_everything(tmp_path):
+    init, finders = transformers.PretrainedConfig.__init__, list(sys.meta_path)
+    guard = _TransformersGuard(tmp_path / "log")
+    (tmp_path / "log").touch()
+    transformers.LlamaConfig(num_hidden_layers=1)
+    subprocess.run([sys.executable, "-c", "import tokenizers"], env=child_env(), check=True)
+    subprocess.run([sys.executable, "-c", "import numpy"], env=child_env(), check=True)  # not watched
+    seen = guard.close()
+    assert seen[0] == "built a LlamaConfig" and len(seen) == 2 and seen[1].startswith("a child imported tokenizers")
+    assert transformers.PretrainedConfig.__init__ is init and sys.meta_path == finders and IMPORT_LOG not in os.environ
+    transformers.LlamaConfig(num_hidden_layers=1)  # closed: nothing recorded any more
+    assert guard.seen == seen
+
+
+def test_the_second_run_deselects_the_marked_tests_alone():
+    from types import SimpleNamespace
+
+    from tests.conftest import pytest_collection_modifyitems
+
+    def item(marked: bool) -> SimpleNamespace:
+        return SimpleNamespace(get_closest_marker=lambda name: name if marked and name == FREE else None)
+
+    items = [item(True), item(False), item(True), item(False)]
+    for only, kept in ((False, items), (True, items[1::2])):
+        deselected = []
+        hook = SimpleNamespace(pytest_deselected=lambda items, out=deselected: out.extend(items))
+        config = SimpleNamespace(getoption=lambda name, only=only: {"--transformers-only": only}[name], hook=hook)
+        run = list(items)
+        pytest_collection_modifyitems(config, run)
+        assert run == kept and deselected == ([] if not only else items[::2])
