@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 import tempfile
@@ -44,28 +45,32 @@ class _TransformersGuard:
         self.log_path = log_path
         self.restore: list = []
         if "transformers" in sys.modules:  # built objects; a first import is caught below
-            from transformers import PretrainedConfig
+            from transformers import PretrainedConfig, PreTrainedModel
             from transformers.image_processing_base import ImageProcessingMixin
             from transformers.processing_utils import ProcessorMixin
             from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-            for cls in (PretrainedConfig, PreTrainedTokenizerBase, ImageProcessingMixin, ProcessorMixin):
-                self._watch(cls)
+            for cls in (PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ImageProcessingMixin,
+                        ProcessorMixin):
+                self._watch(cls, "__init__")
+            if "__post_init__" in PretrainedConfig.__dict__:  # configs as dataclasses: each class its own __init__
+                self._watch(PretrainedConfig, "__post_init__")
         sys.meta_path.insert(0, self)
         self.restore.append(lambda: sys.meta_path.remove(self))
         os.environ[IMPORT_LOG] = str(log_path)
         self.restore.append(lambda: os.environ.pop(IMPORT_LOG, None))
 
-    def _watch(self, cls) -> None:
-        original = cls.__dict__.get("__init__")
-        inherited = cls.__init__
+    def _watch(self, cls, method: str) -> None:
+        original = cls.__dict__.get(method)
+        inherited = getattr(cls, method)
 
-        def init(obj, *args, **kwargs):
+        @functools.wraps(inherited)
+        def call(obj, *args, **kwargs):
             self.seen.append(f"built a {type(obj).__name__}")
-            inherited(obj, *args, **kwargs)
+            return inherited(obj, *args, **kwargs)
 
-        cls.__init__ = init
-        self.restore.append(lambda: setattr(cls, "__init__", original) if original else delattr(cls, "__init__"))
+        setattr(cls, method, call)
+        self.restore.append(lambda: setattr(cls, method, original) if original else delattr(cls, method))
 
     def find_spec(self, name, path=None, target=None):
         if name in WATCHED:
