@@ -45,10 +45,13 @@ class _TransformersGuard:
         self.log_path = log_path
         self.restore: list = []
         if "transformers" in sys.modules:  # built objects; a first import is caught below
-            from transformers import PretrainedConfig, PreTrainedModel
-            from transformers.image_processing_base import ImageProcessingMixin
-            from transformers.processing_utils import ProcessorMixin
-            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+            from transformers import (  # top-level names: stable across releases
+                ImageProcessingMixin,
+                PretrainedConfig,
+                PreTrainedModel,
+                PreTrainedTokenizerBase,
+                ProcessorMixin,
+            )
 
             for cls in (PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, ImageProcessingMixin,
                         ProcessorMixin):
