@@ -29,8 +29,13 @@ FINETUNE_WARMUP = 50  # steps (an epoch is 429 steps of 128 images)
 FINETUNE_EMA = 0.99  # an EMA that forgets the starting weights within the epoch
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The command's parser. Given ``argv``, the arguments of ``eval``, ``visualize`` and ``train`` (whose choices come
+    from modules that import torch) are added only to the command ``argv`` names, so that ``quickmerge --help`` or a
+    mistyped command answers without importing torch; without it, every command's."""
     from . import __version__
+
+    named = None if argv is None else next((word for word in argv if not word.startswith("-")), "")
 
     parser = argparse.ArgumentParser(prog="quickmerge", description="QuickMerge++ token merging for transformers.")
     parser.add_argument("--version", action="version", version=f"quickmerge {__version__}")
@@ -45,13 +50,25 @@ def build_parser() -> argparse.ArgumentParser:
     encoder.add_argument("--text", default=None, help="text to compress (default: a Wikipedia article's opening)")
     encoder.add_argument("--keep", type=_keep_ratio, default=0.25, help="share of tokens to keep, in (0, 1]")
     evaluate = sub.add_parser("eval", help="run an evaluation protocol")
+    if named in (None, "eval"):
+        _add_eval_arguments(evaluate)
+    show = sub.add_parser("visualize", help="draw which patches merged into which token, or the AR image / video "
+                                            "models' completions (PNG)")
+    if named in (None, "visualize"):
+        _add_visualize_arguments(show)
+    train = sub.add_parser("train", help="train a reference model")
+    if named in (None, "train"):
+        _add_train_arguments(train)
+    return parser
+
+
+def _add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
     protocols = evaluate.add_subparsers(dest="protocol", required=True)
     from .eval.text_cli import add_arguments as add_text_arguments
 
     add_text_arguments(
         protocols.add_parser("text", help="continuation perplexity of a real LM on a compressed context")
     )
-    from .eval.vision_cli import FLOOR, SCHEDULES, add_matching_arguments
     from .eval.vision_cli import add_arguments as add_vision_arguments
 
     add_vision_arguments(protocols.add_parser("vision", help="top-1 vs throughput of the Fashion-MNIST ViT"))
@@ -65,8 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "image", help="bits per token of the AR image model completing test images from a compressed top"), "image")
     add_generative_arguments(protocols.add_parser(
         "video", help="bits per token of the AR video model's next frame given compressed previous ones"), "video")
-    show = sub.add_parser("visualize", help="draw which patches merged into which token, or the AR image / video "
-                                            "models' completions (PNG)")
+
+
+def _add_visualize_arguments(show: argparse.ArgumentParser) -> None:
+    from .eval.vision_cli import FLOOR, SCHEDULES, add_matching_arguments
+
     show.add_argument("--r", type=non_negative_int, default=24, help="tokens merged per block")
     add_matching_arguments(show, f", QuickMerge++ merging r per block until {FLOOR} tokens are left (ToMe-style's "
                                  "column then shows its most, half the tokens in every block)")
@@ -99,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
             ar_show.add_argument("--video", default=None,
                                  help="any clip OpenCV reads, or a .gz of one (default: held-out windows)")
         ar_show.add_argument("--out", default=f"docs/img/{modality}_ar_completions.png")
-    train = sub.add_parser("train", help="train a reference model")
+
+
+def _add_train_arguments(train: argparse.ArgumentParser) -> None:
     targets = train.add_subparsers(dest="target", required=True)
     vision = targets.add_parser("vision", help="the reference Fashion-MNIST ViT (as shipped in quickmerge/assets)")
     from .vision.token_merge import SALIENCY_RULES, SIMILARITIES
@@ -163,14 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
                         f"replaced only when asked: --out quickmerge/assets/ar_{modality})")
         ar.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
         ar.add_argument("--fresh", action="store_true", help="ignore the checkpoint of an interrupted run")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; arguments refused after parsing, what is missing (an extra, data, a model package) and
     what is refused (a journal written under other settings) are reported in one line, as argparse reports
     its own refusals (``quickmerge eval text: error: ...``), with exit status 2."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(sys.argv[1:] if argv is None else argv).parse_args(argv)
     from .eval.journal import ConfigMismatchError
 
     try:

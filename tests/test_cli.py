@@ -152,3 +152,31 @@ def test_a_model_path_that_does_not_exist_is_named_not_taken_for_a_hub_id(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingDataError, match=r"could not load the model .*empty"):
         load_causal_lm(str(tmp_path / "empty"))  # a directory without a model: transformers' ValueError
+
+
+def test_help_and_a_mistyped_command_answer_without_importing_torch():
+    """``eval``, ``visualize`` and ``train`` take their choices from modules that import torch: the parser adds their
+    arguments only for the command named, and ``import quickmerge`` imports a public name's module on first use."""
+    import subprocess
+    import sys
+
+    from tests.launch import child_env
+
+    code = ("import sys\nfrom quickmerge.cli import main\nfor argv in (['--help'], ['evl'], ['--version'], []):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'timm') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, check=True)
+    assert "usage: quickmerge" in out.stdout and "invalid choice: 'evl'" in out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("argv", [["eval", "vision", "--methods", "tome", "--r", "8"],
+                                  ["eval", "text", "--examples", "3"],
+                                  ["visualize", "--r", "8", "image-ar", "--examples", "2"],
+                                  ["train", "vision", "--finetune", "ckpt", "--r", "16"], ["train", "ar-video"],
+                                  ["demo", "--ratio", "0.25"], ["env"]])
+def test_the_named_command_parses_as_with_every_command_built(argv):
+    assert vars(build_parser(argv).parse_args(argv)) == vars(build_parser().parse_args(argv))
+    if argv[0] in ("eval", "visualize", "train"):  # built only when named
+        with pytest.raises(SystemExit):
+            build_parser(["demo"]).parse_args(argv)
