@@ -110,7 +110,7 @@ def pytest_runtest_teardown(item, nextitem):
             del item.stash[_GUARD]
             seen = guard.close()
             if seen:
-                pytest.fail(f"marked {FREE} but it {'; '.join(dict.fromkeys(seen))}: remove the mark (the file's "
+                pytest.fail(f"marked {FREE}, but: {'; '.join(dict.fromkeys(seen))}. Remove the mark (the file's "
                             "pytestmark) so that the run on the newest transformers includes it", pytrace=False)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launch import child_env, rank_errors
+from tests.launch import IMPORT_LOG, child_env, rank_errors
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
@@ -52,10 +52,10 @@ finally:
 def test_two_ranks_exchange_objects_and_exit_cleanly(tmp_path):
     script = tmp_path / "exchange.py"
     script.write_text(SCRIPT)
+    env = {name: value for name, value in child_env().items() if name in ("PYTHONPATH", IMPORT_LOG)}  # minimal
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(script), str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=180,
-                            env={"PYTHONPATH": child_env()["PYTHONPATH"], "PATH": "/usr/bin:/bin",
-                                 "OMP_NUM_THREADS": "1"})
+                            env={**env, "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, rank_errors(result.stderr)
     assert sorted(p.name for p in tmp_path.glob("rank*.ok")) == ["rank0.ok", "rank1.ok"]
 
