@@ -5,6 +5,8 @@ Perplexity ratio to the uncompressed model at 0.5 and 0.75, with the kvpress pre
 
     .venv/bin/python benchmarks/exploration/ar_window.py image --model results/ar_image
     .venv/bin/python benchmarks/exploration/ar_window.py video --model results/ar_video
+    .venv/bin/python benchmarks/exploration/ar_window.py video --windows 256 320 352 380 384 --ratios 0.5 \
+        --out docs/results/stop83/ar_video_window_wide.json     # stop 83: windows up to the whole budget
 """
 import argparse
 import json
@@ -44,8 +46,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model directory (default: the shipped one)")
     ap.add_argument("--examples", type=int, default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--windows", type=int, nargs="+", default=None, help="windows to try (default: the setup's)")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     args = ap.parse_args()
     windows, rival, count = SETUPS[args.modality]
+    windows = args.windows or windows
     torch.set_num_threads(1)
     model, tok, fmt = load_ar(args.model or args.modality)
     examples = examples_for(args.modality, fmt, tok, args.examples or count)
@@ -54,7 +59,7 @@ def main() -> None:
     methods[rival] = build_method(rival)
     base = [score_example(model, e, fmt.context, None, Method("none", lambda r: None))["nll"] for e in examples]
     out = {}
-    for ratio in (0.5, 0.75):
+    for ratio in args.ratios:
         for name, m in methods.items():
             nll = [score_example(model, e, fmt.context, m.make(ratio), m, ratio)["nll"] for e in examples]
             out[f"{name}@{ratio}"] = math.exp(sum(nll) / len(nll) - sum(base) / len(base))
