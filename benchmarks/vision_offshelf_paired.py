@@ -1,0 +1,124 @@
+"""Paired 95% intervals for the off-the-shelf comparisons of a timed ``eval vision`` result (issue 11's targets).
+
+    python benchmarks/vision_offshelf_paired.py docs/results/stop77/vision_offshelf_retimed.json \
+        --out docs/results/stop83/vision_offshelf_paired.json
+
+``eval vision`` and ``vision_retime.py`` report each method's accuracy at ToMe-style's speed-ups (linearly
+interpolated between the method's own settings), without an interval. This recomputes every setting's per-image
+hits on the same test images (checking that each accuracy equals the row's: the same model and code give the same
+hits), then, for each reference point, the interpolated method's per-image score ``(1 - w) hit_0 + w hit_1``
+(``w`` the interpolation weight of the two settings around the reference's speed-up) minus the reference's hit,
+and a percentile bootstrap over images of its mean. Speed-ups are the result's own (nothing is timed here).
+Comparisons: QuickMerge++ (constant r) and its entropy schedule against ToMe-style, and the entropy schedule against
+QuickMerge++'s constant r.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from vision_retime import job_of
+
+import quickmerge
+from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
+from quickmerge.eval.stats import bootstrap_mean
+from quickmerge.pretrained.fashion_vit import load_fashion_vit
+
+COMPARISONS = (("quickmerge", "tome"), ("quickmerge-entropy", "tome"), ("quickmerge-entropy", "quickmerge"))
+
+
+@torch.inference_mode()
+def hits_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, row: dict[str, Any],
+            batch_size: int) -> torch.Tensor:
+    """``[N]`` bool: which test images the row's setting classifies correctly (batches as ``eval vision``'s)."""
+    method, r, settings = job_of(row, len(model.blocks))
+    settings = {k: v for k, v in settings.items() if k != "label"}
+    hits = []
+    with quickmerge.patch(model, r=r, method=method, **settings) if method else contextlib.nullcontext():
+        for i in range(0, len(images), batch_size):
+            hits.append(model(normalize(images[i : i + batch_size])).argmax(-1) == labels[i : i + batch_size])
+    return torch.cat(hits)
+
+
+def paired_at(ours: list[tuple[float, torch.Tensor]], speedup: float, reference: torch.Tensor,
+              samples: int) -> dict[str, Any] | None:
+    """``ours`` (speed-up, hits) interpolated at ``speedup``, minus ``reference``'s hits: mean and 95% interval."""
+    pts = sorted(ours, key=lambda p: p[0])
+    if not pts or not pts[0][0] <= speedup <= pts[-1][0]:
+        return None
+    for (s0, h0), (s1, h1) in itertools.pairwise(pts):
+        if s0 <= speedup <= s1:
+            w = 0.0 if s1 == s0 else (speedup - s0) / (s1 - s0)
+            score = (1 - w) * h0.double() + w * h1.double()
+            break
+    else:  # one setting exactly at the speed-up
+        score = pts[-1][1].double()
+        s0 = s1 = pts[-1][0]
+        w = 0.0
+    diff = (score - reference.double()).tolist()
+    mean, low, high = bootstrap_mean(diff, samples=samples)
+    return {"difference": mean, "low": low, "high": high, "between_speedups": [s0, s1], "weight": w}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("result", help="a timed eval vision JSON (e.g. vision_retime.py's) of the shipped model")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the result's")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--out", required=True, help="summary JSON")
+    args = ap.parse_args()
+    result = json.loads(Path(args.result).read_text())
+    config = result.get("config", {})
+    if config.get("checkpoint"):
+        sys.exit(f"error: {args.result} was measured on {config['checkpoint']}; this script loads the shipped model")
+    batch_size = args.batch_size or config.get("batch_size", 256)
+    torch.set_num_threads(args.threads)
+    model = load_fashion_vit().eval()
+    images, labels = load_fashion_mnist("test")
+    rows = [row for row in result["rows"] if row["method"] in {m for pair in COMPARISONS for m in pair}]
+    hits, mismatches = [], []
+    for row in tqdm(rows, desc="settings", unit="setting"):
+        h = hits_of(model, images, labels, row, batch_size)
+        hits.append(h)
+        accuracy = h.double().mean().item()
+        if abs(accuracy - row["accuracy"]) > 0.5 / len(labels):
+            mismatches.append({"method": row["method"], "r": row["r"], "row": row["accuracy"], "now": accuracy})
+    if mismatches:
+        sys.exit(f"error: recomputed accuracies differ from {args.result}'s rows: {mismatches}")
+    comparisons = {}
+    for method, reference in COMPARISONS:
+        ours = [(row["speedup"], h) for row, h in zip(rows, hits, strict=True) if row["method"] == method]
+        out = []
+        for row, h in zip(rows, hits, strict=True):
+            if row["method"] != reference:
+                continue
+            paired = paired_at(ours, row["speedup"], h, args.samples)
+            out.append({"r": row["r"], "speedup": row["speedup"], "reference_accuracy": row["accuracy"], **(paired or {
+                "difference": None})})
+        comparisons[f"{method}_vs_{reference}".replace("-", "_")] = out
+    summary = {"result": args.result, "comparisons": comparisons, "images": len(labels),
+               "config": {"command": " ".join(["benchmarks/vision_offshelf_paired.py", *sys.argv[1:]]),
+                          "batch_size": batch_size, "threads": args.threads, "samples": args.samples,
+                          "torch": torch.__version__, "platform": platform.platform()}}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    for name, out in comparisons.items():
+        print(name)
+        for c in out:
+            if c["difference"] is not None:
+                print(f"  r={c['r']} speed-up {c['speedup']:.2f}x: {100 * c['difference']:+.2f} pt "
+                      f"[{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]")
+
+
+if __name__ == "__main__":
+    main()
