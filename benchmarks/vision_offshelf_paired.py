@@ -3,21 +3,18 @@
     python benchmarks/vision_offshelf_paired.py docs/results/stop77/vision_offshelf_retimed.json \
         --out docs/results/stop83/vision_offshelf_paired.json
 
-``eval vision`` and ``vision_retime.py`` report each method's accuracy at ToMe-style's speed-ups (linearly
-interpolated between the method's own settings), without an interval. This recomputes every setting's per-image
-hits on the same test images (checking that each accuracy equals the row's: the same model and code give the same
-hits), then, for each reference point, the interpolated method's per-image score ``(1 - w) hit_0 + w hit_1``
-(``w`` the interpolation weight of the two settings around the reference's speed-up) minus the reference's hit,
-and a percentile bootstrap over images of its mean. Speed-ups are the result's own (nothing is timed here).
-Comparisons: QuickMerge++ (constant r) and its entropy schedule against ToMe-style, and the entropy schedule against
-QuickMerge++'s constant r.
+``eval vision`` runs before stop 83 (and ``vision_retime.py`` on them) report each method's accuracy at
+ToMe-style's speed-ups without an interval: their rows have no per-image hits. This recomputes every compared
+setting's hits on the same test images (checking that each accuracy equals the row's: the same model and code give
+the same hits) and, for each reference point, :func:`quickmerge.eval.vision.paired_difference_at`, the interval that
+``eval vision`` now reports itself. Speed-ups are the result's own (nothing is timed here). Comparisons: QuickMerge++
+(constant r) and its entropy schedule against ToMe-style, and the entropy schedule against QuickMerge++'s constant r.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import platform
 import sys
@@ -30,7 +27,7 @@ from vision_retime import job_of
 
 import quickmerge
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
-from quickmerge.eval.stats import bootstrap_mean
+from quickmerge.eval.vision import paired_difference_at
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
 COMPARISONS = (("quickmerge", "tome"), ("quickmerge-entropy", "tome"), ("quickmerge-entropy", "quickmerge"))
@@ -47,26 +44,6 @@ def hits_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
         for i in range(0, len(images), batch_size):
             hits.append(model(normalize(images[i : i + batch_size])).argmax(-1) == labels[i : i + batch_size])
     return torch.cat(hits)
-
-
-def paired_at(ours: list[tuple[float, torch.Tensor]], speedup: float, reference: torch.Tensor,
-              samples: int) -> dict[str, Any] | None:
-    """``ours`` (speed-up, hits) interpolated at ``speedup``, minus ``reference``'s hits: mean and 95% interval."""
-    pts = sorted(ours, key=lambda p: p[0])
-    if not pts or not pts[0][0] <= speedup <= pts[-1][0]:
-        return None
-    for (s0, h0), (s1, h1) in itertools.pairwise(pts):
-        if s0 <= speedup <= s1:
-            w = 0.0 if s1 == s0 else (speedup - s0) / (s1 - s0)
-            score = (1 - w) * h0.double() + w * h1.double()
-            break
-    else:  # one setting exactly at the speed-up
-        score = pts[-1][1].double()
-        s0 = s1 = pts[-1][0]
-        w = 0.0
-    diff = (score - reference.double()).tolist()
-    mean, low, high = bootstrap_mean(diff, samples=samples)
-    return {"difference": mean, "low": low, "high": high, "between_speedups": [s0, s1], "weight": w}
 
 
 def main() -> None:
@@ -102,7 +79,7 @@ def main() -> None:
         for row, h in zip(rows, hits, strict=True):
             if row["method"] != reference:
                 continue
-            paired = paired_at(ours, row["speedup"], h, args.samples)
+            paired = paired_difference_at(ours, row["speedup"], h, samples=args.samples)
             out.append({"r": row["r"], "speedup": row["speedup"], "reference_accuracy": row["accuracy"], **(paired or {
                 "difference": None})})
         comparisons[f"{method}_vs_{reference}".replace("-", "_")] = out

@@ -24,6 +24,7 @@ from ..vision.image_budget import ImageBudget, bucketed_forward
 from ..vision.patch import patch
 from ..vision.token_scorer import TokenScorer
 from .journal import Journal
+from .stats import bootstrap_mean
 from .timing import clock, cpu_counters, steal_share
 
 
@@ -124,15 +125,19 @@ def evaluate_setting(
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     setting = _Setting(model, reference, method, r, settings, scorer)
     try:
-        correct = tokens = batches = 0
+        tokens = batches = 0
+        hits = torch.zeros(len(images), dtype=torch.bool)  # this rank's batches filled in
         for i in ctx.shard(range(0, len(images), batch_size)):
             if setting.handle is not None:
                 setting.handle.configure(seed=i)  # random dropping draws per batch, whichever process runs it
             logits, mean_tokens = setting.forward(normalize(images[i : i + batch_size].to(device), dtype))
-            correct += int((logits.argmax(-1) == labels[i : i + batch_size].to(device)).sum())
+            hits[i : i + batch_size] = (logits.argmax(-1) == labels[i : i + batch_size].to(device)).cpu()
             tokens += mean_tokens
             batches += 1
-        correct, tokens, batches = ctx.sum(correct), ctx.sum(tokens), ctx.sum(batches)
+        tokens, batches = ctx.sum(tokens), ctx.sum(batches)
+        shards = ctx.gather(pack_hits(hits))
+        if shards is not None:  # rank 0: every rank's batches, each image filled by the one rank that ran it
+            hits = torch.stack([unpack_hits(shard, len(images)) for shard in shards]).any(dim=0)
         batch = normalize(images[:batch_size].to(device), dtype)
         parts = setting.parts(batch)
         ours, base, steal = [], [], None
@@ -155,8 +160,9 @@ def evaluate_setting(
         "method": (settings or {}).get("label", method or "none"),
         "r": list(r) if isinstance(r, tuple) else r,
         "settings": settings or {},
-        "accuracy": correct / len(images),
+        "accuracy": int(hits.sum()) / len(images),
         "images": len(images),
+        "hits": pack_hits(hits),
         "mean_tokens_per_layer": tokens / batches,
     }
     return row | _timing_fields(batch.shape[0], ours, base, parts, steal) if timing_rounds else row
@@ -262,16 +268,61 @@ def accuracy_at(rows: Sequence[dict[str, Any]], speedup: float) -> float | None:
     return pts[-1][1]
 
 
+def pack_hits(hits: torch.Tensor) -> str:
+    """``[N]`` bool per-image hits as a hex string, 8 images a byte, the first image the highest bit."""
+    bits = torch.cat([hits.bool().cpu(), hits.new_zeros(-len(hits) % 8, dtype=torch.bool).cpu()]).view(-1, 8)
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.int32)
+    return bytes((bits.int() * weights).sum(dim=1).to(torch.uint8).tolist()).hex()
+
+
+def unpack_hits(text: str, n: int) -> torch.Tensor:
+    """The ``[n]`` bool hits :func:`pack_hits` wrote."""
+    data = bytes.fromhex(text)
+    if len(data) != (n + 7) // 8:
+        raise ValueError(f"packed hits of {len(data)} bytes cannot hold {n} images ({(n + 7) // 8} bytes)")
+    values = torch.tensor(list(data), dtype=torch.int32)[:, None]
+    return ((values >> torch.arange(7, -1, -1, dtype=torch.int32)) & 1).flatten()[:n].bool()
+
+
+def paired_difference_at(ours: Sequence[tuple[float, torch.Tensor]], speedup: float, reference: torch.Tensor, *,
+                         samples: int = 2000, seed: int = 0) -> dict[str, Any] | None:
+    """A method's per-image hits interpolated at ``speedup`` minus ``reference``'s hits ``[N]``: mean, 95% interval.
+
+    ``ours``: the method's ``(speed-up, hits [N])`` settings. Between the two settings around ``speedup`` an image
+    scores ``(1 - w) hit_0 + w hit_1``, ``w`` the weight :func:`accuracy_at` gives the upper one, so the mean is the
+    interpolated accuracy minus the reference's; the interval is a percentile bootstrap over images (paired: the
+    same images resampled for both). None outside the method's speed-ups.
+    """
+    pts = sorted(ours, key=lambda p: p[0])
+    if not pts or not pts[0][0] <= speedup <= pts[-1][0]:
+        return None
+    (s0, h0), (s1, h1) = next(((a, b) for a, b in itertools.pairwise(pts) if a[0] <= speedup <= b[0]),
+                              (pts[-1], pts[-1]))  # one setting alone: exactly at the speed-up
+    w = 0.0 if s1 == s0 else (speedup - s0) / (s1 - s0)
+    score = (1 - w) * h0.double() + w * h1.double()
+    mean, low, high = bootstrap_mean((score - reference.double()).tolist(), samples=samples, seed=seed)
+    return {"difference": mean, "low": low, "high": high, "between_speedups": [s0, s1], "weight": w}
+
+
 def compare_at_tome_speeds(
     rows: Sequence[dict[str, Any]], method: str = "quickmerge", reference: str = "tome"
 ) -> list[dict[str, Any]]:
-    """For each ``reference`` point (ToMe-style by default): ``method``'s interpolated accuracy at its speed-up."""
+    """For each ``reference`` point (ToMe-style by default): ``method``'s interpolated accuracy at its speed-up,
+    the difference and, where every row carries its per-image ``hits``, the difference's paired 95% interval
+    (``low``, ``high``: :func:`paired_difference_at`)."""
     ours = [r for r in rows if r["method"] == method]
+    paired = all("hits" in r for r in [*ours, *(r for r in rows if r["method"] == reference)])
+    hits_of = (lambda row: unpack_hits(row["hits"], row["images"])) if paired else None
+    our_hits = [(r["speedup"], hits_of(r)) for r in ours] if paired else []
     out = []
     for row in (r for r in rows if r["method"] == reference):
         acc = accuracy_at(ours, row["speedup"])
-        out.append({"r": row["r"], "speedup": row["speedup"], f"{reference}_accuracy": row["accuracy"],
-                    f"{method}_accuracy": acc, "difference": None if acc is None else acc - row["accuracy"]})
+        entry = {"r": row["r"], "speedup": row["speedup"], f"{reference}_accuracy": row["accuracy"],
+                 f"{method}_accuracy": acc, "difference": None if acc is None else acc - row["accuracy"]}
+        if paired and acc is not None:
+            interval = paired_difference_at(our_hits, row["speedup"], hits_of(row))
+            entry |= {"low": interval["low"], "high": interval["high"]}
+        out.append(entry)
     return out
 
 

@@ -228,6 +228,9 @@ def run(args: argparse.Namespace) -> dict:
     title = f"Fashion-MNIST ViT, {len(images)} test images"
     paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))
     print(format_table(rows))
+    comparisons = format_comparisons(results)
+    if comparisons:
+        print("\n" + comparisons)
     warn_if_stolen(rows)
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
@@ -328,6 +331,29 @@ def journal_config(args: argparse.Namespace, device: torch.device | str = "cpu")
             "timing_rounds": timing_rounds(args),
             "threads": args.threads, "dtype": args.dtype, "device": str(device),
             "torch": torch.__version__, "code": code_fingerprint()}
+
+
+COMPARISONS = {  # the results' comparison keys, as printed
+    "quickmerge_vs_tome": "QuickMerge++ minus ToMe-style, at ToMe-style's speed-ups",
+    "quickmerge_entropy_vs_tome": "QuickMerge++'s entropy schedule minus ToMe-style, at ToMe-style's speed-ups",
+    "quickmerge_entropy_vs_constant": "the entropy schedule minus QuickMerge++'s constant r, at constant r's speed-ups",
+    "quickmerge_per_image_vs_tome": "QuickMerge++'s per-image budget minus ToMe-style, at ToMe-style's speed-ups",
+    "quickmerge_per_image_vs_constant": "the per-image budget minus QuickMerge++'s constant r, at constant r's "
+                                        "speed-ups",
+}
+
+
+def format_comparisons(results: dict) -> str:
+    """One paragraph per comparison that has points: top-1 difference in points at each reference speed-up, with
+    its paired 95% interval where the rows carry their hits."""
+    blocks = []
+    for key, title in COMPARISONS.items():
+        points = [c for c in results.get(key) or [] if c["difference"] is not None]
+        if points:
+            blocks.append(f"{title} (top-1 points [paired 95% interval]):\n" + "\n".join(
+                f"  {c['speedup']:.2f}x (r = {c['r']}): {100 * c['difference']:+.2f}"
+                + (f" [{100 * c['low']:+.2f}, {100 * c['high']:+.2f}]" if "low" in c else "") for c in points))
+    return "\n".join(blocks)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -8,7 +8,10 @@ from quickmerge.eval.vision import (
     compare_at_tome_speeds,
     evaluate_setting,
     method_label,
+    pack_hits,
+    paired_difference_at,
     run_vision_eval,
+    unpack_hits,
 )
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
@@ -31,6 +34,47 @@ def test_compare_at_tome_speeds():
     ]
     (row,) = compare_at_tome_speeds(rows)
     assert row["quickmerge_accuracy"] == pytest.approx(0.84) and row["difference"] == pytest.approx(0.04)
+    assert "low" not in row  # rows without per-image hits (results written before stop 83): no interval
+
+
+def test_hits_pack_into_hex_and_back():
+    for n in (1, 7, 8, 9, 20):
+        hits = torch.rand(n, generator=torch.Generator().manual_seed(n)) > 0.5
+        text = pack_hits(hits)
+        assert len(text) == 2 * ((n + 7) // 8) and torch.equal(unpack_hits(text, n), hits)
+    assert pack_hits(torch.tensor([True, False, False, False, False, False, False, True, True])) == "8180"
+    with pytest.raises(ValueError, match="cannot hold 17 images"):
+        unpack_hits("ff00", 17)
+
+
+def test_the_interpolated_hits_minus_the_reference_hits_with_an_interval():
+    ours = [(2.0, torch.tensor([True, False, True, False])), (1.0, torch.tensor([True, True, False, False]))]
+    reference = torch.tensor([True, True, True, False])
+    out = paired_difference_at(ours, 1.5, reference, samples=500)  # halfway: 1, .5, .5, 0 against 1, 1, 1, 0
+    assert out["difference"] == pytest.approx(-0.25)
+    assert out["between_speedups"] == [1.0, 2.0] and out["weight"] == pytest.approx(0.5)
+    assert -0.5 <= out["low"] <= out["difference"] <= out["high"] <= 0.0
+    slow, fast = torch.tensor([True, True, True, False]), torch.zeros(4, dtype=torch.bool)
+    quarter = paired_difference_at([(1.0, slow), (2.0, fast)], 1.25, torch.ones(4, dtype=torch.bool), samples=500)
+    assert quarter["weight"] == pytest.approx(0.25)  # 3/4 of the slower setting's hits: .75, .75, .75, 0
+    assert quarter["difference"] == pytest.approx((3 * (0.75 - 1) + (0 - 1)) / 4)
+    assert paired_difference_at(ours, 2.5, reference) is None  # beyond the method's fastest setting
+    assert paired_difference_at(ours, 0.9, reference) is None
+    alone = paired_difference_at(ours[:1], 2.0, reference, samples=500)  # one setting exactly at the speed-up
+    assert alone["difference"] == pytest.approx(-0.25)
+
+
+def test_compare_at_tome_speeds_gives_the_paired_interval_of_rows_with_hits():
+    def row(method, r, speedup, hits):
+        hits = torch.tensor(hits, dtype=torch.bool)
+        return {"method": method, "r": r, "speedup": speedup, "accuracy": hits.double().mean().item(),
+                "images": len(hits), "hits": pack_hits(hits)}
+
+    rows = [row("tome", 8, 1.2, [1, 1, 1, 1, 0, 0, 1, 0, 1, 1] * 3), row("quickmerge", 8, 1.0, [1] * 30),
+            row("quickmerge", 16, 1.4, [1, 1, 1, 0, 1, 1, 1, 1, 1, 1] * 3)]
+    (out,) = compare_at_tome_speeds(rows)
+    assert out["difference"] == pytest.approx(0.95 - 0.7)  # the points' interpolation, as without hits
+    assert out["low"] <= out["difference"] <= out["high"] and out["low"] > 0  # QuickMerge++ right where ToMe fails
 
 
 def test_legend_names_greedy_rows_as_such():
@@ -53,6 +97,7 @@ def test_evaluate_setting_counts_correct_predictions_and_tokens():
     labels[:5] = (labels[:5] + 1) % 10  # ... except these five
     rows = run_vision_eval(model, images, labels, [("tome", 10, {})], batch_size=8, timing_rounds=1)
     assert rows[0]["method"] == "none" and rows[0]["accuracy"] == pytest.approx(0.75)
+    assert torch.equal(unpack_hits(rows[0]["hits"], 20), torch.arange(20) >= 5)  # which images, in order
     assert rows[0]["mean_tokens_per_layer"] == 50
     assert rows[1]["mean_tokens_per_layer"] == pytest.approx(45) and rows[1]["speedup"] > 0
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())

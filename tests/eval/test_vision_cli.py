@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from quickmerge.eval.vision_cli import FLOOR, build_sweep
+from quickmerge.eval.vision_cli import FLOOR, build_sweep, format_comparisons
 from quickmerge.vision.budget import entropy_schedule, token_counts
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
@@ -348,3 +348,22 @@ def test_eval_vision_runs_every_default_schedule_on_a_model_without_a_class_toke
     assert rows["none"]["mean_tokens_per_layer"] == 196  # no class token among the tokens
     for method in ("quickmerge", "quickmerge-entropy", "quickmerge-per-image"):
         assert rows[method]["mean_tokens_per_layer"] < 196
+
+
+def test_the_comparisons_print_in_points_with_their_intervals_where_there_are_any():
+    results = {
+        "quickmerge_vs_tome": [
+            {"r": 16, "speedup": 1.21, "difference": 0.0005, "low": -0.0004, "high": 0.0013},
+            {"r": 98, "speedup": 2.97, "difference": None},  # beyond QuickMerge++'s fastest: left out
+        ],
+        "quickmerge_entropy_vs_constant": [{"r": 48, "speedup": 2.13, "difference": -0.002}],  # no hits: no interval
+        "quickmerge_per_image_vs_tome": [],
+    }
+    assert format_comparisons(results).splitlines() == [
+        "QuickMerge++ minus ToMe-style, at ToMe-style's speed-ups (top-1 points [paired 95% interval]):",
+        "  1.21x (r = 16): +0.05 [-0.04, +0.13]",
+        "the entropy schedule minus QuickMerge++'s constant r, at constant r's speed-ups (top-1 points [paired 95% "
+        "interval]):",
+        "  2.13x (r = 48): -0.20",
+    ]
+    assert format_comparisons({"quickmerge_vs_tome": [{"r": 98, "speedup": 2.97, "difference": None}]}) == ""
