@@ -21,7 +21,6 @@ no ``--speedups``: only the hits are written) and the report made later from the
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from quickmerge.data.fashion_mnist import load_fashion_mnist, sha256
 from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
+from quickmerge.eval.vision import interpolated_hits
 from quickmerge.pretrained.fashion_vit import ASSET_DIR, fine_tuned_merging, load_fashion_vit
 from quickmerge.vision import TokenScorer, patch
 from quickmerge.vision.patch import non_default_matching, recorded_matching
@@ -73,13 +73,11 @@ PAIRS = [("fine-tuned quickmerge + quickmerge", "reference, unpatched"),
 
 
 def at_speedup(hits: dict[int, list[float]], speedups: dict[int, float], target: float) -> list[float] | None:
-    """Per-image hits linearly interpolated to ``target`` speed-up between the two bracketing r (None: outside)."""
-    pts = sorted((speedups[r], r) for r in hits if speedups.get(r) is not None)
-    for (s0, r0), (s1, r1) in itertools.pairwise(pts):
-        if s0 <= target <= s1:
-            w = 0.0 if s1 == s0 else (target - s0) / (s1 - s0)
-            return [(1 - w) * a + w * b for a, b in zip(hits[r0], hits[r1], strict=True)]
-    return None
+    """Per-image hits linearly interpolated to ``target`` speed-up between the two bracketing r (None: outside):
+    :func:`~quickmerge.eval.vision.interpolated_hits`, as ``eval vision`` interpolates."""
+    found = interpolated_hits([(speedups[r], torch.tensor(h, dtype=torch.float64)) for r, h in sorted(hits.items())
+                               if speedups.get(r) is not None], target)
+    return None if found is None else found[0].tolist()
 
 
 def compared_hits(unpatched: dict[str, list[float]], curves: dict[str, dict[int, list[float]]],

@@ -293,15 +293,29 @@ def paired_difference_at(ours: Sequence[tuple[float, torch.Tensor]], speedup: fl
     interpolated accuracy minus the reference's; the interval is a percentile bootstrap over images (paired: the
     same images resampled for both). None outside the method's speed-ups.
     """
+    found = interpolated_hits(ours, speedup)
+    if found is None:
+        return None
+    score, (s0, s1), w = found
+    mean, low, high = bootstrap_mean((score - reference.double()).tolist(), samples=samples, seed=seed)
+    return {"difference": mean, "low": low, "high": high, "between_speedups": [s0, s1], "weight": w}
+
+
+def interpolated_hits(ours: Sequence[tuple[float, torch.Tensor]], speedup: float
+                      ) -> tuple[torch.Tensor, tuple[float, float], float] | None:
+    """A method's per-image scores ``[N]`` (float64) at ``speedup``, linearly interpolated between its two settings
+    around it, ``(1 - w) hit_0 + w hit_1``, with those settings' speed-ups and ``w``; None outside its speed-ups.
+
+    ``ours``: ``(speed-up, hits [N])`` per setting, any order (equal speed-ups keep it). Their mean over images is
+    :func:`accuracy_at`'s interpolated accuracy.
+    """
     pts = sorted(ours, key=lambda p: p[0])
     if not pts or not pts[0][0] <= speedup <= pts[-1][0]:
         return None
     (s0, h0), (s1, h1) = next(((a, b) for a, b in itertools.pairwise(pts) if a[0] <= speedup <= b[0]),
                               (pts[-1], pts[-1]))  # one setting alone: exactly at the speed-up
     w = 0.0 if s1 == s0 else (speedup - s0) / (s1 - s0)
-    score = (1 - w) * h0.double() + w * h1.double()
-    mean, low, high = bootstrap_mean((score - reference.double()).tolist(), samples=samples, seed=seed)
-    return {"difference": mean, "low": low, "high": high, "between_speedups": [s0, s1], "weight": w}
+    return (1 - w) * h0.double() + w * h1.double(), (s0, s1), w
 
 
 def compare_at_tome_speeds(
