@@ -42,6 +42,17 @@ def test_vision_runs_report_both_accuracies():
     assert differences(before, after) == [{"setting": ["tome", "16", "{}"], "accuracy": [0.9, 0.8]}]
 
 
+def test_vision_rows_with_hits_must_get_the_same_images_right():
+    row = {"method": "tome", "r": 16, "settings": {}, "images": 16, "accuracy": 0.5}
+    before = {"rows": [{**row, "hits": "ff00"}]}
+    swapped = {"rows": [{**row, "hits": "7f80"}]}  # the same accuracy, one image right in each run only
+    assert compare(before, before) and not compare(before, swapped)
+    assert differences(before, swapped) == [{"setting": ["tome", "16", "{}"], "accuracy": [0.5, 0.5],
+                                             "images_changed": 2}]
+    older = {"rows": [row]}  # a run written before rows kept their hits: accuracies alone
+    assert compare(before, older) and "images_changed" not in differences(before, older)[0]
+
+
 def test_per_clip_hits_must_match_clip_by_clip_and_shared_only_ignores_the_settings_of_one_run():
     before = {"args": {}, "rows": [], "hits": {"none@0": "1101", "tome@32": "1001"}}
     after = {"args": {}, "rows": [], "hits": {"none@0": "1101", "tome@32": "1001", "quickmerge@32/queries=8": "1111"}}
