@@ -1,7 +1,9 @@
 """Paired 95% intervals for the off-the-shelf comparisons of a timed ``eval vision`` result (issue 11's targets).
 
     python benchmarks/vision_offshelf_paired.py docs/results/stop77/vision_offshelf_retimed.json \
-        --out docs/results/stop83/vision_offshelf_paired.json
+        --out docs/results/stop83/vision_offshelf_paired.json --png docs/img/vision_offshelf_paired.png
+    python benchmarks/vision_offshelf_paired.py --plot-only docs/results/stop83/vision_offshelf_paired.json \
+        --png docs/img/vision_offshelf_paired.png     # the plot again from a summary, nothing recomputed
 
 ``eval vision`` runs before stop 83 (and ``vision_retime.py`` on them) report each method's accuracy at
 ToMe-style's speed-ups without an interval: their rows have no per-image hits. This recomputes every compared
@@ -26,8 +28,9 @@ from tqdm import tqdm
 from vision_retime import job_of
 
 import quickmerge
+from quickmerge._optional import require
 from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
-from quickmerge.eval.vision import paired_difference_at
+from quickmerge.eval.vision import draw_paired_differences, paired_difference_at
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
 COMPARISONS = (("quickmerge", "tome"), ("quickmerge-entropy", "tome"), ("quickmerge-entropy", "quickmerge"))
@@ -46,14 +49,38 @@ def hits_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     return torch.cat(hits)
 
 
+def plot(summary: dict, path: str) -> None:
+    """Each method minus ToMe-style with its paired interval (:func:`draw_paired_differences`), one panel."""
+    plt = require("matplotlib.pyplot", "plot", "The plot")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {"quickmerge": "QuickMerge++ (default, constant r)",
+              "quickmerge-entropy": "QuickMerge++, entropy schedule"}
+    draw_paired_differences(ax, summary["comparisons"], labels.get)
+    ax.set_title(f"Reference ViT, {summary['images']} test images: minus ToMe-style, paired 95% intervals",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("result", help="a timed eval vision JSON (e.g. vision_retime.py's) of the shipped model")
+    ap.add_argument("result", nargs="?", help="a timed eval vision JSON (e.g. vision_retime.py's) of the shipped model")
+    ap.add_argument("--png", default=None, help="also draw each method minus ToMe-style with its interval here")
+    ap.add_argument("--plot-only", default=None, metavar="SUMMARY",
+                    help="draw --png from this script's summary JSON, computing nothing")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the result's")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--samples", type=int, default=2000, help="bootstrap resamples")
-    ap.add_argument("--out", required=True, help="summary JSON")
+    ap.add_argument("--out", default=None, help="summary JSON")
     args = ap.parse_args()
+    if args.plot_only is not None:
+        if args.png is None:
+            ap.error("--plot-only draws the plot: give --png")
+        plot(json.loads(Path(args.plot_only).read_text()), args.png)
+        return
+    if args.result is None or args.out is None:
+        ap.error("give the result JSON and --out (or --plot-only SUMMARY --png PATH)")
     result = json.loads(Path(args.result).read_text())
     config = result.get("config", {})
     if config.get("checkpoint"):
@@ -89,6 +116,8 @@ def main() -> None:
                           "torch": torch.__version__, "platform": platform.platform()}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=1) + "\n")
+    if args.png is not None:
+        plot(summary, args.png)
     for name, out in comparisons.items():
         print(name)
         for c in out:

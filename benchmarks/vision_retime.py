@@ -83,7 +83,7 @@ def main() -> None:
                       "batch_size": config["batch_size"], "checkpoint": config["checkpoint"],
                       "torch": torch.__version__, "platform": platform.platform()}}
     title = f"Fashion-MNIST ViT, {rows[0]['images']} test images, timed together ({args.rounds} rounds)"
-    paths = write_report(out, args.out, lambda png: plot_vision_eval(rows, png, title))
+    paths = write_report(out, args.out, lambda png: plot_vision_eval(rows, png, title, out))
     for row in rows:
         print(f"{row['method']:22s} {row['r']!s:28s} {100 * row['accuracy']:.2f}  {row['speedup']:.2f}x")
     warn_if_stolen(rows)

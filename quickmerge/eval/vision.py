@@ -11,7 +11,7 @@ import copy
 import itertools
 import json
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -351,15 +351,55 @@ def method_label(method: str, rows: Sequence[dict[str, Any]]) -> str:
     return _NAMES.get(method, method) + suffix
 
 
-def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str) -> None:
-    """Top-1 vs speed-up over the unpatched model, one line per method; right: QuickMerge++ vs ToMe zoomed."""
+STYLES = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "quickmerge-per-image": ("C4", "v"),
+          "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}  # colour, marker of each method's line
+# the comparisons against ToMe-style a plot draws with their intervals, and the method each one is of
+AGAINST_TOME = {"quickmerge_vs_tome": "quickmerge", "quickmerge_entropy_vs_tome": "quickmerge-entropy",
+                "quickmerge_per_image_vs_tome": "quickmerge-per-image"}
+
+
+def draw_paired_differences(ax: Any, comparisons: dict[str, Sequence[dict[str, Any]]],
+                            label: Callable[[str], str] | None = None) -> bool:
+    """On ``ax``: each method minus ToMe-style in top-1 points at ToMe-style's speed-ups, with the paired 95%
+    interval (``low``, ``high``) of each point, from :func:`compare_at_tome_speeds`-style ``comparisons`` keyed as
+    :data:`AGAINST_TOME`. False (nothing drawn) when no point has an interval."""
+    drawn, xs = False, []
+    for shift, (key, method) in enumerate(AGAINST_TOME.items()):
+        pts = [c for c in comparisons.get(key) or [] if c.get("low") is not None]
+        if not pts:
+            continue
+        colour, marker = STYLES[method]
+        x = [c["speedup"] * (1 + 0.006 * (shift - 1)) for c in pts]  # side by side, not on top of each other
+        y = [100 * c["difference"] for c in pts]
+        yerr = [[100 * (c["difference"] - c["low"]) for c in pts], [100 * (c["high"] - c["difference"]) for c in pts]]
+        ax.errorbar(x, y, yerr=yerr, fmt=marker, color=colour, capsize=3, label=label(method) if label else method)
+        drawn, xs = True, xs + x
+    if drawn:
+        if max(xs) - min(xs) < 0.3:  # a single speed-up: not a zoom onto the side-by-side shift
+            middle = (max(xs) + min(xs)) / 2
+            ax.set_xlim(middle - 0.2, middle + 0.2)
+        ax.axhline(0.0, color=STYLES["tome"][0], lw=0.8, label="ToMe-style")
+        ax.set_xlabel("ToMe-style's throughput / unpatched throughput")
+        ax.set_ylabel("top-1 minus ToMe-style's (points)")
+        ax.set_title("minus ToMe-style at equal throughput, paired 95% intervals")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return drawn
+
+
+def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str,
+                     comparisons: dict[str, Sequence[dict[str, Any]]] | None = None) -> None:
+    """Top-1 vs speed-up over the unpatched model, one line per method; middle: QuickMerge++ vs ToMe zoomed; right,
+    where ``comparisons`` carry intervals: each method minus ToMe-style (:func:`draw_paired_differences`)."""
     plt = require("matplotlib.pyplot", "plot", "The vision plot")
     base = 100 * next(r for r in rows if r["method"] == "none")["accuracy"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"quickmerge": ("C3", "o"), "quickmerge-entropy": ("C1", "D"), "quickmerge-per-image": ("C4", "v"),
-              "tome": ("C0", "s"), "random": ("C7", "x"), "pool": ("C2", "^")}
+    paired = any(c.get("low") is not None for key in AGAINST_TOME for c in (comparisons or {}).get(key) or [])
+    fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4.5))
+    styles = STYLES
     zoom = ["quickmerge", "quickmerge-entropy", "quickmerge-per-image", "tome"]
-    for ax, methods in zip(axes, (list(styles), zoom), strict=True):
+    if paired:
+        draw_paired_differences(axes[2], comparisons, lambda method: method_label(method, rows))
+    for ax, methods in zip(axes[:2], (list(styles), zoom), strict=True):
         shown = [r for r in rows if r["method"] in methods]
         for method in [m for m in methods if any(r["method"] == m for r in rows)]:
             pts = sorted(((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method),

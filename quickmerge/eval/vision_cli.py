@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict:
                    "versions": installed_versions()},
     }
     title = f"Fashion-MNIST ViT, {len(images)} test images"
-    paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title))
+    paths = write_report(results, args.out, lambda png: plot_vision_eval(rows, png, title, results))
     print(format_table(rows))
     comparisons = format_comparisons(results)
     if comparisons:

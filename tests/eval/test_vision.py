@@ -212,3 +212,32 @@ def test_bucketed_budgets_are_timed_against_the_unpatched_model_on_the_same_sub_
     seen.clear()
     row = evaluate_setting(model, reference, images, labels, method="quickmerge", r=8, batch_size=24, timing_rounds=2)
     assert seen == [24, 24] and row["timing_sub_batches"] == [24]
+
+
+def test_the_differences_against_tome_are_drawn_with_their_intervals_and_only_with_them(tmp_path):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from quickmerge.eval.vision import draw_paired_differences, plot_vision_eval
+
+    comparisons = {"quickmerge_vs_tome": [
+                       {"r": 16, "speedup": 1.2, "difference": -0.001, "low": -0.003, "high": 0.002},
+                       {"r": 98, "speedup": 2.9, "difference": None}],
+                   "quickmerge_entropy_vs_tome": [{"r": 16, "speedup": 1.2, "difference": 0.004}]}  # no interval
+    fig, ax = plt.subplots()
+    assert draw_paired_differences(ax, comparisons)
+    (bars,) = ax.containers  # one method has intervals: one error-bar series
+    assert list(bars.lines[0].get_ydata()) == pytest.approx([-0.1])  # points, not shares
+    low, high = bars.lines[2][0].get_segments()[0][:, 1]  # the bar's ends
+    assert (low, high) == (pytest.approx(-0.3), pytest.approx(0.2))
+    plt.close(fig)
+    fig, ax = plt.subplots()
+    assert not draw_paired_differences(ax, {"quickmerge_vs_tome": [{"r": 16, "speedup": 1.2, "difference": 0.0}]})
+    assert not ax.lines and not ax.containers
+    plt.close(fig)
+    rows = [{"method": "none", "r": 0, "speedup": 1.0, "accuracy": 0.9},
+            {"method": "tome", "r": 16, "speedup": 1.2, "accuracy": 0.9},
+            {"method": "quickmerge", "r": 16, "speedup": 1.2, "accuracy": 0.899}]
+    widths = []
+    for name, given in (("two.png", None), ("three.png", comparisons)):
+        plot_vision_eval(rows, str(tmp_path / name), "t", given)
+        widths.append(plt.imread(tmp_path / name).shape[1])
+    assert widths == [12 * 130, 18 * 130]  # a third panel only where there are intervals
