@@ -1,8 +1,10 @@
 """The image protocol: top-1 on the whole Fashion-MNIST test set vs throughput, per merging setting.
 
-For each (method, r): accuracy over every test image, images/s of the patched model and of
-the unpatched one timed alternately on the same batch in the same run (their ratio is the
-speed-up that counts), and the mean number of tokens entering a block.
+For each (method, r): accuracy over every test image and which images it got right (``hits``,
+:func:`pack_hits`), images/s of the patched model and of the unpatched one timed alternately on
+the same batch in the same run (their ratio is the speed-up that counts), and the mean number of
+tokens entering a block. :func:`compare_at_tome_speeds` sets methods side by side at equal
+speed-up, with paired intervals from the hits.
 """
 
 from __future__ import annotations
