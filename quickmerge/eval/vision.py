@@ -397,16 +397,15 @@ def plot_vision_eval(rows: Sequence[dict[str, Any]], path: str, title: str,
     base = 100 * next(r for r in rows if r["method"] == "none")["accuracy"]
     paired = any(c.get("low") is not None for key in AGAINST_TOME for c in (comparisons or {}).get(key) or [])
     fig, axes = plt.subplots(1, 3 if paired else 2, figsize=(18 if paired else 12, 4.5))
-    styles = STYLES
     zoom = ["quickmerge", "quickmerge-entropy", "quickmerge-per-image", "tome"]
     if paired:
         draw_paired_differences(axes[2], comparisons, lambda method: method_label(method, rows))
-    for ax, methods in zip(axes[:2], (list(styles), zoom), strict=True):
+    for ax, methods in zip(axes[:2], (list(STYLES), zoom), strict=True):
         shown = [r for r in rows if r["method"] in methods]
         for method in [m for m in methods if any(r["method"] == m for r in rows)]:
             pts = sorted(((r["speedup"], 100 * r["accuracy"], r["r"]) for r in rows if r["method"] == method),
                          key=lambda p: p[:2])
-            colour, marker = styles[method]
+            colour, marker = STYLES[method]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=colour,
                     label=method_label(method, rows))
             if methods is zoom and method in ("quickmerge", "tome"):
