@@ -16,7 +16,6 @@ the same hits) and, for each reference point, :func:`quickmerge.eval.vision.pair
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import sys
@@ -27,26 +26,21 @@ import torch
 from tqdm import tqdm
 from vision_retime import job_of
 
-import quickmerge
 from quickmerge._optional import require
-from quickmerge.data.fashion_mnist import load_fashion_mnist, normalize
-from quickmerge.eval.vision import draw_paired_differences, paired_difference_at
+from quickmerge.data.fashion_mnist import load_fashion_mnist
+from quickmerge.eval.vision import draw_paired_differences, evaluate_setting, paired_difference_at, unpack_hits
 from quickmerge.pretrained.fashion_vit import load_fashion_vit
 
 COMPARISONS = (("quickmerge", "tome"), ("quickmerge-entropy", "tome"), ("quickmerge-entropy", "quickmerge"))
 
 
-@torch.inference_mode()
 def hits_of(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, row: dict[str, Any],
             batch_size: int) -> torch.Tensor:
-    """``[N]`` bool: which test images the row's setting classifies correctly (batches as ``eval vision``'s)."""
+    """``[N]`` bool: which test images the row's setting classifies correctly (``eval vision``'s own pass)."""
     method, r, settings = job_of(row, len(model.blocks))
-    settings = {k: v for k, v in settings.items() if k != "label"}
-    hits = []
-    with quickmerge.patch(model, r=r, method=method, **settings) if method else contextlib.nullcontext():
-        for i in range(0, len(images), batch_size):
-            hits.append(model(normalize(images[i : i + batch_size])).argmax(-1) == labels[i : i + batch_size])
-    return torch.cat(hits)
+    done = evaluate_setting(model, model, images, labels, method=method, r=r, batch_size=batch_size, timing_rounds=0,
+                            settings=settings)
+    return unpack_hits(done["hits"], len(images))
 
 
 def plot(summary: dict, path: str) -> None:
