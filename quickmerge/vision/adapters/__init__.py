@@ -20,11 +20,13 @@ from .openclip_vit import OpenCLIPViTAdapter
 from .pooling import mean_by_size, size_bias
 from .protocol import BlockMerger, Removable, VisionAdapter
 from .timm_eva import TimmEvaAdapter
+from .timm_naflex import TimmNaFlexVitAdapter
 from .timm_vit import TimmViTAdapter
 from .torchvision_vit import TorchvisionViTAdapter
 
-REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), HFViTAdapter(), HFCLIPAdapter(),
-                                 HFBlipAdapter(), HFAimv2Adapter(), OpenCLIPViTAdapter(), TorchvisionViTAdapter()]
+REGISTRY: list[VisionAdapter] = [TimmViTAdapter(), TimmEvaAdapter(), TimmNaFlexVitAdapter(), HFViTAdapter(),
+                                 HFCLIPAdapter(), HFBlipAdapter(), HFAimv2Adapter(), OpenCLIPViTAdapter(),
+                                 TorchvisionViTAdapter()]
 
 
 def register_adapter(adapter: VisionAdapter) -> None:
@@ -75,6 +77,7 @@ __all__ = [
     "OpenCLIPViTAdapter",
     "Removable",
     "TimmEvaAdapter",
+    "TimmNaFlexVitAdapter",
     "TimmViTAdapter",
     "TorchvisionViTAdapter",
     "VisionAdapter",

@@ -38,10 +38,12 @@ class FeatureMaps(InstanceMethod):
     token alone, so a map's mean over its positions is the size-weighted mean of the block's tokens. The final
     features and every output structure (lists, ``(features, list)``, ``(map, prefix)`` pairs, dicts) are the
     model's own. ``grid(height, width)`` is the family's patch grid ``(H, W)`` for an input image; ``norm`` the
-    call's argument that norms the intermediates and the model's module that does it."""
+    call's argument that norms the intermediates and the model's module that does it; ``refuse(arguments)``, if
+    given, runs first in every call while the handle merges (it raises for calls the family cannot unmerge)."""
 
     def __init__(self, model: nn.Module, merger: BlockMerger, grid: Callable[[int, int], tuple[int, int]],
-                 norm: tuple[str, Callable[[], nn.Module]]) -> None:
+                 norm: tuple[str, Callable[[], nn.Module]],
+                 refuse: Callable[[inspect.BoundArguments], None] | None = None) -> None:
         original = model.forward_intermediates
         signature = inspect.signature(original)
         norm_argument, norm_module = norm
@@ -50,6 +52,8 @@ class FeatureMaps(InstanceMethod):
         def forward_intermediates(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
+            if refuse is not None and merger.merges():
+                refuse(bound)
             if bound.arguments.get("output_fmt") != "NCHW" or not merger.merges():
                 return original(*args, **kwargs)
             images = next(iter(bound.arguments.values()))

@@ -57,20 +57,7 @@ class TimmViTAdapter:
         return bool(getattr(model, "grad_checkpointing", False))
 
     def blocks(self, model: nn.Module) -> list[nn.Module]:
-        found = [b for b in model.blocks if all(hasattr(b, a) for a in _REQUIRED)
-                 and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm")]
-        if not found:
-            raise TypeError(f"{type(model).__name__} has no timm Block with attn.q_norm/k_norm, norm2, mlp, "
-                            "drop_path2 to patch (parallel or post-norm blocks are not supported)")
-        if len(found) != len(model.blocks):
-            raise TypeError(f"only {len(found)} of {len(model.blocks)} blocks have the structure quickmerge hooks into")
-        if "attn_mask" not in inspect.signature(found[0].attn.forward).parameters:
-            import timm
-
-            raise TypeError(f"{type(found[0].attn).__name__}.forward of timm {timm.__version__} takes no attn_mask, "
-                            "through which proportional attention reaches the logits: quickmerge needs timm >= 1.0.16 "
-                            "(pip install -U timm)")
-        return found
+        return pre_norm_blocks(model)
 
     def attach(self, model: nn.Module, blocks: list[nn.Module], merger: BlockMerger) -> list[Removable]:
         hooks: list[Removable] = []
@@ -81,6 +68,25 @@ class TimmViTAdapter:
         if callable(getattr(model, "pool", None)) and isinstance(getattr(model, "norm", None), nn.Module):
             hooks.append(WeightedPool(model, merger))
         return hooks
+
+
+def pre_norm_blocks(model: nn.Module) -> list[nn.Module]:
+    """``model.blocks`` if every one is a pre-norm timm block quickmerge hooks into (``norm1``, ``attn`` with
+    ``q_norm`` / ``k_norm`` and an ``attn_mask`` argument, ``norm2``, ``mlp``, ``drop_path2``); TypeError otherwise."""
+    found = [b for b in model.blocks if all(hasattr(b, a) for a in _REQUIRED)
+             and hasattr(b.attn, "q_norm") and hasattr(b.attn, "k_norm")]
+    if not found:
+        raise TypeError(f"{type(model).__name__} has no timm Block with attn.q_norm/k_norm, norm2, mlp, "
+                        "drop_path2 to patch (parallel or post-norm blocks are not supported)")
+    if len(found) != len(model.blocks):
+        raise TypeError(f"only {len(found)} of {len(model.blocks)} blocks have the structure quickmerge hooks into")
+    if "attn_mask" not in inspect.signature(found[0].attn.forward).parameters:
+        import timm
+
+        raise TypeError(f"{type(found[0].attn).__name__}.forward of timm {timm.__version__} takes no attn_mask, "
+                        "through which proportional attention reaches the logits: quickmerge needs timm >= 1.0.16 "
+                        "(pip install -U timm)")
+    return found
 
 
 def timm_grid(model: nn.Module, height: int, width: int) -> tuple[int, int]:
