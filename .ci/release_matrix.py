@@ -51,6 +51,7 @@ PACKAGES = {
                             ("tests/vision/adapters", "tests/text")),
     "timm": Package("timm", "1.0.16", False, ("huggingface-hub", "safetensors", "torch", "torchvision"),
                     ("tests/vision/adapters/test_timm_vit.py", "tests/vision/adapters/test_timm_eva.py",
+                     "tests/vision/adapters/test_timm_naflex.py",
                      "tests/vision/adapters/test_residual.py", "tests/vision/test_patch_unmerge.py",
                      "tests/test_compile_guard.py", "tests/pretrained/test_fashion_vit.py")),
     "open_clip_torch": Package("open_clip", "3.0", False, ("huggingface-hub", "timm", "torch", "torchvision"),
