@@ -136,12 +136,14 @@ RUN = {
 # tests/vision/adapters/test_timm_eva.py::test_the_readme_s_rotary_models_patch_whole (random weights)
 # tests/vision/adapters/test_torchvision_vit.py::test_the_readme_s_vit_b_16_patches_as_said (random weights)
 # tests/vision/adapters/test_hf_siglip2.py::test_the_readme_s_naflex_snippet (a tiny tower, the real processor)
+# tests/vision/adapters/test_timm_naflex.py::test_the_readme_s_naflex_vit_snippet (a tiny model, timm's collator)
 ELSEWHERE = {'pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)',
              'model = timm.create_model("vit_base_patch16_rope_mixed_224", pretrained=True)  # or eva02_*, '
              'vit_*_dinov3',
              'model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-16", pretrained="laion2b_s34b_b88k")',
              'model = torchvision.models.vit_b_16(weights="IMAGENET1K_SWAG_LINEAR_V1").eval()',
-             'model = transformers.Siglip2VisionModel.from_pretrained("google/siglip2-base-patch16-naflex")'}
+             'model = transformers.Siglip2VisionModel.from_pretrained("google/siglip2-base-patch16-naflex")',
+             'model = timm.create_model("naflexvit_base_patch16_gap.e300_s576_in1k", pretrained=True).eval()'}
 
 
 def _feature_maps_as_said(namespace: dict) -> None:

@@ -607,7 +607,8 @@ def patch(
     """Patch ``model`` in place to merge tokens in its blocks; returns a :class:`MergeHandle`.
 
     Args:
-        model: a timm ``VisionTransformer`` or ``Eva`` (rotary positions: EVA-02, DINOv3, RoPE-ViT); a Hugging
+        model: a timm ``VisionTransformer``, ``Eva`` (rotary positions: EVA-02, DINOv3, RoPE-ViT) or ``NaFlexVit``
+            (image or NaFlex batches, padding masked); a Hugging
             Face ViT, DeiT, DINOv2, DINOv2-with-registers, DINOv3, I-JEPA, ViT-MSN or ViT-MAE model, a VideoMAE or
             ViViT video model, a CLIP, SigLIP, AIMv2, BLIP, BLIP-2 or InstructBLIP vision tower (also
             ``CLIPModel.vision_model``), a whole BLIP, BLIP-2 or InstructBLIP model (what reads the tower, by

@@ -172,6 +172,17 @@ def test_padding_goes_first_so_the_padded_image_is_unchanged(method, matching, r
     assert not torch.allclose(out[0], ref[0], atol=1e-3)  # the full image merged
 
 
+def test_merge_aware_training_refuses_a_padded_batch_and_takes_an_unpadded_one():
+    model, batch = tiny(), naflex_batch()
+    full = {k: v[:1] for k, v in batch.items()}  # the 8 x 8 image fills its 16 patches
+    model.train()
+    with quickmerge.patch(model, r=3, temperature=0.5):
+        with pytest.raises(ValueError, match="padded batches"):
+            model(batch)
+        model(full).sum().backward()  # nothing to mask: trains as an image batch
+    assert model.embeds.proj.weight.grad is not None
+
+
 def test_a_key_only_padding_mask_is_replaced_as_the_symmetric_one():
     model, batch = tiny(use_key_only_attn_mask=True), naflex_batch()
     symmetric = tiny()
@@ -326,3 +337,44 @@ def test_torch_compile_traces_image_batches_whole_and_naflex_batches_with_timm_s
         assert torch.allclose(broken(batch), model(batch), atol=1e-6, rtol=0)
         assert handle.padded and handle.tokens_per_layer == [18, 14, 11]
     torch._dynamo.reset()
+
+
+def test_the_readme_s_naflex_vit_snippet():
+    """The README's lines after loading, on a tiny NaFlexVit and timm's own NaFlex collator and patchifier: images
+    of three sizes and aspect ratios, padded to one length, merged with padding first."""
+    from timm.data.naflex_dataset import NaFlexCollator
+    from timm.data.naflex_transforms import Patchify
+
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, h, w, generator=g) for h, w in ((8, 8), (4, 10), (6, 4))]
+    model = tiny()
+    collate, patchify = NaFlexCollator(max_seq_len=PATCHES), Patchify(2)
+    batch, _ = collate([(patchify(image), 0) for image in images])
+    assert batch["patch_valid"].sum(1).tolist() == [16, 10, 6]  # two images padded
+    with torch.no_grad():
+        reference = model(batch)
+        handle = quickmerge.patch(model, r=2)
+        logits = model(batch)
+    assert logits.shape == reference.shape and torch.isfinite(logits).all()
+    assert handle.sizes.sum(dim=1).tolist() == [18.0, 12.0, 8.0]  # real patches + class and register tokens
+    assert handle.tokens_per_layer == [18, 16, 14]
+
+
+def test_entropy_calibration_leaves_the_padding_out():
+    """A padded NaFlex batch calibrates as its images do alone, unpadded: padding is neither a query nor a key."""
+    from quickmerge.vision.budget import block_attention_perplexity
+
+    model, batch = tiny(), naflex_batch()
+    with torch.no_grad():
+        for block in model.blocks:  # sharper attention than random weights give
+            block.attn.qkv.weight[:32].mul_(8.0)
+
+    def inputs(b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # NaFlexVit.forward's keywords
+        return {"x": b["patches"], "patch_coord": b["patch_coord"], "patch_valid": b["patch_valid"]}
+
+    padded = block_attention_perplexity(model, inputs(batch))
+    alone = [block_attention_perplexity(model, {k: v[i : i + 1, :real] for k, v in inputs(batch).items()})
+             for i, real in enumerate(REAL)]
+    assert padded == pytest.approx([(a + b) / 2 for a, b in zip(*alone, strict=True)], rel=1e-5)
+    assert block_attention_perplexity(model, inputs(with_garbage_padding(batch))) == pytest.approx(padded, rel=1e-5)
+    assert block_attention_perplexity(model, inputs(batch), batch_size=1) == pytest.approx(padded, rel=1e-5)
