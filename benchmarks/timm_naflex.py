@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from reporting import command_line, figure, interval_line, save_figure
+from naflex_merging import compare, plot, print_result
+from reporting import command_line
 from resumable_training import train_epochs
-from siglip2_naflex import MAX_PATCHES, PATCH, log_probs, naflex
+from siglip2_naflex import MAX_PATCHES, PATCH, naflex
 from torch import nn
-from tqdm import tqdm
 
 from quickmerge.data.fashion_mnist import checksums, load_fashion_mnist
-from quickmerge.eval.stats import bootstrap_difference, bootstrap_mean
-from quickmerge.vision import patch
 
 METHODS = {"quickmerge": dict(method="quickmerge"), "tome": dict(method="tome")}
 LABELS = {"quickmerge": "QuickMerge++", "tome": "ToMe-style"}
@@ -88,43 +85,6 @@ def train(model_dir: Path, epochs: int, batch_size: int, lr: float, seed: int) -
     return model.eval()
 
 
-def timed(model: nn.Module, batches: list[dict[str, torch.Tensor]], settings: list[dict | None],
-          rounds: int) -> list[float]:
-    """Images/s of each setting (None: unpatched), all timed in each round, the order rotating per round."""
-    seconds = [0.0] * len(settings)
-    images = sum(len(b["patches"]) for b in batches)
-    for k in tqdm(range(rounds), desc="timing rounds"):
-        for j in range(len(settings)):
-            i = (j + k) % len(settings)
-            with torch.no_grad():
-                handle = None if settings[i] is None else patch(model, **settings[i])
-                began = time.perf_counter()
-                for b in batches:
-                    model(b)
-                seconds[i] += time.perf_counter() - began
-                if handle is not None:
-                    handle.remove()
-    return [rounds * images / s for s in seconds]
-
-
-def plot(result: dict, path: Path) -> None:
-    """Top-1 and KL to the unmerged model against the speed-up, one line per method."""
-    fig, axes = figure()
-    for method, label in LABELS.items():
-        rows = [r for r in result["rows"] if r["method"] == method]
-        if not rows:
-            continue
-        speed = [r["speedup"] for r in rows]
-        for ax, metric, scale in ((axes[0], "top1", 100), (axes[1], "kl", 1)):
-            interval_line(ax, speed, [r[metric] for r in rows], label, scale=scale)
-    axes[0].axhline(100 * result["unmerged_top1"][0], color="gray", ls="--", label="unmerged")
-    axes[0].set(xlabel="speed-up over the unpatched model", ylabel="top-1 (%)",
-                title="timm NaFlexVit, NaFlex batches, Fashion-MNIST (test set)")
-    axes[1].set(xlabel="speed-up over the unpatched model", ylabel="KL(unmerged || merged), nats",
-                title="distance from the unmerged model")
-    save_figure(fig, axes, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
@@ -145,56 +105,19 @@ def main() -> None:
     images, labels = load_fashion_mnist("test")
     batches = [timm_batch(images[i:i + 250]) for i in range(0, len(images), 250)]
     real = torch.cat([b["patch_valid"] for b in batches]).sum(1).double()
-    reference = log_probs(model, batches)
-    unmerged_top1 = (reference.argmax(-1) == labels).double().tolist()
-    names = [(m, r) for r in args.r for m in args.methods]
-    settings = [dict(METHODS[m], r=r) for m, r in names]
-    runs = {}
-    for (name, r), s in tqdm(list(zip(names, settings, strict=True)), desc="merging settings"):
-        with patch(model, **s) as handle:
-            merged = log_probs(model, batches)
-            tokens = handle.mean_tokens
-        kl = (reference.exp() * (reference - merged)).sum(-1)
-        runs[f"{name}/r={r}"] = {
-            "method": name, "settings": s, "r": r, "mean_tokens_per_block": tokens, "kl": kl.tolist(),
-            "agreement": (merged.argmax(-1) == reference.argmax(-1)).double().tolist(),
-            "top1": (merged.argmax(-1) == labels).double().tolist()}
-    timing_batches = batches[: max(1, args.timing_images // 250)]
-    speed = timed(model, timing_batches, [None, *settings], args.timing_rounds)
-    rows, comparisons = [], []
-    for run, images_per_s in zip(runs.values(), speed[1:], strict=True):
-        rows.append({k: v for k, v in run.items() if k not in ("kl", "agreement", "top1")}
-                    | {m: bootstrap_mean(run[m]) for m in ("kl", "agreement", "top1")}
-                    | {"top1_minus_unmerged": bootstrap_difference(run["top1"], unmerged_top1),
-                       "images_per_s": images_per_s, "speedup": images_per_s / speed[0]})
-    if "tome" in args.methods and "quickmerge" in args.methods:
-        for r in args.r:
-            qm, tome = runs[f"quickmerge/r={r}"], runs[f"tome/r={r}"]
-            comparisons.append({"r": r, "what": "quickmerge minus tome",
-                                **{m: bootstrap_difference(qm[m], tome[m]) for m in ("kl", "agreement", "top1")}})
+    compared = compare(model, model, batches, labels, {m: METHODS[m] for m in args.methods}, args.r,
+                       args.timing_images, args.timing_rounds)
     import timm
 
     result = {"command": command_line("timm_naflex.py", args), "timm": timm.__version__,
               "machine": f"{torch.get_num_threads()} CPU threads", "images": len(images),
               "tokens_per_image": MAX_PATCHES, "mean_real_patches": real.mean().item(),
-              "padding_share": 1 - real.mean().item() / MAX_PATCHES,
-              "unmerged_top1": bootstrap_mean(unmerged_top1), "unpatched_images_per_s": speed[0],
-              "rows": rows, "comparisons": comparisons,
-              "note": "each entry (mean, low, high): mean over the test images and its 95% bootstrap interval; "
-                      "comparisons are paired over the same images (kl: lower is closer to the unmerged model); "
-                      "images/s from the interleaved timing rounds, speed-up against the unpatched model timed "
-                      "in the same rounds"}
+              "padding_share": 1 - real.mean().item() / MAX_PATCHES, **compared}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     if args.plot is not None:
-        plot(result, args.plot)
-    print(f"unmerged top1 {result['unmerged_top1'][0]:.4f}, padding share {result['padding_share']:.3f}")
-    for row in rows:
-        print(f"{row['method']:>10} r={row['r']:<3} tokens {row['mean_tokens_per_block']:.1f} top1 "
-              f"{row['top1'][0]:.4f} KL {row['kl'][0]:.5f} speed-up {row['speedup']:.2f}x")
-    for c in comparisons:
-        print(f"r={c['r']:<3} {c['what']} KL {c['kl'][0]:+.5f} [{c['kl'][1]:+.5f}, {c['kl'][2]:+.5f}] "
-              f"top1 {c['top1'][0]:+.4f} [{c['top1'][1]:+.4f}, {c['top1'][2]:+.4f}]")
+        plot(result, args.plot, LABELS, "timm NaFlexVit, NaFlex batches, Fashion-MNIST (test set)")
+    print_result(result)
 
 
 if __name__ == "__main__":
