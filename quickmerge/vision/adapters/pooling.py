@@ -106,3 +106,16 @@ def size_bias(sizes: Tensor, dtype: torch.dtype) -> Tensor:
     """Additive attention mask ``[B, 1, 1, N]`` = log(size), for keys of ``[B, N]`` sizes (proportional
     attention, in the blocks and in attention-pooling heads)."""
     return sizes.log().to(dtype)[:, None, None, :]
+
+
+def pool_by_size(x: Tensor, weights: Tensor, kind: str, attn_pool: nn.Module | None = None) -> Tensor:
+    """timm's pooling of merged tokens ``x [B, N, C]`` over the patches they stand for (``weights [B, N]``, sizes;
+    0 for padding): an attention-pooling head with log(size) as its mask; else ``"avg"`` the size-weighted mean,
+    ``"max"`` the largest over the tokens that stand for a patch, ``"avgmax"`` half of each."""
+    if attn_pool is not None:
+        return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
+    largest = x.masked_fill((weights == 0)[..., None], torch.finfo(x.dtype).min).amax(dim=1)
+    if kind == "max":
+        return largest
+    mean = mean_by_size(x, weights)
+    return mean if kind == "avg" else 0.5 * (largest + mean)

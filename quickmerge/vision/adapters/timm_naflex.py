@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from ...call_arguments import CallArgument
 from .instance import FeatureMaps, InstanceMethod
-from .pooling import NormedStreams, mean_by_size, size_bias
+from .pooling import NormedStreams, pool_by_size
 from .protocol import BlockMerger, Removable
 from .timm_vit import attach_block, pre_norm_blocks
 
@@ -176,14 +176,7 @@ class NaFlexPool(InstanceMethod):
             patches = streams.patches(x) if attn_pool is None and kind != "max" else None
             if patches is not None:  # every patch's own stream, normed: timm's pooling masks the padding
                 return original(patches, pool_type, patch_valid)
-            x, weights = x[:, p:], weights[:, p:]
-            if attn_pool is not None:  # proportional attention, padding (size 0) masked
-                return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
-            largest = x.masked_fill((weights == 0)[..., None], torch.finfo(x.dtype).min).amax(dim=1)
-            if kind == "max":
-                return largest
-            mean = mean_by_size(x, weights)
-            return mean if kind == "avg" else 0.5 * (mean + largest)
+            return pool_by_size(x[:, p:], weights[:, p:], kind, attn_pool)  # padding has size 0: left out
 
         self.streams = streams
         super().__init__(model, "_pool", _pool)

@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .instance import FeatureMaps, InstanceMethod
-from .pooling import NormedStreams, mean_by_size, size_bias
+from .pooling import NormedStreams, pool_by_size
 from .protocol import BlockMerger, Removable
 from .residual import residual_merge_hooks
 
@@ -134,10 +134,7 @@ class WeightedPool(InstanceMethod):
             # Eva's attention pooling reads every token; the others drop the prefix unless told otherwise
             if attn_pool is None or not attn_pool_includes_prefix:
                 x, weights = x[:, p:], weights[:, p:]
-            if attn_pool is not None:  # timm's attention pooling: proportional attention, as in the blocks
-                return attn_pool(x, attn_mask=size_bias(weights, x.dtype))
-            mean = mean_by_size(x, weights)
-            return mean if kind == "avg" else 0.5 * (x.amax(dim=1) + mean)
+            return pool_by_size(x, weights, kind, attn_pool)  # attention pooling: proportional, as in the blocks
 
         self.streams = streams
         super().__init__(model, "pool", pool)
