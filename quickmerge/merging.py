@@ -32,6 +32,24 @@ def merge_mass(mask: Tensor, saliency: Tensor, epsilon: float) -> Tensor:
     return mask * saliency.float().clamp_min(epsilon) + (1.0 - mask) * epsilon
 
 
+def assign_to_seeds(keys: Tensor, is_seed: Tensor, seeds: Tensor) -> Tensor:
+    """Group ``[R, L]`` of each entry: seeds their own, the others their most cosine-similar seed.
+
+    Args:
+        keys: ``[R, L, d]``; is_seed: ``[R, L]`` bool; seeds: ``[R, K]`` seed indices in order.
+    Only the L - K non-seed rows are compared with the K seeds (half the work of a full assignment).
+    """
+    rows, length, d = keys.shape
+    kept = seeds.shape[1]
+    unit = F.normalize(keys.float(), dim=-1)
+    others = (~is_seed).nonzero()[:, 1].view(rows, length - kept)
+    centres = unit.gather(1, seeds[..., None].expand(-1, -1, d))
+    nearest = torch.matmul(unit.gather(1, others[..., None].expand(-1, -1, d)), centres.transpose(1, 2)).argmax(-1)
+    assignment = torch.empty(rows, length, dtype=torch.long, device=keys.device)
+    assignment.scatter_(1, seeds, torch.arange(kept, device=keys.device).expand(rows, kept))
+    return assignment.scatter_(1, others, nearest)
+
+
 def _nearest_centre(xn: Tensor, centres: Tensor) -> Tensor:
     """Index ``[B, N]`` of the most cosine-similar centre; rows processed in chunks."""
     b, n, _ = xn.shape

@@ -202,6 +202,13 @@ class KVPress(Press):
         the cache still holds every layer whole."""
         return scores
 
+    def decoded(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """An attention layer ran a call after the prefill (decoding), its cache updated (default: nothing)."""
+
+    def after_decoding(self) -> None:
+        """The decoder stack finished a call after the prefill (default: nothing); every layer ran, so a cache
+        changed here is seen whole by the next call, layers that read another layer's cache included."""
+
     # ---- hooks ---------------------------------------------------------------------------
     def _release(self) -> None:
         self._prefill, self._masks = None, {}
@@ -262,8 +269,9 @@ class KVPress(Press):
 
     def _after_attention(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         call = self._prefill
-        if call is None:
-            return output  # decoding: the cache is already compressed
+        if call is None:  # decoding: the prompt is compressed already
+            self.decoded(module, args, kwargs)
+            return output
         call.attention_calls += 1
         call.kwarg_names = tuple(kwargs)
         cache = cache_arg(kwargs)
@@ -314,7 +322,10 @@ class KVPress(Press):
 
     def _after_model(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._prefill = self._prefill, None
-        if call is not None and call.pending:
+        if call is None:
+            self.after_decoding()
+            return
+        if call.pending:
             final = self.rescore(
                 module, next(iter(call.pending.values()))[1], {i: entry[0] for i, entry in call.pending.items()},
                 {i: entry[2] for i, entry in call.pending.items()}, call.inputs,
@@ -324,7 +335,7 @@ class KVPress(Press):
             for index, (attn, cache, scores, length) in call.pending.items():
                 self._compress(attn, cache, scores, length, budgets[index])
             call.pending.clear()
-        if call is None or call.compressed or self.kept(call.length) >= call.length:
+        if call.compressed or self.kept(call.length) >= call.length:
             return
         import transformers
 

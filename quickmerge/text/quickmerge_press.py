@@ -32,15 +32,19 @@ from torch import Tensor, nn
 
 from .._validation import check_choice, check_positive_int, check_real
 from ..budget import allocate
-from ..merging import cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
+from ..merging import assign_to_seeds, cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, quantile_rank, rank01, top_indices, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
+from .cache import cache_arg, merged_layer, physical_length
 from .decoder import (
     UnsupportedAttentionError,
+    hidden_states_arg,
     logit_cap_and_sinks,
     prerope_keys,
+    sliding_window_of,
     unsupported_message,
 )
+from .decoding import QueryBuffer, entry_sizes, remerge
 from .flat import select_and_merge
 from .kv_press import Compressed, KVPress
 from .latent import attended_keys, is_latent_attention, per_cache_row
@@ -129,10 +133,19 @@ class QuickMergePress(KVPress):
         budget ``"replay"``: with ``scoring="replay"``, each layer keeps as many entries as it holds
             among the model's most attended (layer, head, entry) triples (KVzip's split over layers),
             above the same floor; the total stays the uniform total.
+        decoding_size: merge while decoding too (kvpress's ``DecodingPress``, :mod:`quickmerge.text.decoding`):
+            once decoding inside the press has filled a full-attention layer to ``decoding_size +
+            decoding_interval`` entries per KV head, it is merged back to ``decoding_size``, scored by the last
+            ``window`` decoded queries, entries weighted by the tokens they stand for. None (default): the cache
+            grows by one entry per generated token. Needs ``proportional=True`` with ``bias="size"`` (the sizes
+            carry what each entry stands for) and ``head_budgets=False``.
+        decoding_interval: decoded tokens between two merges (the cache stays within ``decoding_size`` and
+            ``decoding_size + decoding_interval`` entries once it reaches them).
     On multi-head latent attention (DeepSeek V2/V3, ...) ``align``, ``head_budgets`` and ``leverage``, which fit or
     split each head's keys, are refused: from transformers 5.15 such a layer caches one latent row for all its heads.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
-    what was done, and ``seed_share()`` how often each prompt token was kept as a seed.
+    what was done, and ``seed_share()`` how often each prompt token was kept as a seed;
+    ``decoding_merges`` counts the layers merged while decoding since the prefill.
     """
 
     window: int = 16
@@ -162,11 +175,16 @@ class QuickMergePress(KVPress):
     leverage: float = 0.0
     leverage_ridge: float = 1.0
     leverage_pool: int = 1
+    decoding_size: int | None = None
+    decoding_interval: int = 512
+    decoding_merges: int = field(default=0, init=False)
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
     _replayed: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
     _leverages: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
+    _decoded_queries: QueryBuffer | None = field(default=None, init=False, repr=False)
+    _decoding: dict[int, tuple[nn.Module, object]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -219,6 +237,15 @@ class QuickMergePress(KVPress):
         check_real(self.align_ridge, "align_ridge", low=0.0, high=math.inf, low_open=True, high_open=True)
         check_real(self.align_floor, "align_floor", low=0.0, high=math.inf, low_open=False, high_open=True)
         check_real(self.novelty, "novelty", low=0.0, high=math.inf, low_open=False, high_open=True)
+        check_positive_int(self.decoding_interval, "decoding_interval")
+        if self.decoding_size is not None:
+            check_positive_int(self.decoding_size, "decoding_size")
+            if not self.proportional or self.bias != "size" or self.head_budgets:
+                raise ValueError(
+                    "decoding_size merges the cache again while decoding, weighting each entry by the tokens it "
+                    "stands for: it needs proportional=True with bias='size' (the sizes) and head_budgets=False, got "
+                    f"proportional={self.proportional}, bias={self.bias!r}, head_budgets={self.head_budgets}")
+        self._decoded_queries = QueryBuffer(self.window)
 
     def seed_share(self) -> Tensor | None:
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
@@ -228,10 +255,13 @@ class QuickMergePress(KVPress):
         super()._new_prompt()
         self.kept_share, self.layers_merged, self._windows, self._replayed = None, 0, {}, {}
         self._leverages = {}
+        self.decoding_merges, self._decoding = 0, {}
+        self._decoded_queries.clear()
 
     def _release(self) -> None:
         super()._release()
-        self._windows, self._replayed, self._leverages = {}, {}, {}
+        self._windows, self._replayed, self._leverages, self._decoding = {}, {}, {}, {}
+        self._decoded_queries.clear()
 
     def adds_bias(self) -> bool:
         # Layers of uneven lengths (a non-uniform budget) need the per-layer masks of the bias path
@@ -272,14 +302,21 @@ class QuickMergePress(KVPress):
 
     def check_attentions(self, attentions: list[nn.Module]) -> None:
         """Refuse the options that fit or split each head's keys on a latent attention, whose cache (from
-        transformers 5.15) holds one compressed latent for all heads."""
-        options = {"align=True": self.align, "head_budgets=True": self.head_budgets, "leverage > 0": self.leverage}
+        transformers 5.15) holds one compressed latent for all heads, and merging while decoding where a layer
+        reads another layer's cache or the cache holds latents."""
+        if self.decoding_size is not None and self._kv_sources:
+            raise UnsupportedAttentionError(unsupported_message(attentions[-1], (
+                f"layers {sorted(self._kv_sources)} read the cache of an earlier layer, which decoding_size does not "
+                "merge yet; leave decoding_size=None")))
+        options = {"align=True": self.align, "head_budgets=True": self.head_budgets, "leverage > 0": self.leverage,
+                   "decoding_size": self.decoding_size is not None}
         chosen = [name for name, on in options.items() if on]
         latent = [attn for attn in attentions if is_latent_attention(attn)]
         if chosen and latent:
             raise UnsupportedAttentionError(unsupported_message(latent[0], (
                 f"a multi-head latent attention caches one compressed latent for all its heads, which "
-                f"{', '.join(chosen)} cannot work on (they fit or split each head's keys); leave them off")))
+                f"{', '.join(chosen)} cannot work on (they fit or split each head's keys, or merge per KV head while "
+                "decoding); leave them off")))
 
     def _with_novelty(self, ranks: Tensor, keys: Tensor) -> Tensor:
         if self.novelty > 0:
@@ -382,6 +419,42 @@ class QuickMergePress(KVPress):
             None if sizes is None else sizes.view(b, hkv, kept),
         )
 
+    def decoded(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Buffer the decoded queries of a full-attention layer within ``window`` entries of its next merge."""
+        if self.decoding_size is None or sliding_window_of(module) is not None:
+            return
+        cache = cache_arg(kwargs)
+        if cache is None or module.layer_idx >= len(cache.layers):
+            return
+        layer = cache.layers[module.layer_idx]
+        if physical_length(layer) + self.window <= self.decoding_size + self.decoding_interval:
+            return  # its next merge is more than a window away
+        self._decoded_queries.add(module, hidden_states_arg(args, kwargs), layer.keys, kwargs)
+        self._decoding[module.layer_idx] = (module, cache)
+
+    def after_decoding(self) -> None:
+        """Merge every layer that decoding filled to ``decoding_size + decoding_interval`` entries back to
+        ``decoding_size`` (:func:`~quickmerge.text.decoding.remerge`)."""
+        for index, (module, cache) in list(self._decoding.items()):
+            layer = cache.layers[index]
+            length = physical_length(layer)
+            if length < self.decoding_size + self.decoding_interval:
+                continue
+            hkv = layer.keys.shape[1]
+            log_sizes = getattr(layer, "log_sizes", None)
+            bias = None if log_sizes is None else F.pad(log_sizes, (0, length - log_sizes.shape[-1]))
+            with torch.no_grad():
+                keys, values, sizes = remerge(
+                    module, layer.keys, layer.values, entry_sizes(log_sizes, hkv, length, layer.keys),
+                    self._decoded_queries.queries.pop(index), self.decoding_size, log_sizes=bias,
+                    epsilon=self.epsilon, salient=self.salient, kernel_size=self.kernel_size)
+            merged = merged_layer(layer, keys, values, layer.get_seq_length())
+            heads = module.config.num_attention_heads
+            merged.log_sizes = sizes.log().repeat_interleave(heads // hkv, dim=1)[:, :, None, :]
+            cache.layers[index] = merged
+            del self._decoding[index]
+            self.decoding_merges += 1
+
     def _check_protected(self, layer: int, length: int, kept: int) -> None:
         """Refuse a layer budget smaller than the entries replay scoring always keeps (the first ``sinks`` and the
         last ``recent``): it would have to cut some of them."""
@@ -402,20 +475,3 @@ class QuickMergePress(KVPress):
         sizes = out.sizes if self.proportional else torch.ones_like(out.sizes)
         return Compressed(out.keys[:, None], out.values[:, None], sizes[:, None], out.owners)
 
-
-def assign_to_seeds(keys: Tensor, is_seed: Tensor, seeds: Tensor) -> Tensor:
-    """Group ``[R, L]`` of each entry: seeds their own, the others their most cosine-similar seed.
-
-    Args:
-        keys: ``[R, L, d]``; is_seed: ``[R, L]`` bool; seeds: ``[R, K]`` seed indices in order.
-    Only the L - K non-seed rows are compared with the K seeds (half the work of a full assignment).
-    """
-    rows, length, d = keys.shape
-    kept = seeds.shape[1]
-    unit = F.normalize(keys.float(), dim=-1)
-    others = (~is_seed).nonzero()[:, 1].view(rows, length - kept)
-    centres = unit.gather(1, seeds[..., None].expand(-1, -1, d))
-    nearest = torch.matmul(unit.gather(1, others[..., None].expand(-1, -1, d)), centres.transpose(1, 2)).argmax(-1)
-    assignment = torch.empty(rows, length, dtype=torch.long, device=keys.device)
-    assignment.scatter_(1, seeds, torch.arange(kept, device=keys.device).expand(rows, kept))
-    return assignment.scatter_(1, others, nearest)

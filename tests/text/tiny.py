@@ -411,6 +411,8 @@ def duplicated_cache(cache):
         hkv = layer.keys.shape[1]
         groups = layer.log_sizes.shape[1] // hkv
         sizes = layer.log_sizes[:, ::groups, 0, :].exp().round().long()  # [B, Hkv, K]
+        decoded = layer.keys.shape[2] - sizes.shape[-1]  # entries appended since the last merge stand for one token
+        sizes = torch.cat([sizes, sizes.new_ones(*sizes.shape[:2], decoded)], dim=-1)
         keys = torch.stack([torch.stack([torch.repeat_interleave(layer.keys[b, h], sizes[b, h], dim=0)
                                          for h in range(hkv)]) for b in range(sizes.shape[0])])
         values = torch.stack([torch.stack([torch.repeat_interleave(layer.values[b, h], sizes[b, h], dim=0)

@@ -1,0 +1,192 @@
+"""Merging while decoding against kvpress's ``DecodingPress``: a long continuation with the cache held to a budget.
+
+SmolLM2-135M reads a short Wikipedia prompt and then the next tokens one per call (teacher forcing, as a long
+generation would feed its own tokens); every full-attention layer's cache is brought back to ``--size`` entries each
+time decoding has added ``--interval`` more. Scored: the negative log-likelihood of every continuation token
+predicted once the cache was first compressed (before it, every method is the uncompressed model), per window;
+perplexity, paired ratio to no compression and to the best kvpress press, 95% bootstrap intervals.
+
+Methods: no compression; ``QuickMergePress(0.0, decoding_size=S, decoding_interval=I)`` (the prompt whole, merged
+while decoding); kvpress 0.5.5's ``DecodingPress(base, compression_interval=I, target_size=S)`` around each scorer
+press that runs there. Resumable: each (method, batch of windows) is journaled in ``--out``'s ``.journal.json``.
+
+    python benchmarks/decoding_merge.py --out docs/results/stop85/decoding_merge.json \\
+        --plot docs/img/decoding_merge.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from quickmerge.eval.stats import bootstrap_ppl, bootstrap_ratio
+from quickmerge.eval.text import wikipedia_windows
+from quickmerge.pretrained.causal_lm import load_causal_lm
+from quickmerge.text import QuickMergePress
+from quickmerge.text.cache import cache_kwargs, physical_length
+
+# kvpress scorer presses DecodingPress takes (its base must be a ScorerPress), each at its defaults
+# (LeverageScorePress asserts "only supports prefill")
+KVPRESS_SCORERS = ("knorm", "streaming-llm", "snapkv", "expected-attention", "tova", "keydiff", "random")
+
+
+def _kvpress_scorer(name: str, interval: int):
+    import kvpress as kp
+
+    if name == "snapkv":  # its observation window must be shorter than the hidden states DecodingPress buffers
+        return kp.SnapKVPress(window_size=min(64, interval // 2))
+    return {"knorm": kp.KnormPress, "streaming-llm": kp.StreamingLLMPress,
+            "expected-attention": kp.ExpectedAttentionPress, "tova": kp.TOVAPress, "keydiff": kp.KeyDiffPress,
+            "random": kp.RandomPress}[name]()
+
+
+def make_press(method: str, size: int, interval: int):
+    if method == "none":
+        return None
+    if method == "quickmerge":
+        return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval)
+    import kvpress as kp
+
+    return kp.DecodingPress(_kvpress_scorer(method.removeprefix("kvpress-"), interval), compression_interval=interval,
+                            target_size=size)
+
+
+@torch.no_grad()
+def continuation_nll(model, ids: torch.Tensor, prompt: int, press) -> tuple[torch.Tensor, float]:
+    """``[B, T]`` NLL (nats) of tokens ``prompt + 1 .. N - 1`` of ``ids [B, N]`` decoded one per call after a
+    prefill of ``prompt`` tokens, and the mean cache length (entries per full layer) over the steps. Each call gets
+    its token's position (``position_ids``), as kvpress's pipeline passes them: a cache kvpress shortened reports
+    its length, not the tokens it has seen."""
+    cache = __import__("transformers").DynamicCache()
+    nll, lengths = [], []
+    with press(model) if press is not None else contextlib.nullcontext():
+        logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]
+        for t in range(prompt, ids.shape[1]):
+            nll.append(torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="none"))
+            if t + 1 < ids.shape[1]:
+                position = torch.full((ids.shape[0], 1), t)
+                logits = model(ids[:, t : t + 1], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
+                lengths.append(physical_length(cache.layers[0]))
+    return torch.stack(nll, 1), sum(lengths) / len(lengths)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--first", type=int, default=0, help="index of the first Wikipedia window")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--continuation", type=int, default=896)
+    parser.add_argument("--size", type=int, default=192, help="entries a layer is merged back to")
+    parser.add_argument("--interval", type=int, default=64, help="decoded tokens between compressions")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--methods", nargs="+",
+                        default=["none", "quickmerge", *(f"kvpress-{n}" for n in KVPRESS_SCORERS)])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--plot")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    if (args.size < 1 or args.interval < 1 or not 1 <= args.prompt <= args.size
+            or (args.size - args.prompt) % args.interval):
+        # kvpress compresses every `interval` decoded tokens from the prefill on, quickmerge when the cache reaches
+        # size + interval: the same steps only when the prompt is size - k * interval tokens
+        parser.error("need 1 <= --prompt <= --size, --interval >= 1 and (size - prompt) a multiple of interval")
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_causal_lm()
+    model.set_attn_implementation("sdpa")
+    windows = wikipedia_windows(tokenizer, args.first + args.windows, context=args.prompt,
+                                continuation=args.continuation)[args.first:]
+    ids = torch.stack([w.ids for w in windows])  # [W, prompt + continuation + 1]
+    # the decoding call that first compresses (after its attention): the cache reaches size + interval there; the
+    # tokens predicted after it are scored
+    first = args.size + args.interval - args.prompt
+    journal_path = Path(args.out).with_suffix(".journal.json")
+    journal = json.loads(journal_path.read_text()) if journal_path.exists() else {}
+    config = {k: getattr(args, k) for k in ("windows", "first", "prompt", "continuation", "size", "interval")}
+    if journal.get("config", config) != config:
+        raise SystemExit(f"{journal_path} holds a run with another configuration ({journal['config']}): remove it")
+    journal["config"] = config
+    for method in args.methods:
+        for start in range(0, len(windows), args.batch):
+            key = f"{method}/{start}"
+            if key in journal:
+                continue
+            began = time.perf_counter()
+            nll, mean_length = continuation_nll(model, ids[start : start + args.batch], args.prompt,
+                                                make_press(method, args.size, args.interval))
+            journal[key] = {"nll": nll[:, first + 1:].mean(dim=1).tolist(), "cache": mean_length,
+                            "seconds": time.perf_counter() - began}
+            journal_path.write_text(json.dumps(journal))
+            print(f"{key}: mean NLL {sum(journal[key]['nll']) / len(journal[key]['nll']):.4f}, "
+                  f"cache {mean_length:.1f}, {journal[key]['seconds']:.0f} s", flush=True)
+    per_method = {m: [x for s in range(0, len(windows), args.batch) for x in journal[f"{m}/{s}"]["nll"]]
+                  for m in args.methods}
+    cache = {m: sum(journal[f"{m}/{s}"]["cache"] for s in range(0, len(windows), args.batch))
+             / len(range(0, len(windows), args.batch)) for m in args.methods}
+    rows = []
+    for method, nll in per_method.items():
+        ppl = bootstrap_ppl(nll)
+        ratio = bootstrap_ratio(nll, per_method["none"]) if "none" in per_method else None
+        rows.append({"method": method, "perplexity": ppl[0], "perplexity_ci": ppl[1:],
+                     "ratio_to_uncompressed": None if ratio is None else ratio[0],
+                     "ratio_to_uncompressed_ci": None if ratio is None else ratio[1:],
+                     "mean_cache_entries": cache[method]})
+    kvpress_rows = [r for r in rows if r["method"].startswith("kvpress-")]
+    best = min(kvpress_rows, key=lambda r: r["perplexity"])["method"] if kvpress_rows else None
+    paired = {}
+    if best is not None and "quickmerge" in per_method:
+        value, low, high = bootstrap_ratio(per_method["quickmerge"], per_method[best])
+        wins = sum(a < b for a, b in zip(per_method["quickmerge"], per_method[best], strict=True))
+        paired = {"best_kvpress": best, "quickmerge_vs_best": [value, low, high], "lower_on": wins,
+                  "windows": len(windows)}
+    result = {"config": {**config, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+                         "scored_tokens_per_window": args.continuation - first - 1},
+              "rows": rows, "paired": paired}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for r in sorted(rows, key=lambda r: r["perplexity"]):
+        ratio = r["ratio_to_uncompressed"]
+        print(f"{r['method']:28s} ppl {r['perplexity']:.3f} [{r['perplexity_ci'][0]:.3f}, "
+              f"{r['perplexity_ci'][1]:.3f}]" + ("" if ratio is None else
+              f"  vs none {ratio:.4f} [{r['ratio_to_uncompressed_ci'][0]:.4f}, {r['ratio_to_uncompressed_ci'][1]:.4f}]")
+              + f"  cache {r['mean_cache_entries']:.0f}")
+    if paired:
+        print(f"QuickMerge++ / {paired['best_kvpress']}: {paired['quickmerge_vs_best'][0]:.4f} "
+              f"[{paired['quickmerge_vs_best'][1]:.4f}, {paired['quickmerge_vs_best'][2]:.4f}], lower on "
+              f"{paired['lower_on']}/{paired['windows']}")
+    if args.plot:
+        plot(result, args.plot)
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted((r for r in result["rows"] if r["method"] != "none"), key=lambda r: r["ratio_to_uncompressed"])
+    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    for i, r in enumerate(rows):
+        low, high = r["ratio_to_uncompressed_ci"]
+        colour = "tab:red" if r["method"] == "quickmerge" else "tab:blue"
+        ax.errorbar(r["ratio_to_uncompressed"], i, xerr=[[r["ratio_to_uncompressed"] - low],
+                    [high - r["ratio_to_uncompressed"]]], fmt="o", color=colour, capsize=3)
+    ax.set_yticks(range(len(rows)), [("QuickMerge++ (merging)" if r["method"] == "quickmerge" else
+                                      f"kvpress DecodingPress({r['method'].removeprefix('kvpress-')})")
+                                     for r in rows])
+    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    c = result["config"]
+    ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% CI)")
+    ax.set_title(f"Cache held to {c['size']}-{c['size'] + c['interval']} entries while decoding "
+                 f"{c['continuation']} tokens\n(SmolLM2-135M, {c['windows']} Wikipedia windows)", fontsize=10)
+    ax.set_xscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
