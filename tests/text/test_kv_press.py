@@ -483,7 +483,9 @@ def test_budgets_alignment_and_replay_keep_the_total_and_decode_like_the_plain_m
     assert torch.allclose(merged, reference, atol=1e-4)
 
 
-def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
+@pytest.mark.parametrize("decoding", [{}, dict(decoding_size=12, decoding_interval=4)], ids=["prefill", "decoding"])
+def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path, decoding):
+    """... and merging while decoding, with the positions kvpress's pipeline passes."""
     pytest.importorskip("kvpress")
     import kvpress  # noqa: F401  (registers the pipeline)
 
@@ -495,18 +497,20 @@ def test_kvpress_pipeline_keeps_proportional_attention_while_decoding(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     pipe = transformers.pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     context, question = "The quick brown fox jumps over the lazy dog. " * 4, " Which animal jumps?"
-    press = QuickMergePress(0.5, window=8)
-    piped = pipe(context, question=question, press=for_kvpress_pipeline(press), max_new_tokens=8)["answer"]
+    steps = 20 if decoding else 8
+    press = QuickMergePress(0.5, window=8, **decoding)
+    piped = pipe(context, question=question, press=for_kvpress_pipeline(press), max_new_tokens=steps)["answer"]
     assert press.achieved_ratio == pytest.approx(0.5, abs=0.02)
+    assert (press.decoding_merges > 0) == bool(decoding)
     # the same greedy decoding by hand, inside the press (proportional attention on), on the pipeline's
     # inputs (without a chat template: BOS + context, then question + newline)
     ids = tokenizer(tokenizer.bos_token + context, return_tensors="pt", add_special_tokens=False).input_ids
     q = tokenizer(question + "\n", return_tensors="pt", add_special_tokens=False).input_ids
     cache, out = transformers.DynamicCache(), []
-    with torch.no_grad(), QuickMergePress(0.5, window=8)(model):
+    with torch.no_grad(), QuickMergePress(0.5, window=8, **decoding)(model):
         model.model(ids, **cache_kwargs(model, cache))
         logits = model(q, **cache_kwargs(model, cache)).logits
-        for _ in range(8):
+        for _ in range(steps):
             out.append(int(logits[0, -1].argmax()))
             logits = model(torch.tensor([[out[-1]]]), **cache_kwargs(model, cache)).logits
     assert piped == tokenizer.decode(out, skip_special_tokens=True)
