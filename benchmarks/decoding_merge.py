@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--timing-rounds", type=int, default=0,
+                        help="instead of scoring: time the methods on the first --batch windows, interleaved, this "
+                             "many rounds (quiet machine); writes seconds per decoding call and the ratio to none")
     args = parser.parse_args()
     if (args.size < 1 or args.interval < 1 or not 1 <= args.prompt <= args.size
             or (args.size - args.prompt) % args.interval):
@@ -104,6 +107,8 @@ def main() -> None:
     # the decoding call that first compresses (after its attention): the cache reaches size + interval there; the
     # tokens predicted after it are scored
     first = args.size + args.interval - args.prompt
+    if args.timing_rounds:
+        return timing(model, ids[: args.batch], args)
     journal_path = Path(args.out).with_suffix(".journal.json")
     journal = json.loads(journal_path.read_text()) if journal_path.exists() else {}
     config = {k: getattr(args, k) for k in ("windows", "first", "prompt", "continuation", "size", "interval")}
@@ -159,6 +164,30 @@ def main() -> None:
               f"{paired['lower_on']}/{paired['windows']}")
     if args.plot:
         plot(result, args.plot)
+
+
+def timing(model, ids: torch.Tensor, args: argparse.Namespace) -> None:
+    """Seconds per decoding call of the batch (the prefill counted in, once) for each method, rounds interleaved."""
+    seconds: dict[str, list[float]] = {m: [] for m in args.methods}
+    steps = ids.shape[1] - args.prompt - 1
+    for round_ in range(args.timing_rounds):
+        for method in args.methods:
+            press = make_press(method, args.size, args.interval)
+            began = time.perf_counter()
+            continuation_nll(model, ids, args.prompt, press)
+            seconds[method].append((time.perf_counter() - began) / steps)
+            print(f"round {round_ + 1}: {method} {seconds[method][-1] * 1e3:.1f} ms per step", flush=True)
+    median = {m: sorted(v)[len(v) // 2] for m, v in seconds.items()}
+    result = {"config": {k: getattr(args, k) for k in ("prompt", "continuation", "size", "interval", "batch",
+                                                       "threads", "timing_rounds")},
+              "note": "seconds per decoding call of the whole batch, prefill included once (median over rounds)",
+              "rows": [{"method": m, "seconds_per_step": median[m], "all_rounds": seconds[m],
+                        "ratio_to_none": median[m] / median["none"] if "none" in median else None}
+                       for m in args.methods]}
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    for row in result["rows"]:
+        print(f"{row['method']:28s} {row['seconds_per_step'] * 1e3:.1f} ms per step"
+              + ("" if row["ratio_to_none"] is None else f", {row['ratio_to_none']:.3f}x none"))
 
 
 def plot(result: dict, path: str) -> None:

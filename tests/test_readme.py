@@ -112,6 +112,8 @@ RUN = {
     "qm = QuickMergePP(embedding_dim=512)": dict,
     "out = qm(hidden_states, K, attentions=model_outputs.attentions)": _core,
     "press = QuickMergePress(compression_ratio=0.5)  # kvpress-style press, per call": _causal_lm,
+    "press = QuickMergePress(compression_ratio=0.0, decoding_size=192, decoding_interval=64)  # the prompt kept "
+    "whole": _causal_lm,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay",': _press_only,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True,': _press_only,
     'press = QuickMergePress(compression_ratio=0.5, scoring="replay", budget="replay", head_budgets=True)':
@@ -156,8 +158,18 @@ def _tubelets_as_said(namespace: dict) -> None:
     assert tuple(namespace["logits"].shape) == (1, 400)
 
 
+def _cache_bounded_as_said(namespace: dict) -> None:
+    press, model = namespace["press"], namespace["model"]
+    decoded = namespace["out"].shape[1] - 32 - 1  # calls after the prefill, one entry each
+    assert decoded == 299, "the tiny model stopped early: the claim below needs the whole generation"
+    # the 32-token prompt kept whole: every layer reaches 192 + 64 entries after 224 calls, again after 288
+    assert press.decoding_merges == 2 * model.config.num_hidden_layers
+
+
 # what a snippet's comments claim, checked after it ran
-CLAIMS = {'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':
+CLAIMS = {"press = QuickMergePress(compression_ratio=0.0, decoding_size=192, decoding_interval=64)  # the prompt "
+          "kept whole": _cache_bounded_as_said,
+          'model = timm.create_model("vit_small_patch16_224", features_only=True, out_indices=(5, 8, 11))':
           _feature_maps_as_said,
           'model = transformers.VideoMAEForVideoClassification.from_pretrained("MCG-NJU/videomae-base-finetuned-'
           'kinetics")': _tubelets_as_said}
