@@ -74,6 +74,32 @@ def test_the_cache_stays_within_its_bounds_and_decodes_like_the_duplicated_cache
     assert torch.allclose(merged, reference, atol=1e-5), (merged - reference).abs().max()
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "gemma2", "cohere2", "gpt-oss", "lfm2", "qwen3.5", "granite4"])
+def test_more_families_decode_like_the_duplicated_cache_after_merges(kind):
+    """Alternating sliding layers (left alone), attention sinks (gpt-oss), hybrids whose other layers keep a fixed-size
+    state (transformers 5.5 or later: before, they keep their own cache class, refused on entry)."""
+    from quickmerge.text.cache import own_cache_class
+    from quickmerge.text.decoder import base_model
+
+    model = tiny(kind, "sdpa")
+    if own_cache_class(base_model(model)) is not None:
+        pytest.skip(f"transformers {transformers.__version__} keeps {kind}'s states in a cache class of its own")
+    ids, cont = torch.randint(0, 97, (1, 16)), torch.randint(0, 97, (1, 30))
+    press = QuickMergePress(0.5, window=4, decoding_size=SIZE, decoding_interval=INTERVAL)
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(ids, **cache_kwargs(model, cache))
+        for t in range(cont.shape[1]):
+            model(cont[:, t : t + 1], **cache_kwargs(model, cache))
+        assert press.decoding_merges > 0
+        oracle = duplicated_cache(cache)
+        nxt = torch.randint(0, 97, (1, 2))
+        merged = model(nxt, **cache_kwargs(model, cache)).logits
+    with torch.no_grad():
+        reference = model(nxt, **cache_kwargs(model, oracle)).logits
+    assert torch.allclose(merged, reference, atol=1e-5), (merged - reference).abs().max()
+
+
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_decoding_is_the_plain_press_s_until_the_first_merge_and_differs_after(attn):
     model = tiny("llama", attn)
