@@ -31,19 +31,19 @@ class QueryBuffer:
     """The last ``window`` post-RoPE queries ``[B, H, w, d]`` (float32) each layer decoded, kept only once a layer
     is within ``window`` entries of its next merge."""
 
-    window: int
     queries: dict[int, Tensor] = field(default_factory=dict)
     rotations: dict[int, str] = field(default_factory=dict)  # each layer's key rotation (decoder.key_rotation)
 
-    def add(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict) -> None:
-        """Buffer the queries of this call's tokens ``hidden_states [B, q, D]``; ``keys [B, Hkv, L, d]``: the
-        layer's cache after the call (its last ``q`` entries are these tokens'), read once to find the rotation."""
+    def add(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> None:
+        """Buffer the queries of this call's tokens ``hidden_states [B, q, D]``, keeping the last ``window``;
+        ``keys [B, Hkv, L, d]``: the layer's cache after the call (its last ``q`` entries are these tokens'), read
+        once to find the rotation."""
         index = module.layer_idx
         if index not in self.rotations:
             self.rotations[index] = key_rotation(module, hidden_states, keys, kwargs.get("position_embeddings"))
-        q = window_queries(module, hidden_states[:, -self.window:], kwargs, self.rotations[index]).float()
+        q = window_queries(module, hidden_states[:, -window:], kwargs, self.rotations[index]).float()
         old = self.queries.get(index)
-        self.queries[index] = q if old is None else torch.cat([old, q], dim=2)[:, :, -self.window:]
+        self.queries[index] = q if old is None else torch.cat([old, q], dim=2)[:, :, -window:]
 
     def clear(self) -> None:
         self.queries, self.rotations = {}, {}

@@ -183,7 +183,7 @@ class QuickMergePress(KVPress):
     _windows: dict[int, Window] = field(default_factory=dict, init=False, repr=False)
     _replayed: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
     _leverages: dict[int, Tensor] = field(default_factory=dict, init=False, repr=False)
-    _decoded_queries: QueryBuffer | None = field(default=None, init=False, repr=False)
+    _decoded_queries: QueryBuffer = field(default_factory=QueryBuffer, init=False, repr=False)
     _decoding: dict[int, tuple[nn.Module, object]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -245,7 +245,6 @@ class QuickMergePress(KVPress):
                     "decoding_size merges the cache again while decoding, weighting each entry by the tokens it "
                     "stands for: it needs proportional=True with bias='size' (the sizes) and head_budgets=False, got "
                     f"proportional={self.proportional}, bias={self.bias!r}, head_budgets={self.head_budgets}")
-        self._decoded_queries = QueryBuffer(self.window)
 
     def seed_share(self) -> Tensor | None:
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
@@ -429,7 +428,7 @@ class QuickMergePress(KVPress):
         layer = cache.layers[module.layer_idx]
         if physical_length(layer) + self.window <= self.decoding_size + self.decoding_interval:
             return  # its next merge is more than a window away
-        self._decoded_queries.add(module, hidden_states_arg(args, kwargs), layer.keys, kwargs)
+        self._decoded_queries.add(module, hidden_states_arg(args, kwargs), layer.keys, kwargs, self.window)
         self._decoding[module.layer_idx] = (module, cache)
 
     def after_decoding(self) -> None:
