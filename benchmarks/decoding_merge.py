@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+",
                         default=["none", "quickmerge", *(f"kvpress-{n}" for n in KVPRESS_SCORERS)])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--plot")
+    parser.add_argument("--plot", help="PNG of the ratios to no compression (with --out of a finished run: redraws it)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--timing-rounds", type=int, default=0,
                         help="instead of scoring: time the methods on the first --batch windows, interleaved, this "
@@ -191,27 +191,28 @@ def timing(model, ids: torch.Tensor, args: argparse.Namespace) -> None:
 
 
 def plot(result: dict, path: str) -> None:
+    """Each method's paired perplexity ratio to no compression with its 95% interval, best at the top."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = sorted((r for r in result["rows"] if r["method"] != "none"), key=lambda r: r["ratio_to_uncompressed"])
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2))
+    rows = sorted((r for r in result["rows"] if r["method"] != "none"), key=lambda r: -r["ratio_to_uncompressed"])
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
     for i, r in enumerate(rows):
-        low, high = r["ratio_to_uncompressed_ci"]
+        value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci"]
         colour = "tab:red" if r["method"] == "quickmerge" else "tab:blue"
-        ax.errorbar(r["ratio_to_uncompressed"], i, xerr=[[r["ratio_to_uncompressed"] - low],
-                    [high - r["ratio_to_uncompressed"]]], fmt="o", color=colour, capsize=3)
-    ax.set_yticks(range(len(rows)), [("QuickMerge++ (merging)" if r["method"] == "quickmerge" else
+        ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+        ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), [("QuickMerge++ (QuickMergePress, merging)" if r["method"] == "quickmerge" else
                                       f"kvpress DecodingPress({r['method'].removeprefix('kvpress-')})")
                                      for r in rows])
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     c = result["config"]
-    ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% CI)")
-    ax.set_title(f"Cache held to {c['size']}-{c['size'] + c['interval']} entries while decoding "
-                 f"{c['continuation']} tokens\n(SmolLM2-135M, {c['windows']} Wikipedia windows)", fontsize=10)
-    ax.set_xscale("log")
+    ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
+    ax.set_title(f"Cache merged or evicted back to {c['size']} entries every {c['interval']} decoded tokens\n"
+                 f"SmolLM2-135M, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
+                 f"{c['continuation']} tokens decoded", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
