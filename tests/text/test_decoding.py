@@ -12,7 +12,7 @@ from quickmerge.text.cache import cache_kwargs, is_merged, physical_length  # no
 from quickmerge.text.decoder import UnsupportedAttentionError  # noqa: E402
 from quickmerge.text.decoding import entry_sizes, remerge  # noqa: E402
 from quickmerge.text.scoring import Window, attention_probs, saliency  # noqa: E402
-from tests.text.tiny import duplicated_cache, tiny, too_old  # noqa: E402
+from tests.text.tiny import duplicated_cache, greedy_loop, tiny, too_old  # noqa: E402
 
 SIZE, INTERVAL = 12, 8
 
@@ -78,12 +78,9 @@ def test_the_cache_stays_within_its_bounds_and_decodes_like_the_duplicated_cache
 def test_more_families_decode_like_the_duplicated_cache_after_merges(kind):
     """Alternating sliding layers (left alone), attention sinks (gpt-oss), hybrids whose other layers keep a fixed-size
     state (transformers 5.5 or later: before, they keep their own cache class, refused on entry)."""
-    from quickmerge.text.cache import own_cache_class
-    from quickmerge.text.decoder import base_model
+    from tests.text.test_hybrid import CLASSES, _hybrid
 
-    model = tiny(kind, "sdpa")
-    if own_cache_class(base_model(model)) is not None:
-        pytest.skip(f"transformers {transformers.__version__} keeps {kind}'s states in a cache class of its own")
+    model = _hybrid(kind) if kind in CLASSES else tiny(kind, "sdpa")  # hybrids: skipped where not layered
     ids, cont = torch.randint(0, 97, (1, 16)), torch.randint(0, 97, (1, 30))
     press = QuickMergePress(0.5, window=4, decoding_size=SIZE, decoding_interval=INTERVAL)
     cache = transformers.DynamicCache(config=model.config)
@@ -132,13 +129,7 @@ def test_generate_inside_the_press_merges_and_equals_a_greedy_loop():
     with press(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, do_sample=False)
         merges = press.decoding_merges
-        cache, tokens = transformers.DynamicCache(), ids
-        with torch.no_grad():
-            logits = model(ids, **cache_kwargs(model, cache)).logits
-            for _ in range(30):
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, nxt], 1)
-                logits = model(nxt, **cache_kwargs(model, cache)).logits
+        tokens, cache = greedy_loop(model, ids, 30)
     assert merges > 0 and press.decoding_merges == merges
     assert torch.equal(out, tokens)
     assert all(physical_length(layer) < SIZE + INTERVAL for layer in _full_layers(cache))

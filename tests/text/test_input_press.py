@@ -8,7 +8,7 @@ transformers = pytest.importorskip("transformers")
 
 from quickmerge.text import QuickMergeInputPress  # noqa: E402
 from quickmerge.text.cache import cache_kwargs  # noqa: E402
-from tests.text.tiny import tiny  # noqa: E402
+from tests.text.tiny import greedy_loop, tiny  # noqa: E402
 
 MODELS = [(k, a) for k in ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "gemma3", "gemma3-vlm")
           for a in ("eager", "sdpa")]
@@ -145,13 +145,7 @@ def test_generate_inside_equals_a_greedy_loop_and_outside_refuses_several_tokens
     press = QuickMergeInputPress(0.5, layer=0)
     with press(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-        cache, tokens = transformers.DynamicCache(), ids
-        with torch.no_grad():
-            logits = model(ids, **cache_kwargs(model, cache)).logits
-            for _ in range(5):
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, nxt], 1)
-                logits = model(nxt, **cache_kwargs(model, cache)).logits
+        tokens, cache = greedy_loop(model, ids, 5)
     assert torch.equal(out, tokens)
     for tokens in (3, 1):  # sliding upper layers need the press's masks even for one token
         with torch.no_grad(), pytest.raises(RuntimeError, match="decode inside `with press"):

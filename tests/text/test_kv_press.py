@@ -24,6 +24,7 @@ from tests.text.tiny import (  # noqa: E402
     NEWER,
     OWN_TEST_KINDS,
     duplicated_cache,
+    greedy_loop,
     one_at_a_time,
     tiny,
     too_old,
@@ -365,13 +366,7 @@ def test_generate_inside_equals_a_greedy_loop_inside():
     press = QuickMergePress(0.5, window=4)
     with press(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
-        cache, tokens = transformers.DynamicCache(), ids
-        with torch.no_grad():
-            logits = model(ids, **cache_kwargs(model, cache)).logits
-            for _ in range(6):
-                nxt = logits[:, -1].argmax(-1, keepdim=True)
-                tokens = torch.cat([tokens, nxt], 1)
-                logits = model(nxt, **cache_kwargs(model, cache)).logits
+        tokens, _ = greedy_loop(model, ids, 6)
     assert torch.equal(out, tokens)
 
 

@@ -456,3 +456,16 @@ def one_at_a_time(model, ids, cache, **kwargs):
     """Logits of ``ids [B, T]`` decoded one token per call (each call trivially sees the whole cache)."""
     steps = [model(ids[:, t : t + 1], **cache_kwargs(model, cache), **kwargs).logits for t in range(ids.shape[1])]
     return torch.cat(steps, 1)
+
+
+@torch.no_grad()
+def greedy_loop(model, ids, steps: int):
+    """``ids [B, T]`` followed by ``steps`` greedy tokens, decoded one per call on a fresh ``DynamicCache`` (what
+    ``generate(do_sample=False)`` should give): ``(tokens [B, T + steps], cache)``."""
+    cache, tokens = transformers.DynamicCache(), ids
+    logits = model(ids, **cache_kwargs(model, cache)).logits
+    for _ in range(steps):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        tokens = torch.cat([tokens, nxt], 1)
+        logits = model(nxt, **cache_kwargs(model, cache)).logits
+    return tokens, cache
