@@ -11,7 +11,8 @@ while decoding); kvpress 0.5.5's ``DecodingPress(base, compression_interval=I, t
 press that runs there. Resumable: each (method, batch of windows) is journaled in ``--out``'s ``.journal.json``.
 
     python benchmarks/decoding_merge.py --out docs/results/stop85/decoding_merge.json \\
-        --plot docs/img/decoding_merge.png
+        --plot docs/img/decoding_merge.png                       # 32 windows, 26 min on 2 cores
+    python benchmarks/decoding_merge.py --pool RUN1.json RUN2.json --out POOLED.json   # several runs' windows
 """
 
 from __future__ import annotations
@@ -80,10 +81,10 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--first", type=int, default=0, help="index of the first Wikipedia window")
     parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--continuation", type=int, default=896)
+    parser.add_argument("--continuation", type=int, default=640)
     parser.add_argument("--size", type=int, default=192, help="entries a layer is merged back to")
     parser.add_argument("--interval", type=int, default=64, help="decoded tokens between compressions")
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--methods", nargs="+",
                         default=["none", "quickmerge", *(f"kvpress-{n}" for n in KVPRESS_SCORERS)])
     parser.add_argument("--out", required=True)
@@ -92,31 +93,37 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=0,
                         help="instead of scoring: time the methods on the first --batch windows, interleaved, this "
                              "many rounds (quiet machine); writes seconds per decoding call and the ratio to none")
+    parser.add_argument("--pool", nargs="+", metavar="RUN_JSON",
+                        help="instead of running: pool the windows of these finished runs (the methods they share)")
     args = parser.parse_args()
+    if args.pool:
+        return pooled(args)
     if (args.size < 1 or args.interval < 1 or not 1 <= args.prompt <= args.size
             or (args.size - args.prompt) % args.interval):
         # kvpress compresses every `interval` decoded tokens from the prefill on, quickmerge when the cache reaches
         # size + interval: the same steps only when the prompt is size - k * interval tokens
         parser.error("need 1 <= --prompt <= --size, --interval >= 1 and (size - prompt) a multiple of interval")
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_causal_lm()
-    model.set_attn_implementation("sdpa")
-    windows = wikipedia_windows(tokenizer, args.first + args.windows, context=args.prompt,
-                                continuation=args.continuation)[args.first:]
-    ids = torch.stack([w.ids for w in windows])  # [W, prompt + continuation + 1]
     # the decoding call that first compresses (after its attention): the cache reaches size + interval there; the
     # tokens predicted after it are scored
     first = args.size + args.interval - args.prompt
-    if args.timing_rounds:
-        return timing(model, ids[: args.batch], args)
+    config = {k: getattr(args, k) for k in ("windows", "first", "prompt", "continuation", "size", "interval")}
+    starts = range(0, args.windows, args.batch)
     journal_path = Path(args.out).with_suffix(".journal.json")
     journal = json.loads(journal_path.read_text()) if journal_path.exists() else {}
-    config = {k: getattr(args, k) for k in ("windows", "first", "prompt", "continuation", "size", "interval")}
-    if journal.get("config", config) != config:
+    if journal.get("config", config) != config and not args.timing_rounds:
         raise SystemExit(f"{journal_path} holds a run with another configuration ({journal['config']}): remove it")
     journal["config"] = config
+    if args.timing_rounds or any(f"{m}/{s}" not in journal for m in args.methods for s in starts):
+        model, tokenizer = load_causal_lm()
+        model.set_attn_implementation("sdpa")
+        windows = wikipedia_windows(tokenizer, args.first + args.windows, context=args.prompt,
+                                    continuation=args.continuation)[args.first:]
+        ids = torch.stack([w.ids for w in windows])  # [W, prompt + continuation + 1]
+        if args.timing_rounds:
+            return timing(model, ids[: args.batch], args)
     for method in args.methods:
-        for start in range(0, len(windows), args.batch):
+        for start in starts:
             key = f"{method}/{start}"
             if key in journal:
                 continue
@@ -128,10 +135,39 @@ def main() -> None:
             journal_path.write_text(json.dumps(journal))
             print(f"{key}: mean NLL {sum(journal[key]['nll']) / len(journal[key]['nll']):.4f}, "
                   f"cache {mean_length:.1f}, {journal[key]['seconds']:.0f} s", flush=True)
-    per_method = {m: [x for s in range(0, len(windows), args.batch) for x in journal[f"{m}/{s}"]["nll"]]
-                  for m in args.methods}
-    cache = {m: sum(journal[f"{m}/{s}"]["cache"] for s in range(0, len(windows), args.batch))
-             / len(range(0, len(windows), args.batch)) for m in args.methods}
+    per_method = {m: [x for s in starts for x in journal[f"{m}/{s}"]["nll"]] for m in args.methods}
+    cache = {m: sum(journal[f"{m}/{s}"]["cache"] for s in starts) / len(starts) for m in args.methods}
+    config = {**config, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+              "scored_tokens_per_window": args.continuation - first - 1}
+    report(summarise(per_method, cache, config), args)
+
+
+def pooled(args: argparse.Namespace) -> None:
+    """The summary over the windows of several finished runs (their journals beside their JSONs), for the methods
+    every run has; the runs must share every setting but their windows."""
+    journals = [json.loads(Path(run).with_suffix(".journal.json").read_text()) for run in args.pool]
+    settings = [{k: v for k, v in j["config"].items() if k not in ("windows", "first")} for j in journals]
+    if any(s != settings[0] for s in settings):
+        raise SystemExit(f"the runs differ in more than their windows: {settings}")
+    methods = [m for m in args.methods if all(any(k.startswith(f"{m}/") for k in j) for j in journals)]
+
+    def batches(m: str) -> list[dict]:  # each run's batches of method m, in window order
+        return [j[k] for j in journals for k in sorted((k for k in j if k.startswith(f"{m}/")),
+                                                        key=lambda k: int(k.split("/")[1]))]
+
+    per_method = {m: [x for batch in batches(m) for x in batch["nll"]] for m in methods}
+    cache = {m: sum(batch["cache"] for batch in batches(m)) / len(batches(m)) for m in methods}
+    first = settings[0]["size"] + settings[0]["interval"] - settings[0]["prompt"]
+    config = {**settings[0], "windows": len(per_method[methods[0]]),
+              "runs": [{"first": j["config"]["first"], "windows": j["config"]["windows"]} for j in journals],
+              "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+              "scored_tokens_per_window": settings[0]["continuation"] - first - 1}
+    report(summarise(per_method, cache, config), args)
+
+
+def summarise(per_method: dict[str, list[float]], cache: dict[str, float], config: dict) -> dict:
+    """Rows (perplexity, paired ratio to no compression, 95% intervals) and QuickMergePress paired against the best
+    kvpress press, from each method's per-window mean NLLs (the same windows, in the same order, for every method)."""
     rows = []
     for method, nll in per_method.items():
         ppl = bootstrap_ppl(nll)
@@ -147,17 +183,20 @@ def main() -> None:
         value, low, high = bootstrap_ratio(per_method["quickmerge"], per_method[best])
         wins = sum(a < b for a, b in zip(per_method["quickmerge"], per_method[best], strict=True))
         paired = {"best_kvpress": best, "quickmerge_vs_best": [value, low, high], "lower_on": wins,
-                  "windows": len(windows)}
-    result = {"config": {**config, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
-                         "scored_tokens_per_window": args.continuation - first - 1},
-              "rows": rows, "paired": paired}
+                  "windows": len(per_method["quickmerge"])}
+    return {"config": config, "rows": rows, "paired": paired}
+
+
+def report(result: dict, args: argparse.Namespace) -> None:
+    """Write ``result`` to ``--out``, print it, and draw ``--plot``."""
     Path(args.out).write_text(json.dumps(result, indent=1))
-    for r in sorted(rows, key=lambda r: r["perplexity"]):
+    for r in sorted(result["rows"], key=lambda r: r["perplexity"]):
         ratio = r["ratio_to_uncompressed"]
         print(f"{r['method']:28s} ppl {r['perplexity']:.3f} [{r['perplexity_ci'][0]:.3f}, "
               f"{r['perplexity_ci'][1]:.3f}]" + ("" if ratio is None else
               f"  vs none {ratio:.4f} [{r['ratio_to_uncompressed_ci'][0]:.4f}, {r['ratio_to_uncompressed_ci'][1]:.4f}]")
               + f"  cache {r['mean_cache_entries']:.0f}")
+    paired = result["paired"]
     if paired:
         print(f"QuickMerge++ / {paired['best_kvpress']}: {paired['quickmerge_vs_best'][0]:.4f} "
               f"[{paired['quickmerge_vs_best'][1]:.4f}, {paired['quickmerge_vs_best'][2]:.4f}], lower on "
