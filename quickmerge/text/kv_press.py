@@ -18,6 +18,9 @@ lives here:
   (proportional attention) through its additive mask. Layers that read an earlier layer's
   keys and values (Gemma 3n's and Gemma 4's last ``num_kv_shared_layers``) own no cache:
   they attend with the mask their source layer got in the same call.
+- decoding: each attention layer's call after the prefill reaches :meth:`KVPress.decoded`, and the end of the
+  decoder stack's call :meth:`KVPress.after_decoding` (no-ops here; ``QuickMergePress(decoding_size=...)`` merges the
+  cache again there, :mod:`quickmerge.text.decoding`).
 - refusal: a prefill that should have compressed and did not (no cache reached the
   attention layers, every layer slides, an unknown transformers calling convention) raises;
   so do caches that cannot be shortened in place and attention implementations that would

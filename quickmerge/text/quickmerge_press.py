@@ -14,6 +14,9 @@ order to keep; ``mode="spans"`` merges contiguous spans instead); each group bec
 entry holding the mass-weighted mean of its keys and values and remembers its size, which
 the base press turns into proportional attention.
 
+``decoding_size=S`` keeps merging while the model decodes inside the press: every layer decoding fills to
+``S + decoding_interval`` entries is merged back to ``S`` (:mod:`quickmerge.text.decoding`).
+
 For prompts that later text copies from, ``scoring="replay"`` rates entries by how the model
 reads the whole prompt again (:mod:`quickmerge.text.replay`) and ``head_budgets=True`` lets
 each layer's KV heads keep different numbers of entries at equal memory
