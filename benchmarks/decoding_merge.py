@@ -11,7 +11,7 @@ while decoding); kvpress 0.5.5's ``DecodingPress(base, compression_interval=I, t
 press that runs there. Resumable: each (method, batch of windows) is journaled in ``--out``'s ``.journal.json``.
 
     python benchmarks/decoding_merge.py --out docs/results/stop85/decoding_merge.json \\
-        --plot docs/img/decoding_merge.png                       # 32 windows, 26 min on 2 cores
+        --plot docs/img/decoding_merge.png                       # 32 windows, ~30 min on 2 cores
     python benchmarks/decoding_merge.py --pool RUN1.json RUN2.json --out POOLED.json   # several runs' windows
 """
 
@@ -41,6 +41,8 @@ def _kvpress_scorer(name: str, interval: int):
 
     if name == "snapkv":  # its observation window must be shorter than the hidden states DecodingPress buffers
         return kp.SnapKVPress(window_size=min(64, interval // 2))
+    if name.startswith("snapkv-w"):  # another window: kvpress-snapkv-w16
+        return kp.SnapKVPress(window_size=int(name.removeprefix("snapkv-w")))
     return {"knorm": kp.KnormPress, "streaming-llm": kp.StreamingLLMPress,
             "expected-attention": kp.ExpectedAttentionPress, "tova": kp.TOVAPress, "keydiff": kp.KeyDiffPress,
             "random": kp.RandomPress}[name]()
@@ -63,7 +65,9 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, press) -> tuple[torc
     prefill of ``prompt`` tokens, and the mean cache length (entries per full layer) over the steps. Each call gets
     its token's position (``position_ids``), as kvpress's pipeline passes them: a cache kvpress shortened reports
     its length, not the tokens it has seen."""
-    cache = __import__("transformers").DynamicCache()
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
     nll, lengths = [], []
     with press(model) if press is not None else contextlib.nullcontext():
         logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]

@@ -22,8 +22,8 @@ from torch import Tensor, nn
 
 from ..merging import assign_to_seeds, merge_mass
 from ..primitives import group_sum, top_indices, weighted_mean
-from .decoder import attention_scale, key_rotation, window_queries
-from .scoring import Salient, Window, attention_probs, saliency
+from .decoder import key_rotation, window_queries
+from .scoring import Salient, saliency, window_of
 
 
 @dataclass
@@ -66,17 +66,8 @@ def remerge(
         are in the order of their seeds' positions.
     """
     b, hkv, length, d = keys.shape
-    w = queries.shape[2]
-    groups = queries.shape[1] // hkv
-    k = keys.float().repeat_interleave(groups, dim=1) if groups > 1 else keys.float()
-    scale = attention_scale(module)
-    logits = torch.matmul(queries, k.transpose(-1, -2)) * scale  # [B, H, w, L]
-    if log_sizes is not None:
-        logits = logits + log_sizes.float()
-    q_pos = torch.arange(length - w, length, device=keys.device)
-    allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
-    probs = attention_probs(module, logits, allowed)
-    ranks = saliency(Window(queries, probs, scale), hkv, salient=salient, kernel_size=kernel_size)
+    win = window_of(module, queries, keys, log_sizes)
+    ranks = saliency(win, hkv, salient=salient, kernel_size=kernel_size)
     flat_k = keys.reshape(b * hkv, length, d)
     flat_v = values.reshape(b * hkv, length, values.shape[-1])
     s = ranks.reshape(b * hkv, length)

@@ -53,17 +53,26 @@ def observe(module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict
 
     Query ``i`` of the window sits at position ``L - w + i`` and sees keys up to it (causal).
     """
-    length, hkv = keys.shape[2], keys.shape[1]
-    w = min(window, length)
+    w = min(window, keys.shape[2])
     pe = kwargs.get("position_embeddings")
-    q = window_queries(module, hidden_states[:, -w:], kwargs, key_rotation(module, hidden_states, keys, pe)).float()
-    groups = q.shape[1] // hkv
+    q = window_queries(module, hidden_states[:, -w:], kwargs, key_rotation(module, hidden_states, keys, pe))
+    return window_of(module, q.float(), keys)
+
+
+def window_of(module: nn.Module, queries: Tensor, keys: Tensor, bias: Tensor | None = None) -> Window:
+    """The :class:`Window` of ``queries [B, H, w, d]`` (float32), those of the tokens of the last ``w`` of the ``L``
+    entries of ``keys [B, Hkv, L, d]``: query ``i`` sees the keys up to position ``L - w + i`` (causal), with
+    ``bias`` (``[B, H, 1, L]``, e.g. proportional attention's ``log(size)``) on its logits if given."""
+    length, hkv, w = keys.shape[2], keys.shape[1], queries.shape[2]
+    groups = queries.shape[1] // hkv
     k = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
     scale = attention_scale(module)
-    logits = torch.matmul(q, k.float().transpose(-1, -2)) * scale
+    logits = torch.matmul(queries, k.float().transpose(-1, -2)) * scale
+    if bias is not None:
+        logits = logits + bias.float()
     q_pos = torch.arange(length - w, length, device=keys.device)
     allowed = torch.arange(length, device=keys.device)[None, :] <= q_pos[:, None]
-    return Window(q, attention_probs(module, logits, allowed), scale)
+    return Window(queries, attention_probs(module, logits, allowed), scale)
 
 
 def soft_capped(logits: Tensor, cap: float | None) -> Tensor:
