@@ -1,14 +1,16 @@
 """Merging while decoding against kvpress's ``DecodingPress``: a long continuation with the cache held to a budget.
 
-SmolLM2-135M reads a short Wikipedia prompt and then the next tokens one per call (teacher forcing, as a long
-generation would feed its own tokens); every full-attention layer's cache is brought back to ``--size`` entries each
-time decoding has added ``--interval`` more. Scored: the negative log-likelihood of every continuation token
-predicted once the cache was first compressed (before it, every method is the uncompressed model), per window;
-perplexity, paired ratio to no compression and to the best kvpress press, 95% bootstrap intervals.
+SmolLM2-135M (or ``--model gemma3-270m``) reads a short Wikipedia prompt and then the next tokens one per call
+(teacher forcing, as a long generation would feed its own tokens); every full-attention layer's cache is brought back
+to ``--size`` entries each time decoding has added ``--interval`` more. Scored: the negative log-likelihood of every
+continuation token predicted once the cache was first compressed (before it, every method is the uncompressed model),
+per window; perplexity, paired ratio to no compression and to the best kvpress press, 95% bootstrap intervals.
 
 Methods: no compression; ``QuickMergePress(0.0, decoding_size=S, decoding_interval=I)`` (the prompt whole, merged
 while decoding); kvpress 0.5.5's ``DecodingPress(base, compression_interval=I, target_size=S)`` around each scorer
 press that runs there. Resumable: each (method, batch of windows) is journaled in ``--out``'s ``.journal.json``.
+On Gemma 3 only the full-attention layers are compressed, by every method: QuickMergePress leaves sliding-window
+layers alone, and kvpress's presses get kvpress's own Gemma-3 rule (``global_layers_only``, as ``eval text`` does).
 
     python benchmarks/decoding_merge.py --out docs/results/stop85/decoding_merge.json \\
         --plot docs/img/decoding_merge.png                       # 32 windows, ~30 min on 2 cores
@@ -27,7 +29,8 @@ import torch
 
 from quickmerge.eval.stats import bootstrap_ppl, bootstrap_ratio
 from quickmerge.eval.text import wikipedia_windows
-from quickmerge.pretrained.causal_lm import load_causal_lm
+from quickmerge.eval.text_methods import global_layers_only, global_rope_default
+from quickmerge.pretrained.causal_lm import load_causal_lm, needs_bos
 from quickmerge.text import QuickMergePress
 from quickmerge.text.cache import cache_kwargs, physical_length
 
@@ -55,8 +58,18 @@ def make_press(method: str, size: int, interval: int):
         return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval)
     import kvpress as kp
 
-    return kp.DecodingPress(_kvpress_scorer(method.removeprefix("kvpress-"), interval), compression_interval=interval,
-                            target_size=size)
+    return global_rope_default(global_layers_only(kp.DecodingPress(
+        _kvpress_scorer(method.removeprefix("kvpress-"), interval), compression_interval=interval, target_size=size)))
+
+
+MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+                "gemma3-270m": "Gemma-3-270m (GGUF Q4_K_M, float32)"}
+
+
+def full_attention_layer(model) -> int:
+    """The index of the first layer without a sliding window (every layer of Llama; Gemma 3's sixth)."""
+    types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return types.index("full_attention")
 
 
 @torch.no_grad()
@@ -67,7 +80,7 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, press) -> tuple[torc
     its length, not the tokens it has seen."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache, measured = DynamicCache(), full_attention_layer(model)
     nll, lengths = [], []
     with press(model) if press is not None else contextlib.nullcontext():
         logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]
@@ -76,12 +89,13 @@ def continuation_nll(model, ids: torch.Tensor, prompt: int, press) -> tuple[torc
             if t + 1 < ids.shape[1]:
                 position = torch.full((ids.shape[0], 1), t)
                 logits = model(ids[:, t : t + 1], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
-                lengths.append(physical_length(cache.layers[0]))
+                lengths.append(physical_length(cache.layers[measured]))
     return torch.stack(nll, 1), sum(lengths) / len(lengths)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m", choices=sorted(MODEL_LABELS))
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--first", type=int, default=0, help="index of the first Wikipedia window")
     parser.add_argument("--prompt", type=int, default=128)
@@ -111,18 +125,19 @@ def main() -> None:
     # the decoding call that first compresses (after its attention): the cache reaches size + interval there; the
     # tokens predicted after it are scored
     first = args.size + args.interval - args.prompt
-    config = {k: getattr(args, k) for k in ("windows", "first", "prompt", "continuation", "size", "interval")}
+    config = {k: getattr(args, k) for k in ("model", "windows", "first", "prompt", "continuation", "size",
+                                            "interval")}
     starts = range(0, args.windows, args.batch)
     journal_path = Path(args.out).with_suffix(".journal.json")
     journal = json.loads(journal_path.read_text()) if journal_path.exists() else {}
-    if journal.get("config", config) != config and not args.timing_rounds:
+    if journal_config(journal, config) != config and not args.timing_rounds:
         raise SystemExit(f"{journal_path} holds a run with another configuration ({journal['config']}): remove it")
     journal["config"] = config
     if args.timing_rounds or any(f"{m}/{s}" not in journal for m in args.methods for s in starts):
-        model, tokenizer = load_causal_lm()
+        model, tokenizer = load_causal_lm(args.model)
         model.set_attn_implementation("sdpa")
         windows = wikipedia_windows(tokenizer, args.first + args.windows, context=args.prompt,
-                                    continuation=args.continuation)[args.first:]
+                                    continuation=args.continuation, bos=needs_bos(args.model))[args.first:]
         ids = torch.stack([w.ids for w in windows])  # [W, prompt + continuation + 1]
         if args.timing_rounds:
             return timing(model, ids[: args.batch], args)
@@ -141,8 +156,7 @@ def main() -> None:
                   f"cache {mean_length:.1f}, {journal[key]['seconds']:.0f} s", flush=True)
     per_method = {m: [x for s in starts for x in journal[f"{m}/{s}"]["nll"]] for m in args.methods}
     cache = {m: sum(journal[f"{m}/{s}"]["cache"] for s in starts) / len(starts) for m in args.methods}
-    config = {**config, "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
-              "scored_tokens_per_window": args.continuation - first - 1}
+    config = {**config, "model": MODEL_LABELS[args.model], "scored_tokens_per_window": args.continuation - first - 1}
     report(summarise(per_method, cache, config), args)
 
 
@@ -150,7 +164,7 @@ def pooled(args: argparse.Namespace) -> None:
     """The summary over the windows of several finished runs (their journals beside their JSONs), for the methods
     every run has; the runs must share every setting but their windows."""
     journals = [json.loads(Path(run).with_suffix(".journal.json").read_text()) for run in args.pool]
-    settings = [{k: v for k, v in j["config"].items() if k not in ("windows", "first")} for j in journals]
+    settings = [{k: v for k, v in journal_config(j).items() if k not in ("windows", "first")} for j in journals]
     if any(s != settings[0] for s in settings):
         raise SystemExit(f"the runs differ in more than their windows: {settings}")
     methods = [m for m in args.methods if all(any(k.startswith(f"{m}/") for k in j) for j in journals)]
@@ -164,9 +178,16 @@ def pooled(args: argparse.Namespace) -> None:
     first = settings[0]["size"] + settings[0]["interval"] - settings[0]["prompt"]
     config = {**settings[0], "windows": len(per_method[methods[0]]),
               "runs": [{"first": j["config"]["first"], "windows": j["config"]["windows"]} for j in journals],
-              "model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+              "model": MODEL_LABELS[settings[0]["model"]],
               "scored_tokens_per_window": settings[0]["continuation"] - first - 1}
     report(summarise(per_method, cache, config), args)
+
+
+def journal_config(journal: dict, default: dict | None = None) -> dict | None:
+    """A journal's run configuration (``default`` for a new journal); runs before ``--model`` existed were SmolLM2's."""
+    if "config" not in journal:
+        return default
+    return {"model": "smollm2-135m", **journal["config"]}
 
 
 def summarise(per_method: dict[str, list[float]], cache: dict[str, float], config: dict) -> dict:
@@ -254,7 +275,7 @@ def plot(result: dict, path: str) -> None:
     c = result["config"]
     ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
     ax.set_title(f"Cache merged or evicted back to {c['size']} entries every {c['interval']} decoded tokens\n"
-                 f"SmolLM2-135M, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
+                 f"{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
                  f"{c['continuation']} tokens decoded", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -13,6 +13,11 @@ subclass, holding the kept entries) that remembers what it stands for:
   (proportional attention); decoding outside the press runs without it.
 - ``positions``: ``[B, K]`` the position each entry sits at (input-side merging, whose
   upper layers need masks built by position; decoding such a cache needs the press).
+- ``decoded_queries``: ``[B, H, w, d]`` the last queries decoded into the layer, buffered for
+  its next merge while decoding (:mod:`quickmerge.text.decoding`).
+
+Every batch reindexing (beam search's ``reorder_cache``, ``batch_select_indices``,
+``batch_repeat_interleave``) carries the per-row state with the rows.
 
 Only the plain ``DynamicLayer`` of a ``DynamicCache`` can be compressed; other cache layers
 (static, quantized, offloaded) raise :class:`UnsupportedCacheError`.
@@ -31,6 +36,7 @@ from . import flat
 
 DYNAMIC = ("DynamicLayer", "LinearAttentionAndFullAttentionLayer")  # the latter: Falcon-H1's attention + Mamba layers
 DYNAMIC_OR_SLIDING = (*DYNAMIC, "DynamicSlidingWindowLayer")
+ROW_STATE = ("log_sizes", "positions", "decoded_queries")  # a merged layer's tensors with one row per batch row
 
 
 class UnsupportedCacheError(NotImplementedError):
@@ -130,6 +136,7 @@ def _merged_layer_type(base: type) -> type:
         offset: int = 0
         log_sizes: Tensor | None = None
         positions: Tensor | None = None
+        decoded_queries: Tensor | None = None
         needs_press: bool = False  # decoding needs the press's masks (several tokens, or a sliding window)
         window: int | None = None  # the attention's sliding window, whatever the cache layer's class says
         _press_call: bool = False  # set by the press just before each call that it handles
@@ -178,7 +185,7 @@ def _merged_layer_type(base: type) -> type:
 
         def reset(self) -> None:
             super().reset()
-            self.offset, self.log_sizes, self.positions = 0, None, None
+            self.offset, self.log_sizes, self.positions, self.decoded_queries = 0, None, None, None
             self.folded_heads = self.prompt_length = self.prompt_entries = 0
 
         def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -191,14 +198,16 @@ def _merged_layer_type(base: type) -> type:
 
         def batch_repeat_interleave(self, repeats: int) -> None:
             super().batch_repeat_interleave(repeats)
-            self.log_sizes = None if self.log_sizes is None else self.log_sizes.repeat_interleave(repeats, dim=0)
-            self.positions = None if self.positions is None else self.positions.repeat_interleave(repeats, dim=0)
+            for name in ROW_STATE:
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, value.repeat_interleave(repeats, dim=0))
 
         def _index_batch(self, index: Tensor) -> None:
-            if self.log_sizes is not None:
-                self.log_sizes = self.log_sizes[index.to(self.log_sizes.device)]
-            if self.positions is not None:
-                self.positions = self.positions[index.to(self.positions.device)]
+            for name in ROW_STATE:
+                value = getattr(self, name)
+                if value is not None:
+                    setattr(self, name, value[index.to(value.device)])
 
     return MergedLayer
 
@@ -211,7 +220,7 @@ def merged_layer(layer: Any, keys: Tensor, values: Tensor, prompt_length: int) -
     merged.__dict__.update(layer.__dict__)
     merged.keys, merged.values = keys, values
     merged.offset = prompt_length - keys.shape[-2]
-    merged.log_sizes = merged.positions = None
+    merged.log_sizes = merged.positions = merged.decoded_queries = None
     merged.needs_press = merged._press_call = False
     merged.window = None
     merged.folded_heads = merged.prompt_length = merged.prompt_entries = 0

@@ -5,7 +5,8 @@ A long generation grows the cache one entry per token and layer. With ``decoding
 whenever decoding has filled it to ``T + decoding_interval``:
 
 - the last ``window`` decoded tokens' queries are recomputed from the layer's projections (only over the steps
-  just before a merge is due, :class:`QueryBuffer`) and score every entry by the attention they pay it, each
+  just before a merge is due, :class:`QueryBuffer`; kept on the cache layer, so beam search reorders them with
+  its rows) and score every entry by the attention they pay it, each
   query weighted by its focus (the prefill's entropy saliency, :func:`~quickmerge.text.scoring.saliency`); their
   own entries rank first;
 - the ``T`` best entries seed groups, every other entry joins its most similar seed (cosine of keys), and each
@@ -16,6 +17,7 @@ whenever decoding has filled it to ``T + decoding_interval``:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,25 +30,25 @@ from .scoring import Salient, saliency, window_of
 
 @dataclass
 class QueryBuffer:
-    """The last ``window`` post-RoPE queries ``[B, H, w, d]`` (float32) each layer decoded, kept only once a layer
-    is within ``window`` entries of its next merge."""
+    """Buffers the last ``window`` post-RoPE queries ``[B, H, w, d]`` (float32) decoded into a full-attention layer,
+    only once the layer is within ``window`` entries of its next merge. They are kept on the cache layer itself
+    (``decoded_queries`` of a merged layer, :mod:`quickmerge.text.cache`), so that every reordering of the batch's
+    rows (beam search's ``reorder_cache``) carries them with the rows they were decoded in."""
 
-    queries: dict[int, Tensor] = field(default_factory=dict)
     rotations: dict[int, str] = field(default_factory=dict)  # each layer's key rotation (decoder.key_rotation)
 
-    def add(self, module: nn.Module, hidden_states: Tensor, keys: Tensor, kwargs: dict, window: int) -> None:
-        """Buffer the queries of this call's tokens ``hidden_states [B, q, D]``, keeping the last ``window``;
-        ``keys [B, Hkv, L, d]``: the layer's cache after the call (its last ``q`` entries are these tokens'), read
-        once to find the rotation."""
+    def add(self, layer: Any, module: nn.Module, hidden_states: Tensor, kwargs: dict, window: int) -> None:
+        """Buffer the queries of this call's tokens ``hidden_states [B, q, D]`` on ``layer`` (a merged cache layer
+        after the call: its last ``q`` entries are these tokens'), keeping the last ``window``."""
         index = module.layer_idx
         if index not in self.rotations:
-            self.rotations[index] = key_rotation(module, hidden_states, keys, kwargs.get("position_embeddings"))
+            self.rotations[index] = key_rotation(module, hidden_states, layer.keys, kwargs.get("position_embeddings"))
         q = window_queries(module, hidden_states[:, -window:], kwargs, self.rotations[index]).float()
-        old = self.queries.get(index)
-        self.queries[index] = q if old is None else torch.cat([old, q], dim=2)[:, :, -window:]
+        old = layer.decoded_queries
+        layer.decoded_queries = q if old is None else torch.cat([old, q], dim=2)[:, :, -window:]
 
     def clear(self) -> None:
-        self.queries, self.rotations = {}, {}
+        self.rotations = {}
 
 
 def remerge(

@@ -38,7 +38,7 @@ from ..budget import allocate
 from ..merging import assign_to_seeds, cluster_by_similarity, contiguous_spans, merge_mass, spans_along_time
 from ..primitives import group_sum, quantile_rank, rank01, top_indices, weighted_mean
 from .alignment import fit_keys, fit_values, read_weights
-from .cache import cache_arg, merged_layer, physical_length
+from .cache import cache_arg, is_merged, merged_layer, physical_length
 from .decoder import (
     UnsupportedAttentionError,
     hidden_states_arg,
@@ -257,12 +257,21 @@ class QuickMergePress(KVPress):
         super()._new_prompt()
         self.kept_share, self.layers_merged, self._windows, self._replayed = None, 0, {}, {}
         self._leverages = {}
-        self.decoding_merges, self._decoding = 0, {}
-        self._decoded_queries.clear()
+        self._drop_decoded_queries()
+        self.decoding_merges = 0
 
     def _release(self) -> None:
         super()._release()
-        self._windows, self._replayed, self._leverages, self._decoding = {}, {}, {}, {}
+        self._windows, self._replayed, self._leverages = {}, {}, {}
+        self._drop_decoded_queries()
+
+    def _drop_decoded_queries(self) -> None:
+        """Forget the queries buffered for the next merges: decoding outside the press, or another prompt, would
+        leave them out of date."""
+        for index, (_, cache) in self._decoding.items():
+            if index < len(cache.layers) and is_merged(cache.layers[index]):
+                cache.layers[index].decoded_queries = None
+        self._decoding = {}
         self._decoded_queries.clear()
 
     def adds_bias(self) -> bool:
@@ -431,7 +440,10 @@ class QuickMergePress(KVPress):
         layer = cache.layers[module.layer_idx]
         if physical_length(layer) + self.window <= self.decoding_size + self.decoding_interval:
             return  # its next merge is more than a window away
-        self._decoded_queries.add(module, hidden_states_arg(args, kwargs), layer.keys, kwargs, self.window)
+        if not is_merged(layer):  # a layer the prompt left whole becomes a merged one, which carries the queries
+            layer = cache.layers[module.layer_idx] = merged_layer(layer, layer.keys, layer.values,
+                                                                  layer.get_seq_length())
+        self._decoded_queries.add(layer, module, hidden_states_arg(args, kwargs), kwargs, self.window)
         self._decoding[module.layer_idx] = (module, cache)
 
     def after_decoding(self) -> None:
@@ -448,7 +460,7 @@ class QuickMergePress(KVPress):
             with torch.no_grad():
                 keys, values, sizes = remerge(
                     module, layer.keys, layer.values, entry_sizes(log_sizes, hkv, length, layer.keys),
-                    self._decoded_queries.queries.pop(index), self.decoding_size, log_sizes=bias,
+                    layer.decoded_queries, self.decoding_size, log_sizes=bias,
                     epsilon=self.epsilon, salient=self.salient, kernel_size=self.kernel_size)
             merged = merged_layer(layer, keys, values, layer.get_seq_length())
             heads = module.config.num_attention_heads

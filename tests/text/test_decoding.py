@@ -122,6 +122,55 @@ def test_batch_rows_merge_independently():
         assert torch.allclose(both[row : row + 1], alone, atol=1e-5), (both[row : row + 1] - alone).abs().max()
 
 
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+@pytest.mark.parametrize("operation", ["reorder_cache", "batch_select_indices", "batch_repeat_interleave"])
+def test_reindexing_the_batch_carries_the_buffered_queries_with_their_rows(ratio, operation):
+    """Beam search reorders the cache's rows between calls (``reorder_cache``): the queries buffered for the next
+    merge must follow their rows. Reindexing inside the buffering window, then decoding on, equals decoding the
+    reindexed rows from the start."""
+    model = tiny("llama", "sdpa")
+    entries = 8  # after the prefill
+    ids, cont = torch.randint(0, 97, (2, int(entries / (1 - ratio)))), torch.randint(0, 97, (2, 30))
+    index = {"reorder_cache": torch.tensor([1, 0]), "batch_select_indices": torch.tensor([1]),
+             "batch_repeat_interleave": torch.tensor([0, 0, 1, 1])}[operation]
+    merge_at = SIZE + INTERVAL - entries - 1  # the call that fills the cache to its bound
+    at = merge_at - 1  # the last 4 calls before a merge buffer their queries: 2 are buffered before the reindexing
+    press = QuickMergePress(ratio, window=4, decoding_size=SIZE, decoding_interval=INTERVAL)
+    cache, logits = transformers.DynamicCache(), []
+    with torch.no_grad(), press(model):
+        model(ids, **cache_kwargs(model, cache))
+        for t in range(cont.shape[1]):
+            if t == at:
+                getattr(cache, operation)(2 if operation == "batch_repeat_interleave" else index)
+                assert all(layer.decoded_queries.shape[0] == len(index) for layer in cache.layers)
+            rows = cont[:, t : t + 1] if t < at else cont[index, t : t + 1]
+            logits.append(model(rows, **cache_kwargs(model, cache)).logits)
+    assert press.decoding_merges >= 4
+    fresh, _ = _decode(model, press, ids[index], cont[index])
+    assert torch.allclose(torch.cat(logits[at:], 1), fresh[:, at:], atol=1e-5)
+
+
+def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding():
+    """``generate(num_beams=3)`` reorders the cache's rows at every step. The best beam's score is the sum of its
+    tokens' log-probabilities given its own history: decoding that sequence alone inside the press (one row, never
+    reordered, merged at the same calls) must give the same sum."""
+    model = tiny("llama", "sdpa")
+    ids = torch.randint(0, 97, (1, 16))
+    press = QuickMergePress(0.5, window=4, decoding_size=SIZE, decoding_interval=INTERVAL)
+    new = 30
+    with torch.no_grad(), press(model):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                             num_beams=3, do_sample=False, length_penalty=0.0, early_stopping=True,
+                             output_scores=True, return_dict_in_generate=True)
+    assert press.decoding_merges > 0
+    sequence = out.sequences[:1]
+    logits, _ = _decode(model, press, ids, sequence[:, 16:-1])
+    first = torch.log_softmax(model(ids).logits[:, -1:].float(), -1)  # the prefill's prediction (no merge yet)
+    steps = torch.cat([first, torch.log_softmax(logits.float(), -1)], 1)
+    alone = steps.gather(-1, sequence[:, 16:, None]).sum()
+    assert torch.allclose(out.sequences_scores[0], alone, atol=1e-4), (out.sequences_scores[0], alone)
+
+
 def test_generate_inside_the_press_merges_and_equals_a_greedy_loop():
     model = tiny("gemma3")
     ids = torch.randint(0, 97, (2, 16))
