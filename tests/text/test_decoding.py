@@ -22,10 +22,12 @@ def _full_layers(cache):
 
 
 @torch.no_grad()
-def _decode(model, press, ids, cont, *, check=None):
+def _decode(model, press, ids, cont, *, check=None, configured=False):
     """Prefill ``ids`` and decode ``cont`` one token per call inside ``press``; ``check(cache, step)`` after each
-    call. Returns the logits ``[B, T, V]`` and the cache."""
-    cache, logits = transformers.DynamicCache(), []
+    call. ``configured``: the cache made from the model's config (as ``generate`` makes it; hybrids need it).
+    Returns the logits ``[B, T, V]`` and the cache."""
+    cache = transformers.DynamicCache(config=model.config) if configured else transformers.DynamicCache()
+    logits = []
     with press(model):
         model(ids, **cache_kwargs(model, cache))
         for t in range(cont.shape[1]):
@@ -150,11 +152,15 @@ def test_reindexing_the_batch_carries_the_buffered_queries_with_their_rows(ratio
     assert torch.allclose(torch.cat(logits[at:], 1), fresh[:, at:], atol=1e-5)
 
 
-def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding():
+@pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen3.5"])
+def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding(kind):
     """``generate(num_beams=3)`` reorders the cache's rows at every step. The best beam's score is the sum of its
     tokens' log-probabilities given its own history: decoding that sequence alone inside the press (one row, never
-    reordered, merged at the same calls) must give the same sum."""
-    model = tiny("llama", "sdpa")
+    reordered, merged at the same calls) must give the same sum. Gemma 3: sliding layers beside the merged ones;
+    Qwen 3.5: linear-attention states beside them (transformers 5.5 or later)."""
+    from tests.text.test_hybrid import CLASSES, _hybrid
+
+    model = _hybrid(kind) if kind in CLASSES else tiny(kind, "sdpa")
     ids = torch.randint(0, 97, (1, 16))
     press = QuickMergePress(0.5, window=4, decoding_size=SIZE, decoding_interval=INTERVAL)
     new = 30
@@ -164,7 +170,7 @@ def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding():
                              output_scores=True, return_dict_in_generate=True)
     assert press.decoding_merges > 0
     sequence = out.sequences[:1]
-    logits, _ = _decode(model, press, ids, sequence[:, 16:-1])
+    logits, _ = _decode(model, press, ids, sequence[:, 16:-1], configured=True)
     first = torch.log_softmax(model(ids).logits[:, -1:].float(), -1)  # the prefill's prediction (no merge yet)
     steps = torch.cat([first, torch.log_softmax(logits.float(), -1)], 1)
     alone = steps.gather(-1, sequence[:, 16:, None]).sum()
