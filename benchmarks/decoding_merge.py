@@ -254,6 +254,20 @@ def timing(model, ids: torch.Tensor, args: argparse.Namespace) -> None:
               + ("" if row["ratio_to_none"] is None else f", {row['ratio_to_none']:.3f}x none"))
 
 
+SCORER_LABELS = {"knorm": "Knorm", "streaming-llm": "StreamingLLM", "snapkv": "SnapKV", "expected-attention":
+                 "ExpectedAttention", "tova": "TOVA", "keydiff": "KeyDiff", "random": "Random"}
+
+
+def method_label(method: str) -> str:
+    """``kvpress-snapkv-w63`` -> ``kvpress DecodingPress(SnapKV, window 63)``."""
+    if method == "quickmerge":
+        return "QuickMerge++ (QuickMergePress, merging)"
+    scorer = method.removeprefix("kvpress-")
+    if scorer.startswith("snapkv-w"):
+        return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"
+    return f"kvpress DecodingPress({SCORER_LABELS.get(scorer, scorer)})"
+
+
 def plot(result: dict, path: str) -> None:
     """Each method's paired perplexity ratio to no compression with its 95% interval, best at the top."""
     import matplotlib
@@ -262,19 +276,18 @@ def plot(result: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     rows = sorted((r for r in result["rows"] if r["method"] != "none"), key=lambda r: -r["ratio_to_uncompressed"])
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
     for i, r in enumerate(rows):
         value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci"]
         colour = "tab:red" if r["method"] == "quickmerge" else "tab:blue"
         ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
         ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [("QuickMerge++ (QuickMergePress, merging)" if r["method"] == "quickmerge" else
-                                      f"kvpress DecodingPress({r['method'].removeprefix('kvpress-')})")
-                                     for r in rows])
+    ax.set_yticks(range(len(rows)), [method_label(r["method"]) for r in rows])
     ax.axvline(1.0, color="grey", lw=0.8, ls="--")
     c = result["config"]
     ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
-    ax.set_title(f"Cache merged or evicted back to {c['size']} entries every {c['interval']} decoded tokens\n"
+    ax.set_title(f"Full-attention layers merged or evicted back to {c['size']} entries every {c['interval']} "
+                 "decoded tokens\n"
                  f"{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
                  f"{c['continuation']} tokens decoded", fontsize=10)
     fig.tight_layout()

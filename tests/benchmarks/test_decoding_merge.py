@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.decoding_merge import full_attention_layer, journal_config, pooled
+from benchmarks.decoding_merge import full_attention_layer, journal_config, method_label, pooled
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
@@ -44,3 +44,9 @@ def test_pooling_joins_the_windows_of_one_model_and_refuses_two(tmp_path):
     gemma = _journal(tmp_path, "gemma", {**CONFIG, "model": "gemma3-270m"}, nll)
     with pytest.raises(SystemExit, match="differ in more than their windows"):
         pooled(argparse.Namespace(pool=[old, gemma], out=str(out), plot=None, methods=list(nll)))
+
+
+def test_plot_labels_name_the_press_and_its_window():
+    assert method_label("kvpress-snapkv-w63") == "kvpress DecodingPress(SnapKV, window 63)"
+    assert method_label("kvpress-expected-attention") == "kvpress DecodingPress(ExpectedAttention)"
+    assert method_label("quickmerge").startswith("QuickMerge++")
