@@ -205,10 +205,16 @@ def summarise(per_method: dict[str, list[float]], cache: dict[str, float], confi
     best = min(kvpress_rows, key=lambda r: r["perplexity"])["method"] if kvpress_rows else None
     paired = {}
     if best is not None and "quickmerge" in per_method:
-        value, low, high = bootstrap_ratio(per_method["quickmerge"], per_method[best])
-        wins = sum(a < b for a, b in zip(per_method["quickmerge"], per_method[best], strict=True))
-        paired = {"best_kvpress": best, "quickmerge_vs_best": [value, low, high], "lower_on": wins,
-                  "windows": len(per_method["quickmerge"])}
+        ours = per_method["quickmerge"]
+
+        def against(method: str) -> dict:
+            value, low, high = bootstrap_ratio(ours, per_method[method])
+            return {"ratio": [value, low, high], "lower_on": sum(a < b for a, b in zip(ours, per_method[method],
+                                                                                      strict=True))}
+
+        each = {r["method"]: against(r["method"]) for r in kvpress_rows}
+        paired = {"best_kvpress": best, "quickmerge_vs_best": each[best]["ratio"], "lower_on": each[best]["lower_on"],
+                  "windows": len(ours), "quickmerge_vs_each": each}
     return {"config": config, "rows": rows, "paired": paired}
 
 
@@ -226,6 +232,9 @@ def report(result: dict, args: argparse.Namespace) -> None:
         print(f"QuickMerge++ / {paired['best_kvpress']}: {paired['quickmerge_vs_best'][0]:.4f} "
               f"[{paired['quickmerge_vs_best'][1]:.4f}, {paired['quickmerge_vs_best'][2]:.4f}], lower on "
               f"{paired['lower_on']}/{paired['windows']}")
+        for method, vs in sorted(paired["quickmerge_vs_each"].items(), key=lambda kv: kv[1]["ratio"][0]):
+            print(f"  / {method}: {vs['ratio'][0]:.4f} [{vs['ratio'][1]:.4f}, {vs['ratio'][2]:.4f}], lower on "
+                  f"{vs['lower_on']}/{paired['windows']}")
     if args.plot:
         plot(result, args.plot)
 

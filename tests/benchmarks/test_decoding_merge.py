@@ -41,6 +41,9 @@ def test_pooling_joins_the_windows_of_one_model_and_refuses_two(tmp_path):
     result = json.loads(out.read_text())
     assert result["config"]["windows"] == 4 and result["config"]["model"].startswith("SmolLM2")
     assert result["paired"]["best_kvpress"] == "kvpress-tova" and result["paired"]["lower_on"] == 2
+    assert set(result["paired"]["quickmerge_vs_each"]) == {"kvpress-tova"}
+    low, high = result["paired"]["quickmerge_vs_each"]["kvpress-tova"]["ratio"][1:]
+    assert low <= 1.0 <= high  # 0.1 below on two windows, 0.1 above on two
     gemma = _journal(tmp_path, "gemma", {**CONFIG, "model": "gemma3-270m"}, nll)
     with pytest.raises(SystemExit, match="differ in more than their windows"):
         pooled(argparse.Namespace(pool=[old, gemma], out=str(out), plot=None, methods=list(nll)))
