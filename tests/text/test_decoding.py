@@ -154,7 +154,7 @@ def test_reindexing_the_batch_carries_the_buffered_queries_with_their_rows(ratio
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3", "qwen3.5"])
 def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding(kind):
-    """``generate(num_beams=3)`` reorders the cache's rows at every step. The best beam's score is the sum of its
+    """``generate(num_beams=4)`` reorders the cache's rows at every step. The best beam's score is the sum of its
     tokens' log-probabilities given its own history: decoding that sequence alone inside the press (one row, never
     reordered, merged at the same calls) must give the same sum. Gemma 3: sliding layers beside the merged ones;
     Qwen 3.5: linear-attention states beside them (transformers 5.5 or later)."""
@@ -166,7 +166,7 @@ def test_beam_search_inside_the_press_scores_each_beam_as_its_own_decoding(kind)
     new = 30
     with torch.no_grad(), press(model):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
-                             num_beams=3, do_sample=False, length_penalty=0.0, early_stopping=True,
+                             num_beams=4, do_sample=False, length_penalty=0.0, early_stopping=True,
                              output_scores=True, return_dict_in_generate=True)
     assert press.decoding_merges > 0
     sequence = out.sequences[:1]
