@@ -46,6 +46,8 @@ def _kvpress_scorer(name: str, interval: int):
         return kp.SnapKVPress(window_size=min(64, interval // 2))
     if name.startswith("snapkv-w"):  # another window: kvpress-snapkv-w16
         return kp.SnapKVPress(window_size=int(name.removeprefix("snapkv-w")))
+    if name == "expected-attention-eps":  # kvpress's evaluation registry's epsilon (without AdaKV, which frees nothing)
+        return kp.ExpectedAttentionPress(epsilon=1e-2)
     return {"knorm": kp.KnormPress, "streaming-llm": kp.StreamingLLMPress,
             "expected-attention": kp.ExpectedAttentionPress, "tova": kp.TOVAPress, "keydiff": kp.KeyDiffPress,
             "random": kp.RandomPress}[name]()
@@ -272,6 +274,8 @@ def method_label(method: str) -> str:
     if method == "quickmerge":
         return "QuickMerge++ (QuickMergePress, merging)"
     scorer = method.removeprefix("kvpress-")
+    if scorer == "expected-attention-eps":
+        return "kvpress DecodingPress(ExpectedAttention, epsilon 0.01)"
     if scorer.startswith("snapkv-w"):
         return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"
     return f"kvpress DecodingPress({SCORER_LABELS.get(scorer, scorer)})"
