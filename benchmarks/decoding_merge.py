@@ -20,79 +20,27 @@ layers alone, and kvpress's presses get kvpress's own Gemma-3 rule (``global_lay
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
 
 import torch
 
+from quickmerge.eval.decoding import (
+    KVPRESS_SCORERS,
+    DecodingBudget,
+    continuation_nll,
+    full_attention_layer,  # noqa: F401 - tests/benchmarks read it here
+    make_press,
+    method_label,
+    plot_decoding_eval,
+)
 from quickmerge.eval.stats import bootstrap_ppl, bootstrap_ratio
 from quickmerge.eval.text import wikipedia_windows
-from quickmerge.eval.text_methods import global_layers_only, global_rope_default
 from quickmerge.pretrained.causal_lm import load_causal_lm, needs_bos
-from quickmerge.text import QuickMergePress
-from quickmerge.text.cache import cache_kwargs, physical_length
-
-# kvpress scorer presses DecodingPress takes (its base must be a ScorerPress), each at its defaults
-# (LeverageScorePress asserts "only supports prefill")
-KVPRESS_SCORERS = ("knorm", "streaming-llm", "snapkv", "expected-attention", "tova", "keydiff", "random")
-
-
-def _kvpress_scorer(name: str, interval: int):
-    import kvpress as kp
-
-    if name == "snapkv":  # its observation window must be shorter than the hidden states DecodingPress buffers
-        return kp.SnapKVPress(window_size=min(64, interval // 2))
-    if name.startswith("snapkv-w"):  # another window: kvpress-snapkv-w16
-        return kp.SnapKVPress(window_size=int(name.removeprefix("snapkv-w")))
-    if name == "expected-attention-eps":  # kvpress's evaluation registry's epsilon (without AdaKV, which frees nothing)
-        return kp.ExpectedAttentionPress(epsilon=1e-2)
-    return {"knorm": kp.KnormPress, "streaming-llm": kp.StreamingLLMPress,
-            "expected-attention": kp.ExpectedAttentionPress, "tova": kp.TOVAPress, "keydiff": kp.KeyDiffPress,
-            "random": kp.RandomPress}[name]()
-
-
-def make_press(method: str, size: int, interval: int):
-    if method == "none":
-        return None
-    if method == "quickmerge":
-        return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval)
-    import kvpress as kp
-
-    return global_rope_default(global_layers_only(kp.DecodingPress(
-        _kvpress_scorer(method.removeprefix("kvpress-"), interval), compression_interval=interval, target_size=size)))
-
 
 MODEL_LABELS = {"smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
                 "gemma3-270m": "Gemma-3-270m (GGUF Q4_K_M, float32)"}
-
-
-def full_attention_layer(model) -> int:
-    """The index of the first layer without a sliding window (every layer of Llama; Gemma 3's sixth)."""
-    types = getattr(model.config, "layer_types", None) or ["full_attention"]
-    return types.index("full_attention")
-
-
-@torch.no_grad()
-def continuation_nll(model, ids: torch.Tensor, prompt: int, press) -> tuple[torch.Tensor, float]:
-    """``[B, T]`` NLL (nats) of tokens ``prompt + 1 .. N - 1`` of ``ids [B, N]`` decoded one per call after a
-    prefill of ``prompt`` tokens, and the mean cache length (entries per full layer) over the steps. Each call gets
-    its token's position (``position_ids``), as kvpress's pipeline passes them: a cache kvpress shortened reports
-    its length, not the tokens it has seen."""
-    from transformers import DynamicCache
-
-    cache, measured = DynamicCache(), full_attention_layer(model)
-    nll, lengths = [], []
-    with press(model) if press is not None else contextlib.nullcontext():
-        logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]
-        for t in range(prompt, ids.shape[1]):
-            nll.append(torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="none"))
-            if t + 1 < ids.shape[1]:
-                position = torch.full((ids.shape[0], 1), t)
-                logits = model(ids[:, t : t + 1], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
-                lengths.append(physical_length(cache.layers[measured]))
-    return torch.stack(nll, 1), sum(lengths) / len(lengths)
 
 
 def main() -> None:
@@ -106,7 +54,8 @@ def main() -> None:
     parser.add_argument("--interval", type=int, default=64, help="decoded tokens between compressions")
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--methods", nargs="+",
-                        default=["none", "quickmerge", *(f"kvpress-{n}" for n in KVPRESS_SCORERS)])
+                        default=["none", "quickmerge", *(f"kvpress-{n}" for n in KVPRESS_SCORERS
+                                                         if n != "expected-attention-eps")])
     parser.add_argument("--out", required=True)
     parser.add_argument("--plot", help="PNG of the ratios to no compression (with --out of a finished run: redraws it)")
     parser.add_argument("--threads", type=int, default=2)
@@ -118,15 +67,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.pool:
         return pooled(args)
-    if (args.size < 1 or args.interval < 1 or not 1 <= args.prompt <= args.size
-            or (args.size - args.prompt) % args.interval):
-        # kvpress compresses every `interval` decoded tokens from the prefill on, quickmerge when the cache reaches
-        # size + interval: the same steps only when the prompt is size - k * interval tokens
-        parser.error("need 1 <= --prompt <= --size, --interval >= 1 and (size - prompt) a multiple of interval")
+    budget = DecodingBudget(args.prompt, args.size, args.interval)
+    if budget.refusal() is not None:
+        parser.error(budget.refusal())
     torch.set_num_threads(args.threads)
-    # the decoding call that first compresses (after its attention): the cache reaches size + interval there; the
-    # tokens predicted after it are scored
-    first = args.size + args.interval - args.prompt
     config = {k: getattr(args, k) for k in ("model", "windows", "first", "prompt", "continuation", "size",
                                             "interval")}
     starts = range(0, args.windows, args.batch)
@@ -151,14 +95,15 @@ def main() -> None:
             began = time.perf_counter()
             nll, mean_length = continuation_nll(model, ids[start : start + args.batch], args.prompt,
                                                 make_press(method, args.size, args.interval))
-            journal[key] = {"nll": nll[:, first + 1:].mean(dim=1).tolist(), "cache": mean_length,
+            journal[key] = {"nll": nll[:, budget.first_scored :].mean(dim=1).tolist(), "cache": mean_length,
                             "seconds": time.perf_counter() - began}
             journal_path.write_text(json.dumps(journal))
             print(f"{key}: mean NLL {sum(journal[key]['nll']) / len(journal[key]['nll']):.4f}, "
                   f"cache {mean_length:.1f}, {journal[key]['seconds']:.0f} s", flush=True)
     per_method = {m: [x for s in starts for x in journal[f"{m}/{s}"]["nll"]] for m in args.methods}
     cache = {m: sum(journal[f"{m}/{s}"]["cache"] for s in starts) / len(starts) for m in args.methods}
-    config = {**config, "model": MODEL_LABELS[args.model], "scored_tokens_per_window": args.continuation - first - 1}
+    scored = args.continuation + 1 - budget.first_scored
+    config = {**config, "model": MODEL_LABELS[args.model], "scored_tokens_per_window": scored}
     report(summarise(per_method, cache, config), args)
 
 
@@ -177,11 +122,11 @@ def pooled(args: argparse.Namespace) -> None:
 
     per_method = {m: [x for batch in batches(m) for x in batch["nll"]] for m in methods}
     cache = {m: sum(batch["cache"] for batch in batches(m)) / len(batches(m)) for m in methods}
-    first = settings[0]["size"] + settings[0]["interval"] - settings[0]["prompt"]
+    first = DecodingBudget(settings[0]["prompt"], settings[0]["size"], settings[0]["interval"]).first_scored
     config = {**settings[0], "windows": len(per_method[methods[0]]),
               "runs": [{"first": j["config"]["first"], "windows": j["config"]["windows"]} for j in journals],
               "model": MODEL_LABELS[settings[0]["model"]],
-              "scored_tokens_per_window": settings[0]["continuation"] - first - 1}
+              "scored_tokens_per_window": settings[0]["continuation"] + 1 - first}
     report(summarise(per_method, cache, config), args)
 
 
@@ -265,46 +210,19 @@ def timing(model, ids: torch.Tensor, args: argparse.Namespace) -> None:
               + ("" if row["ratio_to_none"] is None else f", {row['ratio_to_none']:.3f}x none"))
 
 
-SCORER_LABELS = {"knorm": "Knorm", "streaming-llm": "StreamingLLM", "snapkv": "SnapKV", "expected-attention":
-                 "ExpectedAttention", "tova": "TOVA", "keydiff": "KeyDiff", "random": "Random"}
-
-
-def method_label(method: str) -> str:
-    """``kvpress-snapkv-w63`` -> ``kvpress DecodingPress(SnapKV, window 63)``."""
-    if method == "quickmerge":
-        return "QuickMerge++ (QuickMergePress, merging)"
-    scorer = method.removeprefix("kvpress-")
-    if scorer == "expected-attention-eps":
-        return "kvpress DecodingPress(ExpectedAttention, epsilon 0.01)"
-    if scorer.startswith("snapkv-w"):
-        return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"
-    return f"kvpress DecodingPress({SCORER_LABELS.get(scorer, scorer)})"
-
-
 def plot(result: dict, path: str) -> None:
-    """Each method's paired perplexity ratio to no compression with its 95% interval, best at the top."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = sorted((r for r in result["rows"] if r["method"] != "none"), key=lambda r: -r["ratio_to_uncompressed"])
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.6))
-    for i, r in enumerate(rows):
-        value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci"]
-        colour = "tab:red" if r["method"] == "quickmerge" else "tab:blue"
-        ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
-        ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [method_label(r["method"]) for r in rows])
-    ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+    """Each method's paired perplexity ratio to no compression with its 95% interval, best at the top
+    (``quickmerge eval decoding``'s figure, from this script's summary)."""
     c = result["config"]
-    ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
-    ax.set_title(f"Full-attention layers merged or evicted back to {c['size']} entries every {c['interval']} "
-                 "decoded tokens\n"
-                 f"{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
-                 f"{c['continuation']} tokens decoded", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    none = next((r["mean_cache_entries"] for r in result["rows"] if r["method"] == "none"), None)
+    rows = [{"method": r["method"], "decoding_size": c["size"], "decoding_interval": c["interval"],
+             "ratio_to_uncompressed": r["ratio_to_uncompressed"], "ratio_to_uncompressed_ci95":
+             r["ratio_to_uncompressed_ci"], "memory_saved": 1 - r["mean_cache_entries"] / none}
+            for r in result["rows"]]
+    title = (f"Full-attention layers merged or evicted back to {c['size']} entries every {c['interval']} decoded "
+             f"tokens\n{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
+             f"{c['continuation']} tokens decoded")
+    plot_decoding_eval({"summary": rows}, path, title, label=method_label)
     print(f"wrote {path}")
 
 

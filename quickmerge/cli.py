@@ -76,6 +76,11 @@ def _add_eval_arguments(evaluate: argparse.ArgumentParser) -> None:
 
     add_passkey_arguments(protocols.add_parser(
         "passkey", help="exact-match retrieval of a passkey inserted once in a compressed long context"))
+    from .eval.decoding_cli import add_arguments as add_decoding_arguments
+
+    add_decoding_arguments(protocols.add_parser(
+        "decoding", help="perplexity of a long continuation decoded with the cache merged (or evicted) back to a "
+        "budget every few tokens"))
     from .eval.generative_cli import add_arguments as add_generative_arguments
 
     add_generative_arguments(protocols.add_parser(
@@ -235,6 +240,10 @@ def _run(args: argparse.Namespace) -> int:
         from .eval.passkey_cli import run as run_passkey
 
         run_passkey(args)
+    elif args.command == "eval" and args.protocol == "decoding":
+        from .eval.decoding_cli import run as run_decoding
+
+        run_decoding(args)
     elif args.command == "eval":
         from .eval.generative_cli import run as run_generative
 

@@ -1,0 +1,325 @@
+"""``quickmerge eval decoding``: a long continuation decoded with the KV cache held to a budget.
+
+Protocol: each example is a window of real Wikipedia text, a prompt of P tokens prefilled whole and the next C
+tokens fed one per call with their positions (teacher forcing: a long generation feeding back its own tokens). Every
+full-attention layer is brought back to S entries each time decoding has added I more: QuickMerge++ merges
+(``QuickMergePress(0.0, decoding_size=S, decoding_interval=I)``), kvpress evicts (``DecodingPress(scorer,
+compression_interval=I, target_size=S)``). Scored: the negative log-likelihood of every continuation token predicted
+once the cache was first compressed (before it every method is the uncompressed model), as a per-window mean; all
+methods on the same windows, paired bootstrap intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..distributed import Context
+from ..text.cache import cache_kwargs, physical_length
+from .journal import Journal
+from .text import TextExample, _progress
+
+# kvpress scorer presses its DecodingPress takes (the base must be a ScorerPress), each at its defaults;
+# kvpress's LeverageScorePress asserts "only supports prefill". SnapKV also at any window: kvpress-snapkv-wN.
+KVPRESS_SCORERS = ("knorm", "streaming-llm", "snapkv", "expected-attention", "expected-attention-eps", "tova",
+                   "keydiff", "random")
+SCORER_LABELS = {"knorm": "Knorm", "streaming-llm": "StreamingLLM", "snapkv": "SnapKV",
+                 "expected-attention": "ExpectedAttention", "expected-attention-eps": "ExpectedAttention, epsilon 0.01",
+                 "tova": "TOVA", "keydiff": "KeyDiff", "random": "Random"}
+NONE = "none"
+OURS = "quickmerge"
+
+
+@dataclass(frozen=True)
+class DecodingBudget:
+    """Every full-attention layer back to ``size`` entries each ``interval`` decoded tokens, after a ``prompt``."""
+
+    prompt: int
+    size: int
+    interval: int
+
+    def refusal(self) -> str | None:
+        """Why this budget cannot be compared fairly, or None. kvpress compresses every ``interval`` decoded tokens
+        from the prefill on, QuickMergePress when a layer reaches ``size + interval``: the same steps only when the
+        prompt is ``size - k * interval`` tokens."""
+        if self.size < 1 or self.interval < 1 or not 1 <= self.prompt <= self.size:
+            return f"need 1 <= prompt ({self.prompt}) <= size ({self.size}) and interval ({self.interval}) >= 1"
+        if (self.size - self.prompt) % self.interval:
+            return (f"size - prompt ({self.size} - {self.prompt}) must be a multiple of the interval "
+                    f"({self.interval}), so that every method compresses at the same steps")
+        return None
+
+    @property
+    def first_scored(self) -> int:
+        """Index in :func:`continuation_nll`'s output of the first token predicted from a compressed cache: the call
+        that first compresses (after its attention) fills the cache to ``size + interval``."""
+        return self.size + self.interval - self.prompt + 1
+
+
+def method_refusal(method: str, interval: int) -> str | None:
+    """Why ``method`` is not a decoding method (or cannot run at this interval), or None."""
+    if method in (NONE, OURS):
+        return None
+    scorer = method.removeprefix("kvpress-")
+    if not method.startswith("kvpress-"):
+        return f"unknown method {method!r}: quickmerge, kvpress-<scorer> or kvpress-snapkv-w<window>"
+    if scorer.startswith("snapkv-w"):
+        window = scorer.removeprefix("snapkv-w")
+        if not window.isdigit() or not 1 <= int(window) < interval:
+            return (f"{method}: SnapKV's window must be a whole number from 1 to interval - 1 ({interval - 1}), the "
+                    "hidden states DecodingPress buffers between compressions")
+        return None
+    if scorer not in KVPRESS_SCORERS:
+        return f"unknown kvpress decoding scorer {scorer!r}: one of {', '.join(KVPRESS_SCORERS)} or snapkv-w<window>"
+    return None
+
+
+def default_methods(interval: int, with_kvpress: bool) -> list[str]:
+    """QuickMerge++, and kvpress's every scorer at its defaults plus SnapKV at its widest window (its strongest on
+    every measured run, BENCHMARKS.md), when kvpress can run."""
+    theirs = [f"kvpress-{s}" for s in KVPRESS_SCORERS if s != "expected-attention-eps"]
+    theirs.insert(theirs.index("kvpress-snapkv") + 1, f"kvpress-snapkv-w{interval - 1}")
+    return [OURS, *(theirs if with_kvpress else [])]
+
+
+def _kvpress_scorer(scorer: str, interval: int) -> Any:
+    import kvpress as kp
+
+    if scorer == "snapkv":  # its observation window must be shorter than the hidden states DecodingPress buffers
+        return kp.SnapKVPress(window_size=min(64, interval // 2))
+    if scorer.startswith("snapkv-w"):
+        return kp.SnapKVPress(window_size=int(scorer.removeprefix("snapkv-w")))
+    if scorer == "expected-attention-eps":  # kvpress's evaluation registry's epsilon (without AdaKV: frees nothing)
+        return kp.ExpectedAttentionPress(epsilon=1e-2)
+    return {"knorm": kp.KnormPress, "streaming-llm": kp.StreamingLLMPress,
+            "expected-attention": kp.ExpectedAttentionPress, "tova": kp.TOVAPress, "keydiff": kp.KeyDiffPress,
+            "random": kp.RandomPress}[scorer]()
+
+
+def make_press(method: str, size: int, interval: int) -> Any:
+    """The press of ``method`` holding every full-attention layer to ``size`` entries each ``interval`` decoded tokens
+    (None for no compression). kvpress's presses get kvpress's own Gemma-3 rule (sliding-window layers left alone, as
+    QuickMergePress leaves them)."""
+    if method == NONE:
+        return None
+    if method == OURS:
+        from ..text import QuickMergePress
+
+        return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval)
+    import kvpress as kp
+
+    from .text_methods import global_layers_only, global_rope_default
+
+    scorer = _kvpress_scorer(method.removeprefix("kvpress-"), interval)
+    return global_rope_default(global_layers_only(kp.DecodingPress(scorer, compression_interval=interval,
+                                                                   target_size=size)))
+
+
+def method_label(method: str) -> str:
+    """``kvpress-snapkv-w63`` -> ``kvpress DecodingPress(SnapKV, window 63)``."""
+    if method == OURS:
+        return "QuickMerge++ (QuickMergePress, merging)"
+    scorer = method.removeprefix("kvpress-")
+    if scorer.startswith("snapkv-w"):
+        return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"
+    return f"kvpress DecodingPress({SCORER_LABELS.get(scorer, scorer)})"
+
+
+def full_attention_layer(model: Any) -> int:
+    """The index of the first layer without a sliding window (every layer of Llama; Gemma 3's sixth)."""
+    types = getattr(model.config, "layer_types", None) or ["full_attention"]
+    return types.index("full_attention")
+
+
+@torch.no_grad()
+def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[Tensor, float]:
+    """``[B, N - prompt]`` NLL (nats) of tokens ``prompt .. N - 1`` of ``ids [B, N]``, decoded one per call after a
+    prefill of ``prompt`` tokens, and the mean cache length (entries per KV head of the first full-attention layer)
+    over the decoding calls. Each call gets its token's position (``position_ids``), as kvpress's pipeline passes
+    them: a cache kvpress shortened reports its length, not the tokens it has seen."""
+    from transformers import DynamicCache
+
+    cache, measured = DynamicCache(), full_attention_layer(model)
+    nll, lengths = [], []
+    with press(model) if press is not None else contextlib.nullcontext():
+        logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]
+        for t in range(prompt, ids.shape[1]):
+            nll.append(torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="none"))
+            if t + 1 < ids.shape[1]:
+                position = torch.full((ids.shape[0], 1), t, device=ids.device)
+                logits = model(ids[:, t : t + 1], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
+                lengths.append(physical_length(cache.layers[measured]))
+    return torch.stack(nll, 1), sum(lengths) / len(lengths)
+
+
+def _key(index: int, example: TextExample, method: str, size: int | None) -> str:
+    return f"{index}|{example.title}|{method}|{size}"
+
+
+def run_decoding_eval(
+    model: Any,
+    examples: list[TextExample],
+    methods: list[str],
+    budgets: list[DecodingBudget],
+    *,
+    batch: int = 16,
+    progress: bool = True,
+    journal: Journal | None = None,
+    ctx: Context | None = None,
+    indices: list[int] | None = None,
+) -> dict[str, Any] | None:
+    """Score every (method, budget) on every example, ``batch`` windows per forward pass, and summarise.
+
+    Rows: one per (window, method, size); no compression once per window, its per-token NLLs kept, so that each
+    budget's rows are paired with it on the same tokens. With a ``journal``, each finished batch's rows are on disk at
+    once and rows already there are not computed again. Under ``torch.distributed`` (``ctx``), batches (not windows:
+    a window's numbers do not depend on how many processes ran) are shared out by rank and the rows gathered on rank
+    0, which returns the summary (the others return None). ``indices``: the windows' numbers (default 0..n-1).
+    """
+    ctx = ctx or Context()
+    number = list(range(len(examples))) if indices is None else list(indices)
+    if len(number) != len(examples):
+        raise ValueError(f"indices: expected one per example ({len(examples)}), got {len(number)}")
+    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
+    if journal is not None and not ctx.main:
+        journal.open()
+    runs: list[tuple[str, DecodingBudget | None]] = [(NONE, None)]
+    runs += [(m, b) for b in budgets for m in methods if m != NONE]
+    starts = range(0, len(examples), batch)
+    items = [(run, start) for run in runs for start in starts]
+
+    def keys(run: tuple[str, DecodingBudget | None], start: int) -> list[str]:
+        size = None if run[1] is None else run[1].size
+        return [_key(number[i], examples[i], run[0], size) for i in range(start, min(start + batch, len(examples)))]
+
+    todo = [item for item in items if any(k not in done for k in keys(*item))]
+    total = len(runs) * len(examples)
+    bar = _progress(total, progress and ctx.main, initial=total - sum(len(keys(*item)) for item in todo))
+    prompt = budgets[0].prompt
+    new: dict[str, dict[str, Any]] = {}
+    for (method, budget), start in todo[ctx.rank :: ctx.world]:
+        names = keys((method, budget), start)
+        torch.manual_seed(zlib.crc32(names[0].encode()))  # kvpress's RandomPress: the same rows however run
+        ids = torch.stack([e.ids for e in examples[start : start + len(names)]]).to(next(model.parameters()).device)
+        press = None if budget is None else make_press(method, budget.size, budget.interval)
+        nll, cache = continuation_nll(model, ids, prompt, press)
+        if budget is None:  # every token's NLL: each budget scores its own range
+            rows = [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
+        else:
+            rows = [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
+        for key, row in zip(names, rows, strict=True):
+            new[key] = row
+            if journal is not None:
+                journal.add(key, row)
+        bar.update(len(names) * ctx.world)
+    bar.close()
+    gathered = ctx.gather(new)
+    if gathered is None:
+        return None
+    for part in gathered:
+        done.update(part)
+    per_run = {}
+    for method, budget in runs:
+        size = None if budget is None else budget.size
+        per_run[(method, size)] = [done[_key(number[i], e, method, size)] for i, e in enumerate(examples)]
+    return summarise_decoding(examples, per_run, budgets)
+
+
+def summarise_decoding(
+    examples: list[TextExample], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
+    budgets: list[DecodingBudget],
+) -> dict[str, Any]:
+    """Per (method, size): perplexity, paired ratio to no compression on the same tokens (95% bootstrap intervals),
+    mean cache entries and the share of no compression's they save (a ``none`` row per size: the uncompressed model
+    on that size's scored tokens, ``decoding_interval`` None); QuickMerge++ paired against every kvpress press
+    at each size, and against the best (lowest perplexity, chosen after the fact, which favours kvpress)."""
+    from .stats import bootstrap_ppl, bootstrap_ratio
+
+    tokens = [torch.tensor(r["nll_tokens"]) for r in per_run[(NONE, None)]]
+    full_cache = sum(r["cache"] for r in per_run[(NONE, None)]) / len(examples)
+    summary, paired = [], {}
+    for budget in budgets:
+        base = [float(t[budget.first_scored :].mean()) for t in tokens]
+        at = {NONE: base, **{m: [r["nll"] for r in rows] for (m, s), rows in per_run.items() if s == budget.size}}
+        for method, nll in at.items():
+            ppl, low, high = bootstrap_ppl(nll)
+            rel, rel_low, rel_high = bootstrap_ratio(nll, base)
+            rows = per_run[(method, None if method == NONE else budget.size)]
+            cache = sum(r["cache"] for r in rows) / len(rows)
+            summary.append({"method": method, "decoding_size": budget.size,
+                            "decoding_interval": None if method == NONE else budget.interval,
+                            "scored_from_token": budget.first_scored, "perplexity": ppl, "perplexity_ci95": [low, high],
+                            "ratio_to_uncompressed": rel, "ratio_to_uncompressed_ci95": [rel_low, rel_high],
+                            "mean_cache_entries": cache, "memory_saved": 1 - cache / full_cache,
+                            "nll_per_example": nll})
+        theirs = {m: v for m, v in at.items() if m.startswith("kvpress-")}
+        if OURS in at and theirs:
+            ours = at[OURS]
+
+            def against(nll: list[float], ours: list[float] = ours) -> dict[str, Any]:
+                return {"ratio": list(bootstrap_ratio(ours, nll)),
+                        "lower_on": sum(a < b for a, b in zip(ours, nll, strict=True))}
+
+            best = min(theirs, key=lambda m: sum(theirs[m]))  # lowest mean NLL: lowest perplexity
+            each = {m: against(v) for m, v in theirs.items()}
+            paired[str(budget.size)] = {"best_kvpress": best, "quickmerge_vs_best": each[best]["ratio"],
+                                        "lower_on": each[best]["lower_on"], "windows": len(ours),
+                                        "quickmerge_vs_each": each}
+    return {"examples": [e.title for e in examples], "summary": summary, "paired": paired}
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """Markdown table per size: perplexity and paired ratio to no compression with 95% intervals, cache entries."""
+    lines = ["| size | method | perplexity [95% CI] | vs uncompressed [95% CI] | cache entries | memory saved |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(results["summary"], key=lambda r: (r["decoding_size"], r["decoding_interval"] is not None,
+                                                      r["ratio_to_uncompressed"])):
+        lo, hi = r["perplexity_ci95"]
+        rlo, rhi = r["ratio_to_uncompressed_ci95"]
+        lines.append(f"| {r['decoding_size']} | {r['method']} | {r['perplexity']:.3f} [{lo:.2f}, {hi:.2f}] | "
+                     f"{r['ratio_to_uncompressed']:.4f} [{rlo:.4f}, {rhi:.4f}] | {r['mean_cache_entries']:.0f} | "
+                     f"{r['memory_saved']:.0%} |")
+    for size, p in results["paired"].items():
+        value, low, high = p["quickmerge_vs_best"]
+        lines.append(f"\nsize {size}: QuickMerge++ / {p['best_kvpress']} (paired perplexity ratio) {value:.4f} "
+                     f"[{low:.4f}, {high:.4f}], lower on {p['lower_on']}/{p['windows']} windows")
+    return "\n".join(lines)
+
+
+def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
+                       label: Callable[[str], str] = method_label) -> None:
+    """One panel per size: each method's paired perplexity ratio to no compression with its 95% interval, best at the
+    top, QuickMerge++ in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    compressed = [r for r in results["summary"] if r["method"] != NONE]
+    sizes = sorted({r["decoding_size"] for r in compressed})
+    panels = [sorted((r for r in compressed if r["decoding_size"] == s),
+                     key=lambda r: -r["ratio_to_uncompressed"]) for s in sizes]
+    height = 0.45 * max(len(p) for p in panels) + 1.8
+    fig, axes = plt.subplots(1, len(sizes), figsize=(10 * len(sizes) ** 0.5 + 4, height), squeeze=False)
+    for ax, size, rows in zip(axes[0], sizes, panels, strict=True):
+        for i, r in enumerate(rows):
+            value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci95"]
+            colour = "tab:red" if r["method"] == OURS else "tab:blue"
+            ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+            ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
+                        fontsize=8)
+        ax.set_yticks(range(len(rows)), [label(r["method"]) for r in rows], fontsize=8)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        saved = sum(r["memory_saved"] for r in rows) / len(rows)
+        ax.set_title(f"back to {size} entries every {rows[0]['decoding_interval']} tokens ({saved:.0%} of the "
+                     "cache saved on average)", fontsize=9)
+        ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

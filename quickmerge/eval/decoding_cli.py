@@ -1,0 +1,132 @@
+"""``quickmerge eval decoding``: merging while decoding against kvpress's ``DecodingPress``, JSON and PNG out."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import warnings
+
+import torch
+
+from .. import distributed
+from ..cli_types import non_negative_int, positive_int
+from ..env_report import installed_versions
+from ..errors import IncompatibleExtraError, MissingExtraError, UsageError
+from .journal import Journal, code_fingerprint
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
+    parser.add_argument("--examples", type=positive_int, default=32, help="number of Wikipedia windows")
+    parser.add_argument("--first", type=non_negative_int, default=0,
+                        help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1)")
+    parser.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens P, prefilled whole")
+    parser.add_argument("--continuation", type=positive_int, default=640,
+                        help="tokens decoded one per call after the prompt (teacher forcing)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[192],
+                        help="cache budgets S: every full-attention layer back to S entries per KV head")
+    parser.add_argument("--interval", type=positive_int, default=64,
+                        help="decoded tokens I between two compressions (the cache stays within S and S + I)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together")
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="quickmerge, kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
+                             "expected-attention-eps, tova, keydiff, random) or kvpress-snapkv-w<window>; default: "
+                             "quickmerge and, when kvpress runs here, every scorer plus SnapKV at window I - 1")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
+    parser.add_argument("--out", default="results/decoding", help="output prefix (.json and .png are added)")
+    parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
+
+
+def check_arguments(args: argparse.Namespace) -> list:
+    """Refuse what cannot run, before any model is loaded; the budgets, one per size."""
+    from .decoding import DecodingBudget, method_refusal
+
+    if args.examples < 2:
+        raise UsageError("--examples must be at least 2 (bootstrap intervals need several examples)")
+    budgets = [DecodingBudget(args.prompt, size, args.interval) for size in dict.fromkeys(args.sizes)]
+    for budget in budgets:
+        if budget.refusal() is not None:
+            raise UsageError(f"--prompt, --sizes, --interval: {budget.refusal()}")
+        if budget.first_scored > args.continuation:
+            raise UsageError(f"--continuation ({args.continuation}) must be at least size + interval - prompt + 1 "
+                             f"({budget.first_scored}, size {budget.size}): the tokens scored are those predicted "
+                             "after the first compression")
+    for method in args.methods or []:
+        if method_refusal(method, args.interval) is not None:
+            raise UsageError(f"--methods: {method_refusal(method, args.interval)}")
+    return budgets
+
+
+def chosen_methods(args: argparse.Namespace) -> list[str]:
+    """``--methods`` or the defaults; kvpress's refused here, with the reason, when kvpress cannot run."""
+    from .._optional import kvpress_incompatibility
+    from .decoding import default_methods
+    from .text_methods import kvpress_available, kvpress_usable
+
+    if args.methods is None:
+        if kvpress_available() and kvpress_incompatibility() is not None:
+            warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=2)
+        return default_methods(args.interval, kvpress_usable())
+    methods = list(dict.fromkeys(m for m in args.methods if m != "none"))
+    theirs = [m for m in methods if m.startswith("kvpress-")]
+    if theirs and not kvpress_available():
+        raise MissingExtraError(f"methods {', '.join(theirs)} run NVIDIA kvpress, which is not installed: "
+                                "pip install kvpress")
+    if theirs and kvpress_incompatibility() is not None:
+        raise IncompatibleExtraError(f"methods {', '.join(theirs)}: {kvpress_incompatibility()}")
+    return methods
+
+
+def run(args: argparse.Namespace) -> dict:
+    from ..pretrained.causal_lm import load_causal_lm, needs_bos
+    from .decoding import OURS, format_table, make_press, plot_decoding_eval, run_decoding_eval
+    from .report import write_report
+    from .text import wikipedia_windows
+
+    budgets = check_arguments(args)
+    methods = chosen_methods(args)
+    torch.set_num_threads(args.threads)
+    ctx = distributed.setup()
+    try:
+        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        model, tokenizer = load_causal_lm(args.model)
+        model.set_attn_implementation("sdpa")  # QuickMergePress weighs entries by their sizes inside SDPA or eager
+        if OURS in methods:
+            why = make_press(OURS, budgets[0].size, args.interval).refusal(model)
+            if why is not None and args.methods is not None:
+                raise UsageError(f"--methods: quickmerge cannot run on {type(model).__name__}: {why}")
+            if why is not None:
+                warnings.warn(f"quickmerge left out of the default methods: {why}", stacklevel=2)
+                methods.remove(OURS)
+        model.to(ctx.device)
+        try:
+            windows = wikipedia_windows(tokenizer, args.first + args.examples, context=args.prompt,
+                                        continuation=args.continuation, bos=needs_bos(args.model))
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        indices = list(range(args.first, args.first + args.examples))
+        results = run_decoding_eval(model, windows[args.first :], methods, budgets, batch=args.batch,
+                                    journal=journal, ctx=ctx, indices=indices)
+    finally:
+        ctx.close()
+    if results is None:
+        return {}
+    results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
+                         "platform": platform.platform(), "versions": installed_versions()}
+    shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
+    title = (f"{args.model}: {shown} Wikipedia windows, {args.prompt}-token prompt kept whole, {args.continuation} "
+             "tokens decoded; full-attention layers merged (QuickMerge++) or evicted (kvpress)")
+    paths = write_report(results, args.out, lambda png: plot_decoding_eval(results, png, title))
+    print(format_table(results))
+    print(f"\nwrote {paths[0]} and {paths[1]}")
+    return results
+
+
+def journal_config(args: argparse.Namespace) -> dict:
+    """What every row depends on (a row's numbers, to the last bit, also on the windows decoded with it: the
+    batch); the sizes and methods are in each row's key."""
+    import transformers
+
+    return {"protocol": "decoding", "model": args.model, "prompt": args.prompt, "continuation": args.continuation,
+            "interval": args.interval, "batch": args.batch, "first": args.first,
+            "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint()}
