@@ -5,7 +5,8 @@
 #   ./run.sh test [args]   ruff + the test suite, then again under the newest transformers and its
 #                          dependencies (a second environment, .venv-newest), less the tests that meet none of them
 #   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
-#   ./run.sh eval {text|vision} [args], ./run.sh visualize [args], ./run.sh train vision [args]
+#   ./run.sh eval {text|decoding|passkey|vision|image|video} [args], ./run.sh visualize [args],
+#   ./run.sh train vision [args]
 #
 # Creates .venv in the repository root on first use (and again when pyproject.toml or
 # constraints.txt change). System packages come from apt-get, only when a command needs them
@@ -22,7 +23,7 @@ FASHION=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 CLIPS=/usr/share/doc/opencv-doc/examples/data
 
 usage() {
-    echo "usage: ./run.sh {demo|test|bench|eval text|eval vision|visualize|train vision} [args]" >&2
+    echo "usage: ./run.sh {demo|test|bench|eval PROTOCOL|visualize|train vision} [args]" >&2
     exit 2
 }
 
@@ -62,7 +63,8 @@ need_python() {
 }
 
 need_fashion_mnist() {  # the vision commands and the tests read Fashion-MNIST
-    case "$cmd" in test|visualize|train) return 0 ;; eval) [ "${1:-}" != "text" ] ;; *) return 1 ;; esac
+    case "$cmd" in test|visualize|train) return 0 ;; eval) case "${1:-}" in text|decoding|passkey) return 1 ;; esac ;;
+        *) return 1 ;; esac
 }
 
 need_clips() {  # the video model trains and is evaluated on opencv-doc's clips

@@ -219,9 +219,8 @@ def plot(result: dict, path: str) -> None:
              "ratio_to_uncompressed": r["ratio_to_uncompressed"], "ratio_to_uncompressed_ci95":
              r["ratio_to_uncompressed_ci"], "memory_saved": 1 - r["mean_cache_entries"] / none}
             for r in result["rows"]]
-    title = (f"Full-attention layers merged or evicted back to {c['size']} entries every {c['interval']} decoded "
-             f"tokens\n{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
-             f"{c['continuation']} tokens decoded")
+    title = (f"{c['model'].split(' (')[0]}, {c['windows']} Wikipedia windows: {c['prompt']}-token prompt, "
+             f"{c['continuation']} tokens decoded; full-attention layers merged or evicted")
     plot_decoding_eval({"summary": rows}, path, title, label=method_label)
     print(f"wrote {path}")
 

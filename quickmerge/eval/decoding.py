@@ -205,6 +205,7 @@ def run_decoding_eval(
     new: dict[str, dict[str, Any]] = {}
     for (method, budget), start in todo[ctx.rank :: ctx.world]:
         names = keys((method, budget), start)
+        bar.set_postfix_str(method if budget is None else f"{method} at {budget.size}")
         torch.manual_seed(zlib.crc32(names[0].encode()))  # kvpress's RandomPress: the same rows however run
         ids = torch.stack([e.ids for e in examples[start : start + len(names)]]).to(next(model.parameters()).device)
         press = None if budget is None else make_press(method, budget.size, budget.interval)
@@ -285,17 +286,19 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"| {r['decoding_size']} | {r['method']} | {r['perplexity']:.3f} [{lo:.2f}, {hi:.2f}] | "
                      f"{r['ratio_to_uncompressed']:.4f} [{rlo:.4f}, {rhi:.4f}] | {r['mean_cache_entries']:.0f} | "
                      f"{r['memory_saved']:.0%} |")
+    lines.append("")
     for size, p in results["paired"].items():
         value, low, high = p["quickmerge_vs_best"]
-        lines.append(f"\nsize {size}: QuickMerge++ / {p['best_kvpress']} (paired perplexity ratio) {value:.4f} "
+        lines.append(f"size {size}: QuickMerge++ / {p['best_kvpress']} (paired perplexity ratio) {value:.4f} "
                      f"[{low:.4f}, {high:.4f}], lower on {p['lower_on']}/{p['windows']} windows")
     return "\n".join(lines)
 
 
 def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
                        label: Callable[[str], str] = method_label) -> None:
-    """One panel per size: each method's paired perplexity ratio to no compression with its 95% interval, best at the
-    top, QuickMerge++ in red."""
+    """One size: each method's paired perplexity ratio to no compression with its 95% interval, best at the top,
+    QuickMerge++ in red. Several sizes: that ratio against the cache entries held (one line per method), and
+    QuickMerge++'s paired ratio to the best kvpress press at each size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -303,11 +306,11 @@ def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
 
     compressed = [r for r in results["summary"] if r["method"] != NONE]
     sizes = sorted({r["decoding_size"] for r in compressed})
-    panels = [sorted((r for r in compressed if r["decoding_size"] == s),
-                     key=lambda r: -r["ratio_to_uncompressed"]) for s in sizes]
-    height = 0.45 * max(len(p) for p in panels) + 1.8
-    fig, axes = plt.subplots(1, len(sizes), figsize=(10 * len(sizes) ** 0.5 + 4, height), squeeze=False)
-    for ax, size, rows in zip(axes[0], sizes, panels, strict=True):
+    if len(sizes) > 1:
+        _plot_budget_curve(results, compressed, sizes, title, label)
+    else:
+        rows = sorted(compressed, key=lambda r: -r["ratio_to_uncompressed"])
+        _, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
         for i, r in enumerate(rows):
             value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci95"]
             colour = "tab:red" if r["method"] == OURS else "tab:blue"
@@ -317,9 +320,52 @@ def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
         ax.set_yticks(range(len(rows)), [label(r["method"]) for r in rows], fontsize=8)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         saved = sum(r["memory_saved"] for r in rows) / len(rows)
-        ax.set_title(f"back to {size} entries every {rows[0]['decoding_interval']} tokens ({saved:.0%} of the "
-                     "cache saved on average)", fontsize=9)
         ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
+        ax.set_title(f"{title}\nback to {sizes[0]} entries every {rows[0]['decoding_interval']} tokens "
+                     f"({saved:.0%} of the cache saved on average)", fontsize=9)
+    plt.gcf().tight_layout()
+    plt.gcf().savefig(path, dpi=120)
+    plt.close(plt.gcf())
+
+
+def _plot_budget_curve(results: dict[str, Any], compressed: list[dict[str, Any]], sizes: list[int], title: str,
+                       label: Callable[[str], str]) -> None:
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (curve, paired) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
+    for method in dict.fromkeys(r["method"] for r in compressed):
+        mine = sorted((r for r in compressed if r["method"] == method), key=lambda r: r["mean_cache_entries"])
+        x = [r["mean_cache_entries"] for r in mine]
+        y = [r["ratio_to_uncompressed"] for r in mine]
+        err = [[v - r["ratio_to_uncompressed_ci95"][0] for v, r in zip(y, mine, strict=True)],
+               [r["ratio_to_uncompressed_ci95"][1] - v for v, r in zip(y, mine, strict=True)]]
+        style = {"color": "black", "linewidth": 2.5, "zorder": 3} if method == OURS else {"linewidth": 1.2}
+        curve.errorbar(x, y, yerr=err, marker="o", capsize=3, label=label(method), **style)
+        if method == OURS:
+            for r, xi, yi in zip(mine, x, y, strict=True):
+                curve.annotate(f"S = {r['decoding_size']}", (xi, yi), xytext=(6, 6), textcoords="offset points",
+                               fontsize=8)
+    if max(r["ratio_to_uncompressed"] for r in compressed) > 1.5:  # a log scale pays only over a wide range
+        curve.set_yscale("log")
+        curve.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        curve.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.2f"))
+    curve.set_xlabel("mean cache entries per KV head over the continuation (S to S + I once compressed)")
+    curve.set_ylabel("continuation perplexity / uncompressed (paired, 95% interval)")
+    curve.grid(alpha=0.3)
+    curve.legend(fontsize=8)
+    curve.set_title("every method at each budget S", fontsize=9)
+    shown = [s for s in sizes if str(s) in results.get("paired", {})]
+    for i, size in enumerate(shown):
+        p = results["paired"][str(size)]
+        value, low, high = p["quickmerge_vs_best"]
+        paired.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color="black", capsize=3)
+        paired.annotate(f"{value:.4f} [{low:.4f}, {high:.4f}], lower on {p['lower_on']}/{p['windows']} windows",
+                        (value, i), xytext=(0, 9), textcoords="offset points", ha="center", fontsize=8)
+    paired.set_yticks(range(len(shown)), [f"S = {s}, vs\n{label(results['paired'][str(s)]['best_kvpress'])}"
+                                          .replace("kvpress ", "") for s in shown], fontsize=8)
+    paired.set_ylim(-0.6, len(shown) - 0.4)
+    paired.axvline(1.0, color="grey", lw=0.8, ls="--")
+    paired.set_xlabel("QuickMerge++ / best kvpress press at that S\n(paired perplexity ratio, 95% interval)")
+    paired.set_title("below 1: merging beats kvpress's best eviction", fontsize=9)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
