@@ -23,7 +23,7 @@ from torch import Tensor
 from ..distributed import Context
 from ..text.cache import cache_kwargs, physical_length
 from .journal import Journal
-from .text import TextExample, _progress
+from .text import TextExample, _key, _progress, example_numbers, finished_rows, gathered_rows
 
 # kvpress scorer presses its DecodingPress takes (the base must be a ScorerPress), each at its defaults;
 # kvpress's LeverageScorePress asserts "only supports prefill". SnapKV also at any window: kvpress-snapkv-wN.
@@ -158,10 +158,6 @@ def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[
     return torch.stack(nll, 1), sum(lengths) / len(lengths)
 
 
-def _key(index: int, example: TextExample, method: str, size: int | None) -> str:
-    return f"{index}|{example.title}|{method}|{size}"
-
-
 def run_decoding_eval(
     model: Any,
     examples: list[TextExample],
@@ -183,12 +179,8 @@ def run_decoding_eval(
     0, which returns the summary (the others return None). ``indices``: the windows' numbers (default 0..n-1).
     """
     ctx = ctx or Context()
-    number = list(range(len(examples))) if indices is None else list(indices)
-    if len(number) != len(examples):
-        raise ValueError(f"indices: expected one per example ({len(examples)}), got {len(number)}")
-    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
-    if journal is not None and not ctx.main:
-        journal.open()
+    number = example_numbers(indices, len(examples))
+    done = finished_rows(journal, ctx)
     runs: list[tuple[str, DecodingBudget | None]] = [(NONE, None)]
     runs += [(m, b) for b in budgets for m in methods if m != NONE]
     starts = range(0, len(examples), batch)
@@ -220,11 +212,9 @@ def run_decoding_eval(
                 journal.add(key, row)
         bar.update(len(names) * ctx.world)
     bar.close()
-    gathered = ctx.gather(new)
-    if gathered is None:
+    done = gathered_rows(done, new, ctx)
+    if done is None:
         return None
-    for part in gathered:
-        done.update(part)
     per_run = {}
     for method, budget in runs:
         size = None if budget is None else budget.size

@@ -17,17 +17,19 @@ from .journal import Journal, code_fingerprint
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
-    parser.add_argument("--examples", type=positive_int, default=32, help="number of Wikipedia windows")
+    parser.add_argument("--examples", type=positive_int, default=32, help="number of Wikipedia windows (default 32)")
     parser.add_argument("--first", type=non_negative_int, default=0,
                         help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1)")
-    parser.add_argument("--prompt", type=positive_int, default=128, help="prompt tokens P, prefilled whole")
+    parser.add_argument("--prompt", type=positive_int, default=128,
+                        help="prompt tokens P, prefilled whole (default 128)")
     parser.add_argument("--continuation", type=positive_int, default=640,
-                        help="tokens decoded one per call after the prompt (teacher forcing)")
+                        help="tokens decoded one per call after the prompt, teacher forcing (default 640)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[192],
-                        help="cache budgets S: every full-attention layer back to S entries per KV head")
+                        help="cache budgets S: every full-attention layer back to S entries per KV head (default 192)")
     parser.add_argument("--interval", type=positive_int, default=64,
-                        help="decoded tokens I between two compressions (the cache stays within S and S + I)")
-    parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together")
+                        help="decoded tokens I between two compressions: the cache stays within S and S + I "
+                             "(default 64)")
+    parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="quickmerge, kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
                              "expected-attention-eps, tova, keydiff, random) or kvpress-snapkv-w<window>; default: "

@@ -234,6 +234,32 @@ def _key(index: int, example: Any, method: str, ratio: float | None) -> str:
     return f"{index}|{example.title}|{method}|{ratio}"
 
 
+def finished_rows(journal: Journal | None, ctx: Context) -> dict[str, Any]:
+    """The rows already in ``journal`` (rank 0 reads them, every rank gets them); each rank opens its own file."""
+    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
+    if journal is not None and not ctx.main:
+        journal.open()
+    return done
+
+
+def example_numbers(indices: list[int] | None, count: int) -> list[int]:
+    """The examples' numbers in the journal: ``indices``, or 0 .. count - 1."""
+    number = list(range(count)) if indices is None else list(indices)
+    if len(number) != count:
+        raise ValueError(f"indices: expected one per example ({count}), got {len(number)}")
+    return number
+
+
+def gathered_rows(done: dict[str, Any], new: dict[str, Any], ctx: Context) -> dict[str, Any] | None:
+    """On rank 0: the journal's rows and every rank's ``new`` ones; None on the other ranks."""
+    gathered = ctx.gather(new)
+    if gathered is None:
+        return None
+    for part in gathered:
+        done.update(part)
+    return done
+
+
 def run_text_eval(
     model: Any,
     examples: list[Any],
@@ -264,12 +290,8 @@ def run_text_eval(
     ctx = ctx or Context()
     runs: list[tuple[Method, float | None]] = [(NO_COMPRESSION, None)]
     runs += [(m, r) for r in ratios for m in methods]
-    done = ctx.broadcast(journal.open() if journal is not None and ctx.main else {})
-    if journal is not None and not ctx.main:
-        journal.open()
-    number = list(range(len(examples))) if indices is None else list(indices)
-    if len(number) != len(examples):
-        raise ValueError(f"indices: expected one per example ({len(examples)}), got {len(number)}")
+    done = finished_rows(journal, ctx)
+    number = example_numbers(indices, len(examples))
     items = [(i, run) for i in range(len(examples)) for run in runs]
     todo = [(i, run) for i, run in items if _key(number[i], examples[i], run[0].name, run[1]) not in done]
     mine = [item for item in todo if item[0] % ctx.world == ctx.rank]
@@ -288,11 +310,9 @@ def run_text_eval(
             journal.add(key, row)
         bar.update(ctx.world)
     bar.close()
-    gathered = ctx.gather(new)
-    if gathered is None:
+    done = gathered_rows(done, new, ctx)
+    if done is None:
         return None
-    for part in gathered:
-        done.update(part)
     per_run = {(m.name, r): [done[_key(number[i], e, m.name, r)] for i, e in enumerate(examples)] for m, r in runs}
     return (summary or summarise)(examples, per_run)
 
