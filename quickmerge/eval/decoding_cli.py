@@ -70,6 +70,8 @@ def chosen_methods(args: argparse.Namespace) -> list[str]:
             warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=2)
         return default_methods(args.interval, kvpress_usable())
     methods = list(dict.fromkeys(m for m in args.methods if m != "none"))
+    if not methods:
+        raise UsageError("--methods: name at least one method besides none (no compression always runs)")
     theirs = [m for m in methods if m.startswith("kvpress-")]
     if theirs and not kvpress_available():
         raise MissingExtraError(f"methods {', '.join(theirs)} run NVIDIA kvpress, which is not installed: "
@@ -100,6 +102,9 @@ def run(args: argparse.Namespace) -> dict:
             if why is not None:
                 warnings.warn(f"quickmerge left out of the default methods: {why}", stacklevel=2)
                 methods.remove(OURS)
+        if not methods:
+            raise UsageError(f"no method can run on {type(model).__name__} here: quickmerge refuses it and "
+                             "kvpress's presses do not run (see the warnings above)")
         model.to(ctx.device)
         try:
             windows = wikipedia_windows(tokenizer, args.first + args.examples, context=args.prompt,

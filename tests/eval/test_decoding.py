@@ -138,6 +138,7 @@ def test_other_settings_are_refused_until_fresh(tiny_lm_dir, finished, tmp_path,
     (["--methods", "kvpress-snapkv-w8"], "window must be a whole number from 1 to interval - 1 .7."),
     (["--methods", "kvpress-leverage"], "unknown kvpress decoding scorer"),
     (["--methods", "tome-kv"], "unknown method"),
+    (["--methods", "none"], "at least one method besides none"),
 ])
 def test_bad_arguments_are_refused_before_a_model_loads(tmp_path, refused, change, pattern):
     argv = ["eval", "decoding", "--model", str(tmp_path / "no-such-model"), *SETTINGS, "--out", str(tmp_path / "r")]
