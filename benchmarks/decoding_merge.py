@@ -15,6 +15,10 @@ layers alone, and kvpress's presses get kvpress's own Gemma-3 rule (``global_lay
     python benchmarks/decoding_merge.py --out docs/results/stop85/decoding_merge.json \\
         --plot docs/img/decoding_merge.png                       # 32 windows, ~30 min on 2 cores
     python benchmarks/decoding_merge.py --pool RUN1.json RUN2.json --out POOLED.json   # several runs' windows
+
+The product's command for this protocol is ``quickmerge eval decoding`` (quickmerge/eval/decoding.py: several budgets
+per run, torch.distributed, the product's journal); this script keeps the commands and journals of the runs published
+in stops 85 and 86 (BENCHMARKS.md), on the same scoring code.
 """
 
 from __future__ import annotations
@@ -30,7 +34,6 @@ from quickmerge.eval.decoding import (
     KVPRESS_SCORERS,
     DecodingBudget,
     continuation_nll,
-    full_attention_layer,  # noqa: F401 - tests/benchmarks read it here
     make_press,
     method_label,
     plot_decoding_eval,

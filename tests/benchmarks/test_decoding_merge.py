@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks.decoding_merge import full_attention_layer, journal_config, method_label, pooled
+from benchmarks.decoding_merge import journal_config, pooled
+from quickmerge.eval.decoding import full_attention_layer, method_label
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
 
