@@ -207,6 +207,8 @@ def run_decoding_eval(
         else:
             rows = [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
         for key, row in zip(names, rows, strict=True):
+            if key in done:  # a window of a batch that was journaled in part (a smaller --examples): kept as it was
+                continue
             new[key] = row
             if journal is not None:
                 journal.add(key, row)

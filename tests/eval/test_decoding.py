@@ -114,10 +114,12 @@ def test_a_second_run_computes_nothing_again_and_more_windows_only_the_new_ones(
     assert len(_journal(out)) == lines
     rerun = json.loads(out.with_suffix(".json").read_text())
     assert rerun["summary"] == finished[1]["summary"]
-    more = [a if a != "4" else "6" for a in _command(tiny_lm_dir, out)]  # --examples 6
-    assert run_here(more) == 0
+    kept = {e["key"]: e["row"] for e in _journal(out)}
+    for examples in ("5", "6"):  # batches of 2: window 4 alone, then again beside window 5
+        assert run_here([a if a != "4" else examples for a in _command(tiny_lm_dir, out)]) == 0
     keys = [e["key"] for e in _journal(out)]
-    assert len(keys) == len(set(keys)) == 6 * 3
+    assert len(keys) == len(set(keys)) == 6 * 3, "a journaled window was written again"
+    assert all({e["key"]: e["row"] for e in _journal(out)}[k] == row for k, row in kept.items())
 
 
 def test_other_settings_are_refused_until_fresh(tiny_lm_dir, finished, tmp_path, refused):
