@@ -11,7 +11,7 @@ import torch
 from .. import distributed
 from ..cli_types import non_negative_int, positive_int
 from ..env_report import installed_versions
-from ..errors import IncompatibleExtraError, MissingExtraError, UsageError
+from ..errors import UsageError
 from .journal import Journal, code_fingerprint
 
 
@@ -61,23 +61,17 @@ def check_arguments(args: argparse.Namespace) -> list:
 
 def chosen_methods(args: argparse.Namespace) -> list[str]:
     """``--methods`` or the defaults; kvpress's refused here, with the reason, when kvpress cannot run."""
-    from .._optional import kvpress_incompatibility
     from .decoding import default_methods
-    from .text_methods import kvpress_available, kvpress_usable
+    from .text_methods import kvpress_for_defaults, require_kvpress
 
     if args.methods is None:
-        if kvpress_available() and kvpress_incompatibility() is not None:
-            warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=2)
-        return default_methods(args.interval, kvpress_usable())
+        return default_methods(args.interval, kvpress_for_defaults())
     methods = list(dict.fromkeys(m for m in args.methods if m != "none"))
     if not methods:
         raise UsageError("--methods: name at least one method besides none (no compression always runs)")
     theirs = [m for m in methods if m.startswith("kvpress-")]
-    if theirs and not kvpress_available():
-        raise MissingExtraError(f"methods {', '.join(theirs)} run NVIDIA kvpress, which is not installed: "
-                                "pip install kvpress")
-    if theirs and kvpress_incompatibility() is not None:
-        raise IncompatibleExtraError(f"methods {', '.join(theirs)}: {kvpress_incompatibility()}")
+    if theirs:
+        require_kvpress(f"methods {', '.join(theirs)}")
     return methods
 
 

@@ -134,10 +134,7 @@ def build_method(name: str) -> Method:
         return Method(name, OURS_PRESSES[name], decode_inside=True)
     if name not in KVPRESS:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(OURS + KVPRESS)}")
-    if not kvpress_available():
-        raise MissingExtraError(f"method {name} runs NVIDIA kvpress, which is not installed: pip install kvpress")
-    if kvpress_incompatibility() is not None:
-        raise IncompatibleExtraError(f"method {name}: {kvpress_incompatibility()}")
+    require_kvpress(f"method {name}")
     make, masks = _kvpress_presses()[name]
     quiet = logging.getLogger("kvpress")  # KVzipPress warns of its cost each time one is built
     level = quiet.level
@@ -208,9 +205,24 @@ def methods_refused(methods: list[Method], ratio: float, model: Any) -> dict[str
     return {name: why for name, why in refusals.items() if why is not None}
 
 
+def require_kvpress(what: str) -> None:
+    """Raise, naming ``what`` (``method kvpress-snapkv``), unless kvpress is installed and supports the installed
+    transformers."""
+    if not kvpress_available():
+        raise MissingExtraError(f"{what} runs NVIDIA kvpress, which is not installed: pip install kvpress")
+    if kvpress_incompatibility() is not None:
+        raise IncompatibleExtraError(f"{what}: {kvpress_incompatibility()}")
+
+
+def kvpress_for_defaults() -> bool:
+    """Whether a protocol's default methods include kvpress's; a warning says why not when it is installed but
+    does not support the installed transformers."""
+    if kvpress_available() and kvpress_incompatibility() is not None:
+        warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=3)
+    return kvpress_usable()
+
+
 def default_methods() -> list[str]:
     """Every method that can run here: ours always, kvpress's when it is installed and supports the
     installed transformers (a warning says why they are left out when it does not)."""
-    if kvpress_available() and kvpress_incompatibility() is not None:
-        warnings.warn(f"kvpress's presses are left out: {kvpress_incompatibility()}", stacklevel=2)
-    return OURS + (KVPRESS if kvpress_usable() else [])
+    return OURS + (KVPRESS if kvpress_for_defaults() else [])
