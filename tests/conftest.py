@@ -25,8 +25,8 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", f"{FREE}: builds nothing of transformers or tokenizers, nor do its children "
-                            "(left out by --transformers-only)")
+    config.addinivalue_line("markers", f"{FREE}: builds nothing of transformers or tokenizers and imports none of "
+                            f"{', '.join(WATCHED)}, nor do its children (left out by --transformers-only)")
 
 
 def pytest_collection_modifyitems(config, items):

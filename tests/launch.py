@@ -7,7 +7,9 @@ LAUNCHER = "torch/distributed/elastic/"
 ROOT = Path(__file__).resolve().parents[1]
 # set while a ``transformers_free`` test runs (tests/conftest.py): the file its children log watched imports to
 IMPORT_LOG = "QUICKMERGE_TESTS_IMPORT_LOG"
-WATCHED = ("transformers", "tokenizers")  # the packages such a test must not import
+# the packages such a test must not import: transformers, tokenizers, and typer (the command-line library of
+# huggingface_hub's and transformers' own CLIs: watched so that tests/newest_scope.py may count it in their family)
+WATCHED = ("transformers", "tokenizers", "typer")
 
 
 def child_env(**extra: str) -> dict[str, str]:

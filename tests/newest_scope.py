@@ -14,8 +14,10 @@ import sys
 from importlib import metadata
 
 # transformers and the packages only it reaches in the marked tests (timm and OpenCLIP import huggingface_hub, and
-# use it only to download weights, which no test does); pip and setuptools belong to the environment itself
-FAMILY = {"transformers", "tokenizers", "huggingface-hub", "kernels", "pip", "setuptools"}
+# use it only to download weights, which no test does; typer serves only huggingface_hub's and transformers' own
+# command lines, and a marked test that imports it fails: tests.launch.WATCHED); pip and setuptools belong to the
+# environment itself
+FAMILY = {"transformers", "tokenizers", "huggingface-hub", "kernels", "typer", "pip", "setuptools"}
 
 
 def canonical(name: str) -> str:

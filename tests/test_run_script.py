@@ -66,7 +66,7 @@ def test_the_second_run_leaves_out_the_marked_tests_only_when_it_changes_transfo
     from tests.newest_scope import main, other_overrides
 
     family_only = _site(tmp_path / "a", "transformers==99.0", "huggingface_hub==99.0", "kernels==99.0",
-                        "a_package_only_the_newest_needs==1.0")
+                        "typer==99.0", "a_package_only_the_newest_needs==1.0")
     assert other_overrides(family_only) == []
     assert main([family_only]) == 0 and capsys.readouterr().out.strip() == "--transformers-only"
     with_numpy = _site(tmp_path / "b", "transformers==99.0", "numpy==99.0", "PyYAML==99.0")

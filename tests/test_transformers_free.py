@@ -29,6 +29,18 @@ def test_the_guard_sees_a_built_config_and_a_child_s_import_and_restores_everyth
     assert list(dict.fromkeys(guard.seen)) == seen
 
 
+def test_the_guard_sees_typer_which_the_second_run_counts_with_transformers(tmp_path):
+    from tests.newest_scope import FAMILY
+
+    pytest.importorskip("typer")
+    assert "typer" in FAMILY  # the second run may skip the marked tests when typer alone changed, because:
+    (tmp_path / "log").touch()
+    guard = _TransformersGuard(tmp_path / "log")
+    subprocess.run([sys.executable, "-c", "import typer"], env=child_env(), check=True)
+    seen = guard.close()
+    assert len(seen) == 1 and seen[0].startswith("a child imported typer")
+
+
 def test_the_second_run_deselects_the_marked_tests_alone():
     from types import SimpleNamespace
 

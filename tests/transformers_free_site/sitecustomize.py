@@ -1,5 +1,5 @@
-"""Test-only: a child of a ``transformers_free`` test appends to ``QUICKMERGE_TESTS_IMPORT_LOG`` each of
-``transformers`` / ``tokenizers`` it imports (:func:`tests.launch.child_env` puts this directory first on
+"""Test-only: a child of a ``transformers_free`` test appends to ``QUICKMERGE_TESTS_IMPORT_LOG`` each
+package of ``tests.launch.WATCHED`` it imports (:func:`tests.launch.child_env` puts this directory first on
 ``PYTHONPATH`` while such a test runs). The import itself goes ahead: the parent test fails on the log."""
 
 import os
