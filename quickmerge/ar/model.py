@@ -63,5 +63,6 @@ def load_ar_model(
     fmt = SequenceFormat(**fields)  # the model's own geometry, whatever this version's defaults
     with st.safe_open(str(directory / TOKENIZER_FILE), "pt") as f:
         tokenizer = PatchCodebook(f.get_tensor("codebook"), int(f.metadata()["patch"]))
+    transformers.utils.logging.disable_progress_bar()  # as load_causal_lm: a 38-step bar per load says nothing
     model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     return model, tokenizer, fmt

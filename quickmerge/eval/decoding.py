@@ -1,7 +1,8 @@
 """``quickmerge eval decoding``: a long continuation decoded with the KV cache held to a budget.
 
-Protocol: each example is a window of real Wikipedia text, a prompt of P tokens prefilled whole and the next C
-tokens fed one per call with their positions (teacher forcing: a long generation feeding back its own tokens). Every
+Protocol: each example is a window of real Wikipedia text (or, with the AR image / video models, a test image or a
+held-out clip window as the model's tokens), a prompt of P tokens prefilled whole and the next C tokens fed one per
+call with their positions (teacher forcing: a long generation feeding back its own tokens). Every
 full-attention layer is brought back to S entries each time decoding has added I more: QuickMerge++ merges
 (``QuickMergePress(0.0, decoding_size=S, decoding_interval=I)``), kvpress evicts (``DecodingPress(scorer,
 compression_interval=I, target_size=S)``). Scored: the negative log-likelihood of every continuation token predicted
@@ -60,6 +61,36 @@ class DecodingBudget:
         """Index in :func:`continuation_nll`'s output of the first token predicted from a compressed cache: the call
         that first compresses (after its attention) fills the cache to ``size + interval``."""
         return self.size + self.interval - self.prompt + 1
+
+
+@dataclass(frozen=True)
+class DecodingDefaults:
+    """What ``quickmerge eval decoding`` runs when the flags are not given, per kind of model."""
+
+    examples: int
+    prompt: int
+    continuation: int
+    sizes: tuple[int, ...]
+    interval: int
+
+
+TEXT_DEFAULTS = DecodingDefaults(examples=32, prompt=128, continuation=640, sizes=(192,), interval=64)
+
+
+def ar_defaults(fmt: Any) -> DecodingDefaults:
+    """Defaults for an AR model of :class:`~quickmerge.ar.formats.SequenceFormat` ``fmt``: the rest of the sequence
+    decoded after the prompt. Video: BOS + the first frame prefilled, a quarter frame between compressions, a cache of
+    BOS + 1.5 frames (257 / 64 / 385 for 256-token frames). Image: BOS + 4 rows prefilled, one row between
+    compressions, a cache of BOS + 7 rows (113 / 28 / 197 for 28 x 28 pixels)."""
+    if fmt.context_frames:
+        frame = fmt.tokens_per_frame
+        prompt, interval, size = 1 + frame, frame // 4, 1 + frame + frame // 2
+    else:
+        row = fmt.width // fmt.patch
+        prompt, interval, size = 1 + 4 * row, row, 1 + 7 * row
+    # a window holds P + C + 1 tokens (the last call's prediction is scored too): the whole sequence
+    return DecodingDefaults(examples=40, prompt=prompt, continuation=fmt.length - prompt - 1, sizes=(size,),
+                            interval=interval)
 
 
 def method_refusal(method: str, interval: int) -> str | None:

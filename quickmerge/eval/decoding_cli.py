@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import warnings
+from typing import Any
 
 import torch
 
@@ -16,19 +17,25 @@ from .journal import Journal, code_fingerprint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or an HF id/path")
-    parser.add_argument("--examples", type=positive_int, default=32, help="number of Wikipedia windows (default 32)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m, gemma3-270m or an HF id/path (Wikipedia windows); image or video (the "
+                             "shipped AR models, on test images / held-out clip windows) or a directory of one")
+    parser.add_argument("--examples", type=positive_int, default=None,
+                        help="number of windows (default 32 Wikipedia windows; 40 images or clip windows)")
     parser.add_argument("--first", type=non_negative_int, default=0,
                         help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1)")
-    parser.add_argument("--prompt", type=positive_int, default=128,
-                        help="prompt tokens P, prefilled whole (default 128)")
-    parser.add_argument("--continuation", type=positive_int, default=640,
-                        help="tokens decoded one per call after the prompt, teacher forcing (default 640)")
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[192],
-                        help="cache budgets S: every full-attention layer back to S entries per KV head (default 192)")
-    parser.add_argument("--interval", type=positive_int, default=64,
+    parser.add_argument("--prompt", type=positive_int, default=None,
+                        help="prompt tokens P, prefilled whole (default 128; video: BOS + the first frame, 257; "
+                             "image: BOS + 4 rows, 113)")
+    parser.add_argument("--continuation", type=positive_int, default=None,
+                        help="tokens decoded one per call after the prompt, teacher forcing (default 640; video / "
+                             "image: the rest of the sequence, 767 / 671)")
+    parser.add_argument("--sizes", type=positive_int, nargs="+", default=None,
+                        help="cache budgets S: every full-attention layer back to S entries per KV head (default "
+                             "192; video: BOS + 1.5 frames, 385; image: BOS + 7 rows, 197)")
+    parser.add_argument("--interval", type=positive_int, default=None,
                         help="decoded tokens I between two compressions: the cache stays within S and S + I "
-                             "(default 64)")
+                             "(default 64; video: a quarter frame, 64; image: one row, 28)")
     parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="quickmerge, kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
@@ -40,9 +47,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_arguments(args: argparse.Namespace) -> list:
-    """Refuse what cannot run, before any model is loaded; the budgets, one per size."""
-    from .decoding import DecodingBudget, method_refusal
+    """Fill in the model's defaults and refuse what cannot run, before any model is loaded; the budgets, one per
+    size."""
+    from ..pretrained.ar_models import ar_format
+    from .decoding import TEXT_DEFAULTS, DecodingBudget, ar_defaults, method_refusal
 
+    fmt = ar_format(args.model)
+    defaults = TEXT_DEFAULTS if fmt is None else ar_defaults(fmt)
+    for name in ("examples", "prompt", "continuation", "sizes", "interval"):
+        if getattr(args, name) is None:
+            setattr(args, name, list(defaults.sizes) if name == "sizes" else getattr(defaults, name))
+    if fmt is not None and args.prompt + args.continuation + 1 > fmt.length:
+        raise UsageError(f"--prompt + --continuation ({args.prompt} + {args.continuation}) must be at most "
+                         f"{fmt.length - 1}: the {fmt.name} model's sequences hold {fmt.length} tokens (BOS "
+                         "included) and the last call's prediction is scored too")
     if args.examples < 2:
         raise UsageError("--examples must be at least 2 (bootstrap intervals need several examples)")
     budgets = [DecodingBudget(args.prompt, size, args.interval) for size in dict.fromkeys(args.sizes)]
@@ -76,18 +94,18 @@ def chosen_methods(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from ..pretrained.causal_lm import load_causal_lm, needs_bos
+    from ..pretrained.ar_models import ar_format
     from .decoding import OURS, format_table, make_press, plot_decoding_eval, run_decoding_eval
     from .report import write_report
-    from .text import wikipedia_windows
 
     budgets = check_arguments(args)
     methods = chosen_methods(args)
+    fmt = ar_format(args.model)
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()
     try:
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
-        model, tokenizer = load_causal_lm(args.model)
+        model, windows, source = _model_and_windows(args, fmt)
         model.set_attn_implementation("sdpa")  # QuickMergePress weighs entries by their sizes inside SDPA or eager
         if OURS in methods:
             why = make_press(OURS, budgets[0].size, args.interval).refusal(model)
@@ -100,11 +118,6 @@ def run(args: argparse.Namespace) -> dict:
             raise UsageError(f"no method can run on {type(model).__name__} here: quickmerge refuses it and "
                              "kvpress's presses do not run (see the warnings above)")
         model.to(ctx.device)
-        try:
-            windows = wikipedia_windows(tokenizer, args.first + args.examples, context=args.prompt,
-                                        continuation=args.continuation, bos=needs_bos(args.model))
-        except ValueError as err:
-            raise UsageError(str(err)) from None
         indices = list(range(args.first, args.first + args.examples))
         results = run_decoding_eval(model, windows[args.first :], methods, budgets, batch=args.batch,
                                     journal=journal, ctx=ctx, indices=indices)
@@ -114,8 +127,10 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform(), "versions": installed_versions()}
+    if fmt is not None:
+        results["format"] = fmt.to_dict()
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
-    title = (f"{args.model}: {shown} Wikipedia windows, {args.prompt}-token prompt kept whole, {args.continuation} "
+    title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation} "
              "tokens decoded; full-attention layers merged (QuickMerge++) or evicted (kvpress)")
     paths = write_report(results, args.out, lambda png: plot_decoding_eval(results, png, title))
     print(format_table(results))
@@ -123,11 +138,46 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def _model_and_windows(args: argparse.Namespace, fmt: Any) -> tuple[Any, list, str]:
+    """The model, the first ``FIRST + EXAMPLES`` windows (prompt + continuation + 1 tokens each) and their description:
+    Wikipedia windows for a causal LM, test images or held-out clip windows for an AR model (``fmt``)."""
+    try:
+        if fmt is None:
+            from ..pretrained.causal_lm import load_causal_lm, needs_bos
+            from .text import wikipedia_windows
+
+            model, tokenizer = load_causal_lm(args.model)
+            windows = wikipedia_windows(tokenizer, args.first + args.examples, context=args.prompt,
+                                        continuation=args.continuation, bos=needs_bos(args.model))
+            return model, windows, "Wikipedia windows"
+        from ..pretrained.ar_models import load_ar
+        from .generative import image_examples, video_examples
+        from .text import TextExample
+
+        model, tokenizer, fmt = load_ar(args.model)
+        count = args.first + args.examples
+        if fmt.context_frames:
+            examples, source = video_examples(fmt, tokenizer, count), "held-out clip windows"
+        else:
+            examples, source = image_examples(fmt, tokenizer, count), "test images"
+        # the first prompt + continuation + 1 tokens of each sequence, as the flags ask (the whole of it by default)
+        end = args.prompt + args.continuation + 1
+        return model, [TextExample(e.title, e.ids[:end]) for e in examples], source
+    except ValueError as err:  # fewer windows, images or clip windows than asked for
+        raise UsageError(str(err)) from None
+
+
 def journal_config(args: argparse.Namespace) -> dict:
     """What every row depends on (a row's numbers, to the last bit, also on the windows decoded with it: the
     batch); the sizes and methods are in each row's key."""
     import transformers
 
-    return {"protocol": "decoding", "model": args.model, "prompt": args.prompt, "continuation": args.continuation,
+    from ..data.fashion_mnist import sha256
+    from ..pretrained.ar_models import ar_format, ar_model_path
+
+    fmt = ar_format(args.model)
+    model = args.model if fmt is None else sha256(ar_model_path(args.model) / "model.safetensors")
+    return {"protocol": "decoding", "model": model, "format": None if fmt is None else fmt.to_dict(),
+            "prompt": args.prompt, "continuation": args.continuation,
             "interval": args.interval, "batch": args.batch, "first": args.first,
             "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint()}

@@ -24,6 +24,27 @@ def ar_model_dir(modality: str) -> Path:
     return ASSET_DIR / f"ar_{modality}"
 
 
+def ar_model_path(modality_or_dir: str | Path) -> Path:
+    """The directory of the shipped ``"image"`` / ``"video"`` model, or ``modality_or_dir`` itself."""
+    name = str(modality_or_dir)
+    return ar_model_dir(name) if name in ("image", "video") else Path(modality_or_dir)
+
+
+def ar_format(modality_or_dir: str | Path) -> Any:
+    """The :class:`~quickmerge.ar.formats.SequenceFormat` of the shipped ``"image"`` / ``"video"`` model or of a
+    directory saved by ``quickmerge train ar-image/ar-video``, read without loading the model; None for anything else
+    (a causal LM's name or directory)."""
+    import json
+
+    from ..ar.formats import FORMATS, SequenceFormat
+    from ..ar.model import FORMAT_FILE
+
+    path = ar_model_path(modality_or_dir) / FORMAT_FILE
+    if path.is_file():
+        return SequenceFormat(**json.loads(path.read_text()))
+    return FORMATS.get(str(modality_or_dir))  # the shipped model not there: load_ar says how to train it
+
+
 def load_ar(modality_or_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any]:
     """(model, tokenizer, format) of the shipped ``"image"`` / ``"video"`` model, or of a directory."""
     from ..ar.model import load_ar_model
