@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +22,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smollm2-135m, gemma3-270m or an HF id/path (Wikipedia windows); image or video (the "
                              "shipped AR models, on test images / held-out clip windows) or a directory of one")
     parser.add_argument("--examples", type=positive_int, default=None,
-                        help="number of windows (default 32 Wikipedia windows; 40 images or clip windows)")
+                        help="number of windows (default 32 Wikipedia windows; 40 images or clip windows; with "
+                             "--video, every window of the clip, at most 40)")
+    parser.add_argument("--video", default=None,
+                        help="with a video model: any clip OpenCV reads, or a .gz of one (default: held-out frames "
+                             "of the training clips and held-out Moving Fashion-MNIST)")
     parser.add_argument("--first", type=non_negative_int, default=0,
                         help="number of the first window (windows FIRST .. FIRST + EXAMPLES - 1)")
     parser.add_argument("--prompt", type=positive_int, default=None,
@@ -53,15 +58,21 @@ def check_arguments(args: argparse.Namespace) -> list:
     from .decoding import TEXT_DEFAULTS, DecodingBudget, ar_defaults, method_refusal
 
     fmt = ar_format(args.model)
+    if args.video is not None and (fmt is None or not fmt.context_frames):
+        raise UsageError(f"--video: needs a video model (--model video or a directory of one), got {args.model}")
+    if args.video is not None and not Path(args.video).is_file():
+        raise UsageError(f"--video: no file at {args.video}")
     defaults = TEXT_DEFAULTS if fmt is None else ar_defaults(fmt)
     for name in ("examples", "prompt", "continuation", "sizes", "interval"):
+        if name == "examples" and args.video is not None:
+            continue  # every window of the clip (at most the default), counted once it is read
         if getattr(args, name) is None:
             setattr(args, name, list(defaults.sizes) if name == "sizes" else getattr(defaults, name))
     if fmt is not None and args.prompt + args.continuation + 1 > fmt.length:
         raise UsageError(f"--prompt + --continuation ({args.prompt} + {args.continuation}) must be at most "
                          f"{fmt.length - 1}: the {fmt.name} model's sequences hold {fmt.length} tokens (BOS "
                          "included) and the last call's prediction is scored too")
-    if args.examples < 2:
+    if args.examples is not None and args.examples < 2:
         raise UsageError("--examples must be at least 2 (bootstrap intervals need several examples)")
     budgets = [DecodingBudget(args.prompt, size, args.interval) for size in dict.fromkeys(args.sizes)]
     for budget in budgets:
@@ -151,12 +162,22 @@ def _model_and_windows(args: argparse.Namespace, fmt: Any) -> tuple[Any, list, s
                                         continuation=args.continuation, bos=needs_bos(args.model))
             return model, windows, "Wikipedia windows"
         from ..pretrained.ar_models import load_ar
+        from .decoding import ar_defaults
         from .generative import image_examples, video_examples
         from .text import TextExample
 
         model, tokenizer, fmt = load_ar(args.model)
-        count = args.first + args.examples
-        if fmt.context_frames:
+        count = None if args.examples is None else args.first + args.examples
+        if args.video is not None:
+            examples = video_examples(fmt, tokenizer, count, args.video, at_most=args.first + ar_defaults(fmt).examples)
+            if args.examples is None:  # every window of the clip, from --first on
+                args.examples = len(examples) - args.first
+                if args.examples < 2:
+                    raise UsageError(f"--video: {args.video} holds {len(examples)} window(s) of {fmt.frames} frames"
+                                     f"{f' (from --first {args.first})' if args.first else ''}; the bootstrap "
+                                     "intervals need at least 2")
+            source = f"windows of {Path(args.video).name}"
+        elif fmt.context_frames:
             examples, source = video_examples(fmt, tokenizer, count), "held-out clip windows"
         else:
             examples, source = image_examples(fmt, tokenizer, count), "test images"
@@ -178,6 +199,7 @@ def journal_config(args: argparse.Namespace) -> dict:
     fmt = ar_format(args.model)
     model = args.model if fmt is None else sha256(ar_model_path(args.model) / "model.safetensors")
     return {"protocol": "decoding", "model": model, "format": None if fmt is None else fmt.to_dict(),
+            "video": args.video,
             "prompt": args.prompt, "continuation": args.continuation,
             "interval": args.interval, "batch": args.batch, "first": args.first,
             "torch": torch.__version__, "transformers": transformers.__version__, "code": code_fingerprint()}

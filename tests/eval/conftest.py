@@ -35,6 +35,30 @@ def save_tiny_lm(path) -> str:
     return str(path)
 
 
+TINY_AR = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "intermediate_size": 64}  # the AR image / video models' Llama, narrow and 2 layers deep
+
+
+def fashion_test_images_installed() -> bool:
+    from quickmerge.data.fashion_mnist import data_dir
+
+    return (data_dir() / "t10k-images-idx3-ubyte.gz").is_file()
+
+
+def save_tiny_ar(path, fmt, pixels):
+    """A random ``TINY_AR`` model of format ``fmt`` and a codebook fitted on ``pixels``, saved as ``quickmerge train
+    ar-image/ar-video`` saves; the codebook."""
+    import torch
+
+    from quickmerge.ar.model import build_ar_model, save_ar_model
+    from quickmerge.ar.tokenizer import PatchCodebook
+
+    torch.manual_seed(0)
+    book = PatchCodebook.fit(pixels, fmt.codes, fmt.patch, seed=0)
+    save_ar_model(build_ar_model(fmt, **TINY_AR).eval(), book, fmt, path)
+    return book
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> str:
     return save_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))

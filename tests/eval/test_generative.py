@@ -11,23 +11,13 @@ pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
 
 from quickmerge.ar.formats import IMAGE, SequenceFormat, to_sequences
-from quickmerge.ar.model import build_ar_model, save_ar_model
-from quickmerge.ar.tokenizer import PatchCodebook
+from quickmerge.ar.model import build_ar_model
 from quickmerge.cli import main
-from quickmerge.data.fashion_mnist import data_dir
-from tests.eval.conftest import require_usable_kvpress
+from tests.eval.conftest import TINY_AR as TINY
+from tests.eval.conftest import fashion_test_images_installed, require_usable_kvpress
+from tests.eval.conftest import save_tiny_ar as _save
 
-TINY = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "intermediate_size": 64}
-needs_fashion = pytest.mark.skipif(not (data_dir() / "t10k-images-idx3-ubyte.gz").is_file(),
-                                   reason="Fashion-MNIST not installed")
-
-
-def _save(path, fmt: SequenceFormat, pixels: torch.Tensor):
-    torch.manual_seed(0)
-    book = PatchCodebook.fit(pixels, fmt.codes, fmt.patch, seed=0)
-    save_ar_model(build_ar_model(fmt, **TINY).eval(), book, fmt, path)
-    return book
+needs_fashion = pytest.mark.skipif(not fashion_test_images_installed(), reason="Fashion-MNIST not installed")
 
 
 @needs_fashion
