@@ -114,6 +114,16 @@ def pytest_runtest_teardown(item, nextitem):
                             "pytestmark) so that the run on the newest transformers includes it", pytrace=False)
 
 
+def write_clip(path, frames: torch.Tensor) -> None:
+    """uint8 grey frames ``[T, H, W]`` written as an MJPG clip at ``path``, as a camera's file would be read."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (frames.shape[2], frames.shape[1]))
+    for f in frames:
+        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
+    writer.release()
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)

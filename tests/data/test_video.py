@@ -7,15 +7,9 @@ cv2 = pytest.importorskip("cv2")
 
 from quickmerge.data import video  # noqa: E402
 from quickmerge.errors import MissingDataError  # noqa: E402
+from tests.conftest import write_clip as _write_clip  # noqa: E402
 
 pytestmark = pytest.mark.transformers_free  # run once by ./run.sh test (tests/conftest.py)
-
-
-def _write_clip(path, frames):
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (frames.shape[2], frames.shape[1]))
-    for f in frames:
-        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
-    writer.release()
 
 
 def test_a_written_clip_reads_back_as_its_central_square(tmp_path):

@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 
 from quickmerge.ar.formats import IMAGE, VIDEO, SequenceFormat, to_sequences
 from quickmerge.cli import main
+from tests.conftest import write_clip
 from tests.eval.conftest import fashion_test_images_installed, save_tiny_ar
 
 needs_fashion = pytest.mark.skipif(not fashion_test_images_installed(), reason="Fashion-MNIST not installed")
@@ -86,14 +87,10 @@ def test_an_image_model_scores_the_test_images_from_the_first_compressed_predict
 
 
 def test_a_clip_gives_every_window_and_a_video_model_s_budget(tmp_path, refused):
-    cv2 = pytest.importorskip("cv2")
-
+    pytest.importorskip("cv2")
     gen = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (12, 64, 64), generator=gen, dtype=torch.uint8)
-    writer = cv2.VideoWriter(str(tmp_path / "c.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-    for f in frames:
-        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
-    writer.release()
+    write_clip(tmp_path / "c.avi", frames)
     fmt = SequenceFormat(**{**VIDEO.to_dict(), "codes": 16})
     save_tiny_ar(tmp_path / "m", fmt, frames)
     out = tmp_path / "run"

@@ -13,6 +13,7 @@ pytest.importorskip("safetensors")
 from quickmerge.ar.formats import IMAGE, SequenceFormat, to_sequences
 from quickmerge.ar.model import build_ar_model
 from quickmerge.cli import main
+from tests.conftest import write_clip
 from tests.eval.conftest import TINY_AR as TINY
 from tests.eval.conftest import fashion_test_images_installed, require_usable_kvpress
 from tests.eval.conftest import save_tiny_ar as _save
@@ -102,17 +103,14 @@ def test_greedy_generation_under_no_compression_equals_the_argmax_loop(tmp_path)
 
 
 def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path, refused):
-    cv2 = pytest.importorskip("cv2")
+    pytest.importorskip("cv2")
     require_usable_kvpress()
     from quickmerge.ar.formats import VIDEO
 
     gen = torch.Generator().manual_seed(0)
     frames = torch.randint(0, 256, (9, 64, 64), generator=gen, dtype=torch.uint8)
     frames[1:] = frames[:1]  # a still scene: every frame repeats the first
-    writer = cv2.VideoWriter(str(tmp_path / "c.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-    for f in frames:
-        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
-    writer.release()
+    write_clip(tmp_path / "c.avi", frames)
     fmt = SequenceFormat(**{**VIDEO.to_dict(), "codes": 16})
     _save(tmp_path / "m", fmt, frames)
     out = tmp_path / "res"
@@ -133,10 +131,7 @@ def test_eval_video_on_a_clip_runs_the_video_methods_at_their_ratio(tmp_path, re
     result = json.loads(out.with_suffix(".json").read_text())
     assert result["config"]["examples"] == 2 and torch.__version__.startswith(result["config"]["versions"]["torch"])
     assert all(len(row["nll_per_example"]) == 2 for row in result["summary"])
-    writer = cv2.VideoWriter(str(tmp_path / "short.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64))
-    for f in frames[:5]:  # one window of 4 frames
-        writer.write(cv2.cvtColor(f.numpy(), cv2.COLOR_GRAY2BGR))
-    writer.release()
+    write_clip(tmp_path / "short.avi", frames[:5])  # one window of 4 frames
     refused(["eval", "video", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "short.avi"),
             "--out", str(out), "--fresh", "--methods", "random"], r"holds 1 window\(s\) of 4 frames")
 
