@@ -93,13 +93,24 @@ def ar_defaults(fmt: Any) -> DecodingDefaults:
                             interval=interval)
 
 
+def is_ours(method: str) -> bool:
+    """``quickmerge`` (QuickMergePress at its defaults) or ``quickmerge-w<N>`` (observation window N)."""
+    return method == OURS or method.startswith(f"{OURS}-w")
+
+
 def method_refusal(method: str, interval: int) -> str | None:
     """Why ``method`` is not a decoding method (or cannot run at this interval), or None."""
     if method in (NONE, OURS):
         return None
+    if is_ours(method):
+        window = method.removeprefix(f"{OURS}-w")
+        if not window.isdigit() or int(window) < 1:
+            return f"{method}: QuickMergePress's observation window must be a whole number >= 1"
+        return None
     scorer = method.removeprefix("kvpress-")
     if not method.startswith("kvpress-"):
-        return f"unknown method {method!r}: quickmerge, kvpress-<scorer> or kvpress-snapkv-w<window>"
+        return (f"unknown method {method!r}: quickmerge, quickmerge-w<window>, kvpress-<scorer> or "
+                "kvpress-snapkv-w<window>")
     if scorer.startswith("snapkv-w"):
         window = scorer.removeprefix("snapkv-w")
         if not window.isdigit() or not 1 <= int(window) < interval:
@@ -139,10 +150,11 @@ def make_press(method: str, size: int, interval: int) -> Any:
     QuickMergePress leaves them)."""
     if method == NONE:
         return None
-    if method == OURS:
+    if is_ours(method):
         from ..text import QuickMergePress
 
-        return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval)
+        window = {} if method == OURS else {"window": int(method.removeprefix(f"{OURS}-w"))}
+        return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval, **window)
     import kvpress as kp
 
     from .text_methods import global_layers_only, global_rope_default
@@ -156,6 +168,8 @@ def method_label(method: str) -> str:
     """``kvpress-snapkv-w63`` -> ``kvpress DecodingPress(SnapKV, window 63)``."""
     if method == OURS:
         return "QuickMerge++ (QuickMergePress, merging)"
+    if is_ours(method):
+        return f"QuickMerge++ (QuickMergePress, window {method.removeprefix(f'{OURS}-w')})"
     scorer = method.removeprefix("kvpress-")
     if scorer.startswith("snapkv-w"):
         return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"
@@ -262,12 +276,14 @@ def summarise_decoding(
     """Per (method, size): perplexity, paired ratio to no compression on the same tokens (95% bootstrap intervals),
     mean cache entries and the share of no compression's they save (a ``none`` row per size: the uncompressed model
     on that size's scored tokens, ``decoding_interval`` None); QuickMerge++ paired against every kvpress press
-    at each size, and against the best (lowest perplexity, chosen after the fact, which favours kvpress)."""
+    at each size, and against the best (lowest perplexity, chosen after the fact, which favours kvpress):
+    ``paired_by_method`` for each QuickMerge++ configuration run, ``paired`` for its defaults (or, when only
+    ``quickmerge-w<N>`` ran, the first of those; each block names it, ``ours``)."""
     from .stats import bootstrap_ppl, bootstrap_ratio
 
     tokens = [torch.tensor(r["nll_tokens"]) for r in per_run[(NONE, None)]]
     full_cache = sum(r["cache"] for r in per_run[(NONE, None)]) / len(examples)
-    summary, paired = [], {}
+    summary, by_method = [], {}
     for budget in budgets:
         base = [float(t[budget.first_scored :].mean()) for t in tokens]
         at = {NONE: base, **{m: [r["nll"] for r in rows] for (m, s), rows in per_run.items() if s == budget.size}}
@@ -283,8 +299,8 @@ def summarise_decoding(
                             "mean_cache_entries": cache, "memory_saved": 1 - cache / full_cache,
                             "nll_per_example": nll})
         theirs = {m: v for m, v in at.items() if m.startswith("kvpress-")}
-        if OURS in at and theirs:
-            ours = at[OURS]
+        for method in (m for m in at if is_ours(m) and theirs):
+            ours = at[method]
 
             def against(nll: list[float], ours: list[float] = ours) -> dict[str, Any]:
                 return {"ratio": list(bootstrap_ratio(ours, nll)),
@@ -292,10 +308,13 @@ def summarise_decoding(
 
             best = min(theirs, key=lambda m: sum(theirs[m]))  # lowest mean NLL: lowest perplexity
             each = {m: against(v) for m, v in theirs.items()}
-            paired[str(budget.size)] = {"best_kvpress": best, "quickmerge_vs_best": each[best]["ratio"],
-                                        "lower_on": each[best]["lower_on"], "windows": len(ours),
-                                        "quickmerge_vs_each": each}
-    return {"examples": [e.title for e in examples], "summary": summary, "paired": paired}
+            by_method.setdefault(method, {})[str(budget.size)] = {
+                "ours": method, "best_kvpress": best, "quickmerge_vs_best": each[best]["ratio"],
+                "lower_on": each[best]["lower_on"], "windows": len(ours), "quickmerge_vs_each": each}
+    # ``paired``: QuickMergePress at its defaults when it ran, else the first variant; every one in by_method
+    paired = by_method.get(OURS, next(iter(by_method.values()), {}))
+    return {"examples": [e.title for e in examples], "summary": summary, "paired": paired,
+            "paired_by_method": by_method}
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -310,10 +329,11 @@ def format_table(results: dict[str, Any]) -> str:
                      f"{r['ratio_to_uncompressed']:.4f} [{rlo:.4f}, {rhi:.4f}] | {r['mean_cache_entries']:.0f} | "
                      f"{r['memory_saved']:.0%} |")
     lines.append("")
-    for size, p in results["paired"].items():
-        value, low, high = p["quickmerge_vs_best"]
-        lines.append(f"size {size}: QuickMerge++ / {p['best_kvpress']} (paired perplexity ratio) {value:.4f} "
-                     f"[{low:.4f}, {high:.4f}], lower on {p['lower_on']}/{p['windows']} windows")
+    for method, paired in results.get("paired_by_method", {OURS: results["paired"]}).items():
+        for size, p in paired.items():
+            value, low, high = p["quickmerge_vs_best"]
+            lines.append(f"size {size}: {method} / {p['best_kvpress']} (paired perplexity ratio) {value:.4f} "
+                         f"[{low:.4f}, {high:.4f}], lower on {p['lower_on']}/{p['windows']} windows")
     return "\n".join(lines)
 
 
@@ -336,7 +356,7 @@ def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
         _, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
         for i, r in enumerate(rows):
             value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci95"]
-            colour = "tab:red" if r["method"] == OURS else "tab:blue"
+            colour = "tab:red" if is_ours(r["method"]) else "tab:blue"
             ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
             ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
                         fontsize=8)
@@ -389,6 +409,7 @@ def _plot_budget_curve(results: dict[str, Any], compressed: list[dict[str, Any]]
                                           .replace("kvpress ", "") for s in shown], fontsize=8)
     paired.set_ylim(-0.6, len(shown) - 0.4)
     paired.axvline(1.0, color="grey", lw=0.8, ls="--")
-    paired.set_xlabel("QuickMerge++ / best kvpress press at that S\n(paired perplexity ratio, 95% interval)")
+    ours = next(iter(results.get("paired", {}).values()), {}).get("ours", OURS)
+    paired.set_xlabel(f"{label(ours)}\n/ best kvpress press at that S (paired perplexity ratio, 95% interval)")
     paired.set_title("below 1: merging beats kvpress's best eviction", fontsize=9)
     fig.suptitle(title, fontsize=10)

@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 64; video: a quarter frame, 64; image: one row, 28)")
     parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="quickmerge, kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
+                        help="quickmerge, quickmerge-w<window> (QuickMergePress with that observation window), "
+                             "kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
                              "expected-attention-eps, tova, keydiff, random) or kvpress-snapkv-w<window>; default: "
                              "quickmerge and, when kvpress runs here, every scorer plus SnapKV at window I - 1")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")

@@ -91,16 +91,22 @@ def test_each_budget_holds_the_cache_to_its_size(finished):
 def test_kvpress_presses_hold_the_same_memory_at_the_same_steps(tiny_lm_dir, tmp_path):
     require_usable_kvpress()
     out = tmp_path / "run"
-    methods = ("quickmerge", "kvpress-snapkv-w7", "kvpress-tova", "kvpress-knorm")
+    methods = ("quickmerge", "quickmerge-w4", "kvpress-snapkv-w7", "kvpress-tova", "kvpress-knorm")
     assert run_here(_command(tiny_lm_dir, out, methods=methods)) == 0
     results = json.loads(out.with_suffix(".json").read_text())
+    theirs = methods[2:]
     for size in (24, 32):
         caches = {m: _rows(results, m, size)["mean_cache_entries"] for m in methods}
         assert len(set(caches.values())) == 1, caches  # equal memory at every step: a fair comparison
-        paired = results["paired"][str(size)]
-        assert set(paired["quickmerge_vs_each"]) == set(methods[1:])
-        best = min(methods[1:], key=lambda m: _rows(results, m, size)["perplexity"])
-        assert paired["best_kvpress"] == best
+        best = min(theirs, key=lambda m: _rows(results, m, size)["perplexity"])
+        for ours in ("quickmerge", "quickmerge-w4"):  # each configuration of ours against every press
+            paired = results["paired_by_method"][ours][str(size)]
+            assert set(paired["quickmerge_vs_each"]) == set(theirs) and paired["best_kvpress"] == best
+            assert paired["ours"] == ours
+        assert results["paired"][str(size)] == results["paired_by_method"]["quickmerge"][str(size)]
+        # window 4 scores with other queries than the default 16, and keeps fewer recent entries whole
+        assert _rows(results, "quickmerge-w4", size)["nll_per_example"] != _rows(results, "quickmerge", size)[
+            "nll_per_example"]
 
 
 def test_a_second_run_computes_nothing_again_and_more_windows_only_the_new_ones(tiny_lm_dir, finished, tmp_path):
@@ -140,6 +146,7 @@ def test_other_settings_are_refused_until_fresh(tiny_lm_dir, finished, tmp_path,
     (["--methods", "kvpress-snapkv-w8"], "window must be a whole number from 1 to interval - 1 .7."),
     (["--methods", "kvpress-leverage"], "unknown kvpress decoding scorer"),
     (["--methods", "tome-kv"], "unknown method"),
+    (["--methods", "quickmerge-w0"], "observation window must be a whole number >= 1"),
     (["--methods", "none"], "at least one method besides none"),
 ])
 def test_bad_arguments_are_refused_before_a_model_loads(tmp_path, refused, change, pattern):
