@@ -153,40 +153,43 @@ def run(args: argparse.Namespace) -> dict:
 def _model_and_windows(args: argparse.Namespace, fmt: Any) -> tuple[Any, list, str]:
     """The model, the first ``FIRST + EXAMPLES`` windows (prompt + continuation + 1 tokens each) and their description:
     Wikipedia windows for a causal LM, test images or held-out clip windows for an AR model (``fmt``)."""
-    try:
-        if fmt is None:
-            from ..pretrained.causal_lm import load_causal_lm, needs_bos
-            from .text import wikipedia_windows
+    if fmt is None:
+        from ..pretrained.causal_lm import load_causal_lm, needs_bos
+        from .text import wikipedia_windows
 
-            model, tokenizer = load_causal_lm(args.model)
+        model, tokenizer = load_causal_lm(args.model)
+        try:
             windows = wikipedia_windows(tokenizer, args.first + args.examples, context=args.prompt,
                                         continuation=args.continuation, bos=needs_bos(args.model))
-            return model, windows, "Wikipedia windows"
-        from ..pretrained.ar_models import load_ar
-        from .decoding import ar_defaults
-        from .generative import image_examples, video_examples
-        from .text import TextExample
+        except ValueError as err:  # fewer windows than asked for
+            raise UsageError(str(err)) from None
+        return model, windows, "Wikipedia windows"
+    from ..pretrained.ar_models import load_ar
+    from .decoding import ar_defaults
+    from .generative import image_examples, video_examples
+    from .text import TextExample
 
-        model, tokenizer, fmt = load_ar(args.model)
-        count = None if args.examples is None else args.first + args.examples
+    model, tokenizer, fmt = load_ar(args.model)
+    count = None if args.examples is None else args.first + args.examples
+    try:  # fewer images or clip windows than asked for
         if args.video is not None:
             examples = video_examples(fmt, tokenizer, count, args.video, at_most=args.first + ar_defaults(fmt).examples)
-            if args.examples is None:  # every window of the clip, from --first on
-                args.examples = len(examples) - args.first
-                if args.examples < 2:
-                    raise UsageError(f"--video: {args.video} holds {len(examples)} window(s) of {fmt.frames} frames"
-                                     f"{f' (from --first {args.first})' if args.first else ''}; the bootstrap "
-                                     "intervals need at least 2")
             source = f"windows of {Path(args.video).name}"
         elif fmt.context_frames:
             examples, source = video_examples(fmt, tokenizer, count), "held-out clip windows"
         else:
             examples, source = image_examples(fmt, tokenizer, count), "test images"
-        # the first prompt + continuation + 1 tokens of each sequence, as the flags ask (the whole of it by default)
-        end = args.prompt + args.continuation + 1
-        return model, [TextExample(e.title, e.ids[:end]) for e in examples], source
-    except ValueError as err:  # fewer windows, images or clip windows than asked for
+    except ValueError as err:
         raise UsageError(str(err)) from None
+    if args.examples is None:  # --video alone: every window of the clip, from --first on
+        args.examples = len(examples) - args.first
+        if args.examples < 2:
+            raise UsageError(f"--video: {args.video} holds {len(examples)} window(s) of {fmt.frames} frames"
+                             f"{f' (from --first {args.first})' if args.first else ''}; the bootstrap intervals "
+                             "need at least 2")
+    # the first prompt + continuation + 1 tokens of each sequence, as the flags ask (the whole of it by default)
+    end = args.prompt + args.continuation + 1
+    return model, [TextExample(e.title, e.ids[:end]) for e in examples], source
 
 
 def journal_config(args: argparse.Namespace) -> dict:
@@ -195,10 +198,10 @@ def journal_config(args: argparse.Namespace) -> dict:
     import transformers
 
     from ..data.fashion_mnist import sha256
-    from ..pretrained.ar_models import ar_format, ar_model_path
+    from ..pretrained.ar_models import ar_format, ar_weights
 
     fmt = ar_format(args.model)
-    model = args.model if fmt is None else sha256(ar_model_path(args.model) / "model.safetensors")
+    model = args.model if fmt is None else sha256(ar_weights(args.model))
     return {"protocol": "decoding", "model": model, "format": None if fmt is None else fmt.to_dict(),
             "video": args.video,
             "prompt": args.prompt, "continuation": args.continuation,

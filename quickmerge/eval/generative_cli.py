@@ -140,9 +140,9 @@ def journal_config(args: argparse.Namespace, modality: str, fmt: object) -> dict
     import transformers
 
     from ..data.fashion_mnist import sha256
-    from ..pretrained.ar_models import ar_model_path
+    from ..pretrained.ar_models import ar_weights
 
-    return {"protocol": modality, "model": sha256(ar_model_path(args.model) / "model.safetensors"),
+    return {"protocol": modality, "model": sha256(ar_weights(args.model)),
             "format": fmt.to_dict(),
             "video": getattr(args, "video", None), "torch": torch.__version__,
             "transformers": transformers.__version__, "code": code_fingerprint()}

@@ -45,16 +45,20 @@ def ar_format(modality_or_dir: str | Path) -> Any:
     return FORMATS.get(str(modality_or_dir))  # the shipped model not there: load_ar says how to train it
 
 
+def ar_weights(modality_or_dir: str | Path) -> Path:
+    """``model.safetensors`` of the shipped ``"image"`` / ``"video"`` model (MissingDataError, saying how to train it,
+    when it is not there) or of a directory."""
+    path = ar_model_path(modality_or_dir) / "model.safetensors"
+    if str(modality_or_dir) in ("image", "video") and not path.is_file():
+        raise MissingDataError(
+            f"no shipped {modality_or_dir} model in {path.parent}; train one with "
+            f"`quickmerge train ar-{modality_or_dir} --out {path.parent}` or pass --model DIR"
+        )
+    return path
+
+
 def load_ar(modality_or_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Any]:
     """(model, tokenizer, format) of the shipped ``"image"`` / ``"video"`` model, or of a directory."""
     from ..ar.model import load_ar_model
 
-    if str(modality_or_dir) in ("image", "video"):
-        directory = ar_model_dir(str(modality_or_dir))
-        if not (directory / "model.safetensors").is_file():
-            raise MissingDataError(
-                f"no shipped {modality_or_dir} model in {directory}; train one with "
-                f"`quickmerge train ar-{modality_or_dir} --out {directory}` or pass --model DIR"
-            )
-        return load_ar_model(directory, dtype=dtype)
-    return load_ar_model(modality_or_dir, dtype=dtype)
+    return load_ar_model(ar_weights(modality_or_dir).parent, dtype=dtype)

@@ -59,6 +59,16 @@ def test_what_cannot_run_is_refused_before_a_model_loads(tmp_path, refused):
     assert not (tmp_path / "r.journal").exists()
 
 
+def test_a_shipped_model_that_is_not_there_says_how_to_train_it_before_a_journal_is_written(tmp_path, monkeypatch,
+                                                                                          refused):
+    import quickmerge.pretrained.ar_models as ar_models
+
+    monkeypatch.setattr(ar_models, "ASSET_DIR", tmp_path / "assets")
+    refused(["eval", "decoding", "--model", "video", "--out", str(tmp_path / "r")],
+            r"no shipped video model in .*assets/ar_video; train one with `quickmerge train ar-video")
+    assert not (tmp_path / "r.journal").exists()
+
+
 @needs_fashion
 def test_an_image_model_scores_the_test_images_from_the_first_compressed_prediction(tmp_path):
     from quickmerge.ar.data import image_pixels
