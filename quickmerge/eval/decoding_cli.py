@@ -107,7 +107,7 @@ def chosen_methods(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     from ..pretrained.ar_models import ar_format
-    from .decoding import OURS, format_table, make_press, plot_decoding_eval, run_decoding_eval
+    from .decoding import format_table, is_ours, make_press, plot_decoding_eval, run_decoding_eval
     from .report import write_report
 
     budgets = check_arguments(args)
@@ -119,13 +119,13 @@ def run(args: argparse.Namespace) -> dict:
         journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
         model, windows, source = _model_and_windows(args, fmt)
         model.set_attn_implementation("sdpa")  # QuickMergePress weighs entries by their sizes inside SDPA or eager
-        if OURS in methods:
-            why = make_press(OURS, budgets[0].size, args.interval).refusal(model)
-            if why is not None and args.methods is not None:
-                raise UsageError(f"--methods: quickmerge cannot run on {type(model).__name__}: {why}")
-            if why is not None:
-                warnings.warn(f"quickmerge left out of the default methods: {why}", stacklevel=2)
-                methods.remove(OURS)
+        ours = [m for m in methods if is_ours(m)]
+        why = make_press(ours[0], budgets[0].size, args.interval).refusal(model) if ours else None
+        if why is not None and args.methods is not None:
+            raise UsageError(f"--methods: {', '.join(ours)} cannot run on {type(model).__name__}: {why}")
+        if why is not None:
+            warnings.warn(f"quickmerge left out of the default methods: {why}", stacklevel=2)
+            methods = [m for m in methods if not is_ours(m)]
         if not methods:
             raise UsageError(f"no method can run on {type(model).__name__} here: quickmerge refuses it and "
                              "kvpress's presses do not run (see the warnings above)")

@@ -173,3 +173,14 @@ def test_two_processes_under_torchrun_give_the_rows_of_one(tiny_lm_dir, finished
     both = json.loads(out.with_suffix(".json").read_text())
     assert both["config"]["processes"] == 2
     assert both["summary"] == finished[1]["summary"]
+
+
+def test_a_model_quickmergepress_refuses_is_named_for_every_configuration_of_ours(tiny_lm_dir, tmp_path, monkeypatch,
+                                                                                 refused):
+    from quickmerge.text import QuickMergePress
+
+    monkeypatch.setattr(QuickMergePress, "refusal", lambda self, model: "a reason of the press's own")
+    argv = _command(tiny_lm_dir, tmp_path / "r", methods=("quickmerge", "quickmerge-w4"))[3:]
+    refused(argv, r"--methods: quickmerge, quickmerge-w4 cannot run on LlamaForCausalLM: a reason of the press's own")
+    only_variant = _command(tiny_lm_dir, tmp_path / "r2", methods=("quickmerge-w4",))[3:]
+    refused(only_variant, r"--methods: quickmerge-w4 cannot run on LlamaForCausalLM")
