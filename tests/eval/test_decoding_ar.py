@@ -20,9 +20,9 @@ needs_fashion = pytest.mark.skipif(not fashion_test_images_installed(), reason="
 
 
 def _arguments(model: str, **given) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
     from quickmerge.eval.decoding_cli import add_arguments
 
+    parser = argparse.ArgumentParser()
     add_arguments(parser)
     argv = ["--model", model] + [a for k, v in given.items() for a in (f"--{k}", *map(str, v))]
     return parser.parse_args(argv)
