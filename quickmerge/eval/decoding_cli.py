@@ -139,7 +139,10 @@ def run(args: argparse.Namespace) -> dict:
         return {}
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform(), "versions": installed_versions()}
-    if fmt is not None:
+    if fmt is not None:  # as eval image / eval video report them
+        from .generative import add_bits_per_token
+
+        add_bits_per_token(results["summary"])
         results["format"] = fmt.to_dict()
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
     title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation} "

@@ -9,10 +9,17 @@ teacher forcing.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from .text import TextExample
+
+
+def add_bits_per_token(rows: list[dict[str, Any]]) -> None:
+    """Give each summary row ``bits_per_token``: its mean per-example NLL (``nll_per_example``, nats) in bits."""
+    for row in rows:
+        row["bits_per_token"] = sum(row["nll_per_example"]) / len(row["nll_per_example"]) / math.log(2)
 
 
 def image_examples(fmt: Any, tokenizer: Any, count: int) -> list[TextExample]:

@@ -7,7 +7,6 @@ Same harness, methods, journal and summary schema as ``eval text``; rows also ca
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 from pathlib import Path
 
@@ -79,7 +78,7 @@ def ar_method(name: str, fmt: object) -> object:
 
 def run(args: argparse.Namespace, modality: str) -> dict:
     from ..pretrained.ar_models import load_ar
-    from .generative import image_examples, video_examples
+    from .generative import add_bits_per_token, image_examples, video_examples
     from .report import write_report
     from .text import plot_text_eval, run_text_eval
     from .text_cli import format_table
@@ -121,8 +120,7 @@ def run(args: argparse.Namespace, modality: str) -> dict:
         ctx.close()
     if results is None:
         return {}
-    for row in results["summary"]:
-        row["bits_per_token"] = sum(row["nll_per_example"]) / len(row["nll_per_example"]) / math.log(2)
+    add_bits_per_token(results["summary"])
     results["format"] = fmt.to_dict()
     results["config"] = {**vars(args), "modality": modality, "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform(),

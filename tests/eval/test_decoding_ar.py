@@ -92,6 +92,7 @@ def test_an_image_model_scores_the_test_images_from_the_first_compressed_predict
         logits = model(input_ids=ids).logits[:, 112:-1].float()
     nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 113:], reduction="none")
     assert rows["none"]["nll_per_example"] == pytest.approx(nll[:, first:].mean(dim=1).tolist(), abs=1e-5)
+    assert rows["none"]["bits_per_token"] == pytest.approx(float(nll[:, first:].mean()) / math.log(2), abs=1e-5)
     assert rows["quickmerge"]["mean_cache_entries"] < rows["none"]["mean_cache_entries"]
     assert rows["quickmerge"]["nll_per_example"] != pytest.approx(rows["none"]["nll_per_example"], abs=1e-6)
 
