@@ -48,6 +48,12 @@ def save_ar_model(model: Any, tokenizer: PatchCodebook, fmt: SequenceFormat, out
     (out / FORMAT_FILE).write_text(json.dumps(fmt.to_dict(), indent=2) + "\n")
 
 
+def read_format(directory: str | Path) -> SequenceFormat:
+    """The sequence format saved beside a model (``format.json``): its own geometry, whatever this version's
+    defaults."""
+    return SequenceFormat(**json.loads((Path(directory) / FORMAT_FILE).read_text()))
+
+
 def load_ar_model(
     directory: str | Path, *, dtype: torch.dtype = torch.float32
 ) -> tuple[Any, PatchCodebook, SequenceFormat]:
@@ -59,8 +65,7 @@ def load_ar_model(
         if not (directory / name).is_file():
             raise MissingDataError(
                 f"{directory} holds no {name}: not a model saved by quickmerge train ar-image/ar-video")
-    fields = json.loads((directory / FORMAT_FILE).read_text())
-    fmt = SequenceFormat(**fields)  # the model's own geometry, whatever this version's defaults
+    fmt = read_format(directory)
     with st.safe_open(str(directory / TOKENIZER_FILE), "pt") as f:
         tokenizer = PatchCodebook(f.get_tensor("codebook"), int(f.metadata()["patch"]))
     transformers.utils.logging.disable_progress_bar()  # as load_causal_lm: a 38-step bar per load says nothing

@@ -34,14 +34,12 @@ def ar_format(modality_or_dir: str | Path) -> Any:
     """The :class:`~quickmerge.ar.formats.SequenceFormat` of the shipped ``"image"`` / ``"video"`` model or of a
     directory saved by ``quickmerge train ar-image/ar-video``, read without loading the model; None for anything else
     (a causal LM's name or directory)."""
-    import json
+    from ..ar.formats import FORMATS
+    from ..ar.model import FORMAT_FILE, read_format
 
-    from ..ar.formats import FORMATS, SequenceFormat
-    from ..ar.model import FORMAT_FILE
-
-    path = ar_model_path(modality_or_dir) / FORMAT_FILE
-    if path.is_file():
-        return SequenceFormat(**json.loads(path.read_text()))
+    directory = ar_model_path(modality_or_dir)
+    if (directory / FORMAT_FILE).is_file():
+        return read_format(directory)
     return FORMATS.get(str(modality_or_dir))  # the shipped model not there: load_ar says how to train it
 
 
