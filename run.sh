@@ -2,7 +2,7 @@
 # One-command set-up and entry point for quickmerge on a fresh Debian/Ubuntu machine.
 #
 #   ./run.sh demo [args]   the main job: a real LM answering from a QuickMerge++-merged context
-#   ./run.sh test [args]   ruff + the test suite, then again under the newest transformers and its
+#   ./run.sh test [args]   ruff + the test suite (one worker per core), then again under the newest transformers and its
 #                          dependencies (a second environment, .venv-newest), less the tests that meet none of them
 #   ./run.sh bench [args]  the core speed/fidelity benchmark (BENCHMARKS.md)
 #   ./run.sh eval {text|decoding|passkey|vision|image|video} [args], ./run.sh visualize [args],
@@ -141,12 +141,16 @@ case "$cmd" in
     demo) exec "$VENV/bin/quickmerge" demo "$@" ;;
     test)
         "$VENV/bin/ruff" check .
-        "$VENV/bin/python" -m pytest "$@"
+        # one pytest-xdist worker per core, each taking its share of torch's threads (tests/conftest.py);
+        # QUICKMERGE_TEST_WORKERS=N sets how many (0: the tests run in this process, as a plain pytest does);
+        # a file's tests stay in one worker, in order (as fast here as work stealing, docs/results/stop89)
+        workers=${QUICKMERGE_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
+        "$VENV/bin/python" -m pytest -n "$workers" --dist loadfile "$@"
         setup_newest
         # --transformers-only (the tests marked transformers_free meet nothing this environment changes, so they run
         # once) unless .venv-newest overrides another package .venv has (tests/newest_scope.py says which)
         scope=$("$VENV/bin/python" tests/newest_scope.py "$("$NEWEST/bin/python" -c 'import site; print(site.getsitepackages()[0])')")
-        exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider $scope "$@" ;;
+        exec "$NEWEST/bin/python" -m pytest -p no:cacheprovider -n "$workers" --dist loadfile $scope "$@" ;;
     bench) exec "$VENV/bin/python" benchmarks/core_speed.py "$@" ;;
     eval|visualize|train) exec "$VENV/bin/quickmerge" "$cmd" "$@" ;;
 esac

@@ -124,10 +124,18 @@ def write_clip(path, frames: torch.Tensor) -> None:
     writer.release()
 
 
+def threads_per_test() -> int:
+    """torch threads per test: two, or this process's share of the cores when pytest-xdist runs workers side by side
+    (``./run.sh test``: one per core), so that the workers do not oversubscribe the cores."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(2, cores // workers))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads_per_test())
     yield
 
 

@@ -27,7 +27,6 @@ def test_the_packaged_tokenizer_splits_text_into_the_vocabulary_s_words():
 
 
 def test_real_model_merged_context_keeps_perplexity_and_runs_in_kvpress_pipeline():
-    torch.set_num_threads(2)
     model, tokenizer = load_causal_lm()
     examples = wikipedia_windows(tokenizer, 2, context=256, continuation=32)
     none = Method("none", lambda r: None)
