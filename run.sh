@@ -134,6 +134,15 @@ setup_newest() {  # .venv plus the newest transformers and its dependencies (hug
     "$NEWEST/bin/python" -c 'import transformers; print(f"[run.sh] newest transformers: {transformers.__version__}")' >&2
 }
 
+if [ "$cmd" = test ]; then  # checked before anything is installed
+    # one pytest-xdist worker per core this process may use (nproc without OpenMP's variables, which it would obey),
+    # each taking its share of torch's threads (tests/conftest.py); QUICKMERGE_TEST_WORKERS=N sets how many (0: the
+    # tests run in this process, as a plain pytest does); a file's tests stay in one worker, in order (as fast here as
+    # work stealing, docs/results/stop89)
+    workers=${QUICKMERGE_TEST_WORKERS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || echo 2)}
+    case "$workers" in ''|*[!0-9]*)
+        say "QUICKMERGE_TEST_WORKERS: expected a number of workers (0 or more), got '$workers'"; exit 2 ;; esac
+fi
 setup_system "$@"
 setup_venv
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -141,10 +150,6 @@ case "$cmd" in
     demo) exec "$VENV/bin/quickmerge" demo "$@" ;;
     test)
         "$VENV/bin/ruff" check .
-        # one pytest-xdist worker per core, each taking its share of torch's threads (tests/conftest.py);
-        # QUICKMERGE_TEST_WORKERS=N sets how many (0: the tests run in this process, as a plain pytest does);
-        # a file's tests stay in one worker, in order (as fast here as work stealing, docs/results/stop89)
-        workers=${QUICKMERGE_TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}
         "$VENV/bin/python" -m pytest -n "$workers" --dist loadfile "$@"
         setup_newest
         # --transformers-only (the tests marked transformers_free meet nothing this environment changes, so they run

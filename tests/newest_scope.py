@@ -40,6 +40,8 @@ def main(argv: list[str]) -> int:
         print(f"[run.sh] .venv-newest also overrides {', '.join(others)}: the whole suite runs there again",
               file=sys.stderr)
     else:
+        print("[run.sh] .venv-newest overrides transformers' family alone: the tests marked transformers_free ran "
+              "once, above (--transformers-only)", file=sys.stderr)
         print("--transformers-only")
     return 0
 

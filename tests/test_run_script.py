@@ -68,9 +68,55 @@ def test_the_second_run_leaves_out_the_marked_tests_only_when_it_changes_transfo
     family_only = _site(tmp_path / "a", "transformers==99.0", "huggingface_hub==99.0", "kernels==99.0",
                         "typer==99.0", "a_package_only_the_newest_needs==1.0")
     assert other_overrides(family_only) == []
-    assert main([family_only]) == 0 and capsys.readouterr().out.strip() == "--transformers-only"
+    assert main([family_only]) == 0
+    out = capsys.readouterr()  # pytest-xdist's summary does not count the deselected tests: the script says it
+    assert out.out.strip() == "--transformers-only" and "marked transformers_free ran once, above" in out.err
     with_numpy = _site(tmp_path / "b", "transformers==99.0", "numpy==99.0", "PyYAML==99.0")
     assert other_overrides(with_numpy) == ["numpy", "pyyaml"]  # what .venv has too; names compared canonically
     assert main([with_numpy]) == 0
     out = capsys.readouterr()
     assert out.out == "" and "numpy, pyyaml: the whole suite runs there again" in out.err
+
+
+def _fake(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("sha256sum") is None, reason="run.sh needs bash")
+@pytest.mark.parametrize("workers", [None, "3", "0", "two"])
+def test_both_test_runs_get_the_workers_and_the_caller_s_arguments(tmp_path: Path, workers: str | None) -> None:
+    for name in ("run.sh", "pyproject.toml", "constraints.txt"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    stamp = subprocess.run("cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1", shell=True, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    # an installed .venv / .venv-newest whose interpreters log their arguments: -c prints a site-packages directory,
+    # tests/newest_scope.py its selection
+    site = tmp_path / "site"
+    site.mkdir()
+    python = (f'echo "$0 $*" >> {tmp_path}/calls\ncase "$1" in -c) echo {site} ;; '
+              'tests/newest_scope.py) echo --transformers-only ;; esac\n')
+    for venv in (".venv", ".venv-newest"):
+        _fake(tmp_path / venv / "bin" / "python", python)
+    _fake(tmp_path / ".venv" / "bin" / "ruff", "exit 0\n")
+    if workers != "two":  # installed; else the refusal must come before any installing
+        (tmp_path / ".venv" / ".quickmerge-installed").write_text(stamp)
+    env = {**os.environ, "QUICKMERGE_FASHION_MNIST": str(tmp_path), "QUICKMERGE_VIDEO_DIR": str(tmp_path)}
+    env.pop("QUICKMERGE_TEST_WORKERS", None)
+    if workers is not None:
+        env["QUICKMERGE_TEST_WORKERS"] = workers
+    done = subprocess.run(["bash", "run.sh", "test", "-x", "tests/a.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    if workers == "two":  # refused before any test runs
+        assert done.returncode == 2 and "QUICKMERGE_TEST_WORKERS: expected a number of workers (0 or more), got " \
+            "'two'" in done.stderr
+        calls = tmp_path / "calls"
+        assert not calls.exists() and "installing" not in done.stderr
+        return
+    assert done.returncode == 0, done.stderr
+    n = workers if workers is not None else str(len(os.sched_getaffinity(0)))
+    runs = [line.split(" ", 1) for line in (tmp_path / "calls").read_text().splitlines() if " -m pytest " in line]
+    assert [(Path(exe).parts[-3], args) for exe, args in runs] == [
+        (".venv", f"-m pytest -n {n} --dist loadfile -x tests/a.py"),
+        (".venv-newest", f"-m pytest -p no:cacheprovider -n {n} --dist loadfile --transformers-only -x tests/a.py")]
