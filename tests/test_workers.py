@@ -7,9 +7,7 @@ import sys
 import pytest
 
 from tests.conftest import FREE, threads_per_test
-from tests.launch import ROOT, child_env
-
-pytest.importorskip("transformers")
+from tests.launch import child_env
 
 
 @pytest.mark.parametrize(("workers", "cores", "threads"), [(None, 2, 2), (None, 1, 1), ("2", 2, 1), ("2", 8, 2),
@@ -26,6 +24,7 @@ def test_each_worker_takes_its_share_of_the_cores(monkeypatch, workers, cores, t
 def test_the_guard_fails_a_marked_test_inside_an_xdist_worker(tmp_path):
     # one worker: a worker process is what differs from the plain run (two would double the start-up alone)
     pytest.importorskip("xdist")
+    pytest.importorskip("transformers")
     (tmp_path / "conftest.py").write_text("from tests.conftest import *  # noqa: F403  (the suite's hooks)\n")
     (tmp_path / "test_marked_import.py").write_text(
         f"import pytest\npytestmark = pytest.mark.{FREE}\n\ndef test_imports():\n    import transformers  # noqa\n")
@@ -39,4 +38,3 @@ def test_the_guard_fails_a_marked_test_inside_an_xdist_worker(tmp_path):
     assert "2 passed, 1 error" in out, out  # both calls pass; the guard errors the importing one at its teardown
     assert "[gw0]" in out and "ERROR test_marked_import.py::test_imports" in out, out  # inside the worker
     assert f"marked {FREE}, but: imported transformers" in out, out
-    assert str(ROOT) in child_env()["PYTHONPATH"]
