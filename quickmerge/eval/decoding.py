@@ -183,24 +183,40 @@ def full_attention_layer(model: Any) -> int:
 
 
 @torch.no_grad()
-def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[Tensor, float]:
-    """``[B, N - prompt]`` NLL (nats) of tokens ``prompt .. N - 1`` of ``ids [B, N]``, decoded one per call after a
-    prefill of ``prompt`` tokens, and the mean cache length (entries per KV head of the first full-attention layer)
-    over the decoding calls. Each call gets its token's position (``position_ids``), as kvpress's pipeline passes
-    them: a cache kvpress shortened reports its length, not the tokens it has seen."""
+def decode(model: Any, prompt_ids: Tensor, calls: int, press: Any, choose: Callable[[int, Tensor], Tensor]) -> float:
+    """Prefill ``prompt_ids [B, P]``, then ``calls`` decoding calls of one token each; returns the mean cache length
+    (entries per KV head of the first full-attention layer) over the decoding calls.
+
+    ``choose(t, logits [B, V])`` sees each prediction in turn (``t`` = 0 for the prefill's, then one per call) and
+    returns ``[B]``, the token the next call is fed: the real text (teacher forcing) or the model's pick
+    (generation). Each call gets its token's position (``position_ids``), as kvpress's pipeline passes them: a cache
+    kvpress shortened reports its length, not the tokens it has seen."""
     from transformers import DynamicCache
 
     cache, measured = DynamicCache(), full_attention_layer(model)
-    nll, lengths = [], []
+    prompt, lengths = prompt_ids.shape[1], []
     with press(model) if press is not None else contextlib.nullcontext():
-        logits = model(ids[:, :prompt], **cache_kwargs(model, cache)).logits[:, -1]
-        for t in range(prompt, ids.shape[1]):
-            nll.append(torch.nn.functional.cross_entropy(logits.float(), ids[:, t], reduction="none"))
-            if t + 1 < ids.shape[1]:
-                position = torch.full((ids.shape[0], 1), t, device=ids.device)
-                logits = model(ids[:, t : t + 1], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
+        logits = model(prompt_ids, **cache_kwargs(model, cache)).logits[:, -1]
+        for t in range(calls + 1):
+            token = choose(t, logits)
+            if t < calls:
+                position = torch.full((prompt_ids.shape[0], 1), prompt + t, device=prompt_ids.device)
+                logits = model(token[:, None], position_ids=position, **cache_kwargs(model, cache)).logits[:, -1]
                 lengths.append(physical_length(cache.layers[measured]))
-    return torch.stack(nll, 1), sum(lengths) / len(lengths)
+    return sum(lengths) / len(lengths)
+
+
+def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[Tensor, float]:
+    """``[B, N - prompt]`` NLL (nats) of tokens ``prompt .. N - 1`` of ``ids [B, N]``, decoded one per call after a
+    prefill of ``prompt`` tokens (teacher forcing), and the mean cache length (:func:`decode`)."""
+    nll = []
+
+    def real_text(t: int, logits: Tensor) -> Tensor:
+        nll.append(torch.nn.functional.cross_entropy(logits.float(), ids[:, prompt + t], reduction="none"))
+        return ids[:, prompt + t]
+
+    cache = decode(model, ids[:, :prompt], ids.shape[1] - prompt - 1, press, real_text)
+    return torch.stack(nll, 1), cache
 
 
 def run_decoding_eval(
@@ -214,8 +230,12 @@ def run_decoding_eval(
     journal: Journal | None = None,
     ctx: Context | None = None,
     indices: list[int] | None = None,
+    generate: float | None = None,
 ) -> dict[str, Any] | None:
     """Score every (method, budget) on every example, ``batch`` windows per forward pass, and summarise.
+
+    ``generate``: None for teacher forcing; a temperature (0: greedy) for free-running generation
+    (:mod:`quickmerge.eval.generation`), each row then the tokens picked.
 
     Rows: one per (window, method, size); no compression once per window, its per-token NLLs kept, so that each
     budget's rows are paired with it on the same tokens. With a ``journal``, each finished batch's rows are on disk at
@@ -246,11 +266,8 @@ def run_decoding_eval(
         torch.manual_seed(zlib.crc32(names[0].encode()))  # kvpress's RandomPress: the same rows however run
         ids = torch.stack([e.ids for e in examples[start : start + len(names)]]).to(next(model.parameters()).device)
         press = None if budget is None else make_press(method, budget.size, budget.interval)
-        nll, cache = continuation_nll(model, ids, prompt, press)
-        if budget is None:  # every token's NLL: each budget scores its own range
-            rows = [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
-        else:
-            rows = [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
+        seeds = [_key(number[i], examples[i], "", None) for i in range(start, start + len(names))]
+        rows = _scored_rows(model, ids, prompt, press, budget, generate, seeds)
         for key, row in zip(names, rows, strict=True):
             if key in done:  # a window of a batch that was journaled in part (a smaller --examples): kept as it was
                 continue
@@ -266,7 +283,28 @@ def run_decoding_eval(
     for method, budget in runs:
         size = None if budget is None else budget.size
         per_run[(method, size)] = [done[_key(number[i], e, method, size)] for i, e in enumerate(examples)]
+    if generate is not None:
+        from .generation import summarise_generation
+
+        return summarise_generation(examples, per_run, budgets, generate)
     return summarise_decoding(examples, per_run, budgets)
+
+
+def _scored_rows(model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
+                 generate: float | None, windows: list[str]) -> list[dict[str, Any]]:
+    """One journal row per window of ``ids [B, N]``: generation's picked tokens (``generate`` a temperature), or
+    teacher forcing's NLL, every token's without compression (each budget scores its own range), else the mean over
+    the tokens predicted from a compressed cache. ``windows``: the windows' names, which seed coupled sampling."""
+    if generate is not None:
+        from .generation import generated_tokens, window_seeds
+
+        tokens, cache = generated_tokens(model, ids[:, :prompt], ids.shape[1] - prompt - 1, press, generate,
+                                         window_seeds(windows))
+        return [{"tokens": row, "cache": cache} for row in tokens.tolist()]
+    nll, cache = continuation_nll(model, ids, prompt, press)
+    if budget is None:
+        return [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
+    return [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
 
 
 def summarise_decoding(

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from ..cli_types import non_negative_int, positive_int
+from ..cli_types import non_negative_float, non_negative_int, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
 from .journal import Journal, code_fingerprint
@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens P, prefilled whole (default 128; video: BOS + the first frame, 257; "
                              "image: BOS + 4 rows, 113)")
     parser.add_argument("--continuation", type=positive_int, default=None,
-                        help="tokens decoded one per call after the prompt, teacher forcing (default 640; video / "
-                             "image: the rest of the sequence, 767 / 671)")
+                        help="tokens decoded one per call after the prompt, teacher forcing (with --generate: one "
+                             "more is generated, the last call's pick) (default 640; video / image: the rest of the "
+                             "sequence, 767 / 671)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=None,
                         help="cache budgets S: every full-attention layer back to S entries per KV head (default "
                              "192; video: BOS + 1.5 frames, 385; image: BOS + 7 rows, 197)")
@@ -47,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
                              "expected-attention-eps, tova, keydiff, random) or kvpress-snapkv-w<window>; default: "
                              "quickmerge and, when kvpress runs here, every scorer plus SnapKV at window I - 1")
+    parser.add_argument("--generate", action="store_true",
+                        help="free-running generation instead of teacher forcing: each method picks its own tokens "
+                             "after the prompt; scored: the tokens identical to uncompressed generation after the "
+                             "first compression")
+    parser.add_argument("--temperature", type=non_negative_float, default=None,
+                        help="with --generate: 0 (default) greedy; above 0, sampling coupled across methods (the "
+                             "same Gumbel noise per window and token, so uncompressed generation is the reference)")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch threads (per process)")
     parser.add_argument("--out", default="results/decoding", help="output prefix (.json and .png are added)")
     parser.add_argument("--fresh", action="store_true", help="discard the rows of an interrupted run and start over")
@@ -58,6 +66,10 @@ def check_arguments(args: argparse.Namespace) -> list:
     from ..pretrained.ar_models import ar_format
     from .decoding import TEXT_DEFAULTS, DecodingBudget, ar_defaults, method_refusal
 
+    if args.temperature is not None and not args.generate:
+        raise UsageError("--temperature: only with --generate (teacher forcing picks no tokens)")
+    if args.generate and args.temperature is None:
+        args.temperature = 0.0
     fmt = ar_format(args.model)
     if args.video is not None and (fmt is None or not fmt.context_frames):
         raise UsageError(f"--video: needs a video model (--model video or a directory of one), got {args.model}")
@@ -132,7 +144,8 @@ def run(args: argparse.Namespace) -> dict:
         model.to(ctx.device)
         indices = list(range(args.first, args.first + args.examples))
         results = run_decoding_eval(model, windows[args.first :], methods, budgets, batch=args.batch,
-                                    journal=journal, ctx=ctx, indices=indices)
+                                    journal=journal, ctx=ctx, indices=indices,
+                                    generate=args.temperature if args.generate else None)
     finally:
         ctx.close()
     if results is None:
@@ -140,15 +153,25 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform(), "versions": installed_versions()}
     if fmt is not None:  # as eval image / eval video report them
-        from .generative import add_bits_per_token
+        if not args.generate:
+            from .generative import add_bits_per_token
 
-        add_bits_per_token(results["summary"])
+            add_bits_per_token(results["summary"])
         results["format"] = fmt.to_dict()
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
-    title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation} "
-             "tokens decoded; full-attention layers merged (QuickMerge++) or evicted (kvpress)")
-    paths = write_report(results, args.out, lambda png: plot_decoding_eval(results, png, title))
-    print(format_table(results))
+    if args.generate:
+        from .generation import format_generation_table, plot_generation_eval
+
+        picking = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}, coupled"
+        title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation + 1} "
+                 f"tokens generated ({picking}); full-attention layers merged (QuickMerge++) or evicted (kvpress)")
+        paths = write_report(results, args.out, lambda png: plot_generation_eval(results, png, title))
+        print(format_generation_table(results))
+    else:
+        title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation} "
+                 "tokens decoded; full-attention layers merged (QuickMerge++) or evicted (kvpress)")
+        paths = write_report(results, args.out, lambda png: plot_decoding_eval(results, png, title))
+        print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
@@ -205,7 +228,8 @@ def journal_config(args: argparse.Namespace) -> dict:
 
     fmt = ar_format(args.model)
     model = args.model if fmt is None else sha256(ar_weights(args.model))
-    return {"protocol": "decoding", "model": model, "format": None if fmt is None else fmt.to_dict(),
+    protocol = "decoding" if not args.generate else f"generation at temperature {args.temperature!r}"
+    return {"protocol": protocol, "model": model, "format": None if fmt is None else fmt.to_dict(),
             "video": args.video,
             "prompt": args.prompt, "continuation": args.continuation,
             "interval": args.interval, "batch": args.batch, "first": args.first,

@@ -118,3 +118,29 @@ def test_a_clip_gives_every_window_and_a_video_model_s_budget(tmp_path, refused)
     refused(["eval", "decoding", "--model", str(tmp_path / "m"), "--video", str(tmp_path / "c.avi"), "--first", "2",
              "--continuation", "200", "--sizes", "321", "--methods", "quickmerge", "--out", str(tmp_path / "r2")],
             r"holds 3 window\(s\) of 4 frames \(from --first 2\)")
+
+
+@needs_fashion
+def test_an_image_model_generates_from_the_top_rows_with_generate(tmp_path):
+    from quickmerge.ar.data import image_pixels
+    from quickmerge.ar.model import load_ar_model
+
+    save_tiny_ar(tmp_path / "m", IMAGE, image_pixels("test")[:3])
+    out = tmp_path / "run"
+    assert main(["eval", "decoding", "--model", str(tmp_path / "m"), "--examples", "3", "--batch", "3",
+                 "--continuation", "120", "--sizes", "141", "--methods", "quickmerge", "--threads", "1",
+                 "--generate", "--out", str(out)]) == 0
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["format"] == IMAGE.to_dict() and results["protocol"] == "generation"
+    rows = {r["method"]: r for r in results["summary"]}
+    assert rows["none"]["identical_to_the_end"] == 1.0 and "bits_per_token" not in rows["none"]
+    assert rows["none"]["tokens_scored"] == 121 - 57
+    model, book, fmt = load_ar_model(tmp_path / "m")
+    prompts = to_sequences(image_pixels("test")[:3], fmt, book)[:, :113]
+    journal = [json.loads(line) for line in (tmp_path / "run.journal" / "rank0.jsonl").read_text().splitlines()]
+    none = [e["row"]["tokens"] for e in journal if e["key"].endswith("|none|None")]
+    with torch.no_grad():  # transformers' greedy decoding of the same top rows
+        expected = model.generate(prompts, max_new_tokens=121, min_new_tokens=121, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[:, 113:]
+    assert none == expected.tolist()
+    assert rows["quickmerge"]["mean_cache_entries"] < rows["none"]["mean_cache_entries"]
