@@ -153,8 +153,9 @@ def format_generation_table(results: dict[str, Any]) -> str:
 
 def plot_generation_eval(results: dict[str, Any], path: str, title: str,
                          label: Callable[[str], str] = method_label) -> None:
-    """Per size, one panel: each method's mean identical tokens with its 95% interval, most at the top, QuickMerge++
-    in red, the most any method can keep (no compression's) as a dashed line."""
+    """Per size, two panels: the share of windows still identical to uncompressed generation k tokens after the
+    first compression (one line per method, QuickMerge++ black and thick), and each method's mean identical tokens
+    with its 95% interval, most at the top, QuickMerge++ in red; no compression's (every token) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,26 +164,39 @@ def plot_generation_eval(results: dict[str, Any], path: str, title: str,
     compressed = [r for r in results["summary"] if r["method"] != NONE]
     sizes = sorted({r["decoding_size"] for r in compressed})
     per_size = max(len([r for r in compressed if r["decoding_size"] == s]) for s in sizes)
-    fig, axes = plt.subplots(len(sizes), 1, figsize=(10, (0.45 * per_size + 1.6) * len(sizes)), squeeze=False)
-    for ax, size in zip(axes[:, 0], sizes, strict=True):
+    fig, axes = plt.subplots(len(sizes), 2, figsize=(15, max(4.5, 0.45 * per_size + 2) * len(sizes)), squeeze=False,
+                             gridspec_kw={"width_ratios": [3, 2]})
+    for (curve, bars), size in zip(axes, sizes, strict=True):
         rows = sorted((r for r in compressed if r["decoding_size"] == size), key=lambda r: r["identical_tokens"])
+        scored = rows[0]["tokens_scored"]
+        steps = torch.arange(scored + 1, dtype=torch.float64)
+        for r in reversed(rows):
+            kept = torch.tensor(r["identical_tokens_per_example"], dtype=torch.float64)
+            still = (kept[None] >= steps[:, None]).double().mean(dim=1)  # [scored + 1]
+            style = ({"color": "black", "linewidth": 2.5, "zorder": 3} if is_ours(r["method"])
+                     else {"linewidth": 1.2})
+            curve.step(steps.tolist(), still.tolist(), where="post", label=label(r["method"]), **style)
+        curve.set_xlabel("tokens generated after the first compression")
+        curve.set_ylabel("share of windows still identical to uncompressed generation")
+        curve.set_ylim(0, 1.02)
+        curve.grid(alpha=0.3)
+        curve.legend(fontsize=8)
+        curve.set_title(f"back to {size} entries every {rows[0]['decoding_interval']} tokens", fontsize=9)
         for i, r in enumerate(rows):
             value, (low, high) = r["identical_tokens"], r["identical_tokens_ci95"]
             colour = "tab:red" if is_ours(r["method"]) else "tab:blue"
-            ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
-            ax.annotate(f"{value:.1f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
-                        fontsize=8)
-        ax.set_yticks(range(len(rows)), [label(r["method"]) for r in rows], fontsize=8)
-        ax.axvline(rows[0]["tokens_scored"], color="grey", lw=0.8, ls="--")
-        ax.set_xlim(left=0)
+            bars.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+            bars.annotate(f"{value:.1f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
+                          fontsize=8)
+        bars.set_yticks(range(len(rows)), [label(r["method"]).replace("kvpress ", "") for r in rows], fontsize=8)
+        bars.axvline(scored, color="grey", lw=0.8, ls="--")
+        bars.set_xlim(left=0)
         paired = results.get("paired", {}).get(str(size))
         note = ""
         if paired:
             value, low, high = paired["quickmerge_minus_best"]
-            note = f"; QuickMerge++ - best press: {value:+.1f} [{low:+.1f}, {high:+.1f}] tokens"
-        ax.set_title(f"back to {size} entries every {rows[0]['decoding_interval']} tokens{note}", fontsize=9)
-        ax.set_xlabel(f"tokens identical to uncompressed generation after the first compression (of "
-                      f"{rows[0]['tokens_scored']}, dashed; mean over windows, 95% interval)", fontsize=8)
+            note = f"\nQuickMerge++ - best press, paired: {value:+.1f} [{low:+.1f}, {high:+.1f}] tokens"
+        bars.set_title(f"mean identical tokens (of {scored}, dashed), 95% interval{note}", fontsize=9)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
