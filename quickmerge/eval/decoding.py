@@ -7,7 +7,8 @@ full-attention layer is brought back to S entries each time decoding has added I
 (``QuickMergePress(0.0, decoding_size=S, decoding_interval=I)``), kvpress evicts (``DecodingPress(scorer,
 compression_interval=I, target_size=S)``). Scored: the negative log-likelihood of every continuation token predicted
 once the cache was first compressed (before it every method is the uncompressed model), as a per-window mean; all
-methods on the same windows, paired bootstrap intervals.
+methods on the same windows, paired bootstrap intervals. With ``--generate`` each method feeds back its own picks
+instead (:mod:`quickmerge.eval.generation`).
 """
 
 from __future__ import annotations
