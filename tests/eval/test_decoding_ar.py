@@ -69,19 +69,26 @@ def test_a_shipped_model_that_is_not_there_says_how_to_train_it_before_a_journal
     assert not (tmp_path / "r.journal").exists()
 
 
+def _image_run(tmp_path, *extra: str) -> dict:
+    """A tiny image model on 3 test images at the image defaults (prompt 113, interval 28) with a shorter
+    continuation (the first 113 + 120 + 1 tokens), S = 141, QuickMergePress; the results."""
+    from quickmerge.ar.data import image_pixels
+
+    save_tiny_ar(tmp_path / "m", IMAGE, image_pixels("test")[:3])
+    out = tmp_path / "run"
+    assert main(["eval", "decoding", "--model", str(tmp_path / "m"), "--examples", "3", "--batch", "3",
+                 "--continuation", "120", "--sizes", "141", "--methods", "quickmerge", "--threads", "1", *extra,
+                 "--out", str(out)]) == 0
+    return json.loads(out.with_suffix(".json").read_text())
+
+
 @needs_fashion
 def test_an_image_model_scores_the_test_images_from_the_first_compressed_prediction(tmp_path):
     from quickmerge.ar.data import image_pixels
     from quickmerge.ar.model import load_ar_model
     from quickmerge.eval.decoding import DecodingBudget
 
-    save_tiny_ar(tmp_path / "m", IMAGE, image_pixels("test")[:3])
-    out = tmp_path / "run"
-    # the image defaults (prompt 113, interval 28), a shorter continuation: the first 113 + 120 + 1 tokens
-    assert main(["eval", "decoding", "--model", str(tmp_path / "m"), "--examples", "3", "--batch", "3",
-                 "--continuation", "120", "--sizes", "141", "--methods", "quickmerge", "--threads", "1",
-                 "--out", str(out)]) == 0
-    results = json.loads(out.with_suffix(".json").read_text())
+    results = _image_run(tmp_path)
     assert results["format"] == IMAGE.to_dict() and results["config"]["prompt"] == 113
     rows = {r["method"]: r for r in results["summary"]}
     first = DecodingBudget(113, 141, 28).first_scored
@@ -125,12 +132,7 @@ def test_an_image_model_generates_from_the_top_rows_with_generate(tmp_path):
     from quickmerge.ar.data import image_pixels
     from quickmerge.ar.model import load_ar_model
 
-    save_tiny_ar(tmp_path / "m", IMAGE, image_pixels("test")[:3])
-    out = tmp_path / "run"
-    assert main(["eval", "decoding", "--model", str(tmp_path / "m"), "--examples", "3", "--batch", "3",
-                 "--continuation", "120", "--sizes", "141", "--methods", "quickmerge", "--threads", "1",
-                 "--generate", "--out", str(out)]) == 0
-    results = json.loads(out.with_suffix(".json").read_text())
+    results = _image_run(tmp_path, "--generate")
     assert results["format"] == IMAGE.to_dict() and results["protocol"] == "generation"
     rows = {r["method"]: r for r in results["summary"]}
     assert rows["none"]["identical_to_the_end"] == 1.0 and "bits_per_token" not in rows["none"]
