@@ -393,13 +393,7 @@ def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
     else:
         rows = sorted(compressed, key=lambda r: -r["ratio_to_uncompressed"])
         _, ax = plt.subplots(figsize=(10, 0.45 * len(rows) + 1.8))
-        for i, r in enumerate(rows):
-            value, (low, high) = r["ratio_to_uncompressed"], r["ratio_to_uncompressed_ci95"]
-            colour = "tab:red" if is_ours(r["method"]) else "tab:blue"
-            ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
-            ax.annotate(f"{value:.3f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
-                        fontsize=8)
-        ax.set_yticks(range(len(rows)), [label(r["method"]) for r in rows], fontsize=8)
+        interval_dots(ax, rows, "ratio_to_uncompressed", "{:.3f}", label)
         ax.axvline(1.0, color="grey", lw=0.8, ls="--")
         saved = sum(r["memory_saved"] for r in rows) / len(rows)
         ax.set_xlabel("continuation perplexity / uncompressed (paired, 95% interval)")
@@ -408,6 +402,18 @@ def plot_decoding_eval(results: dict[str, Any], path: str, title: str,
     plt.gcf().tight_layout()
     plt.gcf().savefig(path, dpi=120)
     plt.close(plt.gcf())
+
+
+def interval_dots(ax: Any, rows: list[dict[str, Any]], key: str, shown: str, label: Callable[[str], str]) -> None:
+    """One row of ``ax`` per method, bottom up: ``row[key]`` with its ``row[key + '_ci95']`` interval, written
+    with the format ``shown``, QuickMerge++ in red and kvpress in blue; the methods' labels on the y axis."""
+    for i, r in enumerate(rows):
+        value, (low, high) = r[key], r[f"{key}_ci95"]
+        colour = "tab:red" if is_ours(r["method"]) else "tab:blue"
+        ax.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
+        ax.annotate(shown.format(value), (high, i), xytext=(6, 0), textcoords="offset points", va="center",
+                    fontsize=8)
+    ax.set_yticks(range(len(rows)), [label(r["method"]) for r in rows], fontsize=8)
 
 
 def _plot_budget_curve(results: dict[str, Any], compressed: list[dict[str, Any]], sizes: list[int], title: str,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .decoding import NONE, DecodingBudget, decode, is_ours, method_label
+from .decoding import NONE, DecodingBudget, decode, interval_dots, is_ours, method_label
 
 _MASK32 = 0xFFFFFFFF
 
@@ -182,13 +182,7 @@ def plot_generation_eval(results: dict[str, Any], path: str, title: str,
         curve.grid(alpha=0.3)
         curve.legend(fontsize=8)
         curve.set_title(f"back to {size} entries every {rows[0]['decoding_interval']} tokens", fontsize=9)
-        for i, r in enumerate(rows):
-            value, (low, high) = r["identical_tokens"], r["identical_tokens_ci95"]
-            colour = "tab:red" if is_ours(r["method"]) else "tab:blue"
-            bars.errorbar(value, i, xerr=[[value - low], [high - value]], fmt="o", color=colour, capsize=3)
-            bars.annotate(f"{value:.1f}", (high, i), xytext=(6, 0), textcoords="offset points", va="center",
-                          fontsize=8)
-        bars.set_yticks(range(len(rows)), [label(r["method"]).replace("kvpress ", "") for r in rows], fontsize=8)
+        interval_dots(bars, rows, "identical_tokens", "{:.1f}", lambda m: label(m).replace("kvpress ", ""))
         bars.axvline(scored, color="grey", lw=0.8, ls="--")
         bars.set_xlim(left=0)
         paired = results.get("paired", {}).get(str(size))
