@@ -154,8 +154,9 @@ def format_generation_table(results: dict[str, Any]) -> str:
 def plot_generation_eval(results: dict[str, Any], path: str, title: str,
                          label: Callable[[str], str] = method_label) -> None:
     """Per size, two panels: the share of windows still identical to uncompressed generation k tokens after the
-    first compression (one line per method, QuickMerge++ black and thick), and each method's mean identical tokens
-    with its 95% interval, most at the top, QuickMerge++ in red; no compression's (every token) dashed."""
+    first compression (one line per method, QuickMerge++ black and thick, dashed for another window), and each
+    method's mean identical tokens with its 95% interval, most at the top, QuickMerge++ in red; no compression's
+    (every token) dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -173,8 +174,10 @@ def plot_generation_eval(results: dict[str, Any], path: str, title: str,
         for r in reversed(rows):
             kept = torch.tensor(r["identical_tokens_per_example"], dtype=torch.float64)
             still = (kept[None] >= steps[:, None]).double().mean(dim=1)  # [scored + 1]
-            style = ({"color": "black", "linewidth": 2.5, "zorder": 3} if is_ours(r["method"])
-                     else {"linewidth": 1.2})
+            style = {"linewidth": 1.2}  # QuickMerge++ black: its defaults solid, another window dashed
+            if is_ours(r["method"]):
+                style = {"color": "black", "linewidth": 2.5, "zorder": 3,
+                         "linestyle": "-" if r["method"] == "quickmerge" else "--"}
             curve.step(steps.tolist(), still.tolist(), where="post", label=label(r["method"]), **style)
         curve.set_xlabel("tokens generated after the first compression")
         curve.set_ylabel("share of windows still identical to uncompressed generation")
