@@ -8,7 +8,7 @@ full-attention layer is brought back to S entries each time decoding has added I
 compression_interval=I, target_size=S)``). Scored: the negative log-likelihood of every continuation token predicted
 once the cache was first compressed (before it every method is the uncompressed model), as a per-window mean; all
 methods on the same windows, paired bootstrap intervals. With ``--generate`` each method feeds back its own picks
-instead (:mod:`quickmerge.eval.generation`).
+instead (:mod:`quickmerge.eval.generation`, a :class:`DecodingProtocol` as :class:`TeacherForcing` is).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import contextlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -220,6 +220,39 @@ def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[
     return torch.stack(nll, 1), cache
 
 
+class DecodingProtocol(Protocol):
+    """What ``quickmerge eval decoding`` computes per batch of windows and how it summarises the rows."""
+
+    def rows(self, model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
+             windows: list[str]) -> list[dict[str, Any]]:
+        """One journal row per window of ``ids [B, N]`` (``budget`` None: no compression); ``windows`` their names."""
+        ...
+
+    def summarise(self, examples: list[TextExample], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
+                  budgets: list[DecodingBudget]) -> dict[str, Any]:
+        """The results from every (method, size)'s rows, ``(none, None)`` for no compression."""
+        ...
+
+
+@dataclass(frozen=True)
+class TeacherForcing:
+    """The real text fed back whatever the model predicted; scored by the NLL of the tokens predicted from a
+    compressed cache."""
+
+    def rows(self, model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
+             windows: list[str]) -> list[dict[str, Any]]:
+        """Without compression every token's NLL (each budget scores its own range), else the mean over the tokens
+        predicted from a compressed cache."""
+        nll, cache = continuation_nll(model, ids, prompt, press)
+        if budget is None:
+            return [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
+        return [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
+
+    def summarise(self, examples: list[TextExample], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
+                  budgets: list[DecodingBudget]) -> dict[str, Any]:
+        return summarise_decoding(examples, per_run, budgets)
+
+
 def run_decoding_eval(
     model: Any,
     examples: list[TextExample],
@@ -231,12 +264,12 @@ def run_decoding_eval(
     journal: Journal | None = None,
     ctx: Context | None = None,
     indices: list[int] | None = None,
-    generate: float | None = None,
+    protocol: DecodingProtocol | None = None,
 ) -> dict[str, Any] | None:
     """Score every (method, budget) on every example, ``batch`` windows per forward pass, and summarise.
 
-    ``generate``: None for teacher forcing; a temperature (0: greedy) for free-running generation
-    (:mod:`quickmerge.eval.generation`), each row then the tokens picked.
+    ``protocol``: what each row holds and how rows are summarised, :class:`TeacherForcing` by default
+    (:class:`quickmerge.eval.generation.Generation`: free-running generation).
 
     Rows: one per (window, method, size); no compression once per window, its per-token NLLs kept, so that each
     budget's rows are paired with it on the same tokens. With a ``journal``, each finished batch's rows are on disk at
@@ -245,6 +278,7 @@ def run_decoding_eval(
     0, which returns the summary (the others return None). ``indices``: the windows' numbers (default 0..n-1).
     """
     ctx = ctx or Context()
+    protocol = protocol or TeacherForcing()
     number = example_numbers(indices, len(examples))
     done = finished_rows(journal, ctx)
     runs: list[tuple[str, DecodingBudget | None]] = [(NONE, None)]
@@ -267,8 +301,8 @@ def run_decoding_eval(
         torch.manual_seed(zlib.crc32(names[0].encode()))  # kvpress's RandomPress: the same rows however run
         ids = torch.stack([e.ids for e in examples[start : start + len(names)]]).to(next(model.parameters()).device)
         press = None if budget is None else make_press(method, budget.size, budget.interval)
-        seeds = [_key(number[i], examples[i], "", None) for i in range(start, start + len(names))]
-        rows = _scored_rows(model, ids, prompt, press, budget, generate, seeds)
+        windows = [_key(number[i], examples[i], "", None) for i in range(start, start + len(names))]
+        rows = protocol.rows(model, ids, prompt, press, budget, windows)
         for key, row in zip(names, rows, strict=True):
             if key in done:  # a window of a batch that was journaled in part (a smaller --examples): kept as it was
                 continue
@@ -284,28 +318,7 @@ def run_decoding_eval(
     for method, budget in runs:
         size = None if budget is None else budget.size
         per_run[(method, size)] = [done[_key(number[i], e, method, size)] for i, e in enumerate(examples)]
-    if generate is not None:
-        from .generation import summarise_generation
-
-        return summarise_generation(examples, per_run, budgets, generate)
-    return summarise_decoding(examples, per_run, budgets)
-
-
-def _scored_rows(model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
-                 generate: float | None, windows: list[str]) -> list[dict[str, Any]]:
-    """One journal row per window of ``ids [B, N]``: generation's picked tokens (``generate`` a temperature), or
-    teacher forcing's NLL, every token's without compression (each budget scores its own range), else the mean over
-    the tokens predicted from a compressed cache. ``windows``: the windows' names, which seed coupled sampling."""
-    if generate is not None:
-        from .generation import generated_tokens, window_seeds
-
-        tokens, cache = generated_tokens(model, ids[:, :prompt], ids.shape[1] - prompt - 1, press, generate,
-                                         window_seeds(windows))
-        return [{"tokens": row, "cache": cache} for row in tokens.tolist()]
-    nll, cache = continuation_nll(model, ids, prompt, press)
-    if budget is None:
-        return [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
-    return [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
+    return protocol.summarise(examples, per_run, budgets)
 
 
 def summarise_decoding(

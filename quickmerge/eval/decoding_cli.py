@@ -144,8 +144,7 @@ def run(args: argparse.Namespace) -> dict:
         model.to(ctx.device)
         indices = list(range(args.first, args.first + args.examples))
         results = run_decoding_eval(model, windows[args.first :], methods, budgets, batch=args.batch,
-                                    journal=journal, ctx=ctx, indices=indices,
-                                    generate=args.temperature if args.generate else None)
+                                    journal=journal, ctx=ctx, indices=indices, protocol=_protocol(args))
     finally:
         ctx.close()
     if results is None:
@@ -174,6 +173,17 @@ def run(args: argparse.Namespace) -> dict:
         print(format_table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
+
+
+def _protocol(args: argparse.Namespace) -> Any:
+    """Teacher forcing, or free-running generation at ``--temperature`` with ``--generate``."""
+    from .decoding import TeacherForcing
+
+    if not args.generate:
+        return TeacherForcing()
+    from .generation import Generation
+
+    return Generation(args.temperature)
 
 
 def _model_and_windows(args: argparse.Namespace, fmt: Any) -> tuple[Any, list, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -75,6 +76,24 @@ def common_prefix(tokens: Tensor, reference: Tensor) -> Tensor:
     """``[B]`` number of leading positions where ``tokens [B, N]`` equals ``reference [B, N]``."""
     same = (tokens == reference).long()
     return same.cumprod(dim=1).sum(dim=1)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``eval decoding``'s protocol (:class:`~.decoding.DecodingProtocol`) for free-running generation at
+    ``temperature`` (0: greedy): each row the tokens picked."""
+
+    temperature: float = 0.0
+
+    def rows(self, model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
+             windows: list[str]) -> list[dict[str, Any]]:
+        tokens, cache = generated_tokens(model, ids[:, :prompt], ids.shape[1] - prompt - 1, press, self.temperature,
+                                         window_seeds(windows))
+        return [{"tokens": row, "cache": cache} for row in tokens.tolist()]
+
+    def summarise(self, examples: list[Any], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
+                  budgets: list[DecodingBudget]) -> dict[str, Any]:
+        return summarise_generation(examples, per_run, budgets, self.temperature)
 
 
 def summarise_generation(
