@@ -221,7 +221,12 @@ def continuation_nll(model: Any, ids: Tensor, prompt: int, press: Any) -> tuple[
 
 
 class DecodingProtocol(Protocol):
-    """What ``quickmerge eval decoding`` computes per batch of windows and how it summarises the rows."""
+    """What ``quickmerge eval decoding`` computes per batch of windows, how it summarises the rows and reports them.
+    ``journal_name`` goes into the journal's settings (another protocol's rows are refused); ``scores_nll``: the
+    summary rows hold ``nll_per_example`` (the AR models' bits per token are added then)."""
+
+    journal_name: str
+    scores_nll: bool
 
     def rows(self, model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
              windows: list[str]) -> list[dict[str, Any]]:
@@ -231,6 +236,18 @@ class DecodingProtocol(Protocol):
     def summarise(self, examples: list[TextExample], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
                   budgets: list[DecodingBudget]) -> dict[str, Any]:
         """The results from every (method, size)'s rows, ``(none, None)`` for no compression."""
+        ...
+
+    def describe(self, continuation: int) -> str:
+        """What a run does after the prompt, for the plot's title (``640 tokens decoded``)."""
+        ...
+
+    def table(self, results: dict[str, Any]) -> str:
+        """The results as Markdown."""
+        ...
+
+    def plot(self, results: dict[str, Any], path: str, title: str) -> None:
+        """The results as a PNG at ``path``."""
         ...
 
 
@@ -248,9 +265,21 @@ class TeacherForcing:
             return [{"nll_tokens": row, "cache": cache} for row in nll.tolist()]
         return [{"nll": value, "cache": cache} for value in nll[:, budget.first_scored :].mean(dim=1).tolist()]
 
+    journal_name = "decoding"
+    scores_nll = True
+
     def summarise(self, examples: list[TextExample], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
                   budgets: list[DecodingBudget]) -> dict[str, Any]:
         return summarise_decoding(examples, per_run, budgets)
+
+    def describe(self, continuation: int) -> str:
+        return f"{continuation} tokens decoded"
+
+    def table(self, results: dict[str, Any]) -> str:
+        return format_table(results)
+
+    def plot(self, results: dict[str, Any], path: str, title: str) -> None:
+        plot_decoding_eval(results, path, title)
 
 
 def run_decoding_eval(

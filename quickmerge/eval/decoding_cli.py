@@ -6,7 +6,7 @@ import argparse
 import platform
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -15,6 +15,9 @@ from ..cli_types import non_negative_float, non_negative_int, positive_int
 from ..env_report import installed_versions
 from ..errors import UsageError
 from .journal import Journal, code_fingerprint
+
+if TYPE_CHECKING:
+    from .decoding import DecodingProtocol
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -119,16 +122,17 @@ def chosen_methods(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> dict:
     from ..pretrained.ar_models import ar_format
-    from .decoding import format_table, is_ours, make_press, plot_decoding_eval, run_decoding_eval
+    from .decoding import is_ours, make_press, run_decoding_eval
     from .report import write_report
 
     budgets = check_arguments(args)
     methods = chosen_methods(args)
+    protocol = _protocol(args)
     fmt = ar_format(args.model)
     torch.set_num_threads(args.threads)
     ctx = distributed.setup()
     try:
-        journal = Journal(args.out, journal_config(args), rank=ctx.rank, fresh=args.fresh)
+        journal = Journal(args.out, journal_config(args, protocol), rank=ctx.rank, fresh=args.fresh)
         model, windows, source = _model_and_windows(args, fmt)
         model.set_attn_implementation("sdpa")  # QuickMergePress weighs entries by their sizes inside SDPA or eager
         ours = [m for m in methods if is_ours(m)]
@@ -144,7 +148,7 @@ def run(args: argparse.Namespace) -> dict:
         model.to(ctx.device)
         indices = list(range(args.first, args.first + args.examples))
         results = run_decoding_eval(model, windows[args.first :], methods, budgets, batch=args.batch,
-                                    journal=journal, ctx=ctx, indices=indices, protocol=_protocol(args))
+                                    journal=journal, ctx=ctx, indices=indices, protocol=protocol)
     finally:
         ctx.close()
     if results is None:
@@ -152,30 +156,22 @@ def run(args: argparse.Namespace) -> dict:
     results["config"] = {**vars(args), "processes": ctx.world, "torch": torch.__version__,
                          "platform": platform.platform(), "versions": installed_versions()}
     if fmt is not None:  # as eval image / eval video report them
-        if not args.generate:
+        if protocol.scores_nll:
             from .generative import add_bits_per_token
 
             add_bits_per_token(results["summary"])
         results["format"] = fmt.to_dict()
     shown = f"{args.examples}" if args.first == 0 else f"{args.examples} (from number {args.first})"
-    if args.generate:
-        from .generation import format_generation_table, plot_generation_eval
-
-        picking = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature:g}, coupled"
-        title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation + 1} "
-                 f"tokens generated ({picking}); full-attention layers merged (QuickMerge++) or evicted (kvpress)")
-        paths = write_report(results, args.out, lambda png: plot_generation_eval(results, png, title))
-        print(format_generation_table(results))
-    else:
-        title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, {args.continuation} "
-                 "tokens decoded; full-attention layers merged (QuickMerge++) or evicted (kvpress)")
-        paths = write_report(results, args.out, lambda png: plot_decoding_eval(results, png, title))
-        print(format_table(results))
+    title = (f"{args.model}: {shown} {source}, {args.prompt}-token prompt kept whole, "
+             f"{protocol.describe(args.continuation)}; full-attention layers merged (QuickMerge++) or evicted "
+             "(kvpress)")
+    paths = write_report(results, args.out, lambda png: protocol.plot(results, png, title))
+    print(protocol.table(results))
     print(f"\nwrote {paths[0]} and {paths[1]}")
     return results
 
 
-def _protocol(args: argparse.Namespace) -> Any:
+def _protocol(args: argparse.Namespace) -> DecodingProtocol:
     """Teacher forcing, or free-running generation at ``--temperature`` with ``--generate``."""
     from .decoding import TeacherForcing
 
@@ -228,7 +224,7 @@ def _model_and_windows(args: argparse.Namespace, fmt: Any) -> tuple[Any, list, s
     return model, [TextExample(e.title, e.ids[:end]) for e in examples], source
 
 
-def journal_config(args: argparse.Namespace) -> dict:
+def journal_config(args: argparse.Namespace, protocol: DecodingProtocol) -> dict:
     """What every row depends on (a row's numbers, to the last bit, also on the windows decoded with it: the
     batch); the sizes and methods are in each row's key."""
     import transformers
@@ -238,8 +234,7 @@ def journal_config(args: argparse.Namespace) -> dict:
 
     fmt = ar_format(args.model)
     model = args.model if fmt is None else sha256(ar_weights(args.model))
-    protocol = "decoding" if not args.generate else f"generation at temperature {args.temperature!r}"
-    return {"protocol": protocol, "model": model, "format": None if fmt is None else fmt.to_dict(),
+    return {"protocol": protocol.journal_name, "model": model, "format": None if fmt is None else fmt.to_dict(),
             "video": args.video,
             "prompt": args.prompt, "continuation": args.continuation,
             "interval": args.interval, "batch": args.batch, "first": args.first,

@@ -84,6 +84,11 @@ class Generation:
     ``temperature`` (0: greedy): each row the tokens picked."""
 
     temperature: float = 0.0
+    scores_nll = False
+
+    @property
+    def journal_name(self) -> str:
+        return f"generation at temperature {self.temperature!r}"
 
     def rows(self, model: Any, ids: Tensor, prompt: int, press: Any, budget: DecodingBudget | None,
              windows: list[str]) -> list[dict[str, Any]]:
@@ -94,6 +99,16 @@ class Generation:
     def summarise(self, examples: list[Any], per_run: dict[tuple[str, int | None], list[dict[str, Any]]],
                   budgets: list[DecodingBudget]) -> dict[str, Any]:
         return summarise_generation(examples, per_run, budgets, self.temperature)
+
+    def describe(self, continuation: int) -> str:
+        picking = "greedy" if self.temperature == 0 else f"sampled at temperature {self.temperature:g}, coupled"
+        return f"{continuation + 1} tokens generated ({picking})"
+
+    def table(self, results: dict[str, Any]) -> str:
+        return format_generation_table(results)
+
+    def plot(self, results: dict[str, Any], path: str, title: str) -> None:
+        plot_generation_eval(results, path, title)
 
 
 def summarise_generation(

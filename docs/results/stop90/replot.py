@@ -8,14 +8,14 @@ import json
 import sys
 from pathlib import Path
 
-from quickmerge.eval.generation import plot_generation_eval
+from quickmerge.eval.generation import Generation
 
 for path in map(Path, sys.argv[1:]):
     results = json.loads(path.read_text())
     c = results["config"]
-    picking = "greedy" if c["temperature"] == 0 else f"sampled at temperature {c['temperature']:g}, coupled"
+    protocol = Generation(c["temperature"])
     title = (f"{c['model']}: {c['examples']} Wikipedia windows, {c['prompt']}-token prompt kept whole, "
-             f"{c['continuation'] + 1} tokens generated ({picking}); full-attention layers merged (QuickMerge++) or "
-             "evicted (kvpress)")
-    plot_generation_eval(results, str(path.with_suffix(".png")), title)
+             f"{protocol.describe(c['continuation'])}; full-attention layers merged (QuickMerge++) or evicted "
+             "(kvpress)")
+    protocol.plot(results, str(path.with_suffix(".png")), title)
     print("wrote", path.with_suffix(".png"))
