@@ -4,7 +4,7 @@
 (eval decoding evaluates 0 .. 39; 40 .. 79 are for development), BOS + the first frame prefilled, the other 767 tokens
 decoded one per call (`quickmerge eval decoding --model video`'s protocol), every layer back to S entries each 64
 tokens. Perplexity ratio to the uncompressed model over the tokens predicted from a compressed cache, for
-QuickMergePress(window=w) and kvpress's DecodingPress(StreamingLLM), the best press on held-out windows at S = 385, 513.
+QuickMergePress(decoding_window=w) and kvpress's DecodingPress(StreamingLLM), the best press on held-out windows at S = 385, 513.
 
     .venv/bin/python benchmarks/exploration/ar_decoding_window.py --out docs/results/stop88/ar_decoding_window.json
     .venv/bin/python benchmarks/exploration/ar_decoding_window.py --heldout-from 40 --examples 40 \
@@ -53,7 +53,7 @@ def main() -> None:
         first = budget.first_scored
         base = none[:, first:].mean(dim=1)
         presses = {f"quickmerge-w{w}": QuickMergePress(0.0, decoding_size=size, decoding_interval=args.interval,
-                                                       window=w) for w in args.windows}
+                                                       decoding_window=w) for w in args.windows}
         presses["kvpress-streaming-llm"] = make_press("kvpress-streaming-llm", size, args.interval)
         for name, press in presses.items():
             nll, cache = continuation_nll(model, ids, prompt, press)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -95,18 +95,21 @@ def ar_defaults(fmt: Any) -> DecodingDefaults:
 
 
 def is_ours(method: str) -> bool:
-    """``quickmerge`` (QuickMergePress at its defaults) or ``quickmerge-w<N>`` (observation window N)."""
+    """``quickmerge`` (QuickMergePress at its defaults) or ``quickmerge-w<N>`` (decoding window N)."""
     return method == OURS or method.startswith(f"{OURS}-w")
 
 
-def method_refusal(method: str, interval: int) -> str | None:
-    """Why ``method`` is not a decoding method (or cannot run at this interval), or None."""
+def method_refusal(method: str, interval: int, sizes: Sequence[int] = ()) -> str | None:
+    """Why ``method`` is not a decoding method (or cannot run at this interval and these cache budgets), or None."""
     if method in (NONE, OURS):
         return None
     if is_ours(method):
         window = method.removeprefix(f"{OURS}-w")
         if not window.isdigit() or int(window) < 1:
-            return f"{method}: QuickMergePress's observation window must be a whole number >= 1"
+            return f"{method}: QuickMergePress's decoding window must be a whole number >= 1"
+        if sizes and int(window) >= min(sizes):
+            return (f"{method}: QuickMergePress's decoding window must be below every size ({min(sizes)}): it keeps "
+                    "its entries whole at each merge")
         return None
     scorer = method.removeprefix("kvpress-")
     if not method.startswith("kvpress-"):
@@ -154,7 +157,7 @@ def make_press(method: str, size: int, interval: int) -> Any:
     if is_ours(method):
         from ..text import QuickMergePress
 
-        window = {} if method == OURS else {"window": int(method.removeprefix(f"{OURS}-w"))}
+        window = {} if method == OURS else {"decoding_window": int(method.removeprefix(f"{OURS}-w"))}
         return QuickMergePress(0.0, decoding_size=size, decoding_interval=interval, **window)
     import kvpress as kp
 
@@ -170,7 +173,7 @@ def method_label(method: str) -> str:
     if method == OURS:
         return "QuickMerge++ (QuickMergePress, merging)"
     if is_ours(method):
-        return f"QuickMerge++ (QuickMergePress, window {method.removeprefix(f'{OURS}-w')})"
+        return f"QuickMerge++ (QuickMergePress, decoding window {method.removeprefix(f'{OURS}-w')})"
     scorer = method.removeprefix("kvpress-")
     if scorer.startswith("snapkv-w"):
         return f"kvpress DecodingPress(SnapKV, window {scorer.removeprefix('snapkv-w')})"

@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 64; video: a quarter frame, 64; image: one row, 28)")
     parser.add_argument("--batch", type=positive_int, default=16, help="windows decoded together (default 16)")
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
-                        help="quickmerge, quickmerge-w<window> (QuickMergePress with that observation window), "
+                        help="quickmerge, quickmerge-w<window> (QuickMergePress with that decoding window), "
                              "kvpress-<scorer> (knorm, streaming-llm, snapkv, expected-attention, "
                              "expected-attention-eps, tova, keydiff, random) or kvpress-snapkv-w<window>; default: "
                              "quickmerge and, when kvpress runs here, every scorer plus SnapKV at window I - 1")
@@ -99,8 +99,8 @@ def check_arguments(args: argparse.Namespace) -> list:
                              f"({budget.first_scored}, size {budget.size}): the tokens scored are those predicted "
                              "after the first compression")
     for method in args.methods or []:
-        if method_refusal(method, args.interval) is not None:
-            raise UsageError(f"--methods: {method_refusal(method, args.interval)}")
+        if method_refusal(method, args.interval, args.sizes) is not None:
+            raise UsageError(f"--methods: {method_refusal(method, args.interval, args.sizes)}")
     return budgets
 
 

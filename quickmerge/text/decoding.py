@@ -4,10 +4,11 @@ A long generation grows the cache one entry per token and layer. With ``decoding
 :class:`~quickmerge.text.quickmerge_press.QuickMergePress` merges a layer back to ``T`` entries per KV head
 whenever decoding has filled it to ``T + decoding_interval``:
 
-- the last ``window`` decoded tokens' queries are recomputed from the layer's projections (only over the steps
-  just before a merge is due, :class:`QueryBuffer`; kept on the cache layer, so beam search reorders them with
-  its rows) and score every entry by the attention they pay it, each query weighted by its focus (the prefill's
-  entropy saliency, :func:`~quickmerge.text.scoring.saliency`); their own entries rank first;
+- the last ``decoding_window`` decoded tokens' queries (a third of ``T`` by default) are recomputed from the
+  layer's projections (only over the steps just before a merge is due, :class:`QueryBuffer`; kept on the cache
+  layer, so beam search reorders them with its rows) and score every entry by the attention they pay it, each query
+  weighted by its focus (the prefill's entropy saliency, :func:`~quickmerge.text.scoring.saliency`); their own
+  entries rank first;
 - the ``T`` best entries seed groups, every other entry joins its most similar seed (cosine of keys), and each
   group becomes the mean of its members' keys and values weighted by merge mass times the tokens each member
   already stands for; the group's size is the sum of its members' (proportional attention reads it).

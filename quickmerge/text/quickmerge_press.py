@@ -65,6 +65,8 @@ from .scoring import (
     spread,
 )
 
+DECODING_WINDOW_SHARE = 3  # the default decoding_window: decoding_size // 3 (BENCHMARKS.md, stop 91)
+
 
 @dataclass
 class QuickMergePress(KVPress):
@@ -139,11 +141,15 @@ class QuickMergePress(KVPress):
         decoding_size: merge while decoding too (kvpress's ``DecodingPress``, :mod:`quickmerge.text.decoding`):
             once decoding inside the press has filled a full-attention layer to ``decoding_size +
             decoding_interval`` entries per KV head, it is merged back to ``decoding_size``, scored by the last
-            ``window`` decoded queries, entries weighted by the tokens they stand for. None (default): the cache
-            grows by one entry per generated token. Needs ``proportional=True`` with ``bias="size"`` (the sizes
+            ``decoding_window`` decoded queries, entries weighted by the tokens they stand for. None (default): the
+            cache grows by one entry per generated token. Needs ``proportional=True`` with ``bias="size"`` (the sizes
             carry what each entry stands for) and ``head_budgets=False``.
         decoding_interval: decoded tokens between two merges (the cache stays within ``decoding_size`` and
             ``decoding_size + decoding_interval`` entries once it reaches them).
+        decoding_window: while decoding, the last ``decoding_window`` decoded tokens' queries score the entries at
+            each merge, and their own entries stay whole (``window`` is the prompt's). None (default): a third of
+            ``decoding_size`` (at least 1), chosen on development text windows (BENCHMARKS.md, stop 91). A value of
+            ``decoding_size`` or more is refused: it would leave nothing to merge into.
     On multi-head latent attention (DeepSeek V2/V3, ...) ``align``, ``head_budgets`` and ``leverage``, which fit or
     split each head's keys, are refused: from transformers 5.15 such a layer caches one latent row for all its heads.
     After a prefill, ``original_length``, ``compressed_length`` and ``achieved_ratio`` report
@@ -180,6 +186,7 @@ class QuickMergePress(KVPress):
     leverage_pool: int = 1
     decoding_size: int | None = None
     decoding_interval: int = 512
+    decoding_window: int | None = None
     decoding_merges: int = field(default=0, init=False)
     kept_share: Tensor | None = field(default=None, init=False, repr=False)
     layers_merged: int = field(default=0, init=False, repr=False)
@@ -248,6 +255,20 @@ class QuickMergePress(KVPress):
                     "decoding_size merges the cache again while decoding, weighting each entry by the tokens it "
                     "stands for: it needs proportional=True with bias='size' (the sizes) and head_budgets=False, got "
                     f"proportional={self.proportional}, bias={self.bias!r}, head_budgets={self.head_budgets}")
+        if self.decoding_window is not None:
+            check_positive_int(self.decoding_window, "decoding_window")
+            if self.decoding_size is not None and self.decoding_window >= self.decoding_size:
+                raise ValueError(
+                    f"decoding_window keeps the last decoding_window entries whole at each merge: it must be below "
+                    f"decoding_size ({self.decoding_size}), got {self.decoding_window}")
+
+    @property
+    def effective_decoding_window(self) -> int:
+        """The decoded queries that score each merge while decoding (``decoding_window``, or its default for this
+        ``decoding_size``)."""
+        if self.decoding_window is not None:
+            return self.decoding_window
+        return max(1, (self.decoding_size or 0) // DECODING_WINDOW_SHARE)
 
     def seed_share(self) -> Tensor | None:
         """``[B, L]``: share of (layer, KV head) pairs in which each prompt token seeded a group."""
@@ -431,19 +452,21 @@ class QuickMergePress(KVPress):
         )
 
     def decoded(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        """Buffer the decoded queries of a full-attention layer within ``window`` entries of its next merge."""
+        """Buffer the decoded queries of a full-attention layer within ``decoding_window`` entries of its next
+        merge."""
         if self.decoding_size is None or sliding_window_of(module) is not None:
             return
         cache = cache_arg(kwargs)
         if cache is None or module.layer_idx >= len(cache.layers):
             return
         layer = cache.layers[module.layer_idx]
-        if physical_length(layer) + self.window <= self.decoding_size + self.decoding_interval:
+        window = self.effective_decoding_window
+        if physical_length(layer) + window <= self.decoding_size + self.decoding_interval:
             return  # its next merge is more than a window away
         if not is_merged(layer):  # a layer the prompt left whole becomes a merged one, which carries the queries
             layer = cache.layers[module.layer_idx] = merged_layer(layer, layer.keys, layer.values,
                                                                   layer.get_seq_length())
-        self._decoded_queries.add(layer, module, hidden_states_arg(args, kwargs), kwargs, self.window)
+        self._decoded_queries.add(layer, module, hidden_states_arg(args, kwargs), kwargs, window)
         self._decoding[module.layer_idx] = (module, cache)
 
     def after_decoding(self) -> None:

@@ -104,7 +104,7 @@ def test_kvpress_presses_hold_the_same_memory_at_the_same_steps(tiny_lm_dir, tmp
             assert set(paired["quickmerge_vs_each"]) == set(theirs) and paired["best_kvpress"] == best
             assert paired["ours"] == ours
         assert results["paired"][str(size)] == results["paired_by_method"]["quickmerge"][str(size)]
-        # window 4 scores with other queries than the default 16, and keeps fewer recent entries whole
+        # window 4 scores with other queries than the default (a third of the size), and keeps fewer entries whole
         assert _rows(results, "quickmerge-w4", size)["nll_per_example"] != _rows(results, "quickmerge", size)[
             "nll_per_example"]
 
@@ -146,7 +146,8 @@ def test_other_settings_are_refused_until_fresh(tiny_lm_dir, finished, tmp_path,
     (["--methods", "kvpress-snapkv-w8"], "window must be a whole number from 1 to interval - 1 .7."),
     (["--methods", "kvpress-leverage"], "unknown kvpress decoding scorer"),
     (["--methods", "tome-kv"], "unknown method"),
-    (["--methods", "quickmerge-w0"], "observation window must be a whole number >= 1"),
+    (["--methods", "quickmerge-w0"], "decoding window must be a whole number >= 1"),
+    (["--methods", "quickmerge-w24"], r"decoding window must be below every size \(24\)"),
     (["--methods", "none"], "at least one method besides none"),
 ])
 def test_bad_arguments_are_refused_before_a_model_loads(tmp_path, refused, change, pattern):

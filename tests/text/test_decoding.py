@@ -230,7 +230,9 @@ def test_a_new_prompt_starts_without_decoded_queries():
     assert press.decoding_merges == 4 * 2  # this prompt's merges (steps 0, 8, 16, 24) of both layers
 
 
-def test_each_merge_is_scored_by_the_last_window_decoded_queries(monkeypatch):
+def test_each_merge_is_scored_by_the_last_decoding_window_decoded_queries(monkeypatch):
+    """``decoding_window`` (not the prompt's ``window``) sets how many decoded queries each merge reads; by default
+    a third of ``decoding_size``."""
     import quickmerge.text.quickmerge_press as module
 
     seen = []
@@ -241,11 +243,21 @@ def test_each_merge_is_scored_by_the_last_window_decoded_queries(monkeypatch):
 
     monkeypatch.setattr(module, "remerge", spy)
     model = tiny("llama", "sdpa")
-    for window in (4, 6):
+    ids, cont = torch.randint(0, 97, (1, 16)), torch.randint(0, 97, (1, 30))
+    for options, expected in ((dict(decoding_window=3), 3), (dict(decoding_window=6, window=2), 6),
+                              (dict(window=2), SIZE // 3), (dict(decoding_size=15, window=9), 5)):
         seen.clear()
-        press = QuickMergePress(0.5, window=window, decoding_size=SIZE, decoding_interval=INTERVAL)
-        _decode(model, press, torch.randint(0, 97, (1, 16)), torch.randint(0, 97, (1, 30)))
-        assert seen and seen == [window] * len(seen)
+        press = QuickMergePress(0.5, **{"decoding_size": SIZE, "decoding_interval": INTERVAL, **options})
+        assert press.effective_decoding_window == expected
+        _decode(model, press, ids, cont)
+        assert seen and seen == [expected] * len(seen), options
+
+
+def test_the_default_decoding_window_is_a_third_of_the_budget():
+    assert QuickMergePress(0.0, decoding_size=192).effective_decoding_window == 64
+    assert QuickMergePress(0.0, decoding_size=385).effective_decoding_window == 128
+    assert QuickMergePress(0.0, decoding_size=2).effective_decoding_window == 1  # never an empty window
+    assert QuickMergePress(0.0, decoding_size=192, decoding_window=16).effective_decoding_window == 16
 
 
 # ---- the merge itself -----------------------------------------------------------------------------
@@ -303,6 +315,8 @@ def test_entry_sizes_reads_the_bias_per_kv_head_and_counts_new_entries_as_one():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(decoding_size=0), "decoding_size"),
     (dict(decoding_size=8, decoding_interval=0), "decoding_interval"),
+    (dict(decoding_size=8, decoding_window=0), "decoding_window"),
+    (dict(decoding_size=8, decoding_window=8), r"decoding_window .* must be below decoding_size \(8\), got 8"),
     (dict(decoding_size=8, proportional=False), "proportional=True"),
     (dict(decoding_size=8, bias="mass"), "bias='size'"),
     (dict(decoding_size=8, scoring="replay", budget="replay", head_budgets=True), "head_budgets=False"),
