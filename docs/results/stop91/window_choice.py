@@ -12,7 +12,8 @@ BASE, CANDIDATES = "quickmerge", ("quickmerge-w32", "quickmerge-w63")
 
 
 def rows(path: str) -> dict[str, dict]:
-    return {row["method"]: row for row in json.load(open(path))["summary"]}
+    with open(path) as f:
+        return {row["method"]: row for row in json.load(f)["summary"]}
 
 
 def main(teacher: str, greedy: str, t1: str, out: str) -> None:
@@ -42,7 +43,8 @@ def main(teacher: str, greedy: str, t1: str, out: str) -> None:
         if c["qualifies"] and c["score"] > best_score:
             best, best_score = method, c["score"]
     result["chosen"] = best or BASE
-    json.dump(result, open(out, "w"), indent=2)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
 
 
