@@ -257,7 +257,10 @@ class QuickMergePress(KVPress):
                     f"proportional={self.proportional}, bias={self.bias!r}, head_budgets={self.head_budgets}")
         if self.decoding_window is not None:
             check_positive_int(self.decoding_window, "decoding_window")
-            if self.decoding_size is not None and self.decoding_window >= self.decoding_size:
+            if self.decoding_size is None:
+                raise ValueError("decoding_window sets the queries that score merges while decoding: it needs "
+                                 "decoding_size (merging while decoding), got decoding_size=None")
+            if self.decoding_window >= self.decoding_size:
                 raise ValueError(
                     f"decoding_window keeps the last decoding_window entries whole at each merge: it must be below "
                     f"decoding_size ({self.decoding_size}), got {self.decoding_window}")

@@ -317,6 +317,7 @@ def test_entry_sizes_reads_the_bias_per_kv_head_and_counts_new_entries_as_one():
     (dict(decoding_size=8, decoding_interval=0), "decoding_interval"),
     (dict(decoding_size=8, decoding_window=0), "decoding_window"),
     (dict(decoding_size=8, decoding_window=8), r"decoding_window .* must be below decoding_size \(8\), got 8"),
+    (dict(decoding_window=4), "it needs decoding_size"),
     (dict(decoding_size=8, proportional=False), "proportional=True"),
     (dict(decoding_size=8, bias="mass"), "bias='size'"),
     (dict(decoding_size=8, scoring="replay", budget="replay", head_budgets=True), "head_budgets=False"),
